@@ -1,0 +1,193 @@
+"""The ``posttrain`` command line.
+
+User errors print one ``error: ...`` line on stderr and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+EPILOG = "Recipes: see recipes/*.yaml. Docs: README.md."
+
+
+def _cmd_train(args) -> int:
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    summary = run(recipe, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        lines = [f"done: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, saved to {recipe.output_dir}"]
+        if summary.get("accuracy_before") is not None:
+            lines.append(f"test accuracy before training: {100 * summary['accuracy_before']:.1f}%")
+        if summary.get("accuracy_after") is not None:
+            lines.append(f"test accuracy after training:  {100 * summary['accuracy_after']:.1f}%")
+        print("\n".join(lines))
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from posttrain.methods import METHODS
+
+    rows = sorted(METHODS.values(), key=lambda m: (["sft", "preference", "unlearning", "rl"].index(m.family), m.name))
+    if args.json:
+        print(json.dumps([
+            {"name": m.name, "family": m.family, "summary": m.summary, "paper": m.paper, "recipe": m.recipe}
+            for m in rows
+        ], indent=2))
+        return 0
+    for m in rows:
+        print(f"{m.name:<16} [{m.family}] {m.summary}")
+        print(f"{'':<16} paper:  {m.paper}")
+        print(f"{'':<16} recipe: {m.recipe}")
+    return 0
+
+
+def _cmd_init_model(args) -> int:
+    import shutil
+
+    from posttrain.models import BUILTIN_MODELS, builtin_model_dir, describe_builtin_models
+
+    if args.list or not args.out_dir:
+        for row in describe_builtin_models():
+            print(f"{row['name']:<28} {row['description']}")
+        return 0
+    if args.name not in BUILTIN_MODELS:
+        from posttrain.errors import did_you_mean
+
+        raise UserError(f"--name: unknown built-in model '{args.name}'{did_you_mean(args.name, BUILTIN_MODELS)}")
+    src = builtin_model_dir(args.name)
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: directory exists and is not empty")
+    shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
+    print(f"wrote builtin:{args.name} to {out} (load with AutoModelForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
+def _cmd_tasks(args) -> int:
+    from posttrain.data.sources import BUILTIN_TASKS
+
+    for name, (_, description) in sorted(BUILTIN_TASKS.items()):
+        print(f"builtin:{name:<24} {description}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from posttrain.data.sources import load_source
+    from posttrain.eval.accuracy import greedy_accuracy
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.recipe import DataSource
+
+    src = DataSource(source=args.data, split=args.split, max_samples=args.max_samples)
+    rows = load_source(src, "--data", "test")
+    tok = load_tokenizer(args.model, key="MODEL")
+    model = load_model(args.model, key="MODEL")
+    acc = greedy_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens)
+    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc}
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'model':<10} {args.model}\n{'data':<10} {args.data} ({args.split}, n={len(rows)})\n"
+          f"{'accuracy':<10} {100 * acc:.1f}%")
+    return 0
+
+
+def _cmd_poft_score(args) -> int:
+    from posttrain.data.poft import score_rows
+    from posttrain.data.sources import load_source
+    from posttrain.recipe import DataSource
+
+    ds = load_source(DataSource(source=args.data, split=args.split), "--data", "sft")
+    if "prompt" not in ds.column_names:
+        raise UserError("--data: poft-score needs prompt/completion rows")
+    scores = score_rows(list(ds["prompt"]), list(ds["completion"]), args.aligned_model, args.batch_size)
+    with open(args.output, "w") as fh:
+        for row, s in zip(ds, scores, strict=True):
+            fh.write(json.dumps({**row, "poft_ref_scores": s}) + "\n")
+    print(f"wrote {len(scores)} scored rows to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Post-train LLMs from one recipe YAML: SFT variants, preference optimisation, RLVR, unlearning.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run a recipe", description="Train from a recipe YAML. Every run leaves "
+                       "recipe.yaml (resolved), metrics.jsonl, the final model and checkpoints in output_dir.")
+    p.add_argument("recipe", help="path to the recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, value parsed as YAML (e.g. --set training.max_steps=5); repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--output-dir", help="override the recipe's output_dir")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("methods", help="list methods", description="List every method with its description, "
+                       "paper and recipe.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=_cmd_methods)
+
+    p = sub.add_parser("init-model", help="write a built-in tiny model to a directory",
+                       description="Build a tiny offline model + tokenizer (no download) and copy it to OUT_DIR. "
+                       "Recipes can also name built-in models directly (model: builtin:tiny-qwen2).")
+    p.add_argument("out_dir", nargs="?", help="directory to write")
+    p.add_argument("--name", default="tiny-qwen2", help="built-in model (default tiny-qwen2; see --list)")
+    p.add_argument("--list", action="store_true", help="list built-in models")
+    p.set_defaults(fn=_cmd_init_model)
+
+    p = sub.add_parser("tasks", help="list built-in tasks", description="List the built-in, procedurally "
+                       "generated tasks a recipe can name as a data source (builtin:<task>).")
+    p.set_defaults(fn=_cmd_tasks)
+
+    p = sub.add_parser("eval", help="greedy accuracy of a model on prompt/answer data",
+                       description="Score a model (run directory, local path, hub id or builtin:) by greedy accuracy "
+                       "on a dataset with prompt and answer columns.")
+    p.add_argument("model", help="model directory, hub id or builtin:<name>")
+    p.add_argument("--data", default="builtin:arithmetic-rl", help="data source (default builtin:arithmetic-rl)")
+    p.add_argument("--split", default="test", help="split (default test)")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--output", help="write the result as JSON to this file")
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("poft-score", help="score SFT data with aligned models for PoFT",
+                       description="Compute each row's mean response log-prob under each aligned model "
+                       "(poft_ref_scores), for method poft.")
+    p.add_argument("--data", required=True, help="data source with prompt/completion rows")
+    p.add_argument("--split", default="train")
+    p.add_argument("--aligned-model", action="append", required=True, help="aligned model; repeatable")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", required=True, help="output .jsonl")
+    p.set_defaults(fn=_cmd_poft_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

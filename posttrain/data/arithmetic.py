@@ -1,0 +1,90 @@
+"""Built-in arithmetic task: procedurally generated, seeded, with verifiable answers.
+
+A problem is ``"a+b="`` (or ``-``) with the integer answer as the completion. The full problem space for the given
+operand range is shuffled once with ``seed``; a fixed slice is held out as the ``test`` split, so train and test never
+share a problem. Three formats come from the same problems:
+
+- ``sft``:        ``{"prompt": "12+7=", "completion": "19"}``
+- ``rl``:         ``{"prompt": "12+7=", "answer": "19"}``
+- ``preference``: ``{"prompt": "12+7=", "chosen": "19", "rejected": "18"}`` (a plausible wrong answer)
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+Format = Literal["sft", "rl", "preference"]
+
+
+def _problems(max_operand: int, ops: str, seed: int) -> list[tuple[int, str, int]]:
+    problems = [(a, op, b) for op in ops for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    if "-" in ops:  # keep answers non-negative
+        problems = [(a, op, b) for (a, op, b) in problems if op != "-" or a >= b]
+    random.Random(seed).shuffle(problems)
+    return problems
+
+
+def _answer(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b
+
+
+def _wrong_answer(correct: int, rng: random.Random) -> int:
+    """A plausible wrong answer: off by a small amount or by ten, never negative, never the correct one."""
+    while True:
+        delta = rng.choice([-10, -2, -1, 1, 2, 10])
+        wrong = correct + delta
+        if wrong >= 0 and wrong != correct:
+            return wrong
+
+
+def arithmetic_rows(
+    fmt: Format = "sft",
+    split: str = "train",
+    num_samples: int | None = None,
+    max_operand: int = 30,
+    ops: str = "+",
+    test_size: int = 200,
+    seed: int = 0,
+) -> list[dict[str, str]]:
+    """Rows of the arithmetic task.
+
+    Args:
+        fmt: ``sft``, ``rl`` or ``preference``.
+        split: ``train`` or ``test`` (disjoint problems).
+        num_samples: number of rows; train rows cycle over the train problems if more are asked than exist.
+        max_operand: operands are drawn from ``0..max_operand``.
+        ops: operators to use, a subset of ``"+-"``.
+        test_size: problems held out for the ``test`` split.
+        seed: shuffles the problem space and draws the wrong answers.
+    """
+    if split not in {"train", "test"}:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not ops or set(ops) - set("+-"):
+        raise ValueError(f"ops must be a non-empty subset of '+-', got {ops!r}")
+    problems = _problems(max_operand, ops, seed)
+    if test_size >= len(problems):
+        raise ValueError(f"test_size={test_size} leaves no training problems (only {len(problems)} exist)")
+    pool = problems[:test_size] if split == "test" else problems[test_size:]
+    if num_samples is None:
+        num_samples = len(pool)
+    rng = random.Random(seed + (1 if split == "test" else 2))
+    rows = []
+    for i in range(num_samples):
+        a, op, b = pool[i % len(pool)]
+        correct = _answer(a, op, b)
+        prompt = f"{a}{op}{b}="
+        if fmt == "sft":
+            rows.append({"prompt": prompt, "completion": str(correct)})
+        elif fmt == "rl":
+            rows.append({"prompt": prompt, "answer": str(correct)})
+        elif fmt == "preference":
+            rows.append({"prompt": prompt, "chosen": str(correct), "rejected": str(_wrong_answer(correct, rng))})
+        else:
+            raise ValueError(f"unknown format {fmt!r}")
+    return rows
+
+
+def corpus(max_operand: int = 99) -> list[str]:
+    """Texts the built-in tokenizer is trained on (every problem with its answer)."""
+    return [f"{a}{op}{b}={_answer(a, op, b)}" for (a, op, b) in _problems(max_operand, "+-", 0)]

@@ -1,0 +1,64 @@
+"""PoFT aligned-model scores: r_j = mean per-token log-prob of the response under aligned LLM j (spec: poft.md).
+
+Scores are either precomputed into the data (``poft_ref_scores``: a list of M floats, or ``poft_ref_score``: already
+averaged), or computed here from named aligned models, each with its own tokenizer (``posttrain poft-score`` writes
+them to a file; ``method.aligned_models`` computes them before training).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from posttrain.errors import UserError
+
+logger = logging.getLogger("posttrain")
+SCORE_COLUMN = "poft_ref_score"
+SCORES_COLUMN = "poft_ref_scores"
+
+
+def score_rows(prompts: list[str], completions: list[str], model_paths: list[str], batch_size: int = 8) -> list[list[float]]:
+    """Per example, the list of mean response log-probs under each aligned model (no gradient)."""
+    from posttrain.logprobs import completion_logps
+    from posttrain.models import load_model, load_tokenizer
+
+    per_model = []
+    for i, path in enumerate(model_paths):
+        key = f"method.aligned_models.{i}"
+        tok = load_tokenizer(path, key=key)
+        model = load_model(path, key=key)
+        model.eval()
+        sums, counts = completion_logps(model, tok, prompts, completions, batch_size)
+        per_model.append([s / max(c, 1) for s, c in zip(sums, counts, strict=True)])
+        logger.info("scored %d rows with aligned model %s", len(prompts), path)
+        del model
+    return [list(scores) for scores in zip(*per_model, strict=True)]
+
+
+def attach_scores(ds, params, key: str = "data.train"):
+    """Return ``ds`` with a float ``poft_ref_score`` column (the mean over aligned LLMs), validated per row."""
+    if params.aligned_models:
+        if "prompt" not in ds.column_names or "completion" not in ds.column_names:
+            raise UserError(f"{key}: scoring with method.aligned_models needs prompt/completion columns")
+        scores = score_rows(list(ds["prompt"]), list(ds["completion"]), params.aligned_models, params.scoring_batch_size)
+        ds = ds.add_column(SCORES_COLUMN, scores) if SCORES_COLUMN not in ds.column_names else ds
+        values = [sum(s) / len(s) for s in scores]
+    elif SCORES_COLUMN in ds.column_names:
+        values = []
+        for i, scores in enumerate(ds[SCORES_COLUMN]):
+            if not isinstance(scores, list) or not scores:
+                raise UserError(f"{key}: row {i}: '{SCORES_COLUMN}' must be a non-empty list of numbers")
+            values.append(sum(float(s) for s in scores) / len(scores))
+    elif SCORE_COLUMN in ds.column_names:
+        values = [float("nan") if v is None else float(v) for v in ds[SCORE_COLUMN]]
+    else:
+        raise UserError(
+            f"{key}: method poft needs a '{SCORES_COLUMN}' or '{SCORE_COLUMN}' column, or method.aligned_models "
+            "to score the data (see `posttrain poft-score`)"
+        )
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise UserError(f"{key}: row {i}: PoFT aligned score is missing or not finite")
+    if SCORE_COLUMN in ds.column_names:
+        ds = ds.remove_columns(SCORE_COLUMN)
+    return ds.add_column(SCORE_COLUMN, values)

@@ -1,0 +1,43 @@
+"""Greedy task accuracy on prompt + answer rows (the built-in verifiable tasks, or any such dataset)."""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.rl.rewards import answers_match
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+    """Greedy-decode a completion for each prompt (left padding, stops at EOS)."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    outs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outs
+
+
+def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = 8, batch_size: int = 64) -> float:
+    """Fraction of rows whose greedy completion matches ``row["answer"]`` (see :func:`answers_match`)."""
+    prompts = list(rows["prompt"])
+    answers = list(rows["answer"])
+    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return sum(answers_match(c, a) for c, a in zip(completions, answers, strict=True)) / max(len(prompts), 1)

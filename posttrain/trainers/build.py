@@ -1,0 +1,48 @@
+"""Building each family's trainer from a run context (recipe, loaded models, callbacks)."""
+
+from __future__ import annotations
+
+from posttrain.data.sources import load_source
+from posttrain.errors import UserError
+
+
+def _sft_dataset(ctx, key: str, src):
+    ds = load_source(src, key, "sft")
+    if ctx.info.name == "poft":
+        from posttrain.data.poft import attach_scores
+
+        ds = attach_scores(ds, ctx.recipe.params, key)
+    return ds
+
+
+def build_sft_trainer(ctx):
+    """``sft``, ``dft``, ``asft_anchored`` and ``poft`` on :class:`PosttrainSFTTrainer`."""
+    from trl import SFTConfig
+
+    from posttrain.train import peft_config, training_config
+    from posttrain.trainers.sft import PosttrainSFTTrainer
+
+    recipe, params = ctx.recipe, ctx.recipe.params
+    if recipe.data.train is None:
+        raise UserError("data.train: required key is missing")
+    train = _sft_dataset(ctx, "data.train", recipe.data.train)
+    evals = _sft_dataset(ctx, "data.eval", recipe.data.eval) if recipe.data.eval is not None else None
+    completion_only = params.completion_only_loss
+    if ctx.info.name == "poft" and params.poft_target_tokens == "all":
+        completion_only = False
+    overrides = {"completion_only_loss": completion_only, "max_length": 512}
+    if evals is not None:
+        overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
+    config = training_config(SFTConfig, recipe, overrides)
+    return PosttrainSFTTrainer(
+        model=ctx.model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=ctx.tokenizer,
+        peft_config=peft_config(recipe),
+        callbacks=ctx.callbacks,
+        method=ctx.info.name,
+        params=params,
+        anchor_model=ctx.ref_model,
+    )
