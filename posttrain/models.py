@@ -58,6 +58,7 @@ TINY_ARCH: dict[str, dict[str, Any]] = {
 # Built-in models derived by a short training run: name -> (base, builder).
 TRAINED_BUILTINS = {"tiny-qwen2-arith": "tiny-qwen2"}
 BUILTIN_MODELS = sorted([*TINY_ARCH, *TRAINED_BUILTINS])
+ARITH_BUILD_VERSION = 1  # bump when _build_arith_model changes, so cached copies are rebuilt
 
 
 def cache_dir() -> Path:
@@ -167,10 +168,10 @@ def _build_arith_model(out_dir: Path) -> None:
         recipe = parse_recipe(
             {
                 "model": "builtin:tiny-qwen2",
-                "data": {"train": {"source": "builtin:arithmetic-sft", "options": {"num_samples": 8000}}},
+                "data": {"train": {"source": "builtin:arithmetic-sft", "options": {"num_samples": 40000}}},
                 "method": {"name": "sft"},
                 "training": {
-                    "max_steps": 300,
+                    "max_steps": 800,
                     "per_device_train_batch_size": 64,
                     "learning_rate": 3e-3,
                     "lr_scheduler_type": "cosine",
@@ -196,7 +197,7 @@ def builtin_model_dir(name: str) -> Path:
         return _atomic_build(cache_dir() / f"{name}-{tok_dir.name}", lambda d: build_tiny_model(name, d))
     if name in TRAINED_BUILTINS:
         base = builtin_model_dir(TRAINED_BUILTINS[name])
-        return _atomic_build(cache_dir() / f"{name}-{base.name}", _build_arith_model)
+        return _atomic_build(cache_dir() / f"{name}-v{ARITH_BUILD_VERSION}-{base.name}", _build_arith_model)
     from posttrain.errors import did_you_mean
 
     raise UserError(f"model.path: unknown built-in model 'builtin:{name}'{did_you_mean(name, BUILTIN_MODELS)}")

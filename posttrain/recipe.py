@@ -37,7 +37,7 @@ class ModelSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        return {"path": value} if isinstance(value, str) else value
+        return {"path": value} if isinstance(value, str) and value != "none" else value
 
 
 class DataSource(_Strict):
@@ -97,7 +97,9 @@ class PeftSpec(_Strict):
 
 class Recipe(_Strict):
     model: ModelSpec
-    ref_model: ModelSpec | None = None
+    ref_model: ModelSpec | Literal["none"] | None = Field(
+        None, description="Frozen reference; default: a frozen copy of `model`. `none`: explicitly no reference."
+    )
     data: DataSpec
     method: MethodSpec
     peft: PeftSpec | None = None
@@ -176,7 +178,10 @@ def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 def validation_error_to_user_error(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> UserError:
     """Turn the first pydantic error into one line naming the dotted key."""
     err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    loc = tuple(
+        p for p in err["loc"]
+        if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or p[:1].isupper()))
+    )
     key = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(loc))
     if err["type"] == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _fields_at(root, loc[:-1]))

@@ -40,18 +40,34 @@ class RunContext:
     callbacks: list[Any]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (so redirected or captured stderr works)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(quiet: bool = False) -> None:
     level = logging.WARNING if quiet else logging.INFO
     root = logging.getLogger("posttrain")
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[posttrain] %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
     import datasets
     import transformers
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
@@ -115,6 +131,14 @@ class MetricsJsonlCallback:
         return _Callback()
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop metric rows logged after the checkpoint (they are logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def write_resolved_recipe(recipe: Recipe) -> None:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +155,13 @@ def load_models(recipe: Recipe, info: MethodInfo):
     tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
     model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
     ref_model = None
-    if info.reference == "required":
+    if recipe.ref_model == "none":
+        if info.reference == "required":
+            raise UserError(
+                f"ref_model: method '{info.name}' needs a reference model, but the recipe says ref_model: none "
+                "(remove it to use a frozen copy of model, or give a path)"
+            )
+    elif info.reference == "required":
         if recipe.ref_model is not None:
             r = recipe.ref_model
             ref_model = load_model(
@@ -144,7 +174,7 @@ def load_models(recipe: Recipe, info: MethodInfo):
         # with peft and no ref_model: the adapter-disabled base is the reference (handled by the trainer)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
-    elif recipe.ref_model is not None:
+    elif recipe.ref_model not in (None, "none"):
         raise UserError(f"ref_model: method '{info.name}' uses no reference model; remove ref_model")
     return tokenizer, model, ref_model
 
@@ -185,8 +215,16 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, 
     setup_logging(quiet)
     info = get_method(recipe.method.name)
     out = Path(recipe.output_dir)
-    if resume and not any(out.glob("checkpoint-*")):
-        raise UserError(f"--resume: no checkpoint-* directory in output_dir '{out}' to resume from")
+    checkpoint = None
+    if resume:
+        from posttrain.trainers.common import latest_complete_checkpoint
+
+        checkpoint = latest_complete_checkpoint(out, remove_incomplete=is_main_process())
+        if checkpoint is None:
+            raise UserError(f"--resume: no complete checkpoint-* directory in output_dir '{out}' to resume from")
+        logger.info("resuming from %s", checkpoint)
+        if is_main_process():
+            _truncate_metrics(out / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[1]))
     if is_main_process():
         write_resolved_recipe(recipe)
         if not resume:
@@ -205,7 +243,7 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, 
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")])
     ctx.callbacks.extend(callbacks or [])
     trainer = build(ctx)
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out))
     if is_main_process():
         tokenizer.save_pretrained(str(out))

@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
+from posttrain.trainers.common import AtomicCheckpointMixin
 from posttrain.losses.sft import asft_anchored_loss, dft_loss, nll_loss, poft_loss, token_kl
 
 POFT_SCORE_COLUMN = "poft_ref_score"
@@ -42,7 +43,7 @@ class _ExtraColumnsCollator:
         return batch
 
 
-class PosttrainSFTTrainer(SFTTrainer):
+class PosttrainSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
     """SFT, DFT, Anchored SFT and PoFT on top of ``trl.SFTTrainer``.
 
     Args:

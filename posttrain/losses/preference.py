@@ -1,0 +1,599 @@
+"""Preference-optimisation losses (DPO family, WPO, SparsePO, ASFT-aligned) as pure functions over tensors.
+
+Conventions (shared with :mod:`posttrain.losses.sft`):
+
+* per-token tensors are ``[B, T]``: ``logps[b, t]`` is the log-prob of the realised token ``t`` (already shifted, i.e.
+  computed from the logits at position ``t - 1``); ``mask[b, t]`` is 1.0 on scored (completion) tokens, 0 elsewhere;
+* sequence-level tensors are ``[B]`` (one value per pair for the chosen and for the rejected side);
+* all loss math runs in fp32 and uses ``F.logsigmoid`` (never ``log(sigmoid(x))``);
+* loss functions return PER-PAIR losses ``[B]``; the trainer takes the mean over the micro-batch (the specs' L);
+* every reward / weight / metric returned here is detached.
+
+Specs: ``shared/methods/dpo.md``, ``wpo.md``, ``sparsepo.md``, ``asft_aligned.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "PreferenceLossOutput",
+    "sequence_logps",
+    "sequence_lengths",
+    "mean_logps",
+    "dpo_loss",
+    "preference_metrics",
+    "WPOAlignment",
+    "wpo_log_alignment",
+    "wpo_sequence_weights",
+    "wpo_pair_weights",
+    "wpo_loss",
+    "wpo_metrics",
+    "sparsepo_token_kl",
+    "SparsePOOutput",
+    "sparsepo_loss",
+    "sparsepo_metrics",
+    "mask_sparsity",
+    "mapo_activation_map",
+    "mapo_mask",
+    "SparsePOMaskNet",
+    "ASFTOutput",
+    "log_odds",
+    "asft_aligned_loss",
+    "asft_metrics",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence reductions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sequence_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed sequence log-prob ``s = sum_t mask_t * logp_t`` in fp32, ``[B, T] -> [B]``.
+
+    dpo.md, "Inputs": a SUM, prompt and padding contribute 0, no length normalisation. Masked positions are zeroed with
+    ``torch.where`` so that non-finite garbage at padding (e.g. ``-inf``) cannot leak into the sum.
+    """
+    mask = mask.to(torch.bool)
+    return torch.where(mask, logps.float(), torch.zeros((), dtype=torch.float32, device=logps.device)).sum(-1)
+
+
+def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Completion token count per row, clamped to at least 1 (fp32 ``[B]``) — the N of dpo.md (IPO) and wpo.md."""
+    return mask.to(torch.float32).sum(-1).clamp(min=1.0)
+
+
+def mean_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Length-normalised sequence log-prob ``lbar = s / N`` (asft_aligned.md "Inputs"; TRL IPO normalisation)."""
+    return sequence_logps(logps, mask) / sequence_lengths(mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DPO / cDPO / robust / IPO
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceLossOutput:
+    """Per-pair losses (``[B]``, fp32, differentiable) and detached implicit rewards (``[B]``)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+DPOLossType = Literal["sigmoid", "ipo", "robust"]
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    ipo_length_normalize: bool = True,
+) -> PreferenceLossOutput:
+    """Per-pair DPO-family loss on SUMMED sequence log-probs (``[B]`` each); the trainer takes the mean over pairs.
+
+    Implements dpo.md "Objective" with c = s_c - s_ref_c, r = s_r - s_ref_r, D = c - r:
+
+    * ``sigmoid`` — DPO, Rafailov et al., arXiv 2305.18290, Eq. 7; with ``label_smoothing`` = eps > 0 it is cDPO
+      (Mitchell, "A note on DPO with noisy preferences"): ``-(1-eps) logsig(beta D) - eps logsig(-beta D)``.
+      NOTE: our ``sigmoid`` always applies ``label_smoothing`` (TRL <= 0.28 / reference code); TRL >= 0.29 ignores it,
+      which is the same as passing ``label_smoothing=0``.
+    * ``robust`` — Chowdhury et al., arXiv 2403.00409:
+      ``[-(1-eps) logsig(beta D) + eps logsig(-beta D)] / (1 - 2 eps)``.
+    * ``ipo`` — Azar et al., arXiv 2310.12036, Eq. 17, ``beta`` plays tau. Default (TRL form,
+      ``ipo_length_normalize=True``): ``(c/N_c - r/N_r - 1/(2 beta))^2`` with N the completion token counts
+      (``chosen_lengths`` / ``rejected_lengths``, clamped to >= 1; see :func:`sequence_lengths`). With
+      ``ipo_length_normalize=False``: the eric-mitchell reference form ``(D - 1/(2 beta))^2``.
+
+    Rewards are ``beta * c`` and ``beta * r`` (detached) for every loss type, as in TRL's metrics.
+    ``ref_*`` are treated as constants (detached here).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen = chosen_logps.float() - ref_chosen_logps.detach().float()
+    rejected = rejected_logps.float() - ref_rejected_logps.detach().float()
+    delta = chosen - rejected
+    if loss_type == "sigmoid":
+        _check_smoothing(label_smoothing)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * delta)
+        if label_smoothing != 0.0:
+            losses = losses - label_smoothing * F.logsigmoid(-beta * delta)
+    elif loss_type == "robust":
+        _check_smoothing(label_smoothing)
+        losses = (
+            -(1.0 - label_smoothing) * F.logsigmoid(beta * delta) + label_smoothing * F.logsigmoid(-beta * delta)
+        ) / (1.0 - 2.0 * label_smoothing)
+    elif loss_type == "ipo":
+        if ipo_length_normalize:
+            if chosen_lengths is None or rejected_lengths is None:
+                raise ValueError("ipo with ipo_length_normalize=True needs chosen_lengths and rejected_lengths")
+            n_c = chosen_lengths.to(chosen.device, torch.float32).clamp(min=1.0)
+            n_r = rejected_lengths.to(chosen.device, torch.float32).clamp(min=1.0)
+            ipo_delta = chosen / n_c - rejected / n_r
+        else:
+            ipo_delta = delta
+        losses = (ipo_delta - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected 'sigmoid', 'ipo' or 'robust'")
+    return PreferenceLossOutput(losses, (beta * chosen).detach(), (beta * rejected).detach())
+
+
+def _check_smoothing(eps: float) -> None:
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {eps}")
+
+
+def preference_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+) -> dict[str, float]:
+    """TRL-named reward metrics from per-pair tensors (``[B]``; gather across processes first if needed).
+
+    dpo.md "Metrics": ``rewards/chosen`` and ``rewards/rejected`` (means), ``rewards/margins`` (mean of the
+    difference), ``rewards/accuracies`` (mean of ``chosen > rejected``, strict), ``logps/chosen`` and
+    ``logps/rejected`` (mean policy sequence log-probs). Also used by SparsePO and ASFT with their own rewards/logps.
+    """
+    cr, rr = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return {
+        "rewards/chosen": cr.mean().item(),
+        "rewards/rejected": rr.mean().item(),
+        "rewards/margins": (cr - rr).mean().item(),
+        "rewards/accuracies": (cr > rr).float().mean().item(),
+        "logps/chosen": chosen_logps.detach().float().mean().item(),
+        "logps/rejected": rejected_logps.detach().float().mean().item(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# WPO
+# ----------------------------------------------------------------------------------------------------------------------
+
+WPOAlignment = Literal["sampled", "greedy", "none"]
+
+
+@torch.no_grad()
+def wpo_log_alignment(logits: torch.Tensor, alignment: WPOAlignment = "sampled") -> torch.Tensor:
+    """Per-position weight-alignment term ``log S_t`` from full-vocab logits ``[B, T, V] -> [B, T]`` (fp32, no grad).
+
+    Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization", arXiv 2406.11827 (wpo.md "Weights"):
+
+    * ``sampled`` (default; the reference code and TRL): ``log sum_v pi(v)^2 = logsumexp(2 z) - 2 logsumexp(z)``
+      (TRL's fused head exposes the same quantity as ``outputs.log_sum_sq_probs``);
+    * ``greedy`` (paper ablation): ``max(z) - logsumexp(z)``;
+    * ``none`` (unaligned): 0.
+
+    ``logits[b, t]`` must be the logits that predict the token scored by ``logps[b, t]``.
+    """
+    z = logits.float()
+    if alignment == "none":
+        return torch.zeros(z.shape[:-1], dtype=torch.float32, device=z.device)
+    lse = torch.logsumexp(z, dim=-1)
+    if alignment == "sampled":
+        return torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse
+    if alignment == "greedy":
+        return z.amax(dim=-1) - lse
+    raise ValueError(f"unknown WPO alignment {alignment!r}; expected 'sampled', 'greedy' or 'none'")
+
+
+@torch.no_grad()
+def wpo_sequence_weights(
+    logps: torch.Tensor, mask: torch.Tensor, log_alignment: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sequence weight ``w = exp((1/N) sum_t mask_t (logp_t - log S_t))``, ``[B, T] -> [B]``, detached fp32.
+
+    WPO, arXiv 2406.11827 (wpo.md "Weights"); ``N`` = completion length clamped to >= 1. ``log_alignment`` is the
+    output of :func:`wpo_log_alignment` (``None`` means the unaligned form, log S = 0).
+    """
+    ratio = logps.float()
+    if log_alignment is not None:
+        ratio = ratio - log_alignment.float()
+    return torch.exp(sequence_logps(ratio, mask) / sequence_lengths(mask))
+
+
+@torch.no_grad()
+def wpo_pair_weights(
+    chosen_weights: torch.Tensor, rejected_weights: torch.Tensor, clamp_max: float | None = 1.0
+) -> torch.Tensor:
+    """Pair weight ``W_i = w(y_c) * w(y_r)``, then ``min(W_i, clamp_max)`` unless ``clamp_max`` is None (detached).
+
+    WPO, arXiv 2406.11827 (wpo.md "Weights"): ``clamp_max=1.0`` (framework default ``wpo_weight_clamp_max``) matches
+    the reference code and TRL <= 0.28; ``None`` is the paper's Eq. 2 and TRL >= 0.29.
+    """
+    weights = chosen_weights.float() * rejected_weights.float()
+    return weights if clamp_max is None else weights.clamp(max=clamp_max)
+
+
+def wpo_loss(losses: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
+    """WPO objective ``L = (1/B) sum_i sg(W_i) l_i`` (wpo.md "Objective"), a scalar.
+
+    ``losses`` are per-pair losses of any DPO type (e.g. ``dpo_loss(...).losses``); the mean is over pairs, NOT
+    normalised by ``sum W``. The weights are detached, so the gradient is ``W_i`` times each pair's DPO gradient.
+    """
+    return (pair_weights.detach().float() * losses.float()).mean()
+
+
+def wpo_metrics(
+    chosen_weights: torch.Tensor, rejected_weights: torch.Tensor, clamp_max: float | None = 1.0
+) -> dict[str, float]:
+    """``wpo/*`` metrics of wpo.md "Metrics".
+
+    Pair-weight stats are after the clamp; ``clamped_fraction`` is the share of pairs with W > clamp before it.
+    """
+    raw = chosen_weights.detach().float() * rejected_weights.detach().float()
+    pair = wpo_pair_weights(chosen_weights, rejected_weights, clamp_max)
+    clamped = torch.zeros_like(raw) if clamp_max is None else (raw > clamp_max).float()
+    return {
+        "wpo/pair_weight_mean": pair.mean().item(),
+        "wpo/pair_weight_min": pair.min().item(),
+        "wpo/pair_weight_max": pair.max().item(),
+        "wpo/chosen_weight_mean": chosen_weights.detach().float().mean().item(),
+        "wpo/rejected_weight_mean": rejected_weights.detach().float().mean().item(),
+        "wpo/clamped_fraction": clamped.mean().item(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SparsePO
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sparsepo_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Token KL ``KL(pi_ref || pi_theta) = sum_v pi_ref (log pi_ref - log pi_theta)``, ``[..., V] -> [...]``.
+
+    SparsePO, Christopoulou et al., arXiv 2410.05102 (sparsepo.md "Inputs"; TDPO, arXiv 2404.11999). Both
+    log-softmaxes are taken in fp32 and the KL is formed from log-probs. The reference side is detached; the policy
+    side keeps its gradient (SparsePO has no stop-gradient on the KL).
+    """
+    logq = F.log_softmax(policy_logits.float(), dim=-1)
+    logp = F.log_softmax(ref_logits.detach().float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@dataclass
+class SparsePOOutput:
+    """Per-pair SparsePO loss pieces, all ``[B]``.
+
+    ``losses`` (differentiable, includes the L1 terms); detached: ``chosen_rewards = beta*(U_w - D_w)``,
+    ``rejected_rewards = beta*(U_l - D_l)``, ``margins`` (z), masked reward sums ``chosen_u``/``rejected_u`` (U),
+    masked KL sums ``chosen_kl``/``rejected_kl`` (D), and ``l1`` (the L1 penalty actually added).
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    margins: torch.Tensor
+    chosen_u: torch.Tensor
+    rejected_u: torch.Tensor
+    chosen_kl: torch.Tensor
+    rejected_kl: torch.Tensor
+    l1: torch.Tensor
+
+
+def _masked_sum(values: torch.Tensor, loss_mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    v = values.float() if weights is None else values.float() * weights.float()
+    return sequence_logps(v, loss_mask)
+
+
+def _l1(mask_values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    return sequence_logps(mask_values.float().abs(), loss_mask)
+
+
+def sparsepo_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    chosen_token_kl: torch.Tensor,
+    rejected_token_kl: torch.Tensor,
+    chosen_loss_mask: torch.Tensor,
+    rejected_loss_mask: torch.Tensor,
+    chosen_reward_mask: torch.Tensor | None = None,
+    rejected_reward_mask: torch.Tensor | None = None,
+    chosen_kl_mask: torch.Tensor | None = None,
+    rejected_kl_mask: torch.Tensor | None = None,
+    beta: float = 0.1,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
+    common_mask: bool = False,
+) -> SparsePOOutput:
+    """Per-pair SparsePO loss with token masks (sparsepo.md "Objective"). All token inputs are ``[B, T]``.
+
+    Christopoulou et al., "SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks",
+    arXiv 2410.05102 (formulas from the reference code ``huawei-noah/HEBO/SparsePO``; builds on TDPO1,
+    arXiv 2404.11999):
+
+    * ``U(y) = sum_t lm_t m_u,t lr_t`` with ``lr_t = log pi_theta - log pi_ref`` (``*_logratios``),
+    * ``D(y) = sum_t lm_t m_d,t KL_t`` with ``KL_t = KL(pi_ref || pi_theta)`` (``*_token_kl``, see
+      :func:`sparsepo_token_kl`),
+    * ``z = [U(y_w) - U(y_l)] - [D(y_l) - D(y_w)]``,
+    * ``l = -logsig(beta z) + l1_reward (|m_u(y_w)|_1 + |m_u(y_l)|_1) + l1_kl (|m_d(y_w)|_1 + |m_d(y_l)|_1)``.
+
+    Mask semantics: a reward (KL) mask of ``None`` means that mask is off (``mask_on_reward=False`` /
+    ``mask_on_kl=False``): it is 1 everywhere and has no L1 term. ``common_mask=True`` ("common", m_d = m_u) takes the
+    KL masks from the reward masks (pass ``chosen_kl_mask``/``rejected_kl_mask`` as None) and halves both L1
+    coefficients, because the same mask is counted twice (reference-code behaviour). For MaPO pass the detached
+    :func:`mapo_mask` as the reward masks with ``common_mask=True``. Only completion tokens (``*_loss_mask``) enter
+    U, D and the L1 norms. No stop-gradient is applied to the log-ratios, the KLs or the masks.
+    """
+    if common_mask:
+        if chosen_kl_mask is not None or rejected_kl_mask is not None:
+            raise ValueError("common_mask=True takes the KL masks from the reward masks; pass kl masks as None")
+        if chosen_reward_mask is None or rejected_reward_mask is None:
+            raise ValueError("common_mask=True needs chosen_reward_mask and rejected_reward_mask")
+        chosen_kl_mask, rejected_kl_mask = chosen_reward_mask, rejected_reward_mask
+        l1_reward, l1_kl = l1_reward / 2.0, l1_kl / 2.0
+    for a, b, name in ((chosen_reward_mask, rejected_reward_mask, "reward"), (chosen_kl_mask, rejected_kl_mask, "kl")):
+        if (a is None) != (b is None):
+            raise ValueError(f"give both chosen and rejected {name} masks, or neither")
+
+    u_w = _masked_sum(chosen_logratios, chosen_loss_mask, chosen_reward_mask)
+    u_l = _masked_sum(rejected_logratios, rejected_loss_mask, rejected_reward_mask)
+    d_w = _masked_sum(chosen_token_kl, chosen_loss_mask, chosen_kl_mask)
+    d_l = _masked_sum(rejected_token_kl, rejected_loss_mask, rejected_kl_mask)
+    z = (u_w - u_l) - (d_l - d_w)
+    l1 = torch.zeros_like(z)
+    if chosen_reward_mask is not None and l1_reward != 0.0:
+        l1_u = _l1(chosen_reward_mask, chosen_loss_mask) + _l1(rejected_reward_mask, rejected_loss_mask)
+        l1 = l1 + l1_reward * l1_u
+    if chosen_kl_mask is not None and l1_kl != 0.0:
+        l1 = l1 + l1_kl * (_l1(chosen_kl_mask, chosen_loss_mask) + _l1(rejected_kl_mask, rejected_loss_mask))
+    losses = -F.logsigmoid(beta * z) + l1
+    return SparsePOOutput(
+        losses=losses,
+        chosen_rewards=(beta * (u_w - d_w)).detach(),
+        rejected_rewards=(beta * (u_l - d_l)).detach(),
+        margins=z.detach(),
+        chosen_u=u_w.detach(),
+        rejected_u=u_l.detach(),
+        chosen_kl=d_w.detach(),
+        rejected_kl=d_l.detach(),
+        l1=l1.detach(),
+    )
+
+
+@torch.no_grad()
+def mask_sparsity(mask_values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Percentage (0-100) of completion tokens whose mask value is exactly 0, pooled over the batch (scalar).
+
+    sparsepo.md "Expected behaviours"/"Metrics" (``Weights/*_sparsity``); prompt/padding positions never count.
+    """
+    lm = loss_mask.to(torch.bool)
+    n = lm.sum().clamp(min=1)
+    return 100.0 * ((mask_values == 0) & lm).sum().float() / n.float()
+
+
+def sparsepo_metrics(
+    out: SparsePOOutput,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_token_kl: torch.Tensor,
+    rejected_token_kl: torch.Tensor,
+    chosen_loss_mask: torch.Tensor,
+    rejected_loss_mask: torch.Tensor,
+    chosen_reward_mask: torch.Tensor | None = None,
+    rejected_reward_mask: torch.Tensor | None = None,
+    chosen_kl_mask: torch.Tensor | None = None,
+    rejected_kl_mask: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """SparsePO metrics (sparsepo.md "Metrics"), with our fixes: SeqKL over completion tokens only, margins as the mean
+    of per-pair absolute differences. ``*_logps`` are the unweighted policy sums. For a common mask pass the same
+    tensors as reward and KL masks. Masks that are off (None) get no sparsity / L1 entries."""
+    metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps)
+    seq_kl_w = _masked_sum(chosen_token_kl.detach(), chosen_loss_mask)
+    seq_kl_l = _masked_sum(rejected_token_kl.detach(), rejected_loss_mask)
+    metrics.update(
+        {
+            "WgtSeqKL/chosen": out.chosen_kl.mean().item(),
+            "WgtSeqKL/rejected": out.rejected_kl.mean().item(),
+            "WgtSeqKL/margin": (out.chosen_kl - out.rejected_kl).abs().mean().item(),
+            "SeqKL/chosen": seq_kl_w.mean().item(),
+            "SeqKL/rejected": seq_kl_l.mean().item(),
+            "SeqKL/margin": (seq_kl_w - seq_kl_l).abs().mean().item(),
+        }
+    )
+    pairs = (("rw", "u", chosen_reward_mask, rejected_reward_mask), ("kl", "d", chosen_kl_mask, rejected_kl_mask))
+    for short, tag, cm, rm in pairs:
+        if cm is None or rm is None:
+            continue
+        metrics[f"Weights/{short}_chosen_sparsity"] = mask_sparsity(cm.detach(), chosen_loss_mask).item()
+        metrics[f"Weights/{short}_rejected_sparsity"] = mask_sparsity(rm.detach(), rejected_loss_mask).item()
+        metrics[f"Weights/{tag}_chosen_l1_norm"] = _l1(cm.detach(), chosen_loss_mask).mean().item()
+        metrics[f"Weights/{tag}_rejected_l1_norm"] = _l1(rm.detach(), rejected_loss_mask).mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def mapo_activation_map(activations: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """One hooked tensor -> per-token map in [0, 1] over each sequence's completion tokens (sparsepo.md "Mask A").
+
+    MaPO mask of SparsePO, arXiv 2410.05102 (reference ``mapo_trainer.apply_activation_mapping``, ``zn_rescale``).
+    ``activations`` is ``[B, T, H]`` (averaged over the last dim) or already-averaged ``[B, T]``, aligned with the
+    token convention (index t = the activation at input position t-1, which predicts token t). Per row:
+    ``m = (a - min) / (max - min)`` over completion tokens (== z-normalise then min-max), 0 on non-completion
+    positions, and 1 on every completion token where ``max == min`` (the reference yields NaN there). fp32.
+    """
+    a = activations.float()
+    if a.dim() == 3:
+        a = a.mean(-1)
+    lm = loss_mask.to(torch.bool)
+    inf = torch.tensor(float("inf"), device=a.device)
+    lo = torch.where(lm, a, inf).amin(-1, keepdim=True)
+    hi = torch.where(lm, a, -inf).amax(-1, keepdim=True)
+    span = hi - lo
+    degenerate = ~(span > 0)
+    scaled = (a - lo) / torch.where(degenerate, torch.ones_like(span), span)
+    scaled = torch.where(degenerate, torch.ones_like(scaled), scaled)
+    return torch.where(lm, scaled, torch.zeros_like(scaled))
+
+
+@torch.no_grad()
+def mapo_mask(
+    streams: Mapping[str, Sequence[torch.Tensor]] | Sequence[Sequence[torch.Tensor]], loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """MaPO token mask ``[B, T]`` in [0, 1], detached (sparsepo.md "Mask A", steps 1-4).
+
+    ``streams`` maps a stream name (mlp / attn / resid / logits) to its hooked tensors; each tensor goes through
+    :func:`mapo_activation_map`, maps are averaged within a stream, then the stream means are averaged.
+    """
+    groups = list(streams.values()) if isinstance(streams, Mapping) else list(streams)
+    groups = [g for g in groups if len(g) > 0]
+    if not groups:
+        raise ValueError("mapo_mask needs at least one non-empty stream")
+    per_stream = [torch.stack([mapo_activation_map(t, loss_mask) for t in g]).mean(0) for g in groups]
+    return torch.stack(per_stream).mean(0)
+
+
+class SparsePOMaskNet(nn.Module):
+    """Learned SparsePO token mask (``mask_model=simple_all``; sparsepo.md "Mask B").
+
+    SparsePO, arXiv 2410.05102 (reference ``src/masks/mask_models.py::SimpleMaskAllLayers``). Input: the reference
+    model's per-layer hidden states (``hidden_states[1:]``, embeddings excluded), each ``[B, T, H]`` and already
+    aligned so index t weights token t (i.e. the caller passes positions 0..T-2 of the unshifted states). Network: a
+    shared ``LayerNorm(H, eps)``; per layer ``Linear(H, 1) -> ReLU -> Dropout``; concatenate the L values; mixer
+    ``Linear(L, 1, bias=False) -> ReLU -> Dropout``. Output ``[B, T]``, >= 0, unbounded above; exact zeros from the
+    ReLU are the sparsity (see :func:`mask_sparsity`). PyTorch default init. Hidden states are detached (no_grad
+    reference); gradients reach this module through U, D and the L1 term of :func:`sparsepo_loss`.
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int, layer_norm_eps: float = 1e-5, dropout: float = 0.01):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.layers = nn.ModuleList(nn.Linear(hidden_size, 1) for _ in range(num_layers))
+        self.mixer = nn.Linear(num_layers, 1, bias=False)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(hidden_states) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} hidden-state tensors, got {len(hidden_states)}")
+        dtype = self.norm.weight.dtype
+        per_layer = [
+            self.dropout(self.act(layer(self.norm(h.detach().to(dtype)))))
+            for layer, h in zip(self.layers, hidden_states)
+        ]
+        mixed = self.mixer(torch.cat(per_layer, dim=-1))
+        return self.dropout(self.act(mixed)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ASFT (aligned)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def log_odds(lbar: torch.Tensor, prob_clamp: float = 1e-7) -> torch.Tensor:
+    """``odds(lbar) = lbar - log(1 - exp(lbar))`` in fp32, with ``lbar`` clamped to ``<= log1p(-prob_clamp)``.
+
+    asft_aligned.md "Inputs"/"Numerics" (ASFT, arXiv 2409.10571): ``log(1 - e^l)`` is computed as
+    ``log(-expm1(l))``; the clamp bounds pibar at ``1 - prob_clamp`` (no gradient beyond it).
+    """
+    lbar = lbar.float().clamp(max=math.log1p(-prob_clamp))
+    return lbar - torch.log(-torch.expm1(lbar))
+
+
+@dataclass
+class ASFTOutput:
+    """Per-pair ASFT pieces, all ``[B]``: ``losses`` (differentiable); detached: ``nll`` (-c_sft*lbar_w), ``align``
+    (lam*A), ``chosen_logsig`` (-logsig(beta*odds_w)), ``rejected_logsig`` (-logsig(-beta*odds_l)),
+    ``chosen_log_odds``, ``rejected_log_odds``, ``chosen_rewards`` (beta*lbar_w), ``rejected_rewards`` (beta*lbar_l)."""
+
+    losses: torch.Tensor
+    nll: torch.Tensor
+    align: torch.Tensor
+    chosen_logsig: torch.Tensor
+    rejected_logsig: torch.Tensor
+    chosen_log_odds: torch.Tensor
+    rejected_log_odds: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def asft_aligned_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    beta: float = 1.0,
+    lam: float = 1.0,
+    sft_coef: float = 1.0,
+    prob_clamp: float = 1e-7,
+) -> ASFTOutput:
+    """Per-pair ASFT-aligned loss ``l = -c_sft*lbar_w + lam*A`` (asft_aligned.md "Objective"); no reference model.
+
+    Wang et al., "ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood", arXiv 2409.10571; tempered form
+    from Gorbatovski et al., arXiv 2502.01237, Sec. 2.4/3.1 and turbo-alignment ``ASFTLoss``. Inputs are
+    LENGTH-NORMALISED log-probs ``lbar`` (``[B]``, see :func:`mean_logps`).
+    ``A = -logsig(beta*odds(lbar_w)) - logsig(-beta*odds(lbar_l))`` with :func:`log_odds`. The SFT term is the
+    per-sequence mean NLL of the chosen response (then the trainer's mean over pairs). Framework defaults:
+    ``beta=1``, ``asft_lambda=1``, ``sft_coef=1``, ``prob_clamp=1e-7``.
+    """
+    lw, ll = chosen_mean_logps.float(), rejected_mean_logps.float()
+    odds_w, odds_l = log_odds(lw, prob_clamp), log_odds(ll, prob_clamp)
+    chosen_logsig = -F.logsigmoid(beta * odds_w)
+    rejected_logsig = -F.logsigmoid(-beta * odds_l)
+    align = lam * (chosen_logsig + rejected_logsig)
+    nll = -sft_coef * lw
+    return ASFTOutput(
+        losses=nll + align,
+        nll=nll.detach(),
+        align=align.detach(),
+        chosen_logsig=chosen_logsig.detach(),
+        rejected_logsig=rejected_logsig.detach(),
+        chosen_log_odds=odds_w.detach(),
+        rejected_log_odds=odds_l.detach(),
+        chosen_rewards=(beta * lw).detach(),
+        rejected_rewards=(beta * ll).detach(),
+    )
+
+
+def asft_metrics(
+    out: ASFTOutput, chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor
+) -> dict[str, float]:
+    """asft_aligned.md "Metrics": ``asft/*``, ``rewards/*`` (beta*lbar; accuracy = lbar_w > lbar_l), ``logps/*``
+    (mean lbar) and ``log_odds/*``."""
+    metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen_mean_logps, rejected_mean_logps)
+    # accuracy is defined on lbar (identical to the reward comparison for beta > 0, explicit for any beta)
+    metrics["rewards/accuracies"] = (chosen_mean_logps.detach() > rejected_mean_logps.detach()).float().mean().item()
+    metrics.update(
+        {
+            "asft/nll_loss": out.nll.mean().item(),
+            "asft/asft_loss": out.align.mean().item(),
+            "asft/chosen_logsig": out.chosen_logsig.mean().item(),
+            "asft/rejected_logsig": out.rejected_logsig.mean().item(),
+            "log_odds/chosen": out.chosen_log_odds.mean().item(),
+            "log_odds/rejected": out.rejected_log_odds.mean().item(),
+        }
+    )
+    return metrics

@@ -1,0 +1,360 @@
+"""Unlearning losses (GA, GradDiff, NPO and its RT/KL variants, SimNPO) as pure functions over tensors.
+
+Conventions (the same as :mod:`posttrain.losses.sft` and :mod:`posttrain.losses.preference`; no import from either):
+
+* per-token tensors are ``[B, T]``: ``logps[b, t]`` is the log-prob of the realised (already shifted) token ``t``;
+  ``mask[b, t]`` is 1.0 on answer (labelled) tokens, 0 on the question and on padding;
+* sequence-level tensors are ``[B]``; the sequence log-prob ``s(x, y)`` is a SUM over the answer tokens, in fp32;
+* per-item losses are ``[B]``; the objective takes the mean over the micro-batch (the spec's ``L``);
+* softplus / logsigmoid only, never ``log(1 + exp(.))``; every weight and metric returned is detached;
+* reference-model quantities are detached here as well (stop-gradient on pi_ref only).
+
+Spec: ``shared/methods/npo.md``. Papers: Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse
+to Effective Unlearning", arXiv 2404.05868 (NPO, GA, GradDiff, the RT/KL retain terms); Fan et al., "Simplicity
+Prevails: Rethinking Negative Preference Optimization for LLM Unlearning", arXiv 2410.07163 (SimNPO).
+
+Naming follows open-unlearning: ``L = gamma * L_forget + alpha * L_retain`` (the NPO reference calls these
+``npo_coeff`` and ``grad_diff_coeff`` / ``KL_coeff``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "UNLEARNING_METHODS",
+    "UNLEARNING_DEFAULTS",
+    "UnlearningMethod",
+    "NPOOutput",
+    "SimNPOOutput",
+    "UnlearningOutput",
+    "sequence_logps",
+    "sequence_lengths",
+    "nll_loss",
+    "retain_nll_loss",
+    "ga_loss",
+    "npo_loss",
+    "npo_loss_at_reference",
+    "simnpo_loss",
+    "retain_kl_loss",
+    "unlearning_objective",
+]
+
+UnlearningMethod = Literal["ga", "grad_diff", "ga_kl", "npo", "npo_rt", "npo_kl", "simnpo"]
+UNLEARNING_METHODS: tuple[str, ...] = ("ga", "grad_diff", "ga_kl", "npo", "npo_rt", "npo_kl", "simnpo")
+
+# Per-method structure and defaults (npo.md "Objectives" and "Hyperparameters").
+#   forget: which forget loss; retain: None | "nll" | "kl"; gamma/alpha: coefficients; beta/delta: forget-loss params.
+# `npo` is the paper's pure NPO (alpha = 0). open-unlearning's `NPO` trainer (alpha 1, NLL) is our `npo_rt`, and its
+# `SimNPO` trainer (gamma 0.125, alpha 1, NLL, beta 4.5, delta 0) is our `simnpo`.
+UNLEARNING_DEFAULTS: dict[str, dict] = {
+    "ga": {"forget": "ga", "retain": None, "gamma": 1.0, "alpha": 0.0},
+    "grad_diff": {"forget": "ga", "retain": "nll", "gamma": 1.0, "alpha": 1.0},
+    "ga_kl": {"forget": "ga", "retain": "kl", "gamma": 1.0, "alpha": 1.0},
+    "npo": {"forget": "npo", "retain": None, "gamma": 1.0, "alpha": 0.0, "beta": 0.1},
+    "npo_rt": {"forget": "npo", "retain": "nll", "gamma": 1.0, "alpha": 1.0, "beta": 0.1},
+    "npo_kl": {"forget": "npo", "retain": "kl", "gamma": 1.0, "alpha": 1.0, "beta": 0.1},
+    "simnpo": {"forget": "simnpo", "retain": "nll", "gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.0},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence reductions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sequence_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed sequence log-prob ``s(x, y) = sum_t mask_t * logp_t`` in fp32, ``[B, T] -> [B]`` (npo.md "Inputs").
+
+    Masked positions are zeroed with ``torch.where``, so non-finite values at padding cannot leak into the sum.
+    """
+    keep = mask.to(torch.bool)
+    return torch.where(keep, logps.float(), torch.zeros((), dtype=torch.float32, device=logps.device)).sum(-1)
+
+
+def nll_loss(logps: torch.Tensor, mask: torch.Tensor, num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Token-mean NLL ``-sum(mask * logp) / n`` in fp32 (HF ``outputs.loss``), scalar; ``n`` = ``num_items`` when given
+    (HF ``num_items_in_batch``), else the micro-batch label count (clamped to >= 1). Padding is zeroed with
+    ``torch.where`` (non-finite padding values cannot leak)."""
+    n = mask.to(torch.float32).sum() if num_items is None else torch.as_tensor(num_items, device=logps.device)
+    return -sequence_logps(logps, mask).sum() / n.to(torch.float32).clamp(min=1.0)
+
+
+def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Number of labelled tokens per row ``|y_i|`` (fp32 ``[B]``, clamped to at least 1)."""
+    return mask.to(torch.float32).sum(-1).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token-level losses: GA and the retain NLL
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def retain_nll_loss(
+    logps: torch.Tensor, mask: torch.Tensor, num_items: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Retain (RT / GradDiff) term: the HF ``outputs.loss`` on the retain batch, i.e. the mean CE over all labelled
+    tokens of the micro-batch (npo.md "Retain terms"; arXiv 2404.05868 Sec. 3, "NPO+RT"). Scalar.
+
+    ``num_items`` replaces the micro-batch label count as the denominator (HF ``num_items_in_batch``). Descent on it
+    pulls the retain likelihood up.
+    """
+    return nll_loss(logps, mask, num_items)
+
+
+def ga_loss(
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: int | torch.Tensor | None = None,
+    reduction: Literal["token", "sequence"] = "token",
+) -> torch.Tensor:
+    """Gradient-ascent forget loss ``L_GA = -NLL`` (npo.md "Objectives"; arXiv 2404.05868 Sec. 2). Scalar.
+
+    ``reduction="token"`` (default, both code bases): minus the HF mean token CE over the micro-batch's labelled forget
+    tokens, i.e. the token-mean log-prob. ``reduction="sequence"`` is the paper's form: the mean over rows of the
+    summed sequence log-prob ``s(x, y)`` (``num_items`` is ignored there).
+
+    Worked example (npo.md): rows ``[-1, -2]`` and ``[-0.5]`` give -1.166667 (token) or -1.75 (sequence). Unbounded
+    below, with a constant gradient: descent drives the forget likelihood to 0 (catastrophic collapse).
+    """
+    if reduction == "token":
+        return -nll_loss(logps, mask, num_items)
+    if reduction == "sequence":
+        return sequence_logps(logps, mask).mean()
+    raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# NPO
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NPOOutput:
+    """Per-item NPO results, all ``[B]``: ``losses`` (differentiable), ``log_ratios`` D_i and ``weights`` W_i
+    (detached)."""
+
+    losses: torch.Tensor
+    log_ratios: torch.Tensor
+    weights: torch.Tensor
+
+
+def _as_sequence(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B]`` passes through (fp32); ``[B, T]`` per-token log-probs are summed over ``mask``."""
+    if x.dim() == 1:
+        return x.float()
+    if mask is None:
+        raise ValueError("per-token [B, T] log-probs need a mask")
+    return sequence_logps(x, mask)
+
+
+def npo_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    beta: float = 0.1,
+    mask: torch.Tensor | None = None,
+) -> NPOOutput:
+    """Per-item NPO loss ``l_i = (2/beta) * softplus(beta * D_i)``, ``D_i = s_theta - s_ref`` (npo.md "Objectives";
+    arXiv 2404.05868 Eq. 3). ``L_NPO`` is the mean of ``losses``.
+
+    Inputs are either sequence log-probs ``[B]`` (sums over the answer tokens) or per-token ``[B, T]`` log-probs with
+    ``mask`` (summed here, in fp32). The reference side is detached (stop-gradient on pi_ref).
+
+    The gradient is ``dl_i/ds_theta = W_i = 2 * sigmoid(beta * D_i)`` in (0, 2): at theta = theta_ref ``W = 1`` and
+    NPO's gradient equals the sequence-level GA gradient; as beta -> 0, ``l_i - (2/beta) log 2 -> D_i`` and ``W_i -> 1``
+    (NPO -> GA); as ``D -> -inf``, ``l -> 0+`` and ``W -> 0`` (bounded, vanishing forget gradient).
+    Worked example (beta 0.1): ``s_theta = [-10, -20]``, ``s_ref = [-8, -20]`` give ``l = [11.962777, 13.862944]``.
+    """
+    if beta <= 0:
+        raise ValueError(f"NPO beta must be > 0, got {beta}")
+    s_theta = _as_sequence(policy_logps, mask)
+    s_ref = _as_sequence(ref_logps, mask).detach()
+    log_ratios = s_theta - s_ref
+    losses = (2.0 / beta) * F.softplus(beta * log_ratios)
+    weights = (2.0 * torch.sigmoid(beta * log_ratios)).detach()
+    return NPOOutput(losses=losses, log_ratios=log_ratios.detach(), weights=weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SimNPO
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimNPOOutput:
+    """Per-item SimNPO results, all ``[B]``: ``losses`` (differentiable), ``avg_nll`` = NLL_i/|y_i| and ``weights``
+    ``2 * sigmoid(-beta * (avg_nll - delta))`` (detached; the factor multiplying the gradient of the mean log-prob)."""
+
+    losses: torch.Tensor
+    avg_nll: torch.Tensor
+    weights: torch.Tensor
+
+
+def simnpo_loss(logps: torch.Tensor, mask: torch.Tensor, beta: float = 4.5, delta: float = 0.0) -> SimNPOOutput:
+    """Per-item SimNPO loss ``l_i = -(2/beta) * logsigmoid(beta * (NLL_i/|y_i| - delta))`` (npo.md "Objectives";
+    arXiv 2410.07163 Eq. 4, whose margin gamma equals ``beta * delta``). Reference-free and length-normalised.
+
+    ``NLL_i`` is the summed answer CE and ``|y_i|`` the number of labelled tokens (clamped to >= 1).
+    ``dl_i/d(avg logp_i) = 2 * sigmoid(-beta * (avg_nll_i - delta))`` = ``weights``; at delta = 0 that is
+    ``2 * sigmoid(-beta * avgNLL)``. Worked example (beta 4.5, delta 0): avg NLL ``[0.2, 0.5]`` give
+    ``l = [0.151624, 0.044536]``.
+    """
+    if beta <= 0:
+        raise ValueError(f"SimNPO beta must be > 0, got {beta}")
+    avg_nll = -sequence_logps(logps, mask) / sequence_lengths(mask)
+    z = beta * (avg_nll - delta)
+    losses = -(2.0 / beta) * F.logsigmoid(z)
+    weights = (2.0 * torch.sigmoid(-z)).detach()
+    return SimNPOOutput(losses=losses, avg_nll=avg_nll.detach(), weights=weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KL retain term
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def retain_kl_loss(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL retain term: ``mean over scored positions of KL(pi_ref || pi_theta)`` over the full vocabulary. Scalar.
+
+    npo.md "Retain terms" / open-unlearning ``compute_kl_divergence``: ``F.kl_div(log_softmax(policy),
+    log_softmax(ref), reduction="batchmean", log_target=True)`` on flattened rows, i.e. the KL summed over positions
+    and divided by their number. arXiv 2404.05868 Sec. 3 ("NPO+KL").
+
+    Logits are ``[N, V]`` (the scored positions already selected) or ``[B, T, V]``. With ``[B, T, V]`` and
+    ``mask=None`` every one of the B*T positions counts (open-unlearning, ``retain_kl_mask: none``: prompt and padding
+    included); with a ``[B, T]`` mask only the masked positions count (our ``completion`` default: answer tokens only).
+    The reference logits are detached. Zero, with zero gradient, at theta = theta_ref.
+    Worked example: ``p_ref = [.5,.3,.2], [.6,.2,.2]``, ``p_theta = [.4,.4,.2], [.6,.3,.1]`` give 0.041402.
+    """
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(f"logit shapes differ: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}")
+    vocab = policy_logits.shape[-1]
+    if policy_logits.dim() == 3 and mask is not None:
+        keep = mask.to(torch.bool)
+        policy_logits, ref_logits = policy_logits[keep], ref_logits[keep]
+    elif mask is not None:
+        raise ValueError("mask is only accepted with [B, T, V] logits")
+    policy_lp = F.log_softmax(policy_logits.float().reshape(-1, vocab), dim=-1)
+    ref_lp = F.log_softmax(ref_logits.detach().float().reshape(-1, vocab), dim=-1)
+    if policy_lp.shape[0] == 0:
+        return policy_lp.sum() * 0.0
+    return F.kl_div(policy_lp, ref_lp, reduction="batchmean", log_target=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnlearningOutput:
+    """Result of :func:`unlearning_objective`.
+
+    ``loss`` = ``gamma * forget_loss + alpha * retain_loss`` (differentiable scalar); ``forget_loss`` is the
+    gamma-free ``L_forget`` and ``retain_loss`` the alpha-free ``L_retain`` (``None`` when the method has no retain
+    term or alpha is 0); ``metrics`` holds detached floats under the npo.md "Metrics (training)" names.
+    """
+
+    loss: torch.Tensor
+    forget_loss: torch.Tensor
+    retain_loss: torch.Tensor | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def unlearning_objective(
+    method: UnlearningMethod,
+    *,
+    forget_logps: torch.Tensor,
+    forget_mask: torch.Tensor,
+    forget_ref_logps: torch.Tensor | None = None,
+    retain_logps: torch.Tensor | None = None,
+    retain_mask: torch.Tensor | None = None,
+    retain_logits: torch.Tensor | None = None,
+    retain_ref_logits: torch.Tensor | None = None,
+    retain_kl_mask: torch.Tensor | None = None,
+    beta: float | None = None,
+    gamma: float | None = None,
+    alpha: float | None = None,
+    delta: float | None = None,
+    forget_num_items: int | torch.Tensor | None = None,
+    retain_num_items: int | torch.Tensor | None = None,
+) -> UnlearningOutput:
+    """Total unlearning objective ``L = gamma * L_forget + alpha * L_retain`` (npo.md "Objectives"; arXiv 2404.05868).
+
+    Methods (defaults in :data:`UNLEARNING_DEFAULTS`; ``None`` arguments take them):
+
+    * ``ga``        GA only (gamma 1).
+    * ``grad_diff`` GA + retain NLL (gamma 1, alpha 1).
+    * ``ga_kl``     GA + retain KL (gamma 1, alpha 1).
+    * ``npo``       NPO only (beta 0.1, gamma 1, alpha 0).
+    * ``npo_rt``    NPO + retain NLL (beta 0.1, gamma 1, alpha 1) = open-unlearning's ``NPO``.
+    * ``npo_kl``    NPO + retain KL (beta 0.1, gamma 1, alpha 1).
+    * ``simnpo``    SimNPO + retain NLL (beta 4.5, delta 0, gamma 0.125, alpha 1) = open-unlearning's ``SimNPO``.
+
+    Inputs: forget per-token ``forget_logps``/``forget_mask`` ``[B, T]``; for NPO also ``forget_ref_logps`` (``[B, T]``
+    on the same mask, or sequence sums ``[B]``); for the NLL retain term ``retain_logps``/``retain_mask``; for the KL
+    retain term ``retain_logits``/``retain_ref_logits`` (``[N, V]`` or ``[B, T, V]``, see :func:`retain_kl_loss`) and
+    optionally ``retain_kl_mask``. ``*_num_items`` override the token-mean denominators of GA / NLL.
+    """
+    if method not in UNLEARNING_DEFAULTS:
+        raise ValueError(f"unknown unlearning method {method!r}; expected one of {', '.join(UNLEARNING_METHODS)}")
+    cfg = UNLEARNING_DEFAULTS[method]
+    gamma = cfg["gamma"] if gamma is None else gamma
+    alpha = cfg["alpha"] if alpha is None else alpha
+    beta = cfg.get("beta") if beta is None else beta
+    delta = cfg.get("delta", 0.0) if delta is None else delta
+    metrics: dict[str, float] = {}
+
+    with torch.no_grad():
+        metrics["forget_nll"] = float(nll_loss(forget_logps.detach(), forget_mask))
+
+    kind = cfg["forget"]
+    if kind == "ga":
+        forget_loss = ga_loss(forget_logps, forget_mask, forget_num_items)
+    elif kind == "npo":
+        if forget_ref_logps is None:
+            raise ValueError(f"method {method!r} needs forget_ref_logps (the reference model's forget log-probs)")
+        out = npo_loss(forget_logps, forget_ref_logps, beta=beta, mask=forget_mask)
+        forget_loss = out.losses.mean()
+        metrics["npo/log_ratio_mean"] = float(out.log_ratios.mean())
+        metrics["npo/weight_mean"] = float(out.weights.mean())
+    else:  # simnpo
+        sout = simnpo_loss(forget_logps, forget_mask, beta=beta, delta=delta)
+        forget_loss = sout.losses.mean()
+        metrics["simnpo/avg_nll_mean"] = float(sout.avg_nll.mean())
+        metrics["simnpo/weight_mean"] = float(sout.weights.mean())
+
+    retain_loss = None
+    rkind = cfg["retain"]
+    if rkind == "nll" and alpha != 0:
+        if retain_logps is None or retain_mask is None:
+            raise ValueError(f"method {method!r} needs retain_logps and retain_mask")
+        retain_loss = retain_nll_loss(retain_logps, retain_mask, retain_num_items)
+        metrics["retain_nll"] = float(retain_loss.detach())
+    elif rkind == "kl" and alpha != 0:
+        if retain_logits is None or retain_ref_logits is None:
+            raise ValueError(f"method {method!r} needs retain_logits and retain_ref_logits")
+        retain_loss = retain_kl_loss(retain_logits, retain_ref_logits, retain_kl_mask)
+        metrics["retain_kl"] = float(retain_loss.detach())
+
+    loss = gamma * forget_loss
+    if retain_loss is not None:
+        loss = loss + alpha * retain_loss
+    metrics["forget_loss"] = float(forget_loss.detach())
+    if retain_loss is not None:
+        metrics["retain_loss"] = float(retain_loss.detach())
+    metrics["loss"] = float(loss.detach())
+    return UnlearningOutput(loss=loss, forget_loss=forget_loss, retain_loss=retain_loss, metrics=metrics)
+
+
+def npo_loss_at_reference(beta: float) -> float:
+    """``(2/beta) * log 2``, the per-item NPO loss when ``D_i = 0`` (npo.md worked example: 13.862944 at beta 0.1)."""
+    return 2.0 / beta * math.log(2.0)
+

@@ -1,0 +1,66 @@
+"""Pieces every posttrain trainer shares: crash-safe checkpoints and resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger("posttrain")
+COMPLETE_MARKER = "POSTTRAIN_COMPLETE"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+class AtomicCheckpointMixin:
+    """Checkpoints that a killed run cannot corrupt.
+
+    HF writes ``checkpoint-N`` in place and then rotates old ones. Here rotation is deferred until the new
+    checkpoint is fully written, synced to disk and marked complete (``POSTTRAIN_COMPLETE``); ``--resume`` only
+    considers marked checkpoints, so a run killed mid-save resumes from the previous one.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        from transformers import trainer as hf_trainer
+
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # no rotation until the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+            _fsync_tree(ckpt)
+            (ckpt / COMPLETE_MARKER).write_text("ok\n")
+            hf_trainer.rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+
+
+def latest_complete_checkpoint(output_dir: str | Path, remove_incomplete: bool = True) -> str | None:
+    """Newest ``checkpoint-N`` carrying the completion marker; incomplete ones (a killed save) are removed."""
+    out = Path(output_dir)
+    found = []
+    for child in out.iterdir() if out.is_dir() else []:
+        match = _CHECKPOINT_RE.match(child.name)
+        if not match or not child.is_dir():
+            continue
+        if (child / COMPLETE_MARKER).exists():
+            found.append((int(match.group(1)), child))
+        elif remove_incomplete:
+            logger.warning("removing incomplete checkpoint %s (interrupted save)", child)
+            shutil.rmtree(child, ignore_errors=True)
+    return str(max(found)[1]) if found else None

@@ -1,0 +1,127 @@
+"""End to end: every recipe runs from the CLI with a few steps and leaves the promised outputs; --resume is exact."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _short_run_overrides(recipe: dict, out: Path) -> list[str]:
+    sets = [f"output_dir={out}", "training.max_steps=2", "training.logging_steps=1", "training.save_steps=2"]
+    for key in ("train", "eval", "test", "forget", "retain"):
+        if recipe.get("data", {}).get(key) is not None:
+            sets.append(f"data.{key}.max_samples=16")
+    return [x for s in sets for x in ("--set", s)]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_runs_end_to_end(name, tmp_path, arith_model_dir):
+    recipe = yaml.safe_load((ROOT / "recipes" / name).read_text())
+    out = tmp_path / "run"
+    proc = _cli("train", f"recipes/{name}", *_short_run_overrides(recipe, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # resolved recipe with defaults filled in and overrides applied
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["training"]["max_steps"] == 2
+    assert resolved["method"]["name"] == recipe["method"]["name"]
+    assert set(resolved) == {"model", "ref_model", "data", "method", "peft", "training", "output_dir", "seed"}
+    # metrics.jsonl: one object per logging event with step and loss
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    assert (out / "checkpoint-2").is_dir()
+    # the final model loads with from_pretrained
+    if recipe.get("peft"):
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(out)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("1+2=", return_tensors="pt")
+    assert torch.isfinite(model(**ids).logits).all()
+
+
+def test_methods_command_lists_every_method_with_paper_and_recipe():
+    from posttrain.methods import METHODS
+
+    proc = _cli("methods", "--json")
+    assert proc.returncode == 0
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert set(rows) == set(METHODS)
+    for row in rows.values():
+        assert row["paper"] and row["summary"]
+        assert (ROOT / row["recipe"]).is_file(), row
+
+
+def test_every_command_has_useful_help():
+    for cmd in ([], ["train"], ["methods"], ["init-model"], ["tasks"], ["eval"], ["poft-score"]):
+        proc = _cli(*cmd, "--help")
+        assert proc.returncode == 0 and "usage: posttrain" in proc.stdout and len(proc.stdout) > 150, cmd
+
+
+def test_init_model_writes_a_loadable_model(tmp_path):
+    proc = _cli("init-model", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "qwen2" and len(tok) == model.config.vocab_size
+    # digits are single tokens, so arithmetic is learnable
+    assert tok.tokenize("123+45=168") == ["1", "2", "3", "+", "4", "5", "=", "1", "6", "8"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Kill a run after its step-3 checkpoint, resume it: final weights equal an uninterrupted run's (<= 1e-6)."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from posttrain.recipe import parse_recipe
+    from posttrain.train import run
+
+    def recipe(out):
+        return parse_recipe({
+            "model": "builtin:tiny-qwen2",
+            "data": {"train": {"source": "builtin:arithmetic-sft", "options": {"num_samples": 64}}},
+            "method": {"name": "dft"},
+            "training": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                         "save_steps": 3, "logging_steps": 1, "disable_tqdm": True},
+            "output_dir": str(out),
+            "seed": 3,
+        })
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise RuntimeError("simulated kill")
+
+    run(recipe(tmp_path / "full"), quiet=True)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(recipe(tmp_path / "killed"), callbacks=[Kill()], quiet=True)
+    assert (tmp_path / "killed" / "checkpoint-3").is_dir() and not (tmp_path / "killed" / "checkpoint-6").exists()
+    # a checkpoint interrupted mid-save (no completion marker) is ignored and removed
+    (tmp_path / "killed" / "checkpoint-5").mkdir()
+    run(recipe(tmp_path / "killed"), resume=True, quiet=True)
+    assert not (tmp_path / "killed" / "checkpoint-5").exists()
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "killed").state_dict()
+    diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
+    assert diff <= 1e-6, diff
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s <= 6] == sorted(steps[:-1]) + steps[-1:]  # no duplicated steps after resume
