@@ -125,3 +125,19 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert diff <= 1e-6, diff
     steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s <= 6] == sorted(steps[:-1]) + steps[-1:]  # no duplicated steps after resume
+
+
+def test_two_process_run_with_accelerate(tmp_path):
+    """A real 2-process (gloo, CPU) data-parallel run through accelerate."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate_cpu_2proc.yaml"), "-m", "posttrain.cli", "train", "recipes/dft.yaml",
+           "--set", "model=builtin:tiny-qwen2", "--set", "training.max_steps=3", "--set", "training.logging_steps=1",
+           "--set", "data.test.max_samples=4", "--set", f"output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # written once (main process), not per rank
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
