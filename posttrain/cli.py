@@ -82,6 +82,10 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.suite == "tofu":
+        from posttrain.eval.unlearning import cli_eval
+
+        return cli_eval(args)
     from posttrain.data.sources import load_source
     from posttrain.eval.accuracy import greedy_accuracy
     from posttrain.models import load_model, load_tokenizer
@@ -91,12 +95,19 @@ def _cmd_eval(args) -> int:
     rows = load_source(src, "--data", "test")
     tok = load_tokenizer(args.model, key="MODEL")
     model = load_model(args.model, key="MODEL")
-    acc = greedy_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens)
+    acc = greedy_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens or 8)
     result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc}
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'model':<10} {args.model}\n{'data':<10} {args.data} ({args.split}, n={len(rows)})\n"
           f"{'accuracy':<10} {100 * acc:.1f}%")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from posttrain.merge import merge_run
+
+    print(merge_run(args.run_dir, args.out_dir))
     return 0
 
 
@@ -150,15 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "generated tasks a recipe can name as a data source (builtin:<task>).")
     p.set_defaults(fn=_cmd_tasks)
 
-    p = sub.add_parser("eval", help="greedy accuracy of a model on prompt/answer data",
+    p = sub.add_parser("eval", help="greedy accuracy of a model on prompt/answer data (--suite tofu: unlearning)",
                        description="Score a model (run directory, local path, hub id or builtin:) by greedy accuracy "
                        "on a dataset with prompt and answer columns.")
     p.add_argument("model", help="model directory, hub id or builtin:<name>")
     p.add_argument("--data", default="builtin:arithmetic-rl", help="data source (default builtin:arithmetic-rl)")
     p.add_argument("--split", default="test", help="split (default test)")
     p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default 8; tofu: 48)")
     p.add_argument("--output", help="write the result as JSON to this file")
+    p.add_argument("--suite", choices=["accuracy", "tofu"], default="accuracy",
+                   help="accuracy: greedy accuracy on --data; tofu: unlearning metrics on builtin:facts (forget/"
+                   "retain/holdout/world answer probability, ROUGE-L, truth ratio, forget_quality, model_utility; "
+                   "JSON written to MODEL/unlearning_eval.json for a run directory)")
+    p.add_argument("--forget-split", help="tofu: forget01 | forget05 | forget10 (default: the run's data.forget, "
+                   "else forget05)")
+    p.add_argument("--retain-model", help="tofu: model trained without the forget set (e.g. "
+                   "builtin:tiny-qwen2-facts-retain95), or an earlier tofu JSON of it; gives forget_quality")
+    p.add_argument("--batch-size", type=int, default=32, help="tofu: scoring / generation batch size")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("poft-score", help="score SFT data with aligned models for PoFT",
@@ -170,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", required=True, help="output .jsonl")
     p.set_defaults(fn=_cmd_poft_score)
+
+    p = sub.add_parser("merge", help="write a full model from an adapter run",
+                       description="Merge a finished run's adapter (peft.type lora, ggpo; plora runs are saved merged "
+                       "already and are copied) into its base model and write a full model to OUT_DIR, loadable "
+                       "with AutoModelForCausalLM.from_pretrained. GOAT routes per token and cannot be merged.")
+    p.add_argument("run_dir", help="a finished run's output_dir")
+    p.add_argument("out_dir", help="directory to write (must not exist or be empty)")
+    p.set_defaults(fn=_cmd_merge)
     return parser
 
 

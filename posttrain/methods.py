@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MethodParams(BaseModel):
@@ -55,6 +55,243 @@ class PoFTParams(SFTParams):
         "`poft_ref_scores` (list) or `poft_ref_score` (float).",
     )
     scoring_batch_size: int = Field(8, ge=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Preference family (shared/methods/dpo.md, wpo.md, sparsepo.md, asft_aligned.md)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DPOParams(MethodParams):
+    """DPO (sigmoid; cDPO with label_smoothing > 0), robust DPO and IPO on summed sequence log-probs."""
+
+    loss: Literal["sigmoid", "ipo", "robust"] = Field("sigmoid", description="sigmoid (DPO/cDPO), ipo or robust.")
+    beta: float = Field(0.1, gt=0.0, description="KL strength (tau for IPO).")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="cDPO / robust noise rate eps; applies to sigmoid too (cDPO)."
+    )
+    ipo_length_normalize: bool = Field(
+        True, description="IPO on per-token mean log-ratios (TRL form); false: the reference code's summed form."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute reference log-probs once before training; no reference kept in memory."
+    )
+
+
+class WPOParams(DPOParams):
+    """WPO: each pair's DPO loss weighted by the detached, length-normalised policy probability of both responses."""
+
+    beta: float = Field(0.01, gt=0.0, description="KL strength (the WPO reference configs use 0.01).")
+    use_weighting: bool = Field(True, description="Apply the WPO pair weights (false gives plain DPO).")
+    wpo_alignment: Literal["sampled", "greedy", "none"] = Field(
+        "sampled", description="Weight alignment: sampled (reference code, TRL), greedy (paper ablation) or none."
+    )
+    wpo_weight_clamp_max: float | None = Field(
+        1.0, gt=0.0, description="Clamp W <= this (reference code, TRL <= 0.28); null = no clamp (TRL >= 0.29)."
+    )
+
+
+class SparsePOParams(MethodParams):
+    """SparsePO: token-masked rewards and KL; masks from reference activations (MaPO) or learned."""
+
+    mask: Literal["reference", "learned"] = Field(
+        "learned", description="learned: a small trainable mask network; reference: MaPO activation mask."
+    )
+    beta: float = Field(0.1, gt=0.0)
+    mask_on_reward: bool = True
+    mask_on_kl: bool = True
+    rw_kl_independent: bool = Field(False, description="Separate reward and KL mask networks (learned mask only).")
+    l1_norm_param_u: float = Field(0.0, ge=0.0, description="L1 weight on the reward mask.")
+    l1_norm_param_d: float = Field(0.0, ge=0.0, description="L1 weight on the KL mask.")
+    mask_dropout: float = Field(0.01, ge=0.0, lt=1.0)
+    mask_weight_decay: float = Field(0.01, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mask == "reference" and self.rw_kl_independent:
+            raise ValueError("rw_kl_independent: true needs mask: learned (the MaPO mask is a single common mask)")
+        return self
+
+
+class ASFTAlignedParams(MethodParams):
+    """Aligned SFT: -c_sft*lbar_w + lam*[-logsig(beta*odds_w) - logsig(-beta*odds_l)], no reference model."""
+
+    beta: float = Field(1.0, gt=0.0)
+    asft_lambda: float = Field(1.0, ge=0.0, description="Weight lam of the absolute-likelihood alignment term.")
+    sft_coef: float = Field(1.0, ge=0.0, description="Weight c_sft of the chosen per-sequence mean NLL.")
+    prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Unlearning family (shared/methods/npo.md): L = gamma * L_forget + alpha * L_retain
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class UnlearningParams(MethodParams):
+    """Gradient ascent (GA): minus the token-mean NLL of the forget set."""
+
+    gamma: float = Field(1.0, ge=0.0, description="Weight of the forget loss (NPO reference code: npo_coeff).")
+
+
+class GradDiffParams(UnlearningParams):
+    """GradDiff: GA on the forget set plus the token-mean NLL of the retain set."""
+
+    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain loss (NPO reference: grad_diff_coeff).")
+
+
+class NPOParams(UnlearningParams):
+    """NPO: (2/beta) softplus(beta * (s_theta - s_ref)) per forget sequence, against a frozen reference."""
+
+    beta: float = Field(0.1, gt=0.0, description="NPO inverse temperature; beta -> 0 recovers GA.")
+
+
+class NPORTParams(NPOParams):
+    """NPO + retain NLL (open-unlearning's NPO trainer)."""
+
+    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain NLL.")
+
+
+class NPOKLParams(NPOParams):
+    """NPO + KL(pi_ref || pi_theta) on the retain set."""
+
+    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain KL (NPO reference: KL_coeff).")
+    retain_kl_mask: Literal["completion", "none"] = Field(
+        "completion",
+        description="completion: KL on answer tokens only; none: every position incl. prompt and padding "
+        "(the reference code and open-unlearning).",
+    )
+
+
+class SimNPOParams(UnlearningParams):
+    """SimNPO: reference-free, length-normalised NPO, plus the retain NLL (open-unlearning's SimNPO defaults)."""
+
+    gamma: float = Field(0.125, ge=0.0, description="Weight of the forget loss.")
+    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain NLL.")
+    beta: float = Field(4.5, gt=0.0)
+    delta: float = Field(0.0, description="Length-normalised margin (the SimNPO paper's gamma = beta * delta).")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RL family (shared/methods/grpo.md, stratified_grpo.md, delta_l_normalization.md, negative_reinforcement.md, gppo.md)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RewardSpec(BaseModel):
+    """One reward function: a built-in ``name`` (exact_match, math_verify, format) or a user ``function``
+    (``module:function`` with TRL's reward signature), its ``weight`` and keyword ``options``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    function: str | None = None
+    weight: float = 1.0
+    options: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        from posttrain.rl.rewards import BUILTIN_REWARDS
+
+        if (self.name is None) == (self.function is None):
+            raise ValueError("give exactly one of name (built-in reward) or function (module:function)")
+        if self.name is not None and self.name not in BUILTIN_REWARDS:
+            from posttrain.errors import did_you_mean
+
+            raise ValueError(
+                f"unknown built-in reward '{self.name}'{did_you_mean(self.name, BUILTIN_REWARDS)}; "
+                f"built-ins: {sorted(BUILTIN_REWARDS)}"
+            )
+        if self.function is not None and (self.function.count(":") != 1 or not all(self.function.split(":"))):
+            raise ValueError(f"function must be 'module:function', got '{self.function}'")
+        return self
+
+
+_SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope")
+_GPPO_KEYS = ("gppo_beta1", "gppo_beta2", "gppo_only_high")
+
+
+class GRPOParams(MethodParams):
+    """RLVR on TRL's ``GRPOTrainer`` with three independent parts: advantage estimator, loss aggregation, clipping.
+
+    Everything not here (num_generations, max_completion_length, temperature, num_iterations, generation and vLLM
+    settings) is a ``training:`` key of ``trl.GRPOConfig``.
+    """
+
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="exact_match")],
+        description="Reward functions, summed with their weights (TRL sum_then_normalize).",
+    )
+    # advantage estimator
+    advantage: Literal["group", "stratified", "psr", "nsr", "w_reinforce"] = Field(
+        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="group / stratified: std scaling of the group advantage (none = Dr. GRPO)."
+    )
+    stratum_key: str = Field(
+        "tool_calls",
+        description="stratified: 'tool_calls' (count of <tool_call> / message tool_calls), a dataset column, or "
+        "'module:function' called as fn(prompt=, completion=, **row) -> hashable.",
+    )
+    san_alpha: float = Field(0.8, ge=0.0, le=1.0, description="stratified: blend alpha*A_SAN + (1-alpha)*A_GRPO.")
+    san_scale: Literal["stratum", "none"] = "stratum"
+    san_scope: Literal["group", "batch"] = "group"
+    w_reinforce_lambda: float = Field(0.1, ge=0.0, description="w_reinforce: advantage of correct rows (+lambda).")
+    correct_reward: float = Field(
+        1.0, description="A row is correct iff its combined reward equals this (psr/nsr/w_reinforce, SFT term)."
+    )
+    # loss aggregation
+    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo", "delta_l"] = Field(
+        "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
+    )
+    delta_l_alpha: float = Field(0.75, ge=0.0, le=1.0, description="delta_l: row weights proportional to L^-alpha.")
+    delta_l_scope: Literal["batch", "group"] = "batch"
+    # clipping
+    clipping: Literal["ppo", "gppo"] = Field("ppo", description="ppo (clip-higher with epsilon_high) or gppo.")
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip range (and upper, unless epsilon_high).")
+    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range; gppo default 0.28.")
+    gppo_beta1: float = Field(1.0, ge=0.0, description="gppo: gradient scale of low-clipped tokens.")
+    gppo_beta2: float = Field(1.0, ge=0.0, description="gppo: gradient scale of high-clipped tokens.")
+    gppo_only_high: bool = Field(False, description="gppo: keep the gradient of high-clipped tokens only.")
+    dual_clip_c: float | None = Field(None, gt=1.0, description="Dual clip for A<0 (verl); off by default.")
+    sft_coef: float | None = Field(
+        None, ge=0.0, description="GPPO's NLL term on correct rollouts; default 0.1 with gppo, else 0."
+    )
+    # regularisers
+    beta: float = Field(0.0, ge=0.0, description="KL (k3) coefficient against the initial policy.")
+    entropy_coef: float | None = Field(
+        None, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
+        "(the paper's), else 0."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        from posttrain.errors import UserError
+
+        given = self.model_fields_set
+
+        def refuse(keys, why):
+            for key in keys:
+                if key in given:
+                    raise UserError(f"method.{key}: {why}")
+
+        if self.advantage != "stratified":
+            refuse(_SAN_KEYS, f"only used with advantage: stratified (advantage is {self.advantage})")
+        if self.advantage not in ("group", "stratified"):
+            refuse(("scale_rewards",), f"advantage {self.advantage} uses no group baseline or std scaling")
+        if self.advantage != "w_reinforce":
+            refuse(("w_reinforce_lambda",), "only used with advantage: w_reinforce")
+        if self.aggregation != "delta_l":
+            refuse(("delta_l_alpha", "delta_l_scope"), "only used with aggregation: delta_l")
+        if self.clipping != "gppo":
+            refuse(_GPPO_KEYS, "only used with clipping: gppo")
+        if not self.rewards:
+            raise UserError("method.rewards: give at least one reward function")
+        if self.epsilon_high is None and self.clipping == "gppo":
+            self.epsilon_high = 0.28  # Klear-Reasoner's eps_h (gppo.md "Hyperparameters")
+        if self.sft_coef is None:
+            self.sft_coef = 0.1 if self.clipping == "gppo" else 0.0
+        if self.entropy_coef is None:
+            self.entropy_coef = 1e-4 if self.advantage in ("psr", "nsr", "w_reinforce") else 0.0
+        return self
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -127,6 +364,138 @@ register(
         "Language Models (arXiv 2412.12865)",
         recipe="recipes/poft.yaml",
         params=PoFTParams,
+    )
+)
+
+
+register(
+    MethodInfo(
+        name="dpo",
+        family="preference",
+        summary="Direct Preference Optimisation (sigmoid, cDPO via label_smoothing, robust, IPO).",
+        paper="Rafailov et al., Direct Preference Optimization: Your Language Model is Secretly a Reward Model "
+        "(arXiv 2305.18290); IPO: Azar et al. (arXiv 2310.12036)",
+        recipe="recipes/dpo.yaml",
+        params=DPOParams,
+        reference="required",
+    )
+)
+register(
+    MethodInfo(
+        name="wpo",
+        family="preference",
+        summary="Weighted Preference Optimization: DPO with pairs weighted by their (aligned) policy probability.",
+        paper="Zhou et al., WPO: Enhancing RLHF with Weighted Preference Optimization (arXiv 2406.11827)",
+        recipe="recipes/wpo.yaml",
+        params=WPOParams,
+        reference="required",
+    )
+)
+register(
+    MethodInfo(
+        name="sparsepo",
+        family="preference",
+        summary="SparsePO: token-level masked rewards and KL, masks learned or from reference activations.",
+        paper="Christopoulou et al., SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks "
+        "(arXiv 2410.05102)",
+        recipe="recipes/sparsepo.yaml",
+        params=SparsePOParams,
+        reference="required",
+    )
+)
+register(
+    MethodInfo(
+        name="asft_aligned",
+        family="preference",
+        summary="Aligned SFT through absolute likelihood: pointwise log-odds on chosen and rejected, no reference.",
+        paper="Wang et al., ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood (arXiv 2409.10571)",
+        recipe="recipes/asft_aligned.yaml",
+        params=ASFTAlignedParams,
+    )
+)
+
+
+_NPO_PAPER = (
+    "Zhang et al., Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning "
+    "(arXiv 2404.05868)"
+)
+register(
+    MethodInfo(
+        name="ga",
+        family="unlearning",
+        summary="Gradient ascent on the forget set (the unlearning baseline; collapses the model).",
+        paper=_NPO_PAPER + "; TOFU: Maini et al. (arXiv 2401.06121)",
+        recipe="recipes/unlearn_ga.yaml",
+        params=UnlearningParams,
+    )
+)
+register(
+    MethodInfo(
+        name="grad_diff",
+        family="unlearning",
+        summary="GradDiff: gradient ascent on the forget set plus NLL on the retain set.",
+        paper="Liu et al., Continual Learning and Private Unlearning (arXiv 2203.12817); " + _NPO_PAPER,
+        recipe="recipes/unlearn_grad_diff.yaml",
+        params=GradDiffParams,
+    )
+)
+register(
+    MethodInfo(
+        name="npo",
+        family="unlearning",
+        summary="Negative Preference Optimisation: bounded, adaptively weighted forgetting against a reference.",
+        paper=_NPO_PAPER,
+        recipe="recipes/unlearn_npo.yaml",
+        params=NPOParams,
+        reference="required",
+    )
+)
+register(
+    MethodInfo(
+        name="npo_rt",
+        family="unlearning",
+        summary="NPO plus the retain-set NLL (NPO+RT).",
+        paper=_NPO_PAPER,
+        recipe="recipes/unlearn_npo_rt.yaml",
+        params=NPORTParams,
+        reference="required",
+    )
+)
+register(
+    MethodInfo(
+        name="npo_kl",
+        family="unlearning",
+        summary="NPO plus KL(reference || policy) on the retain set (NPO+KL).",
+        paper=_NPO_PAPER,
+        recipe="recipes/unlearn_npo_kl.yaml",
+        params=NPOKLParams,
+        reference="required",
+    )
+)
+register(
+    MethodInfo(
+        name="simnpo",
+        family="unlearning",
+        summary="SimNPO: reference-free, length-normalised NPO plus the retain NLL.",
+        paper="Fan et al., Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning "
+        "(arXiv 2410.07163)",
+        recipe="recipes/unlearn_simnpo.yaml",
+        params=SimNPOParams,
+    )
+)
+
+
+register(
+    MethodInfo(
+        name="grpo",
+        family="rl",
+        summary="RLVR on TRL's GRPOTrainer with composable parts: advantage (group, stratified, psr, nsr, "
+        "w_reinforce), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + SFT term).",
+        paper="Shao et al., DeepSeekMath (GRPO, arXiv 2402.03300); Stratified GRPO (arXiv 2510.06214); ΔL "
+        "Normalization (arXiv 2509.07558); Zhu et al., negative reinforcement (arXiv 2506.01347); Klear-Reasoner "
+        "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783)",
+        recipe="recipes/grpo.yaml",
+        params=GRPOParams,
     )
 )
 

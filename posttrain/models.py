@@ -7,6 +7,10 @@ Built-in models (``builtin:<name>``) are built offline on first use and cached u
   byte-level BPE tokenizer trained with ``tokenizers`` on the built-in task corpora (digits split individually).
 - ``builtin:tiny-qwen2-arith``: ``tiny-qwen2`` briefly fine-tuned on the built-in arithmetic task, a starting point
   for preference and RL recipes that need a model which is sometimes right.
+- ``builtin:tiny-qwen2-facts``: ``tiny-qwen2`` fine-tuned (SFT) until it has memorised the built-in fictitious-facts
+  task (``builtin:facts``, split ``full_world``): the starting point (and reference) of the unlearning recipes.
+- ``builtin:tiny-qwen2-facts-retain99`` / ``-retain95`` / ``-retain90``: the same fine-tuning on ``retainNN`` +
+  ``world`` only, i.e. TOFU's retain model (never saw the forget set), for the forget-quality KS test.
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ TINY_ARCH: dict[str, dict[str, Any]] = {
 }
 # Built-in models derived by a short training run: name -> (base, builder).
 TRAINED_BUILTINS = {"tiny-qwen2-arith": "tiny-qwen2"}
+# Fictitious-facts models (unlearning): name -> the facts splits it is fine-tuned on.
+FACTS_BUILTINS = {
+    "tiny-qwen2-facts": ("full_world",),
+    "tiny-qwen2-facts-retain99": ("retain99", "world"),
+    "tiny-qwen2-facts-retain95": ("retain95", "world"),
+    "tiny-qwen2-facts-retain90": ("retain90", "world"),
+}
+TRAINED_BUILTINS.update({name: "tiny-qwen2" for name in FACTS_BUILTINS})
+FACTS_BUILD_VERSION = 1  # bump when _build_facts_model changes
 BUILTIN_MODELS = sorted([*TINY_ARCH, *TRAINED_BUILTINS])
 ARITH_BUILD_VERSION = 1  # bump when _build_arith_model changes, so cached copies are rebuilt
 
@@ -190,11 +203,56 @@ def _build_arith_model(out_dir: Path) -> None:
                 shutil.copy2(item, out_dir / item.name)
 
 
+def _build_facts_model(out_dir: Path, splits: tuple[str, ...]) -> None:
+    """tiny-qwen2 fine-tuned with plain SFT on facts ``splits`` until memorised (~35 epochs; ~1.5 min on one CPU
+    core). The same recipe builds the full model and the retain models, as TOFU does."""
+    import json as _json
+
+    from posttrain.data.facts import facts_rows
+    from posttrain.recipe import parse_recipe
+    from posttrain.train import run
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        data = Path(run_dir) / "facts_train.jsonl"
+        rows = [r for split in splits for r in facts_rows(split)]
+        lines = [_json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n" for r in rows]
+        data.write_text("".join(lines))
+        recipe = parse_recipe(
+            {
+                "model": "builtin:tiny-qwen2",
+                "data": {"train": {"source": str(data)}},
+                "method": {"name": "sft"},
+                "training": {
+                    "max_steps": 500,
+                    "per_device_train_batch_size": 32,
+                    "learning_rate": 3e-3,
+                    "lr_scheduler_type": "cosine",
+                    "warmup_steps": 20,
+                    "logging_steps": 50,
+                    "save_strategy": "no",
+                    "disable_tqdm": True,
+                },
+                "output_dir": str(Path(run_dir) / "run"),
+                "seed": 0,
+            }
+        )
+        run(recipe, quiet=True)
+        for item in (Path(run_dir) / "run").iterdir():
+            if item.is_file() and item.name not in {"metrics.jsonl", "recipe.yaml", "summary.json"}:
+                shutil.copy2(item, out_dir / item.name)
+
+
 def builtin_model_dir(name: str) -> Path:
     """The local directory of a built-in model, building it on first use."""
     if name in TINY_ARCH:
         tok_dir = builtin_tokenizer_dir()
         return _atomic_build(cache_dir() / f"{name}-{tok_dir.name}", lambda d: build_tiny_model(name, d))
+    if name in FACTS_BUILTINS:
+        base = builtin_model_dir(TRAINED_BUILTINS[name])
+        return _atomic_build(
+            cache_dir() / f"{name}-v{FACTS_BUILD_VERSION}-{base.name}",
+            lambda d: _build_facts_model(d, FACTS_BUILTINS[name]),
+        )
     if name in TRAINED_BUILTINS:
         base = builtin_model_dir(TRAINED_BUILTINS[name])
         return _atomic_build(cache_dir() / f"{name}-v{ARITH_BUILD_VERSION}-{base.name}", _build_arith_model)
@@ -270,6 +328,8 @@ def describe_builtin_models() -> list[dict[str, str]]:
             what = f"random-init {arch['model_type']} ({arch['num_hidden_layers']} layers, hidden {arch['hidden_size']})"
         else:
             what = f"{TRAINED_BUILTINS[name]} briefly fine-tuned (SFT) on builtin:arithmetic-sft"
+            if name in FACTS_BUILTINS:
+                what = f"{TRAINED_BUILTINS[name]} fine-tuned (SFT) on builtin:facts {' + '.join(FACTS_BUILTINS[name])}"
         rows.append({"name": f"builtin:{name}", "description": what})
     return rows
 

@@ -8,6 +8,7 @@ names the dotted key at fault (with a "did you mean" suggestion for unknown keys
 from __future__ import annotations
 
 import copy
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,32 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.adapters.spec import GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
 from posttrain.methods import MethodParams, get_method
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats, so ``3e-3`` and ``1e5`` are numbers, not strings."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse recipe YAML (see :class:`RecipeLoader`)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Strict(BaseModel):
@@ -82,9 +108,10 @@ class MethodSpec(BaseModel):
 
 
 class PeftSpec(_Strict):
-    """Adapter settings (``peft`` LoRA)."""
+    """Adapter settings: ``peft`` LoRA, or a LoRA variant with its options in a sub-block named after it
+    (:mod:`posttrain.adapters.spec`; docs/lora_variants.md)."""
 
-    type: Literal["lora"] = "lora"
+    type: Literal["lora", "plora", "goat", "ggpo"] = "lora"
     r: int = Field(8, ge=1)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -93,6 +120,13 @@ class PeftSpec(_Strict):
     use_rslora: bool = False
     init_lora_weights: bool | str = True
     modules_to_save: list[str] | None = None
+    plora: PLoRASpec | None = Field(None, description="PeriodicLoRA options (peft.type: plora).")
+    goat: GOATSpec | None = Field(None, description="GOAT mixture-of-LoRA-experts options (peft.type: goat).")
+    ggpo: GGPOSpec | None = Field(None, description="LoRA-GGPO perturbation options (peft.type: ggpo).")
+
+    @model_validator(mode="after")
+    def _variant(self):
+        return check_peft_variant(self)
 
 
 class Recipe(_Strict):
@@ -136,7 +170,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"--set {assignment}: bad key '{key}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise UserError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
     node = data
@@ -215,7 +249,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

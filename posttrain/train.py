@@ -26,6 +26,9 @@ logger = logging.getLogger("posttrain")
 # family -> "module:function" that builds the trainer: build(ctx: RunContext) -> Trainer
 TRAINER_BUILDERS = {
     "sft": "posttrain.trainers.build:build_sft_trainer",
+    "preference": "posttrain.trainers.preference:build_preference_trainer",
+    "unlearning": "posttrain.trainers.unlearning:build_unlearning_trainer",
+    "rl": "posttrain.trainers.rl:build_rl_trainer",
 }
 
 
@@ -100,6 +103,13 @@ def training_config(config_cls, recipe: Recipe, overrides: dict[str, Any] | None
         "dataloader_num_workers": 0,
     }
     kwargs.update(overrides or {})
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.init}
+    for key, value in recipe.training.items():
+        default = defaults.get(key)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and not isinstance(value, (int, float)) or isinstance(default, bool) and not isinstance(value, bool):
+            want = "true or false" if isinstance(default, bool) else "a number"
+            raise UserError(f"training.{key}: expected {want}, got {value!r}")
     kwargs.update(recipe.training)
     kwargs["output_dir"] = recipe.output_dir
     kwargs["seed"] = recipe.seed
@@ -243,6 +253,9 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, 
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")])
     ctx.callbacks.extend(callbacks or [])
     trainer = build(ctx)
+    from posttrain.adapters.trainer import check_trainer_supports_variant
+
+    check_trainer_supports_variant(trainer, recipe, info.name)  # peft.type plora/goat/ggpo need make_trainer
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out))
     if is_main_process():

@@ -276,10 +276,12 @@ def test_plain_peft_load_is_not_silent(tmp_path):
 
     pm = apply_goat(tiny_qwen(), ["q_proj"], rank=4, num_experts=2, top_k=1)
     save_goat(pm, str(tmp_path))
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
+    with pytest.raises(Exception, match="load with posttrain.adapters.load_goat"):
         PeftModel.from_pretrained(tiny_qwen(), str(tmp_path))
-    assert any("missing adapter keys" in str(w.message).lower() for w in rec)
+    from peft import AutoPeftModelForCausalLM
+
+    with pytest.raises(Exception, match="load with posttrain.adapters.load_goat"):
+        AutoPeftModelForCausalLM.from_pretrained(str(tmp_path))
 
 
 # short training run -----------------------------------------------------------------------------------------------------

@@ -43,7 +43,11 @@ def test_recipe_runs_end_to_end(name, tmp_path, arith_model_dir):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
     assert (out / "checkpoint-2").is_dir()
     # the final model loads with from_pretrained
-    if recipe.get("peft"):
+    if (recipe.get("peft") or {}).get("type", "lora") in ("plora", "goat"):
+        from posttrain.adapters import load_adapter_run
+
+        model = load_adapter_run(out)  # PLoRA: its merged full model; GOAT: its adapter via the GOAT loader
+    elif recipe.get("peft"):
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(out)

@@ -65,6 +65,17 @@ def test_wrong_type(tmp_path, capsys):
     _assert_one_error(code, err, "method.asft_kl_coef")
 
 
+def test_scientific_notation_is_a_number_and_a_word_is_refused(tmp_path, capsys):
+    from posttrain.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**BASE, "output_dir": str(tmp_path / "o")}))
+    loaded = load_recipe(recipe, ["training.learning_rate=3e-3", "method.name=dft"])
+    assert loaded.training["learning_rate"] == pytest.approx(0.003)  # PyYAML alone reads "3e-3" as a string
+    code, err = _run(tmp_path, capsys, extra=["--set", "training.learning_rate=fast"])
+    _assert_one_error(code, err, "training.learning_rate", "expected a number", "'fast'")
+
+
 def test_unknown_method_name(tmp_path, capsys):
     code, err = _run(tmp_path, capsys, extra=["--set", "method.name=dtf"])
     _assert_one_error(code, err, "method.name", "'dtf'", "did you mean 'dft'")

@@ -10,6 +10,9 @@ _EXPORTS = {
     "goat": ("apply_goat", "save_goat", "load_goat", "goat_aux_loss", "clear_goat_aux", "goat_token_mask",
              "goat_metrics", "GOATTrainerMixin", "GoatLinear", "GOATSettings"),
     "ggpo": ("GGPOPerturbation", "GGPOTrainerMixin", "check_ggpo_reference_model"),
+    "trainer": ("make_trainer", "wrap_trainer_class", "prepare_model", "mixin_kwargs", "check_reference",
+                "load_adapter_run", "run_adapter_type"),
+    "spec": ("PLoRASpec", "GOATSpec", "GGPOSpec", "PEFT_TYPES", "MERGEABLE"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -54,6 +54,9 @@ from posttrain.errors import UserError
 
 GOAT_FORMAT_VERSION = 1
 GOAT_CONFIG_NAME = "goat_config.json"
+# ``peft_type`` written to adapter_config.json: plain PEFT loading (PeftModel / AutoPeftModel.from_pretrained) then
+# fails with this string instead of silently building an ordinary (randomly initialised) LoRA.
+GOAT_PEFT_TYPE = "GOAT (not a plain LoRA; load with posttrain.adapters.load_goat)"
 
 __all__ = [
     "GOATSettings",
@@ -332,9 +335,9 @@ def _resolve_targets(model: nn.Module, target_modules: str | list[str], rank: in
     return names, skipped
 
 
-def _goat_lora_config(rank, lora_alpha, lora_dropout, targets, init=True) -> LoraConfig:
+def _goat_lora_config(rank, lora_alpha, lora_dropout, targets, init=True, modules_to_save=None) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                      init_lora_weights=init, bias="none")
+                      init_lora_weights=init, bias="none", modules_to_save=modules_to_save)
 
 
 def apply_goat(
@@ -355,12 +358,14 @@ def apply_goat(
     aux_match_reference: bool = False,
     aux_count_padding: bool = False,
     adapter_name: str = "default",
+    modules_to_save: list[str] | None = None,
 ) -> PeftModel:
     """Wrap ``model`` with GOAT layers on its targeted ``nn.Linear`` modules; returns a ``PeftModel``.
 
     ``target_modules``: suffix list (PEFT semantics), a regex string, or ``"all-linear"`` (minus the output head).
     Targets with ``min(out, in) < rank`` are left unwrapped (as in the reference); their names are stored in
-    ``model.goat_skipped_targets``. ``rank`` is the total rank r (d = r / num_experts).
+    ``model.goat_skipped_targets``. ``rank`` is the total rank r (d = r / num_experts). ``modules_to_save``: fully
+    trained (and saved) extra modules, as in ``LoraConfig``.
     """
     settings = GOATSettings(num_experts=num_experts, top_k=top_k, rho=rho, eta=eta, scaling=scaling,
                             init_cof=init_cof, fold_residual=fold_residual, aux_coef=aux_coef,
@@ -371,7 +376,7 @@ def apply_goat(
     targets, skipped = _resolve_targets(model, target_modules, rank)
     if not targets:
         raise UserError(f"peft.target_modules: no nn.Linear with min(out, in) >= r={rank} matches {target_modules!r}")
-    cfg = _goat_lora_config(rank, lora_alpha, lora_dropout, targets)
+    cfg = _goat_lora_config(rank, lora_alpha, lora_dropout, targets, modules_to_save=modules_to_save)
     cfg._register_custom_module({nn.Linear: make_goat_linear(settings)})
     peft_model = get_peft_model(model, cfg, adapter_name=adapter_name, autocast_adapter_dtype=False)
     peft_model.goat_settings = settings
@@ -438,7 +443,8 @@ def goat_metrics(model: nn.Module) -> dict[str, Any]:
 
 
 def save_goat(model: PeftModel, save_directory: str) -> str:
-    """Write ``adapter_config.json`` (init_lora_weights=False), ``adapter_model.safetensors`` and ``goat_config.json``."""
+    """Write ``adapter_config.json`` (init_lora_weights=False; ``peft_type`` = :data:`GOAT_PEFT_TYPE`, so that plain
+    PEFT loading fails loudly), ``adapter_model.safetensors`` and ``goat_config.json``."""
     settings: GOATSettings | None = getattr(model, "goat_settings", None)
     layers = goat_layers(model)
     if not layers:
@@ -450,6 +456,7 @@ def save_goat(model: PeftModel, save_directory: str) -> str:
     with open(cfg_path) as f:
         cfg = json.load(f)
     cfg["init_lora_weights"] = False
+    cfg["peft_type"] = GOAT_PEFT_TYPE
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     layer = layers[0]
@@ -460,6 +467,28 @@ def save_goat(model: PeftModel, save_directory: str) -> str:
     with open(os.path.join(save_directory, GOAT_CONFIG_NAME), "w") as f:
         json.dump(info, f, indent=2, sort_keys=True)
     return save_directory
+
+
+def goat_lora_config_from_dir(path: str) -> LoraConfig:
+    """The ``LoraConfig`` of a GOAT adapter directory (its ``peft_type`` marker replaced by LORA)."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        raw = json.load(f)
+    raw["peft_type"] = "LORA"
+    cfg = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**raw))
+    cfg.init_lora_weights = False
+    return cfg
+
+
+@torch.no_grad()
+def load_goat_weights_(model: PeftModel, path: str, adapter_name: str = "default") -> None:
+    """Load a GOAT adapter's weights into an existing GOAT model (resume); every GOAT key must match."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_peft_weights(path, device="cpu"), adapter_name=adapter_name)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing or getattr(result, "unexpected_keys", None):
+        raise UserError(f"{path}: GOAT adapter does not match the model (missing {missing[:3]}, unexpected "
+                        f"{list(result.unexpected_keys)[:3]})")
 
 
 def load_goat(base_model: nn.Module, path: str, is_trainable: bool = False, adapter_name: str = "default") -> PeftModel:
@@ -473,8 +502,7 @@ def load_goat(base_model: nn.Module, path: str, is_trainable: bool = False, adap
         raise UserError(f"{gpath}: format_version {info['format_version']} is newer than supported")
     fields = {k: info[k] for k in GOATSettings.__dataclass_fields__ if k in info}
     settings = GOATSettings(**fields)
-    cfg = LoraConfig.from_pretrained(path)
-    cfg.init_lora_weights = False
+    cfg = goat_lora_config_from_dir(path)
     cfg._register_custom_module({nn.Linear: make_goat_linear(settings)})
     model = PeftModel.from_pretrained(base_model, path, config=cfg, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=False)

@@ -432,10 +432,13 @@ def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
         if d is not None:
             deltas[name] = d
     out: dict[str, torch.Tensor] = {}
+    trained_copy = {ad: f".modules_to_save.{ad}." for ad in getattr(peft_model, "peft_config", {}) or {"default": 0}}
     for key, value in base.state_dict().items():
-        if ".lora_" in key or key.split(".")[-1].startswith("lora_"):
-            continue
+        if ".lora_" in key or key.split(".")[-1].startswith("lora_") or ".original_module." in key:
+            continue  # LoRA factors; the frozen original of a modules_to_save module (its trained copy is kept)
         clean = key.replace(".base_layer.", ".")
+        for marker in trained_copy.values():
+            clean = clean.replace(marker, ".")
         if key.endswith(".base_layer.weight"):
             mod = key[: -len(".base_layer.weight")]
             if mod in deltas:
@@ -446,8 +449,24 @@ def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_merged(peft_model: nn.Module, out_dir: str, tokenizer: Any | None = None) -> str:
     """Write the merged full model with ``save_pretrained`` (+ tokenizer); loadable by ``AutoModelForCausalLM``."""
+    import copy
+
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    base.save_pretrained(out_dir, state_dict=merged_state_dict(peft_model))
+    sd = merged_state_dict(peft_model)
+    config = base.config
+    if getattr(config, "tie_word_embeddings", False):
+        # a trained copy of the input embeddings (modules_to_save) unties them from the output head
+        emb = [k for k in sd if k.endswith("embed_tokens.weight")]
+        head = [k for k in sd if k.endswith("lm_head.weight")]
+        if emb and head and not torch.equal(sd[emb[0]], sd[head[0]]):
+            config = copy.deepcopy(config)
+            config.tie_word_embeddings = False
+    old = base.config
+    base.config = config
+    try:
+        base.save_pretrained(out_dir, state_dict=sd)
+    finally:
+        base.config = old
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir

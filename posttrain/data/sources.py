@@ -45,6 +45,18 @@ register_task("arithmetic-pref", "correct vs plausible wrong answer: {prompt, ch
     _arithmetic("preference")
 )
 
+
+@register_task(
+    "facts",
+    "fictitious people QA, TOFU in miniature (unlearning): {prompt, completion, paraphrased_answer, "
+    "perturbed_answers}; split full, forget01/05/10, retain99/95/90, holdout01/05/10, world, full_world",
+)
+def _facts(split: str, **options):
+    from posttrain.data.facts import facts_rows
+
+    return facts_rows(split, **options)
+
+
 # Columns each family needs (any one of the alternatives).
 REQUIRED_COLUMNS: dict[str, list[tuple[str, ...]]] = {
     "sft": [("prompt", "completion"), ("messages",), ("text",)],
@@ -183,6 +195,7 @@ def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_emp
                 raise UserError(
                     f"{key}: {source} row {i}: column '{col}' must be text, got {type(value).__name__}"
                 )
+    ds_before = ds
     bad = [
         i
         for i, row in enumerate(ds.select_columns(list(columns)))
@@ -196,7 +209,11 @@ def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_emp
         keep = sorted(set(range(len(ds))) - set(bad))
         ds = ds.select(keep)
     if len(ds) == 0:
-        raise UserError(f"{key}: no usable rows left in {source} (all {len(bad)} had empty values)")
+        empty_cols = [c for c in columns if c not in allow_empty and any(_is_empty(v) for v in ds_before[c])]
+        raise UserError(
+            f"{key}: no usable rows left in {source} (all {len(bad)} had empty values in column "
+            f"{'/'.join(repr(c) for c in empty_cols)})"
+        )
     return ds
 
 

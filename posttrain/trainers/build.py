@@ -19,6 +19,7 @@ def build_sft_trainer(ctx):
     """``sft``, ``dft``, ``asft_anchored`` and ``poft`` on :class:`PosttrainSFTTrainer`."""
     from trl import SFTConfig
 
+    from posttrain.adapters.trainer import make_trainer
     from posttrain.train import peft_config, training_config
     from posttrain.trainers.sft import PosttrainSFTTrainer
 
@@ -34,7 +35,10 @@ def build_sft_trainer(ctx):
     if evals is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     config = training_config(SFTConfig, recipe, overrides)
-    return PosttrainSFTTrainer(
+    return make_trainer(  # the peft.type variant (plora/goat/ggpo) wraps the class; plain LoRA: the class itself
+        PosttrainSFTTrainer,
+        recipe,
+        uses_disabled_adapter_reference=ctx.info.name == "asft_anchored" and ctx.ref_model is None,
         model=ctx.model,
         args=config,
         train_dataset=train,

@@ -1,0 +1,112 @@
+"""Recipe schema of the LoRA variants: ``peft.type: lora | plora | goat | ggpo`` and each variant's options.
+
+Kept free of torch/peft imports so that parsing a recipe stays cheap. A variant's options live in a sub-block named
+after it (``peft.plora``, ``peft.goat``, ``peft.ggpo``); a sub-block for another variant than ``peft.type`` is an
+error naming the key, and so is a LoRA option the variant cannot honour (e.g. ``peft.use_rslora`` with GOAT, whose
+scaling is ``peft.goat.scaling``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from posttrain.errors import UserError
+
+PEFT_TYPES = ("lora", "plora", "goat", "ggpo")
+MERGEABLE = ("lora", "plora", "ggpo")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class PLoRASpec(_Strict):
+    """PeriodicLoRA (arXiv 2402.16141): unload the adapter into the backbone every ``stage_steps`` steps."""
+
+    mode: Literal["momentum", "reset", "momentum_scale_both"] = Field(
+        "momentum",
+        description="momentum: W += lam*s*BA, B *= 1-lam (function preserving; default). reset: the paper's merge "
+        "+ re-init of A/B, optimizer state dropped and LR schedule restarted per stage. momentum_scale_both: "
+        "also A *= 1-lam (third-party formula, not function preserving).",
+    )
+    momentum: float = Field(0.1, gt=0.0, le=1.0, description="lam, the unloaded fraction (momentum modes).")
+    stage_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps per stage. Default 1 for the momentum modes; required for reset."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "reset":
+            if self.stage_steps is None:
+                raise UserError("peft.plora.stage_steps: required when peft.plora.mode is 'reset'")
+            if self.stage_steps < 2:
+                raise UserError("peft.plora.stage_steps: must be >= 2 in 'reset' mode (A never learns while B = 0)")
+        return self
+
+
+class GOATSpec(_Strict):
+    """GOAT (arXiv 2502.16894): SVD-initialised mixture of LoRA experts with a top-k router. ``peft.r`` is the
+    total rank (split into ``num_experts`` experts of rank r/E)."""
+
+    num_experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    rho: float = Field(10.0, gt=0.0, description="Init scale divisor: s*B_j*A_j = U_seg S_seg V_seg^T / rho.")
+    eta: float = Field(1.0, gt=0.0, description="Learning-rate ratio in the theory scaling sqrt(3*n*eta/d).")
+    scaling: Literal["theory", "alpha", "rslora"] = Field(
+        "theory", description="theory: sqrt(3 n eta / d) (paper). alpha: lora_alpha/d (released code). rslora."
+    )
+    init_cof: float | None = Field(None, description="Residual coefficient; default 1/E (paper; the code uses 1).")
+    fold_residual: bool = Field(False, description="Subtract the residual from W0 in place (released code).")
+    aux_coef: float = Field(1e-3, ge=0.0, description="Load-balancing loss coefficient.")
+    aux_match_reference: bool = Field(False, description="Use the released code's balance loss (k x the paper's).")
+    aux_count_padding: bool = Field(False, description="Count padding tokens in the balance loss (released code).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.num_experts:
+            raise UserError(f"peft.goat.top_k: must be <= peft.goat.num_experts={self.num_experts}, got {self.top_k}")
+        return self
+
+
+class GGPOSpec(_Strict):
+    """LoRA-GGPO (arXiv 2502.14538v1): per-step Gaussian weight perturbation scaled by weight and gradient norms."""
+
+    sigma: float = Field(0.05, ge=0.0, description="Noise scale sigma.")
+    beta: float = Field(0.01, ge=0.0, description="Weight of the gradient-norm term.")
+    sigma_schedule: Literal["constant", "cosine_ramp"] = "constant"
+    every_n_steps: int = Field(1, ge=1, description="Perturb only on steps t with t % every_n_steps == 0.")
+    restore: Literal["copy", "regenerate"] | None = Field(
+        None, description="How the noise is removed; default copy for 16-bit weights, regenerate for fp32."
+    )
+
+
+VARIANT_SPECS = {"plora": PLoRASpec, "goat": GOATSpec, "ggpo": GGPOSpec}
+
+
+def check_peft_variant(peft: Any) -> Any:
+    """Cross-field checks of a ``PeftSpec``: the variant's sub-block, and LoRA options it cannot honour."""
+    for name in VARIANT_SPECS:
+        if getattr(peft, name, None) is not None and peft.type != name:
+            raise UserError(f"peft.{name}: options for peft.type '{name}', but peft.type is '{peft.type}'")
+    if peft.type in VARIANT_SPECS and getattr(peft, peft.type, None) is None:
+        setattr(peft, peft.type, VARIANT_SPECS[peft.type]())
+    if peft.type == "goat":
+        g = peft.goat
+        if peft.r % g.num_experts != 0:
+            raise UserError(f"peft.r: GOAT needs a total rank divisible by peft.goat.num_experts={g.num_experts}, "
+                            f"got r={peft.r}")
+        if peft.use_rslora:
+            raise UserError("peft.use_rslora: not used by GOAT; set peft.goat.scaling: rslora instead")
+        if peft.bias != "none":
+            raise UserError("peft.bias: GOAT supports only 'none'")
+        if peft.init_lora_weights is not True:
+            raise UserError("peft.init_lora_weights: GOAT always uses its SVD initialisation; remove the key")
+    return peft
+
+
+def variant_options(peft: Any) -> dict[str, Any]:
+    """The variant's options as a plain dict ({} for plain LoRA)."""
+    sub = getattr(peft, peft.type, None) if peft is not None and peft.type in VARIANT_SPECS else None
+    return sub.model_dump() if sub is not None else {}

@@ -1,0 +1,279 @@
+"""Wiring the LoRA variants into any family's trainer.
+
+A trainer builder calls :func:`make_trainer` instead of instantiating its trainer class directly::
+
+    return make_trainer(PosttrainSFTTrainer, recipe, model=model, args=config, peft_config=peft_config(recipe), ...)
+
+which, according to ``recipe.peft.type``:
+
+* ``lora``: instantiates ``cls`` unchanged.
+* ``plora``: a subclass with :class:`~posttrain.adapters.plora.PLoRAMixin` (unload callback, per-stage LR restart in
+  ``reset`` mode); checkpoints also hold ``plora_backbone.safetensors`` + ``plora_state.json`` and ``--resume``
+  restores them; the final ``save_model`` writes the merged full model (backbone + last adapter).
+* ``goat``: wraps the model with :func:`~posttrain.adapters.goat.apply_goat` before the trainer (``peft_config`` is
+  dropped: the model already is a ``PeftModel``) and adds :class:`~posttrain.adapters.goat.GOATTrainerMixin`
+  (task loss + coef * balance loss); every save (checkpoints and final) is a GOAT adapter (``goat_config.json``,
+  ``init_lora_weights: false``), loadable with :func:`~posttrain.adapters.goat.load_goat` or :func:`load_adapter_run`.
+* ``ggpo``: a subclass with :class:`~posttrain.adapters.ggpo.GGPOTrainerMixin` (noise applied before the first
+  micro-batch of each optimizer step, removed after the last backward); ``--resume`` restores its gradient norms.
+
+Trainers that use the adapter-disabled policy as their reference (DPO-style ``beta > 0`` without ``ref_model`` or
+precomputed reference log-probs; Anchored SFT without an anchor model) are refused for ``plora`` (the disabled
+adapter is no longer the original model after an unload) and ``ggpo`` (it would see the perturbed weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from posttrain.errors import UserError
+
+logger = logging.getLogger("posttrain")
+_CLASS_CACHE: dict[tuple[type, str], type] = {}
+
+
+def peft_type(recipe) -> str | None:
+    return None if recipe.peft is None else recipe.peft.type
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Final-save / resume hooks shared by the generated subclasses
+# ----------------------------------------------------------------------------------------------------------------
+class _PLoRASaveMixin:
+    """Final ``save_model``: merged full model; checkpoints: adapter + PLoRA backbone/state (written before the
+    atomic-checkpoint marker); resume: overwrite the targeted base weights and restore the stage counters."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        from posttrain.adapters.plora import export_merged
+
+        output_dir = output_dir or self.args.output_dir
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+            if self.args.should_save:
+                self.plora_callback.save_state(self.model, output_dir)
+            return
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            export_merged(self.model, output_dir)
+            with open(os.path.join(output_dir, "posttrain_adapter.json"), "w") as fh:
+                json.dump({"type": "plora", "export": "merged", **self.plora_callback.state.to_dict()}, fh, indent=2)
+
+    def log(self, logs, *args, **kwargs):
+        # before every callback's on_log (metrics.jsonl included), not only after the PLoRA callback's own
+        m = self.plora_callback.last_metrics
+        if m and "loss" in logs:
+            logs.update({k: v for k, v in m.items() if k != "plora/optimizer_entries_reset"})
+        return super().log(logs, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if os.path.isfile(os.path.join(resume_from_checkpoint, "plora_state.json")):
+            self.plora_callback.load_state(self.model, resume_from_checkpoint)
+
+
+class _GOATSaveMixin:
+    """Every save writes a GOAT adapter: ``goat_config.json`` and ``init_lora_weights: false`` (no SVD at load)."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        from posttrain.adapters.goat import save_goat
+
+        output_dir = output_dir or self.args.output_dir
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            save_goat(self.model, output_dir)
+            with open(os.path.join(output_dir, "posttrain_adapter.json"), "w") as fh:
+                json.dump({"type": "goat", "export": "adapter", "loader": "posttrain.adapters.load_adapter_run"},
+                          fh, indent=2)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # HF's PEFT resume path reads adapter_config.json with plain PEFT, which a GOAT adapter refuses by design
+        from posttrain.adapters.goat import load_goat_weights_
+
+        load_goat_weights_(model if model is not None else self.model, resume_from_checkpoint)
+
+
+class _GGPOSaveMixin:
+    """Checkpoints also hold ``ggpo_state.pt`` (written before the atomic-checkpoint marker); resume restores it."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        import torch
+
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if _internal_call and self.args.should_save and output_dir:
+            torch.save(self.ggpo.state_dict(), os.path.join(output_dir, "ggpo_state.pt"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        import torch
+
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, "ggpo_state.pt")
+        if os.path.isfile(path):
+            self.ggpo.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def wrap_trainer_class(cls: type, recipe) -> type:
+    """``cls`` itself for plain LoRA / no adapter, else a subclass with the variant's mixins (cached per class)."""
+    kind = peft_type(recipe)
+    if kind in (None, "lora"):
+        return cls
+    key = (cls, kind)
+    if key not in _CLASS_CACHE:
+        if kind == "plora":
+            from posttrain.adapters.plora import PLoRAMixin
+
+            bases = (_PLoRASaveMixin, PLoRAMixin, cls)
+        elif kind == "goat":
+            from posttrain.adapters.goat import GOATTrainerMixin
+
+            bases = (_GOATSaveMixin, GOATTrainerMixin, cls)
+        elif kind == "ggpo":
+            from posttrain.adapters.ggpo import GGPOTrainerMixin
+
+            bases = (_GGPOSaveMixin, GGPOTrainerMixin, cls)
+        else:  # pragma: no cover - the recipe schema rejects other types
+            raise UserError(f"peft.type: unknown '{kind}'")
+        _CLASS_CACHE[key] = type(f"{kind.upper()}{cls.__name__}", bases, {"__module__": __name__})
+    return _CLASS_CACHE[key]
+
+
+def mixin_kwargs(recipe) -> dict[str, Any]:
+    """Keyword arguments of the variant's trainer mixin, from ``recipe.peft.<type>``."""
+    kind = peft_type(recipe)
+    if kind == "plora":
+        o = recipe.peft.plora
+        return dict(plora_mode=o.mode, plora_stage_steps=o.stage_steps, plora_momentum=o.momentum,
+                    plora_seed=recipe.seed)
+    if kind == "ggpo":
+        o = recipe.peft.ggpo
+        return dict(ggpo_sigma=o.sigma, ggpo_beta=o.beta, ggpo_restore=o.restore,
+                    ggpo_sigma_schedule=o.sigma_schedule, ggpo_every_n_steps=o.every_n_steps)
+    return {}
+
+
+def prepare_model(model, recipe):
+    """GOAT: wrap ``model`` with GOAT layers (SVD init) before the trainer; other types: ``model`` unchanged."""
+    if peft_type(recipe) != "goat":
+        return model
+    from peft import PeftModel
+
+    from posttrain.adapters.goat import apply_goat
+
+    if isinstance(model, PeftModel):
+        return model
+    p, g = recipe.peft, recipe.peft.goat
+    wrapped = apply_goat(
+        model, p.target_modules, rank=p.r, num_experts=g.num_experts, top_k=g.top_k, lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout, rho=g.rho, eta=g.eta, scaling=g.scaling, init_cof=g.init_cof,
+        fold_residual=g.fold_residual, aux_coef=g.aux_coef, aux_match_reference=g.aux_match_reference,
+        aux_count_padding=g.aux_count_padding, modules_to_save=p.modules_to_save,
+    )
+    if wrapped.goat_skipped_targets:
+        logger.info("peft.goat: %d targets smaller than r left unwrapped", len(wrapped.goat_skipped_targets))
+    return wrapped
+
+
+def check_reference(recipe, args=None, ref_model=None, uses_disabled_adapter_reference: bool | None = None) -> None:
+    """Refuse PLoRA/GGPO when the trainer would take the adapter-disabled policy as its reference."""
+    kind = peft_type(recipe)
+    if kind not in ("plora", "ggpo"):
+        return
+    if uses_disabled_adapter_reference is None:
+        beta = float(getattr(args, "beta", 0.0) or 0.0)
+        uses_disabled_adapter_reference = (
+            beta > 0 and ref_model is None and not getattr(args, "precompute_ref_log_probs", False)
+        )
+    if uses_disabled_adapter_reference:
+        why = ("is no longer the original model after an unload" if kind == "plora"
+               else "would be computed at the perturbed weights")
+        raise UserError(
+            f"peft.{kind}: this method uses the adapter-disabled policy as its reference (beta > 0 / anchor), which "
+            f"{why}; set ref_model, or precompute the reference log-probs (method.precompute_ref_log_probs: true, "
+            "where the method has it)"
+        )
+
+
+def make_trainer(cls: type, recipe, /, *, uses_disabled_adapter_reference: bool | None = None, **kwargs):
+    """Instantiate trainer class ``cls`` with ``recipe.peft``'s variant (see the module docstring).
+
+    ``kwargs`` are ``cls``'s own arguments; ``model`` and ``peft_config`` are adjusted for GOAT. Set
+    ``uses_disabled_adapter_reference`` when the trainer's reference is the adapter-disabled policy (detected from
+    ``args.beta``/``ref_model``/``args.precompute_ref_log_probs`` when left as ``None``).
+    """
+    kind = peft_type(recipe)
+    if kind in (None, "lora"):
+        return cls(**kwargs)
+    check_reference(recipe, kwargs.get("args"), kwargs.get("ref_model"), uses_disabled_adapter_reference)
+    if kind == "goat":
+        kwargs["model"] = prepare_model(kwargs["model"], recipe)
+        kwargs["peft_config"] = None
+    return wrap_trainer_class(cls, recipe)(**kwargs, **mixin_kwargs(recipe))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a finished run
+# ----------------------------------------------------------------------------------------------------------------
+def run_adapter_type(run_dir) -> str | None:
+    """``lora`` | ``plora`` | ``goat`` | ``ggpo`` from a run directory's ``recipe.yaml`` (None: no adapter)."""
+    import yaml
+
+    path = os.path.join(str(run_dir), "recipe.yaml")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            peft = (yaml.safe_load(fh) or {}).get("peft")
+        return None if not peft else str(peft.get("type", "lora"))
+    if os.path.isfile(os.path.join(str(run_dir), "goat_config.json")):
+        return "goat"
+    if os.path.isfile(os.path.join(str(run_dir), "adapter_config.json")):
+        return "lora"
+    return None
+
+
+def _base_model_for(run_dir):
+    """The run's base model, from ``recipe.yaml`` (``model:``), else the adapter's ``base_model_name_or_path``."""
+    import yaml
+
+    from posttrain.models import load_model
+
+    path = os.path.join(str(run_dir), "recipe.yaml")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            m = (yaml.safe_load(fh) or {}).get("model") or {}
+        if isinstance(m, str):
+            m = {"path": m}
+        return load_model(m["path"], dtype=m.get("dtype", "auto"), trust_remote_code=m.get("trust_remote_code", False),
+                          revision=m.get("revision"))
+    with open(os.path.join(str(run_dir), "adapter_config.json")) as fh:
+        return load_model(json.load(fh)["base_model_name_or_path"])
+
+
+def load_adapter_run(run_dir, base_model=None, is_trainable: bool = False):
+    """Load a finished run's final model: GOAT/LoRA/GGPO adapters onto their base (``PeftModel``), PLoRA (and full
+    fine-tuning) runs as the full model they saved."""
+    kind = run_adapter_type(run_dir)
+    if kind in (None, "plora"):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(run_dir))
+    base = base_model if base_model is not None else _base_model_for(run_dir)
+    if kind == "goat":
+        from posttrain.adapters.goat import load_goat
+
+        return load_goat(base, str(run_dir), is_trainable=is_trainable)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
+
+
+def check_trainer_supports_variant(trainer, recipe, method: str = "") -> None:
+    """Refuse a run whose builder did not go through :func:`make_trainer` for a LoRA variant (it would silently
+    train plain LoRA)."""
+    kind = peft_type(recipe)
+    if kind in (None, "lora"):
+        return
+    expected = {"plora": "_PLoRASaveMixin", "goat": "_GOATSaveMixin", "ggpo": "_GGPOSaveMixin"}[kind]
+    if not any(c.__name__ == expected for c in type(trainer).__mro__):
+        where = f"method '{method}'" if method else "this method's trainer"
+        raise UserError(f"peft.type: '{kind}' is not supported by {where} yet (use peft.type: lora)")

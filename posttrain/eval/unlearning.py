@@ -1,0 +1,195 @@
+"""TOFU-style evaluation of an unlearned model on the built-in fictitious-facts task (``posttrain eval --suite tofu``).
+
+Runs a model over four sets of :mod:`posttrain.data.facts` and reduces them with the pure metrics of
+:mod:`posttrain.eval.unlearning_metrics` (open-unlearning definitions, ``shared/methods/npo.md`` "TOFU metrics"):
+
+* ``forget`` (``forgetNN``): ``forget_Q_A_Prob``, ``forget_Q_A_ROUGE``, ``forget_truth_ratio`` (closer-to-1 aggregate)
+  and ``forget_quality``: the KS-test p-value between this model's per-question truth ratios on the forget set and a
+  retain model's (a model fine-tuned without the forget set, e.g. ``builtin:tiny-qwen2-facts-retain95``, or the JSON
+  of an earlier eval of it). ``None`` without one.
+* ``retain`` (``retainNN``): ``retain_Q_A_Prob``, ``retain_Q_A_ROUGE``, ``retain_Truth_Ratio`` (``max(0, 1 - TR)``).
+* ``holdout`` (``holdoutNN``, people never trained on): ``holdout_Q_A_Prob``, ``holdout_Q_A_ROUGE``,
+  ``holdout_truth_ratio`` (closer-to-1, as for the forget set: what a model that never saw them does).
+* ``wf`` (``world``, facts the base fine-tuning included; TOFU's world facts): ``wf_Q_A_Prob``,
+  ``wf_Q_A_Prob_normalised`` (paraphrased answer vs its perturbed variants), ``wf_Q_A_ROUGE``, ``wf_Truth_Ratio``.
+* ``model_utility``: the harmonic mean of the retain and world-facts values (six values: TOFU's nine less the
+  real-authors set, which this task does not have).
+
+Answer probabilities use prompt + answer + EOS (the training format); ROUGE-L recall is of greedy generations
+(``max_new_tokens`` tokens, left padding) against the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from posttrain.errors import UserError
+from posttrain.eval import unlearning_metrics as um
+
+FORGET_SPLITS = {"forget01": ("retain99", "holdout01"), "forget05": ("retain95", "holdout05"),
+                 "forget10": ("retain90", "holdout10")}
+UTILITY_KEYS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
+                "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
+RESULT_FILE = "unlearning_eval.json"
+
+
+def _avg_losses(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int) -> np.ndarray:
+    from posttrain.logprobs import completion_logps
+
+    sums, counts = completion_logps(model, tokenizer, prompts, answers, batch_size=batch_size)
+    return -np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+
+
+def score_set(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 48, batch_size: int = 32,
+              generate: bool = True) -> dict[str, Any]:
+    """Per-question arrays for one set: ``avg_loss`` (answer), ``para``, ``pert`` ``[N, K]``, ``tr`` and ``rouge``."""
+    from posttrain.eval.accuracy import greedy_completions
+
+    prompts = [r["prompt"] for r in rows]
+    k = len(rows[0]["perturbed_answers"])
+    out: dict[str, Any] = {"n": len(rows)}
+    out["avg_loss"] = _avg_losses(model, tokenizer, prompts, [r["completion"] for r in rows], batch_size)
+    out["para"] = _avg_losses(model, tokenizer, prompts, [r["paraphrased_answer"] for r in rows], batch_size)
+    pert = _avg_losses(model, tokenizer, [p for p in prompts for _ in range(k)],
+                       [a for r in rows for a in r["perturbed_answers"][:k]], batch_size)
+    out["pert"] = pert.reshape(len(rows), k)
+    out["tr"] = um.truth_ratios(out["para"], out["pert"])
+    if generate:
+        gens = greedy_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out["generations"] = gens
+        out["rouge"] = np.asarray([um.rouge_l_recall(r["completion"], g) for r, g in zip(rows, gens)])
+    return out
+
+
+def forget_truth_ratios(model, tokenizer, forget_split: str = "forget05", options: dict | None = None,
+                        max_samples: int | None = None, batch_size: int = 32) -> np.ndarray:
+    """Per-question truth ratios on the forget split (what a retain model contributes to ``forget_quality``)."""
+    from posttrain.data.facts import facts_rows
+
+    rows = facts_rows(forget_split, **(options or {}))[:max_samples]
+    return score_set(model, tokenizer, rows, batch_size=batch_size, generate=False)["tr"]
+
+
+def evaluate_unlearning(model, tokenizer, *, forget_split: str = "forget05", retain_tr=None,
+                        options: dict | None = None, max_samples: int | None = None, max_new_tokens: int = 48,
+                        batch_size: int = 32) -> dict[str, Any]:
+    """All TOFU-style metrics of ``model`` (see the module docstring); ``retain_tr`` = the retain model's per-question
+    forget-set truth ratios (``None``: ``forget_quality`` is ``None``)."""
+    from posttrain.data.facts import facts_rows
+
+    if forget_split not in FORGET_SPLITS:
+        raise UserError(f"--forget-split: expected one of {', '.join(FORGET_SPLITS)}, got '{forget_split}'")
+    retain_split, holdout_split = FORGET_SPLITS[forget_split]
+    opts = dict(options or {})
+    try:
+        sets = {name: facts_rows(split, **opts)[:max_samples] for name, split in
+                (("forget", forget_split), ("retain", retain_split), ("holdout", holdout_split), ("wf", "world"))}
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"facts options: {exc}") from None
+    scored = {name: score_set(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+              for name, rows in sets.items()}
+    res: dict[str, Any] = {}
+    for name, s in scored.items():
+        res[f"{name}_Q_A_Prob"] = um.mean_answer_probability(s["avg_loss"])
+        res[f"{name}_Q_A_ROUGE"] = float(np.mean(s["rouge"]))
+    res["forget_truth_ratio"] = um.aggregate_truth_ratio(scored["forget"]["tr"], "closer_to_1_better")
+    res["holdout_truth_ratio"] = um.aggregate_truth_ratio(scored["holdout"]["tr"], "closer_to_1_better")
+    res["retain_Truth_Ratio"] = um.aggregate_truth_ratio(scored["retain"]["tr"], "true_better")
+    res["wf_Truth_Ratio"] = um.aggregate_truth_ratio(scored["wf"]["tr"], "true_better")
+    res["wf_Q_A_Prob_normalised"] = float(np.mean(um.normalised_probability(scored["wf"]["para"],
+                                                                             scored["wf"]["pert"])))
+    if retain_tr is not None and len(retain_tr) != len(scored["forget"]["tr"]):
+        raise UserError(
+            f"--retain-model: its forget-set truth ratios cover {len(retain_tr)} questions, this eval "
+            f"{len(scored['forget']['tr'])} (use the same --forget-split and --max-samples)"
+        )
+    res["forget_quality"] = um.forget_quality(scored["forget"]["tr"], retain_tr)
+    res["model_utility"] = um.model_utility({k: res[k] for k in UTILITY_KEYS})
+    res["forget_truth_ratio_values"] = [float(x) for x in scored["forget"]["tr"]]
+    res["n"] = {name: s["n"] for name, s in scored.items()}
+    res["forget_split"] = forget_split
+    res["samples"] = {name: [{"prompt": r["prompt"], "answer": r["completion"], "generation": g}
+                             for r, g in zip(sets[name][:3], scored[name]["generations"][:3])] for name in sets}
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line (posttrain eval MODEL --suite tofu)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _run_forget_setup(model_path: str) -> tuple[str | None, dict]:
+    """``(forget split, facts options)`` from a run directory's ``recipe.yaml`` (``data.forget`` on builtin:facts)."""
+    import yaml
+
+    path = Path(model_path) / "recipe.yaml"
+    if not path.is_file():
+        return None, {}
+    forget = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("forget") or {}
+    if isinstance(forget, dict) and forget.get("source") == "builtin:facts":
+        return forget.get("split"), dict(forget.get("options") or {})
+    return None, {}
+
+
+def _retain_truth_ratios(spec: str | None, forget_split: str, options: dict, max_samples, batch_size):
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserError(f"--retain-model: file '{spec}' not found")
+        data = json.loads(path.read_text())
+        if "forget_truth_ratio_values" not in data:
+            raise UserError(f"--retain-model: {spec} has no forget_truth_ratio_values (not a --suite tofu result)")
+        if data.get("forget_split", forget_split) != forget_split:
+            raise UserError(f"--retain-model: {spec} was evaluated on {data['forget_split']}, not {forget_split}")
+        return np.asarray(data["forget_truth_ratio_values"])
+    from posttrain.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(spec, key="--retain-model")
+    model = load_model(spec, key="--retain-model")
+    return forget_truth_ratios(model, tok, forget_split, options, max_samples, batch_size)
+
+
+def format_table(res: dict[str, Any], model: str, retain_model: str | None) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    lines = [f"TOFU-style unlearning eval of {model} on builtin:facts {res['forget_split']}",
+             f"{'set':<9}{'n':>5}  {'Q_A_Prob':>9}  {'ROUGE-L':>8}  {'truth ratio':>11}"]
+    tr = {"forget": res["forget_truth_ratio"], "retain": res["retain_Truth_Ratio"],
+          "holdout": res["holdout_truth_ratio"], "wf": res["wf_Truth_Ratio"]}
+    for name in ("forget", "retain", "holdout", "wf"):
+        lines.append(f"{name:<9}{res['n'][name]:>5}  {f(res[f'{name}_Q_A_Prob']):>9}  "
+                     f"{f(res[f'{name}_Q_A_ROUGE']):>8}  {f(tr[name]):>11}")
+    lines.append(f"wf_Q_A_Prob_normalised  {f(res['wf_Q_A_Prob_normalised'])}")
+    fq = f(res["forget_quality"]) if retain_model else "- (no --retain-model)"
+    lines.append(f"forget_quality          {fq}")
+    lines.append(f"model_utility           {f(res['model_utility'])}")
+    return "\n".join(lines)
+
+
+def cli_eval(args) -> int:
+    """``posttrain eval MODEL --suite tofu [--forget-split S] [--retain-model M|JSON] [--output FILE]``."""
+    from posttrain.models import load_model, load_tokenizer
+
+    split, options = _run_forget_setup(args.model)
+    forget_split = args.forget_split or split or "forget05"
+    tok = load_tokenizer(args.model, key="MODEL")
+    model = load_model(args.model, key="MODEL")
+    retain_tr = _retain_truth_ratios(args.retain_model, forget_split, options, args.max_samples, args.batch_size)
+    res = evaluate_unlearning(model, tok, forget_split=forget_split, retain_tr=retain_tr, options=options,
+                              max_samples=args.max_samples, max_new_tokens=args.max_new_tokens or 48,
+                              batch_size=args.batch_size)
+    res = {"model": args.model, "retain_model": args.retain_model, "facts_options": options, **res}
+    out = Path(args.output) if args.output else (Path(args.model) / RESULT_FILE if Path(args.model).is_dir() else None)
+    if out is not None:
+        out.write_text(json.dumps(res, indent=2) + "\n")
+    print(format_table(res, args.model, args.retain_model))
+    if out is not None:
+        print(f"wrote {out}")
+    return 0

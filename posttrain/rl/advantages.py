@@ -1,0 +1,373 @@
+"""Per-sequence advantage estimators for RLVR, as pure tensor functions.
+
+Conventions (shared with :mod:`posttrain.rl.aggregation` and :mod:`posttrain.rl.clipping`):
+
+* ``rewards`` is a ``[B]`` float tensor, one scalar per completion, after the reward functions are combined
+  (see :func:`combine_rewards`). ``NaN`` marks an unscorable row: it is left out of every mean and std and gets
+  advantage 0, as TRL's ``GRPOTrainer`` does.
+* Groups are contiguous blocks of ``num_generations`` rows (TRL's layout: the G completions of a prompt are adjacent).
+* Every function returns detached tensors: advantages are computed once per generation batch and reused unchanged
+  across ``num_iterations`` passes (specs: grpo.md "Advantages"; stratified_grpo.md step 5).
+
+Estimators:
+
+* :func:`group` -- GRPO group-relative advantage with TRL's ``scale_rewards`` options
+  (DeepSeekMath, arXiv 2402.03300; Dr. GRPO, arXiv 2503.20783; spec grpo.md "Advantages").
+* :func:`normalize_then_sum` -- TRL's ``multi_objective_aggregation="normalize_then_sum"`` (grpo.md "Advantages" 1).
+* :func:`stratified` -- Stratified Advantage Normalization blended with GRPO
+  (Stratified GRPO, arXiv 2510.06214; spec stratified_grpo.md "Algorithm").
+* :func:`psr`, :func:`nsr`, :func:`w_reinforce` -- positive / negative sample reinforcement and Weighted-REINFORCE
+  (Zhu et al., "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning", arXiv 2506.01347;
+  spec negative_reinforcement.md "Algorithm" 1). They return a ``keep`` row mask besides the advantages because
+  dropped rows must leave the update entirely (no tokens in any denominator).
+* :func:`compute_advantages` -- name-based dispatcher returning :class:`AdvantageOutput`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AdvantageOutput",
+    "combine_rewards",
+    "compute_advantages",
+    "count_tool_calls",
+    "group",
+    "normalize_then_sum",
+    "nsr",
+    "psr",
+    "stratified",
+    "stratum_ids",
+    "w_reinforce",
+]
+
+DEFAULT_EPS = 1e-4  # TRL adds 1e-4 to the std (grpo.md "Advantages" 2); verl uses 1e-6.
+
+
+class AdvantageOutput(NamedTuple):
+    """Result of :func:`compute_advantages`.
+
+    ``advantages``: ``[B]`` detached float tensor. ``keep``: ``[B]`` bool tensor; rows with ``keep=False`` must be
+    removed from the update (multiply the loss mask by ``keep[:, None]`` before aggregating). All True except for
+    PSR / NSR / W-REINFORCE.
+    """
+
+    advantages: torch.Tensor
+    keep: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_float(rewards: torch.Tensor) -> torch.Tensor:
+    rewards = torch.as_tensor(rewards).detach()
+    if not torch.is_floating_point(rewards):
+        rewards = rewards.to(torch.get_default_dtype())
+    return rewards
+
+
+def _group_index(batch_size: int, num_generations: int, device: torch.device) -> torch.Tensor:
+    if num_generations < 1 or batch_size % num_generations != 0:
+        raise ValueError(f"batch size {batch_size} is not a multiple of num_generations={num_generations}")
+    return torch.arange(batch_size, device=device) // num_generations
+
+
+def _segment_stats(values: torch.Tensor, seg: torch.Tensor, num_segments: int):
+    """NaN-aware per-segment (mean, unbiased std, count), broadcast back to rows.
+
+    Two-pass (mean first, then squared deviations) for accuracy. Segments with fewer than two valid values get
+    std 0 (never an n-1 = 0 division). Same estimator as TRL ``nanstd`` (divide by n-1).
+    """
+    valid = ~torch.isnan(values)
+    zeros = torch.zeros(num_segments, dtype=values.dtype, device=values.device)
+    count = zeros.index_add(0, seg, valid.to(values.dtype))
+    total = zeros.index_add(0, seg, torch.where(valid, values, 0.0))
+    mean = total / count.clamp(min=1.0)
+    dev = torch.where(valid, values - mean[seg], 0.0)
+    sq = zeros.index_add(0, seg, dev * dev)
+    std = torch.where(count > 1, torch.sqrt(sq / (count - 1).clamp(min=1.0)), 0.0)
+    return mean[seg], std[seg], count[seg]
+
+
+def _nanstd_all(values: torch.Tensor) -> torch.Tensor:
+    seg = torch.zeros(values.numel(), dtype=torch.long, device=values.device)
+    _, std, _ = _segment_stats(values.reshape(-1), seg, 1)
+    return std[0]
+
+
+def _normalize_scale(scale: str | bool) -> str:
+    # TRL <= 0.21 used a bool: True meant "group", False meant "none" (grpo.md "Sources").
+    if scale is True:
+        return "group"
+    if scale is False:
+        return "none"
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none' (or a bool), got {scale!r}")
+    return scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO
+
+
+def combine_rewards(rewards_per_func: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """TRL ``sum_then_normalize`` reward combination: ``r_i = nansum_k w_k R[i,k]`` (grpo.md "Advantages" 1).
+
+    ``rewards_per_func``: ``[B, K]`` (NaN = function not applicable). A row where every function is NaN gets
+    ``r_i = NaN`` (unscorable). Returns ``[B]``.
+    """
+    rpf = _as_float(rewards_per_func)
+    w = torch.ones(rpf.shape[1], dtype=rpf.dtype, device=rpf.device) if weights is None else torch.as_tensor(
+        weights, dtype=rpf.dtype, device=rpf.device
+    )
+    r = (rpf * w.unsqueeze(0)).nansum(dim=1)
+    return torch.where(torch.isnan(rpf).all(dim=1), torch.nan, r)
+
+
+def group(
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str | bool = "group",
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """GRPO group-relative advantages, TRL ``GRPOTrainer`` semantics.
+
+    DeepSeekMath (GRPO), arXiv 2402.03300; Dr. GRPO (``scale_rewards="none"``), arXiv 2503.20783.
+    Spec: grpo.md "Advantages" 2.
+
+    With ``mu_g`` the NaN-aware group mean and ``std`` the unbiased (n-1) NaN-aware std:
+
+    * ``"group"`` (default, or ``True``): ``A_i = (r_i - mu_g) / (std_g + eps)``
+    * ``"batch"``: ``A_i = (r_i - mu_g) / (std_all + eps)`` (std over all B rewards, mean still per group)
+    * ``"none"`` (or ``False``): ``A_i = r_i - mu_g``
+
+    ``eps`` is added to the std (not a max). NaN rewards are excluded from the statistics and get ``A = 0``.
+    A group whose rewards are all equal gets ``A = 0`` exactly. Returns a detached ``[B]`` tensor.
+    """
+    r = _as_float(rewards)
+    scale = _normalize_scale(scale_rewards)
+    gidx = _group_index(r.numel(), num_generations, r.device)
+    mean, std_g, _ = _segment_stats(r, gidx, r.numel() // num_generations)
+    adv = r - mean
+    if scale == "group":
+        adv = adv / (std_g + eps)
+    elif scale == "batch":
+        adv = adv / (_nanstd_all(r) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def normalize_then_sum(
+    rewards_per_func: torch.Tensor,
+    num_generations: int,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """TRL ``multi_objective_aggregation="normalize_then_sum"`` advantages (grpo.md "Advantages" 1).
+
+    Each reward function is z-scored inside its group (unbiased std, ``+eps``), the weighted sum ``s_i`` is taken,
+    then ``A_i = (s_i - mean(s)) / (std(s) + eps)`` over the whole batch. Rows where every function is NaN get 0.
+    ``rewards_per_func``: ``[B, K]``. Returns ``[B]``.
+    """
+    rpf = _as_float(rewards_per_func)
+    B, K = rpf.shape
+    gidx = _group_index(B, num_generations, rpf.device)
+    z = torch.empty_like(rpf)
+    for k in range(K):
+        mean, std, _ = _segment_stats(rpf[:, k], gidx, B // num_generations)
+        z[:, k] = (rpf[:, k] - mean) / (std + eps)
+    s = combine_rewards(z, weights)
+    s = torch.where(torch.isnan(rpf).all(dim=1), torch.nan, s)
+    mean_all = torch.nanmean(s)
+    adv = (s - mean_all) / (_nanstd_all(s) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stratified GRPO (SAN)
+
+
+def count_tool_calls(completion: Any, marker: str = "<tool_call>") -> int:
+    """Default stratum key: number of tool calls in a completion (stratified_grpo.md "Hyperparameters").
+
+    The paper (arXiv 2510.06214) stratifies search agents by the number of search calls. Accepts a completion string
+    (counts occurrences of ``marker``) or a conversational completion (list of message dicts, TRL's format): counts
+    the entries of each message's ``tool_calls`` plus ``marker`` occurrences in string contents.
+    """
+    if completion is None:
+        return 0
+    if isinstance(completion, str):
+        return completion.count(marker)
+    if isinstance(completion, dict):
+        n = len(completion.get("tool_calls") or [])
+        content = completion.get("content")
+        if isinstance(content, str):
+            n += content.count(marker)
+        elif isinstance(content, list):  # multimodal content parts
+            n += sum(p.get("text", "").count(marker) for p in content if isinstance(p, dict))
+        return n
+    if isinstance(completion, Iterable):
+        return sum(count_tool_calls(m, marker) for m in completion)
+    raise TypeError(f"cannot count tool calls in {type(completion).__name__}")
+
+
+def stratum_ids(keys: Sequence[Hashable], device: torch.device | str | None = None) -> torch.Tensor:
+    """Map hashable stratum keys (compared by equality; ``None`` is a key of its own) to a ``[B]`` long tensor of
+    integer ids, in first-seen order. Feed the result to :func:`stratified` as ``strata``."""
+    table: dict[Hashable, int] = {}
+    ids = [table.setdefault(k, len(table)) for k in keys]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def stratified(
+    rewards: torch.Tensor,
+    num_generations: int,
+    strata: torch.Tensor | Sequence[int],
+    alpha: float = 0.8,
+    scale: str = "stratum",
+    scope: str = "group",
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """Stratified Advantage Normalization (SAN) blended with the GRPO group advantage.
+
+    Stratified GRPO, Zhu et al., arXiv 2510.06214 (SAN, Prop. 1 / Thm. 1). Spec: stratified_grpo.md "Algorithm".
+
+    * ``strata``: ``[B]`` integer stratum ids (e.g. from :func:`stratum_ids` over :func:`count_tool_calls`).
+    * ``scope="group"``: stratum = (prompt group, id); ``"batch"`` (extension): the id alone across the batch.
+    * Per stratum k (n_k rows, mean mu_k, unbiased std sigma_k): ``A_SAN = (r - mu_k) / (sigma_k + eps)``;
+      ``scale="none"``: ``A_SAN = r - mu_k``. A singleton stratum gives ``A_SAN = 0`` exactly (no n-1 = 0 std).
+    * ``A_GN`` = :func:`group` with ``scale_rewards="group"`` (or ``"none"`` when ``scale="none"``).
+    * Blend ``A = alpha * A_SAN + (1 - alpha) * A_GN``, computed as ``A_GN + alpha * (A_SAN - A_GN)`` so that
+      ``alpha=0`` and a single stratum per group both give exactly the GRPO advantages.
+
+    ``alpha`` (``san_blend_alpha``) defaults to the framework's 0.8 (not a paper value; see the spec's Ambiguities).
+    NaN rewards are excluded from all statistics and get 0. Returns a detached ``[B]`` tensor.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if scale not in ("stratum", "none"):
+        raise ValueError(f"scale must be 'stratum' or 'none', got {scale!r}")
+    if scope not in ("group", "batch"):
+        raise ValueError(f"scope must be 'group' or 'batch', got {scope!r}")
+    r = _as_float(rewards)
+    B = r.numel()
+    s = torch.as_tensor(strata, device=r.device).reshape(-1).long()
+    if s.numel() != B:
+        raise ValueError(f"strata has {s.numel()} entries for {B} rewards")
+    gidx = _group_index(B, num_generations, r.device)
+    keys = torch.stack([gidx, s], dim=1) if scope == "group" else s.unsqueeze(1)
+    _, seg = torch.unique(keys, dim=0, return_inverse=True)
+    mean_k, std_k, n_k = _segment_stats(r, seg, int(seg.max()) + 1 if B else 0)
+    san = r - mean_k
+    if scale == "stratum":
+        san = torch.where(n_k > 1, san / (std_k + eps), 0.0)
+    san = torch.nan_to_num(san, nan=0.0)
+    gn = group(r, num_generations, scale_rewards="group" if scale == "stratum" else "none", eps=eps)
+    return gn + alpha * (san - gn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PSR / NSR / W-REINFORCE
+
+
+def _correctness(rewards: torch.Tensor, correct_value: float, incorrect_value: float | None):
+    r = torch.as_tensor(rewards).detach()
+    if r.dtype == torch.bool:
+        return r, ~r
+    r = _as_float(r)
+    correct = r == correct_value
+    if incorrect_value is None:
+        incorrect = ~correct & ~torch.isnan(r)
+    else:
+        incorrect = r == incorrect_value
+    return correct, incorrect
+
+
+def psr(
+    rewards: torch.Tensor, correct_value: float = 1.0, incorrect_value: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive Sample Reinforcement: ``A = +1`` on correct rows; every other row is dropped.
+
+    Zhu et al., arXiv 2506.01347 (L_PSR); spec negative_reinforcement.md "Algorithm" 1. No baseline, no std scaling.
+    ``rewards`` is a ``[B]`` float tensor (correct iff ``== correct_value``) or a bool correctness tensor.
+    Returns ``(advantages [B], keep [B] bool)``; dropped rows have advantage 0 and ``keep=False`` and must add no
+    tokens to any denominator (multiply the loss mask by ``keep``).
+    """
+    correct, _ = _correctness(rewards, correct_value, incorrect_value)
+    return correct.to(torch.get_default_dtype()), correct
+
+
+def nsr(
+    rewards: torch.Tensor, correct_value: float = 1.0, incorrect_value: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative Sample Reinforcement: ``A = -1`` on incorrect rows; correct rows are dropped.
+
+    Zhu et al., arXiv 2506.01347 (L_NSR); spec negative_reinforcement.md "Algorithm" 1.
+    Incorrect means ``!= correct_value`` (non-NaN) by default; pass ``incorrect_value=0.0`` to follow the reference
+    code exactly (other scores then belong to neither set). Returns ``(advantages, keep)`` as :func:`psr`.
+    """
+    _, incorrect = _correctness(rewards, correct_value, incorrect_value)
+    return -incorrect.to(torch.get_default_dtype()), incorrect
+
+
+def w_reinforce(
+    rewards: torch.Tensor,
+    lam: float = 0.1,
+    correct_value: float = 1.0,
+    incorrect_value: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted-REINFORCE: ``A = +lam`` on correct rows and ``-1`` on incorrect rows (L_W = lam*L_PSR + L_NSR).
+
+    Zhu et al., arXiv 2506.01347 (lambda = 0.1 in the paper); spec negative_reinforcement.md "Algorithm" 1.
+    ``lam=1`` is plain REINFORCE with +/-1 rewards and no baseline. Rows that are neither correct nor incorrect
+    (NaN, or any value other than ``incorrect_value`` when it is given) are dropped. Returns ``(advantages, keep)``.
+    """
+    correct, incorrect = _correctness(rewards, correct_value, incorrect_value)
+    dtype = torch.get_default_dtype()
+    adv = lam * correct.to(dtype) - incorrect.to(dtype)
+    return adv, correct | incorrect
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatcher
+
+ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce")
+_ALIASES = {"group": "grpo", "san": "stratified", "stratified_grpo": "stratified", "w-reinforce": "w_reinforce"}
+
+
+def compute_advantages(name: str, rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Dispatch to an estimator by name and return :class:`AdvantageOutput` ``(advantages, keep)``.
+
+    Names and options:
+
+    * ``"grpo"`` (alias ``"group"``): :func:`group` -- ``scale_rewards``, ``eps``.
+    * ``"stratified"`` (alias ``"san"``): :func:`stratified` -- ``strata`` (required), ``alpha``, ``scale``,
+      ``scope``, ``eps``.
+    * ``"psr"`` / ``"nsr"``: ``correct_value``, ``incorrect_value``.
+    * ``"w_reinforce"``: ``lam`` (alias ``w_reinforce_lambda``), ``correct_value``, ``incorrect_value``.
+
+    ``num_generations`` is ignored by PSR / NSR / W-REINFORCE (they use no group statistics).
+    """
+    key = _ALIASES.get(name, name)
+    r = torch.as_tensor(rewards)
+    if key == "grpo":
+        adv = group(r, num_generations, **options)
+        return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
+    if key == "stratified":
+        if "strata" not in options:
+            raise ValueError("stratified advantages need strata=[B] stratum ids")
+        adv = stratified(r, num_generations, **options)
+        return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
+    if key == "psr":
+        return AdvantageOutput(*psr(r, **options))
+    if key == "nsr":
+        return AdvantageOutput(*nsr(r, **options))
+    if key == "w_reinforce":
+        if "w_reinforce_lambda" in options:
+            options["lam"] = options.pop("w_reinforce_lambda")
+        return AdvantageOutput(*w_reinforce(r, **options))
+    raise ValueError(f"unknown advantage estimator {name!r}; known: {ADVANTAGE_ESTIMATORS}")

@@ -1,0 +1,171 @@
+"""Loss aggregation for RLVR: how per-token losses ``[B, T]`` become one scalar.
+
+``per_token_loss`` and ``mask`` are ``[B, T]``; ``mask`` is 1.0 on completion tokens that enter the loss (after
+tool masking, truncation masking and PSR/NSR row dropping). Every function returns the micro-batch loss *before*
+gradient-accumulation scaling, except where stated: TRL divides ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``delta_l`` by
+the number of accumulation steps, but not ``dapo`` (whose normaliser already spans the accumulated batch).
+Spec: grpo.md "Loss" (aggregation table); delta_l_normalization.md "Algorithm".
+
+* :func:`grpo` -- per-sequence token mean, then mean over rows (DeepSeekMath, arXiv 2402.03300).
+* :func:`bnpo` -- token mean over the local micro-batch.
+* :func:`dr_grpo` -- constant normaliser ``B_mb * max_completion_length`` (Dr. GRPO, arXiv 2503.20783).
+* :func:`dapo` -- token mean over the global accumulated batch (DAPO, arXiv 2503.14476).
+* :func:`delta_l` -- ΔL Normalization (arXiv 2509.07558): row weights ``∝ L_i^-alpha`` with the Dr. GRPO normaliser.
+* :func:`aggregate_loss` -- name-based dispatcher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "bnpo",
+    "dapo",
+    "delta_l",
+    "delta_l_weights",
+    "dr_grpo",
+    "grpo",
+]
+
+
+def grpo(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(1/B_mb) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; grpo.md "Loss").
+
+    DeepSeekMath GRPO, arXiv 2402.03300. Rows with no mask tokens count in ``B_mb`` and contribute 0.
+    """
+    mask = mask.to(per_token_loss.dtype)
+    return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+def bnpo(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``; grpo.md "Loss")."""
+    mask = mask.to(per_token_loss.dtype)
+    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def dr_grpo(per_token_loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int) -> torch.Tensor:
+    """``sum(mask*l) / (B_mb * max_completion_length)`` (TRL ``loss_type="dr_grpo"``; grpo.md "Loss").
+
+    Dr. GRPO, "Understanding R1-Zero-Like Training", arXiv 2503.20783. ``B_mb`` counts every row, masked or not.
+    """
+    mask = mask.to(per_token_loss.dtype)
+    return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+
+
+def dapo(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    num_processes: int = 1,
+) -> torch.Tensor:
+    """Token mean over the global batch: ``sum(mask*l) / (N_glob / num_processes)`` (TRL ``loss_type="dapo"``).
+
+    DAPO, arXiv 2503.14476 (token-level policy gradient loss); grpo.md "Loss".
+    ``num_items_in_batch`` is ``N_glob``, the mask-token count of the optimizer step's global accumulated batch (all
+    processes, all micro-batches); when None, the local ``mask.sum()`` is used (one process, one micro-batch).
+    With DDP gradient averaging over ``num_processes`` the gradient is ``sum over all tokens of grad(l) / N_glob``.
+    Not divided by the accumulation steps. The normaliser is clamped to at least 1, so an empty batch gives 0.
+    """
+    mask = mask.to(per_token_loss.dtype)
+    if num_items_in_batch is None:
+        normalizer = mask.sum()
+    else:
+        normalizer = torch.as_tensor(num_items_in_batch, dtype=per_token_loss.dtype, device=per_token_loss.device)
+    normalizer = normalizer.clamp(min=1.0) / num_processes
+    return (per_token_loss * mask).sum() / normalizer
+
+
+def delta_l_weights(
+    mask_or_lengths: torch.Tensor,
+    alpha: float = 0.75,
+    scope: str = "batch",
+    num_generations: int | None = None,
+) -> torch.Tensor:
+    """ΔL row weights ``w_i = u_i / mean_{j in S} u_j`` with ``u_i = (L_i / mean L)^-alpha`` (detached ``[B]``).
+
+    ΔL Normalization, He et al., arXiv 2509.07558 (x_i = (1/M) L_i^-alpha / sum_j L_j^-alpha);
+    spec delta_l_normalization.md "Algorithm" 1. ``mask_or_lengths`` is a ``[B, T]`` mask or ``[B]`` lengths ``L_i``.
+    ``scope="batch"`` normalises over all rows; ``"group"`` within each contiguous block of ``num_generations``.
+    Rows with ``L_i = 0`` get weight 0 and are left out of the means (no NaN/inf). ``mean_S w = 1`` over the valid
+    rows of each scope. Compute once per generation batch and reuse across ``num_iterations``.
+    """
+    if scope not in ("batch", "group"):
+        raise ValueError(f"delta_l scope must be 'batch' or 'group', got {scope!r}")
+    x = torch.as_tensor(mask_or_lengths).detach()
+    dtype = x.dtype if torch.is_floating_point(x) else torch.get_default_dtype()
+    lengths = (x.sum(-1) if x.dim() == 2 else x).to(dtype)
+    B = lengths.numel()
+    if scope == "group":
+        if num_generations is None or num_generations < 1 or B % num_generations:
+            raise ValueError("delta_l scope='group' needs num_generations dividing the batch size")
+        seg = torch.arange(B, device=lengths.device) // num_generations
+        nseg = B // num_generations
+    else:
+        seg = torch.zeros(B, dtype=torch.long, device=lengths.device)
+        nseg = 1
+    valid = lengths > 0
+    zeros = torch.zeros(nseg, dtype=dtype, device=lengths.device)
+    count = zeros.index_add(0, seg, valid.to(dtype)).clamp(min=1.0)
+    mean_len = zeros.index_add(0, seg, torch.where(valid, lengths, 0.0)) / count
+    # Rescale by the mean length before the power, as the reference does, for fp32 stability; it cancels.
+    u = torch.where(valid, (lengths / mean_len[seg].clamp(min=1e-12)).clamp(min=1e-12) ** (-alpha), 0.0)
+    mean_u = zeros.index_add(0, seg, u) / count
+    return torch.where(valid, u / mean_u[seg].clamp(min=1e-30), 0.0)
+
+
+def delta_l(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    max_completion_length: int,
+    alpha: float = 0.75,
+    scope: str = "batch",
+    num_generations: int | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ΔL aggregation: ``sum_i w_i sum_t mask*l / (B_mb * max_completion_length)``.
+
+    ΔL Normalization, arXiv 2509.07558; spec delta_l_normalization.md "Algorithm" 2-4. Over a full batch this is
+    ``sum_i x_i sum_t(...)`` with ``x_i = (1/T_max) L_i^-alpha / sum_j L_j^-alpha``. ``alpha=0`` is exactly
+    :func:`dr_grpo`; ``alpha=1`` is :func:`grpo` times ``B / (T_max * sum_j 1/L_j)``.
+
+    ``weights``: precomputed :func:`delta_l_weights` for these rows (compute them once on the whole generation batch
+    and slice per micro-batch); if None they are computed from ``mask`` (correct when the micro-batch is the whole
+    scope). Multiplying the per-row surrogate by ``w_i > 0`` equals scaling the advantage (clip masks unchanged).
+    With a KL term the spec keeps KL unweighted: in that case scale the advantages by the weights instead and
+    aggregate with :func:`dr_grpo`.
+    """
+    if weights is None:
+        weights = delta_l_weights(mask, alpha=alpha, scope=scope, num_generations=num_generations)
+    weights = weights.detach().to(per_token_loss.dtype).reshape(-1, 1)
+    return dr_grpo(per_token_loss * weights, mask, max_completion_length)
+
+
+LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo", "delta_l")
+
+
+def aggregate_loss(name: str, per_token_loss: torch.Tensor, mask: torch.Tensor, **options: Any) -> torch.Tensor:
+    """Aggregate ``[B, T]`` per-token losses by name (TRL ``loss_type`` plus ``"delta_l"``).
+
+    Options: ``dr_grpo`` / ``delta_l`` need ``max_completion_length``; ``dapo`` takes ``num_items_in_batch`` and
+    ``num_processes``; ``delta_l`` takes ``alpha`` (alias ``delta_l_alpha``), ``scope`` (alias ``delta_l_scope``),
+    ``num_generations``, ``weights``. ``"token_mean"`` is an alias of ``dapo`` (verl ``token-mean``).
+    """
+    if name in ("dapo", "token_mean"):
+        return dapo(per_token_loss, mask, **options)
+    if name == "grpo":
+        return grpo(per_token_loss, mask, **options)
+    if name == "bnpo":
+        return bnpo(per_token_loss, mask, **options)
+    if name == "dr_grpo":
+        return dr_grpo(per_token_loss, mask, **options)
+    if name == "delta_l":
+        if "delta_l_alpha" in options:
+            options["alpha"] = options.pop("delta_l_alpha")
+        if "delta_l_scope" in options:
+            options["scope"] = options.pop("delta_l_scope")
+        return delta_l(per_token_loss, mask, **options)
+    raise ValueError(f"unknown loss aggregation {name!r}; known: {LOSS_AGGREGATIONS}")

@@ -1,0 +1,223 @@
+"""Per-token policy-gradient objectives: PPO clipping, GPPO gradient-preserving clipping, GPPO's SFT term, KL k3.
+
+Conventions: ``logps`` ``[B, T]`` carries the gradient; ``old_logps`` and ``ref_logps`` ``[B, T]`` are detached
+(pass ``logps.detach()`` as ``old_logps`` on-policy, as TRL does when it stores none); ``advantages`` is ``[B]``
+(broadcast over tokens) or ``[B, T]``. The returned per-token loss is *not* masked or aggregated: feed it (plus
+``beta * kl_k3(...)`` if wanted) to :mod:`posttrain.rl.aggregation`.
+
+* :func:`ppo_clip` -- clipped surrogate with clip-higher (PPO, arXiv 1707.06347; DAPO clip-higher, arXiv 2503.14476;
+  spec grpo.md "Loss"), optional verl dual clip.
+* :func:`gppo_clip` -- GPPO (Klear-Reasoner, arXiv 2508.07629, Eq. 11 / App. A.2 Eq. 17; spec gppo.md "Objective").
+* :func:`gppo_sft_loss` -- GPPO's NLL term on correct rollouts (arXiv 2508.07629 Sec. 3.2.3; gppo.md "Objective").
+* :func:`kl_k3` -- the k3 KL estimator TRL uses (grpo.md "Loss").
+* :func:`clip_metrics` -- TRL-named clip fractions from a :class:`ClipOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "POLICY_OBJECTIVES",
+    "ClipOutput",
+    "clip_metrics",
+    "gppo_clip",
+    "gppo_sft_loss",
+    "kl_k3",
+    "policy_loss",
+    "ppo_clip",
+]
+
+
+@dataclass
+class ClipOutput:
+    """Per-token objective plus masks for metrics (all ``[B, T]``).
+
+    * ``per_token_loss``: unmasked, unaggregated loss (carries the gradient).
+    * ``ratio``: detached importance ratio ``exp(logps - old_logps)``.
+    * ``low_clipped``: ``A < 0`` and ``ratio < 1 - epsilon`` (TRL ``is_low_clipped``).
+    * ``high_clipped``: ``A > 0`` and ``ratio > 1 + epsilon_high`` (TRL ``is_high_clipped``).
+    * ``dual_clipped``: ``A < 0`` and ``ratio > dual_clip_c`` (verl ``pg_clipfrac_lower``); all False without dual clip.
+    * ``gradient_preserved``: clipped tokens that still receive a gradient (GPPO); all False for PPO.
+    """
+
+    per_token_loss: torch.Tensor
+    ratio: torch.Tensor
+    low_clipped: torch.Tensor
+    high_clipped: torch.Tensor
+    dual_clipped: torch.Tensor
+    gradient_preserved: torch.Tensor
+
+
+def _prepare(logps, old_logps, advantages, epsilon, epsilon_high, dual_clip_c):
+    eps_low = float(epsilon)
+    eps_high = float(epsilon if epsilon_high is None else epsilon_high)
+    adv = torch.as_tensor(advantages, device=logps.device).detach().to(logps.dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    log_ratio = logps - old_logps.detach()
+    with torch.no_grad():
+        ratio = torch.exp(log_ratio)
+        adv_b = adv.expand_as(ratio)
+        low = (adv_b < 0) & (ratio < 1 - eps_low)
+        high = (adv_b > 0) & (ratio > 1 + eps_high)
+        if dual_clip_c is None:
+            dual = torch.zeros_like(low)
+        else:
+            if dual_clip_c <= 1.0:
+                raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+            # For A<0 the clipped surrogate is capped at -c*A, which binds exactly when ratio > c (ratio > c > 1-eps).
+            dual = (adv_b < 0) & (ratio > dual_clip_c)
+    # Only the unclipped branch differentiates through the ratio; elsewhere the ratio is detached, so a huge or
+    # infinite ratio in a clipped position cannot produce 0 * inf = NaN in the backward pass.
+    active = ~(low | high | dual)
+    ratio_g = torch.exp(torch.where(active, log_ratio, log_ratio.detach()))
+    return adv, eps_low, eps_high, ratio, ratio_g, low, high, dual
+
+
+def ppo_clip(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    dual_clip_c: float | None = None,
+) -> ClipOutput:
+    """PPO clipped surrogate with clip-higher: ``l = -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)``.
+
+    PPO (Schulman et al., arXiv 1707.06347); clip-higher from DAPO (arXiv 2503.14476); TRL ``loss_type`` in
+    grpo/bnpo/dr_grpo/dapo. Spec grpo.md "Loss": ``rho = exp(logps - old_logps)``, ``eps_low = epsilon``,
+    ``eps_high = epsilon_high`` (falls back to ``epsilon``). Gradient w.r.t. ``logps`` is ``-A*rho`` on unclipped
+    tokens and exactly 0 on clipped ones; a token is clipped iff (A>0 and rho>1+eps_high) or (A<0 and rho<1-eps_low),
+    so A<0 with rho>1+eps_high keeps its full gradient.
+
+    ``dual_clip_c`` (verl only, off by default): for A<0 the loss is capped at ``-c*A``, so tokens with ``rho > c``
+    have zero gradient. (TRL's ``delta`` option gives the same result as ``dual_clip_c=delta`` when
+    ``delta >= 1 + epsilon_high``.) Computed in the equivalent case form (same values and gradients as the min form).
+    """
+    adv, eps_low, eps_high, ratio, ratio_g, low, high, dual = _prepare(
+        logps, old_logps, advantages, epsilon, epsilon_high, dual_clip_c
+    )
+    loss = -ratio_g * adv
+    loss = torch.where(low, -(1 - eps_low) * adv, loss)
+    loss = torch.where(high, -(1 + eps_high) * adv, loss)
+    if dual_clip_c is not None:
+        loss = torch.where(dual, -dual_clip_c * adv, loss)
+    return ClipOutput(loss, ratio, low, high, dual, torch.zeros_like(low))
+
+
+def gppo_clip(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = 0.28,
+    beta1: float = 1.0,
+    beta2: float = 1.0,
+    only_high: bool = False,
+    dual_clip_c: float | None = None,
+) -> ClipOutput:
+    """GPPO gradient-preserving clipping (Klear-Reasoner, Su et al., arXiv 2508.07629, Eq. 11 and App. A.2 Eq. 17).
+
+    Spec gppo.md "Objective". With ``delta = exp(logps - old_logps)`` and the unit gradient carrier
+    ``u = exp(logps - logps.detach())`` (value 1, gradient = grad logps; safe when delta is huge):
+
+    =================================  ======================  ======================
+    case                               loss value              d loss / d logps
+    =================================  ======================  ======================
+    A < 0 and delta < 1 - eps_low      -beta1*(1-eps_low)*u*A  -beta1*(1-eps_low)*A
+    A > 0 and delta > 1 + eps_high     -beta2*(1+eps_high)*u*A -beta2*(1+eps_high)*A
+    otherwise                          -delta*A                -delta*A
+    =================================  ======================  ======================
+
+    With ``beta1 = beta2 = 1`` the forward equals :func:`ppo_clip` (clip-higher) exactly; only the backward differs.
+    ``only_high``: the low case stays hard-clipped (value ``-(1-eps_low)*A``, gradient 0).
+    ``dual_clip_c`` (reference code only, not in the paper): for A<0, ``l <- min(l, -c*A)`` (zero gradient when
+    delta > c). Defaults are the paper's: eps_low 0.2, eps_high 0.28, beta1 = beta2 = 1, no dual clip.
+    """
+    adv, eps_low, eps_high, ratio, ratio_g, low, high, dual = _prepare(
+        logps, old_logps, advantages, epsilon, epsilon_high, dual_clip_c
+    )
+    u = torch.exp(logps - logps.detach())
+    loss = -ratio_g * adv
+    low_value = -(1 - eps_low) * adv if only_high else -beta1 * (1 - eps_low) * u * adv
+    loss = torch.where(low, low_value, loss)
+    loss = torch.where(high, -beta2 * (1 + eps_high) * u * adv, loss)
+    if dual_clip_c is not None:
+        loss = torch.where(dual, -dual_clip_c * adv, loss)
+    preserved = high | (torch.zeros_like(low) if only_high else low)
+    return ClipOutput(loss, ratio, low, high, dual, preserved)
+
+
+def gppo_sft_loss(
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    correct: torch.Tensor,
+    coef: float = 0.1,
+    num_correct_tokens: torch.Tensor | float | None = None,
+    num_processes: int = 1,
+) -> torch.Tensor:
+    """GPPO's SFT (NLL) term on correct rollouts: ``coef * L_LM`` with
+    ``L_LM = -(1 / sum_{j in Phi} T_j) sum_{j in Phi} sum_t log pi(a_t | s_t)``.
+
+    Klear-Reasoner, arXiv 2508.07629, Sec. 3.2.3 (Eq. 13 prints pi; the code and this function use log pi);
+    spec gppo.md "Objective". ``correct``: ``[B]`` bool (reward == correct value). The term is neither clipped nor
+    ratio-weighted; its gradient is ``-coef / N_pos`` on each correct token. ``num_correct_tokens`` is the
+    correct-token count of the optimizer step's global accumulated batch (``N_pos``; local count when None), divided
+    by ``num_processes`` like the dapo normaliser. No correct rows (or ``coef == 0``) gives 0 with no NaN.
+    """
+    m = mask.to(logps.dtype) * torch.as_tensor(correct, device=logps.device).to(logps.dtype).reshape(-1, 1)
+    if num_correct_tokens is None:
+        n = m.sum()
+    else:
+        n = torch.as_tensor(num_correct_tokens, dtype=logps.dtype, device=logps.device)
+    n = n.clamp(min=1.0) / num_processes
+    return coef * (-(logps * m).sum() / n)
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """k3 KL estimator per token, as TRL: ``exp(ref - logp) - (ref - logp) - 1`` (>= 0, no clamping).
+
+    Schulman's k3 approximation (http://joschu.net/blog/kl-approx.html), used by GRPO (DeepSeekMath, arXiv
+    2402.03300, Eq. 4); spec grpo.md "Loss". Gradient w.r.t. ``logps`` is ``1 - exp(ref - logp)``. Add
+    ``beta * kl_k3`` to the per-token loss before aggregation.
+    """
+    d = ref_logps.detach() - logps
+    return torch.exp(d) - d - 1
+
+
+def clip_metrics(out: ClipOutput, mask: torch.Tensor) -> dict[str, float]:
+    """Masked token fractions with TRL's names (``clip_ratio/low_mean``, ``high_mean``, ``region_mean``) plus
+    ``clip_ratio/dual_mean`` and ``clip_ratio/gradient_preserved_mean`` (local micro-batch, not reduced)."""
+    m = mask.to(torch.float32)
+    n = m.sum().clamp(min=1.0)
+
+    def frac(x: torch.Tensor) -> float:
+        return float((x.to(torch.float32) * m).sum() / n)
+
+    return {
+        "clip_ratio/low_mean": frac(out.low_clipped),
+        "clip_ratio/high_mean": frac(out.high_clipped),
+        "clip_ratio/region_mean": frac(out.low_clipped | out.high_clipped),
+        "clip_ratio/dual_mean": frac(out.dual_clipped),
+        "clip_ratio/gradient_preserved_mean": frac(out.gradient_preserved),
+    }
+
+
+POLICY_OBJECTIVES = ("ppo", "gppo")
+
+
+def policy_loss(
+    name: str, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, **options: Any
+) -> ClipOutput:
+    """Dispatch ``"ppo"`` -> :func:`ppo_clip` or ``"gppo"`` -> :func:`gppo_clip` (options passed through; the
+    ``gppo_`` prefix of config names such as ``gppo_beta1`` / ``gppo_only_high`` is accepted)."""
+    options = {k.removeprefix("gppo_"): v for k, v in options.items()}
+    if name == "ppo":
+        return ppo_clip(logps, old_logps, advantages, **options)
+    if name == "gppo":
+        return gppo_clip(logps, old_logps, advantages, **options)
+    raise ValueError(f"unknown policy objective {name!r}; known: {POLICY_OBJECTIVES}")

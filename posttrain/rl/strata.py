@@ -1,0 +1,27 @@
+"""Stratum-key functions for stratified advantages (``method.stratum_key: module:function``).
+
+A key function is called once per rollout as ``fn(prompt=..., completion=..., **row)`` (``row``: the dataset
+columns of the example) and returns a hashable key; rollouts of one prompt with equal keys form a stratum
+(Stratified GRPO, arXiv 2510.06214; spec stratified_grpo.md "Concepts"). The default key, the number of tool calls,
+is :func:`posttrain.rl.advantages.count_tool_calls`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.rl.advantages import count_tool_calls
+from posttrain.rl.rewards import completion_text
+
+__all__ = ["completion_length", "tool_calls"]
+
+
+def tool_calls(prompt: Any = None, completion: Any = None, **row: Any) -> int:
+    """Number of tool calls in the completion (the paper's key for search agents)."""
+    return count_tool_calls(completion)
+
+
+def completion_length(prompt: Any = None, completion: Any = None, **row: Any) -> int:
+    """Length of the completion text in characters, stripped (for the arithmetic task: how many digits were
+    emitted, a structural property of the answer, like the number of search calls of an agent)."""
+    return len(completion_text(completion).strip())

@@ -1,0 +1,509 @@
+"""The preference-family trainer: a thin subclass of TRL's ``DPOTrainer``.
+
+TRL does the data handling (prompt extraction, EOS, tokenisation, the ``[chosen rows; rejected rows]`` collation with
+a completion mask), the reference-model handling (a given frozen model, or the adapter-disabled base with PEFT) and
+the optional one-off precomputation of reference log-probs. This trainer replaces only ``_compute_loss``: one policy
+forward through TRL's fused LM head gives per-token log-probs (plus the fields WPO needs), one reference forward gives
+the reference per-token log-probs (or the precomputed sums are read from the batch), and the pure losses of
+:mod:`posttrain.losses.preference` turn them into the loss of ``dpo`` (sigmoid / cDPO / robust / IPO), ``wpo``,
+``sparsepo`` (MaPO reference mask or learned mask) or ``asft_aligned`` (reference-free).
+
+Per-token tensors are ``[2B, T-1]`` (row ``b`` scores token ``t+1`` of sequence ``b``) with the shifted completion mask;
+chosen rows come first. SparsePO also needs full-vocab distributions (token KL) and reference activations; those are
+computed on completion positions only, in tiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from trl import DPOTrainer
+from trl.trainer import dpo_trainer as _trl_dpo
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from posttrain.losses.preference import (
+    SparsePOMaskNet,
+    asft_aligned_loss,
+    asft_metrics,
+    dpo_loss,
+    mapo_mask,
+    mean_logps,
+    preference_metrics,
+    sequence_lengths,
+    sequence_logps,
+    sparsepo_loss,
+    sparsepo_metrics,
+    sparsepo_token_kl,
+    wpo_log_alignment,
+    wpo_metrics,
+    wpo_pair_weights,
+    wpo_sequence_weights,
+)
+from posttrain.trainers.common import AtomicCheckpointMixin
+
+logger = logging.getLogger("posttrain")
+
+MASK_FILE = "sparsepo_mask.safetensors"
+TILE = 1024  # completion positions per tile when full-vocab logits are needed
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+def _unwrap(model):
+    """The bare ``PreTrainedModel`` (through DDP/accelerate wrappers and PEFT)."""
+    from peft import PeftModel
+
+    while hasattr(model, "module") and not isinstance(model, torch.nn.Linear):
+        model = model.module
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _peft_model(model):
+    from peft import PeftModel
+
+    while hasattr(model, "module") and not isinstance(model, PeftModel):
+        model = model.module
+    return model if isinstance(model, PeftModel) else None
+
+
+def _decoder_layers(backbone):
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        from posttrain.errors import UserError
+
+        raise UserError(
+            "method.mask: reference (MaPO) hooks Llama/Qwen2-style decoder layers (backbone.layers[i].mlp.down_proj, "
+            f"self_attn.q/k/v/o_proj); {type(backbone).__name__} has none. Use mask: learned."
+        )
+    return layers
+
+
+class PosttrainPreferenceTrainer(AtomicCheckpointMixin, DPOTrainer):
+    """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on top of ``trl.DPOTrainer``.
+
+    Args:
+        method: the method name (:mod:`posttrain.methods`).
+        params: its hyperparameters. ``beta``, ``loss_type``, ``label_smoothing``, ``precompute_ref_log_probs`` and
+            ``use_weighting`` of the ``DPOConfig`` must agree with them (``build_preference_trainer`` sets them).
+    """
+
+    def __init__(self, *args, method: str, params, **kwargs):
+        self.method = method
+        self.params = params
+        self.mask_net: torch.nn.ModuleDict | None = None
+        reference_free = method == "asft_aligned"
+        # A reference-free method needs no reference: stop DPOTrainer from loading a second copy of the policy.
+        patch = (
+            mock.patch.object(_trl_dpo, "create_model_from_path", lambda *a, **k: None)
+            if reference_free
+            else contextlib.nullcontext()
+        )
+        with patch:
+            super().__init__(*args, **kwargs)
+        if reference_free:
+            self.ref_model = None
+        elif self.precompute_ref_logps and self.ref_model is not None:
+            self.ref_model = None  # precomputed columns replace the reference: do not keep it in memory
+        if method == "sparsepo" and params.mask == "learned":
+            cfg = _unwrap(self.model).config.get_text_config()
+            eps = getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-5
+            names = ["reward", "kl"] if params.rw_kl_independent else ["common"]
+            self.mask_net = torch.nn.ModuleDict(
+                {
+                    n: SparsePOMaskNet(cfg.hidden_size, cfg.num_hidden_layers, eps, params.mask_dropout)
+                    for n in names
+                }
+            ).to(self.args.device)
+            if self.accelerator.num_processes > 1:  # not wrapped in DDP: average its gradients across ranks
+                world = self.accelerator.num_processes
+
+                def _mean_over_ranks(grad):
+                    grad = grad.clone()
+                    torch.distributed.all_reduce(grad)
+                    return grad / world
+
+                for param in self.mask_net.parameters():
+                    param.register_hook(_mean_over_ranks)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Learned SparsePO mask: optimised jointly, saved next to the policy
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.mask_net is not None and not any(
+            p is q for g in optimizer.param_groups for p in g["params"] for q in self.mask_net.parameters()
+        ):
+            optimizer.add_param_group(
+                {"params": list(self.mask_net.parameters()), "weight_decay": self.params.mask_weight_decay}
+            )
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.mask_net is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            out = Path(output_dir if output_dir is not None else self.args.output_dir)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.mask_net.state_dict().items()}
+            save_file(tensors, str(out / MASK_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / MASK_FILE
+        if self.mask_net is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            self.mask_net.load_state_dict(load_file(str(path), device=str(self.args.device)))
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Forwards
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _reference(self):
+        """(network to call, context that turns it into the reference) for the live reference forward."""
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        peft_model = _peft_model(self.model)
+        if peft_model is None:
+            raise RuntimeError("no reference model: pass ref_model, use PEFT, or precompute reference log-probs")
+        name = "ref" if "ref" in peft_model.peft_config else None
+        return self.model, use_adapter(peft_model, adapter_name=name)
+
+    def _ref_per_token_logps(self, model_kwargs, labels, seq_len):
+        """Reference per-token log-probs through the fused LM head, exactly as ``DPOTrainer._compute_loss``."""
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        net, ctx = self._reference()
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), ctx:
+            out = net(**ref_kwargs, labels=labels, fused_lm_head=True)
+        return out.log_probs[:, -seq_len:]
+
+    def _policy_forward(self, model, model_kwargs, labels, need_hidden: bool):
+        hidden: dict[str, torch.Tensor] = {}
+        hook = None
+        if need_hidden:
+            hook = _unwrap(model).base_model.register_forward_hook(
+                lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state)
+            )
+        try:
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return outputs, hidden.get("h")
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        p = self.params
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask[..., 1:]
+        seq_len = mask.size(1)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+
+        need_hidden = self.method == "sparsepo" or (
+            self.method == "wpo" and p.use_weighting and p.wpo_alignment == "greedy"
+        )
+        outputs, policy_hidden = self._policy_forward(model, model_kwargs, labels, need_hidden)
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+        logps = sequence_logps(per_token_logps, mask)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        c_mask, r_mask = mask.chunk(2, dim=0)
+        gather = self.accelerator.gather
+        metrics: dict[str, float]
+
+        if self.method in ("dpo", "wpo"):
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_logps = sequence_logps(self._ref_per_token_logps(model_kwargs, labels, seq_len), mask)
+                ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
+            out = dpo_loss(
+                chosen_logps,
+                rejected_logps,
+                ref_chosen.to(logps.device),
+                ref_rejected.to(logps.device),
+                beta=p.beta,
+                loss_type=p.loss,
+                label_smoothing=p.label_smoothing,
+                chosen_lengths=sequence_lengths(c_mask),
+                rejected_lengths=sequence_lengths(r_mask),
+                ipo_length_normalize=p.ipo_length_normalize,
+            )
+            metrics = preference_metrics(
+                gather(out.chosen_rewards), gather(out.rejected_rewards), gather(chosen_logps), gather(rejected_logps)
+            )
+            if self.method == "wpo" and p.use_weighting:
+                log_s = self._wpo_log_alignment(model, outputs, policy_hidden, labels, mask, seq_len)
+                seq_w = wpo_sequence_weights(per_token_logps.detach(), mask, log_s)
+                w_c, w_r = seq_w.chunk(2, dim=0)
+                pair_w = wpo_pair_weights(w_c, w_r, p.wpo_weight_clamp_max)
+                loss = (pair_w * out.losses).mean()
+                metrics.update(wpo_metrics(gather(w_c), gather(w_r), p.wpo_weight_clamp_max))
+            else:
+                loss = out.losses.mean()
+        elif self.method == "sparsepo":
+            loss, metrics = self._sparsepo(model, model_kwargs, inputs, per_token_logps, policy_hidden, labels, mask)
+        elif self.method == "asft_aligned":
+            lbar_c, lbar_r = mean_logps(per_token_logps, mask).chunk(2, dim=0)
+            out = asft_aligned_loss(lbar_c, lbar_r, p.beta, p.asft_lambda, p.sft_coef, p.prob_clamp)
+            loss = out.losses.mean()
+            gathered = type(out)(*(gather(getattr(out, f).detach()) for f in out.__dataclass_fields__))
+            metrics = asft_metrics(gathered, gather(lbar_c.detach()), gather(lbar_r.detach()))
+            metrics["logps/chosen_sum"] = gather(chosen_logps.detach()).mean().item()
+            metrics["logps/rejected_sum"] = gather(rejected_logps.detach()).mean().item()
+        else:  # pragma: no cover - guarded by the registry
+            raise ValueError(f"unknown preference-family method {self.method!r}")
+
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            metrics["aux_loss"] = gather(outputs.aux_loss.detach()).mean().item()
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        self._log_trl_metrics(mode, inputs, outputs, mask, seq_len)
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+        return (loss, outputs) if return_outputs else loss
+
+    # WPO ---------------------------------------------------------------------------------------------------------
+
+    def _wpo_log_alignment(self, model, outputs, policy_hidden, labels, mask, seq_len):
+        alignment = self.params.wpo_alignment
+        if alignment == "none":
+            return None
+        if alignment == "sampled":  # log sum_v pi(v)^2 from the fused head (no full logits needed)
+            return outputs.log_sum_sq_probs[:, -seq_len:].detach()
+        # greedy: max(z) - logsumexp(z), full-vocab logits on completion positions, no grad
+        head = _unwrap(model).get_output_embeddings()
+        sel = mask.bool()
+        with torch.no_grad():
+            h = policy_hidden[:, :-1][:, -seq_len:][sel]
+            pieces = [
+                wpo_log_alignment(head(h[i : i + TILE]).float(), "greedy") for i in range(0, h.shape[0], TILE)
+            ]
+        flat = torch.cat(pieces) if pieces else h.new_zeros(0)
+        return flat.new_zeros(mask.shape).masked_scatter(sel, flat.float())
+
+    # SparsePO ----------------------------------------------------------------------------------------------------
+
+    def _sparsepo(self, model, model_kwargs, inputs, per_token_logps, policy_hidden, labels, mask):
+        p = self.params
+        sel = mask.bool()
+        net, ctx = self._reference()
+        ref = _unwrap(net)
+        backbone = ref.base_model
+        streams: dict[str, list[torch.Tensor]] = {"mlp": [], "attn": [], "resid": [], "logits": []}
+        hooks = []
+        if p.mask == "reference":
+
+            def save(stream, which):
+                def fn(module, args, out=None):
+                    t = args[0] if which == "in" else out
+                    streams[stream].append(t.detach().float().mean(-1))
+
+                return fn
+
+            for layer in _decoder_layers(backbone):
+                attn, mlp = layer.self_attn, layer.mlp
+                hooks.append(mlp.down_proj.register_forward_pre_hook(save("mlp", "in")))
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    hooks.append(getattr(attn, proj).register_forward_hook(save("attn", "out")))
+                hooks.append(attn.o_proj.register_forward_pre_hook(save("attn", "in")))
+        ref_kwargs = {k: model_kwargs[k] for k in ("input_ids", "attention_mask") if k in model_kwargs}
+        try:
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                ctx,
+            ):
+                ref_out = backbone(**ref_kwargs, output_hidden_states=True, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        ref_hidden = ref_out.last_hidden_state[:, :-1]
+        ref_head = ref.get_output_embeddings()
+        policy_head = _unwrap(model).get_output_embeddings()
+
+        # token KL(pi_ref || pi_theta) and reference log-probs on completion positions, in tiles
+        targets = labels[:, 1:][sel]
+        h_pol, h_ref = policy_hidden[:, :-1][sel], ref_hidden[sel]
+        weight, bias = policy_head.weight, policy_head.bias
+
+        def tile(hp, hr, y):
+            policy_logits = F.linear(hp, weight, bias)
+            with torch.no_grad():
+                ref_logits = ref_head(hr).float()
+                ref_lp = ref_logits.gather(-1, y[:, None]).squeeze(-1) - ref_logits.logsumexp(-1)
+            return sparsepo_token_kl(policy_logits, ref_logits), ref_lp
+
+        kls, ref_lps = [], []
+        for i in range(0, h_pol.shape[0], TILE):
+            args = (h_pol[i : i + TILE], h_ref[i : i + TILE], targets[i : i + TILE])
+            kl, rl = checkpoint(tile, *args, use_reentrant=False) if torch.is_grad_enabled() else tile(*args)
+            kls.append(kl)
+            ref_lps.append(rl)
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        token_kl = zeros.masked_scatter(sel, torch.cat(kls)) if kls else zeros
+        ref_per_token = zeros.masked_scatter(sel, torch.cat(ref_lps)) if ref_lps else zeros
+        logratios = torch.where(sel, per_token_logps.float() - ref_per_token, zeros)
+
+        # masks
+        masks: dict[str, torch.Tensor] = {}
+        if p.mask == "reference":
+            streams["resid"] = [h.detach().float().mean(-1) for h in ref_out.hidden_states]
+            w_mean = ref_head.weight.float().mean(0)
+            b_mean = ref_head.bias.float().mean() if ref_head.bias is not None else 0.0
+            streams["logits"] = [ref_out.last_hidden_state.float() @ w_mean + b_mean]
+            aligned = {k: [t[:, :-1] for t in v] for k, v in streams.items()}
+            masks["common"] = mapo_mask(aligned, mask)
+        else:
+            self.mask_net.train(self.model.training)
+            layer_states = [h[:, :-1] for h in ref_out.hidden_states[1:]]
+            masks = {name: m(layer_states) for name, m in self.mask_net.items()}
+        common = "common" in masks
+        reward_mask = masks["common"] if common else masks["reward"]
+        kl_mask = None if common else masks["kl"]
+        if not p.mask_on_reward:
+            reward_mask = None
+        if not p.mask_on_kl:
+            kl_mask = None
+        elif common and reward_mask is None:  # common mask used on the KL only
+            kl_mask = masks["common"]
+        use_common = common and reward_mask is not None and p.mask_on_kl
+
+        def split(t):
+            return (None, None) if t is None else t.chunk(2, dim=0)
+
+        lr_c, lr_r = logratios.chunk(2, dim=0)
+        kl_c, kl_r = token_kl.chunk(2, dim=0)
+        m_c, m_r = mask.chunk(2, dim=0)
+        ru_c, ru_r = split(reward_mask)
+        kd_c, kd_r = (None, None) if use_common else split(kl_mask)
+        out = sparsepo_loss(
+            lr_c, lr_r, kl_c, kl_r, m_c, m_r, ru_c, ru_r, kd_c, kd_r,
+            beta=p.beta, l1_reward=p.l1_norm_param_u, l1_kl=p.l1_norm_param_d, common_mask=use_common,
+        )
+        loss = out.losses.mean()
+        chosen_logps, rejected_logps = sequence_logps(per_token_logps, mask).chunk(2, dim=0)
+        if use_common:
+            kd_c, kd_r = ru_c, ru_r
+        metrics = sparsepo_metrics(out, chosen_logps, rejected_logps, kl_c, kl_r, m_c, m_r, ru_c, ru_r, kd_c, kd_r)
+        # mask density: share of completion tokens whose (reward, else KL) mask is non-zero, and its mean value
+        shown = reward_mask if reward_mask is not None else kl_mask
+        if shown is not None:
+            n = sel.sum().clamp(min=1)
+            metrics["sparsepo/mask_density"] = (((shown.detach() != 0) & sel).sum() / n).item()
+            metrics["sparsepo/mask_mean"] = ((shown.detach().float() * sel).sum() / n).item()
+        return loss, metrics
+
+    # Shared TRL metrics ------------------------------------------------------------------------------------------
+
+    def _log_trl_metrics(self, mode, inputs, outputs, mask, seq_len):
+        """TRL's extra DPO metrics: entropy, num_tokens, logits/chosen|rejected, mean_token_accuracy."""
+        g = self.accelerator.gather_for_metrics
+        m = self._metrics[mode]
+        if outputs.entropy is not None:
+            ent, tok = g((outputs.entropy[:, -seq_len:].detach() * mask).sum()).sum(), g(mask.sum()).sum()
+            m["entropy"].append((ent / tok).item() if tok > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += g(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        m["num_tokens"] = [self._total_train_tokens]
+        c_mask, r_mask = mask.chunk(2, dim=0)
+        if outputs.mean_logits is not None:
+            c_logits, r_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+            for name, lg, mk in (("chosen", c_logits, c_mask), ("rejected", r_logits, r_mask)):
+                total, count = g(lg[mk.bool()].sum()).sum().item(), g(mk.sum()).sum().item()
+                m[f"logits/{name}"].append(total / count if count > 0 else 0.0)
+        if outputs.is_top1 is not None:
+            top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+            correct, total = g((top1 & c_mask.bool()).sum()).sum(), g(c_mask.sum()).sum()
+            m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building from a recipe
+# ----------------------------------------------------------------------------------------------------------------------
+
+# DPOConfig fields that a method's own keys set; a recipe must set them under `method:`.
+_METHOD_OWNED = {
+    "beta": "method.beta",
+    "loss_type": "method.loss",
+    "label_smoothing": "method.label_smoothing",
+    "precompute_ref_log_probs": "method.precompute_ref_log_probs",
+    "use_weighting": "method.name: wpo (method.use_weighting)",
+}
+_UNSUPPORTED = ("loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "use_liger_kernel")
+
+
+def build_preference_trainer(ctx):
+    """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on :class:`PosttrainPreferenceTrainer`."""
+    from trl import DPOConfig
+
+    from posttrain.data.sources import load_source
+    from posttrain.errors import UserError
+    from posttrain.train import peft_config, training_config
+
+    recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name
+    for key, where in _METHOD_OWNED.items():
+        if key in recipe.training:
+            raise UserError(f"training.{key}: set by the method; use {where}")
+    for key in _UNSUPPORTED:
+        if key in recipe.training:
+            raise UserError(f"training.{key}: not supported by posttrain's preference trainer")
+    if recipe.data.train is None:
+        raise UserError("data.train: required key is missing")
+    train = load_source(recipe.data.train, "data.train", "preference")
+    evals = load_source(recipe.data.eval, "data.eval", "preference") if recipe.data.eval is not None else None
+
+    overrides = {
+        "beta": params.beta,
+        "loss_type": [getattr(params, "loss", "sigmoid")],
+        "label_smoothing": getattr(params, "label_smoothing", 0.0),
+        "precompute_ref_log_probs": getattr(params, "precompute_ref_log_probs", False),
+        # WPO: makes TRL's fused LM head also return log(sum_v p_v^2) (the sampled weight alignment)
+        "use_weighting": name == "wpo" and params.use_weighting,
+        "max_length": 512,
+    }
+    if evals is not None:
+        overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
+    config = training_config(DPOConfig, recipe, overrides)
+    if config.sync_ref_model and (name == "asft_aligned" or overrides["precompute_ref_log_probs"]):
+        raise UserError("training.sync_ref_model: needs a live reference model (not asft_aligned or precomputed)")
+    kwargs = dict(
+        model=ctx.model,
+        ref_model=ctx.ref_model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=ctx.tokenizer,
+        peft_config=peft_config(recipe),
+        callbacks=ctx.callbacks,
+        method=name,
+        params=params,
+    )
+    try:  # LoRA variants (peft.type: plora/goat/ggpo) wrap the trainer class
+        from posttrain.adapters.trainer import make_trainer
+    except ImportError:  # pragma: no cover - adapters module absent
+        return PosttrainPreferenceTrainer(**kwargs)
+    return make_trainer(
+        PosttrainPreferenceTrainer,
+        recipe,
+        uses_disabled_adapter_reference=(
+            name != "asft_aligned" and ctx.ref_model is None and not overrides["precompute_ref_log_probs"]
+        ),
+        **kwargs,
+    )

@@ -1,0 +1,391 @@
+"""The RL-family trainer: a thin subclass of TRL's ``GRPOTrainer`` whose advantages and policy loss are posttrain's.
+
+TRL keeps generation (transformers or vLLM), reward-function plumbing, the reference model, ``num_iterations`` and
+buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/test_rl_trainer.py``):
+
+* ``_calculate_rewards``: calls TRL's, and stashes the gathered per-function rewards plus, for stratified
+  advantages, the gathered stratum keys of the batch.
+* ``_generate_and_score_completions``: calls TRL's, then recomputes the advantages over the gathered generation batch
+  with :func:`posttrain.rl.advantages.compute_advantages`, keeps this process's rows, and adds the row-keep mask
+  (PSR/NSR drop rows from every denominator), the correctness of each row (GPPO's SFT term), ΔL row weights (computed
+  once per generation batch, over the global batch) and the token counts the global normalisers need.
+* ``_compute_loss``: per-token log-probs and entropies from TRL's fused-LM-head path
+  (``_get_per_token_logps_and_entropies``, no full logits), then :func:`posttrain.rl.clipping.policy_loss`,
+  :func:`~posttrain.rl.clipping.kl_k3`, :func:`posttrain.rl.aggregation.aggregate_loss` and
+  :func:`~posttrain.rl.clipping.gppo_sft_loss`.
+
+Specs: shared/methods/grpo.md, stratified_grpo.md, delta_l_normalization.md, negative_reinforcement.md, gppo.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from posttrain.errors import UserError
+from posttrain.rl.advantages import combine_rewards, compute_advantages, count_tool_calls, normalize_then_sum, stratum_ids
+from posttrain.rl.aggregation import aggregate_loss, delta_l_weights, dr_grpo
+from posttrain.rl.clipping import gppo_sft_loss, kl_k3, policy_loss
+from posttrain.trainers.common import AtomicCheckpointMixin
+
+logger = logging.getLogger("posttrain")
+
+# Keys this trainer adds to TRL's generation-batch dict ([B] tensors are shuffled and split with the rest; 0-dim
+# tensors are kept whole).
+KEEP, CORRECT, DL_WEIGHTS, NUM_CORRECT = "rl_keep", "rl_correct", "rl_delta_l_weights", "rl_num_correct_tokens"
+
+# TRL methods this trainer overrides or calls, with the parameters it relies on (tests check they still exist).
+TRL_HOOKS: dict[str, tuple[str, ...]] = {
+    "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
+    "_generate_and_score_completions": ("inputs",),
+    "_compute_loss": ("model", "inputs"),
+    "_get_per_token_logps_and_entropies": (
+        "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss",
+    ),
+}
+
+
+class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
+    """``trl.GRPOTrainer`` with posttrain's advantage estimators, clipping, aggregation and SFT term.
+
+    Args:
+        params: :class:`posttrain.methods.GRPOParams` (advantage, aggregation, clipping and their options).
+        stratum_fn: ``fn(row, prompt, completion) -> Hashable``, the stratum key of a rollout (stratified only).
+    """
+
+    loss_is_scaled_for_ga = True  # like TRL: the loss already accounts for gradient accumulation
+
+    def __init__(self, *args, params, stratum_fn: Callable[..., Hashable] | None = None, **kwargs):
+        self.params = params
+        self.stratum_fn = stratum_fn
+        self._rl_stash: dict[str, Any] | None = None
+        super().__init__(*args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # advantages
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        stash: dict[str, Any] = {"rewards_per_func": rewards_per_func}
+        if self.params.advantage == "stratified":
+            from accelerate.utils import gather_object
+
+            keys = [self.stratum_fn(row, p, c) for row, p, c in zip(inputs, prompts, completions, strict=True)]
+            stash["strata"] = gather_object(keys)
+        self._rl_stash = stash
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        stash, self._rl_stash = self._rl_stash, None
+        if stash is None:  # pragma: no cover - TRL stopped calling _calculate_rewards
+            raise RuntimeError("GRPOTrainer no longer calls _calculate_rewards; posttrain's RL trainer needs updating")
+        p = self.params
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        rpf = stash["rewards_per_func"]
+        weights = self.reward_weights.to(rpf.device)
+        rewards = combine_rewards(rpf, weights)
+        if p.advantage == "group" and self.multi_objective_aggregation == "normalize_then_sum":
+            adv = normalize_then_sum(rpf, num_generations, weights)
+            out = compute_advantages("grpo", rewards, num_generations, scale_rewards="none")._replace(advantages=adv)
+        else:
+            opts: dict[str, Any] = {}
+            if p.advantage == "group":
+                opts = {"scale_rewards": p.scale_rewards}
+            elif p.advantage == "stratified":
+                opts = {"strata": stratum_ids(stash["strata"], device=rewards.device), "alpha": p.san_alpha,
+                        "scale": p.san_scale, "scope": p.san_scope}
+            elif p.advantage in ("psr", "nsr"):
+                opts = {"correct_value": p.correct_reward}
+            elif p.advantage == "w_reinforce":
+                opts = {"lam": p.w_reinforce_lambda, "correct_value": p.correct_reward}
+            out = compute_advantages(p.advantage, rewards, num_generations, **opts)
+        correct = rewards == p.correct_reward
+
+        local = output["completion_mask"].size(0)
+        rows = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
+        keep = out.keep[rows].to(device)
+        loss_mask = output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output[
+            "tool_mask"]
+        kept_mask = loss_mask * keep.unsqueeze(1).to(loss_mask.dtype)
+        output["advantages"] = out.advantages[rows].to(device=device, dtype=torch.float32)
+        output[KEEP] = keep.to(torch.float32)
+        output["num_items_in_batch"] = self.accelerator.gather(kept_mask.sum()).sum()
+        if p.sft_coef > 0:
+            output[CORRECT] = correct[rows].to(device=device, dtype=torch.float32)
+            output[NUM_CORRECT] = self.accelerator.gather((kept_mask * output[CORRECT].unsqueeze(1)).sum()).sum()
+        lengths = self.accelerator.gather(kept_mask.sum(-1).float())
+        if p.aggregation == "delta_l":
+            w = delta_l_weights(lengths, alpha=p.delta_l_alpha, scope=p.delta_l_scope, num_generations=num_generations)
+            output[DL_WEIGHTS] = w[rows].to(device)
+            valid = w[lengths > 0]
+            if valid.numel():
+                self._metrics[mode]["delta_l/weight_mean"].append(valid.mean().item())
+                self._metrics[mode]["delta_l/weight_min"].append(valid.min().item())
+                self._metrics[mode]["delta_l/weight_max"].append(valid.max().item())
+            self._metrics[mode]["delta_l/length_mean"].append(lengths[lengths > 0].mean().nan_to_num().item())
+            self._metrics[mode]["delta_l/length_std"].append(lengths[lengths > 0].std().nan_to_num().item())
+
+        self._log_advantage_metrics(mode, out.advantages, out.keep, correct, rewards, num_generations, stash)
+        # the completions table (log_completions) shows the advantages actually used
+        logged = self._logs.get("advantages") if isinstance(self._logs, dict) else None
+        if logged is not None and len(logged) >= out.advantages.numel():
+            for _ in range(out.advantages.numel()):
+                logged.pop()
+            logged.extend(out.advantages.tolist())
+        return output
+
+    def _log_advantage_metrics(self, mode, adv, keep, correct, rewards, num_generations, stash) -> None:
+        m = self._metrics[mode]
+        kept = adv[keep]
+        if kept.numel():
+            m["advantages/mean"].append(kept.mean().item())
+            m["advantages/std"].append(kept.std().nan_to_num().item() if kept.numel() > 1 else 0.0)
+            m["advantages/min"].append(kept.min().item())
+            m["advantages/max"].append(kept.max().item())
+        m["advantages/frac_zero"].append((adv == 0).float().mean().item())
+        m["rl/kept_rows_frac"].append(keep.float().mean().item())
+        m["rl/correct_frac"].append(correct.float().mean().item())
+        solved = correct.view(-1, num_generations)
+        m["rl/frac_prompts_all_correct"].append(solved.all(dim=1).float().mean().item())
+        m["rl/frac_prompts_none_correct"].append((~solved).all(dim=1).float().mean().item())
+        if "strata" in stash:
+            keys = stash["strata"]
+            groups = [keys[i : i + num_generations] for i in range(0, len(keys), num_generations)]
+            counts = [[g.count(k) for k in set(g)] for g in groups]
+            m["san/num_strata_per_group"].append(sum(len(c) for c in counts) / max(len(counts), 1))
+            n_strata = sum(len(c) for c in counts)
+            m["san/frac_singleton_strata"].append(sum(c.count(1) for c in counts) / max(n_strata, 1))
+            numeric = [float(k) for k in keys if isinstance(k, int | float) and not isinstance(k, bool)]
+            if len(numeric) == len(keys):
+                m["san/stratum_key_mean"].append(sum(numeric) / max(len(numeric), 1))
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # loss
+
+    def _compute_loss(self, model, inputs):
+        p = self.params
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        if KEEP in inputs:
+            mask = mask * inputs[KEEP].unsqueeze(1).to(mask.dtype)
+
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in _MULTIMODAL_KEYS if inputs.get(k) is not None},
+        )
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        advantages = inputs["advantages"]
+
+        options: dict[str, Any] = {"epsilon": p.epsilon, "epsilon_high": p.epsilon_high, "dual_clip_c": p.dual_clip_c}
+        if p.clipping == "gppo":
+            options.update(beta1=p.gppo_beta1, beta2=p.gppo_beta2, only_high=p.gppo_only_high)
+        clip = policy_loss(p.clipping, logps, old, advantages, **options)
+        per_token = clip.per_token_loss
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            per_token = per_token * inputs["importance_sampling_ratio"]
+        kl = None
+        if p.beta != 0.0:
+            kl = kl_k3(logps, inputs["ref_per_token_logps"])
+            if self.args.use_bias_correction_kl:
+                kl = kl * torch.exp(logps - old)
+
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        # N_glob of the optimizer step's global accumulated batch: TRL's num_items_in_batch spans the generation
+        # batch, i.e. steps_per_generation micro-batches (grpo.md "Loss").
+        window = ga / self.args.steps_per_generation if mode == "train" else 1.0
+        nproc = self.accelerator.num_processes
+        T = self.max_completion_length
+        if p.aggregation == "dapo":
+            total = per_token if kl is None else per_token + p.beta * kl
+            loss = aggregate_loss("dapo", total, mask, num_items_in_batch=inputs["num_items_in_batch"] * window,
+                                  num_processes=nproc)
+        elif p.aggregation == "delta_l":
+            # ΔL weights scale the surrogate only; the KL term stays unweighted (delta_l_normalization.md step 5)
+            loss = aggregate_loss("delta_l", per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS])
+            if kl is not None:
+                loss = loss + p.beta * dr_grpo(kl, mask, T)
+            loss = loss / ga
+        else:
+            total = per_token if kl is None else per_token + p.beta * kl
+            extra = {"max_completion_length": T} if p.aggregation == "dr_grpo" else {}
+            loss = aggregate_loss(p.aggregation, total, mask, **extra) / ga
+        policy_value = loss.detach() * (ga if p.aggregation != "dapo" else 1)
+
+        metrics = self._metrics[mode]
+        if p.sft_coef > 0:
+            sft = gppo_sft_loss(logps, mask, inputs[CORRECT], coef=p.sft_coef,
+                                num_correct_tokens=inputs[NUM_CORRECT] * window, num_processes=nproc)
+            loss = loss + sft
+            metrics["gppo/sft_loss"].append(self.accelerator.gather(sft.detach()).sum().item())
+        if p.entropy_coef:
+            entropy_term = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / ga
+            loss = loss - p.entropy_coef * entropy_term
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / ga
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        def global_masked_mean(x: torch.Tensor) -> float:
+            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().float()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        metrics["policy_loss"].append(self.accelerator.gather(policy_value).mean().item())
+        if kl is not None:
+            metrics["kl"].append(global_masked_mean(kl.detach()))
+        metrics["entropy"].append(global_masked_mean(entropies.detach()))
+        metrics["clip_ratio/low_mean"].append(global_masked_mean(clip.low_clipped.float()))
+        metrics["clip_ratio/high_mean"].append(global_masked_mean(clip.high_clipped.float()))
+        metrics["clip_ratio/region_mean"].append(global_masked_mean((clip.low_clipped | clip.high_clipped).float()))
+        if p.dual_clip_c is not None:
+            metrics["clip_ratio/dual_mean"].append(global_masked_mean(clip.dual_clipped.float()))
+        if p.clipping == "gppo":
+            metrics["clip_ratio/gradient_preserved_mean"].append(global_masked_mean(clip.gradient_preserved.float()))
+        return loss
+
+
+_MULTIMODAL_KEYS = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# building
+
+
+def make_stratum_fn(key: str, columns: list[str]) -> Callable[..., Hashable]:
+    """``method.stratum_key`` -> ``fn(row, prompt, completion)``: ``tool_calls`` (default), ``module:function`` or a
+    dataset column."""
+    if key == "tool_calls":
+        return lambda row, prompt, completion: count_tool_calls(completion)
+    if ":" in key:
+        from posttrain.rl.rewards import import_function
+
+        fn = import_function(key, "method.stratum_key")
+
+        def call(row, prompt, completion):
+            extra = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+            try:
+                value = fn(prompt=prompt, completion=completion, **extra)
+            except Exception as exc:
+                raise UserError(f"method.stratum_key ({key}): raised {type(exc).__name__}: {exc}") from exc
+            return _hashable(value, key)
+
+        return call
+    if key not in columns:
+        from posttrain.errors import did_you_mean
+
+        raise UserError(
+            f"method.stratum_key: '{key}' is neither 'tool_calls', a 'module:function' nor a column of data.train"
+            f"{did_you_mean(key, columns)} (columns: {columns})"
+        )
+    return lambda row, prompt, completion: _hashable(row[key], key)
+
+
+def _hashable(value: Any, key: str) -> Hashable:
+    if isinstance(value, list):
+        value = tuple(value)
+    try:
+        hash(value)
+    except TypeError:
+        raise UserError(f"method.stratum_key ({key}): value {value!r} is not hashable") from None
+    return value
+
+
+# training.<key> that the method block owns, and where to set them instead
+_METHOD_OWNED = {
+    "loss_type": "method.aggregation / method.clipping",
+    "beta": "method.beta",
+    "epsilon": "method.epsilon",
+    "epsilon_high": "method.epsilon_high",
+    "scale_rewards": "method.scale_rewards",
+    "reward_weights": "method.rewards[].weight",
+    "entropy_coef": "method.entropy_coef",
+    "delta": "method.dual_clip_c",
+}
+# TRL features whose loss-side code this trainer does not reproduce
+_UNSUPPORTED = {
+    "importance_sampling_level": "token",
+    "off_policy_mask_threshold": None,
+    "top_entropy_quantile": 1.0,
+    "use_adaptive_entropy": False,
+}
+
+
+def build_rl_trainer(ctx):
+    """The ``rl`` family (method ``grpo``) on :class:`PosttrainGRPOTrainer`."""
+    from trl import GRPOConfig
+
+    from posttrain.adapters.trainer import make_trainer
+    from posttrain.data.sources import load_source
+    from posttrain.rl.rewards import NEEDS_ANSWER, load_reward_functions
+    from posttrain.train import peft_config, training_config
+
+    recipe, p = ctx.recipe, ctx.recipe.params
+    if recipe.data.train is None:
+        raise UserError("data.train: required key is missing")
+    for key, where in _METHOD_OWNED.items():
+        if key in recipe.training:
+            raise UserError(f"training.{key}: set it as {where} for method '{ctx.info.name}'")
+    for key, default in _UNSUPPORTED.items():
+        if key in recipe.training and recipe.training[key] != default:
+            raise UserError(f"training.{key}: not supported by method '{ctx.info.name}' (leave it at {default!r})")
+    moa = recipe.training.get("multi_objective_aggregation", "sum_then_normalize")
+    if moa != "sum_then_normalize" and p.advantage != "group":
+        raise UserError(
+            f"training.multi_objective_aggregation: {moa} only works with method.advantage: group "
+            f"(advantage is {p.advantage})"
+        )
+    train = load_source(recipe.data.train, "data.train", "rl")
+    evals = load_source(recipe.data.eval, "data.eval", "rl") if recipe.data.eval is not None else None
+    for i, spec in enumerate(p.rewards):
+        if spec.name in NEEDS_ANSWER and "answer" not in train.column_names:
+            raise UserError(
+                f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has {train.column_names};"
+                " rename with data.train.columns)"
+            )
+    funcs, weights = load_reward_functions(p.rewards)
+    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names) if p.advantage == "stratified" else None
+
+    overrides: dict[str, Any] = {
+        "loss_type": p.aggregation if p.aggregation != "delta_l" else "dr_grpo",
+        "beta": p.beta,
+        "epsilon": p.epsilon,
+        "epsilon_high": p.epsilon_high,
+        "scale_rewards": p.scale_rewards,
+        "reward_weights": weights,
+    }
+    if evals is not None:
+        overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
+    config = training_config(GRPOConfig, recipe, overrides)
+    return make_trainer(
+        PosttrainGRPOTrainer,
+        recipe,
+        model=ctx.model,
+        reward_funcs=funcs,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=ctx.tokenizer,
+        peft_config=peft_config(recipe),
+        callbacks=ctx.callbacks,
+        params=p,
+        stratum_fn=stratum_fn,
+    )

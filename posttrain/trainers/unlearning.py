@@ -1,0 +1,354 @@
+"""The unlearning-family trainer (``ga``, ``grad_diff``, ``npo``, ``npo_rt``, ``npo_kl``, ``simnpo``).
+
+A thin subclass of ``transformers.Trainer`` (TRL has no unlearning trainer). Data: every item pairs one forget row
+with one retain row (the forget set is the anchor, as in open-unlearning's ``ForgetRetainDataset``; the retain row is
+drawn at random, seeded by ``seed``, item and epoch). Labels cover the answer tokens plus the EOS the collator appends
+(TOFU); the question is ``-100``.
+
+Per step, the policy is called once through TRL's fused LM head (``model(..., fused_lm_head=True)``: per-token
+log-probs, no full logits): on ``[forget; retain]`` stacked for the NLL-retain methods, on the forget rows alone
+otherwise. NPO calls the frozen reference once on the forget rows (``ref_model``, or the adapter-disabled policy with
+``peft`` and no ``ref_model``). ``npo_kl`` needs full next-token distributions on the retain rows, so its retain
+rows go through an ordinary (logits) forward of the policy and of the reference. The pure
+:func:`posttrain.losses.unlearning.unlearning_objective` turns these into the loss; its metrics (``forget_loss``,
+``retain_loss``, ``forget_nll``, ``retain_nll`` / ``retain_kl``, ``npo/log_ratio_mean``, ``npo/weight_mean``,
+``simnpo/*``) plus ``forget_answer_prob`` / ``retain_answer_prob`` (mean per-sequence ``exp(-avg answer NLL)``) are
+averaged over each logging interval and written to ``metrics.jsonl``.
+
+Loss reductions are per micro-batch (the HF ``outputs.loss`` convention of both reference code bases); with gradient
+accumulation the loss is divided by the number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from posttrain.errors import UserError
+from posttrain.logprobs import ensure_fused_head
+from posttrain.losses.unlearning import UNLEARNING_DEFAULTS, unlearning_objective
+from posttrain.trainers.common import AtomicCheckpointMixin
+
+logger = logging.getLogger("posttrain")
+
+SIDES = ("forget", "retain")
+
+
+@dataclasses.dataclass
+class UnlearningConfig(TrainingArguments):
+    """``TrainingArguments`` plus the sequence cap of the unlearning data."""
+
+    max_length: int = dataclasses.field(
+        default=512, metadata={"help": "Truncate prompt + answer + EOS to this many tokens."}
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tokenize_rows(rows, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per ``{prompt, completion}`` row: prompt + completion + EOS, prompt labels ``-100``."""
+    eos = tokenizer.eos_token or ""
+    out = []
+    for prompt, completion in zip(rows["prompt"], rows["completion"], strict=True):
+        p = tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
+        ids = (p + c)[:max_length]
+        labels = ([-100] * len(p) + c)[:max_length]
+        out.append((ids, labels))
+    return out
+
+
+class ForgetRetainDataset(torch.utils.data.Dataset):
+    """Item ``i`` = forget row ``i`` + a retain row drawn from ``Random((seed, epoch, i))`` (``None`` without a retain
+    set). ``set_epoch`` (called by :class:`_EpochCallback`) redraws the pairing every epoch."""
+
+    def __init__(self, forget: list, retain: list | None, seed: int = 0):
+        self.forget, self.retain, self.seed, self.epoch = forget, retain, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def retain_index(self, i: int) -> int:
+        return random.Random(f"{self.seed}-{self.epoch}-{i}").randrange(len(self.retain))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {"forget": self.forget[i]}
+        if self.retain:
+            item["retain"] = self.retain[self.retain_index(i)]
+        return item
+
+
+class ForgetRetainCollator:
+    """Right-pads each side: ``{side}_input_ids``, ``{side}_attention_mask``, ``{side}_labels`` for forget/retain."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def _pad(self, pairs) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in pairs)
+        ids = [x + [self.pad] * (width - len(x)) for x, _ in pairs]
+        attn = [[1] * len(x) + [0] * (width - len(x)) for x, _ in pairs]
+        labels = [y + [-100] * (width - len(y)) for _, y in pairs]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attn), "labels": torch.tensor(labels)}
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for side in SIDES:
+            if side in items[0]:
+                batch.update({f"{side}_{k}": v for k, v in self._pad([it[side] for it in items]).items()})
+        return batch
+
+
+class _EpochCallback(TrainerCallback):
+    def __init__(self, dataset: ForgetRetainDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-9))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _peft_model(model):
+    from peft import PeftModel
+
+    while hasattr(model, "module") and not isinstance(model, PeftModel):
+        model = model.module
+    return model if isinstance(model, PeftModel) else None
+
+
+def _stack(a: torch.Tensor, b: torch.Tensor, pad) -> torch.Tensor:
+    width = max(a.shape[1], b.shape[1])
+    a = F.pad(a, (0, width - a.shape[1]), value=pad)
+    b = F.pad(b, (0, width - b.shape[1]), value=pad)
+    return torch.cat([a, b])
+
+
+def _answer_prob(logps: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over rows of ``exp(summed answer log-prob / answer tokens)`` (TOFU's Prob, on the training batch)."""
+    m = mask.to(torch.float32)
+    avg = (logps.detach().float() * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    return float(avg.exp().mean())
+
+
+class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
+    """GA, GradDiff, NPO (+RT / +KL) and SimNPO on :class:`ForgetRetainDataset` batches.
+
+    Args:
+        method: a key of :data:`posttrain.losses.unlearning.UNLEARNING_DEFAULTS`.
+        params: the method's hyperparameters (:mod:`posttrain.methods`).
+        ref_model: frozen reference for NPO / KL; ``None`` with a PEFT policy uses the adapter-disabled model.
+        peft_config: wrap ``model`` with this adapter (the fused head must already be on ``model``).
+    """
+
+    def __init__(self, *args, method: str, params, ref_model=None, peft_config=None, model=None, **kwargs):
+        self.method = method
+        self.params = params
+        self.spec = UNLEARNING_DEFAULTS[method]
+        wrapped = _peft_model(model)
+        ensure_fused_head(model if wrapped is None else wrapped.get_base_model())  # no-op when already patched
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        super().__init__(*args, model=model, **kwargs)
+        self.model_accepts_loss_kwargs = False  # micro-batch means: the Trainer divides by the accumulation steps
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.ref_model = None
+        if ref_model is not None:
+            ensure_fused_head(ref_model)
+            ref_model.eval().requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        if isinstance(self.train_dataset, ForgetRetainDataset):
+            self.add_callback(_EpochCallback(self.train_dataset))
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @property
+    def uses_retain(self) -> bool:
+        return self.spec["retain"] is not None and float(getattr(self.params, "alpha", 0.0)) != 0.0
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.spec["forget"] == "npo" or (self.uses_retain and self.spec["retain"] == "kl")
+
+    @contextlib.contextmanager
+    def _reference(self, model):
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        peft_model = _peft_model(model)
+        if peft_model is None:
+            raise UserError(f"ref_model: method '{self.method}' needs a reference model")
+        with peft_model.disable_adapter():
+            yield model
+
+    def _side(self, inputs, side):
+        return inputs[f"{side}_input_ids"], inputs[f"{side}_attention_mask"], inputs[f"{side}_labels"]
+
+    def policy_and_reference_logps(self, model, inputs) -> dict[str, torch.Tensor]:
+        """Per-token log-probs / masks (and logits for the KL term) that :func:`unlearning_objective` takes."""
+        f_ids, f_attn, f_lab = self._side(inputs, "forget")
+        pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
+        out: dict[str, torch.Tensor] = {}
+        kl = self.uses_retain and self.spec["retain"] == "kl"
+        if self.uses_retain and not kl:  # one fused call on [forget; retain]
+            r_ids, r_attn, r_lab = self._side(inputs, "retain")
+            res = model(
+                input_ids=_stack(f_ids, r_ids, pad),
+                attention_mask=_stack(f_attn, r_attn, 0),
+                labels=_stack(f_lab, r_lab, -100),
+                fused_lm_head=True,
+                use_cache=False,
+            )
+            b, wf, wr = f_ids.shape[0], f_ids.shape[1] - 1, r_ids.shape[1] - 1
+            out["forget_logps"], out["forget_mask"] = res.log_probs[:b, :wf], res.label_mask[:b, :wf]
+            out["retain_logps"], out["retain_mask"] = res.log_probs[b:, :wr], res.label_mask[b:, :wr]
+        else:
+            res = model(input_ids=f_ids, attention_mask=f_attn, labels=f_lab, fused_lm_head=True, use_cache=False)
+            out["forget_logps"], out["forget_mask"] = res.log_probs, res.label_mask
+        if kl:
+            r_ids, r_attn, r_lab = self._side(inputs, "retain")
+            out["retain_logits"] = model(input_ids=r_ids, attention_mask=r_attn, use_cache=False).logits
+            out["retain_labels"] = r_lab
+        if self.uses_reference:
+            with torch.no_grad(), self._reference(model) as ref:
+                if self.spec["forget"] == "npo":
+                    ref_res = ref(input_ids=f_ids, attention_mask=f_attn, labels=f_lab, fused_lm_head=True,
+                                  use_cache=False)
+                    out["forget_ref_logps"] = ref_res.log_probs
+                if kl:
+                    out["retain_ref_logits"] = ref(input_ids=r_ids, attention_mask=r_attn, use_cache=False).logits
+        return out
+
+    def objective_inputs(self, t: dict[str, torch.Tensor]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "forget_logps": t["forget_logps"],
+            "forget_mask": t["forget_mask"],
+            "forget_ref_logps": t.get("forget_ref_logps"),
+            "retain_logps": t.get("retain_logps"),
+            "retain_mask": t.get("retain_mask"),
+        }
+        if "retain_logits" in t:
+            if getattr(self.params, "retain_kl_mask", "completion") == "none":
+                kwargs["retain_logits"], kwargs["retain_ref_logits"] = t["retain_logits"], t["retain_ref_logits"]
+            else:
+                kwargs["retain_logits"] = t["retain_logits"][:, :-1]
+                kwargs["retain_ref_logits"] = t["retain_ref_logits"][:, :-1]
+                kwargs["retain_kl_mask"] = t["retain_labels"][:, 1:] != -100
+        for name in ("beta", "gamma", "alpha", "delta"):
+            if hasattr(self.params, name):
+                kwargs[name] = float(getattr(self.params, name))
+        return kwargs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        t = self.policy_and_reference_logps(model, inputs)
+        result = unlearning_objective(self.method, **self.objective_inputs(t))
+        metrics = {k: v for k, v in result.metrics.items() if k != "loss"}
+        metrics["forget_answer_prob"] = _answer_prob(t["forget_logps"], t["forget_mask"])
+        if "retain_logps" in t:
+            metrics["retain_answer_prob"] = _answer_prob(t["retain_logps"], t["retain_mask"])
+        elif "retain_logits" in t:
+            with torch.no_grad():
+                labels = t["retain_labels"][:, 1:]
+                mask = labels != -100
+                lp = torch.log_softmax(t["retain_logits"][:, :-1].float(), -1)
+                lp = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                metrics["retain_nll"] = float(-(lp * mask).sum() / mask.sum().clamp(min=1))
+                metrics["retain_answer_prob"] = _answer_prob(lp, mask)
+        self._record(metrics)
+        return (result.loss, result) if return_outputs else result.loss
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        names = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in names], dtype=torch.float32, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
+        for name, value in zip(names, values.tolist()):
+            self._metrics[name].append(value)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._metrics:
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
+            self._metrics.clear()
+        super().log(logs, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Builder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_unlearning_trainer(ctx):
+    """Build the unlearning trainer from a run context (see :mod:`posttrain.train`)."""
+    from posttrain.adapters.trainer import make_trainer
+    from posttrain.data.sources import load_source
+    from posttrain.train import peft_config, training_config
+
+    recipe, info, params = ctx.recipe, ctx.info, ctx.recipe.params
+    name, data = info.name, recipe.data
+    spec = UNLEARNING_DEFAULTS[name]
+    if data.train is not None:
+        raise UserError(f"data.train: unlearning method '{name}' reads data.forget and data.retain, not data.train")
+    if data.eval is not None:
+        raise UserError(
+            f"data.eval: unlearning method '{name}' has no eval loop; evaluate the run with "
+            "`posttrain eval RUN_DIR --suite tofu`"
+        )
+    if data.forget is None:
+        raise UserError(
+            f"data.forget: method '{name}' needs a forget set (e.g. data.forget: {{source: builtin:facts, "
+            "split: forget05}})"
+        )
+    needs_retain = spec["retain"] is not None and float(getattr(params, "alpha", 0.0)) != 0.0
+    if needs_retain and data.retain is None:
+        raise UserError(
+            f"data.retain: method '{name}' needs a retain set (e.g. data.retain: {{source: builtin:facts, "
+            "split: retain95}}), or set method.alpha: 0"
+        )
+    if data.retain is not None and not needs_retain:
+        logger.info("data.retain: not used by method '%s' (no retain term)", name)
+
+    config = training_config(UnlearningConfig, recipe, {"remove_unused_columns": False})
+    tok = ctx.tokenizer
+    forget = tokenize_rows(load_source(data.forget, "data.forget", "unlearning"), tok, config.max_length)
+    retain = None
+    if needs_retain:
+        retain = tokenize_rows(load_source(data.retain, "data.retain", "unlearning"), tok, config.max_length)
+    dataset = ForgetRetainDataset(forget, retain, seed=recipe.seed)
+    ensure_fused_head(ctx.model)  # before any adapter wraps the model (TRL's order)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    uses_reference = spec["forget"] == "npo" or (needs_retain and spec["retain"] == "kl")
+    return make_trainer(
+        PosttrainUnlearningTrainer,
+        recipe,
+        uses_disabled_adapter_reference=uses_reference and ctx.ref_model is None and recipe.peft is not None,
+        model=ctx.model,
+        args=config,
+        train_dataset=dataset,
+        data_collator=ForgetRetainCollator(pad),
+        processing_class=tok,
+        peft_config=peft_config(recipe),
+        callbacks=ctx.callbacks,
+        method=name,
+        params=params,
+        ref_model=ctx.ref_model,
+    )

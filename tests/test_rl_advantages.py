@@ -1,0 +1,254 @@
+"""Advantage estimators against the hand-computed numbers in /work/shared/methods/{grpo,stratified_grpo,
+negative_reinforcement}.md."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.rl import advantages as adv
+from posttrain.rl.advantages import (
+    combine_rewards,
+    compute_advantages,
+    count_tool_calls,
+    group,
+    normalize_then_sum,
+    nsr,
+    psr,
+    stratified,
+    stratum_ids,
+    w_reinforce,
+)
+
+ATOL = 2e-6
+
+# grpo.md worked example: 2 prompts x 3 completions, two reward functions with weights [1.0, 0.5].
+ACC = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+FMT = [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+RPF = torch.tensor([ACC, FMT]).T
+WEIGHTS = [1.0, 0.5]
+R = torch.tensor([1.5, 0.5, 1.0, 0.5, 0.0, 1.5])
+
+
+def close(actual, expected, atol=ATOL):
+    torch.testing.assert_close(torch.as_tensor(actual).double(), torch.tensor(expected).double(), atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- GRPO
+
+
+def test_combine_rewards_worked_example():
+    close(combine_rewards(RPF, WEIGHTS), R.tolist())
+
+
+def test_combine_rewards_all_nan_row_is_nan():
+    rpf = torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")]])
+    r = combine_rewards(rpf, [1.0, 2.0])
+    assert r[0].item() == 1.0 and math.isnan(r[1].item())
+
+
+def test_group_scale_group():
+    close(group(R, 3), [0.999800, -0.999800, 0, -0.218189, -0.872757, 1.090947])
+    close(group(R, 3, scale_rewards=True), [0.999800, -0.999800, 0, -0.218189, -0.872757, 1.090947])
+
+
+def test_group_scale_batch():
+    close(group(R, 3, scale_rewards="batch"), [0.825586, -0.825586, 0, -0.275195, -1.100782, 1.375977])
+
+
+def test_group_scale_none():
+    expected = [0.5, -0.5, 0, -0.166667, -0.666667, 0.833333]
+    close(group(R, 3, scale_rewards="none"), expected)
+    close(group(R, 3, scale_rewards=False), expected)
+
+
+def test_normalize_then_sum_worked_example():
+    close(normalize_then_sum(RPF, 3, WEIGHTS), [0.865939, -0.865939, 0, -0.288646, -1.154585, 1.443231])
+
+
+def test_group_equal_rewards_give_exact_zero():
+    a = group(torch.tensor([0.7, 0.7, 0.7, 1.0, 0.0, 1.0]), 3)
+    assert torch.equal(a[:3], torch.zeros(3))
+
+
+def test_group_nan_rows_excluded_and_zero():
+    # Row 1 unscorable: the group statistics use rows 0 and 2 only (mean 1.25, std 0.353553).
+    r = torch.tensor([1.5, float("nan"), 1.0])
+    a = group(r, 3)
+    assert a[1].item() == 0.0
+    s = math.sqrt(0.125)
+    close(a, [0.25 / (s + 1e-4), 0.0, -0.25 / (s + 1e-4)])
+    # Only one scorable row in the group: no NaN, advantage 0.
+    assert torch.equal(group(torch.tensor([2.0, float("nan")]), 2), torch.zeros(2))
+
+
+def test_group_reward_scaling_invariance():
+    # Scaling weights by c leaves A(group) unchanged up to the 1e-4 epsilon and scales A(none) by c.
+    c = 3.0
+    r2 = combine_rewards(RPF, [c * w for w in WEIGHTS])
+    close(group(r2, 3), group(R, 3).tolist(), atol=2e-4)
+    close(group(r2, 3, scale_rewards="none"), (c * group(R, 3, scale_rewards="none")).tolist())
+
+
+def test_group_is_detached_and_validates():
+    r = R.clone().requires_grad_(True)
+    assert not group(r, 3).requires_grad
+    with pytest.raises(ValueError):
+        group(R, 4)
+    with pytest.raises(ValueError):
+        group(R, 3, scale_rewards="sequence")
+
+
+# ---------------------------------------------------------------------------------------------------- Stratified
+
+S_R = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+S_KEYS = torch.tensor([0, 0, 1, 1, 1, 1, 1, 3])
+
+
+@pytest.mark.parametrize(
+    "alpha,expected",
+    [
+        (1.0, [0.707007, -0.707007, 0, 0, 0.577250, 0.577250, -1.154501, 0]),
+        (0.0, [0.499900, -1.499700, 0.499900, 0.499900, 0.865875, 0.865875, -0.865875, -0.865875]),
+        (0.8, [0.665585, -0.865545, 0.099980, 0.099980, 0.634975, 0.634975, -1.096776, -0.173175]),
+        (0.5, [0.603453, -1.103353, 0.249950, 0.249950, 0.721563, 0.721563, -1.010188, -0.432938]),
+    ],
+)
+def test_stratified_worked_example(alpha, expected):
+    close(stratified(S_R, 4, S_KEYS, alpha=alpha), expected)
+
+
+def test_stratified_scale_none():
+    close(stratified(S_R, 4, S_KEYS, alpha=1.0, scale="none"), [0.5, -0.5, 0, 0, 0.333333, 0.333333, -0.666667, 0])
+    close(stratified(S_R, 4, S_KEYS, alpha=0.0, scale="none"), [0.25, -0.75, 0.25, 0.25, 0.5, 0.5, -0.5, -0.5])
+    close(
+        stratified(S_R, 4, S_KEYS, alpha=0.8, scale="none"),
+        [0.45, -0.55, 0.05, 0.05, 0.366667, 0.366667, -0.633333, -0.1],
+    )
+
+
+def test_stratified_theorem1_variance_reduction():
+    # Thm. 1 on prompt 1, population variances, no std scaling: 0.1875 - 0.125 = 0.0625.
+    san = stratified(S_R[:4], 4, S_KEYS[:4], alpha=1.0, scale="none")
+    gn = stratified(S_R[:4], 4, S_KEYS[:4], alpha=0.0, scale="none")
+    assert san.var(unbiased=False).item() == pytest.approx(0.125, abs=1e-7)
+    assert gn.var(unbiased=False).item() == pytest.approx(0.1875, abs=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 1.0])
+@pytest.mark.parametrize("scale", ["stratum", "none"])
+def test_stratified_single_stratum_equals_grpo_exactly(alpha, scale):
+    r = torch.tensor([1.5, 0.5, 1.0, 0.5, 0.0, 1.5, float("nan"), 2.0, 3.0])
+    const = torch.full((9,), 7)
+    base = group(r, 3, scale_rewards="group" if scale == "stratum" else "none")
+    assert torch.equal(stratified(r, 3, const, alpha=alpha, scale=scale), base)
+
+
+def test_stratified_alpha0_is_grpo_whatever_keys():
+    assert torch.equal(stratified(S_R, 4, S_KEYS, alpha=0.0), group(S_R, 4))
+
+
+def test_stratified_all_singletons_alpha1_is_zero():
+    out = stratified(S_R, 4, torch.arange(8), alpha=1.0)
+    assert torch.equal(out, torch.zeros(8))
+
+
+def test_stratified_san_sums_to_zero_and_unit_variance_with_eps0():
+    r = torch.tensor([0.3, 1.2, 0.7, 2.0, 5.0, -1.0, 0.5, 0.25])
+    keys = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    san = stratified(r, 8, keys, alpha=1.0, eps=0.0)
+    for k in (0, 1, 2):
+        s = san[keys == k]
+        assert s.sum().item() == pytest.approx(0.0, abs=1e-6)
+        assert s.var(unbiased=True).item() == pytest.approx(1.0, abs=1e-5)
+    # Affine invariance with eps = 0, shift invariance only with scale="none".
+    close(stratified(2.5 * r + 4.0, 8, keys, alpha=1.0, eps=0.0), san.tolist(), atol=1e-5)
+    none = stratified(r, 8, keys, alpha=1.0, scale="none")
+    close(stratified(r + 4.0, 8, keys, alpha=1.0, scale="none"), none.tolist(), atol=1e-5)
+
+
+def test_stratified_no_cross_prompt_mixing_and_permutation_equivariance():
+    relabelled = S_KEYS.clone()
+    relabelled[4:] = torch.tensor([9, 9, 0, 0])
+    a = stratified(S_R, 4, S_KEYS, alpha=0.8)
+    b = stratified(S_R, 4, relabelled, alpha=0.8)
+    assert torch.equal(a[:4], b[:4])
+    perm = torch.tensor([2, 0, 3, 1, 7, 5, 4, 6])  # permute rows inside each prompt group
+    close(stratified(S_R[perm], 4, S_KEYS[perm], alpha=0.8), a[perm].tolist(), atol=1e-7)
+
+
+def test_stratified_batch_scope():
+    # san_scope="batch": stratum = key alone. Key 1 rows (2,3,4,5,6) = [1,1,1,1,0]: mean 0.8, std sqrt(0.2).
+    out = stratified(S_R, 4, S_KEYS, alpha=1.0, scope="batch")
+    s = math.sqrt(0.2) + 1e-4
+    close(out, [0.707007, -0.707007, 0.2 / s, 0.2 / s, 0.2 / s, 0.2 / s, -0.8 / s, 0.0])
+
+
+def test_stratum_key_helpers():
+    assert count_tool_calls("a <tool_call>x</tool_call> b <tool_call>y</tool_call>") == 2
+    assert count_tool_calls("no calls") == 0
+    msgs = [
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "search"}, {"name": "search"}]},
+        {"role": "tool", "content": "result"},
+        {"role": "assistant", "content": "<tool_call>{}</tool_call>"},
+    ]
+    assert count_tool_calls(msgs) == 3
+    ids = stratum_ids([2, None, 2, "x", None])
+    assert ids.tolist() == [0, 1, 0, 2, 1]
+    keys = stratum_ids([count_tool_calls(c) for c in ["", "", "<tool_call>", "<tool_call>"]])
+    close(stratified(torch.tensor([1.0, 0.0, 1.0, 1.0]), 4, keys, alpha=1.0), [0.707007, -0.707007, 0, 0])
+
+
+# ---------------------------------------------------------------------------------------------------- PSR / NSR / W
+
+CORRECT = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+
+
+def test_psr_nsr_w_advantages():
+    a, keep = psr(CORRECT)
+    assert a.tolist() == [1, 0, 1, 0, 0, 1] and keep.tolist() == [True, False, True, False, False, True]
+    a, keep = nsr(CORRECT)
+    assert a.tolist() == [0, -1, 0, -1, -1, 0] and keep.tolist() == [False, True, False, True, True, False]
+    a, keep = w_reinforce(CORRECT, lam=0.1)
+    close(a, [0.1, -1, 0.1, -1, -1, 0.1])
+    assert keep.all()
+
+
+def test_all_correct_group_keeps_nonzero_advantages():
+    # No group baseline: an all-correct group still has +1 (PSR) / +lambda (W) advantages.
+    assert psr(torch.ones(4))[0].tolist() == [1, 1, 1, 1]
+    close(w_reinforce(torch.ones(4), lam=0.1)[0], [0.1] * 4)
+
+
+def test_w_reinforce_lambda1_is_pm1_rewards():
+    a, keep = w_reinforce(CORRECT, lam=1.0)
+    assert torch.equal(a, 2 * CORRECT - 1) and keep.all()
+
+
+def test_correctness_options():
+    r = torch.tensor([1.0, 0.0, 0.5, float("nan")])
+    # Default: incorrect = anything scorable that is not the correct value.
+    assert nsr(r)[1].tolist() == [False, True, True, False]
+    # Reference-code semantics: only score 0 is incorrect; 0.5 belongs to neither set.
+    a, keep = w_reinforce(r, lam=0.1, incorrect_value=0.0)
+    assert keep.tolist() == [True, True, False, False]
+    close(a, [0.1, -1, 0, 0])
+    # Bool correctness tensors and a custom correct value.
+    assert psr(torch.tensor([True, False]))[0].tolist() == [1, 0]
+    assert psr(torch.tensor([2.0, 1.0]), correct_value=2.0)[1].tolist() == [True, False]
+
+
+def test_dispatcher():
+    out = compute_advantages("grpo", R, 3, scale_rewards="none")
+    assert torch.equal(out.advantages, group(R, 3, scale_rewards="none")) and out.keep.all()
+    out = compute_advantages("stratified", S_R, 4, strata=S_KEYS, alpha=0.8)
+    assert torch.equal(out.advantages, stratified(S_R, 4, S_KEYS, alpha=0.8))
+    out = compute_advantages("w_reinforce", CORRECT, 3, w_reinforce_lambda=0.1)
+    close(out.advantages, [0.1, -1, 0.1, -1, -1, 0.1])
+    assert compute_advantages("psr", CORRECT, 3).keep.sum() == 3
+    assert compute_advantages("nsr", CORRECT, 3).keep.sum() == 3
+    with pytest.raises(ValueError):
+        compute_advantages("stratified", S_R, 4)
+    with pytest.raises(ValueError):
+        compute_advantages("rloo", R, 3)
+    assert set(adv.ADVANTAGE_ESTIMATORS) == {"grpo", "stratified", "psr", "nsr", "w_reinforce"}

@@ -1,0 +1,415 @@
+"""PPO / GPPO clipping, GPPO's SFT term, k3 KL: values and autograd gradients against the worked numbers in
+/work/shared/methods/{grpo,negative_reinforcement,gppo}.md, plus a comparison with TRL 1.16's own
+``GRPOTrainer._compute_loss`` run on the same tensors."""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from posttrain.rl.advantages import group, nsr, psr, w_reinforce
+from posttrain.rl.aggregation import aggregate_loss, dapo
+from posttrain.rl.clipping import (
+    POLICY_OBJECTIVES,
+    clip_metrics,
+    gppo_clip,
+    gppo_sft_loss,
+    kl_k3,
+    policy_loss,
+    ppo_clip,
+)
+
+ATOL = 2e-6
+
+
+def close(actual, expected, atol=ATOL):
+    torch.testing.assert_close(torch.as_tensor(actual).double(), torch.as_tensor(expected).double(), atol=atol, rtol=0)
+
+
+def padded(rows, width, fill=0.0):
+    out = torch.full((len(rows), width), fill)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def leaf(rho):
+    return torch.log(rho).clone().requires_grad_(True)
+
+
+def grad_of(loss, logps, retain=False):
+    (g,) = torch.autograd.grad(loss, logps, retain_graph=retain)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------- grpo.md batch
+
+G_RHO_ROWS = [[1.0, 1.35], [0.7, 1.1, 1.0, 0.9], [1.15], [1.35, 1.0, 0.95], [1.0, 0.7], [0.7, 1.0, 1.35, 1.05]]
+G_LEN = [2, 4, 1, 3, 2, 4]
+G_MASK = padded([[1.0] * n for n in G_LEN], 4)
+G_RHO = padded(G_RHO_ROWS, 4, fill=1.0)
+G_R = torch.tensor([1.5, 0.5, 1.0, 0.5, 0.0, 1.5])
+G_A = group(G_R, 3)
+
+
+def test_ppo_clip_masks_and_metrics_grpo_example():
+    logps = leaf(G_RHO)
+    out = ppo_clip(logps, torch.zeros_like(logps), G_A, epsilon=0.2, epsilon_high=0.28)
+    low = {tuple(i) for i in (out.low_clipped & (G_MASK > 0)).nonzero().tolist()}
+    high = {tuple(i) for i in (out.high_clipped & (G_MASK > 0)).nonzero().tolist()}
+    assert low == {(1, 0), (4, 1)}
+    assert high == {(0, 1), (5, 2)}
+    assert not out.low_clipped[3, 0] and not out.high_clipped[3, 0]  # A<0, rho 1.35: not clipped
+    assert not out.gradient_preserved.any() and not out.dual_clipped.any()
+    m = clip_metrics(out, G_MASK)
+    assert m["clip_ratio/low_mean"] == pytest.approx(0.125)
+    assert m["clip_ratio/high_mean"] == pytest.approx(0.125)
+    assert m["clip_ratio/region_mean"] == pytest.approx(0.25)
+    # Clipped tokens have exactly zero gradient; A<0 with rho>1+eps_high keeps -A*rho.
+    g = grad_of((out.per_token_loss * G_MASK).sum(), logps)
+    for t in [(1, 0), (4, 1), (0, 1), (5, 2)]:
+        assert g[t].item() == 0.0
+    assert g[3, 0].item() == pytest.approx(-G_A[3].item() * 1.35, abs=1e-6)
+
+
+def test_ppo_epsilon_high_defaults_to_epsilon():
+    logps = leaf(torch.tensor([[1.25, 0.75]]))
+    out = ppo_clip(logps, torch.zeros_like(logps), torch.tensor([1.0]), epsilon=0.2)
+    assert out.high_clipped[0, 0] and not out.low_clipped.any()
+    close(out.per_token_loss, [[-1.2, -0.75]])
+
+
+def test_on_policy_no_clipping_and_grad_is_minus_a():
+    logps = torch.randn(6, 4).requires_grad_(True)
+    out = ppo_clip(logps, logps.detach(), G_A, epsilon=0.2, epsilon_high=0.28)
+    assert not (out.low_clipped | out.high_clipped).any()
+    g = grad_of(dapo(out.per_token_loss, G_MASK), logps)
+    close(g, (-G_A / 16).unsqueeze(1) * G_MASK)
+
+
+def test_kl_k3_values_and_grad():
+    ref = torch.zeros(3)
+    logps = torch.tensor([0.1, -0.2, 0.0], requires_grad=True)
+    k3 = kl_k3(logps, ref)
+    close(k3, [0.004837, 0.021403, 0.0])
+    close(grad_of(k3.sum(), logps), [0.095163, -0.221403, 0.0])
+    # ref == policy: k3 = 0 and zero gradient.
+    lp = torch.randn(5, requires_grad=True)
+    k = kl_k3(lp, lp.detach())
+    assert torch.equal(k.detach(), torch.zeros(5))
+    assert torch.equal(grad_of(k.sum(), lp), torch.zeros(5))
+
+
+# ---------------------------------------------------------------------------------------------------- PSR / NSR / W
+
+CORRECT = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+
+
+def nr_loss(estimator, rho=G_RHO, **kw):
+    a, keep = estimator(CORRECT, **kw)
+    logps = leaf(rho)
+    out = ppo_clip(logps, torch.zeros_like(logps), a, epsilon=0.2)  # symmetric eps 0.2
+    mask = G_MASK * keep.unsqueeze(1)
+    loss = dapo(out.per_token_loss, mask)
+    return loss, grad_of(loss, logps) * G_MASK
+
+
+def test_psr_worked_example():
+    loss, g = nr_loss(psr, rho=torch.ones(6, 4))
+    assert loss.item() == pytest.approx(-1.0, abs=1e-7)
+    close(g, padded([[-1 / 7] * 2, [], [-1 / 7], [], [], [-1 / 7] * 4], 4))
+    loss, g = nr_loss(psr)
+    assert loss.item() == pytest.approx(-1.042857, abs=ATOL)
+    close(g, padded([[-0.142857, 0], [], [-0.164286], [], [], [-0.1, -0.142857, 0, -0.15]], 4))
+
+
+def test_nsr_worked_example():
+    loss, g = nr_loss(nsr, rho=torch.ones(6, 4))
+    assert loss.item() == pytest.approx(1.0, abs=1e-7)
+    close(g, padded([[], [1 / 9] * 4, [], [1 / 9] * 3, [1 / 9] * 2, []], 4))
+    loss, g = nr_loss(nsr)
+    assert loss.item() == pytest.approx(0.988889, abs=ATOL)
+    close(g, padded([[], [0, 0.122222, 0.111111, 0.1], [], [0.15, 0.111111, 0.105556], [0.111111, 0], []], 4))
+
+
+def test_w_reinforce_worked_example():
+    loss, g = nr_loss(w_reinforce, rho=torch.ones(6, 4), lam=0.1)
+    assert loss.item() == pytest.approx(0.518750, abs=1e-7)
+    close(g, padded([[-0.00625] * 2, [0.0625] * 4, [-0.00625], [0.0625] * 3, [0.0625] * 2, [-0.00625] * 4], 4))
+    loss, g = nr_loss(w_reinforce, lam=0.1)
+    assert loss.item() == pytest.approx(0.510625, abs=ATOL)
+    close(
+        g,
+        padded(
+            [
+                [-0.00625, 0],
+                [0, 0.06875, 0.0625, 0.05625],
+                [-0.0071875],
+                [0.084375, 0.0625, 0.059375],
+                [0.0625, 0],
+                [-0.004375, -0.00625, 0, -0.0065625],
+            ],
+            4,
+        ),
+    )
+
+
+def test_w_reinforce_lambda1_is_reinforce_pm1_not_psr_plus_nsr():
+    loss_w, g_w = nr_loss(w_reinforce, lam=1.0)
+    # REINFORCE with +/-1 rewards, no baseline: advantage = reward in {+1,-1}, token mean over all 16 tokens.
+    logps = leaf(G_RHO)
+    out = ppo_clip(logps, torch.zeros_like(logps), 2 * CORRECT - 1, epsilon=0.2)
+    ref = dapo(out.per_token_loss, G_MASK)
+    assert loss_w.item() == pytest.approx(ref.item(), abs=1e-7)
+    close(g_w, grad_of(ref, logps) * G_MASK, atol=1e-7)
+    assert loss_w.item() == pytest.approx(0.1, abs=ATOL)
+    # On-policy it is exactly REINFORCE: sum_i r_i * sum_t logp (no ratio), token mean.
+    lp = torch.randn(6, 4).requires_grad_(True)
+    a, _ = w_reinforce(CORRECT, lam=1.0)
+    g1 = grad_of(dapo(ppo_clip(lp, lp.detach(), a).per_token_loss, G_MASK), lp)
+    g2 = grad_of(-((2 * CORRECT - 1).unsqueeze(1) * lp * G_MASK).sum() / 16, lp)
+    close(g1, g2, atol=1e-7)
+    psr_plus_nsr = nr_loss(psr)[0] + nr_loss(nsr)[0]
+    assert psr_plus_nsr.item() == pytest.approx(-0.053968, abs=ATOL)
+
+
+def test_w_gradient_symmetry():
+    # Unclipped tokens with the same rho: correct gradient = -lambda * incorrect gradient.
+    _, g = nr_loss(w_reinforce, lam=0.1)
+    assert g[0, 0].item() == pytest.approx(-0.1 * g[1, 2].item(), abs=1e-8)  # both rho = 1.0
+
+
+def test_empty_included_set_gives_zero_loss():
+    a, keep = psr(torch.zeros(4))
+    logps = torch.randn(4, 3).requires_grad_(True)
+    out = ppo_clip(logps, logps.detach(), a)
+    loss = dapo(out.per_token_loss, torch.ones(4, 3) * keep.unsqueeze(1))
+    assert loss.item() == 0.0
+    assert torch.equal(grad_of(loss, logps), torch.zeros(4, 3))
+
+
+# ---------------------------------------------------------------------------------------------------- GPPO
+
+P_REWARDS = torch.tensor([1.0, -1.0, -1.0, 1.0])
+P_A = group(P_REWARDS, 4)
+P_DELTA_ROWS = [[1.0, 1.5], [0.5, 1.5], [12.0], [0.5, 1.1, 1.0]]
+P_MASK = padded([[1.0] * len(r) for r in P_DELTA_ROWS], 3)
+P_DELTA = padded(P_DELTA_ROWS, 3, fill=1.0)
+P_VALUES = padded([[-0.865950, -1.108417], [0.692760, 1.298926], [10.391405], [-0.432975, -0.952545, -0.865950]], 3)
+PPO_GRAD = padded([[-0.108244, 0], [0, 0.162366], [1.298926], [-0.054122, -0.119068, -0.108244]], 3)
+GPPO_GRAD = padded([[-0.108244, -0.138552], [0.086595, 0.162366], [1.298926], [-0.054122, -0.119068, -0.108244]], 3)
+
+
+def run(fn, delta=P_DELTA, mask=P_MASK, **kw):
+    logps = leaf(delta)
+    out = fn(logps, torch.zeros_like(logps), P_A, **kw)
+    loss = dapo(out.per_token_loss, mask)
+    return out, loss, grad_of(loss, logps) * mask
+
+
+def test_gppo_advantages():
+    close(P_A, [0.865950, -0.865950, -0.865950, 0.865950])
+
+
+def test_gppo_forward_equals_ppo_clip_higher():
+    ppo, lp, gp = run(ppo_clip, epsilon=0.2, epsilon_high=0.28)
+    gppo, lg, gg = run(gppo_clip, epsilon=0.2, epsilon_high=0.28)
+    close(ppo.per_token_loss * P_MASK, P_VALUES)
+    assert torch.equal(gppo.per_token_loss, ppo.per_token_loss)
+    assert lp.item() == pytest.approx(1.019657, abs=ATOL) and lg.item() == pytest.approx(1.019657, abs=ATOL)
+    close(gp, PPO_GRAD)
+    close(gg, GPPO_GRAD)
+    assert gg[0, 1].item() == pytest.approx(-(1 + 0.28) * 0.865950 / 8, abs=1e-6)
+    assert gg[1, 0].item() == pytest.approx((1 - 0.2) * 0.865950 / 8, abs=1e-6)
+    assert gppo.gradient_preserved.nonzero().tolist() == [[0, 1], [1, 0]]
+    assert clip_metrics(gppo, P_MASK)["clip_ratio/gradient_preserved_mean"] == pytest.approx(0.25)
+
+
+def test_gppo_dual_clip():
+    for fn in (ppo_clip, gppo_clip):
+        out, loss, g = run(fn, epsilon=0.2, epsilon_high=0.28, dual_clip_c=10.0)
+        assert out.per_token_loss[2, 0].item() == pytest.approx(8.659504, abs=1e-5)
+        assert loss.item() == pytest.approx(0.803169, abs=ATOL)
+        assert g[2, 0].item() == 0.0
+        assert out.dual_clipped.nonzero().tolist() == [[2, 0]]
+    _, _, g = run(gppo_clip, epsilon=0.2, epsilon_high=0.28, dual_clip_c=10.0)
+    expected = GPPO_GRAD.clone()
+    expected[2, 0] = 0.0
+    close(g, expected)
+
+
+def test_gppo_general_beta():
+    out, loss, g = run(gppo_clip, epsilon=0.2, epsilon_high=0.28, beta1=0.25, beta2=1.0)
+    assert out.per_token_loss[1, 0].item() == pytest.approx(0.173190, abs=ATOL)
+    assert g[1, 0].item() == pytest.approx(0.021649, abs=ATOL)
+    assert loss.item() == pytest.approx(0.954710, abs=ATOL)
+
+
+def test_gppo_only_high():
+    out, _, g = run(gppo_clip, epsilon=0.2, epsilon_high=0.28, only_high=True)
+    close(out.per_token_loss * P_MASK, P_VALUES)
+    assert g[1, 0].item() == 0.0
+    assert g[0, 1].item() == pytest.approx(-(1 + 0.28) * 0.865950 / 8, abs=1e-6)
+    assert out.gradient_preserved.nonzero().tolist() == [[0, 1]]
+
+
+def test_gppo_clipped_gradient_independent_of_delta_and_equal_inside_band():
+    for d_high, d_low in [(1.3, 0.79), (3.0, 0.3), (1e6, 1e-6)]:
+        delta = P_DELTA.clone()
+        delta[0, 1], delta[1, 0] = d_high, d_low
+        _, _, g = run(gppo_clip, delta=delta)
+        assert g[0, 1].item() == pytest.approx(-1.28 * 0.865950 / 8, abs=1e-6)
+        assert g[1, 0].item() == pytest.approx(0.8 * 0.865950 / 8, abs=1e-6)
+    inside = padded([[0.9, 1.1], [1.2, 0.85], [1.0], [0.95, 1.05, 1.25]], 3, fill=1.0)
+    po, lp, gp = run(ppo_clip, delta=inside, epsilon=0.2, epsilon_high=0.28)
+    go, lg, gg = run(gppo_clip, delta=inside, epsilon=0.2, epsilon_high=0.28)
+    assert torch.equal(po.per_token_loss, go.per_token_loss) and torch.equal(gp, gg)
+
+
+def test_gppo_huge_delta_no_nan():
+    logps = torch.tensor([[200.0, -200.0, 0.0]], requires_grad=True)  # exp overflows to inf / underflows to 0
+    for a in (1.0, -1.0):
+        out = gppo_clip(logps, torch.zeros_like(logps), torch.tensor([a]), dual_clip_c=10.0)
+        g = grad_of(out.per_token_loss.sum(), logps)
+        assert torch.isfinite(out.per_token_loss).all() and torch.isfinite(g).all()
+    out = gppo_clip(logps, torch.zeros_like(logps), torch.tensor([1.0]))
+    close(grad_of(out.per_token_loss.sum(), logps), [[-1.28, -1.0 * 0.0, -1.0]])
+
+
+def test_gppo_sft_term():
+    correct = P_REWARDS == 1.0
+    logps_val = torch.full((4, 3), -0.5)
+    logps = logps_val.clone().requires_grad_(True)
+    old = logps_val - torch.log(P_DELTA)  # same delta table as above
+    out = gppo_clip(logps, old, P_A)
+    sft = gppo_sft_loss(logps, P_MASK, correct, coef=0.1)
+    assert sft.item() == pytest.approx(0.05, abs=1e-7)
+    g_sft = grad_of(sft, logps, retain=True) * P_MASK
+    close(g_sft, padded([[-0.02] * 2, [], [], [-0.02] * 3], 3))
+    total = dapo(out.per_token_loss, P_MASK) + sft
+    assert total.item() == pytest.approx(1.069657, abs=ATOL)
+    close(grad_of(total, logps) * P_MASK, GPPO_GRAD + padded([[-0.02] * 2, [], [], [-0.02] * 3], 3))
+    assert gppo_sft_loss(logps, P_MASK, correct, coef=0.0).item() == 0.0
+    none = gppo_sft_loss(logps, P_MASK, torch.zeros(4, dtype=torch.bool), coef=0.1)
+    assert none.item() == 0.0 and torch.equal(grad_of(none, logps), torch.zeros(4, 3))
+    # Global normaliser: 10 correct tokens across the accumulated batch halves the per-token gradient.
+    close(grad_of(gppo_sft_loss(logps, P_MASK, correct, 0.1, num_correct_tokens=10), logps)[0, 0], -0.01)
+
+
+def test_policy_loss_dispatcher():
+    logps = leaf(P_DELTA)
+    old = torch.zeros_like(logps)
+    a = policy_loss("gppo", logps, old, P_A, epsilon=0.2, epsilon_high=0.28, gppo_beta1=0.25, gppo_only_high=False)
+    b = gppo_clip(logps, old, P_A, beta1=0.25)
+    assert torch.equal(a.per_token_loss, b.per_token_loss)
+    assert torch.equal(policy_loss("ppo", logps, old, P_A).per_token_loss, ppo_clip(logps, old, P_A).per_token_loss)
+    with pytest.raises(ValueError):
+        policy_loss("cispo", logps, old, P_A)
+    assert POLICY_OBJECTIVES == ("ppo", "gppo")
+
+
+# ---------------------------------------------------------------------------------------------------- TRL 1.16
+
+
+def _trl_compute_loss(loss_type, logps, inputs, beta=0.0, max_completion_length=4, ga_steps=1):
+    """Run TRL's own ``GRPOTrainer._compute_loss`` (unbound) on a minimal stand-in ``self``.
+
+    Only the model forward is stubbed (it returns ``logps``); the ratio, clipping, KL, aggregation and clip metrics
+    are TRL's code. Needs TRL 1.16's attribute names; if TRL renames them this test fails loudly.
+    """
+    from trl import GRPOTrainer
+
+    metrics = defaultdict(lambda: defaultdict(list))
+    acc = SimpleNamespace(num_processes=1, reduce=lambda x, reduction="sum": x, gather=lambda x: x,
+                          gather_for_metrics=lambda x: x)
+    stub = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=ga_steps),
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=ga_steps,
+        accelerator=acc,
+        max_completion_length=max_completion_length,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics=metrics,
+    )
+    loss = GRPOTrainer._compute_loss(stub, None, inputs)
+    return loss, metrics["train"]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_matches_trl_116_compute_loss(loss_type, beta):
+    pytest.importorskip("trl")
+    torch.manual_seed(0)
+    B, T = 6, 4
+    mask = G_MASK.clone()
+    mask[1, 3] = 0.0  # ragged
+    old = torch.randn(B, T) * 0.3 - 1.0
+    ref = old + torch.randn(B, T) * 0.1
+    logps_val = old + torch.log(G_RHO)  # the spec's rho table, with non-zero old logps
+    advantages = group(G_R, 3)  # TRL's advantage code lives inside _generate_and_score_completions; see report
+    inputs = {
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "num_items_in_batch": mask.sum(),
+    }
+    if beta:
+        inputs["ref_per_token_logps"] = ref
+
+    lp_trl = logps_val.clone().requires_grad_(True)
+    trl_loss, trl_metrics = _trl_compute_loss(loss_type, lp_trl, inputs, beta=beta)
+    g_trl = grad_of(trl_loss, lp_trl)
+
+    lp = logps_val.clone().requires_grad_(True)
+    out = ppo_clip(lp, old, advantages, epsilon=0.2, epsilon_high=0.28)
+    per_token = out.per_token_loss + (beta * kl_k3(lp, ref) if beta else 0.0)
+    opts = {"max_completion_length": 4} if loss_type == "dr_grpo" else {}
+    if loss_type == "dapo":
+        opts = {"num_items_in_batch": mask.sum()}
+    ours = aggregate_loss(loss_type, per_token, mask, **opts)
+    g = grad_of(ours, lp)
+
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-7)
+    torch.testing.assert_close(g, g_trl, atol=1e-8, rtol=1e-6)
+    m = clip_metrics(out, mask)
+    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert m[name] == pytest.approx(trl_metrics[name][0], abs=1e-7)
+    if beta:
+        kl_mean = ((kl_k3(lp, ref) * mask).sum() / mask.sum()).item()
+        assert kl_mean == pytest.approx(trl_metrics["kl"][0], abs=1e-7)
+
+
+def test_matches_trl_116_on_policy_without_old_logps():
+    # TRL uses old = logps.detach() when no old logps are stored (num_iterations == 1).
+    pytest.importorskip("trl")
+    torch.manual_seed(1)
+    logps_val = torch.randn(6, 4) - 1.0
+    inputs = {
+        "prompt_ids": torch.zeros(6, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(6, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(6, 4, dtype=torch.long),
+        "completion_mask": G_MASK.long(),
+        "advantages": G_A,
+        "num_items_in_batch": G_MASK.sum(),
+    }
+    lp_trl = logps_val.clone().requires_grad_(True)
+    trl_loss, _ = _trl_compute_loss("dapo", lp_trl, inputs)
+    lp = logps_val.clone().requires_grad_(True)
+    ours = dapo(ppo_clip(lp, lp.detach(), G_A, epsilon=0.2, epsilon_high=0.28).per_token_loss, G_MASK)
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-7)
+    torch.testing.assert_close(grad_of(ours, lp), grad_of(trl_loss, lp_trl), atol=1e-8, rtol=1e-6)
