@@ -34,7 +34,7 @@ def run_variant(recipe_name: str, steps: int, window: int, overrides: list[str],
     from posttrain.recipe import load_recipe
     from posttrain.train import run
 
-    sets = [f"training.max_steps={steps}", "training.logging_steps=1", "training.save_strategy=no",
+    sets = [f"training.max_steps={steps}", "training.logging_steps=1", "training.save_strategy='no'",
             "training.disable_tqdm=true", f"output_dir={out_dir}", *overrides]
     recipe = load_recipe(ROOT / "recipes" / f"{recipe_name}.yaml", sets)
     start = time.perf_counter()

@@ -57,8 +57,10 @@ def _cmd_init_model(args) -> int:
     from posttrain.models import BUILTIN_MODELS, builtin_model_dir, describe_builtin_models
 
     if args.list or not args.out_dir:
-        for row in describe_builtin_models():
-            print(f"{row['name']:<28} {row['description']}")
+        rows = describe_builtin_models()
+        width = max(len(row["name"]) for row in rows) + 2
+        for row in rows:
+            print(f"{row['name']:<{width}}{row['description']}")
         return 0
     if args.name not in BUILTIN_MODELS:
         from posttrain.errors import did_you_mean
@@ -76,8 +78,9 @@ def _cmd_init_model(args) -> int:
 def _cmd_tasks(args) -> int:
     from posttrain.data.sources import BUILTIN_TASKS
 
+    width = max(len(name) for name in BUILTIN_TASKS) + 2
     for name, (_, description) in sorted(BUILTIN_TASKS.items()):
-        print(f"builtin:{name:<24} {description}")
+        print(f"builtin:{name:<{width}}{description}")
     return 0
 
 
@@ -97,10 +100,21 @@ def _cmd_eval(args) -> int:
     model = load_model(args.model, key="MODEL")
     acc = greedy_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens or 8)
     result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc}
+    if args.pass_k:  # RL-style data: pass@k from --num-samples samples per prompt (unbiased estimator)
+        from posttrain.eval.sampling import pass_at_k_eval
+
+        result.update(pass_at_k_eval(model, tok, rows, args.pass_k, args.num_samples, args.temperature,
+                                     max_new_tokens=args.max_new_tokens or 8, seed=args.seed))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'model':<10} {args.model}\n{'data':<10} {args.data} ({args.split}, n={len(rows)})\n"
           f"{'accuracy':<10} {100 * acc:.1f}%")
+    if args.pass_k:
+        print(f"sampled: {result['num_samples']} per prompt, temperature {result['temperature']}, "
+              f"mean sample accuracy {100 * result['mean_sample_accuracy']:.1f}%")
+        print("| k | pass@k |\n|---|---|")
+        for k, v in result["pass@k"].items():
+            print(f"| {k} | {100 * v:.1f}% |")
     return 0
 
 
@@ -179,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-model", help="tofu: model trained without the forget set (e.g. "
                    "builtin:tiny-qwen2-facts-retain95), or an earlier tofu JSON of it; gives forget_quality")
     p.add_argument("--batch-size", type=int, default=32, help="tofu: scoring / generation batch size")
+    p.add_argument("--pass-k", type=int, nargs="+", metavar="K",
+                   help="accuracy: also pass@k for these k (unbiased estimator from --num-samples samples per prompt)")
+    p.add_argument("--num-samples", type=int, default=None, help="pass@k: samples per prompt (default: max k)")
+    p.add_argument("--temperature", type=float, default=1.0, help="pass@k: sampling temperature (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="pass@k: sampling seed")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("poft-score", help="score SFT data with aligned models for PoFT",
@@ -215,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `posttrain methods | head`: the reader went away; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -22,10 +22,17 @@ from posttrain.methods import MethodParams, get_method
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats, so ``3e-3`` and ``1e5`` are numbers, not strings."""
+    """PyYAML's safe loader with YAML 1.2 scalars: ``3e-3`` and ``1e5`` are numbers, and only ``true``/``false`` are
+    booleans (``save_strategy: no`` stays the string ``"no"``)."""
 
 
-RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(

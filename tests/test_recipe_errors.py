@@ -70,8 +70,9 @@ def test_scientific_notation_is_a_number_and_a_word_is_refused(tmp_path, capsys)
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({**BASE, "output_dir": str(tmp_path / "o")}))
-    loaded = load_recipe(recipe, ["training.learning_rate=3e-3", "method.name=dft"])
+    loaded = load_recipe(recipe, ["training.learning_rate=3e-3", "method.name=dft", "training.save_strategy=no"])
     assert loaded.training["learning_rate"] == pytest.approx(0.003)  # PyYAML alone reads "3e-3" as a string
+    assert loaded.training["save_strategy"] == "no"  # ... and "no" as False (YAML 1.1)
     code, err = _run(tmp_path, capsys, extra=["--set", "training.learning_rate=fast"])
     _assert_one_error(code, err, "training.learning_rate", "expected a number", "'fast'")
 

@@ -143,6 +143,10 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, DPOTrainer):
             optimizer.add_param_group(
                 {"params": list(self.mask_net.parameters()), "weight_decay": self.params.mask_weight_decay}
             )
+            # HF's loop only calls model.zero_grad() after each optimizer step; the mask network is not part of the
+            # model, so without this its gradients would keep accumulating over all steps.
+            mask_net = self.mask_net
+            optimizer.register_step_post_hook(lambda *_: mask_net.zero_grad(set_to_none=True))
         return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict=None):

@@ -120,8 +120,8 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if p.sft_coef > 0:
             output[CORRECT] = correct[rows].to(device=device, dtype=torch.float32)
             output[NUM_CORRECT] = self.accelerator.gather((kept_mask * output[CORRECT].unsqueeze(1)).sum()).sum()
-        lengths = self.accelerator.gather(kept_mask.sum(-1).float())
         if p.aggregation == "delta_l":
+            lengths = self.accelerator.gather(kept_mask.sum(-1).float())
             w = delta_l_weights(lengths, alpha=p.delta_l_alpha, scope=p.delta_l_scope, num_generations=num_generations)
             output[DL_WEIGHTS] = w[rows].to(device)
             valid = w[lengths > 0]
@@ -234,7 +234,8 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             sft = gppo_sft_loss(logps, mask, inputs[CORRECT], coef=p.sft_coef,
                                 num_correct_tokens=inputs[NUM_CORRECT] * window, num_processes=nproc)
             loss = loss + sft
-            metrics["gppo/sft_loss"].append(self.accelerator.gather(sft.detach()).sum().item())
+            # each micro-batch holds ~1/ga of the accumulated batch's term: report the full-batch value
+            metrics["gppo/sft_loss"].append(self.accelerator.gather(sft.detach()).mean().item() * ga)
         if p.entropy_coef:
             entropy_term = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / ga
             loss = loss - p.entropy_coef * entropy_term

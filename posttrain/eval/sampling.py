@@ -1,0 +1,96 @@
+"""Sampled evaluation of verifiable tasks: pass@k from n samples per prompt (RL-style prompt + answer data).
+
+For each prompt, ``n`` completions are sampled (temperature ``temperature``, no top-k/top-p truncation), each is
+checked with :func:`posttrain.rl.rewards.answers_match`, and pass@k is the unbiased estimator of Chen et al. 2021
+(arXiv 2107.03374) averaged over prompts (:func:`posttrain.eval.passk.estimate_pass_at_k`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from posttrain.errors import UserError
+from posttrain.eval.passk import estimate_pass_at_k
+from posttrain.rl.rewards import answers_match
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list[str],
+    num_samples: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[list[str]]:
+    """``num_samples`` sampled completions per prompt (left padding, stops at EOS), as a list per prompt."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    per_chunk = max(1, batch_size // num_samples)
+    out: list[list[str]] = []
+    try:
+        for start in range(0, len(prompts), per_chunk):
+            chunk = prompts[start : start + per_chunk]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=num_samples,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+        torch.random.set_rng_state(generator_state)
+    return out
+
+
+def pass_at_k_eval(
+    model,
+    tokenizer,
+    rows,
+    ks: Sequence[int],
+    num_samples: int | None = None,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """pass@k for each k in ``ks`` from ``num_samples`` (default ``max(ks)``) samples per row of prompt/answer rows.
+
+    Returns ``{"num_samples", "temperature", "pass@k": {k: score}, "mean_sample_accuracy"}``.
+    """
+    ks = sorted(set(int(k) for k in ks))
+    n = int(num_samples or max(ks))
+    if not ks or ks[0] < 1:
+        raise UserError(f"--pass-k: every k must be >= 1, got {ks}")
+    if ks[-1] > n:
+        raise UserError(f"--pass-k: k={ks[-1]} is larger than --num-samples={n}")
+    if temperature <= 0:
+        raise UserError(f"--temperature: must be > 0 for sampling, got {temperature}")
+    prompts, answers = list(rows["prompt"]), list(rows["answer"])
+    samples = sample_completions(model, tokenizer, prompts, n, temperature, max_new_tokens, batch_size, seed)
+    correct = [sum(answers_match(c, a) for c in cs) for cs, a in zip(samples, answers, strict=True)]
+    return {
+        "num_samples": n,
+        "temperature": temperature,
+        "pass@k": {str(k): float(estimate_pass_at_k(n, correct, k).mean()) for k in ks},
+        "mean_sample_accuracy": sum(correct) / (n * max(len(correct), 1)),
+    }
