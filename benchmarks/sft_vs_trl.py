@@ -1,76 +1,97 @@
-"""Speed and memory of posttrain's SFT-family trainer against stock TRL SFTTrainer, same model, data and settings.
+"""Speed and peak memory of posttrain's SFT-family trainer against stock TRL ``SFTTrainer``: same model, data, settings.
 
-    python benchmarks/sft_vs_trl.py --model builtin:tiny-qwen2 --steps 100 --method dft
+    OMP_NUM_THREADS=1 python benchmarks/sft_vs_trl.py                       # random Qwen2, vocab 65536, seq 256
+    OMP_NUM_THREADS=1 python benchmarks/sft_vs_trl.py --model builtin:tiny-qwen2 --seq 128 --batch 16
+    python benchmarks/sft_vs_trl.py --methods sft dft --full-logits --out benchmarks/results/sft_vs_trl.json
 
-Prints steps/s for each trainer, their ratio, and peak memory (CUDA peak allocated on GPU; peak RSS growth on CPU).
-Each trainer runs in its own subprocess so peak memory is not shared.
+Pairs: posttrain ``sft`` vs TRL ``loss_type="nll"``, posttrain ``dft`` vs TRL ``loss_type="dft"``. ``--full-logits``
+adds a reference row that is neither: plain ``transformers.Trainer`` with the model's own loss (full ``[B, T, V]``
+logits), to show what the fused LM head saves. The data is synthetic and already tokenized (random ids, a quarter of
+each sequence is prompt, the rest completion), so the model can be a random-init Qwen2 built offline with a large
+vocabulary: the logits path (``B x T x V``) dominates memory only when the vocabulary is realistic; the built-in
+``tiny-qwen2`` (vocab 1024) hides it. Each run is a fresh subprocess; runs are interleaved; see ``_common.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+TRL_LOSS = {"sft": "nll", "dft": "dft"}
 
 
-def _one(which: str, model: str, method: str, steps: int, batch: int) -> dict:
+def _dataset(args, vocab: int, with_labels: bool = False):
     import torch
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(1234)
+    prompt = args.seq // 4
+    rows = []
+    for _ in range(args.steps * args.batch):
+        ids = _common.random_ids(gen, args.seq, vocab)
+        row = {"input_ids": ids, "completion_mask": [0] * prompt + [1] * (args.seq - prompt)}
+        if with_labels:
+            row = {"input_ids": ids, "attention_mask": [1] * args.seq, "labels": [-100] * prompt + ids[prompt:]}
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def _one(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.data.sources import load_source
     from posttrain.methods import METHODS
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.recipe import DataSource
     from posttrain.trainers.sft import PosttrainSFTTrainer
 
-    tok = load_tokenizer(model)
-    net = load_model(model)
-    ds = load_source(DataSource(source="builtin:arithmetic-sft", options={"num_samples": steps * batch}), "data", "sft")
-    cfg = dict(output_dir="/tmp/bench", report_to="none", per_device_train_batch_size=batch, max_steps=steps,
-               logging_steps=steps, save_strategy="no", gradient_checkpointing=False, disable_tqdm=True,
-               bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
+    which, method = args._one
+    tok = _common.tokenizer()
+    net = _common.build_model(args)
+    vocab = _common.vocab_size(net)
+    out_dir = tempfile.mkdtemp(prefix="bench-sft-")
+    cfg = dict(**_common.train_kwargs(args, out_dir), max_length=args.seq, completion_only_loss=True)
     if which == "trl":
-        trainer = SFTTrainer(model=net, args=SFTConfig(loss_type="dft" if method == "dft" else "nll", **cfg),
-                             train_dataset=ds, processing_class=tok)
-    else:
-        trainer = PosttrainSFTTrainer(model=net, args=SFTConfig(**cfg), train_dataset=ds, processing_class=tok,
-                                      method=method, params=METHODS[method].params())
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    trainer.train()
-    elapsed = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
-    return {"trainer": which, "steps_per_s": steps / elapsed, "peak_mem_mib": peak,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        trainer = SFTTrainer(model=net, args=SFTConfig(loss_type=TRL_LOSS[method], **cfg),
+                             train_dataset=_dataset(args, vocab), processing_class=tok)
+        label = f"trl-{TRL_LOSS[method]}"
+    elif which == "posttrain":
+        trainer = PosttrainSFTTrainer(model=net, args=SFTConfig(**cfg), train_dataset=_dataset(args, vocab),
+                                      processing_class=tok, method=method, params=METHODS[method].params())
+        label = f"posttrain-{method}"
+    else:  # full-logits reference: the model's own loss, no fused head
+        from transformers import Trainer, TrainingArguments, default_data_collator
+
+        trainer = Trainer(model=net, args=TrainingArguments(**_common.train_kwargs(args, out_dir)),
+                          train_dataset=_dataset(args, vocab, with_labels=True), data_collator=default_data_collator)
+        label = "hf-full-logits-nll"
+    res = _common.measure(trainer, args.steps, args.warmup)
+    return {"label": label, "trainer": which, "method": method, **res}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:tiny-qwen2")
-    parser.add_argument("--method", default="dft", choices=["sft", "dft"])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--_one", choices=["trl", "posttrain"], help=argparse.SUPPRESS)
+    _common.add_model_args(parser)
+    parser.add_argument("--methods", nargs="+", default=["sft", "dft"], choices=["sft", "dft"])
+    parser.add_argument("--full-logits", action="store_true", help="add the plain transformers.Trainer reference row")
+    parser.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
-        print(json.dumps(_one(args._one, args.model, args.method, args.steps, args.batch)))
+        print(json.dumps(_one(args)))
         return
-    results = {}
-    for which in ("trl", "posttrain"):
-        out = subprocess.run([sys.executable, __file__, "--_one", which, "--model", args.model, "--method",
-                              args.method, "--steps", str(args.steps), "--batch", str(args.batch)],
-                             capture_output=True, text=True, check=True)
-        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-    for r in results.values():
-        print(f"{r['trainer']:<10} {r['steps_per_s']:.2f} steps/s  peak {r['peak_mem_mib']:.0f} MiB  ({r['device']})")
-    ratio = results["posttrain"]["steps_per_s"] / results["trl"]["steps_per_s"]
-    print(f"speed ratio posttrain/trl: {ratio:.3f}")
+    variants = []
+    for m in args.methods:
+        variants += [["trl", m], ["posttrain", m]]
+    if args.full_logits:
+        variants.append(["hf", "sft"])
+    runs = _common.run_interleaved(__file__, variants, args)
+    pairs = [(f"posttrain-{m}", f"trl-{TRL_LOSS[m]}") for m in args.methods]
+    pairs += [(f"posttrain-{m}", "hf-full-logits-nll") for m in args.methods if m == "sft" and args.full_logits]
+    summary = _common.summarise(runs, pairs)
+    _common.report("SFT-family vs stock TRL SFTTrainer", args, runs, summary)
 
 
 if __name__ == "__main__":

@@ -256,11 +256,19 @@ class GRPOParams(MethodParams):
         None, ge=0.0, description="GPPO's NLL term on correct rollouts; default 0.1 with gppo, else 0."
     )
     # regularisers
-    beta: float = Field(0.0, ge=0.0, description="KL (k3) coefficient against the initial policy.")
+    beta: float = Field(
+        0.0, ge=0.0, description="KL (k3) coefficient against the reference: `ref_model` when given, else a frozen "
+        "copy of the initial policy (the adapter-disabled base with peft); no reference is loaded when 0."
+    )
     entropy_coef: float | None = Field(
         None, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
         "(the paper's), else 0."
     )
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a reference model is needed (the KL term is on)."""
+        return self.beta > 0
 
     @model_validator(mode="after")
     def _check(self):
@@ -309,8 +317,9 @@ class MethodInfo:
     paper: str
     recipe: str
     params: type[MethodParams]
-    # Whether a frozen reference/anchor model is used: "none", or "required" (defaults to a frozen copy of `model`).
-    reference: Literal["none", "required"] = "none"
+    # Whether a frozen reference/anchor model is used: "none", "required" (defaults to a frozen copy of `model`), or
+    # "optional": used only when the params' ``uses_reference`` is true (GRPO: beta > 0), then as for "required".
+    reference: Literal["none", "required", "optional"] = "none"
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -496,6 +505,7 @@ register(
         "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783)",
         recipe="recipes/grpo.yaml",
         params=GRPOParams,
+        reference="optional",
     )
 )
 

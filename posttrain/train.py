@@ -165,13 +165,27 @@ def load_models(recipe: Recipe, info: MethodInfo):
     tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
     model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
     ref_model = None
+    reference = info.reference
+    if reference == "optional":  # used only when the params say so (GRPO: method.beta > 0)
+        needed = bool(recipe.params.uses_reference)
+        if recipe.ref_model not in (None, "none") and not needed:
+            raise UserError(
+                f"ref_model: method '{info.name}' uses a reference model only for its KL term, which is off "
+                "(method.beta: 0); set method.beta > 0 or remove ref_model"
+            )
+        if recipe.ref_model == "none" and needed:
+            raise UserError(
+                f"ref_model: none, but method '{info.name}' needs a reference for its KL term (method.beta > 0); "
+                "remove it to use a frozen copy of model, give a path, or set method.beta: 0"
+            )
+        reference = "required" if needed else "none"
     if recipe.ref_model == "none":
-        if info.reference == "required":
+        if reference == "required":
             raise UserError(
                 f"ref_model: method '{info.name}' needs a reference model, but the recipe says ref_model: none "
                 "(remove it to use a frozen copy of model, or give a path)"
             )
-    elif info.reference == "required":
+    elif reference == "required":
         if recipe.ref_model is not None:
             r = recipe.ref_model
             ref_model = load_model(
@@ -184,7 +198,7 @@ def load_models(recipe: Recipe, info: MethodInfo):
         # with peft and no ref_model: the adapter-disabled base is the reference (handled by the trainer)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
-    elif recipe.ref_model not in (None, "none"):
+    elif recipe.ref_model not in (None, "none") and info.reference == "none":
         raise UserError(f"ref_model: method '{info.name}' uses no reference model; remove ref_model")
     return tokenizer, model, ref_model
 

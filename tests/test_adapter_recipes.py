@@ -192,6 +192,51 @@ def test_preference_recipe_with_variant(variant, extra, tmp_path, ids):
     assert (_logits(load_adapter_run(tmp_path / "run"), ids) - _logits(trained, ids)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("variant, beta", [("goat", 0.0), ("goat", 0.04), ("plora", 0.0), ("plora", 0.04)])
+def test_grpo_recipe_with_variant(variant, beta, tmp_path, ids):
+    """GRPO (recipes/grpo.yaml) with GOAT and PLoRA (momentum mode, an unload every step). With beta > 0, GOAT's
+    reference is the adapter-disabled base, i.e. the base model (same KL as with ref_model: the base model; no "ref"
+    adapter copy made or saved); PLoRA needs a ref_model (refused without it) and its KL is 0 at step 1 (LoRA starts
+    at the base). Saves and reloads with the trained model's outputs (<= 1e-5)."""
+    data = yaml.safe_load((ROOT / "recipes" / "grpo.yaml").read_text())
+    data["output_dir"] = str(tmp_path / "run")
+    data["data"] = {"train": {**data["data"]["train"], "max_samples": 8}}
+    data["method"]["beta"] = beta
+    data["training"].update(max_steps=2, per_device_train_batch_size=8, num_generations=4, logging_steps=1,
+                            save_strategy="no", disable_tqdm=True)
+    extra = {"goat": {"goat": {"num_experts": 4}}, "plora": {"plora": {"mode": "momentum", "stage_steps": 1}}}
+    data["peft"] = {"type": variant, "r": 8, "target_modules": "all-linear", **extra[variant]}
+    if beta and variant == "plora":
+        with pytest.raises(UserError, match=r"peft.plora: .*set ref_model"):
+            _train_data(copy.deepcopy(data))
+        data["ref_model"] = data["model"]  # a frozen copy of the initial model
+    if beta and variant == "goat":
+        folded = copy.deepcopy(data)
+        folded["peft"]["goat"]["fold_residual"] = True
+        with pytest.raises(UserError, match=r"peft.goat.fold_residual: .*set ref_model"):
+            _train_data(folded)
+    from posttrain.adapters import load_adapter_run
+
+    trained = _train_data(data)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "policy_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(any(k.startswith(f"{variant}/") for k in r) for r in steps)
+    if beta and variant == "plora":
+        assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-7) and steps[1]["kl"] >= 0
+    elif beta:  # GOAT's initial policy is the base only in expectation over the routing: KL > 0 from step 1
+        with_ref = copy.deepcopy(data)
+        with_ref.update(ref_model=data["model"], output_dir=str(tmp_path / "with_ref"))
+        _train_data(with_ref)
+        other = [json.loads(line) for line in (tmp_path / "with_ref" / "metrics.jsonl").read_text().splitlines()]
+        kls = [r["kl"] for r in other if "policy_loss" in r]
+        assert kls == pytest.approx([r["kl"] for r in steps], rel=1e-4, abs=1e-7) and kls[0] > 0
+    else:
+        assert all("kl" not in r for r in steps)
+    assert not (tmp_path / "run" / "ref").exists()
+    assert (_logits(load_adapter_run(tmp_path / "run"), ids) - _logits(trained, ids)).abs().max() <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Recipe validation
 # ------------------------------------------------------------------------------------------------------------------
@@ -259,8 +304,8 @@ def test_two_process_run(variant, tmp_path, ids):
     from posttrain.adapters import load_adapter_run
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "posttrain.cli",
-           "train", f"recipes/sft_{variant}.yaml", "--set", "training.max_steps=3", "--set", "training.logging_steps=1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate_cpu_2proc.yaml"), "-m", "posttrain.cli", "train", f"recipes/sft_{variant}.yaml", "--set", "training.max_steps=3", "--set", "training.logging_steps=1",
            "--set", "training.per_device_train_batch_size=8", "--set", "data.train.max_samples=64",
            "--set", "data.eval.max_samples=8", "--set", "data.test.max_samples=4", "--set", f"output_dir={out}"]
     if variant == "plora":
@@ -270,6 +315,8 @@ def test_two_process_run(variant, tmp_path, ids):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
+    # two processes: each step consumes 2 x 8 of the 64 rows, so an epoch is 4 steps (8 with one process)
+    assert train_rows[-1]["epoch"] == pytest.approx(3 / 4, abs=1e-3)
     assert all(any(k.startswith(f"{variant}/") for k in r) for r in train_rows)
     assert torch.isfinite(_logits(load_adapter_run(out), ids)).all()
     assert main(["merge", str(out), str(tmp_path / "merged")]) == (2 if variant == "goat" else 0)

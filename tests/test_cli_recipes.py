@@ -142,6 +142,8 @@ def test_two_process_run_with_accelerate(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # written once (main process), not per rank
+    # two processes: each step consumes 2 x 64 of the 4000 rows, an epoch is ceil(2000 / 64) = 32 steps (63 with one)
+    assert [r["epoch"] for r in rows if "loss" in r][-1] == pytest.approx(3 / 32, abs=1e-3)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
@@ -160,9 +162,67 @@ def test_two_process_deepspeed_zero2_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["epoch"] for r in rows if "loss" in r][-1] == pytest.approx(3 / 32, abs=1e-3)  # two processes (63 steps with one)
     nll = [r["nll"] for r in rows if "nll" in r]
     assert nll[-1] < nll[0]  # the sharded optimizer really stepped
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
     assert (out / "checkpoint-3").is_dir()
+
+
+_RECORDING_REWARD = '''
+import json, os
+
+def reward(prompts, completions, completion_ids, trainer_state, **kwargs):
+    """Varied rewards (exact match + a little per character); records what this process scored."""
+    from posttrain.rl.rewards import answers_match
+
+    values = [float(answers_match(c, a)) + 0.05 * len(c) for c, a in zip(completions, kwargs["answer"])]
+    with open(os.environ["RL_RECORD"] + "." + os.environ.get("RANK", "0"), "a") as fh:
+        fh.write(json.dumps({"step": trainer_state.global_step, "completions": completions, "rewards": values,
+                             "lengths": [len(ids) for ids in completion_ids]}) + "\\n")
+    return values
+'''
+
+
+def test_two_process_grpo_run_with_accelerate(tmp_path):
+    """GRPO with stratified advantages in a real 2-process (gloo, CPU) run: each process scores its own 6 rollouts,
+    a group of 4 straddles the processes, and the logged advantages and policy loss are those of the advantages
+    recomputed over the gathered batch, each process taking its own rows (checked from what each process scored)."""
+    from posttrain.rl.advantages import compute_advantages, stratum_ids
+    from posttrain.rl.strata import completion_length
+
+    (tmp_path / "rl2p_reward.py").write_text(_RECORDING_REWARD)
+    out, record = tmp_path / "ddp", tmp_path / "record"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate_cpu_2proc.yaml"), "-m", "posttrain.cli", "train",
+           "recipes/grpo_stratified.yaml", "--set", "method.rewards=[{function: 'rl2p_reward:reward'}]",
+           "--set", "training.max_steps=2", "--set", "training.logging_steps=1", "--set", "training.save_strategy=no",
+           "--set", "training.per_device_train_batch_size=6", "--set", "training.num_generations=4",
+           "--set", "training.temperature=1.5", "--set", "data.train.max_samples=12", "--set", "data.test=null",
+           "--set", f"output_dir={out}"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "RL_RECORD": str(record), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "policy_loss" in r]
+    assert [r["step"] for r in logged] == [1, 2]  # written once (main process), not per rank
+    per_rank = [[json.loads(line) for line in (tmp_path / f"record.{rank}").read_text().splitlines()]
+                for rank in (0, 1)]
+    assert [len(r) for r in per_rank] == [2, 2]
+    for step, row in enumerate(logged):
+        parts = [ranks[step] for ranks in per_rank]
+        assert [len(p["rewards"]) for p in parts] == [6, 6] and all(p["step"] == step for p in parts)
+        rewards = torch.tensor(parts[0]["rewards"] + parts[1]["rewards"])  # gather order: rank 0, then rank 1
+        lengths = torch.tensor(parts[0]["lengths"] + parts[1]["lengths"], dtype=torch.float32)
+        keys = [completion_length(completion=c) for c in parts[0]["completions"] + parts[1]["completions"]]
+        adv = compute_advantages("stratified", rewards, 4, strata=stratum_ids(keys), alpha=0.8, scale="stratum",
+                                 scope="group").advantages
+        assert row["reward"] == pytest.approx(rewards.mean().item(), abs=1e-5)
+        for stat in ("mean", "std", "min", "max"):
+            assert row[f"advantages/{stat}"] == pytest.approx(getattr(adv, stat)().item(), abs=1e-5), stat
+        # ratio 1 on the first iteration: the DAPO loss is -sum(A * L) / sum(L) over the global batch, which is the
+        # mean over the 2 processes only if each one took its own rows
+        assert row["policy_loss"] == pytest.approx(-(adv * lengths).sum().item() / lengths.sum().item(), abs=1e-5)
+    assert adv.abs().sum() > 0  # the check is not vacuous

@@ -148,11 +148,18 @@ def test_group_dapo_ppo_equals_stock_trl_grpo(beta, rows, arith_model_dir, tmp_p
         assert ours._metrics["train"]["kl"][-1] == pytest.approx(stock._metrics["train"]["kl"][-1], abs=1e-6)
 
 
+def alternating_correct(prompts, completions, forced, **kwargs):
+    """The rows' ``forced`` column as the reward: correct (1) and wrong (0) rows in every group, whatever the model
+    samples (a model that solves, or fails, a whole group would leave nothing to test)."""
+    return list(forced)
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, arith_model_dir, rows):
     """One of our trainers plus a recorded generation batch; tests swap ``trainer.params`` and replay it."""
     tmp = tmp_path_factory.mktemp("rl")
-    trainer = _trainer(arith_model_dir, tmp, temperature=2.0)
+    trainer = _trainer(arith_model_dir, tmp, temperature=2.0, reward_funcs=[alternating_correct])
+    rows = [dict(r, forced=float(i % 2)) for i, r in enumerate(rows)]
     replay = _Replay(trainer)
     trainer._generate = replay.record
     torch.manual_seed(2)
@@ -400,3 +407,53 @@ def test_eval_pass_at_k_json_and_table(tmp_path, capsys, arith_model_dir):
     assert "| k | pass@k |" in printed and "| 4 |" in printed
     assert main(["eval", "builtin:tiny-qwen2-arith", "--max-samples", "2", "--pass-k", "8", "--num-samples", "4"]) == 2
     assert "error: --pass-k: k=8 is larger than --num-samples=4" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference model
+
+
+def _kl_run(tmp_path, name, *sets):
+    """Two GRPO steps at learning rate 0 with beta > 0 (the policy stays the initial model); the logged rows."""
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run
+
+    recipe = load_recipe(ROOT / "recipes" / "grpo.yaml", [
+        f"output_dir={tmp_path / name}", "training.max_steps=2", "training.per_device_train_batch_size=8",
+        "training.num_generations=4", "training.logging_steps=1", "training.save_strategy='no'",
+        "training.learning_rate=0", "data.train.max_samples=8", "data.test=null", "method.beta=0.04", *sets,
+    ])
+    run(recipe, quiet=True)
+    return [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
+
+
+@pytest.mark.parametrize("peft", [None, "{type: lora, r: 8, target_modules: all-linear}"], ids=["full", "lora"])
+def test_ref_model_is_the_kl_reference(peft, tmp_path):
+    """Default reference (a frozen copy of the policy; with LoRA the adapter-disabled base): KL 0 while the policy
+    has not moved. ``ref_model:`` a different checkpoint (the untrained tiny model): that model is the reference."""
+    sets = [f"peft={peft}"] if peft else []
+    default = _kl_run(tmp_path, "default", *sets)
+    other = _kl_run(tmp_path, "other", *sets, "ref_model=builtin:tiny-qwen2")
+    assert [r["step"] for r in default] == [1, 2] == [r["step"] for r in other]
+    assert [r["reward"] for r in default] == [r["reward"] for r in other]  # same samples, only the reference differs
+    assert default[0]["kl"] == 0.0 and default[1]["kl"] == 0.0
+    assert other[0]["kl"] > 0.1 and other[1]["kl"] > 0.1  # measured: 5.6, 5.7
+
+
+def test_ref_model_errors_name_the_key(tmp_path, capsys):
+    from posttrain.cli import main
+
+    def train(*sets):
+        return main(["train", str(ROOT / "recipes" / "grpo.yaml"), "--set", f"output_dir={tmp_path}",
+                     "--set", "data.test=null", "--set", "data.train.max_samples=8", *[a for s in sets
+                                                                                    for a in ("--set", s)]])
+
+    assert train("ref_model=builtin:tiny-qwen2") == 2  # beta is 0 in recipes/grpo.yaml
+    assert train("ref_model=none", "method.beta=0.04") == 2
+    plora = "peft={type: plora, r: 8, target_modules: all-linear, plora: {mode: momentum}}"
+    assert train(plora, "method.beta=0.04") == 2  # the adapter-disabled reference changes at each unload
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 3, err
+    assert err[0].startswith("error: ref_model: method 'grpo' uses a reference model only for its KL term")
+    assert err[1].startswith("error: ref_model: none, but method 'grpo' needs a reference")
+    assert err[2].startswith("error: peft.plora: ") and "set ref_model" in err[2]

@@ -142,8 +142,11 @@ def test_npo_rt_end_to_end_forgets_and_keeps_the_retain_set(tmp_path, facts_mode
     f0, r0 = _answer_prob(start, tok, forget_rows), _answer_prob(start, tok, retain_rows)
     recipe = _recipe("npo_rt", tmp_path, model="builtin:tiny-qwen2-facts",
                      data={"forget": FORGET, "retain": {"source": "builtin:facts", "split": "retain95"}},
-                     training={"max_steps": 100, "learning_rate": 3e-4, "lr_scheduler_type": "constant_with_warmup",
-                               "warmup_steps": 5, "weight_decay": 0.01, "logging_steps": 10})
+                     # 8 forget + 8 retain rows a step: with 4 + 4 the retain term is noisy enough that the last
+                     # steps can leave retain probability 5 points down (measured 0.944); with 8 + 8: 0.976
+                     training={"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 3e-4,
+                               "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 5, "weight_decay": 0.01,
+                               "logging_steps": 10})
     run(recipe, quiet=True)
     out = tmp_path / "run"
     end = load_model(str(out))

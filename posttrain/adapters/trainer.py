@@ -17,9 +17,11 @@ which, according to ``recipe.peft.type``:
 * ``ggpo``: a subclass with :class:`~posttrain.adapters.ggpo.GGPOTrainerMixin` (noise applied before the first
   micro-batch of each optimizer step, removed after the last backward); ``--resume`` restores its gradient norms.
 
-Trainers that use the adapter-disabled policy as their reference (DPO-style ``beta > 0`` without ``ref_model`` or
-precomputed reference log-probs; Anchored SFT without an anchor model) are refused for ``plora`` (the disabled
-adapter is no longer the original model after an unload) and ``ggpo`` (it would see the perturbed weights).
+Trainers that use the adapter-disabled policy as their reference (DPO-style or GRPO ``beta > 0`` without ``ref_model``
+or precomputed reference log-probs; Anchored SFT without an anchor model) are refused for ``plora`` (the disabled
+adapter is no longer the original model after an unload), ``ggpo`` (it would see the perturbed weights) and ``goat``
+with ``fold_residual: true`` (the disabled adapter is ``W0 - R``); a ``ref_model:`` (a separate frozen model) avoids
+it.
 """
 
 from __future__ import annotations
@@ -176,23 +178,33 @@ def prepare_model(model, recipe):
 
 
 def check_reference(recipe, args=None, ref_model=None, uses_disabled_adapter_reference: bool | None = None) -> None:
-    """Refuse PLoRA/GGPO when the trainer would take the adapter-disabled policy as its reference."""
+    """Refuse PLoRA/GGPO (and GOAT with ``fold_residual``) when the trainer would take the adapter-disabled policy as
+    its reference. A separate ``ref_model`` (any family that has one: preference, unlearning, RL) avoids it."""
     kind = peft_type(recipe)
-    if kind not in ("plora", "ggpo"):
+    folded = kind == "goat" and recipe.peft.goat is not None and recipe.peft.goat.fold_residual
+    if kind not in ("plora", "ggpo") and not folded:
         return
     if uses_disabled_adapter_reference is None:
         beta = float(getattr(args, "beta", 0.0) or 0.0)
-        uses_disabled_adapter_reference = (
-            beta > 0 and ref_model is None and not getattr(args, "precompute_ref_log_probs", False)
-        )
-    if uses_disabled_adapter_reference:
-        why = ("is no longer the original model after an unload" if kind == "plora"
-               else "would be computed at the perturbed weights")
+        # precomputed reference log-probs are computed before training, but still with the adapter disabled
+        precomputed = getattr(args, "precompute_ref_log_probs", False) and not folded
+        uses_disabled_adapter_reference = beta > 0 and ref_model is None and not precomputed
+    if not uses_disabled_adapter_reference:
+        return
+    copy = "ref_model: the same path as model: for a frozen copy of the initial model"
+    if folded:
         raise UserError(
-            f"peft.{kind}: this method uses the adapter-disabled policy as its reference (beta > 0 / anchor), which "
-            f"{why}; set ref_model, or precompute the reference log-probs (method.precompute_ref_log_probs: true, "
-            "where the method has it)"
+            "peft.goat.fold_residual: this method uses the adapter-disabled policy as its reference (beta > 0 / "
+            f"anchor), which is W0 - R with the residual folded, not the original model; set ref_model ({copy}), or "
+            "peft.goat.fold_residual: false"
         )
+    why = ("is no longer the original model after an unload" if kind == "plora"
+           else "would be computed at the perturbed weights")
+    raise UserError(
+        f"peft.{kind}: this method uses the adapter-disabled policy as its reference (beta > 0 / anchor), which "
+        f"{why}; set ref_model ({copy}), or precompute the reference log-probs (method.precompute_ref_log_probs: "
+        "true, where the method has it)"
+    )
 
 
 def make_trainer(cls: type, recipe, /, *, uses_disabled_adapter_reference: bool | None = None, **kwargs):

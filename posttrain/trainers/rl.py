@@ -55,15 +55,81 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     Args:
         params: :class:`posttrain.methods.GRPOParams` (advantage, aggregation, clipping and their options).
         stratum_fn: ``fn(row, prompt, completion) -> Hashable``, the stratum key of a rollout (stratified only).
+        ref_model: the KL reference (``beta > 0`` only), prepared like TRL prepares its own (dropout off, fused LM
+            head, ``accelerator.prepare_model(evaluation_mode=True)`` / DeepSpeed / FSDP). ``None``: TRL's default, the
+            adapter-disabled base with PEFT, else a model loaded from the policy's path (``posttrain train`` always
+            passes one without PEFT: ``ref_model:`` or a frozen copy of the initial policy).
+
+    With a policy that is already a ``PeftModel`` (GOAT) and ``beta > 0``, TRL would add a ``"ref"`` copy of the adapter
+    (re-initialising GOAT's layers); the reference is the adapter-disabled base instead, which is the initial policy.
     """
 
     loss_is_scaled_for_ga = True  # like TRL: the loss already accounts for gradient accumulation
 
-    def __init__(self, *args, params, stratum_fn: Callable[..., Hashable] | None = None, **kwargs):
+    def __init__(self, *args, params, stratum_fn: Callable[..., Hashable] | None = None, ref_model=None, **kwargs):
+        import trl.trainer.grpo_trainer as trl_grpo
+        from accelerate.utils import is_peft_model
+
         self.params = params
         self.stratum_fn = stratum_fn
         self._rl_stash: dict[str, Any] | None = None
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        beta = float(getattr(config, "beta", 0.0) or 0.0)
+        prewrapped = is_peft_model(model)
+        peft = prewrapped or kwargs.get("peft_config") is not None
+        if ref_model is not None:
+            if beta == 0.0:
+                raise UserError("ref_model: the reference is only used for the KL term, which is off (method.beta: 0)")
+            if isinstance(model, str):
+                raise TypeError("PosttrainGRPOTrainer: pass the policy as a model instance when passing ref_model")
+        if beta != 0.0 and peft and getattr(config, "sync_ref_model", False):
+            raise UserError("training.sync_ref_model: not supported with peft (TRL keeps no reference model to sync)")
+        # TRL builds its reference with create_model_from_path (full fine-tuning): hand it ours instead, so TRL
+        # applies its own preparation (dropout, fp32 LM head, fused LM head, DeepSpeed/FSDP/accelerate, sync callback)
+        hand_over = ref_model is not None and not peft
+        handed: list[bool] = []
+
+        def give_reference(*_args, **_kwargs):
+            handed.append(True)
+            return ref_model
+
+        # a pre-built PeftModel with beta > 0 makes TRL add a "ref" adapter copy: keep beta at 0 while TRL builds
+        zero_beta = beta != 0.0 and prewrapped
+        original = trl_grpo.create_model_from_path
+        try:
+            if hand_over:
+                trl_grpo.create_model_from_path = give_reference
+            if zero_beta:
+                config.beta = 0.0
+            super().__init__(*args, **kwargs)
+        finally:
+            trl_grpo.create_model_from_path = original
+            if zero_beta:
+                config.beta = beta
+        if zero_beta:
+            self.beta = beta
+        if hand_over and len(handed) != 1:  # pragma: no cover - TRL changed how it builds its reference
+            raise RuntimeError("GRPOTrainer no longer builds its reference with create_model_from_path; "
+                               "posttrain's RL trainer needs updating")
+        if ref_model is not None and peft:
+            self.ref_model = self._prepare_reference(ref_model)
+
+    def _prepare_reference(self, ref_model):
+        """What TRL's ``__init__`` does to the reference it builds, for one given with a PEFT policy."""
+        from trl.models import prepare_deepspeed, prepare_fsdp
+        from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+        if self.args.disable_dropout:
+            disable_dropout_in_model(ref_model)
+        ref_model.eval().requires_grad_(False)
+        # TRL also casts the LM head weight to fp32; the projection in fp32 is what matters for the log-probs
+        add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     # ---------------------------------------------------------------------------------------------------------------
     # advantages
@@ -389,4 +455,5 @@ def build_rl_trainer(ctx):
         callbacks=ctx.callbacks,
         params=p,
         stratum_fn=stratum_fn,
+        ref_model=ctx.ref_model,
     )
