@@ -127,6 +127,35 @@ def test_stratified_scale_none():
     )
 
 
+def test_stratified_stats_worked_example():
+    """stratified_grpo.md "Metrics" on the spec's worked example, by hand.
+
+    Strata: P1-k0 {1,0}, P1-k1 {1,1} (zero std), P2-k1 {1,1,0}, P2-k3 {0} (singleton): 2 per group, 1/4 singletons,
+    1/3 of the multi-row strata with zero std. Group means 0.75 and 0.5; |mu_k - mu_g| is 0.25 on all of P1, 1/6 on
+    P2-k1 and 0.5 on P2-k3: (4 * 0.25 + 3/6 + 0.5) / 8 = 0.25. |A_SAN - A_GN| from the spec's alpha=1 and alpha=0 rows:
+    P1 0.207107 + 0.792693 + 0.4999 * 2, P2 0.288625 * 2 + 0.288626 + 0.865875; total 3.731351 / 8 = 0.466419.
+    With san_scale="none": every P1 row differs by 0.25, P2 by 1/6 (x3) and 0.5, so 0.25.
+    """
+    from posttrain.rl.advantages import stratified_stats
+
+    st = stratified_stats(S_R, 4, S_KEYS)
+    assert st["num_strata_per_group"] == 2.0
+    assert st["frac_singleton_strata"] == pytest.approx(0.25)
+    assert st["frac_zero_std_strata"] == pytest.approx(1 / 3)
+    assert st["cross_stratum_bias"] == pytest.approx(0.25, abs=1e-6)
+    assert st["adv_abs_diff"] == pytest.approx(0.466419, abs=1e-5)
+    assert stratified_stats(S_R, 4, S_KEYS, scale="none")["adv_abs_diff"] == pytest.approx(0.25, abs=1e-6)
+    # one stratum per group: no bias, SAN == GN
+    one = stratified_stats(S_R, 4, torch.zeros(8, dtype=torch.long))
+    assert one["num_strata_per_group"] == 1.0 and one["cross_stratum_bias"] == 0.0 and one["adv_abs_diff"] == 0.0
+    # a NaN reward leaves its row out: P1-k0 becomes a singleton {0}; P1's group mean is 2/3
+    r = S_R.clone()
+    r[0] = float("nan")
+    st = stratified_stats(r, 4, S_KEYS)
+    assert st["frac_singleton_strata"] == pytest.approx(0.5) and st["frac_zero_std_strata"] == pytest.approx(0.5)
+    assert st["cross_stratum_bias"] == pytest.approx((2 / 3 + 2 * (1 / 3) + 3 / 6 + 0.5) / 7, abs=1e-6)
+
+
 def test_stratified_theorem1_variance_reduction():
     # Thm. 1 on prompt 1, population variances, no std scaling: 0.1875 - 0.125 = 0.0625.
     san = stratified(S_R[:4], 4, S_KEYS[:4], alpha=1.0, scale="none")

@@ -181,9 +181,28 @@ def test_stratified_with_one_stratum_equals_group(shared):
     group = _inputs(trainer, rows)
     strat = _inputs(trainer, rows, advantage="stratified", san_alpha=0.7)
     assert torch.equal(group["advantages"], strat["advantages"])
-    trainer.stratum_fn = lambda row, prompt, completion: len(completion)
+    m = trainer._metrics["train"]
+    assert m["san/num_strata_per_group"][-1] == 1.0 and m["san/cross_stratum_bias"][-1] == 0.0
+    assert m["san/adv_abs_diff"][-1] == 0.0 and m["san/reward_mean/same"][-1] == pytest.approx(0.5)
+    from posttrain.rl.advantages import stratified_stats, stratum_ids
+
+    recorded = []
+
+    def parity(row, prompt, completion):  # two strata per group at most
+        recorded.append(len(completion) % 2)
+        return recorded[-1]
+
+    trainer.stratum_fn = parity
     _inputs(trainer, rows, advantage="stratified", san_alpha=0.7)
-    assert trainer._metrics["train"]["san/num_strata_per_group"][-1] >= 1
+    # the logged diagnostics are those of the batch's rewards (the alternating 0/1 column) and keys
+    keys = recorded[-len(rows):]
+    rewards = torch.tensor([r["forced"] for r in rows])
+    expected = stratified_stats(rewards, NUM_GEN, stratum_ids(keys))
+    for name, value in expected.items():
+        assert m[f"san/{name}"][-1] == pytest.approx(value, abs=1e-6), name
+    for key in set(keys):
+        picked = torch.tensor([k == key for k in keys])
+        assert m[f"san/reward_mean/{key}"][-1] == pytest.approx(rewards[picked].mean().item(), abs=1e-6)
 
 
 def test_delta_l_alpha_zero_equals_dr_grpo_and_weights_logged(shared):

@@ -41,6 +41,7 @@ __all__ = [
     "nsr",
     "psr",
     "stratified",
+    "stratified_stats",
     "stratum_ids",
     "w_reinforce",
 ]
@@ -253,6 +254,16 @@ def stratified(
         raise ValueError(f"scale must be 'stratum' or 'none', got {scale!r}")
     if scope not in ("group", "batch"):
         raise ValueError(f"scope must be 'group' or 'batch', got {scope!r}")
+    parts = _san_parts(rewards, num_generations, strata, scale, scope, eps)
+    return parts["gn"] + alpha * (parts["san"] - parts["gn"])
+
+
+def _san_parts(rewards, num_generations: int, strata, scale: str, scope: str, eps: float) -> dict[str, torch.Tensor]:
+    """A_SAN, A_GN and the per-row stratum statistics shared by :func:`stratified` and :func:`stratified_stats`."""
+    if scale not in ("stratum", "none"):
+        raise ValueError(f"scale must be 'stratum' or 'none', got {scale!r}")
+    if scope not in ("group", "batch"):
+        raise ValueError(f"scope must be 'group' or 'batch', got {scope!r}")
     r = _as_float(rewards)
     B = r.numel()
     s = torch.as_tensor(strata, device=r.device).reshape(-1).long()
@@ -267,7 +278,48 @@ def stratified(
         san = torch.where(n_k > 1, san / (std_k + eps), 0.0)
     san = torch.nan_to_num(san, nan=0.0)
     gn = group(r, num_generations, scale_rewards="group" if scale == "stratum" else "none", eps=eps)
-    return gn + alpha * (san - gn)
+    return {"r": r, "seg": seg, "gidx": gidx, "mean_k": mean_k, "std_k": std_k, "n_k": n_k, "san": san, "gn": gn}
+
+
+def stratified_stats(
+    rewards: torch.Tensor,
+    num_generations: int,
+    strata: torch.Tensor | Sequence[int],
+    scale: str = "stratum",
+    scope: str = "group",
+    eps: float = DEFAULT_EPS,
+) -> dict[str, float]:
+    """The SAN diagnostics of stratified_grpo.md "Metrics", over one generation batch (rows with NaN rewards left out
+    of every statistic):
+
+    * ``num_strata_per_group``: mean number of strata per prompt group (with ``scope="batch"``: distinct strata
+      among a group's rows);
+    * ``frac_singleton_strata``: share of strata with one row (they get ``A_SAN = 0``);
+    * ``frac_zero_std_strata``: share of the strata with two or more rows whose rewards are all equal;
+    * ``cross_stratum_bias``: ``mean_i |mu_k(i) - mu_g(i)|``, how far each row's stratum mean is from its group mean
+      (the bias that pooled GRPO normalisation ignores, Stratified GRPO Thm. 1);
+    * ``adv_abs_diff``: ``mean_i |A_SAN_i - A_GN_i|``.
+    """
+    p = _san_parts(rewards, num_generations, strata, scale, scope, eps)
+    valid = ~torch.isnan(p["r"])
+    if not bool(valid.any()):
+        return {}
+    seg, gidx = p["seg"][valid], p["gidx"][valid]
+    n_seg = int(p["seg"].max()) + 1
+    counts = torch.zeros(n_seg, device=seg.device).index_add(0, seg, torch.ones_like(seg, dtype=torch.float32))
+    present = counts > 0
+    std = torch.zeros(n_seg, device=seg.device).index_copy(0, p["seg"], p["std_k"].float())
+    multi = present & (counts > 1)
+    pairs = torch.unique(torch.stack([gidx, seg], dim=1), dim=0)  # (group, stratum) pairs actually present
+    groups = torch.unique(gidx)
+    mean_g, _, _ = _segment_stats(p["r"], p["gidx"], int(p["gidx"].max()) + 1)
+    return {
+        "num_strata_per_group": pairs.size(0) / groups.numel(),
+        "frac_singleton_strata": ((counts == 1).sum() / present.sum()).item(),
+        "frac_zero_std_strata": ((multi & (std == 0)).sum() / multi.sum()).item() if bool(multi.any()) else 0.0,
+        "cross_stratum_bias": (p["mean_k"] - mean_g)[valid].abs().mean().item(),
+        "adv_abs_diff": (p["san"] - p["gn"])[valid].abs().mean().item(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

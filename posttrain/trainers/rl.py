@@ -27,7 +27,14 @@ import torch
 from trl import GRPOTrainer
 
 from posttrain.errors import UserError
-from posttrain.rl.advantages import combine_rewards, compute_advantages, count_tool_calls, normalize_then_sum, stratum_ids
+from posttrain.rl.advantages import (
+    combine_rewards,
+    compute_advantages,
+    count_tool_calls,
+    normalize_then_sum,
+    stratified_stats,
+    stratum_ids,
+)
 from posttrain.rl.aggregation import aggregate_loss, delta_l_weights, dr_grpo
 from posttrain.rl.clipping import gppo_sft_loss, kl_k3, policy_loss
 from posttrain.trainers.common import AtomicCheckpointMixin
@@ -37,6 +44,7 @@ logger = logging.getLogger("posttrain")
 # Keys this trainer adds to TRL's generation-batch dict ([B] tensors are shuffled and split with the rest; 0-dim
 # tensors are kept whole).
 KEEP, CORRECT, DL_WEIGHTS, NUM_CORRECT = "rl_keep", "rl_correct", "rl_delta_l_weights", "rl_num_correct_tokens"
+MAX_LOGGED_STRATUM_KEYS = 16  # san/reward_mean/<key> is logged while a batch has at most this many key values
 
 # TRL methods this trainer overrides or calls, with the parameters it relies on (tests check they still exist).
 TRL_HOOKS: dict[str, tuple[str, ...]] = {
@@ -223,14 +231,21 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         m["rl/frac_prompts_none_correct"].append((~solved).all(dim=1).float().mean().item())
         if "strata" in stash:
             keys = stash["strata"]
-            groups = [keys[i : i + num_generations] for i in range(0, len(keys), num_generations)]
-            counts = [[g.count(k) for k in set(g)] for g in groups]
-            m["san/num_strata_per_group"].append(sum(len(c) for c in counts) / max(len(counts), 1))
-            n_strata = sum(len(c) for c in counts)
-            m["san/frac_singleton_strata"].append(sum(c.count(1) for c in counts) / max(n_strata, 1))
+            p = self.params
+            stats = stratified_stats(rewards, num_generations, stratum_ids(keys, device=rewards.device),
+                                     scale=p.san_scale, scope=p.san_scope)
+            for name, value in stats.items():
+                m[f"san/{name}"].append(value)
             numeric = [float(k) for k in keys if isinstance(k, int | float) and not isinstance(k, bool)]
             if len(numeric) == len(keys):
                 m["san/stratum_key_mean"].append(sum(numeric) / max(len(numeric), 1))
+            # reward mean per key value (stratified_grpo.md "Metrics"), while the keys are few enough to read
+            distinct = sorted(set(keys), key=str)
+            if len(distinct) <= MAX_LOGGED_STRATUM_KEYS:
+                for key in distinct:
+                    picked = torch.tensor([k == key for k in keys], device=rewards.device) & ~torch.isnan(rewards)
+                    if bool(picked.any()):
+                        m[f"san/reward_mean/{key}"].append(rewards[picked].mean().item())
 
     # ---------------------------------------------------------------------------------------------------------------
     # loss
