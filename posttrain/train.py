@@ -101,6 +101,8 @@ def training_config(config_cls, recipe: Recipe, overrides: dict[str, Any] | None
         "bf16": on_gpu and torch.cuda.is_bf16_supported(),
         "use_cpu": not on_gpu,
         "dataloader_num_workers": 0,
+        # a progress bar by default: transformers would turn it off because posttrain quiets its logger
+        "disable_tqdm": False,
     }
     kwargs.update(overrides or {})
     defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.init}

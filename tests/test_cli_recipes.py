@@ -1,6 +1,7 @@
 """End to end: every recipe runs from the CLI with a few steps and leaves the promised outputs; --resume is exact."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,11 @@ def test_recipe_runs_end_to_end(name, tmp_path, arith_model_dir):
     out = tmp_path / "run"
     proc = _cli("train", f"recipes/{name}", *_short_run_overrides(recipe, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if recipe.get("data", {}).get("test") is not None:  # the task accuracy before and after training
+        assert re.search(r"test accuracy before training: +\d+\.\d%", proc.stdout), proc.stdout[-2000:]
+        assert re.search(r"test accuracy after training: +\d+\.\d%", proc.stdout), proc.stdout[-2000:]
+    if not recipe.get("training", {}).get("disable_tqdm"):
+        assert "2/2 [" in proc.stderr  # a progress bar
     # resolved recipe with defaults filled in and overrides applied
     resolved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert resolved["training"]["max_steps"] == 2
@@ -75,7 +81,7 @@ def test_methods_command_lists_every_method_with_paper_and_recipe():
 
 
 def test_every_command_has_useful_help():
-    for cmd in ([], ["train"], ["methods"], ["init-model"], ["tasks"], ["eval"], ["poft-score"]):
+    for cmd in ([], ["train"], ["methods"], ["init-model"], ["tasks"], ["eval"], ["merge"], ["poft-score"]):
         proc = _cli(*cmd, "--help")
         assert proc.returncode == 0 and "usage: posttrain" in proc.stdout and len(proc.stdout) > 150, cmd
 

@@ -219,6 +219,11 @@ def test_delta_l_alpha_zero_equals_dr_grpo_and_weights_logged(shared):
     # w_i / w_j = (L_j / L_i)^alpha and mean(w) = 1 over the (single-process) generation batch
     torch.testing.assert_close(w * lengths, (w * lengths)[0].expand_as(w), atol=1e-5, rtol=1e-5)
     assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    m = trainer._metrics["train"]
+    assert m["delta_l/weight_mean"][-1] == pytest.approx(1.0, abs=1e-5)
+    assert m["delta_l/weight_min"][-1] == pytest.approx(w.min().item()) and m["delta_l/weight_max"][-1] == pytest.approx(
+        w.max().item())
+    assert m["delta_l/length_mean"][-1] == pytest.approx(lengths.mean().item())
 
 
 def test_gppo_forward_equals_ppo_and_gradients_differ_only_on_clipped_tokens(shared):
@@ -476,3 +481,70 @@ def test_ref_model_errors_name_the_key(tmp_path, capsys):
     assert err[0].startswith("error: ref_model: method 'grpo' uses a reference model only for its KL term")
     assert err[1].startswith("error: ref_model: none, but method 'grpo' needs a reference")
     assert err[2].startswith("error: peft.plora: ") and "set ref_model" in err[2]
+
+
+def test_combined_run_logs_every_metric_the_issue_and_specs_name(tmp_path):
+    """recipes/grpo_combined.yaml (stratified + delta_l + gppo + KL), 4 steps: every logged row of metrics.jsonl has the
+    per-step metrics issue 5 lists and the specs' extra ones, finite, with the counts consistent."""
+    import math
+
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run
+
+    recipe = load_recipe(ROOT / "recipes" / "grpo_combined.yaml", [
+        f"output_dir={tmp_path}", "training.max_steps=4", "training.per_device_train_batch_size=16",
+        "training.logging_steps=2", "training.save_strategy='no'", "data.train.max_samples=16", "data.test=null",
+    ])
+    run(recipe, quiet=True)
+    # num_iterations: 2, so a logging window of 2 steps holds one generation batch and its two optimizer steps
+    rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "policy_loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    required = [
+        "reward", "reward_std", "rewards/exact_match/mean", "rewards/exact_match/std",  # per reward function
+        "advantages/mean", "advantages/std", "advantages/min", "advantages/max",  # advantage stats
+        "completions/mean_length", "completions/min_length", "completions/max_length",  # completion lengths
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/low_min", "clip_ratio/high_max",  # clipping
+        "clip_ratio/region_mean", "clip_ratio/gradient_preserved_mean", "ppo_kl",
+        "kl", "entropy", "grad_norm", "gppo/sft_loss",
+        "delta_l/weight_mean", "delta_l/weight_min", "delta_l/weight_max", "delta_l/length_mean", "delta_l/normalizer",
+        "san/num_strata_per_group", "san/frac_singleton_strata", "san/frac_zero_std_strata",
+        "san/cross_stratum_bias", "san/adv_abs_diff",  # stratum counts and SAN diagnostics
+        "rl/correct_count", "rl/incorrect_count", "rl/effective_examples",
+    ]
+    for row in rows:
+        missing = [k for k in required if k not in row]
+        assert not missing, missing
+        assert all(math.isfinite(row[k]) for k in required)
+        assert row["rl/correct_count"] + row["rl/incorrect_count"] == 16 == row["rl/effective_examples"]
+        assert row["rl/correct_count"] / 16 == pytest.approx(row["reward"], abs=1e-6)  # exact match: reward in {0, 1}
+        assert row["delta_l/normalizer"] == 16 * 8  # B * max_completion_length (Dr. GRPO)
+        assert row["delta_l/weight_mean"] == pytest.approx(1.0, abs=1e-5)  # mean 1 over the generation batch
+        assert 0 <= row["clip_ratio/low_min"] <= row["clip_ratio/low_mean"] + 1e-6
+        assert row["clip_ratio/high_mean"] <= row["clip_ratio/high_max"] + 1e-6 <= 1 + 1e-6
+    assert any(k.startswith("san/reward_mean/") for k in rows[0])
+
+
+def test_stratum_key_from_a_data_column(tmp_path):
+    """method.stratum_key naming a column of data.train (here a local jsonl with a `difficulty` column): strata are
+    its values, which the per-key reward means in metrics.jsonl show."""
+    from posttrain.data.arithmetic import arithmetic_rows
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run
+
+    rows = arithmetic_rows("rl", num_samples=8, seed=5)
+    data = tmp_path / "rl.jsonl"
+    data.write_text("".join(json.dumps({**r, "difficulty": "easy" if i % 2 else "hard"}) + "\n"
+                            for i, r in enumerate(rows)))
+    recipe = load_recipe(ROOT / "recipes" / "grpo_stratified.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"data.train={{source: {data}}}", "data.test=null",
+        "method.stratum_key=difficulty", "method.san_scope=batch", "training.max_steps=1",
+        "training.per_device_train_batch_size=16", "training.num_generations=4", "training.logging_steps=1",
+        "training.save_strategy='no'",
+    ])
+    run(recipe, quiet=True)
+    row = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if "policy_loss" in r][0]
+    assert {k for k in row if k.startswith("san/reward_mean/")} <= {"san/reward_mean/easy", "san/reward_mean/hard"}
+    assert any(k.startswith("san/reward_mean/") for k in row)
+    # batch scope: each prompt's 4 completions share its difficulty, so each group holds exactly one stratum
+    assert row["san/num_strata_per_group"] == 1.0

@@ -1,6 +1,7 @@
 """Turning a recipe's data source into a ``datasets.Dataset``, with clear errors for bad data.
 
-A source is a built-in task (``builtin:<task>``), a local ``.json``/``.jsonl``/``.parquet`` file, or a hub dataset
+A source is a built-in task (``builtin:<task>``), a local ``.json``/``.jsonl``/``.parquet`` file, a local dataset
+directory (anything ``datasets.load_dataset`` reads), or a hub dataset
 name. Columns can be renamed (``columns: {question: prompt}``) and the size capped (``max_samples``). Rows that cannot
 be used are skipped with a logged count; a dataset left empty, or missing a column, is an error naming the key.
 """
@@ -117,7 +118,8 @@ def load_rows(src: DataSource, key: str):
         if src.options:
             raise UserError(f"{key}.options: only built-in tasks take options")
         path = Path(name).expanduser()
-        if path.suffix in {".json", ".jsonl", ".parquet"} or path.exists():
+        # a directory (e.g. a hub dataset cloned or saved locally) goes through load_dataset, like a hub id
+        if (path.suffix in {".json", ".jsonl", ".parquet"} or path.exists()) and not path.is_dir():
             if not path.is_file():
                 raise UserError(f"{key}.source: file '{name}' not found")
             if path.suffix in {".json", ".jsonl"}:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
 
 from posttrain.errors import UserError
 from posttrain.rl.advantages import (
@@ -226,6 +227,11 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         m["advantages/frac_zero"].append((adv == 0).float().mean().item())
         m["rl/kept_rows_frac"].append(keep.float().mean().item())
         m["rl/correct_frac"].append(correct.float().mean().item())
+        # counts per generation batch (all processes), negative_reinforcement.md "Metrics"
+        scored = ~torch.isnan(rewards)
+        m["rl/correct_count"].append(float(correct.sum().item()))
+        m["rl/incorrect_count"].append(float((scored & ~correct).sum().item()))
+        m["rl/effective_examples"].append(float(keep.sum().item()))
         solved = correct.view(-1, num_generations)
         m["rl/frac_prompts_all_correct"].append(solved.all(dim=1).float().mean().item())
         m["rl/frac_prompts_none_correct"].append((~solved).all(dim=1).float().mean().item())
@@ -301,6 +307,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         elif p.aggregation == "delta_l":
             # ΔL weights scale the surrogate only; the KL term stays unweighted (delta_l_normalization.md step 5)
             loss = aggregate_loss("delta_l", per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS])
+            self._metrics[mode]["delta_l/normalizer"].append(float(mask.size(0) * T))  # Dr. GRPO's B * T_max
             if kl is not None:
                 loss = loss + p.beta * dr_grpo(kl, mask, T)
             loss = loss / ga
@@ -332,8 +339,16 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if kl is not None:
             metrics["kl"].append(global_masked_mean(kl.detach()))
         metrics["entropy"].append(global_masked_mean(entropies.detach()))
+        # verl's ppo_kl (grpo.md, gppo.md, negative_reinforcement.md "Metrics"): token mean of old_logp - logp
+        metrics["ppo_kl"].append(global_masked_mean((old - logps).detach()))
         metrics["clip_ratio/low_mean"].append(global_masked_mean(clip.low_clipped.float()))
         metrics["clip_ratio/high_mean"].append(global_masked_mean(clip.high_clipped.float()))
+        # as TRL: the extreme per-sequence clip fractions over all processes
+        per_seq = mask.sum(-1)
+        low_seq = self.accelerator.gather((clip.low_clipped.float() * mask).sum(-1) / per_seq)
+        high_seq = self.accelerator.gather((clip.high_clipped.float() * mask).sum(-1) / per_seq)
+        metrics["clip_ratio/low_min"].append(nanmin(low_seq).item())
+        metrics["clip_ratio/high_max"].append(nanmax(high_seq).item())
         metrics["clip_ratio/region_mean"].append(global_masked_mean((clip.low_clipped | clip.high_clipped).float()))
         if p.dual_clip_c is not None:
             metrics["clip_ratio/dual_mean"].append(global_masked_mean(clip.dual_clipped.float()))
