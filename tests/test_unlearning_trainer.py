@@ -194,3 +194,26 @@ def test_forget_anchored_pairing_is_seeded_and_redrawn_each_epoch():
     assert batch["forget_input_ids"].tolist() == [[1, 2, 3], [5, 0, 0]]
     assert batch["forget_attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["retain_labels"][1].tolist() == [-100, 8, 9] and batch["retain_input_ids"].shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_forget_quality_against_the_retain_model_rises_after_unlearning(tmp_path, capsys):
+    """The full TOFU-style pipeline with the real retain model (`tiny-qwen2-facts-retain95`, trained without the
+    forget people; built on first use, ~1.5 min): the start model knows the forget set, so its truth ratios differ from
+    the retain model's and forget quality (KS p-value) is low; after npo_rt (recipes/unlearn_npo_rt.yaml) it is higher.
+    Measured (docs/unlearning.md): 0.004 at the start."""
+    from posttrain.cli import main
+
+    def forget_quality(model, name):
+        capsys.readouterr()
+        out = tmp_path / name
+        code = main(["eval", model, "--suite", "tofu", "--retain-model", "builtin:tiny-qwen2-facts-retain95",
+                     "--output", str(out)])
+        assert code == 0
+        return json.loads(out.read_text())["forget_quality"]
+
+    start = forget_quality("builtin:tiny-qwen2-facts", "start.json")
+    assert main(["train", "recipes/unlearn_npo_rt.yaml", "--set", f"output_dir={tmp_path / 'run'}",
+                 "--set", "training.save_strategy=no"]) == 0
+    after = forget_quality(str(tmp_path / "run"), "after.json")
+    assert start < 0.05 and after > 10 * start, (start, after)
