@@ -237,6 +237,62 @@ def test_grpo_recipe_with_variant(variant, beta, tmp_path, ids):
     assert (_logits(load_adapter_run(tmp_path / "run"), ids) - _logits(trained, ids)).abs().max() <= 1e-5
 
 
+def _unlearning_recipe(name: str, out: Path, peft: dict, max_steps: int = 2) -> dict:
+    data = yaml.safe_load((ROOT / "recipes" / name).read_text())
+    data["output_dir"] = str(out)
+    if "retain" in data["data"]:
+        data["data"]["retain"] = {**data["data"]["retain"], "max_samples": 16}
+    data["training"].update(max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
+                            warmup_steps=0, disable_tqdm=True)
+    data["peft"] = peft
+    return data
+
+
+@pytest.mark.parametrize("variant, extra", [("plora", {"plora": {"mode": "momentum", "stage_steps": 1}}),
+                                            ("goat", {"goat": {"num_experts": 4}}), ("ggpo", {})])
+def test_unlearning_recipe_with_variant(variant, extra, tmp_path, ids):
+    """GradDiff (recipes/unlearn_grad_diff.yaml) with each variant: it has no reference model, so PLoRA (an unload
+    every step) and GGPO are allowed. Every logged step carries the variant's metrics; the run saves and reloads with
+    the trained model's outputs (<= 1e-5)."""
+    from posttrain.adapters import load_adapter_run
+    from posttrain.models import load_model
+
+    peft = {"type": variant, "r": 8, "target_modules": "all-linear", **extra}
+    data = _unlearning_recipe("unlearn_grad_diff.yaml", tmp_path / "run", peft)
+    trained = _train_data(copy.deepcopy(data))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(any(k.startswith(f"{variant}/") for k in r) for r in steps), [sorted(r) for r in steps]
+    assert all("forget_loss" in r and "retain_loss" in r for r in steps)  # GradDiff's own metrics still logged
+    if variant == "plora":
+        assert [r["plora/stage"] for r in steps] == [1.0, 2.0]
+    ref = _logits(trained, ids)
+    assert (ref - _logits(load_model(data["model"]), ids)).abs().max() > 1e-3  # the saved run is not the base model
+    assert (_logits(load_adapter_run(tmp_path / "run"), ids) - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["plora", "ggpo"])
+def test_unlearning_reference_method_with_variant_needs_ref_model(variant, tmp_path):
+    """NPO's reference would be the adapter-disabled policy, which PLoRA's unloads move away from the initial model
+    (and GGPO would perturb): refused with one line naming peft.<variant>. With ref_model (a frozen copy of the
+    initial model) PLoRA trains, and at step 1 the policy equals that reference (LoRA starts at the base): NPO's
+    log-ratio is 0."""
+    extra = {"plora": {"plora": {"mode": "momentum", "stage_steps": 1}}, "ggpo": {}}[variant]
+    peft = {"type": variant, "r": 8, "target_modules": "all-linear", **extra}
+    data = _unlearning_recipe("unlearn_npo.yaml", tmp_path / "run", peft, max_steps=1)
+    with pytest.raises(UserError, match=rf"^peft\.{variant}: .*adapter-disabled policy.*set ref_model") as exc:
+        _train_data(copy.deepcopy(data))
+    assert "\n" not in str(exc.value)
+    if variant != "plora":
+        return
+    data["ref_model"] = data["model"]
+    _train_data(data)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step1 = next(r for r in rows if r["step"] == 1 and "loss" in r)
+    assert step1["npo/log_ratio_mean"] == pytest.approx(0.0, abs=1e-5) and "plora/stage" in step1
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Recipe validation
 # ------------------------------------------------------------------------------------------------------------------
@@ -296,8 +352,7 @@ def test_merge_refuses_bad_directories(tmp_path, capsys):
     assert len(err) == 2 and "not found" in err[0] and "not a finished posttrain run" in err[1]
 
 
-@pytest.mark.parametrize("variant", [pytest.param("plora", marks=pytest.mark.slow),
-                                     pytest.param("goat", marks=pytest.mark.slow), "ggpo"])
+@pytest.mark.parametrize("variant", ["plora", "goat", "ggpo"])
 def test_two_process_run(variant, tmp_path, ids):
     """A 2-process (gloo, CPU) run through accelerate (~20 s each): trains, logs once, saves one final model that
     reloads (and merges where allowed)."""
@@ -318,6 +373,8 @@ def test_two_process_run(variant, tmp_path, ids):
     # two processes: each step consumes 2 x 8 of the 64 rows, so an epoch is 4 steps (8 with one process)
     assert train_rows[-1]["epoch"] == pytest.approx(3 / 4, abs=1e-3)
     assert all(any(k.startswith(f"{variant}/") for k in r) for r in train_rows)
+    if variant == "ggpo":  # the perturbation's extra compute is logged (lora_ggpo.md)
+        assert all(r["ggpo/extra_seconds"] >= 0 and r["ggpo/extra_flops"] > 0 for r in train_rows)
     assert torch.isfinite(_logits(load_adapter_run(out), ids)).all()
     assert main(["merge", str(out), str(tmp_path / "merged")]) == (2 if variant == "goat" else 0)
 

@@ -305,3 +305,63 @@ def test_trainer_short_run_loss_decreases(tmp_path):
     assert min(losses[-3:]) < losses[0]
     lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     assert lrs[0:4] == pytest.approx(lrs[4:8])
+
+
+# refusals: DoRA and quantized base weights (spec "Hyperparameters": rejected with one line naming the key) ---------
+def test_dora_is_refused_before_any_weight_changes(tmp_path):
+    """A DoRA adapter (``use_dora=True``) is refused at the unload (its magnitude vector depends on W), by the pure
+    unload, by ``merge_and_reinit`` and by a PLoRA trainer at its first unload; no weight is touched by the unload.
+    A recipe cannot even ask for it: ``peft.use_dora`` is an unknown key."""
+    from transformers import Trainer, TrainingArguments
+
+    from posttrain.recipe import parse_recipe
+
+    model = get_peft_model(tiny_qwen(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                   use_dora=True))
+    randomize_B(model)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    name, layer = next(iter_lora_layers(model))
+    assert "default" in layer.lora_magnitude_vector  # really a DoRA layer
+    for mode in ("reset", "momentum", "momentum_scale_both"):
+        with pytest.raises(UserError) as exc:
+            plora_unload_(layer, "default", mode, lam=0.1, generator=stage_generator(0, 0, name))
+        msg = str(exc.value)
+        assert msg.startswith("peft.use_dora: DoRA cannot be combined with peft.plora") and "\n" not in msg, msg
+    with pytest.raises(UserError, match=r"^peft\.use_dora: "):
+        merge_and_reinit(model, mode="reset", seed=0, stage_index=0)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # refused before writing W, A or B
+
+    class PLoRATrainer(PLoRAMixin, Trainer):
+        pass
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-2,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True)
+    trainer = PLoRATrainer(model=model, args=args, train_dataset=_DS(), plora_mode="momentum", plora_stage_steps=1)
+    with pytest.raises(UserError, match=r"^peft\.use_dora: DoRA cannot be combined with peft\.plora"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and trainer.plora_callback.state.stage_index == 0  # no unload happened
+    for n, lay in iter_lora_layers(model):  # the base weights are the initial ones (only the adapter took a step)
+        assert torch.equal(lay.get_base_layer().weight, before[f"{n}.base_layer.weight"])
+
+    with pytest.raises(UserError, match=r"^peft\.use_dora: unknown key"):
+        parse_recipe({"model": "builtin:tiny-qwen2", "data": {"train": "builtin:arithmetic-sft"},
+                      "method": {"name": "sft"}, "peft": {"type": "plora", "use_dora": True}})
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8], ids=["int8", "uint8"])
+def test_quantized_base_weight_is_refused(dtype):
+    """Quantized storage (bitsandbytes keeps 8-bit weights as int8 and packed 4-bit ones as uint8; simulated here by an
+    integer base weight, bitsandbytes is not installed) cannot absorb s·B·A: refused, nothing changed."""
+    layer = worked_layer()
+    base = layer.get_base_layer()
+    base.weight = nn.Parameter(torch.tensor([[1, 0], [0, 1]], dtype=dtype), requires_grad=False)
+    A0, B0 = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+    for mode in ("reset", "momentum"):
+        with pytest.raises(UserError) as exc:
+            plora_unload_(layer, "default", mode, lam=0.1, generator=stage_generator(0, 0, "lin"))
+        msg = str(exc.value)
+        assert msg.startswith("peft.plora: quantized (4/8-bit) base weights cannot absorb") and "\n" not in msg, msg
+    assert torch.equal(base.weight, torch.tensor([[1, 0], [0, 1]], dtype=dtype))
+    assert torch.equal(layer.lora_A["default"].weight, A0) and torch.equal(layer.lora_B["default"].weight, B0)
