@@ -204,7 +204,7 @@ class RewardSpec(BaseModel):
         return self
 
 
-_SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope")
+_SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")
 _GPPO_KEYS = ("gppo_beta1", "gppo_beta2", "gppo_only_high")
 
 
@@ -234,6 +234,8 @@ class GRPOParams(MethodParams):
     san_alpha: float = Field(0.8, ge=0.0, le=1.0, description="stratified: blend alpha*A_SAN + (1-alpha)*A_GRPO.")
     san_scale: Literal["stratum", "none"] = "stratum"
     san_scope: Literal["group", "batch"] = "group"
+    san_eps: float = Field(1e-4, ge=0.0, description="stratified: added to each stratum's std (tied to GRPO's 1e-4, so "
+                           "one stratum per group equals GRPO exactly; the paper's unit-variance claims use 0).")
     w_reinforce_lambda: float = Field(0.1, ge=0.0, description="w_reinforce: advantage of correct rows (+lambda).")
     correct_reward: float = Field(
         1.0, description="A row is correct iff its combined reward equals this (psr/nsr/w_reinforce, SFT term)."

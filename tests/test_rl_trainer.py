@@ -203,6 +203,13 @@ def test_stratified_with_one_stratum_equals_group(shared):
     for key in set(keys):
         picked = torch.tensor([k == key for k in keys])
         assert m[f"san/reward_mean/{key}"][-1] == pytest.approx(rewards[picked].mean().item(), abs=1e-6)
+    # method.san_eps reaches the estimator (0: the paper's unit-variance form)
+    from posttrain.rl.advantages import stratified
+
+    eps0 = _inputs(trainer, rows, advantage="stratified", san_alpha=1.0, san_eps=0.0)["advantages"]
+    keys = recorded[-len(rows):]
+    torch.testing.assert_close(eps0, stratified(rewards, NUM_GEN, stratum_ids(keys), alpha=1.0, eps=0.0))
+    assert not torch.allclose(eps0, stratified(rewards, NUM_GEN, stratum_ids(keys), alpha=1.0)) or eps0.abs().max() == 0
 
 
 def test_delta_l_alpha_zero_equals_dr_grpo_and_weights_logged(shared):

@@ -175,7 +175,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 opts = {"scale_rewards": p.scale_rewards}
             elif p.advantage == "stratified":
                 opts = {"strata": stratum_ids(stash["strata"], device=rewards.device), "alpha": p.san_alpha,
-                        "scale": p.san_scale, "scope": p.san_scope}
+                        "scale": p.san_scale, "scope": p.san_scope, "eps": p.san_eps}
             elif p.advantage in ("psr", "nsr"):
                 opts = {"correct_value": p.correct_reward}
             elif p.advantage == "w_reinforce":
@@ -239,7 +239,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             keys = stash["strata"]
             p = self.params
             stats = stratified_stats(rewards, num_generations, stratum_ids(keys, device=rewards.device),
-                                     scale=p.san_scale, scope=p.san_scope)
+                                     scale=p.san_scale, scope=p.san_scope, eps=p.san_eps)
             for name, value in stats.items():
                 m[f"san/{name}"].append(value)
             numeric = [float(k) for k in keys if isinstance(k, int | float) and not isinstance(k, bool)]
