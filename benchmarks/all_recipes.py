@@ -1,0 +1,70 @@
+"""Run every recipe in recipes/ as shipped (full length, CPU, offline) and record what it took and what it printed.
+
+    python benchmarks/all_recipes.py --out benchmarks/results/all_recipes_cpu.json
+    python benchmarks/all_recipes.py --recipes quickstart dft grpo
+
+Each recipe runs as ``posttrain train recipes/<name>.yaml`` in a fresh process with ``output_dir`` in a temporary
+folder, so the numbers are what a user sees: wall time (including model loading, the built-in models' first-use build
+if not cached, and the before/after evaluation), exit code, steps, final train loss, and test accuracy before/after
+where the recipe has ``data.test``. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_recipe(name: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "posttrain.cli", "train", f"recipes/{name}.yaml", "--set", f"output_dir={out}"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        wall = time.perf_counter() - start
+        row = {"recipe": f"recipes/{name}.yaml", "exit_code": proc.returncode, "wall_s": round(wall, 1)}
+        summary = out / "summary.json"
+        if proc.returncode == 0 and summary.is_file():
+            s = json.loads(summary.read_text())
+            row.update({k: s.get(k) for k in ("steps", "train_loss", "accuracy_before", "accuracy_after")})
+        else:
+            row["error"] = (proc.stderr.strip().splitlines() or [""])[-1][:300]
+        return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="*", default=sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.recipes:
+        rows.append(run_recipe(name))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    def pct(v):
+        return "" if v is None else f"{100 * v:.1f}%"
+
+    lines = ["| recipe | exit | steps | wall (s) | final train loss | test acc before | test acc after |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss = r.get("train_loss")
+        lines.append(f"| `{r['recipe']}` | {r['exit_code']} | {r.get('steps', '')} | {r['wall_s']:.0f} | "
+                     f"{'' if loss is None else f'{loss:.4f}'} | {pct(r.get('accuracy_before'))} | "
+                     f"{pct(r.get('accuracy_after'))} |")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0 if all(r["exit_code"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
