@@ -15,6 +15,7 @@ Built-in models (``builtin:<name>``) are built offline on first use and cached u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -242,6 +243,29 @@ def _build_facts_model(out_dir: Path, splits: tuple[str, ...]) -> None:
                 shutil.copy2(item, out_dir / item.name)
 
 
+@contextlib.contextmanager
+def _single_threaded():
+    """Train the built-in models on one CPU thread: float reductions then run in the same order whatever
+    OMP_NUM_THREADS or the core count, so machines with the same torch build and CPU kind get the same weights, and
+    the thresholds of tests and the numbers in docs/ hold on a fresh build."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _deterministic(builder):
+    def build(out_dir: Path) -> None:
+        with _single_threaded():
+            builder(out_dir)
+
+    return build
+
+
 def builtin_model_dir(name: str) -> Path:
     """The local directory of a built-in model, building it on first use."""
     if name in TINY_ARCH:
@@ -251,11 +275,12 @@ def builtin_model_dir(name: str) -> Path:
         base = builtin_model_dir(TRAINED_BUILTINS[name])
         return _atomic_build(
             cache_dir() / f"{name}-v{FACTS_BUILD_VERSION}-{base.name}",
-            lambda d: _build_facts_model(d, FACTS_BUILTINS[name]),
+            _deterministic(lambda d: _build_facts_model(d, FACTS_BUILTINS[name])),
         )
     if name in TRAINED_BUILTINS:
         base = builtin_model_dir(TRAINED_BUILTINS[name])
-        return _atomic_build(cache_dir() / f"{name}-v{ARITH_BUILD_VERSION}-{base.name}", _build_arith_model)
+        return _atomic_build(cache_dir() / f"{name}-v{ARITH_BUILD_VERSION}-{base.name}",
+                             _deterministic(_build_arith_model))
     from posttrain.errors import did_you_mean
 
     raise UserError(f"model.path: unknown built-in model 'builtin:{name}'{did_you_mean(name, BUILTIN_MODELS)}")

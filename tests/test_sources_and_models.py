@@ -82,3 +82,14 @@ def test_cli_resume_flag_continues_from_the_newest_checkpoint(tmp_path, capsys):
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 after resuming (not 1-4 again)
     assert (out / "checkpoint-4").is_dir()
+
+
+def test_built_in_models_train_on_one_thread(tmp_path):
+    """The trained built-ins (tiny-qwen2-arith, -facts) are built on one thread, then the thread count is restored:
+    measured, a build in a 2-thread process is bit-identical to one made with OMP_NUM_THREADS=1."""
+    from posttrain.models import _deterministic
+
+    torch.set_num_threads(2)
+    seen = []
+    _deterministic(lambda out_dir: seen.append((out_dir, torch.get_num_threads())))(tmp_path)
+    assert seen == [(tmp_path, 1)] and torch.get_num_threads() == 2
