@@ -89,7 +89,11 @@ def test_built_in_models_train_on_one_thread(tmp_path):
     measured, a build in a 2-thread process is bit-identical to one made with OMP_NUM_THREADS=1."""
     from posttrain.models import _deterministic
 
+    original = torch.get_num_threads()
     torch.set_num_threads(2)
-    seen = []
-    _deterministic(lambda out_dir: seen.append((out_dir, torch.get_num_threads())))(tmp_path)
-    assert seen == [(tmp_path, 1)] and torch.get_num_threads() == 2
+    try:
+        seen = []
+        _deterministic(lambda out_dir: seen.append((out_dir, torch.get_num_threads())))(tmp_path)
+        assert seen == [(tmp_path, 1)] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
