@@ -555,3 +555,23 @@ def test_stratum_key_from_a_data_column(tmp_path):
     assert any(k.startswith("san/reward_mean/") for k in row)
     # batch scope: each prompt's 4 completions share its difficulty, so each group holds exactly one stratum
     assert row["san/num_strata_per_group"] == 1.0
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "grpo_stratified", "grpo_delta_l", "grpo_nsr", "grpo_w_reinforce",
+                                    "grpo_gppo", "grpo_combined"])
+def test_every_variant_raises_training_reward(recipe, tmp_path):
+    """Each RL recipe as shipped, on a fixed pool of 64 problems for 60 steps at lr 2e-4 (docs/rlvr.md table A;
+    ~5 s each): the mean reward of the last 10 generation batches beats the first 10 by > 0.03 (measured +0.06 for
+    gppo and combined .. +0.14 for grpo)."""
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run
+
+    run(load_recipe(ROOT / "recipes" / f"{recipe}.yaml", [
+        f"output_dir={tmp_path}", "training.max_steps=60", "training.learning_rate=2e-4",
+        "training.lr_scheduler_type=constant", "data.train.max_samples=64", "data.test=null",
+        "training.logging_steps=1", "training.save_strategy='no'", "training.disable_tqdm=true",
+    ]), quiet=True)
+    rewards = [r["reward"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if r.get("reward") is not None]
+    start, end = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert end > start + 0.03, (start, end)
