@@ -15,7 +15,6 @@ Built-in models (``builtin:<name>``) are built offline on first use and cached u
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -173,8 +172,16 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0) -> None:
     tok.save_pretrained(str(out_dir))
 
 
-def _build_arith_model(out_dir: Path) -> None:
-    """tiny-qwen2 fine-tuned with plain SFT on the arithmetic task (the quickstart recipe, shortened)."""
+def _train_builtin(out_dir: Path, train: dict[str, Any], *, max_steps: int, batch_size: int) -> None:
+    """``tiny-qwen2`` + plain SFT on ``train`` (a data source), saved to ``out_dir``.
+
+    Trained on one CPU thread: float reductions then run in the same order whatever OMP_NUM_THREADS or the core count,
+    so machines with the same torch build and CPU kind get the same weights (checked: a build in a 2-thread process is
+    bit-identical to one made with OMP_NUM_THREADS=1), and test thresholds and the numbers in docs/ hold on a fresh
+    build.
+    """
+    import torch
+
     from posttrain.recipe import parse_recipe
     from posttrain.train import run
 
@@ -182,50 +189,11 @@ def _build_arith_model(out_dir: Path) -> None:
         recipe = parse_recipe(
             {
                 "model": "builtin:tiny-qwen2",
-                "data": {"train": {"source": "builtin:arithmetic-sft", "options": {"num_samples": 40000}}},
+                "data": {"train": train},
                 "method": {"name": "sft"},
                 "training": {
-                    "max_steps": 800,
-                    "per_device_train_batch_size": 64,
-                    "learning_rate": 3e-3,
-                    "lr_scheduler_type": "cosine",
-                    "warmup_steps": 20,
-                    "logging_steps": 50,
-                    "save_strategy": "no",
-                    "disable_tqdm": True,
-                },
-                "output_dir": run_dir,
-                "seed": 0,
-            }
-        )
-        run(recipe, quiet=True)
-        for item in Path(run_dir).iterdir():
-            if item.is_file() and item.name not in {"metrics.jsonl", "recipe.yaml"}:
-                shutil.copy2(item, out_dir / item.name)
-
-
-def _build_facts_model(out_dir: Path, splits: tuple[str, ...]) -> None:
-    """tiny-qwen2 fine-tuned with plain SFT on facts ``splits`` until memorised (~35 epochs; ~1.5 min on one CPU
-    core). The same recipe builds the full model and the retain models, as TOFU does."""
-    import json as _json
-
-    from posttrain.data.facts import facts_rows
-    from posttrain.recipe import parse_recipe
-    from posttrain.train import run
-
-    with tempfile.TemporaryDirectory() as run_dir:
-        data = Path(run_dir) / "facts_train.jsonl"
-        rows = [r for split in splits for r in facts_rows(split)]
-        lines = [_json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n" for r in rows]
-        data.write_text("".join(lines))
-        recipe = parse_recipe(
-            {
-                "model": "builtin:tiny-qwen2",
-                "data": {"train": {"source": str(data)}},
-                "method": {"name": "sft"},
-                "training": {
-                    "max_steps": 500,
-                    "per_device_train_batch_size": 32,
+                    "max_steps": max_steps,
+                    "per_device_train_batch_size": batch_size,
                     "learning_rate": 3e-3,
                     "lr_scheduler_type": "cosine",
                     "warmup_steps": 20,
@@ -237,33 +205,34 @@ def _build_facts_model(out_dir: Path, splits: tuple[str, ...]) -> None:
                 "seed": 0,
             }
         )
-        run(recipe, quiet=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run(recipe, quiet=True)
+        finally:
+            torch.set_num_threads(threads)
         for item in (Path(run_dir) / "run").iterdir():
             if item.is_file() and item.name not in {"metrics.jsonl", "recipe.yaml", "summary.json"}:
                 shutil.copy2(item, out_dir / item.name)
 
 
-@contextlib.contextmanager
-def _single_threaded():
-    """Train the built-in models on one CPU thread: float reductions then run in the same order whatever
-    OMP_NUM_THREADS or the core count, so machines with the same torch build and CPU kind get the same weights, and
-    the thresholds of tests and the numbers in docs/ hold on a fresh build."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _build_arith_model(out_dir: Path) -> None:
+    """tiny-qwen2 fine-tuned with plain SFT on the arithmetic task (the quickstart recipe, shortened)."""
+    _train_builtin(out_dir, {"source": "builtin:arithmetic-sft", "options": {"num_samples": 40000}}, max_steps=800,
+                   batch_size=64)
 
 
-def _deterministic(builder):
-    def build(out_dir: Path) -> None:
-        with _single_threaded():
-            builder(out_dir)
+def _build_facts_model(out_dir: Path, splits: tuple[str, ...]) -> None:
+    """tiny-qwen2 fine-tuned with plain SFT on facts ``splits`` until memorised (~35 epochs; ~1.5 min on one CPU
+    core). The same recipe builds the full model and the retain models, as TOFU does."""
+    from posttrain.data.facts import facts_rows
 
-    return build
+    rows = [r for split in splits for r in facts_rows(split)]
+    with tempfile.TemporaryDirectory() as data_dir:
+        data = Path(data_dir) / "facts_train.jsonl"
+        data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
+                                for r in rows))
+        _train_builtin(out_dir, {"source": str(data)}, max_steps=500, batch_size=32)
 
 
 def builtin_model_dir(name: str) -> Path:
@@ -275,12 +244,11 @@ def builtin_model_dir(name: str) -> Path:
         base = builtin_model_dir(TRAINED_BUILTINS[name])
         return _atomic_build(
             cache_dir() / f"{name}-v{FACTS_BUILD_VERSION}-{base.name}",
-            _deterministic(lambda d: _build_facts_model(d, FACTS_BUILTINS[name])),
+            lambda d: _build_facts_model(d, FACTS_BUILTINS[name]),
         )
     if name in TRAINED_BUILTINS:
         base = builtin_model_dir(TRAINED_BUILTINS[name])
-        return _atomic_build(cache_dir() / f"{name}-v{ARITH_BUILD_VERSION}-{base.name}",
-                             _deterministic(_build_arith_model))
+        return _atomic_build(cache_dir() / f"{name}-v{ARITH_BUILD_VERSION}-{base.name}", _build_arith_model)
     from posttrain.errors import did_you_mean
 
     raise UserError(f"model.path: unknown built-in model 'builtin:{name}'{did_you_mean(name, BUILTIN_MODELS)}")

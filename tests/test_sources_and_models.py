@@ -2,6 +2,7 @@
 ``model.dtype`` option and ``posttrain train --resume`` from the command line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,16 +85,27 @@ def test_cli_resume_flag_continues_from_the_newest_checkpoint(tmp_path, capsys):
     assert (out / "checkpoint-4").is_dir()
 
 
-def test_built_in_models_train_on_one_thread(tmp_path):
+def test_built_in_models_train_on_one_thread(tmp_path, monkeypatch):
     """The trained built-ins (tiny-qwen2-arith, -facts) are built on one thread, then the thread count is restored:
     measured, a build in a 2-thread process is bit-identical to one made with OMP_NUM_THREADS=1."""
-    from posttrain.models import _deterministic
+    import posttrain.train
+    from posttrain.models import _build_arith_model
 
+    seen = []
+
+    def fake_run(recipe, quiet=False):
+        seen.append((recipe.training["max_steps"], torch.get_num_threads()))
+        out = Path(recipe.output_dir)
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_text("weights")
+        (out / "metrics.jsonl").write_text("")
+
+    monkeypatch.setattr(posttrain.train, "run", fake_run)
     original = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        seen = []
-        _deterministic(lambda out_dir: seen.append((out_dir, torch.get_num_threads())))(tmp_path)
-        assert seen == [(tmp_path, 1)] and torch.get_num_threads() == 2
+        _build_arith_model(tmp_path)
+        assert seen == [(800, 1)] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(original)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # the run's logs are not copied
