@@ -280,6 +280,40 @@ def test_periodic_unlearning_metrics_match_the_tofu_suite_on_the_final_model(run
     assert rows[-1]["eval_forget_Q_A_Prob"] < rows[0]["eval_forget_Q_A_Prob"]
 
 
+def test_evaluation_during_training_does_not_change_the_training(runs, tmp_path):
+    """The RL run samples pass@k at steps 0 and 2; the same recipe without evaluation trains identically (its first
+    two steps: the learning-rate schedule of a 2-step run differs after the first update)."""
+    recipe = {**RECIPES["rl"], "training": {**RECIPES["rl"]["training"], "max_steps": 2}, "eval": {},
+              "report": False, "output_dir": str(tmp_path / "plain"), "seed": 0}
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    plain = [r for r in _rows(tmp_path / "plain") if "loss" in r]
+    with_eval = [r for r in _rows(runs["rl"]) if "loss" in r][:2]
+    for key in ("loss", "grad_norm", "reward", "reward_std", "completions/mean_length", "kl"):
+        assert [r[key] for r in plain] == [r[key] for r in with_eval], key
+
+
+def test_a_resumed_run_evaluates_once_per_step_and_exactly_as_the_uninterrupted_one(runs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "sft"
+    shutil.copytree(runs["sft"], copy, ignore=shutil.ignore_patterns("checkpoint-4", "runs"))
+    assert main(["train", str(copy / "recipe.yaml"), "--resume", "--output-dir", str(copy)]) == 0
+    rows = _rows(copy)
+    assert [r["step"] for r in rows if "eval_test_accuracy" in r] == EVAL_STEPS
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+    def trace(run_rows):  # evaluation and training rows, in order; losses compared with a relative tolerance
+        return [(r["step"], r.get("eval_test_accuracy"), r.get("loss")) for r in run_rows
+                if "eval_test_accuracy" in r or "loss" in r]
+
+    resumed, original = trace(rows), trace(_rows(runs["sft"]))
+    assert [(s, a) for s, a, _ in resumed] == [(s, a) for s, a, _ in original]
+    assert [x for *_, x in resumed if x is not None] == pytest.approx([x for *_, x in original if x is not None],
+                                                                  rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
