@@ -120,8 +120,14 @@ def model_card(ctx: CardContext, *, metrics: dict[str, tuple[int, float]] | None
         lines.append(f"| method.{key} | {_cell(_fmt(value))} |")
     for key, value in recipe.training.items():
         lines.append(f"| training.{key} | {_cell(_fmt(value))} |")
-    if recipe.eval.steps is not None:
-        lines.append(f"| eval.steps | {recipe.eval.steps} (max_samples {recipe.eval.max_samples}) |")
+    ev = recipe.eval
+    if ev.steps is not None:  # evaluation during training
+        lines.append(f"| eval.steps | {ev.steps} (max_samples {ev.max_samples}) |")
+        if ev.pass_k:
+            lines.append(f"| eval.pass_k | {ev.pass_k} (num_samples {ev.num_samples or max(ev.pass_k)}, "
+                         f"temperature {ev.temperature}) |")
+        if ev.retain_model:
+            lines.append(f"| eval.retain_model | `{_cell(ev.retain_model)}` |")
 
     lines += ["", "## Results", ""]
     final = [(k, v) for k, v in (summary or {}).items() if k not in _SUMMARY_SKIP and v is not None]

@@ -187,10 +187,28 @@ class Recipe(_Strict):
         return self._params
 
     def resolved(self) -> dict[str, Any]:
-        """The fully resolved recipe (defaults filled in) as plain data, for ``recipe.yaml``."""
+        """The fully resolved recipe (defaults filled in) as plain data, for ``recipe.yaml``; it loads again as the same
+        recipe (``posttrain train RUN_DIR/recipe.yaml`` reproduces the run)."""
         out = self.model_dump(mode="json")
-        out["method"] = {"name": self.method.name, **self.params.model_dump(mode="json")}
+        out["method"] = {"name": self.method.name, **self._resolved_params()}
         return out
+
+    def _resolved_params(self) -> dict[str, Any]:
+        """Every hyperparameter with its default filled in, except defaults that the method refuses when they are
+        given (options of a part the recipe does not use, e.g. ``delta_l_alpha`` without ``aggregation: delta_l``)."""
+        cls = type(self.params)
+        full = self.params.model_dump(mode="json")
+        given = dict(self.method.params)
+        keep = set(given)
+        for key, value in full.items():
+            if key in keep:
+                continue
+            try:
+                cls.model_validate({**given, key: value})
+            except (UserError, ValidationError):
+                continue
+            keep.add(key)
+        return {key: value for key, value in full.items() if key in keep}
 
 
 # --------------------------------------------------------------------------------------------------------------------
