@@ -49,6 +49,8 @@ def test_set_evaluators(recipe) -> list[Evaluator]:
     if recipe.data.test is None:
         return []
     ds = load_source(recipe.data.test, "data.test", "test")
+    logger.info("evaluation during training: every %d steps on the first %d of %d data.test rows (eval.max_samples)%s",
+                ev.steps, min(ev.max_samples, len(ds)), len(ds), f", pass@{ev.pass_k}" if ev.pass_k else "")
     ds = ds.select(range(min(ev.max_samples, len(ds))))
     max_new = ev.max_new_tokens or TEST_MAX_NEW_TOKENS
     out: list[Evaluator] = []
@@ -112,6 +114,8 @@ def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
     sets = unlearning_sets(recipe)
     if not sets:
         return []
+    logger.info("evaluation during training: every %d steps, unlearning metrics on %s (at most eval.max_samples=%d "
+                "rows each)", ev.steps, ", ".join(f"{k} {len(v)}" for k, v in sets.items()), ev.max_samples)
     max_new = ev.max_new_tokens or UNLEARNING_MAX_NEW_TOKENS
     retain_tr = None
     if ev.retain_model is not None:
