@@ -1,7 +1,8 @@
 """Running a recipe: load model and data, build the method's trainer, train, save, and report.
 
 Every run leaves in ``output_dir``: ``recipe.yaml`` (fully resolved), ``metrics.jsonl`` (one JSON object per logging
-event, appended as training goes), the final model + tokenizer (or adapter), and HF checkpoints for ``--resume``.
+event, appended as training goes), the final model + tokenizer (or adapter), HF checkpoints for ``--resume``, the
+model card ``README.md``, ``summary.json`` and ``report.html`` (docs/observability.md).
 """
 
 from __future__ import annotations
@@ -124,6 +125,25 @@ def training_config(config_cls, recipe: Recipe, overrides: dict[str, Any] | None
         raise UserError(f"{where}: {text[:300]}") from None
 
 
+# training.report_to values that are posttrain extras (pip install 'posttrain[NAME]'; the module has the same name)
+TRACKERS = ("tensorboard", "trackio", "wandb")
+
+
+def check_report_to(recipe: Recipe) -> None:
+    """A tracker named in ``training.report_to`` must be installed (before any model is loaded)."""
+    import importlib.util
+
+    value = recipe.training.get("report_to")
+    names = [value] if isinstance(value, str) else list(value or [])
+    for name in names:
+        if not isinstance(name, str):
+            raise UserError(f"training.report_to: expected a tracker name or a list of them, got {value!r}")
+        if name in TRACKERS and importlib.util.find_spec(name) is None:
+            raise UserError(
+                f"training.report_to: {name} is not installed (pip install 'posttrain[{name}]', or pip install {name})"
+            )
+
+
 class MetricsJsonlCallback:
     """Appends one JSON line per logging event to ``metrics.jsonl`` (flushed, so it survives a crash)."""
 
@@ -234,12 +254,36 @@ def test_accuracy(model, tokenizer, recipe: Recipe) -> float | None:
     return greedy_accuracy(model, tokenizer, rows)
 
 
-def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train ``recipe`` end to end; return a summary (accuracies, final metrics, output_dir)."""
+def write_report(recipe: Recipe) -> Path | None:
+    """``report.html`` of a finished run (``report: false`` skips it). A report that cannot be drawn is a warning:
+    the run itself has succeeded."""
+    if not recipe.report:
+        return None
+    from posttrain.report import write_report as _write
+
+    try:
+        path = _write([recipe.output_dir])
+    except Exception as exc:  # noqa: BLE001 - never lose a finished run to a plotting problem
+        logger.warning("report not written: %s: %s", type(exc).__name__, exc)
+        return None
+    logger.info("report: %s", path)
+    return path
+
+
+def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, quiet: bool = False,
+        command: str | None = None) -> dict[str, Any]:
+    """Train ``recipe`` end to end; return a summary (accuracies, final metrics, output_dir).
+
+    ``command``: the command line that ran it, for the model card (``posttrain train`` passes it)."""
     from transformers import set_seed
+
+    from posttrain.card import CardContext, last_metrics, model_card, write_card
+    from posttrain.eval.periodic import build_periodic_eval
 
     setup_logging(quiet)
     info = get_method(recipe.method.name)
+    check_report_to(recipe)
+    periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
     out = Path(recipe.output_dir)
     checkpoint = None
     if resume:
@@ -267,8 +311,14 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, 
     module, fn = TRAINER_BUILDERS[info.family].split(":")
     build = getattr(importlib.import_module(module), fn)
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")])
+    if periodic is not None:
+        ctx.callbacks.append(periodic)
     ctx.callbacks.extend(callbacks or [])
     trainer = build(ctx)
+    if periodic is not None:
+        periodic.attach(trainer, tokenizer)
+    card = CardContext(recipe, info, command)
+    trainer.card_context = card
     from posttrain.adapters.trainer import check_trainer_supports_variant
 
     check_trainer_supports_variant(trainer, recipe, info.name)  # peft.type plora/goat/ggpo need make_trainer
@@ -285,4 +335,7 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, 
     summary["accuracy_after"] = after
     if is_main_process():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        metrics = last_metrics(trainer.state.log_history)
+        write_card(out, model_card(card, metrics=metrics, summary=summary, step=result.global_step))
+        write_report(recipe)
     return summary
