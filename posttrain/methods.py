@@ -262,6 +262,10 @@ class GRPOParams(MethodParams):
         0.0, ge=0.0, description="KL (k3) coefficient against the reference: `ref_model` when given, else a frozen "
         "copy of the initial policy (the adapter-disabled base with peft); no reference is loaded when 0."
     )
+    use_bias_correction_kl: bool = Field(
+        False, description="Multiply the per-token k3 by the importance ratio exp(logp - old_logp) (DeepSeek-V3.2, "
+        "arXiv 2512.02556; TRL's GRPOConfig default). false: plain k3 as in DeepSeekMath GRPO. Needs beta > 0."
+    )
     entropy_coef: float | None = Field(
         None, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
         "(the paper's), else 0."
@@ -293,6 +297,8 @@ class GRPOParams(MethodParams):
             refuse(("delta_l_alpha", "delta_l_scope"), "only used with aggregation: delta_l")
         if self.clipping != "gppo":
             refuse(_GPPO_KEYS, "only used with clipping: gppo")
+        if self.beta == 0:
+            refuse(("use_bias_correction_kl",), "only used with the KL term (method.beta > 0)")
         if not self.rewards:
             raise UserError("method.rewards: give at least one reward function")
         if self.epsilon_high is None and self.clipping == "gppo":

@@ -37,7 +37,7 @@ def _trainer(model_dir, tmp_path, cls=None, params=None, beta=0.0, reward_funcs=
     from posttrain.trainers.rl import PosttrainGRPOTrainer
 
     torch.manual_seed(0)
-    cfg = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=4 * NUM_GEN,
+    cfg = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=4 * NUM_GEN,
                num_generations=NUM_GEN, max_completion_length=6, max_steps=1, logging_steps=1, beta=beta,
                epsilon=0.2, epsilon_high=0.28, loss_type="dapo", temperature=1.5, disable_tqdm=True)
     cfg.update(config)
@@ -108,13 +108,21 @@ def _attach_current_logps(trainer, inputs):
     return {**inputs, "_logps": logps}
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_group_dapo_ppo_equals_stock_trl_grpo(beta, rows, arith_model_dir, tmp_path):
-    """Same generated batch and rewards: advantages, loss (on- and off-policy) and gradients equal TRL's to 1e-5."""
+@pytest.mark.parametrize("beta,bias_correction", [(0.0, None), (0.04, None), (0.04, False), (0.04, True)],
+                         ids=["beta0", "kl-default", "kl-plain", "kl-bias-corrected"])
+def test_group_dapo_ppo_equals_stock_trl_grpo(beta, bias_correction, rows, arith_model_dir, tmp_path):
+    """Same generated batch and rewards: advantages, loss (on- and off-policy) and gradients equal TRL's to 1e-5.
+
+    The KL term: posttrain's default is plain k3 (grpo.md "Loss"), i.e. stock TRL with use_bias_correction_kl=False,
+    whatever the TRL config says (its default is True); method.use_bias_correction_kl: true is TRL's k3*rho."""
+    from posttrain.methods import GRPOParams
     from trl import GRPOTrainer
 
-    ours = _trainer(arith_model_dir, tmp_path / "a", beta=beta, reward_funcs=[partial_credit])
-    stock = _trainer(arith_model_dir, tmp_path / "b", cls=GRPOTrainer, beta=beta, reward_funcs=[partial_credit])
+    key = {} if bias_correction is None else {"use_bias_correction_kl": bias_correction}
+    params = GRPOParams(beta=beta, epsilon_high=0.28, **key)
+    ours = _trainer(arith_model_dir, tmp_path / "a", params=params, beta=beta, reward_funcs=[partial_credit])
+    stock = _trainer(arith_model_dir, tmp_path / "b", cls=GRPOTrainer, beta=beta, reward_funcs=[partial_credit],
+                     use_bias_correction_kl=bool(bias_correction))
     replay = _Replay(ours)
     ours._generate = replay.record
     stock._generate = replay.replay
@@ -277,6 +285,60 @@ def test_negative_reinforcement_rows_and_w_reinforce_lambda_one(shared):
     mask = w1["completion_mask"].float()
     expected = -(sign[:, None] * mask).sum() / mask.sum()
     assert _loss_and_grads(trainer, w1)[0].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("advantage", ["psr", "nsr"])
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "delta_l", "bnpo", "dapo"])
+def test_dropped_rows_leave_the_row_normalisers(shared, advantage, aggregation):
+    """PSR/NSR drop rows from the update entirely (negative_reinforcement.md): on-policy, with half the rows dropped,
+    grpo gives exactly -1 (PSR) / +1 (NSR), not half of it; dr_grpo divides by the kept rows times T_max; delta_l's
+    weights and normaliser see only the kept rows."""
+    trainer, rows = shared
+    inputs = _inputs(trainer, rows, advantage=advantage, aggregation=aggregation, entropy_coef=0.0)
+    keep = inputs["rl_keep"].bool()
+    assert 0 < keep.sum() < keep.numel()
+    sign = -1.0 if advantage == "psr" else 1.0
+    lengths = inputs["completion_mask"].float().sum(-1)[keep]
+    T, B = trainer.max_completion_length, keep.sum().item()
+    expected = {
+        "grpo": sign, "bnpo": sign, "dapo": sign,
+        "dr_grpo": sign * lengths.sum().item() / (B * T),
+        "delta_l": sign * (lengths * lengths ** -0.75 / (lengths ** -0.75).mean()).sum().item() / (B * T),
+    }[aggregation]
+    loss, _ = _loss_and_grads(trainer, inputs)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_logged_policy_and_sft_losses_are_full_batch_values_with_gradient_accumulation(arith_model_dir, tmp_path,
+                                                                                       rows):
+    """gradient_accumulation_steps 2: the two micro-batches' logged policy_loss and gppo/sft_loss average (as the
+    logging window does) to the accumulated batch's values, both on the same scale."""
+    from posttrain.methods import GRPOParams
+
+    trainer = _trainer(arith_model_dir, tmp_path, temperature=2.0, reward_funcs=[alternating_correct],
+                       per_device_train_batch_size=2 * NUM_GEN, gradient_accumulation_steps=2,
+                       params=GRPOParams(clipping="gppo", sft_coef=0.5))
+    trainer.current_gradient_accumulation_steps = 2
+    batch = [dict(r, forced=float(i % 2)) for i, r in enumerate(rows)]
+    torch.manual_seed(2)
+    inputs = _attach_current_logps(trainer, trainer._generate_and_score_completions(batch))
+    n = inputs["completion_ids"].size(0)
+    assert n == 4 * NUM_GEN
+    halves = [{k: v[part] if torch.is_tensor(v) and v.dim() and v.size(0) == n else v for k, v in inputs.items()}
+              for part in (slice(0, n // 2), slice(n // 2, n))]
+    m = trainer._metrics["train"]
+    m["policy_loss"].clear()
+    m["gppo/sft_loss"].clear()
+    for half in halves:
+        trainer._compute_loss(trainer.model, {k: v for k, v in half.items() if k != "_logps"})
+    mask = inputs["completion_mask"].float()
+    adv = inputs["advantages"]
+    full_policy = -(adv[:, None] * mask).sum() / mask.sum()  # on-policy dapo: token mean of -A
+    correct = inputs["rl_correct"][:, None] * mask
+    full_sft = 0.5 * -(inputs["_logps"] * correct).sum() / correct.sum()
+    assert abs(full_policy.item()) > 1e-3 and full_sft.item() > 1e-3
+    assert sum(m["policy_loss"]) / 2 == pytest.approx(full_policy.item(), rel=1e-4)
+    assert sum(m["gppo/sft_loss"]) / 2 == pytest.approx(full_sft.item(), rel=1e-4)
 
 
 def test_trl_internals_we_override_still_exist():

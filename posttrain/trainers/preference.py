@@ -225,7 +225,6 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, DPOTrainer):
         per_token_logps = outputs.log_probs[:, -seq_len:]
         logps = sequence_logps(per_token_logps, mask)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-        c_mask, r_mask = mask.chunk(2, dim=0)
         gather = self.accelerator.gather
         metrics: dict[str, float]
 
@@ -243,8 +242,10 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, DPOTrainer):
                 beta=p.beta,
                 loss_type=p.loss,
                 label_smoothing=p.label_smoothing,
-                chosen_lengths=sequence_lengths(c_mask),
-                rejected_lengths=sequence_lengths(r_mask),
+                # IPO's N: completion tokens counted on the unshifted mask, as TRL and dpo.md do (with an empty
+                # prompt the first completion token has no scored position but still counts)
+                chosen_lengths=sequence_lengths(completion_mask.chunk(2, dim=0)[0]),
+                rejected_lengths=sequence_lengths(completion_mask.chunk(2, dim=0)[1]),
                 ipo_length_normalize=p.ipo_length_normalize,
             )
             metrics = preference_metrics(
