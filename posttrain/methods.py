@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MethodParams(BaseModel):
-    """Base class of a method's hyperparameters. Unknown keys are errors."""
+    """Base class of a method's hyperparameters. Unknown keys are errors; no type coercion (``"yes"`` is not a
+    boolean, ``true`` not a number); NaN and infinities are refused for every number."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ class PoFTParams(SFTParams):
         description="Aligned models that score the data before training; empty means the data carries "
         "`poft_ref_scores` (list) or `poft_ref_score` (float).",
     )
-    scoring_batch_size: int = Field(8, ge=1)
+    scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class RewardSpec(BaseModel):
     """One reward function: a built-in ``name`` (exact_match, math_verify, format) or a user ``function``
     (``module:function`` with TRL's reward signature), its ``weight`` and keyword ``options``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     name: str | None = None
     function: str | None = None
     weight: float = 1.0
@@ -267,7 +268,7 @@ class GRPOParams(MethodParams):
         "arXiv 2512.02556; TRL's GRPOConfig default). false: plain k3 as in DeepSeekMath GRPO. Needs beta > 0."
     )
     entropy_coef: float | None = Field(
-        None, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
+        None, ge=0.0, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
         "(the paper's), else 0."
     )
 

@@ -441,53 +441,59 @@ _UNSUPPORTED = {
 }
 
 
-def build_rl_trainer(ctx):
-    """The ``rl`` family (method ``grpo``) on :class:`PosttrainGRPOTrainer`."""
+def rl_config(recipe, info):
+    """The ``GRPOConfig`` of an RL recipe, with the method-owned fields set from ``method:`` (before models load)."""
     from trl import GRPOConfig
 
-    from posttrain.adapters.trainer import make_trainer
-    from posttrain.data.sources import load_source
-    from posttrain.rl.rewards import NEEDS_ANSWER, load_reward_functions
-    from posttrain.train import peft_config, training_config
+    from posttrain.train import training_config
 
-    recipe, p = ctx.recipe, ctx.recipe.params
+    p = recipe.params
     if recipe.data.train is None:
         raise UserError("data.train: required key is missing")
     for key, where in _METHOD_OWNED.items():
         if key in recipe.training:
-            raise UserError(f"training.{key}: set it as {where} for method '{ctx.info.name}'")
+            raise UserError(f"training.{key}: set it as {where} for method '{info.name}'")
     for key, default in _UNSUPPORTED.items():
         if key in recipe.training and recipe.training[key] != default:
-            raise UserError(f"training.{key}: not supported by method '{ctx.info.name}' (leave it at {default!r})")
+            raise UserError(f"training.{key}: not supported by method '{info.name}' (leave it at {default!r})")
     moa = recipe.training.get("multi_objective_aggregation", "sum_then_normalize")
     if moa != "sum_then_normalize" and p.advantage != "group":
         raise UserError(
             f"training.multi_objective_aggregation: {moa} only works with method.advantage: group "
             f"(advantage is {p.advantage})"
         )
-    train = load_source(recipe.data.train, "data.train", "rl")
-    evals = load_source(recipe.data.eval, "data.eval", "rl") if recipe.data.eval is not None else None
-    for i, spec in enumerate(p.rewards):
-        if spec.name in NEEDS_ANSWER and "answer" not in train.column_names:
-            raise UserError(
-                f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has {train.column_names};"
-                " rename with data.train.columns)"
-            )
-    funcs, weights = load_reward_functions(p.rewards)
-    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names) if p.advantage == "stratified" else None
-
     overrides: dict[str, Any] = {
         "loss_type": p.aggregation if p.aggregation != "delta_l" else "dr_grpo",
         "beta": p.beta,
         "epsilon": p.epsilon,
         "epsilon_high": p.epsilon_high,
         "scale_rewards": p.scale_rewards,
-        "reward_weights": weights,
+        "reward_weights": [spec.weight for spec in p.rewards],
         "use_bias_correction_kl": p.use_bias_correction_kl,
     }
-    if evals is not None:
+    if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
-    config = training_config(GRPOConfig, recipe, overrides)
+    return training_config(GRPOConfig, recipe, overrides)
+
+
+def build_rl_trainer(ctx):
+    """The ``rl`` family (method ``grpo``) on :class:`PosttrainGRPOTrainer`."""
+    from posttrain.adapters.trainer import make_trainer
+    from posttrain.rl.rewards import NEEDS_ANSWER, load_reward_functions
+    from posttrain.train import peft_config
+
+    recipe, p = ctx.recipe, ctx.recipe.params
+    config = ctx.config if ctx.config is not None else rl_config(recipe, ctx.info)
+    train = ctx.dataset("data.train", "rl")
+    evals = ctx.dataset("data.eval", "rl") if recipe.data.eval is not None else None
+    for i, spec in enumerate(p.rewards):
+        if spec.name in NEEDS_ANSWER and "answer" not in train.column_names:
+            raise UserError(
+                f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has {train.column_names};"
+                " rename with data.train.columns)"
+            )
+    funcs, _ = load_reward_functions(p.rewards)
+    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names) if p.advantage == "stratified" else None
     return make_trainer(
         PosttrainGRPOTrainer,
         recipe,
