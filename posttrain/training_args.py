@@ -74,14 +74,14 @@ def _fmt(x: float) -> str:
 
 POSITIVE = Bound(lo=1)
 NON_NEGATIVE = Bound(lo=0)
-STEPS = Bound(lo=0, lo_open=True, integral_from=1)  # HF logging/save/eval steps: an integer or a ratio in (0, 1)
+STEPS = Bound(lo=0, hi=INT32_MAX, lo_open=True, integral_from=1)  # HF logging/save/eval steps: int or ratio < 1
 UNIT_OPEN = Bound(lo=0, hi=1, hi_open=True)
 
 # Domains of known fields (posttrain's own table; everything else only gets the type, finiteness and 32-bit checks).
 BOUNDS: dict[str, Bound] = {
     # schedule and batch
     "max_steps": Bound(lo=1, also=(-1,)),  # -1: use num_train_epochs (HF); 0 would still train one step
-    "num_train_epochs": Bound(lo=0, lo_open=True),
+    "num_train_epochs": Bound(lo=0, hi=INT32_MAX, lo_open=True),
     "per_device_train_batch_size": POSITIVE,
     "per_device_eval_batch_size": POSITIVE,
     "gradient_accumulation_steps": POSITIVE,
@@ -92,7 +92,7 @@ BOUNDS: dict[str, Bound] = {
     "adam_beta1": UNIT_OPEN,
     "adam_beta2": UNIT_OPEN,
     "adam_epsilon": Bound(lo=0, lo_open=True),
-    "warmup_steps": Bound(lo=0, integral_from=1),
+    "warmup_steps": Bound(lo=0, hi=INT32_MAX, integral_from=1),
     "warmup_ratio": Bound(lo=0, hi=1),
     "label_smoothing_factor": UNIT_OPEN,
     "neftune_noise_alpha": NON_NEGATIVE,

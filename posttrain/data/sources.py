@@ -262,6 +262,11 @@ def check_columns(ds, kind: str, key: str, source: str) -> tuple[str, ...]:
     )
 
 
+def column_values(ds, column: str) -> list[Any]:
+    """A column as a Python list (through Arrow: much faster than iterating ``ds[column]``)."""
+    return ds.with_format("arrow")[column].to_pylist()
+
+
 def _is_empty(value: Any) -> bool:
     if value is None:
         return True
@@ -277,14 +282,11 @@ def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_emp
     """Skip rows whose required columns are empty (logging the count); error on wrong types naming the row
     (``label(i)``: the row's ``file:row``)."""
     label = label or (lambda i: f"{source} row {i}")
+    values = {col: column_values(ds, col) for col in columns}
     for col in columns:
-        check_value_types(ds[col], label, col, key)
-    ds_before = ds
-    bad = [
-        i
-        for i, row in enumerate(ds.select_columns(list(columns)))
-        if any(_is_empty(row[c]) for c in columns if c not in allow_empty)
-    ]
+        check_value_types(values[col], label, col, key)
+    checked = [c for c in columns if c not in allow_empty]
+    bad = [i for i in range(len(ds)) if any(_is_empty(values[c][i]) for c in checked)]
     if bad:
         logger.warning(
             "%s: skipped %d of %d rows of %s with an empty %s (first: %s)",
@@ -293,7 +295,7 @@ def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_emp
         keep = sorted(set(range(len(ds))) - set(bad))
         ds = ds.select(keep)
     if len(ds) == 0:
-        empty_cols = [c for c in columns if c not in allow_empty and any(_is_empty(v) for v in ds_before[c])]
+        empty_cols = [c for c in checked if any(_is_empty(v) for v in values[c])]
         raise UserError(
             f"{key}: no usable rows left in {source} (all {len(bad)} had empty values in column "
             f"{'/'.join(repr(c) for c in empty_cols)})"

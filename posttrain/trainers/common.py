@@ -257,6 +257,7 @@ class _NoMaxLength:
 
 
 def log_length_effects(key: str, total: int, truncated: int, dropped: int, max_length: int, why: str) -> None:
+    """Log the rows ``max_length`` truncates (kept, shortened) and drops (nothing left to score)."""
     if truncated:
         logger.warning("%s: %d of %d rows are longer than training.max_length=%d tokens and are truncated",
                        key, truncated, total, max_length)
@@ -282,14 +283,16 @@ class CountedSFTTruncationMixin:
         if mode not in ("keep_start", "keep_end"):
             raise UserError(f"training.truncation_mode: expected keep_start or keep_end, got {mode!r}")
         sl = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+        from posttrain.data.sources import column_values
+
         total = len(ds)
-        truncated = sum(1 for ids in ds["input_ids"] if len(ids) > max_length)
-        if truncated:
+        long = {i for i, ids in enumerate(column_values(ds, "input_ids")) if len(ids) > max_length}
+        if long:
             ds = ds.map(lambda ex: {"input_ids": ex["input_ids"][sl], "labels": ex["labels"][sl]})
-        keep = [i for i, labels in enumerate(ds["labels"]) if any(label != -100 for label in labels)]
+        keep = [i for i, labels in enumerate(column_values(ds, "labels")) if any(label != -100 for label in labels)]
         if len(keep) < total:
             ds = ds.select(keep)
-        log_length_effects(f"data.{dataset_name}", total, truncated, total - len(keep), max_length,
+        log_length_effects(f"data.{dataset_name}", total, len(long.intersection(keep)), total - len(keep), max_length,
                            "no completion token is left after truncation")
         return ds
 
@@ -308,9 +311,12 @@ class CountedDPOTruncationMixin:
             ds = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if "prompt_ids" not in ds.column_names:  # pragma: no cover - TRL changed its columns
             return ds
+        from posttrain.data.sources import column_values
+
         total = len(ds)
-        prompts = [len(p) for p in ds["prompt_ids"]]
-        longest = [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"], strict=True)]
+        prompts = [len(p) for p in column_values(ds, "prompt_ids")]
+        chosen, rejected = column_values(ds, "chosen_ids"), column_values(ds, "rejected_ids")
+        longest = [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]
         keep = list(range(total))
         if args.truncation_mode == "keep_start":  # TRL: the collator would cut every completion token
             keep = [i for i in keep if prompts[i] < max_length]

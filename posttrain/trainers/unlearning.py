@@ -62,24 +62,25 @@ def tokenize_rows(rows, tokenizer, max_length: int, key: str = "data") -> list[t
     truncated to ``max_length``. Truncated rows are counted in the log; rows whose completion is truncated away
     entirely (the prompt alone fills ``max_length``: nothing to score) are dropped and counted."""
     eos = tokenizer.eos_token or ""
+    prompts, completions = list(rows["prompt"]), list(rows["completion"])
     out, truncated, dropped = [], [], []
-    for i, (prompt, completion) in enumerate(zip(rows["prompt"], rows["completion"], strict=True)):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         p = tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
         c = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
         ids = (p + c)[:max_length]
         labels = ([-100] * len(p) + c)[:max_length]
-        if len(p) + len(c) > max_length:
-            truncated.append(i)
         if all(label == -100 for label in labels):
             dropped.append(i)
             continue
+        if len(p) + len(c) > max_length:
+            truncated.append(i)
         out.append((ids, labels))
     if truncated:
         logger.warning("%s: truncated %d of %d rows to training.max_length=%d tokens (first: row %d)",
-                       key, len(truncated), len(rows), max_length, truncated[0])
+                       key, len(truncated), len(prompts), max_length, truncated[0])
     if dropped:
         logger.warning("%s: dropped %d of %d rows whose answer is truncated away entirely by training.max_length=%d "
-                       "(first: row %d)", key, len(dropped), len(rows), max_length, dropped[0])
+                       "(first: row %d)", key, len(dropped), len(prompts), max_length, dropped[0])
     if not out:
         raise UserError(f"{key}: no rows left: every answer is truncated away by training.max_length={max_length}")
     return out
