@@ -202,7 +202,22 @@ class RewardSpec(BaseModel):
             )
         if self.function is not None and (self.function.count(":") != 1 or not all(self.function.split(":"))):
             raise ValueError(f"function must be 'module:function', got '{self.function}'")
+        _check_finite(self.options, "options")
         return self
+
+
+def _check_finite(node, where: str) -> None:
+    """Every float inside ``node`` (free-form options) is finite."""
+    import math
+
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ValueError(f"{where}: must be a finite number, got {node!r}")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{where}[{i}]")
 
 
 _SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")

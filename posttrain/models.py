@@ -212,7 +212,7 @@ def _train_builtin(out_dir: Path, train: dict[str, Any], *, max_steps: int, batc
         finally:
             torch.set_num_threads(threads)
         for item in (Path(run_dir) / "run").iterdir():
-            if item.is_file() and item.name not in {"metrics.jsonl", "recipe.yaml", "summary.json"}:
+            if item.is_file() and item.name not in {"metrics.jsonl", "recipe.yaml", "summary.json", "POSTTRAIN_COMPLETE"}:
                 shutil.copy2(item, out_dir / item.name)
 
 

@@ -261,7 +261,9 @@ def validation_error_to_user_error(exc: ValidationError, root: type[BaseModel], 
         p for p in err["loc"]
         if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or p[:1].isupper()))
     )
-    key = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(loc))
+    key = ""
+    for part in (prefix.split(".") if prefix else []) + list(loc):
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
     if err["type"] == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _fields_at(root, loc[:-1]))
         return UserError(f"{key}: unknown key{hint}")

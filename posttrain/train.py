@@ -1,9 +1,8 @@
 """Running a recipe: check it, load data and models, build the method's trainer, train, save, and report.
 
-:func:`preflight` does everything that can fail on bad input before a model loads: the family's TRL config object
-is built from ``training:`` (HF/TRL validation included), the reference-model keys are checked, the output folder is
-checked (writable; not another run's outputs unless ``--resume`` / ``--overwrite``) and every data source is loaded
-and checked.
+Before a model loads, :func:`preflight` builds the family's TRL config object from ``training:`` (HF/TRL validation
+included), checks the reference-model keys and loads and checks every data source, and :func:`prepare_output_dir`
+checks the output folder (writable; not another run's outputs unless ``--resume`` / ``--overwrite``).
 
 Every run leaves in ``output_dir``: ``recipe.yaml`` (fully resolved), ``metrics.jsonl`` (one JSON object per logging
 event, appended as training goes), the final model + tokenizer (or adapter), HF checkpoints for ``--resume``, and
@@ -219,9 +218,7 @@ def load_models(recipe: Recipe, info: MethodInfo):
     tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
     model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
     ref_model = None
-    if recipe.ref_model == "none":
-        pass
-    elif reference == "required":
+    if reference == "required" and recipe.ref_model != "none":
         if recipe.ref_model is not None:
             r = recipe.ref_model
             ref_model = load_model(

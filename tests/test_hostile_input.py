@@ -239,7 +239,7 @@ def test_resume_finished_run_and_kill_during_final_save(tmp_path, capsys, monkey
     from posttrain.trainers.sft import PosttrainSFTTrainer
 
     recipe = {**SFT, "data": {"train": {"source": "builtin:arithmetic-sft", "options": {"num_samples": 64}}},
-              "training": {**SFT["training"], "max_steps": 4, "save_strategy": "steps", "save_steps": 2,
+              "training": {**SFT["training"], "max_steps": 2, "save_strategy": "steps", "save_steps": 2,
                            "learning_rate": 1e-3}}
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert _train(tmp_path, capsys, {**recipe, "output_dir": str(full)})[0] == 0
@@ -318,7 +318,7 @@ def test_nan_guard_stops_the_run_naming_the_step(what, tmp_path, capsys, monkeyp
         return loss
 
     monkeypatch.setattr(PosttrainSFTTrainer, "compute_loss", compute_loss)
-    recipe = {**SFT, "training": {**SFT["training"], "max_steps": 6, "save_strategy": "steps", "save_steps": 1}}
+    recipe = {**SFT, "training": {**SFT["training"], "max_steps": 4, "save_strategy": "steps", "save_steps": 1}}
     code, err = _train(tmp_path, capsys, recipe)
     needle = "the loss is nan at step 3" if what == "loss" else "the gradient norm is inf at step 3"
     _one_error(code, err, "training:", needle, "diverged")
@@ -326,6 +326,29 @@ def test_nan_guard_stops_the_run_naming_the_step(what, tmp_path, capsys, monkeyp
     assert not (out / "POSTTRAIN_COMPLETE").exists()
     complete = sorted(p.name for p in out.glob("checkpoint-*") if (p / "POSTTRAIN_COMPLETE").exists())
     assert complete == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_grad_norm_guard_spares_fp16_overflow_steps():
+    """With fp16 loss scaling an overflowing step has an inf gradient norm and is skipped by the scaler: not an
+    error. The same norm on a step that was applied is."""
+    from types import SimpleNamespace
+
+    from posttrain.trainers.common import AtomicCheckpointMixin, TrainingDiverged
+
+    class Base:
+        def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+            return "logged"
+
+    class Trainer(AtomicCheckpointMixin, Base):
+        def __init__(self, skipped):
+            self.accelerator = SimpleNamespace(optimizer_step_was_skipped=skipped)
+            self.state = SimpleNamespace(global_step=5)
+
+    inf = torch.tensor(float("inf"))
+    assert Trainer(skipped=True)._maybe_log_save_evaluate(torch.tensor(1.0), inf, None) == "logged"
+    assert Trainer(skipped=False)._maybe_log_save_evaluate(torch.tensor(1.0), 0.5, None) == "logged"
+    with pytest.raises(TrainingDiverged, match="the gradient norm is inf at step 5"):
+        Trainer(skipped=False)._maybe_log_save_evaluate(torch.tensor(1.0), inf, None)
 
 
 def test_checkpoint_with_non_finite_weights_is_never_marked_complete(tmp_path):

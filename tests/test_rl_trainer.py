@@ -123,6 +123,13 @@ def test_group_dapo_ppo_equals_stock_trl_grpo(beta, bias_correction, rows, arith
     ours = _trainer(arith_model_dir, tmp_path / "a", params=params, beta=beta, reward_funcs=[partial_credit])
     stock = _trainer(arith_model_dir, tmp_path / "b", cls=GRPOTrainer, beta=beta, reward_funcs=[partial_credit],
                      use_bias_correction_kl=bool(bias_correction))
+    if beta:  # move both policies away from their (initial-model) references, identically: KL > 0
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for a, b in zip(ours.model.parameters(), stock.model.parameters(), strict=True):
+                noise = 0.05 * torch.randn(a.shape, generator=g)
+                a.add_(noise)
+                b.add_(noise)
     replay = _Replay(ours)
     ours._generate = replay.record
     stock._generate = replay.replay
@@ -142,6 +149,12 @@ def test_group_dapo_ppo_equals_stock_trl_grpo(beta, bias_correction, rows, arith
     loss_b, grads_b = _loss_and_grads(stock, inputs_stock)
     assert abs(loss_a.item() - loss_b.item()) <= 1e-5
     assert _max_grad_diff(grads_a, grads_b) <= 1e-5
+    if beta:  # not vacuous: the other KL form gives other gradients on this batch (on-policy: same value)
+        assert ours._metrics["train"]["kl"][-1] > 0.01
+        ours.params = GRPOParams(beta=beta, epsilon_high=0.28, use_bias_correction_kl=not bias_correction)
+        loss_c, grads_c = _loss_and_grads(ours, inputs_ours)
+        ours.params = params
+        assert abs(loss_c.item() - loss_b.item()) <= 1e-5 and _max_grad_diff(grads_c, grads_b) > 1e-4
 
     # off-policy (rho != 1): clipping is active on both sides
     shared_old = _with_off_policy_old_logps(_attach_current_logps(ours, inputs_ours))["old_per_token_logps"]
@@ -288,11 +301,11 @@ def test_negative_reinforcement_rows_and_w_reinforce_lambda_one(shared):
 
 
 @pytest.mark.parametrize("advantage", ["psr", "nsr"])
-@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "delta_l", "bnpo", "dapo"])
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "delta_l"])
 def test_dropped_rows_leave_the_row_normalisers(shared, advantage, aggregation):
     """PSR/NSR drop rows from the update entirely (negative_reinforcement.md): on-policy, with half the rows dropped,
     grpo gives exactly -1 (PSR) / +1 (NSR), not half of it; dr_grpo divides by the kept rows times T_max; delta_l's
-    weights and normaliser see only the kept rows."""
+    weights and normaliser see only the kept rows (dapo and bnpo count tokens; tested for PSR/NSR above)."""
     trainer, rows = shared
     inputs = _inputs(trainer, rows, advantage=advantage, aggregation=aggregation, entropy_coef=0.0)
     keep = inputs["rl_keep"].bool()
@@ -301,7 +314,7 @@ def test_dropped_rows_leave_the_row_normalisers(shared, advantage, aggregation):
     lengths = inputs["completion_mask"].float().sum(-1)[keep]
     T, B = trainer.max_completion_length, keep.sum().item()
     expected = {
-        "grpo": sign, "bnpo": sign, "dapo": sign,
+        "grpo": sign,
         "dr_grpo": sign * lengths.sum().item() / (B * T),
         "delta_l": sign * (lengths * lengths ** -0.75 / (lengths ** -0.75).mean()).sum().item() / (B * T),
     }[aggregation]
@@ -417,6 +430,7 @@ def test_user_reward_with_wrong_length_fails_with_one_line_naming_it(tmp_path, c
     ({"method.gppo_beta1": 0.5}, "method.gppo_beta1: only used with clipping: gppo"),
     ({"method.advantage": "nsr", "method.scale_rewards": "none"}, "method.scale_rewards: advantage nsr uses no"),
     ({"method.aggregation": "token_sum"}, "method.aggregation"),
+    ({"method.use_bias_correction_kl": True}, "method.use_bias_correction_kl: only used with the KL term"),
 ])
 def test_recipe_errors_name_the_key(sets, message):
     import yaml
@@ -448,6 +462,24 @@ def test_build_errors_name_the_key(tmp_path):
         run(recipe("method.advantage=stratified", "method.stratum_key=difficulty"), quiet=True)
     with pytest.raises(UserError, match=r"method.rewards\[0\] \(exact_match\): needs an 'answer' column"):
         run(recipe("data.train.columns={answer: solution}"), quiet=True)
+
+
+def test_kl_form_key_sets_the_trl_config_field(tmp_path):
+    """method.use_bias_correction_kl (default false, the spec's plain k3) is what the GRPOConfig gets; TRL's own
+    default (true) never leaks in."""
+    import yaml
+
+    from posttrain.recipe import apply_override, parse_recipe
+    from posttrain.train import preflight
+
+    for sets, expected in (([], False), (["method.use_bias_correction_kl=true"], True)):
+        data = yaml.safe_load((ROOT / "recipes" / "grpo.yaml").read_text())
+        for s in ("method.beta=0.04", f"output_dir={tmp_path}", *sets):
+            apply_override(data, s)
+        recipe = parse_recipe(data)
+        assert recipe.params.use_bias_correction_kl is expected
+        assert preflight(recipe, load_data=False)[1].use_bias_correction_kl is expected
+        assert recipe.resolved()["method"]["use_bias_correction_kl"] is expected
 
 
 def test_resolved_defaults_follow_the_chosen_parts():
