@@ -1,5 +1,6 @@
 """The LoRA variants end to end: each trains from its recipe through ``posttrain.train.run``, saves, and reloads
-(adapter, and merged via ``posttrain merge`` where the variant allows) with the trained model's outputs (<= 1e-5)."""
+(adapter, and merged via ``posttrain merge`` where the variant allows) with the trained model's outputs (to fp32
+rounding: :func:`same_logits`)."""
 
 import copy
 import json
@@ -14,6 +15,7 @@ import yaml
 from posttrain.cli import main
 from posttrain.errors import UserError
 from posttrain.recipe import parse_recipe
+from fp32 import assert_fp32_close
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["plora", "goat", "ggpo"]
@@ -39,6 +41,12 @@ class _KeepModel:
                 box["model"] = model
 
         return _CB()
+
+
+def same_logits(actual, expected, msg=""):
+    """Equal up to fp32 rounding: a merged weight or a reloaded adapter computes the same function in another order.
+    The tiny models' longest reduction is their MLP width (384); 8 ulp of the largest logit per sqrt(384)."""
+    assert_fp32_close(actual, expected, reductions=384, ulps=8, msg=msg)
 
 
 def _logits(model, ids):
@@ -82,7 +90,7 @@ def test_variant_trains_saves_reloads_and_merges(variant, tmp_path, ids, capsys)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
     reloaded = load_adapter_run(out)
-    assert (_logits(reloaded, ids) - ref).abs().max() <= 1e-5
+    same_logits(_logits(reloaded, ids), ref, "reloaded")
 
     code = main(["merge", str(out), str(tmp_path / "merged")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -102,7 +110,7 @@ def test_variant_trains_saves_reloads_and_merges(variant, tmp_path, ids, capsys)
         assert code == 0, err
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
         assert not any("lora" in n for n, _ in merged.named_parameters())
-        assert (_logits(merged, ids) - ref).abs().max() <= 1e-5
+        same_logits(_logits(merged, ids), ref, "merged")
 
 
 def test_plora_reset_stages_unload_and_rank_grows(tmp_path, ids):
@@ -133,13 +141,13 @@ def test_plora_reset_stages_unload_and_rank_grows(tmp_path, ids):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("plora/stage", 0) for r in rows) == 2
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
-    assert (_logits(merged, ids) - _logits(model, ids)).abs().max() <= 1e-5
+    same_logits(_logits(merged, ids), _logits(model, ids))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_resume_equals_uninterrupted_run(variant, tmp_path, ids):
     """Kill after the step-2 checkpoint and resume: PLoRA's backbone / GOAT's experts and router / GGPO's gradient
-    norms come back, and the final model equals an uninterrupted run's."""
+    norms come back, and the final model equals an uninterrupted run's bit for bit."""
     from transformers import TrainerCallback
 
     from posttrain.adapters import load_adapter_run
@@ -167,7 +175,9 @@ def test_resume_equals_uninterrupted_run(variant, tmp_path, ids):
     run(recipe(tmp_path / "killed"), resume=True, quiet=True)
     a = _logits(load_adapter_run(tmp_path / "full"), ids)
     b = _logits(load_adapter_run(tmp_path / "killed"), ids)
-    assert (a - b).abs().max() <= 1e-5
+    # bitwise: every RNG, optimizer and variant state is restored (GGPO removes its noise with restore: copy, the
+    # default; with regenerate the frozen weights drift by a few ulp that no checkpoint holds, docs/lora_variants.md)
+    assert torch.equal(a, b), (a - b).abs().max()
 
 
 @pytest.mark.parametrize("variant, extra", [("goat", {"goat": {"num_experts": 4}}), ("ggpo", {})])
@@ -189,7 +199,7 @@ def test_preference_recipe_with_variant(variant, extra, tmp_path, ids):
     trained = _train_data(data)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(k.startswith(f"{variant}/") for r in rows for k in r)
-    assert (_logits(load_adapter_run(tmp_path / "run"), ids) - _logits(trained, ids)).abs().max() <= 1e-5
+    same_logits(_logits(load_adapter_run(tmp_path / "run"), ids), _logits(trained, ids))
 
 
 @pytest.mark.parametrize("variant, beta", [("goat", 0.0), ("goat", 0.04), ("plora", 0.0), ("plora", 0.04)])
@@ -197,7 +207,7 @@ def test_grpo_recipe_with_variant(variant, beta, tmp_path, ids):
     """GRPO (recipes/grpo.yaml) with GOAT and PLoRA (momentum mode, an unload every step). With beta > 0, GOAT's
     reference is the adapter-disabled base, i.e. the base model (same KL as with ref_model: the base model; no "ref"
     adapter copy made or saved); PLoRA needs a ref_model (refused without it) and its KL is 0 at step 1 (LoRA starts
-    at the base). Saves and reloads with the trained model's outputs (<= 1e-5)."""
+    at the base). Saves and reloads with the trained model's outputs."""
     data = yaml.safe_load((ROOT / "recipes" / "grpo.yaml").read_text())
     data["output_dir"] = str(tmp_path / "run")
     data["data"] = {"train": {**data["data"]["train"], "max_samples": 8}}
@@ -234,7 +244,7 @@ def test_grpo_recipe_with_variant(variant, beta, tmp_path, ids):
     else:
         assert all("kl" not in r for r in steps)
     assert not (tmp_path / "run" / "ref").exists()
-    assert (_logits(load_adapter_run(tmp_path / "run"), ids) - _logits(trained, ids)).abs().max() <= 1e-5
+    same_logits(_logits(load_adapter_run(tmp_path / "run"), ids), _logits(trained, ids))
 
 
 def _unlearning_recipe(name: str, out: Path, peft: dict, max_steps: int = 2) -> dict:
@@ -253,7 +263,7 @@ def _unlearning_recipe(name: str, out: Path, peft: dict, max_steps: int = 2) -> 
 def test_unlearning_recipe_with_variant(variant, extra, tmp_path, ids):
     """GradDiff (recipes/unlearn_grad_diff.yaml) with each variant: it has no reference model, so PLoRA (an unload
     every step) and GGPO are allowed. Every logged step carries the variant's metrics; the run saves and reloads with
-    the trained model's outputs (<= 1e-5)."""
+    the trained model's outputs."""
     from posttrain.adapters import load_adapter_run
     from posttrain.models import load_model
 
@@ -269,7 +279,7 @@ def test_unlearning_recipe_with_variant(variant, extra, tmp_path, ids):
         assert [r["plora/stage"] for r in steps] == [1.0, 2.0]
     ref = _logits(trained, ids)
     assert (ref - _logits(load_model(data["model"]), ids)).abs().max() > 1e-3  # the saved run is not the base model
-    assert (_logits(load_adapter_run(tmp_path / "run"), ids) - ref).abs().max() <= 1e-5
+    same_logits(_logits(load_adapter_run(tmp_path / "run"), ids), ref)
 
 
 @pytest.mark.parametrize("variant", ["plora", "ggpo"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from fp32 import assert_fp32_close
 
 BATCH = 8
 
@@ -194,7 +195,9 @@ def test_paper_forms_where_trl_differs(arith_model_dir, tiny_model_dir, tmp_path
                 per_pair = per_pair * pair_w
                 assert abs(_last(ours, "wpo/pair_weight_mean") - pair_w.mean().item()) < 1e-5
             expected = per_pair.mean()
-        assert abs(loss - expected.item()) < 1e-5, (method, p, loss, expected.item())
+        # IPO reaches ~100 here: compare relative to the magnitude (summed log-probs of up to ~8 tokens per row)
+        assert_fp32_close(loss, expected.item(), scale=max(1.0, abs(expected.item())), reductions=16,
+                          msg=f"{method} {p}")
 
 
 def test_precomputed_reference_equals_live_reference(arith_model_dir, tiny_model_dir, tmp_path):
@@ -468,7 +471,7 @@ def test_dpo_lora_without_ref_model_uses_the_adapter_disabled_base(tmp_path, ari
     assert abs(expected_b - 0.693147) > 1e-3
     assert abs(loss - expected_b) < 1e-5, (loss, expected_b)
     rewards_b = beta * (a[:BATCH] - b[:BATCH]).mean().item()
-    assert abs(rewards_b) > 0.1
+    assert abs(rewards_b) > 1e-3  # >= 100x the tolerance below: (a) as reference (rewards 0) is ruled out
     assert abs(_last_eval(trainer, "rewards/chosen") - rewards_b) < 1e-5
     lp_again, _, _ = _per_token(policy, batch)
     assert torch.allclose(lp_again, lp_a, atol=1e-6)  # the adapter is on again after the reference forward
@@ -509,7 +512,8 @@ def test_sparsepo_runs_logs_density_and_saves_the_mask(tmp_path, mask):
 
 def test_sparsepo_learned_mask_reloads_on_resume(tmp_path):
     """Kill a learned-mask SparsePO run after its step-2 checkpoint and resume: the mask network is reloaded from
-    ``sparsepo_mask.safetensors`` (with its optimizer state), so final policy and mask equal an uninterrupted run's."""
+    ``sparsepo_mask.safetensors`` (with its optimizer state), so final policy and mask equal an uninterrupted run's bit
+    for bit."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -534,11 +538,11 @@ def test_sparsepo_learned_mask_reloads_on_resume(tmp_path):
     resumed_mask = load_file(str(killed / "sparsepo_mask.safetensors"))
     assert set(full_mask) == set(resumed_mask)
     assert max((full_mask[k] - at_kill[k]).abs().max().item() for k in full_mask) > 1e-4  # the mask did train
-    for k in full_mask:
-        torch.testing.assert_close(resumed_mask[k], full_mask[k], atol=1e-6, rtol=0, msg=k)
+    for k in full_mask:  # bitwise: the mask network, its optimizer state and every RNG are restored
+        assert torch.equal(resumed_mask[k], full_mask[k]), k
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "run").state_dict()
     resumed = AutoModelForCausalLM.from_pretrained(killed).state_dict()
-    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_sparsepo_all_ones_masks_reduce_to_tdpo_and_zero_kl_mask_to_dpo(arith_model_dir, tiny_model_dir, tmp_path):

@@ -85,27 +85,30 @@ def test_cli_resume_flag_continues_from_the_newest_checkpoint(tmp_path, capsys):
     assert (out / "checkpoint-4").is_dir()
 
 
-def test_built_in_models_train_on_one_thread(tmp_path, monkeypatch):
-    """The trained built-ins (tiny-qwen2-arith, -facts) are built on one thread, then the thread count is restored:
-    measured, a build in a 2-thread process is bit-identical to one made with OMP_NUM_THREADS=1."""
+def test_builtin_rebuild_trains_on_one_thread(tmp_path, monkeypatch):
+    """``python -m posttrain.builtin.build`` trains the derived built-ins on one thread (one reduction order whatever
+    the core count), restores the thread count, and starts from the shipped base model."""
     import posttrain.train
-    from posttrain.models import _build_arith_model
+    from safetensors.torch import save_file
+
+    from posttrain.builtin import BUILTIN_MODELS, builtin_model_dir
+    from posttrain.builtin.build import _trained_state
 
     seen = []
 
     def fake_run(recipe, quiet=False):
-        seen.append((recipe.training["max_steps"], torch.get_num_threads()))
+        seen.append((recipe.model.path, recipe.training["max_steps"], torch.get_num_threads()))
         out = Path(recipe.output_dir)
         out.mkdir(parents=True)
-        (out / "model.safetensors").write_text("weights")
-        (out / "metrics.jsonl").write_text("")
+        save_file({"w": torch.zeros(2)}, str(out / "model.safetensors"))
 
     monkeypatch.setattr(posttrain.train, "run", fake_run)
     original = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _build_arith_model(tmp_path)
-        assert seen == [(800, 1)] and torch.get_num_threads() == 2
+        base = builtin_model_dir("tiny-qwen2")
+        state = _trained_state(BUILTIN_MODELS["tiny-qwen2-arith"], base)
+        assert seen == [(str(base), 800, 1)] and torch.get_num_threads() == 2
+        assert list(state) == ["w"]
     finally:
         torch.set_num_threads(original)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # the run's logs are not copied

@@ -129,18 +129,21 @@ class GGPOPerturbation:
     s·B·A, row norms, randn, add/subtract, Gram), wall time in ``self.extra_seconds``.
     """
 
-    def __init__(self, sigma: float = 0.05, beta: float = 0.01, seed: int = 0, restore: str | None = None,
+    def __init__(self, sigma: float = 0.05, beta: float = 0.01, seed: int = 0, restore: str = "copy",
                  sigma_schedule: str = "constant", total_steps: int | None = None, every_n_steps: int = 1,
                  rank: int = 0):
         if sigma < 0:
             raise UserError("ggpo.sigma: must be >= 0")
         if beta < 0:
             raise UserError("ggpo.beta: must be >= 0")
-        if restore not in (None, "copy", "regenerate"):
+        if restore not in ("copy", "regenerate"):
             raise UserError(f"ggpo.restore: unknown {restore!r}; expected copy | regenerate")
         if int(every_n_steps) < 1:
             raise UserError("ggpo.every_n_steps: must be >= 1")
         sigma_at(sigma, sigma_schedule, 0, total_steps or 1)  # validates the schedule name
+        # restore="copy" by default, for every dtype: (W + eps) - eps is not W in floating point (weights smaller than
+        # eps change binade); that drift is in no checkpoint, so "regenerate" breaks bit-exact resume and makes the
+        # saved adapter (on the original base) differ from the trained model. docs/lora_variants.md "LoRA-GGPO".
         self.sigma, self.beta, self.seed, self.restore = float(sigma), float(beta), int(seed), restore
         self.sigma_schedule, self.total_steps, self.every_n_steps = sigma_schedule, total_steps, int(every_n_steps)
         self.rank = int(rank)
@@ -155,11 +158,6 @@ class GGPOPerturbation:
         self.last_metrics: dict[str, float] = {}
 
     # -- noise ---------------------------------------------------------------------------------------------------
-    def _restore_mode(self, weight: torch.Tensor) -> str:
-        if self.restore is not None:
-            return self.restore
-        return "regenerate" if weight.dtype == torch.float32 or weight.dtype == torch.float64 else "copy"
-
     def _generator(self, step: int, layer_index: int, device) -> torch.Generator:
         g = torch.Generator(device=device)
         g.manual_seed(_seed(self.seed, step, self.rank, layer_index))
@@ -220,7 +218,7 @@ class GGPOPerturbation:
             if not W.dtype.is_floating_point:
                 raise UserError("ggpo: quantized base weights cannot be perturbed in place")
             std, w2, bg2 = self.row_std(layer, name, sigma)
-            if self._restore_mode(W) == "copy":
+            if self.restore == "copy":
                 self._saved[name] = W.data.clone()
                 copy_bytes += W.numel() * W.element_size()
             else:
@@ -328,7 +326,7 @@ class GGPOTrainerMixin:
     writes ``ggpo_state.pt`` into checkpoints.
     """
 
-    def __init__(self, *args, ggpo_sigma: float = 0.05, ggpo_beta: float = 0.01, ggpo_restore: str | None = None,
+    def __init__(self, *args, ggpo_sigma: float = 0.05, ggpo_beta: float = 0.01, ggpo_restore: str = "copy",
                  ggpo_sigma_schedule: str = "constant", ggpo_every_n_steps: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.ggpo = GGPOPerturbation(

@@ -79,8 +79,11 @@ class GGPOSpec(_Strict):
     beta: float = Field(0.01, ge=0.0, description="Weight of the gradient-norm term.")
     sigma_schedule: Literal["constant", "cosine_ramp"] = "constant"
     every_n_steps: int = Field(1, ge=1, le=2**31 - 1, description="Perturb only on steps t with t % every_n_steps == 0.")
-    restore: Literal["copy", "regenerate"] | None = Field(
-        None, description="How the noise is removed; default copy for 16-bit weights, regenerate for fp32."
+    restore: Literal["copy", "regenerate"] = Field(
+        "copy",
+        description="How the noise is removed: copy (bitwise exact; holds a copy of the targeted weights during the "
+        "step) or regenerate (redraw and subtract: saves that memory, but the frozen weights drift by a few ulp per "
+        "step, so the saved adapter on the original base and a --resume differ slightly from the trained model).",
     )
 
 
