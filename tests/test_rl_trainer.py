@@ -37,6 +37,12 @@ def _trainer(model_dir, tmp_path, cls=None, params=None, beta=0.0, reward_funcs=
     from posttrain.trainers.rl import PosttrainGRPOTrainer
 
     torch.manual_seed(0)
+    if not (Path(tmp_path) / "model" / "config.json").exists():
+        # a copy saved by transformers: its config.json names the architecture, which stock TRL needs to build its
+        # reference from the model's path (beta > 0); the materialised built-in folder's config does not
+        AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(Path(tmp_path) / "model")
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(Path(tmp_path) / "model")
+    model_dir = str(Path(tmp_path) / "model")
     cfg = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=4 * NUM_GEN,
                num_generations=NUM_GEN, max_completion_length=6, max_steps=1, logging_steps=1, beta=beta,
                epsilon=0.2, epsilon_high=0.28, loss_type="dapo", temperature=1.5, disable_tqdm=True)
