@@ -27,7 +27,7 @@ def _cmd_train(args) -> int:
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")  # validated like the recipe key
     recipe = load_recipe(args.recipe, overrides)
-    summary = run(recipe, resume=args.resume, overwrite=args.overwrite)
+    summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
         print(f"already finished: {summary['output_dir']} holds a complete run ({summary.get('steps')} steps); "
               "nothing to do")
@@ -40,6 +40,21 @@ def _cmd_train(args) -> int:
         if summary.get("accuracy_after") is not None:
             lines.append(f"test accuracy after training:  {100 * summary['accuracy_after']:.1f}%")
         print("\n".join(lines))
+    return 0
+
+
+def _command_line(args) -> str:
+    """The command line that ran this command, as ``posttrain ...`` (for the model card)."""
+    import shlex
+
+    return "posttrain " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def _cmd_report(args) -> int:
+    from posttrain.report import write_report
+
+    path = write_report(args.run_dirs, args.output)
+    print(f"wrote {path} (plots also in {path.with_name(path.stem + '_plots')}/)")
     return 0
 
 
@@ -170,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="override the recipe's output_dir")
     p.set_defaults(fn=_cmd_train)
 
+    p = sub.add_parser("report", help="HTML page of a run's curves (several runs: overlaid)",
+                       description="Draw one self-contained HTML page (plots embedded, opens offline) of one or more "
+                       "runs' metrics.jsonl, with their resolved recipes and summaries as tables; the plots are also "
+                       "written as PNGs to <output>_plots/. Every run writes its own report.html at the end.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run output directories (several: overlaid)")
+    p.add_argument("--output", help="page to write (default RUN_DIR/report.html for one run, else report.html)")
+    p.set_defaults(fn=_cmd_report)
+
     p = sub.add_parser("methods", help="list methods", description="List every method with its description, "
                        "paper and recipe.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -271,7 +294,9 @@ def expected_failure(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0

@@ -1,6 +1,7 @@
 """The recipe schema: one YAML file that describes a whole run.
 
-Top-level keys: ``model``, ``ref_model``, ``data``, ``method``, ``peft``, ``training``, ``output_dir``, ``seed``.
+Top-level keys: ``model``, ``ref_model``, ``data``, ``method``, ``peft``, ``training``, ``eval``, ``report``,
+``output_dir``, ``seed``.
 Everything is validated by pydantic; every user error becomes one :class:`~posttrain.errors.UserError` line that
 names the dotted key at fault (with a "did you mean" suggestion for unknown keys).
 """
@@ -164,6 +165,33 @@ class PeftSpec(_Strict):
         return check_peft_variant(self)
 
 
+class EvalSpec(_Strict):
+    """Evaluation during training (docs/observability.md): every ``steps`` optimizer steps (and at step 0 and the
+    last step) the model is scored on a bounded number of rows and the results are logged like any training metric
+    (``metrics.jsonl`` and the trackers of ``training.report_to``), as ``eval_*`` names."""
+
+    steps: int | None = Field(None, ge=1, le=INT32_MAX, description="Evaluate every N optimizer steps; null: no evaluation during "
+                              "training (the before/after data.test accuracy lines are printed in any case).")
+    max_samples: int = Field(32, ge=1, le=INT32_MAX, description="Rows per evaluation: the first N of data.test, and for unlearning "
+                             "the first N of each scored set (forget, retain, holdout, world facts).")
+    pass_k: list[int] | None = Field(None, description="Also pass@k on data.test for these k (sampled); default "
+                                     "[1, 4] for RL methods, [] (off) otherwise.")
+    num_samples: int | None = Field(None, ge=1, le=4096, description="pass@k: samples per prompt (default: the largest k).")
+    temperature: float = Field(1.0, gt=0.0, description="pass@k: sampling temperature.")
+    max_new_tokens: int | None = Field(None, ge=1, le=65536, description="Generation length; default 8 for data.test (as the "
+                                       "before/after lines) and 48 for the unlearning ROUGE.")
+    unlearning: bool = Field(True, description="Unlearning methods: forget/retain probability, ROUGE, truth ratio, "
+                             "model utility (and forget_quality with retain_model).")
+    retain_model: str | None = Field(None, description="Unlearning: a model trained without the forget set (hub id, "
+                                     "local dir or builtin:); its truth ratios on the same forget rows give "
+                                     "forget_quality.")
+    batch_size: int = Field(32, ge=1, le=65536, description="Generation / scoring batch size.")
+
+
+# Evaluation-during-training defaults that depend on the method's family (filled in by parse_recipe).
+EVAL_PASS_K_DEFAULT = {"rl": [1, 4]}
+
+
 class Recipe(_Strict):
     model: ModelSpec
     ref_model: ModelSpec | Literal["none"] | None = Field(
@@ -173,6 +201,8 @@ class Recipe(_Strict):
     method: MethodSpec
     peft: PeftSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    report: bool = Field(True, description="Write report.html (curves, recipe, summary) at the end of the run.")
     output_dir: str = "runs/run"
     seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy's seed range.")
 
@@ -192,10 +222,28 @@ class Recipe(_Strict):
         return self._params
 
     def resolved(self) -> dict[str, Any]:
-        """The fully resolved recipe (defaults filled in) as plain data, for ``recipe.yaml``."""
+        """The fully resolved recipe (defaults filled in) as plain data, for ``recipe.yaml``; it loads again as the same
+        recipe (``posttrain train RUN_DIR/recipe.yaml`` reproduces the run)."""
         out = self.model_dump(mode="json")
-        out["method"] = {"name": self.method.name, **self.params.model_dump(mode="json")}
+        out["method"] = {"name": self.method.name, **self._resolved_params()}
         return out
+
+    def _resolved_params(self) -> dict[str, Any]:
+        """Every hyperparameter with its default filled in, except defaults that the method refuses when they are
+        given (options of a part the recipe does not use, e.g. ``delta_l_alpha`` without ``aggregation: delta_l``)."""
+        cls = type(self.params)
+        full = self.params.model_dump(mode="json")
+        given = dict(self.method.params)
+        keep = set(given)
+        for key, value in full.items():
+            if key in keep:
+                continue
+            try:
+                cls.model_validate({**given, key: value})
+            except (UserError, ValidationError):
+                continue
+            keep.add(key)
+        return {key: value for key, value in full.items() if key in keep}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -325,7 +373,35 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
     from posttrain.training_args import check_training
 
     recipe.training = check_training(recipe.training, info.family)
+    _resolve_eval(recipe, info.family)
     return recipe
+
+
+def _resolve_eval(recipe: Recipe, family: str) -> None:
+    """Check the ``eval`` block against the data and the family, and fill in the family's defaults."""
+    ev, data = recipe.eval, recipe.data
+    explicit_pass_k = ev.pass_k is not None
+    if not explicit_pass_k:
+        ev.pass_k = list(EVAL_PASS_K_DEFAULT.get(family, []))
+    ev.pass_k = sorted(set(ev.pass_k))
+    if any(k < 1 for k in ev.pass_k):
+        raise UserError(f"eval.pass_k: every k must be >= 1, got {ev.pass_k}")
+    samples = ev.num_samples or max(ev.pass_k, default=1)
+    if ev.pass_k and ev.pass_k[-1] > samples:
+        raise UserError(f"eval.pass_k: k={ev.pass_k[-1]} is larger than eval.num_samples={samples}")
+    if explicit_pass_k and ev.pass_k and data.test is None:
+        raise UserError("eval.pass_k: pass@k is measured on data.test, which is not set")
+    unlearning = family == "unlearning" and ev.unlearning
+    if ev.retain_model is not None and family != "unlearning":
+        raise UserError("eval.retain_model: only unlearning methods use a retain model (for forget_quality)")
+    if ev.retain_model is not None and (ev.steps is None or not ev.unlearning):
+        raise UserError("eval.retain_model: used by the unlearning evaluation during training; set eval.steps "
+                        "(and keep eval.unlearning: true)")
+    if ev.steps is not None and data.test is None and not unlearning:
+        hint = " or eval.unlearning: true" if family == "unlearning" else ""
+        raise UserError(
+            f"eval.steps: nothing to evaluate during training; set data.test (prompt + answer rows){hint}"
+        )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -5,8 +5,9 @@ included), checks the reference-model keys and loads and checks every data sourc
 checks the output folder (writable; not another run's outputs unless ``--resume`` / ``--overwrite``).
 
 Every run leaves in ``output_dir``: ``recipe.yaml`` (fully resolved), ``metrics.jsonl`` (one JSON object per logging
-event, appended as training goes), the final model + tokenizer (or adapter), HF checkpoints for ``--resume``, and
-``POSTTRAIN_COMPLETE`` once the final model is saved.
+event, appended as training goes), the final model + tokenizer (or adapter), HF checkpoints for ``--resume``, the
+model card ``README.md``, ``summary.json`` and ``report.html`` (docs/observability.md), and ``POSTTRAIN_COMPLETE``
+once the final model is saved.
 """
 
 from __future__ import annotations
@@ -146,6 +147,25 @@ def training_config(config_cls, recipe: Recipe, overrides: dict[str, Any] | None
         named = next((k for k in recipe.training if k in text), None)
         where = f"training.{named}" if named else "training"
         raise UserError(f"{where}: {text[:300]}") from None
+
+
+# training.report_to values that are posttrain extras (pip install 'posttrain[NAME]'; the module has the same name)
+TRACKERS = ("tensorboard", "trackio", "wandb")
+
+
+def check_report_to(recipe: Recipe) -> None:
+    """A tracker named in ``training.report_to`` must be installed (before any model is loaded)."""
+    import importlib.util
+
+    value = recipe.training.get("report_to")
+    names = [value] if isinstance(value, str) else list(value or [])
+    for name in names:
+        if not isinstance(name, str):
+            raise UserError(f"training.report_to: expected a tracker name or a list of them, got {value!r}")
+        if name in TRACKERS and importlib.util.find_spec(name) is None:
+            raise UserError(
+                f"training.report_to: {name} is not installed (pip install 'posttrain[{name}]', or pip install {name})"
+            )
 
 
 class MetricsJsonlCallback:
@@ -362,16 +382,35 @@ def _checkpoint_state(checkpoint: str) -> dict[str, Any]:
         return {}
 
 
+def write_report(recipe: Recipe) -> Path | None:
+    """``report.html`` of a finished run (``report: false`` skips it). A report that cannot be drawn is a warning:
+    the run itself has succeeded."""
+    if not recipe.report:
+        return None
+    from posttrain.report import write_report as _write
+
+    try:
+        path = _write([recipe.output_dir])
+    except Exception as exc:  # noqa: BLE001 - never lose a finished run to a plotting problem
+        logger.warning("report not written: %s: %s", type(exc).__name__, exc)
+        return None
+    logger.info("report: %s", path)
+    return path
+
+
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callbacks: list | None = None,
-        quiet: bool = False) -> dict[str, Any]:
+        quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Train ``recipe`` end to end; return a summary (accuracies, final metrics, output_dir).
 
     ``resume``: continue from the newest complete checkpoint; a finished run (``POSTTRAIN_COMPLETE``) is not trained
     again (the summary has ``already_finished: True``), and a run killed during its final save is finished from its
     last checkpoint without training. ``overwrite``: replace another run's outputs in ``output_dir``.
+    ``command``: the command line that ran it, for the model card (``posttrain train`` passes it).
     """
     from transformers import set_seed
 
+    from posttrain.card import CardContext, last_metrics, model_card, write_card
+    from posttrain.eval.periodic import build_periodic_eval
     from posttrain.trainers.common import (
         RUN_MARKER,
         TrainingDiverged,
@@ -386,6 +425,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     out = Path(recipe.output_dir).expanduser()
     recipe.output_dir = str(out)
     info, config, datasets = preflight(recipe)
+    check_report_to(recipe)
+    periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
     prepare_output_dir(out, resume=resume, overwrite=overwrite)
     checkpoint = None
     if resume:
@@ -418,8 +459,14 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     build = getattr(importlib.import_module(module), fn)
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],
                      config=config, datasets=datasets)
+    if periodic is not None:
+        ctx.callbacks.append(periodic)
     ctx.callbacks.extend(callbacks or [])
     trainer = build(ctx)
+    if periodic is not None:
+        periodic.attach(trainer, tokenizer)
+    card = CardContext(recipe, info, command)
+    trainer.card_context = card
     from posttrain.adapters.trainer import check_trainer_supports_variant
 
     check_trainer_supports_variant(trainer, recipe, info.name)  # peft.type plora/goat/ggpo need make_trainer
@@ -450,6 +497,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     summary["accuracy_after"] = after
     if is_main_process():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        metrics = last_metrics(trainer.state.log_history)
+        write_card(out, model_card(card, metrics=metrics, summary=summary, step=steps))
+        write_report(recipe)
         written = [f.name for f in out.iterdir() if f.is_file() and f.stat().st_mtime >= save_start - 1.0]
         write_run_marker(out, steps, written)
     return summary

@@ -41,7 +41,8 @@ def test_recipe_runs_end_to_end(name, tmp_path, arith_model_dir):
     resolved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert resolved["training"]["max_steps"] == 2
     assert resolved["method"]["name"] == recipe["method"]["name"]
-    assert set(resolved) == {"model", "ref_model", "data", "method", "peft", "training", "output_dir", "seed"}
+    assert set(resolved) == {"model", "ref_model", "data", "method", "peft", "training", "eval", "report", "output_dir",
+                             "seed"}
     # metrics.jsonl: one object per logging event with step and loss
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]

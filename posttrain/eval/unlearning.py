@@ -44,20 +44,28 @@ def _avg_losses(model, tokenizer, prompts: list[str], answers: list[str], batch_
     return -np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
 
 
+def has_truth_ratio_columns(rows: list[dict]) -> bool:
+    """Whether rows carry ``paraphrased_answer`` and a non-empty ``perturbed_answers`` (truth ratio, normalised
+    probability)."""
+    return bool(rows) and all(r.get("paraphrased_answer") and r.get("perturbed_answers") for r in rows)
+
+
 def score_set(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 48, batch_size: int = 32,
               generate: bool = True) -> dict[str, Any]:
-    """Per-question arrays for one set: ``avg_loss`` (answer), ``para``, ``pert`` ``[N, K]``, ``tr`` and ``rouge``."""
+    """Per-question arrays for one set: ``avg_loss`` (answer), ``rouge``, and, for rows with a paraphrased answer and
+    perturbed answers (:func:`has_truth_ratio_columns`), ``para``, ``pert`` ``[N, K]`` and ``tr``."""
     from posttrain.eval.accuracy import greedy_completions
 
     prompts = [r["prompt"] for r in rows]
-    k = len(rows[0]["perturbed_answers"])
     out: dict[str, Any] = {"n": len(rows)}
     out["avg_loss"] = _avg_losses(model, tokenizer, prompts, [r["completion"] for r in rows], batch_size)
-    out["para"] = _avg_losses(model, tokenizer, prompts, [r["paraphrased_answer"] for r in rows], batch_size)
-    pert = _avg_losses(model, tokenizer, [p for p in prompts for _ in range(k)],
-                       [a for r in rows for a in r["perturbed_answers"][:k]], batch_size)
-    out["pert"] = pert.reshape(len(rows), k)
-    out["tr"] = um.truth_ratios(out["para"], out["pert"])
+    if has_truth_ratio_columns(rows):
+        k = len(rows[0]["perturbed_answers"])
+        out["para"] = _avg_losses(model, tokenizer, prompts, [r["paraphrased_answer"] for r in rows], batch_size)
+        pert = _avg_losses(model, tokenizer, [p for p in prompts for _ in range(k)],
+                           [a for r in rows for a in r["perturbed_answers"][:k]], batch_size)
+        out["pert"] = pert.reshape(len(rows), k)
+        out["tr"] = um.truth_ratios(out["para"], out["pert"])
     if generate:
         gens = greedy_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
         out["generations"] = gens
@@ -90,30 +98,55 @@ def evaluate_unlearning(model, tokenizer, *, forget_split: str = "forget05", ret
                 (("forget", forget_split), ("retain", retain_split), ("holdout", holdout_split), ("wf", "world"))}
     except (TypeError, ValueError) as exc:
         raise UserError(f"facts options: {exc}") from None
-    scored = {name: score_set(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
-              for name, rows in sets.items()}
-    res: dict[str, Any] = {}
-    for name, s in scored.items():
-        res[f"{name}_Q_A_Prob"] = um.mean_answer_probability(s["avg_loss"])
-        res[f"{name}_Q_A_ROUGE"] = float(np.mean(s["rouge"]))
-    res["forget_truth_ratio"] = um.aggregate_truth_ratio(scored["forget"]["tr"], "closer_to_1_better")
-    res["holdout_truth_ratio"] = um.aggregate_truth_ratio(scored["holdout"]["tr"], "closer_to_1_better")
-    res["retain_Truth_Ratio"] = um.aggregate_truth_ratio(scored["retain"]["tr"], "true_better")
-    res["wf_Truth_Ratio"] = um.aggregate_truth_ratio(scored["wf"]["tr"], "true_better")
-    res["wf_Q_A_Prob_normalised"] = float(np.mean(um.normalised_probability(scored["wf"]["para"],
-                                                                             scored["wf"]["pert"])))
-    if retain_tr is not None and len(retain_tr) != len(scored["forget"]["tr"]):
-        raise UserError(
-            f"--retain-model: its forget-set truth ratios cover {len(retain_tr)} questions, this eval "
-            f"{len(scored['forget']['tr'])} (use the same --forget-split and --max-samples)"
-        )
-    res["forget_quality"] = um.forget_quality(scored["forget"]["tr"], retain_tr)
-    res["model_utility"] = um.model_utility({k: res[k] for k in UTILITY_KEYS})
+    res = evaluate_sets(model, tokenizer, sets, retain_tr=retain_tr, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, key="--retain-model")
+    scored = res.pop("_scored")
     res["forget_truth_ratio_values"] = [float(x) for x in scored["forget"]["tr"]]
     res["n"] = {name: s["n"] for name, s in scored.items()}
     res["forget_split"] = forget_split
     res["samples"] = {name: [{"prompt": r["prompt"], "answer": r["completion"], "generation": g}
                              for r, g in zip(sets[name][:3], scored[name]["generations"][:3])] for name in sets}
+    return res
+
+
+# Truth-ratio aggregation of each set (open-unlearning): forget and holdout closer-to-1, retain and world true-better.
+TRUTH_RATIO_KEYS = {"forget": ("forget_truth_ratio", "closer_to_1_better"),
+                    "holdout": ("holdout_truth_ratio", "closer_to_1_better"),
+                    "retain": ("retain_Truth_Ratio", "true_better"),
+                    "wf": ("wf_Truth_Ratio", "true_better")}
+
+
+def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], *, retain_tr=None, max_new_tokens: int = 48,
+                  batch_size: int = 32, key: str = "retain_model") -> dict[str, Any]:
+    """The metrics of whichever of the sets ``forget``, ``retain``, ``holdout``, ``wf`` are given.
+
+    Every set gives ``<set>_Q_A_Prob`` and ``<set>_Q_A_ROUGE``; sets whose rows carry paraphrased and perturbed
+    answers also give their truth ratio (:data:`TRUTH_RATIO_KEYS`), ``wf`` its ``wf_Q_A_Prob_normalised``.
+    ``model_utility`` is given when all of :data:`UTILITY_KEYS` are, ``forget_quality`` when ``retain_tr`` is (the
+    retain model's per-question truth ratios on the same forget rows). ``_scored`` holds the per-set arrays.
+    """
+    scored = {name: score_set(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+              for name, rows in sets.items() if rows}
+    res: dict[str, Any] = {}
+    for name, s in scored.items():
+        res[f"{name}_Q_A_Prob"] = um.mean_answer_probability(s["avg_loss"])
+        res[f"{name}_Q_A_ROUGE"] = float(np.mean(s["rouge"]))
+    for name, (metric, aggregator) in TRUTH_RATIO_KEYS.items():
+        if name in scored and "tr" in scored[name]:
+            res[metric] = um.aggregate_truth_ratio(scored[name]["tr"], aggregator)
+    if "wf" in scored and "tr" in scored["wf"]:
+        res["wf_Q_A_Prob_normalised"] = float(np.mean(um.normalised_probability(scored["wf"]["para"],
+                                                                                 scored["wf"]["pert"])))
+    forget_tr = scored.get("forget", {}).get("tr")
+    if retain_tr is not None and (forget_tr is None or len(retain_tr) != len(forget_tr)):
+        raise UserError(
+            f"{key}: its forget-set truth ratios cover {len(retain_tr)} questions, this eval "
+            f"{0 if forget_tr is None else len(forget_tr)} (use the same --forget-split and --max-samples)"
+        )
+    res["forget_quality"] = um.forget_quality(forget_tr, retain_tr) if forget_tr is not None else None
+    if all(k in res for k in UTILITY_KEYS):
+        res["model_utility"] = um.model_utility({k: res[k] for k in UTILITY_KEYS})
+    res["_scored"] = scored
     return res
 
 

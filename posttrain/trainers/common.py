@@ -1,4 +1,5 @@
-"""Pieces every posttrain trainer shares: crash-safe checkpoints, resume, the non-finite guard, and the run folder.
+"""Pieces every posttrain trainer shares: crash-safe checkpoints, resume, the non-finite guard, the model card, and
+the run folder.
 
 Markers posttrain writes (and the only folders it ever deletes are ones carrying them):
 
@@ -104,6 +105,36 @@ class AtomicCheckpointMixin:
     Non-finite guard (every family): a NaN/inf training loss (checked per micro-batch, before HF's
     ``logging_nan_inf_filter`` hides it) or gradient norm stops the run with :class:`TrainingDiverged` naming the step.
     """
+
+    # Set by posttrain.train.run: what the model card (posttrain.card) is written from.
+    card_context = None
+
+    def create_model_card(self, *args, **kwargs):
+        """posttrain's card in ``output_dir/README.md``, instead of TRL's (which cannot name the base model of a
+        posttrain run and says "fine-tuned version of [None]"). TRL calls this on every checkpoint save."""
+        self.write_model_card(self.args.output_dir)
+
+    def write_model_card(self, directory, checkpoint: bool = False) -> None:
+        if not self.args.should_save:
+            return
+        from posttrain.card import last_metrics, minimal_card, model_card, write_card
+
+        if self.card_context is None:
+            base = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            write_card(directory, minimal_card(getattr(self, "method", None), base))
+            return
+        text = model_card(self.card_context, metrics=last_metrics(self.state.log_history),
+                          step=self.state.global_step, checkpoint=checkpoint)
+        write_card(directory, text)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Every save (checkpoints and the final one) also writes the model card next to the weights."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir or self.args.output_dir
+        checkpoint = Path(output_dir).name.startswith("checkpoint-")
+        self.write_model_card(output_dir, checkpoint=checkpoint)
+        if checkpoint:  # the run folder's card follows the newest checkpoint (all families, not only TRL's)
+            self.write_model_card(self.args.output_dir)
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)

@@ -326,8 +326,8 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
         raise UserError(f"data.train: unlearning method '{name}' reads data.forget and data.retain, not data.train")
     if data.eval is not None:
         raise UserError(
-            f"data.eval: unlearning method '{name}' has no eval loop; evaluate the run with "
-            "`posttrain eval RUN_DIR --suite tofu`"
+            f"data.eval: unlearning method '{name}' has no eval-loss loop; set eval.steps for forget/retain metrics "
+            "during training, or evaluate the run with `posttrain eval RUN_DIR --suite tofu`"
         )
     if data.forget is None:
         raise UserError(

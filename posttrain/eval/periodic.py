@@ -1,0 +1,202 @@
+"""Evaluation during training, from the recipe's ``eval`` block (docs/observability.md).
+
+Every ``eval.steps`` optimizer steps (and at step 0 and at the last step) :class:`PeriodicEvalCallback` scores the
+model on a bounded number of rows and logs the results through the trainer, so that they reach ``metrics.jsonl``
+and every tracker of ``training.report_to`` like any training metric. What is measured follows from the recipe:
+
+* ``data.test`` (prompt + answer rows): greedy accuracy, ``eval_test_accuracy`` (:mod:`posttrain.eval.accuracy`,
+  the same scoring as the before/after lines), and with ``eval.pass_k`` (default ``[1, 4]`` for RL methods)
+  ``eval_test_pass@k`` and ``eval_test_mean_sample_accuracy`` (:mod:`posttrain.eval.sampling`).
+* unlearning methods (``eval.unlearning``, on by default): ``eval_<set>_Q_A_Prob``, ``eval_<set>_Q_A_ROUGE``, the
+  truth ratios, ``eval_model_utility`` and, with ``eval.retain_model``, ``eval_forget_quality``
+  (:func:`posttrain.eval.unlearning.evaluate_sets`). On ``builtin:facts`` the sets are TOFU's (forget, retain,
+  holdout, world facts; the same as ``posttrain eval RUN --suite tofu --max-samples N``); on other data, the first
+  rows of ``data.forget`` and ``data.retain``.
+
+Each set is cut to its first ``eval.max_samples`` rows. Evaluation runs on every process (ZeRO-3 needs all of them
+for a forward) with the random-number state forked, so a run with evaluation trains exactly like one without.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from posttrain.errors import UserError
+
+logger = logging.getLogger("posttrain")
+
+Evaluator = Callable[[Any, Any], dict[str, float]]  # (model, tokenizer) -> {metric name without "eval_": value}
+PREFIX = "eval_"
+TEST_MAX_NEW_TOKENS = 8  # as the before/after accuracy lines (posttrain.train.test_accuracy)
+UNLEARNING_MAX_NEW_TOKENS = 48  # as `posttrain eval --suite tofu`
+
+
+def _rows(ds, n: int) -> list[dict]:
+    return [ds[i] for i in range(min(n, len(ds)))]
+
+
+def test_set_evaluators(recipe) -> list[Evaluator]:
+    """Greedy accuracy (and pass@k when ``eval.pass_k`` is set) on the first ``eval.max_samples`` rows of data.test."""
+    from posttrain.data.sources import load_source
+
+    ev = recipe.eval
+    if recipe.data.test is None:
+        return []
+    ds = load_source(recipe.data.test, "data.test", "test")
+    logger.info("evaluation during training: every %d steps on the first %d of %d data.test rows (eval.max_samples)%s",
+                ev.steps, min(ev.max_samples, len(ds)), len(ds), f", pass@{ev.pass_k}" if ev.pass_k else "")
+    ds = ds.select(range(min(ev.max_samples, len(ds))))
+    max_new = ev.max_new_tokens or TEST_MAX_NEW_TOKENS
+    out: list[Evaluator] = []
+
+    def accuracy(model, tokenizer):
+        from posttrain.eval.accuracy import greedy_accuracy
+
+        return {"test_accuracy": greedy_accuracy(model, tokenizer, ds, max_new, ev.batch_size)}
+
+    out.append(accuracy)
+    if ev.pass_k:
+
+        def pass_at_k(model, tokenizer):
+            from posttrain.eval.sampling import pass_at_k_eval
+
+            res = pass_at_k_eval(model, tokenizer, ds, ev.pass_k, ev.num_samples, ev.temperature, max_new,
+                                 ev.batch_size, seed=recipe.seed)
+            metrics = {f"test_pass@{k}": v for k, v in res["pass@k"].items()}
+            metrics["test_mean_sample_accuracy"] = res["mean_sample_accuracy"]
+            return metrics
+
+        out.append(pass_at_k)
+    return out
+
+
+def unlearning_sets(recipe) -> dict[str, list[dict]]:
+    """The rows the unlearning evaluation scores: TOFU's four sets on builtin:facts, else data.forget/data.retain."""
+    from posttrain.data.sources import load_source
+    from posttrain.eval.unlearning import FORGET_SPLITS
+
+    data, n = recipe.data, recipe.eval.max_samples
+    if data.forget is None:
+        return {}
+    if data.forget.source == "builtin:facts":
+        from posttrain.data.facts import facts_rows
+
+        split = data.forget.split
+        if split not in FORGET_SPLITS:
+            raise UserError(
+                f"data.forget.split: the unlearning evaluation during training (eval.steps) needs one of "
+                f"{', '.join(FORGET_SPLITS)} on builtin:facts, got '{split}' (or set eval.unlearning: false)"
+            )
+        retain_split, holdout_split = FORGET_SPLITS[split]
+        opts = dict(data.forget.options)
+        try:
+            return {name: facts_rows(s, **opts)[:n] for name, s in
+                    (("forget", split), ("retain", retain_split), ("holdout", holdout_split), ("wf", "world"))}
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"data.forget.options: {exc}") from None
+    sets = {"forget": _rows(load_source(data.forget, "data.forget", "unlearning"), n)}
+    if data.retain is not None:
+        sets["retain"] = _rows(load_source(data.retain, "data.retain", "unlearning"), n)
+    return sets
+
+
+def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
+    """Forget/retain/utility metrics every evaluation (unlearning methods with ``eval.unlearning``)."""
+    ev = recipe.eval
+    if family != "unlearning" or not ev.unlearning:
+        return []
+    sets = unlearning_sets(recipe)
+    if not sets:
+        return []
+    logger.info("evaluation during training: every %d steps, unlearning metrics on %s (at most eval.max_samples=%d "
+                "rows each)", ev.steps, ", ".join(f"{k} {len(v)}" for k, v in sets.items()), ev.max_samples)
+    max_new = ev.max_new_tokens or UNLEARNING_MAX_NEW_TOKENS
+    retain_tr = None
+    if ev.retain_model is not None:
+        from posttrain.eval.unlearning import has_truth_ratio_columns, score_set
+        from posttrain.models import load_model, load_tokenizer
+
+        if not has_truth_ratio_columns(sets["forget"]):
+            raise UserError(
+                "eval.retain_model: forget_quality compares truth ratios, which need 'paraphrased_answer' and "
+                "'perturbed_answers' columns in data.forget"
+            )
+        tok = load_tokenizer(ev.retain_model, key="eval.retain_model")
+        retain = load_model(ev.retain_model, key="eval.retain_model")
+        retain_tr = score_set(retain, tok, sets["forget"], batch_size=ev.batch_size, generate=False)["tr"]
+        del retain
+        logger.info("eval.retain_model: truth ratios of %s on %d forget rows", ev.retain_model, len(retain_tr))
+
+    def unlearning(model, tokenizer):
+        from posttrain.eval.unlearning import evaluate_sets
+
+        res = evaluate_sets(model, tokenizer, sets, retain_tr=retain_tr, max_new_tokens=max_new,
+                            batch_size=ev.batch_size, key="eval.retain_model")
+        res.pop("_scored")
+        return {k: v for k, v in res.items() if v is not None}
+
+    return [unlearning]
+
+
+class PeriodicEvalCallback(TrainerCallback):
+    """Runs ``evaluators`` at step 0, every ``steps`` optimizer steps and at the last step, and logs their metrics
+    (prefixed ``eval_``) through :meth:`transformers.Trainer.log` of the trainer given to :meth:`attach`.
+
+    The base ``Trainer.log`` is called, not the family trainer's override: TRL's trainers fold the training metrics
+    averaged since the last logging step into whatever row they log next, which belongs to the next training row.
+    """
+
+    def __init__(self, steps: int, evaluators: list[Evaluator]):
+        self.steps, self.evaluators = steps, evaluators
+        self.trainer: Trainer | None = None
+        self.tokenizer = None
+        self._last_step: int | None = None
+
+    def attach(self, trainer, tokenizer) -> None:
+        self.trainer, self.tokenizer = trainer, tokenizer
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:  # not on resume: step 0 was logged by the first run
+            self.evaluate(state, control, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.steps == 0 or state.global_step >= state.max_steps:
+            self.evaluate(state, control, model)
+
+    def evaluate(self, state, control, model) -> dict[str, float]:
+        if self.trainer is None:
+            raise RuntimeError("PeriodicEvalCallback.attach(trainer, tokenizer) was not called")
+        if self._last_step == state.global_step:
+            return {}
+        self._last_step = state.global_step
+        start = time.perf_counter()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        metrics: dict[str, float] = {}
+        with torch.random.fork_rng(devices=devices):  # evaluation must not change the training's random stream
+            for evaluator in self.evaluators:
+                metrics.update(evaluator(model, self.tokenizer))
+        logs = {PREFIX + k: float(v) for k, v in metrics.items()}
+        logs[PREFIX + "periodic_runtime"] = round(time.perf_counter() - start, 4)
+        # Logging resets control.should_log, which on_step_end may just have set for this step's training row.
+        should_log = control.should_log
+        Trainer.log(self.trainer, logs)
+        control.should_log = self.trainer.control.should_log = should_log
+        return logs
+
+
+def build_periodic_eval(recipe, family: str) -> PeriodicEvalCallback | None:
+    """The callback for ``recipe.eval`` (``None`` when ``eval.steps`` is not set); loads the evaluation rows (and the
+    retain model's truth ratios) now, so that a bad set is reported before the model is loaded and trained. Call
+    :meth:`PeriodicEvalCallback.attach` once the trainer is built."""
+    if recipe.eval.steps is None:
+        return None
+    evaluators = test_set_evaluators(recipe) + unlearning_evaluators(recipe, family)
+    if not evaluators:
+        return None
+    return PeriodicEvalCallback(recipe.eval.steps, evaluators)
