@@ -1,11 +1,14 @@
 """The ``posttrain`` command line.
 
-User errors print one ``error: ...`` line on stderr and exit with code 2, without a traceback.
+User errors print one ``error: ...`` line on stderr and exit with code 2, without a traceback. Expected failures of
+the environment (a file-system error such as a full disk or a permission, undecodable text, running out of memory)
+print one ``error: ...`` line and exit with code 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -20,12 +23,18 @@ def _cmd_train(args) -> int:
     from posttrain.recipe import load_recipe
     from posttrain.train import run
 
-    recipe = load_recipe(args.recipe, args.set)
-    if args.output_dir:
-        recipe.output_dir = args.output_dir
-    summary = run(recipe, resume=args.resume, command=_command_line(args))
-    if int(os.environ.get("RANK", "0")) == 0:
-        lines = [f"done: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, saved to {recipe.output_dir}"]
+    overrides = list(args.set)
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")  # validated like the recipe key
+    recipe = load_recipe(args.recipe, overrides)
+    summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
+    if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
+        print(f"already finished: {summary['output_dir']} holds a complete run ({summary.get('steps')} steps); "
+              "nothing to do")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        loss = summary["train_loss"]
+        loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
+        lines = [f"done: {summary['steps']} steps, train loss {loss_text}, saved to {recipe.output_dir}"]
         if summary.get("accuracy_before") is not None:
             lines.append(f"test accuracy before training: {100 * summary['accuracy_before']:.1f}%")
         if summary.get("accuracy_after") is not None:
@@ -136,7 +145,7 @@ def _cmd_eval(args) -> int:
 def _cmd_merge(args) -> int:
     from posttrain.merge import merge_run
 
-    print(merge_run(args.run_dir, args.out_dir))
+    print(merge_run(args.run_dir, args.out_dir, trust_remote_code=args.trust_remote_code))
     return 0
 
 
@@ -169,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to the recipe YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, value parsed as YAML (e.g. --set training.max_steps=5); repeatable")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest complete "
+                   "checkpoint (a finished run is left as it is)")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in output_dir (without "
+                   "it, a folder holding another run is refused)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
     p.set_defaults(fn=_cmd_train)
 
@@ -239,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with AutoModelForCausalLM.from_pretrained. GOAT routes per token and cannot be merged.")
     p.add_argument("run_dir", help="a finished run's output_dir")
     p.add_argument("out_dir", help="directory to write (must not exist or be empty)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run "
+                   "(needed when the run's recipe.yaml has model.trust_remote_code: true; only for runs you trust)")
     p.set_defaults(fn=_cmd_merge)
     return parser
 
@@ -251,6 +265,31 @@ def _close_progress_bars() -> None:
         return
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+# errno values of file-system failures (anything else an OSError carries is left to its traceback)
+_FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+              errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOTEMPTY,
+              errno.EXDEV, errno.ELOOP, errno.EFBIG}
+
+
+def expected_failure(exc: BaseException) -> str | None:
+    """The ``error:`` line for an expected failure of the environment, or None for anything else (a bug)."""
+    if isinstance(exc, OSError) and exc.errno in _FS_ERRNOS:
+        where = exc.filename if exc.filename is not None else "file system"
+        return f"{where}: {exc.strerror or os.strerror(exc.errno)}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"text is not UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+    if isinstance(exc, MemoryError):
+        return "out of memory (lower the batch size, the sequence lengths or peft.r)"
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if (oom is not None and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and ("not enough memory" in str(exc) or "out of memory" in str(exc).lower())
+    ):
+        first = " ".join(str(exc).split())[:160]
+        return f"out of memory: {first} (lower the batch size, the sequence lengths or peft.r)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `posttrain methods | head`: the reader went away; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (OSError, UnicodeDecodeError, MemoryError, RuntimeError) as exc:
+        message = expected_failure(exc)
+        if message is None:  # a bug: keep the traceback
+            raise
+        _close_progress_bars()
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

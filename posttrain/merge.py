@@ -18,7 +18,7 @@ from posttrain.errors import UserError
 
 # run-directory bookkeeping that is not part of the model
 _NOT_MODEL = {"metrics.jsonl", "summary.json", "recipe.yaml", "training_args.bin", "posttrain_adapter.json",
-              "README.md"}
+              "README.md", "POSTTRAIN_COMPLETE"}
 
 
 def _copy_model_files(src: Path, dst: Path) -> None:
@@ -27,8 +27,12 @@ def _copy_model_files(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path) -> str:
-    """Write the merged full model of ``run_dir`` to ``out_dir``; return a one-line description of what was done."""
+def merge_run(run_dir: str | Path, out_dir: str | Path, trust_remote_code: bool = False) -> str:
+    """Write the merged full model of ``run_dir`` to ``out_dir``; return a one-line description of what was done.
+
+    The base model's own code runs only with ``trust_remote_code=True`` (``--trust-remote-code``): a run folder's
+    ``recipe.yaml`` saying ``model.trust_remote_code: true`` is not enough, since anyone who can write to a shared run
+    folder could otherwise run code on whoever merges it."""
     from posttrain.adapters.trainer import _base_model_for, run_adapter_type
 
     run, out = Path(run_dir), Path(out_dir)
@@ -57,7 +61,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> str:
 
     from peft import PeftModel
 
-    base = _base_model_for(run)
+    base = _base_model_for(run, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base, str(run))
     merged = model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)

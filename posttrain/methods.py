@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MethodParams(BaseModel):
-    """Base class of a method's hyperparameters. Unknown keys are errors."""
+    """Base class of a method's hyperparameters. Unknown keys are errors; no type coercion (``"yes"`` is not a
+    boolean, ``true`` not a number); NaN and infinities are refused for every number."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ class PoFTParams(SFTParams):
         description="Aligned models that score the data before training; empty means the data carries "
         "`poft_ref_scores` (list) or `poft_ref_score` (float).",
     )
-    scoring_batch_size: int = Field(8, ge=1)
+    scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class RewardSpec(BaseModel):
     """One reward function: a built-in ``name`` (exact_match, math_verify, format) or a user ``function``
     (``module:function`` with TRL's reward signature), its ``weight`` and keyword ``options``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     name: str | None = None
     function: str | None = None
     weight: float = 1.0
@@ -201,7 +202,22 @@ class RewardSpec(BaseModel):
             )
         if self.function is not None and (self.function.count(":") != 1 or not all(self.function.split(":"))):
             raise ValueError(f"function must be 'module:function', got '{self.function}'")
+        _check_finite(self.options, "options")
         return self
+
+
+def _check_finite(node, where: str) -> None:
+    """Every float inside ``node`` (free-form options) is finite."""
+    import math
+
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ValueError(f"{where}: must be a finite number, got {node!r}")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{where}[{i}]")
 
 
 _SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")
@@ -262,8 +278,12 @@ class GRPOParams(MethodParams):
         0.0, ge=0.0, description="KL (k3) coefficient against the reference: `ref_model` when given, else a frozen "
         "copy of the initial policy (the adapter-disabled base with peft); no reference is loaded when 0."
     )
+    use_bias_correction_kl: bool = Field(
+        False, description="Multiply the per-token k3 by the importance ratio exp(logp - old_logp) (DeepSeek-V3.2, "
+        "arXiv 2512.02556; TRL's GRPOConfig default). false: plain k3 as in DeepSeekMath GRPO. Needs beta > 0."
+    )
     entropy_coef: float | None = Field(
-        None, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
+        None, ge=0.0, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
         "(the paper's), else 0."
     )
 
@@ -293,6 +313,8 @@ class GRPOParams(MethodParams):
             refuse(("delta_l_alpha", "delta_l_scope"), "only used with aggregation: delta_l")
         if self.clipping != "gppo":
             refuse(_GPPO_KEYS, "only used with clipping: gppo")
+        if self.beta == 0:
+            refuse(("use_bias_correction_kl",), "only used with the KL term (method.beta > 0)")
         if not self.rewards:
             raise UserError("method.rewards: give at least one reward function")
         if self.epsilon_high is None and self.clipping == "gppo":

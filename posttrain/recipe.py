@@ -53,8 +53,26 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def read_text(path: Path) -> str:
+    """A text file as UTF-8 (a leading byte-order mark is dropped); other encodings are a :class:`UserError` naming
+    the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
+
+
+INT32_MAX = 2**31 - 1
+MAX_DEPTH = 32  # nesting depth of a recipe (mappings and lists)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    """Unknown keys are errors; no type coercion (``"yes"`` is not a boolean, ``true`` not a number, ``1.5`` not an
+    integer); NaN and infinities are refused for every number."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -84,13 +102,23 @@ class DataSource(_Strict):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns: {name in the file: name posttrain expects}."
     )
-    max_samples: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(None, ge=1, le=INT32_MAX)
     options: dict[str, Any] = Field(default_factory=dict, description="Built-in task options (size, seed, ...).")
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"source": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.source.strip():
+            raise ValueError("source must not be empty")
+        if self.source.startswith("builtin:"):
+            from posttrain.data.task_options import check_task_options
+
+            self.options = check_task_options(self.source.split(":", 1)[1], self.options)
+        return self
 
 
 class DataSpec(_Strict):
@@ -120,7 +148,7 @@ class PeftSpec(_Strict):
     (:mod:`posttrain.adapters.spec`; docs/lora_variants.md)."""
 
     type: Literal["lora", "plora", "goat", "ggpo"] = "lora"
-    r: int = Field(8, ge=1)
+    r: int = Field(8, ge=1, le=65536, description="Rank; at most the model's hidden size (checked when it loads).")
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str = "all-linear"
@@ -142,22 +170,22 @@ class EvalSpec(_Strict):
     last step) the model is scored on a bounded number of rows and the results are logged like any training metric
     (``metrics.jsonl`` and the trackers of ``training.report_to``), as ``eval_*`` names."""
 
-    steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: no evaluation during "
+    steps: int | None = Field(None, ge=1, le=INT32_MAX, description="Evaluate every N optimizer steps; null: no evaluation during "
                               "training (the before/after data.test accuracy lines are printed in any case).")
-    max_samples: int = Field(32, ge=1, description="Rows per evaluation: the first N of data.test, and for unlearning "
+    max_samples: int = Field(32, ge=1, le=INT32_MAX, description="Rows per evaluation: the first N of data.test, and for unlearning "
                              "the first N of each scored set (forget, retain, holdout, world facts).")
     pass_k: list[int] | None = Field(None, description="Also pass@k on data.test for these k (sampled); default "
                                      "[1, 4] for RL methods, [] (off) otherwise.")
-    num_samples: int | None = Field(None, ge=1, description="pass@k: samples per prompt (default: the largest k).")
+    num_samples: int | None = Field(None, ge=1, le=4096, description="pass@k: samples per prompt (default: the largest k).")
     temperature: float = Field(1.0, gt=0.0, description="pass@k: sampling temperature.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Generation length; default 8 for data.test (as the "
+    max_new_tokens: int | None = Field(None, ge=1, le=65536, description="Generation length; default 8 for data.test (as the "
                                        "before/after lines) and 48 for the unlearning ROUGE.")
     unlearning: bool = Field(True, description="Unlearning methods: forget/retain probability, ROUGE, truth ratio, "
                              "model utility (and forget_quality with retain_model).")
     retain_model: str | None = Field(None, description="Unlearning: a model trained without the forget set (hub id, "
                                      "local dir or builtin:); its truth ratios on the same forget rows give "
                                      "forget_quality.")
-    batch_size: int = Field(32, ge=1, description="Generation / scoring batch size.")
+    batch_size: int = Field(32, ge=1, le=65536, description="Generation / scoring batch size.")
 
 
 # Evaluation-during-training defaults that depend on the method's family (filled in by parse_recipe).
@@ -176,7 +204,14 @@ class Recipe(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     report: bool = Field(True, description="Write report.html (curves, recipe, summary) at the end of the run.")
     output_dir: str = "runs/run"
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy's seed range.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.output_dir.strip() or "\0" in self.output_dir:
+            raise UserError(f"output_dir: must be a directory path, got {self.output_dir!r}")
+        self.output_dir = str(Path(self.output_dir).expanduser())
+        return self
 
     # Filled after validation: the method's typed hyperparameters.
     _params: MethodParams | None = None
@@ -228,6 +263,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise UserError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
+    except RecursionError:
+        raise UserError(f"--set {key}: value nested more than {MAX_DEPTH} levels deep") from None
+    check_depth(value, f"--set {key}")
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -271,21 +309,57 @@ def validation_error_to_user_error(exc: ValidationError, root: type[BaseModel], 
         p for p in err["loc"]
         if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or p[:1].isupper()))
     )
-    key = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(loc))
+    key = ""
+    for part in (prefix.split(".") if prefix else []) + list(loc):
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
     if err["type"] == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _fields_at(root, loc[:-1]))
         return UserError(f"{key}: unknown key{hint}")
     if err["type"] == "missing":
         return UserError(f"{key}: required key is missing")
+    if err["type"] == "value_error" and err.get("ctx", {}).get("error") is not None:
+        return UserError(f"{key}: {err['ctx']['error']}")
     got = err.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
     return UserError(f"{key}: {err['msg']}{got_text}")
 
 
+def check_depth(data: Any, where: str = "recipe", limit: int = MAX_DEPTH) -> None:
+    """Refuse mappings/lists nested deeper than ``limit`` (no recipe key needs more than a few levels)."""
+    stack = [(data, 0, where)]
+    while stack:
+        node, depth, key = stack.pop()
+        if depth > limit:
+            raise UserError(f"{key}: nested more than {limit} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1, f"{key}.{k}" if key != "recipe" else str(k)) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1, f"{key}[{i}]") for i, v in enumerate(node))
+
+
+# data keys each family reads (the others are refused, not silently ignored)
+FAMILY_DATA_KEYS = {
+    "sft": ("train", "eval", "test"),
+    "preference": ("train", "eval", "test"),
+    "rl": ("train", "eval", "test"),
+    "unlearning": ("forget", "retain"),
+}
+
+
+def _check_family_data(recipe: Recipe, family: str, method: str) -> None:
+    used = FAMILY_DATA_KEYS[family]
+    for key in ("train", "eval", "test", "forget", "retain"):
+        if getattr(recipe.data, key) is not None and key not in used:
+            reads = " and ".join(f"data.{k}" for k in used)
+            raise UserError(f"data.{key}: method '{method}' ({family} family) reads {reads}, not data.{key}")
+
+
 def parse_recipe(data: dict[str, Any]) -> Recipe:
-    """Validate recipe data (already loaded and overridden)."""
+    """Validate recipe data (already loaded and overridden): the schema, the method's hyperparameters, the data keys
+    its family reads and the ``training:`` block against its TRL config class (:mod:`posttrain.training_args`)."""
     if not isinstance(data, dict):
         raise UserError("recipe: expected a mapping of top-level keys (model, data, method, training, ...)")
+    check_depth(data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -295,6 +369,10 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         recipe._params = info.params.model_validate(recipe.method.params)
     except ValidationError as exc:
         raise validation_error_to_user_error(exc, info.params, prefix="method") from None
+    _check_family_data(recipe, info.family, info.name)
+    from posttrain.training_args import check_training
+
+    recipe.training = check_training(recipe.training, info.family)
     _resolve_eval(recipe, info.family)
     return recipe
 
@@ -328,17 +406,20 @@ def _resolve_eval(recipe: Recipe, family: str) -> None:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML file, apply ``--set`` overrides and validate it."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        data = load_yaml(path.read_text()) or {}
+        data = load_yaml(read_text(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of top-level keys (model, data, method, training, ...)")
+    check_depth(data)
     data = copy.deepcopy(data)
     for assignment in overrides or []:
         apply_override(data, assignment)

@@ -1,8 +1,13 @@
-"""Running a recipe: load model and data, build the method's trainer, train, save, and report.
+"""Running a recipe: check it, load data and models, build the method's trainer, train, save, and report.
+
+Before a model loads, :func:`preflight` builds the family's TRL config object from ``training:`` (HF/TRL validation
+included), checks the reference-model keys and loads and checks every data source, and :func:`prepare_output_dir`
+checks the output folder (writable; not another run's outputs unless ``--resume`` / ``--overwrite``).
 
 Every run leaves in ``output_dir``: ``recipe.yaml`` (fully resolved), ``metrics.jsonl`` (one JSON object per logging
 event, appended as training goes), the final model + tokenizer (or adapter), HF checkpoints for ``--resume``, the
-model card ``README.md``, ``summary.json`` and ``report.html`` (docs/observability.md).
+model card ``README.md``, ``summary.json`` and ``report.html`` (docs/observability.md), and ``POSTTRAIN_COMPLETE``
+once the final model is saved.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,20 @@ TRAINER_BUILDERS = {
     "unlearning": "posttrain.trainers.unlearning:build_unlearning_trainer",
     "rl": "posttrain.trainers.rl:build_rl_trainer",
 }
+# family -> "module:function" that builds its TRL/HF config from the recipe: fn(recipe, info) -> config
+CONFIG_BUILDERS = {
+    "sft": "posttrain.trainers.build:sft_config",
+    "preference": "posttrain.trainers.preference:preference_config",
+    "unlearning": "posttrain.trainers.unlearning:unlearning_config",
+    "rl": "posttrain.trainers.rl:rl_config",
+}
+# family -> the data keys preflight loads, with the row format each is checked against
+DATA_KINDS = {
+    "sft": {"train": "sft", "eval": "sft", "test": "test"},
+    "preference": {"train": "preference", "eval": "preference", "test": "test"},
+    "rl": {"train": "rl", "eval": "rl", "test": "test"},
+    "unlearning": {"forget": "unlearning", "retain": "unlearning"},
+}
 
 
 @dataclasses.dataclass
@@ -42,6 +62,16 @@ class RunContext:
     ref_model: Any
     config_overrides: dict[str, Any]
     callbacks: list[Any]
+    config: Any = None  # the family's TRL/HF config (built by preflight)
+    datasets: dict[str, Any] = dataclasses.field(default_factory=dict)  # "data.<key>" -> loaded, checked Dataset
+
+    def dataset(self, key: str, kind: str):
+        """``data.<key>`` as preflight loaded it (or loaded now, for contexts built without preflight)."""
+        if key not in self.datasets:
+            from posttrain.data.sources import load_source
+
+            self.datasets[key] = load_source(getattr(self.recipe.data, key.split(".", 1)[1]), key, kind)
+        return self.datasets[key]
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -91,6 +121,7 @@ def training_config(config_cls, recipe: Recipe, overrides: dict[str, Any] | None
     for key in ("output_dir", "seed"):
         if key in recipe.training:
             raise UserError(f"training.{key}: set it as the top-level recipe key '{key}'")
+    # types and domains were checked when the recipe was parsed (posttrain.training_args.check_training)
     on_gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = {
         "report_to": "none",
@@ -106,13 +137,6 @@ def training_config(config_cls, recipe: Recipe, overrides: dict[str, Any] | None
         "disable_tqdm": False,
     }
     kwargs.update(overrides or {})
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.init}
-    for key, value in recipe.training.items():
-        default = defaults.get(key)
-        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-        if numeric and not isinstance(value, (int, float)) or isinstance(default, bool) and not isinstance(value, bool):
-            want = "true or false" if isinstance(default, bool) else "a number"
-            raise UserError(f"training.{key}: expected {want}, got {value!r}")
     kwargs.update(recipe.training)
     kwargs["output_dir"] = recipe.output_dir
     kwargs["seed"] = recipe.seed
@@ -179,14 +203,8 @@ def write_resolved_recipe(recipe: Recipe) -> None:
     os.replace(tmp, out / "recipe.yaml")
 
 
-def load_models(recipe: Recipe, info: MethodInfo):
-    """Tokenizer, policy (with adapter when ``peft`` is set) and reference model for a recipe."""
-    from posttrain.models import load_model, load_tokenizer
-
-    m = recipe.model
-    tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    ref_model = None
+def reference_mode(recipe: Recipe, info: MethodInfo) -> str:
+    """``"required"`` (a reference is used) or ``"none"``, after checking the recipe's ``ref_model`` key."""
     reference = info.reference
     if reference == "optional":  # used only when the params say so (GRPO: method.beta > 0)
         needed = bool(recipe.params.uses_reference)
@@ -201,13 +219,26 @@ def load_models(recipe: Recipe, info: MethodInfo):
                 "remove it to use a frozen copy of model, give a path, or set method.beta: 0"
             )
         reference = "required" if needed else "none"
-    if recipe.ref_model == "none":
-        if reference == "required":
-            raise UserError(
-                f"ref_model: method '{info.name}' needs a reference model, but the recipe says ref_model: none "
-                "(remove it to use a frozen copy of model, or give a path)"
-            )
-    elif reference == "required":
+    if recipe.ref_model == "none" and reference == "required":
+        raise UserError(
+            f"ref_model: method '{info.name}' needs a reference model, but the recipe says ref_model: none "
+            "(remove it to use a frozen copy of model, or give a path)"
+        )
+    if recipe.ref_model not in (None, "none") and info.reference == "none":
+        raise UserError(f"ref_model: method '{info.name}' uses no reference model; remove ref_model")
+    return reference
+
+
+def load_models(recipe: Recipe, info: MethodInfo):
+    """Tokenizer, policy (with adapter when ``peft`` is set) and reference model for a recipe."""
+    from posttrain.models import load_model, load_tokenizer
+
+    reference = reference_mode(recipe, info)
+    m = recipe.model
+    tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    ref_model = None
+    if reference == "required" and recipe.ref_model != "none":
         if recipe.ref_model is not None:
             r = recipe.ref_model
             ref_model = load_model(
@@ -220,9 +251,32 @@ def load_models(recipe: Recipe, info: MethodInfo):
         # with peft and no ref_model: the adapter-disabled base is the reference (handled by the trainer)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
-    elif recipe.ref_model not in (None, "none") and info.reference == "none":
-        raise UserError(f"ref_model: method '{info.name}' uses no reference model; remove ref_model")
     return tokenizer, model, ref_model
+
+
+def check_peft_against_model(recipe: Recipe, model) -> None:
+    """``peft`` keys that need the loaded model (before any adapter is allocated): the rank is at most the hidden
+    size, and ``target_modules`` / ``modules_to_save`` name modules the model has (PEFT matches name suffixes)."""
+    p = recipe.peft
+    if p is None:
+        return
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(hidden, int) and p.r > hidden:
+        raise UserError(f"peft.r: {p.r} is larger than the model's hidden size {hidden} (a LoRA rank cannot exceed "
+                        "the dimensions of the layers it adapts)")
+    names = [name for name, _ in model.named_modules() if name]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+
+    def exists(target: str) -> bool:
+        return any(name == target or name.endswith("." + target) for name in names)
+
+    checks = [("modules_to_save", p.modules_to_save or [])]
+    if isinstance(p.target_modules, list):
+        checks.append(("target_modules", p.target_modules))
+    for key, targets in checks:
+        for target in targets:
+            if not exists(target):
+                raise UserError(f"peft.{key}: the model has no module named '{target}'{did_you_mean(target, leaves)}")
 
 
 def peft_config(recipe: Recipe):
@@ -244,14 +298,88 @@ def peft_config(recipe: Recipe):
     )
 
 
-def test_accuracy(model, tokenizer, recipe: Recipe) -> float | None:
+def test_accuracy(model, tokenizer, recipe: Recipe, rows=None) -> float | None:
     if recipe.data.test is None:
         return None
     from posttrain.data.sources import load_source
     from posttrain.eval.accuracy import greedy_accuracy
 
-    rows = load_source(recipe.data.test, "data.test", "test")
+    if rows is None:
+        rows = load_source(recipe.data.test, "data.test", "test")
     return greedy_accuracy(model, tokenizer, rows)
+
+
+def build_config(recipe: Recipe, info: MethodInfo):
+    """The family's TRL/HF config object for ``recipe`` (TRL's own validation included; errors name the key)."""
+    module, fn = CONFIG_BUILDERS[info.family].split(":")
+    return getattr(importlib.import_module(module), fn)(recipe, info)
+
+
+def preflight(recipe: Recipe, *, load_data: bool = True) -> tuple[MethodInfo, Any, dict[str, Any]]:
+    """Every check that needs no model: returns ``(info, config, datasets)``. Raises :class:`UserError`."""
+    from posttrain.training_args import check_training_context
+
+    info = get_method(recipe.method.name)
+    check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
+    reference_mode(recipe, info)
+    config = build_config(recipe, info)
+    datasets: dict[str, Any] = {}
+    if load_data:
+        from posttrain.data.sources import load_source
+
+        for key, kind in DATA_KINDS[info.family].items():
+            src = getattr(recipe.data, key)
+            if src is None or (key == "retain" and not _retain_used(recipe, info)):
+                continue
+            datasets[f"data.{key}"] = load_source(src, f"data.{key}", kind)
+    return info, config, datasets
+
+
+def _retain_used(recipe: Recipe, info: MethodInfo) -> bool:
+    from posttrain.trainers.unlearning import _needs_retain
+
+    return _needs_retain(recipe, info.name)
+
+
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that is not a writable directory, or that holds another run's outputs (unless ``--resume``
+    continues that run or ``--overwrite`` replaces it: then the previous run's outputs are removed)."""
+    from posttrain.trainers.common import check_output_dir, previous_outputs, remove_previous_run
+
+    if resume and overwrite:
+        raise UserError("--overwrite: cannot be combined with --resume")
+    check_output_dir(out)
+    if resume:
+        return
+    previous = previous_outputs(out)
+    if not previous:
+        return
+    if not overwrite:
+        shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise UserError(
+            f"output_dir: '{out}' holds another run's outputs ({shown}); pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another output_dir"
+        )
+    if is_main_process():
+        removed = remove_previous_run(out)
+        logger.info("--overwrite: removed the previous run's outputs from %s (%s)", out, ", ".join(removed) or "none")
+
+
+def _finished_summary(out: Path, info: MethodInfo, marker: dict[str, Any]) -> dict[str, Any]:
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {"method": info.name, "output_dir": str(out), "steps": marker.get("steps")}
+    summary.update(already_finished=True, output_dir=str(out))
+    summary.setdefault("steps", marker.get("steps"))
+    return summary
+
+
+def _checkpoint_state(checkpoint: str) -> dict[str, Any]:
+    try:
+        return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def write_report(recipe: Recipe) -> Path | None:
@@ -270,47 +398,67 @@ def write_report(recipe: Recipe) -> Path | None:
     return path
 
 
-def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, quiet: bool = False,
-        command: str | None = None) -> dict[str, Any]:
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callbacks: list | None = None,
+        quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Train ``recipe`` end to end; return a summary (accuracies, final metrics, output_dir).
 
-    ``command``: the command line that ran it, for the model card (``posttrain train`` passes it)."""
+    ``resume``: continue from the newest complete checkpoint; a finished run (``POSTTRAIN_COMPLETE``) is not trained
+    again (the summary has ``already_finished: True``), and a run killed during its final save is finished from its
+    last checkpoint without training. ``overwrite``: replace another run's outputs in ``output_dir``.
+    ``command``: the command line that ran it, for the model card (``posttrain train`` passes it).
+    """
     from transformers import set_seed
 
     from posttrain.card import CardContext, last_metrics, model_card, write_card
     from posttrain.eval.periodic import build_periodic_eval
+    from posttrain.trainers.common import (
+        RUN_MARKER,
+        TrainingDiverged,
+        checkpoint_step,
+        latest_complete_checkpoint,
+        non_finite_parameters,
+        read_run_marker,
+        write_run_marker,
+    )
 
     setup_logging(quiet)
-    info = get_method(recipe.method.name)
+    out = Path(recipe.output_dir).expanduser()
+    recipe.output_dir = str(out)
+    info, config, datasets = preflight(recipe)
     check_report_to(recipe)
     periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
-    out = Path(recipe.output_dir)
+    prepare_output_dir(out, resume=resume, overwrite=overwrite)
     checkpoint = None
     if resume:
-        from posttrain.trainers.common import latest_complete_checkpoint
-
+        marker = read_run_marker(out)
+        if marker is not None and (config.max_steps <= 0 or config.max_steps <= int(marker.get("steps") or 0)):
+            logger.info("%s: the run already finished (%s steps); nothing to do", out, marker.get("steps"))
+            return _finished_summary(out, info, marker)
         checkpoint = latest_complete_checkpoint(out, remove_incomplete=is_main_process())
         if checkpoint is None:
             raise UserError(f"--resume: no complete checkpoint-* directory in output_dir '{out}' to resume from")
         logger.info("resuming from %s", checkpoint)
         if is_main_process():
-            _truncate_metrics(out / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[1]))
+            _truncate_metrics(out / "metrics.jsonl", checkpoint_step(checkpoint))
     if is_main_process():
+        (out / RUN_MARKER).unlink(missing_ok=True)  # in progress (again)
         write_resolved_recipe(recipe)
         if not resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     set_seed(recipe.seed)
     tokenizer, model, ref_model = load_models(recipe, info)
+    check_peft_against_model(recipe, model)
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
 
-    before = test_accuracy(model, tokenizer, recipe) if not resume else None
+    before = test_accuracy(model, tokenizer, recipe, datasets.get("data.test")) if not resume else None
     if before is not None and is_main_process():
         logger.info("test accuracy before training: %.1f%%", 100 * before)
     summary["accuracy_before"] = before
 
     module, fn = TRAINER_BUILDERS[info.family].split(":")
     build = getattr(importlib.import_module(module), fn)
-    ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")])
+    ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],
+                     config=config, datasets=datasets)
     if periodic is not None:
         ctx.callbacks.append(periodic)
     ctx.callbacks.extend(callbacks or [])
@@ -322,20 +470,36 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, 
     from posttrain.adapters.trainer import check_trainer_supports_variant
 
     check_trainer_supports_variant(trainer, recipe, info.name)  # peft.type plora/goat/ggpo need make_trainer
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    state = _checkpoint_state(checkpoint) if checkpoint is not None else {}
+    target = config.max_steps if config.max_steps > 0 else int(state.get("max_steps") or 0)
+    if checkpoint is not None and target > 0 and checkpoint_step(checkpoint) >= target and not trainer.is_deepspeed_enabled:
+        # killed after its last checkpoint, during the final save: that checkpoint holds the final weights
+        logger.info("%s is the run's last step: finishing without training", checkpoint)
+        trainer._load_from_checkpoint(checkpoint)
+        losses = [row["loss"] for row in state.get("log_history", []) if "loss" in row]
+        steps, train_loss = checkpoint_step(checkpoint), (sum(losses) / len(losses) if losses else float("nan"))
+    else:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        steps, train_loss = result.global_step, result.training_loss
+    bad = non_finite_parameters(trainer.model)
+    if bad:
+        raise TrainingDiverged(f"training: the final weights hold NaN/inf ({', '.join(bad)}); not saved")
+    save_start = time.time()
     trainer.save_model(str(out))
     if is_main_process():
         tokenizer.save_pretrained(str(out))
-    summary["train_loss"] = result.training_loss
-    summary["steps"] = result.global_step
+    summary["train_loss"] = train_loss
+    summary["steps"] = steps
 
-    after = test_accuracy(trainer.model, tokenizer, recipe)
+    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"))
     if after is not None and is_main_process():
         logger.info("test accuracy after training:  %.1f%%", 100 * after)
     summary["accuracy_after"] = after
     if is_main_process():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         metrics = last_metrics(trainer.state.log_history)
-        write_card(out, model_card(card, metrics=metrics, summary=summary, step=result.global_step))
+        write_card(out, model_card(card, metrics=metrics, summary=summary, step=steps))
         write_report(recipe)
+        written = [f.name for f in out.iterdir() if f.is_file() and f.stat().st_mtime >= save_start - 1.0]
+        write_run_marker(out, steps, written)
     return summary

@@ -298,7 +298,9 @@ def test_a_resumed_run_evaluates_once_per_step_and_exactly_as_the_uninterrupted_
     import shutil
 
     copy = tmp_path / "sft"
-    shutil.copytree(runs["sft"], copy, ignore=shutil.ignore_patterns("checkpoint-4", "runs"))
+    # without its last checkpoint and its completion marker: a run killed after checkpoint-2 (a finished run would
+    # not be trained again by --resume)
+    shutil.copytree(runs["sft"], copy, ignore=shutil.ignore_patterns("checkpoint-4", "runs", "POSTTRAIN_COMPLETE"))
     assert main(["train", str(copy / "recipe.yaml"), "--resume", "--output-dir", str(copy)]) == 0
     rows = _rows(copy)
     assert [r["step"] for r in rows if "eval_test_accuracy" in r] == EVAL_STEPS

@@ -117,6 +117,41 @@ def test_loss_metrics_and_grads_match_stock_trl(arith_model_dir, tiny_model_dir,
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_ipo_with_empty_prompt_rows_matches_stock_trl(arith_model_dir, tiny_model_dir, tmp_path):
+    """IPO's N is the completion token count on the unshifted completion mask (dpo.md, TRL): with an empty prompt the
+    first completion token has no scored position but still counts in N."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from posttrain.methods import DPOParams
+    from posttrain.trainers.preference import PosttrainPreferenceTrainer
+
+    rows = list(_dataset(BATCH))
+    for i in (0, 3, 5):
+        rows[i] = {**rows[i], "prompt": ""}
+    ds = datasets.Dataset.from_list(rows)
+    tok = AutoTokenizer.from_pretrained(arith_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(arith_model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    stock = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), train_dataset=ds,
+                       processing_class=tok, args=_config(tmp_path / "stock", loss_type=["ipo"], beta=0.5))
+    ours = PosttrainPreferenceTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), train_dataset=ds,
+                                      processing_class=tok, args=_config(tmp_path / "ours", beta=0.5), method="dpo",
+                                      params=DPOParams(loss="ipo", beta=0.5))
+    batch = next(iter(stock.get_train_dataloader()))
+    assert int((batch["completion_mask"][:, 0] == 1).sum()) >= 2  # rows whose completion starts at position 0
+    stock.model.train()
+    ours.model.train()
+    l_stock = stock.compute_loss(stock.model, dict(batch))
+    l_ours = ours.compute_loss(ours.model, dict(batch))
+    torch.testing.assert_close(l_ours, l_stock, atol=1e-5, rtol=1e-5)
+    l_stock.backward()
+    l_ours.backward()
+    for (name, a), b in zip(stock.model.named_parameters(), ours.model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_paper_forms_where_trl_differs(arith_model_dir, tiny_model_dir, tmp_path):
     """cDPO, unnormalised IPO and clamped WPO against independent formulas on one batch (TRL 1.16 lacks these)."""
     from transformers import AutoModelForCausalLM

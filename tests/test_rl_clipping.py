@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from posttrain.rl.advantages import group, nsr, psr, w_reinforce
-from posttrain.rl.aggregation import aggregate_loss, dapo
+from posttrain.rl.aggregation import aggregate_loss, dapo, delta_l_weights
 from posttrain.rl.clipping import (
     POLICY_OBJECTIVES,
     clip_metrics,
     gppo_clip,
     gppo_sft_loss,
     kl_k3,
+    kl_k3_bias_corrected,
     policy_loss,
     ppo_clip,
 )
@@ -101,6 +102,23 @@ def test_kl_k3_values_and_grad():
     assert torch.equal(grad_of(k.sum(), lp), torch.zeros(5))
 
 
+def test_kl_bias_correction_value_and_gradient():
+    """k3 vs k3*rho (method.use_bias_correction_kl). logp -1.0, ref -1.5: d = -0.5, k3 = e^-0.5 + 0.5 - 1 = 0.106531,
+    plain gradient 1 - e^-0.5 = 0.393469. Off-policy (old -1.2, rho = e^0.2 = 1.221403): k3*rho = 0.130117 with gradient
+    rho*(k3 + 1 - e^d) = 0.610701. On-policy (old = logp): value unchanged (0.106531), gradient k3 + 1 - e^d = 0.5."""
+    ref = torch.tensor([-1.5])
+    logps = torch.tensor([-1.0], requires_grad=True)
+    plain = kl_k3(logps, ref)
+    close(plain, [0.106531])
+    close(grad_of(plain.sum(), logps), [0.393469])
+    off = kl_k3_bias_corrected(logps, ref, torch.tensor([-1.2]))
+    close(off, [0.130117])
+    close(grad_of(off.sum(), logps), [0.610701])
+    on = kl_k3_bias_corrected(logps, ref, logps.detach())
+    close(on, plain.detach())
+    close(grad_of(on.sum(), logps), [0.5])
+
+
 # ---------------------------------------------------------------------------------------------------- PSR / NSR / W
 
 CORRECT = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
@@ -178,6 +196,60 @@ def test_w_gradient_symmetry():
     # Unclipped tokens with the same rho: correct gradient = -lambda * incorrect gradient.
     _, g = nr_loss(w_reinforce, lam=0.1)
     assert g[0, 0].item() == pytest.approx(-0.1 * g[1, 2].item(), abs=1e-8)  # both rho = 1.0
+
+
+# Dropped rows leave every denominator (negative_reinforcement.md "Algorithm" 1), whatever the aggregation. On-policy
+# (rho = 1) the per-token loss is -A_i, so by hand, with L = [2,4,1,3,2,4], T = 4, K the kept rows, B = |K|,
+# N = sum_K L_i, and ΔL weights w_i = L_i^-0.75 / mean_K L_j^-0.75:
+#   dapo = bnpo = sum_K -A_i L_i / N;  grpo = sum_K -A_i / B;  dr_grpo = sum_K -A_i L_i / (B T);
+#   delta_l = sum_K -A_i L_i w_i / (B T);  per-token gradient: -A_i/N, -A_i/(B L_i), -A_i/(B T), -A_i w_i/(B T).
+# PSR keeps rows 0, 2, 5 (B 3, N 7); NSR rows 1, 3, 4 (B 3, N 9); W-REINFORCE (lambda 0.1) with row 4's reward NaN
+# keeps rows 0, 1, 2, 3, 5 (B 5, N 14).
+NR_REWARDS = {"psr": CORRECT, "nsr": CORRECT, "w_reinforce": torch.tensor([1.0, 0.0, 1.0, 0.0, float("nan"), 1.0])}
+NR_EXPECTED = {
+    ("psr", "dapo"): (-1.0, [-1 / 7, 0, -1 / 7, 0, 0, -1 / 7]),
+    ("psr", "bnpo"): (-1.0, [-1 / 7, 0, -1 / 7, 0, 0, -1 / 7]),
+    ("psr", "grpo"): (-1.0, [-1 / 6, 0, -1 / 3, 0, 0, -1 / 12]),
+    ("psr", "dr_grpo"): (-0.583333, [-1 / 12, 0, -1 / 12, 0, 0, -1 / 12]),
+    ("psr", "delta_l"): (-0.462414, [-0.076303, 0, -0.128326, 0, 0, -0.045370]),
+    ("nsr", "dapo"): (1.0, [0, 1 / 9, 0, 1 / 9, 1 / 9, 0]),
+    ("nsr", "bnpo"): (1.0, [0, 1 / 9, 0, 1 / 9, 1 / 9, 0]),
+    ("nsr", "grpo"): (1.0, [0, 1 / 12, 0, 1 / 9, 1 / 6, 0]),
+    ("nsr", "dr_grpo"): (0.75, [0, 1 / 12, 0, 1 / 12, 1 / 12, 0]),
+    ("nsr", "delta_l"): (0.706547, [0, 0.063733, 0, 0.079081, 0.107186, 0]),
+    ("w_reinforce", "dapo"): (0.45, [-0.1 / 14, 1 / 14, -0.1 / 14, 1 / 14, 0, -0.1 / 14]),
+    ("w_reinforce", "bnpo"): (0.45, [-0.1 / 14, 1 / 14, -0.1 / 14, 1 / 14, 0, -0.1 / 14]),
+    ("w_reinforce", "grpo"): (0.34, [-0.01, 0.05, -0.02, 0.066667, 0, -0.005]),
+    ("w_reinforce", "dr_grpo"): (0.315, [-0.005, 0.05, -0.005, 0.05, 0, -0.005]),
+    ("w_reinforce", "delta_l"): (0.216204, [-0.005424, 0.032254, -0.009123, 0.040021, 0, -0.003225]),
+}
+
+
+@pytest.mark.parametrize("estimator,aggregation", list(NR_EXPECTED))
+def test_dropped_rows_leave_every_aggregation(estimator, aggregation):
+    fn = {"psr": psr, "nsr": nsr, "w_reinforce": w_reinforce}[estimator]
+    a, keep = fn(NR_REWARDS[estimator])
+    logps = leaf(torch.ones(6, 4))
+    per_token = ppo_clip(logps, logps.detach(), a, epsilon=0.2).per_token_loss
+    mask = G_MASK * keep.unsqueeze(1)  # what the trainer passes: dropped rows fully masked
+    options = {"num_items_in_batch": mask.sum()} if aggregation == "dapo" else {}
+    if aggregation in ("grpo", "dr_grpo", "delta_l"):
+        options["num_rows"] = keep.sum()
+    if aggregation in ("dr_grpo", "delta_l"):
+        options["max_completion_length"] = 4
+    if aggregation == "delta_l":
+        options["weights"] = delta_l_weights(mask, alpha=0.75)
+    loss = aggregate_loss(aggregation, per_token, mask, **options)
+    value, grads = NR_EXPECTED[estimator, aggregation]
+    assert loss.item() == pytest.approx(value, abs=ATOL)
+    close(grad_of(loss, logps), torch.tensor(grads).unsqueeze(1) * G_MASK)
+    if aggregation in ("grpo", "dr_grpo", "delta_l"):  # split over 2 processes x 2 micro-batches: same total
+        total = sum(
+            aggregate_loss(aggregation, per_token[rows], mask[rows], num_processes=2,
+                           **{**options, **({"weights": options["weights"][rows]} if "weights" in options else {})})
+            for rows in (slice(0, 2), slice(2, 3), slice(3, 5), slice(5, 6))
+        ) / 2  # DDP averages the two processes' gradients
+        assert total.item() == pytest.approx(value, abs=ATOL)
 
 
 def test_empty_included_set_gives_zero_loss():

@@ -37,7 +37,13 @@ def _trainer(model_dir, tmp_path, cls=None, params=None, beta=0.0, reward_funcs=
     from posttrain.trainers.rl import PosttrainGRPOTrainer
 
     torch.manual_seed(0)
-    cfg = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=4 * NUM_GEN,
+    if not (Path(tmp_path) / "model" / "config.json").exists():
+        # a copy saved by transformers: its config.json names the architecture, which stock TRL needs to build its
+        # reference from the model's path (beta > 0); the materialised built-in folder's config does not
+        AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(Path(tmp_path) / "model")
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(Path(tmp_path) / "model")
+    model_dir = str(Path(tmp_path) / "model")
+    cfg = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=4 * NUM_GEN,
                num_generations=NUM_GEN, max_completion_length=6, max_steps=1, logging_steps=1, beta=beta,
                epsilon=0.2, epsilon_high=0.28, loss_type="dapo", temperature=1.5, disable_tqdm=True)
     cfg.update(config)
@@ -108,13 +114,28 @@ def _attach_current_logps(trainer, inputs):
     return {**inputs, "_logps": logps}
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_group_dapo_ppo_equals_stock_trl_grpo(beta, rows, arith_model_dir, tmp_path):
-    """Same generated batch and rewards: advantages, loss (on- and off-policy) and gradients equal TRL's to 1e-5."""
+@pytest.mark.parametrize("beta,bias_correction", [(0.0, None), (0.04, None), (0.04, False), (0.04, True)],
+                         ids=["beta0", "kl-default", "kl-plain", "kl-bias-corrected"])
+def test_group_dapo_ppo_equals_stock_trl_grpo(beta, bias_correction, rows, arith_model_dir, tmp_path):
+    """Same generated batch and rewards: advantages, loss (on- and off-policy) and gradients equal TRL's to 1e-5.
+
+    The KL term: posttrain's default is plain k3 (grpo.md "Loss"), i.e. stock TRL with use_bias_correction_kl=False,
+    whatever the TRL config says (its default is True); method.use_bias_correction_kl: true is TRL's k3*rho."""
+    from posttrain.methods import GRPOParams
     from trl import GRPOTrainer
 
-    ours = _trainer(arith_model_dir, tmp_path / "a", beta=beta, reward_funcs=[partial_credit])
-    stock = _trainer(arith_model_dir, tmp_path / "b", cls=GRPOTrainer, beta=beta, reward_funcs=[partial_credit])
+    key = {} if bias_correction is None else {"use_bias_correction_kl": bias_correction}
+    params = GRPOParams(beta=beta, epsilon_high=0.28, **key)
+    ours = _trainer(arith_model_dir, tmp_path / "a", params=params, beta=beta, reward_funcs=[partial_credit])
+    stock = _trainer(arith_model_dir, tmp_path / "b", cls=GRPOTrainer, beta=beta, reward_funcs=[partial_credit],
+                     use_bias_correction_kl=bool(bias_correction))
+    if beta:  # move both policies away from their (initial-model) references, identically: KL > 0
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for a, b in zip(ours.model.parameters(), stock.model.parameters(), strict=True):
+                noise = 0.05 * torch.randn(a.shape, generator=g)
+                a.add_(noise)
+                b.add_(noise)
     replay = _Replay(ours)
     ours._generate = replay.record
     stock._generate = replay.replay
@@ -134,6 +155,12 @@ def test_group_dapo_ppo_equals_stock_trl_grpo(beta, rows, arith_model_dir, tmp_p
     loss_b, grads_b = _loss_and_grads(stock, inputs_stock)
     assert abs(loss_a.item() - loss_b.item()) <= 1e-5
     assert _max_grad_diff(grads_a, grads_b) <= 1e-5
+    if beta:  # not vacuous: the other KL form gives other gradients on this batch (on-policy: same value)
+        assert ours._metrics["train"]["kl"][-1] > 0.01
+        ours.params = GRPOParams(beta=beta, epsilon_high=0.28, use_bias_correction_kl=not bias_correction)
+        loss_c, grads_c = _loss_and_grads(ours, inputs_ours)
+        ours.params = params
+        assert abs(loss_c.item() - loss_b.item()) <= 1e-5 and _max_grad_diff(grads_c, grads_b) > 1e-4
 
     # off-policy (rho != 1): clipping is active on both sides
     shared_old = _with_off_policy_old_logps(_attach_current_logps(ours, inputs_ours))["old_per_token_logps"]
@@ -279,6 +306,60 @@ def test_negative_reinforcement_rows_and_w_reinforce_lambda_one(shared):
     assert _loss_and_grads(trainer, w1)[0].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("advantage", ["psr", "nsr"])
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "delta_l"])
+def test_dropped_rows_leave_the_row_normalisers(shared, advantage, aggregation):
+    """PSR/NSR drop rows from the update entirely (negative_reinforcement.md): on-policy, with half the rows dropped,
+    grpo gives exactly -1 (PSR) / +1 (NSR), not half of it; dr_grpo divides by the kept rows times T_max; delta_l's
+    weights and normaliser see only the kept rows (dapo and bnpo count tokens; tested for PSR/NSR above)."""
+    trainer, rows = shared
+    inputs = _inputs(trainer, rows, advantage=advantage, aggregation=aggregation, entropy_coef=0.0)
+    keep = inputs["rl_keep"].bool()
+    assert 0 < keep.sum() < keep.numel()
+    sign = -1.0 if advantage == "psr" else 1.0
+    lengths = inputs["completion_mask"].float().sum(-1)[keep]
+    T, B = trainer.max_completion_length, keep.sum().item()
+    expected = {
+        "grpo": sign,
+        "dr_grpo": sign * lengths.sum().item() / (B * T),
+        "delta_l": sign * (lengths * lengths ** -0.75 / (lengths ** -0.75).mean()).sum().item() / (B * T),
+    }[aggregation]
+    loss, _ = _loss_and_grads(trainer, inputs)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_logged_policy_and_sft_losses_are_full_batch_values_with_gradient_accumulation(arith_model_dir, tmp_path,
+                                                                                       rows):
+    """gradient_accumulation_steps 2: the two micro-batches' logged policy_loss and gppo/sft_loss average (as the
+    logging window does) to the accumulated batch's values, both on the same scale."""
+    from posttrain.methods import GRPOParams
+
+    trainer = _trainer(arith_model_dir, tmp_path, temperature=2.0, reward_funcs=[alternating_correct],
+                       per_device_train_batch_size=2 * NUM_GEN, gradient_accumulation_steps=2,
+                       params=GRPOParams(clipping="gppo", sft_coef=0.5))
+    trainer.current_gradient_accumulation_steps = 2
+    batch = [dict(r, forced=float(i % 2)) for i, r in enumerate(rows)]
+    torch.manual_seed(2)
+    inputs = _attach_current_logps(trainer, trainer._generate_and_score_completions(batch))
+    n = inputs["completion_ids"].size(0)
+    assert n == 4 * NUM_GEN
+    halves = [{k: v[part] if torch.is_tensor(v) and v.dim() and v.size(0) == n else v for k, v in inputs.items()}
+              for part in (slice(0, n // 2), slice(n // 2, n))]
+    m = trainer._metrics["train"]
+    m["policy_loss"].clear()
+    m["gppo/sft_loss"].clear()
+    for half in halves:
+        trainer._compute_loss(trainer.model, {k: v for k, v in half.items() if k != "_logps"})
+    mask = inputs["completion_mask"].float()
+    adv = inputs["advantages"]
+    full_policy = -(adv[:, None] * mask).sum() / mask.sum()  # on-policy dapo: token mean of -A
+    correct = inputs["rl_correct"][:, None] * mask
+    full_sft = 0.5 * -(inputs["_logps"] * correct).sum() / correct.sum()
+    assert abs(full_policy.item()) > 1e-3 and full_sft.item() > 1e-3
+    assert sum(m["policy_loss"]) / 2 == pytest.approx(full_policy.item(), rel=1e-4)
+    assert sum(m["gppo/sft_loss"]) / 2 == pytest.approx(full_sft.item(), rel=1e-4)
+
+
 def test_trl_internals_we_override_still_exist():
     """Fails loudly when a TRL upgrade renames or re-signatures the GRPOTrainer methods posttrain overrides."""
     from trl import GRPOTrainer
@@ -355,6 +436,7 @@ def test_user_reward_with_wrong_length_fails_with_one_line_naming_it(tmp_path, c
     ({"method.gppo_beta1": 0.5}, "method.gppo_beta1: only used with clipping: gppo"),
     ({"method.advantage": "nsr", "method.scale_rewards": "none"}, "method.scale_rewards: advantage nsr uses no"),
     ({"method.aggregation": "token_sum"}, "method.aggregation"),
+    ({"method.use_bias_correction_kl": True}, "method.use_bias_correction_kl: only used with the KL term"),
 ])
 def test_recipe_errors_name_the_key(sets, message):
     import yaml
@@ -386,6 +468,24 @@ def test_build_errors_name_the_key(tmp_path):
         run(recipe("method.advantage=stratified", "method.stratum_key=difficulty"), quiet=True)
     with pytest.raises(UserError, match=r"method.rewards\[0\] \(exact_match\): needs an 'answer' column"):
         run(recipe("data.train.columns={answer: solution}"), quiet=True)
+
+
+def test_kl_form_key_sets_the_trl_config_field(tmp_path):
+    """method.use_bias_correction_kl (default false, the spec's plain k3) is what the GRPOConfig gets; TRL's own
+    default (true) never leaks in."""
+    import yaml
+
+    from posttrain.recipe import apply_override, parse_recipe
+    from posttrain.train import preflight
+
+    for sets, expected in (([], False), (["method.use_bias_correction_kl=true"], True)):
+        data = yaml.safe_load((ROOT / "recipes" / "grpo.yaml").read_text())
+        for s in ("method.beta=0.04", f"output_dir={tmp_path}", *sets):
+            apply_override(data, s)
+        recipe = parse_recipe(data)
+        assert recipe.params.use_bias_correction_kl is expected
+        assert preflight(recipe, load_data=False)[1].use_bias_correction_kl is expected
+        assert recipe.resolved()["method"]["use_bias_correction_kl"] is expected
 
 
 def test_resolved_defaults_follow_the_chosen_parts():

@@ -107,7 +107,7 @@ def test_missing_forget_or_retain_is_a_one_line_error_naming_the_key(tmp_path, t
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match=r"^data\.forget: method 'ga' needs a forget set"):
         run(_recipe("ga", tmp_path, data={"retain": RETAIN}), quiet=True)
-    with pytest.raises(UserError, match=r"^data\.train: unlearning method 'npo'"):
+    with pytest.raises(UserError, match=r"^data\.train: method 'npo' \(unlearning family\) reads data\.forget"):
         run(_recipe("npo", tmp_path, data={"forget": FORGET, "train": FORGET}), quiet=True)
     # a retain set is not needed by pure NPO / GA, nor with alpha: 0
     for method in ({"name": "npo"}, {"name": "grad_diff", "alpha": 0.0}):

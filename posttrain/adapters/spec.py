@@ -19,7 +19,7 @@ MERGEABLE = ("lora", "plora", "ggpo")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
 class PLoRASpec(_Strict):
@@ -33,7 +33,7 @@ class PLoRASpec(_Strict):
     )
     momentum: float = Field(0.1, gt=0.0, le=1.0, description="lam, the unloaded fraction (momentum modes).")
     stage_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps per stage. Default 1 for the momentum modes; required for reset."
+        None, ge=1, le=2**31 - 1, description="Optimizer steps per stage. Default 1 for the momentum modes; required for reset."
     )
 
     @model_validator(mode="after")
@@ -50,14 +50,16 @@ class GOATSpec(_Strict):
     """GOAT (arXiv 2502.16894): SVD-initialised mixture of LoRA experts with a top-k router. ``peft.r`` is the
     total rank (split into ``num_experts`` experts of rank r/E)."""
 
-    num_experts: int = Field(8, ge=1)
-    top_k: int = Field(2, ge=1)
+    num_experts: int = Field(8, ge=1, le=1024)
+    top_k: int = Field(2, ge=1, le=1024)
     rho: float = Field(10.0, gt=0.0, description="Init scale divisor: s*B_j*A_j = U_seg S_seg V_seg^T / rho.")
     eta: float = Field(1.0, gt=0.0, description="Learning-rate ratio in the theory scaling sqrt(3*n*eta/d).")
     scaling: Literal["theory", "alpha", "rslora"] = Field(
         "theory", description="theory: sqrt(3 n eta / d) (paper). alpha: lora_alpha/d (released code). rslora."
     )
-    init_cof: float | None = Field(None, description="Residual coefficient; default 1/E (paper; the code uses 1).")
+    init_cof: float | None = Field(
+        None, ge=0.0, description="Residual coefficient; default 1/E (paper; the code uses 1)."
+    )
     fold_residual: bool = Field(False, description="Subtract the residual from W0 in place (released code).")
     aux_coef: float = Field(1e-3, ge=0.0, description="Load-balancing loss coefficient.")
     aux_match_reference: bool = Field(False, description="Use the released code's balance loss (k x the paper's).")
@@ -76,7 +78,7 @@ class GGPOSpec(_Strict):
     sigma: float = Field(0.05, ge=0.0, description="Noise scale sigma.")
     beta: float = Field(0.01, ge=0.0, description="Weight of the gradient-norm term.")
     sigma_schedule: Literal["constant", "cosine_ramp"] = "constant"
-    every_n_steps: int = Field(1, ge=1, description="Perturb only on steps t with t % every_n_steps == 0.")
+    every_n_steps: int = Field(1, ge=1, le=2**31 - 1, description="Perturb only on steps t with t % every_n_steps == 0.")
     restore: Literal["copy", "regenerate"] = Field(
         "copy",
         description="How the noise is removed: copy (bitwise exact; holds a copy of the targeted weights during the "

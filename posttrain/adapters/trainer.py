@@ -243,8 +243,11 @@ def run_adapter_type(run_dir) -> str | None:
     return None
 
 
-def _base_model_for(run_dir):
-    """The run's base model, from ``recipe.yaml`` (``model:``), else the adapter's ``base_model_name_or_path``."""
+def _base_model_for(run_dir, trust_remote_code: bool = False):
+    """The run's base model, from ``recipe.yaml`` (``model:``), else the adapter's ``base_model_name_or_path``.
+
+    The run folder's ``recipe.yaml`` cannot turn on ``trust_remote_code`` by itself: when it says ``true``, the caller
+    must pass ``trust_remote_code=True`` (``posttrain merge --trust-remote-code``), else this is an error."""
     import yaml
 
     from posttrain.models import load_model
@@ -255,21 +258,26 @@ def _base_model_for(run_dir):
             m = (yaml.safe_load(fh) or {}).get("model") or {}
         if isinstance(m, str):
             m = {"path": m}
-        return load_model(m["path"], dtype=m.get("dtype", "auto"), trust_remote_code=m.get("trust_remote_code", False),
-                          revision=m.get("revision"))
+        if m.get("trust_remote_code") is True and not trust_remote_code:
+            raise UserError(
+                f"{path}: model.trust_remote_code is true, so loading the base model '{m.get('path')}' would run "
+                "code from it; pass --trust-remote-code only if you trust that model and this run folder"
+            )
+        return load_model(m["path"], dtype=m.get("dtype", "auto"), trust_remote_code=bool(trust_remote_code
+                          and m.get("trust_remote_code")), revision=m.get("revision"))
     with open(os.path.join(str(run_dir), "adapter_config.json")) as fh:
         return load_model(json.load(fh)["base_model_name_or_path"])
 
 
-def load_adapter_run(run_dir, base_model=None, is_trainable: bool = False):
+def load_adapter_run(run_dir, base_model=None, is_trainable: bool = False, trust_remote_code: bool = False):
     """Load a finished run's final model: GOAT/LoRA/GGPO adapters onto their base (``PeftModel``), PLoRA (and full
-    fine-tuning) runs as the full model they saved."""
+    fine-tuning) runs as the full model they saved. ``trust_remote_code`` as in :func:`_base_model_for`."""
     kind = run_adapter_type(run_dir)
     if kind in (None, "plora"):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(str(run_dir))
-    base = base_model if base_model is not None else _base_model_for(run_dir)
+    base = base_model if base_model is not None else _base_model_for(run_dir, trust_remote_code=trust_remote_code)
     if kind == "goat":
         from posttrain.adapters.goat import load_goat
 

@@ -68,38 +68,118 @@ REQUIRED_COLUMNS: dict[str, list[tuple[str, ...]]] = {
 }
 
 
-def _read_json_file(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text()
+def _read_json_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a ``.json`` / ``.jsonl`` file (UTF-8, a byte-order mark is fine) and each row's ``file:row`` label
+    (``file:LINE`` for JSON lines, ``file:row N`` (0-based) for a JSON list)."""
+    from posttrain.recipe import read_text
+
+    text = read_text(path)
     if path.suffix == ".jsonl":
-        rows = []
+        rows, labels = [], []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line")
             rows.append(row)
-        return rows
+            labels.append(f"{path}:{lineno} (row {len(rows) - 1})")
+        return rows, labels
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} style
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
             raise UserError(f"{path}: expected a list of objects (or an object holding one list)")
         data = lists[0]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+    if not isinstance(data, list):
         raise UserError(f"{path}: expected a list of JSON objects")
-    return data
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:row {i}: expected a JSON object, got {_json_type(row)}")
+    return data, [f"{path}:row {i}" for i in range(len(data))]
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+# columns whose value is text, or TRL's conversational form: a list of {"role", "content"} messages
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "text")
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value
+    )
+
+
+def check_value_types(values, labels, column: str, key: str) -> None:
+    """Each value of a known column has the type TRL expects; the first that does not names its ``file:row``."""
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        if column == "messages":
+            ok, want = _is_messages(value), "a list of {role, content} messages"
+        elif column == "answer":
+            ok = isinstance(value, str | int | float) and not isinstance(value, bool)
+            want = "text or a number"
+        elif column in TEXT_COLUMNS:
+            ok, want = isinstance(value, str) or _is_messages(value), "text or a list of {role, content} messages"
+        else:
+            return
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UserError(f"{key}: {labels(i)}: column '{column}' must be {want}, got {_json_type(value)} {shown}")
+
+
+def _check_rows(rows: list[dict[str, Any]], labels: list[str], key: str) -> None:
+    """Per-row type checks before ``Dataset.from_list`` (which would fail with no row, or accept a wrong type)."""
+    columns = sorted({c for row in rows for c in row})
+    for column in columns:
+        check_value_types([row.get(column) for row in rows], labels.__getitem__, column, key)
+        kinds = {}
+        for i, row in enumerate(rows):  # one JSON type per column (a row that differs is named)
+            value = row.get(column)
+            if value is None:
+                continue
+            kind = "a number" if isinstance(value, int | float) and not isinstance(value, bool) else _json_type(value)
+            first = kinds.setdefault("kind", (kind, i))
+            if kind != first[0]:
+                raise UserError(f"{key}: {labels[i]}: column '{column}' is {kind}, but {labels[first[1]]} has "
+                                f"{first[0]} (one type per column)")
 
 
 def load_rows(src: DataSource, key: str):
     """Load ``src`` as a ``datasets.Dataset`` (columns renamed, capped to ``max_samples``)."""
+    ds, _ = _load_rows_with_labels(src, key)
+    return ds
+
+
+def _load_rows_with_labels(src: DataSource, key: str):
+    """``(dataset, label)``: ``label(i)`` names row ``i`` (``file:LINE`` for local files)."""
     import datasets
+
+    labels = None
 
     name = src.source
     if name.startswith("builtin:"):
@@ -123,12 +203,13 @@ def load_rows(src: DataSource, key: str):
             if not path.is_file():
                 raise UserError(f"{key}.source: file '{name}' not found")
             if path.suffix in {".json", ".jsonl"}:
-                rows = _read_json_file(path)
+                rows, labels = _read_json_file(path)
                 if not rows:
                     raise UserError(f"{key}: {path} holds no rows")
+                _check_rows(rows, labels, key)
                 try:
                     ds = datasets.Dataset.from_list(rows)
-                except Exception as exc:  # inconsistent types across rows
+                except Exception as exc:  # inconsistent nested types across rows
                     raise UserError(f"{path}: rows have inconsistent columns or types ({_short(exc)})") from None
             elif path.suffix == ".parquet":
                 try:
@@ -157,7 +238,9 @@ def load_rows(src: DataSource, key: str):
         ds = ds.select(range(src.max_samples))
     if len(ds) == 0:
         raise UserError(f"{key}: dataset '{name}' is empty")
-    return ds
+    if labels is not None:
+        return ds, labels.__getitem__
+    return ds, lambda i: f"{name} row {i}"
 
 
 def _short(exc: BaseException) -> str:
@@ -179,6 +262,11 @@ def check_columns(ds, kind: str, key: str, source: str) -> tuple[str, ...]:
     )
 
 
+def column_values(ds, column: str) -> list[Any]:
+    """A column as a Python list (through Arrow: much faster than iterating ``ds[column]``)."""
+    return ds.with_format("arrow")[column].to_pylist()
+
+
 def _is_empty(value: Any) -> bool:
     if value is None:
         return True
@@ -189,29 +277,25 @@ def _is_empty(value: Any) -> bool:
     return False
 
 
-def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_empty: tuple[str, ...] = ("prompt",)):
-    """Skip rows whose required columns are empty (logging the count); error on wrong types naming the row."""
+def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_empty: tuple[str, ...] = ("prompt",),
+                  label=None):
+    """Skip rows whose required columns are empty (logging the count); error on wrong types naming the row
+    (``label(i)``: the row's ``file:row``)."""
+    label = label or (lambda i: f"{source} row {i}")
+    values = {col: column_values(ds, col) for col in columns}
     for col in columns:
-        for i, value in enumerate(ds[col]):
-            if value is not None and col != "messages" and not isinstance(value, str | list):
-                raise UserError(
-                    f"{key}: {source} row {i}: column '{col}' must be text, got {type(value).__name__}"
-                )
-    ds_before = ds
-    bad = [
-        i
-        for i, row in enumerate(ds.select_columns(list(columns)))
-        if any(_is_empty(row[c]) for c in columns if c not in allow_empty)
-    ]
+        check_value_types(values[col], label, col, key)
+    checked = [c for c in columns if c not in allow_empty]
+    bad = [i for i in range(len(ds)) if any(_is_empty(values[c][i]) for c in checked)]
     if bad:
         logger.warning(
-            "%s: skipped %d of %d rows of %s with an empty %s (first: row %d)",
-            key, len(bad), len(ds), source, "/".join(c for c in columns if c not in allow_empty), bad[0],
+            "%s: skipped %d of %d rows of %s with an empty %s (first: %s)",
+            key, len(bad), len(ds), source, "/".join(c for c in columns if c not in allow_empty), label(bad[0]),
         )
         keep = sorted(set(range(len(ds))) - set(bad))
         ds = ds.select(keep)
     if len(ds) == 0:
-        empty_cols = [c for c in columns if c not in allow_empty and any(_is_empty(v) for v in ds_before[c])]
+        empty_cols = [c for c in checked if any(_is_empty(v) for v in values[c])]
         raise UserError(
             f"{key}: no usable rows left in {source} (all {len(bad)} had empty values in column "
             f"{'/'.join(repr(c) for c in empty_cols)})"
@@ -221,6 +305,6 @@ def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_emp
 
 def load_source(src: DataSource, key: str, kind: str):
     """Load, check and clean a data source for a family (``sft``, ``preference``, ``rl``, ``unlearning``, ``test``)."""
-    ds = load_rows(src, key)
+    ds, label = _load_rows_with_labels(src, key)
     columns = check_columns(ds, kind, key, src.source)
-    return drop_unusable(ds, columns, key, src.source)
+    return drop_unusable(ds, columns, key, src.source, label=label)

@@ -6,6 +6,14 @@ gradient-accumulation scaling, except where stated: TRL divides ``grpo`` / ``bnp
 the number of accumulation steps, but not ``dapo`` (whose normaliser already spans the accumulated batch).
 Spec: grpo.md "Loss" (aggregation table); delta_l_normalization.md "Algorithm".
 
+Dropped rows (PSR / NSR / W-REINFORCE, negative_reinforcement.md "Algorithm" 1: "removed from the update batch
+entirely") have an all-zero mask, so they add nothing to a token count; the row-based normalisers of ``grpo``,
+``dr_grpo`` and ``delta_l`` must not count them either. Pass ``num_rows``, the number of kept rows of the optimizer
+step's global accumulated batch (like ``dapo``'s ``num_items_in_batch``), and ``num_processes``: the row count is
+then ``num_rows / num_processes`` per process and the result is the micro-batch's share of the full-batch loss,
+*not* to be divided by the accumulation steps. Rows that are kept but fully masked (truncated completions) still
+count, as in TRL.
+
 * :func:`grpo` -- per-sequence token mean, then mean over rows (DeepSeekMath, arXiv 2402.03300).
 * :func:`bnpo` -- token mean over the local micro-batch.
 * :func:`dr_grpo` -- constant normaliser ``B_mb * max_completion_length`` (Dr. GRPO, arXiv 2503.20783).
@@ -32,13 +40,30 @@ __all__ = [
 ]
 
 
-def grpo(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(1/B_mb) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; grpo.md "Loss").
+def _row_normalizer(per_token_loss: torch.Tensor, num_rows, num_processes: int) -> torch.Tensor | float:
+    """``B``: the micro-batch's rows, or ``max(num_rows, 1) / num_processes`` (see the module docstring)."""
+    if num_rows is None:
+        return float(per_token_loss.size(0))
+    rows = torch.as_tensor(num_rows, dtype=per_token_loss.dtype, device=per_token_loss.device)
+    return rows.clamp(min=1.0) / num_processes
 
-    DeepSeekMath GRPO, arXiv 2402.03300. Rows with no mask tokens count in ``B_mb`` and contribute 0.
+
+def grpo(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    num_rows: torch.Tensor | float | None = None,
+    num_processes: int = 1,
+) -> torch.Tensor:
+    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; grpo.md "Loss").
+
+    DeepSeekMath GRPO, arXiv 2402.03300. ``B`` is ``B_mb``, the micro-batch's rows (TRL), or with ``num_rows`` the
+    kept rows of the accumulated batch per process (module docstring). Rows with no mask tokens contribute 0.
     """
     mask = mask.to(per_token_loss.dtype)
-    return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    row_means = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    if num_rows is None:
+        return row_means.mean()
+    return row_means.sum() / _row_normalizer(per_token_loss, num_rows, num_processes)
 
 
 def bnpo(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -47,13 +72,21 @@ def bnpo(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def dr_grpo(per_token_loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int) -> torch.Tensor:
-    """``sum(mask*l) / (B_mb * max_completion_length)`` (TRL ``loss_type="dr_grpo"``; grpo.md "Loss").
+def dr_grpo(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    max_completion_length: int,
+    num_rows: torch.Tensor | float | None = None,
+    num_processes: int = 1,
+) -> torch.Tensor:
+    """``sum(mask*l) / (B * max_completion_length)`` (TRL ``loss_type="dr_grpo"``; grpo.md "Loss").
 
-    Dr. GRPO, "Understanding R1-Zero-Like Training", arXiv 2503.20783. ``B_mb`` counts every row, masked or not.
+    Dr. GRPO, "Understanding R1-Zero-Like Training", arXiv 2503.20783. ``B`` is ``B_mb`` (every row of the
+    micro-batch, masked or not; TRL), or with ``num_rows`` the kept rows per process (module docstring).
     """
     mask = mask.to(per_token_loss.dtype)
-    return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    rows = _row_normalizer(per_token_loss, num_rows, num_processes)
+    return (per_token_loss * mask).sum() / (rows * max_completion_length)
 
 
 def dapo(
@@ -125,8 +158,10 @@ def delta_l(
     scope: str = "batch",
     num_generations: int | None = None,
     weights: torch.Tensor | None = None,
+    num_rows: torch.Tensor | float | None = None,
+    num_processes: int = 1,
 ) -> torch.Tensor:
-    """ΔL aggregation: ``sum_i w_i sum_t mask*l / (B_mb * max_completion_length)``.
+    """ΔL aggregation: ``sum_i w_i sum_t mask*l / (B * max_completion_length)`` (``B`` as in :func:`dr_grpo`).
 
     ΔL Normalization, arXiv 2509.07558; spec delta_l_normalization.md "Algorithm" 2-4. Over a full batch this is
     ``sum_i x_i sum_t(...)`` with ``x_i = (1/T_max) L_i^-alpha / sum_j L_j^-alpha``. ``alpha=0`` is exactly
@@ -141,7 +176,7 @@ def delta_l(
     if weights is None:
         weights = delta_l_weights(mask, alpha=alpha, scope=scope, num_generations=num_generations)
     weights = weights.detach().to(per_token_loss.dtype).reshape(-1, 1)
-    return dr_grpo(per_token_loss * weights, mask, max_completion_length)
+    return dr_grpo(per_token_loss * weights, mask, max_completion_length, num_rows, num_processes)
 
 
 LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo", "delta_l")
@@ -151,8 +186,9 @@ def aggregate_loss(name: str, per_token_loss: torch.Tensor, mask: torch.Tensor, 
     """Aggregate ``[B, T]`` per-token losses by name (TRL ``loss_type`` plus ``"delta_l"``).
 
     Options: ``dr_grpo`` / ``delta_l`` need ``max_completion_length``; ``dapo`` takes ``num_items_in_batch`` and
-    ``num_processes``; ``delta_l`` takes ``alpha`` (alias ``delta_l_alpha``), ``scope`` (alias ``delta_l_scope``),
-    ``num_generations``, ``weights``. ``"token_mean"`` is an alias of ``dapo`` (verl ``token-mean``).
+    ``num_processes``; ``grpo``, ``dr_grpo`` and ``delta_l`` take ``num_rows`` and ``num_processes``; ``delta_l``
+    takes ``alpha`` (alias ``delta_l_alpha``), ``scope`` (alias ``delta_l_scope``), ``num_generations``, ``weights``.
+    ``"token_mean"`` is an alias of ``dapo`` (verl ``token-mean``).
     """
     if name in ("dapo", "token_mean"):
         return dapo(per_token_loss, mask, **options)

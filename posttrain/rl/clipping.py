@@ -9,7 +9,8 @@ Conventions: ``logps`` ``[B, T]`` carries the gradient; ``old_logps`` and ``ref_
   spec grpo.md "Loss"), optional verl dual clip.
 * :func:`gppo_clip` -- GPPO (Klear-Reasoner, arXiv 2508.07629, Eq. 11 / App. A.2 Eq. 17; spec gppo.md "Objective").
 * :func:`gppo_sft_loss` -- GPPO's NLL term on correct rollouts (arXiv 2508.07629 Sec. 3.2.3; gppo.md "Objective").
-* :func:`kl_k3` -- the k3 KL estimator TRL uses (grpo.md "Loss").
+* :func:`kl_k3` -- the k3 KL estimator of GRPO (grpo.md "Loss").
+* :func:`kl_k3_bias_corrected` -- k3 times the importance ratio (DeepSeek-V3.2; TRL ``use_bias_correction_kl``).
 * :func:`clip_metrics` -- TRL-named clip fractions from a :class:`ClipOutput`.
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "gppo_clip",
     "gppo_sft_loss",
     "kl_k3",
+    "kl_k3_bias_corrected",
     "policy_loss",
     "ppo_clip",
 ]
@@ -187,6 +189,18 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """
     d = ref_logps.detach() - logps
     return torch.exp(d) - d - 1
+
+
+def kl_k3_bias_corrected(logps: torch.Tensor, ref_logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """``kl_k3(logps, ref) * rho`` with ``rho = exp(logps - old_logps)`` (differentiable, as TRL 1.16's
+    ``use_bias_correction_kl``).
+
+    DeepSeek-V3.2 (arXiv 2512.02556, Eq. 9): weighting k3 by the importance ratio makes its gradient the unbiased
+    reverse-KL gradient off-policy. On-policy (``old_logps = logps.detach()``) the value equals :func:`kl_k3` but the
+    gradient does not: ``d/dlogp = rho * (k3 + 1 - exp(ref - logp))``, i.e. ``k3 + 1 - exp(ref - logp)`` at ``rho = 1``.
+    Not GRPO's spec default (plain k3, grpo.md "Loss"); selected by ``method.use_bias_correction_kl: true``.
+    """
+    return kl_k3(logps, ref_logps) * torch.exp(logps - old_logps.detach())
 
 
 def clip_metrics(out: ClipOutput, mask: torch.Tensor) -> dict[str, float]:

@@ -139,7 +139,7 @@ def import_function(path: str, key: str) -> Callable:
 
 
 class CheckedReward:
-    """Wraps a reward function: a raised exception, a wrong-length result or a non-numeric value becomes a
+    """Wraps a reward function: a raised exception, a wrong-length result, a non-numeric or infinite value becomes a
     :class:`UserError` naming the recipe key (``method.rewards[i]``) and the function. ``__name__`` is the display
     name TRL uses in its metrics (``rewards/<name>/mean``)."""
 
@@ -174,6 +174,8 @@ class CheckedReward:
                 f = float(v)
             except (TypeError, ValueError):
                 raise UserError(f"{where}: value {i} is {v!r}, expected a number or None") from None
+            if math.isinf(f):  # would make every advantage of its group NaN -> 0: nothing learned, silently
+                raise UserError(f"{where}: value {i} is {f}; rewards must be finite (None or NaN: not applicable)")
             checked.append(None if math.isnan(f) else f)
         return checked
 

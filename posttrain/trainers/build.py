@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from posttrain.data.sources import load_source
 from posttrain.errors import UserError
 
 
 def _sft_dataset(ctx, key: str, src):
-    ds = load_source(src, key, "sft")
+    ds = ctx.dataset(key, "sft")
     if ctx.info.name == "poft":
         from posttrain.data.poft import attach_scores
 
@@ -15,26 +14,34 @@ def _sft_dataset(ctx, key: str, src):
     return ds
 
 
-def build_sft_trainer(ctx):
-    """``sft``, ``dft``, ``asft_anchored`` and ``poft`` on :class:`PosttrainSFTTrainer`."""
+def sft_config(recipe, info):
+    """The ``SFTConfig`` of an SFT-family recipe (built before any model loads, see :func:`posttrain.train.preflight`)."""
     from trl import SFTConfig
 
+    from posttrain.train import training_config
+
+    params = recipe.params
+    if recipe.data.train is None:
+        raise UserError("data.train: required key is missing")
+    completion_only = params.completion_only_loss
+    if info.name == "poft" and params.poft_target_tokens == "all":
+        completion_only = False
+    overrides = {"completion_only_loss": completion_only, "max_length": 512}
+    if recipe.data.eval is not None:
+        overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
+    return training_config(SFTConfig, recipe, overrides)
+
+
+def build_sft_trainer(ctx):
+    """``sft``, ``dft``, ``asft_anchored`` and ``poft`` on :class:`PosttrainSFTTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.train import peft_config, training_config
+    from posttrain.train import peft_config
     from posttrain.trainers.sft import PosttrainSFTTrainer
 
     recipe, params = ctx.recipe, ctx.recipe.params
-    if recipe.data.train is None:
-        raise UserError("data.train: required key is missing")
+    config = ctx.config if ctx.config is not None else sft_config(recipe, ctx.info)
     train = _sft_dataset(ctx, "data.train", recipe.data.train)
     evals = _sft_dataset(ctx, "data.eval", recipe.data.eval) if recipe.data.eval is not None else None
-    completion_only = params.completion_only_loss
-    if ctx.info.name == "poft" and params.poft_target_tokens == "all":
-        completion_only = False
-    overrides = {"completion_only_loss": completion_only, "max_length": 512}
-    if evals is not None:
-        overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
-    config = training_config(SFTConfig, recipe, overrides)
     return make_trainer(  # the peft.type variant (plora/goat/ggpo) wraps the class; plain LoRA: the class itself
         PosttrainSFTTrainer,
         recipe,

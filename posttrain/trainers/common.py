@@ -1,16 +1,41 @@
-"""Pieces every posttrain trainer shares: crash-safe checkpoints and resume, and the model card."""
+"""Pieces every posttrain trainer shares: crash-safe checkpoints, resume, the non-finite guard, the model card, and
+the run folder.
+
+Markers posttrain writes (and the only folders it ever deletes are ones carrying them):
+
+* ``checkpoint-N/POSTTRAIN_SAVING``: written before HF writes anything into a checkpoint folder;
+* ``checkpoint-N/POSTTRAIN_COMPLETE``: written once the checkpoint is fully written and synced (``--resume`` uses
+  only these), after the weights were checked to be finite;
+* ``output_dir/POSTTRAIN_COMPLETE``: the run finished (final model saved); JSON with the step count and the files
+  the final save wrote (what ``--overwrite`` removes besides the marked checkpoints).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
+
+from posttrain.errors import UserError
 
 logger = logging.getLogger("posttrain")
 COMPLETE_MARKER = "POSTTRAIN_COMPLETE"
+SAVING_MARKER = "POSTTRAIN_SAVING"
+RUN_MARKER = COMPLETE_MARKER  # in output_dir itself: the run finished
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# files a run writes into output_dir besides the model: their presence means "another run's outputs"
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", RUN_MARKER)
+MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors",
+               "pytorch_model.bin", "trainer_state.json", "training_args.bin")
+
+
+class TrainingDiverged(UserError):
+    """A NaN/inf loss, gradient norm or weight: the run stops; no later checkpoint is marked complete."""
 
 
 def _fsync_tree(path: Path) -> None:
@@ -20,12 +45,65 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-class AtomicCheckpointMixin:
-    """Checkpoints that a killed run cannot corrupt.
+def non_finite_parameters(model) -> list[str]:
+    """Names of the parameters of ``model`` holding NaN or inf (a few, for the message)."""
+    import torch
 
-    HF writes ``checkpoint-N`` in place and then rotates old ones. Here rotation is deferred until the new
-    checkpoint is fully written, synced to disk and marked complete (``POSTTRAIN_COMPLETE``); ``--resume`` only
-    considers marked checkpoints, so a run killed mid-save resumes from the previous one.
+    bad = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.numel() and not bool(torch.isfinite(param).all()):
+                bad.append(name)
+                if len(bad) >= 3:
+                    break
+    return bad
+
+
+def _diverged(what: str, step: int) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"training: {what} at step {step}; training diverged (lower training.learning_rate, set "
+        "training.max_grad_norm, or check the method's hyperparameters); no checkpoint from this step on was marked "
+        "complete"
+    )
+
+
+def is_posttrain_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).exists() or (path / SAVING_MARKER).exists()
+
+
+def _rotate_checkpoints(run_dir: Path, limit: int | None, best: str | None) -> None:
+    """HF's rotation, over the checkpoints this run marked complete only (never someone else's folder)."""
+    if limit is None or limit <= 0:
+        return
+    ckpts = sorted(
+        (int(m.group(1)), child)
+        for child in run_dir.iterdir()
+        if (m := _CHECKPOINT_RE.match(child.name)) and child.is_dir() and (child / COMPLETE_MARKER).exists()
+    )
+    if len(ckpts) <= limit:
+        return
+    protected = {ckpts[-1][1].resolve()}
+    if best:
+        protected.add(Path(best).resolve())
+    remaining, keep = len(ckpts), max(limit, len(protected))
+    for _, path in ckpts:
+        if remaining <= keep:
+            break
+        if path.resolve() not in protected:
+            shutil.rmtree(path, ignore_errors=True)
+            remaining -= 1
+
+
+class AtomicCheckpointMixin:
+    """Checkpoints that a killed or diverged run cannot corrupt, and the non-finite guard.
+
+    HF writes ``checkpoint-N`` in place and then rotates old ones. Here the folder is marked ``POSTTRAIN_SAVING``
+    first, rotation is deferred until the new checkpoint is fully written, synced to disk, its weights checked finite
+    and marked complete (``POSTTRAIN_COMPLETE``), and rotation only ever deletes marked checkpoints; ``--resume`` only
+    considers complete ones, so a run killed mid-save resumes from the previous one.
+
+    Non-finite guard (every family): a NaN/inf training loss (checked per micro-batch, before HF's
+    ``logging_nan_inf_filter`` hides it) or gradient norm stops the run with :class:`TrainingDiverged` naming the step.
     """
 
     # Set by posttrain.train.run: what the model card (posttrain.card) is written from.
@@ -58,9 +136,28 @@ class AtomicCheckpointMixin:
         if checkpoint:  # the run folder's card follows the newest checkpoint (all families, not only TRL's)
             self.write_model_card(self.args.output_dir)
 
-    def _save_checkpoint(self, model, trial):
-        from transformers import trainer as hf_trainer
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        value = float(loss.detach().float().mean()) if hasattr(loss, "detach") else float(loss)
+        if not math.isfinite(value):
+            raise _diverged(f"the loss is {value}", self.state.global_step + 1)
+        return loss
 
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        if grad_norm is not None and not getattr(self.accelerator, "optimizer_step_was_skipped", False):
+            value = float(grad_norm.detach().float() if hasattr(grad_norm, "detach") else grad_norm)
+            if not math.isfinite(value):  # fp16 overflow steps are skipped by the scaler, not an error
+                raise _diverged(f"the gradient norm is {value}", self.state.global_step)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial=trial))
+        ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            if ckpt.exists() and not is_posttrain_checkpoint(ckpt) and any(ckpt.iterdir()):
+                raise UserError(f"output_dir: {ckpt} exists and was not written by posttrain; move it away")
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / SAVING_MARKER).write_text("posttrain checkpoint being written\n")
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # no rotation until the new checkpoint is complete
         try:
@@ -68,20 +165,22 @@ class AtomicCheckpointMixin:
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save:
-            run_dir = Path(self._get_output_dir(trial=trial))
-            ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+            bad = non_finite_parameters(self.model)
+            if bad:
+                raise _diverged(f"the weights hold NaN/inf ({', '.join(bad)})", self.state.global_step)
             _fsync_tree(ckpt)
             (ckpt / COMPLETE_MARKER).write_text("ok\n")
-            hf_trainer.rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
+            (ckpt / SAVING_MARKER).unlink(missing_ok=True)
+            _rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(Path(path).name.rsplit("-", 1)[1])
 
 
 def latest_complete_checkpoint(output_dir: str | Path, remove_incomplete: bool = True) -> str | None:
-    """Newest ``checkpoint-N`` carrying the completion marker; incomplete ones (a killed save) are removed."""
+    """Newest ``checkpoint-N`` carrying the completion marker. Incomplete ones (a killed save) are removed when
+    posttrain wrote them (``POSTTRAIN_SAVING``) or they are empty; any other folder is left alone."""
     out = Path(output_dir)
     found = []
     for child in out.iterdir() if out.is_dir() else []:
@@ -90,7 +189,171 @@ def latest_complete_checkpoint(output_dir: str | Path, remove_incomplete: bool =
             continue
         if (child / COMPLETE_MARKER).exists():
             found.append((int(match.group(1)), child))
-        elif remove_incomplete:
+        elif not remove_incomplete:
+            continue
+        elif (child / SAVING_MARKER).exists():
             logger.warning("removing incomplete checkpoint %s (interrupted save)", child)
             shutil.rmtree(child, ignore_errors=True)
+        elif not any(child.iterdir()):
+            child.rmdir()
+        else:
+            logger.warning("ignoring %s: not a complete checkpoint and not written by posttrain (left in place)", child)
     return str(max(found)[1]) if found else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the run folder
+
+
+def read_run_marker(out: Path) -> dict[str, Any] | None:
+    path = out / RUN_MARKER
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_run_marker(out: Path, steps: int, files: list[str]) -> None:
+    tmp = out / f".{RUN_MARKER}.tmp"
+    tmp.write_text(json.dumps({"steps": steps, "files": sorted(files)}, indent=1) + "\n")
+    os.replace(tmp, out / RUN_MARKER)
+
+
+def previous_outputs(out: Path) -> list[str]:
+    """What in ``out`` looks like another run's outputs: logged metrics, a summary or completion marker, a saved
+    model, checkpoints. (A ``recipe.yaml`` alone is what a run that failed before training leaves: not counted.)"""
+    if not out.is_dir():
+        return []
+    metrics = out / "metrics.jsonl"
+    found = ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size > 0 else []
+    found += [name for name in ("summary.json", RUN_MARKER, *MODEL_FILES) if (out / name).exists()]
+    found += sorted((c.name for c in out.iterdir() if _CHECKPOINT_RE.match(c.name)), key=checkpoint_step)
+    return found
+
+
+def check_output_dir(out: Path, probe: bool = True) -> None:
+    """``out`` is (or can be made) a writable directory; else one error line."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir: '{out}' exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if probe:
+            test = out / f".posttrain-write-test-{os.getpid()}"
+            test.write_text("")
+            test.unlink()
+    except OSError as exc:
+        raise UserError(f"output_dir: '{out}' is not a writable directory ({exc.strerror or exc})") from None
+
+
+def remove_previous_run(out: Path) -> list[str]:
+    """``--overwrite``: delete what posttrain wrote in ``out`` (marked checkpoints, its run files, the files the
+    previous final save listed in its marker); refuse if a ``checkpoint-N`` folder there is someone else's."""
+    foreign = [c for c in out.iterdir()
+               if _CHECKPOINT_RE.match(c.name) and c.is_dir() and not is_posttrain_checkpoint(c) and any(c.iterdir())]
+    if foreign:
+        raise UserError(f"output_dir: {foreign[0]} was not written by posttrain; --overwrite leaves it alone: move it "
+                        "away or choose another output_dir")
+    marker = read_run_marker(out) or {}
+    removed = []
+    for child in sorted(out.iterdir()):
+        name = child.name
+        if _CHECKPOINT_RE.match(name) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        elif name in RUN_FILES or (name in marker.get("files", ()) and child.is_file()):
+            child.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# counting what max_length truncates and drops (TRL does both silently)
+
+
+class _NoMaxLength:
+    """``with _NoMaxLength(args):`` -- ``args.max_length`` is None inside (TRL then neither truncates nor drops)."""
+
+    def __init__(self, args):
+        self.args, self.saved = args, args.max_length
+
+    def __enter__(self):
+        self.args.max_length = None
+
+    def __exit__(self, *exc):
+        self.args.max_length = self.saved
+
+
+def log_length_effects(key: str, total: int, truncated: int, dropped: int, max_length: int, why: str) -> None:
+    """Log the rows ``max_length`` truncates (kept, shortened) and drops (nothing left to score)."""
+    if truncated:
+        logger.warning("%s: %d of %d rows are longer than training.max_length=%d tokens and are truncated",
+                       key, truncated, total, max_length)
+    if dropped:
+        logger.warning("%s: dropped %d of %d rows: %s (training.max_length=%d)", key, dropped, total, why, max_length)
+    if dropped and dropped == total:
+        raise UserError(f"{key}: no rows left: {why} (training.max_length={max_length})")
+
+
+class CountedSFTTruncationMixin:
+    """``SFTTrainer._prepare_dataset`` with TRL's truncation to ``max_length`` and its drop of rows left without a
+    scored token done here, counted in the log (same slices and filter as TRL 1.16)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        from datasets import Dataset
+
+        max_length = args.max_length
+        if max_length is None or packing or not isinstance(dataset, Dataset) or "input_ids" in dataset.column_names:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        with _NoMaxLength(args):
+            ds = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        mode = args.truncation_mode
+        if mode not in ("keep_start", "keep_end"):
+            raise UserError(f"training.truncation_mode: expected keep_start or keep_end, got {mode!r}")
+        sl = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+        from posttrain.data.sources import column_values
+
+        total = len(ds)
+        long = {i for i, ids in enumerate(column_values(ds, "input_ids")) if len(ids) > max_length}
+        if long:
+            ds = ds.map(lambda ex: {"input_ids": ex["input_ids"][sl], "labels": ex["labels"][sl]})
+        keep = [i for i, labels in enumerate(column_values(ds, "labels")) if any(label != -100 for label in labels)]
+        if len(keep) < total:
+            ds = ds.select(keep)
+        log_length_effects(f"data.{dataset_name}", total, len(long.intersection(keep)), total - len(keep), max_length,
+                           "no completion token is left after truncation")
+        return ds
+
+
+class CountedDPOTruncationMixin:
+    """``DPOTrainer._prepare_dataset`` with TRL's drop of rows whose prompt fills ``max_length`` done here, and the
+    rows its collator will truncate counted, both in the log."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        from datasets import Dataset
+
+        max_length = args.max_length
+        if max_length is None or not isinstance(dataset, Dataset):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        with _NoMaxLength(args):
+            ds = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if "prompt_ids" not in ds.column_names:  # pragma: no cover - TRL changed its columns
+            return ds
+        from posttrain.data.sources import column_values
+
+        total = len(ds)
+        prompts = [len(p) for p in column_values(ds, "prompt_ids")]
+        chosen, rejected = column_values(ds, "chosen_ids"), column_values(ds, "rejected_ids")
+        longest = [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]
+        keep = list(range(total))
+        if args.truncation_mode == "keep_start":  # TRL: the collator would cut every completion token
+            keep = [i for i in keep if prompts[i] < max_length]
+        truncated = sum(1 for i in keep if prompts[i] + longest[i] > max_length)
+        if len(keep) < total:
+            ds = ds.select(keep)
+        log_length_effects(f"data.{dataset_name}", total, truncated, total - len(keep), max_length,
+                           "the prompt alone fills max_length")
+        return ds

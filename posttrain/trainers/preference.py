@@ -46,7 +46,7 @@ from posttrain.losses.preference import (
     wpo_pair_weights,
     wpo_sequence_weights,
 )
-from posttrain.trainers.common import AtomicCheckpointMixin
+from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin
 
 logger = logging.getLogger("posttrain")
 
@@ -84,7 +84,7 @@ def _decoder_layers(backbone):
     return layers
 
 
-class PosttrainPreferenceTrainer(AtomicCheckpointMixin, DPOTrainer):
+class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixin, DPOTrainer):
     """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on top of ``trl.DPOTrainer``.
 
     Args:
@@ -225,7 +225,6 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, DPOTrainer):
         per_token_logps = outputs.log_probs[:, -seq_len:]
         logps = sequence_logps(per_token_logps, mask)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-        c_mask, r_mask = mask.chunk(2, dim=0)
         gather = self.accelerator.gather
         metrics: dict[str, float]
 
@@ -243,8 +242,10 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, DPOTrainer):
                 beta=p.beta,
                 loss_type=p.loss,
                 label_smoothing=p.label_smoothing,
-                chosen_lengths=sequence_lengths(c_mask),
-                rejected_lengths=sequence_lengths(r_mask),
+                # IPO's N: completion tokens counted on the unshifted mask, as TRL and dpo.md do (with an empty
+                # prompt the first completion token has no scored position but still counts)
+                chosen_lengths=sequence_lengths(completion_mask.chunk(2, dim=0)[0]),
+                rejected_lengths=sequence_lengths(completion_mask.chunk(2, dim=0)[1]),
                 ipo_length_normalize=p.ipo_length_normalize,
             )
             metrics = preference_metrics(
@@ -453,15 +454,14 @@ _METHOD_OWNED = {
 _UNSUPPORTED = ("loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "use_liger_kernel")
 
 
-def build_preference_trainer(ctx):
-    """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on :class:`PosttrainPreferenceTrainer`."""
+def preference_config(recipe, info):
+    """The ``DPOConfig`` of a preference-family recipe (built before any model loads)."""
     from trl import DPOConfig
 
-    from posttrain.data.sources import load_source
     from posttrain.errors import UserError
-    from posttrain.train import peft_config, training_config
+    from posttrain.train import training_config
 
-    recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name
+    params, name = recipe.params, info.name
     for key, where in _METHOD_OWNED.items():
         if key in recipe.training:
             raise UserError(f"training.{key}: set by the method; use {where}")
@@ -470,9 +470,6 @@ def build_preference_trainer(ctx):
             raise UserError(f"training.{key}: not supported by posttrain's preference trainer")
     if recipe.data.train is None:
         raise UserError("data.train: required key is missing")
-    train = load_source(recipe.data.train, "data.train", "preference")
-    evals = load_source(recipe.data.eval, "data.eval", "preference") if recipe.data.eval is not None else None
-
     overrides = {
         "beta": params.beta,
         "loss_type": [getattr(params, "loss", "sigmoid")],
@@ -482,11 +479,22 @@ def build_preference_trainer(ctx):
         "use_weighting": name == "wpo" and params.use_weighting,
         "max_length": 512,
     }
-    if evals is not None:
+    if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     config = training_config(DPOConfig, recipe, overrides)
     if config.sync_ref_model and (name == "asft_aligned" or overrides["precompute_ref_log_probs"]):
         raise UserError("training.sync_ref_model: needs a live reference model (not asft_aligned or precomputed)")
+    return config
+
+
+def build_preference_trainer(ctx):
+    """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on :class:`PosttrainPreferenceTrainer`."""
+    from posttrain.train import peft_config
+
+    recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name
+    config = ctx.config if ctx.config is not None else preference_config(recipe, ctx.info)
+    train = ctx.dataset("data.train", "preference")
+    evals = ctx.dataset("data.eval", "preference") if recipe.data.eval is not None else None
     kwargs = dict(
         model=ctx.model,
         ref_model=ctx.ref_model,
@@ -507,7 +515,7 @@ def build_preference_trainer(ctx):
         PosttrainPreferenceTrainer,
         recipe,
         uses_disabled_adapter_reference=(
-            name != "asft_aligned" and ctx.ref_model is None and not overrides["precompute_ref_log_probs"]
+            name != "asft_aligned" and ctx.ref_model is None and not config.precompute_ref_log_probs
         ),
         **kwargs,
     )

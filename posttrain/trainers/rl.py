@@ -37,7 +37,7 @@ from posttrain.rl.advantages import (
     stratum_ids,
 )
 from posttrain.rl.aggregation import aggregate_loss, delta_l_weights, dr_grpo
-from posttrain.rl.clipping import gppo_sft_loss, kl_k3, policy_loss
+from posttrain.rl.clipping import gppo_sft_loss, kl_k3, kl_k3_bias_corrected, policy_loss
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -45,6 +45,7 @@ logger = logging.getLogger("posttrain")
 # Keys this trainer adds to TRL's generation-batch dict ([B] tensors are shuffled and split with the rest; 0-dim
 # tensors are kept whole).
 KEEP, CORRECT, DL_WEIGHTS, NUM_CORRECT = "rl_keep", "rl_correct", "rl_delta_l_weights", "rl_num_correct_tokens"
+NUM_ROWS = "rl_num_kept_rows"  # kept rows of the gathered generation batch (row-based normalisers)
 MAX_LOGGED_STRATUM_KEYS = 16  # san/reward_mean/<key> is logged while a batch has at most this many key values
 
 # TRL methods this trainer overrides or calls, with the parameters it relies on (tests check they still exist).
@@ -192,6 +193,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         output["advantages"] = out.advantages[rows].to(device=device, dtype=torch.float32)
         output[KEEP] = keep.to(torch.float32)
         output["num_items_in_batch"] = self.accelerator.gather(kept_mask.sum()).sum()
+        output[NUM_ROWS] = self.accelerator.gather(keep.sum().to(torch.float32)).sum()
         if p.sft_coef > 0:
             output[CORRECT] = correct[rows].to(device=device, dtype=torch.float32)
             output[NUM_CORRECT] = self.accelerator.gather((kept_mask * output[CORRECT].unsqueeze(1)).sum()).sum()
@@ -290,9 +292,9 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             per_token = per_token * inputs["importance_sampling_ratio"]
         kl = None
         if p.beta != 0.0:
-            kl = kl_k3(logps, inputs["ref_per_token_logps"])
-            if self.args.use_bias_correction_kl:
-                kl = kl * torch.exp(logps - old)
+            ref = inputs["ref_per_token_logps"]
+            # plain k3 (grpo.md "Loss") unless method.use_bias_correction_kl (TRL's GRPOConfig default is on)
+            kl = kl_k3_bias_corrected(logps, ref, old) if p.use_bias_correction_kl else kl_k3(logps, ref)
 
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         # N_glob of the optimizer step's global accumulated batch: TRL's num_items_in_batch spans the generation
@@ -300,22 +302,34 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         window = ga / self.args.steps_per_generation if mode == "train" else 1.0
         nproc = self.accelerator.num_processes
         T = self.max_completion_length
+        # Row-based normalisers (grpo, dr_grpo, delta_l) count the kept rows of the optimizer step's global batch:
+        # PSR/NSR/W-REINFORCE drop rows from the update entirely (docs/rlvr.md); the result already spans the
+        # accumulated batch, so it is not divided by GA (equal to TRL's B_mb and /GA when every row is kept).
+        rows = {"num_rows": inputs[NUM_ROWS] * window, "num_processes": nproc} if NUM_ROWS in inputs else None
         if p.aggregation == "dapo":
             total = per_token if kl is None else per_token + p.beta * kl
             loss = aggregate_loss("dapo", total, mask, num_items_in_batch=inputs["num_items_in_batch"] * window,
                                   num_processes=nproc)
+        elif p.aggregation == "bnpo":  # a token mean of the micro-batch: dropped rows add no tokens
+            total = per_token if kl is None else per_token + p.beta * kl
+            loss = aggregate_loss("bnpo", total, mask) / ga
+        elif rows is None:  # pragma: no cover - batches always come from _generate_and_score_completions
+            raise RuntimeError(f"PosttrainGRPOTrainer: inputs lack {NUM_ROWS}")
         elif p.aggregation == "delta_l":
             # ΔL weights scale the surrogate only; the KL term stays unweighted (delta_l_normalization.md step 5)
-            loss = aggregate_loss("delta_l", per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS])
-            self._metrics[mode]["delta_l/normalizer"].append(float(mask.size(0) * T))  # Dr. GRPO's B * T_max
+            loss = aggregate_loss("delta_l", per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS],
+                                  **rows)
+            # Dr. GRPO's B * T_max, B = kept rows per micro-batch
+            self._metrics[mode]["delta_l/normalizer"].append(float(rows["num_rows"]) / nproc / ga * T)
             if kl is not None:
-                loss = loss + p.beta * dr_grpo(kl, mask, T)
-            loss = loss / ga
+                loss = loss + p.beta * dr_grpo(kl, mask, T, **rows)
         else:
             total = per_token if kl is None else per_token + p.beta * kl
             extra = {"max_completion_length": T} if p.aggregation == "dr_grpo" else {}
-            loss = aggregate_loss(p.aggregation, total, mask, **extra) / ga
-        policy_value = loss.detach() * (ga if p.aggregation != "dapo" else 1)
+            loss = aggregate_loss(p.aggregation, total, mask, **extra, **rows)
+        # every micro-batch's loss is its share (~1/GA) of the accumulated batch's: log the full-batch value, on the
+        # same scale as gppo/sft_loss
+        policy_value = loss.detach() * ga
 
         metrics = self._metrics[mode]
         if p.sft_coef > 0:
@@ -416,6 +430,7 @@ _METHOD_OWNED = {
     "reward_weights": "method.rewards[].weight",
     "entropy_coef": "method.entropy_coef",
     "delta": "method.dual_clip_c",
+    "use_bias_correction_kl": "method.use_bias_correction_kl",
 }
 # TRL features whose loss-side code this trainer does not reproduce
 _UNSUPPORTED = {
@@ -426,52 +441,59 @@ _UNSUPPORTED = {
 }
 
 
-def build_rl_trainer(ctx):
-    """The ``rl`` family (method ``grpo``) on :class:`PosttrainGRPOTrainer`."""
+def rl_config(recipe, info):
+    """The ``GRPOConfig`` of an RL recipe, with the method-owned fields set from ``method:`` (before models load)."""
     from trl import GRPOConfig
 
-    from posttrain.adapters.trainer import make_trainer
-    from posttrain.data.sources import load_source
-    from posttrain.rl.rewards import NEEDS_ANSWER, load_reward_functions
-    from posttrain.train import peft_config, training_config
+    from posttrain.train import training_config
 
-    recipe, p = ctx.recipe, ctx.recipe.params
+    p = recipe.params
     if recipe.data.train is None:
         raise UserError("data.train: required key is missing")
     for key, where in _METHOD_OWNED.items():
         if key in recipe.training:
-            raise UserError(f"training.{key}: set it as {where} for method '{ctx.info.name}'")
+            raise UserError(f"training.{key}: set it as {where} for method '{info.name}'")
     for key, default in _UNSUPPORTED.items():
         if key in recipe.training and recipe.training[key] != default:
-            raise UserError(f"training.{key}: not supported by method '{ctx.info.name}' (leave it at {default!r})")
+            raise UserError(f"training.{key}: not supported by method '{info.name}' (leave it at {default!r})")
     moa = recipe.training.get("multi_objective_aggregation", "sum_then_normalize")
     if moa != "sum_then_normalize" and p.advantage != "group":
         raise UserError(
             f"training.multi_objective_aggregation: {moa} only works with method.advantage: group "
             f"(advantage is {p.advantage})"
         )
-    train = load_source(recipe.data.train, "data.train", "rl")
-    evals = load_source(recipe.data.eval, "data.eval", "rl") if recipe.data.eval is not None else None
-    for i, spec in enumerate(p.rewards):
-        if spec.name in NEEDS_ANSWER and "answer" not in train.column_names:
-            raise UserError(
-                f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has {train.column_names};"
-                " rename with data.train.columns)"
-            )
-    funcs, weights = load_reward_functions(p.rewards)
-    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names) if p.advantage == "stratified" else None
-
     overrides: dict[str, Any] = {
         "loss_type": p.aggregation if p.aggregation != "delta_l" else "dr_grpo",
         "beta": p.beta,
         "epsilon": p.epsilon,
         "epsilon_high": p.epsilon_high,
         "scale_rewards": p.scale_rewards,
-        "reward_weights": weights,
+        "reward_weights": [spec.weight for spec in p.rewards],
+        "use_bias_correction_kl": p.use_bias_correction_kl,
     }
-    if evals is not None:
+    if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
-    config = training_config(GRPOConfig, recipe, overrides)
+    return training_config(GRPOConfig, recipe, overrides)
+
+
+def build_rl_trainer(ctx):
+    """The ``rl`` family (method ``grpo``) on :class:`PosttrainGRPOTrainer`."""
+    from posttrain.adapters.trainer import make_trainer
+    from posttrain.rl.rewards import NEEDS_ANSWER, load_reward_functions
+    from posttrain.train import peft_config
+
+    recipe, p = ctx.recipe, ctx.recipe.params
+    config = ctx.config if ctx.config is not None else rl_config(recipe, ctx.info)
+    train = ctx.dataset("data.train", "rl")
+    evals = ctx.dataset("data.eval", "rl") if recipe.data.eval is not None else None
+    for i, spec in enumerate(p.rewards):
+        if spec.name in NEEDS_ANSWER and "answer" not in train.column_names:
+            raise UserError(
+                f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has {train.column_names};"
+                " rename with data.train.columns)"
+            )
+    funcs, _ = load_reward_functions(p.rewards)
+    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names) if p.advantage == "stratified" else None
     return make_trainer(
         PosttrainGRPOTrainer,
         recipe,

@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
-from posttrain.trainers.common import AtomicCheckpointMixin
+from posttrain.trainers.common import AtomicCheckpointMixin, CountedSFTTruncationMixin
 from posttrain.losses.sft import asft_anchored_loss, dft_loss, nll_loss, poft_loss, token_kl
 
 POFT_SCORE_COLUMN = "poft_ref_score"
@@ -43,7 +43,7 @@ class _ExtraColumnsCollator:
         return batch
 
 
-class PosttrainSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
+class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTTrainer):
     """SFT, DFT, Anchored SFT and PoFT on top of ``trl.SFTTrainer``.
 
     Args:

@@ -57,16 +57,32 @@ class UnlearningConfig(TrainingArguments):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def tokenize_rows(rows, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per ``{prompt, completion}`` row: prompt + completion + EOS, prompt labels ``-100``."""
+def tokenize_rows(rows, tokenizer, max_length: int, key: str = "data") -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per ``{prompt, completion}`` row: prompt + completion + EOS, prompt labels ``-100``,
+    truncated to ``max_length``. Truncated rows are counted in the log; rows whose completion is truncated away
+    entirely (the prompt alone fills ``max_length``: nothing to score) are dropped and counted."""
     eos = tokenizer.eos_token or ""
-    out = []
-    for prompt, completion in zip(rows["prompt"], rows["completion"], strict=True):
+    prompts, completions = list(rows["prompt"]), list(rows["completion"])
+    out, truncated, dropped = [], [], []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         p = tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
         c = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
         ids = (p + c)[:max_length]
         labels = ([-100] * len(p) + c)[:max_length]
+        if all(label == -100 for label in labels):
+            dropped.append(i)
+            continue
+        if len(p) + len(c) > max_length:
+            truncated.append(i)
         out.append((ids, labels))
+    if truncated:
+        logger.warning("%s: truncated %d of %d rows to training.max_length=%d tokens (first: row %d)",
+                       key, len(truncated), len(prompts), max_length, truncated[0])
+    if dropped:
+        logger.warning("%s: dropped %d of %d rows whose answer is truncated away entirely by training.max_length=%d "
+                       "(first: row %d)", key, len(dropped), len(prompts), max_length, dropped[0])
+    if not out:
+        raise UserError(f"{key}: no rows left: every answer is truncated away by training.max_length={max_length}")
     return out
 
 
@@ -297,15 +313,15 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build_unlearning_trainer(ctx):
-    """Build the unlearning trainer from a run context (see :mod:`posttrain.train`)."""
-    from posttrain.adapters.trainer import make_trainer
-    from posttrain.data.sources import load_source
-    from posttrain.train import peft_config, training_config
+def _needs_retain(recipe, name: str) -> bool:
+    return UNLEARNING_DEFAULTS[name]["retain"] is not None and float(getattr(recipe.params, "alpha", 0.0)) != 0.0
 
-    recipe, info, params = ctx.recipe, ctx.info, ctx.recipe.params
+
+def unlearning_config(recipe, info) -> UnlearningConfig:
+    """The :class:`UnlearningConfig` of an unlearning recipe, after the data-key checks (before any model loads)."""
+    from posttrain.train import training_config
+
     name, data = info.name, recipe.data
-    spec = UNLEARNING_DEFAULTS[name]
     if data.train is not None:
         raise UserError(f"data.train: unlearning method '{name}' reads data.forget and data.retain, not data.train")
     if data.eval is not None:
@@ -318,21 +334,31 @@ def build_unlearning_trainer(ctx):
             f"data.forget: method '{name}' needs a forget set (e.g. data.forget: {{source: builtin:facts, "
             "split: forget05}})"
         )
-    needs_retain = spec["retain"] is not None and float(getattr(params, "alpha", 0.0)) != 0.0
-    if needs_retain and data.retain is None:
+    if _needs_retain(recipe, name) and data.retain is None:
         raise UserError(
             f"data.retain: method '{name}' needs a retain set (e.g. data.retain: {{source: builtin:facts, "
             "split: retain95}}), or set method.alpha: 0"
         )
+    return training_config(UnlearningConfig, recipe, {"remove_unused_columns": False})
+
+
+def build_unlearning_trainer(ctx):
+    """Build the unlearning trainer from a run context (see :mod:`posttrain.train`)."""
+    from posttrain.adapters.trainer import make_trainer
+    from posttrain.train import peft_config
+
+    recipe, info, params = ctx.recipe, ctx.info, ctx.recipe.params
+    name, data = info.name, recipe.data
+    spec = UNLEARNING_DEFAULTS[name]
+    config = ctx.config if ctx.config is not None else unlearning_config(recipe, info)
+    needs_retain = _needs_retain(recipe, name)
     if data.retain is not None and not needs_retain:
         logger.info("data.retain: not used by method '%s' (no retain term)", name)
-
-    config = training_config(UnlearningConfig, recipe, {"remove_unused_columns": False})
     tok = ctx.tokenizer
-    forget = tokenize_rows(load_source(data.forget, "data.forget", "unlearning"), tok, config.max_length)
+    forget = tokenize_rows(ctx.dataset("data.forget", "unlearning"), tok, config.max_length, "data.forget")
     retain = None
     if needs_retain:
-        retain = tokenize_rows(load_source(data.retain, "data.retain", "unlearning"), tok, config.max_length)
+        retain = tokenize_rows(ctx.dataset("data.retain", "unlearning"), tok, config.max_length, "data.retain")
     dataset = ForgetRetainDataset(forget, retain, seed=recipe.seed)
     ensure_fused_head(ctx.model)  # before any adapter wraps the model (TRL's order)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
