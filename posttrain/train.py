@@ -30,6 +30,10 @@ TRAINER_BUILDERS = {
     "unlearning": "posttrain.trainers.unlearning:build_unlearning_trainer",
     "rl": "posttrain.trainers.rl:build_rl_trainer",
 }
+# family -> "module:function" run before any model is loaded or anything is written: check(recipe) -> None
+PREFLIGHT_CHECKS = {
+    "rl": "posttrain.trainers.rl:check_rl_recipe",
+}
 
 
 @dataclasses.dataclass
@@ -240,6 +244,9 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, 
 
     setup_logging(quiet)
     info = get_method(recipe.method.name)
+    if info.family in PREFLIGHT_CHECKS:
+        module, fn = PREFLIGHT_CHECKS[info.family].split(":")
+        getattr(importlib.import_module(module), fn)(recipe)
     out = Path(recipe.output_dir)
     checkpoint = None
     if resume:
@@ -278,6 +285,9 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None, 
         tokenizer.save_pretrained(str(out))
     summary["train_loss"] = result.training_loss
     summary["steps"] = result.global_step
+    warnings = trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
+    if warnings:
+        summary["warnings"] = warnings
 
     after = test_accuracy(trainer.model, tokenizer, recipe)
     if after is not None and is_main_process():

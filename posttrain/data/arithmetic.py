@@ -88,3 +88,50 @@ def arithmetic_rows(
 def corpus(max_operand: int = 99) -> list[str]:
     """Texts the built-in tokenizer is trained on (every problem with its answer)."""
     return [f"{a}{op}{b}={_answer(a, op, b)}" for (a, op, b) in _problems(max_operand, "+-", 0)]
+
+
+def arithmetic_tool_rows(
+    fmt: Literal["sft", "rl"] = "rl",
+    split: str = "train",
+    num_samples: int | None = None,
+    max_operand: int = 99,
+    ops: str = "+",
+    test_size: int = 200,
+    tool_fraction: float = 0.5,
+    seed: int = 0,
+) -> list[dict]:
+    """The arithmetic problems as a tool-calling task (a ``calculator`` tool, :func:`posttrain.rl.tools.calculator`).
+
+    - ``rl``: ``{"prompt": [{"role": "user", "content": "43+20="}], "answer": "63"}``: conversational prompts, as
+      TRL's tool loop needs; train with ``method.tools: [posttrain.rl.tools:calculator]``.
+    - ``sft``: ``{"prompt", "completion"}`` text rendered with posttrain's ChatML tool template
+      (:data:`posttrain.rl.tools.CHATML_TOOL_TEMPLATE`, the format the GRPO run renders and parses): a fraction
+      ``tool_fraction`` of the rows call the calculator and copy its result, the others answer directly, so that a
+      model fine-tuned on them does both and its rollouts hold 0 or 1 tool calls.
+    """
+    if not 0.0 <= tool_fraction <= 1.0:
+        raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction}")
+    rows = arithmetic_rows("rl", split=split, num_samples=num_samples, max_operand=max_operand, ops=ops,
+                           test_size=test_size, seed=seed)
+    if fmt == "rl":
+        return [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+    if fmt != "sft":
+        raise ValueError(f"unknown format {fmt!r}")
+    from posttrain.rl.tools import calculator, render_tool_chat
+
+    rng = random.Random(seed + 3)
+    out = []
+    for r in rows:
+        user = {"role": "user", "content": r["prompt"]}
+        if rng.random() < tool_fraction:
+            call = {"type": "function", "function": {"name": "calculator",
+                                                     "arguments": {"expression": r["prompt"].rstrip("=")}}}
+            turns = [{"role": "assistant", "content": "", "tool_calls": [call]},
+                     {"role": "tool", "name": "calculator", "content": calculator(r["prompt"])},
+                     {"role": "assistant", "content": r["answer"]}]
+        else:
+            turns = [{"role": "assistant", "content": r["answer"]}]
+        prompt = render_tool_chat([user], tools=[calculator], add_generation_prompt=True)
+        full = render_tool_chat([user, *turns], tools=[calculator])
+        out.append({"prompt": prompt, "completion": full[len(prompt):]})
+    return out

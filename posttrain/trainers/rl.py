@@ -38,6 +38,7 @@ from posttrain.rl.advantages import (
 )
 from posttrain.rl.aggregation import aggregate_loss, delta_l_weights, dr_grpo
 from posttrain.rl.clipping import gppo_sft_loss, kl_k3, policy_loss
+from posttrain.rl.diagnostics import SignalMonitor, batch_signal
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -46,6 +47,7 @@ logger = logging.getLogger("posttrain")
 # tensors are kept whole).
 KEEP, CORRECT, DL_WEIGHTS, NUM_CORRECT = "rl_keep", "rl_correct", "rl_delta_l_weights", "rl_num_correct_tokens"
 MAX_LOGGED_STRATUM_KEYS = 16  # san/reward_mean/<key> is logged while a batch has at most this many key values
+SINGLETON_WARNING = 0.5  # warn when more than this fraction of strata hold a single rollout
 
 # TRL methods this trainer overrides or calls, with the parameters it relies on (tests check they still exist).
 TRL_HOOKS: dict[str, tuple[str, ...]] = {
@@ -55,6 +57,7 @@ TRL_HOOKS: dict[str, tuple[str, ...]] = {
     "_get_per_token_logps_and_entropies": (
         "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss",
     ),
+    "log": ("logs", "start_time"),
 }
 
 
@@ -123,6 +126,11 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                                "posttrain's RL trainer needs updating")
         if ref_model is not None and peft:
             self.ref_model = self._prepare_reference(ref_model)
+        self.signal_monitor = SignalMonitor(patience=getattr(params, "warn_no_signal_after", 2),
+                                            max_completion_length=self.max_completion_length,
+                                            correct_reward=params.correct_reward)
+        self._run_warnings: list[str] = []
+        self._warned: set[str] = set()
 
     def _prepare_reference(self, ref_model):
         """What TRL's ``__init__`` does to the reference it builds, for one given with a PEFT policy."""
@@ -208,6 +216,10 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self._metrics[mode]["delta_l/length_std"].append(lengths[lengths > 0].std().nan_to_num().item())
 
         self._log_advantage_metrics(mode, out.advantages, out.keep, correct, rewards, num_generations, stash)
+        if mode == "train":
+            self.signal_monitor.add(batch_signal(
+                rewards, out.advantages, out.keep, num_generations, clipped=self._clipped(output), rewards_per_func=rpf,
+                names=self.reward_func_names))
         # the completions table (log_completions) shows the advantages actually used
         logged = self._logs.get("advantages") if isinstance(self._logs, dict) else None
         if logged is not None and len(logged) >= out.advantages.numel():
@@ -215,6 +227,36 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 logged.pop()
             logged.extend(out.advantages.tolist())
         return output
+
+    def _clipped(self, output) -> torch.Tensor:
+        """[B] over all processes: completions cut at max_completion_length (they do not end in a stop token)."""
+        ids, mask = output["completion_ids"], output["completion_mask"]
+        lengths = mask.sum(-1).long()
+        last = ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        stops = torch.tensor([*self.eos_token_ids, self._tokenizer.pad_token_id], device=ids.device)
+        clipped = (lengths == 0) | ~torch.isin(last, stops)
+        return self.accelerator.gather(clipped)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        train_log = not any(k.startswith("eval_") for k in logs)
+        grad = logs.get("grad_norm")
+        super().log(logs, start_time)
+        if train_log and self.accelerator.is_main_process:
+            self.signal_monitor.on_log({} if grad is None else {"grad_norm": grad})
+
+    def run_warnings(self) -> list[str]:
+        """Warnings for the end of the run (run summary and the CLI): the no-signal and stratum warnings issued,
+        and a final line when most generation batches had no learning signal."""
+        final = self.signal_monitor.summary() if self.accelerator.is_main_process else None
+        if final:
+            logger.warning("warning: %s", final)
+        return [*self._run_warnings, *self.signal_monitor.warnings, *([final] if final else [])]
+
+    def _warn_once(self, tag: str, message: str) -> None:
+        if tag not in self._warned and self.accelerator.is_main_process:
+            self._warned.add(tag)
+            self._run_warnings.append(message)
+            logger.warning("warning: %s", message)
 
     def _log_advantage_metrics(self, mode, adv, keep, correct, rewards, num_generations, stash) -> None:
         m = self._metrics[mode]
@@ -242,6 +284,13 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                                      scale=p.san_scale, scope=p.san_scope, eps=p.san_eps)
             for name, value in stats.items():
                 m[f"san/{name}"].append(value)
+            if stats["frac_singleton_strata"] > SINGLETON_WARNING:
+                self._warn_once(
+                    "singleton_strata",
+                    f"method.stratum_key: {p.stratum_key} puts {stats['frac_singleton_strata']:.0%} of strata at a "
+                    f"single rollout, whose SAN advantage is 0, so those rows keep only (1 - san_alpha) = "
+                    f"{1 - p.san_alpha:g} of the GRPO advantage; use a coarser key (the default, tool_calls, is one "
+                    "stratum per group on free text)")
             numeric = [float(k) for k in keys if isinstance(k, int | float) and not isinstance(k, bool)]
             if len(numeric) == len(keys):
                 m["san/stratum_key_mean"].append(sum(numeric) / max(len(numeric), 1))
@@ -367,15 +416,15 @@ _MULTIMODAL_KEYS = (
 # building
 
 
-def make_stratum_fn(key: str, columns: list[str]) -> Callable[..., Hashable]:
-    """``method.stratum_key`` -> ``fn(row, prompt, completion)``: ``tool_calls`` (default), ``module:function`` or a
-    dataset column."""
+def make_stratum_fn(key: str, columns: list[str], base_dirs=()) -> Callable[..., Hashable]:
+    """``method.stratum_key`` -> ``fn(row, prompt, completion)``: ``tool_calls`` (default), ``module:function``
+    (or ``file.py:function``) or a dataset column."""
     if key == "tool_calls":
         return lambda row, prompt, completion: count_tool_calls(completion)
     if ":" in key:
         from posttrain.rl.rewards import import_function
 
-        fn = import_function(key, "method.stratum_key")
+        fn = import_function(key, "method.stratum_key", base_dirs)
 
         def call(row, prompt, completion):
             extra = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
@@ -426,16 +475,60 @@ _UNSUPPORTED = {
 }
 
 
+def recipe_dirs(recipe) -> list:
+    """Where relative ``file.py:function`` paths of a recipe are looked up first: the recipe file's directory."""
+    source = getattr(recipe, "_source_dir", None)
+    return [source] if source is not None else []
+
+
+def _user_callables(p, base_dirs) -> dict[str, Any]:
+    """``method.tools`` / ``environment`` / ``rollout_func`` imported (errors name the key)."""
+    from posttrain.rl.rewards import import_function
+
+    out: dict[str, Any] = {}
+    if p.tools:
+        out["tools"] = [import_function(t, f"method.tools[{i}]", base_dirs) for i, t in enumerate(p.tools)]
+    if p.environment is not None:
+        out["environment_factory"] = import_function(p.environment, "method.environment", base_dirs)
+    if p.rollout_func is not None:
+        out["rollout_func"] = import_function(p.rollout_func, "method.rollout_func", base_dirs)
+    return out
+
+
+def check_rl_recipe(recipe) -> None:
+    """Checks that need no model, run before anything is loaded: reward functions, files and reward-model configs,
+    tools, environment, rollout function and a ``module:function`` stratum key import (this runs the user's code)."""
+    from posttrain.rl.rewards import import_function, load_rewards
+
+    p, dirs = recipe.params, recipe_dirs(recipe)
+    load_rewards(p.rewards, base_dirs=dirs, load_models=False)
+    _user_callables(p, dirs)
+    if p.advantage == "stratified" and ":" in p.stratum_key:
+        import_function(p.stratum_key, "method.stratum_key", dirs)
+
+
+def _check_conversational(train, key: str) -> None:
+    from trl.data_utils import is_conversational
+
+    if len(train) and not is_conversational({"prompt": train[0]["prompt"]}):
+        raise UserError(
+            f"{key}: tool calling needs conversational prompts (a list of messages, e.g. [{{role: user, content: "
+            "...}}]) in data.train; got plain text"
+        )
+
+
 def build_rl_trainer(ctx):
     """The ``rl`` family (method ``grpo``) on :class:`PosttrainGRPOTrainer`."""
     from trl import GRPOConfig
 
     from posttrain.adapters.trainer import make_trainer
     from posttrain.data.sources import load_source
-    from posttrain.rl.rewards import NEEDS_ANSWER, load_reward_functions
+    from posttrain.rl.rewards import NEEDS_ANSWER, load_rewards
+    from posttrain.rl.tools import prepare_tool_tokenizer
     from posttrain.train import peft_config, training_config
 
     recipe, p = ctx.recipe, ctx.recipe.params
+    dirs = recipe_dirs(recipe)
     if recipe.data.train is None:
         raise UserError("data.train: required key is missing")
     for key, where in _METHOD_OWNED.items():
@@ -458,8 +551,13 @@ def build_rl_trainer(ctx):
                 f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has {train.column_names};"
                 " rename with data.train.columns)"
             )
-    funcs, weights = load_reward_functions(p.rewards)
-    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names) if p.advantage == "stratified" else None
+    user = _user_callables(p, dirs)
+    if "tools" in user or "environment_factory" in user:
+        key = "method.tools" if "tools" in user else "method.environment"
+        _check_conversational(train, key)
+        prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key=key)
+    rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
+    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names, dirs) if p.advantage == "stratified" else None
 
     overrides: dict[str, Any] = {
         "loss_type": p.aggregation if p.aggregation != "delta_l" else "dr_grpo",
@@ -467,16 +565,19 @@ def build_rl_trainer(ctx):
         "epsilon": p.epsilon,
         "epsilon_high": p.epsilon_high,
         "scale_rewards": p.scale_rewards,
-        "reward_weights": weights,
+        "reward_weights": rewards.weights,
     }
     if evals is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     config = training_config(GRPOConfig, recipe, overrides)
+    extra: dict[str, Any] = dict(user)
+    if any(pc is not None for pc in rewards.processing_classes):
+        extra["reward_processing_classes"] = rewards.processing_classes
     return make_trainer(
         PosttrainGRPOTrainer,
         recipe,
         model=ctx.model,
-        reward_funcs=funcs,
+        reward_funcs=rewards.funcs,
         args=config,
         train_dataset=train,
         eval_dataset=evals,
@@ -486,4 +587,5 @@ def build_rl_trainer(ctx):
         params=p,
         stratum_fn=stratum_fn,
         ref_model=ctx.ref_model,
+        **extra,
     )
