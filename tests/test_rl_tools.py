@@ -69,6 +69,13 @@ def test_tool_sft_traces_render_what_the_grpo_run_renders(tool_tokenizer):
     expr = rl[sft.index(calls[0])]["prompt"][0]["content"].rstrip("=")
     assert f'"arguments": {{"expression": "{expr}"}}' in calls[0]["completion"]
     assert f"<tool_response>\n{calculator(expr)}\n</tool_response>" in calls[0]["completion"]
+    row = rl[sft.index(calls[0])]
+    conversation = [*row["prompt"], {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expr}}}]},
+        {"role": "tool", "name": "calculator", "content": calculator(expr)},
+        {"role": "assistant", "content": row["answer"]}]
+    full = tok.apply_chat_template(conversation, tools=[calculator], tokenize=False)
+    assert calls[0]["prompt"] + calls[0]["completion"] == full
 
 
 # ----------------------------------------------------------------------------------------------------------------

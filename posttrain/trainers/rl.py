@@ -235,7 +235,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         last = ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         stops = torch.tensor([*self.eos_token_ids, self._tokenizer.pad_token_id], device=ids.device)
         clipped = (lengths == 0) | ~torch.isin(last, stops)
-        return self.accelerator.gather(clipped)
+        return self.accelerator.gather(clipped.to(torch.int32)).bool()  # ints: gloo gathers no bools
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         train_log = not any(k.startswith("eval_") for k in logs)
