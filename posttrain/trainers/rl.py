@@ -14,6 +14,11 @@ buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/tes
   :func:`~posttrain.rl.clipping.kl_k3`, :func:`posttrain.rl.aggregation.aggregate_loss` and
   :func:`~posttrain.rl.clipping.gppo_sft_loss`.
 
+Each training generation batch is also summarised for :class:`posttrain.rl.diagnostics.SignalMonitor` (``log`` is
+extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No learning
+signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
+rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded.
+
 Specs: shared/methods/grpo.md, stratified_grpo.md, delta_l_normalization.md, negative_reinforcement.md, gppo.md.
 """
 
