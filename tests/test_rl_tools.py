@@ -53,73 +53,56 @@ def test_builtin_chatml_tokenizer_gets_a_tool_format_trl_accepts(tool_tokenizer)
     assert plain == {"role": "assistant", "content": "63"}
 
 
-def test_tool_sft_traces_render_what_the_grpo_run_renders(tool_tokenizer):
-    """builtin:arithmetic-tool-sft rows are the text the GRPO run's tokenizer renders for the same conversation."""
+@pytest.mark.parametrize("tool", ["calculate", "calculator"])
+def test_tool_sft_traces_render_what_the_grpo_run_renders(tool, tool_tokenizer):
+    """builtin:arithmetic-tool-sft rows are the text the GRPO run's tokenizer renders for the same conversation, with
+    the environment's calculate() tool (the recipe's) or the calculator(expression) function."""
     from posttrain.data.arithmetic import arithmetic_tool_rows
+    from posttrain.rl.tools import ArithmeticEnv
 
     tok, _ = tool_tokenizer
-    sft = arithmetic_tool_rows("sft", num_samples=40, tool_fraction=0.5)
+    fn = ArithmeticEnv().calculate if tool == "calculate" else calculator
+    sft = arithmetic_tool_rows("sft", num_samples=40, tool_fraction=0.5, tool=tool)
     rl = arithmetic_tool_rows("rl", num_samples=40)
-    calls = [r for r in sft if r["completion"].startswith("<tool_call>")]
+    calls = [i for i, r in enumerate(sft) if r["completion"].startswith("<tool_call>")]
     assert 10 < len(calls) < 30  # about half call the tool
-    for s, r in zip(sft, rl, strict=True):
-        assert s["prompt"] == tok.apply_chat_template(r["prompt"], tools=[calculator], add_generation_prompt=True,
+    for i, (s, r) in enumerate(zip(sft, rl, strict=True)):
+        expr = r["prompt"][0]["content"].rstrip("=")
+        arguments = {"expression": expr} if tool == "calculator" else {}
+        turns = [{"role": "assistant", "content": r["answer"]}]
+        if i in calls:
+            turns = [{"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": tool, "arguments": arguments}}]},
+                {"role": "tool", "name": tool, "content": calculator(expr)}, *turns]
+        assert s["prompt"] == tok.apply_chat_template(r["prompt"], tools=[fn], add_generation_prompt=True,
                                                       tokenize=False)
-        assert s["completion"].endswith(f"{r['answer']}<|im_end|>")
-    expr = rl[sft.index(calls[0])]["prompt"][0]["content"].rstrip("=")
-    assert f'"arguments": {{"expression": "{expr}"}}' in calls[0]["completion"]
-    assert f"<tool_response>\n{calculator(expr)}\n</tool_response>" in calls[0]["completion"]
-    row = rl[sft.index(calls[0])]
-    conversation = [*row["prompt"], {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expr}}}]},
-        {"role": "tool", "name": "calculator", "content": calculator(expr)},
-        {"role": "assistant", "content": row["answer"]}]
-    full = tok.apply_chat_template(conversation, tools=[calculator], tokenize=False)
-    assert calls[0]["prompt"] + calls[0]["completion"] == full
+        assert s["prompt"] + s["completion"] == tok.apply_chat_template([*r["prompt"], *turns], tools=[fn],
+                                                                        tokenize=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # rollouts
 
 _SCRIPTED = '''
-import json, os
+import json
 
-CALL = '<tool_call>\\n{{"name": "calculator", "arguments": {{"expression": "{}"}}}}\\n</tool_call>'
+CALLS = {"calculator": '<tool_call>\\n{{"name": "calculator", "arguments": {{"expression": "{}"}}}}\\n</tool_call>',
+         "calculate": '<tool_call>\\n{{"name": "calculate", "arguments": {{}}}}\\n</tool_call>'}
 
 
 def scripted(prompts, trainer):
-    """First turns written by hand (0, 1 or 2 calculator calls, by position), so that the test does not depend on
-    what a tiny model has learnt; TRL's tool loop then runs the calls and the model writes the rest."""
+    """First turns written by hand (0, 1 or 2 tool calls, by position), so that the test does not depend on what a
+    tiny model has learnt; TRL's tool loop then runs the calls and the model writes the rest."""
     tok = trainer.processing_class
+    call = CALLS["calculate" if any(t.__name__ == "calculate" for t in trainer.tools) else "calculator"]
     prompt_ids, completion_ids = [], []
     for i, prompt in enumerate(prompts):
         prompt_ids.append(tok.apply_chat_template(prompt, tools=trainer.tools, add_generation_prompt=True,
                                                   tokenize=True, return_dict=False))
         expr = prompt[-1]["content"].rstrip("=")
-        text = ["7", CALL.format(expr), CALL.format(expr) + CALL.format("1+1")][i % 3 if i % 4 else 0]
+        text = ["7", call.format(expr), call.format(expr) + call.format(expr)][i % 3 if i % 4 else 0]
         completion_ids.append(tok(text + "<|im_end|>", add_special_tokens=False)["input_ids"])
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
-
-
-class CalcEnv:
-    """A TRL environment: one instance per rollout; its public method is the tool, get_reward adds a reward."""
-
-    def reset(self, **row):
-        self.calls = 0
-
-    def calculator(self, expression: str) -> str:
-        """Evaluate an arithmetic expression.
-
-        Args:
-            expression: Numbers with + - * / and parentheses.
-        """
-        from posttrain.rl.tools import calculator
-
-        self.calls += 1
-        return calculator(expression)
-
-    def get_reward(self) -> float:
-        return float(self.calls)
 
 
 def recording(prompts, completions, answer, path, **kwargs):
@@ -130,15 +113,15 @@ def recording(prompts, completions, answer, path, **kwargs):
     values = [e + 0.01 * len(final_text(c)) for e, c in zip(exact_match(prompts, completions, answer=answer),
                                                             completions)]
     with open(path, "a") as fh:
-        fh.write(json.dumps({"completions": completions, "rewards": values}) + "\\n")
+        fh.write(json.dumps({"prompts": prompts, "completions": completions, "rewards": values}) + "\\n")
     return values
 '''
 
 
-@pytest.mark.parametrize("via", ["tools", "environment"])
+@pytest.mark.parametrize("via", ["environment", "tools"])
 def test_tool_rollouts_stratify_on_their_real_tool_call_count(via, tmp_path):
-    """recipes/grpo_tools.yaml with a scripted first turn (method.rollout_func, from a file next to the recipe):
-    TRL's loop runs the calculator calls (a tool function, or the method of a TRL environment) and appends their
+    """recipes/grpo_tools.yaml (its ArithmeticEnv environment, or the calculator as a tool function) with a scripted
+    first turn (method.rollout_func, from a file next to the recipe): TRL's loop runs the tool calls and appends their
     results; the stratum of each rollout is its number of tool calls (0, 1, 2), and the logged advantages are the
     stratified advantages recomputed from the recorded rollouts."""
     from posttrain.recipe import load_recipe
@@ -154,7 +137,7 @@ def test_tool_rollouts_stratify_on_their_real_tool_call_count(via, tmp_path):
         "training.max_steps=1", "training.per_device_train_batch_size=18", "training.num_generations=6",
         "training.max_completion_length=256", "training.temperature=1.0", "training.logging_steps=1",
         "training.save_strategy='no'", "training.disable_tqdm=true", "data.train.max_samples=8",
-        *(["method.tools=[]", "method.environment=tool_rollout.py:CalcEnv"] if via == "environment" else []),
+        *(["method.environment=null", "method.tools=[posttrain.rl.tools:calculator]"] if via == "tools" else []),
     ])
     run(recipe, quiet=True)
     logged = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
@@ -167,20 +150,28 @@ def test_tool_rollouts_stratify_on_their_real_tool_call_count(via, tmp_path):
         keys = [count_tool_calls(c) for c in completions]  # the default stratum key
         assert keys == executed and set(keys) == {0, 1, 2}
         assert row["tools/call_frequency"] == pytest.approx(sum(executed) / len(executed))
+        assert row["tools/failure_frequency"] == 0.0
         assert row["san/stratum_key_mean"] == pytest.approx(sum(keys) / len(keys))
-        for c in completions:  # a tool call's result is "722"-like text; the calls carry the prompt's expression
+        for prompt, c in zip(batch["prompts"], completions, strict=True):  # each call ran on its rollout's problem
             for m in c:
                 if m["role"] == "tool":
-                    assert m["name"] == "calculator" and m["content"].lstrip("-").isdigit()
-        rewards = torch.tensor(batch["rewards"])
-        if via == "environment":  # its get_reward: the number of calls it ran, weight 1
-            assert row["rewards/CalcEnv/mean"] == pytest.approx(sum(executed) / len(executed))
-            rewards = rewards + torch.tensor(executed, dtype=torch.float32)
-        adv = compute_advantages("stratified", rewards, 6, strata=stratum_ids(keys),
+                    assert m["name"] == ("calculate" if via == "environment" else "calculator")
+                    assert m["content"] == calculator(prompt[-1]["content"])
+        adv = compute_advantages("stratified", torch.tensor(batch["rewards"]), 6, strata=stratum_ids(keys),
                                  alpha=0.8, scale="stratum", scope="group").advantages
         for stat in ("mean", "std", "min", "max"):
             assert row[f"advantages/{stat}"] == pytest.approx(getattr(adv, stat)().item(), abs=1e-5), stat
         assert row["san/num_strata_per_group"] > 1 and adv.abs().sum() > 0  # not vacuous
+
+
+def test_arithmetic_env_computes_its_rollouts_problem():
+    from posttrain.rl.tools import ArithmeticEnv
+
+    env = ArithmeticEnv()
+    env.reset(prompt=[{"role": "user", "content": "43+20="}], answer="63")
+    assert env.calculate() == "63" and env.calls == 1
+    env.reset(prompt=[{"role": "user", "content": "70+59="}])
+    assert env.calculate() == "129" and env.calls == 1
 
 
 def test_tool_recipe_errors(tmp_path, capsys, monkeypatch):
@@ -201,7 +192,7 @@ def test_tool_recipe_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(posttrain.train, "load_models", original)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 4, err
-    assert err[0].startswith("error: method.tools: tool calling needs conversational prompts")
+    assert err[0].startswith("error: method.environment: tool calling needs conversational prompts")
     assert err[1] == ("error: method.tools[0]: module 'posttrain.rl.tools' has no attribute 'calculatr' "
                       "(did you mean 'calculator'?)")
     assert err[2].startswith("error: method.environment: file 'nowhere.py' not found")

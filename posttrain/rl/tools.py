@@ -9,7 +9,9 @@ and some small chat models), :func:`prepare_tool_tokenizer` installs :data:`CHAT
 turns with Qwen's tool-call format (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` in the assistant turn,
 ``<tool_response>...</tool_response>`` in a user turn) and TRL's parser for that format. docs/rlvr.md "Tool calling".
 
-:func:`calculator` is the example tool of the built-in ``arithmetic-tool`` task.
+:func:`calculator` (a tool function, ``method.tools``) and :class:`ArithmeticEnv` (a TRL environment,
+``method.environment``, whose ``calculate`` tool works on the problem of its rollout) are the examples of the built-in
+``arithmetic-tool-rl`` / ``-sft`` tasks (docs/rlvr.md "Tool calling").
 """
 
 from __future__ import annotations
@@ -137,3 +139,23 @@ def calculator(expression: str) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value)
+
+
+class ArithmeticEnv:
+    """A TRL environment for ``builtin:arithmetic-tool-rl`` (``method.environment: posttrain.rl.tools:ArithmeticEnv``).
+
+    TRL makes one instance per rollout and calls :meth:`reset` with the dataset row; the public method
+    :meth:`calculate` is the tool the model may call. It evaluates the rollout's problem (the last user message, e.g.
+    ``43+20=``) with :func:`calculator`, so the call takes no argument: a tiny model only has to learn to call it and
+    copy the result, not to copy the operands into JSON.
+    """
+
+    def reset(self, prompt: Any = None, **row: Any) -> None:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt or "")}]
+        self.problem = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        self.calls = 0
+
+    def calculate(self) -> str:
+        """Compute the result of the current arithmetic problem."""
+        self.calls += 1
+        return calculator(self.problem)
