@@ -23,10 +23,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _stage_model(name: str, tmp: str) -> list[str]:
+    """A recipe that starts from another recipe's output (``model: runs/sft_tools``): run that recipe first."""
+    import yaml
+
+    model = str(yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text()).get("model", ""))
+    first = model.split("/", 1)[1] if model.startswith("runs/") else None
+    if first is None or not (ROOT / "recipes" / f"{first}.yaml").is_file():
+        return []
+    out = Path(tmp) / "stage"
+    subprocess.run([sys.executable, "-m", "posttrain.cli", "train", f"recipes/{first}.yaml", "--set",
+                    f"output_dir={out}"], cwd=ROOT, capture_output=True, check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return ["--set", f"model={out}"]
+
+
 def run_recipe(name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "posttrain.cli", "train", f"recipes/{name}.yaml", "--set", f"output_dir={out}"]
+        stage = _stage_model(name, tmp)  # not timed
+        cmd = [sys.executable, "-m", "posttrain.cli", "train", f"recipes/{name}.yaml", "--set", f"output_dir={out}",
+               *stage]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         wall = time.perf_counter() - start

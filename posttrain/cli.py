@@ -39,6 +39,7 @@ def _cmd_train(args) -> int:
             lines.append(f"test accuracy before training: {100 * summary['accuracy_before']:.1f}%")
         if summary.get("accuracy_after") is not None:
             lines.append(f"test accuracy after training:  {100 * summary['accuracy_after']:.1f}%")
+        lines += [f"warning: {w}" for w in summary.get("warnings", [])]
         print("\n".join(lines))
     return 0
 

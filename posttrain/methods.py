@@ -178,21 +178,27 @@ class SimNPOParams(UnlearningParams):
 
 
 class RewardSpec(BaseModel):
-    """One reward function: a built-in ``name`` (exact_match, math_verify, format) or a user ``function``
-    (``module:function`` with TRL's reward signature), its ``weight`` and keyword ``options``."""
+    """One reward: a built-in ``name`` (exact_match, math_verify, format), a user ``function``
+    (``module:function`` or ``path/to/file.py:function`` with TRL's reward signature), or a reward ``model`` (hub id or
+    local directory of a sequence-classification model, scored by TRL on prompt + completion); its ``weight`` and, for
+    names and functions, keyword ``options``."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     name: str | None = None
     function: str | None = None
+    model: str | None = None
     weight: float = 1.0
     options: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self):
-        from posttrain.rl.rewards import BUILTIN_REWARDS
+        from posttrain.rl.rewards import BUILTIN_REWARDS, split_function_path
 
-        if (self.name is None) == (self.function is None):
-            raise ValueError("give exactly one of name (built-in reward) or function (module:function)")
+        if sum(v is not None for v in (self.name, self.function, self.model)) != 1:
+            raise ValueError(
+                "give exactly one of name (built-in reward), function (module:function or file.py:function) or "
+                "model (reward model path)"
+            )
         if self.name is not None and self.name not in BUILTIN_REWARDS:
             from posttrain.errors import did_you_mean
 
@@ -200,8 +206,10 @@ class RewardSpec(BaseModel):
                 f"unknown built-in reward '{self.name}'{did_you_mean(self.name, BUILTIN_REWARDS)}; "
                 f"built-ins: {sorted(BUILTIN_REWARDS)}"
             )
-        if self.function is not None and (self.function.count(":") != 1 or not all(self.function.split(":"))):
-            raise ValueError(f"function must be 'module:function', got '{self.function}'")
+        if self.function is not None:
+            split_function_path(self.function)  # ValueError: not module:function or file.py:function
+        if self.model is not None and self.options:
+            raise ValueError("options: not used with a reward model (model:)")
         _check_finite(self.options, "options")
         return self
 
@@ -233,7 +241,22 @@ class GRPOParams(MethodParams):
 
     rewards: list[RewardSpec] = Field(
         default_factory=lambda: [RewardSpec(name="exact_match")],
-        description="Reward functions, summed with their weights (TRL sum_then_normalize).",
+        description="Rewards (built-in name, function or reward model), summed with their weights (TRL "
+        "sum_then_normalize).",
+    )
+    # tool calling (TRL's multi-turn rollouts; docs/rlvr.md "Tool calling")
+    tools: list[str] = Field(
+        default_factory=list,
+        description="Tool functions ('module:function' or 'file.py:function', typed, with a Google-style docstring) "
+        "the model may call during rollouts (TRL GRPOTrainer tools); needs conversational prompts.",
+    )
+    environment: str | None = Field(
+        None, description="'module:Class' or 'file.py:Class': TRL environment_factory (one instance per rollout; its "
+        "public methods are tools, an optional get_reward() adds a reward).",
+    )
+    rollout_func: str | None = Field(
+        None, description="'module:function' or 'file.py:function': TRL rollout_func(prompts, trainer) -> dict that "
+        "replaces generation (experimental in TRL).",
     )
     # advantage estimator
     advantage: Literal["group", "stratified", "psr", "nsr", "w_reinforce"] = Field(
@@ -244,8 +267,9 @@ class GRPOParams(MethodParams):
     )
     stratum_key: str = Field(
         "tool_calls",
-        description="stratified: 'tool_calls' (count of <tool_call> / message tool_calls), a dataset column, or "
-        "'module:function' called as fn(prompt=, completion=, **row) -> hashable.",
+        description="stratified: 'tool_calls' (count of <tool_call> / message tool_calls; 0 for free text, so one "
+        "stratum per group = GRPO), a dataset column, or 'module:function' (or 'file.py:function') called as "
+        "fn(prompt=, completion=, **row) -> hashable.",
     )
     san_alpha: float = Field(0.8, ge=0.0, le=1.0, description="stratified: blend alpha*A_SAN + (1-alpha)*A_GRPO.")
     san_scale: Literal["stratum", "none"] = "stratum"
@@ -285,6 +309,10 @@ class GRPOParams(MethodParams):
     entropy_coef: float | None = Field(
         None, ge=0.0, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
         "(the paper's), else 0."
+    )
+    warn_no_signal_after: int = Field(
+        2, ge=0, description="Warn after this many logging steps in a row without learning signal (every advantage 0 "
+        "or grad norm 0), naming the likely cause; 0: no warning (the end-of-run line stays)."
     )
 
     @property

@@ -215,6 +215,8 @@ class Recipe(_Strict):
 
     # Filled after validation: the method's typed hyperparameters.
     _params: MethodParams | None = None
+    # The directory of the recipe file (set by load_recipe): relative `file.py:function` paths are looked up there.
+    _source_dir: Path | None = None
 
     @property
     def params(self) -> MethodParams:
@@ -423,4 +425,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data = copy.deepcopy(data)
     for assignment in overrides or []:
         apply_override(data, assignment)
-    return parse_recipe(data)
+    recipe = parse_recipe(data)
+    recipe._source_dir = path.resolve().parent
+    return recipe

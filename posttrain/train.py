@@ -51,6 +51,10 @@ DATA_KINDS = {
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
     "unlearning": {"forget": "unlearning", "retain": "unlearning"},
 }
+# family -> "module:function" run before any model is loaded or anything is written: check(recipe) -> None
+PREFLIGHT_CHECKS = {
+    "rl": "posttrain.trainers.rl:check_rl_recipe",
+}
 
 
 @dataclasses.dataclass
@@ -323,6 +327,9 @@ def preflight(recipe: Recipe, *, load_data: bool = True) -> tuple[MethodInfo, An
     check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
     reference_mode(recipe, info)
     config = build_config(recipe, info)
+    if info.family in PREFLIGHT_CHECKS:  # the family's own checks (user code imported, reward specs)
+        module, fn = PREFLIGHT_CHECKS[info.family].split(":")
+        getattr(importlib.import_module(module), fn)(recipe)
     datasets: dict[str, Any] = {}
     if load_data:
         from posttrain.data.sources import load_source
@@ -490,6 +497,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         tokenizer.save_pretrained(str(out))
     summary["train_loss"] = train_loss
     summary["steps"] = steps
+    warnings = trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
+    if warnings:
+        summary["warnings"] = warnings
 
     after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"))
     if after is not None and is_main_process():

@@ -20,6 +20,8 @@ def _cli(*args, cwd=ROOT):
 
 def _short_run_overrides(recipe: dict, out: Path) -> list[str]:
     sets = [f"output_dir={out}", "training.max_steps=2", "training.logging_steps=1", "training.save_steps=2"]
+    if str(recipe.get("model", "")).startswith("runs/"):  # a second stage (grpo_tools after sft_tools): the start model
+        sets.append("model=builtin:tiny-qwen2-arith")
     for key in ("train", "eval", "test", "forget", "retain"):
         if recipe.get("data", {}).get(key) is not None:
             sets.append(f"data.{key}.max_samples=16")
@@ -205,6 +207,7 @@ def test_two_process_grpo_run_with_accelerate(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate_cpu_2proc.yaml"), "-m", "posttrain.cli", "train",
            "recipes/grpo_stratified.yaml", "--set", "method.rewards=[{function: 'rl2p_reward:reward'}]",
+           "--set", "method.stratum_key=posttrain.rl.strata:completion_length",  # several strata per group
            "--set", "training.max_steps=2", "--set", "training.logging_steps=1", "--set", "training.save_strategy=no",
            "--set", "training.per_device_train_batch_size=6", "--set", "training.num_generations=4",
            "--set", "training.temperature=1.5", "--set", "data.train.max_samples=12", "--set", "data.test=null",

@@ -405,7 +405,7 @@ def test_reward_errors_name_the_function():
 def test_builtin_rewards():
     from posttrain.rl.rewards import exact_match, make_format_reward, math_verify
 
-    assert exact_match(["1+2="] * 3, ["3", " 3\n7", "4"], answer=["3", "3", "3"]) == [1.0, 1.0, 0.0]
+    assert exact_match(["1+2="] * 3, ["3", " 3\n", "4"], answer=["3", "3", "3"]) == [1.0, 1.0, 0.0]
     assert exact_match(["q"], [[{"role": "assistant", "content": "<answer>12</answer>"}]], answer=["12"]) == [1.0]
     fmt = make_format_reward()
     assert fmt(["q"] * 3, ["<answer>5</answer>", "5", "<answer> </answer>"]) == [1.0, 0.0, 0.0]

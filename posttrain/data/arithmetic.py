@@ -88,3 +88,59 @@ def arithmetic_rows(
 def corpus(max_operand: int = 99) -> list[str]:
     """Texts the built-in tokenizer is trained on (every problem with its answer)."""
     return [f"{a}{op}{b}={_answer(a, op, b)}" for (a, op, b) in _problems(max_operand, "+-", 0)]
+
+
+def arithmetic_tool_rows(
+    fmt: Literal["sft", "rl"] = "rl",
+    split: str = "train",
+    num_samples: int | None = None,
+    max_operand: int = 99,
+    ops: str = "+",
+    test_size: int = 200,
+    tool_fraction: float = 0.5,
+    tool: Literal["calculate", "calculator"] = "calculate",
+    seed: int = 0,
+) -> list[dict]:
+    """The arithmetic problems as a tool-calling task.
+
+    - ``rl``: ``{"prompt": [{"role": "user", "content": "43+20="}], "answer": "63"}``: conversational prompts, as
+      TRL's tool loop needs; train with ``method.environment: posttrain.rl.tools:ArithmeticEnv`` (its ``calculate()``
+      tool works on the rollout's problem) or ``method.tools: [posttrain.rl.tools:calculator]``.
+    - ``sft``: ``{"prompt", "completion"}`` text rendered with posttrain's ChatML tool template
+      (:data:`posttrain.rl.tools.CHATML_TOOL_TEMPLATE`, the format the GRPO run renders and parses): a fraction
+      ``tool_fraction`` of the rows call ``tool`` (``calculate()``, or ``calculator(expression)``) and copy its
+      result, the others answer directly, so that a model fine-tuned on them does both and its rollouts hold 0 or 1
+      tool calls.
+    """
+    if not 0.0 <= tool_fraction <= 1.0:
+        raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction}")
+    if tool not in ("calculate", "calculator"):
+        raise ValueError(f"tool must be 'calculate' or 'calculator', got {tool!r}")
+    rows = arithmetic_rows("rl", split=split, num_samples=num_samples, max_operand=max_operand, ops=ops,
+                           test_size=test_size, seed=seed)
+    if fmt == "rl":
+        return [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+    if fmt != "sft":
+        raise ValueError(f"unknown format {fmt!r}")
+    from posttrain.rl.tools import ArithmeticEnv, calculator, render_tool_chat
+
+    # the two shapes of trace, rendered once with placeholders (rendering every row costs ~10 ms)
+    expr, result, answer = "@@EXPR@@", "@@RESULT@@", "@@ANSWER@@"
+    user = {"role": "user", "content": f"{expr}="}
+    fn = calculator if tool == "calculator" else ArithmeticEnv().calculate
+    arguments = {"expression": expr} if tool == "calculator" else {}
+    call = {"type": "function", "function": {"name": tool, "arguments": arguments}}
+    with_tool = [{"role": "assistant", "content": "", "tool_calls": [call]},
+                 {"role": "tool", "name": tool, "content": result},
+                 {"role": "assistant", "content": answer}]
+    prompt = render_tool_chat([user], tools=[fn], add_generation_prompt=True)
+    shapes = [render_tool_chat([user, *turns], tools=[fn])[len(prompt):]
+              for turns in (with_tool, [{"role": "assistant", "content": answer}])]
+
+    def fill(text: str, r: dict) -> str:
+        e = r["prompt"].rstrip("=")
+        return text.replace(expr, e).replace(result, calculator(e)).replace(answer, r["answer"])
+
+    rng = random.Random(seed + 3)
+    return [{"prompt": fill(prompt, r), "completion": fill(shapes[0] if rng.random() < tool_fraction else shapes[1], r)}
+            for r in rows]

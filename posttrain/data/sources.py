@@ -47,6 +47,26 @@ register_task("arithmetic-pref", "correct vs plausible wrong answer: {prompt, ch
 )
 
 
+def _arithmetic_tool(fmt):
+    def build(split: str, **options):
+        from posttrain.data.arithmetic import arithmetic_tool_rows
+
+        return arithmetic_tool_rows(fmt, split=split, **options)
+
+    return build
+
+
+register_task(
+    "arithmetic-tool-rl",
+    "a+b= as a conversational prompt for a calculator tool (method.tools): {prompt: [messages], answer}",
+)(_arithmetic_tool("rl"))
+register_task(
+    "arithmetic-tool-sft",
+    "calculator-tool traces (a fraction tool_fraction calls the tool, the rest answer directly), rendered in "
+    "posttrain's ChatML tool format: {prompt, completion}",
+)(_arithmetic_tool("sft"))
+
+
 @register_task(
     "facts",
     "fictitious people QA, TOFU in miniature (unlearning): {prompt, completion, paraphrased_answer, "

@@ -1,4 +1,9 @@
-"""Greedy task accuracy on prompt + answer rows (the built-in verifiable tasks, or any such dataset)."""
+"""Greedy task accuracy on prompt + answer rows (the built-in verifiable tasks, or any such dataset).
+
+A completion is correct when its final answer (:func:`posttrain.rl.rewards.extract_final_answer`: last ``\\boxed{}``,
+else ``<answer>`` tag, else last number after the final ``=``) equals the answer: the rule the ``exact_match`` reward
+uses, so evaluation and training reward agree.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
 
 
 def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = 8, batch_size: int = 64) -> float:
-    """Fraction of rows whose greedy completion matches ``row["answer"]`` (see :func:`answers_match`)."""
+    """Fraction of rows whose greedy completion's final answer equals ``row["answer"]`` (:func:`answers_match`, the
+    ``exact_match`` reward's rule)."""
     prompts = list(rows["prompt"])
     answers = list(rows["answer"])
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)

@@ -1,7 +1,7 @@
 """Sampled evaluation of verifiable tasks: pass@k from n samples per prompt (RL-style prompt + answer data).
 
 For each prompt, ``n`` completions are sampled (temperature ``temperature``, no top-k/top-p truncation), each is
-checked with :func:`posttrain.rl.rewards.answers_match`, and pass@k is the unbiased estimator of Chen et al. 2021
+checked with :func:`posttrain.rl.rewards.answers_match` (its final answer, the ``exact_match`` reward's rule), and pass@k is the unbiased estimator of Chen et al. 2021
 (arXiv 2107.03374) averaged over prompts (:func:`posttrain.eval.passk.estimate_pass_at_k`).
 """
 

@@ -3,7 +3,7 @@
 A key function is called once per rollout as ``fn(prompt=..., completion=..., **row)`` (``row``: the dataset
 columns of the example) and returns a hashable key; rollouts of one prompt with equal keys form a stratum
 (Stratified GRPO, arXiv 2510.06214; spec stratified_grpo.md "Concepts"). The default key, the number of tool calls,
-is :func:`posttrain.rl.advantages.count_tool_calls`.
+is :func:`posttrain.rl.advantages.count_tool_calls`: 0 for free text, so one stratum per group (GRPO exactly).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def tool_calls(prompt: Any = None, completion: Any = None, **row: Any) -> int:
 
 
 def completion_length(prompt: Any = None, completion: Any = None, **row: Any) -> int:
-    """Length of the completion text in characters, stripped (for the arithmetic task: how many digits were
-    emitted, a structural property of the answer, like the number of search calls of an agent)."""
+    """Length of the completion text in characters, stripped. Only for very short answers (the arithmetic task: how
+    many digits were emitted): on free text nearly every rollout gets its own stratum, whose SAN advantage is 0, so the
+    advantage shrinks to (1 - san_alpha) * A_GRPO (the trainer warns; docs/rlvr.md "Stratum keys")."""
     return len(completion_text(completion).strip())

@@ -14,6 +14,11 @@ buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/tes
   :func:`~posttrain.rl.clipping.kl_k3`, :func:`posttrain.rl.aggregation.aggregate_loss` and
   :func:`~posttrain.rl.clipping.gppo_sft_loss`.
 
+Each training generation batch is also summarised for :class:`posttrain.rl.diagnostics.SignalMonitor` (``log`` is
+extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No learning
+signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
+rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded.
+
 Specs: shared/methods/grpo.md, stratified_grpo.md, delta_l_normalization.md, negative_reinforcement.md, gppo.md.
 """
 
@@ -38,6 +43,7 @@ from posttrain.rl.advantages import (
 )
 from posttrain.rl.aggregation import aggregate_loss, delta_l_weights, dr_grpo
 from posttrain.rl.clipping import gppo_sft_loss, kl_k3, kl_k3_bias_corrected, policy_loss
+from posttrain.rl.diagnostics import SignalMonitor, batch_signal
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -47,6 +53,7 @@ logger = logging.getLogger("posttrain")
 KEEP, CORRECT, DL_WEIGHTS, NUM_CORRECT = "rl_keep", "rl_correct", "rl_delta_l_weights", "rl_num_correct_tokens"
 NUM_ROWS = "rl_num_kept_rows"  # kept rows of the gathered generation batch (row-based normalisers)
 MAX_LOGGED_STRATUM_KEYS = 16  # san/reward_mean/<key> is logged while a batch has at most this many key values
+SINGLETON_WARNING = 0.5  # warn when more than this fraction of strata hold a single rollout
 
 # TRL methods this trainer overrides or calls, with the parameters it relies on (tests check they still exist).
 TRL_HOOKS: dict[str, tuple[str, ...]] = {
@@ -56,6 +63,7 @@ TRL_HOOKS: dict[str, tuple[str, ...]] = {
     "_get_per_token_logps_and_entropies": (
         "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss",
     ),
+    "log": ("logs", "start_time"),
 }
 
 
@@ -124,6 +132,11 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                                "posttrain's RL trainer needs updating")
         if ref_model is not None and peft:
             self.ref_model = self._prepare_reference(ref_model)
+        self.signal_monitor = SignalMonitor(patience=getattr(params, "warn_no_signal_after", 2),
+                                            max_completion_length=self.max_completion_length,
+                                            correct_reward=params.correct_reward)
+        self._run_warnings: list[str] = []
+        self._warned: set[str] = set()
 
     def _prepare_reference(self, ref_model):
         """What TRL's ``__init__`` does to the reference it builds, for one given with a PEFT policy."""
@@ -210,6 +223,10 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self._metrics[mode]["delta_l/length_std"].append(lengths[lengths > 0].std().nan_to_num().item())
 
         self._log_advantage_metrics(mode, out.advantages, out.keep, correct, rewards, num_generations, stash)
+        if mode == "train":
+            self.signal_monitor.add(batch_signal(
+                rewards, out.advantages, out.keep, num_generations, clipped=self._clipped(output), rewards_per_func=rpf,
+                names=self.reward_func_names))
         # the completions table (log_completions) shows the advantages actually used
         logged = self._logs.get("advantages") if isinstance(self._logs, dict) else None
         if logged is not None and len(logged) >= out.advantages.numel():
@@ -217,6 +234,36 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 logged.pop()
             logged.extend(out.advantages.tolist())
         return output
+
+    def _clipped(self, output) -> torch.Tensor:
+        """[B] over all processes: completions cut at max_completion_length (they do not end in a stop token)."""
+        ids, mask = output["completion_ids"], output["completion_mask"]
+        lengths = mask.sum(-1).long()
+        last = ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        stops = torch.tensor([*self.eos_token_ids, self._tokenizer.pad_token_id], device=ids.device)
+        clipped = (lengths == 0) | ~torch.isin(last, stops)
+        return self.accelerator.gather(clipped.to(torch.int32)).bool()  # ints: gloo gathers no bools
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        train_log = not any(k.startswith("eval_") for k in logs)
+        grad = logs.get("grad_norm")
+        super().log(logs, start_time)
+        if train_log and self.accelerator.is_main_process:
+            self.signal_monitor.on_log({} if grad is None else {"grad_norm": grad})
+
+    def run_warnings(self) -> list[str]:
+        """Warnings for the end of the run (run summary and the CLI): the no-signal and stratum warnings issued,
+        and a final line when most generation batches had no learning signal."""
+        final = self.signal_monitor.summary() if self.accelerator.is_main_process else None
+        if final:
+            logger.warning("warning: %s", final)
+        return [*self._run_warnings, *self.signal_monitor.warnings, *([final] if final else [])]
+
+    def _warn_once(self, tag: str, message: str) -> None:
+        if tag not in self._warned and self.accelerator.is_main_process:
+            self._warned.add(tag)
+            self._run_warnings.append(message)
+            logger.warning("warning: %s", message)
 
     def _log_advantage_metrics(self, mode, adv, keep, correct, rewards, num_generations, stash) -> None:
         m = self._metrics[mode]
@@ -244,6 +291,13 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                                      scale=p.san_scale, scope=p.san_scope, eps=p.san_eps)
             for name, value in stats.items():
                 m[f"san/{name}"].append(value)
+            if stats["frac_singleton_strata"] > SINGLETON_WARNING:
+                self._warn_once(
+                    "singleton_strata",
+                    f"method.stratum_key: {p.stratum_key} puts {stats['frac_singleton_strata']:.0%} of strata at a "
+                    f"single rollout, whose SAN advantage is 0, so those rows keep only (1 - san_alpha) = "
+                    f"{1 - p.san_alpha:g} of the GRPO advantage; use a coarser key (the default, tool_calls, is one "
+                    "stratum per group on free text)")
             numeric = [float(k) for k in keys if isinstance(k, int | float) and not isinstance(k, bool)]
             if len(numeric) == len(keys):
                 m["san/stratum_key_mean"].append(sum(numeric) / max(len(numeric), 1))
@@ -381,15 +435,15 @@ _MULTIMODAL_KEYS = (
 # building
 
 
-def make_stratum_fn(key: str, columns: list[str]) -> Callable[..., Hashable]:
-    """``method.stratum_key`` -> ``fn(row, prompt, completion)``: ``tool_calls`` (default), ``module:function`` or a
-    dataset column."""
+def make_stratum_fn(key: str, columns: list[str], base_dirs=()) -> Callable[..., Hashable]:
+    """``method.stratum_key`` -> ``fn(row, prompt, completion)``: ``tool_calls`` (default), ``module:function``
+    (or ``file.py:function``) or a dataset column."""
     if key == "tool_calls":
         return lambda row, prompt, completion: count_tool_calls(completion)
     if ":" in key:
         from posttrain.rl.rewards import import_function
 
-        fn = import_function(key, "method.stratum_key")
+        fn = import_function(key, "method.stratum_key", base_dirs)
 
         def call(row, prompt, completion):
             extra = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
@@ -441,6 +495,48 @@ _UNSUPPORTED = {
 }
 
 
+def recipe_dirs(recipe) -> list:
+    """Where relative ``file.py:function`` paths of a recipe are looked up first: the recipe file's directory."""
+    source = getattr(recipe, "_source_dir", None)
+    return [source] if source is not None else []
+
+
+def _user_callables(p, base_dirs) -> dict[str, Any]:
+    """``method.tools`` / ``environment`` / ``rollout_func`` imported (errors name the key)."""
+    from posttrain.rl.rewards import import_function
+
+    out: dict[str, Any] = {}
+    if p.tools:
+        out["tools"] = [import_function(t, f"method.tools[{i}]", base_dirs) for i, t in enumerate(p.tools)]
+    if p.environment is not None:
+        out["environment_factory"] = import_function(p.environment, "method.environment", base_dirs)
+    if p.rollout_func is not None:
+        out["rollout_func"] = import_function(p.rollout_func, "method.rollout_func", base_dirs)
+    return out
+
+
+def check_rl_recipe(recipe) -> None:
+    """Checks that need no model, run before anything is loaded: reward functions, files and reward-model configs,
+    tools, environment, rollout function and a ``module:function`` stratum key import (this runs the user's code)."""
+    from posttrain.rl.rewards import import_function, load_rewards
+
+    p, dirs = recipe.params, recipe_dirs(recipe)
+    load_rewards(p.rewards, base_dirs=dirs, load_models=False)
+    _user_callables(p, dirs)
+    if p.advantage == "stratified" and ":" in p.stratum_key:
+        import_function(p.stratum_key, "method.stratum_key", dirs)
+
+
+def _check_conversational(train, key: str) -> None:
+    from trl.data_utils import is_conversational
+
+    if len(train) and not is_conversational({"prompt": train[0]["prompt"]}):
+        raise UserError(
+            f"{key}: tool calling needs conversational prompts (a list of messages, e.g. [{{role: user, content: "
+            "...}}]) in data.train; got plain text"
+        )
+
+
 def rl_config(recipe, info):
     """The ``GRPOConfig`` of an RL recipe, with the method-owned fields set from ``method:`` (before models load)."""
     from trl import GRPOConfig
@@ -479,10 +575,12 @@ def rl_config(recipe, info):
 def build_rl_trainer(ctx):
     """The ``rl`` family (method ``grpo``) on :class:`PosttrainGRPOTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.rl.rewards import NEEDS_ANSWER, load_reward_functions
+    from posttrain.rl.rewards import NEEDS_ANSWER, load_rewards
+    from posttrain.rl.tools import prepare_tool_tokenizer
     from posttrain.train import peft_config
 
     recipe, p = ctx.recipe, ctx.recipe.params
+    dirs = recipe_dirs(recipe)
     config = ctx.config if ctx.config is not None else rl_config(recipe, ctx.info)
     train = ctx.dataset("data.train", "rl")
     evals = ctx.dataset("data.eval", "rl") if recipe.data.eval is not None else None
@@ -492,13 +590,21 @@ def build_rl_trainer(ctx):
                 f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has {train.column_names};"
                 " rename with data.train.columns)"
             )
-    funcs, _ = load_reward_functions(p.rewards)
-    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names) if p.advantage == "stratified" else None
+    user = _user_callables(p, dirs)
+    if "tools" in user or "environment_factory" in user:
+        key = "method.tools" if "tools" in user else "method.environment"
+        _check_conversational(train, key)
+        prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key=key)
+    rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
+    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names, dirs) if p.advantage == "stratified" else None
+    extra: dict[str, Any] = dict(user)
+    if any(pc is not None for pc in rewards.processing_classes):
+        extra["reward_processing_classes"] = rewards.processing_classes
     return make_trainer(
         PosttrainGRPOTrainer,
         recipe,
         model=ctx.model,
-        reward_funcs=funcs,
+        reward_funcs=rewards.funcs,
         args=config,
         train_dataset=train,
         eval_dataset=evals,
@@ -508,4 +614,5 @@ def build_rl_trainer(ctx):
         params=p,
         stratum_fn=stratum_fn,
         ref_model=ctx.ref_model,
+        **extra,
     )
