@@ -188,8 +188,8 @@ def test_reward_file_found_from_the_working_directory(tmp_path, monkeypatch):
     ("[{model: does/not/exist}]", r"error: method.rewards\[0\].model: local model directory 'does/not/exist' not found"),
     ("[{model: 'CAUSAL'}]", r"error: method.rewards\[0\].model: '.*' is not a sequence-classification reward model "
                             r"\(architectures: \['Qwen2ForCausalLM'\]\); its score head would be random"),
-    ("[{model: 'x', options: {a: 1}}]", r"error: method.rewards.0: .*options: not used with a reward model"),
-    ("[{name: format, model: 'x'}]", r"error: method.rewards.0: .*give exactly one of name"),
+    ("[{model: 'x', options: {a: 1}}]", r"error: method\.rewards\[0\]: .*options: not used with a reward model"),
+    ("[{name: format, model: 'x'}]", r"error: method\.rewards\[0\]: .*give exactly one of name"),
 ])
 def test_bad_reward_specs_fail_with_one_line_before_any_model_loads(rewards, message, tmp_path, capsys, monkeypatch,
                                                                     tiny_model_dir):

@@ -161,6 +161,15 @@ def builtin_tokenizer_dir() -> Path:
     return atomic_build(cache_dir() / f"tokenizer-{digest}", write_tokenizer_files)
 
 
+MATERIALISE_VERSION = "2"  # bump when materialise() writes folders differently (a new cache folder then)
+_CAUSAL_LM = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def type_name_for(model_type: str) -> str:
+    """The causal-LM class name a model folder's ``config.architectures`` names (TRL and HF pipelines read it)."""
+    return _CAUSAL_LM[model_type]
+
+
 def materialise(name: str, out_dir: Path, assets: Path = ASSETS) -> None:
     """Write ``name`` as a float32 Hugging Face model folder (config, weights, tokenizer) to ``out_dir``."""
     import torch
@@ -171,6 +180,7 @@ def materialise(name: str, out_dir: Path, assets: Path = ASSETS) -> None:
     tensors = {k: v.to(torch.float32).contiguous() for k, v in load_file(str(src)).items()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = {**entry["config"], "dtype": "float32"}
+    config["architectures"] = config.get("architectures") or [type_name_for(config["model_type"])]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(entry["generation_config"], indent=2) + "\n")
     write_tokenizer_files(out_dir, assets)
@@ -180,7 +190,9 @@ def builtin_model_dir(name: str) -> Path:
     """The local directory of built-in model ``name`` (materialised from the shipped, hash-checked weights)."""
     if name not in BUILTIN_MODELS:
         raise UserError(f"model.path: unknown built-in model 'builtin:{name}'{did_you_mean(name, BUILTIN_MODELS)}")
-    digest = manifest()["models"][name]["sha256"][:12]
+    entry = manifest()["models"][name]
+    key = entry["sha256"] + json.dumps(entry["config"], sort_keys=True) + MATERIALISE_VERSION
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return atomic_build(cache_dir() / f"{name}-{digest}", lambda d: materialise(name, d))
 
 

@@ -37,6 +37,7 @@ from posttrain.builtin import (
     manifest,
     materialise,
     sha256_file,
+    type_name_for,
 )
 
 
@@ -148,6 +149,7 @@ def _write_model(out: Path, spec: BuiltinModel, state: dict, config, generation_
               metadata={"format": "pt"})
     config = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "dtype", "torch_dtype")}
     config["use_cache"] = True
+    config["architectures"] = [type_name_for(config["model_type"])]  # from_config leaves it unset; TRL/HF read it
     gen = {k: v for k, v in generation_config.to_diff_dict().items() if k not in ("transformers_version", "_from_model_config")}
     entries[spec.name] = {"file": path.name, "sha256": sha256_file(path), "config": config, "generation_config": gen}
 
