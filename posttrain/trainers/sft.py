@@ -62,6 +62,9 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
             self.anchor_model = self.accelerator.prepare_model(anchor_model, evaluation_mode=True)
         if method == "poft":
             self.data_collator = _ExtraColumnsCollator(self.data_collator, [POFT_SCORE_COLUMN])
+            # PoFT's loss is a mean over the micro-batch's sequences (not a token sum over num_items_in_batch): HF must
+            # divide it by the accumulation steps, or gradient accumulation multiplies loss and gradient by them.
+            self.loss_is_scaled_for_ga = False
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
