@@ -435,6 +435,8 @@ def test_user_reward_with_wrong_length_fails_with_one_line_naming_it(tmp_path, c
     ({"method.delta_l_alpha": 0.5}, "method.delta_l_alpha: only used with aggregation: delta_l"),
     ({"method.gppo_beta1": 0.5}, "method.gppo_beta1: only used with clipping: gppo"),
     ({"method.advantage": "nsr", "method.scale_rewards": "none"}, "method.scale_rewards: advantage nsr uses no"),
+    ({"method.advantage": "stratified", "method.scale_rewards": "none"},
+     "method.scale_rewards: not used with advantage: stratified"),
     ({"method.aggregation": "token_sum"}, "method.aggregation"),
     ({"method.use_bias_correction_kl": True}, "method.use_bias_correction_kl: only used with the KL term"),
 ])
