@@ -333,8 +333,9 @@ class GRPOParams(MethodParams):
 
         if self.advantage != "stratified":
             refuse(_SAN_KEYS, f"only used with advantage: stratified (advantage is {self.advantage})")
-        if self.advantage == "stratified" and self.scale_rewards != "group":  # the default is harmless
-            refuse(("scale_rewards",), "not used with advantage: stratified (it scales with method.san_scale)")
+        if self.advantage == "stratified":
+            if self.scale_rewards != "group":  # the default is harmless
+                refuse(("scale_rewards",), "not used with advantage: stratified (it scales with method.san_scale)")
         elif self.advantage != "group":
             refuse(("scale_rewards",), f"advantage {self.advantage} uses no group baseline or std scaling")
         if self.advantage != "w_reinforce":
