@@ -281,3 +281,37 @@ def test_trainer_short_run_restores_and_learns(tmp_path):
     assert min(h["loss"] for h in logs[-3:]) < logs[0]["loss"]
     assert logs[-1]["ggpo/noise_std_mean"] > 0 and logs[-1]["ggpo/g_row_norm_mean"] > 0
     assert 0 <= logs[-1]["ggpo/grad_term_frac"] < 1
+
+
+def test_grpo_rollouts_see_clean_weights(tmp_path, monkeypatch):
+    """GRPO makes its rollouts (and old log-probs) in ``_prepare_inputs``: the noise must go on only after that, for
+    the loss forward and backward, and be on for every micro-batch's loss."""
+    from pathlib import Path
+
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run
+    from posttrain.trainers.rl import PosttrainGRPOTrainer
+
+    seen: dict[str, list[bool]] = {"generate": [], "loss": []}
+    generate, compute_loss = PosttrainGRPOTrainer._generate_and_score_completions, PosttrainGRPOTrainer.compute_loss
+
+    def spy_generate(self, *args, **kwargs):
+        seen["generate"].append(self.ggpo.active)
+        return generate(self, *args, **kwargs)
+
+    def spy_loss(self, *args, **kwargs):
+        seen["loss"].append(self.ggpo.active)
+        return compute_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(PosttrainGRPOTrainer, "_generate_and_score_completions", spy_generate)
+    monkeypatch.setattr(PosttrainGRPOTrainer, "compute_loss", spy_loss)
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes" / "grpo.yaml", [
+        f"output_dir={tmp_path}", "training.max_steps=2", "training.per_device_train_batch_size=8",
+        "training.num_generations=4", "training.gradient_accumulation_steps=2", "training.save_strategy='no'",
+        "data.test=null", "report=false",
+        "peft={type: ggpo, r: 4, lora_alpha: 8, target_modules: all-linear, ggpo: {sigma: 0.05}}",
+    ])
+    run(recipe, quiet=True)
+    assert seen["generate"] and not any(seen["generate"]), seen
+    assert len(seen["loss"]) == 4 and all(seen["loss"]), seen

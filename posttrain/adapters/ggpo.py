@@ -320,8 +320,9 @@ class GGPOPerturbation:
 class GGPOTrainerMixin:
     """Mixin for ``transformers.Trainer`` / TRL trainers (put it first in the bases).
 
-    ``training_step`` applies the noise before the first micro-batch of each optimizer step and removes it after
-    the last one (``accelerator.sync_gradients``), i.e. after backward and before clipping / optimizer.step().
+    The noise goes on in the first micro-batch of each optimizer step once its inputs are prepared (so GRPO's
+    rollouts and old/reference log-probs, made in ``_prepare_inputs``, see the clean weights) and comes off after
+    the last micro-batch's backward (``accelerator.sync_gradients``), before clipping / optimizer.step().
     Evaluation, generation and checkpoint saves therefore see the clean weights. Adds ``ggpo/*`` to the logs and
     writes ``ggpo_state.pt`` into checkpoints.
     """
@@ -336,19 +337,30 @@ class GGPOTrainerMixin:
         )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.ggpo.active:
-            self.ggpo.total_steps = self.ggpo.total_steps or getattr(self.state, "max_steps", None) or None
-            self.ggpo.apply(model, step=self.state.global_step)
+        self._ggpo_model = model  # _prepare_inputs perturbs it
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
-            self.ggpo.remove(model, update_norms=False)
+            if self.ggpo.active:
+                self.ggpo.remove(model, update_norms=False)
             raise
-        if self.accelerator.sync_gradients:
+        finally:
+            self._ggpo_model = None
+        if self.accelerator.sync_gradients and self.ggpo.active:
             scaler = getattr(self.accelerator, "scaler", None)
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
             self.ggpo.remove(model, grad_scale=scale)
         return loss
+
+    def _prepare_inputs(self, inputs):
+        # The noise goes on after the inputs are ready, right before the loss forward: GRPO's _prepare_inputs
+        # generates the rollouts and computes old/reference log-probs, which must see the clean weights.
+        inputs = super()._prepare_inputs(inputs)
+        model = getattr(self, "_ggpo_model", None)
+        if model is not None and not self.ggpo.active:
+            self.ggpo.total_steps = self.ggpo.total_steps or getattr(self.state, "max_steps", None) or None
+            self.ggpo.apply(model, step=self.state.global_step)
+        return inputs
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:

@@ -15,7 +15,7 @@ which, according to ``recipe.peft.type``:
   (task loss + coef * balance loss); every save (checkpoints and final) is a GOAT adapter (``goat_config.json``,
   ``init_lora_weights: false``), loadable with :func:`~posttrain.adapters.goat.load_goat` or :func:`load_adapter_run`.
 * ``ggpo``: a subclass with :class:`~posttrain.adapters.ggpo.GGPOTrainerMixin` (noise applied before the first
-  micro-batch of each optimizer step, removed after the last backward); ``--resume`` restores its gradient norms.
+  micro-batch's loss forward of each optimizer step, after GRPO's rollouts; removed after the last backward); ``--resume`` restores its gradient norms.
 
 Trainers that use the adapter-disabled policy as their reference (DPO-style or GRPO ``beta > 0`` without ``ref_model``
 or precomputed reference log-probs; Anchored SFT without an anchor model) are refused for ``plora`` (the disabled
