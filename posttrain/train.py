@@ -470,6 +470,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         ctx.callbacks.append(periodic)
     ctx.callbacks.extend(callbacks or [])
     trainer = build(ctx)
+    if quiet:  # with disable_tqdm, HF prints every log dict to stdout; quiet means warnings only
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     if periodic is not None:
         periodic.attach(trainer, tokenizer)
     card = CardContext(recipe, info, command)

@@ -236,3 +236,18 @@ def test_two_process_grpo_run_with_accelerate(tmp_path):
         # mean over the 2 processes only if each one took its own rows
         assert row["policy_loss"] == pytest.approx(-(adv * lengths).sum().item() / lengths.sum().item(), abs=1e-5)
     assert adv.abs().sum() > 0  # the check is not vacuous
+
+
+def test_quiet_run_prints_no_log_dicts(tmp_path, capfd):
+    """``run(quiet=True)`` with ``disable_tqdm``: HF's PrinterCallback would print every log dict to stdout."""
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run
+
+    recipe = load_recipe(ROOT / "recipes" / "dft.yaml", [
+        f"output_dir={tmp_path}", "training.max_steps=2", "training.logging_steps=1", "training.disable_tqdm=true",
+        "training.save_strategy='no'", "data.test=null", "data.eval=null", "report=false",
+    ])
+    run(recipe, quiet=True)
+    out = capfd.readouterr().out
+    assert "'loss'" not in out and "'train_runtime'" not in out, out[-500:]
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2  # the metrics still reach the file
