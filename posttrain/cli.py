@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain import launch
 
 EPILOG = "Recipes: see recipes/*.yaml. Docs: README.md."
 
@@ -27,6 +28,15 @@ def _cmd_train(args) -> int:
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")  # validated like the recipe key
     recipe = load_recipe(args.recipe, overrides)
+    if args.num_processes > 1 and not launch.already_distributed():
+        from posttrain.train import prepare_output_dir, preflight
+
+        # bad input: one error line here, before any process starts (the TRL config is checked by the launched
+        # processes: its batch checks depend on their number)
+        preflight(recipe, build_trainer_config=False)
+        if not (args.resume or args.overwrite):
+            prepare_output_dir(Path(recipe.output_dir).expanduser(), resume=False, overwrite=False)
+        return launch.run_launch(args.num_processes, args.distributed, args.argv[args.argv.index("train") + 1:])
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
         print(f"already finished: {summary['output_dir']} holds a complete run ({summary.get('steps')} steps); "
@@ -184,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in output_dir (without "
                    "it, a folder holding another run is refused)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="train on N processes: starts `accelerate launch` itself (default 1: this process)")
+    p.add_argument("--distributed", default="ddp", choices=list(launch.BACKENDS),
+                   help="with --num-processes: ddp (default), zero2 / zero3 / zero3_offload (DeepSpeed extra), fsdp2 "
+                   "(docs/distributed.md)")
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("report", help="HTML page of a run's curves (several runs: overlaid)",

@@ -319,14 +319,17 @@ def build_config(recipe: Recipe, info: MethodInfo):
     return getattr(importlib.import_module(module), fn)(recipe, info)
 
 
-def preflight(recipe: Recipe, *, load_data: bool = True) -> tuple[MethodInfo, Any, dict[str, Any]]:
-    """Every check that needs no model: returns ``(info, config, datasets)``. Raises :class:`UserError`."""
+def preflight(recipe: Recipe, *, load_data: bool = True,
+              build_trainer_config: bool = True) -> tuple[MethodInfo, Any, dict[str, Any]]:
+    """Every check that needs no model: returns ``(info, config, datasets)``. Raises :class:`UserError`.
+    ``build_trainer_config=False`` (config None) skips the TRL config, whose checks depend on the process count
+    (``posttrain train --num-processes`` checks in one process before launching N)."""
     from posttrain.training_args import check_training_context
 
     info = get_method(recipe.method.name)
     check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
     reference_mode(recipe, info)
-    config = build_config(recipe, info)
+    config = build_config(recipe, info) if build_trainer_config else None
     if info.family in PREFLIGHT_CHECKS:  # the family's own checks (user code imported, reward specs)
         module, fn = PREFLIGHT_CHECKS[info.family].split(":")
         getattr(importlib.import_module(module), fn)(recipe)

@@ -196,7 +196,7 @@ def reward(prompts, completions, completion_ids, trainer_state, **kwargs):
 
 
 def test_two_process_grpo_run_with_accelerate(tmp_path):
-    """GRPO with stratified advantages in a real 2-process (gloo, CPU) run: each process scores its own 6 rollouts,
+    """GRPO with stratified advantages in a real 2-process (gloo, CPU) run started with ``--num-processes 2``: each process scores its own 6 rollouts,
     a group of 4 straddles the processes, and the logged advantages and policy loss are those of the advantages
     recomputed over the gathered batch, each process taking its own rows (checked from what each process scored)."""
     from posttrain.rl.advantages import compute_advantages, stratum_ids
@@ -204,8 +204,8 @@ def test_two_process_grpo_run_with_accelerate(tmp_path):
 
     (tmp_path / "rl2p_reward.py").write_text(_RECORDING_REWARD)
     out, record = tmp_path / "ddp", tmp_path / "record"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate_cpu_2proc.yaml"), "-m", "posttrain.cli", "train",
+    # started by posttrain itself (--num-processes: it runs accelerate launch; the dft test above uses accelerate's)
+    cmd = [sys.executable, "-m", "posttrain.cli", "train", "--num-processes", "2",
            "recipes/grpo_stratified.yaml", "--set", "method.rewards=[{function: 'rl2p_reward:reward'}]",
            "--set", "method.stratum_key=posttrain.rl.strata:completion_length",  # several strata per group
            "--set", "training.max_steps=2", "--set", "training.logging_steps=1", "--set", "training.save_strategy=no",
@@ -251,3 +251,37 @@ def test_quiet_run_prints_no_log_dicts(tmp_path, capfd):
     out = capfd.readouterr().out
     assert "'loss'" not in out and "'train_runtime'" not in out, out[-500:]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2  # the metrics still reach the file
+
+
+def test_num_processes_checks_the_recipe_before_launching(tmp_path, capsys):
+    """``--num-processes`` checks the recipe in the calling process: one error line, exit 2, nothing started."""
+    from posttrain.cli import main
+    from posttrain.launch import launch_command, train_argv_without_launch_flags
+
+    rc = main(["train", "recipes/dft.yaml", "--num-processes", "2", "--set", "training.max_stepz=3",
+               "--set", f"output_dir={tmp_path / 'run'}"])
+    assert rc == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("error: training.max_stepz")
+    assert not (tmp_path / "run").exists()
+    argv = train_argv_without_launch_flags(["r.yaml", "--num-processes", "4", "--distributed=zero2", "--resume"])
+    assert argv == ["r.yaml", "--resume"]
+    cmd = launch_command(4, "ddp", argv, port=1234)
+    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4", "--num_machines",
+                       "1", "--mixed_precision", "no", "--main_process_port", "1234", "-m", "posttrain.cli", "train",
+                       "r.yaml", "--resume"]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3", "zero3_offload", "fsdp2"])
+def test_launch_flags_are_accelerate_arguments(backend):
+    """Each ``--distributed`` backend's flags parse as ``accelerate launch`` arguments, and every shipped accelerate
+    config in configs/ loads (GPU-only backends cannot run on the CPU CI; their flags and files are checked here)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    from posttrain.launch import BACKENDS
+
+    cmd = [*BACKENDS[backend], "--num_processes", "2", "-m", "posttrain.cli", "train", "r.yaml"]
+    args = launch_command_parser().parse_args(cmd)
+    assert args.num_processes == 2 and args.training_script == "posttrain.cli" and args.module
+    assert args.use_deepspeed == backend.startswith("zero") and args.use_fsdp == (backend == "fsdp2")
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        ClusterConfig.from_yaml_file(str(path))
