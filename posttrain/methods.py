@@ -59,7 +59,7 @@ class PoFTParams(SFTParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Preference family (shared/methods/dpo.md, wpo.md, sparsepo.md, asft_aligned.md)
+# Preference family (docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -124,7 +124,7 @@ class ASFTAlignedParams(MethodParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Unlearning family (shared/methods/npo.md): L = gamma * L_forget + alpha * L_retain
+# Unlearning family (docs/methods/ga.md, docs/methods/grad_diff.md, docs/methods/npo.md, docs/methods/simnpo.md): L = gamma * L_forget + alpha * L_retain
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -173,7 +173,7 @@ class SimNPOParams(UnlearningParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# RL family (shared/methods/grpo.md, stratified_grpo.md, delta_l_normalization.md, negative_reinforcement.md, gppo.md)
+# RL family (docs/methods/grpo.md, docs/methods/grpo_advantages.md, docs/methods/grpo_aggregation.md, docs/methods/grpo_clipping.md)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -346,7 +346,7 @@ class GRPOParams(MethodParams):
         if not self.rewards:
             raise UserError("method.rewards: give at least one reward function")
         if self.epsilon_high is None and self.clipping == "gppo":
-            self.epsilon_high = 0.28  # Klear-Reasoner's eps_h (gppo.md "Hyperparameters")
+            self.epsilon_high = 0.28  # Klear-Reasoner's eps_h (docs/methods/grpo_clipping.md#hyperparameters)
         if self.sft_coef is None:
             self.sft_coef = 0.1 if self.clipping == "gppo" else 0.0
         if self.entropy_coef is None:

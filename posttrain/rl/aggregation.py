@@ -4,9 +4,9 @@
 tool masking, truncation masking and PSR/NSR row dropping). Every function returns the micro-batch loss *before*
 gradient-accumulation scaling, except where stated: TRL divides ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``delta_l`` by
 the number of accumulation steps, but not ``dapo`` (whose normaliser already spans the accumulated batch).
-Spec: grpo.md "Loss" (aggregation table); delta_l_normalization.md "Algorithm".
+docs/methods/grpo_aggregation.md#aggregations, docs/methods/grpo_aggregation.md#delta-l-normalisation
 
-Dropped rows (PSR / NSR / W-REINFORCE, negative_reinforcement.md "Algorithm" 1: "removed from the update batch
+Dropped rows (PSR / NSR / W-REINFORCE, docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce: "removed from the update batch
 entirely") have an all-zero mask, so they add nothing to a token count; the row-based normalisers of ``grpo``,
 ``dr_grpo`` and ``delta_l`` must not count them either. Pass ``num_rows``, the number of kept rows of the optimizer
 step's global accumulated batch (like ``dapo``'s ``num_items_in_batch``), and ``num_processes``: the row count is
@@ -54,7 +54,7 @@ def grpo(
     num_rows: torch.Tensor | float | None = None,
     num_processes: int = 1,
 ) -> torch.Tensor:
-    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; grpo.md "Loss").
+    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; docs/methods/grpo_aggregation.md#aggregations).
 
     DeepSeekMath GRPO, arXiv 2402.03300. ``B`` is ``B_mb``, the micro-batch's rows (TRL), or with ``num_rows`` the
     kept rows of the accumulated batch per process (module docstring). Rows with no mask tokens contribute 0.
@@ -67,7 +67,7 @@ def grpo(
 
 
 def bnpo(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``; grpo.md "Loss")."""
+    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``; docs/methods/grpo_aggregation.md#aggregations)."""
     mask = mask.to(per_token_loss.dtype)
     return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -79,7 +79,7 @@ def dr_grpo(
     num_rows: torch.Tensor | float | None = None,
     num_processes: int = 1,
 ) -> torch.Tensor:
-    """``sum(mask*l) / (B * max_completion_length)`` (TRL ``loss_type="dr_grpo"``; grpo.md "Loss").
+    """``sum(mask*l) / (B * max_completion_length)`` (TRL ``loss_type="dr_grpo"``; docs/methods/grpo_aggregation.md#aggregations).
 
     Dr. GRPO, "Understanding R1-Zero-Like Training", arXiv 2503.20783. ``B`` is ``B_mb`` (every row of the
     micro-batch, masked or not; TRL), or with ``num_rows`` the kept rows per process (module docstring).
@@ -97,7 +97,7 @@ def dapo(
 ) -> torch.Tensor:
     """Token mean over the global batch: ``sum(mask*l) / (N_glob / num_processes)`` (TRL ``loss_type="dapo"``).
 
-    DAPO, arXiv 2503.14476 (token-level policy gradient loss); grpo.md "Loss".
+    DAPO, arXiv 2503.14476 (token-level policy gradient loss); docs/methods/grpo_aggregation.md#the-dapo-normaliser.
     ``num_items_in_batch`` is ``N_glob``, the mask-token count of the optimizer step's global accumulated batch (all
     processes, all micro-batches); when None, the local ``mask.sum()`` is used (one process, one micro-batch).
     With DDP gradient averaging over ``num_processes`` the gradient is ``sum over all tokens of grad(l) / N_glob``.
@@ -121,7 +121,7 @@ def delta_l_weights(
     """ΔL row weights ``w_i = u_i / mean_{j in S} u_j`` with ``u_i = (L_i / mean L)^-alpha`` (detached ``[B]``).
 
     ΔL Normalization, He et al., arXiv 2509.07558 (x_i = (1/M) L_i^-alpha / sum_j L_j^-alpha);
-    spec delta_l_normalization.md "Algorithm" 1. ``mask_or_lengths`` is a ``[B, T]`` mask or ``[B]`` lengths ``L_i``.
+    docs/methods/grpo_aggregation.md#delta-l-normalisation. ``mask_or_lengths`` is a ``[B, T]`` mask or ``[B]`` lengths ``L_i``.
     ``scope="batch"`` normalises over all rows; ``"group"`` within each contiguous block of ``num_generations``.
     Rows with ``L_i = 0`` get weight 0 and are left out of the means (no NaN/inf). ``mean_S w = 1`` over the valid
     rows of each scope. Compute once per generation batch and reuse across ``num_iterations``.
@@ -163,14 +163,14 @@ def delta_l(
 ) -> torch.Tensor:
     """ΔL aggregation: ``sum_i w_i sum_t mask*l / (B * max_completion_length)`` (``B`` as in :func:`dr_grpo`).
 
-    ΔL Normalization, arXiv 2509.07558; spec delta_l_normalization.md "Algorithm" 2-4. Over a full batch this is
+    ΔL Normalization, arXiv 2509.07558; docs/methods/grpo_aggregation.md#delta-l-normalisation. Over a full batch this is
     ``sum_i x_i sum_t(...)`` with ``x_i = (1/T_max) L_i^-alpha / sum_j L_j^-alpha``. ``alpha=0`` is exactly
     :func:`dr_grpo`; ``alpha=1`` is :func:`grpo` times ``B / (T_max * sum_j 1/L_j)``.
 
     ``weights``: precomputed :func:`delta_l_weights` for these rows (compute them once on the whole generation batch
     and slice per micro-batch); if None they are computed from ``mask`` (correct when the micro-batch is the whole
     scope). Multiplying the per-row surrogate by ``w_i > 0`` equals scaling the advantage (clip masks unchanged).
-    With a KL term the spec keeps KL unweighted: in that case scale the advantages by the weights instead and
+    With a KL term the KL term stays unweighted (docs/methods/grpo_aggregation.md#kl-term-under-delta-l): in that case scale the advantages by the weights instead and
     aggregate with :func:`dr_grpo`.
     """
     if weights is None:

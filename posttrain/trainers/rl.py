@@ -19,7 +19,7 @@ extended to close its logging windows), which warns when the learning signal van
 signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
 rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded.
 
-Specs: shared/methods/grpo.md, stratified_grpo.md, delta_l_normalization.md, negative_reinforcement.md, gppo.md.
+Method pages: docs/methods/grpo.md, grpo_advantages.md, grpo_aggregation.md, grpo_clipping.md.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         m["advantages/frac_zero"].append((adv == 0).float().mean().item())
         m["rl/kept_rows_frac"].append(keep.float().mean().item())
         m["rl/correct_frac"].append(correct.float().mean().item())
-        # counts per generation batch (all processes), negative_reinforcement.md "Metrics"
+        # counts per generation batch (all processes), docs/methods/grpo_advantages.md#metrics
         scored = ~torch.isnan(rewards)
         m["rl/correct_count"].append(float(correct.sum().item()))
         m["rl/incorrect_count"].append(float((scored & ~correct).sum().item()))
@@ -301,7 +301,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             numeric = [float(k) for k in keys if isinstance(k, int | float) and not isinstance(k, bool)]
             if len(numeric) == len(keys):
                 m["san/stratum_key_mean"].append(sum(numeric) / max(len(numeric), 1))
-            # reward mean per key value (stratified_grpo.md "Metrics"), while the keys are few enough to read
+            # reward mean per key value (docs/methods/grpo_advantages.md#metrics), while the keys are few enough to read
             distinct = sorted(set(keys), key=str)
             if len(distinct) <= MAX_LOGGED_STRATUM_KEYS:
                 for key in distinct:
@@ -347,12 +347,12 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         kl = None
         if p.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
-            # plain k3 (grpo.md "Loss") unless method.use_bias_correction_kl (TRL's GRPOConfig default is on)
+            # plain k3 (docs/methods/grpo.md#kl-term) unless method.use_bias_correction_kl (TRL's GRPOConfig default is on)
             kl = kl_k3_bias_corrected(logps, ref, old) if p.use_bias_correction_kl else kl_k3(logps, ref)
 
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         # N_glob of the optimizer step's global accumulated batch: TRL's num_items_in_batch spans the generation
-        # batch, i.e. steps_per_generation micro-batches (grpo.md "Loss").
+        # batch, i.e. steps_per_generation micro-batches (docs/methods/grpo_aggregation.md#the-dapo-normaliser).
         window = ga / self.args.steps_per_generation if mode == "train" else 1.0
         nproc = self.accelerator.num_processes
         T = self.max_completion_length
@@ -370,7 +370,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         elif rows is None:  # pragma: no cover - batches always come from _generate_and_score_completions
             raise RuntimeError(f"PosttrainGRPOTrainer: inputs lack {NUM_ROWS}")
         elif p.aggregation == "delta_l":
-            # ΔL weights scale the surrogate only; the KL term stays unweighted (delta_l_normalization.md step 5)
+            # ΔL weights scale the surrogate only; the KL term stays unweighted (docs/methods/grpo_aggregation.md#kl-term-under-delta-l)
             loss = aggregate_loss("delta_l", per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS],
                                   **rows)
             # Dr. GRPO's B * T_max, B = kept rows per micro-batch
@@ -407,7 +407,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if kl is not None:
             metrics["kl"].append(global_masked_mean(kl.detach()))
         metrics["entropy"].append(global_masked_mean(entropies.detach()))
-        # verl's ppo_kl (grpo.md, gppo.md, negative_reinforcement.md "Metrics"): token mean of old_logp - logp
+        # verl's ppo_kl (docs/methods/grpo.md#metrics): token mean of old_logp - logp
         metrics["ppo_kl"].append(global_masked_mean((old - logps).detach()))
         metrics["clip_ratio/low_mean"].append(global_masked_mean(clip.low_clipped.float()))
         metrics["clip_ratio/high_mean"].append(global_masked_mean(clip.high_clipped.float()))
