@@ -12,12 +12,32 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from posttrain.rl.advantages import ADVANTAGES
+from posttrain.rl.aggregation import AGGREGATIONS
+from posttrain.rl.clipping import CLIPPINGS
+
 
 class MethodParams(BaseModel):
     """Base class of a method's hyperparameters. Unknown keys are errors; no type coercion (``"yes"`` is not a
     boolean, ``true`` not a number); NaN and infinities are refused for every number."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    # What a trainer asks a method's params (instead of comparing method names); subclasses override.
+    @property
+    def needs_hidden_states(self) -> bool:
+        """The policy's last hidden states are needed besides the log-probs (preference family)."""
+        return False
+
+    @property
+    def fused_weighting(self) -> bool:
+        """TRL's fused LM head also returns ``log(sum_v p_v^2)`` (DPOConfig ``use_weighting``; WPO's alignment)."""
+        return False
+
+    @property
+    def learned_mask(self) -> bool:
+        """A trainable SparsePO mask network is trained and saved next to the policy."""
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -29,6 +49,11 @@ class SFTParams(MethodParams):
     """Plain supervised fine-tuning: token-mean NLL over completion tokens."""
 
     completion_only_loss: bool = Field(True, description="Score only completion tokens (prompt tokens masked).")
+
+    @property
+    def completion_only(self) -> bool:
+        """SFTConfig ``completion_only_loss``: only completion tokens are scored."""
+        return self.completion_only_loss
 
 
 class DFTParams(SFTParams):
@@ -43,6 +68,10 @@ class ASFTAnchoredParams(SFTParams):
         "base_to_policy", description="KL(pi_base||pi_theta) as the reference code computes, or the paper's reverse."
     )
 
+    @property
+    def needs_hidden_states(self) -> bool:  # the anchor KL needs full-vocab logits from the hidden states
+        return True
+
 
 class PoFTParams(SFTParams):
     """Preference-oriented SFT: Bradley-Terry of the target's mean log-likelihood against aligned LLMs'."""
@@ -56,6 +85,10 @@ class PoFTParams(SFTParams):
         "`poft_ref_scores` (list) or `poft_ref_score` (float).",
     )
     scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1)
+
+    @property
+    def completion_only(self) -> bool:
+        return self.completion_only_loss and self.poft_target_tokens != "all"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,6 +124,14 @@ class WPOParams(DPOParams):
         1.0, gt=0.0, description="Clamp W <= this (reference code, TRL <= 0.28); null = no clamp (TRL >= 0.29)."
     )
 
+    @property
+    def needs_hidden_states(self) -> bool:  # greedy alignment: full-vocab logits from the policy's hidden states
+        return self.use_weighting and self.wpo_alignment == "greedy"
+
+    @property
+    def fused_weighting(self) -> bool:
+        return self.use_weighting
+
 
 class SparsePOParams(MethodParams):
     """SparsePO: token-masked rewards and KL; masks from reference activations (MaPO) or learned."""
@@ -106,6 +147,14 @@ class SparsePOParams(MethodParams):
     l1_norm_param_d: float = Field(0.0, ge=0.0, description="L1 weight on the KL mask.")
     mask_dropout: float = Field(0.01, ge=0.0, lt=1.0)
     mask_weight_decay: float = Field(0.01, ge=0.0)
+
+    @property
+    def needs_hidden_states(self) -> bool:  # token KL and masks from hidden states
+        return True
+
+    @property
+    def learned_mask(self) -> bool:
+        return self.mask == "learned"
 
     @model_validator(mode="after")
     def _check(self):
@@ -228,8 +277,8 @@ def _check_finite(node, where: str) -> None:
             _check_finite(value, f"{where}[{i}]")
 
 
-_SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")
-_GPPO_KEYS = ("gppo_beta1", "gppo_beta2", "gppo_only_high")
+# (recipe key, registry): the GRPO parts whose entries declare the method keys they read and the defaults they change
+_GRPO_PARTS = (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS))
 
 
 class GRPOParams(MethodParams):
@@ -259,7 +308,7 @@ class GRPOParams(MethodParams):
         "replaces generation (experimental in TRL).",
     )
     # advantage estimator
-    advantage: Literal["group", "stratified", "psr", "nsr", "w_reinforce"] = Field(
+    advantage: Literal[ADVANTAGES.names()] = Field(
         "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement)."
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
@@ -281,13 +330,13 @@ class GRPOParams(MethodParams):
         1.0, description="A row is correct iff its combined reward equals this (psr/nsr/w_reinforce, SFT term)."
     )
     # loss aggregation
-    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo", "delta_l"] = Field(
+    aggregation: Literal[AGGREGATIONS.names()] = Field(
         "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
     )
     delta_l_alpha: float = Field(0.75, ge=0.0, le=1.0, description="delta_l: row weights proportional to L^-alpha.")
     delta_l_scope: Literal["batch", "group"] = "batch"
     # clipping
-    clipping: Literal["ppo", "gppo"] = Field("ppo", description="ppo (clip-higher with epsilon_high) or gppo.")
+    clipping: Literal[CLIPPINGS.names()] = Field("ppo", description="ppo (clip-higher with epsilon_high) or gppo.")
     epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip range (and upper, unless epsilon_high).")
     epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range; gppo default 0.28.")
     gppo_beta1: float = Field(1.0, ge=0.0, description="gppo: gradient scale of low-clipped tokens.")
@@ -331,26 +380,32 @@ class GRPOParams(MethodParams):
                 if key in given:
                     raise UserError(f"method.{key}: {why}")
 
-        if self.advantage != "stratified":
-            refuse(_SAN_KEYS, f"only used with advantage: stratified (advantage is {self.advantage})")
-        if self.advantage not in ("group", "stratified"):
-            refuse(("scale_rewards",), f"advantage {self.advantage} uses no group baseline or std scaling")
-        if self.advantage != "w_reinforce":
-            refuse(("w_reinforce_lambda",), "only used with advantage: w_reinforce")
-        if self.aggregation != "delta_l":
-            refuse(("delta_l_alpha", "delta_l_scope"), "only used with aggregation: delta_l")
-        if self.clipping != "gppo":
-            refuse(_GPPO_KEYS, "only used with clipping: gppo")
+        defaults: dict = {}
+        for part, registry in _GRPO_PARTS:  # a key one part reads is an error when another is selected
+            chosen = registry[getattr(self, part)]
+            defaults.update(chosen.defaults if "defaults" in chosen.meta else {})
+            owners: dict[str, list[str]] = {}
+            for entry in registry:
+                for key in entry.keys:
+                    owners.setdefault(key, []).append(entry.name)
+            why = chosen.refuses if "refuses" in chosen.meta else {}
+            for key, names in owners.items():
+                if key in why:
+                    refuse((key,), f"{part} {chosen.name} {why[key]}")
+                elif key not in chosen.keys:
+                    refuse((key,), f"only used with {part}: {' or '.join(names)} ({part} is {chosen.name})")
         if self.beta == 0:
             refuse(("use_bias_correction_kl",), "only used with the KL term (method.beta > 0)")
         if not self.rewards:
             raise UserError("method.rewards: give at least one reward function")
-        if self.epsilon_high is None and self.clipping == "gppo":
-            self.epsilon_high = 0.28  # Klear-Reasoner's eps_h (docs/methods/grpo_clipping.md#hyperparameters)
+        # the selected parts' defaults (GPPO: Klear-Reasoner's eps_h 0.28 and SFT term 0.1; PSR/NSR/W-REINFORCE: the
+        # paper's entropy bonus 1e-4; docs/methods/grpo_clipping.md#hyperparameters, grpo_advantages.md)
+        if self.epsilon_high is None:
+            self.epsilon_high = defaults.get("epsilon_high")
         if self.sft_coef is None:
-            self.sft_coef = 0.1 if self.clipping == "gppo" else 0.0
+            self.sft_coef = defaults.get("sft_coef", 0.0)
         if self.entropy_coef is None:
-            self.entropy_coef = 1e-4 if self.advantage in ("psr", "nsr", "w_reinforce") else 0.0
+            self.entropy_coef = defaults.get("entropy_coef", 0.0)
         return self
 
 

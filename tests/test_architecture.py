@@ -69,3 +69,111 @@ def test_the_citation_checks_catch_offenders():
     assert BARE_SECTION_CITATION.search('see npo.md "TOFU metrics" here')
     assert BARE_SECTION_CITATION.search('(wpo.md, "Weights")')
     assert not BARE_SECTION_CITATION.search('docs/rlvr.md "Tool calling"')
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registries drive dispatch: no name comparisons outside them, and every entry is documented, used and tested
+# --------------------------------------------------------------------------------------------------------------------
+
+# `method == "..."`, `info.name != '...'`, `p.advantage in (...)`, ...
+NAME_COMPARISON = re.compile(
+    r"(?:\bmethod|\.name|\bname)\s*(?:==|!=)\s*[\"'](\w+)[\"']"
+    r"|(?:\bmethod|\.name)\s+(?:not\s+)?in\s*[\(\[\{]"
+    r"|\.(?:advantage|aggregation|clipping)\s*(?:==|!=|\s(?:not\s+)?in\s)"
+)
+
+
+def _registries():
+    from posttrain.adapters.spec import ADAPTER_VARIANTS
+    from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
+    from posttrain.rl.advantages import ADVANTAGES
+    from posttrain.rl.aggregation import AGGREGATIONS
+    from posttrain.rl.clipping import CLIPPINGS
+    from posttrain.trainers.preference import PREFERENCE_LOSSES
+    from posttrain.trainers.sft import SFT_LOSSES
+
+    return {"advantage": ADVANTAGES, "aggregation": AGGREGATIONS, "clipping": CLIPPINGS,
+            "preference": PREFERENCE_LOSSES, "sft": SFT_LOSSES, "unlearning": UNLEARNING_OBJECTIVES,
+            "peft.type": ADAPTER_VARIANTS}
+
+
+def test_no_name_comparisons_outside_the_registries():
+    from posttrain.methods import METHODS
+
+    names = set(METHODS) | {e.name for reg in _registries().values() for e in reg}
+    offenders = []
+    for path in sorted((ROOT / "posttrain").rglob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for m in NAME_COMPARISON.finditer(code):
+                if m.group(1) is None or m.group(1) in names:
+                    offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert offenders == [], "ask the registry entry (or the method's MethodInfo / params) instead: " + "\n".join(
+        offenders)
+
+
+def test_name_comparison_check_catches_offenders():
+    for bad in ('if method == "poft":', "if self.method in ('dpo', 'wpo'):", 'if p.advantage == "group":',
+                'x = p.aggregation != "delta_l"', 'if info.name == "asft_anchored":', 'if p.clipping in ("gppo",):'):
+        assert NAME_COMPARISON.search(bad), bad
+    assert not NAME_COMPARISON.search('if entry.normalize_then_sum:')
+
+
+def _recipe_values() -> dict[str, set[str]]:
+    """For every registry key: the values the shipped recipes select (defaults included)."""
+    from posttrain.recipe import load_recipe
+
+    used: dict[str, set[str]] = {k: set() for k in _registries()}
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path, [])
+        p, name = recipe.params, recipe.method.name
+        for key in ("advantage", "aggregation", "clipping"):
+            if hasattr(p, key):
+                used[key].add(getattr(p, key))
+        for key in ("preference", "sft", "unlearning"):
+            used[key].add(name)
+        used["peft.type"].add(recipe.peft.type if recipe.peft is not None else None)
+    return used
+
+
+def test_every_registry_entry_is_documented_used_and_tested():
+    tests_text = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != Path(__file__).name)
+    used = _recipe_values()
+    problems = []
+    for key, registry in _registries().items():
+        assert len(registry) > 0, key
+        for entry in registry:
+            where = f"{key} {entry.name!r}"
+            doc = entry.fn.__doc__ or ""
+            if not re.search(r"arXiv:? ?\d{4}\.\d{4,5}", doc):
+                problems.append(f"{where}: the docstring of {entry.fn.__qualname__} cites no paper (arXiv id)")
+            page = entry.doc.split("#", 1)[0]
+            if not page.startswith("docs/methods/") or not (ROOT / page).is_file():
+                problems.append(f"{where}: docs page {entry.doc!r} missing")
+            if entry.meta.get("recipe_method", True) and entry.name not in used[key]:
+                if "recipe" not in entry.meta:
+                    problems.append(f"{where}: no recipe in recipes/ uses it (nor a documented recipe + --set)")
+                else:  # a shipped recipe with overrides: it loads and selects the entry
+                    from posttrain.recipe import load_recipe
+
+                    path, sets = entry.recipe
+                    params = load_recipe(ROOT / path, sets).params
+                    if getattr(params, key) != entry.name:
+                        problems.append(f"{where}: {path} {sets} does not select it")
+            if not re.search(rf"[\"']{re.escape(entry.name)}[\"']", tests_text):
+                problems.append(f"{where}: no unit test names it")
+    assert problems == [], "\n".join(problems)
+
+
+def test_schema_values_come_from_the_registries():
+    from typing import get_args
+
+    from posttrain.methods import METHODS, GRPOParams
+
+    regs = _registries()
+    for key in ("advantage", "aggregation", "clipping"):
+        assert get_args(GRPOParams.model_fields[key].annotation) == regs[key].names()
+    for family in ("preference", "sft"):
+        assert {n for n, i in METHODS.items() if i.family == family} == set(regs[family].names())
+    assert {n for n, i in METHODS.items() if i.family == "unlearning"} == {
+        e.name for e in regs["unlearning"] if e.recipe_method}

@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from posttrain.registry import Registry
+
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +63,8 @@ UNLEARNING_DEFAULTS: dict[str, dict] = {
     "npo_kl": {"forget": "npo", "retain": "kl", "gamma": 1.0, "alpha": 1.0, "beta": 0.1},
     "simnpo": {"forget": "simnpo", "retain": "nll", "gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.0},
 }
+# Forget losses that compare with a frozen reference model, and retain terms that do.
+_REFERENCE_FORGET, _REFERENCE_RETAIN = ("npo",), ("kl",)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -358,3 +362,30 @@ def npo_loss_at_reference(beta: float) -> float:
     """``(2/beta) * log 2``, the per-item NPO loss when ``D_i = 0`` (worked example of docs/methods/npo.md#how-it-is-tested: 13.862944 at beta 0.1)."""
     return 2.0 / beta * math.log(2.0)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registry: one entry per unlearning objective (``method.name`` of the unlearning family, plus ``ga_kl``, which is
+# defined here but not exposed as a recipe method; docs/methods/npo.md#the-ga_kl-objective). ``fn`` is
+# :func:`unlearning_objective` (called with the name); ``meta``: the structure and defaults of
+# :data:`UNLEARNING_DEFAULTS` and ``recipe_method`` (selectable as ``method.name``).
+# ----------------------------------------------------------------------------------------------------------------------
+
+UNLEARNING_OBJECTIVES: Registry = Registry("unlearning objective")
+_DOCS = {"ga": "docs/methods/ga.md#objective", "grad_diff": "docs/methods/grad_diff.md#objective",
+         "ga_kl": "docs/methods/npo.md#the-ga_kl-objective", "npo": "docs/methods/npo.md#objectives",
+         "npo_rt": "docs/methods/npo.md#objectives", "npo_kl": "docs/methods/npo.md#objectives",
+         "simnpo": "docs/methods/simnpo.md#objective"}
+for _name, _cfg in UNLEARNING_DEFAULTS.items():
+    UNLEARNING_OBJECTIVES.add(_name, unlearning_objective, doc=_DOCS[_name], recipe_method=_name != "ga_kl", **_cfg)
+
+
+def uses_retain(name: str, alpha: float) -> bool:
+    """Whether objective ``name`` with retain weight ``alpha`` has a retain term (and so reads the retain set)."""
+    return UNLEARNING_OBJECTIVES[name].retain is not None and float(alpha) != 0.0
+
+
+def uses_reference(name: str, alpha: float) -> bool:
+    """Whether objective ``name`` compares with a frozen reference model (NPO's forget loss, the KL retain term)."""
+    entry = UNLEARNING_OBJECTIVES[name]
+    return entry.forget in _REFERENCE_FORGET or (uses_retain(name, alpha) and entry.retain in _REFERENCE_RETAIN)

@@ -30,7 +30,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from posttrain.registry import Registry
+
 __all__ = [
+    "ADVANTAGES",
     "ADVANTAGE_ESTIMATORS",
     "AdvantageOutput",
     "combine_rewards",
@@ -385,18 +388,91 @@ def w_reinforce(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# dispatcher
+# registry: one entry per ``method.advantage`` value
 
-ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce")
-_ALIASES = {"group": "grpo", "san": "stratified", "stratified_grpo": "stratified", "w-reinforce": "w_reinforce"}
+ADVANTAGES: Registry = Registry("advantage estimator")
+"""``method.advantage`` -> entry. Each entry's ``fn(rewards, num_generations, **options) -> AdvantageOutput``;
+``meta``: ``options(params, strata)`` (the estimator's keyword options from the recipe's method params),
+``keys`` (method keys only this estimator reads), ``refuses`` (why it refuses another estimator's key, optional),
+``defaults`` (method defaults it changes), ``group_baseline``
+(uses the group mean and std), ``normalize_then_sum`` (TRL's ``multi_objective_aggregation="normalize_then_sum"``
+replaces it), ``needs_strata`` (stratum keys are computed per rollout)."""
+
+
+def _ones_keep(adv: torch.Tensor) -> AdvantageOutput:
+    return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
+
+
+@ADVANTAGES.register(
+    "group", doc="docs/methods/grpo_advantages.md#group-advantage", keys=("scale_rewards",), defaults={},
+    group_baseline=True, needs_strata=False, normalize_then_sum=True,
+    options=lambda p, strata: {"scale_rewards": p.scale_rewards},
+)
+def group_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """GRPO group-relative advantages (DeepSeekMath, arXiv 2402.03300), every row kept: :func:`group`."""
+    return _ones_keep(group(rewards, num_generations, **options))
+
+
+@ADVANTAGES.register(
+    "stratified", doc="docs/methods/grpo_advantages.md#stratified-advantage-san",
+    keys=("scale_rewards", "stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps"), defaults={},
+    group_baseline=True, needs_strata=True, normalize_then_sum=False,
+    options=lambda p, strata: {"strata": strata, "alpha": p.san_alpha, "scale": p.san_scale, "scope": p.san_scope,
+                               "eps": p.san_eps},
+)
+def stratified_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Stratified Advantage Normalization (Stratified GRPO, arXiv 2510.06214), every row kept: :func:`stratified`."""
+    if "strata" not in options:
+        raise ValueError("stratified advantages need strata=[B] stratum ids")
+    return _ones_keep(stratified(rewards, num_generations, **options))
+
+
+_NEGATIVE_REINFORCEMENT = dict(defaults={"entropy_coef": 1e-4}, group_baseline=False, needs_strata=False,
+                               normalize_then_sum=False,
+                               refuses={"scale_rewards": "uses no group baseline or std scaling"})
+
+
+@ADVANTAGES.register(
+    "psr", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=(), **_NEGATIVE_REINFORCEMENT,
+    recipe=("recipes/grpo_nsr.yaml", ["method.advantage=psr"]),
+    options=lambda p, strata: {"correct_value": p.correct_reward},
+)
+def psr_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Positive Sample Reinforcement (Zhu et al., arXiv 2506.01347): :func:`psr`; ``num_generations`` unused."""
+    return AdvantageOutput(*psr(rewards, **options))
+
+
+@ADVANTAGES.register(
+    "nsr", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=(), **_NEGATIVE_REINFORCEMENT,
+    options=lambda p, strata: {"correct_value": p.correct_reward},
+)
+def nsr_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Negative Sample Reinforcement (Zhu et al., arXiv 2506.01347): :func:`nsr`; ``num_generations`` unused."""
+    return AdvantageOutput(*nsr(rewards, **options))
+
+
+@ADVANTAGES.register(
+    "w_reinforce", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=("w_reinforce_lambda",),
+    **_NEGATIVE_REINFORCEMENT,
+    options=lambda p, strata: {"lam": p.w_reinforce_lambda, "correct_value": p.correct_reward},
+)
+def w_reinforce_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Weighted-REINFORCE (Zhu et al., arXiv 2506.01347): :func:`w_reinforce`; ``num_generations`` unused."""
+    if "w_reinforce_lambda" in options:
+        options["lam"] = options.pop("w_reinforce_lambda")
+    return AdvantageOutput(*w_reinforce(rewards, **options))
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce")  # compute_advantages names (grpo = group)
+_ALIASES = {"grpo": "group", "san": "stratified", "stratified_grpo": "stratified", "w-reinforce": "w_reinforce"}
 
 
 def compute_advantages(name: str, rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
-    """Dispatch to an estimator by name and return :class:`AdvantageOutput` ``(advantages, keep)``.
+    """Dispatch to a registered estimator (:data:`ADVANTAGES`) by name; return :class:`AdvantageOutput`.
 
     Names and options:
 
-    * ``"grpo"`` (alias ``"group"``): :func:`group` -- ``scale_rewards``, ``eps``.
+    * ``"grpo"`` / ``"group"``: :func:`group` -- ``scale_rewards``, ``eps``.
     * ``"stratified"`` (alias ``"san"``): :func:`stratified` -- ``strata`` (required), ``alpha``, ``scale``,
       ``scope``, ``eps``.
     * ``"psr"`` / ``"nsr"``: ``correct_value``, ``incorrect_value``.
@@ -405,21 +481,6 @@ def compute_advantages(name: str, rewards: torch.Tensor, num_generations: int, *
     ``num_generations`` is ignored by PSR / NSR / W-REINFORCE (they use no group statistics).
     """
     key = _ALIASES.get(name, name)
-    r = torch.as_tensor(rewards)
-    if key == "grpo":
-        adv = group(r, num_generations, **options)
-        return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
-    if key == "stratified":
-        if "strata" not in options:
-            raise ValueError("stratified advantages need strata=[B] stratum ids")
-        adv = stratified(r, num_generations, **options)
-        return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
-    if key == "psr":
-        return AdvantageOutput(*psr(r, **options))
-    if key == "nsr":
-        return AdvantageOutput(*nsr(r, **options))
-    if key == "w_reinforce":
-        if "w_reinforce_lambda" in options:
-            options["lam"] = options.pop("w_reinforce_lambda")
-        return AdvantageOutput(*w_reinforce(r, **options))
-    raise ValueError(f"unknown advantage estimator {name!r}; known: {ADVANTAGE_ESTIMATORS}")
+    if key not in ADVANTAGES:
+        raise ValueError(f"unknown advantage estimator {name!r}; known: {ADVANTAGE_ESTIMATORS}")
+    return ADVANTAGES[key].fn(torch.as_tensor(rewards), num_generations, **options)

@@ -28,7 +28,10 @@ from typing import Any
 
 import torch
 
+from posttrain.registry import Registry
+
 __all__ = [
+    "AGGREGATIONS",
     "LOSS_AGGREGATIONS",
     "aggregate_loss",
     "bnpo",
@@ -67,7 +70,10 @@ def grpo(
 
 
 def bnpo(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``; docs/methods/grpo_aggregation.md#aggregations)."""
+    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``; docs/methods/grpo_aggregation.md#aggregations).
+
+    The token-level mean of DAPO (arXiv 2503.14476), normalised per local micro-batch instead of the global batch.
+    """
     mask = mask.to(per_token_loss.dtype)
     return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -179,29 +185,45 @@ def delta_l(
     return dr_grpo(per_token_loss * weights, mask, max_completion_length, num_rows, num_processes)
 
 
-LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo", "delta_l")
+# ----------------------------------------------------------------------------------------------------------------
+# registry: one entry per ``method.aggregation`` value. ``meta``: ``normalizer`` -- what the loss is divided by:
+# "global_tokens" (N_glob of the accumulated batch), "local_tokens" (the micro-batch's tokens, then / GA) or "rows"
+# (kept rows of the accumulated batch); ``max_completion_length`` -- the normaliser uses T_max; ``row_weights`` --
+# per-row weights computed on the generation batch (the KL term is then aggregated unweighted with dr_grpo);
+# ``keys`` -- method keys only this aggregation reads; ``trl_loss_type`` -- the GRPOConfig loss_type TRL is given;
+# ``recipe`` -- (shipped recipe, --set overrides) that runs it, where no shipped recipe selects it.
+
+AGGREGATIONS: Registry = Registry("loss aggregation")
+AGGREGATIONS.add("grpo", grpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="rows",
+                 max_completion_length=False, row_weights=False, keys=(), trl_loss_type="grpo",
+                 recipe=("recipes/grpo.yaml", ["method.aggregation=grpo"]))
+AGGREGATIONS.add("bnpo", bnpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="local_tokens",
+                 max_completion_length=False, row_weights=False, keys=(), trl_loss_type="bnpo",
+                 recipe=("recipes/grpo.yaml", ["method.aggregation=bnpo"]))
+AGGREGATIONS.add("dr_grpo", dr_grpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="rows",
+                 max_completion_length=True, row_weights=False, keys=(), trl_loss_type="dr_grpo",
+                 recipe=("recipes/grpo.yaml", ["method.aggregation=dr_grpo", "method.scale_rewards=none"]))
+AGGREGATIONS.add("dapo", dapo, doc="docs/methods/grpo_aggregation.md#the-dapo-normaliser",
+                 normalizer="global_tokens", max_completion_length=False, row_weights=False, keys=(), trl_loss_type="dapo")
+AGGREGATIONS.add("delta_l", delta_l, doc="docs/methods/grpo_aggregation.md#delta-l-normalisation", normalizer="rows",
+                 max_completion_length=True, row_weights=True, keys=("delta_l_alpha", "delta_l_scope"),
+                 trl_loss_type="dr_grpo")
+
+LOSS_AGGREGATIONS = AGGREGATIONS.names()
 
 
 def aggregate_loss(name: str, per_token_loss: torch.Tensor, mask: torch.Tensor, **options: Any) -> torch.Tensor:
-    """Aggregate ``[B, T]`` per-token losses by name (TRL ``loss_type`` plus ``"delta_l"``).
+    """Aggregate ``[B, T]`` per-token losses by name (TRL ``loss_type`` plus ``"delta_l"``; :data:`AGGREGATIONS`).
 
     Options: ``dr_grpo`` / ``delta_l`` need ``max_completion_length``; ``dapo`` takes ``num_items_in_batch`` and
     ``num_processes``; ``grpo``, ``dr_grpo`` and ``delta_l`` take ``num_rows`` and ``num_processes``; ``delta_l``
     takes ``alpha`` (alias ``delta_l_alpha``), ``scope`` (alias ``delta_l_scope``), ``num_generations``, ``weights``.
     ``"token_mean"`` is an alias of ``dapo`` (verl ``token-mean``).
     """
-    if name in ("dapo", "token_mean"):
-        return dapo(per_token_loss, mask, **options)
-    if name == "grpo":
-        return grpo(per_token_loss, mask, **options)
-    if name == "bnpo":
-        return bnpo(per_token_loss, mask, **options)
-    if name == "dr_grpo":
-        return dr_grpo(per_token_loss, mask, **options)
-    if name == "delta_l":
-        if "delta_l_alpha" in options:
-            options["alpha"] = options.pop("delta_l_alpha")
-        if "delta_l_scope" in options:
-            options["scope"] = options.pop("delta_l_scope")
-        return delta_l(per_token_loss, mask, **options)
-    raise ValueError(f"unknown loss aggregation {name!r}; known: {LOSS_AGGREGATIONS}")
+    name = "dapo" if name == "token_mean" else name
+    if name not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {name!r}; known: {LOSS_AGGREGATIONS}")
+    for alias in ("alpha", "scope"):
+        if f"delta_l_{alias}" in options:
+            options[alias] = options.pop(f"delta_l_{alias}")
+    return AGGREGATIONS[name].fn(per_token_loss, mask, **options)

@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
+from posttrain.registry import Registry
+
 __all__ = [
+    "CLIPPINGS",
     "POLICY_OBJECTIVES",
     "ClipOutput",
     "clip_metrics",
@@ -221,17 +224,30 @@ def clip_metrics(out: ClipOutput, mask: torch.Tensor) -> dict[str, float]:
     }
 
 
-POLICY_OBJECTIVES = ("ppo", "gppo")
+# ----------------------------------------------------------------------------------------------------------------
+# registry: one entry per ``method.clipping`` value. ``meta``: ``options(params)`` -- the rule's own keyword options
+# from the recipe's method params; ``keys`` -- method keys only this rule reads; ``defaults`` -- method defaults it
+# changes (GPPO: Klear-Reasoner's eps_h 0.28 and its SFT term 0.1, docs/methods/grpo_clipping.md#hyperparameters);
+# ``gradient_preserved`` -- it reports ``clip_ratio/gradient_preserved_mean``.
+
+CLIPPINGS: Registry = Registry("clipping rule")
+CLIPPINGS.add("ppo", ppo_clip, doc="docs/methods/grpo_clipping.md#ppo-clip-higher", keys=(), defaults={},
+              gradient_preserved=False, options=lambda p: {})
+CLIPPINGS.add("gppo", gppo_clip, doc="docs/methods/grpo_clipping.md#gppo",
+              keys=("gppo_beta1", "gppo_beta2", "gppo_only_high"), defaults={"epsilon_high": 0.28, "sft_coef": 0.1},
+              gradient_preserved=True,
+              options=lambda p: {"beta1": p.gppo_beta1, "beta2": p.gppo_beta2, "only_high": p.gppo_only_high})
+
+POLICY_OBJECTIVES = CLIPPINGS.names()
 
 
 def policy_loss(
     name: str, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, **options: Any
 ) -> ClipOutput:
-    """Dispatch ``"ppo"`` -> :func:`ppo_clip` or ``"gppo"`` -> :func:`gppo_clip` (options passed through; the
-    ``gppo_`` prefix of config names such as ``gppo_beta1`` / ``gppo_only_high`` is accepted)."""
+    """Dispatch a registered clipping rule (:data:`CLIPPINGS`): ``"ppo"`` -> :func:`ppo_clip`, ``"gppo"`` ->
+    :func:`gppo_clip` (options passed through; the ``gppo_`` prefix of config names such as ``gppo_beta1`` /
+    ``gppo_only_high`` is accepted)."""
     options = {k.removeprefix("gppo_"): v for k, v in options.items()}
-    if name == "ppo":
-        return ppo_clip(logps, old_logps, advantages, **options)
-    if name == "gppo":
-        return gppo_clip(logps, old_logps, advantages, **options)
-    raise ValueError(f"unknown policy objective {name!r}; known: {POLICY_OBJECTIVES}")
+    if name not in CLIPPINGS:
+        raise ValueError(f"unknown policy objective {name!r}; known: {POLICY_OBJECTIVES}")
+    return CLIPPINGS[name].fn(logps, old_logps, advantages, **options)

@@ -24,6 +24,7 @@ Method pages: docs/methods/grpo.md, grpo_advantages.md, grpo_aggregation.md, grp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -33,7 +34,9 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from posttrain.errors import UserError
+from posttrain.reference import trl_reference_factory
 from posttrain.rl.advantages import (
+    ADVANTAGES,
     combine_rewards,
     compute_advantages,
     count_tool_calls,
@@ -41,8 +44,8 @@ from posttrain.rl.advantages import (
     stratified_stats,
     stratum_ids,
 )
-from posttrain.rl.aggregation import aggregate_loss, delta_l_weights, dr_grpo
-from posttrain.rl.clipping import gppo_sft_loss, kl_k3, kl_k3_bias_corrected, policy_loss
+from posttrain.rl.aggregation import AGGREGATIONS, delta_l_weights, dr_grpo
+from posttrain.rl.clipping import CLIPPINGS, gppo_sft_loss, kl_k3, kl_k3_bias_corrected
 from posttrain.rl.diagnostics import SignalMonitor, batch_signal
 from posttrain.trainers.common import AtomicCheckpointMixin
 
@@ -106,23 +109,15 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         # TRL builds its reference with create_model_from_path (full fine-tuning): hand it ours instead, so TRL
         # applies its own preparation (dropout, fp32 LM head, fused LM head, DeepSpeed/FSDP/accelerate, sync callback)
         hand_over = ref_model is not None and not peft
-        handed: list[bool] = []
-
-        def give_reference(*_args, **_kwargs):
-            handed.append(True)
-            return ref_model
-
         # a pre-built PeftModel with beta > 0 makes TRL add a "ref" adapter copy: keep beta at 0 while TRL builds
         zero_beta = beta != 0.0 and prewrapped
-        original = trl_grpo.create_model_from_path
+        factory = trl_reference_factory(trl_grpo, ref_model) if hand_over else contextlib.nullcontext([])
         try:
-            if hand_over:
-                trl_grpo.create_model_from_path = give_reference
             if zero_beta:
                 config.beta = 0.0
-            super().__init__(*args, **kwargs)
+            with factory as handed:
+                super().__init__(*args, **kwargs)
         finally:
-            trl_grpo.create_model_from_path = original
             if zero_beta:
                 config.beta = beta
         if zero_beta:
@@ -160,7 +155,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         stash: dict[str, Any] = {"rewards_per_func": rewards_per_func}
-        if self.params.advantage == "stratified":
+        if ADVANTAGES[self.params.advantage].needs_strata:
             from accelerate.utils import gather_object
 
             keys = [self.stratum_fn(row, p, c) for row, p, c in zip(inputs, prompts, completions, strict=True)]
@@ -180,21 +175,13 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         rpf = stash["rewards_per_func"]
         weights = self.reward_weights.to(rpf.device)
         rewards = combine_rewards(rpf, weights)
-        if p.advantage == "group" and self.multi_objective_aggregation == "normalize_then_sum":
+        estimator = ADVANTAGES[p.advantage]
+        if estimator.normalize_then_sum and self.multi_objective_aggregation == "normalize_then_sum":
             adv = normalize_then_sum(rpf, num_generations, weights)
             out = compute_advantages("grpo", rewards, num_generations, scale_rewards="none")._replace(advantages=adv)
         else:
-            opts: dict[str, Any] = {}
-            if p.advantage == "group":
-                opts = {"scale_rewards": p.scale_rewards}
-            elif p.advantage == "stratified":
-                opts = {"strata": stratum_ids(stash["strata"], device=rewards.device), "alpha": p.san_alpha,
-                        "scale": p.san_scale, "scope": p.san_scope, "eps": p.san_eps}
-            elif p.advantage in ("psr", "nsr"):
-                opts = {"correct_value": p.correct_reward}
-            elif p.advantage == "w_reinforce":
-                opts = {"lam": p.w_reinforce_lambda, "correct_value": p.correct_reward}
-            out = compute_advantages(p.advantage, rewards, num_generations, **opts)
+            strata = stratum_ids(stash["strata"], device=rewards.device) if estimator.needs_strata else None
+            out = estimator.fn(torch.as_tensor(rewards), num_generations, **estimator.options(p, strata))
         correct = rewards == p.correct_reward
 
         local = output["completion_mask"].size(0)
@@ -210,7 +197,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if p.sft_coef > 0:
             output[CORRECT] = correct[rows].to(device=device, dtype=torch.float32)
             output[NUM_CORRECT] = self.accelerator.gather((kept_mask * output[CORRECT].unsqueeze(1)).sum()).sum()
-        if p.aggregation == "delta_l":
+        if AGGREGATIONS[p.aggregation].row_weights:
             lengths = self.accelerator.gather(kept_mask.sum(-1).float())
             w = delta_l_weights(lengths, alpha=p.delta_l_alpha, scope=p.delta_l_scope, num_generations=num_generations)
             output[DL_WEIGHTS] = w[rows].to(device)
@@ -337,10 +324,10 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         old = logps.detach() if old is None else old
         advantages = inputs["advantages"]
 
+        rule = CLIPPINGS[p.clipping]
         options: dict[str, Any] = {"epsilon": p.epsilon, "epsilon_high": p.epsilon_high, "dual_clip_c": p.dual_clip_c}
-        if p.clipping == "gppo":
-            options.update(beta1=p.gppo_beta1, beta2=p.gppo_beta2, only_high=p.gppo_only_high)
-        clip = policy_loss(p.clipping, logps, old, advantages, **options)
+        options.update(rule.options(p))
+        clip = rule.fn(logps, old, advantages, **options)
         per_token = clip.per_token_loss
         if self.use_vllm and self.vllm_importance_sampling_correction:
             per_token = per_token * inputs["importance_sampling_ratio"]
@@ -360,27 +347,26 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         # PSR/NSR/W-REINFORCE drop rows from the update entirely (docs/rlvr.md); the result already spans the
         # accumulated batch, so it is not divided by GA (equal to TRL's B_mb and /GA when every row is kept).
         rows = {"num_rows": inputs[NUM_ROWS] * window, "num_processes": nproc} if NUM_ROWS in inputs else None
-        if p.aggregation == "dapo":
+        agg = AGGREGATIONS[p.aggregation]
+        if agg.normalizer == "global_tokens":
             total = per_token if kl is None else per_token + p.beta * kl
-            loss = aggregate_loss("dapo", total, mask, num_items_in_batch=inputs["num_items_in_batch"] * window,
-                                  num_processes=nproc)
-        elif p.aggregation == "bnpo":  # a token mean of the micro-batch: dropped rows add no tokens
+            loss = agg.fn(total, mask, num_items_in_batch=inputs["num_items_in_batch"] * window, num_processes=nproc)
+        elif agg.normalizer == "local_tokens":  # a token mean of the micro-batch: dropped rows add no tokens
             total = per_token if kl is None else per_token + p.beta * kl
-            loss = aggregate_loss("bnpo", total, mask) / ga
+            loss = agg.fn(total, mask) / ga
         elif rows is None:  # pragma: no cover - batches always come from _generate_and_score_completions
             raise RuntimeError(f"PosttrainGRPOTrainer: inputs lack {NUM_ROWS}")
-        elif p.aggregation == "delta_l":
+        elif agg.row_weights:
             # ΔL weights scale the surrogate only; the KL term stays unweighted (docs/methods/grpo_aggregation.md#kl-term-under-delta-l)
-            loss = aggregate_loss("delta_l", per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS],
-                                  **rows)
+            loss = agg.fn(per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS], **rows)
             # Dr. GRPO's B * T_max, B = kept rows per micro-batch
             self._metrics[mode]["delta_l/normalizer"].append(float(rows["num_rows"]) / nproc / ga * T)
             if kl is not None:
                 loss = loss + p.beta * dr_grpo(kl, mask, T, **rows)
         else:
             total = per_token if kl is None else per_token + p.beta * kl
-            extra = {"max_completion_length": T} if p.aggregation == "dr_grpo" else {}
-            loss = aggregate_loss(p.aggregation, total, mask, **extra, **rows)
+            extra = {"max_completion_length": T} if agg.max_completion_length else {}
+            loss = agg.fn(total, mask, **extra, **rows)
         # every micro-batch's loss is its share (~1/GA) of the accumulated batch's: log the full-batch value, on the
         # same scale as gppo/sft_loss
         policy_value = loss.detach() * ga
@@ -420,7 +406,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         metrics["clip_ratio/region_mean"].append(global_masked_mean((clip.low_clipped | clip.high_clipped).float()))
         if p.dual_clip_c is not None:
             metrics["clip_ratio/dual_mean"].append(global_masked_mean(clip.dual_clipped.float()))
-        if p.clipping == "gppo":
+        if rule.gradient_preserved:
             metrics["clip_ratio/gradient_preserved_mean"].append(global_masked_mean(clip.gradient_preserved.float()))
         return loss
 
@@ -523,7 +509,7 @@ def check_rl_recipe(recipe) -> None:
     p, dirs = recipe.params, recipe_dirs(recipe)
     load_rewards(p.rewards, base_dirs=dirs, load_models=False)
     _user_callables(p, dirs)
-    if p.advantage == "stratified" and ":" in p.stratum_key:
+    if ADVANTAGES[p.advantage].needs_strata and ":" in p.stratum_key:
         import_function(p.stratum_key, "method.stratum_key", dirs)
 
 
@@ -553,13 +539,14 @@ def rl_config(recipe, info):
         if key in recipe.training and recipe.training[key] != default:
             raise UserError(f"training.{key}: not supported by method '{info.name}' (leave it at {default!r})")
     moa = recipe.training.get("multi_objective_aggregation", "sum_then_normalize")
-    if moa != "sum_then_normalize" and p.advantage != "group":
+    if moa != "sum_then_normalize" and not ADVANTAGES[p.advantage].normalize_then_sum:
+        able = " or ".join(e.name for e in ADVANTAGES if e.normalize_then_sum)
         raise UserError(
-            f"training.multi_objective_aggregation: {moa} only works with method.advantage: group "
+            f"training.multi_objective_aggregation: {moa} only works with method.advantage: {able} "
             f"(advantage is {p.advantage})"
         )
     overrides: dict[str, Any] = {
-        "loss_type": p.aggregation if p.aggregation != "delta_l" else "dr_grpo",
+        "loss_type": AGGREGATIONS[p.aggregation].trl_loss_type,
         "beta": p.beta,
         "epsilon": p.epsilon,
         "epsilon_high": p.epsilon_high,
@@ -596,7 +583,7 @@ def build_rl_trainer(ctx):
         _check_conversational(train, key)
         prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key=key)
     rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
-    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names, dirs) if p.advantage == "stratified" else None
+    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names, dirs) if ADVANTAGES[p.advantage].needs_strata else None
     extra: dict[str, Any] = dict(user)
     if any(pc is not None for pc in rewards.processing_classes):
         extra["reward_processing_classes"] = rewards.processing_classes
