@@ -426,7 +426,10 @@ class MethodInfo:
     params: type[MethodParams]
     # Whether a frozen reference/anchor model is used: "none", "required" (defaults to a frozen copy of `model`), or
     # "optional": used only when the params' ``uses_reference`` is true (GRPO: beta > 0), then as for "required".
+    # The trainer builds its posttrain.reference.Reference from this (and ref_model / peft); it never checks names.
     reference: Literal["none", "required", "optional"] = "none"
+    # The method's page in the repository (`posttrain methods NAME` prints its summary).
+    doc: str = ""
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -442,6 +445,7 @@ def register(info: MethodInfo) -> MethodInfo:
 register(
     MethodInfo(
         name="sft",
+        doc="docs/methods/sft.md",
         family="sft",
         summary="Supervised fine-tuning: token-mean negative log-likelihood on completions.",
         paper="Ouyang et al., Training language models to follow instructions with human feedback (arXiv 2203.02155)",
@@ -452,6 +456,7 @@ register(
 register(
     MethodInfo(
         name="dft",
+        doc="docs/methods/dft.md",
         family="sft",
         summary="Dynamic Fine-Tuning: each token's NLL weighted by its detached probability.",
         paper="Wu et al., On the Generalization of SFT: A Reinforcement Learning Perspective with Reward "
@@ -463,6 +468,7 @@ register(
 register(
     MethodInfo(
         name="asft_anchored",
+        doc="docs/methods/asft_anchored.md",
         family="sft",
         summary="Anchored SFT: DFT plus a token-level KL anchor to the frozen initial model.",
         paper="Zhu et al., Anchored Supervised Fine-Tuning (arXiv 2509.23753)",
@@ -474,6 +480,7 @@ register(
 register(
     MethodInfo(
         name="poft",
+        doc="docs/methods/poft.md",
         family="sft",
         summary="Preference-oriented SFT: the target should out-score aligned LLMs on the SFT data (Bradley-Terry).",
         paper="Fan et al., Preference-Oriented Supervised Fine-Tuning: Favoring Target Model Over Aligned Large "
@@ -487,6 +494,7 @@ register(
 register(
     MethodInfo(
         name="dpo",
+        doc="docs/methods/dpo.md",
         family="preference",
         summary="Direct Preference Optimisation (sigmoid, cDPO via label_smoothing, robust, IPO).",
         paper="Rafailov et al., Direct Preference Optimization: Your Language Model is Secretly a Reward Model "
@@ -499,6 +507,7 @@ register(
 register(
     MethodInfo(
         name="wpo",
+        doc="docs/methods/wpo.md",
         family="preference",
         summary="Weighted Preference Optimization: DPO with pairs weighted by their (aligned) policy probability.",
         paper="Zhou et al., WPO: Enhancing RLHF with Weighted Preference Optimization (arXiv 2406.11827)",
@@ -510,6 +519,7 @@ register(
 register(
     MethodInfo(
         name="sparsepo",
+        doc="docs/methods/sparsepo.md",
         family="preference",
         summary="SparsePO: token-level masked rewards and KL, masks learned or from reference activations.",
         paper="Christopoulou et al., SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks "
@@ -522,6 +532,7 @@ register(
 register(
     MethodInfo(
         name="asft_aligned",
+        doc="docs/methods/asft_aligned.md",
         family="preference",
         summary="Aligned SFT through absolute likelihood: pointwise log-odds on chosen and rejected, no reference.",
         paper="Wang et al., ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood (arXiv 2409.10571)",
@@ -538,6 +549,7 @@ _NPO_PAPER = (
 register(
     MethodInfo(
         name="ga",
+        doc="docs/methods/ga.md",
         family="unlearning",
         summary="Gradient ascent on the forget set (the unlearning baseline; collapses the model).",
         paper=_NPO_PAPER + "; TOFU: Maini et al. (arXiv 2401.06121)",
@@ -548,6 +560,7 @@ register(
 register(
     MethodInfo(
         name="grad_diff",
+        doc="docs/methods/grad_diff.md",
         family="unlearning",
         summary="GradDiff: gradient ascent on the forget set plus NLL on the retain set.",
         paper="Liu et al., Continual Learning and Private Unlearning (arXiv 2203.12817); " + _NPO_PAPER,
@@ -558,6 +571,7 @@ register(
 register(
     MethodInfo(
         name="npo",
+        doc="docs/methods/npo.md",
         family="unlearning",
         summary="Negative Preference Optimisation: bounded, adaptively weighted forgetting against a reference.",
         paper=_NPO_PAPER,
@@ -569,6 +583,7 @@ register(
 register(
     MethodInfo(
         name="npo_rt",
+        doc="docs/methods/npo.md",
         family="unlearning",
         summary="NPO plus the retain-set NLL (NPO+RT).",
         paper=_NPO_PAPER,
@@ -580,6 +595,7 @@ register(
 register(
     MethodInfo(
         name="npo_kl",
+        doc="docs/methods/npo.md",
         family="unlearning",
         summary="NPO plus KL(reference || policy) on the retain set (NPO+KL).",
         paper=_NPO_PAPER,
@@ -591,6 +607,7 @@ register(
 register(
     MethodInfo(
         name="simnpo",
+        doc="docs/methods/simnpo.md",
         family="unlearning",
         summary="SimNPO: reference-free, length-normalised NPO plus the retain NLL.",
         paper="Fan et al., Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning "
@@ -604,6 +621,7 @@ register(
 register(
     MethodInfo(
         name="grpo",
+        doc="docs/methods/grpo.md",
         family="rl",
         summary="RLVR on TRL's GRPOTrainer with composable parts: advantage (group, stratified, psr, nsr, "
         "w_reinforce), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + SFT term).",

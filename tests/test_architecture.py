@@ -57,6 +57,8 @@ def test_docs_methods_links_resolve():
     pages = ROOT / "docs" / "methods"
     broken = []
     for p in _tracked_text_files():
+        if p == ROOT / "docs" / "contributing.md":  # its worked examples name pages a contributor would add
+            continue
         for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
             for m in DOCS_LINK.finditer(line):
                 page, anchor = pages / m.group(1), m.group(2)
