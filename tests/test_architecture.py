@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +180,106 @@ def test_schema_values_come_from_the_registries():
         assert {n for n, i in METHODS.items() if i.family == family} == set(regs[family].names())
     assert {n for n, i in METHODS.items() if i.family == "unlearning"} == {
         e.name for e in regs["unlearning"] if e.recipe_method}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Import hygiene
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _module_names() -> dict[str, Path]:
+    mods = {}
+    for path in sorted((ROOT / "posttrain").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """posttrain module -> the posttrain modules it imports anywhere (module level or inside functions)."""
+    import ast
+
+    mods = _module_names()
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                    + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for target in targets:
+                while target and target not in mods:  # a name inside a module -> that module
+                    target = target.rsplit(".", 1)[0] if "." in target else ""
+                if target.startswith("posttrain") and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    assert "posttrain.trainers.common" in graph["posttrain.train"]  # the walk sees imports
+    assert _cycles(graph) == []
+
+
+def test_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    code = (
+        "import importlib, pkgutil, posttrain\n"
+        "bad = []\n"
+        "for m in pkgutil.walk_packages(posttrain.__path__, 'posttrain.'):\n"
+        "    try:\n"
+        "        importlib.import_module(m.name)\n"
+        "    except Exception as exc:\n"
+        "        bad.append(f'{m.name}: {exc!r}')\n"
+        "print('\\n'.join(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr[-2000:]

@@ -20,7 +20,7 @@ def sft_config(recipe, info):
     """The ``SFTConfig`` of an SFT-family recipe (built before any model loads, see :func:`posttrain.train.preflight`)."""
     from trl import SFTConfig
 
-    from posttrain.train import training_config
+    from posttrain.trainers.common import training_config
 
     params = recipe.params
     if recipe.data.train is None:
@@ -34,7 +34,7 @@ def sft_config(recipe, info):
 def build_sft_trainer(ctx):
     """``sft``, ``dft``, ``asft_anchored`` and ``poft`` on :class:`PosttrainSFTTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.train import peft_config
+    from posttrain.trainers.common import peft_config
     from posttrain.trainers.sft import PosttrainSFTTrainer
 
     recipe, params = ctx.recipe, ctx.recipe.params

@@ -510,7 +510,7 @@ def preference_config(recipe, info):
     from trl import DPOConfig
 
     from posttrain.errors import UserError
-    from posttrain.train import training_config
+    from posttrain.trainers.common import training_config
 
     params, name = recipe.params, info.name
     for key, where in _METHOD_OWNED.items():
@@ -540,7 +540,7 @@ def preference_config(recipe, info):
 
 def build_preference_trainer(ctx):
     """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on :class:`PosttrainPreferenceTrainer`."""
-    from posttrain.train import peft_config
+    from posttrain.trainers.common import peft_config
 
     recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name
     config = ctx.config if ctx.config is not None else preference_config(recipe, ctx.info)

@@ -527,7 +527,7 @@ def rl_config(recipe, info):
     """The ``GRPOConfig`` of an RL recipe, with the method-owned fields set from ``method:`` (before models load)."""
     from trl import GRPOConfig
 
-    from posttrain.train import training_config
+    from posttrain.trainers.common import training_config
 
     p = recipe.params
     if recipe.data.train is None:
@@ -564,7 +564,7 @@ def build_rl_trainer(ctx):
     from posttrain.adapters.trainer import make_trainer
     from posttrain.rl.rewards import NEEDS_ANSWER, load_rewards
     from posttrain.rl.tools import prepare_tool_tokenizer
-    from posttrain.train import peft_config
+    from posttrain.trainers.common import peft_config
 
     recipe, p = ctx.recipe, ctx.recipe.params
     dirs = recipe_dirs(recipe)

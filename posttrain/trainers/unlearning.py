@@ -312,7 +312,7 @@ def _needs_retain(recipe, name: str) -> bool:
 
 def unlearning_config(recipe, info) -> UnlearningConfig:
     """The :class:`UnlearningConfig` of an unlearning recipe, after the data-key checks (before any model loads)."""
-    from posttrain.train import training_config
+    from posttrain.trainers.common import training_config
 
     name, data = info.name, recipe.data
     if data.train is not None:
@@ -338,7 +338,7 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
 def build_unlearning_trainer(ctx):
     """Build the unlearning trainer from a run context (see :mod:`posttrain.train`)."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.train import peft_config
+    from posttrain.trainers.common import peft_config
 
     recipe, info, params = ctx.recipe, ctx.info, ctx.recipe.params
     name, data = info.name, recipe.data
