@@ -283,3 +283,17 @@ def test_every_module_imports_in_a_fresh_interpreter():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr[-2000:]
+
+
+def test_unlearning_objective_defaults_agree_with_the_method_params():
+    from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
+    from posttrain.methods import METHODS
+
+    for entry in UNLEARNING_OBJECTIVES:
+        if not entry.recipe_method:  # ga_kl: a loss-module objective only (docs/methods/npo.md#the-ga_kl-objective)
+            assert entry.name not in METHODS
+            continue
+        params = METHODS[entry.name].params()
+        for key in ("gamma", "alpha", "beta", "delta"):
+            expected = entry.meta.get(key, 0.0 if key in ("alpha", "delta") else None)
+            assert getattr(params, key, 0.0 if key in ("alpha", "delta") else None) == expected, (entry.name, key)

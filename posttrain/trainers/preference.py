@@ -223,7 +223,7 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            metrics["aux_loss"] = gather(outputs.aux_loss.detach()).mean().item()
+            metrics["aux_loss"] = self.accelerator.gather(outputs.aux_loss.detach()).mean().item()
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         self._log_trl_metrics(mode, inputs, outputs, mask, seq_len)
