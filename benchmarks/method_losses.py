@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("loss", "grad_norm")
+STAGE_TWO_MODEL = "builtin:tiny-qwen2-arith"  # replaces a recipe's `model: runs/...` (the model of an earlier stage)
 
 
 def fingerprint(recipe_path: Path) -> dict[str, float]:
@@ -30,6 +31,8 @@ def fingerprint(recipe_path: Path) -> dict[str, float]:
         sets = [f"output_dir={out}", "training.max_steps=1", "training.learning_rate=0.0", "training.logging_steps=1",
                 "training.save_strategy='no'", "training.disable_tqdm=true", "training.warmup_steps=0"]
         recipe = load_recipe(recipe_path, sets)
+        if str(recipe.model.path).startswith("runs/"):  # a second stage (grpo_tools after sft_tools): no such run here
+            recipe = load_recipe(recipe_path, [*sets, f"model={STAGE_TWO_MODEL}"])
         data = recipe.data
         for side in ("train", "forget", "retain"):
             src = getattr(data, side)

@@ -69,9 +69,72 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _page_summary(page: str) -> str | None:
+    """The first paragraph after the title of a docs/methods page (None when the docs are not installed)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / page.split("#", 1)[0]
+    if not path.is_file():
+        return None
+    paragraphs = [p for p in path.read_text().split("\n\n") if p.strip() and not p.lstrip().startswith("#")]
+    return " ".join(paragraphs[0].split()) if paragraphs else None
+
+
+def _method_detail(name: str) -> int:
+    """``posttrain methods NAME``: a method (or a GRPO part / adapter variant) with its page's summary and keys."""
+    import textwrap
+
+    from posttrain.errors import UserError, did_you_mean
+    from posttrain.methods import METHODS
+
+    wrap = textwrap.TextWrapper(width=100, subsequent_indent="  ")
+    if name in METHODS:
+        m = METHODS[name]
+        print(f"{m.name} [{m.family}]: {m.summary}")
+        summary = _page_summary(m.doc) if m.doc else None
+        if summary:
+            print()
+            print(textwrap.fill(summary, width=100))
+        print()
+        print("keys (method.*), with their defaults:")
+        for key, field in m.params.model_fields.items():
+            default = field.default_factory() if field.default_factory is not None else field.default
+            line = f"  {key} = {default!r}" + (f"  -- {field.description}" if field.description else "")
+            print(wrap.fill(line))
+        print()
+        print(f"paper:  {m.paper}")
+        print(f"recipe: {m.recipe}")
+        print(f"page:   {m.doc or '(none)'}")
+        return 0
+    from posttrain.adapters.spec import ADAPTER_VARIANTS
+    from posttrain.rl.advantages import ADVANTAGES
+    from posttrain.rl.aggregation import AGGREGATIONS
+    from posttrain.rl.clipping import CLIPPINGS
+
+    parts = (("method.advantage", ADVANTAGES), ("method.aggregation", AGGREGATIONS), ("method.clipping", CLIPPINGS),
+             ("peft.type", ADAPTER_VARIANTS))
+    for key, registry in parts:
+        if name in registry:
+            entry = registry[name]
+            print(f"{key}: {name}")
+            doc = " ".join((entry.fn.__doc__ or "").split("\n\n")[0].split())
+            if doc:
+                print(textwrap.fill(doc, width=100))
+            summary = _page_summary(entry.doc)
+            if summary:
+                print()
+                print(textwrap.fill(summary, width=100))
+            print(f"page:   {entry.doc}")
+            return 0
+    known = [*METHODS, *(e.name for _, r in parts for e in r)]
+    raise UserError(f"methods: unknown method or part '{name}'{did_you_mean(name, known)}; see `posttrain methods`")
+
+
 def _cmd_methods(args) -> int:
     from posttrain.methods import METHODS
 
+    if args.name:
+        return _method_detail(args.name)
     rows = sorted(METHODS.values(), key=lambda m: (["sft", "preference", "unlearning", "rl"].index(m.family), m.name))
     if args.json:
         print(json.dumps([
@@ -210,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_report)
 
     p = sub.add_parser("methods", help="list methods", description="List every method with its description, "
-                       "paper and recipe.")
+                       "paper and recipe; with NAME, that method's page summary (docs/methods/) and keys.")
+    p.add_argument("name", nargs="?", help="a method (or a GRPO advantage / aggregation / clipping, a peft.type)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=_cmd_methods)
 

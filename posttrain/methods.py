@@ -12,12 +12,32 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from posttrain.rl.advantages import ADVANTAGES
+from posttrain.rl.aggregation import AGGREGATIONS
+from posttrain.rl.clipping import CLIPPINGS
+
 
 class MethodParams(BaseModel):
     """Base class of a method's hyperparameters. Unknown keys are errors; no type coercion (``"yes"`` is not a
     boolean, ``true`` not a number); NaN and infinities are refused for every number."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    # What a trainer asks a method's params (instead of comparing method names); subclasses override.
+    @property
+    def needs_hidden_states(self) -> bool:
+        """The policy's last hidden states are needed besides the log-probs (preference family)."""
+        return False
+
+    @property
+    def fused_weighting(self) -> bool:
+        """TRL's fused LM head also returns ``log(sum_v p_v^2)`` (DPOConfig ``use_weighting``; WPO's alignment)."""
+        return False
+
+    @property
+    def learned_mask(self) -> bool:
+        """A trainable SparsePO mask network is trained and saved next to the policy."""
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -29,6 +49,11 @@ class SFTParams(MethodParams):
     """Plain supervised fine-tuning: token-mean NLL over completion tokens."""
 
     completion_only_loss: bool = Field(True, description="Score only completion tokens (prompt tokens masked).")
+
+    @property
+    def completion_only(self) -> bool:
+        """SFTConfig ``completion_only_loss``: only completion tokens are scored."""
+        return self.completion_only_loss
 
 
 class DFTParams(SFTParams):
@@ -42,6 +67,10 @@ class ASFTAnchoredParams(SFTParams):
     kl_direction: Literal["base_to_policy", "policy_to_base"] = Field(
         "base_to_policy", description="KL(pi_base||pi_theta) as the reference code computes, or the paper's reverse."
     )
+
+    @property
+    def needs_hidden_states(self) -> bool:  # the anchor KL needs full-vocab logits from the hidden states
+        return True
 
 
 class PoFTParams(SFTParams):
@@ -57,9 +86,13 @@ class PoFTParams(SFTParams):
     )
     scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1)
 
+    @property
+    def completion_only(self) -> bool:
+        return self.completion_only_loss and self.poft_target_tokens != "all"
+
 
 # --------------------------------------------------------------------------------------------------------------------
-# Preference family (shared/methods/dpo.md, wpo.md, sparsepo.md, asft_aligned.md)
+# Preference family (docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -91,6 +124,14 @@ class WPOParams(DPOParams):
         1.0, gt=0.0, description="Clamp W <= this (reference code, TRL <= 0.28); null = no clamp (TRL >= 0.29)."
     )
 
+    @property
+    def needs_hidden_states(self) -> bool:  # greedy alignment: full-vocab logits from the policy's hidden states
+        return self.use_weighting and self.wpo_alignment == "greedy"
+
+    @property
+    def fused_weighting(self) -> bool:
+        return self.use_weighting
+
 
 class SparsePOParams(MethodParams):
     """SparsePO: token-masked rewards and KL; masks from reference activations (MaPO) or learned."""
@@ -106,6 +147,14 @@ class SparsePOParams(MethodParams):
     l1_norm_param_d: float = Field(0.0, ge=0.0, description="L1 weight on the KL mask.")
     mask_dropout: float = Field(0.01, ge=0.0, lt=1.0)
     mask_weight_decay: float = Field(0.01, ge=0.0)
+
+    @property
+    def needs_hidden_states(self) -> bool:  # token KL and masks from hidden states
+        return True
+
+    @property
+    def learned_mask(self) -> bool:
+        return self.mask == "learned"
 
     @model_validator(mode="after")
     def _check(self):
@@ -124,7 +173,7 @@ class ASFTAlignedParams(MethodParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Unlearning family (shared/methods/npo.md): L = gamma * L_forget + alpha * L_retain
+# Unlearning family (docs/methods/ga.md, docs/methods/grad_diff.md, docs/methods/npo.md, docs/methods/simnpo.md): L = gamma * L_forget + alpha * L_retain
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -173,7 +222,7 @@ class SimNPOParams(UnlearningParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# RL family (shared/methods/grpo.md, stratified_grpo.md, delta_l_normalization.md, negative_reinforcement.md, gppo.md)
+# RL family (docs/methods/grpo.md, docs/methods/grpo_advantages.md, docs/methods/grpo_aggregation.md, docs/methods/grpo_clipping.md)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -228,8 +277,8 @@ def _check_finite(node, where: str) -> None:
             _check_finite(value, f"{where}[{i}]")
 
 
-_SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")
-_GPPO_KEYS = ("gppo_beta1", "gppo_beta2", "gppo_only_high")
+# (recipe key, registry): the GRPO parts whose entries declare the method keys they read and the defaults they change
+_GRPO_PARTS = (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS))
 
 
 class GRPOParams(MethodParams):
@@ -259,7 +308,7 @@ class GRPOParams(MethodParams):
         "replaces generation (experimental in TRL).",
     )
     # advantage estimator
-    advantage: Literal["group", "stratified", "psr", "nsr", "w_reinforce"] = Field(
+    advantage: Literal[ADVANTAGES.names()] = Field(
         "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement)."
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
@@ -281,13 +330,13 @@ class GRPOParams(MethodParams):
         1.0, description="A row is correct iff its combined reward equals this (psr/nsr/w_reinforce, SFT term)."
     )
     # loss aggregation
-    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo", "delta_l"] = Field(
+    aggregation: Literal[AGGREGATIONS.names()] = Field(
         "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
     )
     delta_l_alpha: float = Field(0.75, ge=0.0, le=1.0, description="delta_l: row weights proportional to L^-alpha.")
     delta_l_scope: Literal["batch", "group"] = "batch"
     # clipping
-    clipping: Literal["ppo", "gppo"] = Field("ppo", description="ppo (clip-higher with epsilon_high) or gppo.")
+    clipping: Literal[CLIPPINGS.names()] = Field("ppo", description="ppo (clip-higher with epsilon_high) or gppo.")
     epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip range (and upper, unless epsilon_high).")
     epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range; gppo default 0.28.")
     gppo_beta1: float = Field(1.0, ge=0.0, description="gppo: gradient scale of low-clipped tokens.")
@@ -331,29 +380,33 @@ class GRPOParams(MethodParams):
                 if key in given:
                     raise UserError(f"method.{key}: {why}")
 
-        if self.advantage != "stratified":
-            refuse(_SAN_KEYS, f"only used with advantage: stratified (advantage is {self.advantage})")
-        if self.advantage == "stratified":
-            if self.scale_rewards != "group":  # the default is harmless
-                refuse(("scale_rewards",), "not used with advantage: stratified (it scales with method.san_scale)")
-        elif self.advantage != "group":
-            refuse(("scale_rewards",), f"advantage {self.advantage} uses no group baseline or std scaling")
-        if self.advantage != "w_reinforce":
-            refuse(("w_reinforce_lambda",), "only used with advantage: w_reinforce")
-        if self.aggregation != "delta_l":
-            refuse(("delta_l_alpha", "delta_l_scope"), "only used with aggregation: delta_l")
-        if self.clipping != "gppo":
-            refuse(_GPPO_KEYS, "only used with clipping: gppo")
+        defaults: dict = {}
+        for part, registry in _GRPO_PARTS:  # a key one part reads is an error when another is selected
+            chosen = registry[getattr(self, part)]
+            defaults.update(chosen.defaults if "defaults" in chosen.meta else {})
+            owners: dict[str, list[str]] = {}
+            for entry in registry:
+                for key in entry.keys:
+                    owners.setdefault(key, []).append(entry.name)
+            why = chosen.refuses if "refuses" in chosen.meta else {}
+            for key, names in owners.items():
+                if key in why:
+                    if getattr(self, key) != type(self).model_fields[key].default:  # the default is harmless
+                        refuse((key,), f"{part} {chosen.name} {why[key]}")
+                elif key not in chosen.keys:
+                    refuse((key,), f"only used with {part}: {' or '.join(names)} ({part} is {chosen.name})")
         if self.beta == 0:
             refuse(("use_bias_correction_kl",), "only used with the KL term (method.beta > 0)")
         if not self.rewards:
             raise UserError("method.rewards: give at least one reward function")
-        if self.epsilon_high is None and self.clipping == "gppo":
-            self.epsilon_high = 0.28  # Klear-Reasoner's eps_h (gppo.md "Hyperparameters")
+        # the selected parts' defaults (GPPO: Klear-Reasoner's eps_h 0.28 and SFT term 0.1; PSR/NSR/W-REINFORCE: the
+        # paper's entropy bonus 1e-4; docs/methods/grpo_clipping.md#hyperparameters, grpo_advantages.md)
+        if self.epsilon_high is None:
+            self.epsilon_high = defaults.get("epsilon_high")
         if self.sft_coef is None:
-            self.sft_coef = 0.1 if self.clipping == "gppo" else 0.0
+            self.sft_coef = defaults.get("sft_coef", 0.0)
         if self.entropy_coef is None:
-            self.entropy_coef = 1e-4 if self.advantage in ("psr", "nsr", "w_reinforce") else 0.0
+            self.entropy_coef = defaults.get("entropy_coef", 0.0)
         return self
 
 
@@ -374,7 +427,10 @@ class MethodInfo:
     params: type[MethodParams]
     # Whether a frozen reference/anchor model is used: "none", "required" (defaults to a frozen copy of `model`), or
     # "optional": used only when the params' ``uses_reference`` is true (GRPO: beta > 0), then as for "required".
+    # The trainer builds its posttrain.reference.Reference from this (and ref_model / peft); it never checks names.
     reference: Literal["none", "required", "optional"] = "none"
+    # The method's page in the repository (`posttrain methods NAME` prints its summary).
+    doc: str = ""
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -390,6 +446,7 @@ def register(info: MethodInfo) -> MethodInfo:
 register(
     MethodInfo(
         name="sft",
+        doc="docs/methods/sft.md",
         family="sft",
         summary="Supervised fine-tuning: token-mean negative log-likelihood on completions.",
         paper="Ouyang et al., Training language models to follow instructions with human feedback (arXiv 2203.02155)",
@@ -400,6 +457,7 @@ register(
 register(
     MethodInfo(
         name="dft",
+        doc="docs/methods/dft.md",
         family="sft",
         summary="Dynamic Fine-Tuning: each token's NLL weighted by its detached probability.",
         paper="Wu et al., On the Generalization of SFT: A Reinforcement Learning Perspective with Reward "
@@ -411,6 +469,7 @@ register(
 register(
     MethodInfo(
         name="asft_anchored",
+        doc="docs/methods/asft_anchored.md",
         family="sft",
         summary="Anchored SFT: DFT plus a token-level KL anchor to the frozen initial model.",
         paper="Zhu et al., Anchored Supervised Fine-Tuning (arXiv 2509.23753)",
@@ -422,6 +481,7 @@ register(
 register(
     MethodInfo(
         name="poft",
+        doc="docs/methods/poft.md",
         family="sft",
         summary="Preference-oriented SFT: the target should out-score aligned LLMs on the SFT data (Bradley-Terry).",
         paper="Fan et al., Preference-Oriented Supervised Fine-Tuning: Favoring Target Model Over Aligned Large "
@@ -435,6 +495,7 @@ register(
 register(
     MethodInfo(
         name="dpo",
+        doc="docs/methods/dpo.md",
         family="preference",
         summary="Direct Preference Optimisation (sigmoid, cDPO via label_smoothing, robust, IPO).",
         paper="Rafailov et al., Direct Preference Optimization: Your Language Model is Secretly a Reward Model "
@@ -447,6 +508,7 @@ register(
 register(
     MethodInfo(
         name="wpo",
+        doc="docs/methods/wpo.md",
         family="preference",
         summary="Weighted Preference Optimization: DPO with pairs weighted by their (aligned) policy probability.",
         paper="Zhou et al., WPO: Enhancing RLHF with Weighted Preference Optimization (arXiv 2406.11827)",
@@ -458,6 +520,7 @@ register(
 register(
     MethodInfo(
         name="sparsepo",
+        doc="docs/methods/sparsepo.md",
         family="preference",
         summary="SparsePO: token-level masked rewards and KL, masks learned or from reference activations.",
         paper="Christopoulou et al., SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks "
@@ -470,6 +533,7 @@ register(
 register(
     MethodInfo(
         name="asft_aligned",
+        doc="docs/methods/asft_aligned.md",
         family="preference",
         summary="Aligned SFT through absolute likelihood: pointwise log-odds on chosen and rejected, no reference.",
         paper="Wang et al., ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood (arXiv 2409.10571)",
@@ -486,6 +550,7 @@ _NPO_PAPER = (
 register(
     MethodInfo(
         name="ga",
+        doc="docs/methods/ga.md",
         family="unlearning",
         summary="Gradient ascent on the forget set (the unlearning baseline; collapses the model).",
         paper=_NPO_PAPER + "; TOFU: Maini et al. (arXiv 2401.06121)",
@@ -496,6 +561,7 @@ register(
 register(
     MethodInfo(
         name="grad_diff",
+        doc="docs/methods/grad_diff.md",
         family="unlearning",
         summary="GradDiff: gradient ascent on the forget set plus NLL on the retain set.",
         paper="Liu et al., Continual Learning and Private Unlearning (arXiv 2203.12817); " + _NPO_PAPER,
@@ -506,6 +572,7 @@ register(
 register(
     MethodInfo(
         name="npo",
+        doc="docs/methods/npo.md",
         family="unlearning",
         summary="Negative Preference Optimisation: bounded, adaptively weighted forgetting against a reference.",
         paper=_NPO_PAPER,
@@ -517,6 +584,7 @@ register(
 register(
     MethodInfo(
         name="npo_rt",
+        doc="docs/methods/npo.md",
         family="unlearning",
         summary="NPO plus the retain-set NLL (NPO+RT).",
         paper=_NPO_PAPER,
@@ -528,6 +596,7 @@ register(
 register(
     MethodInfo(
         name="npo_kl",
+        doc="docs/methods/npo.md",
         family="unlearning",
         summary="NPO plus KL(reference || policy) on the retain set (NPO+KL).",
         paper=_NPO_PAPER,
@@ -539,6 +608,7 @@ register(
 register(
     MethodInfo(
         name="simnpo",
+        doc="docs/methods/simnpo.md",
         family="unlearning",
         summary="SimNPO: reference-free, length-normalised NPO plus the retain NLL.",
         paper="Fan et al., Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning "
@@ -552,6 +622,7 @@ register(
 register(
     MethodInfo(
         name="grpo",
+        doc="docs/methods/grpo.md",
         family="rl",
         summary="RLVR on TRL's GRPOTrainer with composable parts: advantage (group, stratified, psr, nsr, "
         "w_reinforce), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + SFT term).",

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.errors import UserError, did_you_mean
-from posttrain.adapters.spec import GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
+from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
 from posttrain.methods import MethodParams, get_method
 
 
@@ -147,7 +147,7 @@ class PeftSpec(_Strict):
     """Adapter settings: ``peft`` LoRA, or a LoRA variant with its options in a sub-block named after it
     (:mod:`posttrain.adapters.spec`; docs/lora_variants.md)."""
 
-    type: Literal["lora", "plora", "goat", "ggpo"] = "lora"
+    type: Literal[ADAPTER_VARIANTS.names()] = "lora"
     r: int = Field(8, ge=1, le=65536, description="Rank; at most the model's hidden size (checked when it loads).")
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)

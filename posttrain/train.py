@@ -13,7 +13,6 @@ once the final model is saved.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -25,24 +24,30 @@ from typing import Any
 import yaml
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.losses.unlearning import uses_retain
 from posttrain.methods import MethodInfo, get_method
 from posttrain.recipe import Recipe
+from posttrain.trainers.build import build_sft_trainer, sft_config
+from posttrain.trainers.common import peft_config, training_config  # noqa: F401 (re-exported)
+from posttrain.trainers.preference import build_preference_trainer, preference_config
+from posttrain.trainers.rl import build_rl_trainer, check_rl_recipe, rl_config
+from posttrain.trainers.unlearning import build_unlearning_trainer, unlearning_config
 
 logger = logging.getLogger("posttrain")
 
-# family -> "module:function" that builds the trainer: build(ctx: RunContext) -> Trainer
+# family -> the function that builds the trainer: build(ctx: RunContext) -> Trainer
 TRAINER_BUILDERS = {
-    "sft": "posttrain.trainers.build:build_sft_trainer",
-    "preference": "posttrain.trainers.preference:build_preference_trainer",
-    "unlearning": "posttrain.trainers.unlearning:build_unlearning_trainer",
-    "rl": "posttrain.trainers.rl:build_rl_trainer",
+    "sft": build_sft_trainer,
+    "preference": build_preference_trainer,
+    "unlearning": build_unlearning_trainer,
+    "rl": build_rl_trainer,
 }
-# family -> "module:function" that builds its TRL/HF config from the recipe: fn(recipe, info) -> config
+# family -> the function that builds its TRL/HF config from the recipe: fn(recipe, info) -> config
 CONFIG_BUILDERS = {
-    "sft": "posttrain.trainers.build:sft_config",
-    "preference": "posttrain.trainers.preference:preference_config",
-    "unlearning": "posttrain.trainers.unlearning:unlearning_config",
-    "rl": "posttrain.trainers.rl:rl_config",
+    "sft": sft_config,
+    "preference": preference_config,
+    "unlearning": unlearning_config,
+    "rl": rl_config,
 }
 # family -> the data keys preflight loads, with the row format each is checked against
 DATA_KINDS = {
@@ -51,9 +56,9 @@ DATA_KINDS = {
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
     "unlearning": {"forget": "unlearning", "retain": "unlearning"},
 }
-# family -> "module:function" run before any model is loaded or anything is written: check(recipe) -> None
+# family -> the check run before any model is loaded or anything is written: check(recipe) -> None
 PREFLIGHT_CHECKS = {
-    "rl": "posttrain.trainers.rl:check_rl_recipe",
+    "rl": check_rl_recipe,
 }
 
 
@@ -112,45 +117,6 @@ def setup_logging(quiet: bool = False) -> None:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def training_config(config_cls, recipe: Recipe, overrides: dict[str, Any] | None = None):
-    """Build the TRL/HF config from ``recipe.training`` with posttrain's defaults; errors name ``training.<key>``."""
-    import torch
-
-    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    for key in recipe.training:
-        if key not in fields:
-            raise UserError(f"training.{key}: unknown training argument{did_you_mean(key, fields)}")
-    for key in ("output_dir", "seed"):
-        if key in recipe.training:
-            raise UserError(f"training.{key}: set it as the top-level recipe key '{key}'")
-    # types and domains were checked when the recipe was parsed (posttrain.training_args.check_training)
-    on_gpu = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {
-        "report_to": "none",
-        "logging_steps": 10,
-        "save_strategy": "steps",
-        "save_steps": 500,
-        "save_total_limit": 2,
-        "gradient_checkpointing": False,
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
-        "use_cpu": not on_gpu,
-        "dataloader_num_workers": 0,
-        # a progress bar by default: transformers would turn it off because posttrain quiets its logger
-        "disable_tqdm": False,
-    }
-    kwargs.update(overrides or {})
-    kwargs.update(recipe.training)
-    kwargs["output_dir"] = recipe.output_dir
-    kwargs["seed"] = recipe.seed
-    try:
-        return config_cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        text = " ".join(str(exc).split())
-        named = next((k for k in recipe.training if k in text), None)
-        where = f"training.{named}" if named else "training"
-        raise UserError(f"{where}: {text[:300]}") from None
 
 
 # training.report_to values that are posttrain extras (pip install 'posttrain[NAME]'; the module has the same name)
@@ -283,25 +249,6 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
                 raise UserError(f"peft.{key}: the model has no module named '{target}'{did_you_mean(target, leaves)}")
 
 
-def peft_config(recipe: Recipe):
-    if recipe.peft is None:
-        return None
-    from peft import LoraConfig
-
-    p = recipe.peft
-    return LoraConfig(
-        r=p.r,
-        lora_alpha=p.lora_alpha,
-        lora_dropout=p.lora_dropout,
-        target_modules=p.target_modules,
-        bias=p.bias,
-        use_rslora=p.use_rslora,
-        init_lora_weights=p.init_lora_weights,
-        modules_to_save=p.modules_to_save,
-        task_type="CAUSAL_LM",
-    )
-
-
 def test_accuracy(model, tokenizer, recipe: Recipe, rows=None) -> float | None:
     if recipe.data.test is None:
         return None
@@ -315,8 +262,7 @@ def test_accuracy(model, tokenizer, recipe: Recipe, rows=None) -> float | None:
 
 def build_config(recipe: Recipe, info: MethodInfo):
     """The family's TRL/HF config object for ``recipe`` (TRL's own validation included; errors name the key)."""
-    module, fn = CONFIG_BUILDERS[info.family].split(":")
-    return getattr(importlib.import_module(module), fn)(recipe, info)
+    return CONFIG_BUILDERS[info.family](recipe, info)
 
 
 def preflight(recipe: Recipe, *, load_data: bool = True,
@@ -331,8 +277,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True,
     reference_mode(recipe, info)
     config = build_config(recipe, info) if build_trainer_config else None
     if info.family in PREFLIGHT_CHECKS:  # the family's own checks (user code imported, reward specs)
-        module, fn = PREFLIGHT_CHECKS[info.family].split(":")
-        getattr(importlib.import_module(module), fn)(recipe)
+        PREFLIGHT_CHECKS[info.family](recipe)
     datasets: dict[str, Any] = {}
     if load_data:
         from posttrain.data.sources import load_source
@@ -346,9 +291,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True,
 
 
 def _retain_used(recipe: Recipe, info: MethodInfo) -> bool:
-    from posttrain.trainers.unlearning import _needs_retain
-
-    return _needs_retain(recipe, info.name)
+    return uses_retain(info.name, getattr(recipe.params, "alpha", 0.0))
 
 
 def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -465,8 +408,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         logger.info("test accuracy before training: %.1f%%", 100 * before)
     summary["accuracy_before"] = before
 
-    module, fn = TRAINER_BUILDERS[info.family].split(":")
-    build = getattr(importlib.import_module(module), fn)
+    build = TRAINER_BUILDERS[info.family]
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],
                      config=config, datasets=datasets)
     if periodic is not None:

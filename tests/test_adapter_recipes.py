@@ -383,7 +383,7 @@ def test_two_process_run(variant, tmp_path, ids):
     # two processes: each step consumes 2 x 8 of the 64 rows, so an epoch is 4 steps (8 with one process)
     assert train_rows[-1]["epoch"] == pytest.approx(3 / 4, abs=1e-3)
     assert all(any(k.startswith(f"{variant}/") for k in r) for r in train_rows)
-    if variant == "ggpo":  # the perturbation's extra compute is logged (lora_ggpo.md)
+    if variant == "ggpo":  # the perturbation's extra compute is logged (docs/methods/ggpo.md#cost)
         assert all(r["ggpo/extra_seconds"] >= 0 and r["ggpo/extra_flops"] > 0 for r in train_rows)
     assert torch.isfinite(_logits(load_adapter_run(out), ids)).all()
     assert main(["merge", str(out), str(tmp_path / "merged")]) == (2 if variant == "goat" else 0)

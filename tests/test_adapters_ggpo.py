@@ -1,4 +1,4 @@
-"""LoRA-GGPO tests (spec shared/methods/lora_ggpo.md, section "Tests")."""
+"""LoRA-GGPO tests (docs/methods/ggpo.md#how-it-is-tested)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GOAT tests (spec shared/methods/goat.md, section "Tests")."""
+"""GOAT tests (docs/methods/goat.md#how-it-is-tested)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PLoRA tests (spec shared/methods/plora.md, section "Tests")."""
+"""PLoRA tests (docs/methods/plora.md#how-it-is-tested)."""
 
 from __future__ import annotations
 
@@ -307,7 +307,7 @@ def test_trainer_short_run_loss_decreases(tmp_path):
     assert lrs[0:4] == pytest.approx(lrs[4:8])
 
 
-# refusals: DoRA and quantized base weights (spec "Hyperparameters": rejected with one line naming the key) ---------
+# refusals: DoRA and quantized base weights (docs/methods/plora.md#checkpoints-and-export: rejected with one line naming the key) ---------
 def test_dora_is_refused_before_any_weight_changes(tmp_path):
     """A DoRA adapter (``use_dora=True``) is refused at the unload (its magnitude vector depends on W), by the pure
     unload, by ``merge_and_reinit`` and by a PLoRA trainer at its first unload; no weight is touched by the unload.

@@ -1,5 +1,5 @@
 """Tests for posttrain.losses.preference against the worked examples and expected behaviours of
-shared/methods/{dpo,wpo,sparsepo,asft_aligned}.md."""
+docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def close(actual, expected, atol=ATOL, rtol=0.0):
 
 
 # ======================================================================================================================
-# DPO (dpo.md)
+# DPO (docs/methods/dpo.md#how-it-is-tested)
 # ======================================================================================================================
 
 BETA = 0.1
@@ -237,7 +237,7 @@ def test_dpo_prompt_and_padding_logits_do_not_matter():
 
 
 # ======================================================================================================================
-# WPO (wpo.md)
+# WPO (docs/methods/wpo.md#how-it-is-tested)
 # ======================================================================================================================
 
 WPO_SEQS = {
@@ -411,7 +411,7 @@ def test_wpo_clamp_bounds_loss():
 
 
 # ======================================================================================================================
-# SparsePO (sparsepo.md)
+# SparsePO (docs/methods/sparsepo.md#how-it-is-tested)
 # ======================================================================================================================
 
 SP_BETA = 0.8
@@ -450,7 +450,7 @@ def test_sparsepo_indp_worked_example():
     close(out.chosen_rewards, [0.3168])
     close(out.rejected_rewards, [-0.188])
     out.losses.sum().backward()
-    # spec gradients are those of the -logsigmoid(beta z) term; the L1 term adds l1 * sign(m) (see module note)
+    # the expected gradients (docs/methods/sparsepo.md#how-it-is-tested) are those of the -logsigmoid(beta z) term; the L1 term adds l1 * sign(m) (see module note)
     sign = lambda t: torch.sign(t.detach()) * 0.001  # noqa: E731
     close(m["chosen_reward_mask"].grad, T([[-0.059089, 0.029544, -0.147722]]) + sign(m["chosen_reward_mask"]))
     close(m["chosen_kl_mask"].grad, T([[-0.005909, -0.014772, -0.002954]]) + sign(m["chosen_kl_mask"]))
@@ -640,7 +640,7 @@ def test_sparsepo_mask_net_shapes_sparsity_and_grads():
 
 
 # ======================================================================================================================
-# ASFT-aligned (asft_aligned.md)
+# ASFT-aligned (docs/methods/asft_aligned.md#how-it-is-tested)
 # ======================================================================================================================
 
 ASFT_CW = [[-0.2, -0.5, -0.8], [-0.1, -0.3, 0.0]]

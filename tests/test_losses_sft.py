@@ -1,4 +1,4 @@
-"""SFT-family losses against the worked numbers in shared/methods/asft_anchored.md and poft.md."""
+"""SFT-family losses against the worked numbers in docs/methods/asft_anchored.md#how-it-is-tested, docs/methods/dft.md#how-it-is-tested, docs/methods/poft.md#how-it-is-tested."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from posttrain.losses.sft import asft_anchored_loss, dft_loss, dft_token_loss, nll_loss, poft_loss, token_kl
 
-# asft_anchored.md, worked example: one sequence, vocab 3, labels y = [0, 1, 2]
+# worked example of docs/methods/asft_anchored.md#how-it-is-tested: one sequence, vocab 3, labels y = [0, 1, 2]
 POLICY_LOGITS = torch.tensor([[2.0, 1.0, 0.0], [0.5, 0.5, 2.0], [0.0, 0.0, 0.0]])
 ANCHOR_LOGITS = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, -1.0]])
 LABELS = torch.tensor([0, 1, 2])
@@ -103,7 +103,7 @@ def test_num_items_in_batch_denominator():
     )
 
 
-# poft.md worked example (B = 2, M = 3, beta = 1, gamma = 0)
+# worked example of docs/methods/poft.md#how-it-is-tested (B = 2, M = 3, beta = 1, gamma = 0)
 def _poft_batch():
     logps = torch.tensor([[-0.5, -1.5, -1.0], [-2.0, -3.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])

@@ -1,4 +1,4 @@
-"""Unlearning losses against shared/methods/npo.md's worked example and expected behaviours."""
+"""Unlearning losses against docs/methods/npo.md#how-it-is-tested."""
 
 import math
 

@@ -1,5 +1,5 @@
 """PoFT's aligned-model scores: `posttrain poft-score` writes them into the data, `method.aligned_models` computes them
-before training; both give the spec's r_j (mean response log-prob, EOS included) and the same training loss."""
+before training; both give the r_j of docs/methods/poft.md#aligned-model-scores (mean response log-prob, EOS included) and the same training loss."""
 
 import json
 

@@ -1,6 +1,6 @@
 """The preference-family trainer (dpo, wpo, sparsepo, asft_aligned) against stock TRL, the formulas, and bad input.
 
-Where TRL 1.16 and the paper/reference code differ (dpo.md, wpo.md), the stock-TRL comparison uses the settings where
+Where TRL 1.16 and the paper/reference code differ docs/methods/dpo.md#differences-from-the-paper-and-trl, docs/methods/wpo.md#differences-from-the-paper-and-trl, the stock-TRL comparison uses the settings where
 they agree and the other form is checked against an independent implementation here:
 - cDPO (`label_smoothing > 0` with `loss: sigmoid`): TRL >= 0.29 ignores label_smoothing for sigmoid; ours applies it.
 - IPO `ipo_length_normalize: false` (eric-mitchell reference form): TRL only has the length-normalised form.
@@ -315,7 +315,7 @@ def _minmax_map(a, mask):
 
 
 def _mapo_mask_by_hand(model, batch, mask):
-    """MaPO mask (sparsepo.md "Mask A", Qwen2 port) from the reference model's activations, with our own hooks: the
+    """MaPO mask (docs/methods/sparsepo.md#reference-mask-mapo, Qwen2 port) from the reference model's activations, with our own hooks: the
     mean over the last dim of each hooked tensor at positions 0..T-2 (position t-1 weights token t), min-max per
     sequence, averaged within the mlp / attn / resid / logits streams, then over the streams."""
     streams = {"mlp": [], "attn": [], "resid": [], "logits": []}
@@ -340,7 +340,7 @@ def _mapo_mask_by_hand(model, batch, mask):
 
 
 def _learned_mask_by_hand(tensors, prefix, hidden_states, eps):
-    """SparsePO's learned mask (sparsepo.md "Mask B") from its saved weights, no dropout: shared LayerNorm, per layer
+    """SparsePO's learned mask (docs/methods/sparsepo.md#learned-mask) from its saved weights, no dropout: shared LayerNorm, per layer
     Linear(H, 1) + ReLU, mixer Linear(L, 1, no bias) + ReLU, on the reference's hidden_states[1:] at 0..T-2."""
     norm_w, norm_b = tensors[f"{prefix}.norm.weight"], tensors[f"{prefix}.norm.bias"]
     per_layer = []
@@ -546,7 +546,7 @@ def test_sparsepo_learned_mask_reloads_on_resume(tmp_path):
 
 
 def test_sparsepo_all_ones_masks_reduce_to_tdpo_and_zero_kl_mask_to_dpo(arith_model_dir, tiny_model_dir, tmp_path):
-    """mask_on_reward/kl off (all-ones masks) gives TDPO1; its reward part (KL mask zero) is DPO (sparsepo.md)."""
+    """mask_on_reward/kl off (all-ones masks) gives TDPO1; its reward part (KL mask zero) is DPO docs/methods/sparsepo.md#objective."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.methods import SparsePOParams

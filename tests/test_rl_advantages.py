@@ -1,5 +1,5 @@
-"""Advantage estimators against the hand-computed numbers in /work/shared/methods/{grpo,stratified_grpo,
-negative_reinforcement}.md."""
+"""Advantage estimators against the hand-computed numbers of
+docs/methods/grpo_advantages.md#how-it-is-tested."""
 
 import math
 
@@ -22,7 +22,7 @@ from posttrain.rl.advantages import (
 
 ATOL = 2e-6
 
-# grpo.md worked example: 2 prompts x 3 completions, two reward functions with weights [1.0, 0.5].
+# worked example of docs/methods/grpo_advantages.md#how-it-is-tested: 2 prompts x 3 completions, two reward functions with weights [1.0, 0.5].
 ACC = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
 FMT = [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 RPF = torch.tensor([ACC, FMT]).T
@@ -128,11 +128,11 @@ def test_stratified_scale_none():
 
 
 def test_stratified_stats_worked_example():
-    """stratified_grpo.md "Metrics" on the spec's worked example, by hand.
+    """The stratified metrics of docs/methods/grpo_advantages.md#metrics on its worked example, by hand.
 
     Strata: P1-k0 {1,0}, P1-k1 {1,1} (zero std), P2-k1 {1,1,0}, P2-k3 {0} (singleton): 2 per group, 1/4 singletons,
     1/3 of the multi-row strata with zero std. Group means 0.75 and 0.5; |mu_k - mu_g| is 0.25 on all of P1, 1/6 on
-    P2-k1 and 0.5 on P2-k3: (4 * 0.25 + 3/6 + 0.5) / 8 = 0.25. |A_SAN - A_GN| from the spec's alpha=1 and alpha=0 rows:
+    P2-k1 and 0.5 on P2-k3: (4 * 0.25 + 3/6 + 0.5) / 8 = 0.25. |A_SAN - A_GN| from the alpha=1 and alpha=0 rows (docs/methods/grpo_advantages.md#how-it-is-tested):
     P1 0.207107 + 0.792693 + 0.4999 * 2, P2 0.288625 * 2 + 0.288626 + 0.865875; total 3.731351 / 8 = 0.466419.
     With san_scale="none": every P1 row differs by 0.25, P2 by 1/6 (x3) and 0.5, so 0.25.
     """

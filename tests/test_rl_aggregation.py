@@ -1,5 +1,5 @@
-"""Loss aggregation (grpo / bnpo / dr_grpo / dapo / delta_l) against /work/shared/methods/grpo.md and
-delta_l_normalization.md, values and per-token gradients (autograd on the specs' inputs)."""
+"""Loss aggregation (grpo / bnpo / dr_grpo / dapo / delta_l) against the worked numbers of
+docs/methods/grpo_aggregation.md#how-it-is-tested, values and per-token gradients (autograd on those inputs)."""
 
 import pytest
 import torch

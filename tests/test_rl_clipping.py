@@ -1,5 +1,5 @@
 """PPO / GPPO clipping, GPPO's SFT term, k3 KL: values and autograd gradients against the worked numbers in
-/work/shared/methods/{grpo,negative_reinforcement,gppo}.md, plus a comparison with TRL 1.16's own
+docs/methods/grpo_clipping.md#how-it-is-tested, docs/methods/grpo_advantages.md#how-it-is-tested, plus a comparison with TRL 1.16's own
 ``GRPOTrainer._compute_loss`` run on the same tensors."""
 
 from collections import defaultdict
@@ -44,7 +44,7 @@ def grad_of(loss, logps, retain=False):
     return g
 
 
-# ---------------------------------------------------------------------------------------------------- grpo.md batch
+# ---------------------------------------------------------------------------------------------------- batch of docs/methods/grpo_clipping.md
 
 G_RHO_ROWS = [[1.0, 1.35], [0.7, 1.1, 1.0, 0.9], [1.15], [1.35, 1.0, 0.95], [1.0, 0.7], [0.7, 1.0, 1.35, 1.05]]
 G_LEN = [2, 4, 1, 3, 2, 4]
@@ -198,7 +198,7 @@ def test_w_gradient_symmetry():
     assert g[0, 0].item() == pytest.approx(-0.1 * g[1, 2].item(), abs=1e-8)  # both rho = 1.0
 
 
-# Dropped rows leave every denominator (negative_reinforcement.md "Algorithm" 1), whatever the aggregation. On-policy
+# Dropped rows leave every denominator (docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce), whatever the aggregation. On-policy
 # (rho = 1) the per-token loss is -A_i, so by hand, with L = [2,4,1,3,2,4], T = 4, K the kept rows, B = |K|,
 # N = sum_K L_i, and ΔL weights w_i = L_i^-0.75 / mean_K L_j^-0.75:
 #   dapo = bnpo = sum_K -A_i L_i / N;  grpo = sum_K -A_i / B;  dr_grpo = sum_K -A_i L_i / (B T);
@@ -429,7 +429,7 @@ def test_matches_trl_116_compute_loss(loss_type, beta):
     mask[1, 3] = 0.0  # ragged
     old = torch.randn(B, T) * 0.3 - 1.0
     ref = old + torch.randn(B, T) * 0.1
-    logps_val = old + torch.log(G_RHO)  # the spec's rho table, with non-zero old logps
+    logps_val = old + torch.log(G_RHO)  # the rho table of docs/methods/grpo_clipping.md#how-it-is-tested, with non-zero old logps
     advantages = group(G_R, 3)  # TRL's advantage code lives inside _generate_and_score_completions; see report
     inputs = {
         "prompt_ids": torch.zeros(B, 2, dtype=torch.long),

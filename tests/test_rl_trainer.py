@@ -1,5 +1,5 @@
 """The RL-family trainer (posttrain.trainers.rl) against stock TRL GRPOTrainer, trainer-level equivalences from the
-specs, reward-function errors, and a short learning check."""
+method pages (docs/methods/grpo.md#how-it-is-tested), reward-function errors, and a short learning check."""
 
 import inspect
 import json
@@ -119,7 +119,7 @@ def _attach_current_logps(trainer, inputs):
 def test_group_dapo_ppo_equals_stock_trl_grpo(beta, bias_correction, rows, arith_model_dir, tmp_path):
     """Same generated batch and rewards: advantages, loss (on- and off-policy) and gradients equal TRL's to 1e-5.
 
-    The KL term: posttrain's default is plain k3 (grpo.md "Loss"), i.e. stock TRL with use_bias_correction_kl=False,
+    The KL term: posttrain's default is plain k3 (docs/methods/grpo.md#kl-term), i.e. stock TRL with use_bias_correction_kl=False,
     whatever the TRL config says (its default is True); method.use_bias_correction_kl: true is TRL's k3*rho."""
     from posttrain.methods import GRPOParams
     from trl import GRPOTrainer
@@ -436,7 +436,7 @@ def test_user_reward_with_wrong_length_fails_with_one_line_naming_it(tmp_path, c
     ({"method.gppo_beta1": 0.5}, "method.gppo_beta1: only used with clipping: gppo"),
     ({"method.advantage": "nsr", "method.scale_rewards": "none"}, "method.scale_rewards: advantage nsr uses no"),
     ({"method.advantage": "stratified", "method.scale_rewards": "none"},
-     "method.scale_rewards: not used with advantage: stratified"),
+     "method.scale_rewards: advantage stratified scales with method.san_scale"),
     ({"method.aggregation": "token_sum"}, "method.aggregation"),
     ({"method.use_bias_correction_kl": True}, "method.use_bias_correction_kl: only used with the KL term"),
 ])
@@ -473,7 +473,7 @@ def test_build_errors_name_the_key(tmp_path):
 
 
 def test_kl_form_key_sets_the_trl_config_field(tmp_path):
-    """method.use_bias_correction_kl (default false, the spec's plain k3) is what the GRPOConfig gets; TRL's own
+    """method.use_bias_correction_kl (default false, GRPO's plain k3) is what the GRPOConfig gets; TRL's own
     default (true) never leaks in."""
     import yaml
 
@@ -576,7 +576,7 @@ def test_ref_model_errors_name_the_key(tmp_path, capsys):
 
 def test_combined_run_logs_every_metric_the_issue_and_specs_name(tmp_path):
     """recipes/grpo_combined.yaml (stratified + delta_l + gppo + KL), 4 steps: every logged row of metrics.jsonl has the
-    per-step metrics issue 5 lists and the specs' extra ones, finite, with the counts consistent."""
+    per-step metrics issue 5 lists and the extra ones of docs/methods/grpo.md#metrics, finite, with the counts consistent."""
     import math
 
     from posttrain.recipe import load_recipe

@@ -48,7 +48,7 @@ def test_loss_and_grads_match_stock_trl(tiny_model_dir, tmp_path, method, loss_t
 
 
 def test_asft_anchored_at_init_equals_dft_and_kl_is_zero(tiny_model_dir, tmp_path):
-    """With the anchor equal to the policy, KL is 0 and the ASFT loss equals TRL's DFT loss (asft_anchored.md)."""
+    """With the anchor equal to the policy, KL is 0 and the ASFT loss equals TRL's DFT loss docs/methods/asft_anchored.md#objective."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.methods import ASFTAnchoredParams

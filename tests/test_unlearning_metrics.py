@@ -1,4 +1,4 @@
-"""TOFU metrics against shared/methods/npo.md's worked numbers, and the fictitious-facts generator."""
+"""TOFU metrics against docs/methods/npo.md#how-it-is-tested, and the fictitious-facts generator."""
 
 import numpy as np
 import pytest

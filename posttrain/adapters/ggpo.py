@@ -2,7 +2,7 @@
 
 Paper: Chang, Guo, Chang, Wu, "LoRA-GGPO: Mitigating Double Descent in LoRA Fine-Tuning via Gradient-Guided
 Perturbation Optimization", arXiv 2502.14538v1 (Eq. 6-8; v2/v3 of the same id are the successor LoRA-MGPO).
-Spec: ``shared/methods/lora_ggpo.md`` (sections "Objective", "Step by step", "Cost", "Worked example").
+Method page: docs/methods/ggpo.md (sections #objective, #step-by-step, #cost, #how-it-is-tested).
 
 Objective: ``min_{A,B} E_{ε~N(0,Σ)} L(W + s·B·A + ε)`` with one noise sample per optimizer step on each targeted
 layer's merged weight ``W' = W + s·B·A`` (m x n); the noise is added to the frozen base-weight storage only.
@@ -11,7 +11,7 @@ Row-wise variance (v1 Eq. 6): ``ε[i, j] ~ N(0, (σ²/n)·(||W'_i||² + β·||G_
 without forming G (Gram formula): with ``u_i = [∇B_i, B_i]`` (1 x 2r), ``M = [A; ∇A]`` (2r x n), ``K = M Mᵀ``,
 ``||G_i||² = s²·u_i K u_iᵀ``.
 
-Step t (spec "Step by step"): (1) before the first micro-batch's forward, ``W <- W + ε`` (under no_grad, fp32 math);
+Step t (docs/methods/ggpo.md#step-by-step): (1) before the first micro-batch's forward, ``W <- W + ε`` (under no_grad, fp32 math);
 (2) all micro-batches run forward/backward at ``W + ε``; (3) after the last backward, ε is removed (``copy``: the
 saved W is copied back bitwise; ``regenerate``: ε is redrawn from the same generator state and subtracted) and
 ``gnorm2`` is set from the accumulated, unclipped ∇A/∇B; (4) clipping/optimizer/scheduler as plain LoRA.
@@ -115,7 +115,7 @@ def _out_in_view(layer: LoraLayer, t: torch.Tensor) -> torch.Tensor:
 # The perturbation object
 # --------------------------------------------------------------------------------------------------------------
 class GGPOPerturbation:
-    """Apply / remove the GGPO noise around one optimizer step (spec "Step by step").
+    """Apply / remove the GGPO noise around one optimizer step (docs/methods/ggpo.md#step-by-step).
 
     Usage (plain torch, GA micro-batches)::
 
@@ -143,7 +143,7 @@ class GGPOPerturbation:
         sigma_at(sigma, sigma_schedule, 0, total_steps or 1)  # validates the schedule name
         # restore="copy" by default, for every dtype: (W + eps) - eps is not W in floating point (weights smaller than
         # eps change binade); that drift is in no checkpoint, so "regenerate" breaks bit-exact resume and makes the
-        # saved adapter (on the original base) differ from the trained model. docs/lora_variants.md "LoRA-GGPO".
+        # saved adapter (on the original base) differ from the trained model. docs/methods/ggpo.md#removing-the-noise-restore.
         self.sigma, self.beta, self.seed, self.restore = float(sigma), float(beta), int(seed), restore
         self.sigma_schedule, self.total_steps, self.every_n_steps = sigma_schedule, total_steps, int(every_n_steps)
         self.rank = int(rank)

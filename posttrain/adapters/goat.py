@@ -2,8 +2,8 @@
 
 Paper: Fan et al., "Make LoRA Great Again: Boosting LoRA with Adaptive Singular Values and Mixture-of-Experts
 Optimization Alignment", ICML 2025, arXiv 2502.16894 (Sec. 3 Eq. 9-19, Lemma 3.3, Thm 3.4-3.5, Alg. 1, App. C).
-Spec: ``shared/methods/goat.md`` (sections "Architecture", "Initialization", "Scaling factor s",
-"Load-balance loss", "Save and load").
+Method page: docs/methods/goat.md (sections #architecture, #initialization, #scaling, #load-balancing-loss,
+#save-and-load).
 
 Per targeted ``nn.Linear`` with base weight ``W0`` (m x n = out x in), E experts of rank ``d = r/E``:
 
@@ -122,7 +122,7 @@ def goat_scaling(kind: str, in_features: int, expert_rank: int, lora_alpha: floa
 def goat_svd_factors(
     weight: torch.Tensor, num_experts: int, rank: int, s: float, rho: float
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    """SVD init (spec "Initialization"). Returns A (E, d, n), B (E, m, d) in fp32 and the segment indices.
+    """SVD init (docs/methods/goat.md#initialization). Returns A (E, d, n), B (E, m, d) in fp32 and the segment indices.
 
     Expert j takes singular indices ``[j·t, j·t + d)`` with ``t = floor(min(m,n)/E)``, ``d = rank/E``.
     """

@@ -1,18 +1,18 @@
 """PeriodicLoRA (PLoRA): periodically unload the LoRA update into the backbone.
 
 Paper: Meng et al., "PeriodicLoRA: Breaking the Low-Rank Bottleneck in LoRA Optimization", arXiv 2402.16141.
-Spec: ``shared/methods/plora.md`` (sections "Algorithm", "Hosting on PEFT + HF Trainer", "Checkpoint, save, load").
+Method page: docs/methods/plora.md (sections #unload-modes, #checkpoints-and-export).
 
 Per targeted linear layer with frozen base weight ``W`` (out x in), ``A`` (r x in), ``B`` (out x r) and scaling
 ``s`` (alpha/r or alpha/sqrt(r)), an *unload* runs at the end of every ``stage_steps``-th optimizer step
 (``TrainerCallback.on_step_end``, after optimizer.step / scheduler.step / zero_grad), under ``no_grad`` in fp32:
 
-* ``reset`` (the paper's basic PLoRA, spec "Mode reset"):
+* ``reset`` (the paper's basic PLoRA, docs/methods/plora.md#reset-mode):
   ``W <- W + s·B·A``; ``A`` redrawn (kaiming-uniform a=sqrt5, or normal std 1/r for ``gaussian``) from a dedicated
   generator seeded by (run seed, stage index, module name); ``B <- 0``; the optimizer state of every LoRA parameter
   is dropped (the next update is an exact fresh-AdamW first step); the LR schedule restarts each stage:
   ``lr(k) = base_lr · f_T(k mod T)``.
-* ``momentum`` (framework default, spec "Mode momentum"): ``W <- W + lam·s·B·A``; ``B <- (1-lam)·B``. The layer
+* ``momentum`` (framework default, docs/methods/plora.md#momentum-mode): ``W <- W + lam·s·B·A``; ``B <- (1-lam)·B``. The layer
   function ``W + s·B·A`` is preserved exactly; A, optimizer and LR are untouched. With T = 1 the backbone
   accumulates an EMA of LoRA's per-step updates.
 * ``momentum_scale_both`` (third-party MyTransformers formula): ``W <- W + lam·s·B·A``; ``A <- (1-lam)·A``;
@@ -112,7 +112,7 @@ def plora_unload_(
     generator: torch.Generator | None = None,
     init_lora_weights: bool | str = True,
 ) -> float:
-    """Unload one LoRA layer into its base weight in place; return ``||dW||_F`` (spec "Algorithm").
+    """Unload one LoRA layer into its base weight in place; return ``||dW||_F`` (docs/methods/plora.md#unload-modes).
 
     ``reset``: ``W += s·B·A``; A redrawn from ``generator`` (kaiming-uniform a=sqrt5, or normal std 1/r when
     ``init_lora_weights == "gaussian"``); B = 0 (bias of B, if any, is folded into the base bias and zeroed).
@@ -159,7 +159,7 @@ def plora_unload_(
 
 
 def reset_optimizer_state(optimizer: Any, params: list[nn.Parameter]) -> int:
-    """Drop the optimizer state of ``params`` (spec step 3); return the number of entries removed.
+    """Drop the optimizer state of ``params`` (docs/methods/plora.md#reset-mode); return the number of entries removed.
 
     Dropping (rather than zeroing) restores the AdamW bias-correction ``step`` too, so the next update is exactly a
     fresh AdamW first step. Unwraps accelerate's ``AcceleratedOptimizer`` (``.optimizer``).
@@ -231,7 +231,7 @@ def merge_and_reinit(
 
 
 def validate_plora_config(mode: str, stage_steps: int | None, lam: float) -> int:
-    """Validate ``peft.plora.*`` and return the effective ``stage_steps`` (spec "Hyperparameters")."""
+    """Validate ``peft.plora.*`` and return the effective ``stage_steps`` (docs/methods/plora.md#hyperparameters)."""
     if mode not in PLORA_MODES:
         raise UserError(f"peft.plora.mode: unknown mode {mode!r}; expected one of {', '.join(PLORA_MODES)}")
     if not (0.0 < float(lam) <= 1.0):
@@ -253,7 +253,7 @@ def validate_plora_config(mode: str, stage_steps: int | None, lam: float) -> int
 
 def check_plora_reference_model(beta: float, ref_model: Any = None, precompute_ref_log_probs: bool = False) -> None:
     """After an unload ``disable_adapter()`` is no longer the original model: TRL DPO/KTO/GRPO with beta > 0 need an
-    explicit ref model or precomputed reference log-probs (spec "Hosting", reference models)."""
+    explicit ref model or precomputed reference log-probs (docs/methods/plora.md#reference-models)."""
     if beta and beta > 0 and ref_model is None and not precompute_ref_log_probs:
         raise UserError(
             "peft.plora: with beta > 0 the adapter-disabled reference is no longer the original model after an "
@@ -271,7 +271,7 @@ def make_periodic_scheduler(
     step_offset: int = 0,
     scheduler_specific_kwargs: dict | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LR schedule restarted every stage: ``lr(k) = base_lr · f_T((k - offset) mod T)`` (spec step 4).
+    """LR schedule restarted every stage: ``lr(k) = base_lr · f_T((k - offset) mod T)`` (docs/methods/plora.md#reset-mode).
 
     ``f_T`` is transformers' ``get_scheduler(name)`` built with ``num_training_steps = T`` and
     ``num_warmup_steps = warmup_steps`` if ``0 < warmup_steps < T``, else ``round(warmup_ratio · T)``.
@@ -297,7 +297,7 @@ def make_periodic_scheduler(
 # Trainer integration
 # --------------------------------------------------------------------------------------------------------------
 class PLoRAState:
-    """Resume state (spec "State kept across steps"): stage index, seed, mode parameters, step offset."""
+    """Resume state (docs/methods/plora.md#checkpoints-and-export): stage index, seed, mode parameters, step offset."""
 
     def __init__(self, mode: str, stage_steps: int, lam: float, seed: int, stage_index: int = 0, step_offset: int = 0):
         self.mode, self.stage_steps, self.lam, self.seed = mode, int(stage_steps), float(lam), int(seed)
@@ -313,7 +313,7 @@ class PLoRAState:
 
 
 class PLoRACallback(TrainerCallback):
-    """``on_step_end``: every ``stage_steps`` optimizer steps, unload all LoRA layers (spec "Hosting").
+    """``on_step_end``: every ``stage_steps`` optimizer steps, unload all LoRA layers (docs/methods/plora.md#unload-modes).
 
     Needs ``model`` and ``optimizer`` from the callback kwargs (HF Trainer passes both). Metrics of the last unload
     are kept in ``self.last_metrics`` (and merged into the next ``on_log``). ``on_save`` writes

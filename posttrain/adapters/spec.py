@@ -13,15 +13,24 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.errors import UserError
+from posttrain.registry import Registry
 
-PEFT_TYPES = ("lora", "plora", "goat", "ggpo")
-MERGEABLE = ("lora", "plora", "ggpo")
+# ``peft.type`` -> entry: ``fn`` is the variant's options model (the ``peft.<type>`` sub-block; plain LoRA has none),
+# ``meta``: ``mergeable`` (``posttrain merge`` folds the adapter into the base), ``options`` (it has a sub-block).
+# The implementations (posttrain/adapters/<type>.py) import torch/peft and are wired by posttrain.adapters.trainer.
+ADAPTER_VARIANTS: Registry = Registry("adapter variant")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
+@ADAPTER_VARIANTS.register("lora", doc="docs/methods/lora.md", mergeable=True, options=False)
+class LoRAOptions(_Strict):
+    """Plain LoRA (Hu et al. 2021, arXiv 2106.09685) through PEFT: no options beyond the ``peft.*`` keys."""
+
+
+@ADAPTER_VARIANTS.register("plora", doc="docs/methods/plora.md", mergeable=True, options=True)
 class PLoRASpec(_Strict):
     """PeriodicLoRA (arXiv 2402.16141): unload the adapter into the backbone every ``stage_steps`` steps."""
 
@@ -46,6 +55,7 @@ class PLoRASpec(_Strict):
         return self
 
 
+@ADAPTER_VARIANTS.register("goat", doc="docs/methods/goat.md", mergeable=False, options=True)
 class GOATSpec(_Strict):
     """GOAT (arXiv 2502.16894): SVD-initialised mixture of LoRA experts with a top-k router. ``peft.r`` is the
     total rank (split into ``num_experts`` experts of rank r/E)."""
@@ -72,6 +82,7 @@ class GOATSpec(_Strict):
         return self
 
 
+@ADAPTER_VARIANTS.register("ggpo", doc="docs/methods/ggpo.md", mergeable=True, options=True)
 class GGPOSpec(_Strict):
     """LoRA-GGPO (arXiv 2502.14538v1): per-step Gaussian weight perturbation scaled by weight and gradient norms."""
 
@@ -87,7 +98,9 @@ class GGPOSpec(_Strict):
     )
 
 
-VARIANT_SPECS = {"plora": PLoRASpec, "goat": GOATSpec, "ggpo": GGPOSpec}
+PEFT_TYPES = ADAPTER_VARIANTS.names()
+MERGEABLE = tuple(e.name for e in ADAPTER_VARIANTS if e.mergeable)
+VARIANT_SPECS = {e.name: e.fn for e in ADAPTER_VARIANTS if e.options}
 
 
 def check_peft_variant(peft: Any) -> Any:

@@ -4,7 +4,7 @@ TOFU (Maini et al., arXiv 2401.06121) fine-tunes a model on QA pairs about 200 f
 last 1%, 5% or 10% of them (``forget01/05/10``) while keeping the rest (``retain99/95/90``). Each question also has a
 paraphrased answer and perturbed (wrong, same-format) answers for the truth ratio, and utility is also measured on
 "world facts" the model knew before. ``holdout`` people are never trained on (privacy / MIA reference). See
-``shared/methods/npo.md`` "TOFU metrics".
+docs/methods/npo.md#tofu-evaluation-metrics.
 
 Here ``num_people`` (default 100) made-up people get attributes (birthplace, profession, birth year, book, favourite
 colour, instrument); ``questions_per_person`` of them (default 4, at most 6, in that order) become questions. Names are

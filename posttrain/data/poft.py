@@ -1,4 +1,4 @@
-"""PoFT aligned-model scores: r_j = mean per-token log-prob of the response under aligned LLM j (spec: poft.md).
+"""PoFT aligned-model scores: r_j = mean per-token log-prob of the response under aligned LLM j (docs/methods/poft.md#aligned-model-scores).
 
 Scores are either precomputed into the data (``poft_ref_scores``: a list of M floats, or ``poft_ref_score``: already
 averaged), or computed here from named aligned models, each with its own tokenizer (``posttrain poft-score`` writes

@@ -1,7 +1,7 @@
 """TOFU-style evaluation of an unlearned model on the built-in fictitious-facts task (``posttrain eval --suite tofu``).
 
 Runs a model over four sets of :mod:`posttrain.data.facts` and reduces them with the pure metrics of
-:mod:`posttrain.eval.unlearning_metrics` (open-unlearning definitions, ``shared/methods/npo.md`` "TOFU metrics"):
+:mod:`posttrain.eval.unlearning_metrics` (open-unlearning definitions, docs/methods/npo.md#tofu-evaluation-metrics):
 
 * ``forget`` (``forgetNN``): ``forget_Q_A_Prob``, ``forget_Q_A_ROUGE``, ``forget_truth_ratio`` (closer-to-1 aggregate)
   and ``forget_quality``: the KS-test p-value between this model's per-question truth ratios on the forget set and a

@@ -6,10 +6,10 @@ Conventions (shared with :mod:`posttrain.losses.sft`):
   computed from the logits at position ``t - 1``); ``mask[b, t]`` is 1.0 on scored (completion) tokens, 0 elsewhere;
 * sequence-level tensors are ``[B]`` (one value per pair for the chosen and for the rejected side);
 * all loss math runs in fp32 and uses ``F.logsigmoid`` (never ``log(sigmoid(x))``);
-* loss functions return PER-PAIR losses ``[B]``; the trainer takes the mean over the micro-batch (the specs' L);
+* loss functions return PER-PAIR losses ``[B]``; the trainer takes the mean over the micro-batch (the L of docs/methods/dpo.md#objective);
 * every reward / weight / metric returned here is detached.
 
-Specs: ``shared/methods/dpo.md``, ``wpo.md``, ``sparsepo.md``, ``asft_aligned.md``.
+Method pages: docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ __all__ = [
 def sequence_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Summed sequence log-prob ``s = sum_t mask_t * logp_t`` in fp32, ``[B, T] -> [B]``.
 
-    dpo.md, "Inputs": a SUM, prompt and padding contribute 0, no length normalisation. Masked positions are zeroed with
+    docs/methods/dpo.md#inputs: a SUM, prompt and padding contribute 0, no length normalisation. Masked positions are zeroed with
     ``torch.where`` so that non-finite garbage at padding (e.g. ``-inf``) cannot leak into the sum.
     """
     mask = mask.to(torch.bool)
@@ -67,12 +67,12 @@ def sequence_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """Completion token count per row, clamped to at least 1 (fp32 ``[B]``) — the N of dpo.md (IPO) and wpo.md."""
+    """Completion token count per row, clamped to at least 1 (fp32 ``[B]``) — the N of docs/methods/dpo.md#objective, docs/methods/wpo.md#weights."""
     return mask.to(torch.float32).sum(-1).clamp(min=1.0)
 
 
 def mean_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Length-normalised sequence log-prob ``lbar = s / N`` (asft_aligned.md "Inputs"; TRL IPO normalisation)."""
+    """Length-normalised sequence log-prob ``lbar = s / N`` (docs/methods/asft_aligned.md#inputs; TRL IPO normalisation)."""
     return sequence_logps(logps, mask) / sequence_lengths(mask)
 
 
@@ -107,7 +107,7 @@ def dpo_loss(
 ) -> PreferenceLossOutput:
     """Per-pair DPO-family loss on SUMMED sequence log-probs (``[B]`` each); the trainer takes the mean over pairs.
 
-    Implements dpo.md "Objective" with c = s_c - s_ref_c, r = s_r - s_ref_r, D = c - r:
+    Implements docs/methods/dpo.md#objective with c = s_c - s_ref_c, r = s_r - s_ref_r, D = c - r:
 
     * ``sigmoid`` — DPO, Rafailov et al., arXiv 2305.18290, Eq. 7; with ``label_smoothing`` = eps > 0 it is cDPO
       (Mitchell, "A note on DPO with noisy preferences"): ``-(1-eps) logsig(beta D) - eps logsig(-beta D)``.
@@ -166,7 +166,7 @@ def preference_metrics(
 ) -> dict[str, float]:
     """TRL-named reward metrics from per-pair tensors (``[B]``; gather across processes first if needed).
 
-    dpo.md "Metrics": ``rewards/chosen`` and ``rewards/rejected`` (means), ``rewards/margins`` (mean of the
+    docs/methods/dpo.md#metrics: ``rewards/chosen`` and ``rewards/rejected`` (means), ``rewards/margins`` (mean of the
     difference), ``rewards/accuracies`` (mean of ``chosen > rejected``, strict), ``logps/chosen`` and
     ``logps/rejected`` (mean policy sequence log-probs). Also used by SparsePO and ASFT with their own rewards/logps.
     """
@@ -192,7 +192,7 @@ WPOAlignment = Literal["sampled", "greedy", "none"]
 def wpo_log_alignment(logits: torch.Tensor, alignment: WPOAlignment = "sampled") -> torch.Tensor:
     """Per-position weight-alignment term ``log S_t`` from full-vocab logits ``[B, T, V] -> [B, T]`` (fp32, no grad).
 
-    Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization", arXiv 2406.11827 (wpo.md "Weights"):
+    Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization", arXiv 2406.11827 (docs/methods/wpo.md#weights):
 
     * ``sampled`` (default; the reference code and TRL): ``log sum_v pi(v)^2 = logsumexp(2 z) - 2 logsumexp(z)``
       (TRL's fused head exposes the same quantity as ``outputs.log_sum_sq_probs``);
@@ -218,7 +218,7 @@ def wpo_sequence_weights(
 ) -> torch.Tensor:
     """Sequence weight ``w = exp((1/N) sum_t mask_t (logp_t - log S_t))``, ``[B, T] -> [B]``, detached fp32.
 
-    WPO, arXiv 2406.11827 (wpo.md "Weights"); ``N`` = completion length clamped to >= 1. ``log_alignment`` is the
+    WPO, arXiv 2406.11827 (docs/methods/wpo.md#weights); ``N`` = completion length clamped to >= 1. ``log_alignment`` is the
     output of :func:`wpo_log_alignment` (``None`` means the unaligned form, log S = 0).
     """
     ratio = logps.float()
@@ -233,7 +233,7 @@ def wpo_pair_weights(
 ) -> torch.Tensor:
     """Pair weight ``W_i = w(y_c) * w(y_r)``, then ``min(W_i, clamp_max)`` unless ``clamp_max`` is None (detached).
 
-    WPO, arXiv 2406.11827 (wpo.md "Weights"): ``clamp_max=1.0`` (framework default ``wpo_weight_clamp_max``) matches
+    WPO, arXiv 2406.11827 (docs/methods/wpo.md#weights): ``clamp_max=1.0`` (framework default ``wpo_weight_clamp_max``) matches
     the reference code and TRL <= 0.28; ``None`` is the paper's Eq. 2 and TRL >= 0.29.
     """
     weights = chosen_weights.float() * rejected_weights.float()
@@ -241,7 +241,7 @@ def wpo_pair_weights(
 
 
 def wpo_loss(losses: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
-    """WPO objective ``L = (1/B) sum_i sg(W_i) l_i`` (wpo.md "Objective"), a scalar.
+    """WPO objective ``L = (1/B) sum_i sg(W_i) l_i`` (docs/methods/wpo.md#objective), a scalar.
 
     ``losses`` are per-pair losses of any DPO type (e.g. ``dpo_loss(...).losses``); the mean is over pairs, NOT
     normalised by ``sum W``. The weights are detached, so the gradient is ``W_i`` times each pair's DPO gradient.
@@ -252,7 +252,7 @@ def wpo_loss(losses: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
 def wpo_metrics(
     chosen_weights: torch.Tensor, rejected_weights: torch.Tensor, clamp_max: float | None = 1.0
 ) -> dict[str, float]:
-    """``wpo/*`` metrics of wpo.md "Metrics".
+    """``wpo/*`` metrics of docs/methods/wpo.md#metrics.
 
     Pair-weight stats are after the clamp; ``clamped_fraction`` is the share of pairs with W > clamp before it.
     """
@@ -277,7 +277,7 @@ def wpo_metrics(
 def sparsepo_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """Token KL ``KL(pi_ref || pi_theta) = sum_v pi_ref (log pi_ref - log pi_theta)``, ``[..., V] -> [...]``.
 
-    SparsePO, Christopoulou et al., arXiv 2410.05102 (sparsepo.md "Inputs"; TDPO, arXiv 2404.11999). Both
+    SparsePO, Christopoulou et al., arXiv 2410.05102 (docs/methods/sparsepo.md#inputs; TDPO, arXiv 2404.11999). Both
     log-softmaxes are taken in fp32 and the KL is formed from log-probs. The reference side is detached; the policy
     side keeps its gradient (SparsePO has no stop-gradient on the KL).
     """
@@ -331,7 +331,7 @@ def sparsepo_loss(
     l1_kl: float = 0.0,
     common_mask: bool = False,
 ) -> SparsePOOutput:
-    """Per-pair SparsePO loss with token masks (sparsepo.md "Objective"). All token inputs are ``[B, T]``.
+    """Per-pair SparsePO loss with token masks (docs/methods/sparsepo.md#objective). All token inputs are ``[B, T]``.
 
     Christopoulou et al., "SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks",
     arXiv 2410.05102 (formulas from the reference code ``huawei-noah/HEBO/SparsePO``; builds on TDPO1,
@@ -390,7 +390,7 @@ def sparsepo_loss(
 def mask_sparsity(mask_values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Percentage (0-100) of completion tokens whose mask value is exactly 0, pooled over the batch (scalar).
 
-    sparsepo.md "Expected behaviours"/"Metrics" (``Weights/*_sparsity``); prompt/padding positions never count.
+    docs/methods/sparsepo.md#metrics (``Weights/*_sparsity``); prompt/padding positions never count.
     """
     lm = loss_mask.to(torch.bool)
     n = lm.sum().clamp(min=1)
@@ -410,7 +410,7 @@ def sparsepo_metrics(
     chosen_kl_mask: torch.Tensor | None = None,
     rejected_kl_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """SparsePO metrics (sparsepo.md "Metrics"), with our fixes: SeqKL over completion tokens only, margins as the mean
+    """SparsePO metrics (docs/methods/sparsepo.md#metrics), with our fixes: SeqKL over completion tokens only, margins as the mean
     of per-pair absolute differences. ``*_logps`` are the unweighted policy sums. For a common mask pass the same
     tensors as reward and KL masks. Masks that are off (None) get no sparsity / L1 entries."""
     metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps)
@@ -439,7 +439,7 @@ def sparsepo_metrics(
 
 @torch.no_grad()
 def mapo_activation_map(activations: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """One hooked tensor -> per-token map in [0, 1] over each sequence's completion tokens (sparsepo.md "Mask A").
+    """One hooked tensor -> per-token map in [0, 1] over each sequence's completion tokens (docs/methods/sparsepo.md#reference-mask-mapo).
 
     MaPO mask of SparsePO, arXiv 2410.05102 (reference ``mapo_trainer.apply_activation_mapping``, ``zn_rescale``).
     ``activations`` is ``[B, T, H]`` (averaged over the last dim) or already-averaged ``[B, T]``, aligned with the
@@ -465,7 +465,7 @@ def mapo_activation_map(activations: torch.Tensor, loss_mask: torch.Tensor) -> t
 def mapo_mask(
     streams: Mapping[str, Sequence[torch.Tensor]] | Sequence[Sequence[torch.Tensor]], loss_mask: torch.Tensor
 ) -> torch.Tensor:
-    """MaPO token mask ``[B, T]`` in [0, 1], detached (sparsepo.md "Mask A", steps 1-4).
+    """MaPO token mask ``[B, T]`` in [0, 1], detached (docs/methods/sparsepo.md#reference-mask-mapo, steps 1-4).
 
     ``streams`` maps a stream name (mlp / attn / resid / logits) to its hooked tensors; each tensor goes through
     :func:`mapo_activation_map`, maps are averaged within a stream, then the stream means are averaged.
@@ -479,7 +479,7 @@ def mapo_mask(
 
 
 class SparsePOMaskNet(nn.Module):
-    """Learned SparsePO token mask (``mask_model=simple_all``; sparsepo.md "Mask B").
+    """Learned SparsePO token mask (``mask_model=simple_all``; docs/methods/sparsepo.md#learned-mask).
 
     SparsePO, arXiv 2410.05102 (reference ``src/masks/mask_models.py::SimpleMaskAllLayers``). Input: the reference
     model's per-layer hidden states (``hidden_states[1:]``, embeddings excluded), each ``[B, T, H]`` and already
@@ -518,7 +518,7 @@ class SparsePOMaskNet(nn.Module):
 def log_odds(lbar: torch.Tensor, prob_clamp: float = 1e-7) -> torch.Tensor:
     """``odds(lbar) = lbar - log(1 - exp(lbar))`` in fp32, with ``lbar`` clamped to ``<= log1p(-prob_clamp)``.
 
-    asft_aligned.md "Inputs"/"Numerics" (ASFT, arXiv 2409.10571): ``log(1 - e^l)`` is computed as
+    docs/methods/asft_aligned.md#numerics (ASFT, arXiv 2409.10571): ``log(1 - e^l)`` is computed as
     ``log(-expm1(l))``; the clamp bounds pibar at ``1 - prob_clamp`` (no gradient beyond it).
     """
     lbar = lbar.float().clamp(max=math.log1p(-prob_clamp))
@@ -550,7 +550,7 @@ def asft_aligned_loss(
     sft_coef: float = 1.0,
     prob_clamp: float = 1e-7,
 ) -> ASFTOutput:
-    """Per-pair ASFT-aligned loss ``l = -c_sft*lbar_w + lam*A`` (asft_aligned.md "Objective"); no reference model.
+    """Per-pair ASFT-aligned loss ``l = -c_sft*lbar_w + lam*A`` (docs/methods/asft_aligned.md#objective); no reference model.
 
     Wang et al., "ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood", arXiv 2409.10571; tempered form
     from Gorbatovski et al., arXiv 2502.01237, Sec. 2.4/3.1 and turbo-alignment ``ASFTLoss``. Inputs are
@@ -581,7 +581,7 @@ def asft_aligned_loss(
 def asft_metrics(
     out: ASFTOutput, chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor
 ) -> dict[str, float]:
-    """asft_aligned.md "Metrics": ``asft/*``, ``rewards/*`` (beta*lbar; accuracy = lbar_w > lbar_l), ``logps/*``
+    """docs/methods/asft_aligned.md#metrics: ``asft/*``, ``rewards/*`` (beta*lbar; accuracy = lbar_w > lbar_l), ``logps/*``
     (mean lbar) and ``log_odds/*``."""
     metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen_mean_logps, rejected_mean_logps)
     # accuracy is defined on lbar (identical to the reward comparison for beta > 0, explicit for any beta)

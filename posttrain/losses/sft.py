@@ -29,7 +29,7 @@ def dft_token_loss(logps: torch.Tensor) -> torch.Tensor:
     """Dynamic Fine-Tuning per-token loss ``-sg(p_t) * log p_t``.
 
     Wu et al., "On the Generalization of SFT: A Reinforcement Learning Perspective with Reward Rectification",
-    arXiv 2508.05629 (spec: asft_anchored.md, "DFT"). The gradient w.r.t. ``log p_t`` is ``-p_t`` (CE gives -1).
+    arXiv 2508.05629 (docs/methods/dft.md#objective). The gradient w.r.t. ``log p_t`` is ``-p_t`` (CE gives -1).
     """
     logps = logps.float()
     return -logps.detach().exp() * logps
@@ -51,7 +51,7 @@ def token_kl(
 
     ``base_to_policy`` is KL(pi_base || pi_theta) = sum_v pi_base (log pi_base - log pi_theta), what the ASFT
     reference code and LlamaFactory compute; ``policy_to_base`` is KL(pi_theta || pi_base), the paper's Eq. 6 wording
-    (spec: asft_anchored.md, "Paper vs code, on the KL direction"). Both log-softmaxes are taken in fp32.
+    (docs/methods/asft_anchored.md#kl-direction). Both log-softmaxes are taken in fp32.
     """
     logq = F.log_softmax(policy_logits.float(), dim=-1)
     logb = F.log_softmax(base_logits.float(), dim=-1)
@@ -71,8 +71,7 @@ def asft_anchored_loss(
 ) -> torch.Tensor:
     """Anchored SFT: ``sum_t M_t (-sg(p_t) log p_t + lambda KL_t) / N``.
 
-    Zhu et al., "Anchored Supervised Fine-Tuning", arXiv 2509.23753, Eq. 5-6 (spec: asft_anchored.md, "ASFT
-    objective"). ``kl`` is the per-token KL (same shape as ``logps``, e.g. from :func:`token_kl`); the DFT and KL terms
+    Zhu et al., "Anchored Supervised Fine-Tuning", arXiv 2509.23753, Eq. 5-6 (docs/methods/asft_anchored.md#objective). ``kl`` is the per-token KL (same shape as ``logps``, e.g. from :func:`token_kl`); the DFT and KL terms
     share one denominator. ``kl_coef = 0`` gives DFT exactly.
     """
     mask = mask.to(torch.float32)
@@ -105,7 +104,7 @@ def poft_loss(
     """Preference-oriented SFT (Bradley-Terry of the target against aligned LLMs).
 
     Fan et al., "Preference-Oriented Supervised Fine-Tuning: Favoring Target Model Over Aligned Large Language
-    Models", AAAI 2025, arXiv 2412.12865, Eq. 5-8 (spec: poft.md). Per example
+    Models", AAAI 2025, arXiv 2412.12865, Eq. 5-8 (docs/methods/poft.md#objective). Per example
     ``l = -logsigmoid(beta (r_theta - rbar) + gamma)`` with ``r_theta`` the target's mean per-token log-prob of the
     response and ``rbar`` the mean over aligned LLMs of theirs (a constant). ``aligned_scores`` is ``[B]`` (already
     averaged) or ``[B, M]`` (one column per aligned LLM, averaged here).

@@ -5,11 +5,11 @@ Conventions (the same as :mod:`posttrain.losses.sft` and :mod:`posttrain.losses.
 * per-token tensors are ``[B, T]``: ``logps[b, t]`` is the log-prob of the realised (already shifted) token ``t``;
   ``mask[b, t]`` is 1.0 on answer (labelled) tokens, 0 on the question and on padding;
 * sequence-level tensors are ``[B]``; the sequence log-prob ``s(x, y)`` is a SUM over the answer tokens, in fp32;
-* per-item losses are ``[B]``; the objective takes the mean over the micro-batch (the spec's ``L``);
+* per-item losses are ``[B]``; the objective takes the mean over the micro-batch (the ``L`` of docs/methods/npo.md#objectives);
 * softplus / logsigmoid only, never ``log(1 + exp(.))``; every weight and metric returned is detached;
 * reference-model quantities are detached here as well (stop-gradient on pi_ref only).
 
-Spec: ``shared/methods/npo.md``. Papers: Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse
+Method pages: docs/methods/npo.md, ga.md, grad_diff.md, simnpo.md. Papers: Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse
 to Effective Unlearning", arXiv 2404.05868 (NPO, GA, GradDiff, the RT/KL retain terms); Fan et al., "Simplicity
 Prevails: Rethinking Negative Preference Optimization for LLM Unlearning", arXiv 2410.07163 (SimNPO).
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from posttrain.registry import Registry
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ __all__ = [
 UnlearningMethod = Literal["ga", "grad_diff", "ga_kl", "npo", "npo_rt", "npo_kl", "simnpo"]
 UNLEARNING_METHODS: tuple[str, ...] = ("ga", "grad_diff", "ga_kl", "npo", "npo_rt", "npo_kl", "simnpo")
 
-# Per-method structure and defaults (npo.md "Objectives" and "Hyperparameters").
+# Per-method structure and defaults (docs/methods/npo.md#objectives and #hyperparameters).
 #   forget: which forget loss; retain: None | "nll" | "kl"; gamma/alpha: coefficients; beta/delta: forget-loss params.
 # `npo` is the paper's pure NPO (alpha = 0). open-unlearning's `NPO` trainer (alpha 1, NLL) is our `npo_rt`, and its
 # `SimNPO` trainer (gamma 0.125, alpha 1, NLL, beta 4.5, delta 0) is our `simnpo`.
@@ -61,6 +63,8 @@ UNLEARNING_DEFAULTS: dict[str, dict] = {
     "npo_kl": {"forget": "npo", "retain": "kl", "gamma": 1.0, "alpha": 1.0, "beta": 0.1},
     "simnpo": {"forget": "simnpo", "retain": "nll", "gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.0},
 }
+# Forget losses that compare with a frozen reference model, and retain terms that do.
+_REFERENCE_FORGET, _REFERENCE_RETAIN = ("npo",), ("kl",)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -69,7 +73,7 @@ UNLEARNING_DEFAULTS: dict[str, dict] = {
 
 
 def sequence_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed sequence log-prob ``s(x, y) = sum_t mask_t * logp_t`` in fp32, ``[B, T] -> [B]`` (npo.md "Inputs").
+    """Summed sequence log-prob ``s(x, y) = sum_t mask_t * logp_t`` in fp32, ``[B, T] -> [B]`` (docs/methods/npo.md#inputs).
 
     Masked positions are zeroed with ``torch.where``, so non-finite values at padding cannot leak into the sum.
     """
@@ -99,7 +103,7 @@ def retain_nll_loss(
     logps: torch.Tensor, mask: torch.Tensor, num_items: int | torch.Tensor | None = None
 ) -> torch.Tensor:
     """Retain (RT / GradDiff) term: the HF ``outputs.loss`` on the retain batch, i.e. the mean CE over all labelled
-    tokens of the micro-batch (npo.md "Retain terms"; arXiv 2404.05868 Sec. 3, "NPO+RT"). Scalar.
+    tokens of the micro-batch (docs/methods/grad_diff.md#objective; arXiv 2404.05868 Sec. 3, "NPO+RT"). Scalar.
 
     ``num_items`` replaces the micro-batch label count as the denominator (HF ``num_items_in_batch``). Descent on it
     pulls the retain likelihood up.
@@ -113,13 +117,13 @@ def ga_loss(
     num_items: int | torch.Tensor | None = None,
     reduction: Literal["token", "sequence"] = "token",
 ) -> torch.Tensor:
-    """Gradient-ascent forget loss ``L_GA = -NLL`` (npo.md "Objectives"; arXiv 2404.05868 Sec. 2). Scalar.
+    """Gradient-ascent forget loss ``L_GA = -NLL`` (docs/methods/ga.md#objective; arXiv 2404.05868 Sec. 2). Scalar.
 
     ``reduction="token"`` (default, both code bases): minus the HF mean token CE over the micro-batch's labelled forget
     tokens, i.e. the token-mean log-prob. ``reduction="sequence"`` is the paper's form: the mean over rows of the
     summed sequence log-prob ``s(x, y)`` (``num_items`` is ignored there).
 
-    Worked example (npo.md): rows ``[-1, -2]`` and ``[-0.5]`` give -1.166667 (token) or -1.75 (sequence). Unbounded
+    Worked example (docs/methods/ga.md#how-it-is-tested): rows ``[-1, -2]`` and ``[-0.5]`` give -1.166667 (token) or -1.75 (sequence). Unbounded
     below, with a constant gradient: descent drives the forget likelihood to 0 (catastrophic collapse).
     """
     if reduction == "token":
@@ -159,7 +163,7 @@ def npo_loss(
     beta: float = 0.1,
     mask: torch.Tensor | None = None,
 ) -> NPOOutput:
-    """Per-item NPO loss ``l_i = (2/beta) * softplus(beta * D_i)``, ``D_i = s_theta - s_ref`` (npo.md "Objectives";
+    """Per-item NPO loss ``l_i = (2/beta) * softplus(beta * D_i)``, ``D_i = s_theta - s_ref`` (docs/methods/npo.md#objectives;
     arXiv 2404.05868 Eq. 3). ``L_NPO`` is the mean of ``losses``.
 
     Inputs are either sequence log-probs ``[B]`` (sums over the answer tokens) or per-token ``[B, T]`` log-probs with
@@ -196,7 +200,7 @@ class SimNPOOutput:
 
 
 def simnpo_loss(logps: torch.Tensor, mask: torch.Tensor, beta: float = 4.5, delta: float = 0.0) -> SimNPOOutput:
-    """Per-item SimNPO loss ``l_i = -(2/beta) * logsigmoid(beta * (NLL_i/|y_i| - delta))`` (npo.md "Objectives";
+    """Per-item SimNPO loss ``l_i = -(2/beta) * logsigmoid(beta * (NLL_i/|y_i| - delta))`` (docs/methods/simnpo.md#objective;
     arXiv 2410.07163 Eq. 4, whose margin gamma equals ``beta * delta``). Reference-free and length-normalised.
 
     ``NLL_i`` is the summed answer CE and ``|y_i|`` the number of labelled tokens (clamped to >= 1).
@@ -223,7 +227,7 @@ def retain_kl_loss(
 ) -> torch.Tensor:
     """KL retain term: ``mean over scored positions of KL(pi_ref || pi_theta)`` over the full vocabulary. Scalar.
 
-    npo.md "Retain terms" / open-unlearning ``compute_kl_divergence``: ``F.kl_div(log_softmax(policy),
+    docs/methods/npo.md#retain-terms / open-unlearning ``compute_kl_divergence``: ``F.kl_div(log_softmax(policy),
     log_softmax(ref), reduction="batchmean", log_target=True)`` on flattened rows, i.e. the KL summed over positions
     and divided by their number. arXiv 2404.05868 Sec. 3 ("NPO+KL").
 
@@ -259,7 +263,7 @@ class UnlearningOutput:
 
     ``loss`` = ``gamma * forget_loss + alpha * retain_loss`` (differentiable scalar); ``forget_loss`` is the
     gamma-free ``L_forget`` and ``retain_loss`` the alpha-free ``L_retain`` (``None`` when the method has no retain
-    term or alpha is 0); ``metrics`` holds detached floats under the npo.md "Metrics (training)" names.
+    term or alpha is 0); ``metrics`` holds detached floats under the names of docs/methods/npo.md#metrics.
     """
 
     loss: torch.Tensor
@@ -286,7 +290,7 @@ def unlearning_objective(
     forget_num_items: int | torch.Tensor | None = None,
     retain_num_items: int | torch.Tensor | None = None,
 ) -> UnlearningOutput:
-    """Total unlearning objective ``L = gamma * L_forget + alpha * L_retain`` (npo.md "Objectives"; arXiv 2404.05868).
+    """Total unlearning objective ``L = gamma * L_forget + alpha * L_retain`` (docs/methods/npo.md#objectives; arXiv 2404.05868).
 
     Methods (defaults in :data:`UNLEARNING_DEFAULTS`; ``None`` arguments take them):
 
@@ -355,6 +359,33 @@ def unlearning_objective(
 
 
 def npo_loss_at_reference(beta: float) -> float:
-    """``(2/beta) * log 2``, the per-item NPO loss when ``D_i = 0`` (npo.md worked example: 13.862944 at beta 0.1)."""
+    """``(2/beta) * log 2``, the per-item NPO loss when ``D_i = 0`` (worked example of docs/methods/npo.md#how-it-is-tested: 13.862944 at beta 0.1)."""
     return 2.0 / beta * math.log(2.0)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registry: one entry per unlearning objective (``method.name`` of the unlearning family, plus ``ga_kl``, which is
+# defined here but not exposed as a recipe method; docs/methods/npo.md#the-ga_kl-objective). ``fn`` is
+# :func:`unlearning_objective` (called with the name); ``meta``: the structure and defaults of
+# :data:`UNLEARNING_DEFAULTS` and ``recipe_method`` (selectable as ``method.name``).
+# ----------------------------------------------------------------------------------------------------------------------
+
+UNLEARNING_OBJECTIVES: Registry = Registry("unlearning objective")
+_DOCS = {"ga": "docs/methods/ga.md#objective", "grad_diff": "docs/methods/grad_diff.md#objective",
+         "ga_kl": "docs/methods/npo.md#the-ga_kl-objective", "npo": "docs/methods/npo.md#objectives",
+         "npo_rt": "docs/methods/npo.md#objectives", "npo_kl": "docs/methods/npo.md#objectives",
+         "simnpo": "docs/methods/simnpo.md#objective"}
+for _name, _cfg in UNLEARNING_DEFAULTS.items():
+    UNLEARNING_OBJECTIVES.add(_name, unlearning_objective, doc=_DOCS[_name], recipe_method=_name != "ga_kl", **_cfg)
+
+
+def uses_retain(name: str, alpha: float) -> bool:
+    """Whether objective ``name`` with retain weight ``alpha`` has a retain term (and so reads the retain set)."""
+    return UNLEARNING_OBJECTIVES[name].retain is not None and float(alpha) != 0.0
+
+
+def uses_reference(name: str, alpha: float) -> bool:
+    """Whether objective ``name`` compares with a frozen reference model (NPO's forget loss, the KL retain term)."""
+    entry = UNLEARNING_OBJECTIVES[name]
+    return entry.forget in _REFERENCE_FORGET or (uses_retain(name, alpha) and entry.retain in _REFERENCE_RETAIN)

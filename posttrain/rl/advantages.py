@@ -7,18 +7,18 @@ Conventions (shared with :mod:`posttrain.rl.aggregation` and :mod:`posttrain.rl.
   advantage 0, as TRL's ``GRPOTrainer`` does.
 * Groups are contiguous blocks of ``num_generations`` rows (TRL's layout: the G completions of a prompt are adjacent).
 * Every function returns detached tensors: advantages are computed once per generation batch and reused unchanged
-  across ``num_iterations`` passes (specs: grpo.md "Advantages"; stratified_grpo.md step 5).
+  across ``num_iterations`` passes (docs/methods/grpo_advantages.md).
 
 Estimators:
 
 * :func:`group` -- GRPO group-relative advantage with TRL's ``scale_rewards`` options
-  (DeepSeekMath, arXiv 2402.03300; Dr. GRPO, arXiv 2503.20783; spec grpo.md "Advantages").
-* :func:`normalize_then_sum` -- TRL's ``multi_objective_aggregation="normalize_then_sum"`` (grpo.md "Advantages" 1).
+  (DeepSeekMath, arXiv 2402.03300; Dr. GRPO, arXiv 2503.20783; docs/methods/grpo_advantages.md#group-advantage).
+* :func:`normalize_then_sum` -- TRL's ``multi_objective_aggregation="normalize_then_sum"`` (docs/methods/grpo_advantages.md#normalize-then-sum).
 * :func:`stratified` -- Stratified Advantage Normalization blended with GRPO
-  (Stratified GRPO, arXiv 2510.06214; spec stratified_grpo.md "Algorithm").
+  (Stratified GRPO, arXiv 2510.06214; docs/methods/grpo_advantages.md#stratified-advantage-san).
 * :func:`psr`, :func:`nsr`, :func:`w_reinforce` -- positive / negative sample reinforcement and Weighted-REINFORCE
   (Zhu et al., "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning", arXiv 2506.01347;
-  spec negative_reinforcement.md "Algorithm" 1). They return a ``keep`` row mask besides the advantages because
+  docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce). They return a ``keep`` row mask besides the advantages because
   dropped rows must leave the update entirely (no tokens in any denominator).
 * :func:`compute_advantages` -- name-based dispatcher returning :class:`AdvantageOutput`.
 """
@@ -30,7 +30,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from posttrain.registry import Registry
+
 __all__ = [
+    "ADVANTAGES",
     "ADVANTAGE_ESTIMATORS",
     "AdvantageOutput",
     "combine_rewards",
@@ -46,7 +49,7 @@ __all__ = [
     "w_reinforce",
 ]
 
-DEFAULT_EPS = 1e-4  # TRL adds 1e-4 to the std (grpo.md "Advantages" 2); verl uses 1e-6.
+DEFAULT_EPS = 1e-4  # TRL adds 1e-4 to the std (docs/methods/grpo_advantages.md#group-advantage); verl uses 1e-6.
 
 
 class AdvantageOutput(NamedTuple):
@@ -102,7 +105,7 @@ def _nanstd_all(values: torch.Tensor) -> torch.Tensor:
 
 
 def _normalize_scale(scale: str | bool) -> str:
-    # TRL <= 0.21 used a bool: True meant "group", False meant "none" (grpo.md "Sources").
+    # TRL <= 0.21 used a bool: True meant "group", False meant "none" (docs/methods/grpo_advantages.md#differences-from-the-paper-and-trl).
     if scale is True:
         return "group"
     if scale is False:
@@ -117,7 +120,7 @@ def _normalize_scale(scale: str | bool) -> str:
 
 
 def combine_rewards(rewards_per_func: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-    """TRL ``sum_then_normalize`` reward combination: ``r_i = nansum_k w_k R[i,k]`` (grpo.md "Advantages" 1).
+    """TRL ``sum_then_normalize`` reward combination: ``r_i = nansum_k w_k R[i,k]`` (docs/methods/grpo.md#reward-combination).
 
     ``rewards_per_func``: ``[B, K]`` (NaN = function not applicable). A row where every function is NaN gets
     ``r_i = NaN`` (unscorable). Returns ``[B]``.
@@ -139,7 +142,7 @@ def group(
     """GRPO group-relative advantages, TRL ``GRPOTrainer`` semantics.
 
     DeepSeekMath (GRPO), arXiv 2402.03300; Dr. GRPO (``scale_rewards="none"``), arXiv 2503.20783.
-    Spec: grpo.md "Advantages" 2.
+    See docs/methods/grpo_advantages.md#group-advantage.
 
     With ``mu_g`` the NaN-aware group mean and ``std`` the unbiased (n-1) NaN-aware std:
 
@@ -168,7 +171,7 @@ def normalize_then_sum(
     weights: Sequence[float] | torch.Tensor | None = None,
     eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
-    """TRL ``multi_objective_aggregation="normalize_then_sum"`` advantages (grpo.md "Advantages" 1).
+    """TRL ``multi_objective_aggregation="normalize_then_sum"`` advantages (docs/methods/grpo_advantages.md#normalize-then-sum).
 
     Each reward function is z-scored inside its group (unbiased std, ``+eps``), the weighted sum ``s_i`` is taken,
     then ``A_i = (s_i - mean(s)) / (std(s) + eps)`` over the whole batch. Rows where every function is NaN get 0.
@@ -193,7 +196,7 @@ def normalize_then_sum(
 
 
 def count_tool_calls(completion: Any, marker: str = "<tool_call>") -> int:
-    """Default stratum key: number of tool calls in a completion (stratified_grpo.md "Hyperparameters").
+    """Default stratum key: number of tool calls in a completion (docs/methods/grpo_advantages.md#stratum-keys).
 
     The paper (arXiv 2510.06214) stratifies search agents by the number of search calls. Accepts a completion string
     (counts occurrences of ``marker``) or a conversational completion (list of message dicts, TRL's format): counts
@@ -235,7 +238,7 @@ def stratified(
 ) -> torch.Tensor:
     """Stratified Advantage Normalization (SAN) blended with the GRPO group advantage.
 
-    Stratified GRPO, Zhu et al., arXiv 2510.06214 (SAN, Prop. 1 / Thm. 1). Spec: stratified_grpo.md "Algorithm".
+    Stratified GRPO, Zhu et al., arXiv 2510.06214 (SAN, Prop. 1 / Thm. 1). See docs/methods/grpo_advantages.md#stratified-advantage-san.
 
     * ``strata``: ``[B]`` integer stratum ids (e.g. from :func:`stratum_ids` over :func:`count_tool_calls`).
     * ``scope="group"``: stratum = (prompt group, id); ``"batch"`` (extension): the id alone across the batch.
@@ -245,7 +248,7 @@ def stratified(
     * Blend ``A = alpha * A_SAN + (1 - alpha) * A_GN``, computed as ``A_GN + alpha * (A_SAN - A_GN)`` so that
       ``alpha=0`` and a single stratum per group both give exactly the GRPO advantages.
 
-    ``alpha`` (``san_blend_alpha``) defaults to the framework's 0.8 (not a paper value; see the spec's Ambiguities).
+    ``alpha`` (``san_blend_alpha``) defaults to the framework's 0.8 (not a paper value; see docs/methods/grpo_advantages.md#differences-from-the-paper-and-trl).
     NaN rewards are excluded from all statistics and get 0. Returns a detached ``[B]`` tensor.
     """
     if not 0.0 <= alpha <= 1.0:
@@ -289,7 +292,7 @@ def stratified_stats(
     scope: str = "group",
     eps: float = DEFAULT_EPS,
 ) -> dict[str, float]:
-    """The SAN diagnostics of stratified_grpo.md "Metrics", over one generation batch (rows with NaN rewards left out
+    """The SAN diagnostics of docs/methods/grpo_advantages.md#metrics, over one generation batch (rows with NaN rewards left out
     of every statistic):
 
     * ``num_strata_per_group``: mean number of strata per prompt group (with ``scope="batch"``: distinct strata
@@ -344,7 +347,7 @@ def psr(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive Sample Reinforcement: ``A = +1`` on correct rows; every other row is dropped.
 
-    Zhu et al., arXiv 2506.01347 (L_PSR); spec negative_reinforcement.md "Algorithm" 1. No baseline, no std scaling.
+    Zhu et al., arXiv 2506.01347 (L_PSR); docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce. No baseline, no std scaling.
     ``rewards`` is a ``[B]`` float tensor (correct iff ``== correct_value``) or a bool correctness tensor.
     Returns ``(advantages [B], keep [B] bool)``; dropped rows have advantage 0 and ``keep=False`` and must add no
     tokens to any denominator (multiply the loss mask by ``keep``).
@@ -358,7 +361,7 @@ def nsr(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative Sample Reinforcement: ``A = -1`` on incorrect rows; correct rows are dropped.
 
-    Zhu et al., arXiv 2506.01347 (L_NSR); spec negative_reinforcement.md "Algorithm" 1.
+    Zhu et al., arXiv 2506.01347 (L_NSR); docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce.
     Incorrect means ``!= correct_value`` (non-NaN) by default; pass ``incorrect_value=0.0`` to follow the reference
     code exactly (other scores then belong to neither set). Returns ``(advantages, keep)`` as :func:`psr`.
     """
@@ -374,7 +377,7 @@ def w_reinforce(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted-REINFORCE: ``A = +lam`` on correct rows and ``-1`` on incorrect rows (L_W = lam*L_PSR + L_NSR).
 
-    Zhu et al., arXiv 2506.01347 (lambda = 0.1 in the paper); spec negative_reinforcement.md "Algorithm" 1.
+    Zhu et al., arXiv 2506.01347 (lambda = 0.1 in the paper); docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce.
     ``lam=1`` is plain REINFORCE with +/-1 rewards and no baseline. Rows that are neither correct nor incorrect
     (NaN, or any value other than ``incorrect_value`` when it is given) are dropped. Returns ``(advantages, keep)``.
     """
@@ -385,18 +388,93 @@ def w_reinforce(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# dispatcher
+# registry: one entry per ``method.advantage`` value
 
-ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce")
-_ALIASES = {"group": "grpo", "san": "stratified", "stratified_grpo": "stratified", "w-reinforce": "w_reinforce"}
+ADVANTAGES: Registry = Registry("advantage estimator")
+"""``method.advantage`` -> entry. Each entry's ``fn(rewards, num_generations, **options) -> AdvantageOutput``;
+``meta``: ``options(params, strata)`` (the estimator's keyword options from the recipe's method params),
+``keys`` (method keys only this estimator reads), ``refuses`` (why it refuses another estimator's key set to a
+non-default value, optional),
+``defaults`` (method defaults it changes), ``group_baseline``
+(uses the group mean and std), ``normalize_then_sum`` (TRL's ``multi_objective_aggregation="normalize_then_sum"``
+replaces it), ``needs_strata`` (stratum keys are computed per rollout)."""
+
+
+def _ones_keep(adv: torch.Tensor) -> AdvantageOutput:
+    return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
+
+
+@ADVANTAGES.register(
+    "group", doc="docs/methods/grpo_advantages.md#group-advantage", keys=("scale_rewards",), defaults={},
+    group_baseline=True, needs_strata=False, normalize_then_sum=True,
+    options=lambda p, strata: {"scale_rewards": p.scale_rewards},
+)
+def group_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """GRPO group-relative advantages (DeepSeekMath, arXiv 2402.03300), every row kept: :func:`group`."""
+    return _ones_keep(group(rewards, num_generations, **options))
+
+
+@ADVANTAGES.register(
+    "stratified", doc="docs/methods/grpo_advantages.md#stratified-advantage-san",
+    keys=("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps"), defaults={},
+    group_baseline=True, needs_strata=True, normalize_then_sum=False,
+    refuses={"scale_rewards": "scales with method.san_scale, not scale_rewards"},
+    options=lambda p, strata: {"strata": strata, "alpha": p.san_alpha, "scale": p.san_scale, "scope": p.san_scope,
+                               "eps": p.san_eps},
+)
+def stratified_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Stratified Advantage Normalization (Stratified GRPO, arXiv 2510.06214), every row kept: :func:`stratified`."""
+    if "strata" not in options:
+        raise ValueError("stratified advantages need strata=[B] stratum ids")
+    return _ones_keep(stratified(rewards, num_generations, **options))
+
+
+_NEGATIVE_REINFORCEMENT = dict(defaults={"entropy_coef": 1e-4}, group_baseline=False, needs_strata=False,
+                               normalize_then_sum=False,
+                               refuses={"scale_rewards": "uses no group baseline or std scaling"})
+
+
+@ADVANTAGES.register(
+    "psr", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=(), **_NEGATIVE_REINFORCEMENT,
+    recipe=("recipes/grpo_nsr.yaml", ["method.advantage=psr"]),
+    options=lambda p, strata: {"correct_value": p.correct_reward},
+)
+def psr_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Positive Sample Reinforcement (Zhu et al., arXiv 2506.01347): :func:`psr`; ``num_generations`` unused."""
+    return AdvantageOutput(*psr(rewards, **options))
+
+
+@ADVANTAGES.register(
+    "nsr", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=(), **_NEGATIVE_REINFORCEMENT,
+    options=lambda p, strata: {"correct_value": p.correct_reward},
+)
+def nsr_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Negative Sample Reinforcement (Zhu et al., arXiv 2506.01347): :func:`nsr`; ``num_generations`` unused."""
+    return AdvantageOutput(*nsr(rewards, **options))
+
+
+@ADVANTAGES.register(
+    "w_reinforce", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=("w_reinforce_lambda",),
+    **_NEGATIVE_REINFORCEMENT,
+    options=lambda p, strata: {"lam": p.w_reinforce_lambda, "correct_value": p.correct_reward},
+)
+def w_reinforce_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Weighted-REINFORCE (Zhu et al., arXiv 2506.01347): :func:`w_reinforce`; ``num_generations`` unused."""
+    if "w_reinforce_lambda" in options:
+        options["lam"] = options.pop("w_reinforce_lambda")
+    return AdvantageOutput(*w_reinforce(rewards, **options))
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce")  # compute_advantages names (grpo = group)
+_ALIASES = {"grpo": "group", "san": "stratified", "stratified_grpo": "stratified", "w-reinforce": "w_reinforce"}
 
 
 def compute_advantages(name: str, rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
-    """Dispatch to an estimator by name and return :class:`AdvantageOutput` ``(advantages, keep)``.
+    """Dispatch to a registered estimator (:data:`ADVANTAGES`) by name; return :class:`AdvantageOutput`.
 
     Names and options:
 
-    * ``"grpo"`` (alias ``"group"``): :func:`group` -- ``scale_rewards``, ``eps``.
+    * ``"grpo"`` / ``"group"``: :func:`group` -- ``scale_rewards``, ``eps``.
     * ``"stratified"`` (alias ``"san"``): :func:`stratified` -- ``strata`` (required), ``alpha``, ``scale``,
       ``scope``, ``eps``.
     * ``"psr"`` / ``"nsr"``: ``correct_value``, ``incorrect_value``.
@@ -405,21 +483,6 @@ def compute_advantages(name: str, rewards: torch.Tensor, num_generations: int, *
     ``num_generations`` is ignored by PSR / NSR / W-REINFORCE (they use no group statistics).
     """
     key = _ALIASES.get(name, name)
-    r = torch.as_tensor(rewards)
-    if key == "grpo":
-        adv = group(r, num_generations, **options)
-        return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
-    if key == "stratified":
-        if "strata" not in options:
-            raise ValueError("stratified advantages need strata=[B] stratum ids")
-        adv = stratified(r, num_generations, **options)
-        return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
-    if key == "psr":
-        return AdvantageOutput(*psr(r, **options))
-    if key == "nsr":
-        return AdvantageOutput(*nsr(r, **options))
-    if key == "w_reinforce":
-        if "w_reinforce_lambda" in options:
-            options["lam"] = options.pop("w_reinforce_lambda")
-        return AdvantageOutput(*w_reinforce(r, **options))
-    raise ValueError(f"unknown advantage estimator {name!r}; known: {ADVANTAGE_ESTIMATORS}")
+    if key not in ADVANTAGES:
+        raise ValueError(f"unknown advantage estimator {name!r}; known: {ADVANTAGE_ESTIMATORS}")
+    return ADVANTAGES[key].fn(torch.as_tensor(rewards), num_generations, **options)

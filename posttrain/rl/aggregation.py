@@ -4,9 +4,9 @@
 tool masking, truncation masking and PSR/NSR row dropping). Every function returns the micro-batch loss *before*
 gradient-accumulation scaling, except where stated: TRL divides ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``delta_l`` by
 the number of accumulation steps, but not ``dapo`` (whose normaliser already spans the accumulated batch).
-Spec: grpo.md "Loss" (aggregation table); delta_l_normalization.md "Algorithm".
+docs/methods/grpo_aggregation.md#aggregations, docs/methods/grpo_aggregation.md#delta-l-normalisation
 
-Dropped rows (PSR / NSR / W-REINFORCE, negative_reinforcement.md "Algorithm" 1: "removed from the update batch
+Dropped rows (PSR / NSR / W-REINFORCE, docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce: "removed from the update batch
 entirely") have an all-zero mask, so they add nothing to a token count; the row-based normalisers of ``grpo``,
 ``dr_grpo`` and ``delta_l`` must not count them either. Pass ``num_rows``, the number of kept rows of the optimizer
 step's global accumulated batch (like ``dapo``'s ``num_items_in_batch``), and ``num_processes``: the row count is
@@ -28,7 +28,10 @@ from typing import Any
 
 import torch
 
+from posttrain.registry import Registry
+
 __all__ = [
+    "AGGREGATIONS",
     "LOSS_AGGREGATIONS",
     "aggregate_loss",
     "bnpo",
@@ -54,7 +57,7 @@ def grpo(
     num_rows: torch.Tensor | float | None = None,
     num_processes: int = 1,
 ) -> torch.Tensor:
-    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; grpo.md "Loss").
+    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; docs/methods/grpo_aggregation.md#aggregations).
 
     DeepSeekMath GRPO, arXiv 2402.03300. ``B`` is ``B_mb``, the micro-batch's rows (TRL), or with ``num_rows`` the
     kept rows of the accumulated batch per process (module docstring). Rows with no mask tokens contribute 0.
@@ -67,7 +70,10 @@ def grpo(
 
 
 def bnpo(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``; grpo.md "Loss")."""
+    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``; docs/methods/grpo_aggregation.md#aggregations).
+
+    The token-level mean of DAPO (arXiv 2503.14476), normalised per local micro-batch instead of the global batch.
+    """
     mask = mask.to(per_token_loss.dtype)
     return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -79,7 +85,7 @@ def dr_grpo(
     num_rows: torch.Tensor | float | None = None,
     num_processes: int = 1,
 ) -> torch.Tensor:
-    """``sum(mask*l) / (B * max_completion_length)`` (TRL ``loss_type="dr_grpo"``; grpo.md "Loss").
+    """``sum(mask*l) / (B * max_completion_length)`` (TRL ``loss_type="dr_grpo"``; docs/methods/grpo_aggregation.md#aggregations).
 
     Dr. GRPO, "Understanding R1-Zero-Like Training", arXiv 2503.20783. ``B`` is ``B_mb`` (every row of the
     micro-batch, masked or not; TRL), or with ``num_rows`` the kept rows per process (module docstring).
@@ -97,7 +103,7 @@ def dapo(
 ) -> torch.Tensor:
     """Token mean over the global batch: ``sum(mask*l) / (N_glob / num_processes)`` (TRL ``loss_type="dapo"``).
 
-    DAPO, arXiv 2503.14476 (token-level policy gradient loss); grpo.md "Loss".
+    DAPO, arXiv 2503.14476 (token-level policy gradient loss); docs/methods/grpo_aggregation.md#the-dapo-normaliser.
     ``num_items_in_batch`` is ``N_glob``, the mask-token count of the optimizer step's global accumulated batch (all
     processes, all micro-batches); when None, the local ``mask.sum()`` is used (one process, one micro-batch).
     With DDP gradient averaging over ``num_processes`` the gradient is ``sum over all tokens of grad(l) / N_glob``.
@@ -121,7 +127,7 @@ def delta_l_weights(
     """ΔL row weights ``w_i = u_i / mean_{j in S} u_j`` with ``u_i = (L_i / mean L)^-alpha`` (detached ``[B]``).
 
     ΔL Normalization, He et al., arXiv 2509.07558 (x_i = (1/M) L_i^-alpha / sum_j L_j^-alpha);
-    spec delta_l_normalization.md "Algorithm" 1. ``mask_or_lengths`` is a ``[B, T]`` mask or ``[B]`` lengths ``L_i``.
+    docs/methods/grpo_aggregation.md#delta-l-normalisation. ``mask_or_lengths`` is a ``[B, T]`` mask or ``[B]`` lengths ``L_i``.
     ``scope="batch"`` normalises over all rows; ``"group"`` within each contiguous block of ``num_generations``.
     Rows with ``L_i = 0`` get weight 0 and are left out of the means (no NaN/inf). ``mean_S w = 1`` over the valid
     rows of each scope. Compute once per generation batch and reuse across ``num_iterations``.
@@ -163,14 +169,14 @@ def delta_l(
 ) -> torch.Tensor:
     """ΔL aggregation: ``sum_i w_i sum_t mask*l / (B * max_completion_length)`` (``B`` as in :func:`dr_grpo`).
 
-    ΔL Normalization, arXiv 2509.07558; spec delta_l_normalization.md "Algorithm" 2-4. Over a full batch this is
+    ΔL Normalization, arXiv 2509.07558; docs/methods/grpo_aggregation.md#delta-l-normalisation. Over a full batch this is
     ``sum_i x_i sum_t(...)`` with ``x_i = (1/T_max) L_i^-alpha / sum_j L_j^-alpha``. ``alpha=0`` is exactly
     :func:`dr_grpo`; ``alpha=1`` is :func:`grpo` times ``B / (T_max * sum_j 1/L_j)``.
 
     ``weights``: precomputed :func:`delta_l_weights` for these rows (compute them once on the whole generation batch
     and slice per micro-batch); if None they are computed from ``mask`` (correct when the micro-batch is the whole
     scope). Multiplying the per-row surrogate by ``w_i > 0`` equals scaling the advantage (clip masks unchanged).
-    With a KL term the spec keeps KL unweighted: in that case scale the advantages by the weights instead and
+    With a KL term the KL term stays unweighted (docs/methods/grpo_aggregation.md#kl-term-under-delta-l): in that case scale the advantages by the weights instead and
     aggregate with :func:`dr_grpo`.
     """
     if weights is None:
@@ -179,29 +185,45 @@ def delta_l(
     return dr_grpo(per_token_loss * weights, mask, max_completion_length, num_rows, num_processes)
 
 
-LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo", "delta_l")
+# ----------------------------------------------------------------------------------------------------------------
+# registry: one entry per ``method.aggregation`` value. ``meta``: ``normalizer`` -- what the loss is divided by:
+# "global_tokens" (N_glob of the accumulated batch), "local_tokens" (the micro-batch's tokens, then / GA) or "rows"
+# (kept rows of the accumulated batch); ``max_completion_length`` -- the normaliser uses T_max; ``row_weights`` --
+# per-row weights computed on the generation batch (the KL term is then aggregated unweighted with dr_grpo);
+# ``keys`` -- method keys only this aggregation reads; ``trl_loss_type`` -- the GRPOConfig loss_type TRL is given;
+# ``recipe`` -- (shipped recipe, --set overrides) that runs it, where no shipped recipe selects it.
+
+AGGREGATIONS: Registry = Registry("loss aggregation")
+AGGREGATIONS.add("grpo", grpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="rows",
+                 max_completion_length=False, row_weights=False, keys=(), trl_loss_type="grpo",
+                 recipe=("recipes/grpo.yaml", ["method.aggregation=grpo"]))
+AGGREGATIONS.add("bnpo", bnpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="local_tokens",
+                 max_completion_length=False, row_weights=False, keys=(), trl_loss_type="bnpo",
+                 recipe=("recipes/grpo.yaml", ["method.aggregation=bnpo"]))
+AGGREGATIONS.add("dr_grpo", dr_grpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="rows",
+                 max_completion_length=True, row_weights=False, keys=(), trl_loss_type="dr_grpo",
+                 recipe=("recipes/grpo.yaml", ["method.aggregation=dr_grpo", "method.scale_rewards=none"]))
+AGGREGATIONS.add("dapo", dapo, doc="docs/methods/grpo_aggregation.md#the-dapo-normaliser",
+                 normalizer="global_tokens", max_completion_length=False, row_weights=False, keys=(), trl_loss_type="dapo")
+AGGREGATIONS.add("delta_l", delta_l, doc="docs/methods/grpo_aggregation.md#delta-l-normalisation", normalizer="rows",
+                 max_completion_length=True, row_weights=True, keys=("delta_l_alpha", "delta_l_scope"),
+                 trl_loss_type="dr_grpo")
+
+LOSS_AGGREGATIONS = AGGREGATIONS.names()
 
 
 def aggregate_loss(name: str, per_token_loss: torch.Tensor, mask: torch.Tensor, **options: Any) -> torch.Tensor:
-    """Aggregate ``[B, T]`` per-token losses by name (TRL ``loss_type`` plus ``"delta_l"``).
+    """Aggregate ``[B, T]`` per-token losses by name (TRL ``loss_type`` plus ``"delta_l"``; :data:`AGGREGATIONS`).
 
     Options: ``dr_grpo`` / ``delta_l`` need ``max_completion_length``; ``dapo`` takes ``num_items_in_batch`` and
     ``num_processes``; ``grpo``, ``dr_grpo`` and ``delta_l`` take ``num_rows`` and ``num_processes``; ``delta_l``
     takes ``alpha`` (alias ``delta_l_alpha``), ``scope`` (alias ``delta_l_scope``), ``num_generations``, ``weights``.
     ``"token_mean"`` is an alias of ``dapo`` (verl ``token-mean``).
     """
-    if name in ("dapo", "token_mean"):
-        return dapo(per_token_loss, mask, **options)
-    if name == "grpo":
-        return grpo(per_token_loss, mask, **options)
-    if name == "bnpo":
-        return bnpo(per_token_loss, mask, **options)
-    if name == "dr_grpo":
-        return dr_grpo(per_token_loss, mask, **options)
-    if name == "delta_l":
-        if "delta_l_alpha" in options:
-            options["alpha"] = options.pop("delta_l_alpha")
-        if "delta_l_scope" in options:
-            options["scope"] = options.pop("delta_l_scope")
-        return delta_l(per_token_loss, mask, **options)
-    raise ValueError(f"unknown loss aggregation {name!r}; known: {LOSS_AGGREGATIONS}")
+    name = "dapo" if name == "token_mean" else name
+    if name not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {name!r}; known: {LOSS_AGGREGATIONS}")
+    for alias in ("alpha", "scope"):
+        if f"delta_l_{alias}" in options:
+            options[alias] = options.pop(f"delta_l_{alias}")
+    return AGGREGATIONS[name].fn(per_token_loss, mask, **options)

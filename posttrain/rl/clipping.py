@@ -6,10 +6,10 @@ Conventions: ``logps`` ``[B, T]`` carries the gradient; ``old_logps`` and ``ref_
 ``beta * kl_k3(...)`` if wanted) to :mod:`posttrain.rl.aggregation`.
 
 * :func:`ppo_clip` -- clipped surrogate with clip-higher (PPO, arXiv 1707.06347; DAPO clip-higher, arXiv 2503.14476;
-  spec grpo.md "Loss"), optional verl dual clip.
-* :func:`gppo_clip` -- GPPO (Klear-Reasoner, arXiv 2508.07629, Eq. 11 / App. A.2 Eq. 17; spec gppo.md "Objective").
-* :func:`gppo_sft_loss` -- GPPO's NLL term on correct rollouts (arXiv 2508.07629 Sec. 3.2.3; gppo.md "Objective").
-* :func:`kl_k3` -- the k3 KL estimator of GRPO (grpo.md "Loss").
+  docs/methods/grpo_clipping.md#ppo-clip-higher), optional verl dual clip.
+* :func:`gppo_clip` -- GPPO (Klear-Reasoner, arXiv 2508.07629, Eq. 11 / App. A.2 Eq. 17; docs/methods/grpo_clipping.md#gppo).
+* :func:`gppo_sft_loss` -- GPPO's NLL term on correct rollouts (arXiv 2508.07629 Sec. 3.2.3; docs/methods/grpo_clipping.md#gppo-sft-term).
+* :func:`kl_k3` -- the k3 KL estimator of GRPO (docs/methods/grpo.md#kl-term).
 * :func:`kl_k3_bias_corrected` -- k3 times the importance ratio (DeepSeek-V3.2; TRL ``use_bias_correction_kl``).
 * :func:`clip_metrics` -- TRL-named clip fractions from a :class:`ClipOutput`.
 """
@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
+from posttrain.registry import Registry
+
 __all__ = [
+    "CLIPPINGS",
     "POLICY_OBJECTIVES",
     "ClipOutput",
     "clip_metrics",
@@ -91,7 +94,7 @@ def ppo_clip(
     """PPO clipped surrogate with clip-higher: ``l = -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)``.
 
     PPO (Schulman et al., arXiv 1707.06347); clip-higher from DAPO (arXiv 2503.14476); TRL ``loss_type`` in
-    grpo/bnpo/dr_grpo/dapo. Spec grpo.md "Loss": ``rho = exp(logps - old_logps)``, ``eps_low = epsilon``,
+    grpo/bnpo/dr_grpo/dapo. See docs/methods/grpo_clipping.md#ppo-clip-higher: ``rho = exp(logps - old_logps)``, ``eps_low = epsilon``,
     ``eps_high = epsilon_high`` (falls back to ``epsilon``). Gradient w.r.t. ``logps`` is ``-A*rho`` on unclipped
     tokens and exactly 0 on clipped ones; a token is clipped iff (A>0 and rho>1+eps_high) or (A<0 and rho<1-eps_low),
     so A<0 with rho>1+eps_high keeps its full gradient.
@@ -124,7 +127,7 @@ def gppo_clip(
 ) -> ClipOutput:
     """GPPO gradient-preserving clipping (Klear-Reasoner, Su et al., arXiv 2508.07629, Eq. 11 and App. A.2 Eq. 17).
 
-    Spec gppo.md "Objective". With ``delta = exp(logps - old_logps)`` and the unit gradient carrier
+    See docs/methods/grpo_clipping.md#gppo. With ``delta = exp(logps - old_logps)`` and the unit gradient carrier
     ``u = exp(logps - logps.detach())`` (value 1, gradient = grad logps; safe when delta is huge):
 
     =================================  ======================  ======================
@@ -166,7 +169,7 @@ def gppo_sft_loss(
     ``L_LM = -(1 / sum_{j in Phi} T_j) sum_{j in Phi} sum_t log pi(a_t | s_t)``.
 
     Klear-Reasoner, arXiv 2508.07629, Sec. 3.2.3 (Eq. 13 prints pi; the code and this function use log pi);
-    spec gppo.md "Objective". ``correct``: ``[B]`` bool (reward == correct value). The term is neither clipped nor
+    docs/methods/grpo_clipping.md#gppo-sft-term. ``correct``: ``[B]`` bool (reward == correct value). The term is neither clipped nor
     ratio-weighted; its gradient is ``-coef / N_pos`` on each correct token. ``num_correct_tokens`` is the
     correct-token count of the optimizer step's global accumulated batch (``N_pos``; local count when None), divided
     by ``num_processes`` like the dapo normaliser. No correct rows (or ``coef == 0``) gives 0 with no NaN.
@@ -184,7 +187,7 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """k3 KL estimator per token, as TRL: ``exp(ref - logp) - (ref - logp) - 1`` (>= 0, no clamping).
 
     Schulman's k3 approximation (http://joschu.net/blog/kl-approx.html), used by GRPO (DeepSeekMath, arXiv
-    2402.03300, Eq. 4); spec grpo.md "Loss". Gradient w.r.t. ``logps`` is ``1 - exp(ref - logp)``. Add
+    2402.03300, Eq. 4); docs/methods/grpo.md#kl-term. Gradient w.r.t. ``logps`` is ``1 - exp(ref - logp)``. Add
     ``beta * kl_k3`` to the per-token loss before aggregation.
     """
     d = ref_logps.detach() - logps
@@ -198,7 +201,7 @@ def kl_k3_bias_corrected(logps: torch.Tensor, ref_logps: torch.Tensor, old_logps
     DeepSeek-V3.2 (arXiv 2512.02556, Eq. 9): weighting k3 by the importance ratio makes its gradient the unbiased
     reverse-KL gradient off-policy. On-policy (``old_logps = logps.detach()``) the value equals :func:`kl_k3` but the
     gradient does not: ``d/dlogp = rho * (k3 + 1 - exp(ref - logp))``, i.e. ``k3 + 1 - exp(ref - logp)`` at ``rho = 1``.
-    Not GRPO's spec default (plain k3, grpo.md "Loss"); selected by ``method.use_bias_correction_kl: true``.
+    Not GRPO's default (plain k3, docs/methods/grpo.md#kl-term); selected by ``method.use_bias_correction_kl: true``.
     """
     return kl_k3(logps, ref_logps) * torch.exp(logps - old_logps.detach())
 
@@ -221,17 +224,30 @@ def clip_metrics(out: ClipOutput, mask: torch.Tensor) -> dict[str, float]:
     }
 
 
-POLICY_OBJECTIVES = ("ppo", "gppo")
+# ----------------------------------------------------------------------------------------------------------------
+# registry: one entry per ``method.clipping`` value. ``meta``: ``options(params)`` -- the rule's own keyword options
+# from the recipe's method params; ``keys`` -- method keys only this rule reads; ``defaults`` -- method defaults it
+# changes (GPPO: Klear-Reasoner's eps_h 0.28 and its SFT term 0.1, docs/methods/grpo_clipping.md#hyperparameters);
+# ``gradient_preserved`` -- it reports ``clip_ratio/gradient_preserved_mean``.
+
+CLIPPINGS: Registry = Registry("clipping rule")
+CLIPPINGS.add("ppo", ppo_clip, doc="docs/methods/grpo_clipping.md#ppo-clip-higher", keys=(), defaults={},
+              gradient_preserved=False, options=lambda p: {})
+CLIPPINGS.add("gppo", gppo_clip, doc="docs/methods/grpo_clipping.md#gppo",
+              keys=("gppo_beta1", "gppo_beta2", "gppo_only_high"), defaults={"epsilon_high": 0.28, "sft_coef": 0.1},
+              gradient_preserved=True,
+              options=lambda p: {"beta1": p.gppo_beta1, "beta2": p.gppo_beta2, "only_high": p.gppo_only_high})
+
+POLICY_OBJECTIVES = CLIPPINGS.names()
 
 
 def policy_loss(
     name: str, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, **options: Any
 ) -> ClipOutput:
-    """Dispatch ``"ppo"`` -> :func:`ppo_clip` or ``"gppo"`` -> :func:`gppo_clip` (options passed through; the
-    ``gppo_`` prefix of config names such as ``gppo_beta1`` / ``gppo_only_high`` is accepted)."""
+    """Dispatch a registered clipping rule (:data:`CLIPPINGS`): ``"ppo"`` -> :func:`ppo_clip`, ``"gppo"`` ->
+    :func:`gppo_clip` (options passed through; the ``gppo_`` prefix of config names such as ``gppo_beta1`` /
+    ``gppo_only_high`` is accepted)."""
     options = {k.removeprefix("gppo_"): v for k, v in options.items()}
-    if name == "ppo":
-        return ppo_clip(logps, old_logps, advantages, **options)
-    if name == "gppo":
-        return gppo_clip(logps, old_logps, advantages, **options)
-    raise ValueError(f"unknown policy objective {name!r}; known: {POLICY_OBJECTIVES}")
+    if name not in CLIPPINGS:
+        raise ValueError(f"unknown policy objective {name!r}; known: {POLICY_OBJECTIVES}")
+    return CLIPPINGS[name].fn(logps, old_logps, advantages, **options)

@@ -2,7 +2,7 @@
 
 A key function is called once per rollout as ``fn(prompt=..., completion=..., **row)`` (``row``: the dataset
 columns of the example) and returns a hashable key; rollouts of one prompt with equal keys form a stratum
-(Stratified GRPO, arXiv 2510.06214; spec stratified_grpo.md "Concepts"). The default key, the number of tool calls,
+(Stratified GRPO, arXiv 2510.06214; docs/methods/grpo_advantages.md#stratum-keys). The default key, the number of tool calls,
 is :func:`posttrain.rl.advantages.count_tool_calls`: 0 for free text, so one stratum per group (GRPO exactly).
 """
 

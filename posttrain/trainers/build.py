@@ -6,8 +6,10 @@ from posttrain.errors import UserError
 
 
 def _sft_dataset(ctx, key: str, src):
+    from posttrain.trainers.sft import POFT_SCORE_COLUMN, SFT_LOSSES
+
     ds = ctx.dataset(key, "sft")
-    if ctx.info.name == "poft":
+    if POFT_SCORE_COLUMN in SFT_LOSSES[ctx.info.name].extra_columns:  # aligned-model scores, computed or read
         from posttrain.data.poft import attach_scores
 
         ds = attach_scores(ds, ctx.recipe.params, key)
@@ -18,15 +20,12 @@ def sft_config(recipe, info):
     """The ``SFTConfig`` of an SFT-family recipe (built before any model loads, see :func:`posttrain.train.preflight`)."""
     from trl import SFTConfig
 
-    from posttrain.train import training_config
+    from posttrain.trainers.common import training_config
 
     params = recipe.params
     if recipe.data.train is None:
         raise UserError("data.train: required key is missing")
-    completion_only = params.completion_only_loss
-    if info.name == "poft" and params.poft_target_tokens == "all":
-        completion_only = False
-    overrides = {"completion_only_loss": completion_only, "max_length": 512}
+    overrides = {"completion_only_loss": params.completion_only, "max_length": 512}
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     return training_config(SFTConfig, recipe, overrides)
@@ -35,7 +34,7 @@ def sft_config(recipe, info):
 def build_sft_trainer(ctx):
     """``sft``, ``dft``, ``asft_anchored`` and ``poft`` on :class:`PosttrainSFTTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.train import peft_config
+    from posttrain.trainers.common import peft_config
     from posttrain.trainers.sft import PosttrainSFTTrainer
 
     recipe, params = ctx.recipe, ctx.recipe.params
@@ -45,7 +44,7 @@ def build_sft_trainer(ctx):
     return make_trainer(  # the peft.type variant (plora/goat/ggpo) wraps the class; plain LoRA: the class itself
         PosttrainSFTTrainer,
         recipe,
-        uses_disabled_adapter_reference=ctx.info.name == "asft_anchored" and ctx.ref_model is None,
+        uses_disabled_adapter_reference=ctx.info.reference == "required" and ctx.ref_model is None,
         model=ctx.model,
         args=config,
         train_dataset=train,

@@ -12,6 +12,7 @@ Markers posttrain writes (and the only folders it ever deletes are ones carrying
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import UserError
+from posttrain.errors import UserError, did_you_mean
 
 logger = logging.getLogger("posttrain")
 COMPLETE_MARKER = "POSTTRAIN_COMPLETE"
@@ -357,3 +358,66 @@ class CountedDPOTruncationMixin:
         log_length_effects(f"data.{dataset_name}", total, truncated, total - len(keep), max_length,
                            "the prompt alone fills max_length")
         return ds
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config objects every family builds (the family builders call these before any model is loaded)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def training_config(config_cls, recipe, overrides: dict[str, Any] | None = None):
+    """Build the TRL/HF config from ``recipe.training`` with posttrain's defaults; errors name ``training.<key>``."""
+    import torch
+
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for key in recipe.training:
+        if key not in fields:
+            raise UserError(f"training.{key}: unknown training argument{did_you_mean(key, fields)}")
+    for key in ("output_dir", "seed"):
+        if key in recipe.training:
+            raise UserError(f"training.{key}: set it as the top-level recipe key '{key}'")
+    # types and domains were checked when the recipe was parsed (posttrain.training_args.check_training)
+    on_gpu = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {
+        "report_to": "none",
+        "logging_steps": 10,
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "save_total_limit": 2,
+        "gradient_checkpointing": False,
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "use_cpu": not on_gpu,
+        "dataloader_num_workers": 0,
+        # a progress bar by default: transformers would turn it off because posttrain quiets its logger
+        "disable_tqdm": False,
+    }
+    kwargs.update(overrides or {})
+    kwargs.update(recipe.training)
+    kwargs["output_dir"] = recipe.output_dir
+    kwargs["seed"] = recipe.seed
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        text = " ".join(str(exc).split())
+        named = next((k for k in recipe.training if k in text), None)
+        where = f"training.{named}" if named else "training"
+        raise UserError(f"{where}: {text[:300]}") from None
+
+
+def peft_config(recipe):
+    if recipe.peft is None:
+        return None
+    from peft import LoraConfig
+
+    p = recipe.peft
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout,
+        target_modules=p.target_modules,
+        bias=p.bias,
+        use_rslora=p.use_rslora,
+        init_lora_weights=p.init_lora_weights,
+        modules_to_save=p.modules_to_save,
+        task_type="CAUSAL_LM",
+    )

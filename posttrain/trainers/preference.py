@@ -16,9 +16,10 @@ computed on completion positions only, in tiles.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
-from unittest import mock
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,6 @@ from torch.utils.checkpoint import checkpoint
 from trl import DPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
 from posttrain.losses.preference import (
     SparsePOMaskNet,
@@ -46,6 +46,9 @@ from posttrain.losses.preference import (
     wpo_pair_weights,
     wpo_sequence_weights,
 )
+from posttrain.methods import get_method
+from posttrain.reference import Reference, trl_reference_factory
+from posttrain.registry import Registry
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin
 
 logger = logging.getLogger("posttrain")
@@ -97,20 +100,17 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
         self.method = method
         self.params = params
         self.mask_net: torch.nn.ModuleDict | None = None
-        reference_free = method == "asft_aligned"
+        self.objective = PREFERENCE_LOSSES[method]
+        reference_free = get_method(method).reference == "none"
         # A reference-free method needs no reference: stop DPOTrainer from loading a second copy of the policy.
-        patch = (
-            mock.patch.object(_trl_dpo, "create_model_from_path", lambda *a, **k: None)
-            if reference_free
-            else contextlib.nullcontext()
-        )
+        patch = trl_reference_factory(_trl_dpo, None) if reference_free else contextlib.nullcontext()
         with patch:
             super().__init__(*args, **kwargs)
         if reference_free:
             self.ref_model = None
         elif self.precompute_ref_logps and self.ref_model is not None:
             self.ref_model = None  # precomputed columns replace the reference: do not keep it in memory
-        if method == "sparsepo" and params.mask == "learned":
+        if params.learned_mask:
             cfg = _unwrap(self.model).config.get_text_config()
             eps = getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-5
             names = ["reward", "kl"] if params.rw_kl_independent else ["common"]
@@ -172,13 +172,8 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
     def _reference(self):
         """(network to call, context that turns it into the reference) for the live reference forward."""
-        if self.ref_model is not None:
-            return self.ref_model, contextlib.nullcontext()
-        peft_model = _peft_model(self.model)
-        if peft_model is None:
-            raise RuntimeError("no reference model: pass ref_model, use PEFT, or precompute reference log-probs")
-        name = "ref" if "ref" in peft_model.peft_config else None
-        return self.model, use_adapter(peft_model, adapter_name=name)
+        missing = RuntimeError("no reference model: pass ref_model, use PEFT, or precompute reference log-probs")
+        return Reference(self.ref_model, missing=missing).resolve(self.model)
 
     def _ref_per_token_logps(self, model_kwargs, labels, seq_len):
         """Reference per-token log-probs through the fused LM head, exactly as ``DPOTrainer._compute_loss``."""
@@ -218,64 +213,17 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
         seq_len = mask.size(1)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
-        need_hidden = self.method == "sparsepo" or (
-            self.method == "wpo" and p.use_weighting and p.wpo_alignment == "greedy"
-        )
-        outputs, policy_hidden = self._policy_forward(model, model_kwargs, labels, need_hidden)
+        outputs, policy_hidden = self._policy_forward(model, model_kwargs, labels, p.needs_hidden_states)
         per_token_logps = outputs.log_probs[:, -seq_len:]
         logps = sequence_logps(per_token_logps, mask)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-        gather = self.accelerator.gather
-        metrics: dict[str, float]
-
-        if self.method in ("dpo", "wpo"):
-            if self.precompute_ref_logps:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                ref_logps = sequence_logps(self._ref_per_token_logps(model_kwargs, labels, seq_len), mask)
-                ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
-            out = dpo_loss(
-                chosen_logps,
-                rejected_logps,
-                ref_chosen.to(logps.device),
-                ref_rejected.to(logps.device),
-                beta=p.beta,
-                loss_type=p.loss,
-                label_smoothing=p.label_smoothing,
-                # IPO's N: completion tokens counted on the unshifted mask, as TRL and dpo.md do (with an empty
-                # prompt the first completion token has no scored position but still counts)
-                chosen_lengths=sequence_lengths(completion_mask.chunk(2, dim=0)[0]),
-                rejected_lengths=sequence_lengths(completion_mask.chunk(2, dim=0)[1]),
-                ipo_length_normalize=p.ipo_length_normalize,
-            )
-            metrics = preference_metrics(
-                gather(out.chosen_rewards), gather(out.rejected_rewards), gather(chosen_logps), gather(rejected_logps)
-            )
-            if self.method == "wpo" and p.use_weighting:
-                log_s = self._wpo_log_alignment(model, outputs, policy_hidden, labels, mask, seq_len)
-                seq_w = wpo_sequence_weights(per_token_logps.detach(), mask, log_s)
-                w_c, w_r = seq_w.chunk(2, dim=0)
-                pair_w = wpo_pair_weights(w_c, w_r, p.wpo_weight_clamp_max)
-                loss = (pair_w * out.losses).mean()
-                metrics.update(wpo_metrics(gather(w_c), gather(w_r), p.wpo_weight_clamp_max))
-            else:
-                loss = out.losses.mean()
-        elif self.method == "sparsepo":
-            loss, metrics = self._sparsepo(model, model_kwargs, inputs, per_token_logps, policy_hidden, labels, mask)
-        elif self.method == "asft_aligned":
-            lbar_c, lbar_r = mean_logps(per_token_logps, mask).chunk(2, dim=0)
-            out = asft_aligned_loss(lbar_c, lbar_r, p.beta, p.asft_lambda, p.sft_coef, p.prob_clamp)
-            loss = out.losses.mean()
-            gathered = type(out)(*(gather(getattr(out, f).detach()) for f in out.__dataclass_fields__))
-            metrics = asft_metrics(gathered, gather(lbar_c.detach()), gather(lbar_r.detach()))
-            metrics["logps/chosen_sum"] = gather(chosen_logps.detach()).mean().item()
-            metrics["logps/rejected_sum"] = gather(rejected_logps.detach()).mean().item()
-        else:  # pragma: no cover - guarded by the registry
-            raise ValueError(f"unknown preference-family method {self.method!r}")
+        fwd = PolicyForward(model, model_kwargs, inputs, outputs, policy_hidden, per_token_logps, labels, mask,
+                            completion_mask, seq_len, chosen_logps, rejected_logps)
+        loss, metrics = self.objective.fn(self, fwd)
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            metrics["aux_loss"] = gather(outputs.aux_loss.detach()).mean().item()
+            metrics["aux_loss"] = self.accelerator.gather(outputs.aux_loss.detach()).mean().item()
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         self._log_trl_metrics(mode, inputs, outputs, mask, seq_len)
@@ -440,6 +388,109 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Preference losses: one registered entry per method, ``fn(trainer, fwd: PolicyForward) -> (loss, metrics)``
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PolicyForward:
+    """What the policy forward of :meth:`PosttrainPreferenceTrainer._compute_loss` gives every preference loss."""
+
+    model: Any
+    model_kwargs: dict
+    inputs: dict
+    outputs: Any
+    policy_hidden: torch.Tensor | None
+    per_token_logps: torch.Tensor  # [2B, T-1]
+    labels: torch.Tensor
+    mask: torch.Tensor  # shifted completion mask [2B, T-1]
+    completion_mask: torch.Tensor  # unshifted [2B, T]
+    seq_len: int
+    chosen_logps: torch.Tensor  # summed [B]
+    rejected_logps: torch.Tensor
+
+
+PREFERENCE_LOSSES: Registry = Registry("preference loss")
+"""``method.name`` of the preference family -> its loss on one policy forward. The method's
+:class:`~posttrain.methods.MethodInfo` says whether a reference model is used; its params say whether the policy's
+last hidden states are needed (``needs_hidden_states``)."""
+
+
+def _dpo_terms(trainer, f: PolicyForward):
+    """Per-pair DPO losses against the live (or precomputed) reference, and the DPO metrics."""
+    p, gather = trainer.params, trainer.accelerator.gather
+    if trainer.precompute_ref_logps:
+        ref_chosen, ref_rejected = f.inputs["ref_chosen_logps"], f.inputs["ref_rejected_logps"]
+    else:
+        ref_logps = sequence_logps(trainer._ref_per_token_logps(f.model_kwargs, f.labels, f.seq_len), f.mask)
+        ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
+    out = dpo_loss(
+        f.chosen_logps,
+        f.rejected_logps,
+        ref_chosen.to(f.chosen_logps.device),
+        ref_rejected.to(f.chosen_logps.device),
+        beta=p.beta,
+        loss_type=p.loss,
+        label_smoothing=p.label_smoothing,
+        # IPO's N: completion tokens counted on the unshifted mask, as TRL and docs/methods/dpo.md do (with an empty
+        # prompt the first completion token has no scored position but still counts)
+        chosen_lengths=sequence_lengths(f.completion_mask.chunk(2, dim=0)[0]),
+        rejected_lengths=sequence_lengths(f.completion_mask.chunk(2, dim=0)[1]),
+        ipo_length_normalize=p.ipo_length_normalize,
+    )
+    metrics = preference_metrics(
+        gather(out.chosen_rewards), gather(out.rejected_rewards), gather(f.chosen_logps), gather(f.rejected_logps)
+    )
+    return out, metrics
+
+
+@PREFERENCE_LOSSES.register("dpo", doc="docs/methods/dpo.md#objective")
+def dpo_objective(trainer, f: PolicyForward):
+    """DPO / cDPO / robust DPO / IPO (Rafailov et al. 2023, arXiv 2305.18290; IPO arXiv 2310.12036): the mean of
+    :func:`posttrain.losses.preference.dpo_loss` over the pairs."""
+    out, metrics = _dpo_terms(trainer, f)
+    return out.losses.mean(), metrics
+
+
+@PREFERENCE_LOSSES.register("wpo", doc="docs/methods/wpo.md#objective")
+def wpo_objective(trainer, f: PolicyForward):
+    """WPO (Zhou et al. 2024, arXiv 2406.11827): DPO pair losses weighted by the detached, length-normalised policy
+    probability of both responses (plain DPO with ``use_weighting: false``)."""
+    p, gather = trainer.params, trainer.accelerator.gather
+    out, metrics = _dpo_terms(trainer, f)
+    if not p.use_weighting:
+        return out.losses.mean(), metrics
+    log_s = trainer._wpo_log_alignment(f.model, f.outputs, f.policy_hidden, f.labels, f.mask, f.seq_len)
+    seq_w = wpo_sequence_weights(f.per_token_logps.detach(), f.mask, log_s)
+    w_c, w_r = seq_w.chunk(2, dim=0)
+    pair_w = wpo_pair_weights(w_c, w_r, p.wpo_weight_clamp_max)
+    loss = (pair_w * out.losses).mean()
+    metrics.update(wpo_metrics(gather(w_c), gather(w_r), p.wpo_weight_clamp_max))
+    return loss, metrics
+
+
+@PREFERENCE_LOSSES.register("sparsepo", doc="docs/methods/sparsepo.md#objective")
+def sparsepo_objective(trainer, f: PolicyForward):
+    """SparsePO (Christopoulou et al. 2024, arXiv 2410.05102): token-masked rewards and KL against the reference."""
+    return trainer._sparsepo(f.model, f.model_kwargs, f.inputs, f.per_token_logps, f.policy_hidden, f.labels, f.mask)
+
+
+@PREFERENCE_LOSSES.register("asft_aligned", doc="docs/methods/asft_aligned.md#objective")
+def asft_aligned_objective(trainer, f: PolicyForward):
+    """Aligned SFT (Wang et al. 2024, arXiv 2409.10571): absolute-likelihood log-odds on chosen and rejected plus
+    the chosen NLL; no reference model."""
+    p, gather = trainer.params, trainer.accelerator.gather
+    lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
+    out = asft_aligned_loss(lbar_c, lbar_r, p.beta, p.asft_lambda, p.sft_coef, p.prob_clamp)
+    loss = out.losses.mean()
+    gathered = type(out)(*(gather(getattr(out, name).detach()) for name in out.__dataclass_fields__))
+    metrics = asft_metrics(gathered, gather(lbar_c.detach()), gather(lbar_r.detach()))
+    metrics["logps/chosen_sum"] = gather(f.chosen_logps.detach()).mean().item()
+    metrics["logps/rejected_sum"] = gather(f.rejected_logps.detach()).mean().item()
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Building from a recipe
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -459,7 +510,7 @@ def preference_config(recipe, info):
     from trl import DPOConfig
 
     from posttrain.errors import UserError
-    from posttrain.train import training_config
+    from posttrain.trainers.common import training_config
 
     params, name = recipe.params, info.name
     for key, where in _METHOD_OWNED.items():
@@ -476,20 +527,20 @@ def preference_config(recipe, info):
         "label_smoothing": getattr(params, "label_smoothing", 0.0),
         "precompute_ref_log_probs": getattr(params, "precompute_ref_log_probs", False),
         # WPO: makes TRL's fused LM head also return log(sum_v p_v^2) (the sampled weight alignment)
-        "use_weighting": name == "wpo" and params.use_weighting,
+        "use_weighting": params.fused_weighting,
         "max_length": 512,
     }
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     config = training_config(DPOConfig, recipe, overrides)
-    if config.sync_ref_model and (name == "asft_aligned" or overrides["precompute_ref_log_probs"]):
+    if config.sync_ref_model and (info.reference == "none" or overrides["precompute_ref_log_probs"]):
         raise UserError("training.sync_ref_model: needs a live reference model (not asft_aligned or precomputed)")
     return config
 
 
 def build_preference_trainer(ctx):
     """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on :class:`PosttrainPreferenceTrainer`."""
-    from posttrain.train import peft_config
+    from posttrain.trainers.common import peft_config
 
     recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name
     config = ctx.config if ctx.config is not None else preference_config(recipe, ctx.info)
@@ -515,7 +566,7 @@ def build_preference_trainer(ctx):
         PosttrainPreferenceTrainer,
         recipe,
         uses_disabled_adapter_reference=(
-            name != "asft_aligned" and ctx.ref_model is None and not config.precompute_ref_log_probs
+            ctx.info.reference != "none" and ctx.ref_model is None and not config.precompute_ref_log_probs
         ),
         **kwargs,
     )

@@ -19,11 +19,12 @@ extended to close its logging windows), which warns when the learning signal van
 signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
 rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded.
 
-Specs: shared/methods/grpo.md, stratified_grpo.md, delta_l_normalization.md, negative_reinforcement.md, gppo.md.
+Method pages: docs/methods/grpo.md, grpo_advantages.md, grpo_aggregation.md, grpo_clipping.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -33,7 +34,9 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from posttrain.errors import UserError
+from posttrain.reference import trl_reference_factory
 from posttrain.rl.advantages import (
+    ADVANTAGES,
     combine_rewards,
     compute_advantages,
     count_tool_calls,
@@ -41,8 +44,8 @@ from posttrain.rl.advantages import (
     stratified_stats,
     stratum_ids,
 )
-from posttrain.rl.aggregation import aggregate_loss, delta_l_weights, dr_grpo
-from posttrain.rl.clipping import gppo_sft_loss, kl_k3, kl_k3_bias_corrected, policy_loss
+from posttrain.rl.aggregation import AGGREGATIONS, delta_l_weights, dr_grpo
+from posttrain.rl.clipping import CLIPPINGS, gppo_sft_loss, kl_k3, kl_k3_bias_corrected
 from posttrain.rl.diagnostics import SignalMonitor, batch_signal
 from posttrain.trainers.common import AtomicCheckpointMixin
 
@@ -106,23 +109,15 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         # TRL builds its reference with create_model_from_path (full fine-tuning): hand it ours instead, so TRL
         # applies its own preparation (dropout, fp32 LM head, fused LM head, DeepSpeed/FSDP/accelerate, sync callback)
         hand_over = ref_model is not None and not peft
-        handed: list[bool] = []
-
-        def give_reference(*_args, **_kwargs):
-            handed.append(True)
-            return ref_model
-
         # a pre-built PeftModel with beta > 0 makes TRL add a "ref" adapter copy: keep beta at 0 while TRL builds
         zero_beta = beta != 0.0 and prewrapped
-        original = trl_grpo.create_model_from_path
+        factory = trl_reference_factory(trl_grpo, ref_model) if hand_over else contextlib.nullcontext([])
         try:
-            if hand_over:
-                trl_grpo.create_model_from_path = give_reference
             if zero_beta:
                 config.beta = 0.0
-            super().__init__(*args, **kwargs)
+            with factory as handed:
+                super().__init__(*args, **kwargs)
         finally:
-            trl_grpo.create_model_from_path = original
             if zero_beta:
                 config.beta = beta
         if zero_beta:
@@ -160,7 +155,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         stash: dict[str, Any] = {"rewards_per_func": rewards_per_func}
-        if self.params.advantage == "stratified":
+        if ADVANTAGES[self.params.advantage].needs_strata:
             from accelerate.utils import gather_object
 
             keys = [self.stratum_fn(row, p, c) for row, p, c in zip(inputs, prompts, completions, strict=True)]
@@ -180,21 +175,13 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         rpf = stash["rewards_per_func"]
         weights = self.reward_weights.to(rpf.device)
         rewards = combine_rewards(rpf, weights)
-        if p.advantage == "group" and self.multi_objective_aggregation == "normalize_then_sum":
+        estimator = ADVANTAGES[p.advantage]
+        if estimator.normalize_then_sum and self.multi_objective_aggregation == "normalize_then_sum":
             adv = normalize_then_sum(rpf, num_generations, weights)
             out = compute_advantages("grpo", rewards, num_generations, scale_rewards="none")._replace(advantages=adv)
         else:
-            opts: dict[str, Any] = {}
-            if p.advantage == "group":
-                opts = {"scale_rewards": p.scale_rewards}
-            elif p.advantage == "stratified":
-                opts = {"strata": stratum_ids(stash["strata"], device=rewards.device), "alpha": p.san_alpha,
-                        "scale": p.san_scale, "scope": p.san_scope, "eps": p.san_eps}
-            elif p.advantage in ("psr", "nsr"):
-                opts = {"correct_value": p.correct_reward}
-            elif p.advantage == "w_reinforce":
-                opts = {"lam": p.w_reinforce_lambda, "correct_value": p.correct_reward}
-            out = compute_advantages(p.advantage, rewards, num_generations, **opts)
+            strata = stratum_ids(stash["strata"], device=rewards.device) if estimator.needs_strata else None
+            out = estimator.fn(torch.as_tensor(rewards), num_generations, **estimator.options(p, strata))
         correct = rewards == p.correct_reward
 
         local = output["completion_mask"].size(0)
@@ -210,7 +197,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if p.sft_coef > 0:
             output[CORRECT] = correct[rows].to(device=device, dtype=torch.float32)
             output[NUM_CORRECT] = self.accelerator.gather((kept_mask * output[CORRECT].unsqueeze(1)).sum()).sum()
-        if p.aggregation == "delta_l":
+        if AGGREGATIONS[p.aggregation].row_weights:
             lengths = self.accelerator.gather(kept_mask.sum(-1).float())
             w = delta_l_weights(lengths, alpha=p.delta_l_alpha, scope=p.delta_l_scope, num_generations=num_generations)
             output[DL_WEIGHTS] = w[rows].to(device)
@@ -276,7 +263,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         m["advantages/frac_zero"].append((adv == 0).float().mean().item())
         m["rl/kept_rows_frac"].append(keep.float().mean().item())
         m["rl/correct_frac"].append(correct.float().mean().item())
-        # counts per generation batch (all processes), negative_reinforcement.md "Metrics"
+        # counts per generation batch (all processes), docs/methods/grpo_advantages.md#metrics
         scored = ~torch.isnan(rewards)
         m["rl/correct_count"].append(float(correct.sum().item()))
         m["rl/incorrect_count"].append(float((scored & ~correct).sum().item()))
@@ -301,7 +288,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             numeric = [float(k) for k in keys if isinstance(k, int | float) and not isinstance(k, bool)]
             if len(numeric) == len(keys):
                 m["san/stratum_key_mean"].append(sum(numeric) / max(len(numeric), 1))
-            # reward mean per key value (stratified_grpo.md "Metrics"), while the keys are few enough to read
+            # reward mean per key value (docs/methods/grpo_advantages.md#metrics), while the keys are few enough to read
             distinct = sorted(set(keys), key=str)
             if len(distinct) <= MAX_LOGGED_STRATUM_KEYS:
                 for key in distinct:
@@ -337,22 +324,22 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         old = logps.detach() if old is None else old
         advantages = inputs["advantages"]
 
+        rule = CLIPPINGS[p.clipping]
         options: dict[str, Any] = {"epsilon": p.epsilon, "epsilon_high": p.epsilon_high, "dual_clip_c": p.dual_clip_c}
-        if p.clipping == "gppo":
-            options.update(beta1=p.gppo_beta1, beta2=p.gppo_beta2, only_high=p.gppo_only_high)
-        clip = policy_loss(p.clipping, logps, old, advantages, **options)
+        options.update(rule.options(p))
+        clip = rule.fn(logps, old, advantages, **options)
         per_token = clip.per_token_loss
         if self.use_vllm and self.vllm_importance_sampling_correction:
             per_token = per_token * inputs["importance_sampling_ratio"]
         kl = None
         if p.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
-            # plain k3 (grpo.md "Loss") unless method.use_bias_correction_kl (TRL's GRPOConfig default is on)
+            # plain k3 (docs/methods/grpo.md#kl-term) unless method.use_bias_correction_kl (TRL's GRPOConfig default is on)
             kl = kl_k3_bias_corrected(logps, ref, old) if p.use_bias_correction_kl else kl_k3(logps, ref)
 
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         # N_glob of the optimizer step's global accumulated batch: TRL's num_items_in_batch spans the generation
-        # batch, i.e. steps_per_generation micro-batches (grpo.md "Loss").
+        # batch, i.e. steps_per_generation micro-batches (docs/methods/grpo_aggregation.md#the-dapo-normaliser).
         window = ga / self.args.steps_per_generation if mode == "train" else 1.0
         nproc = self.accelerator.num_processes
         T = self.max_completion_length
@@ -360,27 +347,26 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         # PSR/NSR/W-REINFORCE drop rows from the update entirely (docs/rlvr.md); the result already spans the
         # accumulated batch, so it is not divided by GA (equal to TRL's B_mb and /GA when every row is kept).
         rows = {"num_rows": inputs[NUM_ROWS] * window, "num_processes": nproc} if NUM_ROWS in inputs else None
-        if p.aggregation == "dapo":
+        agg = AGGREGATIONS[p.aggregation]
+        if agg.normalizer == "global_tokens":
             total = per_token if kl is None else per_token + p.beta * kl
-            loss = aggregate_loss("dapo", total, mask, num_items_in_batch=inputs["num_items_in_batch"] * window,
-                                  num_processes=nproc)
-        elif p.aggregation == "bnpo":  # a token mean of the micro-batch: dropped rows add no tokens
+            loss = agg.fn(total, mask, num_items_in_batch=inputs["num_items_in_batch"] * window, num_processes=nproc)
+        elif agg.normalizer == "local_tokens":  # a token mean of the micro-batch: dropped rows add no tokens
             total = per_token if kl is None else per_token + p.beta * kl
-            loss = aggregate_loss("bnpo", total, mask) / ga
+            loss = agg.fn(total, mask) / ga
         elif rows is None:  # pragma: no cover - batches always come from _generate_and_score_completions
             raise RuntimeError(f"PosttrainGRPOTrainer: inputs lack {NUM_ROWS}")
-        elif p.aggregation == "delta_l":
-            # ΔL weights scale the surrogate only; the KL term stays unweighted (delta_l_normalization.md step 5)
-            loss = aggregate_loss("delta_l", per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS],
-                                  **rows)
+        elif agg.row_weights:
+            # ΔL weights scale the surrogate only; the KL term stays unweighted (docs/methods/grpo_aggregation.md#kl-term-under-delta-l)
+            loss = agg.fn(per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS], **rows)
             # Dr. GRPO's B * T_max, B = kept rows per micro-batch
             self._metrics[mode]["delta_l/normalizer"].append(float(rows["num_rows"]) / nproc / ga * T)
             if kl is not None:
                 loss = loss + p.beta * dr_grpo(kl, mask, T, **rows)
         else:
             total = per_token if kl is None else per_token + p.beta * kl
-            extra = {"max_completion_length": T} if p.aggregation == "dr_grpo" else {}
-            loss = aggregate_loss(p.aggregation, total, mask, **extra, **rows)
+            extra = {"max_completion_length": T} if agg.max_completion_length else {}
+            loss = agg.fn(total, mask, **extra, **rows)
         # every micro-batch's loss is its share (~1/GA) of the accumulated batch's: log the full-batch value, on the
         # same scale as gppo/sft_loss
         policy_value = loss.detach() * ga
@@ -407,7 +393,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if kl is not None:
             metrics["kl"].append(global_masked_mean(kl.detach()))
         metrics["entropy"].append(global_masked_mean(entropies.detach()))
-        # verl's ppo_kl (grpo.md, gppo.md, negative_reinforcement.md "Metrics"): token mean of old_logp - logp
+        # verl's ppo_kl (docs/methods/grpo.md#metrics): token mean of old_logp - logp
         metrics["ppo_kl"].append(global_masked_mean((old - logps).detach()))
         metrics["clip_ratio/low_mean"].append(global_masked_mean(clip.low_clipped.float()))
         metrics["clip_ratio/high_mean"].append(global_masked_mean(clip.high_clipped.float()))
@@ -420,7 +406,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         metrics["clip_ratio/region_mean"].append(global_masked_mean((clip.low_clipped | clip.high_clipped).float()))
         if p.dual_clip_c is not None:
             metrics["clip_ratio/dual_mean"].append(global_masked_mean(clip.dual_clipped.float()))
-        if p.clipping == "gppo":
+        if rule.gradient_preserved:
             metrics["clip_ratio/gradient_preserved_mean"].append(global_masked_mean(clip.gradient_preserved.float()))
         return loss
 
@@ -523,7 +509,7 @@ def check_rl_recipe(recipe) -> None:
     p, dirs = recipe.params, recipe_dirs(recipe)
     load_rewards(p.rewards, base_dirs=dirs, load_models=False)
     _user_callables(p, dirs)
-    if p.advantage == "stratified" and ":" in p.stratum_key:
+    if ADVANTAGES[p.advantage].needs_strata and ":" in p.stratum_key:
         import_function(p.stratum_key, "method.stratum_key", dirs)
 
 
@@ -541,7 +527,7 @@ def rl_config(recipe, info):
     """The ``GRPOConfig`` of an RL recipe, with the method-owned fields set from ``method:`` (before models load)."""
     from trl import GRPOConfig
 
-    from posttrain.train import training_config
+    from posttrain.trainers.common import training_config
 
     p = recipe.params
     if recipe.data.train is None:
@@ -553,13 +539,14 @@ def rl_config(recipe, info):
         if key in recipe.training and recipe.training[key] != default:
             raise UserError(f"training.{key}: not supported by method '{info.name}' (leave it at {default!r})")
     moa = recipe.training.get("multi_objective_aggregation", "sum_then_normalize")
-    if moa != "sum_then_normalize" and p.advantage != "group":
+    if moa != "sum_then_normalize" and not ADVANTAGES[p.advantage].normalize_then_sum:
+        able = " or ".join(e.name for e in ADVANTAGES if e.normalize_then_sum)
         raise UserError(
-            f"training.multi_objective_aggregation: {moa} only works with method.advantage: group "
+            f"training.multi_objective_aggregation: {moa} only works with method.advantage: {able} "
             f"(advantage is {p.advantage})"
         )
     overrides: dict[str, Any] = {
-        "loss_type": p.aggregation if p.aggregation != "delta_l" else "dr_grpo",
+        "loss_type": AGGREGATIONS[p.aggregation].trl_loss_type,
         "beta": p.beta,
         "epsilon": p.epsilon,
         "epsilon_high": p.epsilon_high,
@@ -577,7 +564,7 @@ def build_rl_trainer(ctx):
     from posttrain.adapters.trainer import make_trainer
     from posttrain.rl.rewards import NEEDS_ANSWER, load_rewards
     from posttrain.rl.tools import prepare_tool_tokenizer
-    from posttrain.train import peft_config
+    from posttrain.trainers.common import peft_config
 
     recipe, p = ctx.recipe, ctx.recipe.params
     dirs = recipe_dirs(recipe)
@@ -596,7 +583,7 @@ def build_rl_trainer(ctx):
         _check_conversational(train, key)
         prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key=key)
     rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
-    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names, dirs) if p.advantage == "stratified" else None
+    stratum_fn = make_stratum_fn(p.stratum_key, train.column_names, dirs) if ADVANTAGES[p.advantage].needs_strata else None
     extra: dict[str, Any] = dict(user)
     if any(pc is not None for pc in rewards.processing_classes):
         extra["reward_processing_classes"] = rewards.processing_classes

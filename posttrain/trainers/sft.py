@@ -8,13 +8,15 @@ pure losses in :mod:`posttrain.losses.sft`.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
+from posttrain.reference import Reference
+from posttrain.registry import Registry
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedSFTTruncationMixin
 from posttrain.losses.sft import asft_anchored_loss, dft_loss, nll_loss, poft_loss, token_kl
 
@@ -55,32 +57,35 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
     def __init__(self, *args, method: str, params, anchor_model=None, **kwargs):
         self.method = method
         self.params = params
+        self.objective = SFT_LOSSES[method]
         super().__init__(*args, **kwargs)
         self.anchor_model = anchor_model
         if anchor_model is not None:
             anchor_model.eval().requires_grad_(False)
             self.anchor_model = self.accelerator.prepare_model(anchor_model, evaluation_mode=True)
-        if method == "poft":
-            self.data_collator = _ExtraColumnsCollator(self.data_collator, [POFT_SCORE_COLUMN])
-            # PoFT's loss is a mean over the micro-batch's sequences (not a token sum over num_items_in_batch): HF must
-            # divide it by the accumulation steps, or gradient accumulation multiplies loss and gradient by them.
+        if self.objective.extra_columns:
+            self.data_collator = _ExtraColumnsCollator(self.data_collator, list(self.objective.extra_columns))
+        if not self.objective.token_sum_loss:
+            # A per-sequence mean over the micro-batch (PoFT), not a token sum over num_items_in_batch: HF must divide
+            # it by the accumulation steps, or gradient accumulation multiplies loss and gradient by them.
             self.loss_is_scaled_for_ga = False
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self.method == "poft" and POFT_SCORE_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, POFT_SCORE_COLUMN]
+        missing = [c for c in self.objective.extra_columns if c not in self._signature_columns]
+        if missing:
+            self._signature_columns = [*self._signature_columns, *missing]
 
     # ---------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        aligned_scores = inputs.pop(POFT_SCORE_COLUMN, None)
+        extra = {c: inputs.pop(c, None) for c in self.objective.extra_columns}
         inputs["use_cache"] = False
 
         hidden: dict[str, torch.Tensor] = {}
         hook = None
-        if self.method == "asft_anchored":
+        if self.params.needs_hidden_states:
             backbone = _unwrap(model).base_model
             hook = backbone.register_forward_hook(lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state))
         try:
@@ -88,38 +93,12 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         finally:
             if hook is not None:
                 hook.remove()
-        logps, mask = outputs.log_probs, outputs.label_mask
-        metrics: dict[str, torch.Tensor] = {}
-
-        if self.method == "sft":
-            loss = nll_loss(logps, mask, num_items_in_batch)
-        elif self.method == "dft":
-            loss = dft_loss(logps, mask, num_items_in_batch)
-            metrics["nll"] = nll_loss(logps.detach(), mask)
-        elif self.method == "asft_anchored":
-            kl = self._anchor_kl(model, inputs, hidden["h"][:, :-1], mask)
-            loss = asft_anchored_loss(logps, kl, mask, self.params.asft_kl_coef, num_items_in_batch)
-            denom = mask.sum().clamp(min=1)
-            metrics["dft_loss"] = dft_loss(logps.detach(), mask)
-            metrics["kl"] = (kl.detach() * mask).sum() / denom
-            metrics["nll"] = nll_loss(logps.detach(), mask)
-        elif self.method == "poft":
-            # `poft_target_tokens: all` is handled by the config (completion_only_loss=False): every label counts.
-            out = poft_loss(logps, mask, aligned_scores.to(logps.device), self.params.poft_beta, self.params.poft_gamma)
-            loss = out.loss
-            metrics["ce_loss"] = -out.reward_target.detach().mean()
-            metrics["poft/reward_target"] = out.reward_target.detach().mean()
-            metrics["poft/reward_aligned"] = out.reward_aligned.mean()
-            margin = (out.reward_target - out.reward_aligned).detach()
-            metrics["poft/margin"] = margin.mean()
-            metrics["poft/accuracy"] = (margin > 0).float().mean()
-            metrics["poft/tau_mean"] = out.tau.mean()
-        else:  # pragma: no cover - guarded by the registry
-            raise ValueError(f"unknown SFT-family method {self.method!r}")
+        step = SFTStep(model, inputs, outputs, hidden.get("h"), extra, num_items_in_batch)
+        loss, metrics = self.objective.fn(self, step)
 
         # Like Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages gradients.
         if (
-            self.method != "poft"
+            self.objective.token_sum_loss
             and self.args.average_tokens_across_devices
             and num_items_in_batch is not None
         ):
@@ -145,15 +124,9 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         policy = _unwrap(model)
         head = policy.get_output_embeddings()
         with torch.no_grad():
-            if self.anchor_model is not None:
-                anchor = _unwrap(self.anchor_model)
-                anchor_ctx = contextlib.nullcontext()
-            else:  # PEFT policy: the adapter-disabled network is the anchor
-                anchor = policy
-                peft_model = model
-                while hasattr(peft_model, "module"):
-                    peft_model = peft_model.module
-                anchor_ctx = peft_model.disable_adapter()
+            # the anchor model, or (PEFT policy, no anchor model) the adapter-disabled network
+            net, anchor_ctx = Reference(self.anchor_model).resolve(model)
+            anchor = _unwrap(net)
             with anchor_ctx:
                 anchor_out = anchor.base_model(
                     input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
@@ -179,3 +152,75 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
                 pieces.append(tile_kl(h_tile, a_tile))
         flat = torch.cat(pieces) if pieces else h.new_zeros(0)
         return flat.new_zeros(mask.shape).masked_scatter(mask, flat)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SFT-family losses: one registered entry per method, ``fn(trainer, step: SFTStep) -> (loss, metrics)``. ``meta``:
+# ``extra_columns`` (per-example float columns the collator keeps), ``token_sum_loss`` (the loss is a sum over the
+# tokens divided by ``num_items_in_batch``: scaled by the number of processes, as ``Trainer.compute_loss`` does).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SFTStep:
+    """What one policy forward gives every SFT-family loss."""
+
+    model: Any
+    inputs: dict
+    outputs: Any  # TRL fused-head output: log_probs, label_mask, entropy, is_top1
+    hidden: torch.Tensor | None  # last hidden states (when the params' needs_hidden_states)
+    extra: dict[str, torch.Tensor | None]  # the entry's extra columns
+    num_items_in_batch: Any
+
+
+SFT_LOSSES: Registry = Registry("SFT-family loss")
+
+
+@SFT_LOSSES.register("sft", doc="docs/methods/sft.md#objective", extra_columns=(), token_sum_loss=True)
+def sft_objective(trainer, s: SFTStep):
+    """Token-mean NLL on completion tokens (Ouyang et al. 2022, arXiv 2203.02155): :func:`nll_loss`."""
+    return nll_loss(s.outputs.log_probs, s.outputs.label_mask, s.num_items_in_batch), {}
+
+
+@SFT_LOSSES.register("dft", doc="docs/methods/dft.md#objective", extra_columns=(), token_sum_loss=True)
+def dft_objective(trainer, s: SFTStep):
+    """Dynamic Fine-Tuning (Wu et al. 2025, arXiv 2508.05629): :func:`dft_loss`, NLL logged."""
+    logps, mask = s.outputs.log_probs, s.outputs.label_mask
+    loss = dft_loss(logps, mask, s.num_items_in_batch)
+    return loss, {"nll": nll_loss(logps.detach(), mask)}
+
+
+@SFT_LOSSES.register("asft_anchored", doc="docs/methods/asft_anchored.md#objective", extra_columns=(),
+                     token_sum_loss=True)
+def asft_anchored_objective(trainer, s: SFTStep):
+    """Anchored SFT (Zhu et al. 2025, arXiv 2509.23753): DFT plus a token-level KL to the frozen anchor."""
+    logps, mask = s.outputs.log_probs, s.outputs.label_mask
+    kl = trainer._anchor_kl(s.model, s.inputs, s.hidden[:, :-1], mask)
+    loss = asft_anchored_loss(logps, kl, mask, trainer.params.asft_kl_coef, s.num_items_in_batch)
+    denom = mask.sum().clamp(min=1)
+    metrics = {
+        "dft_loss": dft_loss(logps.detach(), mask),
+        "kl": (kl.detach() * mask).sum() / denom,
+        "nll": nll_loss(logps.detach(), mask),
+    }
+    return loss, metrics
+
+
+@SFT_LOSSES.register("poft", doc="docs/methods/poft.md#objective", extra_columns=(POFT_SCORE_COLUMN,),
+                     token_sum_loss=False)
+def poft_objective(trainer, s: SFTStep):
+    """PoFT (Fan et al. 2025, arXiv 2412.12865): Bradley-Terry of the target's mean log-likelihood against the
+    aligned LLMs' scores (column ``poft_ref_score``). ``poft_target_tokens: all`` is handled by the config
+    (completion_only_loss=False): every label counts."""
+    p, logps, mask = trainer.params, s.outputs.log_probs, s.outputs.label_mask
+    out = poft_loss(logps, mask, s.extra[POFT_SCORE_COLUMN].to(logps.device), p.poft_beta, p.poft_gamma)
+    margin = (out.reward_target - out.reward_aligned).detach()
+    metrics = {
+        "ce_loss": -out.reward_target.detach().mean(),
+        "poft/reward_target": out.reward_target.detach().mean(),
+        "poft/reward_aligned": out.reward_aligned.mean(),
+        "poft/margin": margin.mean(),
+        "poft/accuracy": (margin > 0).float().mean(),
+        "poft/tau_mean": out.tau.mean(),
+    }
+    return out.loss, metrics

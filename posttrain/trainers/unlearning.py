@@ -21,7 +21,6 @@ accumulation the loss is divided by the number of micro-batches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -35,7 +34,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from posttrain.errors import UserError
 from posttrain.logprobs import ensure_fused_head
-from posttrain.losses.unlearning import UNLEARNING_DEFAULTS, unlearning_objective
+from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES, uses_reference, uses_retain
+from posttrain.reference import Reference
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -169,7 +169,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
     """GA, GradDiff, NPO (+RT / +KL) and SimNPO on :class:`ForgetRetainDataset` batches.
 
     Args:
-        method: a key of :data:`posttrain.losses.unlearning.UNLEARNING_DEFAULTS`.
+        method: a key of :data:`posttrain.losses.unlearning.UNLEARNING_OBJECTIVES`.
         params: the method's hyperparameters (:mod:`posttrain.methods`).
         ref_model: frozen reference for NPO / KL; ``None`` with a PEFT policy uses the adapter-disabled model.
         peft_config: wrap ``model`` with this adapter (the fused head must already be on ``model``).
@@ -178,7 +178,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
     def __init__(self, *args, method: str, params, ref_model=None, peft_config=None, model=None, **kwargs):
         self.method = method
         self.params = params
-        self.spec = UNLEARNING_DEFAULTS[method]
+        self.objective = UNLEARNING_OBJECTIVES[method]
         wrapped = _peft_model(model)
         ensure_fused_head(model if wrapped is None else wrapped.get_base_model())  # no-op when already patched
         if peft_config is not None:
@@ -200,22 +200,15 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 
     @property
     def uses_retain(self) -> bool:
-        return self.spec["retain"] is not None and float(getattr(self.params, "alpha", 0.0)) != 0.0
+        return uses_retain(self.method, getattr(self.params, "alpha", 0.0))
 
     @property
     def uses_reference(self) -> bool:
-        return self.spec["forget"] == "npo" or (self.uses_retain and self.spec["retain"] == "kl")
+        return uses_reference(self.method, getattr(self.params, "alpha", 0.0))
 
-    @contextlib.contextmanager
     def _reference(self, model):
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        peft_model = _peft_model(model)
-        if peft_model is None:
-            raise UserError(f"ref_model: method '{self.method}' needs a reference model")
-        with peft_model.disable_adapter():
-            yield model
+        missing = UserError(f"ref_model: method '{self.method}' needs a reference model")
+        return Reference(self.ref_model, missing=missing).network(model)
 
     def _side(self, inputs, side):
         return inputs[f"{side}_input_ids"], inputs[f"{side}_attention_mask"], inputs[f"{side}_labels"]
@@ -225,7 +218,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         f_ids, f_attn, f_lab = self._side(inputs, "forget")
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
         out: dict[str, torch.Tensor] = {}
-        kl = self.uses_retain and self.spec["retain"] == "kl"
+        kl = self.uses_retain and self.objective.retain == "kl"
         if self.uses_retain and not kl:  # one fused call on [forget; retain]
             r_ids, r_attn, r_lab = self._side(inputs, "retain")
             res = model(
@@ -247,7 +240,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             out["retain_labels"] = r_lab
         if self.uses_reference:
             with torch.no_grad(), self._reference(model) as ref:
-                if self.spec["forget"] == "npo":
+                if self.objective.forget == "npo":
                     ref_res = ref(input_ids=f_ids, attention_mask=f_attn, labels=f_lab, fused_lm_head=True,
                                   use_cache=False)
                     out["forget_ref_logps"] = ref_res.log_probs
@@ -277,7 +270,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         t = self.policy_and_reference_logps(model, inputs)
-        result = unlearning_objective(self.method, **self.objective_inputs(t))
+        result = self.objective.fn(self.method, **self.objective_inputs(t))
         metrics = {k: v for k, v in result.metrics.items() if k != "loss"}
         metrics["forget_answer_prob"] = _answer_prob(t["forget_logps"], t["forget_mask"])
         if "retain_logps" in t:
@@ -314,12 +307,12 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 
 
 def _needs_retain(recipe, name: str) -> bool:
-    return UNLEARNING_DEFAULTS[name]["retain"] is not None and float(getattr(recipe.params, "alpha", 0.0)) != 0.0
+    return uses_retain(name, getattr(recipe.params, "alpha", 0.0))
 
 
 def unlearning_config(recipe, info) -> UnlearningConfig:
     """The :class:`UnlearningConfig` of an unlearning recipe, after the data-key checks (before any model loads)."""
-    from posttrain.train import training_config
+    from posttrain.trainers.common import training_config
 
     name, data = info.name, recipe.data
     if data.train is not None:
@@ -345,11 +338,10 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
 def build_unlearning_trainer(ctx):
     """Build the unlearning trainer from a run context (see :mod:`posttrain.train`)."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.train import peft_config
+    from posttrain.trainers.common import peft_config
 
     recipe, info, params = ctx.recipe, ctx.info, ctx.recipe.params
     name, data = info.name, recipe.data
-    spec = UNLEARNING_DEFAULTS[name]
     config = ctx.config if ctx.config is not None else unlearning_config(recipe, info)
     needs_retain = _needs_retain(recipe, name)
     if data.retain is not None and not needs_retain:
@@ -362,11 +354,10 @@ def build_unlearning_trainer(ctx):
     dataset = ForgetRetainDataset(forget, retain, seed=recipe.seed)
     ensure_fused_head(ctx.model)  # before any adapter wraps the model (TRL's order)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    uses_reference = spec["forget"] == "npo" or (needs_retain and spec["retain"] == "kl")
     return make_trainer(
         PosttrainUnlearningTrainer,
         recipe,
-        uses_disabled_adapter_reference=uses_reference and ctx.ref_model is None and recipe.peft is not None,
+        uses_disabled_adapter_reference=uses_reference(name, getattr(params, "alpha", 0.0)) and ctx.ref_model is None and recipe.peft is not None,
         model=ctx.model,
         args=config,
         train_dataset=dataset,

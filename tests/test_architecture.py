@@ -1,0 +1,299 @@
+"""Repository-wide architecture checks: method documentation lives in the repository (docs/methods/) and code cites it
+(or the paper), never a specification file outside the repository."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTSIDE = "shared" + "/methods"  # split so that this file does not match itself
+# `name.md "Section"` (or `name.md, "Section"`) where name.md is not a path (no `/` before it)
+BARE_SECTION_CITATION = re.compile(r"(?<![\w/.-])([\w-]+\.md)\)?,? *\"[A-Z][^\"]*\"")
+DOCS_LINK = re.compile(r"docs/methods/([\w-]+\.md)(?:#([\w-]+))?")
+
+
+def _tracked_text_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    files = []
+    for name in out:
+        path = ROOT / name
+        if path.suffix in {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".json", ".tsv"} and path.is_file():
+            files.append(path)
+    return files
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub-style heading anchors of a markdown page."""
+    anchors = set()
+    for line in page.read_text().splitlines():
+        m = re.match(r"#+\s+(.*)", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug)
+    return anchors
+
+
+def test_no_file_cites_specs_outside_the_repository():
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in _tracked_text_files()
+                 for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if OUTSIDE in line]
+    assert offenders == [], f"cite docs/methods/<page>.md or the paper instead: {offenders}"
+
+
+def test_section_citations_name_a_docs_path():
+    offenders = []
+    for p in _tracked_text_files():
+        if p.suffix not in {".py", ".md"} or p == Path(__file__).resolve():
+            continue
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            for m in BARE_SECTION_CITATION.finditer(line):
+                offenders.append(f"{p.relative_to(ROOT)}:{i}: {m.group(0)}")
+    assert offenders == [], f"cite docs/<page>.md (docs/methods/<page>.md#anchor) instead: {offenders}"
+
+
+def test_docs_methods_links_resolve():
+    pages = ROOT / "docs" / "methods"
+    broken = []
+    for p in _tracked_text_files():
+        if p == ROOT / "docs" / "contributing.md":  # its worked examples name pages a contributor would add
+            continue
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            for m in DOCS_LINK.finditer(line):
+                page, anchor = pages / m.group(1), m.group(2)
+                if not page.is_file() or (anchor and anchor not in _anchors(page)):
+                    broken.append(f"{p.relative_to(ROOT)}:{i}: {m.group(0)}")
+    assert broken == [], broken
+
+
+def test_the_citation_checks_catch_offenders():
+    assert BARE_SECTION_CITATION.search('see npo.md "TOFU metrics" here')
+    assert BARE_SECTION_CITATION.search('(wpo.md, "Weights")')
+    assert not BARE_SECTION_CITATION.search('docs/rlvr.md "Tool calling"')
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registries drive dispatch: no name comparisons outside them, and every entry is documented, used and tested
+# --------------------------------------------------------------------------------------------------------------------
+
+# `method == "..."`, `info.name != '...'`, `p.advantage in (...)`, ...
+NAME_COMPARISON = re.compile(
+    r"(?:\bmethod|\.name|\bname)\s*(?:==|!=)\s*[\"'](\w+)[\"']"
+    r"|(?:\bmethod|\.name)\s+(?:not\s+)?in\s*[\(\[\{]"
+    r"|\.(?:advantage|aggregation|clipping)\s*(?:==|!=|\s(?:not\s+)?in\s)"
+)
+
+
+def _registries():
+    from posttrain.adapters.spec import ADAPTER_VARIANTS
+    from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
+    from posttrain.rl.advantages import ADVANTAGES
+    from posttrain.rl.aggregation import AGGREGATIONS
+    from posttrain.rl.clipping import CLIPPINGS
+    from posttrain.trainers.preference import PREFERENCE_LOSSES
+    from posttrain.trainers.sft import SFT_LOSSES
+
+    return {"advantage": ADVANTAGES, "aggregation": AGGREGATIONS, "clipping": CLIPPINGS,
+            "preference": PREFERENCE_LOSSES, "sft": SFT_LOSSES, "unlearning": UNLEARNING_OBJECTIVES,
+            "peft.type": ADAPTER_VARIANTS}
+
+
+def test_no_name_comparisons_outside_the_registries():
+    from posttrain.methods import METHODS
+
+    names = set(METHODS) | {e.name for reg in _registries().values() for e in reg}
+    offenders = []
+    for path in sorted((ROOT / "posttrain").rglob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for m in NAME_COMPARISON.finditer(code):
+                if m.group(1) is None or m.group(1) in names:
+                    offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert offenders == [], "ask the registry entry (or the method's MethodInfo / params) instead: " + "\n".join(
+        offenders)
+
+
+def test_name_comparison_check_catches_offenders():
+    for bad in ('if method == "poft":', "if self.method in ('dpo', 'wpo'):", 'if p.advantage == "group":',
+                'x = p.aggregation != "delta_l"', 'if info.name == "asft_anchored":', 'if p.clipping in ("gppo",):'):
+        assert NAME_COMPARISON.search(bad), bad
+    assert not NAME_COMPARISON.search('if entry.normalize_then_sum:')
+
+
+def _recipe_values() -> dict[str, set[str]]:
+    """For every registry key: the values the shipped recipes select (defaults included)."""
+    from posttrain.recipe import load_recipe
+
+    used: dict[str, set[str]] = {k: set() for k in _registries()}
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path, [])
+        p, name = recipe.params, recipe.method.name
+        for key in ("advantage", "aggregation", "clipping"):
+            if hasattr(p, key):
+                used[key].add(getattr(p, key))
+        for key in ("preference", "sft", "unlearning"):
+            used[key].add(name)
+        used["peft.type"].add(recipe.peft.type if recipe.peft is not None else None)
+    return used
+
+
+def test_every_registry_entry_is_documented_used_and_tested():
+    tests_text = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != Path(__file__).name)
+    used = _recipe_values()
+    problems = []
+    for key, registry in _registries().items():
+        assert len(registry) > 0, key
+        for entry in registry:
+            where = f"{key} {entry.name!r}"
+            doc = entry.fn.__doc__ or ""
+            if not re.search(r"arXiv:? ?\d{4}\.\d{4,5}", doc):
+                problems.append(f"{where}: the docstring of {entry.fn.__qualname__} cites no paper (arXiv id)")
+            page = entry.doc.split("#", 1)[0]
+            if not page.startswith("docs/methods/") or not (ROOT / page).is_file():
+                problems.append(f"{where}: docs page {entry.doc!r} missing")
+            if entry.meta.get("recipe_method", True) and entry.name not in used[key]:
+                if "recipe" not in entry.meta:
+                    problems.append(f"{where}: no recipe in recipes/ uses it (nor a documented recipe + --set)")
+                else:  # a shipped recipe with overrides: it loads and selects the entry
+                    from posttrain.recipe import load_recipe
+
+                    path, sets = entry.recipe
+                    params = load_recipe(ROOT / path, sets).params
+                    if getattr(params, key) != entry.name:
+                        problems.append(f"{where}: {path} {sets} does not select it")
+            if not re.search(rf"[\"']{re.escape(entry.name)}[\"']", tests_text):
+                problems.append(f"{where}: no unit test names it")
+    assert problems == [], "\n".join(problems)
+
+
+def test_schema_values_come_from_the_registries():
+    from typing import get_args
+
+    from posttrain.methods import METHODS, GRPOParams
+
+    regs = _registries()
+    for key in ("advantage", "aggregation", "clipping"):
+        assert get_args(GRPOParams.model_fields[key].annotation) == regs[key].names()
+    for family in ("preference", "sft"):
+        assert {n for n, i in METHODS.items() if i.family == family} == set(regs[family].names())
+    assert {n for n, i in METHODS.items() if i.family == "unlearning"} == {
+        e.name for e in regs["unlearning"] if e.recipe_method}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Import hygiene
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _module_names() -> dict[str, Path]:
+    mods = {}
+    for path in sorted((ROOT / "posttrain").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """posttrain module -> the posttrain modules it imports anywhere (module level or inside functions)."""
+    import ast
+
+    mods = _module_names()
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                    + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for target in targets:
+                while target and target not in mods:  # a name inside a module -> that module
+                    target = target.rsplit(".", 1)[0] if "." in target else ""
+                if target.startswith("posttrain") and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    assert "posttrain.trainers.common" in graph["posttrain.train"]  # the walk sees imports
+    assert _cycles(graph) == []
+
+
+def test_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    code = (
+        "import importlib, pkgutil, posttrain\n"
+        "bad = []\n"
+        "for m in pkgutil.walk_packages(posttrain.__path__, 'posttrain.'):\n"
+        "    try:\n"
+        "        importlib.import_module(m.name)\n"
+        "    except Exception as exc:\n"
+        "        bad.append(f'{m.name}: {exc!r}')\n"
+        "print('\\n'.join(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr[-2000:]
+
+
+def test_unlearning_objective_defaults_agree_with_the_method_params():
+    from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
+    from posttrain.methods import METHODS
+
+    for entry in UNLEARNING_OBJECTIVES:
+        if not entry.recipe_method:  # ga_kl: a loss-module objective only (docs/methods/npo.md#the-ga_kl-objective)
+            assert entry.name not in METHODS
+            continue
+        params = METHODS[entry.name].params()
+        for key in ("gamma", "alpha", "beta", "delta"):
+            expected = entry.meta.get(key, 0.0 if key in ("alpha", "delta") else None)
+            assert getattr(params, key, 0.0 if key in ("alpha", "delta") else None) == expected, (entry.name, key)
