@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import UserError, did_you_mean
 from posttrain.adapters.spec import GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
@@ -75,16 +75,43 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
+class QuantizationSpec(_Strict):
+    """Quantised loading for QLoRA through ``transformers.BitsAndBytesConfig`` (needs a CUDA GPU and the ``qlora``
+    extra: ``pip install 'posttrain[qlora]'``)."""
+
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Default: the model's dtype."
+    )
+    bnb_4bit_use_double_quant: bool = False
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.load_in_4bit == self.load_in_8bit:
+            raise ValueError("set exactly one of load_in_4bit / load_in_8bit to true")
+        return self
+
+
 class ModelSpec(_Strict):
     """A model: a hub id, a local directory, or a built-in tiny model (``builtin:tiny-qwen2``; see ``posttrain
-    init-model --list``)."""
+    init-model --list``), with the options it is loaded with (checked before anything loads)."""
 
     path: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on GPUs that support it."
     )
-    trust_remote_code: bool = False
-    revision: str | None = None
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model (only for models you trust; "
+                                    "needed only by architectures transformers does not have).")
+    revision: str | None = Field(None, description="Hub branch, tag or commit.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = (
+        Field(None, description="transformers' attention kernel; default: transformers' choice (sdpa where it can).")
+    )
+    device_map: str | None = Field(None, description="transformers/accelerate device_map (e.g. auto) for one-process "
+                                   "runs of models larger than one GPU; default: the Trainer places the model.")
+    quantization: QuantizationSpec | None = Field(None, description="QLoRA: load the weights quantised (needs peft "
+                                                  "type lora, a CUDA GPU and the qlora extra).")
 
     @model_validator(mode="before")
     @classmethod
@@ -130,6 +157,22 @@ class DataSpec(_Strict):
     )
     forget: DataSource | None = None
     retain: DataSource | None = None
+    chat_template: str = Field(
+        "auto",
+        description="auto | none | path/to/template.jinja: whether plain-text prompts are wrapped as a user turn of "
+        "the chat template (auto: when the tokenizer has one, except built-in models; a .jinja file replaces the "
+        "tokenizer's template). Conversational rows always use the template (posttrain/data/formatting.py).",
+    )
+    system_prompt: str | None = Field(
+        None, description="Put first as a system turn in every conversational (or wrapped) prompt that has none."
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat(cls, value: str) -> str:
+        if value not in ("auto", "none") and not value.endswith((".jinja", ".j2")):
+            raise ValueError(f"expected auto, none or a .jinja template file, got {value!r}")
+        return value
 
 
 class MethodSpec(BaseModel):
@@ -217,6 +260,8 @@ class Recipe(_Strict):
     _params: MethodParams | None = None
     # The directory of the recipe file (set by load_recipe): relative `file.py:function` paths are looked up there.
     _source_dir: Path | None = None
+    # data.chat_template / data.system_prompt resolved against the tokenizer (posttrain.data.formatting.ChatFormat)
+    _chat_format: Any = None
 
     @property
     def params(self) -> MethodParams:

@@ -233,25 +233,39 @@ def reference_mode(recipe: Recipe, info: MethodInfo) -> str:
     return reference
 
 
-def load_models(recipe: Recipe, info: MethodInfo):
-    """Tokenizer, policy (with adapter when ``peft`` is set) and reference model for a recipe."""
-    from posttrain.models import load_model, load_tokenizer
+def load_run_tokenizer(recipe: Recipe):
+    """The policy's tokenizer (one start-up line)."""
+    from posttrain.models import load_tokenizer
+
+    m = recipe.model
+    logger.info("loading tokenizer: %s", m.path)
+    return load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+
+
+def load_models(recipe: Recipe, info: MethodInfo, tokenizer=None):
+    """Tokenizer, policy (with adapter when ``peft`` is set) and reference model for a recipe (one start-up line
+    each)."""
+    from posttrain.models import load_model, load_options
 
     reference = reference_mode(recipe, info)
     m = recipe.model
-    tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    if tokenizer is None:
+        tokenizer = load_run_tokenizer(recipe)
+    logger.info("loading model: %s", m.path)
+    model = load_model(m.path, **load_options(m))
     ref_model = None
     if reference == "required" and recipe.ref_model != "none":
         if recipe.ref_model is not None:
             r = recipe.ref_model
-            ref_model = load_model(
-                r.path, dtype=r.dtype, trust_remote_code=r.trust_remote_code, revision=r.revision, key="ref_model.path"
-            )
+            logger.info("loading reference model: %s", r.path)
+            ref_model = load_model(r.path, **load_options(r), key="ref_model.path")
         elif recipe.peft is None:  # default: a frozen copy of the initial policy
             import copy
 
+            logger.info("reference model: a frozen copy of the policy")
             ref_model = copy.deepcopy(model)
+        else:
+            logger.info("reference model: the policy with its adapter disabled")
         # with peft and no ref_model: the adapter-disabled base is the reference (handled by the trainer)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
@@ -323,8 +337,17 @@ def preflight(recipe: Recipe, *, load_data: bool = True) -> tuple[MethodInfo, An
     """Every check that needs no model: returns ``(info, config, datasets)``. Raises :class:`UserError`."""
     from posttrain.training_args import check_training_context
 
+    from posttrain.models import check_load_options
+
     info = get_method(recipe.method.name)
     check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
+    if "model_init_kwargs" in recipe.training:
+        raise UserError("training.model_init_kwargs: posttrain loads the model itself, so TRL would ignore it; use the "
+                        "model: keys instead (dtype, attn_implementation, revision, trust_remote_code, device_map, "
+                        "quantization)")
+    check_load_options(recipe.model, "model", peft=recipe.peft)
+    if recipe.ref_model not in (None, "none"):
+        check_load_options(recipe.ref_model, "ref_model")
     reference_mode(recipe, info)
     config = build_config(recipe, info)
     if info.family in PREFLIGHT_CHECKS:  # the family's own checks (user code imported, reward specs)
@@ -338,8 +361,49 @@ def preflight(recipe: Recipe, *, load_data: bool = True) -> tuple[MethodInfo, An
             src = getattr(recipe.data, key)
             if src is None or (key == "retain" and not _retain_used(recipe, info)):
                 continue
-            datasets[f"data.{key}"] = load_source(src, f"data.{key}", kind)
+            datasets[f"data.{key}"] = ds = load_source(src, f"data.{key}", kind)
+            logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
+        _default_assistant_only_loss(recipe, info, config, datasets)
     return info, config, datasets
+
+
+def describe_source(src) -> str:
+    return src.source + (f" ({src.split})" if not src.source.endswith((".json", ".jsonl", ".parquet")) else "")
+
+
+def _default_assistant_only_loss(recipe: Recipe, info: MethodInfo, config, datasets: dict[str, Any]) -> None:
+    """``messages`` rows in the SFT family: loss on the assistant turns only (TRL's ``assistant_only_loss``), unless
+    ``training.assistant_only_loss`` says otherwise."""
+    train = datasets.get("data.train")
+    if info.family != "sft" or train is None or "messages" not in train.column_names:
+        return
+    if "assistant_only_loss" not in recipe.training:
+        config.assistant_only_loss = True
+        logger.info("data.train: messages rows: loss on the assistant turns only (training.assistant_only_loss: "
+                    "false for every token)")
+
+
+def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, datasets: dict[str, Any]):
+    """Resolve ``data.chat_template`` / ``data.system_prompt`` against the tokenizer (logged once, and written to
+    ``recipe.yaml`` as resolved: ``auto`` that does not wrap becomes ``none``), wrap the loaded data accordingly and
+    check that TRL's ``assistant_only_loss`` can find the assistant tokens. Before any model loads."""
+    from posttrain.data.formatting import apply_chat_format, has_generation_markers, resolve_chat_format
+
+    fmt = resolve_chat_format(recipe.data, recipe.model.path, tokenizer, recipe._source_dir)
+    logger.info("%s", fmt.describe())
+    if fmt.mode == "auto" and not fmt.wrap:
+        recipe.data.chat_template = "none"
+    recipe._chat_format = fmt
+    for key in list(datasets):
+        datasets[key] = apply_chat_format(datasets[key], fmt)
+    if getattr(config, "assistant_only_loss", False) and not has_generation_markers(tokenizer):
+        raise UserError(
+            "training.assistant_only_loss: loss on assistant tokens only (the default for messages rows) needs a chat "
+            "template that marks assistant turns with {% generation %} ... {% endgeneration %}, and the template of "
+            f"'{recipe.model.path}' has none; give one that does (data.chat_template: path/to/template.jinja) or set "
+            "training.assistant_only_loss: false to put the loss on every token"
+        )
+    return fmt
 
 
 def _retain_used(recipe: Recipe, info: MethodInfo) -> bool:
@@ -434,6 +498,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     info, config, datasets = preflight(recipe)
     check_report_to(recipe)
     periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
+    tokenizer = load_run_tokenizer(recipe)
+    prepare_chat_format(recipe, info, config, tokenizer, datasets)
     prepare_output_dir(out, resume=resume, overwrite=overwrite)
     checkpoint = None
     if resume:
@@ -453,7 +519,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         if not resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     set_seed(recipe.seed)
-    tokenizer, model, ref_model = load_models(recipe, info)
+    tokenizer, model, ref_model = load_models(recipe, info, tokenizer)
     check_peft_against_model(recipe, model)
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
 
