@@ -74,11 +74,6 @@ def check_load_options(spec, key: str, *, peft=None) -> None:
     if q is None:
         return
     bits = "4-bit" if q.load_in_4bit else "8-bit"
-    if not torch.cuda.is_available():
-        raise UserError(f"{key}.quantization: {bits} loading (bitsandbytes) needs a CUDA GPU and this machine has "
-                        "none; remove the quantization block to train in full precision")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(f"{key}.quantization: bitsandbytes is not installed (pip install 'posttrain[qlora]')")
     if key == "model":
         if peft is None:
             raise UserError("model.quantization: quantised weights cannot be trained directly; add a peft: block "
@@ -86,6 +81,11 @@ def check_load_options(spec, key: str, *, peft=None) -> None:
         if peft.type in ("plora", "ggpo", "goat"):
             raise UserError(f"model.quantization: peft.type {peft.type} changes or initialises from the base weights, "
                             "which are quantised; use peft.type lora (QLoRA) or remove the quantization block")
+    if not torch.cuda.is_available():
+        raise UserError(f"{key}.quantization: {bits} loading (bitsandbytes) needs a CUDA GPU and this machine has "
+                        "none; remove the quantization block to train in full precision")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{key}.quantization: bitsandbytes is not installed (pip install 'posttrain[qlora]')")
 
 
 def _quantization_config(q, dtype):
@@ -114,6 +114,10 @@ def load_model(path: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
     if quantization is not None:
         kwargs["quantization_config"] = _quantization_config(quantization, kwargs["dtype"])
     try:
+        if Path(resolved, "goat_config.json").exists():  # a GOAT run: PEFT cannot load its routed experts itself
+            from posttrain.adapters.trainer import load_adapter_run
+
+            return load_adapter_run(resolved, trust_remote_code=trust_remote_code).eval()
         if Path(resolved, "adapter_config.json").exists() and not Path(resolved, "config.json").exists():
             from peft import AutoPeftModelForCausalLM
 
