@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from posttrain.errors import UserError, did_you_mean
 from posttrain.adapters.spec import GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
@@ -131,6 +131,8 @@ class DataSource(_Strict):
     )
     max_samples: int | None = Field(None, ge=1, le=INT32_MAX)
     options: dict[str, Any] = Field(default_factory=dict, description="Built-in task options (size, seed, ...).")
+    weight: float | None = Field(None, gt=0, description="In a mixture (a list of sources): the sampling weight; "
+                                 "weighted mixtures are interleaved, unweighted ones concatenated.")
 
     @model_validator(mode="before")
     @classmethod
@@ -148,15 +150,19 @@ class DataSource(_Strict):
         return self
 
 
+# A data key: one source, or a mixture (a list of sources; posttrain.data.sources.load_source combines them).
+Sources = DataSource | list[DataSource]
+
+
 class DataSpec(_Strict):
-    train: DataSource | None = None
-    eval: DataSource | None = None
-    test: DataSource | None = Field(
+    train: Sources | None = None
+    eval: Sources | None = None
+    test: Sources | None = Field(
         None,
         description="Prompt + answer rows scored by greedy accuracy before and after training (verifiable tasks).",
     )
-    forget: DataSource | None = None
-    retain: DataSource | None = None
+    forget: Sources | None = None
+    retain: Sources | None = None
     chat_template: str = Field(
         "auto",
         description="auto | none | path/to/template.jinja: whether plain-text prompts are wrapped as a user turn of "
@@ -166,6 +172,19 @@ class DataSpec(_Strict):
     system_prompt: str | None = Field(
         None, description="Put first as a system turn in every conversational (or wrapped) prompt that has none."
     )
+
+    @field_validator("train", "eval", "test", "forget", "retain")
+    @classmethod
+    def _check_mixture(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("a mixture needs at least one source")
+            weighted = [src.weight is not None for src in value]
+            if any(weighted) and not all(weighted):
+                raise ValueError("give every source of a mixture a weight, or none (concatenated)")
+        elif value is not None and value.weight is not None:
+            raise ValueError("weight is for the sources of a mixture (a list of sources)")
+        return value
 
     @field_validator("chat_template")
     @classmethod
@@ -262,6 +281,8 @@ class Recipe(_Strict):
     _source_dir: Path | None = None
     # data.chat_template / data.system_prompt resolved against the tokenizer (posttrain.data.formatting.ChatFormat)
     _chat_format: Any = None
+    # data keys given as mixtures -> the resolved mixture (rows per source), written to recipe.yaml
+    _mixtures: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @property
     def params(self) -> MethodParams:

@@ -203,7 +203,10 @@ def write_resolved_recipe(recipe: Recipe) -> None:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".recipe.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    text = yaml.safe_dump(recipe.resolved(), sort_keys=False)
+    for key, mixture in recipe._mixtures.items():  # the resolved mixtures, as comments (the file still loads)
+        text += f"# {key}: {mixture}\n"
+    tmp.write_text(text)
     os.replace(tmp, out / "recipe.yaml")
 
 
@@ -361,8 +364,11 @@ def preflight(recipe: Recipe, *, load_data: bool = True) -> tuple[MethodInfo, An
             src = getattr(recipe.data, key)
             if src is None or (key == "retain" and not _retain_used(recipe, info)):
                 continue
-            datasets[f"data.{key}"] = ds = load_source(src, f"data.{key}", kind)
-            logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
+            datasets[f"data.{key}"] = ds = load_source(src, f"data.{key}", kind, seed=recipe.seed)
+            if isinstance(src, list):
+                recipe._mixtures[f"data.{key}"] = ds.posttrain_mixture
+            else:
+                logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
         _default_assistant_only_loss(recipe, info, config, datasets)
     return info, config, datasets
 

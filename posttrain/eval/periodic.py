@@ -89,7 +89,7 @@ def unlearning_sets(recipe) -> dict[str, list[dict]]:
     data, n = recipe.data, recipe.eval.max_samples
     if data.forget is None:
         return {}
-    if data.forget.source == "builtin:facts":
+    if not isinstance(data.forget, list) and data.forget.source == "builtin:facts":
         from posttrain.data.facts import facts_rows
 
         split = data.forget.split
