@@ -291,6 +291,14 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
     def exists(target: str) -> bool:
         return any(name == target or name.endswith("." + target) for name in names)
 
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    saved = set(p.modules_to_save or [])
+    if tied and saved & {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out"}:
+        embed = model.get_input_embeddings().weight
+        logger.warning(
+            "peft.modules_to_save: %s is tied to the output head in this model: the adapter trains and saves a full "
+            "copy of it (%.0f MB) and unties it; leave it out unless new tokens must be learned",
+            "/".join(sorted(saved)), embed.numel() * embed.element_size() / 2**20)
     checks = [("modules_to_save", p.modules_to_save or [])]
     if isinstance(p.target_modules, list):
         checks.append(("target_modules", p.target_modules))
