@@ -246,3 +246,16 @@ def test_bad_chat_template_values_are_one_line_errors(tmp_path, capsys):
     assert main(["train", str(recipe), "--set", f"data.chat_template={tmp_path}/missing.jinja"]) == 2
     err = _errors(capsys)
     assert len(err) == 1 and "missing.jinja' not found" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_tofu_eval_warns_when_generations_are_empty(tmp_path, monkeypatch, capsys):
+    """Issue 12 failure 6: model_utility 0.0000 from empty generations (end-of-turn at once), and nothing said so."""
+    import posttrain.eval.accuracy as accuracy
+
+    monkeypatch.setattr(accuracy, "greedy_completions", lambda model, tok, prompts, **kw: ["" for _ in prompts])
+    out = tmp_path / "tofu.json"
+    assert main(["eval", "builtin:tiny-qwen2-facts", "--suite", "tofu", "--max-samples", "2",
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: forget: 2 of 2 greedy generations are empty" in printed and "chat_template" in printed
+    assert len(json.loads(out.read_text())["warnings"]) == 4  # forget, retain, holdout, world facts

@@ -147,6 +147,7 @@ def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
         res = evaluate_sets(model, tokenizer, formatted, retain_tr=retain_tr, max_new_tokens=max_new,
                             batch_size=ev.batch_size, key="eval.retain_model")
         res.pop("_scored")
+        res.pop("_warnings")
         return {k: v for k, v in res.items() if v is not None}
 
     return [unlearning]

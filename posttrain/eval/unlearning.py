@@ -22,6 +22,7 @@ Answer probabilities use prompt + answer + EOS (the training format); ROUGE-L re
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ FORGET_SPLITS = {"forget01": ("retain99", "holdout01"), "forget05": ("retain95",
 UTILITY_KEYS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
                 "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
 RESULT_FILE = "unlearning_eval.json"
+logger = logging.getLogger("posttrain")
 
 
 def _avg_losses(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int) -> np.ndarray:
@@ -107,6 +109,7 @@ def evaluate_unlearning(model, tokenizer, *, forget_split: str = "forget05", ret
     res = evaluate_sets(model, tokenizer, sets, retain_tr=retain_tr, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, key="--retain-model")
     scored = res.pop("_scored")
+    res["warnings"] = res.pop("_warnings")
     res["forget_truth_ratio_values"] = [float(x) for x in scored["forget"]["tr"]]
     res["n"] = {name: s["n"] for name, s in scored.items()}
     res["forget_split"] = forget_split
@@ -153,7 +156,24 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], *, retain_tr=No
     if all(k in res for k in UTILITY_KEYS):
         res["model_utility"] = um.model_utility({k: res[k] for k in UTILITY_KEYS})
     res["_scored"] = scored
+    res["_warnings"] = empty_generation_warnings(scored)
+    for warning in res["_warnings"]:
+        logger.warning("%s", warning)
     return res
+
+
+def empty_generation_warnings(scored: dict[str, dict[str, Any]]) -> list[str]:
+    """A warning per set where most greedy generations are empty: its ROUGE (and so model_utility) then measures the
+    prompt format, not what the model knows (a chat model ending its turn at once on a raw-text prompt)."""
+    out = []
+    for name, s in scored.items():
+        gens = s.get("generations") or []
+        empty = sum(1 for g in gens if not g.strip())
+        if gens and empty * 2 > len(gens):
+            out.append(f"{name}: {empty} of {len(gens)} greedy generations are empty (the model ends at once), so "
+                       f"{name}_Q_A_ROUGE is near 0 whatever the model knows; check the prompt format (data.chat_template "
+                       "/ --chat-template: a chat model needs its template)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,6 +257,8 @@ def cli_eval(args) -> int:
     if out is not None:
         out.write_text(json.dumps(res, indent=2) + "\n")
     print(format_table(res, args.model, args.retain_model))
+    for warning in res["warnings"]:
+        print(f"warning: {warning}")
     if out is not None:
         print(f"wrote {out}")
     return 0
