@@ -378,6 +378,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True) -> tuple[MethodInfo, An
             else:
                 logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
         _default_assistant_only_loss(recipe, info, config, datasets)
+    _check_chat_template_file(recipe, config)
     return info, config, datasets
 
 
@@ -411,13 +412,30 @@ def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, dat
     for key in list(datasets):
         datasets[key] = apply_chat_format(datasets[key], fmt)
     if getattr(config, "assistant_only_loss", False) and not has_generation_markers(tokenizer):
-        raise UserError(
-            "training.assistant_only_loss: loss on assistant tokens only (the default for messages rows) needs a chat "
-            "template that marks assistant turns with {% generation %} ... {% endgeneration %}, and the template of "
-            f"'{recipe.model.path}' has none; give one that does (data.chat_template: path/to/template.jinja) or set "
-            "training.assistant_only_loss: false to put the loss on every token"
-        )
+        raise _no_generation_markers(f"the template of '{recipe.model.path}'")
     return fmt
+
+
+def _no_generation_markers(whose: str) -> UserError:
+    return UserError(
+        "training.assistant_only_loss: loss on assistant tokens only (the default for messages rows) needs a chat "
+        f"template that marks assistant turns with {{% generation %}} ... {{% endgeneration %}}, and {whose} has "
+        "none; give one that does (data.chat_template: path/to/template.jinja) or set training.assistant_only_loss: "
+        "false to put the loss on every token"
+    )
+
+
+def _check_chat_template_file(recipe: Recipe, config) -> None:
+    """``data.chat_template: FILE.jinja`` exists (and has generation markers where TRL needs them): before anything
+    is loaded or written."""
+    from posttrain.data.formatting import GENERATION_MARKER, template_path
+    from posttrain.recipe import read_text
+
+    path = template_path(recipe.data.chat_template, recipe._source_dir)
+    if path is not None and getattr(config, "assistant_only_loss", False) and not GENERATION_MARKER.search(
+        read_text(path)
+    ):
+        raise _no_generation_markers(f"'{path}'")
 
 
 def _retain_used(recipe: Recipe, info: MethodInfo) -> bool:
@@ -512,9 +530,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     info, config, datasets = preflight(recipe)
     check_report_to(recipe)
     periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
+    prepare_output_dir(out, resume=resume, overwrite=overwrite)
     tokenizer = load_run_tokenizer(recipe)
     prepare_chat_format(recipe, info, config, tokenizer, datasets)
-    prepare_output_dir(out, resume=resume, overwrite=overwrite)
     checkpoint = None
     if resume:
         marker = read_run_marker(out)
