@@ -372,10 +372,13 @@ def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 def validation_error_to_user_error(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> UserError:
     """Turn the first pydantic error into one line naming the dotted key."""
-    err = exc.errors()[0]
+    errors = exc.errors()
+    err = errors[0]
+    if err["type"] == "model_type" and isinstance(err.get("input"), list):  # a mixture: the error inside the list
+        err = next((e for e in errors if any(isinstance(p, str) and p.startswith("list[") for p in e["loc"])), err)
     loc = tuple(
         p for p in err["loc"]
-        if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or p[:1].isupper()))
+        if not (isinstance(p, str) and (p.startswith(("function-", "literal[", "list[")) or p[:1].isupper()))
     )
     key = ""
     for part in (prefix.split(".") if prefix else []) + list(loc):

@@ -49,6 +49,8 @@ def test_mixture_errors_name_the_source():
                                                  "builtin:arithmetic-sft"]}})
     with pytest.raises(UserError, match=r"data.train: weight is for the sources of a mixture"):
         parse_recipe({**base, "data": {"train": {"source": "builtin:arithmetic-sft", "weight": 1.0}}})
+    with pytest.raises(UserError, match=r"^data.train\[1\].max_samples: Input should be greater than or equal to 1"):
+        parse_recipe({**base, "data": {"train": ["builtin:arithmetic-sft", {"source": "x.jsonl", "max_samples": 0}]}})
     with pytest.raises(UserError, match=r"data.train\[1\].source: file 'missing.jsonl' not found"):
         load_source([DataSource(source="builtin:arithmetic-sft"), DataSource(source="missing.jsonl")],
                     "data.train", "sft")
