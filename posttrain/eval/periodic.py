@@ -134,7 +134,11 @@ def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
             )
         tok = load_tokenizer(ev.retain_model, key="eval.retain_model")
         retain = load_model(ev.retain_model, key="eval.retain_model")
-        retain_tr = score_set(retain, tok, sets["forget"], batch_size=ev.batch_size, generate=False)["tr"]
+        from posttrain.data.formatting import apply_chat_format, resolve_chat_format
+
+        chat = resolve_chat_format(recipe.data, ev.retain_model, tok, recipe._source_dir)  # the run's rule, its tokenizer
+        retain_tr = score_set(retain, tok, apply_chat_format(sets["forget"], chat), batch_size=ev.batch_size,
+                              generate=False)["tr"]
         del retain
         logger.info("eval.retain_model: truth ratios of %s on %d forget rows", ev.retain_model, len(retain_tr))
 
