@@ -527,8 +527,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     setup_logging(quiet)
     out = Path(recipe.output_dir).expanduser()
     recipe.output_dir = str(out)
-    info, config, datasets = preflight(recipe)
     check_report_to(recipe)
+    info, config, datasets = preflight(recipe)
     periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
     prepare_output_dir(out, resume=resume, overwrite=overwrite)
     tokenizer = load_run_tokenizer(recipe)
