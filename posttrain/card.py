@@ -84,8 +84,10 @@ def model_card(ctx: CardContext, *, metrics: dict[str, tuple[int, float]] | None
     front = ["---", f"library_name: {'peft' if adapter else 'transformers'}"]
     if _is_hub_id(base):
         front.append(f"base_model: {base}")
-    sources = [(key, src) for key in ("train", "eval", "test", "forget", "retain")
-               if (src := getattr(recipe.data, key)) is not None]
+    sources = [(key if not isinstance(value, list) else f"{key}[{i}]", src)
+               for key in ("train", "eval", "test", "forget", "retain")
+               if (value := getattr(recipe.data, key)) is not None
+               for i, src in enumerate(value if isinstance(value, list) else [value])]
     hub_data = sorted({src.source for _, src in sources if _is_hub_id(src.source)})
     if hub_data:
         front.append("datasets:\n" + "\n".join(f"- {d}" for d in hub_data))

@@ -192,9 +192,12 @@ def _cmd_eval(args) -> int:
     from posttrain.models import load_model, load_tokenizer
     from posttrain.recipe import DataSource
 
+    from posttrain.data.formatting import apply_chat_format, command_chat_format
+
     src = DataSource(source=args.data, split=args.split, max_samples=args.max_samples)
     rows = load_source(src, "--data", "test")
     tok = load_tokenizer(args.model, key="MODEL")
+    rows = apply_chat_format(rows, command_chat_format(args.model, tok, args.chat_template, args.system_prompt))
     model = load_model(args.model, key="MODEL")
     acc = greedy_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens or 8)
     result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc}
@@ -231,7 +234,8 @@ def _cmd_poft_score(args) -> int:
     ds = load_source(DataSource(source=args.data, split=args.split), "--data", "sft")
     if "prompt" not in ds.column_names:
         raise UserError("--data: poft-score needs prompt/completion rows")
-    scores = score_rows(list(ds["prompt"]), list(ds["completion"]), args.aligned_model, args.batch_size)
+    scores = score_rows(list(ds["prompt"]), list(ds["completion"]), args.aligned_model, args.batch_size,
+                        chat_template=args.chat_template, system_prompt=args.system_prompt)
     with open(args.output, "w") as fh:
         for row, s in zip(ds, scores, strict=True):
             fh.write(json.dumps({**row, "poft_ref_scores": s}) + "\n")
@@ -313,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="pass@k: samples per prompt (default: max k)")
     p.add_argument("--temperature", type=float, default=1.0, help="pass@k: sampling temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="pass@k: sampling seed")
+    p.add_argument("--chat-template", metavar="auto|none|FILE.jinja", help="plain-text prompts: wrap them as a user "
+                   "turn of the chat template (auto: when the model has one; default: the run's data.chat_template, "
+                   "else auto); conversational rows always use the template")
+    p.add_argument("--system-prompt", help="system turn put first in every conversational prompt without one")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("poft-score", help="score SFT data with aligned models for PoFT",
@@ -323,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligned-model", action="append", required=True, help="aligned model; repeatable")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", required=True, help="output .jsonl")
+    p.add_argument("--chat-template", metavar="auto|none|FILE.jinja", help="plain-text prompts: wrap them as a user "
+                   "turn of the chat template (auto: when the model has one; default: the run's data.chat_template, "
+                   "else auto); conversational rows always use the template")
+    p.add_argument("--system-prompt", help="system turn put first in every conversational prompt without one")
     p.set_defaults(fn=_cmd_poft_score)
 
     p = sub.add_parser("merge", help="write a full model from an adapter run",

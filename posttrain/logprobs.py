@@ -15,18 +15,22 @@ def ensure_fused_head(model) -> None:
 
 
 @torch.no_grad()
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 8):
-    """Per example: (sum of completion-token log-probs, completion token count). EOS is appended to completions."""
+def completion_logps(model, tokenizer, prompts: list, completions: list, batch_size: int = 8):
+    """Per example: (sum of completion-token log-probs, completion token count). Rows are rendered by
+    :func:`posttrain.data.formatting.render_prompt_completion`: plain text gets EOS appended to the completion,
+    conversational rows go through the chat template (the completion ends with its end-of-turn)."""
+    from posttrain.data.formatting import render_prompt_completion
+
     ensure_fused_head(model)
     device = next(model.parameters()).device
     sums: list[float] = []
     counts: list[int] = []
-    eos = tokenizer.eos_token or ""
     for start in range(0, len(prompts), batch_size):
         ids, labels = [], []
         for prompt, completion in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
+            prompt, completion = render_prompt_completion(prompt, completion, tokenizer)
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
             ids.append(p + c)
             labels.append([-100] * len(p) + c)
         width = max(len(x) for x in ids)

@@ -53,14 +53,71 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str 
     return tok
 
 
+def load_options(spec) -> dict:
+    """The keyword arguments of :func:`load_model` for a recipe's ``model:`` / ``ref_model:`` block."""
+    return dict(dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision,
+                attn_implementation=spec.attn_implementation, device_map=spec.device_map,
+                quantization=spec.quantization)
+
+
+def check_load_options(spec, key: str, *, peft=None) -> None:
+    """Refuse load options that cannot work here, before anything is loaded: quantised loading without a CUDA GPU,
+    without bitsandbytes, without an adapter or with an adapter variant that rewrites the base weights."""
+    import importlib.util
+    import os
+
+    import torch
+
+    if spec.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{key}.device_map: a multi-process run places one model copy per process; remove device_map")
+    q = spec.quantization
+    if q is None:
+        return
+    bits = "4-bit" if q.load_in_4bit else "8-bit"
+    if key == "model":
+        if peft is None:
+            raise UserError("model.quantization: quantised weights cannot be trained directly; add a peft: block "
+                            "(QLoRA)")
+        if peft.type in ("plora", "ggpo", "goat"):
+            raise UserError(f"model.quantization: peft.type {peft.type} changes or initialises from the base weights, "
+                            "which are quantised; use peft.type lora (QLoRA) or remove the quantization block")
+    if not torch.cuda.is_available():
+        raise UserError(f"{key}.quantization: {bits} loading (bitsandbytes) needs a CUDA GPU and this machine has "
+                        "none; remove the quantization block to train in full precision")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{key}.quantization: bitsandbytes is not installed (pip install 'posttrain[qlora]')")
+
+
+def _quantization_config(q, dtype):
+    if q is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch_dtype(q.bnb_4bit_compute_dtype) if q.bnb_4bit_compute_dtype else dtype
+    return BitsAndBytesConfig(load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit,
+                              bnb_4bit_quant_type=q.bnb_4bit_quant_type, bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant)
+
+
 def load_model(path: str, *, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
+               attn_implementation: str | None = None, device_map: str | None = None, quantization=None,
                key: str = "model.path"):
     """Load a causal LM from a hub id, a local directory (full model or PEFT adapter), or a built-in name."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_path(path, key)
     kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantization is not None:
+        kwargs["quantization_config"] = _quantization_config(quantization, kwargs["dtype"])
     try:
+        if Path(resolved, "goat_config.json").exists():  # a GOAT run: PEFT cannot load its routed experts itself
+            from posttrain.adapters.trainer import load_adapter_run
+
+            return load_adapter_run(resolved, trust_remote_code=trust_remote_code).eval()
         if Path(resolved, "adapter_config.json").exists() and not Path(resolved, "config.json").exists():
             from peft import AutoPeftModelForCausalLM
 
@@ -68,6 +125,9 @@ def load_model(path: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
         return AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except OSError as exc:
         raise UserError(f"{key}: cannot load model '{path}' ({_short(exc)})") from None
+    except (ValueError, ImportError) as exc:  # e.g. an attention kernel that is not installed or not supported
+        root = key.rsplit(".", 1)[0]
+        raise UserError(f"{root}: cannot load '{path}' with these options ({_short(exc)})") from None
 
 
 def _short(exc: BaseException) -> str:

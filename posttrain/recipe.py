@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from posttrain.errors import UserError, did_you_mean
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
@@ -75,16 +75,43 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
+class QuantizationSpec(_Strict):
+    """Quantised loading for QLoRA through ``transformers.BitsAndBytesConfig`` (needs a CUDA GPU and the ``qlora``
+    extra: ``pip install 'posttrain[qlora]'``)."""
+
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Default: the model's dtype."
+    )
+    bnb_4bit_use_double_quant: bool = False
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.load_in_4bit == self.load_in_8bit:
+            raise ValueError("set exactly one of load_in_4bit / load_in_8bit to true")
+        return self
+
+
 class ModelSpec(_Strict):
     """A model: a hub id, a local directory, or a built-in tiny model (``builtin:tiny-qwen2``; see ``posttrain
-    init-model --list``)."""
+    init-model --list``), with the options it is loaded with (checked before anything loads)."""
 
     path: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on GPUs that support it."
     )
-    trust_remote_code: bool = False
-    revision: str | None = None
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model (only for models you trust; "
+                                    "needed only by architectures transformers does not have).")
+    revision: str | None = Field(None, description="Hub branch, tag or commit.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = (
+        Field(None, description="transformers' attention kernel; default: transformers' choice (sdpa where it can).")
+    )
+    device_map: str | None = Field(None, description="transformers/accelerate device_map (e.g. auto) for one-process "
+                                   "runs of models larger than one GPU; default: the Trainer places the model.")
+    quantization: QuantizationSpec | None = Field(None, description="QLoRA: load the weights quantised (needs peft "
+                                                  "type lora, a CUDA GPU and the qlora extra).")
 
     @model_validator(mode="before")
     @classmethod
@@ -104,6 +131,8 @@ class DataSource(_Strict):
     )
     max_samples: int | None = Field(None, ge=1, le=INT32_MAX)
     options: dict[str, Any] = Field(default_factory=dict, description="Built-in task options (size, seed, ...).")
+    weight: float | None = Field(None, gt=0, description="In a mixture (a list of sources): the sampling weight; "
+                                 "weighted mixtures are interleaved, unweighted ones concatenated.")
 
     @model_validator(mode="before")
     @classmethod
@@ -121,15 +150,48 @@ class DataSource(_Strict):
         return self
 
 
+# A data key: one source, or a mixture (a list of sources; posttrain.data.sources.load_source combines them).
+Sources = DataSource | list[DataSource]
+
+
 class DataSpec(_Strict):
-    train: DataSource | None = None
-    eval: DataSource | None = None
-    test: DataSource | None = Field(
+    train: Sources | None = None
+    eval: Sources | None = None
+    test: Sources | None = Field(
         None,
         description="Prompt + answer rows scored by greedy accuracy before and after training (verifiable tasks).",
     )
-    forget: DataSource | None = None
-    retain: DataSource | None = None
+    forget: Sources | None = None
+    retain: Sources | None = None
+    chat_template: str = Field(
+        "auto",
+        description="auto | none | path/to/template.jinja: whether plain-text prompts are wrapped as a user turn of "
+        "the chat template (auto: when the tokenizer has one, except built-in models; a .jinja file replaces the "
+        "tokenizer's template). Conversational rows always use the template (posttrain/data/formatting.py).",
+    )
+    system_prompt: str | None = Field(
+        None, description="Put first as a system turn in every conversational (or wrapped) prompt that has none."
+    )
+
+    @field_validator("train", "eval", "test", "forget", "retain")
+    @classmethod
+    def _check_mixture(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("a mixture needs at least one source")
+            weighted = [src.weight is not None for src in value]
+            if any(weighted) and not all(weighted):
+                raise ValueError("give every source of a mixture a weight, or none (concatenated)")
+        elif value is not None and value.weight is not None:
+            raise ValueError("weight is for the sources of a mixture (a list of sources)")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat(cls, value: str) -> str:
+        if value not in ("auto", "none") and not value.endswith((".jinja", ".j2")):
+            raise ValueError(f"expected auto, none or a .jinja template file, got {value!r}")
+        return value
 
 
 class MethodSpec(BaseModel):
@@ -217,6 +279,10 @@ class Recipe(_Strict):
     _params: MethodParams | None = None
     # The directory of the recipe file (set by load_recipe): relative `file.py:function` paths are looked up there.
     _source_dir: Path | None = None
+    # data.chat_template / data.system_prompt resolved against the tokenizer (posttrain.data.formatting.ChatFormat)
+    _chat_format: Any = None
+    # data keys given as mixtures -> the resolved mixture (rows per source), written to recipe.yaml
+    _mixtures: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @property
     def params(self) -> MethodParams:
@@ -306,10 +372,13 @@ def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 def validation_error_to_user_error(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> UserError:
     """Turn the first pydantic error into one line naming the dotted key."""
-    err = exc.errors()[0]
+    errors = exc.errors()
+    err = errors[0]
+    if err["type"] == "model_type" and isinstance(err.get("input"), list):  # a mixture: the error inside the list
+        err = next((e for e in errors if any(isinstance(p, str) and p.startswith("list[") for p in e["loc"])), err)
     loc = tuple(
         p for p in err["loc"]
-        if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or p[:1].isupper()))
+        if not (isinstance(p, str) and (p.startswith(("function-", "literal[", "list[")) or p[:1].isupper()))
     )
     key = ""
     for part in (prefix.split(".") if prefix else []) + list(loc):

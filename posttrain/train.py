@@ -169,7 +169,10 @@ def write_resolved_recipe(recipe: Recipe) -> None:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".recipe.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    text = yaml.safe_dump(recipe.resolved(), sort_keys=False)
+    for key, mixture in recipe._mixtures.items():  # the resolved mixtures, as comments (the file still loads)
+        text += f"# {key}: {mixture}\n"
+    tmp.write_text(text)
     os.replace(tmp, out / "recipe.yaml")
 
 
@@ -199,25 +202,39 @@ def reference_mode(recipe: Recipe, info: MethodInfo) -> str:
     return reference
 
 
-def load_models(recipe: Recipe, info: MethodInfo):
-    """Tokenizer, policy (with adapter when ``peft`` is set) and reference model for a recipe."""
-    from posttrain.models import load_model, load_tokenizer
+def load_run_tokenizer(recipe: Recipe):
+    """The policy's tokenizer (one start-up line)."""
+    from posttrain.models import load_tokenizer
+
+    m = recipe.model
+    logger.info("loading tokenizer: %s", m.path)
+    return load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+
+
+def load_models(recipe: Recipe, info: MethodInfo, tokenizer=None):
+    """Tokenizer, policy (with adapter when ``peft`` is set) and reference model for a recipe (one start-up line
+    each)."""
+    from posttrain.models import load_model, load_options
 
     reference = reference_mode(recipe, info)
     m = recipe.model
-    tokenizer = load_tokenizer(m.path, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    if tokenizer is None:
+        tokenizer = load_run_tokenizer(recipe)
+    logger.info("loading model: %s", m.path)
+    model = load_model(m.path, **load_options(m))
     ref_model = None
     if reference == "required" and recipe.ref_model != "none":
         if recipe.ref_model is not None:
             r = recipe.ref_model
-            ref_model = load_model(
-                r.path, dtype=r.dtype, trust_remote_code=r.trust_remote_code, revision=r.revision, key="ref_model.path"
-            )
+            logger.info("loading reference model: %s", r.path)
+            ref_model = load_model(r.path, **load_options(r), key="ref_model.path")
         elif recipe.peft is None:  # default: a frozen copy of the initial policy
             import copy
 
+            logger.info("reference model: a frozen copy of the policy")
             ref_model = copy.deepcopy(model)
+        else:
+            logger.info("reference model: the policy with its adapter disabled")
         # with peft and no ref_model: the adapter-disabled base is the reference (handled by the trainer)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
@@ -240,6 +257,14 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
     def exists(target: str) -> bool:
         return any(name == target or name.endswith("." + target) for name in names)
 
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    saved = set(p.modules_to_save or [])
+    if tied and saved & {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out"}:
+        embed = model.get_input_embeddings().weight
+        logger.warning(
+            "peft.modules_to_save: %s is tied to the output head in this model: the adapter trains and saves a full "
+            "copy of it (%.0f MB) and unties it; leave it out unless new tokens must be learned",
+            "/".join(sorted(saved)), embed.numel() * embed.element_size() / 2**20)
     checks = [("modules_to_save", p.modules_to_save or [])]
     if isinstance(p.target_modules, list):
         checks.append(("target_modules", p.target_modules))
@@ -272,8 +297,17 @@ def preflight(recipe: Recipe, *, load_data: bool = True,
     (``posttrain train --num-processes`` checks in one process before launching N)."""
     from posttrain.training_args import check_training_context
 
+    from posttrain.models import check_load_options
+
     info = get_method(recipe.method.name)
     check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
+    if "model_init_kwargs" in recipe.training:
+        raise UserError("training.model_init_kwargs: posttrain loads the model itself, so TRL would ignore it; use the "
+                        "model: keys instead (dtype, attn_implementation, revision, trust_remote_code, device_map, "
+                        "quantization)")
+    check_load_options(recipe.model, "model", peft=recipe.peft)
+    if recipe.ref_model not in (None, "none"):
+        check_load_options(recipe.ref_model, "ref_model")
     reference_mode(recipe, info)
     config = build_config(recipe, info) if build_trainer_config else None
     if info.family in PREFLIGHT_CHECKS:  # the family's own checks (user code imported, reward specs)
@@ -286,8 +320,70 @@ def preflight(recipe: Recipe, *, load_data: bool = True,
             src = getattr(recipe.data, key)
             if src is None or (key == "retain" and not _retain_used(recipe, info)):
                 continue
-            datasets[f"data.{key}"] = load_source(src, f"data.{key}", kind)
+            datasets[f"data.{key}"] = ds = load_source(src, f"data.{key}", kind, seed=recipe.seed)
+            if isinstance(src, list):
+                recipe._mixtures[f"data.{key}"] = ds.posttrain_mixture
+            else:
+                logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
+        _default_assistant_only_loss(recipe, info, config, datasets)
+    _check_chat_template_file(recipe, config)
     return info, config, datasets
+
+
+def describe_source(src) -> str:
+    return src.source + (f" ({src.split})" if not src.source.endswith((".json", ".jsonl", ".parquet")) else "")
+
+
+def _default_assistant_only_loss(recipe: Recipe, info: MethodInfo, config, datasets: dict[str, Any]) -> None:
+    """``messages`` rows in the SFT family: loss on the assistant turns only (TRL's ``assistant_only_loss``), unless
+    ``training.assistant_only_loss`` says otherwise."""
+    train = datasets.get("data.train")
+    if info.family != "sft" or train is None or "messages" not in train.column_names:
+        return
+    if "assistant_only_loss" not in recipe.training:
+        config.assistant_only_loss = True
+        logger.info("data.train: messages rows: loss on the assistant turns only (training.assistant_only_loss: "
+                    "false for every token)")
+
+
+def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, datasets: dict[str, Any]):
+    """Resolve ``data.chat_template`` / ``data.system_prompt`` against the tokenizer (logged once, and written to
+    ``recipe.yaml`` as resolved: ``auto`` that does not wrap becomes ``none``), wrap the loaded data accordingly and
+    check that TRL's ``assistant_only_loss`` can find the assistant tokens. Before any model loads."""
+    from posttrain.data.formatting import apply_chat_format, has_generation_markers, resolve_chat_format
+
+    fmt = resolve_chat_format(recipe.data, recipe.model.path, tokenizer, recipe._source_dir)
+    logger.info("%s", fmt.describe())
+    if fmt.mode == "auto" and not fmt.wrap:
+        recipe.data.chat_template = "none"
+    recipe._chat_format = fmt
+    for key in list(datasets):
+        datasets[key] = apply_chat_format(datasets[key], fmt)
+    if getattr(config, "assistant_only_loss", False) and not has_generation_markers(tokenizer):
+        raise _no_generation_markers(f"the template of '{recipe.model.path}'")
+    return fmt
+
+
+def _no_generation_markers(whose: str) -> UserError:
+    return UserError(
+        "training.assistant_only_loss: loss on assistant tokens only (the default for messages rows) needs a chat "
+        f"template that marks assistant turns with {{% generation %}} ... {{% endgeneration %}}, and {whose} has "
+        "none; give one that does (data.chat_template: path/to/template.jinja) or set training.assistant_only_loss: "
+        "false to put the loss on every token"
+    )
+
+
+def _check_chat_template_file(recipe: Recipe, config) -> None:
+    """``data.chat_template: FILE.jinja`` exists (and has generation markers where TRL needs them): before anything
+    is loaded or written."""
+    from posttrain.data.formatting import GENERATION_MARKER, template_path
+    from posttrain.recipe import read_text
+
+    path = template_path(recipe.data.chat_template, recipe._source_dir)
+    if path is not None and getattr(config, "assistant_only_loss", False) and not GENERATION_MARKER.search(
+        read_text(path)
+    ):
+        raise _no_generation_markers(f"'{path}'")
 
 
 def _retain_used(recipe: Recipe, info: MethodInfo) -> bool:
@@ -377,10 +473,12 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     setup_logging(quiet)
     out = Path(recipe.output_dir).expanduser()
     recipe.output_dir = str(out)
-    info, config, datasets = preflight(recipe)
     check_report_to(recipe)
+    info, config, datasets = preflight(recipe)
     periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
     prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    tokenizer = load_run_tokenizer(recipe)
+    prepare_chat_format(recipe, info, config, tokenizer, datasets)
     checkpoint = None
     if resume:
         marker = read_run_marker(out)
@@ -399,7 +497,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         if not resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     set_seed(recipe.seed)
-    tokenizer, model, ref_model = load_models(recipe, info)
+    tokenizer, model, ref_model = load_models(recipe, info, tokenizer)
     check_peft_against_model(recipe, model)
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
 

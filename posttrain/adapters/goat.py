@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -51,6 +52,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import LoraLayer
 
 from posttrain.errors import UserError
+
+logger = logging.getLogger("posttrain")
 
 GOAT_FORMAT_VERSION = 1
 GOAT_CONFIG_NAME = "goat_config.json"
@@ -230,6 +233,7 @@ class GoatLinear(nn.Module, LoraLayer):
             A, B, _ = goat_svd_factors(W, E, r, s, g.rho)
             A, B = A.to(dev), B.to(dev)
             self.goat_init_svd_seconds = time.perf_counter() - t0
+            _svd_progress(self.goat_init_svd_seconds)
         self.lora_expert_A[adapter_name] = nn.Parameter(A)
         self.lora_expert_B[adapter_name] = nn.Parameter(B)
         res_B = (cof * s) * B.permute(1, 0, 2).reshape(m, r)  # [B_1 .. B_E]
@@ -340,6 +344,23 @@ def _goat_lora_config(rank, lora_alpha, lora_dropout, targets, init=True, module
                       init_lora_weights=init, bias="none", modules_to_save=modules_to_save)
 
 
+# progress of the SVD initialisation in apply_goat (one line about every 10% of the layers: it can take a while on
+# a real model, one SVD per targeted matrix)
+_SVD_PROGRESS: dict[str, Any] = {"total": 0, "done": 0, "seconds": 0.0, "logged": 0}
+
+
+def _svd_progress(seconds: float) -> None:
+    p = _SVD_PROGRESS
+    if not p["total"]:
+        return
+    p["done"] += 1
+    p["seconds"] += seconds
+    tenth = p["done"] * 10 // p["total"]
+    if tenth > p["logged"]:
+        p["logged"] = tenth
+        logger.info("GOAT: SVD initialisation %d/%d layers (%.1f s)", p["done"], p["total"], p["seconds"])
+
+
 def apply_goat(
     model: nn.Module,
     target_modules: str | list[str] = "all-linear",
@@ -378,7 +399,12 @@ def apply_goat(
         raise UserError(f"peft.target_modules: no nn.Linear with min(out, in) >= r={rank} matches {target_modules!r}")
     cfg = _goat_lora_config(rank, lora_alpha, lora_dropout, targets, modules_to_save=modules_to_save)
     cfg._register_custom_module({nn.Linear: make_goat_linear(settings)})
-    peft_model = get_peft_model(model, cfg, adapter_name=adapter_name, autocast_adapter_dtype=False)
+    logger.info("GOAT: SVD initialisation of %d layers", len(targets))
+    _SVD_PROGRESS.update(total=len(targets), done=0, seconds=0.0, logged=0)
+    try:
+        peft_model = get_peft_model(model, cfg, adapter_name=adapter_name, autocast_adapter_dtype=False)
+    finally:
+        _SVD_PROGRESS["total"] = 0
     peft_model.goat_settings = settings
     peft_model.goat_skipped_targets = skipped
     return peft_model

@@ -461,6 +461,9 @@ def export_merged(peft_model: nn.Module, out_dir: str, tokenizer: Any | None = N
         if emb and head and not torch.equal(sd[emb[0]], sd[head[0]]):
             config = copy.deepcopy(config)
             config.tie_word_embeddings = False
+        elif emb and head:  # still tied: write the shared matrix once (from_pretrained ties the head to it again)
+            for key in head:
+                del sd[key]
     old = base.config
     base.config = config
     try:

@@ -17,8 +17,12 @@ SCORE_COLUMN = "poft_ref_score"
 SCORES_COLUMN = "poft_ref_scores"
 
 
-def score_rows(prompts: list[str], completions: list[str], model_paths: list[str], batch_size: int = 8) -> list[list[float]]:
-    """Per example, the list of mean response log-probs under each aligned model (no gradient)."""
+def score_rows(prompts: list, completions: list, model_paths: list[str], batch_size: int = 8, *,
+               chat_template: str | None = None, system_prompt: str | None = None) -> list[list[float]]:
+    """Per example, the list of mean response log-probs under each aligned model (no gradient). Each model reads the
+    rows through its own chat template (:mod:`posttrain.data.formatting`: conversational rows always, plain text as
+    ``chat_template`` says, default auto)."""
+    from posttrain.data.formatting import apply_chat_format, command_chat_format
     from posttrain.logprobs import completion_logps
     from posttrain.models import load_model, load_tokenizer
 
@@ -26,9 +30,13 @@ def score_rows(prompts: list[str], completions: list[str], model_paths: list[str
     for i, path in enumerate(model_paths):
         key = f"method.aligned_models.{i}"
         tok = load_tokenizer(path, key=key)
+        fmt = command_chat_format(path, tok, chat_template, system_prompt)
+        rows = apply_chat_format([{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)],
+                                 fmt)
         model = load_model(path, key=key)
         model.eval()
-        sums, counts = completion_logps(model, tok, prompts, completions, batch_size)
+        sums, counts = completion_logps(model, tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                        batch_size)
         per_model.append([s / max(c, 1) for s, c in zip(sums, counts, strict=True)])
         logger.info("scored %d rows with aligned model %s", len(prompts), path)
         del model

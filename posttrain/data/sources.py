@@ -323,8 +323,52 @@ def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_emp
     return ds
 
 
-def load_source(src: DataSource, key: str, kind: str):
-    """Load, check and clean a data source for a family (``sft``, ``preference``, ``rl``, ``unlearning``, ``test``)."""
+def load_source(src: DataSource | list[DataSource], key: str, kind: str, seed: int = 0):
+    """Load, check and clean a data source for a family (``sft``, ``preference``, ``rl``, ``unlearning``, ``test``);
+    a list of sources is a mixture (:func:`load_mixture`)."""
+    if isinstance(src, list):
+        return load_mixture(src, key, kind, seed)
     ds, label = _load_rows_with_labels(src, key)
     columns = check_columns(ds, kind, key, src.source)
     return drop_unusable(ds, columns, key, src.source, label=label)
+
+
+def load_mixture(sources: list[DataSource], key: str, kind: str, seed: int = 0):
+    """A mixture: each source loaded and checked on its own (its ``columns``, ``split``, ``max_samples``), reduced
+    to the columns every source has, then combined. Without weights the sources are concatenated in order
+    (``datasets.concatenate_datasets``: every row once); with weights they are interleaved
+    (``datasets.interleave_datasets`` with the weights as probabilities, seeded, stopping when the first source runs
+    out: ``first_exhausted``). The rows per source are logged and kept as ``ds.posttrain_mixture``."""
+    import datasets
+
+    parts = [load_source(src, f"{key}[{i}]", kind) for i, src in enumerate(sources)]
+    shared = [c for c in parts[0].column_names if all(c in p.column_names for p in parts[1:])]
+    dropped = sorted({c for p in parts for c in p.column_names} - set(shared))
+    if dropped:
+        logger.info("%s: mixture: columns not in every source are dropped: %s", key, ", ".join(dropped))
+    parts = [p.select_columns(shared) for p in parts]
+    for i, p in enumerate(parts[1:], start=1):
+        for col in shared:
+            if p.features[col] != parts[0].features[col]:
+                raise UserError(f"{key}[{i}]: column '{col}' has type {p.features[col]}, but {key}[0] has "
+                                f"{parts[0].features[col]} (every source of a mixture needs the same types)")
+    weights = [src.weight for src in sources]
+    if all(w is not None for w in weights) and len(parts) > 1:
+        total = sum(weights)
+        probabilities = [w / total for w in weights]
+        tagged = [p.add_column("_posttrain_source", [i] * len(p)) for i, p in enumerate(parts)]
+        ds = datasets.interleave_datasets(tagged, probabilities=probabilities, seed=seed,
+                                          stopping_strategy="first_exhausted")
+        drawn = column_values(ds, "_posttrain_source")
+        ds = ds.remove_columns("_posttrain_source")
+        how = "interleaved with probabilities " + ", ".join(f"{p:.3g}" for p in probabilities)
+        how += " (rows drawn: " + ", ".join(str(drawn.count(i)) for i in range(len(parts))) + ")"
+    else:
+        ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        how = "concatenated"
+    text = (f"mixture of {len(parts)} sources, {how}: "
+            + "; ".join(f"{src.source} ({src.split}): {len(p)} rows" for src, p in zip(sources, parts, strict=True))
+            + f"; {len(ds)} rows in all")
+    logger.info("%s: %s", key, text)
+    ds.posttrain_mixture = text
+    return ds

@@ -12,9 +12,24 @@ import torch
 from posttrain.rl.rewards import answers_match
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus the model's generation-config EOS ids (a chat model's end-of-turn, e.g. Qwen's
+    ``<|im_end|>``), so generation stops where the model's own chat template ends a turn."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in extra if isinstance(extra, list) else [extra]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return ids
+
+
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
-    """Greedy-decode a completion for each prompt (left padding, stops at EOS)."""
+def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+    """Greedy-decode a completion for each prompt (text, or chat messages rendered through the chat template by
+    :func:`posttrain.data.formatting.render_prompts`; left padding, stops at EOS)."""
+    from posttrain.data.formatting import render_prompts
+
+    prompts = render_prompts(prompts, tokenizer)
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -30,7 +45,7 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_token_ids(model, tokenizer),
             )
             new = gen[:, enc["input_ids"].shape[1] :]
             outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))

@@ -15,11 +15,9 @@ import torch
 
 
 def _prompt_text(prompt: Any, tokenizer) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    from trl.data_utils import maybe_apply_chat_template
+    from posttrain.data.formatting import render_prompt
 
-    return maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
+    return render_prompt(prompt, tokenizer)
 
 
 @torch.no_grad()

@@ -55,10 +55,15 @@ def test_set_evaluators(recipe) -> list[Evaluator]:
     max_new = ev.max_new_tokens or TEST_MAX_NEW_TOKENS
     out: list[Evaluator] = []
 
+    def rows():  # data.chat_template is resolved once the tokenizer is loaded (posttrain.data.formatting)
+        from posttrain.data.formatting import apply_chat_format
+
+        return apply_chat_format(ds, recipe._chat_format)
+
     def accuracy(model, tokenizer):
         from posttrain.eval.accuracy import greedy_accuracy
 
-        return {"test_accuracy": greedy_accuracy(model, tokenizer, ds, max_new, ev.batch_size)}
+        return {"test_accuracy": greedy_accuracy(model, tokenizer, rows(), max_new, ev.batch_size)}
 
     out.append(accuracy)
     if ev.pass_k:
@@ -66,7 +71,7 @@ def test_set_evaluators(recipe) -> list[Evaluator]:
         def pass_at_k(model, tokenizer):
             from posttrain.eval.sampling import pass_at_k_eval
 
-            res = pass_at_k_eval(model, tokenizer, ds, ev.pass_k, ev.num_samples, ev.temperature, max_new,
+            res = pass_at_k_eval(model, tokenizer, rows(), ev.pass_k, ev.num_samples, ev.temperature, max_new,
                                  ev.batch_size, seed=recipe.seed)
             metrics = {f"test_pass@{k}": v for k, v in res["pass@k"].items()}
             metrics["test_mean_sample_accuracy"] = res["mean_sample_accuracy"]
@@ -84,7 +89,7 @@ def unlearning_sets(recipe) -> dict[str, list[dict]]:
     data, n = recipe.data, recipe.eval.max_samples
     if data.forget is None:
         return {}
-    if data.forget.source == "builtin:facts":
+    if not isinstance(data.forget, list) and data.forget.source == "builtin:facts":
         from posttrain.data.facts import facts_rows
 
         split = data.forget.split
@@ -129,16 +134,24 @@ def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
             )
         tok = load_tokenizer(ev.retain_model, key="eval.retain_model")
         retain = load_model(ev.retain_model, key="eval.retain_model")
-        retain_tr = score_set(retain, tok, sets["forget"], batch_size=ev.batch_size, generate=False)["tr"]
+        from posttrain.data.formatting import apply_chat_format, resolve_chat_format
+
+        chat = resolve_chat_format(recipe.data, ev.retain_model, tok, recipe._source_dir)  # the run's rule, its tokenizer
+        retain_tr = score_set(retain, tok, apply_chat_format(sets["forget"], chat), batch_size=ev.batch_size,
+                              generate=False)["tr"]
         del retain
         logger.info("eval.retain_model: truth ratios of %s on %d forget rows", ev.retain_model, len(retain_tr))
 
     def unlearning(model, tokenizer):
         from posttrain.eval.unlearning import evaluate_sets
 
-        res = evaluate_sets(model, tokenizer, sets, retain_tr=retain_tr, max_new_tokens=max_new,
+        from posttrain.data.formatting import apply_chat_format
+
+        formatted = {name: apply_chat_format(rows, recipe._chat_format) for name, rows in sets.items()}
+        res = evaluate_sets(model, tokenizer, formatted, retain_tr=retain_tr, max_new_tokens=max_new,
                             batch_size=ev.batch_size, key="eval.retain_model")
         res.pop("_scored")
+        res.pop("_warnings")
         return {k: v for k, v in res.items() if v is not None}
 
     return [unlearning]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import UserError
+from posttrain.eval.accuracy import stop_token_ids
 from posttrain.eval.passk import estimate_pass_at_k
 from posttrain.rl.rewards import answers_match
 
@@ -21,14 +22,18 @@ from posttrain.rl.rewards import answers_match
 def sample_completions(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list,
     num_samples: int,
     temperature: float = 1.0,
     max_new_tokens: int = 8,
     batch_size: int = 64,
     seed: int = 0,
 ) -> list[list[str]]:
-    """``num_samples`` sampled completions per prompt (left padding, stops at EOS), as a list per prompt."""
+    """``num_samples`` sampled completions per prompt (text or chat messages, rendered by
+    :func:`posttrain.data.formatting.render_prompts`; left padding, stops at EOS), as a list per prompt."""
+    from posttrain.data.formatting import render_prompts
+
+    prompts = render_prompts(prompts, tokenizer)
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -51,7 +56,7 @@ def sample_completions(
                 top_p=1.0,
                 num_return_sequences=num_samples,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_token_ids(model, tokenizer),
             )
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))

@@ -22,6 +22,7 @@ Answer probabilities use prompt + answer + EOS (the training format); ROUGE-L re
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ FORGET_SPLITS = {"forget01": ("retain99", "holdout01"), "forget05": ("retain95",
 UTILITY_KEYS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
                 "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
 RESULT_FILE = "unlearning_eval.json"
+logger = logging.getLogger("posttrain")
 
 
 def _avg_losses(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int) -> np.ndarray:
@@ -69,22 +71,25 @@ def score_set(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 48, b
     if generate:
         gens = greedy_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
         out["generations"] = gens
-        out["rouge"] = np.asarray([um.rouge_l_recall(r["completion"], g) for r, g in zip(rows, gens)])
+        from posttrain.data.formatting import content_text
+
+        out["rouge"] = np.asarray([um.rouge_l_recall(content_text(r["completion"]), g) for r, g in zip(rows, gens)])
     return out
 
 
 def forget_truth_ratios(model, tokenizer, forget_split: str = "forget05", options: dict | None = None,
-                        max_samples: int | None = None, batch_size: int = 32) -> np.ndarray:
+                        max_samples: int | None = None, batch_size: int = 32, chat=None) -> np.ndarray:
     """Per-question truth ratios on the forget split (what a retain model contributes to ``forget_quality``)."""
     from posttrain.data.facts import facts_rows
+    from posttrain.data.formatting import apply_chat_format
 
-    rows = facts_rows(forget_split, **(options or {}))[:max_samples]
+    rows = apply_chat_format(facts_rows(forget_split, **(options or {}))[:max_samples], chat)
     return score_set(model, tokenizer, rows, batch_size=batch_size, generate=False)["tr"]
 
 
 def evaluate_unlearning(model, tokenizer, *, forget_split: str = "forget05", retain_tr=None,
                         options: dict | None = None, max_samples: int | None = None, max_new_tokens: int = 48,
-                        batch_size: int = 32) -> dict[str, Any]:
+                        batch_size: int = 32, chat=None) -> dict[str, Any]:
     """All TOFU-style metrics of ``model`` (see the module docstring); ``retain_tr`` = the retain model's per-question
     forget-set truth ratios (``None``: ``forget_quality`` is ``None``)."""
     from posttrain.data.facts import facts_rows
@@ -98,13 +103,17 @@ def evaluate_unlearning(model, tokenizer, *, forget_split: str = "forget05", ret
                 (("forget", forget_split), ("retain", retain_split), ("holdout", holdout_split), ("wf", "world"))}
     except (TypeError, ValueError) as exc:
         raise UserError(f"facts options: {exc}") from None
+    from posttrain.data.formatting import apply_chat_format, content_text
+
+    sets = {name: apply_chat_format(rows, chat) for name, rows in sets.items()}  # chat: a ChatFormat (or None)
     res = evaluate_sets(model, tokenizer, sets, retain_tr=retain_tr, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, key="--retain-model")
     scored = res.pop("_scored")
+    res["warnings"] = res.pop("_warnings")
     res["forget_truth_ratio_values"] = [float(x) for x in scored["forget"]["tr"]]
     res["n"] = {name: s["n"] for name, s in scored.items()}
     res["forget_split"] = forget_split
-    res["samples"] = {name: [{"prompt": r["prompt"], "answer": r["completion"], "generation": g}
+    res["samples"] = {name: [{"prompt": r["prompt"], "answer": content_text(r["completion"]), "generation": g}
                              for r, g in zip(sets[name][:3], scored[name]["generations"][:3])] for name in sets}
     return res
 
@@ -147,7 +156,24 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], *, retain_tr=No
     if all(k in res for k in UTILITY_KEYS):
         res["model_utility"] = um.model_utility({k: res[k] for k in UTILITY_KEYS})
     res["_scored"] = scored
+    res["_warnings"] = empty_generation_warnings(scored)
+    for warning in res["_warnings"]:
+        logger.warning("%s", warning)
     return res
+
+
+def empty_generation_warnings(scored: dict[str, dict[str, Any]]) -> list[str]:
+    """A warning per set where most greedy generations are empty: its ROUGE (and so model_utility) then measures the
+    prompt format, not what the model knows (a chat model ending its turn at once on a raw-text prompt)."""
+    out = []
+    for name, s in scored.items():
+        gens = s.get("generations") or []
+        empty = sum(1 for g in gens if not g.strip())
+        if gens and empty * 2 > len(gens):
+            out.append(f"{name}: {empty} of {len(gens)} greedy generations are empty (the model ends at once), so "
+                       f"{name}_Q_A_ROUGE is near 0 whatever the model knows; check the prompt format (data.chat_template "
+                       "/ --chat-template: a chat model needs its template)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -168,7 +194,8 @@ def _run_forget_setup(model_path: str) -> tuple[str | None, dict]:
     return None, {}
 
 
-def _retain_truth_ratios(spec: str | None, forget_split: str, options: dict, max_samples, batch_size):
+def _retain_truth_ratios(spec: str | None, forget_split: str, options: dict, max_samples, batch_size,
+                         chat_template=None, system_prompt=None):
     if spec is None:
         return None
     path = Path(spec)
@@ -183,9 +210,12 @@ def _retain_truth_ratios(spec: str | None, forget_split: str, options: dict, max
         return np.asarray(data["forget_truth_ratio_values"])
     from posttrain.models import load_model, load_tokenizer
 
+    from posttrain.data.formatting import command_chat_format
+
     tok = load_tokenizer(spec, key="--retain-model")
+    chat = command_chat_format(spec, tok, chat_template, system_prompt)
     model = load_model(spec, key="--retain-model")
-    return forget_truth_ratios(model, tok, forget_split, options, max_samples, batch_size)
+    return forget_truth_ratios(model, tok, forget_split, options, max_samples, batch_size, chat=chat)
 
 
 def format_table(res: dict[str, Any], model: str, retain_model: str | None) -> str:
@@ -212,17 +242,23 @@ def cli_eval(args) -> int:
 
     split, options = _run_forget_setup(args.model)
     forget_split = args.forget_split or split or "forget05"
+    from posttrain.data.formatting import command_chat_format
+
     tok = load_tokenizer(args.model, key="MODEL")
+    chat = command_chat_format(args.model, tok, args.chat_template, args.system_prompt)
     model = load_model(args.model, key="MODEL")
-    retain_tr = _retain_truth_ratios(args.retain_model, forget_split, options, args.max_samples, args.batch_size)
+    retain_tr = _retain_truth_ratios(args.retain_model, forget_split, options, args.max_samples, args.batch_size,
+                                     args.chat_template, args.system_prompt)
     res = evaluate_unlearning(model, tok, forget_split=forget_split, retain_tr=retain_tr, options=options,
                               max_samples=args.max_samples, max_new_tokens=args.max_new_tokens or 48,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, chat=chat)
     res = {"model": args.model, "retain_model": args.retain_model, "facts_options": options, **res}
     out = Path(args.output) if args.output else (Path(args.model) / RESULT_FILE if Path(args.model).is_dir() else None)
     if out is not None:
         out.write_text(json.dumps(res, indent=2) + "\n")
     print(format_table(res, args.model, args.retain_model))
+    for warning in res["warnings"]:
+        print(f"warning: {warning}")
     if out is not None:
         print(f"wrote {out}")
     return 0

@@ -58,15 +58,18 @@ class UnlearningConfig(TrainingArguments):
 
 
 def tokenize_rows(rows, tokenizer, max_length: int, key: str = "data") -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per ``{prompt, completion}`` row: prompt + completion + EOS, prompt labels ``-100``,
+    """``(input_ids, labels)`` per ``{prompt, completion}`` row: prompt + completion + EOS (conversational rows: through
+    the chat template, :func:`posttrain.data.formatting.render_prompt_completion`), prompt labels ``-100``,
     truncated to ``max_length``. Truncated rows are counted in the log; rows whose completion is truncated away
     entirely (the prompt alone fills ``max_length``: nothing to score) are dropped and counted."""
-    eos = tokenizer.eos_token or ""
+    from posttrain.data.formatting import render_prompt_completion
+
     prompts, completions = list(rows["prompt"]), list(rows["completion"])
     out, truncated, dropped = [], [], []
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        p = tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
+        prompt, completion = render_prompt_completion(prompt, completion, tokenizer, key)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
         ids = (p + c)[:max_length]
         labels = ([-100] * len(p) + c)[:max_length]
         if all(label == -100 for label in labels):
