@@ -189,7 +189,8 @@ def _cmd_eval(args) -> int:
         return cli_eval(args)
     from posttrain.data.sources import load_source
     from posttrain.eval.accuracy import greedy_accuracy
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.loading import load_model_or_run as load_model
+    from posttrain.models import load_tokenizer
     from posttrain.recipe import DataSource
 
     from posttrain.data.formatting import apply_chat_format, command_chat_format

@@ -114,10 +114,6 @@ def load_model(path: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
     if quantization is not None:
         kwargs["quantization_config"] = _quantization_config(quantization, kwargs["dtype"])
     try:
-        if Path(resolved, "goat_config.json").exists():  # a GOAT run: PEFT cannot load its routed experts itself
-            from posttrain.adapters.trainer import load_adapter_run
-
-            return load_adapter_run(resolved, trust_remote_code=trust_remote_code).eval()
         if Path(resolved, "adapter_config.json").exists() and not Path(resolved, "config.json").exists():
             from peft import AutoPeftModelForCausalLM
 

@@ -24,7 +24,8 @@ def score_rows(prompts: list, completions: list, model_paths: list[str], batch_s
     ``chat_template`` says, default auto)."""
     from posttrain.data.formatting import apply_chat_format, command_chat_format
     from posttrain.logprobs import completion_logps
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.loading import load_model_or_run as load_model
+    from posttrain.models import load_tokenizer
 
     per_model = []
     for i, path in enumerate(model_paths):

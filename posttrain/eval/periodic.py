@@ -125,7 +125,8 @@ def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
     retain_tr = None
     if ev.retain_model is not None:
         from posttrain.eval.unlearning import has_truth_ratio_columns, score_set
-        from posttrain.models import load_model, load_tokenizer
+        from posttrain.loading import load_model_or_run as load_model
+        from posttrain.models import load_tokenizer
 
         if not has_truth_ratio_columns(sets["forget"]):
             raise UserError(

@@ -208,7 +208,8 @@ def _retain_truth_ratios(spec: str | None, forget_split: str, options: dict, max
         if data.get("forget_split", forget_split) != forget_split:
             raise UserError(f"--retain-model: {spec} was evaluated on {data['forget_split']}, not {forget_split}")
         return np.asarray(data["forget_truth_ratio_values"])
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.loading import load_model_or_run as load_model
+    from posttrain.models import load_tokenizer
 
     from posttrain.data.formatting import command_chat_format
 
@@ -238,7 +239,8 @@ def format_table(res: dict[str, Any], model: str, retain_model: str | None) -> s
 
 def cli_eval(args) -> int:
     """``posttrain eval MODEL --suite tofu [--forget-split S] [--retain-model M|JSON] [--output FILE]``."""
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.loading import load_model_or_run as load_model
+    from posttrain.models import load_tokenizer
 
     split, options = _run_forget_setup(args.model)
     forget_split = args.forget_split or split or "forget05"
