@@ -144,8 +144,18 @@ def training_config(config_cls, recipe: Recipe, overrides: dict[str, Any] | None
     kwargs.update(recipe.training)
     kwargs["output_dir"] = recipe.output_dir
     kwargs["seed"] = recipe.seed
+    from posttrain.optim import OPTIMIZERS, refuse_sharded
+
+    own_optim = None
+    if kwargs.get("optim") in OPTIMIZERS:  # built by the trainers (posttrain.trainers.common), not by HF
+        own_optim = (kwargs.pop("optim"), kwargs.pop("optim_args"))
+        for key in ("deepspeed", "fsdp"):
+            if kwargs.get(key):
+                raise refuse_sharded(f"training.{key}")
     try:
-        return config_cls(**kwargs)
+        config = config_cls(**kwargs)
+        config.posttrain_optim = own_optim
+        return config
     except (TypeError, ValueError) as exc:
         text = " ".join(str(exc).split())
         named = next((k for k in recipe.training if k in text), None)
