@@ -128,10 +128,43 @@ class ASFTAlignedParams(MethodParams):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_MASK_KEYS = ("mask_sparsity", "mask_gamma", "mask_num_batches", "mask_before_clip", "mask_decay_masked")
+
+
 class UnlearningParams(MethodParams):
-    """Gradient ascent (GA): minus the token-mean NLL of the forget set."""
+    """Gradient ascent (GA): minus the token-mean NLL of the forget set.
+
+    Every unlearning method also takes a weight mask (docs/methods/wagle.md): ``mask: wagle`` lets only the weights
+    selected by WAGLE's attribution score move."""
 
     gamma: float = Field(1.0, ge=0.0, description="Weight of the forget loss (NPO reference code: npo_coeff).")
+    mask: Literal["none", "wagle"] = Field(
+        "none", description="wagle: update only the weights chosen by the WAGLE score (arXiv 2410.17509), computed "
+        "once before training from forget and retain gradients; needs data.retain.")
+    mask_sparsity: float | None = Field(
+        None, ge=0.0, lt=1.0, description="wagle: fraction of the weights frozen (the rest, floor((1 - s) N), move).")
+    mask_gamma: float = Field(1e-6, gt=0.0, description="wagle: Hessian estimate gamma in |(theta - g_r/gamma) g_f|.")
+    mask_num_batches: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="wagle: forget (and as many retain) batches scored; null: the whole "
+        "forget set.")
+    mask_before_clip: bool = Field(
+        False, description="wagle: mask the gradients before the global norm clip (false: after it, as the authors' "
+        "loop does).")
+    mask_decay_masked: bool = Field(
+        False, description="wagle: let weight decay still shrink frozen weights (the authors' code); false: frozen "
+        "weights stay bit-identical.")
+
+    @model_validator(mode="after")
+    def _check_mask(self):
+        from posttrain.errors import UserError
+
+        if self.mask == "none":
+            for key in _MASK_KEYS:
+                if key in self.model_fields_set:
+                    raise UserError(f"method.{key}: only used with method.mask: wagle")
+        elif self.mask_sparsity is None:
+            raise UserError("method.mask_sparsity: required with mask: wagle (fraction of weights frozen, in [0, 1))")
+        return self
 
 
 class GradDiffParams(UnlearningParams):
