@@ -262,6 +262,11 @@ def _check_finite(node, where: str) -> None:
 
 
 _SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")
+_PACS_KEYS = ("pacs_beta", "pacs_reward_method", "pacs_score", "pacs_weight")
+# GRPO options PACS replaces (its own advantage, no clipping, no KL, a row mean): refused with loss: pacs
+_NOT_PACS = ("advantage", "scale_rewards", "aggregation", "delta_l_alpha", "delta_l_scope", "clipping", "epsilon",
+             "epsilon_high", "dual_clip_c", "sft_coef", "beta", "use_bias_correction_kl", "w_reinforce_lambda",
+             "entropy_coef", *_SAN_KEYS, "gppo_beta1", "gppo_beta2", "gppo_only_high")
 _GPPO_KEYS = ("gppo_beta1", "gppo_beta2", "gppo_only_high")
 
 
@@ -343,6 +348,16 @@ class GRPOParams(MethodParams):
         None, ge=0.0, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
         "(the paper's), else 0."
     )
+    # PACS (docs/methods/pacs.md): BCE on an RLOO-centred log-ratio score replaces the clipped surrogate
+    loss: Literal["grpo", "pacs"] = Field(
+        "grpo", description="grpo: the clipped surrogate with the parts above; pacs: PACS (arXiv 2509.02522).")
+    pacs_beta: float = Field(1.0, gt=0.0, description="pacs: scale of the log-ratio reward proxy.")
+    pacs_reward_method: Literal["ratio", "avg_logp"] = Field(
+        "ratio", description="pacs: r = beta * summed log-ratio to the generating policy, or beta * mean log-prob.")
+    pacs_score: Literal["rloo", "grpo", "naive"] = Field(
+        "rloo", description="pacs: the logit psi: r minus the other rows' mean (rloo), group-standardised, or r.")
+    pacs_weight: Literal["question", "only_positive", "only_negative", "none"] = Field(
+        "question", description="pacs: row weights; question = balanced class weights within each group.")
     warn_no_signal_after: int = Field(
         2, ge=0, description="Warn after this many logging steps in a row without learning signal (every advantage 0 "
         "or grad norm 0), naming the likely cause; 0: no warning (the end-of-run line stays)."
@@ -364,6 +379,10 @@ class GRPOParams(MethodParams):
                 if key in given:
                     raise UserError(f"method.{key}: {why}")
 
+        if self.loss == "pacs":
+            refuse(_NOT_PACS, "not used by method.loss: pacs (its own RLOO score, no clipping, no KL, a row mean)")
+        else:
+            refuse(_PACS_KEYS, "only used with method.loss: pacs")
         if self.advantage != "stratified":
             refuse(_SAN_KEYS, f"only used with advantage: stratified (advantage is {self.advantage})")
         if self.advantage not in ("group", "stratified"):
@@ -587,7 +606,8 @@ register(
         "w_reinforce), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + SFT term).",
         paper="Shao et al., DeepSeekMath (GRPO, arXiv 2402.03300); Stratified GRPO (arXiv 2510.06214); ΔL "
         "Normalization (arXiv 2509.07558); Zhu et al., negative reinforcement (arXiv 2506.01347); Klear-Reasoner "
-        "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783)",
+        "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783); PACS (loss: pacs, arXiv "
+        "2509.02522)",
         recipe="recipes/grpo.yaml",
         params=GRPOParams,
         reference="optional",
