@@ -55,8 +55,8 @@ def check_optim_args(name: str, args: Any) -> dict[str, Any]:
         raise UserError(f"training.optim_args.{where}: {err['msg']}") from None
     if name == "stable_spam" and not (parsed.gamma1 == -1 or 0.0 <= parsed.gamma1 < 1.0):
         raise UserError(f"training.optim_args.gamma1: must lie in [0, 1) or be -1, got {parsed.gamma1}")
-    if name == "stable_spam" and isinstance(parsed.total_T, int) and parsed.total_T < 1:
-        raise UserError(f"training.optim_args.total_T: must be >= 1, auto or null, got {parsed.total_T}")
+    if name == "stable_spam" and isinstance(parsed.total_T, int) and not 1 <= parsed.total_T <= 2**31 - 1:
+        raise UserError(f"training.optim_args.total_T: must be in [1, 2^31), auto or null, got {parsed.total_T}")
     return parsed.model_dump()
 
 
