@@ -27,6 +27,19 @@ def _cmd_train(args) -> int:
     overrides = list(args.set)
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")  # validated like the recipe key
+    from posttrain.stages import load_stages, run_stages
+
+    stages = load_stages(args.recipe, overrides)  # a multi-stage recipe (stages:), e.g. recipes/pre_dpo.yaml
+    if stages is not None:
+        summaries = run_stages(stages, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
+        if int(os.environ.get("RANK", "0")) == 0:
+            for s in summaries:
+                state = "already finished" if s.get("already_finished") else f"{s.get('steps')} steps"
+                print(f"stage {s['stage']}: {state}, saved to {s['output_dir']}")
+                for key, label in (("accuracy_before", "before training: "), ("accuracy_after", "after training:  ")):
+                    if isinstance(s.get(key), float):
+                        print(f"  test accuracy {label}{100 * s[key]:.1f}%")
+        return 0
     recipe = load_recipe(args.recipe, overrides)
     if args.num_processes > 1 and not launch.already_distributed():
         from posttrain.train import prepare_output_dir, preflight

@@ -177,10 +177,43 @@ class ASFTAlignedParams(MethodParams):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_MASK_KEYS = ("mask_sparsity", "mask_gamma", "mask_num_batches", "mask_before_clip", "mask_decay_masked")
+
+
 class UnlearningParams(MethodParams):
-    """Gradient ascent (GA): minus the token-mean NLL of the forget set."""
+    """Gradient ascent (GA): minus the token-mean NLL of the forget set.
+
+    Every unlearning method also takes a weight mask (docs/methods/wagle.md): ``mask: wagle`` lets only the weights
+    selected by WAGLE's attribution score move."""
 
     gamma: float = Field(1.0, ge=0.0, description="Weight of the forget loss (NPO reference code: npo_coeff).")
+    mask: Literal["none", "wagle"] = Field(
+        "none", description="wagle: update only the weights chosen by the WAGLE score (arXiv 2410.17509), computed "
+        "once before training from forget and retain gradients; needs data.retain.")
+    mask_sparsity: float | None = Field(
+        None, ge=0.0, lt=1.0, description="wagle: fraction of the weights frozen (the rest, floor((1 - s) N), move).")
+    mask_gamma: float = Field(1e-6, gt=0.0, description="wagle: Hessian estimate gamma in |(theta - g_r/gamma) g_f|.")
+    mask_num_batches: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="wagle: forget (and as many retain) batches scored; null: the whole "
+        "forget set.")
+    mask_before_clip: bool = Field(
+        False, description="wagle: mask the gradients before the global norm clip (false: after it, as the authors' "
+        "loop does).")
+    mask_decay_masked: bool = Field(
+        False, description="wagle: let weight decay still shrink frozen weights (the authors' code); false: frozen "
+        "weights stay bit-identical.")
+
+    @model_validator(mode="after")
+    def _check_mask(self):
+        from posttrain.errors import UserError
+
+        if self.mask == "none":
+            for key in _MASK_KEYS:
+                if key in self.model_fields_set:
+                    raise UserError(f"method.{key}: only used with method.mask: wagle")
+        elif self.mask_sparsity is None:
+            raise UserError("method.mask_sparsity: required with mask: wagle (fraction of weights frozen, in [0, 1))")
+        return self
 
 
 class GradDiffParams(UnlearningParams):
@@ -279,6 +312,13 @@ def _check_finite(node, where: str) -> None:
 
 # (recipe key, registry): the GRPO parts whose entries declare the method keys they read and the defaults they change
 _GRPO_PARTS = (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS))
+_SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")
+_GPPO_KEYS = ("gppo_beta1", "gppo_beta2", "gppo_only_high")
+_PACS_KEYS = ("pacs_beta", "pacs_reward_method", "pacs_score", "pacs_weight")
+# GRPO options PACS replaces (its own advantage, no clipping, no KL, a row mean): refused with loss: pacs
+_NOT_PACS = ("advantage", "scale_rewards", "aggregation", "delta_l_alpha", "delta_l_scope", "clipping", "epsilon",
+             "epsilon_high", "dual_clip_c", "sft_coef", "beta", "use_bias_correction_kl", "w_reinforce_lambda",
+             "entropy_coef", *_SAN_KEYS, *_GPPO_KEYS)
 
 
 class GRPOParams(MethodParams):
@@ -359,6 +399,16 @@ class GRPOParams(MethodParams):
         None, ge=0.0, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
         "(the paper's), else 0."
     )
+    # PACS (docs/methods/pacs.md): BCE on an RLOO-centred log-ratio score replaces the clipped surrogate
+    loss: Literal["grpo", "pacs"] = Field(
+        "grpo", description="grpo: the clipped surrogate with the parts above; pacs: PACS (arXiv 2509.02522).")
+    pacs_beta: float = Field(1.0, gt=0.0, description="pacs: scale of the log-ratio reward proxy.")
+    pacs_reward_method: Literal["ratio", "avg_logp"] = Field(
+        "ratio", description="pacs: r = beta * summed log-ratio to the generating policy, or beta * mean log-prob.")
+    pacs_score: Literal["rloo", "grpo", "naive"] = Field(
+        "rloo", description="pacs: the logit psi: r minus the other rows' mean (rloo), group-standardised, or r.")
+    pacs_weight: Literal["question", "only_positive", "only_negative", "none"] = Field(
+        "question", description="pacs: row weights; question = balanced class weights within each group.")
     warn_no_signal_after: int = Field(
         2, ge=0, description="Warn after this many logging steps in a row without learning signal (every advantage 0 "
         "or grad norm 0), naming the likely cause; 0: no warning (the end-of-run line stays)."
@@ -381,20 +431,24 @@ class GRPOParams(MethodParams):
                     raise UserError(f"method.{key}: {why}")
 
         defaults: dict = {}
-        for part, registry in _GRPO_PARTS:  # a key one part reads is an error when another is selected
-            chosen = registry[getattr(self, part)]
-            defaults.update(chosen.defaults if "defaults" in chosen.meta else {})
-            owners: dict[str, list[str]] = {}
-            for entry in registry:
-                for key in entry.keys:
-                    owners.setdefault(key, []).append(entry.name)
-            why = chosen.refuses if "refuses" in chosen.meta else {}
-            for key, names in owners.items():
-                if key in why:
-                    if getattr(self, key) != type(self).model_fields[key].default:  # the default is harmless
-                        refuse((key,), f"{part} {chosen.name} {why[key]}")
-                elif key not in chosen.keys:
-                    refuse((key,), f"only used with {part}: {' or '.join(names)} ({part} is {chosen.name})")
+        if self.loss == "pacs":
+            refuse(_NOT_PACS, "not used by method.loss: pacs (its own RLOO score, no clipping, no KL, a row mean)")
+        else:
+            refuse(_PACS_KEYS, "only used with method.loss: pacs")
+            for part, registry in _GRPO_PARTS:  # a key one part reads is an error when another is selected
+                chosen = registry[getattr(self, part)]
+                defaults.update(chosen.defaults if "defaults" in chosen.meta else {})
+                owners: dict[str, list[str]] = {}
+                for entry in registry:
+                    for key in entry.keys:
+                        owners.setdefault(key, []).append(entry.name)
+                why = chosen.refuses if "refuses" in chosen.meta else {}
+                for key, names in owners.items():
+                    if key in why:
+                        if getattr(self, key) != type(self).model_fields[key].default:  # the default is harmless
+                            refuse((key,), f"{part} {chosen.name} {why[key]}")
+                    elif key not in chosen.keys:
+                        refuse((key,), f"only used with {part}: {' or '.join(names)} ({part} is {chosen.name})")
         if self.beta == 0:
             refuse(("use_bias_correction_kl",), "only used with the KL term (method.beta > 0)")
         if not self.rewards:
@@ -628,7 +682,8 @@ register(
         "w_reinforce), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + SFT term).",
         paper="Shao et al., DeepSeekMath (GRPO, arXiv 2402.03300); Stratified GRPO (arXiv 2510.06214); ΔL "
         "Normalization (arXiv 2509.07558); Zhu et al., negative reinforcement (arXiv 2506.01347); Klear-Reasoner "
-        "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783)",
+        "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783); PACS (loss: pacs, arXiv "
+        "2509.02522)",
         recipe="recipes/grpo.yaml",
         params=GRPOParams,
         reference="optional",

@@ -476,7 +476,7 @@ def _resolve_eval(recipe: Recipe, family: str) -> None:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML file, apply ``--set`` overrides and validate it."""
+    """Read a recipe YAML file, apply ``--set`` overrides and validate it (a multi-stage recipe: its last stage)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -492,6 +492,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"{path}: expected a mapping of top-level keys (model, data, method, training, ...)")
     check_depth(data)
     data = copy.deepcopy(data)
+    if "stages" in data:  # a multi-stage recipe (posttrain.stages) loads as its last stage; `train` runs them all
+        from posttrain.stages import split_stages
+
+        name, data = split_stages(data, overrides)[-1]
+        try:
+            recipe = parse_recipe(data)
+        except UserError as exc:
+            raise UserError(f"stage '{name}': {exc}") from None
+        recipe._source_dir = path.resolve().parent
+        return recipe
     for assignment in overrides or []:
         apply_override(data, assignment)
     recipe = parse_recipe(data)

@@ -257,6 +257,12 @@ def check_training(training: dict[str, Any], family: str) -> dict[str, Any]:
         raise UserError("training: expected a mapping of training arguments")
     types_ = _field_types(config_class(family))
     out: dict[str, Any] = {}
+    from posttrain.optim import OPTIMIZERS, check_optim_args
+
+    if isinstance(training.get("optim"), str) and training["optim"] in OPTIMIZERS:  # posttrain's own optimizers
+        out["optim"] = training["optim"]
+        out["optim_args"] = check_optim_args(training["optim"], training.get("optim_args"))
+        training = {k: v for k, v in training.items() if k not in ("optim", "optim_args")}
     for key, value in training.items():
         if not isinstance(key, str):
             raise UserError(f"training.{key}: keys must be strings")

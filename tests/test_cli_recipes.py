@@ -34,6 +34,9 @@ def test_recipe_runs_end_to_end(name, tmp_path, arith_model_dir):
     out = tmp_path / "run"
     proc = _cli("train", f"recipes/{name}", *_short_run_overrides(recipe, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if recipe.get("stages"):  # a multi-stage recipe (posttrain.stages): every stage has its folder; check the last
+        assert all((out / stage["name"] / "POSTTRAIN_COMPLETE").is_file() for stage in recipe["stages"])
+        out = out / recipe["stages"][-1]["name"]
     if recipe.get("data", {}).get("test") is not None:  # the task accuracy before and after training
         assert re.search(r"test accuracy before training: +\d+\.\d%", proc.stdout), proc.stdout[-2000:]
         assert re.search(r"test accuracy after training: +\d+\.\d%", proc.stdout), proc.stdout[-2000:]

@@ -137,6 +137,33 @@ class AtomicCheckpointMixin:
         if checkpoint:  # the run folder's card follows the newest checkpoint (all families, not only TRL's)
             self.write_model_card(self.args.output_dir)
 
+    # posttrain's own optimizers (``training.optim: stable_spam``; posttrain.optim): HF builds them through
+    # ``optimizer_cls_and_kwargs``, so its decay / no-decay parameter groups and LR schedule apply unchanged.
+    _posttrain_num_steps = None
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int):
+        self._posttrain_num_steps = num_training_steps
+        return super().create_optimizer_and_scheduler(num_training_steps)
+
+    def create_optimizer(self, *args, **kwargs):
+        own = getattr(self.args, "posttrain_optim", None)
+        if own is not None and self.optimizer is None:
+            from posttrain.optim import refuse_sharded, stable_spam_kwargs
+            from posttrain.optim.stable_spam import StableSPAM
+
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise refuse_sharded("training.optim")
+            config, spec = self.args, own[1]
+            steps = self._posttrain_num_steps or getattr(self.state, "max_steps", 0) or config.max_steps
+            self.optimizer_cls_and_kwargs = (StableSPAM, stable_spam_kwargs(config, spec, steps))
+        return super().create_optimizer(*args, **kwargs)
+
+    def log(self, logs, *args, **kwargs):
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        if "loss" in logs and hasattr(optimizer, "last_metrics"):
+            logs = {**logs, **{f"optim/{k}": v for k, v in optimizer.last_metrics.items()}}
+        return super().log(logs, *args, **kwargs)
+
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
         value = float(loss.detach().float().mean()) if hasattr(loss, "detach") else float(loss)
@@ -395,8 +422,18 @@ def training_config(config_cls, recipe, overrides: dict[str, Any] | None = None)
     kwargs.update(recipe.training)
     kwargs["output_dir"] = recipe.output_dir
     kwargs["seed"] = recipe.seed
+    from posttrain.optim import OPTIMIZERS, refuse_sharded
+
+    own_optim = None
+    if kwargs.get("optim") in OPTIMIZERS:  # built by the trainers (create_optimizer below), not by HF
+        own_optim = (kwargs.pop("optim"), kwargs.pop("optim_args", None))
+        for key in ("deepspeed", "fsdp"):
+            if kwargs.get(key):
+                raise refuse_sharded(f"training.{key}")
     try:
-        return config_cls(**kwargs)
+        config = config_cls(**kwargs)
+        config.posttrain_optim = own_optim
+        return config
     except (TypeError, ValueError) as exc:
         text = " ".join(str(exc).split())
         named = next((k for k in recipe.training if k in text), None)

@@ -54,6 +54,7 @@ logger = logging.getLogger("posttrain")
 # Keys this trainer adds to TRL's generation-batch dict ([B] tensors are shuffled and split with the rest; 0-dim
 # tensors are kept whole).
 KEEP, CORRECT, DL_WEIGHTS, NUM_CORRECT = "rl_keep", "rl_correct", "rl_delta_l_weights", "rl_num_correct_tokens"
+PACS_REWARD, PACS_GROUP = "rl_pacs_reward", "rl_pacs_group"  # [B] label and group id of each row (loss: pacs)
 NUM_ROWS = "rl_num_kept_rows"  # kept rows of the gathered generation batch (row-based normalisers)
 MAX_LOGGED_STRATUM_KEYS = 16  # san/reward_mean/<key> is logged while a batch has at most this many key values
 SINGLETON_WARNING = 0.5  # warn when more than this fraction of strata hold a single rollout
@@ -209,6 +210,12 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self._metrics[mode]["delta_l/length_mean"].append(lengths[lengths > 0].mean().nan_to_num().item())
             self._metrics[mode]["delta_l/length_std"].append(lengths[lengths > 0].std().nan_to_num().item())
 
+        if p.loss == "pacs":  # PACS labels and groups travel with the rows (TRL shuffles them together)
+            from posttrain.rl.pacs import check_labels
+
+            check_labels(rewards)
+            output[PACS_REWARD] = rewards[rows].to(device=device, dtype=torch.float32)
+            output[PACS_GROUP] = (torch.arange(rewards.numel(), device=device) // num_generations)[rows]
         self._log_advantage_metrics(mode, out.advantages, out.keep, correct, rewards, num_generations, stash)
         if mode == "train":
             self.signal_monitor.add(batch_signal(
@@ -322,6 +329,8 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         )
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
+        if p.loss == "pacs":
+            return self._pacs_loss(inputs, logps, old, mask, entropies, mode)
         advantages = inputs["advantages"]
 
         rule = CLIPPINGS[p.clipping]
@@ -409,6 +418,38 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if rule.gradient_preserved:
             metrics["clip_ratio/gradient_preserved_mean"].append(global_masked_mean(clip.gradient_preserved.float()))
         return loss
+
+
+    def _pacs_loss(self, inputs, logps, old, mask, entropies, mode):
+        """PACS (posttrain.rl.pacs; docs/methods/pacs.md) on a micro-batch of whole groups."""
+        from posttrain.rl.pacs import pacs_loss
+
+        p = self.params
+        groups, inverse, counts = torch.unique(inputs[PACS_GROUP], return_inverse=True, return_counts=True)
+        expected = self.num_generations if mode == "train" else self.num_generations_eval
+        if bool((counts != expected).any()):  # pragma: no cover - rl_config refuses the settings that split groups
+            raise UserError("training.per_device_train_batch_size: method.loss: pacs needs every micro-batch to hold "
+                            "whole groups (a multiple of num_generations, gradient_accumulation_steps: 1)")
+        out = pacs_loss(logps, old, mask, inputs[PACS_REWARD], inverse, beta=p.pacs_beta,
+                        reward_method=p.pacs_reward_method, score=p.pacs_score, weight=p.pacs_weight)
+        metrics = self._metrics[mode]
+        valid = out.valid
+        stats = torch.stack([
+            out.loss.detach(),
+            (out.psi.detach() * valid).sum() / valid.sum().clamp(min=1),
+            (((out.psi.detach() > 0).float() == (inputs[PACS_REWARD] > 0.5).float()).float() * valid).sum()
+            / valid.sum().clamp(min=1),
+            (out.rhat.detach().abs() * valid).sum() / valid.sum().clamp(min=1),
+            (out.weights * valid).sum() / valid.sum().clamp(min=1),
+        ])
+        stats = self.accelerator.gather(stats.unsqueeze(0)).mean(0).tolist()
+        for name, value in zip(("loss", "psi_mean", "pred_acc", "rhat_abs_mean", "weight_mean"), stats):
+            metrics[f"pacs/{name}"].append(value)
+        metrics["policy_loss"].append(stats[0])
+        totals = self.accelerator.reduce(torch.stack([(entropies.detach() * mask).sum(), mask.sum().float()]),
+                                         reduction="sum")
+        metrics["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        return out.loss
 
 
 _MULTIMODAL_KEYS = (
@@ -538,6 +579,16 @@ def rl_config(recipe, info):
     for key, default in _UNSUPPORTED.items():
         if key in recipe.training and recipe.training[key] != default:
             raise UserError(f"training.{key}: not supported by method '{info.name}' (leave it at {default!r})")
+    if p.loss == "pacs":  # psi couples the rows of a group: every micro-batch must hold whole groups
+        t = recipe.training
+        for key in ("gradient_accumulation_steps", "steps_per_generation"):
+            if t.get(key, 1) not in (1, None):
+                raise UserError(f"training.{key}: method.loss: pacs needs 1 (each micro-batch must hold whole groups; "
+                                "TRL shuffles the rows of a generation batch across micro-batches)")
+        n, size = t.get("num_generations", 8), t.get("per_device_train_batch_size", 8)
+        if size % n:
+            raise UserError(f"training.per_device_train_batch_size: method.loss: pacs needs a multiple of "
+                            f"num_generations ({n}), got {size}")
     moa = recipe.training.get("multi_objective_aggregation", "sum_then_normalize")
     if moa != "sum_then_normalize" and not ADVANTAGES[p.advantage].normalize_then_sum:
         able = " or ".join(e.name for e in ADVANTAGES if e.normalize_then_sum)

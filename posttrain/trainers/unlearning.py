@@ -178,7 +178,8 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         peft_config: wrap ``model`` with this adapter (the fused head must already be on ``model``).
     """
 
-    def __init__(self, *args, method: str, params, ref_model=None, peft_config=None, model=None, **kwargs):
+    def __init__(self, *args, method: str, params, ref_model=None, peft_config=None, model=None, mask_rows=None,
+                 **kwargs):
         self.method = method
         self.params = params
         self.objective = UNLEARNING_OBJECTIVES[method]
@@ -198,6 +199,17 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         if isinstance(self.train_dataset, ForgetRetainDataset):
             self.add_callback(_EpochCallback(self.train_dataset))
+        self.weight_mask = None
+        if mask_rows is not None:
+            from posttrain.trainers.wagle import WagleMask
+
+            self.weight_mask = WagleMask(self, *mask_rows)
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.weight_mask is not None:
+            self.weight_mask.attach(optimizer)
+        return optimizer
 
     # ---------------------------------------------------------------------------------------------------------------
 
@@ -301,6 +313,8 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         if "loss" in logs and self._metrics:
             logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
             self._metrics.clear()
+        if "loss" in logs and self.weight_mask is not None:
+            logs = {**logs, **self.weight_mask.metrics}
         super().log(logs, *args, **kwargs)
 
 
@@ -309,8 +323,13 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _needs_retain(recipe, name: str) -> bool:
+def _objective_uses_retain(recipe, name: str) -> bool:
     return uses_retain(name, getattr(recipe.params, "alpha", 0.0))
+
+
+def _needs_retain(recipe, name: str) -> bool:
+    """Whether data.retain is read: by the objective's retain term, or by the WAGLE mask's scoring pass."""
+    return _objective_uses_retain(recipe, name) or getattr(recipe.params, "mask", "none") == "wagle"
 
 
 def unlearning_config(recipe, info) -> UnlearningConfig:
@@ -330,6 +349,17 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
             f"data.forget: method '{name}' needs a forget set (e.g. data.forget: {{source: builtin:facts, "
             "split: forget05}})"
         )
+    if getattr(recipe.params, "mask", "none") == "wagle":
+        if data.retain is None:
+            raise UserError("data.retain: method.mask: wagle scores the weights with retain-set gradients; set "
+                            "data.retain (e.g. {source: builtin:facts, split: retain95})")
+        if recipe.peft is not None:
+            raise UserError("method.mask: wagle selects base-model weights, which a peft adapter freezes; remove "
+                            "peft or the mask")
+        for key in ("deepspeed", "fsdp"):
+            if recipe.training.get(key):
+                raise UserError(f"training.{key}: method.mask: wagle needs whole parameters (a global top-k over "
+                                "every weight); not supported with DeepSpeed or FSDP")
     if _needs_retain(recipe, name) and data.retain is None:
         raise UserError(
             f"data.retain: method '{name}' needs a retain set (e.g. data.retain: {{source: builtin:facts, "
@@ -354,6 +384,9 @@ def build_unlearning_trainer(ctx):
     retain = None
     if needs_retain:
         retain = tokenize_rows(ctx.dataset("data.retain", "unlearning"), tok, config.max_length, "data.retain")
+    mask_rows = (forget, retain) if getattr(params, "mask", "none") == "wagle" else None
+    if not _objective_uses_retain(recipe, name):
+        retain = None  # read only by the WAGLE scoring pass
     dataset = ForgetRetainDataset(forget, retain, seed=recipe.seed)
     ensure_fused_head(ctx.model)  # before any adapter wraps the model (TRL's order)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -371,4 +404,5 @@ def build_unlearning_trainer(ctx):
         method=name,
         params=params,
         ref_model=ctx.ref_model,
+        mask_rows=mask_rows,
     )

@@ -1,0 +1,204 @@
+"""Stable-SPAM: AdamW with per-tensor gradient conditioning (AdaClip, AdaGN) and periodic momentum reset (MoRet).
+
+Huang et al., "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam" (arXiv 2502.17055); the method page
+is docs/methods/stable_spam.md. Per parameter tensor with gradient ``G``, at global step ``t`` (``step()`` calls):
+
+1. decoupled weight decay ``p <- p (1 - lr wd)``;
+2. AdaClip: ``M <- theta M + (1 - theta) max|G|``, ``T = M / (1 - theta^t)``; entries with ``|G| > T`` become
+   ``G T / max|G|`` (the largest becomes exactly ``+-T``);
+3. AdaGN: ``n = ||G||``, ``mu <- g1 mu + (1 - g1) n``, ``nu <- gamma2 nu + (1 - gamma2) n^2`` with ``g1 = gamma1 s_t``;
+   ``c = mu_hat / (sqrt(nu_hat) + eps)`` (bias-corrected with ``t``), ``G <- G c / n`` when ``n > 0``;
+4. MoRet: every ``update_proj_gap`` steps the Adam moments and the Adam counter ``k`` are zeroed, before this step's
+   update;
+5. Adam with ``beta1' = beta1 s_t`` and bias corrections for ``k``.
+
+``s_t`` is 1 unless ``total_T`` is set: ``eta_min + (1 - eta_min) (1 + cos(pi min(t, T+1) / (T+1))) / 2``.
+
+The global step is kept in every param group (``"global_step"``), so ``state_dict()`` / ``load_state_dict()``
+continue a run bit-identically. ``reference_quirks=True`` reproduces the official code instead (one per-tensor
+counter for every bias correction, MoRet one step late, the global step not saved, the gradient clipped in place
+in ``p.grad``, the cosine factor rising again after ``T + 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+_FP32_STATE = ("max_ema", "norm_ema", "sqnorm_ema")  # kept in fp32 (fp64 for fp64 parameters), never bf16/fp16
+
+
+def _stat_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def cosine_factor(t: int, total_T: int | None, eta_min: float, rising: bool = False) -> float:
+    """``s_t``: 1 without ``total_T``; else the closed form of ``CosineAnnealingLR(T_max=total_T + 1)`` from 1 to
+    ``eta_min``, held at ``eta_min`` after ``total_T + 1`` (``rising=True``: the reference's factor, which rises
+    again)."""
+    if total_T is None:
+        return 1.0
+    period = total_T + 1
+    phase = t if rising else min(t, period)
+    return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * phase / period)) / 2.0
+
+
+class StableSPAM(torch.optim.Optimizer):
+    """Stable-SPAM (see the module docstring and docs/methods/stable_spam.md).
+
+    Defaults are the reference code's: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, gamma1=0.7,
+    gamma2=0.9, theta=0.999, update_proj_gap=1000`` (0 disables MoRet), ``total_T=None``, ``eta_min=0.5``.
+    ``gamma1=-1`` means "use beta1". After each ``step()``, :attr:`last_metrics` holds ``clip_frac`` (fraction of
+    gradient entries AdaClip rescaled), ``gn_scale_mean`` (mean ``c / n`` over tensors), ``moret_reset`` and
+    ``beta1_eff``.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, gamma1: float = 0.7, gamma2: float = 0.9, theta: float = 0.999,
+                 update_proj_gap: int = 1000, total_T: int | None = None, eta_min: float = 0.5,
+                 reference_quirks: bool = False):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("lr, eps and weight_decay must be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if gamma1 == -1:
+            gamma1 = betas[0]
+        for name, value in (("gamma1", gamma1), ("gamma2", gamma2), ("theta", theta)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {value}")
+        if update_proj_gap < 0:
+            raise ValueError("update_proj_gap must be >= 0 (0 disables the momentum reset)")
+        if total_T is not None and total_T < 1:
+            raise ValueError("total_T must be >= 1 or None")
+        if not 0.0 <= eta_min <= 1.0:
+            raise ValueError("eta_min must lie in [0, 1]")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
+                        theta=theta, update_proj_gap=update_proj_gap, total_T=total_T, eta_min=eta_min, global_step=0)
+        super().__init__(params, defaults)
+        self.reference_quirks = reference_quirks
+        self._total_steps = 0  # quirks mode: the reference's attribute, not part of state_dict
+        self._last = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the AdaClip/AdaGN statistics stay fp32 (torch would cast them to the parameter dtype)."""
+        saved = {idx: {k: v.detach().clone() for k, v in s.items() if k in _FP32_STATE}
+                 for idx, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for idx, values in saved.items():
+            param = params[int(idx)]
+            for key, value in values.items():
+                self.state[param][key] = value.to(device=param.device, dtype=_stat_dtype(param))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        quirks = self.reference_quirks
+        if quirks:
+            self._total_steps += 1
+        clipped = total = 0
+        scales: list[torch.Tensor] = []
+        reset = False
+        beta1_eff = None
+        for group in self.param_groups:
+            if quirks:
+                t = self._total_steps
+            else:
+                group["global_step"] += 1
+                t = group["global_step"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            theta, gamma2 = group["theta"], group["gamma2"]
+            s = cosine_factor(t, group["total_T"], group["eta_min"], rising=quirks)
+            g1 = group["gamma1"] * s
+            b1 = beta1 * s
+            beta1_eff = b1
+            gap = group["update_proj_gap"]
+            reset_now = gap > 0 and t % gap == 0
+            reset = reset or reset_now
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.grad.is_complex():
+                    raise RuntimeError("StableSPAM: sparse or complex gradients are not supported")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    for key in _FP32_STATE:
+                        state[key] = torch.zeros((), dtype=_stat_dtype(p), device=p.device)
+                if quirks:
+                    state["step"] += 1
+                    bc_t = state["step"]  # (a): one counter for every bias correction
+                else:
+                    bc_t = t
+                # 1. decoupled weight decay
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                # 2. AdaClip (fp32 statistics)
+                grad = p.grad.to(_stat_dtype(p))  # never modified in place: p.grad keeps the raw gradient (default)
+                gmax = grad.abs().max()
+                state["max_ema"].mul_(theta).add_((1 - theta) * gmax)
+                thresh = state["max_ema"] / (1 - theta**bc_t)
+                over = grad.abs() > thresh
+                clipped = clipped + over.sum()
+                total += grad.numel()
+                grad = torch.where(over, grad * (thresh / gmax), grad)
+                # 3. AdaGN
+                norm = torch.linalg.vector_norm(grad)
+                state["norm_ema"].mul_(g1).add_((1 - g1) * norm)
+                state["sqnorm_ema"].mul_(gamma2).add_((1 - gamma2) * norm * norm)
+                mu_hat = state["norm_ema"] / (1 - g1**bc_t)
+                nu_hat = state["sqnorm_ema"] / (1 - gamma2**bc_t)
+                c = mu_hat / (nu_hat.sqrt() + eps)
+                scale = torch.where(norm > 0, c / torch.where(norm > 0, norm, torch.ones_like(norm)),
+                                    torch.ones_like(norm))
+                scales.append(scale)
+                grad = grad * scale
+                if quirks:
+                    p.grad.copy_(grad)  # (d): the reference conditions p.grad in place
+                grad = grad.to(p.dtype)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                # 4. MoRet
+                if reset_now:
+                    if quirks:  # (b): new tensors are bound, this step still uses the old ones with k = 1
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["step"] = 1
+                    else:
+                        exp_avg.zero_()
+                        exp_avg_sq.zero_()
+                        state["step"] = 0
+                # 5. Adam
+                if not quirks:
+                    state["step"] += 1
+                k = state["step"]
+                exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias1 = 1 - b1**k
+                bias2 = 1 - beta2**k
+                denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-lr / bias1)
+        self._last = (clipped, total, scales, reset, beta1_eff)
+        return loss
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """Signals of the last ``step()`` (read on demand: converting them to floats syncs with the device)."""
+        if self._last is None:
+            return {}
+        clipped, total, scales, reset, beta1_eff = self._last
+        return {
+            "clip_frac": float(clipped) / total if total else 0.0,
+            "gn_scale_mean": float(torch.stack(scales).mean()) if scales else 0.0,
+            "moret_reset": float(reset),
+            "beta1_eff": float(beta1_eff) if beta1_eff is not None else 0.0,
+        }
