@@ -493,8 +493,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     check_depth(data)
     data = copy.deepcopy(data)
     if "stages" in data:  # a multi-stage recipe (posttrain.stages) loads as its last stage; `train` runs them all
-        from posttrain.stages import split_stages
-
         name, data = split_stages(data, overrides)[-1]
         try:
             recipe = parse_recipe(data)
@@ -507,3 +505,64 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     recipe = parse_recipe(data)
     recipe._source_dir = path.resolve().parent
     return recipe
+
+
+# Multi-stage recipes (posttrain.stages runs them): the stage splitting is pure recipe manipulation, kept here so
+# that loading a recipe does not import the runner.
+STAGE_REF = "stage:"
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def merge(base: Any, update: Any) -> Any:
+    """``update`` deep-merged onto ``base`` (mappings merge key by key; anything else replaces)."""
+    if isinstance(base, dict) and isinstance(update, dict):
+        out = dict(base)
+        for key, value in update.items():
+            out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(update)
+
+
+def _resolve_refs(data: dict[str, Any], done: dict[str, str], where: str) -> None:
+    for key in ("model", "ref_model"):
+        value = data.get(key)
+        path = value.get("path") if isinstance(value, dict) else value
+        if not isinstance(path, str) or not path.startswith(STAGE_REF):
+            continue
+        name = path[len(STAGE_REF):]
+        if name not in done:
+            raise UserError(f"{where}.{key}: '{path}' is not an earlier stage (earlier: {', '.join(done) or 'none'})")
+        if isinstance(value, dict):
+            data[key] = {**value, "path": done[name]}
+        else:
+            data[key] = done[name]
+
+
+def split_stages(data: dict[str, Any], overrides: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """``[(name, recipe data)]`` of a multi-stage recipe (raw data, before validation)."""
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise UserError("stages: expected a non-empty list of stages, each a mapping with a name")
+    base = {k: v for k, v in data.items() if k != "stages"}
+    out: list[tuple[str, dict[str, Any]]] = []
+    done: dict[str, str] = {}
+    for i, stage in enumerate(stages):
+        where = f"stages[{i}]"
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
+            raise UserError(f"{where}.name: every stage is a mapping with a name")
+        name = stage["name"]
+        if not _STAGE_NAME.match(name):
+            raise UserError(f"{where}.name: '{name}' must be letters, digits, '_', '-' or '.' (it names a folder)")
+        if name in done:
+            raise UserError(f"{where}.name: stage '{name}' appears twice")
+        merged = merge(base, {k: v for k, v in stage.items() if k != "name"})
+        for assignment in overrides or []:
+            apply_override(merged, assignment)
+        root = merged.get("output_dir", "runs/recipe")
+        if not isinstance(root, str):
+            raise UserError("output_dir: expected a folder path")
+        merged["output_dir"] = str(Path(root).expanduser() / name)
+        _resolve_refs(merged, done, where)
+        done[name] = merged["output_dir"]
+        out.append((name, merged))
+    return out

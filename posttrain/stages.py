@@ -12,72 +12,11 @@ was interrupted resumes from its newest checkpoint, and the later ones start fre
 
 from __future__ import annotations
 
-import copy
-import re
 from pathlib import Path
 from typing import Any
 
 from posttrain.errors import UserError
-
-STAGE_REF = "stage:"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def merge(base: Any, update: Any) -> Any:
-    """``update`` deep-merged onto ``base`` (mappings merge key by key; anything else replaces)."""
-    if isinstance(base, dict) and isinstance(update, dict):
-        out = dict(base)
-        for key, value in update.items():
-            out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
-        return out
-    return copy.deepcopy(update)
-
-
-def _resolve_refs(data: dict[str, Any], done: dict[str, str], where: str) -> None:
-    for key in ("model", "ref_model"):
-        value = data.get(key)
-        path = value.get("path") if isinstance(value, dict) else value
-        if not isinstance(path, str) or not path.startswith(STAGE_REF):
-            continue
-        name = path[len(STAGE_REF):]
-        if name not in done:
-            raise UserError(f"{where}.{key}: '{path}' is not an earlier stage (earlier: {', '.join(done) or 'none'})")
-        if isinstance(value, dict):
-            data[key] = {**value, "path": done[name]}
-        else:
-            data[key] = done[name]
-
-
-def split_stages(data: dict[str, Any], overrides: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """``[(name, recipe data)]`` of a multi-stage recipe (raw data, before validation)."""
-    from posttrain.recipe import apply_override
-
-    stages = data.get("stages")
-    if not isinstance(stages, list) or not stages:
-        raise UserError("stages: expected a non-empty list of stages, each a mapping with a name")
-    base = {k: v for k, v in data.items() if k != "stages"}
-    out: list[tuple[str, dict[str, Any]]] = []
-    done: dict[str, str] = {}
-    for i, stage in enumerate(stages):
-        where = f"stages[{i}]"
-        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
-            raise UserError(f"{where}.name: every stage is a mapping with a name")
-        name = stage["name"]
-        if not _NAME.match(name):
-            raise UserError(f"{where}.name: '{name}' must be letters, digits, '_', '-' or '.' (it names a folder)")
-        if name in done:
-            raise UserError(f"{where}.name: stage '{name}' appears twice")
-        merged = merge(base, {k: v for k, v in stage.items() if k != "name"})
-        for assignment in overrides or []:
-            apply_override(merged, assignment)
-        root = merged.get("output_dir", "runs/recipe")
-        if not isinstance(root, str):
-            raise UserError("output_dir: expected a folder path")
-        merged["output_dir"] = str(Path(root).expanduser() / name)
-        _resolve_refs(merged, done, where)
-        done[name] = merged["output_dir"]
-        out.append((name, merged))
-    return out
+from posttrain.recipe import STAGE_REF, merge, split_stages  # noqa: F401 (re-exported)
 
 
 def load_stages(path: str | Path, overrides: list[str] | None = None):

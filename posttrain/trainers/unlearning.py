@@ -203,7 +203,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         if mask_rows is not None:
             from posttrain.trainers.wagle import WagleMask
 
-            self.weight_mask = WagleMask(self, *mask_rows)
+            self.weight_mask = WagleMask(self, *mask_rows, collator_cls=ForgetRetainCollator)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)

@@ -29,14 +29,13 @@ class WagleMask:
     """Scores the trainer's model, selects the weights, and attaches the gradient mask and the frozen-weight restore
     to the optimizer (:meth:`attach`)."""
 
-    def __init__(self, trainer, forget_rows: list, retain_rows: list):
-        from posttrain.trainers.unlearning import ForgetRetainCollator
-
+    def __init__(self, trainer, forget_rows: list, retain_rows: list, collator_cls):
+        """``collator_cls``: the unlearning trainer's ForgetRetainCollator (passed in: this module sits below it)."""
         params = trainer.params
         model = trainer.model
         tok = trainer.processing_class
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-        collate = ForgetRetainCollator(pad)._pad
+        collate = collator_cls(pad)._pad
         size = trainer.args.per_device_train_batch_size
         batches = math.ceil(len(forget_rows) / size)
         if params.mask_num_batches is not None:
