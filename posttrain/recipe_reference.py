@@ -23,6 +23,11 @@ concatenated in order (`datasets.concatenate_datasets`, every row once); when ev
 interleaved with those weights as probabilities (`datasets.interleave_datasets`, seeded by `seed`, stopping when the
 first source runs out). Only the columns every source has are kept. The rows per source are logged and written as
 comments at the end of `recipe.yaml`.
+
+A recipe may also hold **`stages:`**, a list of runs made in order from one file: each stage is a mapping with a
+`name` and the keys it changes (deep-merged onto the recipe's shared keys); stage `NAME` writes to
+`<output_dir>/NAME`, and `model` / `ref_model` may be `stage:NAME`, an earlier stage's final model (Pre-DPO,
+`recipes/pre_dpo.yaml`). `--resume` skips finished stages.
 """
 
 TRAINING_NOTES = """## training
