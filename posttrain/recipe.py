@@ -452,8 +452,8 @@ def _resolve_eval(recipe: Recipe, family: str) -> None:
     """Check the ``eval`` block against the data and the family, and fill in the family's defaults."""
     ev, data = recipe.eval, recipe.data
     explicit_pass_k = ev.pass_k is not None
-    if not explicit_pass_k:
-        ev.pass_k = list(EVAL_PASS_K_DEFAULT.get(family, []))
+    if not explicit_pass_k:  # the family's default, when there is a data.test to measure it on
+        ev.pass_k = list(EVAL_PASS_K_DEFAULT.get(family, [])) if data.test is not None else []
     ev.pass_k = sorted(set(ev.pass_k))
     if any(k < 1 for k in ev.pass_k):
         raise UserError(f"eval.pass_k: every k must be >= 1, got {ev.pass_k}")
