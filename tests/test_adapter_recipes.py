@@ -362,7 +362,9 @@ def test_merge_refuses_bad_directories(tmp_path, capsys):
     assert len(err) == 2 and "not found" in err[0] and "not a finished posttrain run" in err[1]
 
 
-@pytest.mark.parametrize("variant", ["plora", "goat", "ggpo"])
+# GOAT (routed experts: the most state to keep consistent) runs in the default suite; PLoRA and GGPO are `slow`.
+@pytest.mark.parametrize("variant", ["goat", pytest.param("plora", marks=pytest.mark.slow),
+                                     pytest.param("ggpo", marks=pytest.mark.slow)])
 def test_two_process_run(variant, tmp_path, ids):
     """A 2-process (gloo, CPU) run through accelerate (~20 s each): trains, logs once, saves one final model that
     reloads (and merges where allowed)."""

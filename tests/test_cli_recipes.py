@@ -14,6 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
 
 
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_passes_preflight(name, tmp_path):
+    """Every shipped recipe (each stage of a multi-stage one) parses, and its data, method keys and TRL config pass
+    every check that needs no model (what ``posttrain train`` runs before loading anything)."""
+    from posttrain.recipe import load_recipe
+    from posttrain.stages import load_stages
+    from posttrain.train import preflight
+
+    raw = yaml.safe_load((ROOT / "recipes" / name).read_text())
+    sets = [s for s in _short_run_overrides(raw, tmp_path / "run") if s != "--set"]
+    stages = load_stages(ROOT / "recipes" / name, sets) or [(name, load_recipe(ROOT / "recipes" / name, sets))]
+    for _, recipe in stages:
+        info, config, datasets = preflight(recipe)
+        assert config.max_steps == 2 and datasets
+
+
 def _cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, cwd=cwd)
 
@@ -28,7 +44,13 @@ def _short_run_overrides(recipe: dict, out: Path) -> list[str]:
     return [x for s in sets for x in ("--set", s)]
 
 
-@pytest.mark.parametrize("name", RECIPES)
+# One recipe per family (and the adapter and multi-stage shapes) runs end to end in the default suite; every other
+# recipe runs in `pytest -m slow` (about 15 s each on 2 cores), and all of them pass preflight below in seconds.
+DEFAULT_SUITE_RECIPES = {"dft.yaml", "dpo.yaml", "grpo.yaml", "unlearn_npo_rt.yaml", "sft_goat.yaml", "pre_dpo.yaml"}
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_SUITE_RECIPES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in RECIPES])
 def test_recipe_runs_end_to_end(name, tmp_path, arith_model_dir):
     recipe = yaml.safe_load((ROOT / "recipes" / name).read_text())
     out = tmp_path / "run"

@@ -40,6 +40,7 @@ def test_sft_learns_arithmetic_from_scratch(tmp_path, tiny_model_dir):
     assert after < 0.4 * before
 
 
+@pytest.mark.slow  # the SFT family's default-suite learning check is test_sft_learns_arithmetic_from_scratch
 @pytest.mark.parametrize("method,params", [("dft", {}), ("asft_anchored", {"asft_kl_coef": 0.05})])
 def test_dft_and_asft_learn_from_scratch(tmp_path, tiny_model_dir, method, params):
     """Adam is scale-invariant, so DFT's small initial token weights still train a random model."""
