@@ -81,14 +81,14 @@ def main() -> None:
     runs = _common.run_interleaved(__file__, [[name] for name in VARIANTS], args, extra)
     summary = _common.summarise(runs, [("grpo-vllm-colocate", "grpo-transformers")])
     for label, stats in summary["stats"].items():
-        inits = [r["init_s"] for r in runs if r["label"] == label]
-        stats["init_s_median"] = sorted(inits)[len(inits) // 2]
+        stats["init_s"] = [r["init_s"] for r in runs if r["label"] == label]
         gaps = [r["logp_gap_mean"] for r in runs if r["label"] == label and "logp_gap_mean" in r]
         if gaps:
             stats["logp_gap_mean_last_step"] = gaps
     _common.report("GRPO step time: vLLM colocate vs transformers generation", args, runs, summary)
     for label, stats in summary["stats"].items():
-        print(f"{label}: trainer construction (incl. the vLLM engine) {stats['init_s_median']:.1f} s (median)")
+        print(f"{label}: trainer construction (incl. the vLLM engine) " + ", ".join(f"{t:.1f}" for t in stats["init_s"])
+              + " s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/tes
 Each training generation batch is also summarised for :class:`posttrain.rl.diagnostics.SignalMonitor` (``log`` is
 extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No learning
 signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
-rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded.
+rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded. With
+``training.use_vllm``, TRL gets the vLLM generation class the training device needs (on CPU, a weight sync that
+survives vLLM's repacked kernels: :mod:`posttrain.rl.vllm_sync`).
 
 Method pages: docs/methods/grpo.md, grpo_advantages.md, grpo_aggregation.md, grpo_clipping.md.
 """
