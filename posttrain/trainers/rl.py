@@ -17,7 +17,9 @@ buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/tes
 Each training generation batch is also summarised for :class:`posttrain.rl.diagnostics.SignalMonitor` (``log`` is
 extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No learning
 signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
-rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded.
+rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded. With
+``training.use_vllm``, TRL gets the vLLM generation class the training device needs (on CPU, a weight sync that
+survives vLLM's repacked kernels: :mod:`posttrain.rl.vllm_sync`).
 
 Method pages: docs/methods/grpo.md, grpo_advantages.md, grpo_aggregation.md, grpo_clipping.md.
 """
@@ -47,6 +49,7 @@ from posttrain.rl.advantages import (
 from posttrain.rl.aggregation import AGGREGATIONS, delta_l_weights, dr_grpo
 from posttrain.rl.clipping import CLIPPINGS, gppo_sft_loss, kl_k3, kl_k3_bias_corrected
 from posttrain.rl.diagnostics import SignalMonitor, batch_signal
+from posttrain.rl.vllm_sync import check_vllm_recipe, vllm_generation_for
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -116,7 +119,8 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         try:
             if zero_beta:
                 config.beta = 0.0
-            with factory as handed:
+            # use_vllm: the weight sync the training device needs (posttrain/rl/vllm_sync.py)
+            with factory as handed, vllm_generation_for(trl_grpo, config):
                 super().__init__(*args, **kwargs)
         finally:
             if zero_beta:
@@ -543,11 +547,13 @@ def _user_callables(p, base_dirs) -> dict[str, Any]:
 
 
 def check_rl_recipe(recipe) -> None:
-    """Checks that need no model, run before anything is loaded: reward functions, files and reward-model configs,
-    tools, environment, rollout function and a ``module:function`` stratum key import (this runs the user's code)."""
+    """Checks that need no model, run before anything is loaded: ``use_vllm`` (vLLM installed, a mode it can sync),
+    reward functions, files and reward-model configs, tools, environment, rollout function and a ``module:function``
+    stratum key import (this runs the user's code)."""
     from posttrain.rl.rewards import import_function, load_rewards
 
     p, dirs = recipe.params, recipe_dirs(recipe)
+    check_vllm_recipe(recipe.training)
     load_rewards(p.rewards, base_dirs=dirs, load_models=False)
     _user_callables(p, dirs)
     if ADVANTAGES[p.advantage].needs_strata and ":" in p.stratum_key:
