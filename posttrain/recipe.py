@@ -172,6 +172,11 @@ class DataSpec(_Strict):
     system_prompt: str | None = Field(
         None, description="Put first as a system turn in every conversational (or wrapped) prompt that has none."
     )
+    assistant_turns: Literal["all", "last"] = Field(
+        "all",
+        description="Which assistant turns of a conversational row carry the loss (SFT messages rows, conversational "
+        "completions in every family): all, or the last one only. Tool results and user/system turns never do.",
+    )
 
     @field_validator("train", "eval", "test", "forget", "retain")
     @classmethod

@@ -326,7 +326,9 @@ def preflight(recipe: Recipe, *, load_data: bool = True,
             else:
                 logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
         _default_assistant_only_loss(recipe, info, config, datasets)
-    _check_chat_template_file(recipe, config)
+    from posttrain.data.formatting import template_path
+
+    template_path(recipe.data.chat_template, recipe._source_dir)  # a data.chat_template file exists
     return info, config, datasets
 
 
@@ -335,7 +337,7 @@ def describe_source(src) -> str:
 
 
 def _default_assistant_only_loss(recipe: Recipe, info: MethodInfo, config, datasets: dict[str, Any]) -> None:
-    """``messages`` rows in the SFT family: loss on the assistant turns only (TRL's ``assistant_only_loss``), unless
+    """``messages`` rows in the SFT family: loss on the assistant turns only (:func:`mask_sft_conversations`), unless
     ``training.assistant_only_loss`` says otherwise."""
     train = datasets.get("data.train")
     if info.family != "sft" or train is None or "messages" not in train.column_names:
@@ -349,8 +351,8 @@ def _default_assistant_only_loss(recipe: Recipe, info: MethodInfo, config, datas
 def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, datasets: dict[str, Any]):
     """Resolve ``data.chat_template`` / ``data.system_prompt`` against the tokenizer (logged once, and written to
     ``recipe.yaml`` as resolved: ``auto`` that does not wrap becomes ``none``), wrap the loaded data accordingly and
-    check that TRL's ``assistant_only_loss`` can find the assistant tokens. Before any model loads."""
-    from posttrain.data.formatting import apply_chat_format, has_generation_markers, resolve_chat_format
+    find the assistant tokens of conversational SFT rows (:func:`mask_sft_conversations`). Before any model loads."""
+    from posttrain.data.formatting import apply_chat_format, resolve_chat_format
 
     fmt = resolve_chat_format(recipe.data, recipe.model.path, tokenizer, recipe._source_dir)
     logger.info("%s", fmt.describe())
@@ -359,31 +361,34 @@ def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, dat
     recipe._chat_format = fmt
     for key in list(datasets):
         datasets[key] = apply_chat_format(datasets[key], fmt)
-    if getattr(config, "assistant_only_loss", False) and not has_generation_markers(tokenizer):
-        raise _no_generation_markers(f"the template of '{recipe.model.path}'")
+    if info.family == "sft":
+        mask_sft_conversations(recipe, config, tokenizer, datasets)
     return fmt
 
 
-def _no_generation_markers(whose: str) -> UserError:
-    return UserError(
-        "training.assistant_only_loss: loss on assistant tokens only (the default for messages rows) needs a chat "
-        f"template that marks assistant turns with {{% generation %}} ... {{% endgeneration %}}, and {whose} has "
-        "none; give one that does (data.chat_template: path/to/template.jinja) or set training.assistant_only_loss: "
-        "false to put the loss on every token"
-    )
+def mask_sft_conversations(recipe: Recipe, config, tokenizer, datasets: dict[str, Any]) -> None:
+    """SFT on conversational rows puts the loss on the assistant turns (``messages`` rows unless
+    ``training.assistant_only_loss: false``; conversational completions unless the method trains every token): the
+    rows are tokenised here with posttrain's masks (:func:`posttrain.data.formatting.mask_conversational_rows`, any
+    chat template), and TRL's own ``assistant_only_loss`` (which needs ``{% generation %}`` markers) is turned off."""
+    from posttrain.data.formatting import is_conversation, mask_conversational_rows
 
-
-def _check_chat_template_file(recipe: Recipe, config) -> None:
-    """``data.chat_template: FILE.jinja`` exists (and has generation markers where TRL needs them): before anything
-    is loaded or written."""
-    from posttrain.data.formatting import GENERATION_MARKER, template_path
-    from posttrain.recipe import read_text
-
-    path = template_path(recipe.data.chat_template, recipe._source_dir)
-    if path is not None and getattr(config, "assistant_only_loss", False) and not GENERATION_MARKER.search(
-        read_text(path)
-    ):
-        raise _no_generation_markers(f"'{path}'")
+    assistant_only = bool(getattr(config, "assistant_only_loss", False))
+    for key in ("data.train", "data.eval"):
+        rows = datasets.get(key)
+        if rows is None or len(rows) == 0 or "input_ids" in rows.column_names:
+            continue
+        first = rows[0]
+        if "messages" in first:
+            masked = assistant_only
+        else:
+            conversational = any(is_conversation(first.get(col)) for col in ("prompt", "completion"))
+            if assistant_only and not conversational:
+                raise UserError(f"training.assistant_only_loss: needs conversational rows ({key} holds plain text)")
+            masked = conversational and (assistant_only or config.completion_only_loss is not False)
+        if masked:
+            datasets[key] = mask_conversational_rows(rows, tokenizer, key, recipe.data.assistant_turns)
+    config.assistant_only_loss = False  # the masks are in the tokenised rows
 
 
 def _retain_used(recipe: Recipe, info: MethodInfo) -> bool:
