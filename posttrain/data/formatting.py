@@ -216,7 +216,8 @@ def _prefix_span(r: _Renderer, i: int, full_text: str, full_ids: list[int]) -> t
     except _template_errors() as exc:
         raise _NotPrefixConsistent(i, f"cannot be rendered without the turns after it ({exc})") from None
     if not full_text.startswith(prefix_text):
-        raise _NotPrefixConsistent(i, "renders the turns before it differently once later turns follow")
+        raise _NotPrefixConsistent(i, "follows a prompt that renders differently alone (with the generation prompt) "
+                                      "than inside the whole conversation")
     start = common_prefix_length(prefix_ids, full_ids)  # a token merged across the boundary belongs to the turn
     end = len(turn_ids)
     if next_ids is not None:
