@@ -143,9 +143,31 @@ def test_messages_sft_on_a_template_without_generation_markers(tmp_path, capsys)
 
 
 def test_preference_on_conversational_rows(tmp_path, seen):
-    rows = [{"prompt": _user(p), "chosen": _assistant(c), "rejected": _assistant("9")} for p, c in ARITH]
-    run(_recipe(tmp_path, "dpo", {"train": _jsonl(tmp_path / "pref.jsonl", rows)}), quiet=True)
+    """Issue 23: the scored tokens of a conversational pair are its assistant turns and their end-of-turn token
+    (not the template's newline after it; not a tool result inside a multi-message completion)."""
+    rows = [{"prompt": _user(p), "chosen": _assistant(c), "rejected": _assistant("9")} for p, c in ARITH[:3]]
+    tool_turns = [{"role": "assistant", "content": "call"}, {"role": "tool", "content": "7"}]
+    rows.append({"prompt": _user("1+6="), "chosen": [*tool_turns, *_assistant("7")],
+                 "rejected": [*tool_turns, *_assistant("6")]})
+    batches = []
+
+    from transformers import TrainerCallback
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            batches.append(next(iter(train_dataloader)))
+
+    run(_recipe(tmp_path, "dpo", {"train": _jsonl(tmp_path / "pref.jsonl", rows)},
+                training={"per_device_train_batch_size": 4}), quiet=True, callbacks=[Grab()])
     assert seen and all(MARK in t for t in seen)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "run"))
+    batch = batches[0]
+    scored = sorted(tok.decode(ids[mask == 1]) for ids, mask in zip(batch["input_ids"], batch["completion_mask"]))
+    want = [c + "<|im_end|>" for c in ("5", "8", "7", "9", "9", "9")] + ["call<|im_end|>7<|im_end|>",
+                                                                           "call<|im_end|>6<|im_end|>"]
+    assert scored == sorted(want)
 
 
 def test_unlearning_on_conversational_rows(tmp_path, seen):

@@ -23,6 +23,7 @@ token, for any chat template (docs/chat_sft.md).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -317,7 +318,7 @@ def mask_conversational_rows(rows, tokenizer, key: str, turns: str = "all"):
     labels from ``assistant_masks`` and truncates): ``messages`` rows (:func:`assistant_token_mask`) and
     conversational prompt/completion rows (:func:`tokenize_prompt_completion`). Columns ``input_ids`` and
     ``assistant_masks`` are added; rows with no assistant token to train on are dropped with a logged count."""
-    ids, masks, keep = [], [], []
+    ids, masks, keep, sources = [], [], [], collections.Counter()
     for i, row in enumerate(rows):
         where = f"{key}: row {i}"
         if "messages" in row:
@@ -329,12 +330,18 @@ def mask_conversational_rows(rows, tokenizer, key: str, turns: str = "all"):
             ids.append(out.input_ids)
             masks.append(out.mask)
             keep.append(i)
+            sources[out.source] += 1
     if len(keep) < len(rows):
         first = next(i for i in range(len(rows)) if i not in set(keep))
         logger.warning("%s: skipped %d of %d rows with no assistant turn to train on (first: row %d)",
                        key, len(rows) - len(keep), len(rows), first)
     if not keep:
         raise UserError(f"{key}: no row has an assistant turn to train on")
+    how = {"prefix": "rendering each conversation turn by turn", "generation markers": "the template's "
+           "{% generation %} markers (it is not prefix-consistent)"}
+    logger.info("%s: loss on %s assistant turn%s of %d rows, found by %s", key, turns, "s" if turns == "all" else "",
+                len(keep), "; ".join(f"{how[k]} ({n} rows)" if len(sources) > 1 else how[k]
+                                     for k, n in sources.items()))
     rows = rows.select(keep) if len(keep) < len(rows) else rows
     return rows.add_column("input_ids", ids).add_column("assistant_masks", masks)
 
