@@ -305,6 +305,22 @@ def assistant_token_mask(messages: list[dict], tokenizer, *, first_message: int 
     return MaskedTokens(full_ids, mask, tuple(spans), source)
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token the chat template ends an assistant turn with (Qwen's ``<|im_end|>``, Llama-3's ``<|eot_id|>``,
+    Phi-3's ``<|end|>``): the last masked token of a probe conversation, when it is a special or added token. Empty
+    without a chat template, or when the template refuses the probe."""
+    if not has_chat_template(tokenizer):
+        return []
+    try:
+        out = assistant_token_mask([{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}],
+                                   tokenizer, where="chat template")
+    except UserError:
+        return []
+    markers = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    last = out.input_ids[out.spans[-1][1] - 1] if out.spans else None
+    return [last] if last in markers else []
+
+
 def row_tools(row: dict[str, Any]) -> list | None:
     """A row's ``tools`` column (TRL's format: a list of JSON schemas, or that list as a JSON string)."""
     import json

@@ -13,11 +13,14 @@ from posttrain.rl.rewards import answers_match
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus the model's generation-config EOS ids (a chat model's end-of-turn, e.g. Qwen's
-    ``<|im_end|>``), so generation stops where the model's own chat template ends a turn."""
+    """The tokenizer's EOS, the model's generation-config EOS ids and the chat template's end-of-turn token
+    (:func:`posttrain.data.formatting.end_of_turn_ids`, e.g. Qwen's ``<|im_end|>``), so generation stops where the
+    chat template ends a turn."""
+    from posttrain.data.formatting import end_of_turn_ids
+
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in extra if isinstance(extra, list) else [extra]:
+    for i in [*(extra if isinstance(extra, list) else [extra]), *end_of_turn_ids(tokenizer)]:
         if isinstance(i, int) and i not in ids:
             ids.append(i)
     return ids
