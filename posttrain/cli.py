@@ -201,7 +201,7 @@ def _cmd_eval(args) -> int:
 
         return cli_eval(args)
     from posttrain.data.sources import load_source
-    from posttrain.eval.accuracy import greedy_accuracy
+    from posttrain.eval.accuracy import command_max_new_tokens, greedy_eval
     from posttrain.loading import load_model_or_run as load_model
     from posttrain.models import load_tokenizer
     from posttrain.recipe import DataSource
@@ -213,13 +213,18 @@ def _cmd_eval(args) -> int:
     tok = load_tokenizer(args.model, key="MODEL")
     rows = apply_chat_format(rows, command_chat_format(args.model, tok, args.chat_template, args.system_prompt))
     model = load_model(args.model, key="MODEL")
-    acc = greedy_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens or 8)
-    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc}
+    max_new = command_max_new_tokens(args.model, args.max_new_tokens)
+    greedy = greedy_eval(model, tok, rows, max_new_tokens=max_new)
+    acc = greedy.accuracy
+    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc,
+              "max_new_tokens": greedy.max_new_tokens, "cut_at_max_new_tokens": sum(greedy.cut) / max(len(rows), 1)}
+    warnings = [w for w in [greedy.warning("--data")] if w]
     if args.pass_k:  # RL-style data: pass@k from --num-samples samples per prompt (unbiased estimator)
         from posttrain.eval.sampling import pass_at_k_eval
 
         result.update(pass_at_k_eval(model, tok, rows, args.pass_k, args.num_samples, args.temperature,
-                                     max_new_tokens=args.max_new_tokens or 8, seed=args.seed))
+                                     max_new_tokens=max_new, seed=args.seed, where="--data"))
+        warnings += result["warnings"]
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'model':<10} {args.model}\n{'data':<10} {args.data} ({args.split}, n={len(rows)})\n"
@@ -230,6 +235,8 @@ def _cmd_eval(args) -> int:
         print("| k | pass@k |\n|---|---|")
         for k, v in result["pass@k"].items():
             print(f"| {k} | {100 * v:.1f}% |")
+    for warning in warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -315,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="builtin:arithmetic-rl", help="data source (default builtin:arithmetic-rl)")
     p.add_argument("--split", default="test", help="split (default test)")
     p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default 8; tofu: 48)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: the run's "
+                   "eval.max_new_tokens for a run directory, else 256 for chat prompts and 4x the longest answer, at "
+                   "least 32, for plain ones; tofu: 48); a warning when many completions reach it")
     p.add_argument("--output", help="write the result as JSON to this file")
     p.add_argument("--suite", choices=["accuracy", "tofu"], default="accuracy",
                    help="accuracy: greedy accuracy on --data; tofu: unlearning metrics on builtin:facts (forget/"

@@ -274,15 +274,23 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
                 raise UserError(f"peft.{key}: the model has no module named '{target}'{did_you_mean(target, leaves)}")
 
 
-def test_accuracy(model, tokenizer, recipe: Recipe, rows=None) -> float | None:
+def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[str] | None = None) -> float | None:
+    """Greedy accuracy on ``data.test`` (``eval.max_new_tokens`` new tokens, as every accuracy path); a warning when
+    many completions were cut at that limit is logged and added to ``warnings``."""
     if recipe.data.test is None:
         return None
     from posttrain.data.sources import load_source
-    from posttrain.eval.accuracy import greedy_accuracy
+    from posttrain.eval.accuracy import greedy_eval
 
     if rows is None:
         rows = load_source(recipe.data.test, "data.test", "test")
-    return greedy_accuracy(model, tokenizer, rows)
+    result = greedy_eval(model, tokenizer, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    warning = result.warning("data.test")
+    if warning and is_main_process():
+        logger.warning("%s", warning)
+        if warnings is not None and warning not in warnings:
+            warnings.append(warning)
+    return result.accuracy
 
 
 def build_config(recipe: Recipe, info: MethodInfo):
@@ -505,8 +513,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     tokenizer, model, ref_model = load_models(recipe, info, tokenizer)
     check_peft_against_model(recipe, model)
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
+    warnings: list[str] = []  # for summary.json and the last lines of the command
 
-    before = test_accuracy(model, tokenizer, recipe, datasets.get("data.test")) if not resume else None
+    before = test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings) if not resume else None
     if before is not None and is_main_process():
         logger.info("test accuracy before training: %.1f%%", 100 * before)
     summary["accuracy_before"] = before
@@ -549,14 +558,14 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         tokenizer.save_pretrained(str(out))
     summary["train_loss"] = train_loss
     summary["steps"] = steps
-    warnings = trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
-    if warnings:
-        summary["warnings"] = warnings
+    warnings += trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
 
-    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"))
+    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"), warnings)
     if after is not None and is_main_process():
         logger.info("test accuracy after training:  %.1f%%", 100 * after)
     summary["accuracy_after"] = after
+    if warnings:
+        summary["warnings"] = warnings
     if is_main_process():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         metrics = last_metrics(trainer.state.log_history)
