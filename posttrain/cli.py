@@ -74,6 +74,15 @@ def _command_line(args) -> str:
     return "posttrain " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+def _cmd_check(args) -> int:
+    from posttrain.preview import check_recipe
+
+    if args.show < 0:
+        raise UserError(f"--show: expected a number of rows >= 0, got {args.show}")
+    check_recipe(args.recipe, args.set, args.show)
+    return 0
+
+
 def _cmd_report(args) -> int:
     from posttrain.report import write_report
 
@@ -288,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --num-processes: ddp (default), zero2 / zero3 / zero3_offload (DeepSpeed extra), fsdp2 "
                    "(docs/distributed.md)")
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("check", help="check a recipe without training (--show N: rendered training rows)",
+                       description="Run every check of `posttrain train` that needs no model; with --show N, also "
+                       "print the first N training rows as the trainer sees them: the rendered text (chat template, "
+                       "system turn) with the tokens the loss is on marked, token counts and truncation. Loads the "
+                       "tokenizer only; writes nothing.")
+    p.add_argument("recipe", help="path to the recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, as for train; repeatable")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N training rows")
+    p.set_defaults(fn=_cmd_check)
 
     p = sub.add_parser("report", help="HTML page of a run's curves (several runs: overlaid)",
                        description="Draw one self-contained HTML page (plots embedded, opens offline) of one or more "

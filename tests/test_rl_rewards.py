@@ -140,7 +140,7 @@ def test_greedy_accuracy_uses_the_reward_rule(monkeypatch):
 
     completions = ["43 + 20 = 63", "The answer is 63.", "43+20", "63\n\nExplanation 43+20"]
     monkeypatch.setattr(accuracy, "greedy_completions", lambda *a, **k: completions)
-    acc = accuracy.greedy_accuracy(None, None, {"prompt": ["43+20="] * 4, "answer": ["63"] * 4})
+    acc = accuracy.greedy_accuracy(None, None, {"prompt": ["43+20="] * 4, "answer": ["63"] * 4}, max_new_tokens=8)
     assert acc == sum(exact_match(None, completions, answer=["63"] * 4)) / 4 == 0.5
 
 
