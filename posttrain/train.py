@@ -395,7 +395,8 @@ def mask_sft_conversations(recipe: Recipe, config, tokenizer, datasets: dict[str
                 raise UserError(f"training.assistant_only_loss: needs conversational rows ({key} holds plain text)")
             masked = conversational and (assistant_only or config.completion_only_loss is not False)
         if masked:
-            datasets[key] = mask_conversational_rows(rows, tokenizer, key, recipe.data.assistant_turns)
+            datasets[key] = mask_conversational_rows(rows, tokenizer, key, recipe.data.assistant_turns,
+                                                     config.dataset_num_proc)
     config.assistant_only_loss = False  # the masks are in the tokenised rows
 
 

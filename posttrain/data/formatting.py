@@ -163,8 +163,10 @@ class _Renderer:
 
     def __init__(self, tokenizer, messages: list[dict], tools, where: str):
         self.tokenizer, self.messages, self.tools, self.where = tokenizer, messages, tools, where
+        self.texts: dict[tuple[int, bool], str] = {}
         self.cache: dict[tuple[int, bool], tuple[str, list[int]]] = {}
         self.markers = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        self.blank: dict[int, bool] = {}
 
     def text(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
@@ -173,6 +175,21 @@ class _Renderer:
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def prefetch(self, keys: list[tuple[int, bool]]) -> None:
+        """Render ``keys`` and tokenise them in one batch (renders that fail are left to :meth:`__call__`)."""
+        todo = []
+        for key in dict.fromkeys(keys):
+            if key in self.cache:
+                continue
+            try:
+                self.texts[key] = self.text(self.messages[: key[0]], key[1])
+            except _template_errors():
+                continue
+            todo.append(key)
+        if todo:
+            ids = self.tokenizer([self.texts[k] for k in todo], add_special_tokens=False)["input_ids"]
+            self.cache.update({k: (self.texts[k], list(x)) for k, x in zip(todo, ids, strict=True)})
+
     def __call__(self, k: int, generation_prompt: bool) -> tuple[str, list[int]]:
         if (k, generation_prompt) not in self.cache:
             text = self.text(self.messages[:k], generation_prompt)
@@ -180,7 +197,9 @@ class _Renderer:
         return self.cache[k, generation_prompt]
 
     def is_blank(self, token_id: int) -> bool:
-        return self.tokenizer.decode([token_id]).strip() == ""
+        if token_id not in self.blank:
+            self.blank[token_id] = self.tokenizer.decode([token_id]).strip() == ""
+        return self.blank[token_id]
 
     def is_marker_or_blank(self, token_id: int) -> bool:
         return token_id in self.markers or self.is_blank(token_id)
@@ -197,9 +216,9 @@ def _template_errors():
 
 def _prefix_span(r: _Renderer, i: int, full_text: str, full_ids: list[int]) -> tuple[int, int]:
     """[start, end) of assistant message ``i`` in ``full_ids``: it starts where ``messages[:i]`` rendered with the
-    generation prompt ends and ends where ``messages[:i+1]`` stops agreeing with the rendering that has the next
-    message (a probe user turn after the last message), so text the template adds only at the end of a conversation
-    (Phi-3's EOS) or between turns (ChatML's newline) is not part of it."""
+    generation prompt ends and ends where ``messages[:i+1]`` stops agreeing with the whole conversation (after the
+    last message: with the conversation plus a probe user turn), so text the template adds only at the end of a
+    conversation (Phi-3's EOS) or between turns (ChatML's newline) is not part of it."""
     from trl.data_utils import common_prefix_length
 
     if i == 0:
@@ -207,15 +226,15 @@ def _prefix_span(r: _Renderer, i: int, full_text: str, full_ids: list[int]) -> t
     try:
         prefix_text, prefix_ids = r(i, True)
         turn_text, turn_ids = r(i + 1, False)
-        if i + 1 < len(r.messages):
-            next_ids, probe = r(i + 2, False)[1], False
-        else:
-            try:
-                next_ids, probe = r.ids(r.text([*r.messages, _PROBE], False)), True
-            except _template_errors():
-                next_ids, probe = None, True
     except _template_errors() as exc:
         raise _NotPrefixConsistent(i, f"cannot be rendered without the turns after it ({exc})") from None
+    if i + 1 < len(r.messages):
+        next_ids, probe = full_ids, False
+    else:
+        try:
+            next_ids, probe = r.ids(r.text([*r.messages, _PROBE], False)), True
+        except _template_errors():
+            next_ids, probe = None, True
     if not full_text.startswith(prefix_text):
         raise _NotPrefixConsistent(i, "follows a prompt that renders differently alone (with the generation prompt) "
                                       "than inside the whole conversation")
@@ -226,9 +245,9 @@ def _prefix_span(r: _Renderer, i: int, full_text: str, full_ids: list[int]) -> t
         if agree >= start and all(r.is_marker_or_blank(t) for t in turn_ids[agree:]):
             end = agree  # what follows is end-of-conversation text (special tokens, whitespace)
         elif not probe:
-            raise _NotPrefixConsistent(i, "is rendered differently once the next message follows")
+            raise _NotPrefixConsistent(i, "is rendered differently once later messages follow")
     if full_ids[:end] != turn_ids[:end]:
-        raise _NotPrefixConsistent(i, "is rendered differently once later turns follow")
+        raise _NotPrefixConsistent(i, "is rendered differently once later messages follow")
     last = end - 1
     while last >= start and r.is_blank(turn_ids[last]):
         last -= 1
@@ -286,6 +305,7 @@ def assistant_token_mask(messages: list[dict], tokenizer, *, first_message: int 
     targets = [i for i, m in enumerate(messages) if i >= first_message and m.get("role") == "assistant"]
     if turns == "last":
         targets = targets[-1:]
+    r.prefetch([key for i in targets if i > 0 for key in ((i, True), (i + 1, False))])
     try:
         spans, source = [_prefix_span(r, i, full_text, full_ids) for i in targets], "prefix"
     except _NotPrefixConsistent as exc:
@@ -329,37 +349,39 @@ def row_tools(row: dict[str, Any]) -> list | None:
     return json.loads(tools) if isinstance(tools, str) else tools
 
 
-def mask_conversational_rows(rows, tokenizer, key: str, turns: str = "all"):
+def _mask_row(row: dict[str, Any], i: int, tokenizer, key: str, turns: str) -> dict[str, Any]:
+    where = f"{key}: row {i}"
+    if "messages" in row:
+        out = assistant_token_mask(row["messages"], tokenizer, turns=turns, tools=row_tools(row), where=where)
+    else:
+        out = tokenize_prompt_completion(row["prompt"], row["completion"], tokenizer, where, turns, row_tools(row))
+    return {"input_ids": out.input_ids, "assistant_masks": out.mask, "_mask_source": out.source}
+
+
+def mask_conversational_rows(rows, tokenizer, key: str, turns: str = "all", num_proc: int | None = None):
     """SFT rows with the loss on their assistant turns, tokenised for TRL's ``SFTTrainer`` (which then builds the
     labels from ``assistant_masks`` and truncates): ``messages`` rows (:func:`assistant_token_mask`) and
     conversational prompt/completion rows (:func:`tokenize_prompt_completion`). Columns ``input_ids`` and
-    ``assistant_masks`` are added; rows with no assistant token to train on are dropped with a logged count."""
-    ids, masks, keep, sources = [], [], [], collections.Counter()
-    for i, row in enumerate(rows):
-        where = f"{key}: row {i}"
-        if "messages" in row:
-            out = assistant_token_mask(row["messages"], tokenizer, turns=turns, tools=row_tools(row), where=where)
-        else:
-            out = tokenize_prompt_completion(row["prompt"], row["completion"], tokenizer, where, turns,
-                                             row_tools(row))
-        if any(out.mask):
-            ids.append(out.input_ids)
-            masks.append(out.mask)
-            keep.append(i)
-            sources[out.source] += 1
+    ``assistant_masks`` are added; rows with no assistant token to train on are dropped with a logged count.
+    ``num_proc``: worker processes (``training.dataset_num_proc``; rendering costs grow with the square of the
+    number of turns)."""
+    rows = rows.map(_mask_row, with_indices=True, num_proc=num_proc,
+                    fn_kwargs={"tokenizer": tokenizer, "key": key, "turns": turns})
+    keep = [i for i, mask in enumerate(rows["assistant_masks"]) if any(mask)]
     if len(keep) < len(rows):
-        first = next(i for i in range(len(rows)) if i not in set(keep))
+        first = next(i for i, k in enumerate([*keep, None]) if k != i)
         logger.warning("%s: skipped %d of %d rows with no assistant turn to train on (first: row %d)",
                        key, len(rows) - len(keep), len(rows), first)
     if not keep:
         raise UserError(f"{key}: no row has an assistant turn to train on")
+    sources = collections.Counter(rows.select(keep)["_mask_source"])
     how = {"prefix": "rendering each conversation turn by turn", "generation markers": "the template's "
            "{% generation %} markers (it is not prefix-consistent)"}
     logger.info("%s: loss on %s assistant turn%s of %d rows, found by %s", key, turns, "s" if turns == "all" else "",
                 len(keep), "; ".join(f"{how[k]} ({n} rows)" if len(sources) > 1 else how[k]
                                      for k, n in sources.items()))
     rows = rows.select(keep) if len(keep) < len(rows) else rows
-    return rows.add_column("input_ids", ids).add_column("assistant_masks", masks)
+    return rows.remove_columns("_mask_source")
 
 
 # --------------------------------------------------------------------------------------------------------------------
