@@ -184,6 +184,16 @@ def test_not_prefix_consistent_falls_back_to_generation_markers(tokenizers):
         "<think>4 and 4</think>8<|im_end|>"]
 
 
+@pytest.mark.parametrize("family", SIX)
+def test_generation_stops_at_the_end_of_turn_token(tokenizers, family):
+    from posttrain.data.formatting import end_of_turn_ids
+    from posttrain.eval.accuracy import stop_token_ids
+
+    tok = tokenizers[family]
+    assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids(EOT[family])]
+    assert tok.convert_tokens_to_ids(EOT[family]) in stop_token_ids(None, tok)
+
+
 def test_conversation_without_an_assistant_turn_has_an_empty_mask(tokenizers):
     out = assistant_token_mask([U1], tokenizers["llama3"])
     assert out.input_ids and not any(out.mask) and out.spans == ()
