@@ -163,7 +163,6 @@ class _Renderer:
 
     def __init__(self, tokenizer, messages: list[dict], tools, where: str):
         self.tokenizer, self.messages, self.tools, self.where = tokenizer, messages, tools, where
-        self.texts: dict[tuple[int, bool], str] = {}
         self.cache: dict[tuple[int, bool], tuple[str, list[int]]] = {}
         self.markers = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
         self.blank: dict[int, bool] = {}
@@ -177,18 +176,16 @@ class _Renderer:
 
     def prefetch(self, keys: list[tuple[int, bool]]) -> None:
         """Render ``keys`` and tokenise them in one batch (renders that fail are left to :meth:`__call__`)."""
-        todo = []
+        texts = {}
         for key in dict.fromkeys(keys):
-            if key in self.cache:
-                continue
-            try:
-                self.texts[key] = self.text(self.messages[: key[0]], key[1])
-            except _template_errors():
-                continue
-            todo.append(key)
-        if todo:
-            ids = self.tokenizer([self.texts[k] for k in todo], add_special_tokens=False)["input_ids"]
-            self.cache.update({k: (self.texts[k], list(x)) for k, x in zip(todo, ids, strict=True)})
+            if key not in self.cache:
+                try:
+                    texts[key] = self.text(self.messages[: key[0]], key[1])
+                except _template_errors():
+                    continue
+        if texts:
+            ids = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
+            self.cache.update({k: (t, list(x)) for (k, t), x in zip(texts.items(), ids, strict=True)})
 
     def __call__(self, k: int, generation_prompt: bool) -> tuple[str, list[int]]:
         if (k, generation_prompt) not in self.cache:
@@ -205,13 +202,11 @@ class _Renderer:
         return token_id in self.markers or self.is_blank(token_id)
 
 
-_TEMPLATE_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError)
-
-
-def _template_errors():
+def _template_errors() -> tuple[type[Exception], ...]:
+    """What a chat template raises on a conversation it refuses (``raise_exception``, a missing key, ...)."""
     from jinja2 import TemplateError
 
-    return (TemplateError, *_TEMPLATE_ERRORS)
+    return (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 
 def _prefix_span(r: _Renderer, i: int, full_text: str, full_ids: list[int]) -> tuple[int, int]:
@@ -225,7 +220,7 @@ def _prefix_span(r: _Renderer, i: int, full_text: str, full_ids: list[int]) -> t
         raise _NotPrefixConsistent(i, "has no conversation before it to render with the generation prompt")
     try:
         prefix_text, prefix_ids = r(i, True)
-        turn_text, turn_ids = r(i + 1, False)
+        turn_ids = r(i + 1, False)[1]
     except _template_errors() as exc:
         raise _NotPrefixConsistent(i, f"cannot be rendered without the turns after it ({exc})") from None
     if i + 1 < len(r.messages):
@@ -288,7 +283,8 @@ def assistant_token_mask(messages: list[dict], tokenizer, *, first_message: int 
 
     Each turn is found by rendering the conversation prefix by prefix and diffing token ids, as LLaMA-Factory and
     axolotl do: assistant message ``i`` starts after ``messages[:i]`` rendered with the generation prompt, and ends
-    where ``messages[:i+1]`` and ``messages[:i+2]`` part. That needs a prefix-consistent template (rendering a
+    where ``messages[:i+1]`` parts from the whole conversation (the last message: from the conversation plus a probe
+    user turn), less the whitespace after its end-of-turn token. That needs a prefix-consistent template (rendering a
     conversation does not change how its earlier turns render); one that is not (e.g. it strips the reasoning of
     earlier turns, or moves the system prompt to the last user turn) falls back to the template's
     ``{% generation %}`` markers, and without them raises a :class:`UserError` naming the turn. A conversation with
