@@ -274,9 +274,10 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
                 raise UserError(f"peft.{key}: the model has no module named '{target}'{did_you_mean(target, leaves)}")
 
 
-def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[str] | None = None) -> float | None:
+def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[str] | None = None,
+                  when: str = "") -> float | None:
     """Greedy accuracy on ``data.test`` (``eval.max_new_tokens`` new tokens, as every accuracy path); a warning when
-    many completions were cut at that limit is logged and added to ``warnings``."""
+    many completions were cut at that limit is logged and added to ``warnings`` (``when``: "before training", ...)."""
     if recipe.data.test is None:
         return None
     from posttrain.data.sources import load_source
@@ -285,10 +286,10 @@ def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[st
     if rows is None:
         rows = load_source(recipe.data.test, "data.test", "test")
     result = greedy_eval(model, tokenizer, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size)
-    warning = result.warning("data.test")
+    warning = result.warning(f"data.test {when}".strip())
     if warning and is_main_process():
         logger.warning("%s", warning)
-        if warnings is not None and warning not in warnings:
+        if warnings is not None:
             warnings.append(warning)
     return result.accuracy
 
@@ -516,7 +517,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
     warnings: list[str] = []  # for summary.json and the last lines of the command
 
-    before = test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings) if not resume else None
+    before = (test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings, "before training")
+              if not resume else None)
     if before is not None and is_main_process():
         logger.info("test accuracy before training: %.1f%%", 100 * before)
     summary["accuracy_before"] = before
@@ -561,7 +563,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     summary["steps"] = steps
     warnings += trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
 
-    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"), warnings)
+    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"), warnings, "after training")
     if after is not None and is_main_process():
         logger.info("test accuracy after training:  %.1f%%", 100 * after)
     summary["accuracy_after"] = after

@@ -42,8 +42,9 @@ def _recipe(tmp_path, model="builtin:tiny-qwen2", test=None, **eval_block):
 def test_before_after_lines_use_eval_max_new_tokens_and_warn_when_cut(tmp_path, generate_lengths):
     summary = run(_recipe(tmp_path, max_new_tokens=5), quiet=True)
     assert generate_lengths == [5, 5]  # before and after (main: always 8)
-    warning = "data.test: 4 of 4 completions (100%) reached max_new_tokens=5 without ending"
-    assert any(w.startswith(warning) for w in summary["warnings"]), summary.get("warnings")
+    for when in ("before", "after"):
+        warning = f"data.test {when} training: 4 of 4 completions (100%) reached max_new_tokens=5 without ending"
+        assert any(w.startswith(warning) for w in summary["warnings"]), summary.get("warnings")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"] == summary["warnings"]
 
 
