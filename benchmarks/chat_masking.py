@@ -8,7 +8,7 @@ conversations and tokenizer.
 
 The tokenizer is the built-in one, whose ChatML template has generation markers, so that all three can run on it;
 posttrain's masks are computed by prefix rendering, as for a template without markers. The masks of the first two
-are compared on every row (they must be identical).
+are compared on every row (they must be identical). Methods are interleaved; the median of ``--repeats`` is reported.
 """
 
 from __future__ import annotations
@@ -53,16 +53,16 @@ def main() -> None:
         def plain():
             return [tok.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"] for m in rows]
 
-        timings = {}
+        methods = {"posttrain prefix masks": posttrain_masks, "TRL generation markers": trl_markers,
+                   "tokenise only": plain}
+        seconds: dict[str, list[float]] = {name: [] for name in methods}
         outputs = {}
-        for name, fn in (("posttrain prefix masks", posttrain_masks), ("TRL generation markers", trl_markers),
-                         ("tokenise only", plain)):
-            seconds = []
-            for _ in range(args.repeats):
+        for _ in range(args.repeats):  # interleaved, so that a shared machine's drifts hit every method alike
+            for name, fn in methods.items():
                 start = time.perf_counter()
                 outputs[name] = fn()
-                seconds.append(time.perf_counter() - start)
-            timings[name] = statistics.median(seconds)
+                seconds[name].append(time.perf_counter() - start)
+        timings = {name: statistics.median(s) for name, s in seconds.items()}
         same = outputs["posttrain prefix masks"] == [list(m) for m in outputs["TRL generation markers"]]
         tokens = sum(len(ids) for ids in outputs["tokenise only"]) / len(rows)
         row = {"turns": turns, "rows": len(rows), "mean_tokens": round(tokens, 1), "same_masks": same,
