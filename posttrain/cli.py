@@ -74,6 +74,15 @@ def _command_line(args) -> str:
     return "posttrain " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+def _cmd_check(args) -> int:
+    from posttrain.preview import check_recipe
+
+    if args.show < 0:
+        raise UserError(f"--show: expected a number of rows >= 0, got {args.show}")
+    check_recipe(args.recipe, args.set, args.show)
+    return 0
+
+
 def _cmd_report(args) -> int:
     from posttrain.report import write_report
 
@@ -201,7 +210,7 @@ def _cmd_eval(args) -> int:
 
         return cli_eval(args)
     from posttrain.data.sources import load_source
-    from posttrain.eval.accuracy import greedy_accuracy
+    from posttrain.eval.accuracy import command_max_new_tokens, greedy_eval
     from posttrain.loading import load_model_or_run as load_model
     from posttrain.models import load_tokenizer
     from posttrain.recipe import DataSource
@@ -213,13 +222,18 @@ def _cmd_eval(args) -> int:
     tok = load_tokenizer(args.model, key="MODEL")
     rows = apply_chat_format(rows, command_chat_format(args.model, tok, args.chat_template, args.system_prompt))
     model = load_model(args.model, key="MODEL")
-    acc = greedy_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens or 8)
-    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc}
+    max_new = command_max_new_tokens(args.model, args.max_new_tokens)
+    greedy = greedy_eval(model, tok, rows, max_new_tokens=max_new)
+    acc = greedy.accuracy
+    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc,
+              "max_new_tokens": greedy.max_new_tokens, "cut_at_max_new_tokens": sum(greedy.cut) / max(len(rows), 1)}
+    warnings = [w for w in [greedy.warning("--data")] if w]
     if args.pass_k:  # RL-style data: pass@k from --num-samples samples per prompt (unbiased estimator)
         from posttrain.eval.sampling import pass_at_k_eval
 
         result.update(pass_at_k_eval(model, tok, rows, args.pass_k, args.num_samples, args.temperature,
-                                     max_new_tokens=args.max_new_tokens or 8, seed=args.seed))
+                                     max_new_tokens=max_new, seed=args.seed, where="--data"))
+        warnings += result["warnings"]
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'model':<10} {args.model}\n{'data':<10} {args.data} ({args.split}, n={len(rows)})\n"
@@ -230,6 +244,8 @@ def _cmd_eval(args) -> int:
         print("| k | pass@k |\n|---|---|")
         for k, v in result["pass@k"].items():
             print(f"| {k} | {100 * v:.1f}% |")
+    for warning in warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -282,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(docs/distributed.md)")
     p.set_defaults(fn=_cmd_train)
 
+    p = sub.add_parser("check", help="check a recipe without training (--show N: rendered training rows)",
+                       description="Run every check of `posttrain train` that needs no model; with --show N, also "
+                       "print the first N training rows as the trainer sees them: the rendered text (chat template, "
+                       "system turn) with the tokens the loss is on marked, token counts and truncation. Loads the "
+                       "tokenizer only; writes nothing.")
+    p.add_argument("recipe", help="path to the recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, as for train; repeatable")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N training rows")
+    p.set_defaults(fn=_cmd_check)
+
     p = sub.add_parser("report", help="HTML page of a run's curves (several runs: overlaid)",
                        description="Draw one self-contained HTML page (plots embedded, opens offline) of one or more "
                        "runs' metrics.jsonl, with their resolved recipes and summaries as tables; the plots are also "
@@ -315,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="builtin:arithmetic-rl", help="data source (default builtin:arithmetic-rl)")
     p.add_argument("--split", default="test", help="split (default test)")
     p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default 8; tofu: 48)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: the run's "
+                   "eval.max_new_tokens for a run directory, else 256 for chat prompts and 4x the longest answer, at "
+                   "least 32, for plain ones; tofu: 48); a warning when many completions reach it")
     p.add_argument("--output", help="write the result as JSON to this file")
     p.add_argument("--suite", choices=["accuracy", "tofu"], default="accuracy",
                    help="accuracy: greedy accuracy on --data; tofu: unlearning metrics on builtin:facts (forget/"

@@ -172,6 +172,11 @@ class DataSpec(_Strict):
     system_prompt: str | None = Field(
         None, description="Put first as a system turn in every conversational (or wrapped) prompt that has none."
     )
+    assistant_turns: Literal["all", "last"] = Field(
+        "all",
+        description="Which assistant turns of a conversational row carry the loss (SFT messages rows, conversational "
+        "completions in every family): all, or the last one only. Tool results and user/system turns never do.",
+    )
 
     @field_validator("train", "eval", "test", "forget", "retain")
     @classmethod
@@ -240,8 +245,11 @@ class EvalSpec(_Strict):
                                      "[1, 4] for RL methods, [] (off) otherwise.")
     num_samples: int | None = Field(None, ge=1, le=4096, description="pass@k: samples per prompt (default: the largest k).")
     temperature: float = Field(1.0, gt=0.0, description="pass@k: sampling temperature.")
-    max_new_tokens: int | None = Field(None, ge=1, le=65536, description="Generation length; default 8 for data.test (as the "
-                                       "before/after lines) and 48 for the unlearning ROUGE.")
+    max_new_tokens: int | None = Field(None, ge=1, le=65536, description="Generation length of every data.test "
+                                       "accuracy (the before/after lines, evaluation during training, pass@k; "
+                                       "default 256 for chat prompts, else 4x the longest answer and at least 32; "
+                                       "a warning when many completions reach it) and of the unlearning ROUGE "
+                                       "(default 48).")
     unlearning: bool = Field(True, description="Unlearning methods: forget/retain probability, ROUGE, truth ratio, "
                              "model utility (and forget_quality with retain_model).")
     retain_model: str | None = Field(None, description="Unlearning: a model trained without the forget set (hub id, "

@@ -274,15 +274,24 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
                 raise UserError(f"peft.{key}: the model has no module named '{target}'{did_you_mean(target, leaves)}")
 
 
-def test_accuracy(model, tokenizer, recipe: Recipe, rows=None) -> float | None:
+def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[str] | None = None,
+                  when: str = "") -> float | None:
+    """Greedy accuracy on ``data.test`` (``eval.max_new_tokens`` new tokens, as every accuracy path); a warning when
+    many completions were cut at that limit is logged and added to ``warnings`` (``when``: "before training", ...)."""
     if recipe.data.test is None:
         return None
     from posttrain.data.sources import load_source
-    from posttrain.eval.accuracy import greedy_accuracy
+    from posttrain.eval.accuracy import greedy_eval
 
     if rows is None:
         rows = load_source(recipe.data.test, "data.test", "test")
-    return greedy_accuracy(model, tokenizer, rows)
+    result = greedy_eval(model, tokenizer, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    warning = result.warning(f"data.test {when}".strip())
+    if warning and is_main_process():
+        logger.warning("%s", warning)
+        if warnings is not None:
+            warnings.append(warning)
+    return result.accuracy
 
 
 def build_config(recipe: Recipe, info: MethodInfo):
@@ -326,7 +335,9 @@ def preflight(recipe: Recipe, *, load_data: bool = True,
             else:
                 logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
         _default_assistant_only_loss(recipe, info, config, datasets)
-    _check_chat_template_file(recipe, config)
+    from posttrain.data.formatting import template_path
+
+    template_path(recipe.data.chat_template, recipe._source_dir)  # a data.chat_template file exists
     return info, config, datasets
 
 
@@ -335,7 +346,7 @@ def describe_source(src) -> str:
 
 
 def _default_assistant_only_loss(recipe: Recipe, info: MethodInfo, config, datasets: dict[str, Any]) -> None:
-    """``messages`` rows in the SFT family: loss on the assistant turns only (TRL's ``assistant_only_loss``), unless
+    """``messages`` rows in the SFT family: loss on the assistant turns only (:func:`mask_sft_conversations`), unless
     ``training.assistant_only_loss`` says otherwise."""
     train = datasets.get("data.train")
     if info.family != "sft" or train is None or "messages" not in train.column_names:
@@ -349,8 +360,8 @@ def _default_assistant_only_loss(recipe: Recipe, info: MethodInfo, config, datas
 def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, datasets: dict[str, Any]):
     """Resolve ``data.chat_template`` / ``data.system_prompt`` against the tokenizer (logged once, and written to
     ``recipe.yaml`` as resolved: ``auto`` that does not wrap becomes ``none``), wrap the loaded data accordingly and
-    check that TRL's ``assistant_only_loss`` can find the assistant tokens. Before any model loads."""
-    from posttrain.data.formatting import apply_chat_format, has_generation_markers, resolve_chat_format
+    find the assistant tokens of conversational SFT rows (:func:`mask_sft_conversations`). Before any model loads."""
+    from posttrain.data.formatting import apply_chat_format, resolve_chat_format
 
     fmt = resolve_chat_format(recipe.data, recipe.model.path, tokenizer, recipe._source_dir)
     logger.info("%s", fmt.describe())
@@ -359,31 +370,35 @@ def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, dat
     recipe._chat_format = fmt
     for key in list(datasets):
         datasets[key] = apply_chat_format(datasets[key], fmt)
-    if getattr(config, "assistant_only_loss", False) and not has_generation_markers(tokenizer):
-        raise _no_generation_markers(f"the template of '{recipe.model.path}'")
+    if info.family == "sft":
+        mask_sft_conversations(recipe, config, tokenizer, datasets)
     return fmt
 
 
-def _no_generation_markers(whose: str) -> UserError:
-    return UserError(
-        "training.assistant_only_loss: loss on assistant tokens only (the default for messages rows) needs a chat "
-        f"template that marks assistant turns with {{% generation %}} ... {{% endgeneration %}}, and {whose} has "
-        "none; give one that does (data.chat_template: path/to/template.jinja) or set training.assistant_only_loss: "
-        "false to put the loss on every token"
-    )
+def mask_sft_conversations(recipe: Recipe, config, tokenizer, datasets: dict[str, Any]) -> None:
+    """SFT on conversational rows puts the loss on the assistant turns (``messages`` rows unless
+    ``training.assistant_only_loss: false``; conversational completions unless the method trains every token): the
+    rows are tokenised here with posttrain's masks (:func:`posttrain.data.formatting.mask_conversational_rows`, any
+    chat template), and TRL's own ``assistant_only_loss`` (which needs ``{% generation %}`` markers) is turned off."""
+    from posttrain.data.formatting import is_conversation, mask_conversational_rows
 
-
-def _check_chat_template_file(recipe: Recipe, config) -> None:
-    """``data.chat_template: FILE.jinja`` exists (and has generation markers where TRL needs them): before anything
-    is loaded or written."""
-    from posttrain.data.formatting import GENERATION_MARKER, template_path
-    from posttrain.recipe import read_text
-
-    path = template_path(recipe.data.chat_template, recipe._source_dir)
-    if path is not None and getattr(config, "assistant_only_loss", False) and not GENERATION_MARKER.search(
-        read_text(path)
-    ):
-        raise _no_generation_markers(f"'{path}'")
+    assistant_only = bool(getattr(config, "assistant_only_loss", False))
+    for key in ("data.train", "data.eval"):
+        rows = datasets.get(key)
+        if rows is None or len(rows) == 0 or "input_ids" in rows.column_names:
+            continue
+        first = rows[0]
+        if "messages" in first:
+            masked = assistant_only
+        else:
+            conversational = any(is_conversation(first.get(col)) for col in ("prompt", "completion"))
+            if assistant_only and not conversational:
+                raise UserError(f"training.assistant_only_loss: needs conversational rows ({key} holds plain text)")
+            masked = conversational and (assistant_only or config.completion_only_loss is not False)
+        if masked:
+            datasets[key] = mask_conversational_rows(rows, tokenizer, key, recipe.data.assistant_turns,
+                                                     config.dataset_num_proc)
+    config.assistant_only_loss = False  # the masks are in the tokenised rows
 
 
 def _retain_used(recipe: Recipe, info: MethodInfo) -> bool:
@@ -500,8 +515,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     tokenizer, model, ref_model = load_models(recipe, info, tokenizer)
     check_peft_against_model(recipe, model)
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
+    warnings: list[str] = []  # for summary.json and the last lines of the command
 
-    before = test_accuracy(model, tokenizer, recipe, datasets.get("data.test")) if not resume else None
+    before = (test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings, "before training")
+              if not resume else None)
     if before is not None and is_main_process():
         logger.info("test accuracy before training: %.1f%%", 100 * before)
     summary["accuracy_before"] = before
@@ -544,14 +561,14 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         tokenizer.save_pretrained(str(out))
     summary["train_loss"] = train_loss
     summary["steps"] = steps
-    warnings = trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
-    if warnings:
-        summary["warnings"] = warnings
+    warnings += trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
 
-    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"))
+    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"), warnings, "after training")
     if after is not None and is_main_process():
         logger.info("test accuracy after training:  %.1f%%", 100 * after)
     summary["accuracy_after"] = after
+    if warnings:
+        summary["warnings"] = warnings
     if is_main_process():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         metrics = last_metrics(trainer.state.log_history)

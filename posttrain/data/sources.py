@@ -47,6 +47,14 @@ register_task("arithmetic-pref", "correct vs plausible wrong answer: {prompt, ch
 )
 
 
+@register_task("arithmetic-chat", "the a+b= problems as multi-turn conversations (options.turns exchanges per row) "
+               "for chat SFT: {messages}")
+def _arithmetic_chat(split: str, **options):
+    from posttrain.data.arithmetic import arithmetic_chat_rows
+
+    return arithmetic_chat_rows(split, **options)
+
+
 def _arithmetic_tool(fmt):
     def build(split: str, **options):
         from posttrain.data.arithmetic import arithmetic_tool_rows

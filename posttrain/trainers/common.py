@@ -334,7 +334,7 @@ class CountedSFTTruncationMixin:
         from datasets import Dataset
 
         max_length = args.max_length
-        if max_length is None or packing or not isinstance(dataset, Dataset) or "input_ids" in dataset.column_names:
+        if max_length is None or packing or not isinstance(dataset, Dataset) or "labels" in dataset.column_names:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         with _NoMaxLength(args):
             ds = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)

@@ -46,6 +46,7 @@ from posttrain.losses.preference import (
     wpo_pair_weights,
     wpo_sequence_weights,
 )
+from posttrain.errors import UserError
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
 from posttrain.registry import Registry
@@ -78,8 +79,6 @@ def _peft_model(model):
 def _decoder_layers(backbone):
     layers = getattr(backbone, "layers", None)
     if layers is None:
-        from posttrain.errors import UserError
-
         raise UserError(
             "method.mask: reference (MaPO) hooks Llama/Qwen2-style decoder layers (backbone.layers[i].mlp.down_proj, "
             f"self_attn.q/k/v/o_proj); {type(backbone).__name__} has none. Use mask: learned."
@@ -87,7 +86,94 @@ def _decoder_layers(backbone):
     return layers
 
 
-class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixin, DPOTrainer):
+TURN_MASK_COLUMNS = ("chosen_mask", "rejected_mask")
+
+
+@contextlib.contextmanager
+def _collator_class(cls):
+    """While ``DPOTrainer.__init__`` runs, it builds its default collator from ``cls`` (which then also serves the
+    optional precomputation of reference log-probs there)."""
+    original = _trl_dpo.DataCollatorForPreference
+    _trl_dpo.DataCollatorForPreference = cls
+    try:
+        yield
+    finally:
+        _trl_dpo.DataCollatorForPreference = original
+
+
+class TurnMaskedPreferenceCollator(_trl_dpo.DataCollatorForPreference):
+    """TRL's preference collator, with the completion mask narrowed to the scored tokens of conversational pairs
+    (``chosen_mask`` / ``rejected_mask``: a tool result inside a multi-message completion is not scored). Rows without
+    those columns collate exactly as in TRL."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        if TURN_MASK_COLUMNS[0] not in examples[0]:
+            return batch
+        masks = [[0] * len(e["prompt_ids"]) + list(e[col]) for col in TURN_MASK_COLUMNS for e in examples]
+        if self.max_length is not None:  # the collator's own truncation of the sequences
+            sl = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            masks = [m[sl] for m in masks]
+        width = batch["completion_mask"].shape[1]
+        turns = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=batch["completion_mask"].dtype)
+        batch["completion_mask"] = batch["completion_mask"] * turns
+        return batch
+
+
+class ConversationalPairsMixin:
+    """``DPOTrainer._prepare_dataset`` for conversational pairs: the prompt, chosen and rejected token ids and the
+    scored tokens come from :func:`posttrain.data.formatting.tokenize_prompt_completion` (the completion's assistant
+    turns and each one's end-of-turn token, for any chat template) instead of TRL's "everything after the prompt".
+    Plain-text pairs go to TRL unchanged. Pairs with no assistant turn to score are dropped with a logged count."""
+
+    assistant_turns = "all"
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        from datasets import Dataset
+
+        from posttrain.data.formatting import is_conversation, row_tools, tokenize_prompt_completion
+
+        columns = getattr(dataset, "column_names", None) or []
+        if not isinstance(dataset, Dataset) or len(dataset) == 0 or "prompt_ids" in columns or not any(
+            is_conversation(dataset[0].get(col)) for col in ("prompt", "chosen", "rejected")
+        ):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if "prompt" not in columns:  # an implicit prompt: the turns chosen and rejected share
+            from trl.data_utils import extract_prompt
+
+            dataset = dataset.map(extract_prompt)
+        key = f"data.{dataset_name}"
+        out: dict[str, list] = {c: [] for c in ("prompt_ids", "chosen_ids", "rejected_ids", *TURN_MASK_COLUMNS)}
+        keep = []
+        for i, row in enumerate(dataset):
+            where, tools = f"{key}: row {i}", row_tools(row)
+            chosen, rejected = (tokenize_prompt_completion(row["prompt"], row[side], processing_class, where,
+                                                           self.assistant_turns, tools)
+                                for side in ("chosen", "rejected"))
+            if not chosen.spans or not rejected.spans:
+                continue
+            start = min(chosen.spans[0][0], rejected.spans[0][0])
+            if chosen.input_ids[:start] != rejected.input_ids[:start]:
+                raise UserError(f"{where}: the chat template renders the prompt differently before chosen and "
+                                "rejected")
+            out["prompt_ids"].append(chosen.input_ids[:start])
+            for side, tokens in (("chosen", chosen), ("rejected", rejected)):
+                out[f"{side}_ids"].append(tokens.input_ids[start:])
+                out[f"{side}_mask"].append(tokens.mask[start:])
+            keep.append(i)
+        if len(keep) < len(dataset):
+            logger.warning("%s: skipped %d of %d pairs with no assistant turn to score", key, len(dataset) - len(keep),
+                           len(dataset))
+        if not keep:
+            raise UserError(f"{key}: no pair has an assistant turn to score")
+        dataset = dataset.select(keep) if len(keep) < len(dataset) else dataset
+        for column, values in out.items():
+            dataset = dataset.add_column(column, values)
+        return dataset
+
+
+class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixin, ConversationalPairsMixin,
+                                 DPOTrainer):
     """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on top of ``trl.DPOTrainer``.
 
     Args:
@@ -96,15 +182,18 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
             ``use_weighting`` of the ``DPOConfig`` must agree with them (``build_preference_trainer`` sets them).
     """
 
-    def __init__(self, *args, method: str, params, **kwargs):
+    def __init__(self, *args, method: str, params, assistant_turns: str = "all", **kwargs):
         self.method = method
         self.params = params
+        self.assistant_turns = assistant_turns
         self.mask_net: torch.nn.ModuleDict | None = None
         self.objective = PREFERENCE_LOSSES[method]
         reference_free = get_method(method).reference == "none"
-        # A reference-free method needs no reference: stop DPOTrainer from loading a second copy of the policy.
-        patch = trl_reference_factory(_trl_dpo, None) if reference_free else contextlib.nullcontext()
-        with patch:
+        with contextlib.ExitStack() as patches:
+            # A reference-free method needs no reference: stop DPOTrainer from loading a second copy of the policy.
+            if reference_free:
+                patches.enter_context(trl_reference_factory(_trl_dpo, None))
+            patches.enter_context(_collator_class(TurnMaskedPreferenceCollator))
             super().__init__(*args, **kwargs)
         if reference_free:
             self.ref_model = None
@@ -130,6 +219,12 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
                 for param in self.mask_net.parameters():
                     param.register_hook(_mean_over_ranks)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        missing = [c for c in TURN_MASK_COLUMNS if c not in self._signature_columns]
+        if missing:
+            self._signature_columns = [*self._signature_columns, *missing]
 
     # ---------------------------------------------------------------------------------------------------------------
     # Learned SparsePO mask: optimised jointly, saved next to the policy
@@ -509,7 +604,6 @@ def preference_config(recipe, info):
     """The ``DPOConfig`` of a preference-family recipe (built before any model loads)."""
     from trl import DPOConfig
 
-    from posttrain.errors import UserError
     from posttrain.trainers.common import training_config
 
     params, name = recipe.params, info.name
@@ -557,6 +651,7 @@ def build_preference_trainer(ctx):
         callbacks=ctx.callbacks,
         method=name,
         params=params,
+        assistant_turns=recipe.data.assistant_turns,
     )
     try:  # LoRA variants (peft.type: plora/goat/ggpo) wrap the trainer class
         from posttrain.adapters.trainer import make_trainer

@@ -58,24 +58,23 @@ class UnlearningConfig(TrainingArguments):
 
 
 def tokenize_rows(rows, tokenizer, max_length: int, key: str = "data") -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per ``{prompt, completion}`` row: prompt + completion + EOS (conversational rows: through
-    the chat template, :func:`posttrain.data.formatting.render_prompt_completion`), prompt labels ``-100``,
-    truncated to ``max_length``. Truncated rows are counted in the log; rows whose completion is truncated away
-    entirely (the prompt alone fills ``max_length``: nothing to score) are dropped and counted."""
-    from posttrain.data.formatting import render_prompt_completion
+    """``(input_ids, labels)`` per ``{prompt, completion}`` row: prompt + completion + EOS, or a conversational row
+    through the chat template with the labels on the completion's assistant turns and their end-of-turn token
+    (:func:`posttrain.data.formatting.tokenize_prompt_completion`); other labels ``-100``, truncated to
+    ``max_length``. Truncated rows are counted in the log; rows whose completion is truncated away entirely (the
+    prompt alone fills ``max_length``: nothing to score) are dropped and counted."""
+    from posttrain.data.formatting import tokenize_prompt_completion
 
     prompts, completions = list(rows["prompt"]), list(rows["completion"])
     out, truncated, dropped = [], [], []
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        prompt, completion = render_prompt_completion(prompt, completion, tokenizer, key)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        ids = (p + c)[:max_length]
-        labels = ([-100] * len(p) + c)[:max_length]
+        row = tokenize_prompt_completion(prompt, completion, tokenizer, f"{key}: row {i}")
+        ids = row.input_ids[:max_length]
+        labels = row.labels()[:max_length]
         if all(label == -100 for label in labels):
             dropped.append(i)
             continue
-        if len(p) + len(c) > max_length:
+        if len(row.input_ids) > max_length:
             truncated.append(i)
         out.append((ids, labels))
     if truncated:
