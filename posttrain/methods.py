@@ -39,6 +39,11 @@ class MethodParams(BaseModel):
         """A trainable SparsePO mask network is trained and saved next to the policy."""
         return False
 
+    @property
+    def scores_prompt_tokens(self) -> bool:
+        """The policy forward also scores the prompt tokens (ORPO's SFT term on prompt + response; preference family)."""
+        return False
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # SFT family
@@ -92,7 +97,7 @@ class PoFTParams(SFTParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Preference family (docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md)
+# Preference family (docs/methods/dpo.md, wpo.md, sparsepo.md, asft_aligned.md, simpo.md, orpo.md)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -170,6 +175,32 @@ class ASFTAlignedParams(MethodParams):
     asft_lambda: float = Field(1.0, ge=0.0, description="Weight lam of the absolute-likelihood alignment term.")
     sft_coef: float = Field(1.0, ge=0.0, description="Weight c_sft of the chosen per-sequence mean NLL.")
     prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp.")
+
+
+class SimPOParams(MethodParams):
+    """SimPO: -logsig(beta * (lbar_w - lbar_l - gamma_beta_ratio)) on length-normalised log-probs, no reference model."""
+
+    beta: float = Field(2.0, gt=0.0, description="Scale beta of the length-normalised implicit reward (SimPO code default).")
+    gamma_beta_ratio: float = Field(
+        0.25, ge=0.0, description="Target reward margin gamma divided by beta (SimPO code default; TRL's "
+        "simpo_gamma = beta * gamma_beta_ratio).")
+    sft_coef: float = Field(
+        0.0, ge=0.0, description="Weight of the chosen responses' token-mean NLL (SimPO's sft_weight; TRL's cpo_alpha, "
+        "whose default there is 1).")
+
+
+class ORPOParams(MethodParams):
+    """ORPO: the chosen NLL plus beta * -logsig(log odds ratio of the length-normalised likelihoods), no reference."""
+
+    beta: float = Field(0.1, gt=0.0, description="Weight lambda of the odds-ratio term (TRL's beta).")
+    nll_on_prompt: bool = Field(
+        True, description="The SFT term also scores the prompt tokens (the ORPO code's and TRL's default); false: the "
+        "chosen response only (the ORPO code's --disable_prompt_loss).")
+    prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp in the log-odds.")
+
+    @property
+    def scores_prompt_tokens(self) -> bool:
+        return self.nll_on_prompt
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -597,6 +628,30 @@ register(
 )
 
 
+register(
+    MethodInfo(
+        name="simpo",
+        doc="docs/methods/simpo.md",
+        family="preference",
+        summary="SimPO: length-normalised log-likelihood margin with a target margin, no reference model.",
+        paper="Meng et al., SimPO: Simple Preference Optimization with a Reference-Free Reward (arXiv 2405.14734)",
+        recipe="recipes/simpo.yaml",
+        params=SimPOParams,
+    )
+)
+register(
+    MethodInfo(
+        name="orpo",
+        doc="docs/methods/orpo.md",
+        family="preference",
+        summary="ORPO: SFT plus an odds-ratio preference term in one stage, no reference model.",
+        paper="Hong et al., ORPO: Monolithic Preference Optimization without Reference Model (arXiv 2403.07691)",
+        recipe="recipes/orpo.yaml",
+        params=ORPOParams,
+    )
+)
+
+
 _NPO_PAPER = (
     "Zhang et al., Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning "
     "(arXiv 2404.05868)"
@@ -689,6 +744,11 @@ register(
         reference="optional",
     )
 )
+
+
+def methods_with_key(key: str) -> list[str]:
+    """The methods whose hyperparameters include ``key`` (a key given to another method is refused naming them)."""
+    return [name for name, info in METHODS.items() if key in info.params.model_fields]
 
 
 def get_method(name: str) -> MethodInfo:
