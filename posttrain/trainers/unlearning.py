@@ -253,11 +253,11 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                             f"{len(layers)}: 0..{len(layers) - 1})")
         patterns = p.trainable_patterns()
         named = list(self.model.named_parameters())
-        where = "method.trainable_params" + ("" if p.trainable_params is not None else " (default: the paper's)")
+        which = "" if p.trainable_params is not None else "the paper's default "
         for pattern in patterns:
             if not any(re.fullmatch(pattern, name) for name, _ in named):
-                raise UserError(f"{where}: {pattern!r} matches no parameter of the model (names look like "
-                                f"{named[-1][0]!r})")
+                raise UserError(f"method.trainable_params: {which}{pattern!r} matches no parameter of the model (names "
+                                f"look like {named[-1][0]!r})")
         moving = 0
         for name, param in named:
             selected = any(re.fullmatch(pattern, name) for pattern in patterns)
