@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from posttrain.errors import UserError, did_you_mean
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
-from posttrain.methods import MethodParams, get_method
+from posttrain.methods import MethodParams, get_method, methods_with_key
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -447,6 +447,11 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
     try:
         recipe._params = info.params.model_validate(recipe.method.params)
     except ValidationError as exc:
+        err = exc.errors()[0]
+        owners = methods_with_key(str(err["loc"][-1])) if err["type"] == "extra_forbidden" and err["loc"] else []
+        if owners:  # another method's key: say whose
+            raise UserError(f"method.{err['loc'][-1]}: not a key of method '{info.name}'; only used by method "
+                            f"{' or '.join(owners)}") from None
         raise validation_error_to_user_error(exc, info.params, prefix="method") from None
     _check_family_data(recipe, info.family, info.name)
     from posttrain.training_args import check_training

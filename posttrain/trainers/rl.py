@@ -21,7 +21,8 @@ rollout function to TRL; ``check_rl_recipe`` imports and checks them before any 
 ``training.use_vllm``, TRL gets the vLLM generation class the training device needs (on CPU, a weight sync that
 survives vLLM's repacked kernels: :mod:`posttrain.rl.vllm_sync`).
 
-Method pages: docs/methods/grpo.md, grpo_advantages.md, grpo_aggregation.md, grpo_clipping.md.
+Method pages: docs/methods/grpo.md, grpo_advantages.md, grpo_aggregation.md, grpo_clipping.md, rloo.md,
+reinforce_pp.md, gspo.md, cispo.md.
 """
 
 from __future__ import annotations
@@ -186,7 +187,11 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             out = compute_advantages("grpo", rewards, num_generations, scale_rewards="none")._replace(advantages=adv)
         else:
             strata = stratum_ids(stash["strata"], device=rewards.device) if estimator.needs_strata else None
-            out = estimator.fn(torch.as_tensor(rewards), num_generations, **estimator.options(p, strata))
+            options = estimator.options(p, strata)
+            if estimator.meta.get("needs_lengths", False):  # completion tokens per row (REINFORCE++'s token whitening)
+                tokens = output["completion_mask"] * output.get("tool_mask", 1)
+                options["lengths"] = self.accelerator.gather(tokens.sum(-1).float()).to(rewards.device)
+            out = estimator.fn(torch.as_tensor(rewards), num_generations, **options)
         correct = rewards == p.correct_reward
 
         local = output["completion_mask"].size(0)
@@ -338,8 +343,9 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         advantages = inputs["advantages"]
 
         rule = CLIPPINGS[p.clipping]
-        options: dict[str, Any] = {"epsilon": p.epsilon, "epsilon_high": p.epsilon_high, "dual_clip_c": p.dual_clip_c}
-        options.update(rule.options(p))
+        options: dict[str, Any] = rule.options(p)
+        if rule.meta.get("sequence_level", False):  # GSPO: the ratio is a mean over each row's loss tokens
+            options["mask"] = mask
         clip = rule.fn(logps, old, advantages, **options)
         per_token = clip.per_token_loss
         if self.use_vllm and self.vllm_importance_sampling_correction:
@@ -516,10 +522,10 @@ _METHOD_OWNED = {
     "entropy_coef": "method.entropy_coef",
     "delta": "method.dual_clip_c",
     "use_bias_correction_kl": "method.use_bias_correction_kl",
+    "importance_sampling_level": "method.clipping: gspo (sequence-level ratio and clipping)",
 }
 # TRL features whose loss-side code this trainer does not reproduce
 _UNSUPPORTED = {
-    "importance_sampling_level": "token",
     "off_policy_mask_threshold": None,
     "top_entropy_quantile": 1.0,
     "use_adaptive_entropy": False,
