@@ -21,6 +21,7 @@ EPILOG = "Recipes: see recipes/*.yaml. Docs: README.md."
 
 
 def _cmd_train(args) -> int:
+    num_processes = launch.check_launch_flags(args.num_processes, args.distributed)  # before anything starts
     from posttrain.recipe import load_recipe
     from posttrain.train import run
 
@@ -41,15 +42,15 @@ def _cmd_train(args) -> int:
                         print(f"  test accuracy {label}{100 * s[key]:.1f}%")
         return 0
     recipe = load_recipe(args.recipe, overrides)
-    if args.num_processes > 1 and not launch.already_distributed():
+    if num_processes > 1 and not launch.already_distributed():
         from posttrain.train import prepare_output_dir, preflight
 
         # bad input: one error line here, before any process starts (the TRL config is checked by the launched
         # processes: its batch checks depend on their number)
-        preflight(recipe, build_trainer_config=False)
+        preflight(recipe, build_trainer_config=False, num_processes=num_processes)
         if not (args.resume or args.overwrite):
-            prepare_output_dir(Path(recipe.output_dir).expanduser(), resume=False, overwrite=False)
-        return launch.run_launch(args.num_processes, args.distributed, args.argv[args.argv.index("train") + 1:])
+            prepare_output_dir(Path(recipe.output_dir), resume=False, overwrite=False)
+        return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
         print(f"already finished: {summary['output_dir']} holds a complete run ({summary.get('steps')} steps); "
@@ -257,8 +258,15 @@ def _cmd_poft_score(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``error:`` line (exit code 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="posttrain",
         description="Post-train LLMs from one recipe YAML: SFT variants, preference optimisation, RLVR, unlearning.",
         epilog=EPILOG,
@@ -275,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in output_dir (without "
                    "it, a folder holding another run is refused)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
-    p.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="train on N processes: starts `accelerate launch` itself (default 1: this process)")
-    p.add_argument("--distributed", default="ddp", choices=list(launch.BACKENDS),
-                   help="with --num-processes: ddp (default), zero2 / zero3 / zero3_offload (DeepSpeed extra), fsdp2 "
-                   "(docs/distributed.md)")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="train on N processes: starts `accelerate launch` itself (default: this one process)")
+    p.add_argument("--distributed", default=None, metavar="BACKEND",
+                   help=f"with --num-processes N >= 2: {' | '.join(launch.BACKENDS)} (default ddp; the DeepSpeed "
+                   "backends need the deepspeed extra; docs/distributed.md)")
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("report", help="HTML page of a run's curves (several runs: overlaid)",

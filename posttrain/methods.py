@@ -288,12 +288,39 @@ class RewardSpec(BaseModel):
                 f"unknown built-in reward '{self.name}'{did_you_mean(self.name, BUILTIN_REWARDS)}; "
                 f"built-ins: {sorted(BUILTIN_REWARDS)}"
             )
+        if self.name is not None:
+            _check_reward_options(self.name, BUILTIN_REWARDS[self.name][0], self.options)
         if self.function is not None:
             split_function_path(self.function)  # ValueError: not module:function or file.py:function
         if self.model is not None and self.options:
             raise ValueError("options: not used with a reward model (model:)")
         _check_finite(self.options, "options")
         return self
+
+
+def _check_reward_options(name: str, factory, options: dict) -> None:
+    """A built-in reward's ``options`` are keyword arguments of its factory, each of the annotated type (strict:
+    ``'yes'`` is not a boolean)."""
+    import inspect
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from posttrain.errors import did_you_mean
+
+    params = inspect.signature(factory).parameters
+    hints = typing.get_type_hints(factory)
+    for key, value in options.items():
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise ValueError(f"options.{key}: not an option of reward '{name}'{did_you_mean(str(key), params)} "
+                             f"(options: {known})")
+        annotation = hints.get(key, typing.Any)
+        try:
+            TypeAdapter(annotation).validate_python(value, strict=True)
+        except ValidationError:
+            raise ValueError(f"options.{key}: reward '{name}' expects {getattr(annotation, '__name__', annotation)}, "
+                             f"got {value!r}") from None
 
 
 def _check_finite(node, where: str) -> None:
@@ -461,6 +488,15 @@ class GRPOParams(MethodParams):
             self.sft_coef = defaults.get("sft_coef", 0.0)
         if self.entropy_coef is None:
             self.entropy_coef = defaults.get("entropy_coef", 0.0)
+        if self.loss != "pacs":  # each selected part checks the settings it reads (cross-key checks)
+            for part, registry in _GRPO_PARTS:
+                chosen = registry[getattr(self, part)]
+                problem = chosen.check(self) if "check" in chosen.meta else None
+                if problem:
+                    raise UserError(problem)
+        if not any(spec.weight != 0 for spec in self.rewards):
+            raise UserError("method.rewards: every weight is 0, so the combined reward is always 0 and there is "
+                            "nothing to learn; give at least one reward a non-zero weight")
         return self
 
 

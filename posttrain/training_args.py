@@ -284,12 +284,20 @@ def check_training(training: dict[str, Any], family: str) -> dict[str, Any]:
 
 
 def check_training_context(training: dict[str, Any], has_eval: bool, on_gpu: bool | None = None) -> None:
-    """Checks that need the rest of the recipe or the machine: evaluation without ``data.eval``, fp16/bf16 on CPU."""
+    """Checks that need the rest of the recipe or the machine: evaluation without ``data.eval``, options that need
+    another option (``load_best_model_at_end`` needs evaluation and saving), fp16/bf16 on CPU."""
     strategy = training.get("eval_strategy", "no")
     if strategy not in ("no", None) and not has_eval:
         raise UserError(f"training.eval_strategy: '{strategy}' needs an eval set; set data.eval or remove the key")
     if training.get("do_eval") and not has_eval:
         raise UserError("training.do_eval: needs an eval set; set data.eval or remove the key")
+    if training.get("load_best_model_at_end"):
+        if not has_eval:
+            raise UserError("training.load_best_model_at_end: picks the checkpoint with the best eval loss, so it needs "
+                            "an eval set (data.eval); set it or remove the key")
+        if training.get("save_strategy", "steps") in ("no", None):
+            raise UserError("training.load_best_model_at_end: needs checkpoints to choose from, but "
+                            "training.save_strategy is 'no'")
     if on_gpu is None:
         import torch
 
@@ -301,3 +309,55 @@ def check_training_context(training: dict[str, Any], has_eval: bool, on_gpu: boo
                                 "runs in float32: remove the key)")
     elif training.get("fp16") and training.get("bf16"):
         raise UserError("training.fp16: set at most one of fp16 and bf16")
+
+
+def _setting(training: dict[str, Any], family: str, key: str) -> Any:
+    """``training[key]``, else the family config class's default."""
+    if key in training:
+        return training[key]
+    field = {f.name: f for f in dataclasses.fields(config_class(family))}.get(key)
+    if field is None:
+        return None
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def check_batch_fits_data(training: dict[str, Any], family: str, key: str, rows: int, num_processes: int = 1) -> None:
+    """``gradient_accumulation_steps`` at most the micro-batches of one epoch of ``key`` (``rows`` rows; an RL row
+    yields ``num_generations`` completions): more would make every optimizer step the whole epoch, silently."""
+    accumulation = _setting(training, family, "gradient_accumulation_steps") or 1
+    if accumulation <= 1:
+        return
+    batch = _setting(training, family, "per_device_train_batch_size") or 1
+    per_row = (_setting(training, family, "num_generations") or 1) if family == "rl" else 1
+    micro_batches = math.ceil(rows * per_row / (batch * max(1, num_processes)))
+    if accumulation > micro_batches:
+        unit = f" x {per_row} completions" if per_row > 1 else ""
+        procs = f" x {num_processes} processes" if num_processes > 1 else ""
+        raise UserError(
+            f"training.gradient_accumulation_steps: {accumulation} micro-batches per optimizer step, but one epoch of "
+            f"{key} ({rows} rows{unit}) is {micro_batches} micro-batch{'es' if micro_batches != 1 else ''} of "
+            f"per_device_train_batch_size {batch}{procs}: every optimizer step would be the whole epoch; use at most "
+            f"{micro_batches} (or more data)")
+
+
+SHORT_RUN_STEPS = 10  # below this many optimizer steps a run is a smoke test (docs/observability.md "Short runs")
+
+
+def schedule_warnings(training: dict[str, Any], config: Any = None) -> list[str]:
+    """Warnings for a learning-rate schedule that the run length makes meaningless: warm-up as long as the run (the
+    learning rate never reaches ``learning_rate``), or a run so short that it only shows the first steps' transient
+    (the model usually gets worse before it gets better: measured in docs/observability.md "Short runs")."""
+    def get(key: str, default: Any) -> Any:
+        return getattr(config, key, default) if config is not None else training.get(key, default)
+
+    max_steps = get("max_steps", -1)
+    warmup = get("warmup_steps", 0) or 0
+    out = []
+    if max_steps > 0 and warmup >= 1 and warmup >= max_steps:
+        out.append(f"training.warmup_steps: {_fmt(warmup)} >= max_steps {max_steps}: the learning rate never reaches "
+                   "training.learning_rate; lower warmup_steps (or give it as a fraction of the run, < 1)")
+    if 0 < max_steps < SHORT_RUN_STEPS:
+        out.append(f"training.max_steps: {max_steps} optimizer steps is a smoke test: the first steps at the recipe's "
+                   "learning rate usually move the model away before it improves, so its accuracy after them says "
+                   "nothing about the method (docs/observability.md \"Short runs\")")
+    return out

@@ -228,14 +228,25 @@ def clip_metrics(out: ClipOutput, mask: torch.Tensor) -> dict[str, float]:
 # registry: one entry per ``method.clipping`` value. ``meta``: ``options(params)`` -- the rule's own keyword options
 # from the recipe's method params; ``keys`` -- method keys only this rule reads; ``defaults`` -- method defaults it
 # changes (GPPO: Klear-Reasoner's eps_h 0.28 and its SFT term 0.1, docs/methods/grpo_clipping.md#hyperparameters);
-# ``gradient_preserved`` -- it reports ``clip_ratio/gradient_preserved_mean``.
+# ``gradient_preserved`` -- it reports ``clip_ratio/gradient_preserved_mean``; ``check(params)`` -- the error message
+# for settings the rule cannot mean, or None.
+
+
+def check_clip_range(p) -> str | None:
+    """The clip range ``[1 - epsilon, 1 + epsilon_high]``: clip-higher (DAPO, arXiv 2503.14476) widens the upper side;
+    an upper range narrower than the lower one is refused as swapped values."""
+    if p.epsilon_high is not None and p.epsilon_high < p.epsilon:
+        return (f"method.epsilon_high: {p.epsilon_high:g} is below method.epsilon {p.epsilon:g}: the upper clip range "
+                "would be narrower than the lower one (clip-higher widens it; swapped values?)")
+    return None
+
 
 CLIPPINGS: Registry = Registry("clipping rule")
 CLIPPINGS.add("ppo", ppo_clip, doc="docs/methods/grpo_clipping.md#ppo-clip-higher", keys=(), defaults={},
-              gradient_preserved=False, options=lambda p: {})
+              gradient_preserved=False, options=lambda p: {}, check=check_clip_range)
 CLIPPINGS.add("gppo", gppo_clip, doc="docs/methods/grpo_clipping.md#gppo",
               keys=("gppo_beta1", "gppo_beta2", "gppo_only_high"), defaults={"epsilon_high": 0.28, "sft_coef": 0.1},
-              gradient_preserved=True,
+              gradient_preserved=True, check=check_clip_range,
               options=lambda p: {"beta1": p.gppo_beta1, "beta2": p.gppo_beta2, "only_high": p.gppo_only_high})
 
 POLICY_OBJECTIVES = CLIPPINGS.names()
