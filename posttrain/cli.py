@@ -83,29 +83,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _page_summary(page: str) -> str | None:
-    """The first paragraph after the title of a docs/methods page (None when the docs are not installed)."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / page.split("#", 1)[0]
-    if not path.is_file():
-        return None
-    paragraphs = [p for p in path.read_text().split("\n\n") if p.strip() and not p.lstrip().startswith("#")]
-    return " ".join(paragraphs[0].split()) if paragraphs else None
-
-
 def _method_detail(name: str) -> int:
-    """``posttrain methods NAME``: a method (or a GRPO part / adapter variant) with its page's summary and keys."""
+    """``posttrain methods NAME``: a method, or any part or option a recipe selects (posttrain.catalogue), with its
+    page's summary and, for a method, its keys and defaults."""
     import textwrap
 
-    from posttrain.errors import UserError, did_you_mean
+    from posttrain.catalogue import find, format_default, page_summary, page_title, parts
+    from posttrain.errors import did_you_mean
     from posttrain.methods import METHODS
 
-    wrap = textwrap.TextWrapper(width=100, subsequent_indent="  ")
+    wrap = textwrap.TextWrapper(width=100, subsequent_indent="    ")
     if name in METHODS:
         m = METHODS[name]
         print(f"{m.name} [{m.family}]: {m.summary}")
-        summary = _page_summary(m.doc) if m.doc else None
+        summary = page_summary(m.doc) if m.doc else None
         if summary:
             print()
             print(textwrap.fill(summary, width=100))
@@ -113,38 +104,40 @@ def _method_detail(name: str) -> int:
         print("keys (method.*), with their defaults:")
         for key, field in m.params.model_fields.items():
             default = field.default_factory() if field.default_factory is not None else field.default
-            line = f"  {key} = {default!r}" + (f"  -- {field.description}" if field.description else "")
-            print(wrap.fill(line))
+            print(wrap.fill(f"  {key}: {format_default(default)}" + (f"  -- {field.description}"
+                                                                     if field.description else "")))
         print()
         print(f"paper:  {m.paper}")
         print(f"recipe: {m.recipe}")
         print(f"page:   {m.doc or '(none)'}")
         return 0
-    from posttrain.adapters.spec import ADAPTER_VARIANTS
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
-
-    parts = (("method.advantage", ADVANTAGES), ("method.aggregation", AGGREGATIONS), ("method.clipping", CLIPPINGS),
-             ("peft.type", ADAPTER_VARIANTS))
-    for key, registry in parts:
-        if name in registry:
-            entry = registry[name]
-            print(f"{key}: {name}")
-            doc = " ".join((entry.fn.__doc__ or "").split("\n\n")[0].split())
-            if doc:
-                print(textwrap.fill(doc, width=100))
-            summary = _page_summary(entry.doc)
-            if summary:
-                print()
-                print(textwrap.fill(summary, width=100))
-            print(f"page:   {entry.doc}")
-            return 0
-    known = [*METHODS, *(e.name for _, r in parts for e in r)]
+    found = find(name)
+    for i, part in enumerate(found):
+        if i:
+            print()
+        where = f" ({part.where})" if part.where else ""
+        print(f"{part.name}: {part.where}" if part.key == "page" else f"{part.key}: {part.name}{where}")
+        title = page_title(part.doc)
+        if part.text:
+            print(textwrap.fill(part.text, width=100))
+        elif title:
+            print(title)
+        summary = page_summary(part.doc)
+        if summary:
+            print()
+            print(textwrap.fill(summary, width=100))
+        recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{part.name}.yaml"
+        if recipe.is_file():
+            print(f"recipe: recipes/{part.name}.yaml")
+        print(f"page:   {part.doc}")
+    if found:
+        return 0
+    known = [*METHODS, *(p.name for p in parts())]
     raise UserError(f"methods: unknown method or part '{name}'{did_you_mean(name, known)}; see `posttrain methods`")
 
 
 def _cmd_methods(args) -> int:
+    from posttrain.catalogue import parts
     from posttrain.methods import METHODS
 
     if args.name:
@@ -160,6 +153,16 @@ def _cmd_methods(args) -> int:
         print(f"{m.name:<16} [{m.family}] {m.summary}")
         print(f"{'':<16} paper:  {m.paper}")
         print(f"{'':<16} recipe: {m.recipe}")
+    grouped: dict[str, list[str]] = {}
+    for part in parts():
+        if part.key == "page":  # a docs/methods page that is no single key's value (multi-stage recipes, ...)
+            grouped.setdefault("other pages", []).append(f"{part.name} [{part.where}]")
+        else:
+            grouped.setdefault(part.key + (f" ({part.where})" if part.where else ""), []).append(part.name)
+    print()
+    print("parts and options (posttrain methods NAME for one of them):")
+    for key, names in grouped.items():
+        print(f"  {key}: {', '.join(names)}")
     return 0
 
 

@@ -385,6 +385,9 @@ class Recipe(_Strict):
     _path_notes: list[str] = PrivateAttr(default_factory=list)
     # warnings found before training (a squeezed schedule, ...), repeated in the run summary
     _warnings: list[str] = PrivateAttr(default_factory=list)
+    # (info, config, datasets) of a preflight done ahead of the run (every stage of a multi-stage recipe is checked
+    # before the first one trains)
+    _preflight: Any = None
 
     @property
     def params(self) -> MethodParams:

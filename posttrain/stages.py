@@ -38,6 +38,7 @@ def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = N
     from posttrain.trainers.common import previous_outputs
 
     logger = logging.getLogger("posttrain")
+    check_stages(stages, resume=resume, overwrite=overwrite)
     summaries = []
     for name, recipe in stages:
         out = Path(recipe.output_dir)
@@ -47,3 +48,28 @@ def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = N
         summary["stage"] = name
         summaries.append(summary)
     return summaries
+
+
+def check_stages(stages, *, resume: bool, overwrite: bool) -> None:
+    """Every stage's preflight (the TRL config, data, output folder), then every stage's user code, before the first
+    stage trains: a bad key of a later stage is reported before anything is trained (an error names the stage)."""
+    from posttrain.train import check_user_code, prepare_output_dir, preflight, setup_logging
+    from posttrain.trainers.common import previous_outputs
+
+    setup_logging()
+    checked = []
+    for name, recipe in stages:
+        try:
+            recipe._preflight = preflight(recipe)  # posttrain.train.run uses it instead of checking again
+            info = recipe._preflight[0]
+            out = Path(recipe.output_dir)
+            if not (resume and previous_outputs(out)) and not overwrite:
+                prepare_output_dir(out, resume=False, overwrite=False)
+        except UserError as exc:
+            raise UserError(f"stage '{name}': {exc}") from None
+        checked.append((name, recipe, info))
+    for name, recipe, info in checked:
+        try:
+            check_user_code(recipe, info)
+        except UserError as exc:
+            raise UserError(f"stage '{name}': {exc}") from None

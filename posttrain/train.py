@@ -568,7 +568,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
 
     setup_logging(quiet)
     out = Path(recipe.output_dir)
-    info, config, datasets = preflight(recipe)
+    checked, recipe._preflight = recipe._preflight, None
+    info, config, datasets = checked if checked is not None else preflight(recipe)
     periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
     prepare_output_dir(out, resume=resume, overwrite=overwrite)
     tokenizer = load_run_tokenizer(recipe)
