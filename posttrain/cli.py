@@ -390,11 +390,39 @@ _FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS
               errno.EXDEV, errno.ELOOP, errno.EFBIG}
 
 
+# how libraries that write files themselves (safetensors' Rust writer, torch's zip writer) report a full disk or a
+# file-size limit: text in their message -> what happened
+_WRITE_FAILURES = (
+    ("No space left on device", "no space left on device"), ("os error 28", "no space left on device"),
+    ("Disk quota exceeded", "disk quota exceeded"), ("os error 122", "disk quota exceeded"),
+    ("File too large", "file too large (a file-size limit, e.g. ulimit -f)"),
+    ("os error 27", "file too large (a file-size limit, e.g. ulimit -f)"),
+    ("file write failed", "a file write failed (a full disk or a file-size limit?)"),
+    ("iostream error", "a file write failed (a full disk or a file-size limit?)"),
+    ("inline_container.cc", "a file write failed (a full disk or a file-size limit?)"),
+)
+
+
 def expected_failure(exc: BaseException) -> str | None:
     """The ``error:`` line for an expected failure of the environment, or None for anything else (a bug)."""
     if isinstance(exc, OSError) and exc.errno in _FS_ERRNOS:
         where = exc.filename if exc.filename is not None else "file system"
         return f"{where}: {exc.strerror or os.strerror(exc.errno)}"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return expected_failure(cause)
+    chain, seen = [], set()
+    node = exc
+    while node is not None and id(node) not in seen:  # the failing write may be a cause of what was raised last
+        seen.add(id(node))
+        chain.append(node)
+        node = node.__cause__ or node.__context__
+    text = " ".join(str(exc).split())
+    for needle, what in _WRITE_FAILURES:
+        if any(needle in str(e) for e in chain):
+            return (f"file system: {what} while writing ({type(exc).__name__}: {text[:160]}); the run is not marked "
+                    "complete: free space (or raise the limit) and rerun; --resume continues from the newest complete "
+                    "checkpoint")
     if isinstance(exc, UnicodeDecodeError):
         return f"text is not UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
     if isinstance(exc, MemoryError):
@@ -430,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `posttrain methods | head`: the reader went away; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (OSError, UnicodeDecodeError, MemoryError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - machine failures become one line; anything else keeps its traceback
         message = expected_failure(exc)
         if message is None:  # a bug: keep the traceback
             raise
