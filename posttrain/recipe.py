@@ -513,6 +513,10 @@ def check_structure(data: Any, where: str = "recipe", limit: int = MAX_DEPTH) ->
             raise UserError(f"{key}: {node!r} is a subnormal number (smaller than {sys.float_info.min:.3g} in "
                             "magnitude); use 0 or a normal number")
         if isinstance(node, dict):
+            odd = next((k for k in node if not isinstance(k, str)), "")
+            if odd != "":
+                raise UserError(f"{key}: key {odd!r} is not a name (YAML reads unquoted numbers, true/false and null "
+                                "as such; every recipe key is text)")
             stack.extend((v, depth + 1, f"{key}.{k}" if key != "recipe" else str(k)) for k, v in node.items())
         elif isinstance(node, list):
             stack.extend((v, depth + 1, f"{key}[{i}]") for i, v in enumerate(node))
