@@ -223,6 +223,9 @@ def _coerce(value: Any, annotation: Any) -> Any:
         return value if isinstance(value, dict) else _NO_MATCH
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
+        enum_type = _enum_of(annotation)
+        if enum_type is not None and isinstance(value, str):  # `SchedulerType | str`: HF takes only the enum's values
+            return value if value in {m.value for m in enum_type} else _NO_MATCH
         # bool before int/float so that `true` never becomes 1; str last so that an enum gives its own message
         for arg in sorted(args, key=lambda a: (a is str,)):
             out = _coerce(value, arg)
@@ -232,6 +235,14 @@ def _coerce(value: Any, annotation: Any) -> Any:
     if isinstance(annotation, type):
         return value if isinstance(value, annotation) else _NO_MATCH
     return value  # an annotation we do not interpret
+
+
+def _enum_of(annotation: Any) -> type[enum.Enum] | None:
+    """The Enum of an ``Enum | str`` annotation (HF's strategy and scheduler fields), else None."""
+    args = typing.get_args(annotation)
+    if str not in args:
+        return None
+    return next((a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)), None)
 
 
 def _check_numbers(key: str, value: Any) -> None:
@@ -272,6 +283,10 @@ def check_training(training: dict[str, Any], family: str) -> dict[str, Any]:
             raise UserError(f"training.{key}: unknown training argument{did_you_mean(key, types_)}")
         annotation = types_[key]
         converted = _coerce(value, annotation)
+        enum_type = _enum_of(annotation)
+        if converted is _NO_MATCH and enum_type is not None and isinstance(value, str):
+            values = [m.value for m in enum_type]
+            raise UserError(f"training.{key}: {value!r} is not one of {', '.join(values)}{did_you_mean(value, values)}")
         if converted is _NO_MATCH:
             raise UserError(f"training.{key}: expected {_describe(annotation)}, got {value!r}")
         _check_numbers(key, converted)

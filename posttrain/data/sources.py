@@ -220,9 +220,13 @@ def check_value_types(values, labels, column: str, key: str) -> None:
             raise UserError(f"{key}: {labels(i)}: column '{column}' must be {want}, got {_json_type(value)} {shown}")
 
 
-def _check_rows(rows: list[dict[str, Any]], labels: list[str], key: str) -> None:
-    """Per-row type checks before ``Dataset.from_list`` (which would fail with no row, or accept a wrong type)."""
+def _check_rows(rows: list[dict[str, Any]], labels: list[str], key: str) -> list[dict[str, Any]]:
+    """Per-row type checks before ``Dataset.from_list`` (which would fail with no row, or accept a wrong type); returns
+    the rows with every column of the file (``from_list`` would keep only the first row's keys, silently dropping the
+    rest) and ``NaN`` (a JSON extension) read as null."""
     columns = sorted({c for row in rows for c in row})
+    rows = [{c: (None if isinstance(row.get(c), float) and math.isnan(row[c]) else row.get(c)) for c in columns}
+            for row in rows]
     for column in columns:
         check_value_types([row.get(column) for row in rows], labels.__getitem__, column, key)
         kinds = {}
@@ -235,6 +239,7 @@ def _check_rows(rows: list[dict[str, Any]], labels: list[str], key: str) -> None
             if kind != first[0]:
                 raise UserError(f"{key}: {labels[i]}: column '{column}' is {kind}, but {labels[first[1]]} has "
                                 f"{first[0]} (one type per column)")
+    return rows
 
 
 def load_rows(src: DataSource, key: str):
@@ -276,7 +281,7 @@ def _load_rows_with_labels(src: DataSource, key: str):
                 rows, labels = _read_json_file(path)
                 if not rows:
                     raise UserError(f"{key}: {path} holds no rows")
-                _check_rows(rows, labels, key)
+                rows = _check_rows(rows, labels, key)
                 try:
                     ds = datasets.Dataset.from_list(rows)
                 except Exception as exc:  # inconsistent nested types across rows
@@ -407,6 +412,9 @@ def check_row_formats(ds, kind: str, key: str, source: str, label=None, roles: t
                 def show(a):
                     return "{" + ", ".join(a) + "}"
 
+                if set(first_shape[0]) - set(shape) == {"prompt"} and values["prompt"][i] is None:
+                    raise UserError(f"{key}: {label(i)}: column 'prompt' is null, but {label(first_shape[1])} has "
+                                    "one (give every row a prompt, or none)")
                 raise UserError(f"{key}: {label(i)}: row has {show(shape)} but {label(first_shape[1])} has "
                                 f"{show(first_shape[0])}; give every row of a source the same format (split the file)")
         conversational = [c for c in wanted if c in (*TEXT_COLUMNS, "messages") and isinstance(values[c][i], list)]
