@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def resolve_model_path(path: str, key: str = "model.path") -> str:
     """Map ``builtin:<name>`` to its cached directory; leave hub ids and local paths as they are."""
-    from posttrain.recipe import expand_home
+    from posttrain.paths import expand_home
 
     if path.startswith("builtin:"):
         return str(builtin_model_dir(path.split(":", 1)[1]))

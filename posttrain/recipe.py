@@ -9,7 +9,6 @@ names the dotted key at fault (with a "did you mean" suggestion for unknown keys
 from __future__ import annotations
 
 import copy
-import os
 import re
 import sys
 import typing
@@ -20,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.paths import expand_home
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
 from posttrain.methods import MethodParams, get_method
 
@@ -520,20 +520,6 @@ def check_structure(data: Any, where: str = "recipe", limit: int = MAX_DEPTH) ->
             stack.extend((v, depth + 1, f"{key}.{k}" if key != "recipe" else str(k)) for k, v in node.items())
         elif isinstance(node, list):
             stack.extend((v, depth + 1, f"{key}[{i}]") for i, v in enumerate(node))
-
-
-def expand_home(path: str | Path, key: str) -> Path:
-    """``path`` with a leading ``~`` / ``~user`` expanded; a user (or home directory) that does not exist is a
-    :class:`UserError` naming ``key`` (pathlib raises ``RuntimeError``)."""
-    text = str(path)
-    if not text.startswith("~"):
-        return Path(text)
-    expanded = os.path.expanduser(text)
-    if expanded.startswith("~"):
-        user = text[1:].split("/", 1)[0]
-        why = f"there is no user '{user}' on this machine" if user else "there is no home directory (HOME is unset)"
-        raise UserError(f"{key}: cannot expand '{text}': {why}")
-    return Path(expanded)
 
 
 _DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")

@@ -73,7 +73,7 @@ def test_structure_checks_name_the_key(text, needle):
 
 
 def test_home_of_an_unknown_user_is_one_error_line(tmp_path, capsys):
-    from posttrain.recipe import expand_home
+    from posttrain.paths import expand_home
 
     with pytest.raises(UserError, match="output_dir: cannot expand '~nosuchuser_h29/run': there is no user"):
         expand_home("~nosuchuser_h29/run", "output_dir")

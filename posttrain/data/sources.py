@@ -270,7 +270,7 @@ def _load_rows_with_labels(src: DataSource, key: str):
     else:
         if src.options:
             raise UserError(f"{key}.options: only built-in tasks take options")
-        from posttrain.recipe import expand_home
+        from posttrain.paths import expand_home
 
         path = expand_home(name, f"{key}.source")
         # a directory (e.g. a hub dataset cloned or saved locally) goes through load_dataset, like a hub id

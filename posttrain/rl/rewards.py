@@ -279,7 +279,7 @@ def _load_file_module(target: str, key: str, base_dirs: Sequence[str | Path]):
     """Import a ``.py`` file by path: an absolute path as is; a relative one from the first of ``base_dirs`` (the
     recipe's directory) that holds it, else from the working directory (the path it runs from is logged, once per
     process). This runs the file's code."""
-    from posttrain.recipe import expand_home
+    from posttrain.paths import expand_home
 
     candidate = expand_home(target, key)
     tried = [candidate] if candidate.is_absolute() else [Path(d) / candidate for d in base_dirs] + [Path.cwd() / candidate]
