@@ -387,11 +387,17 @@ def _turn_error(value: list, roles: set[str]) -> str | None:
     return None
 
 
+# row kinds posttrain renders itself (posttrain.data.formatting.render_prompt_completion wraps a plain-text side of a
+# conversational row as its user / assistant turn); TRL's trainers (sft, preference) need one format per row
+SELF_RENDERED_KINDS = ("unlearning", "test")
+
+
 def check_row_formats(ds, kind: str, key: str, source: str, label=None, roles: tuple[str, ...] = ()) -> None:
     """Errors (naming ``file:row`` and the column) for rows the family's trainer could not read, before any model
     loads: a null prompt; rows of one source in different formats (``{prompt, completion}`` here, ``{messages}``
-    there); a row mixing a conversational column with a plain-text one; a conversation with a turn whose role the
-    chat template does not know (``roles``: besides :data:`STANDARD_ROLES`) or whose content is null."""
+    there); a row mixing a conversational column with a plain-text one (except where posttrain renders the rows,
+    :data:`SELF_RENDERED_KINDS`); a conversation with a turn whose role the chat template does not know (``roles``:
+    besides :data:`STANDARD_ROLES`) or whose content is null."""
     label = label or (lambda i: f"{source} row {i}")
     names = ds.column_names
     alternatives = [a for a in REQUIRED_COLUMNS[kind] if all(c in names for c in a)]
@@ -419,7 +425,7 @@ def check_row_formats(ds, kind: str, key: str, source: str, label=None, roles: t
                                 f"{show(first_shape[0])}; give every row of a source the same format (split the file)")
         conversational = [c for c in wanted if c in (*TEXT_COLUMNS, "messages") and isinstance(values[c][i], list)]
         plain = [c for c in wanted if c in TEXT_COLUMNS and isinstance(values[c][i], str)]
-        if conversational and plain:
+        if conversational and plain and kind not in SELF_RENDERED_KINDS:
             raise UserError(f"{key}: {label(i)}: column '{plain[0]}' is plain text but '{conversational[0]}' is a list "
                             "of messages; give the columns of a row in one format (all messages, or all text)")
         for c in conversational:
