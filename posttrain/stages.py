@@ -64,7 +64,7 @@ def check_stages(stages, *, resume: bool, overwrite: bool) -> None:
             info = recipe._preflight[0]
             out = Path(recipe.output_dir)
             if not (resume and previous_outputs(out)) and not overwrite:
-                prepare_output_dir(out, resume=False, overwrite=False)
+                prepare_output_dir(out, resume=False, overwrite=False, create=False)
         except UserError as exc:
             raise UserError(f"stage '{name}': {exc}") from None
         checked.append((name, recipe, info))

@@ -486,15 +486,16 @@ def check_template_renders(text: str, where: str) -> None:
         raise UserError(f"{where}: fails on a plain user/assistant conversation ({type(exc).__name__}: {exc})") from None
 
 
-def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, create: bool = True) -> None:
     """Refuse a folder that is not a writable directory, or that holds another run's outputs (unless ``--resume``
-    continues that run or ``--overwrite`` replaces it: then the previous run's outputs are removed)."""
+    continues that run or ``--overwrite`` replaces it: then the previous run's outputs are removed). ``create=False``:
+    the same checks without creating or removing anything."""
     from posttrain.trainers.common import check_output_dir, previous_outputs, remove_previous_run
 
     if resume and overwrite:
         raise UserError("--overwrite: cannot be combined with --resume")
-    check_output_dir(out)
-    if resume:
+    check_output_dir(out, create=create)
+    if resume or not create and overwrite:
         return
     previous = previous_outputs(out)
     if not previous:
@@ -505,7 +506,7 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"output_dir: '{out}' holds another run's outputs ({shown}); pass --resume to continue that run, "
             "--overwrite to replace it, or choose another output_dir"
         )
-    if is_main_process():
+    if create and is_main_process():
         removed = remove_previous_run(out)
         logger.info("--overwrite: removed the previous run's outputs from %s (%s)", out, ", ".join(removed) or "none")
 
@@ -571,7 +572,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     checked, recipe._preflight = recipe._preflight, None
     info, config, datasets = checked if checked is not None else preflight(recipe)
     periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
-    prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    prepare_output_dir(out, resume=resume, overwrite=overwrite, create=False)  # checked; written after the last check
     tokenizer = load_run_tokenizer(recipe)
     prepare_chat_format(recipe, info, config, tokenizer, datasets)
     check_reference_tokenizer(recipe, info, tokenizer)
@@ -587,6 +588,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         if is_main_process():
             _truncate_metrics(out / "metrics.jsonl", checkpoint_step(checkpoint))
     check_user_code(recipe, info)
+    prepare_output_dir(out, resume=resume, overwrite=overwrite)
     if is_main_process():
         (out / RUN_MARKER).unlink(missing_ok=True)  # in progress (again)
         write_resolved_recipe(recipe)
