@@ -23,7 +23,6 @@ EPILOG = "Recipes: see recipes/*.yaml. Docs: README.md."
 def _cmd_train(args) -> int:
     num_processes = launch.check_launch_flags(args.num_processes, args.distributed)  # before anything starts
     from posttrain.recipe import load_recipe
-    from posttrain.train import run
 
     overrides = list(args.set)
     if args.output_dir is not None:
@@ -51,6 +50,8 @@ def _cmd_train(args) -> int:
         if not (args.resume or args.overwrite):
             prepare_output_dir(Path(recipe.output_dir), resume=False, overwrite=False)
         return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
+    from posttrain.train import run  # torch, transformers and TRL: imported once the recipe's own keys are checked
+
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
         print(f"already finished: {summary['output_dir']} holds a complete run ({summary.get('steps')} steps); "

@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from posttrain.errors import UserError, did_you_mean
 from posttrain.paths import expand_home
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
-from posttrain.methods import MethodParams, get_method
+
+if typing.TYPE_CHECKING:
+    from posttrain.methods import MethodParams
 
 
 MAX_NODES = 100_000  # YAML nodes of a recipe with every alias expanded (a recipe has a few hundred)
@@ -594,6 +596,8 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise validation_error_to_user_error(exc, Recipe) from None
+    from posttrain.methods import get_method  # imports torch (the GRPO parts): after the recipe's own keys are checked
+
     info = get_method(recipe.method.name)
     try:
         recipe._params = info.params.model_validate(recipe.method.params)

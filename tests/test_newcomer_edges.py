@@ -81,6 +81,22 @@ def test_home_of_an_unknown_user_is_one_error_line(tmp_path, capsys):
     assert "recipe: cannot expand" in _error(capsys)
 
 
+def test_a_typo_in_the_recipe_is_reported_before_torch_is_imported(tmp_path):
+    """Start-up: a recipe whose own keys are wrong (not method.* or training.*, which need the method registry and
+    TRL) is refused before torch, transformers and TRL are imported (seconds instead of the imports' ~10 s)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**SFT, "trainig": {"max_steps": 1}}))
+    code = ("import sys\nfrom posttrain.cli import main\nrc = main(['train', sys.argv[1]])\n"
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+    assert "error: trainig: unknown key (did you mean 'training'?)" in proc.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # launcher flags: checked before the recipe is even read
 
