@@ -244,6 +244,28 @@ def check_reference_tokenizer(recipe: Recipe, info: MethodInfo, tokenizer) -> No
                         "ids, so it needs the same tokenizer (a model of the same family)")
 
 
+def check_rows_fit(config, tokenizer, datasets: dict[str, Any]) -> None:
+    """Before any model loads: with ``training.max_length`` keeping the start of each row, a data set whose every
+    prompt alone fills ``max_length`` would lose every row (the trainers drop rows with no answer token left); one
+    error line instead of an error after the model loaded. Stops at the first prompt that fits."""
+    from posttrain.data.formatting import render_prompt
+    from posttrain.data.sources import column_values
+
+    max_length = getattr(config, "max_length", None)
+    if not max_length or getattr(config, "truncation_mode", "keep_start") != "keep_start":
+        return
+    for key, ds in datasets.items():
+        if "prompt" not in ds.column_names or not len(ds):
+            continue
+        for prompt in column_values(ds, "prompt"):
+            text = render_prompt(prompt, tokenizer, key)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < max_length:
+                break
+        else:
+            raise UserError(f"{key}: no rows left: every prompt alone fills training.max_length={max_length} tokens, "
+                            "so no answer token would be trained on; raise training.max_length")
+
+
 def load_run_tokenizer(recipe: Recipe):
     """The policy's tokenizer (one start-up line)."""
     from posttrain.models import load_tokenizer
@@ -576,6 +598,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     tokenizer = load_run_tokenizer(recipe)
     prepare_chat_format(recipe, info, config, tokenizer, datasets)
     check_reference_tokenizer(recipe, info, tokenizer)
+    check_rows_fit(config, tokenizer, datasets)
     checkpoint = None
     if resume:
         marker = read_run_marker(out)

@@ -159,10 +159,6 @@ CORE = [
 ]
 
 
-def _needs_model(case: Case) -> bool:
-    return case.name in ("max_length_leaves_no_rows",)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # the generator
 
@@ -254,7 +250,7 @@ DEFAULT_COMPLETE_RUNS = ("messages_without_assistant", "chosen_equals_rejected_s
 SLOW_FUZZ = 110
 
 
-@pytest.mark.parametrize("case", [c for c in CORE if not _needs_model(c)], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CORE, ids=lambda c: c.name)
 def test_issue_30_core_before_any_model_loads(case, tmp_path):
     outcome = run_case(case, tmp_path, load_models=False)
     assert outcome.kind in ("error", "valid"), outcome.describe() + "\n" + "\n".join(outcome.lines[-15:])
@@ -269,13 +265,6 @@ def test_issue_30_accepted_rows_are_counted_in_a_complete_run(name, tmp_path):
     reasons = {"messages_without_assistant": "no assistant turn", "chosen_equals_rejected_some_rows": "identical",
                "rl_answer_null_and_nan": "answer is null, empty or NaN"}
     assert any("skipped" in line and reasons[name] in line for line in outcome.lines), outcome.lines
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", [c for c in CORE if _needs_model(c)], ids=lambda c: c.name)
-def test_issue_30_core_with_the_model(case, tmp_path):
-    outcome = run_case(case, tmp_path, load_models=True)
-    assert outcome.kind in ("error", "valid"), outcome.describe() + "\n" + "\n".join(outcome.lines[-15:])
 
 
 @pytest.mark.slow
