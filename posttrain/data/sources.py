@@ -402,6 +402,13 @@ def check_row_formats(ds, kind: str, key: str, source: str, label=None, roles: t
     names = ds.column_names
     alternatives = [a for a in REQUIRED_COLUMNS[kind] if all(c in names for c in a)]
     wanted = sorted({c for a in alternatives for c in a} | {c for c in (*TEXT_COLUMNS, "messages") if c in names})
+    if len(alternatives) == 1 and not any(_holds_lists(ds, c) for c in wanted):  # one format, plain text: fast path
+        if "prompt" in wanted:
+            prompts = column_values(ds, "prompt")
+            if None in prompts:
+                raise UserError(f"{key}: {label(prompts.index(None))}: column 'prompt' is null (expected text or a "
+                                "list of messages; an empty prompt is \"\")")
+        return
     values = {c: column_values(ds, c) for c in wanted}
     allowed = set(STANDARD_ROLES) | set(roles)
     first_shape: tuple[tuple[str, ...], int] | None = None
@@ -432,6 +439,15 @@ def check_row_formats(ds, kind: str, key: str, source: str, label=None, roles: t
             problem = _turn_error(values[c][i], allowed)
             if problem:
                 raise UserError(f"{key}: {label(i)}: column '{c}': {problem}")
+
+
+def _holds_lists(ds, column: str) -> bool:
+    """Whether a column may hold conversations (its Arrow type is not plain text or a number)."""
+    from datasets import Value
+
+    feature = ds.features[column]
+    return not (isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null", "int64", "float64",
+                                                                  "int32", "float32", "bool"))
 
 
 def _unusable_rows(ds, columns: tuple[str, ...], allow_empty: tuple[str, ...]) -> list[tuple[str, list[int]]]:
