@@ -17,7 +17,9 @@ buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/tes
 Each training generation batch is also summarised for :class:`posttrain.rl.diagnostics.SignalMonitor` (``log`` is
 extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No learning
 signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
-rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded.
+rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded. With
+``training.use_vllm``, TRL gets the vLLM generation class the training device needs (on CPU, a weight sync that
+survives vLLM's repacked kernels: :mod:`posttrain.rl.vllm_sync`).
 
 Method pages: docs/methods/grpo.md, grpo_advantages.md, grpo_aggregation.md, grpo_clipping.md.
 """
@@ -47,6 +49,7 @@ from posttrain.rl.advantages import (
 from posttrain.rl.aggregation import AGGREGATIONS, delta_l_weights, dr_grpo
 from posttrain.rl.clipping import CLIPPINGS, gppo_sft_loss, kl_k3, kl_k3_bias_corrected
 from posttrain.rl.diagnostics import SignalMonitor, batch_signal
+from posttrain.rl.vllm_sync import check_vllm_recipe, vllm_generation_for
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -116,7 +119,8 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         try:
             if zero_beta:
                 config.beta = 0.0
-            with factory as handed:
+            # use_vllm: the weight sync the training device needs (posttrain/rl/vllm_sync.py)
+            with factory as handed, vllm_generation_for(trl_grpo, config):
                 super().__init__(*args, **kwargs)
         finally:
             if zero_beta:
@@ -644,6 +648,7 @@ def rl_config(recipe, info):
     p = recipe.params
     if recipe.data.train is None:
         raise UserError("data.train: required key is missing")
+    check_vllm_recipe(recipe.training)  # use_vllm: vLLM installed, a mode posttrain can sync
     for key, where in _METHOD_OWNED.items():
         if key in recipe.training:
             raise UserError(f"training.{key}: set it as {where} for method '{info.name}'")
