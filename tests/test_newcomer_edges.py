@@ -305,3 +305,34 @@ def test_relative_data_paths_are_read_next_to_the_recipe_first(tmp_path, monkeyp
     monkeypatch.chdir(folder)
     with pytest.raises(UserError, match="output_dir: '.*' is the recipe's own folder"):
         load_recipe(folder / "recipe.yaml")
+
+
+def test_column_renames_identity_swap_and_clashes(tmp_path):
+    from posttrain.data.sources import load_rows
+    from posttrain.recipe import DataSource
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"a": "1", "b": "2", "c": "3"}\n')
+    assert load_rows(DataSource(source=str(rows), columns={"a": "a"}), "data.train")[0] == {"a": "1", "b": "2",
+                                                                                            "c": "3"}
+    assert load_rows(DataSource(source=str(rows), columns={"a": "b", "b": "a"}), "data.train")[0] == {
+        "b": "1", "a": "2", "c": "3"}
+    assert load_rows(DataSource(source=str(rows), columns={"a": "c"}), "data.train")[0] == {"b": "2", "c": "1"}
+    with pytest.raises(ValueError, match="'a' and 'b' are both renamed to 'x'"):
+        DataSource(source=str(rows), columns={"a": "x", "b": "x"})
+
+
+def test_write_failures_reported_by_other_libraries_are_machine_errors():
+    from posttrain.cli import expected_failure
+
+    assert "file too large" in expected_failure(
+        Exception("Error while serializing: I/O error: File too large (os error 27)"))
+    assert "no space left on device" in expected_failure(RuntimeError("I/O error: (os error 28)"))
+    try:  # torch's zip writer: the failing write is the context of what is raised last
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5000256 vs 5000148")
+    except RuntimeError as exc:
+        assert "a file write failed" in expected_failure(exc)
+    assert expected_failure(RuntimeError("index out of range in self")) is None  # a bug keeps its traceback
