@@ -2,9 +2,10 @@
 
 torch's default is one thread per core. When other processes share the cores, every parallel region waits for its
 slowest thread, which is often not scheduled: on a 2-core machine with other jobs running, the quickstart ran at
-0.2 steps/s with 2 threads and 8 steps/s with 1. So a CPU run takes the cores that are free when it starts: the
-cores it may use, minus the load of the other processes (the 1-minute load average, rounded), divided among the
-processes of the run, at least 1. ``OMP_NUM_THREADS`` or ``POSTTRAIN_NUM_THREADS`` override the choice.
+0.2 steps/s with 2 threads and 8 steps/s with 1. So a CPU run takes the cores that are free when it starts (the
+cores it may use minus the load of the other processes: the 1-minute load average, rounded), divided among the
+processes of the run, and leaves one core to the rest of the machine, so that a job starting later does not stall it;
+at least 1. ``OMP_NUM_THREADS`` or ``POSTTRAIN_NUM_THREADS`` override the choice.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ logger = logging.getLogger("posttrain")
 
 
 def pick_num_threads(cores: int, load: float, processes: int = 1) -> int:
-    """Threads per process: ``(cores - load) / processes`` rounded, between 1 and ``cores // processes``.
-    ``load``: runnable threads of other processes (the load average as this run starts; its own imports add a
-    little, hence rounding rather than flooring)."""
+    """Threads per process: ``(cores - load) / processes`` rounded, at most ``(cores - 1) // processes`` (one core
+    left free), at least 1. ``load``: runnable threads of other processes (the load average as this run starts; its
+    own imports add a little, hence rounding rather than flooring)."""
     processes = max(1, processes)
     free = max(0.0, cores - max(0.0, load))
-    return max(1, min(cores // processes, math.floor(free / processes + 0.5)))
+    return max(1, min((cores - 1) // processes, math.floor(free / processes + 0.5)))
 
 
 def configure_cpu_threads() -> int:

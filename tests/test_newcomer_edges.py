@@ -170,11 +170,12 @@ def test_unknown_methods_name_suggests(capsys):
 
 
 @pytest.mark.parametrize("cores,load,processes,expected", [
-    (2, 0.1, 1, 2),  # idle (a little load from our own start-up)
-    (2, 1.0, 1, 1),  # one other job
+    (2, 0.1, 1, 1),  # idle: one core left to the rest of the machine
     (2, 5.0, 1, 1),  # a busy machine: at least one
+    (1, 0.0, 1, 1),
+    (16, 0.2, 1, 15),
     (16, 3.4, 1, 13),
-    (16, 0.0, 4, 4),  # shared among the processes of a run
+    (16, 0.0, 4, 3),  # shared among the processes of a run
     (2, 0.0, 4, 1),
 ])
 def test_thread_choice(cores, load, processes, expected):
