@@ -64,14 +64,39 @@ def jsonl(rows) -> str:
 _COUNT = re.compile(r"(?:skipped|dropped) (\d+) of (\d+) rows")
 
 
-def steps_account_for_rows(rows_in: int):
-    """The data fuzz's oracle for a completed run: steps = rows in - logged skips - logged drops."""
+def unusable(family: str, row) -> bool:
+    """The oracle's own reading of a row a trainer cannot learn from (independent of posttrain's code): an empty
+    answer side, messages without an assistant turn, identical chosen/rejected, an RL answer null / blank / NaN."""
+    if isinstance(row, str):
+        row = json.loads(row)
+
+    def empty(v):
+        if isinstance(v, float):
+            return v != v  # NaN
+        if isinstance(v, str):
+            return not v.strip()
+        return v is None or v == []
+
+    if "messages" in row and row["messages"] is not None:
+        return not any(t.get("role") == "assistant" for t in row["messages"])
+    if family == "preference":
+        return empty(row.get("chosen")) or empty(row.get("rejected")) or row.get("chosen") == row.get("rejected")
+    if family == "rl":
+        return empty(row.get("answer"))
+    return empty(row.get("completion"))
+
+
+def steps_account_for_rows(rows_in: int, expected_removed: int | None = None):
+    """The data fuzz's oracle for a completed run: steps = rows in - logged skips - logged drops, and (when the
+    generator knows it) the logged skips are exactly the rows the oracle finds unusable: none trained silently."""
 
     def check(folder: Path, lines: list[str]) -> str | None:
         summary = json.loads((folder / "out" / "summary.json").read_text())
         removed = sum(int(m.group(1)) for line in lines for m in _COUNT.finditer(line))
         if summary["steps"] != rows_in - removed:
             return f"{summary['steps']} steps for {rows_in} rows - {removed} logged skips/drops"
+        if expected_removed is not None and removed != expected_removed:
+            return f"{removed} rows logged as skipped/dropped, but {expected_removed} are unusable"
         return None
 
     return check
@@ -81,9 +106,12 @@ def data_case(name: str, family: str, rows, expect: str = "error", needle: str =
               filename: str = "rows.jsonl", **training) -> Case:
     """A case of one data file (``rows``: dicts or raw JSON lines; ``raw``: the file's bytes)."""
     content = raw if raw is not None else jsonl(rows)
-    rows_in = 0 if raw is not None else sum(1 for r in rows if not (isinstance(r, str) and not r.strip()))
+    real = [r for r in rows if not (isinstance(r, str) and not r.strip())]
+    check = None
+    if expect == "valid":
+        check = steps_account_for_rows(len(real), sum(unusable(family, r) for r in real))
     return Case(name, recipe_for(family, filename, **training), expect=expect, needle=needle,
-                files={filename: content}, check=steps_account_for_rows(rows_in) if expect == "valid" else None)
+                files={filename: content}, check=check)
 
 
 def _good(family, n=6, conversational=False):
@@ -234,9 +262,9 @@ def generate(n: int, seed: int) -> list[Case]:
             if any(isinstance(r, str) for r in rows):
                 filename = "rows.jsonl"
             else:
+                check = steps_account_for_rows(len(rows), sum(unusable(family, r) for r in rows))
                 case = Case(f"gen{i}_{family}_{name}", recipe_for(family, filename), expect=expect, needle=needle,
-                            files={filename: json.dumps(rows)},
-                            check=steps_account_for_rows(len(rows)) if expect == "valid" else None)
+                            files={filename: json.dumps(rows)}, check=check if expect == "valid" else None)
                 cases.append(case)
                 continue
         cases.append(data_case(f"gen{i}_{family}_{name}", family, rows, expect=expect, needle=needle))

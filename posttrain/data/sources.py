@@ -425,9 +425,10 @@ def check_row_formats(ds, kind: str, key: str, source: str, label=None, roles: t
                 def show(a):
                     return "{" + ", ".join(a) + "}"
 
-                if set(first_shape[0]) - set(shape) == {"prompt"} and values["prompt"][i] is None:
-                    raise UserError(f"{key}: {label(i)}: column 'prompt' is null, but {label(first_shape[1])} has "
-                                    "one (give every row a prompt, or none)")
+                if set(first_shape[0]) ^ set(shape) == {"prompt"}:  # one row has a prompt, the other's is null
+                    null, other = (i, first_shape[1]) if values["prompt"][i] is None else (first_shape[1], i)
+                    raise UserError(f"{key}: {label(null)}: column 'prompt' is null, but {label(other)} has one "
+                                    "(give every row a prompt, or none)")
                 raise UserError(f"{key}: {label(i)}: row has {show(shape)} but {label(first_shape[1])} has "
                                 f"{show(first_shape[0])}; give every row of a source the same format (split the file)")
         conversational = [c for c in wanted if c in (*TEXT_COLUMNS, "messages") and isinstance(values[c][i], list)]
