@@ -531,9 +531,7 @@ def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
     """Tie a parsed recipe to the folder of its file: relative data files and model folders are looked up there
     first, then in the working directory (a hit next to the recipe replaces the value by its absolute path, logged by
     :func:`posttrain.train.preflight`); a data file found in neither is an error naming both places. ``output_dir``
-    stays relative to the working directory, and may not be the recipe's own folder (the run writes ``recipe.yaml``
-    and a model there, and ``--overwrite`` would remove what it wrote), unless that folder is a run's (``posttrain
-    train RUN_DIR/recipe.yaml --resume``)."""
+    stays relative to the working directory (preflight refuses the recipe's own folder)."""
     source_dir = recipe_file.resolve().parent
     recipe._source_dir = source_dir
     cwd = Path.cwd()
@@ -561,11 +559,6 @@ def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
     recipe.model.path = locate(recipe.model.path, "model.path", data_file=False)
     if isinstance(recipe.ref_model, ModelSpec):
         recipe.ref_model.path = locate(recipe.ref_model.path, "ref_model.path", data_file=False)
-    from posttrain.trainers.common import previous_outputs
-
-    if Path(recipe.output_dir).resolve() == source_dir and not previous_outputs(source_dir):
-        raise UserError(f"output_dir: '{recipe.output_dir}' is the recipe's own folder; the run writes recipe.yaml, "
-                        "checkpoints and a model there (and --overwrite removes what it wrote): choose a subfolder")
     return recipe
 
 

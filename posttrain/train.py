@@ -367,6 +367,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
     info = get_method(recipe.method.name)
     for note in recipe._path_notes:
         logger.info("%s", note)
+    _check_not_the_recipe_folder(recipe)
     check_report_to(recipe)
     check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
     if "model_init_kwargs" in recipe.training:
@@ -407,6 +408,18 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
             recipe._warnings.append(warning)
             logger.warning("warning: %s", warning)
     return info, config, datasets
+
+
+def _check_not_the_recipe_folder(recipe: Recipe) -> None:
+    """``output_dir`` may not be the recipe file's own folder (the run writes ``recipe.yaml``, checkpoints and a model
+    there, and ``--overwrite`` removes what it wrote), unless that folder holds a run (``posttrain train
+    RUN_DIR/recipe.yaml --resume``)."""
+    from posttrain.trainers.common import previous_outputs
+
+    source = recipe._source_dir
+    if source is not None and Path(recipe.output_dir).resolve() == source and not previous_outputs(source):
+        raise UserError(f"output_dir: '{recipe.output_dir}' is the recipe's own folder; the run writes recipe.yaml, "
+                        "checkpoints and a model there (and --overwrite removes what it wrote): choose a subfolder")
 
 
 def check_user_code(recipe: Recipe, info: MethodInfo) -> None:

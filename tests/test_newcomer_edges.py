@@ -302,10 +302,12 @@ def test_relative_data_paths_are_read_next_to_the_recipe_first(tmp_path, monkeyp
     with pytest.raises(UserError, match=f"looked next to the recipe in {folder} and in the working directory "
                                         f"{elsewhere}"):
         load_recipe(folder / "recipe.yaml")
+    from posttrain.train import preflight
+
     (folder / "recipe.yaml").write_text(yaml.safe_dump({**SFT, "output_dir": "."}))
     monkeypatch.chdir(folder)
     with pytest.raises(UserError, match="output_dir: '.*' is the recipe's own folder"):
-        load_recipe(folder / "recipe.yaml")
+        preflight(load_recipe(folder / "recipe.yaml"), load_data=False)
 
 
 def test_column_renames_identity_swap_and_clashes(tmp_path):
