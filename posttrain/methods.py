@@ -541,7 +541,7 @@ class GRPOParams(MethodParams):
     def _check(self):
         from posttrain.errors import UserError
 
-        given = self.model_fields_set
+        given = set(self.model_fields_set)  # the keys the recipe gave (resolving defaults below adds to the set)
 
         def refuse(keys, why):
             for key in keys:
@@ -581,6 +581,7 @@ class GRPOParams(MethodParams):
             self.sft_coef = defaults.get("sft_coef", 0.0)
         if self.entropy_coef is None:
             self.entropy_coef = defaults.get("entropy_coef", 0.0)
+        self.__pydantic_fields_set__ = given  # resolved defaults are not the user's settings (the checks tell apart)
         if self.loss != "pacs":  # each selected part checks the settings it reads (cross-key checks)
             for part, registry in _GRPO_PARTS:
                 chosen = registry[getattr(self, part)]

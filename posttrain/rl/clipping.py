@@ -293,6 +293,9 @@ def check_clip_range(p) -> str | None:
     """The clip range ``[1 - epsilon, 1 + epsilon_high]``: clip-higher (DAPO, arXiv 2503.14476) widens the upper side;
     an upper range narrower than the lower one is refused as swapped values."""
     if p.epsilon_high is not None and p.epsilon_high < p.epsilon:
+        if "epsilon_high" not in p.model_fields_set:  # the selected rule's default upper range
+            return (f"method.epsilon: {p.epsilon:g} is above the upper clip range of clipping {p.clipping} "
+                    f"(epsilon_high {p.epsilon_high:g}, its default); set method.epsilon_high as well")
         return (f"method.epsilon_high: {p.epsilon_high:g} is below method.epsilon {p.epsilon:g}: the upper clip range "
                 "would be narrower than the lower one (clip-higher widens it; swapped values?)")
     return None
