@@ -15,7 +15,8 @@ Per family it writes, under ``--out`` (default ``docs/results``; ``docs/results/
 deviation over seeds, headed by the command, package versions, device and CPU load) and ``<family>_*.png``
 (learning curves per method, mean ± one standard deviation band). When ``--out`` is ``docs/results``, the table is
 also spliced into the docs page that shows it, between ``<!-- results:<family> -->`` and
-``<!-- /results:<family> -->``, so every page's numbers come from its last run.
+``<!-- /results:<family> -->``, so every page's numbers come from its last run; a ``--quick`` run into
+``docs/results/quick`` is spliced only where the page does not show a full run yet.
 """
 
 from __future__ import annotations
@@ -497,7 +498,8 @@ FAMILIES: dict[str, Family] = {
         "Does the method raise held-out preference accuracy (chosen + EOS more likely than an unseen wrong answer, "
         "300 pairs of trained prompts) from the random-init and from a weak SFT start?",
         preference_runs,
-        [("held_out_accuracy", "held-out pref. acc", "f3"), ("test_split_accuracy", "test-split pref. acc", "f3"),
+        [("held_out_accuracy_before", "held-out pref. acc, start", "f3"),
+         ("held_out_accuracy", "held-out pref. acc, end", "f3"), ("test_split_accuracy", "test-split pref. acc", "f3"),
          ("held_out_logp_margin", "held-out log-prob margin", "f2"),
          ("train_reward_margin", "train reward margin (last log)", "f3")],
         [("held_out_accuracy", "held-out preference accuracy"), ("held_out_logp_margin",
@@ -551,6 +553,8 @@ def enrich(family: str, r: dict) -> dict:
         f["expected_reward_before"] = r["probe"][0]["expected_reward"]
         f["expected_reward"] = r["probe"][-1]["expected_reward"]
         f["expected_reward_gain"] = f["expected_reward"] - f["expected_reward_before"]
+    if family == "preference" and r["probe"]:
+        f["held_out_accuracy_before"] = r["probe"][0]["held_out_accuracy"]
     if family == "unlearning":
         f.update(unlearning_final(r))
     if family == "stable_spam":
@@ -740,6 +744,13 @@ def _plot_lora_scatter(results: list[dict], out: Path) -> list[str]:
     return ["lora_accuracy_vs_cost.png"]
 
 
+def block(page: Path, family: str) -> str:
+    """The text between the family's markers in ``page`` ('' when it has none)."""
+    start, end = f"<!-- results:{family} -->", f"<!-- /results:{family} -->"
+    doc = page.read_text()
+    return doc.split(start, 1)[1].split(end, 1)[0] if start in doc and end in doc else ""
+
+
 def splice(page: Path, family: str, text: str) -> bool:
     """Replace the text between ``<!-- results:family -->`` and ``<!-- /results:family -->`` in ``page``."""
     start, end = f"<!-- results:{family} -->", f"<!-- /results:{family} -->"
@@ -757,8 +768,9 @@ def write_family(family: str, results: list[dict], meta: dict, out: Path) -> Non
     meta["plots"] = plot(family, results, out, meta["quick"])
     (out / f"{family}.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1, default=str) + "\n")
     (out / f"{family}.md").write_text(markdown(family, results, meta) + "\n")
-    if out.resolve() == DOCS_OUT.resolve():
-        page = ROOT / PAGES[family]
+    page = ROOT / PAGES[family]
+    full = out.resolve() == DOCS_OUT.resolve()
+    if full or (out.resolve() == (DOCS_OUT / "quick").resolve() and "full settings" not in block(page, family)):
         prefix = os.path.relpath(out, page.parent) + "/"
         if splice(page, family, markdown(family, results, meta, img_prefix=prefix)):
             print(f"updated {PAGES[family]}", file=sys.stderr)
@@ -770,12 +782,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer steps, seeds and variants (< 10 min for all)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the tables, plots and JSON")
+    parser.add_argument("--render", action="store_true",
+                        help="no training: rewrite the tables and plots (and the docs pages) from <out>/<family>.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out or (DOCS_OUT / "quick" if args.quick else DOCS_OUT)
     families = list(FAMILIES) if args.family == "all" else [args.family]
     env = environment()
     for family in families:
+        if args.render:
+            saved = json.loads((out / f"{family}.json").read_text())
+            runs = [enrich(family, r) if "error" not in r else r for r in saved["runs"]]
+            write_family(family, runs, saved["meta"], out)
+            continue
         spec = FAMILIES[family]
         n = args.seeds or (spec.quick_seeds if args.quick else spec.seeds)
         seeds = list(range(n))
