@@ -535,7 +535,8 @@ FAMILIES: dict[str, Family] = {
         "spikes or diverges (the paper's stability claim in miniature)?",
         stable_spam_runs,
         [("loss_first", "loss, first log (steps 1-2)", "f3"), ("loss_max", "max logged loss", "f3"),
-         ("loss_last", "final loss (last 3 logs)", "f3"), ("accuracy_after", "test acc after", "pct")],
+         ("loss_last", "final loss (last 3 logs)", "f3"), ("accuracy_before", "test acc before", "pct"),
+         ("accuracy_after", "test acc after", "pct")],
         [("loss", "training loss")]),
 }
 
