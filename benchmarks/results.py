@@ -518,7 +518,7 @@ FAMILIES: dict[str, Family] = {
         "How far does the method push the forget set's answer probability down, and how much model utility does it "
         "keep (TOFU in miniature, forget05 of builtin:tiny-qwen2-facts)?",
         unlearning_runs,
-        [("forget_prob", "forget Prob (end)", "f4"), ("retain_prob", "retain Prob (end)", "f3"),
+        [("forget_prob_before", "forget Prob (start)", "f3"), ("forget_prob", "forget Prob (end)", "f4"), ("retain_prob", "retain Prob (end)", "f3"),
          ("utility", "model utility (end)", "f3"), ("utility_before", "utility (start)", "f3")],
         [("eval_forget_Q_A_Prob", "forget-set answer probability"), ("eval_model_utility", "model utility")]),
     "lora": Family(
