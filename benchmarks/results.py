@@ -34,7 +34,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 for _p in (ROOT, ROOT / "benchmarks"):
@@ -66,6 +66,7 @@ class Run:
     probe: Callable | None = None  # (model, tokenizer) -> {metric: value}, evaluated every ``probe_every`` steps
     probe_every: int = 10
     finish: Callable | None = None  # (output_dir, summary) -> {metric: value} after training
+    panel_key: str = ""  # the recipe's setting without its method (runs that share it share a baseline)
 
 
 def _probe_callback(fn: Callable, every: int, tokenizer):
@@ -124,7 +125,8 @@ def train_one(run: Run, seed: int) -> dict:
         sets = [*COMMON_SETS, *run.sets, f"seed={seed}", f"output_dir={tmp}"]
         if isinstance(run.recipe, dict):
             training = {**run.recipe["training"], "save_strategy": "no", "disable_tqdm": True}
-            recipe = parse_recipe({**run.recipe, "training": training, "seed": seed, "output_dir": tmp, "report": False})
+            recipe = parse_recipe({**run.recipe, "training": training, "seed": seed, "output_dir": tmp,
+                                   "report": False})
         else:
             recipe = load_recipe(ROOT / run.recipe, sets)
         meter = _meter_callback()
@@ -223,19 +225,15 @@ def sft_runs(quick: bool) -> list[Run]:
         if quick:
             steps = min(steps, 100)
         key = _setting_key(d)
-        panel = panels.setdefault(key, f"{_stem(name)}: {d['model']}, {steps} steps, lr {d['training']['learning_rate']}")
+        lr = d["training"]["learning_rate"]
+        panel = panels.setdefault(key, f"{_stem(name)}: {d['model']}, {steps} steps, lr {lr}")
         sets = [f"training.max_steps={steps}", "data.test.max_samples=null", f"eval.steps={max(steps // 5, 1)}",
                 "eval.max_samples=100", f"training.logging_steps={max(steps // 10, 1)}"]
         method = d["method"]["name"]
         if method != "sft" and (key, "sft") not in {(r.panel_key, r.label) for r in runs}:
-            baseline = Run("sft", panel, name, [*sets, "method={name: sft}"])
-            baseline.panel_key = key
-            runs.append(baseline)
-        if (key, method) in {(r.panel_key, r.label) for r in runs}:
-            continue
-        run = Run(method, panel, name, sets)
-        run.panel_key = key
-        runs.append(run)
+            runs.append(Run("sft", panel, name, [*sets, "method={name: sft}"], panel_key=key))
+        if (key, method) not in {(r.panel_key, r.label) for r in runs}:
+            runs.append(Run(method, panel, name, sets, panel_key=key))
     return runs
 
 
@@ -518,7 +516,8 @@ FAMILIES: dict[str, Family] = {
         "How far does the method push the forget set's answer probability down, and how much model utility does it "
         "keep (TOFU in miniature, forget05 of builtin:tiny-qwen2-facts)?",
         unlearning_runs,
-        [("forget_prob_before", "forget Prob (start)", "f3"), ("forget_prob", "forget Prob (end)", "f4"), ("retain_prob", "retain Prob (end)", "f3"),
+        [("forget_prob_before", "forget Prob (start)", "f3"), ("forget_prob", "forget Prob (end)", "f4"),
+         ("retain_prob", "retain Prob (end)", "f3"),
          ("utility", "model utility (end)", "f3"), ("utility_before", "utility (start)", "f3")],
         [("eval_forget_Q_A_Prob", "forget-set answer probability"), ("eval_model_utility", "model utility")]),
     "lora": Family(
