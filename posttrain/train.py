@@ -54,7 +54,7 @@ DATA_KINDS = {
     "sft": {"train": "sft", "eval": "sft", "test": "test"},
     "preference": {"train": "preference", "eval": "preference", "test": "test"},
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
-    "unlearning": {"forget": "unlearning", "retain": "unlearning"},
+    "unlearning": {"forget": "unlearning", "retain": "unlearning", "holdout": "unlearning"},
 }
 # family -> the check run before any model is loaded or anything is written: check(recipe) -> None
 PREFLIGHT_CHECKS = {
