@@ -317,9 +317,8 @@ def test_every_mia_attack_is_registered_with_its_paper_and_docs():
 def test_facts_eval_splits_and_world_multiple_choice():
     from posttrain.data.facts import eval_splits, world_multiple_choice
 
-    assert eval_splits("forget05") == {"forget": "forget05", "retain": "retain95", "holdout": "holdout05",
-                                       "wf": "world", "forget_qa": "forget05", "retain_qa": "retain95",
-                                       "verbmem": "forget05"}
+    assert eval_splits("forget05") == {"retain": "retain95", "holdout": "holdout05", "wf": "world",
+                                       "forget_qa": "forget05", "retain_qa": "retain95", "verbmem": "forget05"}
     assert eval_splits("facts:forget10")["holdout"] == "holdout10"
     with pytest.raises(ValueError, match="forget01, forget05, forget10"):
         eval_splits("full")
@@ -381,8 +380,10 @@ def test_news_deterministic_options_and_errors():
     small = news_splits(num_articles=20, num_forget=2)
     assert len(small["forget_text"]) == 2 and len(small["retain_text"]) == 18 and len(small["holdout_text"]) == 2
     assert len(corpus()) == 550
-    assert eval_splits("forget") == {"forget": "forget", "holdout": "holdout", "verbmem": "forget_verbmem",
-                                     "forget_qa": "forget_qa", "retain_qa": "retain_qa", "retain": "retain"}
+    assert eval_splits("forget") == {"retain": "retain", "holdout": "holdout", "verbmem": "forget_verbmem",
+                                     "forget_qa": "forget_qa", "retain_qa": "retain_qa"}
+    assert eval_splits("news:forget_text")["holdout"] == "holdout_text" and eval_splits("forget_qa")["retain"] == \
+        "retain_qa"
     for bad in ({"num_forget": 0}, {"num_articles": 10, "num_forget": 10}, {"num_articles": 149, "num_forget": 2}):
         with pytest.raises(ValueError):
             news_splits(**bad)

@@ -283,8 +283,8 @@ def eval_splits(forget_split: str) -> dict[str, str]:
                          f"{', '.join(_FORGET)}, got '{forget_split}'")
     retain = next(r for r, f in _RETAIN.items() if f == name)
     holdout = next(h for h, f in _HOLDOUT.items() if f == name)
-    return {"forget": name, "retain": retain, "holdout": holdout, "wf": "world", "forget_qa": name,
-            "retain_qa": retain, "verbmem": name}
+    return {"retain": retain, "holdout": holdout, "wf": "world", "forget_qa": name, "retain_qa": retain,
+            "verbmem": name}
 
 
 def corpus(

@@ -166,13 +166,16 @@ def news_rows(split: str = "full", num_articles: int = 100, num_forget: int = 10
 
 def eval_splits(forget_split: str) -> dict[str, str]:
     """The splits each unlearning-evaluation role reads when a run forgets ``forget_split`` (``forget``,
-    ``forget_text`` or ``forget_qa``): members and non-members for membership inference (the forget and holdout
-    articles with their questions), the verbatim set, and the questions about the forget and retain articles."""
-    if forget_split not in ("forget", "forget_text", "forget_qa"):
+    ``forget_text`` or ``forget_qa``): the matching retain and holdout splits (the holdout rows are the
+    non-members of membership inference), the verbatim set, and the questions about the forget and retain
+    articles."""
+    name = forget_split.split(":", 1)[1] if forget_split.startswith("news:") else forget_split
+    holdout = {"forget": "holdout", "forget_text": "holdout_text", "forget_qa": "holdout_qa"}.get(name)
+    if holdout is None:
         raise ValueError(f"the unlearning evaluation of builtin:news needs data.forget split forget, forget_text or "
                          f"forget_qa, got '{forget_split}'")
-    return {"forget": "forget", "holdout": "holdout", "verbmem": "forget_verbmem",
-            "forget_qa": "forget_qa", "retain_qa": "retain_qa", "retain": "retain"}
+    return {"retain": name.replace("forget", "retain"), "holdout": holdout, "verbmem": "forget_verbmem",
+            "forget_qa": "forget_qa", "retain_qa": "retain_qa"}
 
 
 def corpus(num_articles: int = 100, num_forget: int = 10, seed: int = 0) -> list[str]:

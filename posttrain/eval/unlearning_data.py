@@ -154,7 +154,7 @@ def resolve_sources(suite: str, *, model: str | None = None, cli: dict[str, Any]
         if role in cli and role != "forget":
             out[role] = RoleSource(cli[role], CLI_FLAGS[role])
         elif role == "forget":
-            out[role] = (RoleSource(derived["forget"], forget.origin) if "forget" in derived else forget)
+            out[role] = forget
         elif role in RECIPE_ROLES and not overridden and run.get(role) is not None:
             out[role] = RoleSource(run[role], f"the run's data.{role}")
         elif role in derived:
@@ -183,10 +183,13 @@ def load_rows(sources: dict[str, RoleSource], max_samples: int | None = None) ->
     """Each role's rows (``{prompt, completion}`` checked as for training), the first ``max_samples`` of each."""
     from posttrain.data.sources import load_source
 
+    import json
+
     rows: dict[str, list[dict]] = {}
-    loaded: dict[int, list[dict]] = {}
+    loaded: dict[str, list[dict]] = {}  # one list per distinct source: roles reading the same rows share them
     for role, rs in sources.items():
-        key = id(rs.source)
+        srcs = rs.source if isinstance(rs.source, list) else [rs.source]
+        key = json.dumps([s.model_dump() for s in srcs], sort_keys=True, default=str)
         if key not in loaded:
             flag = CLI_FLAGS.get(role, role) if rs.origin.startswith("--") else f"data.{role}"
             ds = load_source(rs.source, flag, "unlearning")
