@@ -299,3 +299,16 @@ def test_lm_eval_runs_the_shipped_local_task_offline(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["lm_eval"] == {"lm_eval/posttrain_world_facts/acc": 1.0}
     assert "better: higher" in capsys.readouterr().out
+
+
+def test_suite_warns_when_generations_are_empty(tmp_path, monkeypatch, capsys):
+    import posttrain.eval.accuracy as accuracy
+
+    monkeypatch.setattr(accuracy, "greedy_completions", lambda model, tok, prompts, **kw: ["" for _ in prompts])
+    out = tmp_path / "suite.json"
+    assert main(["eval", "builtin:tiny-qwen2-facts", "--suite", "unlearning", "--max-samples", "2",
+                 "--output", str(out)]) == 0
+    assert "warning: forget_qa: 2 of 2 greedy generations are empty" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert len(res["warnings"]) == 3 and "knowmem_r is near 0" in res["warnings"][-1]
+    assert res["metrics"]["verbmem_f"] == 0.0 and res["metrics"]["exact_memorization"] == 1.0  # teacher forcing

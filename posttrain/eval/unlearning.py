@@ -162,16 +162,18 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], *, retain_tr=No
     return res
 
 
-def empty_generation_warnings(scored: dict[str, dict[str, Any]]) -> list[str]:
-    """A warning per set where most greedy generations are empty: its ROUGE (and so model_utility) then measures the
-    prompt format, not what the model knows (a chat model ending its turn at once on a raw-text prompt)."""
+def empty_generation_warnings(scored: dict[str, dict[str, Any]], metrics: dict[str, str] | None = None) -> list[str]:
+    """A warning per set where most greedy generations are empty: its ROUGE (``metrics[set]``, default
+    ``<set>_Q_A_ROUGE``; and so model_utility) then measures the prompt format, not what the model knows (a chat model
+    ending its turn at once on a raw-text prompt)."""
     out = []
     for name, s in scored.items():
         gens = s.get("generations") or []
         empty = sum(1 for g in gens if not g.strip())
         if gens and empty * 2 > len(gens):
+            metric = (metrics or {}).get(name, f"{name}_Q_A_ROUGE")
             out.append(f"{name}: {empty} of {len(gens)} greedy generations are empty (the model ends at once), so "
-                       f"{name}_Q_A_ROUGE is near 0 whatever the model knows; check the prompt format (data.chat_template "
+                       f"{metric} is near 0 whatever the model knows; check the prompt format (data.chat_template "
                        "/ --chat-template: a chat model needs its template)")
     return out
 

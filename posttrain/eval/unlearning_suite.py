@@ -176,7 +176,7 @@ def evaluate_suite(model, tokenizer, sets: dict[str, list[dict]], *, reference: 
     metrics: dict[str, float] = {}
     skipped: dict[str, str] = {}
     per_row: dict[str, Any] = {}
-    samples: dict[str, list[dict]] = {}
+    generations: dict[str, list[dict]] = {}
     stats: dict[str, list[um.TokenStats]] = {}
 
     def stats_of(role: str) -> list[um.TokenStats]:
@@ -209,7 +209,7 @@ def evaluate_suite(model, tokenizer, sets: dict[str, list[dict]], *, reference: 
         verb = stats_of("verbmem")
         metrics["extraction_strength"] = float(np.mean([um.extraction_strength(s.match) for s in verb]))
         metrics["exact_memorization"] = float(np.mean([um.exact_memorization(s.match) for s in verb]))
-        samples["verbmem"] = _samples(rows, gens)
+        generations["verbmem"] = _samples(rows, gens)
     for role, name in (("forget_qa", "knowmem_f"), ("retain_qa", "knowmem_r")):
         if not sets.get(role):
             skipped[name] = f"no {role} set"
@@ -217,19 +217,25 @@ def evaluate_suite(model, tokenizer, sets: dict[str, list[dict]], *, reference: 
         f1, gens = greedy_rouge_f1(model, tokenizer, sets[role], knowmem_max_new_tokens or KNOWMEM_MAX_NEW_TOKENS,
                                    batch_size, cut_stop_words=True)
         metrics[name] = float(f1.mean())
-        samples[role] = _samples(sets[role], gens)
+        generations[role] = _samples(sets[role], gens)
     reference_text = ("the retain model's mia_min_k" if reference_auc is not None
                       else "0.5 (no retain model: the AUC of a model that saw neither set)")
+    from posttrain.eval.unlearning import empty_generation_warnings
+
+    warnings = empty_generation_warnings({role: {"generations": [x["generation"] for x in rows]}
+                                          for role, rows in generations.items()},
+                                         {"verbmem": "verbmem_f", "forget_qa": "knowmem_f", "retain_qa": "knowmem_r"})
     return {"metrics": metrics, "skipped": skipped, "privleak_reference": reference_text,
             "privleak_reference_auc": 0.5 if reference_auc is None else float(reference_auc),
-            "samples": samples, "per_row": per_row}
+            "samples": {role: rows[:3] for role, rows in generations.items()}, "per_row": per_row,
+            "warnings": warnings}
 
 
-def _samples(rows: list[dict], gens: list[str], n: int = 3) -> list[dict]:
+def _samples(rows: list[dict], gens: list[str]) -> list[dict]:
     from posttrain.data.formatting import content_text
 
     return [{"prompt": r["prompt"], "answer": content_text(r["completion"]), "generation": g}
-            for r, g in zip(rows[:n], gens[:n])]
+            for r, g in zip(rows, gens, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -344,11 +350,13 @@ def cli_eval_suite(args) -> int:
               "reference_model": reference_spec, "data": data, "metrics": res["metrics"],
               "retain_model_metrics": retain_metrics, "about": {**about, **about_extra}, "skipped": res["skipped"],
               "privleak_reference": res["privleak_reference"], "privleak_reference_auc": res["privleak_reference_auc"],
-              "mia_k": MIN_K, "samples": res["samples"], "per_row": res["per_row"]}
+              "mia_k": MIN_K, "samples": res["samples"], "per_row": res["per_row"], "warnings": res["warnings"]}
     out = Path(args.output) if args.output else (Path(args.model) / RESULT_FILE if Path(args.model).is_dir() else None)
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_table({**result, "about_extra": about_extra}))
+    for warning in res["warnings"]:
+        print(f"warning: {warning}")
     if out is not None:
         print(f"wrote {out}")
     return 0
