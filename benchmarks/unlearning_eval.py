@@ -7,7 +7,8 @@ built-in facts task (TOFU in miniature) and the built-in news task (MUSE in mini
 For each task: the retain model (never trained on the forget set) is evaluated once and is every other row's
 reference (its JSON gives privleak's AUC; the model itself is the reference attack's model); the untouched start
 model is evaluated; then ``recipes/unlearn_ga.yaml`` and ``recipes/unlearn_npo_rt.yaml`` are trained as shipped (on
-news with the model and data swapped for the news ones), one run per seed, and evaluated. Every command runs as
+news with the model and data swapped for the news ones; on news also ``recipes/unlearn_news.yaml``), one run per seed,
+and evaluated. Every command runs as
 ``posttrain ...`` in a subprocess; the table gives each metric's mean and standard deviation over the seeds. The
 seed changes the order of the forget rows and the retain rows paired with them; the start model is the same.
 """
@@ -25,12 +26,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# task -> start model, retain model, the --set that point the facts recipes at the task (and at its retain set, for
+# methods with a retain term), and the task's own recipes (run as they are)
 TASKS = {
     "facts": {"model": "builtin:tiny-qwen2-facts", "retain_model": "builtin:tiny-qwen2-facts-retain95",
-              "set": {}, "retain": {}},
+              "set": {}, "retain": {}, "own": {}},
     "news": {"model": "builtin:tiny-qwen2-news", "retain_model": "builtin:tiny-qwen2-news-retain",
              "set": {"model": "builtin:tiny-qwen2-news", "data.forget": "{source: builtin:news, split: forget}"},
-             "retain": {"data.retain": "{source: builtin:news, split: retain}"}},
+             "retain": {"data.retain": "{source: builtin:news, split: retain}"},
+             "own": {"unlearn_news": "recipes/unlearn_news.yaml"}},
 }
 RECIPES = {"ga": "recipes/unlearn_ga.yaml", "npo_rt": "recipes/unlearn_npo_rt.yaml"}
 METRICS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "mia_reference", "privleak", "verbmem_f",
@@ -86,7 +90,7 @@ def table(task: str, result: dict) -> str:
     rows = [("retain model (the reference)", {k: {"mean": v} for k, v in result["retain"]["metrics"].items()
                                               if k != "privleak"}),
             ("untouched", {k: {"mean": v} for k, v in result["untouched"]["metrics"].items()})]
-    rows += [(f"`{method}` ({len(result['runs'][method])} seeds)", result["summary"][method]) for method in RECIPES]
+    rows += [(f"`{method}` ({len(runs)} seeds)", result["summary"][method]) for method, runs in result["runs"].items()]
     for label, stats in rows:
         lines.append(f"| {label} | " + " | ".join(cell(stats, n) for n in names) + " |")
     return "\n".join(lines)
@@ -113,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                                               args.lm_eval)
             res = {"retain": {"model": task["retain_model"], "metrics": retain, "eval_s": t_retain},
                    "untouched": {"model": task["model"], "metrics": untouched, "eval_s": t_untouched},
-                   "runs": {m: [] for m in RECIPES}}
+                   "runs": {m: [] for m in (*RECIPES, *task["own"])}}
             for seed in args.seeds:
-                for method, recipe in RECIPES.items():
+                for method, recipe in {**RECIPES, **task["own"]}.items():
                     run = tmp / f"{name}_{method}_{seed}"
-                    sets = {**task["set"], **(task["retain"] if method == "npo_rt" else {}), "seed": str(seed),
-                            "output_dir": str(run), "training.save_strategy": "no", "report": "false"}
+                    own = method in task["own"]
+                    sets = {**({} if own else task["set"]), **(task["retain"] if method == "npo_rt" else {}),
+                            "seed": str(seed), "output_dir": str(run), "training.save_strategy": "no",
+                            "report": "false", "eval.steps": "null"}
                     print(f"[{name}] {method} seed {seed} ...", flush=True)
                     t_train = posttrain("train", recipe, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
                     metrics, t_eval = evaluate(str(run), tmp / f"{name}_{method}_{seed}.json", task, retain_json,
