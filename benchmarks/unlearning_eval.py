@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     own = method in task["own"]
                     sets = {**({} if own else task["set"]), **(task["retain"] if method == "npo_rt" else {}),
                             "seed": str(seed), "output_dir": str(run), "training.save_strategy": "no",
-                            "report": "false", "eval.steps": "null"}
+                            "report": "false", "eval.steps": "null", "eval.retain_model": "null"}
                     print(f"[{name}] {method} seed {seed} ...", flush=True)
                     t_train = posttrain("train", recipe, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
                     metrics, t_eval = evaluate(str(run), tmp / f"{name}_{method}_{seed}.json", task, retain_json,
