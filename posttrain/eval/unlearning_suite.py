@@ -15,7 +15,8 @@ The sets (each a list of rows, resolved by :mod:`posttrain.eval.unlearning_data`
   ``posttrain eval --lm-eval TASKS`` adds lm-evaluation-harness benchmarks.
 
 Rows are ``{prompt, completion}``, plain or conversational, rendered as everywhere else
-(:func:`posttrain.data.formatting.render_prompt_completion`: a plain completion gets the tokenizer's EOS). The metric
+(:func:`posttrain.data.formatting.tokenize_prompt_completion`: a plain completion gets the tokenizer's EOS; a
+conversational one is scored on its assistant turns and their end-of-turn tokens). The metric
 definitions (pure functions, hand-checked tests) are in :mod:`posttrain.eval.unlearning_metrics`;
 docs/unlearning.md#evaluation-posttrain-eval-model---suite-unlearning documents them.
 """
@@ -91,7 +92,7 @@ def stats_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 def token_stats(model, tokenizer, rows: list[dict], batch_size: int = 8) -> list[um.TokenStats]:
     """:class:`~posttrain.eval.unlearning_metrics.TokenStats` of each ``{prompt, completion}`` row under ``model``
     (one forward with full logits per batch of ``batch_size`` rows: memory ``batch_size x length x vocab``)."""
-    from posttrain.data.formatting import render_prompt_completion
+    from posttrain.data.formatting import tokenize_prompt_completion
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -102,24 +103,23 @@ def token_stats(model, tokenizer, rows: list[dict], batch_size: int = 8) -> list
         for start in range(0, len(rows), batch_size):
             encoded = []
             for row in rows[start : start + batch_size]:
-                prompt, completion = render_prompt_completion(row["prompt"], row["completion"], tokenizer)
-                p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-                if not p:  # the first scored token needs a predecessor
-                    p = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad]
-                encoded.append((p, c))
-            width = max(len(p) + len(c) for p, c in encoded)
-            ids = torch.tensor([p + c + [pad] * (width - len(p) - len(c)) for p, c in encoded], device=device)
-            attn = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in encoded],
-                                device=device)
-            logits = model(input_ids=ids, attention_mask=attn).logits
-            for i, (p, c) in enumerate(encoded):
-                span = slice(len(p) - 1, len(p) + len(c) - 1)  # the positions that predict the completion tokens
+                tokens = tokenize_prompt_completion(row["prompt"], row["completion"], tokenizer)
+                ids, mask = list(tokens.input_ids), list(tokens.mask)
+                if mask and mask[0]:  # the first scored token needs a predecessor
+                    ids, mask = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad] + ids, [0] + mask
+                encoded.append((ids, mask))
+            width = max(len(ids) for ids, _ in encoded)
+            batch = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded], device=device)
+            attn = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded], device=device)
+            logits = model(input_ids=batch, attention_mask=attn).logits
+            for i, (ids, mask) in enumerate(encoded):
+                scored = torch.tensor([j for j, m in enumerate(mask) if m], device=device, dtype=torch.long)
                 logp, mu, var, match = (t.cpu().numpy().astype(np.float64)
-                                        for t in stats_from_logits(logits[i, span], ids[i, len(p) : len(p) + len(c)]))
-                keep = max(1, len(c) - 1)  # token-level metrics leave out the final EOS / end of turn
-                out.append(um.TokenStats(logp=logp, text=tokenizer.decode(c, skip_special_tokens=True),
-                                         token_logp=logp[:keep], mu=mu[:keep], var=var[:keep], match=match[:keep]))
+                                        for t in stats_from_logits(logits[i, scored - 1], batch[i, scored]))
+                keep = max(1, len(scored) - 1)  # token-level metrics leave out the final EOS / end of turn
+                text = tokenizer.decode([ids[j] for j in scored.tolist()], skip_special_tokens=True)
+                out.append(um.TokenStats(logp=logp, text=text, token_logp=logp[:keep], mu=mu[:keep], var=var[:keep],
+                                         match=match[:keep]))
     finally:
         model.train(was_training)
     return out
