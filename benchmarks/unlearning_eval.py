@@ -2,6 +2,7 @@
 built-in facts task (TOFU in miniature) and the built-in news task (MUSE in miniature), over several seeds.
 
     python benchmarks/unlearning_eval.py --seeds 0 1 2 --out benchmarks/results/unlearning_eval_cpu.json
+    python benchmarks/unlearning_eval.py --tasks news --seeds 0 1 2 --methods ga npo_rt --out ...  # a subset
     python benchmarks/unlearning_eval.py --tasks news --seeds 0 --lm-eval     # + the shipped lm-eval task (extra)
 
 For each task: the retain model (never trained on the forget set) is evaluated once and is every other row's
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=None, help="recipes to train (default: ga, npo_rt and the "
+                        "task's own, unlearn_news on news)")
     parser.add_argument("--lm-eval", action="store_true", help=f"also the shipped lm-eval task {LM_EVAL_TASK} "
                         "(needs the lm-eval extra)")
     parser.add_argument("--out", help="write every result and the summary as JSON here")
@@ -117,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                                               args.lm_eval)
             res = {"retain": {"model": task["retain_model"], "metrics": retain, "eval_s": t_retain},
                    "untouched": {"model": task["model"], "metrics": untouched, "eval_s": t_untouched},
-                   "runs": {m: [] for m in (*RECIPES, *task["own"])}}
+                   "runs": {}}
+            methods = {m: r for m, r in {**RECIPES, **task["own"]}.items()
+                       if args.methods is None or m in args.methods}
             for seed in args.seeds:
-                for method, recipe in {**RECIPES, **task["own"]}.items():
+                for method, recipe in methods.items():
                     run = tmp / f"{name}_{method}_{seed}"
                     own = method in task["own"]
                     sets = {**({} if own else task["set"]), **(task["retain"] if method == "npo_rt" else {}),
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     t_train = posttrain("train", recipe, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
                     metrics, t_eval = evaluate(str(run), tmp / f"{name}_{method}_{seed}.json", task, retain_json,
                                                args.lm_eval)
-                    res["runs"][method].append({"seed": seed, "metrics": metrics, "train_s": t_train,
+                    res["runs"].setdefault(method, []).append({"seed": seed, "metrics": metrics, "train_s": t_train,
                                                 "eval_s": t_eval})
             res["summary"] = {m: summarise([r["metrics"] for r in runs]) for m, runs in res["runs"].items()}
             results[name] = res

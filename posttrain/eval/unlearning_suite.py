@@ -106,7 +106,8 @@ def token_stats(model, tokenizer, rows: list[dict], batch_size: int = 8) -> list
                 tokens = tokenize_prompt_completion(row["prompt"], row["completion"], tokenizer)
                 ids, mask = list(tokens.input_ids), list(tokens.mask)
                 if mask and mask[0]:  # the first scored token needs a predecessor
-                    ids, mask = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad] + ids, [0] + mask
+                    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad
+                    ids, mask = [start_id] + ids, [0] + mask
                 encoded.append((ids, mask))
             width = max(len(ids) for ids, _ in encoded)
             batch = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded], device=device)
