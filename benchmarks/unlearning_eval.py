@@ -4,6 +4,7 @@ built-in facts task (TOFU in miniature) and the built-in news task (MUSE in mini
     python benchmarks/unlearning_eval.py --seeds 0 1 2 --out benchmarks/results/unlearning_eval_cpu.json
     python benchmarks/unlearning_eval.py --tasks news --seeds 0 1 2 --methods ga npo_rt --out ...  # a subset
     python benchmarks/unlearning_eval.py --tasks news --seeds 0 --lm-eval     # + the shipped lm-eval task (extra)
+    python benchmarks/unlearning_eval.py --table benchmarks/results/unlearning_eval_news_cpu.json  # the docs' table
 
 For each task: the retain model (never trained on the forget set) is evaluated once and is every other row's
 reference (its JSON gives privleak's AUC; the model itself is the reference attack's model); the untouched start
@@ -106,8 +107,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lm-eval", action="store_true", help=f"also the shipped lm-eval task {LM_EVAL_TASK} "
                         "(needs the lm-eval extra)")
     parser.add_argument("--out", help="write every result and the summary as JSON here")
+    parser.add_argument("--table", metavar="JSON", help="only print the markdown tables of a saved --out file")
     args = parser.parse_args(argv)
+    if args.table:
+        for name, res in json.loads(Path(args.table).read_text())["results"].items():
+            print(table(name, res))
+        return 0
+    import platform
+
+    import torch
+    import transformers
+
     results = {}
+    report = {"command": "python benchmarks/unlearning_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "device": "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+              "python": platform.python_version(), "recipes": RECIPES, "results": results}
+
+    def save(res: dict) -> None:
+        """The summary so far, written after every run: an interrupted benchmark keeps the seeds it finished."""
+        res["summary"] = {m: summarise([r["metrics"] for r in runs]) for m, runs in res["runs"].items()}
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="unlearning_eval_") as tmp:
         tmp = Path(tmp)
         for name in args.tasks:
@@ -118,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] untouched {task['model']} ...", flush=True)
             untouched, t_untouched = evaluate(task["model"], tmp / f"{name}_untouched.json", task, retain_json,
                                               args.lm_eval)
-            res = {"retain": {"model": task["retain_model"], "metrics": retain, "eval_s": t_retain},
-                   "untouched": {"model": task["model"], "metrics": untouched, "eval_s": t_untouched},
-                   "runs": {}}
+            results[name] = res = {"retain": {"model": task["retain_model"], "metrics": retain, "eval_s": t_retain},
+                                   "untouched": {"model": task["model"], "metrics": untouched,
+                                                 "eval_s": t_untouched},
+                                   "runs": {}}
             methods = {m: r for m, r in {**RECIPES, **task["own"]}.items()
                        if args.methods is None or m in args.methods}
             for seed in args.seeds:
@@ -134,24 +156,14 @@ def main(argv: list[str] | None = None) -> int:
                     t_train = posttrain("train", recipe, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
                     metrics, t_eval = evaluate(str(run), tmp / f"{name}_{method}_{seed}.json", task, retain_json,
                                                args.lm_eval)
-                    res["runs"].setdefault(method, []).append({"seed": seed, "metrics": metrics, "train_s": t_train,
-                                                "eval_s": t_eval})
-            res["summary"] = {m: summarise([r["metrics"] for r in runs]) for m, runs in res["runs"].items()}
-            results[name] = res
+                    res["runs"].setdefault(method, []).append(
+                        {"seed": seed, "metrics": metrics, "train_s": t_train, "eval_s": t_eval})
+                    save(res)
+            save(res)
             print(table(name, res), flush=True)
-    import platform
-
-    import torch
-    import transformers
-
-    report = {"command": "python benchmarks/unlearning_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-              "python": platform.python_version(), "recipes": RECIPES, "results": results}
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -181,9 +181,9 @@ def _source_of(role, cli, run, overridden, derived, forget) -> RoleSource | None
 
 def load_rows(sources: dict[str, RoleSource], max_samples: int | None = None) -> dict[str, list[dict]]:
     """Each role's rows (``{prompt, completion}`` checked as for training), the first ``max_samples`` of each."""
-    from posttrain.data.sources import load_source
-
     import json
+
+    from posttrain.data.sources import load_source
 
     rows: dict[str, list[dict]] = {}
     loaded: dict[str, list[dict]] = {}  # one list per distinct source: roles reading the same rows share them
