@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=None, help="recipes to train (default: ga, npo_rt and the "
+    parser.add_argument("--methods", nargs="+", default=None,
+                        choices=[*RECIPES, *(m for task in TASKS.values() for m in task["own"])], help="recipes to train (default: ga, npo_rt and the "
                         "task's own, unlearn_news on news)")
     parser.add_argument("--lm-eval", action="store_true", help=f"also the shipped lm-eval task {LM_EVAL_TASK} "
                         "(needs the lm-eval extra)")
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         print(f"wrote {args.out}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
