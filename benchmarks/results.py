@@ -682,11 +682,12 @@ def plot(family: str, results: list[dict], out: Path, quick: bool) -> list[str]:
     names = []
     panels = groups(results)
     for key, ylabel in spec.curves:
-        shown = {k: v for k, v in panels.items() if k != BASELINE}
+        shown = {k: v for k, v in panels.items() if k != BASELINE} or panels
         fig, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 3.8), squeeze=False)
         drawn = False
         for ax, (panel, labels) in zip(axes[0], shown.items()):
-            for label, rs in [*panels.get(BASELINE, {}).items(), *labels.items()]:
+            shared = panels.get(BASELINE, {}) if panel != BASELINE else {}
+            for label, rs in [*shared.items(), *labels.items()]:
                 series = [dict(curve(r, key)) for r in rs if "error" not in r]
                 series = [s for s in series if s]
                 if not series:
