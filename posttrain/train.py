@@ -228,11 +228,10 @@ def load_models(recipe: Recipe, info: MethodInfo, tokenizer=None):
             r = recipe.ref_model
             logger.info("loading reference model: %s", r.path)
             ref_model = load_model(r.path, **load_options(r), key="ref_model.path")
-        elif recipe.peft is None:  # default: a frozen copy of the initial policy
-            import copy
-
+        elif recipe.peft is None:  # default: a frozen copy of the initial policy, loaded again (under ZeRO-3 the
+            # policy is already partitioned by zero.Init, and a deep copy of a partitioned model is no model at all)
             logger.info("reference model: a frozen copy of the policy")
-            ref_model = copy.deepcopy(model)
+            ref_model = load_model(m.path, **load_options(m))
         else:
             logger.info("reference model: the policy with its adapter disabled")
         # with peft and no ref_model: the adapter-disabled base is the reference (handled by the trainer)

@@ -110,6 +110,13 @@ class AtomicCheckpointMixin:
     # Set by posttrain.train.run: what the model card (posttrain.card) is written from.
     card_context = None
 
+    def create_accelerator_and_postprocess(self):
+        """HF's accelerator, with FSDP also on a CPU-only launch (:func:`posttrain.distributed.fsdp_on_cpu`)."""
+        from posttrain.distributed import fsdp_on_cpu
+
+        with fsdp_on_cpu():
+            return super().create_accelerator_and_postprocess()
+
     def create_model_card(self, *args, **kwargs):
         """posttrain's card in ``output_dir/README.md``, instead of TRL's (which cannot name the base model of a
         posttrain run and says "fine-tuned version of [None]"). TRL calls this on every checkpoint save."""

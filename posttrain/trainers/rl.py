@@ -136,19 +136,13 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     def _prepare_reference(self, ref_model):
         """What TRL's ``__init__`` does to the reference it builds, for one given with a PEFT policy."""
-        from trl.models import prepare_deepspeed, prepare_fsdp
-        from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+        from trl.trainer.utils import add_fused_lm_head
 
-        if self.args.disable_dropout:
-            disable_dropout_in_model(ref_model)
-        ref_model.eval().requires_grad_(False)
+        from posttrain.distributed import prepare_frozen
+
         # TRL also casts the LM head weight to fp32; the projection in fp32 is what matters for the log-probs
         add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return prepare_frozen(ref_model, self.accelerator, disable_dropout=self.args.disable_dropout)
 
     # ---------------------------------------------------------------------------------------------------------------
     # advantages

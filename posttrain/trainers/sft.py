@@ -61,8 +61,9 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         super().__init__(*args, **kwargs)
         self.anchor_model = anchor_model
         if anchor_model is not None:
-            anchor_model.eval().requires_grad_(False)
-            self.anchor_model = self.accelerator.prepare_model(anchor_model, evaluation_mode=True)
+            from posttrain.distributed import prepare_frozen
+
+            self.anchor_model = prepare_frozen(anchor_model, self.accelerator)
         if self.objective.extra_columns:
             self.data_collator = _ExtraColumnsCollator(self.data_collator, list(self.objective.extra_columns))
         if not self.objective.token_sum_loss:

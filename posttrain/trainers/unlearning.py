@@ -194,9 +194,10 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.ref_model = None
         if ref_model is not None:
+            from posttrain.distributed import prepare_frozen
+
             ensure_fused_head(ref_model)
-            ref_model.eval().requires_grad_(False)
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            self.ref_model = prepare_frozen(ref_model, self.accelerator)
         if isinstance(self.train_dataset, ForgetRetainDataset):
             self.add_callback(_EpochCallback(self.train_dataset))
         self.weight_mask = None
