@@ -24,7 +24,7 @@ BACKENDS: dict[str, list[str]] = {
                       "--zero3_save_16bit_model", "true", "--offload_optimizer_device", "cpu",
                       "--offload_param_device", "cpu"],
     "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-              "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true"],
+              "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "false"],
 }
 NEEDS = {"zero2": "deepspeed", "zero3": "deepspeed", "zero3_offload": "deepspeed"}
 

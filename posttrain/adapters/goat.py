@@ -159,13 +159,21 @@ def topk_route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Te
 
 def goat_balance_loss(p: torch.Tensor, selected: torch.Tensor, top_k: int, match_reference: bool = False) -> torch.Tensor:
     """App. C balance loss over T tokens (rows). Paper: ``Σ_i (E·c_i/(k·T))·P_i``; reference: ``E·Σ_i (c_i/T)·P_i``."""
-    T, E = p.shape
-    if T == 0:
-        return p.sum() * 0.0
-    c = selected.detach().sum(0)
-    P = p.mean(0)
-    f = E * c / T if match_reference else E * c / (top_k * T)
-    return (f * P).sum()
+    return goat_balance_loss_from_sums(p.sum(0), selected.detach().sum(0), p.shape[0], top_k, match_reference)
+
+
+def goat_balance_loss_from_sums(p_sum: torch.Tensor, counts: torch.Tensor, tokens, top_k: int,
+                                match_reference: bool = False, num_processes: int = 1) -> torch.Tensor:
+    """:func:`goat_balance_loss` from per-expert sums: ``p_sum_i = Σ_t p_ti`` (differentiable), ``counts_i = c_i``
+    and ``tokens = T``. Data-parallel (docs/methods/goat.md#load-balancing-loss): ``counts`` and ``tokens`` are those of
+    the global batch (summed over the processes) and ``p_sum`` this process's, divided by ``tokens / num_processes``,
+    so that the processes' mean (the averaged gradient) is the balance loss of the global batch."""
+    tokens = torch.as_tensor(tokens, dtype=torch.float32, device=p_sum.device)
+    if float(tokens) == 0:
+        return p_sum.sum() * 0.0
+    E = p_sum.shape[-1]
+    f = E * counts / tokens if match_reference else E * counts / (top_k * tokens)
+    return (f * (p_sum / (tokens / num_processes))).sum()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,8 +237,11 @@ class GoatLinear(nn.Module, LoraLayer):
         B = torch.zeros(E, m, d, device=dev, dtype=torch.float32)
         cof = g.init_cof if g.init_cof is not None else 1.0 / E
         if config.init_lora_weights is not False:
+            from posttrain.distributed import gathered
+
             t0 = time.perf_counter()
-            A, B, _ = goat_svd_factors(W, E, r, s, g.rho)
+            with gathered(W):  # ZeRO-3 loads the base weights partitioned (zero.Init)
+                A, B, _ = goat_svd_factors(W, E, r, s, g.rho)
             A, B = A.to(dev), B.to(dev)
             self.goat_init_svd_seconds = time.perf_counter() - t0
             _svd_progress(self.goat_init_svd_seconds)
@@ -287,7 +298,8 @@ class GoatLinear(nn.Module, LoraLayer):
         if mask is not None and not self.goat.aux_count_padding and mask.numel() == p.shape[0]:
             keep = mask.reshape(-1).to(p.device) != 0
             p, selected = p[keep], selected[keep]
-        self._goat_aux.append(goat_balance_loss(p, selected, self.goat.top_k, self.goat.aux_match_reference))
+        # per-expert sums of this forward; goat_aux_loss turns them into the balance loss
+        self._goat_aux.append((p.sum(0), selected.detach().sum(0), float(p.shape[0])))
         with torch.no_grad():
             T = max(p.shape[0], 1)
             self._goat_load.append(selected.sum(0) / (T * self.goat.top_k))
@@ -422,13 +434,29 @@ def clear_goat_aux(model: nn.Module) -> None:
         layer._goat_entropy.clear()
 
 
-def goat_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Model aux = Σ over GOAT layers of the mean of the balance losses recorded since the last clear."""
+def goat_aux_loss(model: nn.Module, sum_over_processes=None, num_processes: int = 1) -> torch.Tensor:
+    """Model aux = Σ over GOAT layers of the mean of the balance losses recorded since the last clear.
+
+    ``sum_over_processes`` (a function summing a tensor over the processes, e.g. ``accelerator.reduce``): the expert
+    counts and token totals of every record are those of the global batch (one reduction for all layers), see
+    :func:`goat_balance_loss_from_sums`; without it each process's balance loss is its own batch's."""
+    layers = [layer for layer in goat_layers(model) if layer._goat_aux]
+    records = [record for layer in layers for record in layer._goat_aux]
+    counts = None
+    if records and sum_over_processes is not None and num_processes > 1:
+        table = torch.stack([torch.cat([c.float(), c.new_tensor([t], dtype=torch.float32)]) for _, c, t in records])
+        counts = iter(sum_over_processes(table))
     total = None
-    for layer in goat_layers(model):
-        if layer._goat_aux:
-            v = torch.stack(layer._goat_aux).mean()
-            total = v if total is None else total + v.to(total.device)
+    for layer in layers:
+        values = []
+        for p_sum, c, t in layer._goat_aux:
+            if counts is not None:
+                row = next(counts)
+                c, t = row[:-1], row[-1]
+            values.append(goat_balance_loss_from_sums(p_sum, c, t, layer.goat.top_k, layer.goat.aux_match_reference,
+                                                      num_processes if counts is not None else 1))
+        v = torch.stack(values).mean()
+        total = v if total is None else total + v.to(total.device)
     if total is None:
         p = next(model.parameters())
         return torch.zeros((), device=p.device, dtype=torch.float32)
@@ -468,16 +496,19 @@ def goat_metrics(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def save_goat(model: PeftModel, save_directory: str) -> str:
+def save_goat(model: PeftModel, save_directory: str, write_weights: bool = True) -> str:
     """Write ``adapter_config.json`` (init_lora_weights=False; ``peft_type`` = :data:`GOAT_PEFT_TYPE`, so that plain
-    PEFT loading fails loudly), ``adapter_model.safetensors`` and ``goat_config.json``."""
+    PEFT loading fails loudly), ``adapter_model.safetensors`` and ``goat_config.json``. ``write_weights=False``: the
+    adapter was already saved there (by the Trainer, which gathers sharded weights first); only the configs are
+    written."""
     settings: GOATSettings | None = getattr(model, "goat_settings", None)
     layers = goat_layers(model)
     if not layers:
         raise ValueError("save_goat: the model has no GOAT layers")
     if settings is None:
         settings = type(layers[0]).goat
-    model.save_pretrained(save_directory)
+    if write_weights:
+        model.save_pretrained(save_directory)
     cfg_path = os.path.join(save_directory, "adapter_config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
@@ -567,8 +598,14 @@ class GOATTrainerMixin:
             layers = goat_layers(model)
             coef = type(layers[0]).goat.aux_coef if layers else 0.0
         if coef and model.training:
-            aux = goat_aux_loss(model)
-            self._goat_last_metrics = goat_metrics(model)
+            from posttrain.distributed import reduce_metrics
+
+            accelerator = self.accelerator
+            aux = goat_aux_loss(model, lambda t: accelerator.reduce(t, reduction="sum"), accelerator.num_processes)
+            metrics = goat_metrics(model)
+            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+            scalars["goat/aux_loss"] = aux.detach()
+            self._goat_last_metrics = {**metrics, **reduce_metrics(accelerator, scalars)}
             # The Trainer divides the loss by the GA steps only when compute_loss did not already normalise by
             # num_items_in_batch; in that case scale the per-micro-batch aux so it is averaged, not summed, over GA.
             scaled = getattr(self, "loss_is_scaled_for_ga", None)
