@@ -172,10 +172,8 @@ def reduce_metrics(accelerator, metrics: dict[str, Any]) -> dict[str, float]:
     table = torch.stack(rows)
     if accelerator.num_processes > 1:
         table = accelerator.reduce(table, reduction="sum")
-    out = {}
-    for name, (total, count) in zip(names, table.tolist(), strict=True):
-        out[name] = total / count if count > 0 else 0.0
-    return out
+    means = torch.where(table[:, 1] > 0, table[:, 0] / table[:, 1].clamp(min=1e-30), torch.zeros_like(table[:, 0]))
+    return dict(zip(names, means.tolist(), strict=True))
 
 
 def process_share(accelerator, count: torch.Tensor | float) -> torch.Tensor:

@@ -564,7 +564,7 @@ def test_sparsepo_metrics():
     }
     assert set(met) == set(expected)
     for k, v in expected.items():
-        assert met[k] == pytest.approx(v, abs=1e-5), k
+        assert float(met[k]) == pytest.approx(v, abs=1e-5), k
 
 
 def test_mapo_worked_example():

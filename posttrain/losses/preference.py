@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.distributed import TokenMean
+
 __all__ = [
     "PreferenceLossOutput",
     "sequence_logps",
@@ -409,10 +411,11 @@ def sparsepo_metrics(
     rejected_reward_mask: torch.Tensor | None = None,
     chosen_kl_mask: torch.Tensor | None = None,
     rejected_kl_mask: torch.Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | TokenMean]:
     """SparsePO metrics (docs/methods/sparsepo.md#metrics), with our fixes: SeqKL over completion tokens only, margins as the mean
     of per-pair absolute differences. ``*_logps`` are the unweighted policy sums. For a common mask pass the same
-    tensors as reward and KL masks. Masks that are off (None) get no sparsity / L1 entries."""
+    tensors as reward and KL masks. Masks that are off (None) get no sparsity / L1 entries. The sparsities are
+    :class:`~posttrain.distributed.TokenMean` (``float()`` gives the value)."""
     metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps)
     seq_kl_w = _masked_sum(chosen_token_kl.detach(), chosen_loss_mask)
     seq_kl_l = _masked_sum(rejected_token_kl.detach(), rejected_loss_mask)
@@ -430,8 +433,11 @@ def sparsepo_metrics(
     for short, tag, cm, rm in pairs:
         if cm is None or rm is None:
             continue
-        metrics[f"Weights/{short}_chosen_sparsity"] = mask_sparsity(cm.detach(), chosen_loss_mask).item()
-        metrics[f"Weights/{short}_rejected_sparsity"] = mask_sparsity(rm.detach(), rejected_loss_mask).item()
+        # token shares: pooled over processes by posttrain.distributed.reduce_metrics
+        for side, values, loss_mask in (("chosen", cm, chosen_loss_mask), ("rejected", rm, rejected_loss_mask)):
+            tokens = loss_mask.to(torch.bool).sum().float()
+            sparsity = mask_sparsity(values.detach(), loss_mask)
+            metrics[f"Weights/{short}_{side}_sparsity"] = TokenMean(sparsity * tokens, tokens)
         metrics[f"Weights/{tag}_chosen_l1_norm"] = _l1(cm.detach(), chosen_loss_mask).mean().item()
         metrics[f"Weights/{tag}_rejected_l1_norm"] = _l1(rm.detach(), rejected_loss_mask).mean().item()
     return metrics

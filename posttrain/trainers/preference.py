@@ -46,6 +46,7 @@ from posttrain.losses.preference import (
     wpo_pair_weights,
     wpo_sequence_weights,
 )
+from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
 from posttrain.registry import Registry
@@ -223,8 +224,9 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            metrics["aux_loss"] = self.accelerator.gather(outputs.aux_loss.detach()).mean().item()
-        for name, value in metrics.items():
+            metrics["aux_loss"] = outputs.aux_loss.detach()
+        # values already gathered over processes stay as they are; per-process ones are averaged, token means pooled
+        for name, value in reduce_metrics(self.accelerator, metrics).items():
             self._metrics[mode][name].append(value)
         self._log_trl_metrics(mode, inputs, outputs, mask, seq_len)
         if return_outputs:
@@ -358,9 +360,8 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
         # mask density: share of completion tokens whose (reward, else KL) mask is non-zero, and its mean value
         shown = reward_mask if reward_mask is not None else kl_mask
         if shown is not None:
-            n = sel.sum().clamp(min=1)
-            metrics["sparsepo/mask_density"] = (((shown.detach() != 0) & sel).sum() / n).item()
-            metrics["sparsepo/mask_mean"] = ((shown.detach().float() * sel).sum() / n).item()
+            metrics["sparsepo/mask_density"] = TokenMean.of((shown != 0).float(), sel)
+            metrics["sparsepo/mask_mean"] = TokenMean.of(shown, sel)
         return loss, metrics
 
     # Shared TRL metrics ------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.logprobs import ensure_fused_head
 from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES, uses_reference, uses_retain
@@ -282,6 +283,18 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         for name in ("beta", "gamma", "alpha", "delta"):
             if hasattr(self.params, name):
                 kwargs[name] = float(getattr(self.params, name))
+        if self.accelerator.num_processes > 1:
+            # token means over the global micro-batch: each process's token sum over its share of all processes'
+            # tokens (the gradient averaging over processes does the rest)
+            from posttrain.distributed import process_share
+
+            kwargs["forget_num_items"] = process_share(self.accelerator, t["forget_mask"].sum())
+            if kwargs.get("retain_mask") is not None:
+                kwargs["retain_num_items"] = process_share(self.accelerator, kwargs["retain_mask"].sum())
+            elif "retain_logits" in kwargs:
+                scored = kwargs.get("retain_kl_mask")
+                count = scored.sum() if scored is not None else kwargs["retain_logits"].shape[:-1].numel()
+                kwargs["retain_num_items"] = process_share(self.accelerator, count)
         return kwargs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -297,17 +310,15 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                 mask = labels != -100
                 lp = torch.log_softmax(t["retain_logits"][:, :-1].float(), -1)
                 lp = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                metrics["retain_nll"] = float(-(lp * mask).sum() / mask.sum().clamp(min=1))
+                metrics["retain_nll"] = TokenMean.of(-lp, mask)
                 metrics["retain_answer_prob"] = _answer_prob(lp, mask)
         self._record(metrics)
         return (result.loss, result) if return_outputs else result.loss
 
-    def _record(self, metrics: dict[str, float]) -> None:
-        names = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in names], dtype=torch.float32, device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
-        for name, value in zip(names, values.tolist()):
+    def _record(self, metrics: dict) -> None:
+        """Reduced over processes (:func:`posttrain.distributed.reduce_metrics`): the objective's token means use the
+        processes' shares of the global token counts, so their mean over processes is the global one."""
+        for name, value in reduce_metrics(self.accelerator, metrics).items():
             self._metrics[name].append(value)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
