@@ -46,7 +46,7 @@ def _cmd_train(args) -> int:
 
         # bad input: one error line here, before any process starts (the TRL config is checked by the launched
         # processes: its batch checks depend on their number)
-        preflight(recipe, build_trainer_config=False)
+        preflight(recipe, build_trainer_config=False, backend=args.distributed)
         if not (args.resume or args.overwrite):
             prepare_output_dir(Path(recipe.output_dir).expanduser(), resume=False, overwrite=False)
         return launch.run_launch(args.num_processes, args.distributed, args.argv[args.argv.index("train") + 1:])

@@ -30,6 +30,63 @@ from typing import Any, Iterator
 import torch
 
 
+# the backends of ``posttrain train --distributed`` (posttrain.launch.BACKENDS), plus "single" (one process)
+SHARDED = ("zero3", "zero3_offload", "fsdp2")  # the weights themselves are sharded over the processes
+DEEPSPEED = ("zero2", "zero3", "zero3_offload")
+
+
+def requested_backend() -> str:
+    """The backend this process was launched for, from accelerate's launch environment: ``single``, ``ddp``,
+    ``zero2`` (DeepSpeed stage 0-2), ``zero3``, ``zero3_offload`` or ``fsdp2`` (what ``--distributed`` asked for,
+    known before the trainer exists)."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") != "3":
+            return "zero2"
+        offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower() not in ("none", "")
+        return "zero3_offload" if offload else "zero3"
+    if wants_fsdp():
+        return "fsdp2"
+    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def check_backend(recipe, info, backend: str) -> None:
+    """Refuse, before any model loads, a method or adapter that cannot run on ``backend``: one line naming the recipe
+    key, the backend and why (docs/distributed.md "What runs where")."""
+    from posttrain.errors import UserError
+
+    flag = f"--distributed {backend}"
+    params = recipe.params
+    if backend in SHARDED and params.head_outside_forward:
+        raise UserError(
+            f"method.name: {info.name} projects the policy's hidden states through its output head after the model's "
+            f"forward (a token-level KL over the vocabulary, with gradients), and {flag} shards that head and gathers "
+            "it only inside the forward; use --distributed ddp or zero2")
+    if backend in (*DEEPSPEED, "fsdp2") and params.learned_mask:
+        raise UserError(
+            f"method.mask: learned trains a mask network beside the model, which {flag} neither shards nor reduces; "
+            "use mask: reference, or --distributed ddp")
+    if backend not in ("single", "ddp") and getattr(params, "mask", None) == "wagle":
+        raise UserError(f"method.mask: wagle needs whole parameters (a global top-k over every weight); not supported "
+                        f"with {flag}; use --distributed ddp")
+    from posttrain.optim import OPTIMIZERS, refuse_sharded
+
+    if backend in (*DEEPSPEED, "fsdp2") and recipe.training.get("optim") in OPTIMIZERS:
+        raise refuse_sharded("training.optim")
+    peft = recipe.peft
+    if peft is not None:
+        from posttrain.adapters.spec import ADAPTER_VARIANTS
+
+        entry = ADAPTER_VARIANTS[peft.type]
+        if backend not in entry.backends:
+            raise UserError(f"peft.type: {peft.type} does not run with {flag}: {entry.not_sharded}; use --distributed "
+                            "ddp (or peft.type lora / goat)")
+        goat = getattr(peft, "goat", None)
+        if backend in ("zero3", "zero3_offload") and goat is not None and goat.fold_residual:
+            raise UserError(f"peft.goat.fold_residual: edits the base weights in place while the adapter is created, "
+                            f"which {flag} has already partitioned (zero.Init); set fold_residual: false")
+
+
 def wants_fsdp() -> bool:
     """Whether the launch asked for FSDP (``accelerate launch --use_fsdp``)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"

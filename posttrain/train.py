@@ -259,11 +259,18 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     saved = set(p.modules_to_save or [])
     if tied and saved & {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out"}:
+        from posttrain.distributed import requested_backend
+
+        if requested_backend() == "fsdp2":
+            raise UserError(
+                f"peft.modules_to_save: {'/'.join(sorted(saved))} is tied to the output head in this model, and FSDP2 "
+                "cannot shard the trainable copy and the frozen tied original in separate groups; leave it out, or use "
+                "--distributed zero3 (or ddp / zero2)")
         embed = model.get_input_embeddings().weight
         logger.warning(
             "peft.modules_to_save: %s is tied to the output head in this model: the adapter trains and saves a full "
             "copy of it (%.0f MB) and unties it; leave it out unless new tokens must be learned",
-            "/".join(sorted(saved)), embed.numel() * embed.element_size() / 2**20)
+            "/".join(sorted(saved)), getattr(embed, "ds_numel", embed.numel()) * embed.element_size() / 2**20)
     checks = [("modules_to_save", p.modules_to_save or [])]
     if isinstance(p.target_modules, list):
         checks.append(("target_modules", p.target_modules))
@@ -289,16 +296,19 @@ def build_config(recipe: Recipe, info: MethodInfo):
     return CONFIG_BUILDERS[info.family](recipe, info)
 
 
-def preflight(recipe: Recipe, *, load_data: bool = True,
-              build_trainer_config: bool = True) -> tuple[MethodInfo, Any, dict[str, Any]]:
+def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: bool = True,
+              backend: str | None = None) -> tuple[MethodInfo, Any, dict[str, Any]]:
     """Every check that needs no model: returns ``(info, config, datasets)``. Raises :class:`UserError`.
     ``build_trainer_config=False`` (config None) skips the TRL config, whose checks depend on the process count
-    (``posttrain train --num-processes`` checks in one process before launching N)."""
+    (``posttrain train --num-processes`` checks in one process before launching N). ``backend``: the
+    ``--distributed`` backend the run will use (default: the one this process was launched for)."""
+    from posttrain.distributed import check_backend, requested_backend
     from posttrain.training_args import check_training_context
 
     from posttrain.models import check_load_options
 
     info = get_method(recipe.method.name)
+    check_backend(recipe, info, backend or requested_backend())
     check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
     if "model_init_kwargs" in recipe.training:
         raise UserError("training.model_init_kwargs: posttrain loads the model itself, so TRL would ignore it; use the "

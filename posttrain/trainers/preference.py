@@ -46,7 +46,7 @@ from posttrain.losses.preference import (
     wpo_pair_weights,
     wpo_sequence_weights,
 )
-from posttrain.distributed import TokenMean, reduce_metrics
+from posttrain.distributed import TokenMean, full_weight, gathered, reduce_metrics
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
 from posttrain.registry import Registry
@@ -242,13 +242,17 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
             return None
         if alignment == "sampled":  # log sum_v pi(v)^2 from the fused head (no full logits needed)
             return outputs.log_sum_sq_probs[:, -seq_len:].detach()
-        # greedy: max(z) - logsumexp(z), full-vocab logits on completion positions, no grad
+        # greedy: max(z) - logsumexp(z), full-vocab logits on completion positions, no grad (the head's weights read
+        # whole: gathered under ZeRO-3, all-gathered from FSDP2's shards)
         head = _unwrap(model).get_output_embeddings()
         sel = mask.bool()
-        with torch.no_grad():
+        with torch.no_grad(), gathered(head.weight, head.bias):
+            weight = full_weight(head.weight)
+            bias = None if head.bias is None else full_weight(head.bias)
             h = policy_hidden[:, :-1][:, -seq_len:][sel]
             pieces = [
-                wpo_log_alignment(head(h[i : i + TILE]).float(), "greedy") for i in range(0, h.shape[0], TILE)
+                wpo_log_alignment(F.linear(h[i : i + TILE], weight, bias).float(), "greedy")
+                for i in range(0, h.shape[0], TILE)
             ]
         flat = torch.cat(pieces) if pieces else h.new_zeros(0)
         return flat.new_zeros(mask.shape).masked_scatter(sel, flat.float())
