@@ -409,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except UserError as exc:
-        _close_progress_bars()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(f"error: {exc}", exc.exit_code)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("error: interrupted", file=sys.stderr)
@@ -419,13 +417,25 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `posttrain methods | head`: the reader went away; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (OSError, UnicodeDecodeError, MemoryError, RuntimeError) as exc:
-        message = expected_failure(exc)
-        if message is None:  # a bug: keep the traceback
-            raise
-        _close_progress_bars()
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        message = expected_failure(exc) if isinstance(exc, (OSError, UnicodeDecodeError, MemoryError, RuntimeError)) \
+            else None
+        if message is not None:
+            return _fail(f"error: {' '.join(message.split())}", 1)
+        if launch.another_process_failed():  # a consequence (e.g. a collective whose peer exited): its error is shown
+            launch.exit_launched_process(1)
+        raise  # a bug: keep the traceback
+
+
+def _fail(line: str, code: int) -> int:
+    """Print the one ``error:`` line; in a process of a ``--num-processes`` launch, also record it for the launch and
+    exit at once (posttrain.launch)."""
+    _close_progress_bars()
+    recorded = launch.record_error(line, code)  # before printing: the launch holds back what follows
+    print(line, file=sys.stderr)
+    if recorded:
+        launch.exit_launched_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -156,6 +156,16 @@ def prepare_frozen(model, accelerator, *, disable_dropout: bool = True):
     return accelerator.prepare_model(model, evaluation_mode=True)
 
 
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """The part of ``param`` this process holds: its ZeRO-3 partition, its FSDP2 shard, else the whole tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return param.to_local()
+    partition = getattr(param, "ds_tensor", None)
+    return partition if partition is not None else param
+
+
 def full_weight(weight: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a parameter that FSDP2 shards (a DTensor, gathered with autograd); others unchanged."""
     from torch.distributed.tensor import DTensor

@@ -280,6 +280,47 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
                 raise UserError(f"peft.{key}: the model has no module named '{target}'{did_you_mean(target, leaves)}")
 
 
+class AccuracyBeforeTraining:
+    """Under ZeRO-3 the policy is partitioned from the moment it loads and is gathered only by the hooks DeepSpeed
+    installs when training starts: the test accuracy before training is measured then, at ``on_train_begin`` (on the
+    adapter-disabled base with PEFT: the model as loaded), on every process (``generate`` keeps them in step)."""
+
+    def __new__(cls, tokenizer, rows):
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            value: float | None = None
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                import contextlib
+
+                from posttrain.eval.accuracy import greedy_accuracy
+                from posttrain.reference import peft_model_of
+
+                peft = peft_model_of(model)
+                with peft.disable_adapter() if peft is not None else contextlib.nullcontext():
+                    self.value = greedy_accuracy(model, tokenizer, rows)
+                if state.is_world_process_zero:
+                    logger.info("test accuracy before training: %.1f%%", 100 * self.value)
+
+        return _Callback()
+
+
+def copy_checkpoint_model(checkpoint: str, out: Path) -> list[str]:
+    """Copy the saved model of ``checkpoint`` (weights, configs, adapter files; not the trainer's resume state) into
+    ``out``; returns the names copied."""
+    import re
+    import shutil
+
+    model_file = re.compile(r"^(config\.json|generation_config\.json|adapter_config\.json|goat_config\.json|"
+                            r"posttrain_adapter\.json|training_args\.bin|pytorch_model\.bin|.*\.safetensors|"
+                            r".*\.safetensors\.index\.json)$")
+    names = sorted(f.name for f in Path(checkpoint).iterdir() if f.is_file() and model_file.match(f.name))
+    for name in names:
+        shutil.copy(Path(checkpoint) / name, out / name)  # new mtime: listed in the run marker
+    return names
+
+
 def test_accuracy(model, tokenizer, recipe: Recipe, rows=None) -> float | None:
     if recipe.data.test is None:
         return None
@@ -510,14 +551,23 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     check_peft_against_model(recipe, model)
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
 
-    before = test_accuracy(model, tokenizer, recipe, datasets.get("data.test")) if not resume else None
-    if before is not None and is_main_process():
-        logger.info("test accuracy before training: %.1f%%", 100 * before)
-    summary["accuracy_before"] = before
+    from posttrain.distributed import zero3_enabled
+
+    before = deferred = None
+    if resume or datasets.get("data.test") is None:
+        pass
+    elif zero3_enabled():  # partitioned since loading: measured once DeepSpeed's hooks gather the weights
+        deferred = AccuracyBeforeTraining(tokenizer, datasets["data.test"])
+    else:
+        before = test_accuracy(model, tokenizer, recipe, datasets.get("data.test"))
+        if is_main_process():
+            logger.info("test accuracy before training: %.1f%%", 100 * before)
 
     build = TRAINER_BUILDERS[info.family]
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],
                      config=config, datasets=datasets)
+    if deferred is not None:
+        ctx.callbacks.append(deferred)
     if periodic is not None:
         ctx.callbacks.append(periodic)
     ctx.callbacks.extend(callbacks or [])
@@ -533,31 +583,52 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     from posttrain.adapters.trainer import check_trainer_supports_variant
 
     check_trainer_supports_variant(trainer, recipe, info.name)  # peft.type plora/goat/ggpo need make_trainer
+    if trainer.accelerator.num_processes > 1 and is_main_process():
+        from posttrain.distributed import backend_name
+
+        logger.info("distributed: %s over %d processes", backend_name(trainer.accelerator),
+                    trainer.accelerator.num_processes)
     state = _checkpoint_state(checkpoint) if checkpoint is not None else {}
     target = config.max_steps if config.max_steps > 0 else int(state.get("max_steps") or 0)
-    if checkpoint is not None and target > 0 and checkpoint_step(checkpoint) >= target and not trainer.is_deepspeed_enabled:
+    copied = False  # the final model is the last checkpoint's saved model, copied as it is
+    save_start = time.time()
+    if checkpoint is not None and target > 0 and checkpoint_step(checkpoint) >= target:
         # killed after its last checkpoint, during the final save: that checkpoint holds the final weights
         logger.info("%s is the run's last step: finishing without training", checkpoint)
-        trainer._load_from_checkpoint(checkpoint)
         losses = [row["loss"] for row in state.get("log_history", []) if "loss" in row]
         steps, train_loss = checkpoint_step(checkpoint), (sum(losses) / len(losses) if losses else float("nan"))
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            # DeepSpeed and FSDP restore their sharded state only inside train(); the checkpoint's gathered model is
+            # the final model
+            copied = True
+            if is_main_process():
+                copy_checkpoint_model(checkpoint, out)
+        else:
+            trainer._load_from_checkpoint(checkpoint)
     else:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         steps, train_loss = result.global_step, result.training_loss
-    bad = non_finite_parameters(trainer.model)
-    if bad:
-        raise TrainingDiverged(f"training: the final weights hold NaN/inf ({', '.join(bad)}); not saved")
-    save_start = time.time()
-    trainer.save_model(str(out))
+    if not copied:
+        bad = non_finite_parameters(trainer.model, trainer.accelerator)
+        if bad:
+            raise TrainingDiverged(f"training: the final weights hold NaN/inf ({', '.join(bad)}); not saved")
+        save_start = time.time()
+        trainer.save_model(str(out))
     if is_main_process():
         tokenizer.save_pretrained(str(out))
+    summary["accuracy_before"] = deferred.value if deferred is not None else before
     summary["train_loss"] = train_loss
     summary["steps"] = steps
     warnings = trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
     if warnings:
         summary["warnings"] = warnings
 
-    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"))
+    after = None
+    if copied and datasets.get("data.test") is not None:
+        logger.info("test accuracy after training: not measured (finished from the last checkpoint, whose sharded "
+                    "state only train() restores); run posttrain eval %s", out)
+    elif not copied:
+        after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"))
     if after is not None and is_main_process():
         logger.info("test accuracy after training:  %.1f%%", 100 * after)
     summary["accuracy_after"] = after
