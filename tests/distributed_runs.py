@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -37,9 +36,9 @@ def seeded_rollout(prompts, trainer):
 
 
 def train(recipe: str, out: Path, overrides: list[str], *, processes: int = 1, backend: str = "ddp",
-          timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+          timeout: int = 600, env: dict | None = None, extra_args: list[str] = ()) -> subprocess.CompletedProcess:
     """``posttrain train RECIPE`` on ``processes`` processes (``--distributed backend``); output in ``out``."""
-    cmd = [sys.executable, "-m", "posttrain.cli", "train", recipe, "--set", f"output_dir={out}"]
+    cmd = [sys.executable, "-m", "posttrain.cli", "train", recipe, *extra_args, "--set", f"output_dir={out}"]
     for item in overrides:
         cmd += ["--set", item]
     if processes > 1:
@@ -63,7 +62,3 @@ def max_relative_difference(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
