@@ -37,7 +37,7 @@ CASES = {
     # sum into ~1e-4 differences of that KL (measured: 1.25e-4 under ZeRO-3 with AdamW; docs/distributed.md)
     "grpo": ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_generations=4", "training.optim=sgd",
                                    "training.learning_rate=0.05",
-                                   "method.rollout_func=tests/distributed_runs.py:seeded_rollout"], 4),
+                                   f"method.rollout_func={ROOT}/tests/distributed_runs.py:seeded_rollout"], 4),
     "goat": ("recipes/sft_goat.yaml", ["data.eval=null", "data.train.max_samples=256"], 4),
 }
 # logged values that are not training results (throughput, wall time)
@@ -47,12 +47,15 @@ _SINGLE: dict[str, Path] = {}
 
 
 def _single(case: str, tmp_path_factory) -> Path:
-    """The one-process run of ``case`` (per-device batch 2B), trained once per session."""
+    """The one-process run of ``case`` (per-device batch 2B), trained once per session, in this process."""
     if case not in _SINGLE:
+        from posttrain.recipe import load_recipe
+        from posttrain.train import run
+
         recipe, overrides, b = CASES[case]
         out = tmp_path_factory.mktemp(f"{case}_single")
-        proc = train(recipe, out, [*COMMON, *overrides, f"training.per_device_train_batch_size={2 * b}"])
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run(load_recipe(ROOT / recipe, [*COMMON, *overrides, f"training.per_device_train_batch_size={2 * b}",
+                                        f"output_dir={out}"]), quiet=True)
         _SINGLE[case] = out
     return _SINGLE[case]
 
