@@ -9,6 +9,7 @@ used to crash, and DFT under FSDP2, whose `nll` is a token mean); the whole matr
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,11 +39,17 @@ CASES = {
     "grpo": ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_generations=4", "training.optim=sgd",
                                    "training.learning_rate=0.05",
                                    f"method.rollout_func={ROOT}/tests/distributed_runs.py:seeded_rollout"], 4),
-    "goat": ("recipes/sft_goat.yaml", ["data.eval=null", "data.train.max_samples=256"], 4),
+    # GOAT at learning rate 1e-3: the recipe's 5e-3 (theory scaling) takes the loss from 0.32 to 1.14 in one step,
+    # where the float differences of a reordered reduction grow to 2e-4 by step 5 (ZeRO-3)
+    "goat": ("recipes/sft_goat.yaml", ["data.eval=null", "data.train.max_samples=256", "training.learning_rate=1e-3"],
+             4),
 }
 # logged values that are not training results (throughput, wall time)
-NOT_COMPARED = {"step", "epoch", "learning_rate", "train_runtime", "train_samples_per_second",
-                "train_steps_per_second", "total_flos"}
+NOT_COMPARED = {"step", "epoch", "learning_rate", "train_samples_per_second", "train_steps_per_second", "total_flos"}
+
+
+def _compared(key: str) -> bool:
+    return key not in NOT_COMPARED and not key.endswith(("_seconds", "_time", "_runtime"))
 _SINGLE: dict[str, Path] = {}
 
 
@@ -81,11 +88,14 @@ def _check_against_one_process(case: str, backend: str, tmp_path, tmp_path_facto
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"distributed: {backend} over 2 processes" in proc.stderr  # the backend really ran (not DDP instead)
     one, two = logged(single), logged(out)
-    assert len(two) == 5 and max_relative_difference(two, one) <= 1e-4, (one, two)
+    difference = max_relative_difference(two, one)
+    with open(tmp_path_factory.getbasetemp() / "loss_differences.jsonl", "a") as fh:  # the figures of the docs
+        fh.write(json.dumps({"case": case, "backend": backend, "max_relative_difference": difference}) + "\n")
+    assert len(two) == 5 and difference <= 1e-4, (one, two)
     # every logged value (token means included) as one process logs it on the same global batch
     for r1, r2 in zip(rows(single), rows(out), strict=True):
-        for key in sorted((set(r1) & set(r2)) - NOT_COMPARED):
-            if isinstance(r1[key], float):
+        for key in sorted(set(r1) & set(r2)):
+            if _compared(key) and isinstance(r1[key], float):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r2["step"], key)
     # the final model is one gathered checkpoint that loads and computes what the one-process model computes
     torch.testing.assert_close(_logits(_load(out)), _logits(_load(single)), rtol=1e-4, atol=1e-4)

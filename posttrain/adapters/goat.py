@@ -203,9 +203,7 @@ class GoatLinear(nn.Module, LoraLayer):
         self.lora_router = nn.ModuleDict({})
         self.lora_res_A = BufferDict({}, persistent=True)
         self.lora_res_B = BufferDict({}, persistent=True)
-        self._goat_aux: list[torch.Tensor] = []
-        self._goat_load: list[torch.Tensor] = []
-        self._goat_entropy: list[torch.Tensor] = []
+        self._goat_aux: list[tuple] = []  # per training forward: see _record
         self._goat_token_mask: torch.Tensor | None = None
         self.goat_init_svd_seconds = 0.0
         self._active_adapter = adapter_name
@@ -298,12 +296,12 @@ class GoatLinear(nn.Module, LoraLayer):
         if mask is not None and not self.goat.aux_count_padding and mask.numel() == p.shape[0]:
             keep = mask.reshape(-1).to(p.device) != 0
             p, selected = p[keep], selected[keep]
-        # per-expert sums of this forward; goat_aux_loss turns them into the balance loss
-        self._goat_aux.append((p.sum(0), selected.detach().sum(0), float(p.shape[0])))
+        # sums of this forward over its tokens: router probabilities per expert (differentiable), selections per
+        # expert, the token count and the router entropy; goat_aux_loss / goat_metrics turn them into the balance
+        # loss and the logged statistics
         with torch.no_grad():
-            T = max(p.shape[0], 1)
-            self._goat_load.append(selected.sum(0) / (T * self.goat.top_k))
-            self._goat_entropy.append(-(p * p.clamp_min(1e-12).log()).sum(-1).mean() if p.numel() else p.sum())
+            entropy = -(p * p.clamp_min(1e-12).log()).sum()
+        self._goat_aux.append((p.sum(0), selected.detach().sum(0), float(p.shape[0]), entropy))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -430,31 +428,33 @@ def clear_goat_aux(model: nn.Module) -> None:
     """Discard recorded balance losses/statistics (call before each policy forward pass)."""
     for layer in goat_layers(model):
         layer._goat_aux.clear()
-        layer._goat_load.clear()
-        layer._goat_entropy.clear()
+
+
+def _record_counts(layers: list[GoatLinear], sum_over_processes=None) -> list[list[tuple]]:
+    """Per layer and recorded forward: ``(selections per expert, tokens, summed router entropy)``, summed over the
+    processes (one reduction for every layer) when ``sum_over_processes`` is given."""
+    records = [record for layer in layers for record in layer._goat_aux]
+    rows = [(c.float(), torch.as_tensor(t, dtype=torch.float32, device=c.device), e.float())
+            for _, c, t, e in records]
+    if rows and sum_over_processes is not None:
+        table = sum_over_processes(torch.stack([torch.cat([c, t.reshape(1), e.reshape(1)]) for c, t, e in rows]))
+        rows = [(row[:-2], row[-2], row[-1]) for row in table]
+    it = iter(rows)
+    return [[next(it) for _ in layer._goat_aux] for layer in layers]
 
 
 def goat_aux_loss(model: nn.Module, sum_over_processes=None, num_processes: int = 1) -> torch.Tensor:
     """Model aux = Σ over GOAT layers of the mean of the balance losses recorded since the last clear.
 
     ``sum_over_processes`` (a function summing a tensor over the processes, e.g. ``accelerator.reduce``): the expert
-    counts and token totals of every record are those of the global batch (one reduction for all layers), see
-    :func:`goat_balance_loss_from_sums`; without it each process's balance loss is its own batch's."""
+    counts and token totals of every record are those of the global batch, see :func:`goat_balance_loss_from_sums`;
+    without it each process's balance loss is its own batch's."""
     layers = [layer for layer in goat_layers(model) if layer._goat_aux]
-    records = [record for layer in layers for record in layer._goat_aux]
-    counts = None
-    if records and sum_over_processes is not None and num_processes > 1:
-        table = torch.stack([torch.cat([c.float(), c.new_tensor([t], dtype=torch.float32)]) for _, c, t in records])
-        counts = iter(sum_over_processes(table))
+    shared = num_processes if sum_over_processes is not None else 1
     total = None
-    for layer in layers:
-        values = []
-        for p_sum, c, t in layer._goat_aux:
-            if counts is not None:
-                row = next(counts)
-                c, t = row[:-1], row[-1]
-            values.append(goat_balance_loss_from_sums(p_sum, c, t, layer.goat.top_k, layer.goat.aux_match_reference,
-                                                      num_processes if counts is not None else 1))
+    for layer, counts in zip(layers, _record_counts(layers, sum_over_processes), strict=True):
+        values = [goat_balance_loss_from_sums(p_sum, c, t, layer.goat.top_k, layer.goat.aux_match_reference, shared)
+                  for (p_sum, *_), (c, t, _) in zip(layer._goat_aux, counts, strict=True)]
         v = torch.stack(values).mean()
         total = v if total is None else total + v.to(total.device)
     if total is None:
@@ -477,21 +477,23 @@ def goat_token_mask(model: nn.Module, attention_mask: torch.Tensor | None):
 
 
 @torch.no_grad()
-def goat_metrics(model: nn.Module) -> dict[str, Any]:
+def goat_metrics(model: nn.Module, sum_over_processes=None) -> dict[str, Any]:
     """``goat/aux_loss``, ``goat/expert_load`` (token fraction per expert, mean over layers), ``goat/max_load``,
-    ``goat/router_entropy``, ``goat/init_svd_seconds`` from the records since the last clear."""
-    layers = goat_layers(model)
-    loads = [torch.stack(l._goat_load).mean(0) for l in layers if l._goat_load]
-    ents = [torch.stack(l._goat_entropy).mean() for l in layers if l._goat_entropy]
+    ``goat/router_entropy`` (mean over tokens), ``goat/init_svd_seconds`` from the records since the last clear; the
+    counts over every process's tokens with ``sum_over_processes`` (as :func:`goat_aux_loss`)."""
+    layers = [layer for layer in goat_layers(model) if layer._goat_aux]
+    loads, ents = [], []
+    for layer, counts in zip(layers, _record_counts(layers, sum_over_processes), strict=True):
+        loads.append(torch.stack([c / (t.clamp(min=1) * layer.goat.top_k) for c, t, _ in counts]).mean(0))
+        ents.append(torch.stack([e / t.clamp(min=1) for _, t, e in counts]).mean())
     out: dict[str, Any] = {
         "goat/aux_loss": float(goat_aux_loss(model)),
-        "goat/init_svd_seconds": float(sum(l.goat_init_svd_seconds for l in layers)),
+        "goat/init_svd_seconds": float(sum(l.goat_init_svd_seconds for l in goat_layers(model))),
     }
     if loads:
         load = torch.stack(loads).mean(0)
         out["goat/expert_load"] = [float(v) for v in load]
         out["goat/max_load"] = float(load.max())
-    if ents:
         out["goat/router_entropy"] = float(torch.stack(ents).mean())
     return out
 
@@ -601,11 +603,12 @@ class GOATTrainerMixin:
             from posttrain.distributed import reduce_metrics
 
             accelerator = self.accelerator
-            aux = goat_aux_loss(model, lambda t: accelerator.reduce(t, reduction="sum"), accelerator.num_processes)
-            metrics = goat_metrics(model)
-            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-            scalars["goat/aux_loss"] = aux.detach()
-            self._goat_last_metrics = {**metrics, **reduce_metrics(accelerator, scalars)}
+            summed = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
+            aux = goat_aux_loss(model, summed, accelerator.num_processes)
+            # statistics of the global batch; the balance loss is each process's share of it: averaged
+            metrics = goat_metrics(model, summed)
+            metrics.update(reduce_metrics(accelerator, {"goat/aux_loss": aux.detach()}))
+            self._goat_last_metrics = metrics
             # The Trainer divides the loss by the GA steps only when compute_loss did not already normalise by
             # num_items_in_batch; in that case scale the per-micro-batch aux so it is averaged, not summed, over GA.
             scaled = getattr(self, "loss_is_scaled_for_ga", None)
