@@ -21,8 +21,8 @@ EPILOG = "Recipes: see recipes/*.yaml. Docs: README.md."
 
 
 def _cmd_train(args) -> int:
+    num_processes = launch.check_launch_flags(args.num_processes, args.distributed)  # before anything starts
     from posttrain.recipe import load_recipe
-    from posttrain.train import run
 
     overrides = list(args.set)
     if args.output_dir is not None:
@@ -41,15 +41,18 @@ def _cmd_train(args) -> int:
                         print(f"  test accuracy {label}{100 * s[key]:.1f}%")
         return 0
     recipe = load_recipe(args.recipe, overrides)
-    if args.num_processes > 1 and not launch.already_distributed():
+    if num_processes > 1 and not launch.already_distributed():
         from posttrain.train import prepare_output_dir, preflight
 
         # bad input: one error line here, before any process starts (the TRL config is checked by the launched
         # processes: its batch checks depend on their number)
-        preflight(recipe, build_trainer_config=False, backend=args.distributed)
+        preflight(recipe, build_trainer_config=False, num_processes=num_processes,
+                  backend=args.distributed or "ddp")
         if not (args.resume or args.overwrite):
-            prepare_output_dir(Path(recipe.output_dir).expanduser(), resume=False, overwrite=False)
-        return launch.run_launch(args.num_processes, args.distributed, args.argv[args.argv.index("train") + 1:])
+            prepare_output_dir(Path(recipe.output_dir), resume=False, overwrite=False)
+        return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
+    from posttrain.train import run  # torch, transformers and TRL: imported once the recipe's own keys are checked
+
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
         print(f"already finished: {summary['output_dir']} holds a complete run ({summary.get('steps')} steps); "
@@ -74,6 +77,15 @@ def _command_line(args) -> str:
     return "posttrain " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+def _cmd_check(args) -> int:
+    from posttrain.preview import check_recipe
+
+    if args.show < 0:
+        raise UserError(f"--show: expected a number of rows >= 0, got {args.show}")
+    check_recipe(args.recipe, args.set, args.show)
+    return 0
+
+
 def _cmd_report(args) -> int:
     from posttrain.report import write_report
 
@@ -82,29 +94,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _page_summary(page: str) -> str | None:
-    """The first paragraph after the title of a docs/methods page (None when the docs are not installed)."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / page.split("#", 1)[0]
-    if not path.is_file():
-        return None
-    paragraphs = [p for p in path.read_text().split("\n\n") if p.strip() and not p.lstrip().startswith("#")]
-    return " ".join(paragraphs[0].split()) if paragraphs else None
-
-
 def _method_detail(name: str) -> int:
-    """``posttrain methods NAME``: a method (or a GRPO part / adapter variant) with its page's summary and keys."""
+    """``posttrain methods NAME``: a method, or any part or option a recipe selects (posttrain.catalogue), with its
+    page's summary and, for a method, its keys and defaults."""
     import textwrap
 
-    from posttrain.errors import UserError, did_you_mean
+    from posttrain.catalogue import find, format_default, page_summary, page_title, parts
+    from posttrain.errors import did_you_mean
     from posttrain.methods import METHODS
 
-    wrap = textwrap.TextWrapper(width=100, subsequent_indent="  ")
+    wrap = textwrap.TextWrapper(width=100, subsequent_indent="    ")
     if name in METHODS:
         m = METHODS[name]
         print(f"{m.name} [{m.family}]: {m.summary}")
-        summary = _page_summary(m.doc) if m.doc else None
+        summary = page_summary(m.doc) if m.doc else None
         if summary:
             print()
             print(textwrap.fill(summary, width=100))
@@ -112,38 +115,40 @@ def _method_detail(name: str) -> int:
         print("keys (method.*), with their defaults:")
         for key, field in m.params.model_fields.items():
             default = field.default_factory() if field.default_factory is not None else field.default
-            line = f"  {key} = {default!r}" + (f"  -- {field.description}" if field.description else "")
-            print(wrap.fill(line))
+            print(wrap.fill(f"  {key}: {format_default(default)}" + (f"  -- {field.description}"
+                                                                     if field.description else "")))
         print()
         print(f"paper:  {m.paper}")
         print(f"recipe: {m.recipe}")
         print(f"page:   {m.doc or '(none)'}")
         return 0
-    from posttrain.adapters.spec import ADAPTER_VARIANTS
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
-
-    parts = (("method.advantage", ADVANTAGES), ("method.aggregation", AGGREGATIONS), ("method.clipping", CLIPPINGS),
-             ("peft.type", ADAPTER_VARIANTS))
-    for key, registry in parts:
-        if name in registry:
-            entry = registry[name]
-            print(f"{key}: {name}")
-            doc = " ".join((entry.fn.__doc__ or "").split("\n\n")[0].split())
-            if doc:
-                print(textwrap.fill(doc, width=100))
-            summary = _page_summary(entry.doc)
-            if summary:
-                print()
-                print(textwrap.fill(summary, width=100))
-            print(f"page:   {entry.doc}")
-            return 0
-    known = [*METHODS, *(e.name for _, r in parts for e in r)]
+    found = find(name)
+    for i, part in enumerate(found):
+        if i:
+            print()
+        where = f" ({part.where})" if part.where else ""
+        print(f"{part.name}: {part.where}" if part.key == "page" else f"{part.key}: {part.name}{where}")
+        title = page_title(part.doc)
+        if part.text:
+            print(textwrap.fill(part.text, width=100))
+        elif title:
+            print(title)
+        summary = page_summary(part.doc)
+        if summary:
+            print()
+            print(textwrap.fill(summary, width=100))
+        recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{part.name}.yaml"
+        if recipe.is_file():
+            print(f"recipe: recipes/{part.name}.yaml")
+        print(f"page:   {part.doc}")
+    if found:
+        return 0
+    known = [*METHODS, *(p.name for p in parts())]
     raise UserError(f"methods: unknown method or part '{name}'{did_you_mean(name, known)}; see `posttrain methods`")
 
 
 def _cmd_methods(args) -> int:
+    from posttrain.catalogue import parts
     from posttrain.methods import METHODS
 
     if args.name:
@@ -159,6 +164,16 @@ def _cmd_methods(args) -> int:
         print(f"{m.name:<16} [{m.family}] {m.summary}")
         print(f"{'':<16} paper:  {m.paper}")
         print(f"{'':<16} recipe: {m.recipe}")
+    grouped: dict[str, list[str]] = {}
+    for part in parts():
+        if part.key == "page":  # a docs/methods page that is no single key's value (multi-stage recipes, ...)
+            grouped.setdefault("other pages", []).append(f"{part.name} [{part.where}]")
+        else:
+            grouped.setdefault(part.key + (f" ({part.where})" if part.where else ""), []).append(part.name)
+    print()
+    print("parts and options (posttrain methods NAME for one of them):")
+    for key, names in grouped.items():
+        print(f"  {key}: {', '.join(names)}")
     return 0
 
 
@@ -201,7 +216,7 @@ def _cmd_eval(args) -> int:
 
         return cli_eval(args)
     from posttrain.data.sources import load_source
-    from posttrain.eval.accuracy import greedy_accuracy
+    from posttrain.eval.accuracy import command_max_new_tokens, greedy_eval
     from posttrain.loading import load_model_or_run as load_model
     from posttrain.models import load_tokenizer
     from posttrain.recipe import DataSource
@@ -213,13 +228,18 @@ def _cmd_eval(args) -> int:
     tok = load_tokenizer(args.model, key="MODEL")
     rows = apply_chat_format(rows, command_chat_format(args.model, tok, args.chat_template, args.system_prompt))
     model = load_model(args.model, key="MODEL")
-    acc = greedy_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens or 8)
-    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc}
+    max_new = command_max_new_tokens(args.model, args.max_new_tokens)
+    greedy = greedy_eval(model, tok, rows, max_new_tokens=max_new)
+    acc = greedy.accuracy
+    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(rows), "accuracy": acc,
+              "max_new_tokens": greedy.max_new_tokens, "cut_at_max_new_tokens": sum(greedy.cut) / max(len(rows), 1)}
+    warnings = [w for w in [greedy.warning("--data")] if w]
     if args.pass_k:  # RL-style data: pass@k from --num-samples samples per prompt (unbiased estimator)
         from posttrain.eval.sampling import pass_at_k_eval
 
         result.update(pass_at_k_eval(model, tok, rows, args.pass_k, args.num_samples, args.temperature,
-                                     max_new_tokens=args.max_new_tokens or 8, seed=args.seed))
+                                     max_new_tokens=max_new, seed=args.seed, where="--data"))
+        warnings += result["warnings"]
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'model':<10} {args.model}\n{'data':<10} {args.data} ({args.split}, n={len(rows)})\n"
@@ -230,6 +250,8 @@ def _cmd_eval(args) -> int:
         print("| k | pass@k |\n|---|---|")
         for k, v in result["pass@k"].items():
             print(f"| {k} | {100 * v:.1f}% |")
+    for warning in warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -257,8 +279,15 @@ def _cmd_poft_score(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``error:`` line (exit code 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="posttrain",
         description="Post-train LLMs from one recipe YAML: SFT variants, preference optimisation, RLVR, unlearning.",
         epilog=EPILOG,
@@ -275,12 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in output_dir (without "
                    "it, a folder holding another run is refused)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
-    p.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="train on N processes: starts `accelerate launch` itself (default 1: this process)")
-    p.add_argument("--distributed", default="ddp", choices=list(launch.BACKENDS),
-                   help="with --num-processes: ddp (default), zero2 / zero3 / zero3_offload (DeepSpeed extra), fsdp2 "
-                   "(docs/distributed.md)")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="train on N processes: starts `accelerate launch` itself (default: this one process)")
+    p.add_argument("--distributed", default=None, metavar="BACKEND",
+                   help=f"with --num-processes N >= 2: {' | '.join(launch.BACKENDS)} (default ddp; the DeepSpeed "
+                   "backends need the deepspeed extra; docs/distributed.md)")
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("check", help="check a recipe without training (--show N: rendered training rows)",
+                       description="Run every check of `posttrain train` that needs no model; with --show N, also "
+                       "print the first N training rows as the trainer sees them: the rendered text (chat template, "
+                       "system turn) with the tokens the loss is on marked, token counts and truncation. Loads the "
+                       "tokenizer only; writes nothing.")
+    p.add_argument("recipe", help="path to the recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, as for train; repeatable")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N training rows")
+    p.set_defaults(fn=_cmd_check)
 
     p = sub.add_parser("report", help="HTML page of a run's curves (several runs: overlaid)",
                        description="Draw one self-contained HTML page (plots embedded, opens offline) of one or more "
@@ -315,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="builtin:arithmetic-rl", help="data source (default builtin:arithmetic-rl)")
     p.add_argument("--split", default="test", help="split (default test)")
     p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default 8; tofu: 48)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: the run's "
+                   "eval.max_new_tokens for a run directory, else 256 for chat prompts and 4x the longest answer, at "
+                   "least 32, for plain ones; tofu: 48); a warning when many completions reach it")
     p.add_argument("--output", help="write the result as JSON to this file")
     p.add_argument("--suite", choices=["accuracy", "tofu"], default="accuracy",
                    help="accuracy: greedy accuracy on --data; tofu: unlearning metrics on builtin:facts (forget/"
@@ -379,11 +421,39 @@ _FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS
               errno.EXDEV, errno.ELOOP, errno.EFBIG}
 
 
+# how libraries that write files themselves (safetensors' Rust writer, torch's zip writer) report a full disk or a
+# file-size limit: text in their message -> what happened
+_WRITE_FAILURES = (
+    ("No space left on device", "no space left on device"), ("os error 28", "no space left on device"),
+    ("Disk quota exceeded", "disk quota exceeded"), ("os error 122", "disk quota exceeded"),
+    ("File too large", "file too large (a file-size limit, e.g. ulimit -f)"),
+    ("os error 27", "file too large (a file-size limit, e.g. ulimit -f)"),
+    ("file write failed", "a file write failed (a full disk or a file-size limit?)"),
+    ("iostream error", "a file write failed (a full disk or a file-size limit?)"),
+    ("inline_container.cc", "a file write failed (a full disk or a file-size limit?)"),
+)
+
+
 def expected_failure(exc: BaseException) -> str | None:
     """The ``error:`` line for an expected failure of the environment, or None for anything else (a bug)."""
     if isinstance(exc, OSError) and exc.errno in _FS_ERRNOS:
         where = exc.filename if exc.filename is not None else "file system"
         return f"{where}: {exc.strerror or os.strerror(exc.errno)}"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return expected_failure(cause)
+    chain, seen = [], set()
+    node = exc
+    while node is not None and id(node) not in seen:  # the failing write may be a cause of what was raised last
+        seen.add(id(node))
+        chain.append(node)
+        node = node.__cause__ or node.__context__
+    text = " ".join(str(exc).split())
+    for needle, what in _WRITE_FAILURES:
+        if any(needle in str(e) for e in chain):
+            return (f"file system: {what} while writing ({type(exc).__name__}: {text[:160]}); the run is not marked "
+                    "complete: free space (or raise the limit) and rerun; --resume continues from the newest complete "
+                    "checkpoint")
     if isinstance(exc, UnicodeDecodeError):
         return f"text is not UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
     if isinstance(exc, MemoryError):
@@ -417,9 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `posttrain methods | head`: the reader went away; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Exception as exc:
-        message = expected_failure(exc) if isinstance(exc, (OSError, UnicodeDecodeError, MemoryError, RuntimeError)) \
-            else None
+    except Exception as exc:  # noqa: BLE001 - machine failures become one line; anything else keeps its traceback
+        message = expected_failure(exc)
         if message is not None:
             return _fail(f"error: {' '.join(message.split())}", 1)
         if launch.another_process_failed():  # a consequence (e.g. a collective whose peer exited): its error is shown

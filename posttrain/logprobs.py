@@ -16,10 +16,11 @@ def ensure_fused_head(model) -> None:
 
 @torch.no_grad()
 def completion_logps(model, tokenizer, prompts: list, completions: list, batch_size: int = 8):
-    """Per example: (sum of completion-token log-probs, completion token count). Rows are rendered by
-    :func:`posttrain.data.formatting.render_prompt_completion`: plain text gets EOS appended to the completion,
-    conversational rows go through the chat template (the completion ends with its end-of-turn)."""
-    from posttrain.data.formatting import render_prompt_completion
+    """Per example: (sum of completion-token log-probs, completion token count). Rows are tokenised by
+    :func:`posttrain.data.formatting.tokenize_prompt_completion`: plain text gets EOS appended to the completion,
+    conversational rows go through the chat template and score the completion's assistant turns, each with its
+    end-of-turn token."""
+    from posttrain.data.formatting import tokenize_prompt_completion
 
     ensure_fused_head(model)
     device = next(model.parameters()).device
@@ -28,11 +29,9 @@ def completion_logps(model, tokenizer, prompts: list, completions: list, batch_s
     for start in range(0, len(prompts), batch_size):
         ids, labels = [], []
         for prompt, completion in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
-            prompt, completion = render_prompt_completion(prompt, completion, tokenizer)
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            ids.append(p + c)
-            labels.append([-100] * len(p) + c)
+            row = tokenize_prompt_completion(prompt, completion, tokenizer)
+            ids.append(row.input_ids)
+            labels.append(row.labels())
         width = max(len(x) for x in ids)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)

@@ -56,7 +56,7 @@ TRAINING_DEFAULTS = [
      "rows longer than this are truncated, and rows left with nothing to score dropped, with a logged count"),
     ("completion_only_loss", "method.completion_only_loss (true)", "SFT family: loss on completion tokens only"),
     ("assistant_only_loss", "true for `messages` rows (SFT family), else false",
-     "needs `{% generation %}` markers in the chat template; false: loss on every token"),
+     "loss on the assistant turns only, for any chat template (`data.assistant_turns`); false: on every token"),
     ("model_init_kwargs", "refused", "posttrain loads the model: use the `model:` keys"),
 ]
 

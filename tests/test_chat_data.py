@@ -111,28 +111,63 @@ def test_messages_sft_puts_the_loss_on_assistant_tokens_only(tmp_path, seen):
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["chat_template"] == "none"
 
 
-def test_messages_sft_without_generation_markers_is_one_error_line(tmp_path, capsys):
+def test_messages_sft_on_a_template_without_generation_markers(tmp_path, capsys):
+    """Issue 23: a marker-less template (as almost every released one) trains the assistant tokens only."""
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     train = _jsonl(tmp_path / "msgs.jsonl", [{"messages": [*_user(p), *_assistant(c)]} for p, c in ARITH])
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": "builtin:tiny-qwen2", "data": {"train": train, "chat_template": str(template)},
-        "method": {"name": "sft"}, "training": {"max_steps": 1}, "output_dir": str(tmp_path / "out")}))
-    assert main(["train", str(recipe)]) == 2
-    err = _errors(capsys)
-    assert len(err) == 1 and err[0].startswith("error: training.assistant_only_loss:") and "generation" in err[0]
-    assert "assistant_only_loss: false" in err[0]
-    assert not (tmp_path / "out").exists()  # refused before anything was written
-    # the documented way out: loss on every token
-    assert main(["train", str(recipe), "--set", "training.assistant_only_loss=false", "--set", "report=false"]) == 0
+    batches = []
+
+    from transformers import TrainerCallback
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            batches.append(next(iter(train_dataloader)))
+
+    recipe = _recipe(tmp_path, "sft", {"train": train, "chat_template": str(template)},
+                     training={"per_device_train_batch_size": 4})
+    run(recipe, quiet=True, callbacks=[Grab()])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "run"))
+    labelled = {tok.decode(ids[labels != -100]) for ids, labels in zip(batches[0]["input_ids"], batches[0]["labels"])}
+    assert labelled == {c + "<|im_end|>" for _, c in ARITH}
+    # the documented way out of assistant-only loss: every token
+    recipe = _recipe(tmp_path, "sft", {"train": train, "chat_template": str(template)},
+                     training={"per_device_train_batch_size": 4, "assistant_only_loss": False})
+    batches.clear()
+    run(recipe, quiet=True, callbacks=[Grab()], overwrite=True)
+    assert all((labels != -100).sum() >= (ids != tok.pad_token_id).sum() - 1
+               for ids, labels in zip(batches[0]["input_ids"], batches[0]["labels"]))
 
 
 def test_preference_on_conversational_rows(tmp_path, seen):
-    rows = [{"prompt": _user(p), "chosen": _assistant(c), "rejected": _assistant("9")} for p, c in ARITH]
-    run(_recipe(tmp_path, "dpo", {"train": _jsonl(tmp_path / "pref.jsonl", rows)}), quiet=True)
+    """Issue 23: the scored tokens of a conversational pair are its assistant turns and their end-of-turn token
+    (not the template's newline after it; not a tool result inside a multi-message completion)."""
+    rows = [{"prompt": _user(p), "chosen": _assistant(c), "rejected": _assistant("9")} for p, c in ARITH[:3]]
+    tool_turns = [{"role": "assistant", "content": "call"}, {"role": "tool", "content": "7"}]
+    rows.append({"prompt": _user("1+6="), "chosen": [*tool_turns, *_assistant("7")],
+                 "rejected": [*tool_turns, *_assistant("6")]})
+    batches = []
+
+    from transformers import TrainerCallback
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            batches.append(next(iter(train_dataloader)))
+
+    run(_recipe(tmp_path, "dpo", {"train": _jsonl(tmp_path / "pref.jsonl", rows)},
+                training={"per_device_train_batch_size": 4}), quiet=True, callbacks=[Grab()])
     assert seen and all(MARK in t for t in seen)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "run"))
+    batch = batches[0]
+    scored = sorted(tok.decode(ids[mask == 1]) for ids, mask in zip(batch["input_ids"], batch["completion_mask"]))
+    want = [c + "<|im_end|>" for c in ("5", "8", "7", "9", "9", "9")] + ["call<|im_end|>7<|im_end|>",
+                                                                           "call<|im_end|>6<|im_end|>"]
+    assert scored == sorted(want)
 
 
 def test_unlearning_on_conversational_rows(tmp_path, seen):
@@ -150,8 +185,8 @@ def test_unlearning_tokenize_rows_labels_only_the_answer(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     [(ids, labels)] = tokenize_rows({"prompt": [_user("2+3=")], "completion": [_assistant("5")]}, tok, 64)
-    assert tok.decode(ids) == "<|im_start|>user\n2+3=<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n"
-    assert tok.decode([t for t, label in zip(ids, labels) if label != -100]) == "5<|im_end|>\n"
+    assert tok.decode(ids) == "<|im_start|>user\n2+3=<|im_end|>\n<|im_start|>assistant\n5<|im_end|>"
+    assert tok.decode([t for t, label in zip(ids, labels) if label != -100]) == "5<|im_end|>"
 
 
 def test_rl_on_conversational_prompts(tmp_path, seen):

@@ -59,6 +59,36 @@ def test_adversarial_completions(completion, extracted, em, mv):
     assert math_verify(None, [completion], answer=["63"]) == [mv]
 
 
+# Issue 31, failure 4: echoes of the question that math-verify evaluated to the answer (1.0 on main 895e596), each
+# inside every answer format. Question -> (answer, echo forms).
+ECHOES = {
+    "What is 19 \u2212 2?": ("17", ["(19)-(2)", "19 - (2)", "19\\,-\\,2", "19\\!-\\!2", "{19}-{2}",
+                                     "\\left(19\\right)-2", "19 + (-2)"]),
+    "What is 5 \u00d7 3?": ("15", ["5\\times{3}", "5 \\cdot (3)"]),
+    "What is 4 + 10?": ("14", ["(4)+(10)"]),
+}
+FORMATS = ["\\boxed{{{}}}", "<answer>{}</answer>", "${}$", "\\({}\\)"]
+ECHO_TABLE = [(q, fmt.format(echo), a) for q, (a, echoes) in ECHOES.items() for echo in echoes for fmt in FORMATS]
+
+
+@pytest.mark.parametrize("question, completion, answer", ECHO_TABLE, ids=[c for _, c, _ in ECHO_TABLE])
+def test_an_echo_of_the_question_scores_0_in_every_format(question, completion, answer):
+    for prompts in ([question], [[{"role": "user", "content": question}]], None):
+        assert math_verify(prompts, [completion], answer=[answer]) == [0.0]
+        assert exact_match(prompts, [completion], answer=[answer]) == [0.0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_correct_answer_scores_1_in_every_format(fmt):
+    for question, (answer, _) in ECHOES.items():
+        for value in (answer, f"{answer}.0", f"({answer})"):
+            assert math_verify([question], [fmt.format(value)], answer=[answer]) == [1.0], (fmt, value)
+        assert exact_match([question], [fmt.format(answer)], answer=[answer]) == [1.0]
+    # a closed form that is not arithmetic left undone still verifies, even with the question's numbers in it
+    assert math_verify(["Simplify sqrt(8)."], [fmt.format("2\\sqrt{2}")], answer=["2\\sqrt{2}"]) == [1.0]
+    assert math_verify(["What is 1 divided by 2?"], [fmt.format("\\frac{1}{2}")], answer=["0.5"]) == [1.0]
+
+
 @pytest.mark.parametrize("completion, answer, expected", [
     ("1,234", "1234", True),  # thousands separators
     ("The total is 1,234.", "1234", True),
@@ -110,7 +140,7 @@ def test_greedy_accuracy_uses_the_reward_rule(monkeypatch):
 
     completions = ["43 + 20 = 63", "The answer is 63.", "43+20", "63\n\nExplanation 43+20"]
     monkeypatch.setattr(accuracy, "greedy_completions", lambda *a, **k: completions)
-    acc = accuracy.greedy_accuracy(None, None, {"prompt": ["43+20="] * 4, "answer": ["63"] * 4})
+    acc = accuracy.greedy_accuracy(None, None, {"prompt": ["43+20="] * 4, "answer": ["63"] * 4}, max_new_tokens=8)
     assert acc == sum(exact_match(None, completions, answer=["63"] * 4)) / 4 == 0.5
 
 

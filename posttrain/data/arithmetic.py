@@ -7,6 +7,8 @@ share a problem. Three formats come from the same problems:
 - ``sft``:        ``{"prompt": "12+7=", "completion": "19"}``
 - ``rl``:         ``{"prompt": "12+7=", "answer": "19"}``
 - ``preference``: ``{"prompt": "12+7=", "chosen": "19", "rejected": "18"}`` (a plausible wrong answer)
+
+and :func:`arithmetic_chat_rows` strings them into multi-turn ``messages`` conversations for chat SFT.
 """
 
 from __future__ import annotations
@@ -83,6 +85,19 @@ def arithmetic_rows(
         else:
             raise ValueError(f"unknown format {fmt!r}")
     return rows
+
+
+def arithmetic_chat_rows(split: str = "train", num_samples: int | None = None, turns: int = 2, **options) -> list[dict]:
+    """The problems as conversations for chat SFT: ``{"messages": [user "12+7=", assistant "19", user "3+4=",
+    assistant "7", ...]}``, ``turns`` exchanges per row (consecutive problems of :func:`arithmetic_rows`, same
+    ``split`` and options), ``num_samples`` rows."""
+    count = None if num_samples is None else num_samples * turns
+    rows = arithmetic_rows("rl", split=split, num_samples=count, **options)
+    return [
+        {"messages": [m for r in rows[i : i + turns] for m in ({"role": "user", "content": r["prompt"]},
+                                                                {"role": "assistant", "content": r["answer"]})]}
+        for i in range(0, len(rows) - turns + 1, turns)
+    ]
 
 
 def corpus(max_operand: int = 99) -> list[str]:

@@ -38,6 +38,12 @@ class ArithmeticOptions(_Options):
         return self
 
 
+class ArithmeticChatOptions(ArithmeticOptions):
+    """``builtin:arithmetic-chat`` (:func:`posttrain.data.arithmetic.arithmetic_chat_rows`)."""
+
+    turns: int = Field(2, ge=1, le=16, description="Exchanges (user problem, assistant answer) per conversation.")
+
+
 class FactsOptions(_Options):
     """``builtin:facts`` (:func:`posttrain.data.facts.facts_rows`)."""
 
@@ -51,6 +57,7 @@ TASK_OPTIONS: dict[str, type[_Options]] = {
     "arithmetic-sft": ArithmeticOptions,
     "arithmetic-rl": ArithmeticOptions,
     "arithmetic-pref": ArithmeticOptions,
+    "arithmetic-chat": ArithmeticChatOptions,
     "facts": FactsOptions,
 }
 
@@ -76,4 +83,4 @@ def check_task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-__all__ = ["TASK_OPTIONS", "ArithmeticOptions", "FactsOptions", "check_task_options"]
+__all__ = ["TASK_OPTIONS", "ArithmeticChatOptions", "ArithmeticOptions", "FactsOptions", "check_task_options"]

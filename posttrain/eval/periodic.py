@@ -33,7 +33,6 @@ logger = logging.getLogger("posttrain")
 
 Evaluator = Callable[[Any, Any], dict[str, float]]  # (model, tokenizer) -> {metric name without "eval_": value}
 PREFIX = "eval_"
-TEST_MAX_NEW_TOKENS = 8  # as the before/after accuracy lines (posttrain.train.test_accuracy)
 UNLEARNING_MAX_NEW_TOKENS = 48  # as `posttrain eval --suite tofu`
 
 
@@ -52,7 +51,7 @@ def test_set_evaluators(recipe) -> list[Evaluator]:
     logger.info("evaluation during training: every %d steps on the first %d of %d data.test rows (eval.max_samples)%s",
                 ev.steps, min(ev.max_samples, len(ds)), len(ds), f", pass@{ev.pass_k}" if ev.pass_k else "")
     ds = ds.select(range(min(ev.max_samples, len(ds))))
-    max_new = ev.max_new_tokens or TEST_MAX_NEW_TOKENS
+    max_new = ev.max_new_tokens  # None: the accuracy default (posttrain.eval.accuracy), as the before/after lines
     out: list[Evaluator] = []
 
     def rows():  # data.chat_template is resolved once the tokenizer is loaded (posttrain.data.formatting)
@@ -63,7 +62,8 @@ def test_set_evaluators(recipe) -> list[Evaluator]:
     def accuracy(model, tokenizer):
         from posttrain.eval.accuracy import greedy_accuracy
 
-        return {"test_accuracy": greedy_accuracy(model, tokenizer, rows(), max_new, ev.batch_size)}
+        return {"test_accuracy": greedy_accuracy(model, tokenizer, rows(), max_new, ev.batch_size,
+                                                 where="data.test (evaluation during training)")}
 
     out.append(accuracy)
     if ev.pass_k:
@@ -73,6 +73,8 @@ def test_set_evaluators(recipe) -> list[Evaluator]:
 
             res = pass_at_k_eval(model, tokenizer, rows(), ev.pass_k, ev.num_samples, ev.temperature, max_new,
                                  ev.batch_size, seed=recipe.seed)
+            for warning in res["warnings"]:
+                logger.warning("%s", warning)
             metrics = {f"test_pass@{k}": v for k, v in res["pass@k"].items()}
             metrics["test_mean_sample_accuracy"] = res["mean_sample_accuracy"]
             return metrics

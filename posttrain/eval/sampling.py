@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 from posttrain.errors import UserError
-from posttrain.eval.accuracy import stop_token_ids
+from posttrain.eval.accuracy import (
+    CHAT_MAX_NEW_TOKENS,
+    cut_warning,
+    default_max_new_tokens,
+    generated_cut,
+    stop_token_ids,
+)
 from posttrain.eval.passk import estimate_pass_at_k
 from posttrain.rl.rewards import answers_match
 
@@ -25,12 +31,14 @@ def sample_completions(
     prompts: list,
     num_samples: int,
     temperature: float = 1.0,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = CHAT_MAX_NEW_TOKENS,
     batch_size: int = 64,
     seed: int = 0,
+    cut: list[bool] | None = None,
 ) -> list[list[str]]:
     """``num_samples`` sampled completions per prompt (text or chat messages, rendered by
-    :func:`posttrain.data.formatting.render_prompts`; left padding, stops at EOS), as a list per prompt."""
+    :func:`posttrain.data.formatting.render_prompts`; left padding, stops at EOS or the template's end of turn), as a
+    list per prompt. ``cut``: a list that gets, per sample, whether it reached ``max_new_tokens`` without ending."""
     from posttrain.data.formatting import render_prompts
 
     prompts = render_prompts(prompts, tokenizer)
@@ -42,6 +50,7 @@ def sample_completions(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     per_chunk = max(1, batch_size // num_samples)
+    stop_ids = stop_token_ids(model, tokenizer)
     out: list[list[str]] = []
     try:
         for start in range(0, len(prompts), per_chunk):
@@ -56,9 +65,12 @@ def sample_completions(
                 top_p=1.0,
                 num_return_sequences=num_samples,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_token_ids(model, tokenizer),
+                eos_token_id=stop_ids,
             )
-            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            new = gen[:, enc["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            if cut is not None:
+                cut.extend(generated_cut(new, stop_ids, max_new_tokens))
             out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
     finally:
         tokenizer.padding_side = side
@@ -74,13 +86,15 @@ def pass_at_k_eval(
     ks: Sequence[int],
     num_samples: int | None = None,
     temperature: float = 1.0,
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    where: str = "data.test",
 ) -> dict[str, Any]:
     """pass@k for each k in ``ks`` from ``num_samples`` (default ``max(ks)``) samples per row of prompt/answer rows.
 
-    Returns ``{"num_samples", "temperature", "pass@k": {k: score}, "mean_sample_accuracy"}``.
+    Returns ``{"num_samples", "temperature", "pass@k": {k: score}, "mean_sample_accuracy", "cut_at_max_new_tokens"
+    (the fraction of samples that reached the generation limit without ending), "warnings"}``.
     """
     ks = sorted(set(int(k) for k in ks))
     n = int(num_samples or max(ks))
@@ -91,11 +105,16 @@ def pass_at_k_eval(
     if temperature <= 0:
         raise UserError(f"--temperature: must be > 0 for sampling, got {temperature}")
     prompts, answers = list(rows["prompt"]), list(rows["answer"])
-    samples = sample_completions(model, tokenizer, prompts, n, temperature, max_new_tokens, batch_size, seed)
+    max_new = max_new_tokens or default_max_new_tokens(prompts, answers, tokenizer)
+    cut: list[bool] = []
+    samples = sample_completions(model, tokenizer, prompts, n, temperature, max_new, batch_size, seed, cut=cut)
+    warning = cut_warning(f"{where} (pass@k samples)", cut, max_new)
     correct = [sum(answers_match(c, a) for c in cs) for cs, a in zip(samples, answers, strict=True)]
     return {
         "num_samples": n,
         "temperature": temperature,
         "pass@k": {str(k): float(estimate_pass_at_k(n, correct, k).mean()) for k in ks},
         "mean_sample_accuracy": sum(correct) / (n * max(len(correct), 1)),
+        "cut_at_max_new_tokens": sum(cut) / max(len(cut), 1),
+        "warnings": [warning] if warning else [],
     }

@@ -36,6 +36,7 @@ import asyncio
 import importlib
 import importlib.util
 import inspect
+import logging
 import math
 import re
 import sys
@@ -46,6 +47,8 @@ from typing import Any, NamedTuple
 
 from posttrain.errors import UserError, did_you_mean
 
+logger = logging.getLogger("posttrain")
+
 # ----------------------------------------------------------------------------------------------------------------
 # the final answer of a completion
 
@@ -54,8 +57,6 @@ _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", 
 # a number: optional sign, digits (thousands groups allowed), optional decimals, optional /denominator
 _NUMBER = re.compile(r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 _OPERATORS = "+-*/×÷^\u2212"
-# an expression over numbers: a digit, a binary operator, a digit (43+20, 7 * 6, 10-3, 3 \times 4)
-_NUMERIC_EXPRESSION = re.compile(r"\d\s*(?:[-+*×÷^\u2212]|\\times|\\cdot|\\div)\s*[-+]?\d")
 
 
 def final_text(completion: Any) -> str:
@@ -213,31 +214,72 @@ def make_exact_match(strict: bool = False) -> Callable[..., list[float]]:
 exact_match = make_exact_match()
 
 
+def question_numbers(prompt: Any) -> set[Fraction] | None:
+    """The absolute values of the numbers a prompt holds (text, or the contents of a conversational prompt); None
+    when there is no prompt."""
+    if prompt is None:
+        return None
+    out = set()
+    for m in _NUMBER.finditer(completion_text(prompt)):
+        value = _as_number(m.group().lstrip("+-\u2212"))
+        if value is not None:
+            out.add(value)
+    return out
+
+
+def parse_final_answer(predicted: str | None):
+    """math-verify's canonical parse of an extracted final answer, read as math (LaTeX normalised: ``\\left``,
+    ``\\,``, ``\\!``, braces, ``\\times``, ``\\cdot``, ...): a list ``[sympy expression, text]``, or ``[]``."""
+    if not predicted:
+        return []
+    from math_verify import parse
+
+    return parse(f"${predicted}$")
+
+
+def is_unevaluated_expression(parsed, question: set[Fraction] | None) -> bool:
+    """Whether a parsed final answer is arithmetic left for the verifier to do: a compound expression of numbers
+    only whose value is rational (``19 - (2)``, ``19 + (-2)``, ``5\\times{3}``, ``(4)+(10)``), not a single number
+    (``-3``, ``\\frac{1}{2}``, ``0.5``) nor an irrational closed form (``2\\sqrt{2}``, ``\\frac{\\pi}{2}``). With the
+    question's numbers (:func:`question_numbers`), only such an expression that uses one of them (an echo of the
+    question) counts; without them, every one does."""
+    import sympy
+
+    expr = parsed[0] if parsed else None
+    if not isinstance(expr, sympy.Basic) or isinstance(expr, sympy.Number) or expr.free_symbols:
+        return False
+    if not (expr.is_number and expr.is_rational):
+        return False
+    if question is None:
+        return True
+    used = {Fraction(str(abs(n))) for n in expr.atoms(sympy.Rational)}
+    return bool(used & question)
+
+
 def math_verify(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
     """1.0 where HF Math-Verify (https://github.com/huggingface/Math-Verify) finds the completion's final answer
-    (:func:`extract_final_answer`) equivalent to ``answer``, else 0.0.
+    (:func:`extract_final_answer`, parsed by :func:`parse_final_answer`) equivalent to ``answer``, else 0.0.
 
     Only the extracted final answer is parsed, never the whole completion (math-verify alone would find and evaluate
-    an expression copied from the question: ``43+20`` scored 1.0 against ``63``); an extracted answer that is an
-    expression over numbers scores 0. A gold answer math-verify cannot parse scores ``None`` (not applicable).
+    an expression copied from the question: ``43+20`` scored 1.0 against ``63``), and an answer that is an
+    unevaluated expression using the question's numbers (:func:`is_unevaluated_expression`: ``\\boxed{19 - (2)}``)
+    scores 0. A gold answer math-verify cannot parse scores ``None`` (not applicable).
     """
     from math_verify import parse, verify
 
     answers = _answers(kwargs, len(completions), "math_verify")
+    questions = list(prompts) if prompts is not None else [None] * len(completions)
     out: list[float | None] = []
-    for c, a in zip(completions, answers, strict=True):
-        gold = parse(str(a))
-        if not gold:
-            gold = parse(f"${a}$")
+    for c, a, q in zip(completions, answers, questions, strict=True):
+        gold = parse_final_answer(str(a)) or parse(str(a))  # read as math first: 2\sqrt{2} is not 2
         if not gold:
             out.append(None)
             continue
-        predicted = extract_final_answer(c)
-        if not predicted or _NUMERIC_EXPRESSION.search(predicted):
+        pred = parse_final_answer(extract_final_answer(c))
+        if not pred or is_unevaluated_expression(pred, question_numbers(q)):
             out.append(0.0)
             continue
-        pred = parse(f"${predicted}$")
-        out.append(float(bool(pred) and verify(gold, pred)))
+        out.append(float(verify(gold, pred)))
     return out
 
 
@@ -274,19 +316,26 @@ def split_function_path(path: str) -> tuple[str, str]:
 
 def _load_file_module(target: str, key: str, base_dirs: Sequence[str | Path]):
     """Import a ``.py`` file by path: an absolute path as is; a relative one from the first of ``base_dirs`` (the
-    recipe's directory) that holds it, else from the working directory. This runs the file's code."""
-    candidate = Path(target).expanduser()
+    recipe's directory) that holds it, else from the working directory (the path it runs from is logged, once per
+    process). This runs the file's code."""
+    from posttrain.paths import expand_home
+
+    candidate = expand_home(target, key)
     tried = [candidate] if candidate.is_absolute() else [Path(d) / candidate for d in base_dirs] + [Path.cwd() / candidate]
     found = next((c for c in tried if c.is_file()), None)
     if found is None:
         where = ", ".join(dict.fromkeys(str(c.parent.resolve()) for c in tried))
         raise UserError(f"{key}: file '{target}' not found (looked in {where})")
+    beside = not candidate.is_absolute() and found in tried[:-1]
     found = found.resolve()
     import hashlib
 
     name = f"posttrain_user_{found.stem}_{hashlib.sha1(str(found).encode()).hexdigest()[:10]}"
     if name in sys.modules:  # loaded once per process (the checks before loading the model, then the trainer)
         return sys.modules[name]
+    origin = ("" if candidate.is_absolute() else " (next to the recipe)" if beside
+              else " (from the working directory: not next to the recipe)")
+    logger.info("%s: running code from %s%s", key, found, origin)
     spec = importlib.util.spec_from_file_location(name, found)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -312,10 +361,13 @@ def import_function(path: str, key: str, base_dirs: Sequence[str | Path] = ()) -
         module = _load_file_module(target, key, base_dirs)
         where = f"file '{target}'"
     else:
+        first = target not in sys.modules
         try:
             module = importlib.import_module(target)
         except Exception as exc:  # ImportError, or the module itself failing
             raise UserError(f"{key}: cannot import module '{target}' ({type(exc).__name__}: {exc})") from None
+        if first and not target.startswith("posttrain."):
+            logger.info("%s: running code from module %s (%s)", key, target, getattr(module, "__file__", "?"))
         where = f"module '{target}'"
     obj: Any = module
     for part in attr.split("."):

@@ -6,7 +6,8 @@ the optional one-off precomputation of reference log-probs. This trainer replace
 forward through TRL's fused LM head gives per-token log-probs (plus the fields WPO needs), one reference forward gives
 the reference per-token log-probs (or the precomputed sums are read from the batch), and the pure losses of
 :mod:`posttrain.losses.preference` turn them into the loss of ``dpo`` (sigmoid / cDPO / robust / IPO), ``wpo``,
-``sparsepo`` (MaPO reference mask or learned mask) or ``asft_aligned`` (reference-free).
+``sparsepo`` (MaPO reference mask or learned mask) or the reference-free ``asft_aligned``, ``simpo`` and ``orpo``
+(ORPO's SFT term may also score the prompt tokens: ``params.scores_prompt_tokens``).
 
 Per-token tensors are ``[2B, T-1]`` (row ``b`` scores token ``t+1`` of sequence ``b``) with the shifted completion mask;
 chosen rows come first. SparsePO also needs full-vocab distributions (token KL) and reference activations; those are
@@ -35,18 +36,22 @@ from posttrain.losses.preference import (
     dpo_loss,
     mapo_mask,
     mean_logps,
+    orpo_loss,
     preference_metrics,
     sequence_lengths,
     sequence_logps,
+    simpo_loss,
     sparsepo_loss,
     sparsepo_metrics,
     sparsepo_token_kl,
+    token_mean_nll,
     wpo_log_alignment,
     wpo_metrics,
     wpo_pair_weights,
     wpo_sequence_weights,
 )
 from posttrain.distributed import TokenMean, full_weight, gathered, reduce_metrics
+from posttrain.errors import UserError
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
 from posttrain.registry import Registry
@@ -79,8 +84,6 @@ def _peft_model(model):
 def _decoder_layers(backbone):
     layers = getattr(backbone, "layers", None)
     if layers is None:
-        from posttrain.errors import UserError
-
         raise UserError(
             "method.mask: reference (MaPO) hooks Llama/Qwen2-style decoder layers (backbone.layers[i].mlp.down_proj, "
             f"self_attn.q/k/v/o_proj); {type(backbone).__name__} has none. Use mask: learned."
@@ -88,8 +91,95 @@ def _decoder_layers(backbone):
     return layers
 
 
-class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixin, DPOTrainer):
-    """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on top of ``trl.DPOTrainer``.
+TURN_MASK_COLUMNS = ("chosen_mask", "rejected_mask")
+
+
+@contextlib.contextmanager
+def _collator_class(cls):
+    """While ``DPOTrainer.__init__`` runs, it builds its default collator from ``cls`` (which then also serves the
+    optional precomputation of reference log-probs there)."""
+    original = _trl_dpo.DataCollatorForPreference
+    _trl_dpo.DataCollatorForPreference = cls
+    try:
+        yield
+    finally:
+        _trl_dpo.DataCollatorForPreference = original
+
+
+class TurnMaskedPreferenceCollator(_trl_dpo.DataCollatorForPreference):
+    """TRL's preference collator, with the completion mask narrowed to the scored tokens of conversational pairs
+    (``chosen_mask`` / ``rejected_mask``: a tool result inside a multi-message completion is not scored). Rows without
+    those columns collate exactly as in TRL."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        if TURN_MASK_COLUMNS[0] not in examples[0]:
+            return batch
+        masks = [[0] * len(e["prompt_ids"]) + list(e[col]) for col in TURN_MASK_COLUMNS for e in examples]
+        if self.max_length is not None:  # the collator's own truncation of the sequences
+            sl = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            masks = [m[sl] for m in masks]
+        width = batch["completion_mask"].shape[1]
+        turns = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=batch["completion_mask"].dtype)
+        batch["completion_mask"] = batch["completion_mask"] * turns
+        return batch
+
+
+class ConversationalPairsMixin:
+    """``DPOTrainer._prepare_dataset`` for conversational pairs: the prompt, chosen and rejected token ids and the
+    scored tokens come from :func:`posttrain.data.formatting.tokenize_prompt_completion` (the completion's assistant
+    turns and each one's end-of-turn token, for any chat template) instead of TRL's "everything after the prompt".
+    Plain-text pairs go to TRL unchanged. Pairs with no assistant turn to score are dropped with a logged count."""
+
+    assistant_turns = "all"
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        from datasets import Dataset
+
+        from posttrain.data.formatting import is_conversation, row_tools, tokenize_prompt_completion
+
+        columns = getattr(dataset, "column_names", None) or []
+        if not isinstance(dataset, Dataset) or len(dataset) == 0 or "prompt_ids" in columns or not any(
+            is_conversation(dataset[0].get(col)) for col in ("prompt", "chosen", "rejected")
+        ):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if "prompt" not in columns:  # an implicit prompt: the turns chosen and rejected share
+            from trl.data_utils import extract_prompt
+
+            dataset = dataset.map(extract_prompt)
+        key = f"data.{dataset_name}"
+        out: dict[str, list] = {c: [] for c in ("prompt_ids", "chosen_ids", "rejected_ids", *TURN_MASK_COLUMNS)}
+        keep = []
+        for i, row in enumerate(dataset):
+            where, tools = f"{key}: row {i}", row_tools(row)
+            chosen, rejected = (tokenize_prompt_completion(row["prompt"], row[side], processing_class, where,
+                                                           self.assistant_turns, tools)
+                                for side in ("chosen", "rejected"))
+            if not chosen.spans or not rejected.spans:
+                continue
+            start = min(chosen.spans[0][0], rejected.spans[0][0])
+            if chosen.input_ids[:start] != rejected.input_ids[:start]:
+                raise UserError(f"{where}: the chat template renders the prompt differently before chosen and "
+                                "rejected")
+            out["prompt_ids"].append(chosen.input_ids[:start])
+            for side, tokens in (("chosen", chosen), ("rejected", rejected)):
+                out[f"{side}_ids"].append(tokens.input_ids[start:])
+                out[f"{side}_mask"].append(tokens.mask[start:])
+            keep.append(i)
+        if len(keep) < len(dataset):
+            logger.warning("%s: skipped %d of %d pairs with no assistant turn to score", key, len(dataset) - len(keep),
+                           len(dataset))
+        if not keep:
+            raise UserError(f"{key}: no pair has an assistant turn to score")
+        dataset = dataset.select(keep) if len(keep) < len(dataset) else dataset
+        for column, values in out.items():
+            dataset = dataset.add_column(column, values)
+        return dataset
+
+
+class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixin, ConversationalPairsMixin,
+                                 DPOTrainer):
+    """The preference family (every ``PREFERENCE_LOSSES`` entry) on top of ``trl.DPOTrainer``.
 
     Args:
         method: the method name (:mod:`posttrain.methods`).
@@ -97,15 +187,18 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
             ``use_weighting`` of the ``DPOConfig`` must agree with them (``build_preference_trainer`` sets them).
     """
 
-    def __init__(self, *args, method: str, params, **kwargs):
+    def __init__(self, *args, method: str, params, assistant_turns: str = "all", **kwargs):
         self.method = method
         self.params = params
+        self.assistant_turns = assistant_turns
         self.mask_net: torch.nn.ModuleDict | None = None
         self.objective = PREFERENCE_LOSSES[method]
         reference_free = get_method(method).reference == "none"
-        # A reference-free method needs no reference: stop DPOTrainer from loading a second copy of the policy.
-        patch = trl_reference_factory(_trl_dpo, None) if reference_free else contextlib.nullcontext()
-        with patch:
+        with contextlib.ExitStack() as patches:
+            # A reference-free method needs no reference: stop DPOTrainer from loading a second copy of the policy.
+            if reference_free:
+                patches.enter_context(trl_reference_factory(_trl_dpo, None))
+            patches.enter_context(_collator_class(TurnMaskedPreferenceCollator))
             super().__init__(*args, **kwargs)
         if reference_free:
             self.ref_model = None
@@ -131,6 +224,12 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
                 for param in self.mask_net.parameters():
                     param.register_hook(_mean_over_ranks)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        missing = [c for c in TURN_MASK_COLUMNS if c not in self._signature_columns]
+        if missing:
+            self._signature_columns = [*self._signature_columns, *missing]
 
     # ---------------------------------------------------------------------------------------------------------------
     # Learned SparsePO mask: optimised jointly, saved next to the policy
@@ -212,7 +311,10 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
         completion_mask = inputs["completion_mask"]
         mask = completion_mask[..., 1:]
         seq_len = mask.size(1)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        # the tokens the fused head scores: the completions (the loss masks below keep to them), plus the prompts when
+        # the method's SFT term reads them (ORPO)
+        scored = inputs["attention_mask"] if p.scores_prompt_tokens else completion_mask
+        labels = inputs["input_ids"].masked_fill(scored == 0, -100)
 
         outputs, policy_hidden = self._policy_forward(model, model_kwargs, labels, p.needs_hidden_states)
         per_token_logps = outputs.log_probs[:, -seq_len:]
@@ -495,6 +597,41 @@ def asft_aligned_objective(trainer, f: PolicyForward):
     return loss, metrics
 
 
+@PREFERENCE_LOSSES.register("simpo", doc="docs/methods/simpo.md#objective")
+def simpo_objective(trainer, f: PolicyForward):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734): the mean of :func:`posttrain.losses.preference.simpo_loss` over the
+    pairs, plus ``sft_coef`` times the chosen responses' token-mean NLL; no reference model."""
+    p, gather = trainer.params, trainer.accelerator.gather
+    lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
+    out = simpo_loss(lbar_c, lbar_r, beta=p.beta, gamma_beta_ratio=p.gamma_beta_ratio)
+    loss = out.losses.mean()
+    metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
+                                 gather(lbar_r.detach()))
+    if p.sft_coef > 0:
+        nll = token_mean_nll(f.per_token_logps.chunk(2, dim=0)[0], f.mask.chunk(2, dim=0)[0])
+        loss = loss + p.sft_coef * nll
+        metrics["nll_loss"] = gather(nll.detach()).mean().item()
+    return loss, metrics
+
+
+@PREFERENCE_LOSSES.register("orpo", doc="docs/methods/orpo.md#objective")
+def orpo_objective(trainer, f: PolicyForward):
+    """ORPO (Hong et al. 2024, arXiv 2403.07691): the chosen rows' token-mean NLL (prompt included with
+    ``nll_on_prompt``) plus ``beta`` times the mean odds-ratio loss (:func:`posttrain.losses.preference.orpo_loss`)."""
+    p, gather = trainer.params, trainer.accelerator.gather
+    lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
+    scored = (f.labels[:, 1:] != -100)[:, -f.seq_len:]  # every token the fused head scored (see scores_prompt_tokens)
+    nll = token_mean_nll(f.per_token_logps.chunk(2, dim=0)[0], scored.chunk(2, dim=0)[0])
+    out = orpo_loss(lbar_c, lbar_r, nll, beta=p.beta, prob_clamp=p.prob_clamp)
+    metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
+                                 gather(lbar_r.detach()))
+    # TRL's ORPO names: log_odds_ratio = mean logsig(log OR), log_odds_chosen = mean log OR
+    metrics["nll_loss"] = gather(out.nll).mean().item()
+    metrics["log_odds_ratio"] = -gather(out.odds_ratio_losses).mean().item()
+    metrics["log_odds_chosen"] = gather(out.log_odds_ratio).mean().item()
+    return out.loss, metrics
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Building from a recipe
 # ----------------------------------------------------------------------------------------------------------------------
@@ -514,7 +651,6 @@ def preference_config(recipe, info):
     """The ``DPOConfig`` of a preference-family recipe (built before any model loads)."""
     from trl import DPOConfig
 
-    from posttrain.errors import UserError
     from posttrain.trainers.common import training_config
 
     params, name = recipe.params, info.name
@@ -539,12 +675,13 @@ def preference_config(recipe, info):
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     config = training_config(DPOConfig, recipe, overrides)
     if config.sync_ref_model and (info.reference == "none" or overrides["precompute_ref_log_probs"]):
-        raise UserError("training.sync_ref_model: needs a live reference model (not asft_aligned or precomputed)")
+        why = f"method '{name}' uses none" if info.reference == "none" else "precompute_ref_log_probs keeps none"
+        raise UserError(f"training.sync_ref_model: needs a live reference model ({why})")
     return config
 
 
 def build_preference_trainer(ctx):
-    """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on :class:`PosttrainPreferenceTrainer`."""
+    """Every preference-family method on :class:`PosttrainPreferenceTrainer`."""
     from posttrain.trainers.common import peft_config
 
     recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name
@@ -562,6 +699,7 @@ def build_preference_trainer(ctx):
         callbacks=ctx.callbacks,
         method=name,
         params=params,
+        assistant_turns=recipe.data.assistant_turns,
     )
     try:  # LoRA variants (peft.type: plora/goat/ggpo) wrap the trainer class
         from posttrain.adapters.trainer import make_trainer
