@@ -615,11 +615,16 @@ def asft_metrics(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def token_mean_nll(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_mean_nll(logps: torch.Tensor, mask: torch.Tensor,
+                   num_items: torch.Tensor | float | None = None) -> torch.Tensor:
     """``-sum(mask * logp) / max(sum(mask), 1)`` in fp32: the token-mean NLL of a micro-batch (the HF
     ``CrossEntropyLoss`` mean that SimPO's ``sft_weight`` term and ORPO's SFT term use; docs/methods/simpo.md#objective,
-    docs/methods/orpo.md#objective)."""
-    return -sequence_logps(logps, mask).sum() / mask.to(torch.float32).sum().clamp(min=1.0)
+    docs/methods/orpo.md#objective). ``num_items`` replaces ``sum(mask)`` as the denominator (with several processes,
+    this process's share of the global token count, posttrain.distributed.process_share: the averaged gradient is
+    then that of the global batch's token mean)."""
+    count = mask.to(torch.float32).sum() if num_items is None else torch.as_tensor(
+        num_items, dtype=torch.float32, device=logps.device)
+    return -sequence_logps(logps, mask).sum() / count.clamp(min=1.0)
 
 
 def simpo_loss(

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from posttrain.distributed import TokenMean
 from posttrain.registry import Registry
 
 import torch
@@ -427,11 +428,9 @@ def rmu_loss(
     control = control_vector.to(forget_activations.device)
     forget_loss = rmu_activation_loss(forget_activations, control, forget_mask)
     loss = gamma * forget_loss
-    metrics: dict[str, float] = {"forget_loss": float(forget_loss.detach())}
-    with torch.no_grad():
-        m = forget_mask.to(torch.bool)
-        metrics["rmu/forget_activation_norm"] = float(forget_activations.detach().float()[m].norm(dim=-1).mean()) if bool(
-            m.any()) else 0.0
+    metrics: dict[str, float | TokenMean] = {"forget_loss": float(forget_loss.detach())}
+    # a token mean: pooled over processes by posttrain.distributed.reduce_metrics (float() gives this process's value)
+    metrics["rmu/forget_activation_norm"] = TokenMean.of(forget_activations.detach().float().norm(dim=-1), forget_mask)
     retain_loss = None
     if alpha != 0 and retain_activations is not None:
         if retain_ref_activations is None or retain_mask is None:

@@ -50,7 +50,7 @@ from posttrain.losses.preference import (
     wpo_pair_weights,
     wpo_sequence_weights,
 )
-from posttrain.distributed import TokenMean, full_weight, gathered, reduce_metrics
+from posttrain.distributed import TokenMean, full_weight, gathered, process_share, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
@@ -597,6 +597,15 @@ def asft_aligned_objective(trainer, f: PolicyForward):
     return loss, metrics
 
 
+def _chosen_nll(trainer, logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, TokenMean]:
+    """The SFT term of SimPO / ORPO, :func:`~posttrain.losses.preference.token_mean_nll` over the global micro-batch's
+    tokens (each process divides by its share of all processes' token count), and its logged token mean."""
+    accelerator = trainer.accelerator
+    num_items = process_share(accelerator, mask.sum()) if accelerator.num_processes > 1 else None
+    nll = token_mean_nll(logps, mask, num_items)
+    return nll, TokenMean(-sequence_logps(logps.detach(), mask).sum(), mask.to(torch.float32).sum())
+
+
 @PREFERENCE_LOSSES.register("simpo", doc="docs/methods/simpo.md#objective")
 def simpo_objective(trainer, f: PolicyForward):
     """SimPO (Meng et al. 2024, arXiv 2405.14734): the mean of :func:`posttrain.losses.preference.simpo_loss` over the
@@ -608,9 +617,8 @@ def simpo_objective(trainer, f: PolicyForward):
     metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
                                  gather(lbar_r.detach()))
     if p.sft_coef > 0:
-        nll = token_mean_nll(f.per_token_logps.chunk(2, dim=0)[0], f.mask.chunk(2, dim=0)[0])
+        nll, metrics["nll_loss"] = _chosen_nll(trainer, f.per_token_logps.chunk(2, dim=0)[0], f.mask.chunk(2, dim=0)[0])
         loss = loss + p.sft_coef * nll
-        metrics["nll_loss"] = gather(nll.detach()).mean().item()
     return loss, metrics
 
 
@@ -621,12 +629,12 @@ def orpo_objective(trainer, f: PolicyForward):
     p, gather = trainer.params, trainer.accelerator.gather
     lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
     scored = (f.labels[:, 1:] != -100)[:, -f.seq_len:]  # every token the fused head scored (see scores_prompt_tokens)
-    nll = token_mean_nll(f.per_token_logps.chunk(2, dim=0)[0], scored.chunk(2, dim=0)[0])
+    nll, logged_nll = _chosen_nll(trainer, f.per_token_logps.chunk(2, dim=0)[0], scored.chunk(2, dim=0)[0])
     out = orpo_loss(lbar_c, lbar_r, nll, beta=p.beta, prob_clamp=p.prob_clamp)
     metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
                                  gather(lbar_r.detach()))
     # TRL's ORPO names: log_odds_ratio = mean logsig(log OR), log_odds_chosen = mean log OR
-    metrics["nll_loss"] = gather(out.nll).mean().item()
+    metrics["nll_loss"] = logged_nll
     metrics["log_odds_ratio"] = -gather(out.odds_ratio_losses).mean().item()
     metrics["log_odds_chosen"] = gather(out.log_odds_ratio).mean().item()
     return out.loss, metrics

@@ -260,12 +260,16 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                 raise UserError(f"method.trainable_params: {which}{pattern!r} matches no parameter of the model (names "
                                 f"look like {named[-1][0]!r})")
         moving = 0
+
+        def numel(q):  # the whole parameter's size, also when ZeRO-3 holds only a partition here
+            return getattr(q, "ds_numel", q.numel())
+
         for name, param in named:
             selected = any(re.fullmatch(pattern, name) for pattern in patterns)
             param.requires_grad_(selected)
-            moving += param.numel() if selected else 0
+            moving += numel(param) if selected else 0
         logger.info("rmu: steering decoder layer %d; %d of %d weights train (%s)", p.rmu_layer, moving,
-                    sum(q.numel() for _, q in named), ", ".join(patterns))
+                    sum(numel(q) for _, q in named), ", ".join(patterns))
         if self.args.gradient_checkpointing:  # frozen embeddings: keep a gradient path into checkpointed layers
             self.model.enable_input_require_grads()
         hidden = self.model.config.get_text_config().hidden_size
