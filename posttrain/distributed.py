@@ -177,7 +177,7 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
 def gathered(*params) -> Iterator[None]:
     """Read access to ZeRO-3 partitioned parameters for the duration of the block (no-op elsewhere). Not for
     parameters whose gradient is needed: ZeRO-3 reduces gradients only for parameters used inside a module's forward
-    (methods that need that are refused under ZeRO-3, see :func:`refuse_zero3`)."""
+    (methods that need that are refused under ZeRO-3 and FSDP2, see :func:`check_backend`)."""
     if not zero3_enabled():
         yield
         return
