@@ -458,3 +458,114 @@ def test_completion_logps_matches_full_logits():
         keep = labels != -100
         assert c == int(keep.sum())
         assert s == pytest.approx(float(lp[keep].gather(1, labels[keep, None]).sum()), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the reference computed once
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_reference_precompute_once_cached_and_keyed_by_model_data_and_template(tmp_path):
+    from posttrain.logprobs.reference import precompute_reference_logps, weights_fingerprint
+
+    model = _model().eval()
+    (ids, am, cm), groups = _pairs("right")
+    rows = [{"input_ids": ids[b][am[b].bool()].tolist(), "completion_mask": cm[b][am[b].bool()].tolist()}
+            for b in range(ids.shape[0])]
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    first, cached = precompute_reference_logps(model, rows, cache_dir=tmp_path, groups=groups, template="T1",
+                                               batch_size=4)
+    assert not cached and len(calls) == 1  # both pairs in one shared-prompt forward
+    with torch.no_grad():
+        expected = LogProbEngine().forward(model, ids, am, cm)
+    for b in range(ids.shape[0]):
+        assert_rel_close(first.token_logps[b], expected.logps[b][expected.mask[b]], msg=f"row {b}")
+    assert_rel_close(first.sums(), expected.sequence_logps(), msg="sums")
+    assert first.counts().tolist() == cm.sum(-1).tolist()
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]  # one file, no temporary left
+
+    calls.clear()
+    again, cached = precompute_reference_logps(model, rows, cache_dir=tmp_path, groups=groups, template="T1")
+    assert cached and calls == []  # the rerun skips the model
+    assert all(torch.equal(a, b) for a, b in zip(again.token_logps, first.token_logps))
+
+    fingerprint = weights_fingerprint(model)
+    _, cached = precompute_reference_logps(model, rows, cache_dir=tmp_path, groups=groups, template="T2")
+    assert not cached  # another chat template
+    changed = [dict(rows[0], input_ids=rows[0]["input_ids"][:-1] + [7]), *rows[1:]]
+    _, cached = precompute_reference_logps(model, changed, cache_dir=tmp_path, groups=groups, template="T1")
+    assert not cached  # other data
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0  # tied with the embeddings: other weights
+    assert weights_fingerprint(model) != fingerprint
+    _, cached = precompute_reference_logps(model, rows, cache_dir=tmp_path, groups=groups, template="T1")
+    assert not cached
+    _, cached = precompute_reference_logps(model, rows, cache_dir=tmp_path, groups=groups, template="T1",
+                                           model_fingerprint=fingerprint)
+    assert cached  # a caller-given fingerprint is trusted as the model's identity
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# two processes (gloo, CPU): DDP and FSDP2 reproduce one process on the same global batch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _two_process_worker(rank: int, world: int, port: int, path: str) -> None:
+    """One pair per process through the shared-prompt engine, under DDP, then under FSDP2 (``fully_shard``: the head
+    is a sharded DTensor outside the forward, unsharded inside it); rank 0 saves the full gradients."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    (ids, am, cm), _ = _pairs("right")
+    mine = [rank, rank + world]  # this process's pair: its chosen and its rejected row
+    results = {}
+    for backend in ("ddp", "fsdp2"):
+        model = _model()
+        if backend == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        out = LogProbEngine().forward(wrapped, ids[mine], am[mine], cm[mine], groups=[0, 0])
+        # global token mean: each process divides by the global count; the gradient average over processes * world
+        (-out.logps.sum() / cm.sum() * world).backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                 for n, p in model.named_parameters()}
+        results[backend] = {"grads": grads, "shared": out.shared}
+    if rank == 0:
+        torch.save(results, path)
+    dist.destroy_process_group()
+
+
+def test_two_processes_ddp_and_fsdp2_match_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "grads.pt")
+    mp.start_processes(_two_process_worker, args=(2, port, path), nprocs=2, start_method="spawn")
+    results = torch.load(path)
+
+    model = _model()
+    (ids, am, cm), groups = _pairs("right")
+    (-LogProbEngine().forward(model, ids, am, cm, groups=groups).logps.sum() / cm.sum()).backward()
+    one = [p.grad for _, p in model.named_parameters()]
+    for backend, result in results.items():
+        assert result["shared"], backend
+        _assert_grads_equal([result["grads"][n] for n, _ in model.named_parameters()], one, backend)
