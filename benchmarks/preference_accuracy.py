@@ -6,8 +6,9 @@
 For every method the same starting model (default ``builtin:tiny-qwen2``, random init), the same 256 built-in
 arithmetic preference pairs (``max_operand: 30``), the same steps, batch size, schedule and seed are used; each run
 goes through ``posttrain.train.run`` (the code path of ``posttrain train``), so the reference model is the default
-frozen copy of the starting model (none for ``asft_aligned``). Preference accuracy is the share of pairs whose chosen
-completion (+EOS) has a higher summed log-prob than the rejected one, measured before and after training on
+frozen copy of the starting model (none for the reference-free ``asft_aligned``, ``simpo``, ``orpo``). Preference
+accuracy is the share of pairs whose chosen completion (+EOS) has a higher summed log-prob than the rejected one,
+measured before and after training on
 
 * held-out pairs: prompts that were trained on, each with a wrong answer never paired with it in training (so the
   model must prefer the right answer over an unseen wrong one), up to 300 pairs;
@@ -36,6 +37,8 @@ METHODS: dict[str, dict] = {
     "sparsepo-reference": {"name": "sparsepo", "mask": "reference", "beta": 0.1},
     "sparsepo-learned": {"name": "sparsepo", "mask": "learned", "beta": 0.1},
     "asft_aligned": {"name": "asft_aligned", "beta": 1.0},
+    "simpo": {"name": "simpo", "beta": 2.0, "gamma_beta_ratio": 0.25},
+    "orpo": {"name": "orpo", "beta": 0.1, "nll_on_prompt": False},
 }
 
 

@@ -27,6 +27,10 @@ VARIANTS = {
     "w_reinforce": "grpo_w_reinforce",
     "gppo": "grpo_gppo",
     "combined": "grpo_combined",
+    "rloo": "grpo_rloo",
+    "reinforce_pp": "grpo_reinforce_pp",
+    "gspo": "grpo_gspo",
+    "cispo": "grpo_cispo",
 }
 
 

@@ -39,6 +39,11 @@ class MethodParams(BaseModel):
         """A trainable SparsePO mask network is trained and saved next to the policy."""
         return False
 
+    @property
+    def scores_prompt_tokens(self) -> bool:
+        """The policy forward also scores the prompt tokens (ORPO's SFT term on prompt + response; preference family)."""
+        return False
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # SFT family
@@ -76,15 +81,17 @@ class ASFTAnchoredParams(SFTParams):
 class PoFTParams(SFTParams):
     """Preference-oriented SFT: Bradley-Terry of the target's mean log-likelihood against aligned LLMs'."""
 
-    poft_beta: float = Field(1.0, gt=0.0)
-    poft_gamma: float = 0.0
-    poft_target_tokens: Literal["response", "all"] = "response"
+    poft_beta: float = Field(1.0, gt=0.0, description="beta of -logsigmoid(beta (r_target - r_aligned) + gamma).")
+    poft_gamma: float = Field(0.0, description="gamma, the margin of the Bradley-Terry logit.")
+    poft_target_tokens: Literal["response", "all"] = Field(
+        "response", description="Tokens of the target's score and loss: the response only, or prompt and response.")
     aligned_models: list[str] = Field(
         default_factory=list,
         description="Aligned models that score the data before training; empty means the data carries "
         "`poft_ref_scores` (list) or `poft_ref_score` (float).",
     )
-    scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1)
+    scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1, description="Batch size of the aligned models' scoring "
+                                    "pass (method.aligned_models).")
 
     @property
     def completion_only(self) -> bool:
@@ -92,7 +99,7 @@ class PoFTParams(SFTParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Preference family (docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md)
+# Preference family (docs/methods/dpo.md, wpo.md, sparsepo.md, asft_aligned.md, simpo.md, orpo.md)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -139,14 +146,14 @@ class SparsePOParams(MethodParams):
     mask: Literal["reference", "learned"] = Field(
         "learned", description="learned: a small trainable mask network; reference: MaPO activation mask."
     )
-    beta: float = Field(0.1, gt=0.0)
-    mask_on_reward: bool = True
-    mask_on_kl: bool = True
+    beta: float = Field(0.1, gt=0.0, description="KL strength beta of the masked rewards.")
+    mask_on_reward: bool = Field(True, description="Weight the token log-ratios by the reward mask (else 1).")
+    mask_on_kl: bool = Field(True, description="Weight the token KLs by the KL mask (else 1).")
     rw_kl_independent: bool = Field(False, description="Separate reward and KL mask networks (learned mask only).")
     l1_norm_param_u: float = Field(0.0, ge=0.0, description="L1 weight on the reward mask.")
     l1_norm_param_d: float = Field(0.0, ge=0.0, description="L1 weight on the KL mask.")
-    mask_dropout: float = Field(0.01, ge=0.0, lt=1.0)
-    mask_weight_decay: float = Field(0.01, ge=0.0)
+    mask_dropout: float = Field(0.01, ge=0.0, lt=1.0, description="Dropout inside the learned mask network.")
+    mask_weight_decay: float = Field(0.01, ge=0.0, description="Weight decay of the mask network's parameters.")
 
     @property
     def needs_hidden_states(self) -> bool:  # token KL and masks from hidden states
@@ -166,14 +173,40 @@ class SparsePOParams(MethodParams):
 class ASFTAlignedParams(MethodParams):
     """Aligned SFT: -c_sft*lbar_w + lam*[-logsig(beta*odds_w) - logsig(-beta*odds_l)], no reference model."""
 
-    beta: float = Field(1.0, gt=0.0)
+    beta: float = Field(1.0, gt=0.0, description="Scale beta of the log-odds in the alignment term.")
     asft_lambda: float = Field(1.0, ge=0.0, description="Weight lam of the absolute-likelihood alignment term.")
     sft_coef: float = Field(1.0, ge=0.0, description="Weight c_sft of the chosen per-sequence mean NLL.")
     prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp.")
 
 
+class SimPOParams(MethodParams):
+    """SimPO: -logsig(beta * (lbar_w - lbar_l - gamma_beta_ratio)) on length-normalised log-probs, no reference model."""
+
+    beta: float = Field(2.0, gt=0.0, description="Scale beta of the length-normalised implicit reward (SimPO code default).")
+    gamma_beta_ratio: float = Field(
+        0.25, ge=0.0, description="Target reward margin gamma divided by beta (SimPO code default; TRL's "
+        "simpo_gamma = beta * gamma_beta_ratio).")
+    sft_coef: float = Field(
+        0.0, ge=0.0, description="Weight of the chosen responses' token-mean NLL (SimPO's sft_weight; TRL's cpo_alpha, "
+        "whose default there is 1).")
+
+
+class ORPOParams(MethodParams):
+    """ORPO: the chosen NLL plus beta * -logsig(log odds ratio of the length-normalised likelihoods), no reference."""
+
+    beta: float = Field(0.1, gt=0.0, description="Weight lambda of the odds-ratio term (TRL's beta).")
+    nll_on_prompt: bool = Field(
+        True, description="The SFT term also scores the prompt tokens (the ORPO code's and TRL's default); false: the "
+        "chosen response only (the ORPO code's --disable_prompt_loss).")
+    prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp in the log-odds.")
+
+    @property
+    def scores_prompt_tokens(self) -> bool:
+        return self.nll_on_prompt
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Unlearning family (docs/methods/ga.md, docs/methods/grad_diff.md, docs/methods/npo.md, docs/methods/simnpo.md): L = gamma * L_forget + alpha * L_retain
+# Unlearning family (docs/methods/ga.md, grad_diff.md, npo.md, simnpo.md, rmu.md): L = gamma * L_forget + alpha * L_retain
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -250,8 +283,47 @@ class SimNPOParams(UnlearningParams):
 
     gamma: float = Field(0.125, ge=0.0, description="Weight of the forget loss.")
     alpha: float = Field(1.0, ge=0.0, description="Weight of the retain NLL.")
-    beta: float = Field(4.5, gt=0.0)
+    beta: float = Field(4.5, gt=0.0, description="Inverse temperature beta of the length-normalised forget loss.")
     delta: float = Field(0.0, description="Length-normalised margin (the SimNPO paper's gamma = beta * delta).")
+
+
+class RMUParams(UnlearningParams):
+    """RMU: steer one layer's hidden states on forget answers to a fixed random vector, keep them on retain answers."""
+
+    gamma: float = Field(1.0, ge=0.0, description="Weight of the forget (steering) loss.")
+    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain loss (activations kept equal to the frozen "
+                         "model's; open-unlearning's 1, WMDP's code 1200 on Zephyr-7B).")
+    rmu_layer: int = Field(7, ge=0, le=2**31 - 1, description="0-based decoder layer whose output is steered and "
+                           "kept (WMDP and open-unlearning: 7).")
+    steering_coeff: float = Field(2.0, gt=0.0, description="Norm c of the control vector c*u (open-unlearning: 2; "
+                                  "WMDP: 6.5 on Zephyr-7B); set it above the layer's activation norm.")
+    trainable_params: list[str] | None = Field(
+        None, description="Regexes (full match on parameter names) of the weights that move; null: the paper's, the "
+        "MLP down-projections of layers rmu_layer-2 .. rmu_layer; ['.*']: every weight (open-unlearning's config).")
+
+    @model_validator(mode="after")
+    def _check_rmu(self):
+        import re
+
+        from posttrain.errors import UserError
+
+        if self.mask != "none":
+            raise UserError("method.mask: RMU picks the weights that move with method.trainable_params; remove mask")
+        for i, pattern in enumerate(self.trainable_params or []):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UserError(f"method.trainable_params[{i}]: not a regular expression ({exc})") from None
+        if self.trainable_params == []:
+            raise UserError("method.trainable_params: empty, nothing would train; null selects the paper's weights")
+        return self
+
+    def trainable_patterns(self) -> list[str]:
+        """The regexes of the weights that move (the paper's default: down_proj of the three layers up to rmu_layer)."""
+        if self.trainable_params is not None:
+            return list(self.trainable_params)
+        layers = "|".join(str(i) for i in range(max(self.rmu_layer - 2, 0), self.rmu_layer + 1))
+        return [rf"(.*\.)?layers\.({layers})\.mlp\.down_proj\.weight"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -288,12 +360,39 @@ class RewardSpec(BaseModel):
                 f"unknown built-in reward '{self.name}'{did_you_mean(self.name, BUILTIN_REWARDS)}; "
                 f"built-ins: {sorted(BUILTIN_REWARDS)}"
             )
+        if self.name is not None:
+            _check_reward_options(self.name, BUILTIN_REWARDS[self.name][0], self.options)
         if self.function is not None:
             split_function_path(self.function)  # ValueError: not module:function or file.py:function
         if self.model is not None and self.options:
             raise ValueError("options: not used with a reward model (model:)")
         _check_finite(self.options, "options")
         return self
+
+
+def _check_reward_options(name: str, factory, options: dict) -> None:
+    """A built-in reward's ``options`` are keyword arguments of its factory, each of the annotated type (strict:
+    ``'yes'`` is not a boolean)."""
+    import inspect
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from posttrain.errors import did_you_mean
+
+    params = inspect.signature(factory).parameters
+    hints = typing.get_type_hints(factory)
+    for key, value in options.items():
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise ValueError(f"options.{key}: not an option of reward '{name}'{did_you_mean(str(key), params)} "
+                             f"(options: {known})")
+        annotation = hints.get(key, typing.Any)
+        try:
+            TypeAdapter(annotation).validate_python(value, strict=True)
+        except ValidationError:
+            raise ValueError(f"options.{key}: reward '{name}' expects {getattr(annotation, '__name__', annotation)}, "
+                             f"got {value!r}") from None
 
 
 def _check_finite(node, where: str) -> None:
@@ -318,7 +417,8 @@ _PACS_KEYS = ("pacs_beta", "pacs_reward_method", "pacs_score", "pacs_weight")
 # GRPO options PACS replaces (its own advantage, no clipping, no KL, a row mean): refused with loss: pacs
 _NOT_PACS = ("advantage", "scale_rewards", "aggregation", "delta_l_alpha", "delta_l_scope", "clipping", "epsilon",
              "epsilon_high", "dual_clip_c", "sft_coef", "beta", "use_bias_correction_kl", "w_reinforce_lambda",
-             "entropy_coef", *_SAN_KEYS, *_GPPO_KEYS)
+             "entropy_coef", "rloo_normalize_advantages", "reinforce_pp_baseline", "cispo_weight_max",
+             "cispo_weight_min", *_SAN_KEYS, *_GPPO_KEYS)
 
 
 class GRPOParams(MethodParams):
@@ -349,7 +449,8 @@ class GRPOParams(MethodParams):
     )
     # advantage estimator
     advantage: Literal[ADVANTAGES.names()] = Field(
-        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement)."
+        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
+        "(leave-one-out), reinforce_pp (REINFORCE++)."
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="group / stratified: std scaling of the group advantage (none = Dr. GRPO)."
@@ -361,28 +462,45 @@ class GRPOParams(MethodParams):
         "fn(prompt=, completion=, **row) -> hashable.",
     )
     san_alpha: float = Field(0.8, ge=0.0, le=1.0, description="stratified: blend alpha*A_SAN + (1-alpha)*A_GRPO.")
-    san_scale: Literal["stratum", "none"] = "stratum"
-    san_scope: Literal["group", "batch"] = "group"
+    san_scale: Literal["stratum", "none"] = Field(
+        "stratum", description="stratified: divide by each stratum's std (stratum) or only centre (none).")
+    san_scope: Literal["group", "batch"] = Field(
+        "group", description="stratified: a stratum is (prompt group, key) or the key across the whole batch.")
     san_eps: float = Field(1e-4, ge=0.0, description="stratified: added to each stratum's std (tied to GRPO's 1e-4, so "
                            "one stratum per group equals GRPO exactly; the paper's unit-variance claims use 0).")
     w_reinforce_lambda: float = Field(0.1, ge=0.0, description="w_reinforce: advantage of correct rows (+lambda).")
     correct_reward: float = Field(
         1.0, description="A row is correct iff its combined reward equals this (psr/nsr/w_reinforce, SFT term)."
     )
+    rloo_normalize_advantages: bool = Field(
+        False, description="rloo: then standardise the advantages over the generation batch (TRL's RLOOConfig "
+        "normalize_advantages).")
+    reinforce_pp_baseline: bool = Field(
+        True, description="reinforce_pp: subtract each prompt's mean reward before the batch whitening "
+        "(REINFORCE++-baseline); false: the global whitening alone (REINFORCE++).")
     # loss aggregation
     aggregation: Literal[AGGREGATIONS.names()] = Field(
         "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
     )
     delta_l_alpha: float = Field(0.75, ge=0.0, le=1.0, description="delta_l: row weights proportional to L^-alpha.")
-    delta_l_scope: Literal["batch", "group"] = "batch"
+    delta_l_scope: Literal["batch", "group"] = Field(
+        "batch", description="delta_l: normalise the row weights over the generation batch or within each group.")
     # clipping
-    clipping: Literal[CLIPPINGS.names()] = Field("ppo", description="ppo (clip-higher with epsilon_high) or gppo.")
-    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip range (and upper, unless epsilon_high).")
-    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range; gppo default 0.28.")
+    clipping: Literal[CLIPPINGS.names()] = Field(
+        "ppo", description="ppo (clip-higher with epsilon_high), gppo, gspo (sequence-level ratio) or cispo (clipped, "
+        "detached IS weight).")
+    epsilon: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Lower clip range (and upper, unless epsilon_high); default 0.2, gspo 3e-4.")
+    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range; gppo default 0.28, gspo 4e-4.")
     gppo_beta1: float = Field(1.0, ge=0.0, description="gppo: gradient scale of low-clipped tokens.")
     gppo_beta2: float = Field(1.0, ge=0.0, description="gppo: gradient scale of high-clipped tokens.")
     gppo_only_high: bool = Field(False, description="gppo: keep the gradient of high-clipped tokens only.")
     dual_clip_c: float | None = Field(None, gt=1.0, description="Dual clip for A<0 (verl); off by default.")
+    cispo_weight_max: float = Field(
+        5.0, gt=0.0, description="cispo: upper bound of the importance weight, 1 + eps_high^IS (TRL's epsilon_high for "
+        "loss_type cispo).")
+    cispo_weight_min: float | None = Field(
+        None, ge=0.0, description="cispo: lower bound of the importance weight, 1 - eps_low^IS; null: none (the paper).")
     sft_coef: float | None = Field(
         None, ge=0.0, description="GPPO's NLL term on correct rollouts; default 0.1 with gppo, else 0."
     )
@@ -423,7 +541,7 @@ class GRPOParams(MethodParams):
     def _check(self):
         from posttrain.errors import UserError
 
-        given = self.model_fields_set
+        given = set(self.model_fields_set)  # the keys the recipe gave (resolving defaults below adds to the set)
 
         def refuse(keys, why):
             for key in keys:
@@ -455,12 +573,24 @@ class GRPOParams(MethodParams):
             raise UserError("method.rewards: give at least one reward function")
         # the selected parts' defaults (GPPO: Klear-Reasoner's eps_h 0.28 and SFT term 0.1; PSR/NSR/W-REINFORCE: the
         # paper's entropy bonus 1e-4; docs/methods/grpo_clipping.md#hyperparameters, grpo_advantages.md)
+        if self.epsilon is None:
+            self.epsilon = defaults.get("epsilon", 0.2)
         if self.epsilon_high is None:
             self.epsilon_high = defaults.get("epsilon_high")
         if self.sft_coef is None:
             self.sft_coef = defaults.get("sft_coef", 0.0)
         if self.entropy_coef is None:
             self.entropy_coef = defaults.get("entropy_coef", 0.0)
+        self.__pydantic_fields_set__ = given  # resolved defaults are not the user's settings (the checks tell apart)
+        if self.loss != "pacs":  # each selected part checks the settings it reads (cross-key checks)
+            for part, registry in _GRPO_PARTS:
+                chosen = registry[getattr(self, part)]
+                problem = chosen.check(self) if "check" in chosen.meta else None
+                if problem:
+                    raise UserError(problem)
+        if not any(spec.weight != 0 for spec in self.rewards):
+            raise UserError("method.rewards: every weight is 0, so the combined reward is always 0 and there is "
+                            "nothing to learn; give at least one reward a non-zero weight")
         return self
 
 
@@ -597,6 +727,30 @@ register(
 )
 
 
+register(
+    MethodInfo(
+        name="simpo",
+        doc="docs/methods/simpo.md",
+        family="preference",
+        summary="SimPO: length-normalised log-likelihood margin with a target margin, no reference model.",
+        paper="Meng et al., SimPO: Simple Preference Optimization with a Reference-Free Reward (arXiv 2405.14734)",
+        recipe="recipes/simpo.yaml",
+        params=SimPOParams,
+    )
+)
+register(
+    MethodInfo(
+        name="orpo",
+        doc="docs/methods/orpo.md",
+        family="preference",
+        summary="ORPO: SFT plus an odds-ratio preference term in one stage, no reference model.",
+        paper="Hong et al., ORPO: Monolithic Preference Optimization without Reference Model (arXiv 2403.07691)",
+        recipe="recipes/orpo.yaml",
+        params=ORPOParams,
+    )
+)
+
+
 _NPO_PAPER = (
     "Zhang et al., Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning "
     "(arXiv 2404.05868)"
@@ -675,20 +829,42 @@ register(
 
 register(
     MethodInfo(
+        name="rmu",
+        doc="docs/methods/rmu.md",
+        family="unlearning",
+        summary="RMU: forget activations steered to a random vector at one layer, retain activations kept; few "
+        "weights move.",
+        paper="Li et al., The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning (arXiv 2403.03218)",
+        recipe="recipes/unlearn_rmu.yaml",
+        params=RMUParams,
+        reference="required",
+    )
+)
+
+
+register(
+    MethodInfo(
         name="grpo",
         doc="docs/methods/grpo.md",
         family="rl",
         summary="RLVR on TRL's GRPOTrainer with composable parts: advantage (group, stratified, psr, nsr, "
-        "w_reinforce), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + SFT term).",
+        "w_reinforce, rloo, reinforce_pp), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + "
+        "SFT term, gspo, cispo).",
         paper="Shao et al., DeepSeekMath (GRPO, arXiv 2402.03300); Stratified GRPO (arXiv 2510.06214); ΔL "
         "Normalization (arXiv 2509.07558); Zhu et al., negative reinforcement (arXiv 2506.01347); Klear-Reasoner "
-        "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783); PACS (loss: pacs, arXiv "
-        "2509.02522)",
+        "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783); RLOO (arXiv 2402.14740); "
+        "REINFORCE++ (arXiv 2501.03262); GSPO (arXiv 2507.18071); CISPO (MiniMax-M1, arXiv 2506.13585); PACS "
+        "(loss: pacs, arXiv 2509.02522)",
         recipe="recipes/grpo.yaml",
         params=GRPOParams,
         reference="optional",
     )
 )
+
+
+def methods_with_key(key: str) -> list[str]:
+    """The methods whose hyperparameters include ``key`` (a key given to another method is refused naming them)."""
+    return [name for name, info in METHODS.items() if key in info.params.model_fields]
 
 
 def get_method(name: str) -> MethodInfo:

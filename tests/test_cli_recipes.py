@@ -220,19 +220,24 @@ def reward(prompts, completions, completion_ids, trainer_state, **kwargs):
 '''
 
 
-def test_two_process_grpo_run_with_accelerate(tmp_path):
-    """GRPO with stratified advantages in a real 2-process (gloo, CPU) run started with ``--num-processes 2``: each process scores its own 6 rollouts,
-    a group of 4 straddles the processes, and the logged advantages and policy loss are those of the advantages
-    recomputed over the gathered batch, each process taking its own rows (checked from what each process scored)."""
+@pytest.mark.parametrize("recipe", ["grpo_stratified", pytest.param("grpo_reinforce_pp", marks=pytest.mark.slow)])
+def test_two_process_grpo_run_with_accelerate(tmp_path, recipe):
+    """GRPO with stratified advantages (and, slow, REINFORCE++, whose whitening spans every completion token of the
+    batch) in a real 2-process (gloo, CPU) run started with ``--num-processes 2``: each process scores its own 6
+    rollouts, a group of 4 straddles the processes, and the logged advantages and policy loss are those of the
+    advantages recomputed over the gathered batch, each process taking its own rows (checked from what each process
+    scored)."""
     from posttrain.rl.advantages import compute_advantages, stratum_ids
     from posttrain.rl.strata import completion_length
 
     (tmp_path / "rl2p_reward.py").write_text(_RECORDING_REWARD)
     out, record = tmp_path / "ddp", tmp_path / "record"
+    stratified = recipe == "grpo_stratified"
+    # several strata per group
+    keys_set = ["--set", "method.stratum_key=posttrain.rl.strata:completion_length"] if stratified else []
     # started by posttrain itself (--num-processes: it runs accelerate launch; the dft test above uses accelerate's)
     cmd = [sys.executable, "-m", "posttrain.cli", "train", "--num-processes", "2",
-           "recipes/grpo_stratified.yaml", "--set", "method.rewards=[{function: 'rl2p_reward:reward'}]",
-           "--set", "method.stratum_key=posttrain.rl.strata:completion_length",  # several strata per group
+           f"recipes/{recipe}.yaml", "--set", "method.rewards=[{function: 'rl2p_reward:reward'}]", *keys_set,
            "--set", "training.max_steps=2", "--set", "training.logging_steps=1", "--set", "training.save_strategy=no",
            "--set", "training.per_device_train_batch_size=6", "--set", "training.num_generations=4",
            "--set", "training.temperature=1.5", "--set", "data.train.max_samples=12", "--set", "data.test=null",
@@ -251,9 +256,12 @@ def test_two_process_grpo_run_with_accelerate(tmp_path):
         assert [len(p["rewards"]) for p in parts] == [6, 6] and all(p["step"] == step for p in parts)
         rewards = torch.tensor(parts[0]["rewards"] + parts[1]["rewards"])  # gather order: rank 0, then rank 1
         lengths = torch.tensor(parts[0]["lengths"] + parts[1]["lengths"], dtype=torch.float32)
-        keys = [completion_length(completion=c) for c in parts[0]["completions"] + parts[1]["completions"]]
-        adv = compute_advantages("stratified", rewards, 4, strata=stratum_ids(keys), alpha=0.8, scale="stratum",
-                                 scope="group").advantages
+        if stratified:
+            keys = [completion_length(completion=c) for c in parts[0]["completions"] + parts[1]["completions"]]
+            adv = compute_advantages("stratified", rewards, 4, strata=stratum_ids(keys), alpha=0.8, scale="stratum",
+                                     scope="group").advantages
+        else:  # whitened with the token counts of both processes' rows
+            adv = compute_advantages("reinforce_pp", rewards, 4, lengths=lengths, baseline=True).advantages
         assert row["reward"] == pytest.approx(rewards.mean().item(), abs=1e-5)
         for stat in ("mean", "std", "min", "max"):
             assert row[f"advantages/{stat}"] == pytest.approx(getattr(adv, stat)().item(), abs=1e-5), stat

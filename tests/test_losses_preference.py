@@ -1,5 +1,6 @@
 """Tests for posttrain.losses.preference against the worked examples and expected behaviours of
-docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md."""
+docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md, docs/methods/simpo.md,
+docs/methods/orpo.md."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ from posttrain.losses.preference import (
     mapo_mask,
     mask_sparsity,
     mean_logps,
+    orpo_loss,
     preference_metrics,
     sequence_lengths,
     sequence_logps,
+    simpo_loss,
     sparsepo_loss,
     sparsepo_metrics,
     sparsepo_token_kl,
+    token_mean_nll,
     wpo_log_alignment,
     wpo_loss,
     wpo_metrics,
@@ -768,3 +772,67 @@ def test_asft_metrics():
     assert set(m) == set(expected)
     for k, v in expected.items():
         assert m[k] == pytest.approx(v, abs=1e-5), k
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SimPO and ORPO (docs/methods/simpo.md#how-it-is-tested, docs/methods/orpo.md#how-it-is-tested)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_token_mean_nll_counts_masked_tokens_only():
+    logps = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -9.0, -3.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    close(token_mean_nll(logps, mask), 3.5 / 3)  # -(-1 - 2 - 0.5) / 3 tokens; -inf padding never leaks
+    close(token_mean_nll(logps, torch.zeros_like(mask)), 0.0)
+
+
+def test_simpo_worked_example_and_gradient():
+    lw = torch.tensor([-0.5, -1.0], requires_grad=True)
+    ll = torch.tensor([-1.0, -0.8], requires_grad=True)
+    out = simpo_loss(lw, ll, beta=2.0, gamma_beta_ratio=0.25)  # z = 2 (lw - ll - 0.25) = [0.5, -0.9]
+    close(out.losses, [0.474077, 1.241154])  # log(1 + e^-z)
+    close(out.chosen_rewards, [-1.0, -2.0])
+    close(out.rejected_rewards, [-2.0, -1.6])
+    out.losses.sum().backward()
+    close(lw.grad, [-0.755081, -1.421899])  # -beta * sigmoid(-z)
+    close(ll.grad, -lw.grad)
+
+
+def test_simpo_margin_is_gamma_and_only_the_difference_counts():
+    lw, ll = torch.tensor([-0.5, -1.0]), torch.tensor([-1.0, -0.8])
+    close(simpo_loss(lw, ll, beta=1.0, gamma_beta_ratio=0.0).losses, [0.474077, 0.798139])  # plain -logsig(lw - ll)
+    # TRL's CPO form: -logsig(beta * (lw - ll - simpo_gamma / beta)) with simpo_gamma = beta * ratio
+    beta, gamma = 2.5, 1.0
+    expected = -F.logsigmoid(beta * ((lw - ll) - gamma / beta))
+    close(simpo_loss(lw, ll, beta=beta, gamma_beta_ratio=gamma / beta).losses, expected)
+    close(simpo_loss(lw - 3.0, ll - 3.0).losses, simpo_loss(lw, ll).losses)
+    # at the margin exactly (lw - ll = gamma / beta) the loss is log 2
+    close(simpo_loss(torch.tensor([-0.5]), torch.tensor([-0.75])).losses, [LOG2])
+
+
+def test_orpo_worked_example_and_gradient():
+    lw = torch.tensor([-0.5, -1.0], requires_grad=True)
+    ll = torch.tensor([-1.0, -0.8], requires_grad=True)
+    nll = torch.tensor(0.7, requires_grad=True)
+    out = orpo_loss(lw, ll, nll, beta=0.1)
+    odds = lambda x: x - math.log(1 - math.exp(x))  # noqa: E731
+    close(out.log_odds_ratio, [odds(-0.5) - odds(-1.0), odds(-1.0) - odds(-0.8)])
+    close(out.log_odds_ratio, [0.974077, -0.337943])
+    close(out.odds_ratio_losses, [0.320300, 0.876327])
+    close(out.loss, 0.759831)  # 0.7 + 0.1 * mean([0.320300, 0.876327])
+    close(out.nll, 0.7)
+    close(out.chosen_rewards, [-0.05, -0.1])
+    out.loss.backward()
+    close(nll.grad, 1.0)
+    # d/d lbar_w = beta/B * -sigmoid(-logOR) / (1 - e^lbar_w); rejected: the opposite sign, its own 1/(1 - e^lbar_l)
+    close(lw.grad, [-0.034827, -0.046169])
+    close(ll.grad, [0.021679, 0.052998])
+
+
+def test_orpo_is_stable_near_certain_responses():
+    lw = torch.tensor([0.0, -1e-9], requires_grad=True)  # pbar = 1: odds would be +inf without the clamp
+    ll = torch.tensor([-2.0, -0.0], requires_grad=True)
+    out = orpo_loss(lw, ll, torch.tensor(0.0), beta=1.0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(lw.grad).all() and torch.isfinite(ll.grad).all()
+    close(out.odds_ratio_losses[1], LOG2)  # both responses at the clamp: log OR = 0

@@ -1,4 +1,5 @@
-"""Unlearning losses against docs/methods/npo.md#how-it-is-tested."""
+"""Unlearning losses against docs/methods/npo.md#how-it-is-tested and docs/methods/rmu.md#how-it-is-tested (RMU also
+against open-unlearning's formula, written out here)."""
 
 import math
 
@@ -13,6 +14,9 @@ from posttrain.losses.unlearning import (
     npo_loss_at_reference,
     retain_kl_loss,
     retain_nll_loss,
+    rmu_activation_loss,
+    rmu_control_vector,
+    rmu_loss,
     simnpo_loss,
     unlearning_objective,
 )
@@ -343,3 +347,67 @@ def test_objective_defaults_and_errors():
         unlearning_objective("grad_diff", forget_logps=f_logps, forget_mask=f_mask)
     with pytest.raises(ValueError, match="retain_logits"):
         unlearning_objective("ga_kl", forget_logps=f_logps, forget_mask=f_mask)
+
+
+# RMU ------------------------------------------------------------------------------------------------------------------
+
+RMU_H = [[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [5.0, 5.0]]]  # [B=2, T=2, d=2]
+RMU_MASK = torch.tensor([[1, 1], [0, 1]])
+RMU_U = torch.tensor([0.0, 2.0])
+
+
+def test_rmu_activation_loss_worked_example_and_gradient():
+    h = torch.tensor(RMU_H, requires_grad=True)
+    loss = rmu_activation_loss(h, RMU_U, RMU_MASK)
+    # row 0: ((1 + 0)/2 + (9 + 4)/2) / 2 = 3.5; row 1: (25 + 9)/2 / 1 = 17 (masked position left out); mean 10.25
+    assert close(loss, 10.25)
+    loss.backward()
+    # d/dh = 2 (h - u) / (d * n_row * B) on masked positions
+    assert close(h.grad, [[[0.25, 0.0], [0.75, 0.5]], [[0.0, 0.0], [2.5, 1.5]]])
+
+
+def _open_unlearning_activation_loss(a1, a2, mask):
+    """open-unlearning's ``RMU.compute_activation_loss`` (src/trainer/unlearn/rmu.py), written out."""
+    squared_diff = torch.nn.functional.mse_loss(a1, a2, reduction="none")
+    expanded = mask.unsqueeze(-1).expand_as(squared_diff)
+    per_row = (squared_diff * expanded).mean(dim=2).sum(dim=1)
+    return (per_row / mask.sum(dim=-1)).mean()
+
+
+def test_rmu_matches_open_unlearnings_formula():
+    torch.manual_seed(0)
+    h, ref = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    control = rmu_control_vector(8, 6.5, seed=3)
+    assert close(rmu_activation_loss(h, control, mask),
+                 _open_unlearning_activation_loss(h, control.view(1, 1, 8).expand_as(h), mask.float()))
+    assert close(rmu_activation_loss(h, ref, mask), _open_unlearning_activation_loss(h, ref, mask.float()))
+    out = rmu_loss(h, mask, control, h + 0.1, ref, mask, gamma=0.5, alpha=3.0)
+    expected = 0.5 * _open_unlearning_activation_loss(h, control.expand_as(h), mask.float()) + 3.0 * (
+        _open_unlearning_activation_loss(h + 0.1, ref, mask.float()))
+    assert close(out.loss, expected)
+    assert close(out.metrics["forget_loss"], out.forget_loss) and close(out.metrics["retain_loss"], out.retain_loss)
+
+
+def test_rmu_control_vector_is_a_seeded_uniform_direction_of_norm_c():
+    u = rmu_control_vector(128, 20.0, seed=7)
+    assert u.shape == (128,) and close(u.norm(), 20.0) and (u >= 0).all()  # torch.rand: a non-negative direction
+    assert torch.equal(u, rmu_control_vector(128, 20.0, seed=7))  # every process / resumed run: the same vector
+    assert not torch.equal(u, rmu_control_vector(128, 20.0, seed=8))
+    assert torch.allclose(rmu_control_vector(128, 2.0, seed=7), u / 10, rtol=1e-6, atol=0)  # c scales it only
+
+
+def test_rmu_loss_terms_and_retain_switch():
+    h = torch.tensor(RMU_H, requires_grad=True)
+    same = torch.tensor(RMU_H)
+    out = rmu_loss(h, RMU_MASK, RMU_U, h, same, RMU_MASK, gamma=2.0, alpha=5.0)
+    assert close(out.forget_loss, 10.25) and close(out.retain_loss, 0.0)  # retain states equal the frozen ones
+    assert close(out.loss, 20.5)
+    assert close(out.metrics["rmu/forget_activation_norm"], (math.sqrt(5) + 5 + math.sqrt(50)) / 3)
+    no_retain = rmu_loss(h, RMU_MASK, RMU_U, h, same, RMU_MASK, alpha=0.0)
+    assert no_retain.retain_loss is None and "retain_loss" not in no_retain.metrics
+    assert rmu_loss(h, RMU_MASK, RMU_U).retain_loss is None
+    with pytest.raises(ValueError):
+        rmu_loss(h, RMU_MASK, RMU_U, retain_activations=h)
+    with pytest.raises(ValueError):
+        rmu_control_vector(4, 0.0)

@@ -1,4 +1,5 @@
-"""The preference-family trainer (dpo, wpo, sparsepo, asft_aligned) against stock TRL, the formulas, and bad input.
+"""The preference-family trainer (dpo, wpo, sparsepo, asft_aligned, simpo, orpo) against stock TRL (DPOTrainer; the
+experimental CPO and ORPO trainers for the reference-free simpo and orpo), the formulas, and bad input.
 
 Where TRL 1.16 and the paper/reference code differ docs/methods/dpo.md#differences-from-the-paper-and-trl, docs/methods/wpo.md#differences-from-the-paper-and-trl, the stock-TRL comparison uses the settings where
 they agree and the other form is checked against an independent implementation here:
@@ -109,6 +110,68 @@ def test_loss_metrics_and_grads_match_stock_trl(arith_model_dir, tiny_model_dir,
     torch.testing.assert_close(l_ours, l_stock, atol=1e-5, rtol=1e-5)
     for name in (*REWARD_METRICS, "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
         assert abs(_last(ours, name) - _last(stock, name)) <= 1e-5 * max(1.0, abs(_last(stock, name))), name
+    stock.model.zero_grad()
+    ours.model.zero_grad()
+    l_stock.backward()
+    l_ours.backward()
+    for (name, a), b in zip(stock.model.named_parameters(), ours.model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _cpo_style_batch(batch):
+    """Our collated ``[chosen; rejected]`` batch as the ``chosen_*`` / ``rejected_*`` tensors TRL's CPO and ORPO
+    trainers take (labels -100 off the completion)."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = {}
+    for side, rows in (("chosen", slice(0, BATCH)), ("rejected", slice(BATCH, None))):
+        out[f"{side}_input_ids"] = batch["input_ids"][rows]
+        out[f"{side}_attention_mask"] = batch["attention_mask"][rows]
+        out[f"{side}_labels"] = labels[rows]
+    return out
+
+
+@pytest.mark.parametrize("method,params,stock_kw", [
+    ("simpo", dict(beta=2.0, gamma_beta_ratio=0.25), dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0)),
+    ("simpo", dict(beta=2.5, gamma_beta_ratio=0.4, sft_coef=0.5),
+     dict(loss_type="simpo", beta=2.5, simpo_gamma=1.0, cpo_alpha=0.5)),
+    ("orpo", dict(beta=0.1), dict(beta=0.1)),
+    ("orpo", dict(beta=0.5), dict(beta=0.5)),
+], ids=["simpo", "cpo-simpo", "orpo", "orpo-beta0.5"])
+def test_reference_free_losses_match_stock_trl_cpo_and_orpo(arith_model_dir, tmp_path, method, params, stock_kw):
+    """SimPO against TRL's CPOTrainer (``loss_type="simpo"``, ``simpo_gamma = beta * gamma_beta_ratio``, ``cpo_alpha
+    = sft_coef``) and ORPO against TRL's ORPOTrainer (SFT term on prompt + response, our ``nll_on_prompt: true``), on
+    the same batch with bf16 off: loss, metrics and gradients. TRL's experimental CPO/ORPO trainers tokenise on their
+    own; both get the tensors of our collated batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from posttrain.methods import METHODS
+    from posttrain.trainers.preference import PosttrainPreferenceTrainer
+
+    tok = AutoTokenizer.from_pretrained(arith_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(arith_model_dir)
+    ds = _dataset()
+    p = METHODS[method].params(**params)
+    ours = PosttrainPreferenceTrainer(model=copy.deepcopy(policy), train_dataset=ds, processing_class=tok,
+                                      args=_config(tmp_path / "ours", beta=p.beta), method=method, params=p)
+    assert ours.ref_model is None
+    config_cls, trainer_cls = (CPOConfig, CPOTrainer) if method == "simpo" else (ORPOConfig, ORPOTrainer)
+    stock = trainer_cls(model=copy.deepcopy(policy), train_dataset=ds, processing_class=tok,
+                        args=config_cls(output_dir=str(tmp_path / "stock"), report_to="none", use_cpu=True, bf16=False,
+                                        max_length=64, **stock_kw))
+    batch = next(iter(ours.get_train_dataloader()))
+    stock.model.train()
+    ours.model.train()
+    l_ours = ours.compute_loss(ours.model, dict(batch))
+    l_stock, stock_metrics = stock.get_batch_loss_metrics(stock.model, _cpo_style_batch(batch))
+    torch.testing.assert_close(l_ours, l_stock, atol=1e-5, rtol=1e-5)
+    names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected"]
+    if method == "orpo":
+        names += ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
+    for name in names:
+        assert abs(_last(ours, name) - float(stock_metrics[name])) <= 1e-5 * max(1.0, abs(float(stock_metrics[name]))), name
     stock.model.zero_grad()
     ours.model.zero_grad()
     l_stock.backward()
@@ -263,15 +326,18 @@ def _all_pairs_batch(model_dir):
     }
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "wpo", "asft_aligned"])
+@pytest.mark.parametrize("method", ["dpo", "ipo", "wpo", "asft_aligned", "simpo", "orpo"])
 def test_lr0_step1_loss_equals_formula_on_initial_models(tmp_path, arith_model_dir, tiny_model_dir, method):
     from transformers import AutoModelForCausalLM
 
     from posttrain.train import run
 
     spec = {"dpo": {"name": "dpo", "beta": 0.1, "label_smoothing": 0.1}, "ipo": {"name": "dpo", "loss": "ipo"},
-            "wpo": {"name": "wpo", "beta": 0.1}, "asft_aligned": {"name": "asft_aligned", "asft_lambda": 0.5}}[method]
-    recipe = _recipe(tmp_path, spec, ref=None if method == "asft_aligned" else "builtin:tiny-qwen2")
+            "wpo": {"name": "wpo", "beta": 0.1}, "asft_aligned": {"name": "asft_aligned", "asft_lambda": 0.5},
+            "simpo": {"name": "simpo", "sft_coef": 0.3},
+            "orpo": {"name": "orpo", "beta": 0.2, "nll_on_prompt": False}}[method]
+    reference_free = method in ("asft_aligned", "simpo", "orpo")
+    recipe = _recipe(tmp_path, spec, ref=None if reference_free else "builtin:tiny-qwen2")
     run(recipe, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = next(r["loss"] for r in rows if r["step"] == 1 and "loss" in r)
@@ -292,6 +358,15 @@ def test_lr0_step1_loss_equals_formula_on_initial_models(tmp_path, arith_model_d
         log_s = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
         w = torch.exp(((lp - log_s) * mask).sum(-1) / n)
         expected = ((w[:BATCH] * w[BATCH:]).clamp(max=1.0) * -F.logsigmoid(beta * (c - r))).mean()
+    elif method == "simpo":  # -logsig(beta (lbar_w - lbar_l - ratio)) + sft_coef * token-mean NLL of the chosen
+        lbar = s / n
+        nll = -lp[:BATCH].sum() / mask[:BATCH].sum()
+        expected = -F.logsigmoid(2.0 * (lbar[:BATCH] - lbar[BATCH:] - 0.25)).mean() + 0.3 * nll
+    elif method == "orpo":  # response NLL + beta * -logsig(odds_w - odds_l)
+        lbar = s / n
+        odds = lbar - torch.log1p(-lbar.exp())
+        nll = -lp[:BATCH].sum() / mask[:BATCH].sum()
+        expected = nll - 0.2 * F.logsigmoid(odds[:BATCH] - odds[BATCH:]).mean()
     else:
         lbar = s / n
         pw, pl = lbar[:BATCH].exp(), lbar[BATCH:].exp()
@@ -591,6 +666,9 @@ def preference_accuracy(model, tok, rows) -> float:
     pytest.param({"name": "wpo", "beta": 0.1}, 0.05, id="wpo", marks=pytest.mark.slow),
     pytest.param({"name": "sparsepo", "mask": "reference", "beta": 0.1}, 0.05, id="sparsepo", marks=pytest.mark.slow),
     pytest.param({"name": "asft_aligned", "beta": 1.0}, 0.05, id="asft_aligned", marks=pytest.mark.slow),
+    pytest.param({"name": "simpo"}, 0.05, id="simpo", marks=pytest.mark.slow),
+    pytest.param({"name": "orpo"}, 0.05, id="orpo", marks=pytest.mark.slow),
+    pytest.param({"name": "orpo", "nll_on_prompt": False}, 0.05, id="orpo-response-nll", marks=pytest.mark.slow),
 ])
 def test_each_method_raises_held_out_preference_accuracy(tmp_path, capsys, method, gain):
     """Each preference method from the random-init tiny model on 256 arithmetic pairs (8 epochs, ~10-20 s each on
@@ -698,4 +776,4 @@ def test_method_keys_set_under_training_and_precompute_for_asft(tmp_path, capsys
     recipe = _bad_recipe("builtin:arithmetic-pref", method="asft_aligned")
     recipe["method"]["precompute_ref_log_probs"] = True
     line = _cli_run(tmp_path, capsys, recipe)
-    assert "method.precompute_ref_log_probs" in line and "unknown key" in line, line
+    assert "method.precompute_ref_log_probs: not a key of method 'asft_aligned'; only used by method dpo or wpo" in line, line

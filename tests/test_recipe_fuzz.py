@@ -15,7 +15,7 @@ from posttrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-NUM_MUTATIONS = 600
+NUM_MUTATIONS = 800
 SEED = 1234
 
 

@@ -1,5 +1,6 @@
-"""Advantage estimators against the hand-computed numbers of
-docs/methods/grpo_advantages.md#how-it-is-tested."""
+"""Advantage estimators against the hand-computed numbers of docs/methods/grpo_advantages.md#how-it-is-tested,
+docs/methods/rloo.md#how-it-is-tested and docs/methods/reinforce_pp.md#how-it-is-tested (REINFORCE++ also against
+verl's published token-level formula, written out here)."""
 
 import math
 
@@ -15,6 +16,8 @@ from posttrain.rl.advantages import (
     normalize_then_sum,
     nsr,
     psr,
+    reinforce_pp,
+    rloo,
     stratified,
     stratum_ids,
     w_reinforce,
@@ -278,6 +281,81 @@ def test_dispatcher():
     assert compute_advantages("nsr", CORRECT, 3).keep.sum() == 3
     with pytest.raises(ValueError):
         compute_advantages("stratified", S_R, 4)
+    assert torch.equal(compute_advantages("rloo", R, 3, normalize=True).advantages, rloo(R, 3, normalize=True))
+    lengths = torch.tensor([2.0, 4, 1, 3, 2, 4])
+    assert torch.equal(compute_advantages("reinforce_pp", R, 3, lengths=lengths).advantages,
+                       reinforce_pp(R, 3, lengths=lengths))
     with pytest.raises(ValueError):
-        compute_advantages("rloo", R, 3)
-    assert set(adv.ADVANTAGE_ESTIMATORS) == {"grpo", "stratified", "psr", "nsr", "w_reinforce"}
+        compute_advantages("opo", R, 3)
+    assert set(adv.ADVANTAGE_ESTIMATORS) == {"grpo", "stratified", "psr", "nsr", "w_reinforce", "rloo", "reinforce_pp"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RLOO and REINFORCE++ on the worked example R (two groups of three)
+
+R_LEN = torch.tensor([2.0, 4, 1, 3, 2, 4])  # completion tokens per row
+
+
+def test_rloo_leave_one_out_worked_example():
+    a = rloo(R, 3)
+    close(a, [0.75, -0.75, 0.0, -0.25, -1.0, 1.25])  # r_i - mean of the two others
+    close(a, (1.5 * group(R, 3, scale_rewards="none")).tolist())  # = G/(G-1) (r_i - group mean)
+    # TRL's normalize_advantages: (A - mean) / (unbiased std + 1e-4) over the batch; std(A) = sqrt(0.75)
+    close(rloo(R, 3, normalize=True), [0.865925, -0.865925, 0.0, -0.288642, -1.154567, 1.443209])
+    assert torch.equal(rloo(torch.tensor([2.0, 2.0, 5.0, 5.0]), 2), torch.zeros(4))  # equal rewards: no signal
+
+
+def test_rloo_leaves_unscorable_rows_out_like_trl():
+    nan = float("nan")
+    # group 1: the baseline averages the scorable siblings only; group 2: a single scorable row has no baseline
+    a = rloo(torch.tensor([1.0, nan, 0.0, 1.0, nan, nan, 1.0, nan]), 4)
+    close(a, [0.5, 0.0, -1.0, 0.5, 0.0, 0.0, 0.0, 0.0])
+    b = rloo(torch.tensor([1.0, nan, 0.0, 1.0, nan, nan, 1.0, nan]), 4, normalize=True)
+    close(b[[0, 2, 3]], (a[[0, 2, 3]] / (math.sqrt(0.75) + 1e-4)).tolist())  # stats over the 3 rows with a baseline
+    assert b[[1, 4, 5, 6, 7]].abs().sum() == 0
+
+
+def test_reinforce_pp_baseline_whitens_over_tokens():
+    # x = r - group mean = [0.5, -0.5, 0, -1/6, -2/3, 5/6]; token-weighted mu = 0.5/16, var = sum L (x-mu)^2 / 15
+    a = reinforce_pp(R, 3, lengths=R_LEN)
+    close(a, [0.793514, -0.899316, -0.052901, -0.335039, -1.181454, 1.357790])
+    assert (R_LEN * a).sum().abs() < 1e-5  # zero token-weighted mean
+    # one weight per row (lengths=None): GRPO's centring, scaled by one batch std
+    close(reinforce_pp(R, 3), [0.866025, -0.866025, 0.0, -0.288675, -1.154701, 1.443376])
+
+
+def test_reinforce_pp_without_baseline_and_the_docs_example():
+    close(reinforce_pp(R, 3, lengths=R_LEN, baseline=False),
+          [1.152988, -0.603946, 0.274521, -0.603946, -1.482413, 1.152988])
+    close(reinforce_pp(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, lengths=torch.tensor([1.0, 2, 3, 2])),
+          [1.207615, -0.724569, -0.724569, 1.207615])
+    # NaN rows: out of every statistic, advantage 0; the rest as without them
+    nan = float("nan")
+    a = reinforce_pp(torch.tensor([1.0, 0.0, nan, 1.0, 0.0, 1.0]), 3, lengths=R_LEN, baseline=False)
+    assert a[2] == 0
+    close(a[[0, 1, 3, 4, 5]], reinforce_pp(torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]), 5,
+                                           lengths=R_LEN[[0, 1, 3, 4, 5]], baseline=False).tolist())
+
+
+@pytest.mark.parametrize("baseline", [True, False])
+def test_reinforce_pp_equals_verl_token_level_formula(baseline):
+    """verl (``compute_reinforce_plus_plus[_baseline]_outcome_advantage``): the outcome reward sits on the last
+    response token, returns are the reversed cumulative sum (gamma = 1; the baseline variant subtracts the prompt's
+    mean score first), then ``masked_whiten`` over the response mask: (v - mean) * rsqrt(unbiased var + 1e-8), with the
+    mean and variance over every response token of the batch."""
+    torch.manual_seed(0)
+    B, G, T = 12, 4, 7
+    rewards = torch.randint(0, 3, (B,)).float() * 0.5
+    lengths = torch.randint(1, T + 1, (B,))
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    scores = rewards.clone()
+    if baseline:
+        scores = scores - scores.view(-1, G).mean(1).repeat_interleave(G)
+    token_rewards = torch.zeros(B, T)
+    token_rewards[torch.arange(B), lengths - 1] = scores
+    returns = token_rewards.flip(1).cumsum(1).flip(1) * mask  # gamma = 1
+    mean = (returns * mask).sum() / mask.sum()
+    var = ((returns - mean) ** 2 * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
+    verl = (returns - mean) * torch.rsqrt(var + 1e-8) * mask
+    ours = reinforce_pp(rewards, G, lengths=lengths, baseline=baseline)
+    torch.testing.assert_close(ours[:, None] * mask, verl, atol=1e-6, rtol=1e-6)

@@ -1,5 +1,6 @@
-"""PPO / GPPO clipping, GPPO's SFT term, k3 KL: values and autograd gradients against the worked numbers in
-docs/methods/grpo_clipping.md#how-it-is-tested, docs/methods/grpo_advantages.md#how-it-is-tested, plus a comparison with TRL 1.16's own
+"""PPO / GPPO / GSPO / CISPO clipping, GPPO's SFT term, k3 KL: values and autograd gradients against the worked numbers
+in docs/methods/grpo_clipping.md#how-it-is-tested, docs/methods/grpo_advantages.md#how-it-is-tested,
+docs/methods/gspo.md#how-it-is-tested and docs/methods/cispo.md#how-it-is-tested, plus a comparison with TRL 1.16's own
 ``GRPOTrainer._compute_loss`` run on the same tensors."""
 
 from collections import defaultdict
@@ -9,11 +10,13 @@ import pytest
 import torch
 
 from posttrain.rl.advantages import group, nsr, psr, w_reinforce
-from posttrain.rl.aggregation import aggregate_loss, dapo, delta_l_weights
+from posttrain.rl.aggregation import aggregate_loss, dapo, delta_l_weights, grpo
 from posttrain.rl.clipping import (
     POLICY_OBJECTIVES,
+    cispo_clip,
     clip_metrics,
     gppo_clip,
+    gspo_clip,
     gppo_sft_loss,
     kl_k3,
     kl_k3_bias_corrected,
@@ -376,15 +379,83 @@ def test_policy_loss_dispatcher():
     b = gppo_clip(logps, old, P_A, beta1=0.25)
     assert torch.equal(a.per_token_loss, b.per_token_loss)
     assert torch.equal(policy_loss("ppo", logps, old, P_A).per_token_loss, ppo_clip(logps, old, P_A).per_token_loss)
+    mask = torch.ones_like(logps)
+    assert torch.equal(policy_loss("gspo", logps, old, P_A, mask=mask).per_token_loss,
+                       gspo_clip(logps, old, P_A, mask).per_token_loss)
+    assert torch.equal(policy_loss("cispo", logps, old, P_A, cispo_weight_max=1.1).per_token_loss,
+                       cispo_clip(logps, old, P_A, weight_max=1.1).per_token_loss)
     with pytest.raises(ValueError):
-        policy_loss("cispo", logps, old, P_A)
-    assert POLICY_OBJECTIVES == ("ppo", "gppo")
+        policy_loss("sapo", logps, old, P_A)
+    assert POLICY_OBJECTIVES == ("ppo", "gppo", "gspo", "cispo")
+
+
+# ---------------------------------------------------------------------------------------------------- GSPO / CISPO
+
+# docs/methods/gspo.md#how-it-is-tested: four rows, per-token log-ratios to the old policy (padding garbage after them)
+S_LOGRATIO = padded([[0.1, -0.3], [0.4, 0.2, 0.3], [-0.5], [0.5, 0.7]], 3, fill=7.0)
+S_MASK = padded([[1.0] * 2, [1.0] * 3, [1.0], [1.0] * 2], 3)
+S_A = torch.tensor([1.0, 0.5, -1.0, -1.0])
+
+
+def test_gspo_clips_whole_sequences_on_the_length_normalised_ratio():
+    old = torch.randn(4, 3)
+    logps = (old + S_LOGRATIO).requires_grad_(True)
+    out = gspo_clip(logps, old, S_A, S_MASK, epsilon=0.2, epsilon_high=0.28)
+    # s_i = exp(mean log-ratio) = [0.904837, 1.349859, 0.606531, 1.822119], the same on every token of a row
+    close(out.ratio[:, 0], [0.904837, 1.349859, 0.606531, 1.822119], atol=1e-6)
+    assert torch.equal(out.ratio, out.ratio[:, :1].expand(4, 3))
+    assert out.high_clipped[1].all() and out.low_clipped[2].all()  # A>0, s>1.28; A<0, s<0.8
+    assert not (out.high_clipped[[0, 2, 3]].any() or out.low_clipped[[0, 1, 3]].any())  # row 3: A<0, s>1.28 kept
+    close(out.per_token_loss[:, 0], [-0.904837, -0.64, 0.8, 1.822119], atol=1e-6)
+    loss = grpo(out.per_token_loss, S_MASK)  # the paper's per-sequence mean
+    assert loss.item() == pytest.approx(0.269320, abs=1e-6)
+    # d/dlogp_{i,t} = -A_i s_i / |y_i| / B on unclipped rows, 0 on clipped rows and padding
+    close(grad_of(loss, logps), padded([[-0.113105] * 2, [0.0] * 3, [0.0], [0.227765] * 2], 3), atol=1e-6)
+
+
+def test_gspo_on_policy_equals_ppo_and_a_one_token_row_is_ppo():
+    logps = leaf(torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]))
+    a = torch.tensor([0.7, -1.3])
+    gspo = grpo(gspo_clip(logps, logps.detach(), a, S_MASK[:2]).per_token_loss, S_MASK[:2])
+    g_gspo = grad_of(gspo, logps)
+    lp = leaf(torch.ones(2, 3))
+    ppo = grpo(ppo_clip(lp, lp.detach(), a).per_token_loss, S_MASK[:2])
+    assert gspo.item() == pytest.approx(ppo.item(), abs=1e-7)
+    close(g_gspo, grad_of(ppo, lp))  # on-policy (s = 1) GSPO's gradient is GRPO's with grpo aggregation
+    one = leaf(torch.tensor([[1.4, 0.9, 0.9]]))  # a single scored token: the sequence ratio is the token ratio
+    m = torch.tensor([[1.0, 0.0, 0.0]])
+    assert torch.equal(gspo_clip(one, torch.zeros(1, 3), torch.tensor([1.0]), m, 0.2, 0.28).per_token_loss[0, 0],
+                       ppo_clip(one, torch.zeros(1, 3), torch.tensor([1.0]), 0.2, 0.28).per_token_loss[0, 0])
+
+
+def test_cispo_weights_are_clipped_detached_and_every_token_keeps_a_gradient():
+    # docs/methods/cispo.md#how-it-is-tested: ratios e^0.2, e^-0.3 (A = +1) and e^0.5 (A = -0.5), weight_max 1.2
+    logps = torch.tensor([[-1.0, -0.5], [-2.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -0.2], [-2.5, 0.0]])
+    a = torch.tensor([1.0, -0.5])
+    m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    out = cispo_clip(logps, old, a, weight_max=1.2)
+    close(out.ratio * m, [[1.221403, 0.740818], [1.648721, 0.0]], atol=1e-6)
+    close(out.per_token_loss * m, [[1.2, 0.370409], [-1.2, 0.0]], atol=1e-6)  # -w * A * logp
+    assert torch.equal(out.high_clipped & m.bool(), torch.tensor([[True, False], [True, False]]))
+    assert not out.low_clipped.any() and torch.equal(out.gradient_preserved, out.high_clipped)
+    close(grad_of((out.per_token_loss * m).sum(), logps), [[-1.2, -0.740818], [0.6, 0.0]], atol=1e-6)  # -w * A
+    low = cispo_clip(logps, old, a, weight_max=1.2, weight_min=0.9)  # 1 - eps_low^IS = 0.9
+    assert torch.equal(low.low_clipped & m.bool(), torch.tensor([[False, True], [False, False]]))
+    close(grad_of((low.per_token_loss * m).sum(), logps), [[-1.2, -0.9], [0.6, 0.0]], atol=1e-6)
+    # on-policy (w = 1): REINFORCE, -A * logp per token, and the same gradient as PPO's
+    lp = leaf(torch.tensor([[0.5, 0.25]]))
+    on = cispo_clip(lp, lp.detach(), torch.tensor([2.0]))
+    close(on.per_token_loss, -2.0 * lp.detach())
+    lp2 = leaf(torch.tensor([[0.5, 0.25]]))
+    close(grad_of(on.per_token_loss.sum(), lp), grad_of(ppo_clip(lp2, lp2.detach(), torch.tensor([2.0])).per_token_loss.sum(), lp2))
 
 
 # ---------------------------------------------------------------------------------------------------- TRL 1.16
 
 
-def _trl_compute_loss(loss_type, logps, inputs, beta=0.0, max_completion_length=4, ga_steps=1):
+def _trl_compute_loss(loss_type, logps, inputs, beta=0.0, max_completion_length=4, ga_steps=1,
+                      importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.28):
     """Run TRL's own ``GRPOTrainer._compute_loss`` (unbound) on a minimal stand-in ``self``.
 
     Only the model forward is stubbed (it returns ``logps``); the ratio, clipping, KL, aggregation and clip metrics
@@ -399,11 +470,11 @@ def _trl_compute_loss(loss_type, logps, inputs, beta=0.0, max_completion_length=
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=importance_sampling_level,
         beta=beta,
         loss_type=loss_type,
-        epsilon_low=0.2,
-        epsilon_high=0.28,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
         args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=ga_steps),
         use_vllm=False,
         vllm_importance_sampling_correction=False,
@@ -485,3 +556,43 @@ def test_matches_trl_116_on_policy_without_old_logps():
     ours = dapo(ppo_clip(lp, lp.detach(), G_A, epsilon=0.2, epsilon_high=0.28).per_token_loss, G_MASK)
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-7)
     torch.testing.assert_close(grad_of(ours, lp), grad_of(trl_loss, lp_trl), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("clipping", ["gspo", "cispo"])
+def test_gspo_and_cispo_match_trl_116_compute_loss(clipping):
+    """GSPO = TRL ``importance_sampling_level="sequence"`` with ``loss_type="grpo"`` (ranges 3e-4 / 4e-4 and wider ones);
+    CISPO = TRL ``loss_type="cispo"`` (``epsilon_high`` is the weight's upper bound) with the dapo token mean: loss and
+    gradient on the same off-policy tensors, ragged mask."""
+    pytest.importorskip("trl")
+    torch.manual_seed(3)
+    B, T = 6, 4
+    mask = G_MASK.clone()
+    mask[1, 3] = 0.0
+    old = torch.randn(B, T) * 0.3 - 1.0
+    logps_val = old + torch.randn(B, T) * (0.05 if clipping == "gspo" else 0.4)
+    advantages = group(G_R, 3)
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": advantages, "old_per_token_logps": old, "num_items_in_batch": mask.sum()}
+    settings = [(3e-4, 4e-4), (0.01, 0.02)] if clipping == "gspo" else [(None, 1.2), (None, 5.0)]
+    clipped_tokens = []
+    for low, high in settings:
+        lp_trl = logps_val.clone().requires_grad_(True)
+        if clipping == "gspo":
+            trl_loss, trl_metrics = _trl_compute_loss("grpo", lp_trl, inputs, importance_sampling_level="sequence",
+                                                      epsilon_low=low, epsilon_high=high)
+        else:
+            trl_loss, trl_metrics = _trl_compute_loss("cispo", lp_trl, inputs, epsilon_high=high)
+        lp = logps_val.clone().requires_grad_(True)
+        if clipping == "gspo":
+            out = gspo_clip(lp, old, advantages, mask, epsilon=low, epsilon_high=high)
+            ours = grpo(out.per_token_loss, mask)
+            clipped = (out.low_clipped | out.high_clipped)[:, 0].float().mean().item()  # one flag per sequence
+            assert clipped == pytest.approx(trl_metrics["clip_ratio/region_mean"][0], abs=1e-7)
+        else:
+            out = cispo_clip(lp, old, advantages, weight_max=high)
+            ours = dapo(out.per_token_loss, mask)
+        clipped_tokens.append((out.low_clipped | out.high_clipped)[mask.bool()].float().mean().item())
+        assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-7)
+        torch.testing.assert_close(grad_of(ours, lp), grad_of(trl_loss, lp_trl), atol=1e-8, rtol=1e-6)
+    assert 0 < clipped_tokens[0] < 1  # clipping is active, and not on every token

@@ -175,6 +175,83 @@ def test_group_dapo_ppo_equals_stock_trl_grpo(beta, bias_correction, rows, arith
         assert ours._metrics["train"]["kl"][-1] == pytest.approx(stock._metrics["train"]["kl"][-1], abs=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_rloo_advantages_equal_stock_trl_rloo_trainer(normalize, rows, arith_model_dir, tmp_path):
+    """method.advantage: rloo on the same generated batch and rewards as TRL's RLOOTrainer (beta 0: no KL folded into
+    the reward): the advantages are TRL's to 1e-6, with and without its batch normalisation."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from posttrain.methods import GRPOParams
+    from posttrain.rl.advantages import rloo
+
+    ours = _trainer(arith_model_dir, tmp_path / "a", reward_funcs=[partial_credit],
+                    params=GRPOParams(advantage="rloo", rloo_normalize_advantages=normalize))
+    model_dir = str(tmp_path / "a" / "model")
+    config = RLOOConfig(output_dir=str(tmp_path / "b"), report_to="none", use_cpu=True, bf16=False,
+                        per_device_train_batch_size=4 * NUM_GEN, num_generations=NUM_GEN, max_completion_length=6,
+                        max_steps=1, beta=0.0, temperature=1.5, normalize_advantages=normalize, disable_tqdm=True)
+    stock = RLOOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[partial_credit],
+                        args=config, train_dataset=Dataset.from_list(_rows(8)),
+                        processing_class=AutoTokenizer.from_pretrained(model_dir))
+    replay = _Replay(ours)
+    ours._generate = replay.record
+    # GRPOTrainer._generate returns (prompt_ids, completion_ids, tool_mask, completions, ...); RLOO's the three
+    stock._generate = lambda prompts: (replay.saved[0], replay.saved[1], replay.saved[3])
+    torch.manual_seed(1)
+    inputs_ours = ours._generate_and_score_completions([dict(r) for r in rows])
+    inputs_stock = stock._generate_and_score_completions([dict(r) for r in rows])
+    assert torch.equal(inputs_ours["completion_ids"], inputs_stock["completion_ids"])
+    torch.testing.assert_close(inputs_ours["advantages"], inputs_stock["advantages"], atol=1e-6, rtol=0)
+    assert inputs_ours["advantages"].abs().sum() > 0, "degenerate batch: every group has equal rewards"
+    if not normalize:  # and they are the leave-one-out formula on the logged rewards
+        completions = AutoTokenizer.from_pretrained(model_dir).batch_decode(inputs_ours["completion_ids"],
+                                                                            skip_special_tokens=True)
+        rewards = torch.tensor(partial_credit(None, completions, [r["answer"] for r in rows]))
+        torch.testing.assert_close(inputs_ours["advantages"], rloo(rewards, NUM_GEN), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("clipping,aggregation,ours_kw,stock_kw", [
+    ("gspo", "grpo", {}, dict(importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4)),
+    ("gspo", "grpo", dict(epsilon=0.05, epsilon_high=0.1),
+     dict(importance_sampling_level="sequence", loss_type="grpo", epsilon=0.05, epsilon_high=0.1)),
+    ("cispo", "dapo", dict(cispo_weight_max=1.2), dict(loss_type="cispo", epsilon_high=1.2)),
+], ids=["gspo", "gspo-wide", "cispo"])
+def test_gspo_and_cispo_equal_stock_trl_grpo(clipping, aggregation, ours_kw, stock_kw, rows, arith_model_dir,
+                                            tmp_path):
+    """method.clipping: gspo (with aggregation grpo, the paper's per-sequence mean) is TRL's
+    importance_sampling_level="sequence"; cispo (dapo token mean) is TRL's loss_type="cispo": the same generated batch
+    gives the same loss and gradients to 1e-5, on-policy and with old log-probs moved away (clipping active)."""
+    from trl import GRPOTrainer
+
+    from posttrain.methods import GRPOParams
+
+    params = GRPOParams(clipping=clipping, aggregation=aggregation, **ours_kw)
+    ours = _trainer(arith_model_dir, tmp_path / "a", params=params, reward_funcs=[partial_credit])
+    stock = _trainer(arith_model_dir, tmp_path / "b", cls=GRPOTrainer, reward_funcs=[partial_credit], **stock_kw)
+    replay = _Replay(ours)
+    ours._generate = replay.record
+    stock._generate = replay.replay
+    torch.manual_seed(1)
+    inputs_ours = ours._generate_and_score_completions([dict(r) for r in rows])
+    inputs_stock = stock._generate_and_score_completions([dict(r) for r in rows])
+    torch.testing.assert_close(inputs_ours["advantages"], inputs_stock["advantages"], atol=1e-5, rtol=0)
+    loss_a, grads_a = _loss_and_grads(ours, inputs_ours)
+    loss_b, grads_b = _loss_and_grads(stock, inputs_stock)
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-5
+    assert _max_grad_diff(grads_a, grads_b) <= 1e-5
+    shared_old = _with_off_policy_old_logps(_attach_current_logps(ours, inputs_ours), scale=0.3)["old_per_token_logps"]
+    loss_a, grads_a = _loss_and_grads(ours, {**inputs_ours, "old_per_token_logps": shared_old})
+    loss_b, grads_b = _loss_and_grads(stock, {**inputs_stock, "old_per_token_logps": shared_old})
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-5
+    assert _max_grad_diff(grads_a, grads_b) <= 1e-5
+    region = ours._metrics["train"]["clip_ratio/region_mean"][-1]
+    assert 0 < region < 1, region  # some (not all) tokens clipped: the comparison covers both branches
+    if clipping == "cispo":  # every truncated token keeps its gradient
+        assert ours._metrics["train"]["clip_ratio/gradient_preserved_mean"][-1] == pytest.approx(region)
+
+
 def alternating_correct(prompts, completions, forced, **kwargs):
     """The rows' ``forced`` column as the reward: correct (1) and wrong (0) rows in every group, whatever the model
     samples (a model that solves, or fails, a whole group would leave nothing to test)."""
@@ -439,6 +516,19 @@ def test_user_reward_with_wrong_length_fails_with_one_line_naming_it(tmp_path, c
      "method.scale_rewards: advantage stratified scales with method.san_scale"),
     ({"method.aggregation": "token_sum"}, "method.aggregation"),
     ({"method.use_bias_correction_kl": True}, "method.use_bias_correction_kl: only used with the KL term"),
+    ({"method.rloo_normalize_advantages": True}, "method.rloo_normalize_advantages: only used with advantage: rloo"),
+    ({"method.advantage": "rloo", "method.scale_rewards": "batch"}, "method.scale_rewards: advantage rloo uses no std"),
+    ({"method.reinforce_pp_baseline": False},
+     "method.reinforce_pp_baseline: only used with advantage: reinforce_pp (advantage is group)"),
+    ({"method.advantage": "reinforce_pp", "method.scale_rewards": "none"},
+     "method.scale_rewards: advantage reinforce_pp whitens"),
+    ({"method.cispo_weight_max": 4.0}, "method.cispo_weight_max: only used with clipping: cispo (clipping is ppo)"),
+    ({"method.clipping": "cispo"},  # recipes/grpo.yaml sets epsilon: 0.2
+     "method.epsilon: only used with clipping: ppo or gppo or gspo (clipping is cispo)"),
+    ({"method.clipping": "cispo", "method.epsilon": None, "method.dual_clip_c": 3.0},
+     "method.dual_clip_c: only used with clipping: ppo"),
+    ({"method.clipping": "cispo", "method.epsilon": None, "method.cispo_weight_min": 2.0,
+      "method.cispo_weight_max": 1.5}, "method.cispo_weight_min: 2.0 is above method.cispo_weight_max (1.5)"),
 ])
 def test_recipe_errors_name_the_key(sets, message):
     import yaml
@@ -447,7 +537,10 @@ def test_recipe_errors_name_the_key(sets, message):
 
     data = yaml.safe_load((ROOT / "recipes" / "grpo.yaml").read_text())
     for key, value in sets.items():
-        apply_override(data, f"{key}={json.dumps(value)}")
+        if value is None:  # drop a key the recipe sets
+            data["method"].pop(key.removeprefix("method."))
+        else:
+            apply_override(data, f"{key}={json.dumps(value)}")
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         parse_recipe(data)
 
@@ -466,6 +559,10 @@ def test_build_errors_name_the_key(tmp_path):
 
     with pytest.raises(UserError, match=r"training.beta: set it as method.beta"):
         run(recipe("training.beta=0.1"), quiet=True)
+    with pytest.raises(UserError, match=r"training.importance_sampling_level: set it as method.clipping: gspo"):
+        run(recipe("training.importance_sampling_level=sequence"), quiet=True)
+    with pytest.raises(UserError, match=r"training.loss_type: set it as method.aggregation / method.clipping"):
+        run(recipe("training.loss_type=cispo"), quiet=True)
     with pytest.raises(UserError, match=r"method.stratum_key: 'difficulty' is neither"):
         run(recipe("method.advantage=stratified", "method.stratum_key=difficulty"), quiet=True)
     with pytest.raises(UserError, match=r"method.rewards\[0\] \(exact_match\): needs an 'answer' column"):
@@ -496,6 +593,14 @@ def test_resolved_defaults_follow_the_chosen_parts():
     assert GRPOParams(clipping="gppo").epsilon_high == 0.28 and GRPOParams(clipping="gppo").sft_coef == 0.1
     assert GRPOParams().epsilon_high is None and GRPOParams().sft_coef == 0.0 and GRPOParams().entropy_coef == 0.0
     assert GRPOParams(advantage="nsr").entropy_coef == 1e-4
+    assert GRPOParams().epsilon == 0.2 and GRPOParams(clipping="gppo").epsilon == 0.2
+    gspo = GRPOParams(clipping="gspo")  # the GSPO paper's ranges
+    assert (gspo.epsilon, gspo.epsilon_high) == (3e-4, 4e-4)
+    assert GRPOParams(clipping="gspo", epsilon=2e-4).epsilon_high == 4e-4
+    with pytest.raises(UserError, match="method.epsilon: 0.01 is above the upper clip range of clipping gspo"):
+        GRPOParams(clipping="gspo", epsilon=0.01)  # gspo's default epsilon_high 4e-4 would invert the range
+    assert GRPOParams(clipping="gspo", epsilon=0.01, epsilon_high=0.02).epsilon_high == 0.02
+    assert GRPOParams(clipping="cispo").cispo_weight_max == 5.0 and GRPOParams(clipping="cispo").cispo_weight_min is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -652,6 +757,10 @@ RL_LEARNING_CHECKS = [
         ("grpo_w_reinforce", 0.02),  # +0.055 / +0.042
         ("grpo_gppo", 0.005),        # +0.013 / +0.044 (two PPO iterations per batch: half the rollouts in 60 steps)
         ("grpo_combined", 0.005),    # +0.028 / +0.007 (idem)
+        ("grpo_rloo", 0.02),         # +0.061 / +0.075
+        ("grpo_reinforce_pp", 0.02),  # +0.077 / +0.077
+        ("grpo_gspo", 0.02),         # +0.041 / +0.050 (two passes per batch)
+        ("grpo_cispo", 0.02),        # +0.060 / +0.048 (two optimizer steps per generation batch)
     ]),
 ]
 

@@ -1,4 +1,4 @@
-"""Preference-optimisation losses (DPO family, WPO, SparsePO, ASFT-aligned) as pure functions over tensors.
+"""Preference-optimisation losses (DPO family, WPO, SparsePO, ASFT-aligned, SimPO, ORPO) as pure functions over tensors.
 
 Conventions (shared with :mod:`posttrain.losses.sft`):
 
@@ -9,7 +9,8 @@ Conventions (shared with :mod:`posttrain.losses.sft`):
 * loss functions return PER-PAIR losses ``[B]``; the trainer takes the mean over the micro-batch (the L of docs/methods/dpo.md#objective);
 * every reward / weight / metric returned here is detached.
 
-Method pages: docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md.
+Method pages: docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md,
+docs/methods/simpo.md, docs/methods/orpo.md.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ __all__ = [
     "log_odds",
     "asft_aligned_loss",
     "asft_metrics",
+    "token_mean_nll",
+    "simpo_loss",
+    "ORPOOutput",
+    "orpo_loss",
 ]
 
 
@@ -597,3 +602,76 @@ def asft_metrics(
         }
     )
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SimPO and ORPO (reference-free)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def token_mean_nll(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``-sum(mask * logp) / max(sum(mask), 1)`` in fp32: the token-mean NLL of a micro-batch (the HF
+    ``CrossEntropyLoss`` mean that SimPO's ``sft_weight`` term and ORPO's SFT term use; docs/methods/simpo.md#objective,
+    docs/methods/orpo.md#objective)."""
+    return -sequence_logps(logps, mask).sum() / mask.to(torch.float32).sum().clamp(min=1.0)
+
+
+def simpo_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.25,
+) -> PreferenceLossOutput:
+    """Per-pair SimPO loss ``l = -logsig(beta * (lbar_w - lbar_l - gamma_beta_ratio))`` (docs/methods/simpo.md#objective).
+
+    Meng et al., "SimPO: Simple Preference Optimization with a Reference-Free Reward", arXiv 2405.14734, Eq. 6: the
+    implicit reward is the length-normalised log-likelihood ``beta * lbar`` and the target margin is
+    ``gamma = beta * gamma_beta_ratio`` (TRL's CPO ``loss_type="simpo"`` writes it ``simpo_gamma / beta``). Inputs are
+    LENGTH-NORMALISED log-probs ``lbar`` (``[B]``, :func:`mean_logps`); no reference model. Rewards ``beta * lbar``
+    (detached). Worked example (beta 2, ratio 0.25): ``lbar_w = [-0.5, -1.0]``, ``lbar_l = [-1.0, -0.8]`` give
+    ``l = [0.474077, 1.241154]``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    lw, ll = chosen_mean_logps.float(), rejected_mean_logps.float()
+    losses = -F.logsigmoid(beta * (lw - ll - gamma_beta_ratio))
+    return PreferenceLossOutput(losses, (beta * lw).detach(), (beta * ll).detach())
+
+
+@dataclass
+class ORPOOutput:
+    """ORPO's ``loss`` (differentiable scalar) and its detached pieces: ``nll`` (the SFT term), ``odds_ratio_losses``
+    ``[B]`` (``-logsig(log OR)``), ``log_odds_ratio`` ``[B]``, ``chosen_rewards`` / ``rejected_rewards``
+    (``beta * lbar``, TRL's logging)."""
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    odds_ratio_losses: torch.Tensor
+    log_odds_ratio: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def orpo_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float = 0.1,
+    prob_clamp: float = 1e-7,
+) -> ORPOOutput:
+    """ORPO ``L = NLL_w + beta * mean_pairs(-logsig(odds(lbar_w) - odds(lbar_l)))`` (docs/methods/orpo.md#objective).
+
+    Hong et al., "ORPO: Monolithic Preference Optimization without Reference Model", arXiv 2403.07691, Eqs. 6-7
+    (``beta`` is the paper's lambda). ``odds(lbar) = lbar - log(1 - e^lbar)`` is :func:`log_odds` (with its
+    ``prob_clamp``) on LENGTH-NORMALISED log-probs ``lbar`` ``[B]``; ``chosen_nll`` is the SFT term (a scalar, e.g.
+    :func:`token_mean_nll` of the chosen rows). No reference model. Worked example (beta 0.1): ``lbar_w = [-0.5, -1]``,
+    ``lbar_l = [-1, -0.8]``, ``NLL = 0.7`` give log OR ``[0.974077, -0.337943]`` and ``L = 0.759831``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    lw, ll = chosen_mean_logps.float(), rejected_mean_logps.float()
+    log_or = log_odds(lw, prob_clamp) - log_odds(ll, prob_clamp)
+    or_losses = -F.logsigmoid(log_or)
+    loss = chosen_nll.float() + beta * or_losses.mean()
+    return ORPOOutput(loss, chosen_nll.detach().float(), or_losses.detach(), log_or.detach(), (beta * lw).detach(),
+                      (beta * ll).detach())

@@ -1,4 +1,4 @@
-"""Unlearning losses (GA, GradDiff, NPO and its RT/KL variants, SimNPO) as pure functions over tensors.
+"""Unlearning losses (GA, GradDiff, NPO and its RT/KL variants, SimNPO, RMU) as pure functions over tensors.
 
 Conventions (the same as :mod:`posttrain.losses.sft` and :mod:`posttrain.losses.preference`; no import from either):
 
@@ -9,9 +9,10 @@ Conventions (the same as :mod:`posttrain.losses.sft` and :mod:`posttrain.losses.
 * softplus / logsigmoid only, never ``log(1 + exp(.))``; every weight and metric returned is detached;
 * reference-model quantities are detached here as well (stop-gradient on pi_ref only).
 
-Method pages: docs/methods/npo.md, ga.md, grad_diff.md, simnpo.md. Papers: Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse
+Method pages: docs/methods/npo.md, ga.md, grad_diff.md, simnpo.md, rmu.md. Papers: Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse
 to Effective Unlearning", arXiv 2404.05868 (NPO, GA, GradDiff, the RT/KL retain terms); Fan et al., "Simplicity
-Prevails: Rethinking Negative Preference Optimization for LLM Unlearning", arXiv 2410.07163 (SimNPO).
+Prevails: Rethinking Negative Preference Optimization for LLM Unlearning", arXiv 2410.07163 (SimNPO); Li et al., "The
+WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning", arXiv 2403.03218 (RMU, on hidden states).
 
 Naming follows open-unlearning: ``L = gamma * L_forget + alpha * L_retain`` (the NPO reference calls these
 ``npo_coeff`` and ``grad_diff_coeff`` / ``KL_coeff``).
@@ -45,6 +46,9 @@ __all__ = [
     "simnpo_loss",
     "retain_kl_loss",
     "unlearning_objective",
+    "rmu_control_vector",
+    "rmu_activation_loss",
+    "rmu_loss",
 ]
 
 UnlearningMethod = Literal["ga", "grad_diff", "ga_kl", "npo", "npo_rt", "npo_kl", "simnpo"]
@@ -64,7 +68,7 @@ UNLEARNING_DEFAULTS: dict[str, dict] = {
     "simnpo": {"forget": "simnpo", "retain": "nll", "gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.0},
 }
 # Forget losses that compare with a frozen reference model, and retain terms that do.
-_REFERENCE_FORGET, _REFERENCE_RETAIN = ("npo",), ("kl",)
+_REFERENCE_FORGET, _REFERENCE_RETAIN = ("npo",), ("kl", "activations")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -365,6 +369,73 @@ def npo_loss_at_reference(beta: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# RMU: representation misdirection (on hidden states, not log-probs)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rmu_control_vector(hidden_size: int, steering_coeff: float, seed: int = 0) -> torch.Tensor:
+    """RMU's fixed target ``c * u``, ``u = v / ||v||`` with ``v ~ U[0, 1)^d`` (``torch.rand``, as the WMDP and
+    open-unlearning code draw it), fp32 ``[d]`` (docs/methods/rmu.md#objective; arXiv 2403.03218). Drawn
+    from its own generator seeded with ``seed``, so every process and every resumed run gets the same vector."""
+    if steering_coeff <= 0:
+        raise ValueError(f"steering_coeff must be > 0, got {steering_coeff}")
+    v = torch.rand(hidden_size, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float32)
+    return steering_coeff * v / v.norm()
+
+
+def rmu_activation_loss(activations: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mean_rows( sum_t mask_t * mean_d (h_t - target_t)^2 / sum_t mask_t )`` in fp32, a scalar
+    (docs/methods/rmu.md#objective; open-unlearning's ``compute_activation_loss``).
+
+    ``activations`` ``[B, T, d]``; ``target`` broadcasts to it (the control vector ``[d]``, or the frozen model's
+    activations ``[B, T, d]``, detached here); ``mask`` ``[B, T]`` marks the positions that count (the answer tokens,
+    unshifted: the hidden state AT each answer token). Rows without a masked position contribute 0.
+    Worked example: ``h = [[[1, 2], [3, 4]]]``, target ``[0, 2]``, mask ``[[1, 1]]`` give ``(0.5 + 6.5) / 2 = 3.5``.
+    """
+    sq = (activations.float() - target.detach().float()).pow(2).mean(-1)
+    m = mask.to(torch.float32)
+    return ((sq * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+
+
+def rmu_loss(
+    forget_activations: torch.Tensor,
+    forget_mask: torch.Tensor,
+    control_vector: torch.Tensor,
+    retain_activations: torch.Tensor | None = None,
+    retain_ref_activations: torch.Tensor | None = None,
+    retain_mask: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+) -> UnlearningOutput:
+    """RMU ``L = gamma * L_forget + alpha * L_retain`` on the hidden states of one decoder layer.
+
+    Li et al., "The WMDP Benchmark", arXiv 2403.03218, the RMU section (docs/methods/rmu.md#objective), in
+    open-unlearning's form: ``L_forget`` = :func:`rmu_activation_loss` of the policy's forget activations against the
+    control vector (:func:`rmu_control_vector`); ``L_retain`` = the same loss of the policy's retain activations
+    against the frozen model's (``retain_ref_activations``, detached). Without retain inputs (or ``alpha == 0``) there
+    is no retain term. Metrics: ``forget_loss``, ``retain_loss``, ``rmu/forget_activation_norm`` (mean L2 norm of the
+    masked forget activations, to compare with ``||c u|| = steering_coeff``).
+    """
+    control = control_vector.to(forget_activations.device)
+    forget_loss = rmu_activation_loss(forget_activations, control, forget_mask)
+    loss = gamma * forget_loss
+    metrics: dict[str, float] = {"forget_loss": float(forget_loss.detach())}
+    with torch.no_grad():
+        m = forget_mask.to(torch.bool)
+        metrics["rmu/forget_activation_norm"] = float(forget_activations.detach().float()[m].norm(dim=-1).mean()) if bool(
+            m.any()) else 0.0
+    retain_loss = None
+    if alpha != 0 and retain_activations is not None:
+        if retain_ref_activations is None or retain_mask is None:
+            raise ValueError("the RMU retain term needs retain_ref_activations and retain_mask")
+        retain_loss = rmu_activation_loss(retain_activations, retain_ref_activations, retain_mask)
+        loss = loss + alpha * retain_loss
+        metrics["retain_loss"] = float(retain_loss.detach())
+    metrics["loss"] = float(loss.detach())
+    return UnlearningOutput(loss=loss, forget_loss=forget_loss, retain_loss=retain_loss, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Registry: one entry per unlearning objective (``method.name`` of the unlearning family, plus ``ga_kl``, which is
 # defined here but not exposed as a recipe method; docs/methods/npo.md#the-ga_kl-objective). ``fn`` is
 # :func:`unlearning_objective` (called with the name); ``meta``: the structure and defaults of
@@ -378,6 +449,10 @@ _DOCS = {"ga": "docs/methods/ga.md#objective", "grad_diff": "docs/methods/grad_d
          "simnpo": "docs/methods/simnpo.md#objective"}
 for _name, _cfg in UNLEARNING_DEFAULTS.items():
     UNLEARNING_OBJECTIVES.add(_name, unlearning_objective, doc=_DOCS[_name], recipe_method=_name != "ga_kl", **_cfg)
+# RMU works on the hidden states of one layer (``steers_activations``: the trainer captures them and calls ``fn`` =
+# :func:`rmu_loss` instead of :func:`unlearning_objective`); its retain term compares with the frozen model.
+UNLEARNING_OBJECTIVES.add("rmu", rmu_loss, doc="docs/methods/rmu.md#objective", recipe_method=True, forget="rmu",
+                          retain="activations", gamma=1.0, alpha=1.0, steers_activations=True)
 
 
 def uses_retain(name: str, alpha: float) -> bool:

@@ -20,6 +20,9 @@ Estimators:
   (Zhu et al., "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning", arXiv 2506.01347;
   docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce). They return a ``keep`` row mask besides the advantages because
   dropped rows must leave the update entirely (no tokens in any denominator).
+* :func:`rloo` -- leave-one-out baseline (RLOO, arXiv 2402.14740; TRL ``RLOOTrainer``; docs/methods/rloo.md#advantage).
+* :func:`reinforce_pp` -- REINFORCE++ (arXiv 2501.03262): group mean subtracted (the "baseline" variant), then
+  whitened over every completion token of the batch (verl's ``masked_whiten``; docs/methods/reinforce_pp.md#advantage).
 * :func:`compute_advantages` -- name-based dispatcher returning :class:`AdvantageOutput`.
 """
 
@@ -43,6 +46,8 @@ __all__ = [
     "normalize_then_sum",
     "nsr",
     "psr",
+    "reinforce_pp",
+    "rloo",
     "stratified",
     "stratified_stats",
     "stratum_ids",
@@ -388,6 +393,68 @@ def w_reinforce(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# RLOO / REINFORCE++
+
+
+def rloo(rewards: torch.Tensor, num_generations: int, normalize: bool = False, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """RLOO advantages ``A_i = r_i - mean_{j != i in the group} r_j`` (docs/methods/rloo.md#advantage).
+
+    Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
+    arXiv 2402.14740, Eq. 5 (equivalently ``G/(G-1) * (r_i - mean_g)``). As TRL's ``RLOOTrainer``: the baseline
+    averages over the scorable siblings only (NaN rewards left out); a row with no scorable sibling, and a NaN row, gets
+    0. ``normalize`` (TRL ``normalize_advantages``): then ``(A - mean(A)) / (std(A) + eps)`` over the batch's scorable
+    rows (unbiased std). Worked example: group ``[1, 0, 0, 1]`` gives ``[2/3, -2/3, -2/3, 2/3]``. Returns a detached
+    ``[B]`` tensor.
+    """
+    r = _as_float(rewards)
+    gidx = _group_index(r.numel(), num_generations, r.device)
+    valid = ~torch.isnan(r)
+    zeros = torch.zeros(r.numel() // num_generations, dtype=r.dtype, device=r.device)
+    count = zeros.index_add(0, gidx, valid.to(r.dtype))[gidx]
+    total = zeros.index_add(0, gidx, torch.where(valid, r, 0.0))[gidx]
+    adv = r - (total - r) / (count - 1)  # NaN for NaN rows and for rows without a scorable sibling (0/0)
+    adv = torch.where(count > 1, adv, torch.nan)
+    if normalize:
+        adv = (adv - torch.nanmean(adv)) / (_nanstd_all(adv) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def reinforce_pp(
+    rewards: torch.Tensor,
+    num_generations: int,
+    lengths: torch.Tensor | None = None,
+    baseline: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """REINFORCE++ advantages: ``A_i = (x_i - mu) / sqrt(var + eps)`` (docs/methods/reinforce_pp.md#advantage).
+
+    Hu et al., "REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global Advantage Normalization", arXiv
+    2501.03262, with an outcome reward and gamma = 1 (every completion token's return is ``r_i``). ``x_i = r_i -
+    mean_g(r)`` with ``baseline`` (REINFORCE++-baseline, verl ``reinforce_plus_plus_baseline``), else ``x_i = r_i``
+    (verl ``reinforce_plus_plus``). ``mu`` and ``var`` are the token-weighted mean and unbiased variance over the
+    batch, as verl's ``masked_whiten`` over the response mask: with ``L_i`` = ``lengths`` (completion tokens; 1 per row
+    when None), ``mu = sum L x / sum L`` and ``var = sum L (x - mu)^2 / (sum L - 1)``. NaN rewards are left out of
+    every statistic and get 0. Worked example (baseline, ``lengths`` ``[1, 2, 3, 2]``, one group ``[1, 0, 0, 1]``):
+    ``x = [.5, -.5, -.5, .5]``, ``mu = -1/8``, ``var = 0.267857``, ``A = [1.207615, -0.724569, -0.724569, 1.207615]``.
+    Returns a detached ``[B]`` tensor.
+    """
+    r = _as_float(rewards)
+    gidx = _group_index(r.numel(), num_generations, r.device)
+    if baseline:
+        mean_g, _, _ = _segment_stats(r, gidx, r.numel() // num_generations)
+        r = r - mean_g
+    valid = ~torch.isnan(r)
+    w = torch.ones_like(r) if lengths is None else torch.as_tensor(lengths, device=r.device).to(r.dtype)
+    w = torch.where(valid, w, 0.0)
+    x = torch.where(valid, r, 0.0)
+    n = w.sum()
+    mu = (w * x).sum() / n.clamp(min=1e-12)
+    var = torch.where(n > 1, (w * (x - mu) ** 2).sum() / (n - 1).clamp(min=1e-12), 0.0)
+    adv = (x - mu) * torch.rsqrt(var + eps)
+    return torch.where(valid, adv, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # registry: one entry per ``method.advantage`` value
 
 ADVANTAGES: Registry = Registry("advantage estimator")
@@ -397,7 +464,8 @@ ADVANTAGES: Registry = Registry("advantage estimator")
 non-default value, optional),
 ``defaults`` (method defaults it changes), ``group_baseline``
 (uses the group mean and std), ``normalize_then_sum`` (TRL's ``multi_objective_aggregation="normalize_then_sum"``
-replaces it), ``needs_strata`` (stratum keys are computed per rollout)."""
+replaces it), ``needs_strata`` (stratum keys are computed per rollout), ``needs_lengths`` (optional: the estimator
+takes the completion token counts of the generation batch as ``lengths``)."""
 
 
 def _ones_keep(adv: torch.Tensor) -> AdvantageOutput:
@@ -465,7 +533,29 @@ def w_reinforce_advantage(rewards: torch.Tensor, num_generations: int, **options
     return AdvantageOutput(*w_reinforce(rewards, **options))
 
 
-ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce")  # compute_advantages names (grpo = group)
+@ADVANTAGES.register(
+    "rloo", doc="docs/methods/rloo.md#advantage", keys=("rloo_normalize_advantages",), defaults={},
+    group_baseline=True, needs_strata=False, normalize_then_sum=False,
+    refuses={"scale_rewards": "uses no std scaling (rloo_normalize_advantages: true standardises over the batch)"},
+    options=lambda p, strata: {"normalize": p.rloo_normalize_advantages},
+)
+def rloo_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Leave-one-out baseline (RLOO, Ahmadian et al. 2024, arXiv 2402.14740), every row kept: :func:`rloo`."""
+    return _ones_keep(rloo(rewards, num_generations, **options))
+
+
+@ADVANTAGES.register(
+    "reinforce_pp", doc="docs/methods/reinforce_pp.md#advantage", keys=("reinforce_pp_baseline",), defaults={},
+    group_baseline=True, needs_strata=False, normalize_then_sum=False, needs_lengths=True,
+    refuses={"scale_rewards": "whitens over the batch's completion tokens, not with scale_rewards"},
+    options=lambda p, strata: {"baseline": p.reinforce_pp_baseline},
+)
+def reinforce_pp_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """REINFORCE++ (-baseline) (Hu et al. 2025, arXiv 2501.03262), every row kept: :func:`reinforce_pp`."""
+    return _ones_keep(reinforce_pp(rewards, num_generations, **options))
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce", "rloo", "reinforce_pp")  # (grpo = group)
 _ALIASES = {"grpo": "group", "san": "stratified", "stratified_grpo": "stratified", "w-reinforce": "w_reinforce"}
 
 
@@ -479,6 +569,7 @@ def compute_advantages(name: str, rewards: torch.Tensor, num_generations: int, *
       ``scope``, ``eps``.
     * ``"psr"`` / ``"nsr"``: ``correct_value``, ``incorrect_value``.
     * ``"w_reinforce"``: ``lam`` (alias ``w_reinforce_lambda``), ``correct_value``, ``incorrect_value``.
+    * ``"rloo"``: ``normalize``, ``eps``; ``"reinforce_pp"``: ``lengths``, ``baseline``, ``eps``.
 
     ``num_generations`` is ignored by PSR / NSR / W-REINFORCE (they use no group statistics).
     """

@@ -9,6 +9,10 @@ Conventions: ``logps`` ``[B, T]`` carries the gradient; ``old_logps`` and ``ref_
   docs/methods/grpo_clipping.md#ppo-clip-higher), optional verl dual clip.
 * :func:`gppo_clip` -- GPPO (Klear-Reasoner, arXiv 2508.07629, Eq. 11 / App. A.2 Eq. 17; docs/methods/grpo_clipping.md#gppo).
 * :func:`gppo_sft_loss` -- GPPO's NLL term on correct rollouts (arXiv 2508.07629 Sec. 3.2.3; docs/methods/grpo_clipping.md#gppo-sft-term).
+* :func:`gspo_clip` -- GSPO: the PPO clip on the length-normalised sequence ratio (arXiv 2507.18071;
+  docs/methods/gspo.md#objective).
+* :func:`cispo_clip` -- CISPO: REINFORCE weighted by the clipped, detached token ratio (MiniMax-M1, arXiv 2506.13585;
+  docs/methods/cispo.md#objective).
 * :func:`kl_k3` -- the k3 KL estimator of GRPO (docs/methods/grpo.md#kl-term).
 * :func:`kl_k3_bias_corrected` -- k3 times the importance ratio (DeepSeek-V3.2; TRL ``use_bias_correction_kl``).
 * :func:`clip_metrics` -- TRL-named clip fractions from a :class:`ClipOutput`.
@@ -27,8 +31,10 @@ __all__ = [
     "CLIPPINGS",
     "POLICY_OBJECTIVES",
     "ClipOutput",
+    "cispo_clip",
     "clip_metrics",
     "gppo_clip",
+    "gspo_clip",
     "gppo_sft_loss",
     "kl_k3",
     "kl_k3_bias_corrected",
@@ -157,6 +163,57 @@ def gppo_clip(
     return ClipOutput(loss, ratio, low, high, dual, preserved)
 
 
+def gspo_clip(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float = 3e-4,
+    epsilon_high: float | None = 4e-4,
+    dual_clip_c: float | None = None,
+) -> ClipOutput:
+    """GSPO: :func:`ppo_clip` on the sequence ratio ``s_i = exp((1/|y_i|) sum_t mask * (logps - old_logps))``.
+
+    Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071, Eqs. 5-7 (docs/methods/gspo.md#objective);
+    TRL ``importance_sampling_level="sequence"``. Every token of row ``i`` gets the row's loss
+    ``-min(s_i*A_i, clip(s_i, 1-eps_low, 1+eps_high)*A_i)`` (the ``grpo`` aggregation then gives the paper's per-sequence
+    mean), and clipping acts on whole sequences. Gradient w.r.t. ``logps[i, t]`` on an unclipped row:
+    ``-A_i * s_i / |y_i|`` (scaled by the aggregation). ``ratio`` and the clip masks are the row's, broadcast over its
+    tokens; rows with no mask token have ``s_i = 1``. Defaults are the paper's ranges 3e-4 / 4e-4.
+    """
+    m = mask.to(logps.dtype)
+    seq = ((logps - old_logps.detach()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    seq = seq.expand_as(logps)
+    return ppo_clip(seq, torch.zeros_like(seq), advantages, epsilon, epsilon_high, dual_clip_c)
+
+
+def cispo_clip(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    weight_max: float = 5.0,
+    weight_min: float | None = None,
+) -> ClipOutput:
+    """CISPO: ``l = -sg(clip(rho, weight_min, weight_max)) * A * logps`` per token (every token keeps a gradient).
+
+    MiniMax-M1, arXiv 2506.13585, Eqs. 4-5 (docs/methods/cispo.md#objective): the importance weight
+    ``rho = exp(logps - old_logps)`` is clipped to ``[1 - eps_low^IS, 1 + eps_high^IS]`` = [``weight_min``,
+    ``weight_max``] and detached; ``weight_min=None`` is no lower bound, as the paper and TRL's ``loss_type="cispo"``
+    (``clamp(max=epsilon_high)``) do. Gradient w.r.t. ``logps``: ``-w * A``. ``high_clipped`` / ``low_clipped``: tokens
+    whose weight was truncated from above / below (any sign of A); all of them are ``gradient_preserved``.
+    """
+    adv = torch.as_tensor(advantages, device=logps.device).detach().to(logps.dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    with torch.no_grad():
+        ratio = torch.exp(logps - old_logps.detach())
+        weight = ratio.clamp(min=weight_min, max=weight_max)
+        high = ratio > weight_max
+        low = ratio < weight_min if weight_min is not None else torch.zeros_like(high)
+    loss = -weight * adv.expand_as(logps) * logps
+    return ClipOutput(loss, ratio, low, high, torch.zeros_like(high), low | high)
+
+
 def gppo_sft_loss(
     logps: torch.Tensor,
     mask: torch.Tensor,
@@ -228,15 +285,52 @@ def clip_metrics(out: ClipOutput, mask: torch.Tensor) -> dict[str, float]:
 # registry: one entry per ``method.clipping`` value. ``meta``: ``options(params)`` -- the rule's own keyword options
 # from the recipe's method params; ``keys`` -- method keys only this rule reads; ``defaults`` -- method defaults it
 # changes (GPPO: Klear-Reasoner's eps_h 0.28 and its SFT term 0.1, docs/methods/grpo_clipping.md#hyperparameters);
-# ``gradient_preserved`` -- it reports ``clip_ratio/gradient_preserved_mean``.
+# ``gradient_preserved`` -- it reports ``clip_ratio/gradient_preserved_mean``; ``check(params)`` -- the error message
+# for settings the rule cannot mean, or None.
+
+
+def check_clip_range(p) -> str | None:
+    """The clip range ``[1 - epsilon, 1 + epsilon_high]``: clip-higher (DAPO, arXiv 2503.14476) widens the upper side;
+    an upper range narrower than the lower one is refused as swapped values."""
+    if p.epsilon_high is not None and p.epsilon_high < p.epsilon:
+        if "epsilon_high" not in p.model_fields_set:  # the selected rule's default upper range
+            return (f"method.epsilon: {p.epsilon:g} is above the upper clip range of clipping {p.clipping} "
+                    f"(epsilon_high {p.epsilon_high:g}, its default); set method.epsilon_high as well")
+        return (f"method.epsilon_high: {p.epsilon_high:g} is below method.epsilon {p.epsilon:g}: the upper clip range "
+                "would be narrower than the lower one (clip-higher widens it; swapped values?)")
+    return None
+
+
+def check_cispo_bounds(p) -> str | None:
+    """CISPO's importance-weight bounds: ``cispo_weight_min`` (when given) at most ``cispo_weight_max``."""
+    if p.cispo_weight_min is not None and p.cispo_weight_min > p.cispo_weight_max:
+        return (f"method.cispo_weight_min: {p.cispo_weight_min} is above method.cispo_weight_max "
+                f"({p.cispo_weight_max})")
+    return None
+
 
 CLIPPINGS: Registry = Registry("clipping rule")
-CLIPPINGS.add("ppo", ppo_clip, doc="docs/methods/grpo_clipping.md#ppo-clip-higher", keys=(), defaults={},
-              gradient_preserved=False, options=lambda p: {})
+_PPO_RANGE = ("epsilon", "epsilon_high", "dual_clip_c")
+
+
+def _ppo_range(p) -> dict[str, Any]:
+    return {"epsilon": p.epsilon, "epsilon_high": p.epsilon_high, "dual_clip_c": p.dual_clip_c}
+
+
+CLIPPINGS.add("ppo", ppo_clip, doc="docs/methods/grpo_clipping.md#ppo-clip-higher", keys=_PPO_RANGE, defaults={},
+              gradient_preserved=False, options=_ppo_range, check=check_clip_range)
 CLIPPINGS.add("gppo", gppo_clip, doc="docs/methods/grpo_clipping.md#gppo",
-              keys=("gppo_beta1", "gppo_beta2", "gppo_only_high"), defaults={"epsilon_high": 0.28, "sft_coef": 0.1},
-              gradient_preserved=True,
-              options=lambda p: {"beta1": p.gppo_beta1, "beta2": p.gppo_beta2, "only_high": p.gppo_only_high})
+              keys=(*_PPO_RANGE, "gppo_beta1", "gppo_beta2", "gppo_only_high"),
+              defaults={"epsilon_high": 0.28, "sft_coef": 0.1}, gradient_preserved=True, check=check_clip_range,
+              options=lambda p: {**_ppo_range(p), "beta1": p.gppo_beta1, "beta2": p.gppo_beta2,
+                                 "only_high": p.gppo_only_high})
+# ``sequence_level``: the rule also takes the loss ``mask`` (GSPO's length-normalised sequence ratio)
+CLIPPINGS.add("gspo", gspo_clip, doc="docs/methods/gspo.md#objective", keys=_PPO_RANGE,
+              defaults={"epsilon": 3e-4, "epsilon_high": 4e-4}, gradient_preserved=False, sequence_level=True,
+              options=_ppo_range, check=check_clip_range)
+CLIPPINGS.add("cispo", cispo_clip, doc="docs/methods/cispo.md#objective", keys=("cispo_weight_max", "cispo_weight_min"),
+              defaults={}, gradient_preserved=True, check=check_cispo_bounds,
+              options=lambda p: {"weight_max": p.cispo_weight_max, "weight_min": p.cispo_weight_min})
 
 POLICY_OBJECTIVES = CLIPPINGS.names()
 
@@ -245,9 +339,10 @@ def policy_loss(
     name: str, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, **options: Any
 ) -> ClipOutput:
     """Dispatch a registered clipping rule (:data:`CLIPPINGS`): ``"ppo"`` -> :func:`ppo_clip`, ``"gppo"`` ->
-    :func:`gppo_clip` (options passed through; the ``gppo_`` prefix of config names such as ``gppo_beta1`` /
-    ``gppo_only_high`` is accepted)."""
-    options = {k.removeprefix("gppo_"): v for k, v in options.items()}
+    :func:`gppo_clip`, ``"gspo"`` -> :func:`gspo_clip` (needs ``mask``), ``"cispo"`` -> :func:`cispo_clip` (options
+    passed through; the ``gppo_`` / ``cispo_`` prefix of config names such as ``gppo_beta1`` or ``cispo_weight_max`` is
+    accepted)."""
+    options = {k.removeprefix("gppo_").removeprefix("cispo_"): v for k, v in options.items()}
     if name not in CLIPPINGS:
         raise ValueError(f"unknown policy objective {name!r}; known: {POLICY_OBJECTIVES}")
     return CLIPPINGS[name].fn(logps, old_logps, advantages, **options)

@@ -6,7 +6,8 @@ the optional one-off precomputation of reference log-probs. This trainer replace
 forward through TRL's fused LM head gives per-token log-probs (plus the fields WPO needs), one reference forward gives
 the reference per-token log-probs (or the precomputed sums are read from the batch), and the pure losses of
 :mod:`posttrain.losses.preference` turn them into the loss of ``dpo`` (sigmoid / cDPO / robust / IPO), ``wpo``,
-``sparsepo`` (MaPO reference mask or learned mask) or ``asft_aligned`` (reference-free).
+``sparsepo`` (MaPO reference mask or learned mask) or the reference-free ``asft_aligned``, ``simpo`` and ``orpo``
+(ORPO's SFT term may also score the prompt tokens: ``params.scores_prompt_tokens``).
 
 Per-token tensors are ``[2B, T-1]`` (row ``b`` scores token ``t+1`` of sequence ``b``) with the shifted completion mask;
 chosen rows come first. SparsePO also needs full-vocab distributions (token KL) and reference activations; those are
@@ -35,12 +36,15 @@ from posttrain.losses.preference import (
     dpo_loss,
     mapo_mask,
     mean_logps,
+    orpo_loss,
     preference_metrics,
     sequence_lengths,
     sequence_logps,
+    simpo_loss,
     sparsepo_loss,
     sparsepo_metrics,
     sparsepo_token_kl,
+    token_mean_nll,
     wpo_log_alignment,
     wpo_metrics,
     wpo_pair_weights,
@@ -174,7 +178,7 @@ class ConversationalPairsMixin:
 
 class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixin, ConversationalPairsMixin,
                                  DPOTrainer):
-    """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on top of ``trl.DPOTrainer``.
+    """The preference family (every ``PREFERENCE_LOSSES`` entry) on top of ``trl.DPOTrainer``.
 
     Args:
         method: the method name (:mod:`posttrain.methods`).
@@ -306,7 +310,10 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
         completion_mask = inputs["completion_mask"]
         mask = completion_mask[..., 1:]
         seq_len = mask.size(1)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        # the tokens the fused head scores: the completions (the loss masks below keep to them), plus the prompts when
+        # the method's SFT term reads them (ORPO)
+        scored = inputs["attention_mask"] if p.scores_prompt_tokens else completion_mask
+        labels = inputs["input_ids"].masked_fill(scored == 0, -100)
 
         outputs, policy_hidden = self._policy_forward(model, model_kwargs, labels, p.needs_hidden_states)
         per_token_logps = outputs.log_probs[:, -seq_len:]
@@ -585,6 +592,41 @@ def asft_aligned_objective(trainer, f: PolicyForward):
     return loss, metrics
 
 
+@PREFERENCE_LOSSES.register("simpo", doc="docs/methods/simpo.md#objective")
+def simpo_objective(trainer, f: PolicyForward):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734): the mean of :func:`posttrain.losses.preference.simpo_loss` over the
+    pairs, plus ``sft_coef`` times the chosen responses' token-mean NLL; no reference model."""
+    p, gather = trainer.params, trainer.accelerator.gather
+    lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
+    out = simpo_loss(lbar_c, lbar_r, beta=p.beta, gamma_beta_ratio=p.gamma_beta_ratio)
+    loss = out.losses.mean()
+    metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
+                                 gather(lbar_r.detach()))
+    if p.sft_coef > 0:
+        nll = token_mean_nll(f.per_token_logps.chunk(2, dim=0)[0], f.mask.chunk(2, dim=0)[0])
+        loss = loss + p.sft_coef * nll
+        metrics["nll_loss"] = gather(nll.detach()).mean().item()
+    return loss, metrics
+
+
+@PREFERENCE_LOSSES.register("orpo", doc="docs/methods/orpo.md#objective")
+def orpo_objective(trainer, f: PolicyForward):
+    """ORPO (Hong et al. 2024, arXiv 2403.07691): the chosen rows' token-mean NLL (prompt included with
+    ``nll_on_prompt``) plus ``beta`` times the mean odds-ratio loss (:func:`posttrain.losses.preference.orpo_loss`)."""
+    p, gather = trainer.params, trainer.accelerator.gather
+    lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
+    scored = (f.labels[:, 1:] != -100)[:, -f.seq_len:]  # every token the fused head scored (see scores_prompt_tokens)
+    nll = token_mean_nll(f.per_token_logps.chunk(2, dim=0)[0], scored.chunk(2, dim=0)[0])
+    out = orpo_loss(lbar_c, lbar_r, nll, beta=p.beta, prob_clamp=p.prob_clamp)
+    metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
+                                 gather(lbar_r.detach()))
+    # TRL's ORPO names: log_odds_ratio = mean logsig(log OR), log_odds_chosen = mean log OR
+    metrics["nll_loss"] = gather(out.nll).mean().item()
+    metrics["log_odds_ratio"] = -gather(out.odds_ratio_losses).mean().item()
+    metrics["log_odds_chosen"] = gather(out.log_odds_ratio).mean().item()
+    return out.loss, metrics
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Building from a recipe
 # ----------------------------------------------------------------------------------------------------------------------
@@ -628,12 +670,13 @@ def preference_config(recipe, info):
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     config = training_config(DPOConfig, recipe, overrides)
     if config.sync_ref_model and (info.reference == "none" or overrides["precompute_ref_log_probs"]):
-        raise UserError("training.sync_ref_model: needs a live reference model (not asft_aligned or precomputed)")
+        why = f"method '{name}' uses none" if info.reference == "none" else "precompute_ref_log_probs keeps none"
+        raise UserError(f"training.sync_ref_model: needs a live reference model ({why})")
     return config
 
 
 def build_preference_trainer(ctx):
-    """``dpo``, ``wpo``, ``sparsepo`` and ``asft_aligned`` on :class:`PosttrainPreferenceTrainer`."""
+    """Every preference-family method on :class:`PosttrainPreferenceTrainer`."""
     from posttrain.trainers.common import peft_config
 
     recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name

@@ -1,4 +1,4 @@
-"""The unlearning-family trainer (``ga``, ``grad_diff``, ``npo``, ``npo_rt``, ``npo_kl``, ``simnpo``).
+"""The unlearning-family trainer (``ga``, ``grad_diff``, ``npo``, ``npo_rt``, ``npo_kl``, ``simnpo``, ``rmu``).
 
 A thin subclass of ``transformers.Trainer`` (TRL has no unlearning trainer). Data: every item pairs one forget row
 with one retain row (the forget set is the anchor, as in open-unlearning's ``ForgetRetainDataset``; the retain row is
@@ -15,16 +15,23 @@ rows go through an ordinary (logits) forward of the policy and of the reference.
 ``simnpo/*``) plus ``forget_answer_prob`` / ``retain_answer_prob`` (mean per-sequence ``exp(-avg answer NLL)``) are
 averaged over each logging interval and written to ``metrics.jsonl``.
 
+RMU (an objective whose entry ``steers_activations``) works on hidden states instead: a forward hook on one decoder
+layer captures its output on the forget rows and, for the retain term, on the retain rows of the policy and of the
+frozen reference; only the weights its ``trainable_params`` select move (the others are frozen before training), and
+its control vector is drawn once from the run's seed (:func:`posttrain.losses.unlearning.rmu_control_vector`).
+
 Loss reductions are per micro-batch (the HF ``outputs.loss`` convention of both reference code bases); with gradient
 accumulation the loss is divided by the number of micro-batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import random
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -34,7 +41,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from posttrain.errors import UserError
 from posttrain.logprobs import ensure_fused_head
-from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES, uses_reference, uses_retain
+from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES, rmu_control_vector, uses_reference, uses_retain
 from posttrain.reference import Reference
 from posttrain.trainers.common import AtomicCheckpointMixin
 
@@ -160,6 +167,28 @@ def _stack(a: torch.Tensor, b: torch.Tensor, pad) -> torch.Tensor:
     return torch.cat([a, b])
 
 
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM (through DDP/accelerate ``.module`` wrappers): ``model.base_model.layers``."""
+    while hasattr(model, "module") and not isinstance(model, torch.nn.ModuleList):
+        model = model.module
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError(f"method.rmu_layer: {type(model).__name__} has no decoder layers at base_model.layers (RMU "
+                        "steers the output of one of them; Llama/Qwen2-style models have them)")
+    return layers
+
+
+@contextlib.contextmanager
+def _captured_output(module: torch.nn.Module):
+    """Collects ``module``'s output (the hidden states, first element of a tuple output) on every forward inside."""
+    got: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, args, out: got.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
 def _answer_prob(logps: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over rows of ``exp(summed answer log-prob / answer tokens)`` (TOFU's Prob, on the training batch)."""
     m = mask.to(torch.float32)
@@ -168,7 +197,7 @@ def _answer_prob(logps: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
-    """GA, GradDiff, NPO (+RT / +KL) and SimNPO on :class:`ForgetRetainDataset` batches.
+    """GA, GradDiff, NPO (+RT / +KL), SimNPO and RMU on :class:`ForgetRetainDataset` batches.
 
     Args:
         method: a key of :data:`posttrain.losses.unlearning.UNLEARNING_OBJECTIVES`.
@@ -198,6 +227,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         if isinstance(self.train_dataset, ForgetRetainDataset):
             self.add_callback(_EpochCallback(self.train_dataset))
+        self.control_vector = self._steering_setup() if self.objective.meta.get("steers_activations", False) else None
         self.weight_mask = None
         if mask_rows is not None:
             from posttrain.trainers.wagle import WagleMask
@@ -211,6 +241,57 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         return optimizer
 
     # ---------------------------------------------------------------------------------------------------------------
+
+    def _steering_setup(self) -> torch.Tensor:
+        """RMU: check the steered layer, freeze every weight ``trainable_params`` does not select, draw the control
+        vector (docs/methods/rmu.md#which-weights-move)."""
+        p = self.params
+        layers = _decoder_layers(self.model)
+        if p.rmu_layer >= len(layers):
+            raise UserError(f"method.rmu_layer: {p.rmu_layer} is not a decoder layer of the model (it has "
+                            f"{len(layers)}: 0..{len(layers) - 1})")
+        patterns = p.trainable_patterns()
+        named = list(self.model.named_parameters())
+        which = "" if p.trainable_params is not None else "the paper's default "
+        for pattern in patterns:
+            if not any(re.fullmatch(pattern, name) for name, _ in named):
+                raise UserError(f"method.trainable_params: {which}{pattern!r} matches no parameter of the model (names "
+                                f"look like {named[-1][0]!r})")
+        moving = 0
+        for name, param in named:
+            selected = any(re.fullmatch(pattern, name) for pattern in patterns)
+            param.requires_grad_(selected)
+            moving += param.numel() if selected else 0
+        logger.info("rmu: steering decoder layer %d; %d of %d weights train (%s)", p.rmu_layer, moving,
+                    sum(q.numel() for _, q in named), ", ".join(patterns))
+        if self.args.gradient_checkpointing:  # frozen embeddings: keep a gradient path into checkpointed layers
+            self.model.enable_input_require_grads()
+        hidden = self.model.config.get_text_config().hidden_size
+        return rmu_control_vector(hidden, p.steering_coeff, seed=self.args.seed)
+
+    def _steering_loss(self, model, inputs):
+        """RMU's loss and metrics: hidden states of ``rmu_layer`` on the forget rows (policy) and on the retain rows
+        (policy and frozen reference), fed to the objective's function (:func:`~posttrain.losses.unlearning.rmu_loss`)."""
+        p = self.params
+        f_ids, f_attn, f_lab = self._side(inputs, "forget")
+        with _captured_output(_decoder_layers(model)[p.rmu_layer]) as got:
+            res = model(input_ids=f_ids, attention_mask=f_attn, labels=f_lab, fused_lm_head=True, use_cache=False)
+        kwargs: dict[str, Any] = {"forget_activations": got[0], "forget_mask": f_lab != -100,
+                                  "control_vector": self.control_vector}
+        metrics = {"forget_answer_prob": _answer_prob(res.log_probs, res.label_mask)}
+        if self.uses_retain:
+            r_ids, r_attn, r_lab = self._side(inputs, "retain")
+            with _captured_output(_decoder_layers(model)[p.rmu_layer]) as got_r:
+                res_r = model(input_ids=r_ids, attention_mask=r_attn, labels=r_lab, fused_lm_head=True,
+                              use_cache=False)
+            with torch.no_grad(), self._reference(model) as ref, _captured_output(
+                    _decoder_layers(ref)[p.rmu_layer]) as got_ref:
+                ref(input_ids=r_ids, attention_mask=r_attn, use_cache=False)
+            kwargs.update(retain_activations=got_r[0], retain_ref_activations=got_ref[0], retain_mask=r_lab != -100)
+            metrics["retain_answer_prob"] = _answer_prob(res_r.log_probs, res_r.label_mask)
+        result = self.objective.fn(**kwargs, gamma=float(p.gamma), alpha=float(p.alpha))
+        metrics.update({k: v for k, v in result.metrics.items() if k != "loss"})
+        return result, metrics
 
     @property
     def uses_retain(self) -> bool:
@@ -283,6 +364,10 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         return kwargs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.control_vector is not None:  # RMU: hidden states, not log-probs
+            result, metrics = self._steering_loss(model, inputs)
+            self._record(metrics)
+            return (result.loss, result) if return_outputs else result.loss
         t = self.policy_and_reference_logps(model, inputs)
         result = self.objective.fn(self.method, **self.objective_inputs(t))
         metrics = {k: v for k, v in result.metrics.items() if k != "loss"}
@@ -359,6 +444,13 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
             if recipe.training.get(key):
                 raise UserError(f"training.{key}: method.mask: wagle needs whole parameters (a global top-k over "
                                 "every weight); not supported with DeepSpeed or FSDP")
+    if UNLEARNING_OBJECTIVES[name].meta.get("steers_activations", False) and recipe.peft is not None:
+        raise UserError(f"peft: method '{name}' chooses the base-model weights that move (method.trainable_params), "
+                        "which a peft adapter freezes; remove peft")
+    if data.retain is not None and not _needs_retain(recipe, name):
+        why = "method.alpha is 0" if hasattr(recipe.params, "alpha") else "the method has no retain term"
+        raise UserError(f"data.retain: method '{name}' would not read it ({why}, and no method.mask: wagle); remove "
+                        "it, or use a method with a retain term (grad_diff, npo_rt, npo_kl, simnpo, rmu)")
     if _needs_retain(recipe, name) and data.retain is None:
         raise UserError(
             f"data.retain: method '{name}' needs a retain set (e.g. data.retain: {{source: builtin:facts, "
@@ -376,8 +468,6 @@ def build_unlearning_trainer(ctx):
     name, data = info.name, recipe.data
     config = ctx.config if ctx.config is not None else unlearning_config(recipe, info)
     needs_retain = _needs_retain(recipe, name)
-    if data.retain is not None and not needs_retain:
-        logger.info("data.retain: not used by method '%s' (no retain term)", name)
     tok = ctx.tokenizer
     forget = tokenize_rows(ctx.dataset("data.forget", "unlearning"), tok, config.max_length, "data.forget")
     retain = None
