@@ -20,7 +20,8 @@ drifts of a shared machine hit all variants alike. A run does ``--warmup`` untim
 ones: CPU-seconds (``time.process_time``; one thread by default, ``--threads``) and wall seconds per iteration, and the peak RSS growth over
 the timed iterations (the kernel's high-water mark reset through ``/proc/self/clear_refs`` after the warm-up; gradient
 buffers already exist then, so the growth is activations and head intermediates). The report gives medians with the
-min..max over repeats, the ratios of medians, and checks that the variants of a suite computed the same loss.
+min..max over repeats, the ratios of medians, and checks that the variants of a suite computed the same loss and the same summed completion
+log-probs (the DPO loss alone cannot tell: with the reference equal to the policy it is log 2 whatever they are).
 
     python benchmarks/logprob_engine.py --preset issue --ratio 4 --out benchmarks/results/logprob_engine_cpu_issue.json
     python benchmarks/logprob_engine.py --preset qwen05b --ratio 1 --repeats 2 --iters 1 --grpo-prompts 1 \\
@@ -175,7 +176,9 @@ def _step_fn(args, suite: str, variant: str, model):
             lp, tokens = logps(model)
             loss = -(lp * advantages * comp).sum() / count
         loss.backward()
-        return float(loss), tokens
+        # the DPO loss of a policy equal to its reference is log 2 whatever the log-probs: the variants are compared
+        # on the policy's summed completion log-probs too
+        return float(loss), tokens, float((lp.detach() * comp).sum())
 
     return step
 
@@ -199,20 +202,42 @@ def one(args) -> dict:
     cpu, wall, losses = [], [], []
     for _ in range(args.iters):
         c0, w0 = time.process_time(), time.perf_counter()
-        loss, tokens = step()
+        loss, tokens, logp_sum = step()
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
         losses.append(loss)
     peak = _rss_kib("VmHWM") if mem_kind.startswith("peak") else __import__("resource").getrusage(0).ru_maxrss
     return {"suite": args.suite, "variant": args.variant, "cpu_s": statistics.median(cpu),
             "wall_s": statistics.median(wall), "cpu_s_all": cpu, "peak_growth_mib": (peak - base) / 1024,
-            "base_mib": base / 1024, "loss": losses[-1], "body_tokens": tokens, "threads": torch.get_num_threads(),
-            "mem_kind": mem_kind}
+            "base_mib": base / 1024, "loss": losses[-1], "logp_sum": logp_sum, "body_tokens": tokens,
+            "threads": torch.get_num_threads(), "mem_kind": mem_kind}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # driving the subprocesses
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def step_flops(args, suite: str, variant: str) -> float:
+    """Model FLOPs of one measured step of ``variant``: 2 x the multiply-adds of the linear layers over every position
+    the body runs (padding of packed rows included), of dense attention (``QK^T`` and ``AV`` over each row's full
+    width: SDPA with an explicit mask skips nothing), and of the LM head over the rows it scores (every position for
+    ``trl_fused`` on CPU and ``full_logits``, the completion tokens for the engine); the backward counts twice the
+    forward, the DPO reference forward once. Norms, rotary embeddings and the softmaxes are left out."""
+    c = PRESETS[args.preset]
+    h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    body_per_token = layers * (2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"])
+    prompt, completion = lengths(args)
+    rows, per_group = {"heads": (args.batch, 1), "dpo": (2 * args.batch, 2),
+                       "grpo": (args.grpo_prompts * args.group, args.group)}[suite]
+    if variant == "engine_shared":
+        packed, width = rows // per_group, prompt + per_group * completion
+    else:
+        packed, width = rows, args.seq
+    scored = rows * (completion if variant.startswith("engine") else args.seq)
+    forward = packed * (width * body_per_token + layers * 2 * width * width * h) + scored * h * vocab
+    return 2.0 * forward * (3 + (suite == "dpo"))
 
 
 def _argv(args) -> list[str]:
@@ -239,11 +264,11 @@ def run_all(args) -> list[dict]:
                 runs.append(res)
                 print(f"  {suite:<5} [{r}] {variant:<16} cpu {res['cpu_s']:.3f} s  wall {res['wall_s']:.3f} s  "
                       f"peak growth {res['peak_growth_mib']:.0f} MiB  body tokens {res['body_tokens']}  "
-                      f"loss {res['loss']:.6f}", flush=True)
+                      f"loss {res['loss']:.6f}  sum log p {res['logp_sum']:.4f}", flush=True)
     return runs
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(args, runs: list[dict]) -> dict:
     stats: dict = {}
     for r in runs:
         stats.setdefault(r["suite"], {}).setdefault(r["variant"], []).append(r)
@@ -256,7 +281,10 @@ def summarise(runs: list[dict]) -> dict:
                 "n": len(rs), "cpu_s_median": statistics.median(cpu), "cpu_s_min": min(cpu), "cpu_s_max": max(cpu),
                 "wall_s_median": statistics.median(wall), "peak_growth_mib_median": statistics.median(grow),
                 "peak_growth_mib_min": min(grow), "peak_growth_mib_max": max(grow),
-                "body_tokens": rs[0]["body_tokens"], "loss": rs[0]["loss"]}
+                "body_tokens": rs[0]["body_tokens"], "loss": rs[0]["loss"], "logp_sum": rs[0]["logp_sum"],
+                "gflops": step_flops(args, suite, variant) / 1e9}
+            out["stats"][suite][variant]["gflops_per_cpu_s"] = (
+                out["stats"][suite][variant]["gflops"] / out["stats"][suite][variant]["cpu_s_median"])
         s = out["stats"][suite]
         for ours, base in RATIOS[suite]:
             if ours in s and base in s:
@@ -265,13 +293,16 @@ def summarise(runs: list[dict]) -> dict:
                     "cpu_speedup_range": [s[base]["cpu_s_min"] / s[ours]["cpu_s_max"],
                                           s[base]["cpu_s_max"] / s[ours]["cpu_s_min"]],
                     "peak_growth_ratio": s[ours]["peak_growth_mib_median"] / max(s[base]["peak_growth_mib_median"],
-                                                                                 1e-9)}
-        losses = [v["loss"] for v in s.values()]
-        out["loss_agreement"][suite] = max(abs(a - losses[0]) for a in losses) / max(abs(losses[0]), 1e-12)
+                                                                                 1e-9),
+                    "flop_ratio": s[base]["gflops"] / s[ours]["gflops"]}
+        for key in ("loss", "logp_sum"):
+            values = [v[key] for v in s.values()]
+            out["loss_agreement"].setdefault(suite, {})[key] = (
+                max(abs(a - values[0]) for a in values) / max(abs(values[0]), 1e-12))
     return out
 
 
-def report(args, runs: list[dict], summary: dict) -> None:
+def report(args, runs: list[dict], summary: dict, argv: list[str] | None = None) -> None:
     import torch
     import transformers
     import trl
@@ -285,21 +316,26 @@ def report(args, runs: list[dict], summary: dict) -> None:
           f"transformers {transformers.__version__}, trl {trl.__version__}")
     for suite, by in summary["stats"].items():
         print(f"\n[{suite}] {'variant':<16} {'CPU s median [min..max]':<28} {'wall s':<8} "
-              f"{'peak growth MiB median [min..max]':<34} body tokens")
+              f"{'peak growth MiB median [min..max]':<34} {'body tokens':<12} GFLOP  GFLOP/CPU-s")
         for variant, s in by.items():
             print(f"        {variant:<16} {s['cpu_s_median']:8.3f} [{s['cpu_s_min']:.3f}..{s['cpu_s_max']:.3f}]"
                   f"{'':4} {s['wall_s_median']:7.3f}  {s['peak_growth_mib_median']:8.0f} "
-                  f"[{s['peak_growth_mib_min']:.0f}..{s['peak_growth_mib_max']:.0f}]{'':14} {s['body_tokens']}")
-        print(f"        losses agree to {summary['loss_agreement'][suite]:.1e} (relative)")
+                  f"[{s['peak_growth_mib_min']:.0f}..{s['peak_growth_mib_max']:.0f}]{'':14} {s['body_tokens']:<12} "
+                  f"{s['gflops']:6.1f} {s['gflops_per_cpu_s']:6.1f}")
+        agree = summary["loss_agreement"][suite]
+        print(f"        variants agree (max relative difference): loss {agree['loss']:.1e}, summed completion "
+              f"log-probs {agree['logp_sum']:.1e}")
     for name, r in summary["ratios"].items():
         lo, hi = r["cpu_speedup_range"]
-        print(f"{name}: CPU speed-up {r['cpu_speedup']:.2f}x [{lo:.2f}..{hi:.2f}], peak growth x{r['peak_growth_ratio']:.2f}")
+        print(f"{name}: CPU speed-up {r['cpu_speedup']:.2f}x [{lo:.2f}..{hi:.2f}] (model FLOPs {r['flop_ratio']:.2f}x "
+              f"fewer), peak growth x{r['peak_growth_ratio']:.2f}")
     if args.out:
         meta = {"title": title, "preset": args.preset, "config": PRESETS[args.preset], "seq": args.seq,
                 "prompt": prompt_len, "completion": completion_len, "batch": args.batch, "group": args.group,
                 "grpo_prompts": args.grpo_prompts, "repeats": args.repeats, "iters": args.iters,
                 "warmup": args.warmup, "threads": runs[0]["threads"], "torch": torch.__version__,
-                "transformers": transformers.__version__, "trl": trl.__version__, "argv": sys.argv}
+                "transformers": transformers.__version__, "trl": trl.__version__,
+                "argv": argv or sys.argv}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "runs": runs, **summary}, indent=1))
 
@@ -319,6 +355,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (1: CPU-seconds are compute, not OpenMP spin-waits of a busy machine)")
     p.add_argument("--out", default=None, help="write all runs and the summary as JSON here")
+    p.add_argument("--summarise", default=None, metavar="JSON",
+                   help="re-summarise the runs of an earlier --out file (its own arguments) and rewrite it; no runs")
     p.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--suite", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
@@ -326,8 +364,13 @@ def main(argv=None) -> None:
     if args._one:
         print(json.dumps(one(args)))
         return
+    if args.summarise:
+        saved = json.loads(Path(args.summarise).read_text())
+        args = p.parse_args(saved["meta"]["argv"][1:])
+        report(args, saved["runs"], summarise(args, saved["runs"]), argv=saved["meta"]["argv"])
+        return
     runs = run_all(args)
-    report(args, runs, summarise(runs))
+    report(args, runs, summarise(args, runs))
 
 
 if __name__ == "__main__":

@@ -397,6 +397,27 @@ def test_lora_shared_equals_unshared_and_reference_is_the_base_model():
     assert float((ref.logps - shared.logps.detach()).abs().max()) > 1e-3  # the adapter did change the policy
 
 
+def test_goat_adapter_shared_equals_unshared_and_full_logits():
+    # GOAT (posttrain.adapters, arXiv 2502.16894) routes each token through its own top-k LoRA experts: a per-token
+    # function of the hidden state, so sharing the prompt changes nothing. (Its load-balancing statistics count a
+    # shared prompt's tokens once per group: the family trainers' wiring has to decide which count they want.)
+    from posttrain.adapters.goat import apply_goat, clear_goat_aux
+
+    model = apply_goat(_model(), ["q_proj", "v_proj", "down_proj"], rank=4, num_experts=2, top_k=1, lora_dropout=0.0)
+    (ids, am, cm), groups = _groups("left", num_generations=3)
+    engine = LogProbEngine()
+    unshared = engine.forward(model, ids, am, cm)
+    shared = engine.forward(model, ids, am, cm, groups=groups)
+    assert shared.shared
+    assert_rel_close(shared.logps, unshared.logps, msg="goat logps")
+    assert_rel_close(unshared.logps, _full_logits_logps(model, ids, am, cm), msg="goat vs full logits")
+    clear_goat_aux(model)  # the router statistics of the three forwards above
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))
+    g_shared, g_unshared = _grads(model, (shared.logps * w).sum()), _grads(model, (unshared.logps * w).sum())
+    assert sum(g is not None for g in g_shared) > 0
+    _assert_grads_equal(g_shared, g_unshared, "goat")
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_gradient_accumulation_two_micro_batches_equal_one(shared):
     model = _model()
