@@ -463,6 +463,20 @@ def test_engine_refuses_unscorable_positions_and_keeps_generation_working():
     assert out.shape == (1, 5)
 
 
+def test_full_vocab_rows_refused_for_a_zero3_partitioned_head():
+    # ZeRO-3 marks its partitioned parameters with ds_id; the plain-autograd full-vocabulary rows would keep the
+    # gathered weight past its release, so they are refused (the chunked head gathers in its forward and backward)
+    model = _model()
+    (ids, am, cm), _ = _pairs("right")
+    model.lm_head.weight.ds_id = 0
+    try:
+        assert LogProbEngine("chunked").forward(model, ids, am, cm).logps.shape == ids.shape
+        with pytest.raises(NotImplementedError, match="ZeRO-3"):
+            LogProbEngine("chunked").forward(model, ids, am, cm, needs=Needs(full_vocab=True))
+    finally:
+        del model.lm_head.weight.ds_id
+
+
 def test_completion_logps_matches_full_logits():
     from posttrain.data.formatting import tokenize_prompt_completion
     from posttrain.logprobs import completion_logps

@@ -184,6 +184,9 @@ class _Call:
                                          direction=self.kl_direction, scale=scale, other_scale=other.scale,
                                          chunk_rows=self.chunk_rows)
         if self.full_vocab_rows is not None:
+            if getattr(head.weight, "ds_id", None) is not None:  # plain autograd would keep a released ZeRO-3 shard
+                raise NotImplementedError("full-vocabulary log-prob rows under DeepSpeed ZeRO-3 (partitioned LM head) "
+                                          "are not supported yet")
             out["full_vocab"] = H.full_vocab_logps(rows[self.full_vocab_rows], weight, bias, transform=transform,
                                                    temperature=self.temperature)
         if self.needs.rows:
