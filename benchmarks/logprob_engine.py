@@ -262,6 +262,8 @@ def run_all(args) -> list[dict]:
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 res["repeat"] = r
                 runs.append(res)
+                if args.out:  # what is measured so far survives an interrupted run (--summarise reads it)
+                    Path(args.out + ".partial").write_text(json.dumps({"meta": {"argv": sys.argv}, "runs": runs}))
                 print(f"  {suite:<5} [{r}] {variant:<16} cpu {res['cpu_s']:.3f} s  wall {res['wall_s']:.3f} s  "
                       f"peak growth {res['peak_growth_mib']:.0f} MiB  body tokens {res['body_tokens']}  "
                       f"loss {res['loss']:.6f}  sum log p {res['logp_sum']:.4f}", flush=True)
@@ -338,6 +340,7 @@ def report(args, runs: list[dict], summary: dict, argv: list[str] | None = None)
                 "argv": argv or sys.argv}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "runs": runs, **summary}, indent=1))
+        Path(args.out + ".partial").unlink(missing_ok=True)
 
 
 def main(argv=None) -> None:
@@ -356,7 +359,8 @@ def main(argv=None) -> None:
                    help="torch threads per run (1: CPU-seconds are compute, not OpenMP spin-waits of a busy machine)")
     p.add_argument("--out", default=None, help="write all runs and the summary as JSON here")
     p.add_argument("--summarise", default=None, metavar="JSON",
-                   help="re-summarise the runs of an earlier --out file (its own arguments) and rewrite it; no runs")
+                   help="re-summarise the runs of an earlier --out file, or of the .partial file an interrupted run "
+                   "left, with that run's own arguments, and write its --out file; runs nothing")
     p.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--suite", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
