@@ -249,7 +249,7 @@ def _argv(args) -> list[str]:
 def run_all(args) -> list[dict]:
     runs = []
     for suite in args.suites:
-        variants = list(SUITES[suite])
+        variants = [v for v in SUITES[suite] if not args.variants or v in args.variants]
         for r in range(args.repeats):
             for variant in (variants if r % 2 == 0 else variants[::-1]):
                 cmd = [sys.executable, __file__, "--_one", "--suite", suite, "--variant", variant, *_argv(args)]
@@ -352,6 +352,8 @@ def main(argv=None) -> None:
     p.add_argument("--group", type=int, default=8, help="GRPO completions per prompt")
     p.add_argument("--grpo-prompts", type=int, default=2, help="GRPO prompts per batch")
     p.add_argument("--suites", nargs="+", choices=sorted(SUITES), default=["heads", "dpo", "grpo"])
+    p.add_argument("--variants", nargs="+", default=None, choices=sorted({v for vs in SUITES.values() for v in vs}),
+                   help="measure only these variants of each suite (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="fresh-process runs per variant (interleaved)")
     p.add_argument("--iters", type=int, default=3, help="timed forward+backward iterations per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per run")
