@@ -17,15 +17,22 @@ Three suites, each a set of variants measured on the same seeded random-init Qwe
 
 Every measurement is a fresh subprocess (``--_one``); repeats alternate the variant order (A B C, then C B A, ...), so
 drifts of a shared machine hit all variants alike. A run does ``--warmup`` untimed iterations, then ``--iters`` timed
-ones: CPU-seconds (``time.process_time``; one thread by default, ``--threads``) and wall seconds per iteration, and the peak RSS growth over
-the timed iterations (the kernel's high-water mark reset through ``/proc/self/clear_refs`` after the warm-up; gradient
-buffers already exist then, so the growth is activations and head intermediates). The report gives medians with the
-min..max over repeats, the ratios of medians, and checks that the variants of a suite computed the same loss and the same summed completion
-log-probs (the DPO loss alone cannot tell: with the reference equal to the policy it is log 2 whatever they are).
+ones: CPU-seconds (``time.process_time``; one thread by default, ``--threads``) and wall seconds per iteration, and
+the peak RSS growth over the timed iterations (the kernel's high-water mark reset through ``/proc/self/clear_refs``
+after the warm-up; gradient buffers already exist then, so the growth is activations and head intermediates; with
+``--warmup 0`` it includes the gradient buffers, the same for every variant). The report gives medians with the
+min..max over repeats, the ratios of medians, and checks that the variants of a suite computed the same loss and the
+same summed completion log-probs (the DPO loss alone cannot tell: with the reference equal to the policy it is log 2
+whatever they are).
 
-    python benchmarks/logprob_engine.py --preset issue --ratio 4 --out benchmarks/results/logprob_engine_cpu_issue.json
-    python benchmarks/logprob_engine.py --preset qwen05b --ratio 1 --repeats 2 --iters 1 --grpo-prompts 1 \\
-        --out benchmarks/results/logprob_engine_cpu_05b_r1.json
+    python benchmarks/logprob_engine.py --preset issue --ratio 4 --repeats 2 --iters 1 \\
+        --out benchmarks/results/logprob_engine_cpu_issue.json
+    python benchmarks/logprob_engine.py --preset qwen05b --ratio 4 --batch 1 --suites heads dpo \\
+        --variants trl_fused engine_chunked engine_unshared engine_shared --repeats 1 --iters 1 --warmup 0 \\
+        --out benchmarks/results/logprob_engine_cpu_05b_r4.json
+
+Each step's model FLOPs (:func:`step_flops`) are reported next to its CPU-seconds, so a ratio can be read against the
+work it saves. ``--summarise`` rewrites the summary of a finished or interrupted run without measuring anything.
 """
 
 from __future__ import annotations
