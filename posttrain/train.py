@@ -55,7 +55,7 @@ DATA_KINDS = {
     "sft": {"train": "sft", "eval": "sft", "test": "test"},
     "preference": {"train": "preference", "eval": "preference", "test": "test"},
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
-    "unlearning": {"forget": "unlearning", "retain": "unlearning"},
+    "unlearning": {"forget": "unlearning", "retain": "unlearning", "holdout": "unlearning"},
 }
 # family -> the check of the loaded data that needs no model (columns a key names, row formats a part needs):
 # check(recipe, datasets) -> None, run by preflight
