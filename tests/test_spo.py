@@ -1,5 +1,5 @@
-"""SPO math (posttrain/rl/spo.py; docs/methods/spo.md): the spec's worked example and properties. The trainer wiring
-is not built yet."""
+"""SPO math (posttrain/rl/spo.py; docs/methods/spo.md): the worked example, properties and the two review fixes
+(rewards outside [0, 1] refused, at most n0 offline scores)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 from posttrain.rl.spo import (
     SPOTracker,
     forgetting_factor,
+    check_reward_range,
     offline_init,
     policy_shift,
+    rescale_rewards,
     sampling_weights,
     spo_advantages,
 )
@@ -98,3 +100,34 @@ def test_tracker_state_round_trip():
     u.load_state_dict(t.state_dict())
     assert u.state_dict() == t.state_dict()
     assert torch.equal(u.p_hat(["A", "B", "D", "Z"]), t.p_hat(["A", "B", "D", "Z"]))
+
+
+def test_offline_init_keeps_at_most_n0_scores():
+    """12 correct offline scores with n0 = 8: alpha0 = 8 * 8.5 / 9 = 7.555556 (all 12 would give 8 * 12.5 / 13 =
+    7.692308); a random subsample of 8 mixed scores keeps alpha0 + beta0 = 8 and p_hat0 = (S + 0.5) / 9."""
+    a, b = offline_init([1.0] * 12)
+    _close([a, b], [7.555556, 0.444444])
+    assert offline_init([1.0] * 12, max_scores=12)[0] == pytest.approx(7.692308, abs=1e-6)
+    import random
+
+    scores = [1, 0, 1, 1, 0, 0, 1, 1, 0, 1, 0, 0]  # 6 of 12 correct
+    a, b = offline_init(scores, rng=random.Random(5))
+    kept = random.Random(5).sample(scores, 8)
+    assert a + b == pytest.approx(8.0) and a / (a + b) == pytest.approx((sum(kept) + 0.5) / 9)
+    assert offline_init([1, 1, 1], max_scores=0) == (0.5, 0.5)  # spo_offline_n: 0 -> Jeffreys
+    t = SPOTracker()
+    t.init_offline({"A": [1.0] * 12, "B": [0.0] * 3})
+    _close([t.alpha["A"], t.alpha["B"]], [7.555556, 8 * 0.5 / 4])
+
+
+def test_rewards_outside_the_unit_interval_are_refused():
+    """r = 2 would give beta = rho * beta + (1 - r) = 0.96 * 0.5 - 1 = -0.52 < 0 (p_hat no longer a probability)."""
+    t = SPOTracker()
+    with pytest.raises(ValueError, match=r"rewards in \[0, 1\], got \[2.0\]"):
+        t.update(["x", "y"], torch.tensor([1.0, 2.0]), torch.tensor([0.96, 0.96]))
+    assert t.alpha == {} and t.beta == {}  # nothing updated
+    with pytest.raises(ValueError, match="-0.5"):
+        check_reward_range(torch.tensor([-0.5, 0.3]))
+    check_reward_range(torch.tensor([0.0, 0.25, 1.0, float("nan")]))  # soft successes and unscorable rows are fine
+    _close(rescale_rewards(torch.tensor([-1.0, 0.0, 1.0, 3.0, float("nan")]), -1.0, 1.0)[:4], [0.0, 0.5, 1.0, 1.0])
+    assert torch.isnan(rescale_rewards(torch.tensor([float("nan")]), 0.0, 2.0)).all()

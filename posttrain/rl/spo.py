@@ -1,4 +1,4 @@
-"""SPO: Single-stream Policy Optimization, the math (not yet wired into a trainer).
+"""SPO: Single-stream Policy Optimization, the math (the trainer wiring is in :mod:`posttrain.trainers.spo`).
 
 Xu & Ding, "Single-stream Policy Optimization" (arXiv 2509.13232); the method page is docs/methods/spo.md. One
 completion per prompt; the baseline of prompt x is a persistent Beta-Bernoulli estimate of its success rate
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from typing import Any
 
 import torch
@@ -21,16 +22,41 @@ def prompt_key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def offline_init(scores: list[float] | None, rho_min: float = 0.875) -> tuple[float, float]:
-    """``(alpha0, beta0)`` from a prompt's offline scores (binarised ``score > 0``): with ``n`` scores and ``S``
+def offline_init(scores: list[float] | None, rho_min: float = 0.875, max_scores: int = 8,
+                 rng: random.Random | None = None) -> tuple[float, float]:
+    """``(alpha0, beta0)`` from a prompt's offline scores (binarised ``score > 0``): at most ``max_scores`` (n0) of them
+    are kept (a random subsample drawn with ``rng``, default ``random.Random(0)``); with ``n`` kept scores and ``S``
     successes, ``alpha0 = N (S + 0.5) / (n + 1)``, ``beta0 = N (n - S + 0.5) / (n + 1)``, ``N = 1 / (1 - rho_min)``
-    (so ``p_hat0 = (S + 0.5) / (n + 1)``); no scores: Jeffreys ``(0.5, 0.5)``. ``n`` is the prompt's own count."""
-    if not scores:
+    (so ``p_hat0 = (S + 0.5) / (n + 1)``). No scores, or ``max_scores`` 0: Jeffreys ``(0.5, 0.5)``. ``n`` is the
+    prompt's own count when it has fewer than ``max_scores`` (docs/methods/spo.md#math)."""
+    if not scores or max_scores <= 0:
         return 0.5, 0.5
+    scores = list(scores)
+    if len(scores) > max_scores:
+        scores = (rng or random.Random(0)).sample(scores, max_scores)
     n = len(scores)
     s = sum(1.0 for x in scores if x > 0)
     total = 1.0 / (1.0 - rho_min)
     return total * (s + 0.5) / (n + 1), total * (n - s + 0.5) / (n + 1)
+
+
+def rescale_rewards(rewards: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``(r - low) / (high - low)`` clipped to [0, 1] (``spo_reward_range``), so that any reward reads as a success
+    probability; non-finite rewards stay as they are."""
+    if not high > low:
+        raise ValueError(f"reward range needs high > low, got [{low}, {high}]")
+    r = rewards.double()
+    return torch.where(torch.isfinite(r), ((r - low) / (high - low)).clamp(0.0, 1.0), r)
+
+
+def check_reward_range(rewards: torch.Tensor) -> None:
+    """``ValueError`` when a finite reward lies outside [0, 1]: ``beta <- rho beta + (1 - r)`` would turn negative
+    (r = 2 gave beta = -0.55) and ``p_hat`` would no longer be a probability."""
+    r = rewards.double()
+    bad = torch.isfinite(r) & ((r < 0) | (r > 1))
+    if bool(bad.any()):
+        values = sorted({float(x) for x in r[bad].tolist()})[:3]
+        raise ValueError(f"SPO's success-rate tracker needs rewards in [0, 1], got {values}")
 
 
 def forgetting_factor(D: torch.Tensor, *, d_half: float = 0.06, rho_min: float = 0.875,
@@ -79,16 +105,21 @@ class SPOTracker:
         self.beta: dict[str, float] = {}
         self.visits: dict[str, int] = {}
 
-    def init_offline(self, scores: dict[str, list[float]]) -> None:
-        for key, values in scores.items():
-            self.alpha[key], self.beta[key] = offline_init(values, self.rho_min)
+    def init_offline(self, scores: dict[str, list[float]], max_scores: int = 8, seed: int = 0) -> None:
+        """Each prompt's ``(alpha0, beta0)`` from at most ``max_scores`` of its offline scores (:func:`offline_init`;
+        the subsample is drawn from one ``random.Random(seed)`` over the prompts in key order)."""
+        rng = random.Random(seed)
+        for key in sorted(scores):
+            self.alpha[key], self.beta[key] = offline_init(scores[key], self.rho_min, max_scores, rng)
 
     def p_hat(self, keys: list[str]) -> torch.Tensor:
         return torch.tensor([self.alpha.get(k, 0.5) / (self.alpha.get(k, 0.5) + self.beta.get(k, 0.5)) for k in keys],
                             dtype=torch.float64)
 
     def update(self, keys: list[str], rewards: torch.Tensor, rho: torch.Tensor) -> None:
-        """``alpha <- rho alpha + r``, ``beta <- rho beta + (1 - r)`` in row order; non-finite rewards skip."""
+        """``alpha <- rho alpha + r``, ``beta <- rho beta + (1 - r)`` in row order; non-finite rewards skip. A finite
+        reward outside [0, 1] is a ``ValueError`` (:func:`check_reward_range`) and nothing is updated."""
+        check_reward_range(rewards)
         for key, r, f in zip(keys, rewards.double().tolist(), rho.double().tolist(), strict=True):
             if not math.isfinite(r):
                 continue
