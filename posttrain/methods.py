@@ -204,6 +204,40 @@ class ORPOParams(MethodParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Unpaired preference family (docs/methods/kto.md): rows labelled desirable / undesirable, no pairs needed
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class KTOParams(MethodParams):
+    """KTO: a prospect-theoretic value of each completion's implicit reward against a KL reference point."""
+
+    beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward log pi/pi_ref (TRL's beta).")
+    desirable_weight: float = Field(
+        1.0, gt=0.0, description="lambda_D: weight of the desirable rows' losses (the paper advises lambda_D n_D / "
+        "(lambda_U n_U) in [1, 4/3]).")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="lambda_U: weight of the undesirable rows' losses.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute reference log-probs (rows and KL sequences) once before training; no reference "
+        "kept in memory.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reward-model family (docs/methods/reward.md): a sequence-classification head trained on preference pairs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RewardParams(MethodParams):
+    """Bradley-Terry reward model: a scalar score per sequence, trained so that the chosen response scores higher."""
+
+    margin: bool = Field(
+        False, description="Ask each pair's score gap to exceed its `margin` column (a number per pair; Llama 2's "
+        "preference-strength margin, TRL's margin column).")
+    center_rewards_coef: float = Field(
+        0.0, ge=0.0, description="Weight of mean (s_c + s_r)^2, pulling the scores towards zero mean (TRL's "
+        "center_rewards_coefficient; Eisenstein et al., arXiv 2312.09244); 0: off.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Unlearning family (docs/methods/ga.md, grad_diff.md, npo.md, simnpo.md, rmu.md): L = gamma * L_forget + alpha * L_retain
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -559,7 +593,9 @@ class GRPOParams(MethodParams):
 # Registry
 # --------------------------------------------------------------------------------------------------------------------
 
-Family = Literal["sft", "preference", "unlearning", "rl"]
+Family = Literal["sft", "preference", "unpaired", "online", "reward", "unlearning", "rl"]
+# the order `posttrain methods` lists the families in
+FAMILIES: tuple[str, ...] = ("sft", "preference", "unpaired", "online", "reward", "unlearning", "rl")
 
 
 @dataclass(frozen=True)
@@ -708,6 +744,36 @@ register(
         paper="Hong et al., ORPO: Monolithic Preference Optimization without Reference Model (arXiv 2403.07691)",
         recipe="recipes/orpo.yaml",
         params=ORPOParams,
+    )
+)
+
+
+register(
+    MethodInfo(
+        name="kto",
+        doc="docs/methods/kto.md",
+        family="unpaired",
+        summary="KTO: completions labelled desirable or undesirable (no pairs needed), a prospect-theoretic value "
+        "against a KL reference point.",
+        paper="Ethayarajh et al., KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306)",
+        recipe="recipes/kto.yaml",
+        params=KTOParams,
+        reference="required",
+    )
+)
+
+
+register(
+    MethodInfo(
+        name="reward",
+        doc="docs/methods/reward.md",
+        family="reward",
+        summary="Reward model: a sequence-classification head trained on preference pairs (Bradley-Terry), scored "
+        "by pairwise accuracy; usable as method.rewards[].model of GRPO and online DPO.",
+        paper="Ouyang et al., Training language models to follow instructions with human feedback (arXiv 2203.02155); "
+        "Stiennon et al., Learning to summarize from human feedback (arXiv 2009.01325)",
+        recipe="recipes/reward.yaml",
+        params=RewardParams,
     )
 )
 

@@ -420,6 +420,8 @@ def check_depth(data: Any, where: str = "recipe", limit: int = MAX_DEPTH) -> Non
 FAMILY_DATA_KEYS = {
     "sft": ("train", "eval", "test"),
     "preference": ("train", "eval", "test"),
+    "unpaired": ("train", "eval", "test"),
+    "reward": ("train", "eval", "test"),
     "rl": ("train", "eval", "test"),
     "unlearning": ("forget", "retain"),
 }

@@ -29,6 +29,8 @@ from posttrain.methods import MethodInfo, get_method
 from posttrain.recipe import Recipe
 from posttrain.trainers.build import build_sft_trainer, sft_config
 from posttrain.trainers.common import peft_config, training_config  # noqa: F401 (re-exported)
+from posttrain.trainers.kto import build_kto_trainer, kto_config
+from posttrain.trainers.reward import build_reward_trainer, check_reward_data, pairwise_test_accuracy, reward_config
 from posttrain.trainers.preference import build_preference_trainer, preference_config
 from posttrain.trainers.rl import build_rl_trainer, check_rl_recipe, rl_config
 from posttrain.trainers.unlearning import build_unlearning_trainer, unlearning_config
@@ -39,6 +41,8 @@ logger = logging.getLogger("posttrain")
 TRAINER_BUILDERS = {
     "sft": build_sft_trainer,
     "preference": build_preference_trainer,
+    "unpaired": build_kto_trainer,
+    "reward": build_reward_trainer,
     "unlearning": build_unlearning_trainer,
     "rl": build_rl_trainer,
 }
@@ -46,6 +50,8 @@ TRAINER_BUILDERS = {
 CONFIG_BUILDERS = {
     "sft": sft_config,
     "preference": preference_config,
+    "unpaired": kto_config,
+    "reward": reward_config,
     "unlearning": unlearning_config,
     "rl": rl_config,
 }
@@ -53,12 +59,27 @@ CONFIG_BUILDERS = {
 DATA_KINDS = {
     "sft": {"train": "sft", "eval": "sft", "test": "test"},
     "preference": {"train": "preference", "eval": "preference", "test": "test"},
+    "unpaired": {"train": "unpaired", "eval": "unpaired", "test": "test"},
+    "reward": {"train": "preference", "eval": "preference", "test": "preference"},
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
     "unlearning": {"forget": "unlearning", "retain": "unlearning"},
 }
 # family -> the check run before any model is loaded or anything is written: check(recipe) -> None
 PREFLIGHT_CHECKS = {
     "rl": check_rl_recipe,
+}
+# family -> the check of its loaded data (before any model): check(recipe, {"data.<key>": Dataset}) -> None
+DATA_CHECKS = {
+    "reward": check_reward_data,
+}
+# family -> (name, scorer) of data.test before and after training: scorer(model, tokenizer, recipe, rows) -> float;
+# default: greedy answer accuracy (test_accuracy)
+TEST_SCORERS = {
+    "reward": ("pairwise accuracy", pairwise_test_accuracy),
+}
+# family -> the model head load_model puts on the checkpoint (default: the causal LM head)
+MODEL_HEADS = {
+    "reward": "score",
 }
 
 
@@ -221,7 +242,7 @@ def load_models(recipe: Recipe, info: MethodInfo, tokenizer=None):
     if tokenizer is None:
         tokenizer = load_run_tokenizer(recipe)
     logger.info("loading model: %s", m.path)
-    model = load_model(m.path, **load_options(m))
+    model = load_model(m.path, **load_options(m), head=MODEL_HEADS.get(info.family, "causal"))
     ref_model = None
     if reference == "required" and recipe.ref_model != "none":
         if recipe.ref_model is not None:
@@ -283,8 +304,11 @@ def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[st
     from posttrain.data.sources import load_source
     from posttrain.eval.accuracy import greedy_eval
 
+    family = get_method(recipe.method.name).family
     if rows is None:
-        rows = load_source(recipe.data.test, "data.test", "test")
+        rows = load_source(recipe.data.test, "data.test", DATA_KINDS[family]["test"])
+    if family in TEST_SCORERS:
+        return TEST_SCORERS[family][1](model, tokenizer, recipe, rows)
     result = greedy_eval(model, tokenizer, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size)
     warning = result.warning(f"data.test {when}".strip())
     if warning and is_main_process():
@@ -334,6 +358,8 @@ def preflight(recipe: Recipe, *, load_data: bool = True,
                 recipe._mixtures[f"data.{key}"] = ds.posttrain_mixture
             else:
                 logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
+        if info.family in DATA_CHECKS:
+            DATA_CHECKS[info.family](recipe, datasets)
         _default_assistant_only_loss(recipe, info, config, datasets)
     from posttrain.data.formatting import template_path
 
@@ -519,9 +545,12 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
 
     before = (test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings, "before training")
               if not resume else None)
+    metric = TEST_SCORERS[info.family][0] if info.family in TEST_SCORERS else "accuracy"
     if before is not None and is_main_process():
-        logger.info("test accuracy before training: %.1f%%", 100 * before)
+        logger.info("test %s before training: %.1f%%", metric, 100 * before)
     summary["accuracy_before"] = before
+    if metric != "accuracy" and recipe.data.test is not None:
+        summary["test_metric"] = metric
 
     build = TRAINER_BUILDERS[info.family]
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],
@@ -565,7 +594,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
 
     after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"), warnings, "after training")
     if after is not None and is_main_process():
-        logger.info("test accuracy after training:  %.1f%%", 100 * after)
+        logger.info("test %s after training:  %.1f%%", metric, 100 * after)
     summary["accuracy_after"] = after
     if warnings:
         summary["warnings"] = warnings

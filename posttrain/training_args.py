@@ -28,6 +28,8 @@ INT32_MAX = 2**31 - 1
 CONFIG_CLASSES = {
     "sft": ("trl", "SFTConfig"),
     "preference": ("trl", "DPOConfig"),
+    "unpaired": ("trl", "KTOConfig"),
+    "reward": ("trl", "RewardConfig"),
     "rl": ("trl", "GRPOConfig"),
     "unlearning": ("posttrain.trainers.unlearning", "UnlearningConfig"),
 }

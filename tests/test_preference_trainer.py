@@ -669,6 +669,7 @@ def preference_accuracy(model, tok, rows) -> float:
     pytest.param({"name": "simpo"}, 0.05, id="simpo", marks=pytest.mark.slow),
     pytest.param({"name": "orpo"}, 0.05, id="orpo", marks=pytest.mark.slow),
     pytest.param({"name": "orpo", "nll_on_prompt": False}, 0.05, id="orpo-response-nll", marks=pytest.mark.slow),
+    pytest.param({"name": "kto"}, 0.05, id="kto"),  # the unpaired family's check (the pairs are unpaired)
 ])
 def test_each_method_raises_held_out_preference_accuracy(tmp_path, capsys, method, gain):
     """Each preference method from the random-init tiny model on 256 arithmetic pairs (8 epochs, ~10-20 s each on

@@ -1,4 +1,5 @@
-"""Preference-optimisation losses (DPO family, WPO, SparsePO, ASFT-aligned, SimPO, ORPO) as pure functions over tensors.
+"""Preference-optimisation losses (DPO family, WPO, SparsePO, ASFT-aligned, SimPO, ORPO, KTO) as pure functions over
+tensors.
 
 Conventions (shared with :mod:`posttrain.losses.sft`):
 
@@ -10,7 +11,7 @@ Conventions (shared with :mod:`posttrain.losses.sft`):
 * every reward / weight / metric returned here is detached.
 
 Method pages: docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md,
-docs/methods/simpo.md, docs/methods/orpo.md.
+docs/methods/simpo.md, docs/methods/orpo.md, docs/methods/kto.md.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ __all__ = [
     "simpo_loss",
     "ORPOOutput",
     "orpo_loss",
+    "KTOOutput",
+    "kto_reference_point",
+    "kto_loss",
+    "rotate_within_batches",
 ]
 
 
@@ -675,3 +680,77 @@ def orpo_loss(
     loss = chosen_nll.float() + beta * or_losses.mean()
     return ORPOOutput(loss, chosen_nll.detach().float(), or_losses.detach(), log_or.detach(), (beta * lw).detach(),
                       (beta * ll).detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KTO (unpaired desirable / undesirable completions)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def kto_reference_point(kl_logratios: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z0 = max(0, mean_j (log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)))``, detached (a 0-dim
+    fp32 tensor; docs/methods/kto.md#objective).
+
+    Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic Optimization", arXiv 2402.01306, Eq. 7: the KL term
+    is estimated from mismatched pairs (each prompt with another row's completion, ``kl_logratios`` = the summed
+    policy minus reference log-prob of those ``[M]`` sequences, gathered over every process first) and no gradient
+    flows through it. Example: ``[0.3, -0.1, 0.4]`` gives 0.2; ``[-0.3, 0.1]`` gives 0.
+    """
+    return kl_logratios.detach().float().mean().clamp(min=0.0)
+
+
+@dataclass
+class KTOOutput:
+    """KTO pieces: ``losses`` (differentiable, ``[B]`` in row order: each row's weighted loss ``lambda_y (1 -
+    v(x, y))``); detached: ``chosen_losses`` / ``rejected_losses`` (unweighted, over the desirable / undesirable rows)
+    and ``chosen_rewards`` / ``rejected_rewards`` (``beta * r``, TRL's ``rewards/*``)."""
+
+    losses: torch.Tensor
+    chosen_losses: torch.Tensor
+    rejected_losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def kto_loss(
+    logratios: torch.Tensor,
+    desirable: torch.Tensor,
+    reference_point: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOOutput:
+    """Per-row KTO loss (docs/methods/kto.md#objective); the trainer takes the mean over the micro-batch's rows.
+
+    KTO, arXiv 2402.01306, Eq. 7-8: with the implicit reward ``r = log pi(y|x) - log pi_ref(y|x)`` (``logratios``,
+    summed completion log-probs, ``[B]``) and the reference point ``z0`` (:func:`kto_reference_point`), a desirable
+    row (``desirable`` true) has value ``v = sigma(beta (r - z0))`` and an undesirable one ``v = sigma(beta (z0 - r))``;
+    the loss is ``lambda_D (1 - v)`` or ``lambda_U (1 - v)`` (``desirable_weight`` / ``undesirable_weight``). TRL's
+    ``KTOTrainer`` (``loss_type="kto"``) computes the same. Worked example (beta 0.1, z0 0.2, weights 1 / 1.5):
+    ``r = [1.0, -2.0, 0.5]``, desirable ``[T, F, T]`` give ``[0.480011, 0.667831, 0.492501]``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    r = logratios.float()
+    good = desirable.to(torch.bool)
+    z0 = torch.as_tensor(reference_point, dtype=torch.float32, device=r.device).detach()
+    value = torch.where(good, torch.sigmoid(beta * (r - z0)), torch.sigmoid(beta * (z0 - r)))
+    weights = torch.where(good, torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
+    unweighted = 1.0 - value
+    rewards = (beta * r).detach()
+    return KTOOutput(weights * unweighted, unweighted[good].detach(), unweighted[~good].detach(), rewards[good],
+                     rewards[~good])
+
+
+def rotate_within_batches(values: list, batch_size: int) -> list:
+    """KTO's mismatched completions: each consecutive block of ``batch_size`` rows is rotated by one, ``(y_1, ...,
+    y_n) -> (y_n, y_1, ..., y_{n-1})``, so row ``i`` is paired with the completion of the row before it in its own
+    micro-batch (TRL's ``KL_completion_ids``; docs/methods/kto.md#the-kl-estimate). A last, shorter block is rotated
+    on its own."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list = []
+    for start in range(0, len(values), batch_size):
+        block = list(values[start:start + batch_size])
+        out.extend(block[-1:] + block[:-1])
+    return out
