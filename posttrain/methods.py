@@ -590,6 +590,42 @@ class GRPOParams(MethodParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Online preference family (docs/methods/online_dpo.md): pairs sampled from the policy, ranked by rewards
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OnlineDPOParams(MethodParams):
+    """Online DPO: two completions per prompt from the current policy, ranked by the rewards, trained with DPO's loss
+    against a frozen reference."""
+
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="exact_match")],
+        description="Rewards that rank each prompt's two completions (built-in name, function or reward model), "
+        "summed with their weights, as in GRPO.",
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid (DPO) or ipo, on summed log-probs (TRL's online DPO forms).")
+    beta: float = Field(0.1, gt=0.0, description="KL strength beta (tau for IPO).")
+    ties: Literal["skip", "first"] = Field(
+        "skip", description="A pair whose two rewards are equal: skip it (no preference), or train on it with the "
+        "first completion as chosen (TRL's OnlineDPOTrainer).")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0.0, description="Subtracted from the reward of a completion cut at max_completion_length (no end "
+        "token) before ranking (TRL's missing_eos_penalty); null: none.")
+    warn_no_signal_after: int = Field(
+        2, ge=0, description="Warn after this many logging steps in a row in which every pair tied (no learning "
+        "signal), naming the likely cause; 0: no warning.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        from posttrain.errors import UserError
+
+        if not self.rewards:
+            raise UserError("method.rewards: give at least one reward function")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -885,6 +921,22 @@ register(
         recipe="recipes/grpo.yaml",
         params=GRPOParams,
         reference="optional",
+    )
+)
+
+
+register(
+    MethodInfo(
+        name="online_dpo",
+        doc="docs/methods/online_dpo.md",
+        family="online",
+        summary="Online DPO: two completions per prompt sampled from the policy, ranked by rewards (functions or a "
+        "reward model), trained with the DPO loss against a frozen reference.",
+        paper="Guo et al., Direct Language Model Alignment from Online AI Feedback (arXiv 2402.04792); Tajwar et al., "
+        "Preference Fine-Tuning of LLMs Should Leverage Suboptimal, On-Policy Data (arXiv 2404.14367)",
+        recipe="recipes/online_dpo.yaml",
+        params=OnlineDPOParams,
+        reference="required",
     )
 )
 

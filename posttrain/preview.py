@@ -165,6 +165,7 @@ PREVIEWERS = {
     "preference": ("data.train", _preference),
     "unpaired": ("data.train", _unpaired),
     "reward": ("data.train", _reward),
+    "online": ("data.train", _rl),
     "unlearning": ("data.forget", _unlearning),
     "rl": ("data.train", _rl),
 }

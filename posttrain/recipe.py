@@ -259,7 +259,7 @@ class EvalSpec(_Strict):
 
 
 # Evaluation-during-training defaults that depend on the method's family (filled in by parse_recipe).
-EVAL_PASS_K_DEFAULT = {"rl": [1, 4]}
+EVAL_PASS_K_DEFAULT = {"rl": [1, 4], "online": [1, 4]}
 
 
 class Recipe(_Strict):
@@ -422,6 +422,7 @@ FAMILY_DATA_KEYS = {
     "preference": ("train", "eval", "test"),
     "unpaired": ("train", "eval", "test"),
     "reward": ("train", "eval", "test"),
+    "online": ("train", "test"),
     "rl": ("train", "eval", "test"),
     "unlearning": ("forget", "retain"),
 }

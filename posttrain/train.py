@@ -30,6 +30,7 @@ from posttrain.recipe import Recipe
 from posttrain.trainers.build import build_sft_trainer, sft_config
 from posttrain.trainers.common import peft_config, training_config  # noqa: F401 (re-exported)
 from posttrain.trainers.kto import build_kto_trainer, kto_config
+from posttrain.trainers.online_dpo import build_online_trainer, check_online_recipe, online_config
 from posttrain.trainers.reward import build_reward_trainer, check_reward_data, pairwise_test_accuracy, reward_config
 from posttrain.trainers.preference import build_preference_trainer, preference_config
 from posttrain.trainers.rl import build_rl_trainer, check_rl_recipe, rl_config
@@ -43,6 +44,7 @@ TRAINER_BUILDERS = {
     "preference": build_preference_trainer,
     "unpaired": build_kto_trainer,
     "reward": build_reward_trainer,
+    "online": build_online_trainer,
     "unlearning": build_unlearning_trainer,
     "rl": build_rl_trainer,
 }
@@ -52,6 +54,7 @@ CONFIG_BUILDERS = {
     "preference": preference_config,
     "unpaired": kto_config,
     "reward": reward_config,
+    "online": online_config,
     "unlearning": unlearning_config,
     "rl": rl_config,
 }
@@ -61,12 +64,14 @@ DATA_KINDS = {
     "preference": {"train": "preference", "eval": "preference", "test": "test"},
     "unpaired": {"train": "unpaired", "eval": "unpaired", "test": "test"},
     "reward": {"train": "preference", "eval": "preference", "test": "preference"},
+    "online": {"train": "rl", "test": "test"},
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
     "unlearning": {"forget": "unlearning", "retain": "unlearning"},
 }
 # family -> the check run before any model is loaded or anything is written: check(recipe) -> None
 PREFLIGHT_CHECKS = {
     "rl": check_rl_recipe,
+    "online": check_online_recipe,
 }
 # family -> the check of its loaded data (before any model): check(recipe, {"data.<key>": Dataset}) -> None
 DATA_CHECKS = {

@@ -30,6 +30,7 @@ CONFIG_CLASSES = {
     "preference": ("trl", "DPOConfig"),
     "unpaired": ("trl", "KTOConfig"),
     "reward": ("trl", "RewardConfig"),
+    "online": ("trl", "GRPOConfig"),
     "rl": ("trl", "GRPOConfig"),
     "unlearning": ("posttrain.trainers.unlearning", "UnlearningConfig"),
 }

@@ -10,7 +10,7 @@ Conventions (shared with :mod:`posttrain.losses.sft`):
 * loss functions return PER-PAIR losses ``[B]``; the trainer takes the mean over the micro-batch (the L of docs/methods/dpo.md#objective);
 * every reward / weight / metric returned here is detached.
 
-Method pages: docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md,
+Method pages: docs/methods/online_dpo.md, docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md,
 docs/methods/simpo.md, docs/methods/orpo.md, docs/methods/kto.md.
 """
 
@@ -58,6 +58,8 @@ __all__ = [
     "kto_reference_point",
     "kto_loss",
     "rotate_within_batches",
+    "rank_pairs",
+    "online_dpo_loss",
 ]
 
 
@@ -754,3 +756,39 @@ def rotate_within_batches(values: list, batch_size: int) -> list:
         block = list(values[start:start + batch_size])
         out.extend(block[-1:] + block[:-1])
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Online DPO: pairs sampled from the policy, ranked by a reward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rank_pairs(rewards: torch.Tensor, ties: Literal["skip", "first"] = "skip") -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected of each sampled pair from its rewards (docs/methods/online_dpo.md#pairs).
+
+    ``rewards`` is ``[2P]``: the two completions of prompt ``i`` are rows ``2i`` and ``2i+1`` (GRPO's layout with two
+    generations per prompt). Returns ``(first_chosen [P] bool, keep [P] bool)``: row ``2i`` is the chosen one when
+    its reward is higher. A tie carries no preference: ``ties="skip"`` leaves the pair out of the loss;
+    ``ties="first"`` trains on it with row ``2i`` as chosen (TRL's ``OnlineDPOTrainer``: ``first >= second``). A pair
+    with an unscorable (NaN) reward is always left out. Example: ``[1, 0, 0, 0, 0, 1, nan, 1]`` gives
+    first_chosen ``[T, T, F, F]`` and keep ``[T, F, T, F]`` (skip) or ``[T, T, T, F]`` (first).
+    """
+    if ties not in ("skip", "first"):
+        raise ValueError(f"ties must be 'skip' or 'first', got {ties!r}")
+    r = rewards.detach().float().view(-1, 2)
+    first, second = r[:, 0], r[:, 1]
+    scored = ~(torch.isnan(first) | torch.isnan(second))
+    first_chosen = first >= second
+    keep = scored & (first != second) if ties == "skip" else scored
+    return first_chosen & scored, keep
+
+
+def online_dpo_loss(pair_losses: torch.Tensor, keep: torch.Tensor, num_kept_pairs: torch.Tensor | float,
+                    num_processes: int = 1) -> torch.Tensor:
+    """``sum_i keep_i l_i / N * num_processes``: this micro-batch's share of the mean pair loss over the ``N`` kept
+    pairs of the optimizer step's global batch (docs/methods/online_dpo.md#objective). Data-parallel training averages
+    the gradients of ``num_processes`` processes, hence the factor: N processes reproduce one process on the same
+    global batch, and with one process, every pair kept and one micro-batch it is the mean of ``pair_losses`` (TRL's
+    ``losses.mean()``). ``N`` 0 (every pair tied) gives a zero loss that keeps the graph."""
+    n = torch.as_tensor(num_kept_pairs, dtype=torch.float32, device=pair_losses.device).clamp(min=1.0)
+    return (pair_losses.float() * keep.to(pair_losses.device, torch.float32)).sum() * num_processes / n

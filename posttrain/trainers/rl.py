@@ -135,7 +135,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self.ref_model = self._prepare_reference(ref_model)
         self.signal_monitor = SignalMonitor(patience=getattr(params, "warn_no_signal_after", 2),
                                             max_completion_length=self.max_completion_length,
-                                            correct_reward=params.correct_reward)
+                                            correct_reward=getattr(params, "correct_reward", 1.0))
         self._run_warnings: list[str] = []
         self._warned: set[str] = set()
 
