@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.rl.advantages import ADVANTAGES
+from posttrain.rl.advantages import ADVANTAGES, SPO_KEYS
 from posttrain.rl.aggregation import AGGREGATIONS
 from posttrain.rl.clipping import CLIPPINGS
 
@@ -423,7 +423,7 @@ _PACS_KEYS = ("pacs_beta", "pacs_reward_method", "pacs_score", "pacs_weight")
 _NOT_PACS = ("advantage", "scale_rewards", "aggregation", "delta_l_alpha", "delta_l_scope", "clipping", "epsilon",
              "epsilon_high", "dual_clip_c", "sft_coef", "beta", "use_bias_correction_kl", "w_reinforce_lambda",
              "entropy_coef", "rloo_normalize_advantages", "reinforce_pp_baseline", "cispo_weight_max",
-             "cispo_weight_min", *_SAN_KEYS, *_GPPO_KEYS)
+             "cispo_weight_min", *_SAN_KEYS, *_GPPO_KEYS, *SPO_KEYS)
 
 
 class GRPOParams(MethodParams):
@@ -455,7 +455,7 @@ class GRPOParams(MethodParams):
     # advantage estimator
     advantage: Literal[ADVANTAGES.names()] = Field(
         "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
-        "(leave-one-out), reinforce_pp (REINFORCE++)."
+        "(leave-one-out), reinforce_pp (REINFORCE++), spo (single-stream: one completion per prompt)."
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="group / stratified: std scaling of the group advantage (none = Dr. GRPO)."
@@ -481,6 +481,30 @@ class GRPOParams(MethodParams):
     reinforce_pp_baseline: bool = Field(
         True, description="reinforce_pp: subtract each prompt's mean reward before the batch whitening "
         "(REINFORCE++-baseline); false: the global whitening alone (REINFORCE++).")
+    # SPO (docs/methods/spo.md): one completion per prompt, a per-prompt success-rate tracker, prioritized sampling
+    spo_offline_n: int = Field(
+        8, ge=0, le=1024, description="spo: offline samples per prompt before training (n0) that set each prompt's "
+        "starting estimate; at most n0 scores are kept; 0: Jeffreys prior (0.5, 0.5) for every prompt.")
+    spo_offline_scores: str | None = Field(
+        None, description="spo: a JSON file {prompt_key: [scores]} (an earlier run's spo_offline_scores.json) "
+        "instead of sampling the offline pass again.")
+    spo_rho: Literal["kl", "constant"] = Field(
+        "kl", description="spo: forgetting factor from the policy's shift on each prompt's stored response (kl), "
+        "or spo_rho_value for every visit.")
+    spo_rho_value: float = Field(0.875, gt=0.0, lt=1.0, description="spo: the constant forgetting factor.")
+    spo_rho_min: float = Field(0.875, gt=0.0, lt=1.0, description="spo: lower clip of rho; 1 / (1 - rho_min) is "
+                               "the offline prior's weight.")
+    spo_rho_max: float = Field(0.96, gt=0.0, lt=1.0, description="spo: upper clip of rho (a first visit's rho).")
+    spo_d_half: float = Field(0.06, gt=0.0, description="spo: the policy shift D that halves the memory "
+                              "(rho = 2^(-D / d_half)).")
+    spo_sampling_eps: float = Field(0.05, gt=0.0, description="spo: sampling weight sqrt(p (1 - p)) + eps.")
+    spo_prioritized: bool = Field(True, description="spo: sample prompts by that weight; false: uniformly.")
+    spo_adv_eps: float = Field(1e-8, ge=0.0, description="spo: added to the batch std of r - p_hat.")
+    spo_baseline: bool = Field(True, description="spo: subtract p_hat; false: the z-scored reward alone (the "
+                               "paper's no-baseline ablation).")
+    spo_reward_range: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="spo: [low, high] rescaling the combined reward to [0, 1] "
+        "(clipped) for the success-rate tracker; null: rewards must already lie in [0, 1].")
     # loss aggregation
     aggregation: Literal[AGGREGATIONS.names()] = Field(
         "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
@@ -571,6 +595,10 @@ class GRPOParams(MethodParams):
                         refuse((key,), f"only used with {part}: {' or '.join(names)} ({part} is {chosen.name})")
         if self.beta == 0:
             refuse(("use_bias_correction_kl",), "only used with the KL term (method.beta > 0)")
+        if self.spo_rho_min > self.spo_rho_max:
+            raise UserError(f"method.spo_rho_min: {self.spo_rho_min} is above method.spo_rho_max ({self.spo_rho_max})")
+        if self.spo_reward_range is not None and not self.spo_reward_range[0] < self.spo_reward_range[1]:
+            raise UserError(f"method.spo_reward_range: expected [low, high] with low < high, got {self.spo_reward_range}")
         if self.cispo_weight_min is not None and self.cispo_weight_min > self.cispo_weight_max:
             raise UserError(f"method.cispo_weight_min: {self.cispo_weight_min} is above method.cispo_weight_max "
                             f"({self.cispo_weight_max})")

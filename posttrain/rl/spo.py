@@ -96,14 +96,16 @@ def sampling_weights(p_hat: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
 
 
 class SPOTracker:
-    """Per-prompt ``alpha``, ``beta`` and visit count, keyed by :func:`prompt_key`; ``state_dict`` round-trips
-    (checkpoints). Unknown prompts start at Jeffreys ``(0.5, 0.5)``."""
+    """Per-prompt ``alpha``, ``beta``, visit count and last response (token ids, scored-token mask and per-token
+    log-probs under the policy right after that visit's update: the ``D`` of the next visit), keyed by
+    :func:`prompt_key`; ``state_dict`` round-trips (checkpoints). Unknown prompts start at Jeffreys ``(0.5, 0.5)``."""
 
     def __init__(self, rho_min: float = 0.875, rho_max: float = 0.96, d_half: float = 0.06):
         self.rho_min, self.rho_max, self.d_half = rho_min, rho_max, d_half
         self.alpha: dict[str, float] = {}
         self.beta: dict[str, float] = {}
         self.visits: dict[str, int] = {}
+        self.responses: dict[str, tuple[list[int], list[int], list[float]]] = {}
 
     def init_offline(self, scores: dict[str, list[float]], max_scores: int = 8, seed: int = 0) -> None:
         """Each prompt's ``(alpha0, beta0)`` from at most ``max_scores`` of its offline scores (:func:`offline_init`;
@@ -127,10 +129,18 @@ class SPOTracker:
             self.beta[key] = f * self.beta.get(key, 0.5) + (1.0 - r)
             self.visits[key] = self.visits.get(key, 0) + 1
 
+    def store(self, keys: list[str], responses: list[tuple[list[int], list[int], list[float]]]) -> None:
+        """Keep each prompt's latest response ``(ids, mask, logps)`` (in row order: a later row of the same prompt
+        wins)."""
+        for key, response in zip(keys, responses, strict=True):
+            self.responses[key] = response
+
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": dict(self.alpha), "beta": dict(self.beta), "visits": dict(self.visits),
-                "rho_min": self.rho_min, "rho_max": self.rho_max, "d_half": self.d_half}
+                "responses": dict(self.responses), "rho_min": self.rho_min, "rho_max": self.rho_max,
+                "d_half": self.d_half}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.alpha, self.beta, self.visits = dict(state["alpha"]), dict(state["beta"]), dict(state["visits"])
+        self.responses = dict(state.get("responses", {}))
         self.rho_min, self.rho_max, self.d_half = state["rho_min"], state["rho_max"], state["d_half"]
