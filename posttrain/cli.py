@@ -21,8 +21,8 @@ EPILOG = "Recipes: see recipes/*.yaml. Docs: README.md."
 
 
 def _cmd_train(args) -> int:
+    num_processes = launch.check_launch_flags(args.num_processes, args.distributed)  # before anything starts
     from posttrain.recipe import load_recipe
-    from posttrain.train import run
 
     overrides = list(args.set)
     if args.output_dir is not None:
@@ -41,15 +41,17 @@ def _cmd_train(args) -> int:
                         print(f"  test {s.get('test_metric', 'accuracy')} {label}{100 * s[key]:.1f}%")
         return 0
     recipe = load_recipe(args.recipe, overrides)
-    if args.num_processes > 1 and not launch.already_distributed():
+    if num_processes > 1 and not launch.already_distributed():
         from posttrain.train import prepare_output_dir, preflight
 
         # bad input: one error line here, before any process starts (the TRL config is checked by the launched
         # processes: its batch checks depend on their number)
-        preflight(recipe, build_trainer_config=False)
+        preflight(recipe, build_trainer_config=False, num_processes=num_processes)
         if not (args.resume or args.overwrite):
-            prepare_output_dir(Path(recipe.output_dir).expanduser(), resume=False, overwrite=False)
-        return launch.run_launch(args.num_processes, args.distributed, args.argv[args.argv.index("train") + 1:])
+            prepare_output_dir(Path(recipe.output_dir), resume=False, overwrite=False)
+        return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
+    from posttrain.train import run  # torch, transformers and TRL: imported once the recipe's own keys are checked
+
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
         print(f"already finished: {summary['output_dir']} holds a complete run ({summary.get('steps')} steps); "
@@ -92,29 +94,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _page_summary(page: str) -> str | None:
-    """The first paragraph after the title of a docs/methods page (None when the docs are not installed)."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / page.split("#", 1)[0]
-    if not path.is_file():
-        return None
-    paragraphs = [p for p in path.read_text().split("\n\n") if p.strip() and not p.lstrip().startswith("#")]
-    return " ".join(paragraphs[0].split()) if paragraphs else None
-
-
 def _method_detail(name: str) -> int:
-    """``posttrain methods NAME``: a method (or a GRPO part / adapter variant) with its page's summary and keys."""
+    """``posttrain methods NAME``: a method, or any part or option a recipe selects (posttrain.catalogue), with its
+    page's summary and, for a method, its keys and defaults."""
     import textwrap
 
-    from posttrain.errors import UserError, did_you_mean
+    from posttrain.catalogue import find, format_default, page_summary, page_title, parts
+    from posttrain.errors import did_you_mean
     from posttrain.methods import METHODS
 
-    wrap = textwrap.TextWrapper(width=100, subsequent_indent="  ")
+    wrap = textwrap.TextWrapper(width=100, subsequent_indent="    ")
     if name in METHODS:
         m = METHODS[name]
         print(f"{m.name} [{m.family}]: {m.summary}")
-        summary = _page_summary(m.doc) if m.doc else None
+        summary = page_summary(m.doc) if m.doc else None
         if summary:
             print()
             print(textwrap.fill(summary, width=100))
@@ -122,38 +115,40 @@ def _method_detail(name: str) -> int:
         print("keys (method.*), with their defaults:")
         for key, field in m.params.model_fields.items():
             default = field.default_factory() if field.default_factory is not None else field.default
-            line = f"  {key} = {default!r}" + (f"  -- {field.description}" if field.description else "")
-            print(wrap.fill(line))
+            print(wrap.fill(f"  {key}: {format_default(default)}" + (f"  -- {field.description}"
+                                                                     if field.description else "")))
         print()
         print(f"paper:  {m.paper}")
         print(f"recipe: {m.recipe}")
         print(f"page:   {m.doc or '(none)'}")
         return 0
-    from posttrain.adapters.spec import ADAPTER_VARIANTS
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
-
-    parts = (("method.advantage", ADVANTAGES), ("method.aggregation", AGGREGATIONS), ("method.clipping", CLIPPINGS),
-             ("peft.type", ADAPTER_VARIANTS))
-    for key, registry in parts:
-        if name in registry:
-            entry = registry[name]
-            print(f"{key}: {name}")
-            doc = " ".join((entry.fn.__doc__ or "").split("\n\n")[0].split())
-            if doc:
-                print(textwrap.fill(doc, width=100))
-            summary = _page_summary(entry.doc)
-            if summary:
-                print()
-                print(textwrap.fill(summary, width=100))
-            print(f"page:   {entry.doc}")
-            return 0
-    known = [*METHODS, *(e.name for _, r in parts for e in r)]
+    found = find(name)
+    for i, part in enumerate(found):
+        if i:
+            print()
+        where = f" ({part.where})" if part.where else ""
+        print(f"{part.name}: {part.where}" if part.key == "page" else f"{part.key}: {part.name}{where}")
+        title = page_title(part.doc)
+        if part.text:
+            print(textwrap.fill(part.text, width=100))
+        elif title:
+            print(title)
+        summary = page_summary(part.doc)
+        if summary:
+            print()
+            print(textwrap.fill(summary, width=100))
+        recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{part.name}.yaml"
+        if recipe.is_file():
+            print(f"recipe: recipes/{part.name}.yaml")
+        print(f"page:   {part.doc}")
+    if found:
+        return 0
+    known = [*METHODS, *(p.name for p in parts())]
     raise UserError(f"methods: unknown method or part '{name}'{did_you_mean(name, known)}; see `posttrain methods`")
 
 
 def _cmd_methods(args) -> int:
+    from posttrain.catalogue import parts
     from posttrain.methods import METHODS
 
     if args.name:
@@ -171,6 +166,16 @@ def _cmd_methods(args) -> int:
         print(f"{m.name:<16} [{m.family}] {m.summary}")
         print(f"{'':<16} paper:  {m.paper}")
         print(f"{'':<16} recipe: {m.recipe}")
+    grouped: dict[str, list[str]] = {}
+    for part in parts():
+        if part.key == "page":  # a docs/methods page that is no single key's value (multi-stage recipes, ...)
+            grouped.setdefault("other pages", []).append(f"{part.name} [{part.where}]")
+        else:
+            grouped.setdefault(part.key + (f" ({part.where})" if part.where else ""), []).append(part.name)
+    print()
+    print("parts and options (posttrain methods NAME for one of them):")
+    for key, names in grouped.items():
+        print(f"  {key}: {', '.join(names)}")
     return 0
 
 
@@ -276,8 +281,15 @@ def _cmd_poft_score(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``error:`` line (exit code 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="posttrain",
         description="Post-train LLMs from one recipe YAML: SFT variants, preference optimisation, RLVR, unlearning.",
         epilog=EPILOG,
@@ -294,11 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in output_dir (without "
                    "it, a folder holding another run is refused)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
-    p.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="train on N processes: starts `accelerate launch` itself (default 1: this process)")
-    p.add_argument("--distributed", default="ddp", choices=list(launch.BACKENDS),
-                   help="with --num-processes: ddp (default), zero2 / zero3 / zero3_offload (DeepSpeed extra), fsdp2 "
-                   "(docs/distributed.md)")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="train on N processes: starts `accelerate launch` itself (default: this one process)")
+    p.add_argument("--distributed", default=None, metavar="BACKEND",
+                   help=f"with --num-processes N >= 2: {' | '.join(launch.BACKENDS)} (default ddp; the DeepSpeed "
+                   "backends need the deepspeed extra; docs/distributed.md)")
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("check", help="check a recipe without training (--show N: rendered training rows)",
@@ -411,11 +423,39 @@ _FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS
               errno.EXDEV, errno.ELOOP, errno.EFBIG}
 
 
+# how libraries that write files themselves (safetensors' Rust writer, torch's zip writer) report a full disk or a
+# file-size limit: text in their message -> what happened
+_WRITE_FAILURES = (
+    ("No space left on device", "no space left on device"), ("os error 28", "no space left on device"),
+    ("Disk quota exceeded", "disk quota exceeded"), ("os error 122", "disk quota exceeded"),
+    ("File too large", "file too large (a file-size limit, e.g. ulimit -f)"),
+    ("os error 27", "file too large (a file-size limit, e.g. ulimit -f)"),
+    ("file write failed", "a file write failed (a full disk or a file-size limit?)"),
+    ("iostream error", "a file write failed (a full disk or a file-size limit?)"),
+    ("inline_container.cc", "a file write failed (a full disk or a file-size limit?)"),
+)
+
+
 def expected_failure(exc: BaseException) -> str | None:
     """The ``error:`` line for an expected failure of the environment, or None for anything else (a bug)."""
     if isinstance(exc, OSError) and exc.errno in _FS_ERRNOS:
         where = exc.filename if exc.filename is not None else "file system"
         return f"{where}: {exc.strerror or os.strerror(exc.errno)}"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return expected_failure(cause)
+    chain, seen = [], set()
+    node = exc
+    while node is not None and id(node) not in seen:  # the failing write may be a cause of what was raised last
+        seen.add(id(node))
+        chain.append(node)
+        node = node.__cause__ or node.__context__
+    text = " ".join(str(exc).split())
+    for needle, what in _WRITE_FAILURES:
+        if any(needle in str(e) for e in chain):
+            return (f"file system: {what} while writing ({type(exc).__name__}: {text[:160]}); the run is not marked "
+                    "complete: free space (or raise the limit) and rerun; --resume continues from the newest complete "
+                    "checkpoint")
     if isinstance(exc, UnicodeDecodeError):
         return f"text is not UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
     if isinstance(exc, MemoryError):
@@ -451,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `posttrain methods | head`: the reader went away; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (OSError, UnicodeDecodeError, MemoryError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - machine failures become one line; anything else keeps its traceback
         message = expected_failure(exc)
         if message is None:  # a bug: keep the traceback
             raise

@@ -39,18 +39,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(num_processes: int, backend: str, train_argv: list[str], port: int | None = None) -> list[str]:
-    """The ``accelerate launch`` command that runs ``posttrain train <train_argv>`` on ``num_processes`` processes."""
-    if num_processes < 1:
+def check_launch_flags(num_processes: int | None, backend: str | None) -> int:
+    """``posttrain train --num-processes N --distributed X``, checked before anything else happens (one error line):
+    N >= 1; ``--distributed`` only with ``--num-processes`` N >= 2; the backend's package installed. Returns N
+    (1 when not given)."""
+    if num_processes is not None and num_processes < 1:
         raise UserError(f"--num-processes: must be >= 1, got {num_processes}")
-    if backend not in BACKENDS:
-        raise UserError(f"--distributed: unknown '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise UserError(f"--distributed: unknown '{backend}'; choose one of {', '.join(BACKENDS)}")
+        if num_processes is None:
+            raise UserError(f"--distributed {backend}: give --num-processes N as well (the processes to launch, e.g. "
+                            "one per GPU); without it the run would train in this one process")
+        if num_processes == 1:
+            raise UserError(f"--distributed {backend}: one process has nothing to distribute; use --num-processes "
+                            ">= 2 (a one-process DeepSpeed/FSDP run: accelerate launch --config_file "
+                            f"configs/{backend}.yaml --num_processes 1 -m posttrain.cli train RECIPE)")
+        _check_backend_installed(backend)
+    return 1 if num_processes is None else num_processes
+
+
+def _check_backend_installed(backend: str) -> None:
     module = NEEDS.get(backend)
     if module is not None:
         import importlib.util
 
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--distributed {backend}: needs {module} (pip install -e '.[{module}]')")
+
+
+def launch_command(num_processes: int, backend: str, train_argv: list[str], port: int | None = None) -> list[str]:
+    """The ``accelerate launch`` command that runs ``posttrain train <train_argv>`` on ``num_processes`` processes."""
+    if num_processes < 1:
+        raise UserError(f"--num-processes: must be >= 1, got {num_processes}")
+    if backend not in BACKENDS:
+        raise UserError(f"--distributed: unknown '{backend}'; choose one of {', '.join(BACKENDS)}")
+    _check_backend_installed(backend)
     return [
         sys.executable, "-m", "accelerate.commands.launch", *BACKENDS[backend],
         "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",

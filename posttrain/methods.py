@@ -81,15 +81,17 @@ class ASFTAnchoredParams(SFTParams):
 class PoFTParams(SFTParams):
     """Preference-oriented SFT: Bradley-Terry of the target's mean log-likelihood against aligned LLMs'."""
 
-    poft_beta: float = Field(1.0, gt=0.0)
-    poft_gamma: float = 0.0
-    poft_target_tokens: Literal["response", "all"] = "response"
+    poft_beta: float = Field(1.0, gt=0.0, description="beta of -logsigmoid(beta (r_target - r_aligned) + gamma).")
+    poft_gamma: float = Field(0.0, description="gamma, the margin of the Bradley-Terry logit.")
+    poft_target_tokens: Literal["response", "all"] = Field(
+        "response", description="Tokens of the target's score and loss: the response only, or prompt and response.")
     aligned_models: list[str] = Field(
         default_factory=list,
         description="Aligned models that score the data before training; empty means the data carries "
         "`poft_ref_scores` (list) or `poft_ref_score` (float).",
     )
-    scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1)
+    scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1, description="Batch size of the aligned models' scoring "
+                                    "pass (method.aligned_models).")
 
     @property
     def completion_only(self) -> bool:
@@ -144,14 +146,14 @@ class SparsePOParams(MethodParams):
     mask: Literal["reference", "learned"] = Field(
         "learned", description="learned: a small trainable mask network; reference: MaPO activation mask."
     )
-    beta: float = Field(0.1, gt=0.0)
-    mask_on_reward: bool = True
-    mask_on_kl: bool = True
+    beta: float = Field(0.1, gt=0.0, description="KL strength beta of the masked rewards.")
+    mask_on_reward: bool = Field(True, description="Weight the token log-ratios by the reward mask (else 1).")
+    mask_on_kl: bool = Field(True, description="Weight the token KLs by the KL mask (else 1).")
     rw_kl_independent: bool = Field(False, description="Separate reward and KL mask networks (learned mask only).")
     l1_norm_param_u: float = Field(0.0, ge=0.0, description="L1 weight on the reward mask.")
     l1_norm_param_d: float = Field(0.0, ge=0.0, description="L1 weight on the KL mask.")
-    mask_dropout: float = Field(0.01, ge=0.0, lt=1.0)
-    mask_weight_decay: float = Field(0.01, ge=0.0)
+    mask_dropout: float = Field(0.01, ge=0.0, lt=1.0, description="Dropout inside the learned mask network.")
+    mask_weight_decay: float = Field(0.01, ge=0.0, description="Weight decay of the mask network's parameters.")
 
     @property
     def needs_hidden_states(self) -> bool:  # token KL and masks from hidden states
@@ -171,7 +173,7 @@ class SparsePOParams(MethodParams):
 class ASFTAlignedParams(MethodParams):
     """Aligned SFT: -c_sft*lbar_w + lam*[-logsig(beta*odds_w) - logsig(-beta*odds_l)], no reference model."""
 
-    beta: float = Field(1.0, gt=0.0)
+    beta: float = Field(1.0, gt=0.0, description="Scale beta of the log-odds in the alignment term.")
     asft_lambda: float = Field(1.0, ge=0.0, description="Weight lam of the absolute-likelihood alignment term.")
     sft_coef: float = Field(1.0, ge=0.0, description="Weight c_sft of the chosen per-sequence mean NLL.")
     prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp.")
@@ -315,7 +317,7 @@ class SimNPOParams(UnlearningParams):
 
     gamma: float = Field(0.125, ge=0.0, description="Weight of the forget loss.")
     alpha: float = Field(1.0, ge=0.0, description="Weight of the retain NLL.")
-    beta: float = Field(4.5, gt=0.0)
+    beta: float = Field(4.5, gt=0.0, description="Inverse temperature beta of the length-normalised forget loss.")
     delta: float = Field(0.0, description="Length-normalised margin (the SimNPO paper's gamma = beta * delta).")
 
 
@@ -392,12 +394,39 @@ class RewardSpec(BaseModel):
                 f"unknown built-in reward '{self.name}'{did_you_mean(self.name, BUILTIN_REWARDS)}; "
                 f"built-ins: {sorted(BUILTIN_REWARDS)}"
             )
+        if self.name is not None:
+            _check_reward_options(self.name, BUILTIN_REWARDS[self.name][0], self.options)
         if self.function is not None:
             split_function_path(self.function)  # ValueError: not module:function or file.py:function
         if self.model is not None and self.options:
             raise ValueError("options: not used with a reward model (model:)")
         _check_finite(self.options, "options")
         return self
+
+
+def _check_reward_options(name: str, factory, options: dict) -> None:
+    """A built-in reward's ``options`` are keyword arguments of its factory, each of the annotated type (strict:
+    ``'yes'`` is not a boolean)."""
+    import inspect
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from posttrain.errors import did_you_mean
+
+    params = inspect.signature(factory).parameters
+    hints = typing.get_type_hints(factory)
+    for key, value in options.items():
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise ValueError(f"options.{key}: not an option of reward '{name}'{did_you_mean(str(key), params)} "
+                             f"(options: {known})")
+        annotation = hints.get(key, typing.Any)
+        try:
+            TypeAdapter(annotation).validate_python(value, strict=True)
+        except ValidationError:
+            raise ValueError(f"options.{key}: reward '{name}' expects {getattr(annotation, '__name__', annotation)}, "
+                             f"got {value!r}") from None
 
 
 def _check_finite(node, where: str) -> None:
@@ -467,8 +496,10 @@ class GRPOParams(MethodParams):
         "fn(prompt=, completion=, **row) -> hashable.",
     )
     san_alpha: float = Field(0.8, ge=0.0, le=1.0, description="stratified: blend alpha*A_SAN + (1-alpha)*A_GRPO.")
-    san_scale: Literal["stratum", "none"] = "stratum"
-    san_scope: Literal["group", "batch"] = "group"
+    san_scale: Literal["stratum", "none"] = Field(
+        "stratum", description="stratified: divide by each stratum's std (stratum) or only centre (none).")
+    san_scope: Literal["group", "batch"] = Field(
+        "group", description="stratified: a stratum is (prompt group, key) or the key across the whole batch.")
     san_eps: float = Field(1e-4, ge=0.0, description="stratified: added to each stratum's std (tied to GRPO's 1e-4, so "
                            "one stratum per group equals GRPO exactly; the paper's unit-variance claims use 0).")
     w_reinforce_lambda: float = Field(0.1, ge=0.0, description="w_reinforce: advantage of correct rows (+lambda).")
@@ -510,7 +541,8 @@ class GRPOParams(MethodParams):
         "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
     )
     delta_l_alpha: float = Field(0.75, ge=0.0, le=1.0, description="delta_l: row weights proportional to L^-alpha.")
-    delta_l_scope: Literal["batch", "group"] = "batch"
+    delta_l_scope: Literal["batch", "group"] = Field(
+        "batch", description="delta_l: normalise the row weights over the generation batch or within each group.")
     # clipping
     clipping: Literal[CLIPPINGS.names()] = Field(
         "ppo", description="ppo (clip-higher with epsilon_high), gppo, gspo (sequence-level ratio) or cispo (clipped, "
@@ -567,7 +599,7 @@ class GRPOParams(MethodParams):
     def _check(self):
         from posttrain.errors import UserError
 
-        given = self.model_fields_set
+        given = set(self.model_fields_set)  # the keys the recipe gave (resolving defaults below adds to the set)
 
         def refuse(keys, why):
             for key in keys:
@@ -595,13 +627,6 @@ class GRPOParams(MethodParams):
                         refuse((key,), f"only used with {part}: {' or '.join(names)} ({part} is {chosen.name})")
         if self.beta == 0:
             refuse(("use_bias_correction_kl",), "only used with the KL term (method.beta > 0)")
-        if self.spo_rho_min > self.spo_rho_max:
-            raise UserError(f"method.spo_rho_min: {self.spo_rho_min} is above method.spo_rho_max ({self.spo_rho_max})")
-        if self.spo_reward_range is not None and not self.spo_reward_range[0] < self.spo_reward_range[1]:
-            raise UserError(f"method.spo_reward_range: expected [low, high] with low < high, got {self.spo_reward_range}")
-        if self.cispo_weight_min is not None and self.cispo_weight_min > self.cispo_weight_max:
-            raise UserError(f"method.cispo_weight_min: {self.cispo_weight_min} is above method.cispo_weight_max "
-                            f"({self.cispo_weight_max})")
         if not self.rewards:
             raise UserError("method.rewards: give at least one reward function")
         # the selected parts' defaults (GPPO: Klear-Reasoner's eps_h 0.28 and SFT term 0.1; PSR/NSR/W-REINFORCE: the
@@ -614,6 +639,16 @@ class GRPOParams(MethodParams):
             self.sft_coef = defaults.get("sft_coef", 0.0)
         if self.entropy_coef is None:
             self.entropy_coef = defaults.get("entropy_coef", 0.0)
+        self.__pydantic_fields_set__ = given  # resolved defaults are not the user's settings (the checks tell apart)
+        if self.loss != "pacs":  # each selected part checks the settings it reads (cross-key checks)
+            for part, registry in _GRPO_PARTS:
+                chosen = registry[getattr(self, part)]
+                problem = chosen.check(self) if "check" in chosen.meta else None
+                if problem:
+                    raise UserError(problem)
+        if not any(spec.weight != 0 for spec in self.rewards):
+            raise UserError("method.rewards: every weight is 0, so the combined reward is always 0 and there is "
+                            "nothing to learn; give at least one reward a non-zero weight")
         return self
 
 
@@ -939,7 +974,7 @@ register(
         doc="docs/methods/grpo.md",
         family="rl",
         summary="RLVR on TRL's GRPOTrainer with composable parts: advantage (group, stratified, psr, nsr, "
-        "w_reinforce, rloo, reinforce_pp), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + "
+        "w_reinforce, rloo, reinforce_pp, spo), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + "
         "SFT term, gspo, cispo).",
         paper="Shao et al., DeepSeekMath (GRPO, arXiv 2402.03300); Stratified GRPO (arXiv 2510.06214); ΔL "
         "Normalization (arXiv 2509.07558); Zhu et al., negative reinforcement (arXiv 2506.01347); Klear-Reasoner "

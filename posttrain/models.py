@@ -18,15 +18,21 @@ logger = logging.getLogger(__name__)
 
 def resolve_model_path(path: str, key: str = "model.path") -> str:
     """Map ``builtin:<name>`` to its cached directory; leave hub ids and local paths as they are."""
+    from posttrain.paths import expand_home
+
     if path.startswith("builtin:"):
         return str(builtin_model_dir(path.split(":", 1)[1]))
-    local = Path(path).expanduser()
+    local = expand_home(path, key)
     if local.exists():
         if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
             raise UserError(f"{key}: '{path}' is a local path without config.json or adapter_config.json")
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise UserError(f"{key}: local model directory '{path}' not found")
+    parent = local.parent
+    if str(parent) not in ("", ".") and parent.is_dir():  # runs/nope with a ./runs folder: a local path, not a hub id
+        raise UserError(f"{key}: no directory '{path}' (a local path: './{parent}' exists in {Path.cwd()}; a run "
+                        "directory is the output_dir of a finished run)")
     return path  # a hub id
 
 

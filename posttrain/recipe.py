@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -18,13 +19,35 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.paths import expand_home
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
-from posttrain.methods import MethodParams, get_method, methods_with_key
+
+if typing.TYPE_CHECKING:
+    from posttrain.methods import MethodParams
+
+
+MAX_NODES = 100_000  # YAML nodes of a recipe with every alias expanded (a recipe has a few hundred)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class RecipeLoader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 scalars: ``3e-3`` and ``1e5`` are numbers, and only ``true``/``false`` are
-    booleans (``save_strategy: no`` stays the string ``"no"``)."""
+    booleans (``save_strategy: no`` stays the string ``"no"``). A key given twice in one mapping is an error (the
+    last would silently win); a ``<<`` merge may still be overridden by the mapping's own keys."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (first on line {first[key].line + 1}); give each key "
+                        "once", key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.yaml_implicit_resolvers = {
@@ -49,8 +72,48 @@ RecipeLoader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """Parse recipe YAML (see :class:`RecipeLoader`)."""
-    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    """Parse recipe YAML (see :class:`RecipeLoader`). Aliases are counted before anything is built: a document that
+    expands to more than :data:`MAX_NODES` nodes (a "billion laughs" alias bomb) or refers to itself is an error."""
+    loader = RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes of ``root`` with every alias (and ``<<`` merge) expanded, without expanding anything."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to the node that contains it", node.start_mark)
+        active.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"the document expands to more than {MAX_NODES} nodes through its aliases (an alias "
+                    "bomb?); a recipe needs a few hundred", node.start_mark)
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def read_text(path: Path) -> str:
@@ -118,6 +181,12 @@ class ModelSpec(_Strict):
     def _from_string(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) and value != "none" else value
 
+    @model_validator(mode="after")
+    def _check_builtin(self):
+        if self.path.startswith("builtin:") and self.revision is not None:
+            raise ValueError("revision: built-in models ship with posttrain and have no hub revisions; remove it")
+        return self
+
 
 class DataSource(_Strict):
     """A dataset: a local ``.json``/``.jsonl``/``.parquet`` file, a hub dataset name, or a built-in task
@@ -143,6 +212,13 @@ class DataSource(_Strict):
     def _check(self):
         if not self.source.strip():
             raise ValueError("source must not be empty")
+        targets: dict[str, str] = {}
+        for old, new in self.columns.items():
+            if not new.strip():
+                raise ValueError(f"columns.{old}: the new column name must not be empty")
+            if new in targets:
+                raise ValueError(f"columns: '{targets[new]}' and '{old}' are both renamed to '{new}'")
+            targets[new] = old
         if self.source.startswith("builtin:"):
             from posttrain.data.task_options import check_task_options
 
@@ -196,6 +272,7 @@ class DataSpec(_Strict):
     def _check_chat(cls, value: str) -> str:
         if value not in ("auto", "none") and not value.endswith((".jinja", ".j2")):
             raise ValueError(f"expected auto, none or a .jinja template file, got {value!r}")
+        expand_home(value, "data.chat_template")
         return value
 
 
@@ -208,6 +285,11 @@ class MethodSpec(BaseModel):
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+# peft.init_lora_weights strings that need no extra peft config (peft's LoraConfig also takes eva / corda / loftq with
+# their own config objects)
+LORA_INITS = ("gaussian", "olora", "pissa", "orthogonal")
 
 
 class PeftSpec(_Strict):
@@ -226,6 +308,24 @@ class PeftSpec(_Strict):
     plora: PLoRASpec | None = Field(None, description="PeriodicLoRA options (peft.type: plora).")
     goat: GOATSpec | None = Field(None, description="GOAT mixture-of-LoRA-experts options (peft.type: goat).")
     ggpo: GGPOSpec | None = Field(None, description="LoRA-GGPO perturbation options (peft.type: ggpo).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, value):
+        names = [value] if isinstance(value, str) else value
+        if not names or any(not name.strip() for name in names):
+            raise ValueError("name at least one module (e.g. all-linear, or [q_proj, v_proj]); an empty name matches "
+                             "nothing")
+        return value
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _check_init(cls, value):
+        if isinstance(value, str) and value not in LORA_INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
+            raise ValueError(f"expected true, false or one of {', '.join(LORA_INITS)}, pissa_niter_N, got {value!r} "
+                             "(peft's eva, corda and loftq need their own config blocks, which posttrain does not "
+                             "pass)")
+        return value
 
     @model_validator(mode="after")
     def _variant(self):
@@ -280,7 +380,7 @@ class Recipe(_Strict):
     def _check(self):
         if not self.output_dir.strip() or "\0" in self.output_dir:
             raise UserError(f"output_dir: must be a directory path, got {self.output_dir!r}")
-        self.output_dir = str(Path(self.output_dir).expanduser())
+        self.output_dir = str(expand_home(self.output_dir, "output_dir"))
         return self
 
     # Filled after validation: the method's typed hyperparameters.
@@ -291,6 +391,13 @@ class Recipe(_Strict):
     _chat_format: Any = None
     # data keys given as mixtures -> the resolved mixture (rows per source), written to recipe.yaml
     _mixtures: dict[str, str] = PrivateAttr(default_factory=dict)
+    # relative paths found next to the recipe file (attach_source_dir), logged by preflight
+    _path_notes: list[str] = PrivateAttr(default_factory=list)
+    # warnings found before training (a squeezed schedule, ...), repeated in the run summary
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+    # (info, config, datasets) of a preflight done ahead of the run (every stage of a multi-stage recipe is checked
+    # before the first one trains)
+    _preflight: Any = None
 
     @property
     def params(self) -> MethodParams:
@@ -341,7 +448,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise UserError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
     except RecursionError:
         raise UserError(f"--set {key}: value nested more than {MAX_DEPTH} levels deep") from None
-    check_depth(value, f"--set {key}")
+    check_structure(value, f"--set {key}")
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -403,17 +510,64 @@ def validation_error_to_user_error(exc: ValidationError, root: type[BaseModel], 
     return UserError(f"{key}: {err['msg']}{got_text}")
 
 
-def check_depth(data: Any, where: str = "recipe", limit: int = MAX_DEPTH) -> None:
-    """Refuse mappings/lists nested deeper than ``limit`` (no recipe key needs more than a few levels)."""
+def check_structure(data: Any, where: str = "recipe", limit: int = MAX_DEPTH) -> None:
+    """Refuse mappings/lists nested deeper than ``limit`` (no recipe key needs more than a few levels) and subnormal
+    numbers (below 2.2e-308 in magnitude: no setting takes them, and arithmetic on them loses precision or
+    overflows, e.g. ``beta: 1e-320``)."""
     stack = [(data, 0, where)]
     while stack:
         node, depth, key = stack.pop()
         if depth > limit:
             raise UserError(f"{key}: nested more than {limit} levels deep")
+        if isinstance(node, float) and node != 0.0 and abs(node) < sys.float_info.min:
+            raise UserError(f"{key}: {node!r} is a subnormal number (smaller than {sys.float_info.min:.3g} in "
+                            "magnitude); use 0 or a normal number")
         if isinstance(node, dict):
+            odd = next((k for k in node if not isinstance(k, str)), "")
+            if odd != "":
+                raise UserError(f"{key}: key {odd!r} is not a name (YAML reads unquoted numbers, true/false and null "
+                                "as such; every recipe key is text)")
             stack.extend((v, depth + 1, f"{key}.{k}" if key != "recipe" else str(k)) for k, v in node.items())
         elif isinstance(node, list):
             stack.extend((v, depth + 1, f"{key}[{i}]") for i, v in enumerate(node))
+
+
+_DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
+    """Tie a parsed recipe to the folder of its file: relative data files and model folders are looked up there
+    first, then in the working directory (a hit next to the recipe replaces the value by its absolute path, logged by
+    :func:`posttrain.train.preflight`); a data file found in neither is an error naming both places. ``output_dir``
+    stays relative to the working directory (preflight refuses the recipe's own folder)."""
+    source_dir = recipe_file.resolve().parent
+    recipe._source_dir = source_dir
+    cwd = Path.cwd()
+
+    def locate(text: str, key: str, data_file: bool) -> str:
+        if text.startswith(("builtin:", STAGE_REF, "~")) or Path(text).is_absolute():
+            return text
+        beside, here = source_dir / text, cwd / text
+        if beside.exists():
+            if not here.exists() or beside.resolve() != here.resolve():
+                recipe._path_notes.append(f"{key}: '{text}' is the one next to the recipe: {beside.resolve()}")
+                return str(beside.resolve())
+            return text
+        if data_file and text.endswith(_DATA_FILE_SUFFIXES) and not here.exists():
+            raise UserError(f"{key}: file '{text}' not found (looked next to the recipe in {source_dir} and in the "
+                            f"working directory {cwd})")
+        return text
+
+    for name in ("train", "eval", "test", "forget", "retain"):
+        value = getattr(recipe.data, name)
+        sources = value if isinstance(value, list) else [value] if value is not None else []
+        for i, src in enumerate(sources):
+            where = f"data.{name}[{i}]" if isinstance(value, list) else f"data.{name}"
+            src.source = locate(src.source, f"{where}.source", data_file=True)
+    recipe.model.path = locate(recipe.model.path, "model.path", data_file=False)
+    if isinstance(recipe.ref_model, ModelSpec):
+        recipe.ref_model.path = locate(recipe.ref_model.path, "ref_model.path", data_file=False)
+    return recipe
 
 
 # data keys each family reads (the others are refused, not silently ignored)
@@ -441,11 +595,14 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
     its family reads and the ``training:`` block against its TRL config class (:mod:`posttrain.training_args`)."""
     if not isinstance(data, dict):
         raise UserError("recipe: expected a mapping of top-level keys (model, data, method, training, ...)")
-    check_depth(data)
+    check_structure(data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise validation_error_to_user_error(exc, Recipe) from None
+    # imports torch (the GRPO parts): after the recipe's own keys are checked
+    from posttrain.methods import get_method, methods_with_key
+
     info = get_method(recipe.method.name)
     try:
         recipe._params = info.params.model_validate(recipe.method.params)
@@ -491,9 +648,10 @@ def _resolve_eval(recipe: Recipe, family: str) -> None:
         )
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML file, apply ``--set`` overrides and validate it (a multi-stage recipe: its last stage)."""
-    path = Path(path).expanduser()
+def read_recipe_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(path, data)`` of a recipe file: UTF-8 YAML (:func:`load_yaml`) holding a mapping, nested at most
+    :data:`MAX_DEPTH` levels."""
+    path = expand_home(path, "recipe")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
@@ -506,21 +664,30 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of top-level keys (model, data, method, training, ...)")
-    check_depth(data)
-    data = copy.deepcopy(data)
+    check_structure(data)
+    return path, copy.deepcopy(data)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML file, apply ``--set`` overrides and validate it (a multi-stage recipe: every stage is
+    validated, and its last stage is returned)."""
+    path, data = read_recipe_file(path)
     if "stages" in data:  # a multi-stage recipe (posttrain.stages) loads as its last stage; `train` runs them all
-        name, data = split_stages(data, overrides)[-1]
-        try:
-            recipe = parse_recipe(data)
-        except UserError as exc:
-            raise UserError(f"stage '{name}': {exc}") from None
-        recipe._source_dir = path.resolve().parent
-        return recipe
+        return load_stage_recipes(path, data, overrides)[-1][1]
     for assignment in overrides or []:
         apply_override(data, assignment)
-    recipe = parse_recipe(data)
-    recipe._source_dir = path.resolve().parent
-    return recipe
+    return attach_source_dir(parse_recipe(data), path)
+
+
+def load_stage_recipes(path: Path, data: dict[str, Any], overrides: list[str] | None = None) -> list[tuple[str, Recipe]]:
+    """``[(name, Recipe)]`` of a multi-stage recipe file, every stage validated (an error names the stage)."""
+    out = []
+    for name, stage in split_stages(data, overrides):
+        try:
+            out.append((name, attach_source_dir(parse_recipe(stage), path)))
+        except UserError as exc:
+            raise UserError(f"stage '{name}': {exc}") from None
+    return out
 
 
 # Multi-stage recipes (posttrain.stages runs them): the stage splitting is pure recipe manipulation, kept here so
@@ -577,7 +744,7 @@ def split_stages(data: dict[str, Any], overrides: list[str] | None = None) -> li
         root = merged.get("output_dir", "runs/recipe")
         if not isinstance(root, str):
             raise UserError("output_dir: expected a folder path")
-        merged["output_dir"] = str(Path(root).expanduser() / name)
+        merged["output_dir"] = str(expand_home(root, "output_dir") / name)
         _resolve_refs(merged, done, where)
         done[name] = merged["output_dir"]
         out.append((name, merged))

@@ -22,27 +22,12 @@ from posttrain.recipe import STAGE_REF, merge, split_stages  # noqa: F401 (re-ex
 def load_stages(path: str | Path, overrides: list[str] | None = None):
     """``[(name, Recipe)]`` when the recipe file at ``path`` has ``stages:``, else ``None``. Every stage is
     validated here (an error names ``stages[i]`` or the key)."""
-    from posttrain.recipe import check_depth, load_yaml, parse_recipe, read_text
+    from posttrain.recipe import load_stage_recipes, read_recipe_file
 
-    path = Path(path).expanduser()
-    if not path.is_file():
+    path, data = read_recipe_file(path)
+    if "stages" not in data:
         return None
-    try:
-        data = load_yaml(read_text(path)) or {}
-    except Exception:  # noqa: BLE001 - load_recipe reports unreadable files with its own message
-        return None
-    if not isinstance(data, dict) or "stages" not in data:
-        return None
-    check_depth(data)
-    out = []
-    for name, stage in split_stages(data, overrides):
-        try:
-            recipe = parse_recipe(stage)
-        except UserError as exc:
-            raise UserError(f"stage '{name}': {exc}") from None
-        recipe._source_dir = path.resolve().parent
-        out.append((name, recipe))
-    return out
+    return load_stage_recipes(path, data, overrides)
 
 
 def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = None) -> list[dict[str, Any]]:
@@ -53,6 +38,7 @@ def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = N
     from posttrain.trainers.common import previous_outputs
 
     logger = logging.getLogger("posttrain")
+    check_stages(stages, resume=resume, overwrite=overwrite)
     summaries = []
     for name, recipe in stages:
         out = Path(recipe.output_dir)
@@ -62,3 +48,28 @@ def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = N
         summary["stage"] = name
         summaries.append(summary)
     return summaries
+
+
+def check_stages(stages, *, resume: bool, overwrite: bool) -> None:
+    """Every stage's preflight (the TRL config, data, output folder), then every stage's user code, before the first
+    stage trains: a bad key of a later stage is reported before anything is trained (an error names the stage)."""
+    from posttrain.train import check_user_code, prepare_output_dir, preflight, setup_logging
+    from posttrain.trainers.common import previous_outputs
+
+    setup_logging()
+    checked = []
+    for name, recipe in stages:
+        try:
+            recipe._preflight = preflight(recipe)  # posttrain.train.run uses it instead of checking again
+            info = recipe._preflight[0]
+            out = Path(recipe.output_dir)
+            if not (resume and previous_outputs(out)) and not overwrite:
+                prepare_output_dir(out, resume=False, overwrite=False, create=False)
+        except UserError as exc:
+            raise UserError(f"stage '{name}': {exc}") from None
+        checked.append((name, recipe, info))
+    for name, recipe, info in checked:
+        try:
+            check_user_code(recipe, info)
+        except UserError as exc:
+            raise UserError(f"stage '{name}': {exc}") from None

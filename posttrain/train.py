@@ -24,16 +24,17 @@ from typing import Any
 import yaml
 
 from posttrain.errors import UserError, did_you_mean
-from posttrain.losses.unlearning import uses_retain
+from posttrain.health import HealthMonitor, use_log_lines
+from posttrain.threads import configure_cpu_threads
 from posttrain.methods import MethodInfo, get_method
 from posttrain.recipe import Recipe
-from posttrain.trainers.build import build_sft_trainer, sft_config
+from posttrain.trainers.build import build_sft_trainer, check_sft_data, sft_config
 from posttrain.trainers.common import peft_config, training_config  # noqa: F401 (re-exported)
 from posttrain.trainers.kto import build_kto_trainer, kto_config
 from posttrain.trainers.online_dpo import build_online_trainer, check_online_recipe, online_config
 from posttrain.trainers.reward import build_reward_trainer, check_reward_data, pairwise_test_accuracy, reward_config
 from posttrain.trainers.preference import build_preference_trainer, preference_config
-from posttrain.trainers.rl import build_rl_trainer, check_rl_recipe, rl_config
+from posttrain.trainers.rl import build_rl_trainer, check_rl_data, check_rl_recipe, rl_config
 from posttrain.trainers.unlearning import build_unlearning_trainer, unlearning_config
 
 logger = logging.getLogger("posttrain")
@@ -68,14 +69,18 @@ DATA_KINDS = {
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
     "unlearning": {"forget": "unlearning", "retain": "unlearning"},
 }
-# family -> the check run before any model is loaded or anything is written: check(recipe) -> None
-PREFLIGHT_CHECKS = {
+# family -> the check of the loaded data that needs no model (columns a key names, row formats a part needs):
+# check(recipe, datasets) -> None, run by preflight
+DATA_CHECKS = {
+    "sft": check_sft_data,
+    "rl": check_rl_data,
+    "reward": check_reward_data,
+}
+# family -> the check that imports the recipe's own code (rewards, tools, environment, ...: it runs that code), run
+# after every other check so that a run refused on other grounds executes nothing: check(recipe) -> None
+CODE_CHECKS = {
     "rl": check_rl_recipe,
     "online": check_online_recipe,
-}
-# family -> the check of its loaded data (before any model): check(recipe, {"data.<key>": Dataset}) -> None
-DATA_CHECKS = {
-    "reward": check_reward_data,
 }
 # family -> (name, scorer) of data.test before and after training: scorer(model, tokenizer, recipe, rows) -> float;
 # default: greedy answer accuracy (test_accuracy)
@@ -141,6 +146,13 @@ def setup_logging(quiet: bool = False) -> None:
     datasets.disable_progress_bars()
 
 
+def output_vocab_size(model) -> int:
+    """The number of next-token classes the model predicts (its output layer's rows)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(getattr(model.config, "vocab_size", 0) or 0)
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -149,19 +161,31 @@ def is_main_process() -> bool:
 TRACKERS = ("tensorboard", "trackio", "wandb")
 
 
+# transformers integrations whose Python module has another name
+_TRACKER_MODULES = {"azure_ml": "azureml", "flyte": "flytekit"}
+
+
 def check_report_to(recipe: Recipe) -> None:
-    """A tracker named in ``training.report_to`` must be installed (before any model is loaded)."""
+    """``training.report_to`` names trackers transformers knows (or ``none`` / ``all``), each installed (before any
+    model is loaded; transformers would only fail when the trainer is built)."""
     import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     value = recipe.training.get("report_to")
     names = [value] if isinstance(value, str) else list(value or [])
     for name in names:
         if not isinstance(name, str):
             raise UserError(f"training.report_to: expected a tracker name or a list of them, got {value!r}")
-        if name in TRACKERS and importlib.util.find_spec(name) is None:
-            raise UserError(
-                f"training.report_to: {name} is not installed (pip install 'posttrain[{name}]', or pip install {name})"
-            )
+        if name in ("none", "all") and len(names) == 1:
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(["none", "all", *sorted(INTEGRATION_TO_CALLBACK)])
+            raise UserError(f"training.report_to: unknown tracker '{name}'{did_you_mean(name, INTEGRATION_TO_CALLBACK)}"
+                            f" (known: {known})")
+        if importlib.util.find_spec(_TRACKER_MODULES.get(name, name)) is None:
+            extra = f"pip install 'posttrain[{name}]', or " if name in TRACKERS else ""
+            raise UserError(f"training.report_to: {name} is not installed ({extra}pip install {name})")
 
 
 class MetricsJsonlCallback:
@@ -226,6 +250,43 @@ def reference_mode(recipe: Recipe, info: MethodInfo) -> str:
     if recipe.ref_model not in (None, "none") and info.reference == "none":
         raise UserError(f"ref_model: method '{info.name}' uses no reference model; remove ref_model")
     return reference
+
+
+def check_reference_tokenizer(recipe: Recipe, info: MethodInfo, tokenizer) -> None:
+    """A ``ref_model`` scores the policy's token ids, so it must have the policy's tokenizer (another architecture
+    is fine); checked before any model loads."""
+    from posttrain.models import load_tokenizer
+
+    r = recipe.ref_model
+    if r in (None, "none") or reference_mode(recipe, info) != "required":
+        return
+    ref_tok = load_tokenizer(r.path, trust_remote_code=r.trust_remote_code, revision=r.revision, key="ref_model.path")
+    if ref_tok.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"ref_model: its tokenizer ({len(ref_tok)} tokens) differs from the tokenizer of model "
+                        f"'{recipe.model.path}' ({len(tokenizer)} tokens); the reference scores the policy's token "
+                        "ids, so it needs the same tokenizer (a model of the same family)")
+
+
+def check_rows_fit(config, tokenizer, datasets: dict[str, Any]) -> None:
+    """Before any model loads: with ``training.max_length`` keeping the start of each row, a data set whose every
+    prompt alone fills ``max_length`` would lose every row (the trainers drop rows with no answer token left); one
+    error line instead of an error after the model loaded. Stops at the first prompt that fits."""
+    from posttrain.data.formatting import render_prompt
+    from posttrain.data.sources import column_values
+
+    max_length = getattr(config, "max_length", None)
+    if not max_length or getattr(config, "truncation_mode", "keep_start") != "keep_start":
+        return
+    for key, ds in datasets.items():
+        if "prompt" not in ds.column_names or not len(ds):
+            continue
+        for prompt in column_values(ds, "prompt"):
+            text = render_prompt(prompt, tokenizer, key)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < max_length:
+                break
+        else:
+            raise UserError(f"{key}: no rows left: every prompt alone fills training.max_length={max_length} tokens, "
+                            "so no answer token would be trained on; raise training.max_length")
 
 
 def load_run_tokenizer(recipe: Recipe):
@@ -328,16 +389,21 @@ def build_config(recipe: Recipe, info: MethodInfo):
     return CONFIG_BUILDERS[info.family](recipe, info)
 
 
-def preflight(recipe: Recipe, *, load_data: bool = True,
-              build_trainer_config: bool = True) -> tuple[MethodInfo, Any, dict[str, Any]]:
-    """Every check that needs no model: returns ``(info, config, datasets)``. Raises :class:`UserError`.
-    ``build_trainer_config=False`` (config None) skips the TRL config, whose checks depend on the process count
-    (``posttrain train --num-processes`` checks in one process before launching N)."""
-    from posttrain.training_args import check_training_context
+def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: bool = True,
+              num_processes: int | None = None) -> tuple[MethodInfo, Any, dict[str, Any]]:
+    """Every check that needs no model and runs no user code: returns ``(info, config, datasets)``. Raises
+    :class:`UserError`. ``build_trainer_config=False`` (config None) skips the TRL config, whose checks depend on the
+    process count (``posttrain train --num-processes`` checks in one process before launching ``num_processes``;
+    default: ``WORLD_SIZE``). The recipe's own code is imported later, by :func:`check_user_code`."""
+    from posttrain.training_args import check_batch_fits_data, check_training_context, schedule_warnings
 
     from posttrain.models import check_load_options
 
     info = get_method(recipe.method.name)
+    for note in recipe._path_notes:
+        logger.info("%s", note)
+    _check_not_the_recipe_folder(recipe)
+    check_report_to(recipe)
     check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
     if "model_init_kwargs" in recipe.training:
         raise UserError("training.model_init_kwargs: posttrain loads the model itself, so TRL would ignore it; use the "
@@ -348,28 +414,64 @@ def preflight(recipe: Recipe, *, load_data: bool = True,
         check_load_options(recipe.ref_model, "ref_model")
     reference_mode(recipe, info)
     config = build_config(recipe, info) if build_trainer_config else None
-    if info.family in PREFLIGHT_CHECKS:  # the family's own checks (user code imported, reward specs)
-        PREFLIGHT_CHECKS[info.family](recipe)
+    if num_processes is None:
+        num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     datasets: dict[str, Any] = {}
     if load_data:
         from posttrain.data.sources import load_source
 
         for key, kind in DATA_KINDS[info.family].items():
             src = getattr(recipe.data, key)
-            if src is None or (key == "retain" and not _retain_used(recipe, info)):
+            if src is None:
                 continue
-            datasets[f"data.{key}"] = ds = load_source(src, f"data.{key}", kind, seed=recipe.seed)
+            datasets[f"data.{key}"] = ds = load_source(src, f"data.{key}", kind, seed=recipe.seed,
+                                                       roles=_template_roles(recipe))
             if isinstance(src, list):
                 recipe._mixtures[f"data.{key}"] = ds.posttrain_mixture
             else:
                 logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
         if info.family in DATA_CHECKS:
             DATA_CHECKS[info.family](recipe, datasets)
+        step_key = next(iter(DATA_KINDS[info.family]))  # the data an optimizer step draws its batch from
+        if f"data.{step_key}" in datasets:
+            check_batch_fits_data(recipe.training, info.family, f"data.{step_key}",
+                                  len(datasets[f"data.{step_key}"]), num_processes)
         _default_assistant_only_loss(recipe, info, config, datasets)
-    from posttrain.data.formatting import template_path
-
-    template_path(recipe.data.chat_template, recipe._source_dir)  # a data.chat_template file exists
+    _check_chat_template_file(recipe)
+    for warning in schedule_warnings(recipe.training, config):
+        if warning not in recipe._warnings:
+            recipe._warnings.append(warning)
+            logger.warning("warning: %s", warning)
     return info, config, datasets
+
+
+def _check_not_the_recipe_folder(recipe: Recipe) -> None:
+    """``output_dir`` may not be the recipe file's own folder (the run writes ``recipe.yaml``, checkpoints and a model
+    there, and ``--overwrite`` removes what it wrote), unless that folder holds a run (``posttrain train
+    RUN_DIR/recipe.yaml --resume``)."""
+    from posttrain.trainers.common import previous_outputs
+
+    source = recipe._source_dir
+    if source is not None and Path(recipe.output_dir).resolve() == source and not previous_outputs(source):
+        raise UserError(f"output_dir: '{recipe.output_dir}' is the recipe's own folder; the run writes recipe.yaml, "
+                        "checkpoints and a model there (and --overwrite removes what it wrote): choose a subfolder")
+
+
+def check_user_code(recipe: Recipe, info: MethodInfo) -> None:
+    """Import the recipe's own code (the family's code-loading keys, docs/security in README.md): the last check
+    before any model loads, so that a run that fails another check runs none of it."""
+    if info.family in CODE_CHECKS:
+        CODE_CHECKS[info.family](recipe)
+
+
+def _template_roles(recipe: Recipe) -> tuple[str, ...]:
+    """Roles a ``data.chat_template`` file names besides the standard ones (quoted role names it compares with)."""
+    from posttrain.data.formatting import template_path
+    from posttrain.data.sources import template_role_names
+    from posttrain.recipe import read_text
+
+    path = template_path(recipe.data.chat_template, recipe._source_dir)
+    return template_role_names(read_text(path)) if path is not None else ()
 
 
 def describe_source(src) -> str:
@@ -432,19 +534,50 @@ def mask_sft_conversations(recipe: Recipe, config, tokenizer, datasets: dict[str
     config.assistant_only_loss = False  # the masks are in the tokenised rows
 
 
-def _retain_used(recipe: Recipe, info: MethodInfo) -> bool:
-    return uses_retain(info.name, getattr(recipe.params, "alpha", 0.0))
+def _check_chat_template_file(recipe: Recipe) -> None:
+    """``data.chat_template: FILE.jinja`` exists and is a valid Jinja template that renders a plain user/assistant
+    conversation in transformers' sandbox: before anything is loaded or written."""
+    from posttrain.data.formatting import template_path
+    from posttrain.recipe import read_text
+
+    path = template_path(recipe.data.chat_template, recipe._source_dir)
+    if path is not None:
+        check_template_renders(read_text(path), f"data.chat_template: '{path}'")
 
 
-def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+SAMPLE_CONVERSATION = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
+
+
+def check_template_renders(text: str, where: str) -> None:
+    """A chat template compiles and renders :data:`SAMPLE_CONVERSATION` in transformers' sandboxed Jinja environment
+    (what TRL and ``apply_chat_template`` use); else one error line naming ``where`` (the sandbox refusing attribute
+    access such as ``__init__`` included)."""
+    import jinja2
+    from jinja2.exceptions import SecurityError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        render_jinja_template([SAMPLE_CONVERSATION], chat_template=text, bos_token="", eos_token="", pad_token="",
+                              add_generation_prompt=False)
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError(f"{where}: line {exc.lineno}: not a valid Jinja template ({exc.message})") from None
+    except SecurityError as exc:
+        raise UserError(f"{where}: refused by the template sandbox ({exc}); a chat template may only format the "
+                        "conversation, not reach into Python objects") from None
+    except jinja2.TemplateError as exc:
+        raise UserError(f"{where}: fails on a plain user/assistant conversation ({type(exc).__name__}: {exc})") from None
+
+
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, create: bool = True) -> None:
     """Refuse a folder that is not a writable directory, or that holds another run's outputs (unless ``--resume``
-    continues that run or ``--overwrite`` replaces it: then the previous run's outputs are removed)."""
+    continues that run or ``--overwrite`` replaces it: then the previous run's outputs are removed). ``create=False``:
+    the same checks without creating or removing anything."""
     from posttrain.trainers.common import check_output_dir, previous_outputs, remove_previous_run
 
     if resume and overwrite:
         raise UserError("--overwrite: cannot be combined with --resume")
-    check_output_dir(out)
-    if resume:
+    check_output_dir(out, create=create)
+    if resume or not create and overwrite:
         return
     previous = previous_outputs(out)
     if not previous:
@@ -455,7 +588,7 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"output_dir: '{out}' holds another run's outputs ({shown}); pass --resume to continue that run, "
             "--overwrite to replace it, or choose another output_dir"
         )
-    if is_main_process():
+    if create and is_main_process():
         removed = remove_previous_run(out)
         logger.info("--overwrite: removed the previous run's outputs from %s (%s)", out, ", ".join(removed) or "none")
 
@@ -517,19 +650,19 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     )
 
     setup_logging(quiet)
-    out = Path(recipe.output_dir).expanduser()
-    recipe.output_dir = str(out)
-    check_report_to(recipe)
-    info, config, datasets = preflight(recipe)
+    out = Path(recipe.output_dir)
+    checked, recipe._preflight = recipe._preflight, None
+    info, config, datasets = checked if checked is not None else preflight(recipe)
     periodic = build_periodic_eval(recipe, info.family)  # evaluation rows load (and fail) before the models do
-    prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    prepare_output_dir(out, resume=resume, overwrite=overwrite, create=False)  # checked; written after the last check
     tokenizer = load_run_tokenizer(recipe)
     prepare_chat_format(recipe, info, config, tokenizer, datasets)
+    check_reference_tokenizer(recipe, info, tokenizer)
+    check_rows_fit(config, tokenizer, datasets)
     checkpoint = None
     if resume:
         marker = read_run_marker(out)
         if marker is not None and (config.max_steps <= 0 or config.max_steps <= int(marker.get("steps") or 0)):
-            logger.info("%s: the run already finished (%s steps); nothing to do", out, marker.get("steps"))
             return _finished_summary(out, info, marker)
         checkpoint = latest_complete_checkpoint(out, remove_incomplete=is_main_process())
         if checkpoint is None:
@@ -537,25 +670,26 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         logger.info("resuming from %s", checkpoint)
         if is_main_process():
             _truncate_metrics(out / "metrics.jsonl", checkpoint_step(checkpoint))
+    check_user_code(recipe, info)
+    prepare_output_dir(out, resume=resume, overwrite=overwrite)
     if is_main_process():
         (out / RUN_MARKER).unlink(missing_ok=True)  # in progress (again)
         write_resolved_recipe(recipe)
         if not resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)
+    if config.use_cpu:
+        configure_cpu_threads()
     set_seed(recipe.seed)
     tokenizer, model, ref_model = load_models(recipe, info, tokenizer)
     check_peft_against_model(recipe, model)
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
     warnings: list[str] = []  # for summary.json and the last lines of the command
 
-    before = (test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings, "before training")
-              if not resume else None)
-    metric = TEST_SCORERS[info.family][0] if info.family in TEST_SCORERS else "accuracy"
-    if before is not None and is_main_process():
-        logger.info("test %s before training: %.1f%%", metric, 100 * before)
-    summary["accuracy_before"] = before
-    if metric != "accuracy" and recipe.data.test is not None:
-        summary["test_metric"] = metric
+    # the model before training (also on --resume: the checkpoint's weights are loaded by trainer.train)
+    summary["accuracy_before"] = test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings,
+                                               "before training")
+    if info.family in TEST_SCORERS and recipe.data.test is not None:  # printed by `posttrain train` (reward models)
+        summary["test_metric"] = TEST_SCORERS[info.family][0]
 
     build = TRAINER_BUILDERS[info.family]
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],
@@ -568,6 +702,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
+    else:
+        use_log_lines(trainer)
+    # collapse / dead-gradient warnings in every family (the RL trainer diagnoses a zero gradient itself)
+    health = HealthMonitor(output_vocab_size(model), watch_gradient=not hasattr(trainer, "signal_monitor"))
+    trainer.add_callback(health)
     if periodic is not None:
         periodic.attach(trainer, tokenizer)
     card = CardContext(recipe, info, command)
@@ -595,12 +734,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         tokenizer.save_pretrained(str(out))
     summary["train_loss"] = train_loss
     summary["steps"] = steps
+    warnings = list(recipe._warnings) + list(health.warnings) + warnings
     warnings += trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
-
-    after = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"), warnings, "after training")
-    if after is not None and is_main_process():
-        logger.info("test %s after training:  %.1f%%", metric, 100 * after)
-    summary["accuracy_after"] = after
+    # printed with the run's last lines by `posttrain train`
+    summary["accuracy_after"] = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"), warnings,
+                                              "after training")
     if warnings:
         summary["warnings"] = warnings
     if is_main_process():

@@ -226,6 +226,9 @@ def _coerce(value: Any, annotation: Any) -> Any:
         return value if isinstance(value, dict) else _NO_MATCH
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
+        enum_type = _enum_of(annotation)
+        if enum_type is not None and isinstance(value, str):  # `SchedulerType | str`: HF takes only the enum's values
+            return value if value in {m.value for m in enum_type} else _NO_MATCH
         # bool before int/float so that `true` never becomes 1; str last so that an enum gives its own message
         for arg in sorted(args, key=lambda a: (a is str,)):
             out = _coerce(value, arg)
@@ -235,6 +238,14 @@ def _coerce(value: Any, annotation: Any) -> Any:
     if isinstance(annotation, type):
         return value if isinstance(value, annotation) else _NO_MATCH
     return value  # an annotation we do not interpret
+
+
+def _enum_of(annotation: Any) -> type[enum.Enum] | None:
+    """The Enum of an ``Enum | str`` annotation (HF's strategy and scheduler fields), else None."""
+    args = typing.get_args(annotation)
+    if str not in args:
+        return None
+    return next((a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)), None)
 
 
 def _check_numbers(key: str, value: Any) -> None:
@@ -275,6 +286,10 @@ def check_training(training: dict[str, Any], family: str) -> dict[str, Any]:
             raise UserError(f"training.{key}: unknown training argument{did_you_mean(key, types_)}")
         annotation = types_[key]
         converted = _coerce(value, annotation)
+        enum_type = _enum_of(annotation)
+        if converted is _NO_MATCH and enum_type is not None and isinstance(value, str):
+            values = [m.value for m in enum_type]
+            raise UserError(f"training.{key}: {value!r} is not one of {', '.join(values)}{did_you_mean(value, values)}")
         if converted is _NO_MATCH:
             raise UserError(f"training.{key}: expected {_describe(annotation)}, got {value!r}")
         _check_numbers(key, converted)
@@ -287,12 +302,20 @@ def check_training(training: dict[str, Any], family: str) -> dict[str, Any]:
 
 
 def check_training_context(training: dict[str, Any], has_eval: bool, on_gpu: bool | None = None) -> None:
-    """Checks that need the rest of the recipe or the machine: evaluation without ``data.eval``, fp16/bf16 on CPU."""
+    """Checks that need the rest of the recipe or the machine: evaluation without ``data.eval``, options that need
+    another option (``load_best_model_at_end`` needs evaluation and saving), fp16/bf16 on CPU."""
     strategy = training.get("eval_strategy", "no")
     if strategy not in ("no", None) and not has_eval:
         raise UserError(f"training.eval_strategy: '{strategy}' needs an eval set; set data.eval or remove the key")
     if training.get("do_eval") and not has_eval:
         raise UserError("training.do_eval: needs an eval set; set data.eval or remove the key")
+    if training.get("load_best_model_at_end"):
+        if not has_eval:
+            raise UserError("training.load_best_model_at_end: picks the checkpoint with the best eval loss, so it needs "
+                            "an eval set (data.eval); set it or remove the key")
+        if training.get("save_strategy", "steps") in ("no", None):
+            raise UserError("training.load_best_model_at_end: needs checkpoints to choose from, but "
+                            "training.save_strategy is 'no'")
     if on_gpu is None:
         import torch
 
@@ -304,3 +327,55 @@ def check_training_context(training: dict[str, Any], has_eval: bool, on_gpu: boo
                                 "runs in float32: remove the key)")
     elif training.get("fp16") and training.get("bf16"):
         raise UserError("training.fp16: set at most one of fp16 and bf16")
+
+
+def _setting(training: dict[str, Any], family: str, key: str) -> Any:
+    """``training[key]``, else the family config class's default."""
+    if key in training:
+        return training[key]
+    field = {f.name: f for f in dataclasses.fields(config_class(family))}.get(key)
+    if field is None:
+        return None
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def check_batch_fits_data(training: dict[str, Any], family: str, key: str, rows: int, num_processes: int = 1) -> None:
+    """``gradient_accumulation_steps`` at most the micro-batches of one epoch of ``key`` (``rows`` rows; an RL row
+    yields ``num_generations`` completions): more would make every optimizer step the whole epoch, silently."""
+    accumulation = _setting(training, family, "gradient_accumulation_steps") or 1
+    if accumulation <= 1:
+        return
+    batch = _setting(training, family, "per_device_train_batch_size") or 1
+    per_row = (_setting(training, family, "num_generations") or 1) if family == "rl" else 1
+    micro_batches = math.ceil(rows * per_row / (batch * max(1, num_processes)))
+    if accumulation > micro_batches:
+        unit = f" x {per_row} completions" if per_row > 1 else ""
+        procs = f" x {num_processes} processes" if num_processes > 1 else ""
+        raise UserError(
+            f"training.gradient_accumulation_steps: {accumulation} micro-batches per optimizer step, but one epoch of "
+            f"{key} ({rows} rows{unit}) is {micro_batches} micro-batch{'es' if micro_batches != 1 else ''} of "
+            f"per_device_train_batch_size {batch}{procs}: every optimizer step would be the whole epoch; use at most "
+            f"{micro_batches} (or more data)")
+
+
+SHORT_RUN_STEPS = 10  # below this many optimizer steps a run is a smoke test (docs/observability.md "Short runs")
+
+
+def schedule_warnings(training: dict[str, Any], config: Any = None) -> list[str]:
+    """Warnings for a learning-rate schedule that the run length makes meaningless: warm-up as long as the run (the
+    learning rate never reaches ``learning_rate``), or a run so short that it only shows the first steps' transient
+    (the model usually gets worse before it gets better: measured in docs/observability.md "Short runs")."""
+    def get(key: str, default: Any) -> Any:
+        return getattr(config, key, default) if config is not None else training.get(key, default)
+
+    max_steps = get("max_steps", -1)
+    warmup = get("warmup_steps", 0) or 0
+    out = []
+    if max_steps > 0 and warmup >= 1 and warmup >= max_steps:
+        out.append(f"training.warmup_steps: {_fmt(warmup)} >= max_steps {max_steps}: the learning rate never reaches "
+                   "training.learning_rate; lower warmup_steps (or give it as a fraction of the run, < 1)")
+    if 0 < max_steps < SHORT_RUN_STEPS:
+        out.append(f"training.max_steps: {max_steps} optimizer steps is a smoke test: the first steps at the recipe's "
+                   "learning rate usually move the model away before it improves, so its accuracy after them says "
+                   "nothing about the method (docs/observability.md \"Short runs\")")
+    return out

@@ -73,7 +73,7 @@ def test_methods_name_prints_the_page_summary_and_keys():
     assert proc.returncode == 0, proc.stderr
     first_paragraph = (ROOT / "docs/methods/npo.md").read_text().split("\n\n")[1]
     assert " ".join(first_paragraph.split())[:60] in " ".join(proc.stdout.split())
-    assert "retain_kl_mask = 'completion'" in proc.stdout and "beta = 0.1" in proc.stdout
+    assert "retain_kl_mask: completion" in proc.stdout and "beta: 0.1" in proc.stdout
     assert "page:   docs/methods/npo.md" in proc.stdout
     part = _cli("methods", "delta_l")
     assert part.returncode == 0 and "method.aggregation: delta_l" in part.stdout

@@ -596,7 +596,10 @@ def test_resolved_defaults_follow_the_chosen_parts():
     assert GRPOParams().epsilon == 0.2 and GRPOParams(clipping="gppo").epsilon == 0.2
     gspo = GRPOParams(clipping="gspo")  # the GSPO paper's ranges
     assert (gspo.epsilon, gspo.epsilon_high) == (3e-4, 4e-4)
-    assert GRPOParams(clipping="gspo", epsilon=0.01).epsilon_high == 4e-4
+    assert GRPOParams(clipping="gspo", epsilon=2e-4).epsilon_high == 4e-4
+    with pytest.raises(UserError, match="method.epsilon: 0.01 is above the upper clip range of clipping gspo"):
+        GRPOParams(clipping="gspo", epsilon=0.01)  # gspo's default epsilon_high 4e-4 would invert the range
+    assert GRPOParams(clipping="gspo", epsilon=0.01, epsilon_high=0.02).epsilon_high == 0.02
     assert GRPOParams(clipping="cispo").cispo_weight_max == 5.0 and GRPOParams(clipping="cispo").cispo_weight_min is None
 
 

@@ -137,12 +137,13 @@ def test_rewards_outside_the_unit_interval_are_refused():
 # SPO wired into the GRPO trainer (method.advantage: spo; posttrain/trainers/spo.py)
 
 
-def _spo_recipe(out, **method):
+def _spo_recipe(out, data=None, **method):
     from posttrain.recipe import parse_recipe
 
     return parse_recipe({
         "model": "builtin:tiny-qwen2-arith",
-        "data": {"train": {"source": "builtin:arithmetic-rl", "options": {"num_samples": 12, "max_operand": 30}}},
+        "data": data or {"train": {"source": "builtin:arithmetic-rl", "options": {"num_samples": 12,
+                                                                                 "max_operand": 30}}},
         "method": {"name": "grpo", "advantage": "spo", "spo_offline_n": 2, **method},
         "training": {"max_steps": 6, "per_device_train_batch_size": 4, "max_completion_length": 6,
                      "learning_rate": 1e-3, "save_steps": 3, "logging_steps": 1, "disable_tqdm": True,
@@ -174,6 +175,11 @@ def test_num_generations_one_only_with_spo(tmp_path):
         parse_recipe({**base, "method": {"name": "grpo", "advantage": "rloo", "spo_rho": "constant"}})
     with pytest.raises(UserError, match=r"^method\.scale_rewards: advantage spo z-scores"):
         parse_recipe({**base, "method": {"name": "grpo", "advantage": "spo", "scale_rewards": "batch"}})
+    with pytest.raises(UserError, match=r"^method\.spo_offline_scores: spo_offline_n is 0"):
+        parse_recipe({**base, "method": {"name": "grpo", "advantage": "spo", "spo_offline_n": 0,
+                                         "spo_offline_scores": "scores.json"}})
+    with pytest.raises(UserError, match=r"^method\.spo_reward_range: expected \[low, high\] with low < high"):
+        parse_recipe({**base, "method": {"name": "grpo", "advantage": "spo", "spo_reward_range": [1.0, 0.0]}})
     with pytest.raises(UserError, match=r"^method\.spo_rho_min: 0.95 is above method\.spo_rho_max"):
         parse_recipe({**base, "method": {"name": "grpo", "advantage": "spo", "spo_rho_min": 0.95, "spo_rho_max": 0.9}})
 
@@ -194,11 +200,11 @@ def test_prioritized_draws_follow_the_weights():
     assert len(draw_prompts(weights, 6, torch.Generator().manual_seed(1))) == 6  # pool smaller: with replacement
 
 
-def _spo_trainer(tmp_path, reward=None, **method):
+def _spo_trainer(tmp_path, reward=None, data=None, **method):
     from posttrain.train import RunContext, load_models, preflight
     from posttrain.trainers.rl import build_rl_trainer
 
-    recipe = _spo_recipe(tmp_path, **method)
+    recipe = _spo_recipe(tmp_path, data, **method)
     if reward is not None:
         recipe.params.rewards[0] = reward
     info, config, datasets = preflight(recipe)
@@ -307,3 +313,27 @@ def test_resume_is_bit_identical_with_tracker_and_sampler_state(tmp_path):
     assert a[0]["tracker"] == b[0]["tracker"] and a[0]["pending"] == b[0]["pending"]
     assert torch.equal(a[1], b[1])  # the sampler's generator: the same next draw
     assert sum(a[0]["tracker"]["visits"].values()) == 5 * 4  # 6 steps of 4 prompts, the last update still pending
+
+
+def test_conversational_prompts(tmp_path):
+    """Chat prompts (lists of messages) are keyed by their canonical JSON, go through the chat template in the offline
+    pass and in training, and one generation batch updates the tracker of exactly the prompts it drew."""
+    import json
+
+    from posttrain.trainers.spo import OFFLINE_SCORES_FILE, row_key
+
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i + 1}="}], "answer": str(2 * i + 1)} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = _spo_trainer(tmp_path / "run", data={"train": {"source": str(data)}})
+    loader = iter(trainer.get_train_dataloader())
+    output = trainer._prepare_inputs(next(loader))
+    keys = {row_key(r["prompt"]) for r in rows}
+    assert set(json.loads((tmp_path / "run" / OFFLINE_SCORES_FILE).read_text())) == keys
+    prompt = trainer.processing_class.decode(output["prompt_ids"][0][output["prompt_mask"][0].bool()])
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    drawn = trainer.spo_pending["keys"]
+    assert len(drawn) == 4 and set(drawn) <= keys
+    trainer._buffered_inputs, trainer._step = None, 0
+    trainer._prepare_inputs(next(loader))
+    assert set(trainer.spo_tracker.visits) == set(drawn)

@@ -47,15 +47,38 @@ def score_rows(prompts: list, completions: list, model_paths: list[str], batch_s
 def attach_scores(ds, params, key: str = "data.train"):
     """Return ``ds`` with a float ``poft_ref_score`` column (the mean over aligned LLMs), validated per row."""
     if params.aligned_models:
-        if "prompt" not in ds.column_names or "completion" not in ds.column_names:
-            raise UserError(f"{key}: scoring with method.aligned_models needs prompt/completion columns")
+        check_scores(ds, params, key)
         scores = score_rows(list(ds["prompt"]), list(ds["completion"]), params.aligned_models, params.scoring_batch_size)
         ds = ds.add_column(SCORES_COLUMN, scores) if SCORES_COLUMN not in ds.column_names else ds
         values = [sum(s) / len(s) for s in scores]
-    elif SCORES_COLUMN in ds.column_names:
+        _check_finite(values, key)
+    else:
+        values = _data_scores(ds, key)
+    if SCORE_COLUMN in ds.column_names:
+        ds = ds.remove_columns(SCORE_COLUMN)
+    return ds.add_column(SCORE_COLUMN, values)
+
+
+def check_scores(ds, params, key: str = "data.train") -> None:
+    """Everything :func:`attach_scores` checks that needs no model (preflight): the aligned models are model folders
+    or hub ids with prompt/completion rows to score, or else the data carries a finite score for every row."""
+    if not params.aligned_models:
+        _data_scores(ds, key)
+        return
+    from posttrain.models import resolve_model_path
+
+    if "prompt" not in ds.column_names or "completion" not in ds.column_names:
+        raise UserError(f"{key}: scoring with method.aligned_models needs prompt/completion columns")
+    for i, path in enumerate(params.aligned_models):
+        resolve_model_path(path, key=f"method.aligned_models[{i}]")
+
+
+def _data_scores(ds, key: str) -> list[float]:
+    """Each row's mean aligned score from the data (``poft_ref_scores`` lists or ``poft_ref_score``)."""
+    if SCORES_COLUMN in ds.column_names:
         values = []
         for i, scores in enumerate(ds[SCORES_COLUMN]):
-            if not isinstance(scores, list) or not scores:
+            if not isinstance(scores, list) or not scores or any(s is None for s in scores):
                 raise UserError(f"{key}: row {i}: '{SCORES_COLUMN}' must be a non-empty list of numbers")
             values.append(sum(float(s) for s in scores) / len(scores))
     elif SCORE_COLUMN in ds.column_names:
@@ -65,9 +88,11 @@ def attach_scores(ds, params, key: str = "data.train"):
             f"{key}: method poft needs a '{SCORES_COLUMN}' or '{SCORE_COLUMN}' column, or method.aligned_models "
             "to score the data (see `posttrain poft-score`)"
         )
+    _check_finite(values, key)
+    return values
+
+
+def _check_finite(values: list[float], key: str) -> None:
     for i, v in enumerate(values):
         if not math.isfinite(v):
             raise UserError(f"{key}: row {i}: PoFT aligned score is missing or not finite")
-    if SCORE_COLUMN in ds.column_names:
-        ds = ds.remove_columns(SCORE_COLUMN)
-    return ds.add_column(SCORE_COLUMN, values)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,9 +100,44 @@ REQUIRED_COLUMNS: dict[str, list[tuple[str, ...]]] = {
 }
 
 
+class _DuplicateKeys(dict):
+    """A JSON object that names a key more than once (``duplicate``: the first such key); json keeps the last."""
+
+    duplicate = ""
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    duplicate = None
+    for key, value in pairs:
+        if key in out and duplicate is None:
+            duplicate = key
+        out[key] = value
+    if duplicate is None:
+        return out
+    marked = _DuplicateKeys(out)
+    marked.duplicate = duplicate
+    return marked
+
+
+def _duplicate_key(value: Any) -> str | None:
+    """The first key named twice in one object anywhere inside ``value`` (a parsed JSON row), or None."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _DuplicateKeys):
+            return node.duplicate
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
 def _read_json_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a ``.json`` / ``.jsonl`` file (UTF-8, a byte-order mark is fine) and each row's ``file:row`` label
-    (``file:LINE`` for JSON lines, ``file:row N`` (0-based) for a JSON list)."""
+    (``file:LINE`` for JSON lines, ``file:row N`` (0-based) for a JSON list). A key given twice in one object is an
+    error (JSON parsers keep the last silently)."""
     from posttrain.recipe import read_text
 
     text = read_text(path)
@@ -110,16 +147,17 @@ def _read_json_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_object_pairs)
             except (json.JSONDecodeError, RecursionError) as exc:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line")
             rows.append(row)
             labels.append(f"{path}:{lineno} (row {len(rows) - 1})")
+        _refuse_duplicate_keys(rows, labels)
         return rows, labels
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
     except RecursionError:
@@ -134,7 +172,17 @@ def _read_json_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise UserError(f"{path}:row {i}: expected a JSON object, got {_json_type(row)}")
-    return data, [f"{path}:row {i}" for i in range(len(data))]
+    labels = [f"{path}:row {i}" for i in range(len(data))]
+    _refuse_duplicate_keys(data, labels)
+    return data, labels
+
+
+def _refuse_duplicate_keys(rows: list[dict[str, Any]], labels: list[str]) -> None:
+    for row, label in zip(rows, labels, strict=True):
+        duplicate = _duplicate_key(row)
+        if duplicate is not None:
+            raise UserError(f"{label}: key '{duplicate}' appears twice in one object (JSON keeps the last silently); "
+                            "give each key once")
 
 
 def _json_type(value: Any) -> str:
@@ -182,9 +230,13 @@ def check_value_types(values, labels, column: str, key: str) -> None:
             raise UserError(f"{key}: {labels(i)}: column '{column}' must be {want}, got {_json_type(value)} {shown}")
 
 
-def _check_rows(rows: list[dict[str, Any]], labels: list[str], key: str) -> None:
-    """Per-row type checks before ``Dataset.from_list`` (which would fail with no row, or accept a wrong type)."""
+def _check_rows(rows: list[dict[str, Any]], labels: list[str], key: str) -> list[dict[str, Any]]:
+    """Per-row type checks before ``Dataset.from_list`` (which would fail with no row, or accept a wrong type); returns
+    the rows with every column of the file (``from_list`` would keep only the first row's keys, silently dropping the
+    rest) and ``NaN`` (a JSON extension) read as null."""
     columns = sorted({c for row in rows for c in row})
+    rows = [{c: (None if isinstance(row.get(c), float) and math.isnan(row[c]) else row.get(c)) for c in columns}
+            for row in rows]
     for column in columns:
         check_value_types([row.get(column) for row in rows], labels.__getitem__, column, key)
         kinds = {}
@@ -197,6 +249,7 @@ def _check_rows(rows: list[dict[str, Any]], labels: list[str], key: str) -> None
             if kind != first[0]:
                 raise UserError(f"{key}: {labels[i]}: column '{column}' is {kind}, but {labels[first[1]]} has "
                                 f"{first[0]} (one type per column)")
+    return rows
 
 
 def load_rows(src: DataSource, key: str):
@@ -227,7 +280,9 @@ def _load_rows_with_labels(src: DataSource, key: str):
     else:
         if src.options:
             raise UserError(f"{key}.options: only built-in tasks take options")
-        path = Path(name).expanduser()
+        from posttrain.paths import expand_home
+
+        path = expand_home(name, f"{key}.source")
         # a directory (e.g. a hub dataset cloned or saved locally) goes through load_dataset, like a hub id
         if (path.suffix in {".json", ".jsonl", ".parquet"} or path.exists()) and not path.is_dir():
             if not path.is_file():
@@ -236,7 +291,7 @@ def _load_rows_with_labels(src: DataSource, key: str):
                 rows, labels = _read_json_file(path)
                 if not rows:
                     raise UserError(f"{key}: {path} holds no rows")
-                _check_rows(rows, labels, key)
+                rows = _check_rows(rows, labels, key)
                 try:
                     ds = datasets.Dataset.from_list(rows)
                 except Exception as exc:  # inconsistent nested types across rows
@@ -255,15 +310,20 @@ def _load_rows_with_labels(src: DataSource, key: str):
                 raise UserError(
                     f"{key}.source: cannot load hub dataset '{name}' split '{src.split}' ({_short(exc)})"
                 ) from None
-    for old, new in src.columns.items():
+    renames = {old: new for old, new in src.columns.items() if old != new}  # {a: a} changes nothing
+    for old in src.columns:
         if old not in ds.column_names:
             raise UserError(
                 f"{key}.columns: column '{old}' not in {name}{did_you_mean(old, ds.column_names)}; "
                 f"it has {ds.column_names}"
             )
-        if new in ds.column_names and new != old:
-            ds = ds.remove_columns(new)
-        ds = ds.rename_column(old, new)
+    replaced = [new for new in renames.values() if new in ds.column_names and new not in renames]
+    if replaced:  # the renamed column takes the place of one the file already has
+        logger.info("%s.columns: the file's own column%s %s replaced by the renamed one", key,
+                    "s" if len(replaced) > 1 else "", ", ".join(repr(c) for c in replaced))
+        ds = ds.remove_columns(replaced)
+    if renames:
+        ds = ds.rename_columns(renames)
     if src.max_samples is not None and len(ds) > src.max_samples:
         ds = ds.select(range(src.max_samples))
     if len(ds) == 0:
@@ -300,6 +360,8 @@ def column_values(ds, column: str) -> list[Any]:
 def _is_empty(value: Any) -> bool:
     if value is None:
         return True
+    if isinstance(value, float):
+        return math.isnan(value)
     if isinstance(value, str):
         return not value.strip()
     if isinstance(value, list):
@@ -307,39 +369,175 @@ def _is_empty(value: Any) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# row formats: one per source, one per row, well-formed conversations
+
+# roles every chat template is expected to render; a data.chat_template file may name more (template_role_names)
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+_QUOTED_NAME = re.compile(r"""['"]([A-Za-z_][A-Za-z0-9_-]{0,31})['"]""")
+
+
+def template_role_names(template: str) -> tuple[str, ...]:
+    """Quoted names in a chat template's text: the roles it may compare with (``message['role'] == 'robot'``)."""
+    return tuple(sorted(set(_QUOTED_NAME.findall(template)) - set(STANDARD_ROLES)))
+
+
+def _turn_error(value: list, roles: set[str]) -> str | None:
+    """What is wrong with a conversation (a list of ``{role, content}`` turns), or None."""
+    for t, turn in enumerate(value):
+        role = turn.get("role")
+        if role not in roles:
+            known = ", ".join(sorted(roles))
+            return f"turn {t} has role {role!r}, which the chat template does not know (roles: {known})"
+        content = turn.get("content")
+        if content is None and not turn.get("tool_calls"):
+            return f"turn {t} ({role}) has content null (expected text; only a turn with tool_calls may have none)"
+        if content is not None and not isinstance(content, str | list):
+            return f"turn {t} ({role}) has content {_json_type(content)} (expected text)"
+    return None
+
+
+# row kinds posttrain renders itself (posttrain.data.formatting.render_prompt_completion wraps a plain-text side of a
+# conversational row as its user / assistant turn); TRL's trainers (sft, preference) need one format per row
+SELF_RENDERED_KINDS = ("unlearning", "test")
+
+
+def check_row_formats(ds, kind: str, key: str, source: str, label=None, roles: tuple[str, ...] = ()) -> None:
+    """Errors (naming ``file:row`` and the column) for rows the family's trainer could not read, before any model
+    loads: a null prompt; rows of one source in different formats (``{prompt, completion}`` here, ``{messages}``
+    there); a row mixing a conversational column with a plain-text one (except where posttrain renders the rows,
+    :data:`SELF_RENDERED_KINDS`); a conversation with a turn whose role the chat template does not know (``roles``:
+    besides :data:`STANDARD_ROLES`) or whose content is null."""
+    label = label or (lambda i: f"{source} row {i}")
+    names = ds.column_names
+    alternatives = [a for a in REQUIRED_COLUMNS[kind] if all(c in names for c in a)]
+    wanted = sorted({c for a in alternatives for c in a} | {c for c in (*TEXT_COLUMNS, "messages") if c in names})
+    if len(alternatives) == 1 and not any(_holds_lists(ds, c) for c in wanted):  # one format, plain text: fast path
+        if "prompt" in wanted:
+            prompts = column_values(ds, "prompt")
+            if None in prompts:
+                raise UserError(f"{key}: {label(prompts.index(None))}: column 'prompt' is null (expected text or a "
+                                "list of messages; an empty prompt is \"\")")
+        return
+    values = {c: column_values(ds, c) for c in wanted}
+    allowed = set(STANDARD_ROLES) | set(roles)
+    first_shape: tuple[tuple[str, ...], int] | None = None
+    for i in range(len(ds)):
+        filled = {c for c in wanted if values[c][i] is not None}
+        shape = next((a for a in alternatives if set(a) <= filled), None)
+        if shape is None and "prompt" in names and values["prompt"][i] is None and "prompt" in alternatives[0]:
+            raise UserError(f"{key}: {label(i)}: column 'prompt' is null (expected text or a list of messages; an "
+                            "empty prompt is \"\")")
+        if shape is not None and len(alternatives) > 1:
+            if first_shape is None:
+                first_shape = (shape, i)
+            elif shape != first_shape[0]:
+                def show(a):
+                    return "{" + ", ".join(a) + "}"
+
+                if set(first_shape[0]) ^ set(shape) == {"prompt"}:  # one row has a prompt, the other's is null
+                    null, other = (i, first_shape[1]) if values["prompt"][i] is None else (first_shape[1], i)
+                    raise UserError(f"{key}: {label(null)}: column 'prompt' is null, but {label(other)} has one "
+                                    "(give every row a prompt, or none)")
+                raise UserError(f"{key}: {label(i)}: row has {show(shape)} but {label(first_shape[1])} has "
+                                f"{show(first_shape[0])}; give every row of a source the same format (split the file)")
+        conversational = [c for c in wanted if c in (*TEXT_COLUMNS, "messages") and isinstance(values[c][i], list)]
+        plain = [c for c in wanted if c in TEXT_COLUMNS and isinstance(values[c][i], str)]
+        if conversational and plain and kind not in SELF_RENDERED_KINDS:
+            raise UserError(f"{key}: {label(i)}: column '{plain[0]}' is plain text but '{conversational[0]}' is a list "
+                            "of messages; give the columns of a row in one format (all messages, or all text)")
+        for c in conversational:
+            problem = _turn_error(values[c][i], allowed)
+            if problem:
+                raise UserError(f"{key}: {label(i)}: column '{c}': {problem}")
+
+
+def _holds_lists(ds, column: str) -> bool:
+    """Whether a column may hold conversations (its Arrow type is not plain text or a number)."""
+    from datasets import Value
+
+    feature = ds.features[column]
+    return not (isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null", "int64", "float64",
+                                                                  "int32", "float32", "bool"))
+
+
+def _unusable_rows(ds, columns: tuple[str, ...], allow_empty: tuple[str, ...]) -> list[tuple[str, list[int]]]:
+    """``[(reason, row indices)]`` of rows a trainer cannot learn from: an empty required value (null, blank, NaN),
+    ``messages`` without an assistant turn (no token to score), ``chosen`` identical to ``rejected`` (nothing to
+    prefer). A row counts under its first reason only."""
+    values = {c: column_values(ds, c) for c in columns}
+    checked = [c for c in columns if c not in allow_empty]
+    out: list[tuple[str, list[int]]] = []
+    taken: set[int] = set()
+
+    def add(reason: str, rows: list[int]) -> None:
+        rows = [i for i in rows if i not in taken]
+        if rows:
+            out.append((reason, rows))
+            taken.update(rows)
+
+    for c in checked:
+        add(f"with an empty {c}", [i for i in range(len(ds)) if _is_empty(values[c][i])])
+    if "messages" in columns:
+        add("whose messages have no assistant turn (nothing to learn)",
+            [i for i, m in enumerate(values["messages"]) if isinstance(m, list)
+             and not any(isinstance(t, dict) and t.get("role") == "assistant" for t in m)])
+    if "chosen" in columns and "rejected" in columns:
+        add("whose chosen and rejected responses are identical (nothing to prefer)",
+            [i for i in range(len(ds)) if values["chosen"][i] == values["rejected"][i]])
+    return out
+
+
 def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_empty: tuple[str, ...] = ("prompt",),
                   label=None):
-    """Skip rows whose required columns are empty (logging the count); error on wrong types naming the row
-    (``label(i)``: the row's ``file:row``)."""
+    """Skip rows a trainer cannot learn from (:func:`_unusable_rows`), logging the count per reason; error on wrong
+    types naming the row (``label(i)``: the row's ``file:row``), and when no row is left."""
     label = label or (lambda i: f"{source} row {i}")
-    values = {col: column_values(ds, col) for col in columns}
     for col in columns:
-        check_value_types(values[col], label, col, key)
-    checked = [c for c in columns if c not in allow_empty]
-    bad = [i for i in range(len(ds)) if any(_is_empty(values[c][i]) for c in checked)]
+        check_value_types(column_values(ds, col), label, col, key)
+    unusable = _unusable_rows(ds, columns, allow_empty)
+    bad = sorted(i for _, rows in unusable for i in rows)
+    for reason, rows in unusable:
+        logger.warning("%s: skipped %d of %d rows of %s %s (first: %s)", key, len(rows), len(ds), source, reason,
+                       label(rows[0]))
+    if len(bad) == len(ds):
+        reasons = "; ".join(f"{len(rows)} {reason}" for reason, rows in unusable)
+        empty_cols = [c for c in columns if c not in allow_empty and any(reason.endswith(f" {c}")
+                                                                        for reason, _ in unusable)]
+        cols = f" (column {'/'.join(repr(c) for c in empty_cols)})" if empty_cols else ""
+        raise UserError(f"{key}: no usable rows left in {source}{cols}: all {len(bad)} rows skipped ({reasons})")
     if bad:
-        logger.warning(
-            "%s: skipped %d of %d rows of %s with an empty %s (first: %s)",
-            key, len(bad), len(ds), source, "/".join(c for c in columns if c not in allow_empty), label(bad[0]),
-        )
         keep = sorted(set(range(len(ds))) - set(bad))
         ds = ds.select(keep)
-    if len(ds) == 0:
-        empty_cols = [c for c in checked if any(_is_empty(v) for v in values[c])]
-        raise UserError(
-            f"{key}: no usable rows left in {source} (all {len(bad)} had empty values in column "
-            f"{'/'.join(repr(c) for c in empty_cols)})"
-        )
     return ds
 
 
-def load_source(src: DataSource | list[DataSource], key: str, kind: str, seed: int = 0):
+def drop_unanswerable(ds, key: str, source: str = ""):
+    """Skip (and count) RL rows whose ``answer`` is null, blank or NaN: a reward that compares with the answer cannot
+    score them. Used when a reward needs the answer (posttrain.trainers.rl.check_rl_data)."""
+    answers = column_values(ds, "answer")
+    bad = [i for i, a in enumerate(answers) if _is_empty(a)]
+    if not bad:
+        return ds
+    where = f" of {source}" if source else ""
+    if len(bad) == len(ds):
+        raise UserError(f"{key}: no usable rows left{where}: every row's 'answer' is null, empty or NaN, and the "
+                        "rewards compare with it")
+    logger.warning("%s: skipped %d of %d rows%s whose answer is null, empty or NaN (the rewards compare with it; "
+                   "first: row %d)", key, len(bad), len(ds), where, bad[0])
+    return ds.select(sorted(set(range(len(ds))) - set(bad)))
+
+
+def load_source(src: DataSource | list[DataSource], key: str, kind: str, seed: int = 0,
+                roles: tuple[str, ...] = ()):
     """Load, check and clean a data source for a family (``sft``, ``preference``, ``rl``, ``unlearning``, ``test``);
-    a list of sources is a mixture (:func:`load_mixture`)."""
+    a list of sources is a mixture (:func:`load_mixture`). ``roles``: conversation roles allowed besides
+    :data:`STANDARD_ROLES` (those a ``data.chat_template`` file names)."""
     if isinstance(src, list):
-        return load_mixture(src, key, kind, seed)
+        return load_mixture(src, key, kind, seed, roles)
     ds, label = _load_rows_with_labels(src, key)
     columns = check_columns(ds, kind, key, src.source)
+    check_row_formats(ds, kind, key, src.source, label, roles)
     if "label" in columns:  # unpaired preference rows: desirable (true) or undesirable (false), nothing else
         check_labels(column_values(ds, "label"), label, key)
     return drop_unusable(ds, columns, key, src.source, label=label)
@@ -355,7 +553,7 @@ def check_labels(values, label, key: str) -> None:
                             f"{_json_type(value)} {shown}")
 
 
-def load_mixture(sources: list[DataSource], key: str, kind: str, seed: int = 0):
+def load_mixture(sources: list[DataSource], key: str, kind: str, seed: int = 0, roles: tuple[str, ...] = ()):
     """A mixture: each source loaded and checked on its own (its ``columns``, ``split``, ``max_samples``), reduced
     to the columns every source has, then combined. Without weights the sources are concatenated in order
     (``datasets.concatenate_datasets``: every row once); with weights they are interleaved
@@ -363,7 +561,7 @@ def load_mixture(sources: list[DataSource], key: str, kind: str, seed: int = 0):
     out: ``first_exhausted``). The rows per source are logged and kept as ``ds.posttrain_mixture``."""
     import datasets
 
-    parts = [load_source(src, f"{key}[{i}]", kind) for i, src in enumerate(sources)]
+    parts = [load_source(src, f"{key}[{i}]", kind, roles=roles) for i, src in enumerate(sources)]
     shared = [c for c in parts[0].column_names if all(c in p.column_names for p in parts[1:])]
     dropped = sorted({c for p in parts for c in p.column_names} - set(shared))
     if dropped:
@@ -376,8 +574,9 @@ def load_mixture(sources: list[DataSource], key: str, kind: str, seed: int = 0):
                                 f"{parts[0].features[col]} (every source of a mixture needs the same types)")
     weights = [src.weight for src in sources]
     if all(w is not None for w in weights) and len(parts) > 1:
-        total = sum(weights)
-        probabilities = [w / total for w in weights]
+        top = max(weights)  # scaled first: weights near the float maximum would overflow their sum
+        total = math.fsum(w / top for w in weights)
+        probabilities = [w / top / total for w in weights]
         tagged = [p.add_column("_posttrain_source", [i] * len(p)) for i, p in enumerate(parts)]
         ds = datasets.interleave_datasets(tagged, probabilities=probabilities, seed=seed,
                                           stopping_strategy="first_exhausted")

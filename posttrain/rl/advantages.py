@@ -561,8 +561,20 @@ SPO_KEYS = ("spo_offline_n", "spo_offline_scores", "spo_rho", "spo_rho_value", "
             "spo_d_half", "spo_sampling_eps", "spo_prioritized", "spo_adv_eps", "spo_baseline", "spo_reward_range")
 
 
+def check_spo_settings(p) -> str | None:
+    """SPO's cross-key settings: ``spo_rho_min <= spo_rho_max``, ``spo_reward_range`` as ``[low, high]``."""
+    if p.spo_rho_min > p.spo_rho_max:
+        return f"method.spo_rho_min: {p.spo_rho_min} is above method.spo_rho_max ({p.spo_rho_max})"
+    if p.spo_reward_range is not None and not p.spo_reward_range[0] < p.spo_reward_range[1]:
+        return f"method.spo_reward_range: expected [low, high] with low < high, got {p.spo_reward_range}"
+    if p.spo_offline_scores is not None and p.spo_offline_n == 0:
+        return ("method.spo_offline_scores: spo_offline_n is 0 (no offline scores are kept); set it to the number "
+                "of scores per prompt to keep (n0)")
+    return None
+
+
 @ADVANTAGES.register(
-    "spo", doc="docs/methods/spo.md#advantage", keys=SPO_KEYS, defaults={},
+    "spo", doc="docs/methods/spo.md#advantage", keys=SPO_KEYS, defaults={}, check=check_spo_settings,
     group_baseline=False, needs_strata=False, normalize_then_sum=False, single_stream=True,
     refuses={"scale_rewards": "z-scores r - p_hat over the whole batch (method.spo_adv_eps), not with scale_rewards"},
     options=lambda p, strata: {"eps": p.spo_adv_eps, "baseline": p.spo_baseline},

@@ -36,6 +36,7 @@ import asyncio
 import importlib
 import importlib.util
 import inspect
+import logging
 import math
 import re
 import sys
@@ -45,6 +46,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from posttrain.errors import UserError, did_you_mean
+
+logger = logging.getLogger("posttrain")
 
 # ----------------------------------------------------------------------------------------------------------------
 # the final answer of a completion
@@ -313,19 +316,26 @@ def split_function_path(path: str) -> tuple[str, str]:
 
 def _load_file_module(target: str, key: str, base_dirs: Sequence[str | Path]):
     """Import a ``.py`` file by path: an absolute path as is; a relative one from the first of ``base_dirs`` (the
-    recipe's directory) that holds it, else from the working directory. This runs the file's code."""
-    candidate = Path(target).expanduser()
+    recipe's directory) that holds it, else from the working directory (the path it runs from is logged, once per
+    process). This runs the file's code."""
+    from posttrain.paths import expand_home
+
+    candidate = expand_home(target, key)
     tried = [candidate] if candidate.is_absolute() else [Path(d) / candidate for d in base_dirs] + [Path.cwd() / candidate]
     found = next((c for c in tried if c.is_file()), None)
     if found is None:
         where = ", ".join(dict.fromkeys(str(c.parent.resolve()) for c in tried))
         raise UserError(f"{key}: file '{target}' not found (looked in {where})")
+    beside = not candidate.is_absolute() and found in tried[:-1]
     found = found.resolve()
     import hashlib
 
     name = f"posttrain_user_{found.stem}_{hashlib.sha1(str(found).encode()).hexdigest()[:10]}"
     if name in sys.modules:  # loaded once per process (the checks before loading the model, then the trainer)
         return sys.modules[name]
+    origin = ("" if candidate.is_absolute() else " (next to the recipe)" if beside
+              else " (from the working directory: not next to the recipe)")
+    logger.info("%s: running code from %s%s", key, found, origin)
     spec = importlib.util.spec_from_file_location(name, found)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -351,10 +361,13 @@ def import_function(path: str, key: str, base_dirs: Sequence[str | Path] = ()) -
         module = _load_file_module(target, key, base_dirs)
         where = f"file '{target}'"
     else:
+        first = target not in sys.modules
         try:
             module = importlib.import_module(target)
         except Exception as exc:  # ImportError, or the module itself failing
             raise UserError(f"{key}: cannot import module '{target}' ({type(exc).__name__}: {exc})") from None
+        if first and not target.startswith("posttrain."):
+            logger.info("%s: running code from module %s (%s)", key, target, getattr(module, "__file__", "?"))
         where = f"module '{target}'"
     obj: Any = module
     for part in attr.split("."):

@@ -16,6 +16,20 @@ def _sft_dataset(ctx, key: str, src):
     return ds
 
 
+def check_sft_data(recipe, datasets) -> None:
+    """Checks of the loaded SFT data that need no model (preflight): the extra columns the method's loss reads
+    (PoFT's aligned scores, or the aligned models that will compute them)."""
+    from posttrain.trainers.sft import POFT_SCORE_COLUMN, SFT_LOSSES
+
+    if POFT_SCORE_COLUMN not in SFT_LOSSES[recipe.method.name].extra_columns:
+        return
+    from posttrain.data.poft import check_scores
+
+    for key in ("data.train", "data.eval"):
+        if key in datasets:
+            check_scores(datasets[key], recipe.params, key)
+
+
 def sft_config(recipe, info):
     """The ``SFTConfig`` of an SFT-family recipe (built before any model loads, see :func:`posttrain.train.preflight`)."""
     from trl import SFTConfig

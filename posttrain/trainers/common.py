@@ -262,10 +262,16 @@ def previous_outputs(out: Path) -> list[str]:
     return found
 
 
-def check_output_dir(out: Path, probe: bool = True) -> None:
-    """``out`` is (or can be made) a writable directory; else one error line."""
+def check_output_dir(out: Path, probe: bool = True, create: bool = True) -> None:
+    """``out`` is (or can be made) a writable directory; else one error line. ``create=False``: check without
+    creating or writing anything (the folder, or its nearest existing parent, is a directory we may write to)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: '{out}' exists and is not a directory")
+    if not create:
+        existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"output_dir: '{out}' is not a writable directory ('{existing}' cannot be written to)")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         if probe:

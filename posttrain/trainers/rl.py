@@ -556,28 +556,97 @@ def _user_callables(p, base_dirs) -> dict[str, Any]:
     return out
 
 
+def _check_tool_schema(fn, key: str) -> None:
+    """A tool must describe itself the way TRL renders it for the model (type hints and a Google-style docstring)."""
+    from transformers.utils import get_json_schema
+
+    try:
+        get_json_schema(fn)
+    except Exception as exc:  # noqa: BLE001 - transformers' docstring / type-hint parsing errors
+        raise UserError(f"{key}: {getattr(fn, '__name__', fn)} cannot be offered as a tool ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}); give it type hints and a Google-style docstring") from None
+
+
+def _check_environment(factory, key: str) -> None:
+    """What TRL does with ``environment_factory`` when the trainer is built, done here: one instance made with no
+    arguments, which has a ``reset`` method; its public methods are tools."""
+    import inspect
+
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise UserError(f"{key}: TRL makes one environment per rollout by calling it with no arguments, and "
+                        f"{getattr(factory, '__name__', factory)} cannot be called so ({exc}); give a class (or a "
+                        "factory function) with no required arguments") from None
+    except ValueError:  # no signature (a builtin): let the call below tell
+        pass
+    try:
+        instance = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's code
+        raise UserError(f"{key}: creating the environment raised {type(exc).__name__}: {exc}") from None
+    methods = dict(inspect.getmembers(type(instance), predicate=inspect.isfunction))
+    if "reset" not in methods:
+        raise UserError(f"{key}: the environment ({type(instance).__name__}) has no reset() method, which TRL calls "
+                        "before each rollout")
+    for name in methods:
+        if not name.startswith("_") and name not in ("reset", "get_reward"):
+            _check_tool_schema(getattr(instance, name), f"{key} ({type(instance).__name__}.{name})")
+
+
 def check_rl_recipe(recipe) -> None:
-    """Checks that need no model, run before anything is loaded: ``use_vllm`` (vLLM installed, a mode it can sync),
-    reward functions, files and reward-model configs, tools, environment, rollout function and a ``module:function``
-    stratum key import (this runs the user's code)."""
+    """The recipe's code, imported and checked (this runs the user's code; :func:`posttrain.train.check_user_code`
+    runs it after every other check): reward functions, files and reward-model configs, tools, environment, rollout
+    function and a ``module:function`` stratum key."""
     from posttrain.rl.rewards import import_function, load_rewards
 
     p, dirs = recipe.params, recipe_dirs(recipe)
-    check_vllm_recipe(recipe.training)
     load_rewards(p.rewards, base_dirs=dirs, load_models=False)
-    _user_callables(p, dirs)
+    user = _user_callables(p, dirs)
+    for i, tool in enumerate(user.get("tools", [])):
+        _check_tool_schema(tool, f"method.tools[{i}]")
+    if "environment_factory" in user:
+        _check_environment(user["environment_factory"], "method.environment")
     if ADVANTAGES[p.advantage].needs_strata and ":" in p.stratum_key:
         import_function(p.stratum_key, "method.stratum_key", dirs)
 
 
-def _check_conversational(train, key: str) -> None:
+def check_rl_data(recipe, datasets: dict[str, Any]) -> None:
+    """Checks of the loaded RL data that need no model (preflight): columns the rewards and a column stratum key
+    read, conversational prompts for tool calling, and rows whose answer cannot be scored (skipped, counted)."""
+    from posttrain.rl.rewards import NEEDS_ANSWER
+
+    p = recipe.params
+    for key in ("data.train", "data.eval"):
+        ds = datasets.get(key)
+        if ds is None:
+            continue
+        needs = [f"method.rewards[{i}] ({spec.name})" for i, spec in enumerate(p.rewards) if spec.name in NEEDS_ANSWER]
+        if needs and "answer" not in ds.column_names:
+            raise UserError(f"{needs[0]}: needs an 'answer' column in {key} (has {ds.column_names}; rename with "
+                            f"{key}.columns)")
+        if needs:
+            from posttrain.data.sources import drop_unanswerable
+
+            datasets[key] = ds = drop_unanswerable(ds, key)
+        if p.tools or p.environment is not None:
+            _check_conversational(ds, "method.tools" if p.tools else "method.environment", key)
+    train = datasets.get("data.train")
+    strat = ADVANTAGES[p.advantage].needs_strata and p.stratum_key != "tool_calls" and ":" not in p.stratum_key
+    if train is not None and strat and p.stratum_key not in train.column_names:
+        make_stratum_fn(p.stratum_key, train.column_names)  # the error naming the key and the columns
+
+
+def _check_conversational(ds, key: str, data_key: str = "data.train") -> None:
     from trl.data_utils import is_conversational
 
-    if len(train) and not is_conversational({"prompt": train[0]["prompt"]}):
-        raise UserError(
-            f"{key}: tool calling needs conversational prompts (a list of messages, e.g. [{{role: user, content: "
-            "...}}]) in data.train; got plain text"
-        )
+    from posttrain.data.sources import column_values
+
+    for i, prompt in enumerate(column_values(ds, "prompt")):
+        if not is_conversational({"prompt": prompt}):
+            raise UserError(
+                f"{key}: tool calling needs conversational prompts (a list of messages, e.g. [{{role: user, content: "
+                f"...}}]) in {data_key}; row {i} is plain text"
+            )
 
 
 def rl_config(recipe, info):
@@ -589,6 +658,7 @@ def rl_config(recipe, info):
     p = recipe.params
     if recipe.data.train is None:
         raise UserError("data.train: required key is missing")
+    check_vllm_recipe(recipe.training)  # use_vllm: vLLM installed, a mode posttrain can sync
     for key, where in _METHOD_OWNED.items():
         if key in recipe.training:
             raise UserError(f"training.{key}: set it as {where} for method '{info.name}'")
@@ -652,7 +722,7 @@ def _without(recipe, key: str):
 def build_rl_trainer(ctx):
     """The ``rl`` family (method ``grpo``) on :class:`PosttrainGRPOTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.rl.rewards import NEEDS_ANSWER, load_rewards
+    from posttrain.rl.rewards import load_rewards
     from posttrain.rl.tools import prepare_tool_tokenizer
     from posttrain.trainers.common import peft_config
 
@@ -661,12 +731,9 @@ def build_rl_trainer(ctx):
     config = ctx.config if ctx.config is not None else rl_config(recipe, ctx.info)
     train = ctx.dataset("data.train", "rl")
     evals = ctx.dataset("data.eval", "rl") if recipe.data.eval is not None else None
-    for i, spec in enumerate(p.rewards):
-        if spec.name in NEEDS_ANSWER and "answer" not in train.column_names:
-            raise UserError(
-                f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has {train.column_names};"
-                " rename with data.train.columns)"
-            )
+    checked = {"data.train": train, **({"data.eval": evals} if evals is not None else {})}
+    check_rl_data(recipe, checked)  # done by preflight already in `posttrain train`; cheap when repeated
+    train, evals = checked["data.train"], checked.get("data.eval")
     user = _user_callables(p, dirs)
     cls = PosttrainGRPOTrainer
     if ADVANTAGES[p.advantage].meta.get("single_stream", False):  # one completion per prompt, tracker + sampler
@@ -674,9 +741,7 @@ def build_rl_trainer(ctx):
 
         cls = SPOGRPOTrainer
     if "tools" in user or "environment_factory" in user:
-        key = "method.tools" if "tools" in user else "method.environment"
-        _check_conversational(train, key)
-        prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key=key)
+        prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key="method.tools" if "tools" in user else "method.environment")
     rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
     stratum_fn = make_stratum_fn(p.stratum_key, train.column_names, dirs) if ADVANTAGES[p.advantage].needs_strata else None
     extra: dict[str, Any] = dict(user)

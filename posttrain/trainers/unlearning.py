@@ -447,6 +447,10 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
     if UNLEARNING_OBJECTIVES[name].meta.get("steers_activations", False) and recipe.peft is not None:
         raise UserError(f"peft: method '{name}' chooses the base-model weights that move (method.trainable_params), "
                         "which a peft adapter freezes; remove peft")
+    if data.retain is not None and not _needs_retain(recipe, name):
+        why = "method.alpha is 0" if hasattr(recipe.params, "alpha") else "the method has no retain term"
+        raise UserError(f"data.retain: method '{name}' would not read it ({why}, and no method.mask: wagle); remove "
+                        "it, or use a method with a retain term (grad_diff, npo_rt, npo_kl, simnpo, rmu)")
     if _needs_retain(recipe, name) and data.retain is None:
         raise UserError(
             f"data.retain: method '{name}' needs a retain set (e.g. data.retain: {{source: builtin:facts, "
@@ -464,8 +468,6 @@ def build_unlearning_trainer(ctx):
     name, data = info.name, recipe.data
     config = ctx.config if ctx.config is not None else unlearning_config(recipe, info)
     needs_retain = _needs_retain(recipe, name)
-    if data.retain is not None and not needs_retain:
-        logger.info("data.retain: not used by method '%s' (no retain term)", name)
     tok = ctx.tokenizer
     forget = tokenize_rows(ctx.dataset("data.forget", "unlearning"), tok, config.max_length, "data.forget")
     retain = None

@@ -12,7 +12,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from posttrain.unlearning_masks.wagle import FrozenWeights, selected_fraction_by_module, summed_gradients, wagle_mask
+from posttrain.errors import UserError
+from posttrain.unlearning_masks.wagle import (
+    FrozenWeights,
+    keep_count,
+    selected_fraction_by_module,
+    summed_gradients,
+    wagle_mask,
+)
 
 logger = logging.getLogger("posttrain")
 
@@ -37,6 +44,10 @@ class WagleMask:
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         collate = collator_cls(pad)._pad
         size = trainer.args.per_device_train_batch_size
+        weights = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if keep_count(weights, params.mask_sparsity) == 0:
+            raise UserError(f"method.mask_sparsity: {params.mask_sparsity} freezes every one of this model's {weights} "
+                            "weights (floor((1 - mask_sparsity) N) = 0), so the run could not change anything; lower it")
         batches = math.ceil(len(forget_rows) / size)
         if params.mask_num_batches is not None:
             batches = min(batches, params.mask_num_batches)
