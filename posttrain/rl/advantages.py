@@ -466,8 +466,9 @@ non-default value, optional),
 (uses the group mean and std), ``normalize_then_sum`` (TRL's ``multi_objective_aggregation="normalize_then_sum"``
 replaces it), ``needs_strata`` (stratum keys are computed per rollout), ``needs_lengths`` (optional: the estimator
 takes the completion token counts of the generation batch as ``lengths``), ``single_stream`` (optional: one
-completion per prompt, with the per-prompt tracker and sampler of :class:`posttrain.trainers.spo.SPOGRPOTrainer`,
-which passes the baseline ``p_hat`` of every row)."""
+completion per prompt), ``trainer`` (optional: ``"module:Class"``, the GRPO trainer subclass the estimator needs, e.g.
+SPO's per-prompt tracker and sampler, which pass the baseline ``p_hat`` of every row), ``check`` (optional: the
+estimator's cross-key check, ``check(params) -> error or None``)."""
 
 
 def _ones_keep(adv: torch.Tensor) -> AdvantageOutput:
@@ -576,6 +577,7 @@ def check_spo_settings(p) -> str | None:
 @ADVANTAGES.register(
     "spo", doc="docs/methods/spo.md#advantage", keys=SPO_KEYS, defaults={}, check=check_spo_settings,
     group_baseline=False, needs_strata=False, normalize_then_sum=False, single_stream=True,
+    trainer="posttrain.trainers.spo:SPOGRPOTrainer",
     refuses={"scale_rewards": "z-scores r - p_hat over the whole batch (method.spo_adv_eps), not with scale_rewards"},
     options=lambda p, strata: {"eps": p.spo_adv_eps, "baseline": p.spo_baseline},
 )

@@ -28,7 +28,7 @@ def offline_init(scores: list[float] | None, rho_min: float = 0.875, max_scores:
     are kept (a random subsample drawn with ``rng``, default ``random.Random(0)``); with ``n`` kept scores and ``S``
     successes, ``alpha0 = N (S + 0.5) / (n + 1)``, ``beta0 = N (n - S + 0.5) / (n + 1)``, ``N = 1 / (1 - rho_min)``
     (so ``p_hat0 = (S + 0.5) / (n + 1)``). No scores, or ``max_scores`` 0: Jeffreys ``(0.5, 0.5)``. ``n`` is the
-    prompt's own count when it has fewer than ``max_scores`` (docs/methods/spo.md#math)."""
+    prompt's own count when it has fewer than ``max_scores`` (docs/methods/spo.md#tracker)."""
     if not scores or max_scores <= 0:
         return 0.5, 0.5
     scores = list(scores)

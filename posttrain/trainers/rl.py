@@ -736,10 +736,11 @@ def build_rl_trainer(ctx):
     train, evals = checked["data.train"], checked.get("data.eval")
     user = _user_callables(p, dirs)
     cls = PosttrainGRPOTrainer
-    if ADVANTAGES[p.advantage].meta.get("single_stream", False):  # one completion per prompt, tracker + sampler
-        from posttrain.trainers.spo import SPOGRPOTrainer
+    if "trainer" in ADVANTAGES[p.advantage].meta:  # an estimator with its own trainer subclass (SPO's tracker, sampler)
+        import importlib
 
-        cls = SPOGRPOTrainer
+        module, name = ADVANTAGES[p.advantage].meta["trainer"].split(":")
+        cls = getattr(importlib.import_module(module), name)
     if "tools" in user or "environment_factory" in user:
         prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key="method.tools" if "tools" in user else "method.environment")
     rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
