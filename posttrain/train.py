@@ -31,7 +31,7 @@ from posttrain.recipe import Recipe
 from posttrain.trainers.build import build_sft_trainer, check_sft_data, sft_config
 from posttrain.trainers.common import peft_config, training_config  # noqa: F401 (re-exported)
 from posttrain.trainers.kto import build_kto_trainer, kto_config
-from posttrain.trainers.online_dpo import build_online_trainer, check_online_recipe, online_config
+from posttrain.trainers.online_dpo import build_online_trainer, check_online_data, check_online_recipe, online_config
 from posttrain.trainers.reward import build_reward_trainer, check_reward_data, pairwise_test_accuracy, reward_config
 from posttrain.trainers.preference import build_preference_trainer, preference_config
 from posttrain.trainers.rl import build_rl_trainer, check_rl_data, check_rl_recipe, rl_config
@@ -75,6 +75,7 @@ DATA_CHECKS = {
     "sft": check_sft_data,
     "rl": check_rl_data,
     "reward": check_reward_data,
+    "online": check_online_data,
 }
 # family -> the check that imports the recipe's own code (rewards, tools, environment, ...: it runs that code), run
 # after every other check so that a run refused on other grounds executes nothing: check(recipe) -> None

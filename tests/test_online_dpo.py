@@ -50,7 +50,7 @@ def _rows(n=PROMPTS, seed=0):
     return arithmetic_rows("rl", num_samples=n, max_operand=30, seed=seed)
 
 
-def _ours(policy, ref, tok, tmp_path, params, **config):
+def _ours(policy, ref, tok, tmp_path, params, rows=None, **config):
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -62,7 +62,7 @@ def _ours(policy, ref, tok, tmp_path, params, **config):
                max_steps=1, temperature=0.7, disable_tqdm=True)
     cfg.update(config)
     trainer = PosttrainOnlineDPOTrainer(model=policy, ref_model=ref, reward_funcs=[make_exact_match()],
-                                        args=GRPOConfig(**cfg), train_dataset=Dataset.from_list(_rows(32)),
+                                        args=GRPOConfig(**cfg), train_dataset=Dataset.from_list(rows or _rows(32)),
                                         processing_class=tok, params=params)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -159,6 +159,25 @@ def test_the_two_completions_of_a_prompt_stay_in_one_micro_batch(arith_model_dir
         assert micro[NUM_PAIRS].item() == 4.0 and micro[PAIR_KEEP].sum().item() == 2.0
 
 
+def test_conversational_prompts_are_sampled_through_the_chat_template(arith_model_dir, tmp_path):
+    """Chat prompts (lists of messages): TRL renders them with the model's chat template for sampling, the pairs are
+    ranked and the DPO loss over them is finite and has a gradient."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.methods import OnlineDPOParams
+
+    tok = AutoTokenizer.from_pretrained(arith_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(arith_model_dir)
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in _rows(32)]
+    trainer = _ours(policy, copy.deepcopy(policy), tok, tmp_path, OnlineDPOParams(ties="first"), rows=rows)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    prompt = tok.decode(batch["prompt_ids"][0, 0][batch["prompt_mask"][0, 0].bool()])
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n"), prompt
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # recipes
 
@@ -198,6 +217,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     recipe["data"]["eval"] = "builtin:arithmetic-rl"
     line = _cli(tmp_path, capsys, recipe)
     assert "data.eval: method 'online_dpo' (online family) reads data.train and data.test" in line, line
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1+1="}\n{"prompt": "2+2="}\n')
+    line = _cli(tmp_path, capsys, {**_recipe(), "data": {"train": str(data)}})
+    assert line.startswith("error: method.rewards[0] (exact_match): needs an 'answer' column in data.train"), line
     line = _cli(tmp_path, capsys, {**_recipe(), "ref_model": "none"})
     assert "ref_model" in line and "online_dpo" in line and "needs a reference model" in line, line
 

@@ -194,6 +194,30 @@ def _recipe(train="builtin:arithmetic-pref", **method):
             "training": {"max_steps": 1, "per_device_train_batch_size": 2, "save_strategy": "no"}}
 
 
+def test_conversational_pairs_train_and_score(tmp_path, monkeypatch):
+    """Conversational pairs (messages in every column) train through the chat template and data.test reports their
+    pairwise accuracy; the trained sequences are the chat-template renderings GRPO would score."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from posttrain.trainers.reward import scored_text, tokenize_pairs
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in _pairs(24)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = _run(tmp_path, "rm-chat", **{"data.train": f"{{source: {data}}}", "data.test": f"{{source: {data}}}",
+                                           "training.max_steps": 2, "training.per_device_train_batch_size": 8})
+    assert summary["test_metric"] == "pairwise accuracy" and 0.0 <= summary["accuracy_after"] <= 1.0, summary
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm-chat")
+    text = scored_text(rows[0]["prompt"], rows[0]["chosen"], tok)
+    assert text.startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in text, text
+    assert tokenize_pairs(rows[:1], tok)["chosen_ids"][0] == tok(text, add_special_tokens=False)["input_ids"]
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     line = _cli(tmp_path, capsys, _recipe(margin=True))
     assert line.startswith("error: data.train: method.margin: true reads a 'margin' column"), line

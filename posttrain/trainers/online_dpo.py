@@ -186,6 +186,24 @@ def check_online_recipe(recipe) -> None:
     load_rewards(recipe.params.rewards, base_dirs=recipe_dirs(recipe), load_models=False)
 
 
+def check_online_data(recipe, datasets: dict[str, Any]) -> None:
+    """Checks of the loaded prompts that need no model (preflight): a reward that compares with the answer needs an
+    ``answer`` column, and rows whose answer is null, blank or NaN are skipped with a logged count."""
+    from posttrain.data.sources import drop_unanswerable
+    from posttrain.rl.rewards import NEEDS_ANSWER
+
+    train = datasets.get("data.train")
+    if train is None:
+        return
+    needs = [f"method.rewards[{i}] ({spec.name})" for i, spec in enumerate(recipe.params.rewards)
+             if spec.name in NEEDS_ANSWER]
+    if needs and "answer" not in train.column_names:
+        raise UserError(f"{needs[0]}: needs an 'answer' column in data.train (has {train.column_names}; rename with "
+                        "data.train.columns)")
+    if needs:
+        datasets["data.train"] = drop_unanswerable(train, "data.train")
+
+
 def online_config(recipe, info):
     """The ``GRPOConfig`` of an ``online_dpo`` recipe (two generations per prompt, beta = the DPO beta)."""
     from trl import GRPOConfig
@@ -214,16 +232,14 @@ def online_config(recipe, info):
 def build_online_trainer(ctx):
     """``online_dpo`` on :class:`PosttrainOnlineDPOTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.rl.rewards import NEEDS_ANSWER, load_rewards
+    from posttrain.rl.rewards import load_rewards
     from posttrain.trainers.common import peft_config
 
     recipe, p = ctx.recipe, ctx.recipe.params
     config = ctx.config if ctx.config is not None else online_config(recipe, ctx.info)
-    train = ctx.dataset("data.train", "rl")
-    for i, spec in enumerate(p.rewards):
-        if spec.name in NEEDS_ANSWER and "answer" not in train.column_names:
-            raise UserError(f"method.rewards[{i}] ({spec.name}): needs an 'answer' column in data.train (has "
-                            f"{train.column_names}; rename with data.train.columns)")
+    checked = {"data.train": ctx.dataset("data.train", "rl")}
+    check_online_data(recipe, checked)  # done by preflight already in `posttrain train`; cheap when repeated
+    train = checked["data.train"]
     rewards = load_rewards(p.rewards, base_dirs=recipe_dirs(recipe), dtype=recipe.model.dtype)
     extra: dict[str, Any] = {}
     if any(pc is not None for pc in rewards.processing_classes):
