@@ -67,7 +67,7 @@ DATA_KINDS = {
     "reward": {"train": "preference", "eval": "preference", "test": "preference"},
     "online": {"train": "rl", "test": "test"},
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
-    "unlearning": {"forget": "unlearning", "retain": "unlearning"},
+    "unlearning": {"forget": "unlearning", "retain": "unlearning", "holdout": "unlearning"},
 }
 # family -> the check of the loaded data that needs no model (columns a key names, row formats a part needs):
 # check(recipe, datasets) -> None, run by preflight

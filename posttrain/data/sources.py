@@ -88,6 +88,17 @@ def _facts(split: str, **options):
     return facts_rows(split, **options)
 
 
+@register_task(
+    "news",
+    "fictitious news articles + questions, MUSE-News in miniature (unlearning): {prompt, completion}; split full, "
+    "forget, retain, holdout, {forget,retain,holdout}_text, {forget,retain,holdout}_qa, forget_verbmem",
+)
+def _news(split: str, **options):
+    from posttrain.data.news import news_rows
+
+    return news_rows(split, **options)
+
+
 # Columns each family needs (any one of the alternatives).
 REQUIRED_COLUMNS: dict[str, list[tuple[str, ...]]] = {
     "sft": [("prompt", "completion"), ("messages",), ("text",)],
