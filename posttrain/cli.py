@@ -38,7 +38,7 @@ def _cmd_train(args) -> int:
                 print(f"stage {s['stage']}: {state}, saved to {s['output_dir']}")
                 for key, label in (("accuracy_before", "before training: "), ("accuracy_after", "after training:  ")):
                     if isinstance(s.get(key), float):
-                        print(f"  test accuracy {label}{100 * s[key]:.1f}%")
+                        print(f"  test {s.get('test_metric', 'accuracy')} {label}{100 * s[key]:.1f}%")
         return 0
     recipe = load_recipe(args.recipe, overrides)
     if num_processes > 1 and not launch.already_distributed():
@@ -60,10 +60,11 @@ def _cmd_train(args) -> int:
         loss = summary["train_loss"]
         loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
         lines = [f"done: {summary['steps']} steps, train loss {loss_text}, saved to {recipe.output_dir}"]
+        metric = summary.get("test_metric", "accuracy")  # reward models: pairwise accuracy
         if summary.get("accuracy_before") is not None:
-            lines.append(f"test accuracy before training: {100 * summary['accuracy_before']:.1f}%")
+            lines.append(f"test {metric} before training: {100 * summary['accuracy_before']:.1f}%")
         if summary.get("accuracy_after") is not None:
-            lines.append(f"test accuracy after training:  {100 * summary['accuracy_after']:.1f}%")
+            lines.append(f"test {metric} after training:  {100 * summary['accuracy_after']:.1f}%")
         lines += [f"warning: {w}" for w in summary.get("warnings", [])]
         print("\n".join(lines))
     return 0
@@ -152,7 +153,9 @@ def _cmd_methods(args) -> int:
 
     if args.name:
         return _method_detail(args.name)
-    rows = sorted(METHODS.values(), key=lambda m: (["sft", "preference", "unlearning", "rl"].index(m.family), m.name))
+    from posttrain.methods import FAMILIES
+
+    rows = sorted(METHODS.values(), key=lambda m: (FAMILIES.index(m.family), m.name))
     if args.json:
         print(json.dumps([
             {"name": m.name, "family": m.family, "summary": m.summary, "paper": m.paper, "recipe": m.recipe}
