@@ -85,7 +85,7 @@ def model_card(ctx: CardContext, *, metrics: dict[str, tuple[int, float]] | None
     if _is_hub_id(base):
         front.append(f"base_model: {base}")
     sources = [(key if not isinstance(value, list) else f"{key}[{i}]", src)
-               for key in ("train", "eval", "test", "forget", "retain")
+               for key in ("train", "eval", "test", "forget", "retain", "holdout")
                if (value := getattr(recipe.data, key)) is not None
                for i, src in enumerate(value if isinstance(value, list) else [value])]
     hub_data = sorted({src.source for _, src in sources if _is_hub_id(src.source)})

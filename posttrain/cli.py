@@ -38,7 +38,7 @@ def _cmd_train(args) -> int:
                 print(f"stage {s['stage']}: {state}, saved to {s['output_dir']}")
                 for key, label in (("accuracy_before", "before training: "), ("accuracy_after", "after training:  ")):
                     if isinstance(s.get(key), float):
-                        print(f"  test accuracy {label}{100 * s[key]:.1f}%")
+                        print(f"  test {s.get('test_metric', 'accuracy')} {label}{100 * s[key]:.1f}%")
         return 0
     recipe = load_recipe(args.recipe, overrides)
     if num_processes > 1 and not launch.already_distributed():
@@ -61,10 +61,11 @@ def _cmd_train(args) -> int:
         loss = summary["train_loss"]
         loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
         lines = [f"done: {summary['steps']} steps, train loss {loss_text}, saved to {recipe.output_dir}"]
+        metric = summary.get("test_metric", "accuracy")  # reward models: pairwise accuracy
         if summary.get("accuracy_before") is not None:
-            lines.append(f"test accuracy before training: {100 * summary['accuracy_before']:.1f}%")
+            lines.append(f"test {metric} before training: {100 * summary['accuracy_before']:.1f}%")
         if summary.get("accuracy_after") is not None:
-            lines.append(f"test accuracy after training:  {100 * summary['accuracy_after']:.1f}%")
+            lines.append(f"test {metric} after training:  {100 * summary['accuracy_after']:.1f}%")
         lines += [f"warning: {w}" for w in summary.get("warnings", [])]
         print("\n".join(lines))
     return 0
@@ -153,7 +154,9 @@ def _cmd_methods(args) -> int:
 
     if args.name:
         return _method_detail(args.name)
-    rows = sorted(METHODS.values(), key=lambda m: (["sft", "preference", "unlearning", "rl"].index(m.family), m.name))
+    from posttrain.methods import FAMILIES
+
+    rows = sorted(METHODS.values(), key=lambda m: (FAMILIES.index(m.family), m.name))
     if args.json:
         print(json.dumps([
             {"name": m.name, "family": m.family, "summary": m.summary, "paper": m.paper, "recipe": m.recipe}
@@ -210,11 +213,56 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
+SUITE_ONLY = {"forget": "--forget", "retain": "--retain", "holdout": "--holdout", "forget_split": "--forget-split",
+              "retain_model": "--retain-model"}
+UNLEARNING_ONLY = {"forget_qa": "--forget-qa", "retain_qa": "--retain-qa", "reference_model": "--reference-model"}
+
+
+def _check_eval_flags(args) -> None:
+    """Refuse flags the chosen suite would ignore (one error line, before anything loads)."""
+    suite = args.suite or ("lm-eval" if args.lm_eval and args.data is None else "accuracy")
+    args.suite = suite
+    unused = []
+    if suite not in ("tofu", "unlearning"):
+        unused += [flag for key, flag in SUITE_ONLY.items() if getattr(args, key) is not None]
+    if suite != "unlearning":
+        unused += [flag for key, flag in UNLEARNING_ONLY.items() if getattr(args, key) is not None]
+    if suite != "accuracy" and args.pass_k:
+        unused.append("--pass-k")
+    if args.lm_eval and suite not in ("unlearning", "lm-eval"):
+        unused.append("--lm-eval")
+    if args.lm_eval_include is not None and not args.lm_eval:
+        unused.append("--lm-eval-include")
+    if unused:
+        raise UserError(f"{unused[0]}: not used by --suite {suite} (--suite tofu/unlearning take the unlearning data "
+                        "flags; --lm-eval goes alone or with --suite unlearning; --pass-k with accuracy)")
+    if suite in ("tofu", "unlearning") and args.split is not None:
+        source = args.forget if args.forget is not None else args.data
+        if source is None or source.lstrip().startswith(("{", "[")):
+            raise UserError("--split: with --suite tofu/unlearning it is the split of --data / --forget given as a "
+                            "name; use --forget '{source: NAME, split: SPLIT}' or --forget-split")
+        if args.forget is not None:
+            args.forget = {"source": args.forget, "split": args.split}
+        else:
+            args.data = {"source": args.data, "split": args.split}
+
+
 def _cmd_eval(args) -> int:
+    _check_eval_flags(args)
     if args.suite == "tofu":
         from posttrain.eval.unlearning import cli_eval
 
         return cli_eval(args)
+    if args.suite == "unlearning":
+        from posttrain.eval.unlearning_suite import cli_eval_suite
+
+        return cli_eval_suite(args)
+    if args.suite == "lm-eval":
+        from posttrain.eval.lm_eval import cli_lm_eval
+
+        return cli_lm_eval(args)
+    args.data = args.data or "builtin:arithmetic-rl"
+    args.split = args.split or "test"
     from posttrain.data.sources import load_source
     from posttrain.eval.accuracy import command_max_new_tokens, greedy_eval
     from posttrain.loading import load_model_or_run as load_model
@@ -348,26 +396,50 @@ def build_parser() -> argparse.ArgumentParser:
                        "generated tasks a recipe can name as a data source (builtin:<task>).")
     p.set_defaults(fn=_cmd_tasks)
 
-    p = sub.add_parser("eval", help="greedy accuracy of a model on prompt/answer data (--suite tofu: unlearning)",
-                       description="Score a model (run directory, local path, hub id or builtin:) by greedy accuracy "
-                       "on a dataset with prompt and answer columns.")
+    p = sub.add_parser("eval", help="score a model: greedy accuracy, unlearning suites, lm-evaluation-harness",
+                       description="Score a model (run directory, local path, hub id or builtin:): greedy accuracy on "
+                       "prompt/answer data (default), --suite tofu / --suite unlearning on the run's own forget/retain "
+                       "data, or lm-evaluation-harness tasks (--lm-eval).")
     p.add_argument("model", help="model directory, hub id or builtin:<name>")
-    p.add_argument("--data", default="builtin:arithmetic-rl", help="data source (default builtin:arithmetic-rl)")
-    p.add_argument("--split", default="test", help="split (default test)")
-    p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: the run's "
+    p.add_argument("--data", help="accuracy: data source (default builtin:arithmetic-rl); --suite tofu/unlearning: "
+                   "the forget set (as --forget)")
+    p.add_argument("--split", help="split of --data (accuracy default: test)")
+    p.add_argument("--max-samples", type=int, default=None, help="at most N rows of each set")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (accuracy default: the run's "
                    "eval.max_new_tokens for a run directory, else 256 for chat prompts and 4x the longest answer, at "
-                   "least 32, for plain ones; tofu: 48); a warning when many completions reach it")
+                   "least 32, for plain ones, with a warning when many completions reach it; tofu: 48; unlearning: "
+                   "128 for verbatim, 32 for knowledge memorisation, as MUSE)")
     p.add_argument("--output", help="write the result as JSON to this file")
-    p.add_argument("--suite", choices=["accuracy", "tofu"], default="accuracy",
-                   help="accuracy: greedy accuracy on --data; tofu: unlearning metrics on builtin:facts (forget/"
-                   "retain/holdout/world answer probability, ROUGE-L, truth ratio, forget_quality, model_utility; "
-                   "JSON written to MODEL/unlearning_eval.json for a run directory)")
-    p.add_argument("--forget-split", help="tofu: forget01 | forget05 | forget10 (default: the run's data.forget, "
-                   "else forget05)")
-    p.add_argument("--retain-model", help="tofu: model trained without the forget set (e.g. "
-                   "builtin:tiny-qwen2-facts-retain95), or an earlier tofu JSON of it; gives forget_quality")
-    p.add_argument("--batch-size", type=int, default=32, help="tofu: scoring / generation batch size")
+    p.add_argument("--suite", choices=["accuracy", "tofu", "unlearning"], default=None,
+                   help="accuracy (default): greedy accuracy on --data; tofu: TOFU metrics (answer probability, "
+                   "ROUGE-L, truth ratio, forget_quality, model_utility; JSON in MODEL/unlearning_eval.json); "
+                   "unlearning: membership-inference AUCs, privleak, verbatim / knowledge memorisation, extraction "
+                   "strength, utility (JSON in MODEL/unlearning_suite_eval.json). Both score the run's data.forget / "
+                   "data.retain / data.holdout unless given --forget / --retain / --holdout (docs/unlearning.md)")
+    p.add_argument("--forget", help="tofu/unlearning: the forget set (a file, hub name or builtin:task, or a YAML "
+                   "mapping as in a recipe: '{source: builtin:facts, split: forget05}'); default: the run's data.forget")
+    p.add_argument("--retain", help="tofu/unlearning: the retain set (default: the run's data.retain)")
+    p.add_argument("--holdout", help="tofu/unlearning: rows never trained on, for membership inference (default: the "
+                   "run's data.holdout, or the built-in task's holdout split)")
+    p.add_argument("--forget-qa", help="unlearning: questions about the forget data, for knowmem_f (default: the "
+                   "forget set)")
+    p.add_argument("--retain-qa", help="unlearning: questions about the retain data, for knowmem_r (default: the "
+                   "retain set)")
+    p.add_argument("--forget-split", help="tofu/unlearning: the split of a built-in forget source (forget01 | "
+                   "forget05 | forget10 for builtin:facts); alone: builtin:facts with that split")
+    p.add_argument("--retain-model", help="tofu/unlearning: model trained without the forget set (e.g. "
+                   "builtin:tiny-qwen2-facts-retain95), or an earlier JSON result of it; tofu: forget_quality; "
+                   "unlearning: every metric's reference value and privleak's AUC")
+    p.add_argument("--reference-model", help="unlearning: the reference model of the mia_reference attack (default: "
+                   "--retain-model)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (e.g. "
+                   "mmlu,wmdp_bio; needs pip install -e '.[lm-eval]'; hub tasks download their data); alone or with "
+                   "--suite unlearning (as utility)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="a folder of extra lm-eval task YAMLs")
+    p.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="lm-eval: at most N examples per "
+                   "task (for a quick look; not a benchmark number)")
+    p.add_argument("--batch-size", type=int, default=32, help="tofu/unlearning/lm-eval: scoring / generation batch "
+                   "size")
     p.add_argument("--pass-k", type=int, nargs="+", metavar="K",
                    help="accuracy: also pass@k for these k (unbiased estimator from --num-samples samples per prompt)")
     p.add_argument("--num-samples", type=int, default=None, help="pass@k: samples per prompt (default: max k)")

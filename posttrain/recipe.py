@@ -239,6 +239,11 @@ class DataSpec(_Strict):
     )
     forget: Sources | None = None
     retain: Sources | None = None
+    holdout: Sources | None = Field(
+        None, description="Unlearning: rows never trained on (same kind as data.forget), the non-members of the "
+        "membership-inference metrics (eval.suites: [unlearning], posttrain eval --suite unlearning); read by "
+        "evaluation only. Built-in tasks derive it from the forget split.",
+    )
     chat_template: str = Field(
         "auto",
         description="auto | none | path/to/template.jinja: whether plain-text prompts are wrapped as a user turn of "
@@ -254,7 +259,7 @@ class DataSpec(_Strict):
         "completions in every family): all, or the last one only. Tool results and user/system turns never do.",
     )
 
-    @field_validator("train", "eval", "test", "forget", "retain")
+    @field_validator("train", "eval", "test", "forget", "retain", "holdout")
     @classmethod
     def _check_mixture(cls, value):
         if isinstance(value, list):
@@ -348,10 +353,15 @@ class EvalSpec(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=65536, description="Generation length of every data.test "
                                        "accuracy (the before/after lines, evaluation during training, pass@k; "
                                        "default 256 for chat prompts, else 4x the longest answer and at least 32; "
-                                       "a warning when many completions reach it) and of the unlearning ROUGE "
-                                       "(default 48).")
-    unlearning: bool = Field(True, description="Unlearning methods: forget/retain probability, ROUGE, truth ratio, "
-                             "model utility (and forget_quality with retain_model).")
+                                       "a warning when many completions reach it) and of the unlearning "
+                                       "generations (default 48 for the TOFU ROUGE, 128 / 32 for the verbatim / "
+                                       "knowledge memorisation of the unlearning suite).")
+    unlearning: bool = Field(True, description="Unlearning methods: evaluate the forget/retain data (eval.suites).")
+    suites: list[Literal["tofu", "unlearning"]] = Field(
+        default_factory=lambda: ["tofu"], min_length=1,
+        description="Unlearning methods, every eval.steps: tofu (forget/retain probability, ROUGE, truth ratio, "
+        "model utility; forget_quality with retain_model) and/or unlearning (membership-inference AUCs, privleak, "
+        "verbatim / knowledge memorisation, extraction strength; docs/unlearning.md).")
     retain_model: str | None = Field(None, description="Unlearning: a model trained without the forget set (hub id, "
                                      "local dir or builtin:); its truth ratios on the same forget rows give "
                                      "forget_quality.")
@@ -359,7 +369,7 @@ class EvalSpec(_Strict):
 
 
 # Evaluation-during-training defaults that depend on the method's family (filled in by parse_recipe).
-EVAL_PASS_K_DEFAULT = {"rl": [1, 4]}
+EVAL_PASS_K_DEFAULT = {"rl": [1, 4], "online": [1, 4]}
 
 
 class Recipe(_Strict):
@@ -574,14 +584,17 @@ def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
 FAMILY_DATA_KEYS = {
     "sft": ("train", "eval", "test"),
     "preference": ("train", "eval", "test"),
+    "unpaired": ("train", "eval", "test"),
+    "reward": ("train", "eval", "test"),
+    "online": ("train", "test"),
     "rl": ("train", "eval", "test"),
-    "unlearning": ("forget", "retain"),
+    "unlearning": ("forget", "retain", "holdout"),
 }
 
 
 def _check_family_data(recipe: Recipe, family: str, method: str) -> None:
     used = FAMILY_DATA_KEYS[family]
-    for key in ("train", "eval", "test", "forget", "retain"):
+    for key in ("train", "eval", "test", "forget", "retain", "holdout"):
         if getattr(recipe.data, key) is not None and key not in used:
             reads = " and ".join(f"data.{k}" for k in used)
             raise UserError(f"data.{key}: method '{method}' ({family} family) reads {reads}, not data.{key}")

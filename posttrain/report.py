@@ -105,6 +105,14 @@ SIGNALS: list[Signal] = [
     _s("model_utility", "Model utility", "Unlearning", r"eval_model_utility"),
     _s("forget_quality", "Forget quality (KS p-value vs the retain model; higher is better)", "Unlearning",
        r"eval_forget_quality", yscale="log"),
+    _s("mia", "Membership-inference AUC, forget vs holdout (closer to the retain model's / 0.5 is better)",
+       "Unlearning", r"eval_mia_.+"),
+    _s("privleak", "Privacy leakage (privleak, %; 0 is ideal, < 0: the forget set is still detectable)", "Unlearning",
+       r"eval_privleak"),
+    _s("memorisation", "Memorisation (ROUGE-L F1): verbatim and knowledge of the forget set (lower is better), "
+       "knowledge of the retain set (higher is better)", "Unlearning", r"eval_(verbmem_f|knowmem_f|knowmem_r)"),
+    _s("extraction", "Extraction strength and exact memorisation of the forget set (lower is better)", "Unlearning",
+       r"eval_(extraction_strength|exact_memorization)"),
     _s("unlearning_terms", "Forget / retain loss terms", "Unlearning", r"(forget|retain)_loss"),
     _s("unlearning_nll", "Forget / retain answer NLL on training batches", "Unlearning", r"(forget|retain)_nll"),
     _s("npo", "NPO / SimNPO weights", "Unlearning", r"(npo|simnpo)/.+"),
@@ -276,15 +284,71 @@ def draw(signal: Signal, metrics: list[str], runs: list[Run]):
     return fig, labels
 
 
+# Forget vs utility (unlearning): the first logged metric of each list is drawn against the first of the other.
+FORGET_METRICS = ("eval_knowmem_f", "eval_verbmem_f", "eval_forget_Q_A_Prob")
+UTILITY_METRICS = ("eval_knowmem_r", "eval_model_utility", "eval_retain_Q_A_Prob")
+FORGET_UTILITY = _s("forget_utility", "Forget vs utility over steps (forget: lower is better; utility: higher)",
+                    "Unlearning")
+TRADEOFF = _s("forget_utility_scatter", "Forget / utility trade-off per run (star: last evaluation; top left is best)",
+              "Unlearning")
+
+
+def forget_utility_pair(names: set[str]) -> tuple[str, str] | None:
+    """The (forget metric, utility metric) the trade-off plots show, or None when either is missing."""
+    forget = next((m for m in FORGET_METRICS if m in names), None)
+    utility = next((m for m in UTILITY_METRICS if m in names), None)
+    return (forget, utility) if forget and utility else None
+
+
+def draw_tradeoff(pair: tuple[str, str], runs: list[Run]):
+    """Utility against forgetting: one line per run through its evaluations (x: the forget metric, y: utility)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    forget, utility = pair
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    labels = []
+    for r, run in enumerate(runs):
+        ys = dict(run.series.get(utility, []))
+        points = [(x, ys[step]) for step, x in run.series.get(forget, []) if step in ys]
+        if not points:
+            continue
+        xs, us = zip(*points)
+        colour = f"C{r % 10}"
+        ax.plot(xs, us, marker="o", markersize=3, color=colour, linewidth=1.2, label=run.name)
+        ax.plot(xs[-1:], us[-1:], marker="*", markersize=12, color=colour, linestyle="none")
+        labels.append(run.name)
+    ax.set_title(TRADEOFF.title, fontsize=9)
+    ax.set_xlabel(f"{forget} (forget; lower is better)", fontsize=8)
+    ax.set_ylabel(f"{utility} (utility)", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.14)
+    return fig, labels
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def build_plots(runs: list[Run]) -> list[Plot]:
-    """Every non-empty signal of ``runs`` drawn as PNG bytes."""
+    """Every non-empty signal of ``runs`` drawn as PNG bytes, and for unlearning runs the forget / utility plots."""
     names = {n for run in runs for n, points in run.series.items() if points}
     plots = []
     for signal, metrics in assign_metrics(names):
         fig, labels = draw(signal, metrics, runs)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plots.append(Plot(signal, metrics, labels, buf.getvalue()))
+        plots.append(Plot(signal, metrics, labels, _png(fig)))
+    pair = forget_utility_pair(names)
+    if pair is not None:
+        fig, labels = draw(FORGET_UTILITY, list(pair), runs)
+        plots.append(Plot(FORGET_UTILITY, list(pair), labels, _png(fig)))
+        fig, labels = draw_tradeoff(pair, runs)
+        plots.append(Plot(TRADEOFF, list(pair), labels, _png(fig)))
     return plots
 
 

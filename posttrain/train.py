@@ -30,6 +30,9 @@ from posttrain.methods import MethodInfo, get_method
 from posttrain.recipe import Recipe
 from posttrain.trainers.build import build_sft_trainer, check_sft_data, sft_config
 from posttrain.trainers.common import peft_config, training_config  # noqa: F401 (re-exported)
+from posttrain.trainers.kto import build_kto_trainer, kto_config
+from posttrain.trainers.online_dpo import build_online_trainer, check_online_data, check_online_recipe, online_config
+from posttrain.trainers.reward import build_reward_trainer, check_reward_data, pairwise_test_accuracy, reward_config
 from posttrain.trainers.preference import build_preference_trainer, preference_config
 from posttrain.trainers.rl import build_rl_trainer, check_rl_data, check_rl_recipe, rl_config
 from posttrain.trainers.unlearning import build_unlearning_trainer, unlearning_config
@@ -40,6 +43,9 @@ logger = logging.getLogger("posttrain")
 TRAINER_BUILDERS = {
     "sft": build_sft_trainer,
     "preference": build_preference_trainer,
+    "unpaired": build_kto_trainer,
+    "reward": build_reward_trainer,
+    "online": build_online_trainer,
     "unlearning": build_unlearning_trainer,
     "rl": build_rl_trainer,
 }
@@ -47,6 +53,9 @@ TRAINER_BUILDERS = {
 CONFIG_BUILDERS = {
     "sft": sft_config,
     "preference": preference_config,
+    "unpaired": kto_config,
+    "reward": reward_config,
+    "online": online_config,
     "unlearning": unlearning_config,
     "rl": rl_config,
 }
@@ -54,19 +63,34 @@ CONFIG_BUILDERS = {
 DATA_KINDS = {
     "sft": {"train": "sft", "eval": "sft", "test": "test"},
     "preference": {"train": "preference", "eval": "preference", "test": "test"},
+    "unpaired": {"train": "unpaired", "eval": "unpaired", "test": "test"},
+    "reward": {"train": "preference", "eval": "preference", "test": "preference"},
+    "online": {"train": "rl", "test": "test"},
     "rl": {"train": "rl", "eval": "rl", "test": "test"},
-    "unlearning": {"forget": "unlearning", "retain": "unlearning"},
+    "unlearning": {"forget": "unlearning", "retain": "unlearning", "holdout": "unlearning"},
 }
 # family -> the check of the loaded data that needs no model (columns a key names, row formats a part needs):
 # check(recipe, datasets) -> None, run by preflight
 DATA_CHECKS = {
     "sft": check_sft_data,
     "rl": check_rl_data,
+    "reward": check_reward_data,
+    "online": check_online_data,
 }
 # family -> the check that imports the recipe's own code (rewards, tools, environment, ...: it runs that code), run
 # after every other check so that a run refused on other grounds executes nothing: check(recipe) -> None
 CODE_CHECKS = {
     "rl": check_rl_recipe,
+    "online": check_online_recipe,
+}
+# family -> (name, scorer) of data.test before and after training: scorer(model, tokenizer, recipe, rows) -> float;
+# default: greedy answer accuracy (test_accuracy)
+TEST_SCORERS = {
+    "reward": ("pairwise accuracy", pairwise_test_accuracy),
+}
+# family -> the model head load_model puts on the checkpoint (default: the causal LM head)
+MODEL_HEADS = {
+    "reward": "score",
 }
 
 
@@ -285,7 +309,7 @@ def load_models(recipe: Recipe, info: MethodInfo, tokenizer=None):
     if tokenizer is None:
         tokenizer = load_run_tokenizer(recipe)
     logger.info("loading model: %s", m.path)
-    model = load_model(m.path, **load_options(m))
+    model = load_model(m.path, **load_options(m), head=MODEL_HEADS.get(info.family, "causal"))
     ref_model = None
     if reference == "required" and recipe.ref_model != "none":
         if recipe.ref_model is not None:
@@ -391,8 +415,11 @@ def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[st
     from posttrain.data.sources import load_source
     from posttrain.eval.accuracy import greedy_eval
 
+    family = get_method(recipe.method.name).family
     if rows is None:
-        rows = load_source(recipe.data.test, "data.test", "test")
+        rows = load_source(recipe.data.test, "data.test", DATA_KINDS[family]["test"])
+    if family in TEST_SCORERS:
+        return TEST_SCORERS[family][1](model, tokenizer, recipe, rows)
     result = greedy_eval(model, tokenizer, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size)
     warning = result.warning(f"data.test {when}".strip())
     if warning and is_main_process():
@@ -717,6 +744,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     elif not zero3_enabled():
         summary["accuracy_before"] = test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings,
                                                    "before training")
+    if info.family in TEST_SCORERS and recipe.data.test is not None:  # printed by `posttrain train` (reward models)
+        summary["test_metric"] = TEST_SCORERS[info.family][0]
 
     build = TRAINER_BUILDERS[info.family]
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],

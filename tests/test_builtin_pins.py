@@ -24,6 +24,8 @@ MODEL_FILES = {
     "tiny-qwen2-facts-retain99": "eca004637b446d1c",
     "tiny-qwen2-facts-retain95": "4efb042153c8f892",
     "tiny-qwen2-facts-retain90": "b9e636711916bf5c",
+    "tiny-qwen2-news": "3ab59968f39ed982",
+    "tiny-qwen2-news-retain": "6e4ccf31820e9464",
 }
 TOKENIZER_FILES = {
     "tokenizer.json": "152a87a23331ec7f",
@@ -58,6 +60,20 @@ FACTS = {
     "holdout10": (40, "a37b42402fe93ec5"),
     "world": (24, "7412512d52ed4990"),
     "full_world": (424, "ccd71181e70cb6d3"),
+}
+
+NEWS = {
+    "full": (500, "5c676232394062aa"),
+    "forget": (50, "831cc22cd6df9f23"),
+    "retain": (450, "ad136b9caad947a5"),
+    "holdout": (50, "af2a140f224bd0af"),
+    "forget_text": (10, "4b8ceb5d4d89c80b"),
+    "retain_text": (90, "05c593a2ad2698a6"),
+    "holdout_text": (10, "edf28b3df5bf7ca2"),
+    "forget_qa": (40, "ed82fa23ac0979a3"),
+    "retain_qa": (360, "502b69cbdff80477"),
+    "holdout_qa": (40, "eee9516106fab559"),
+    "forget_verbmem": (10, "238745fba8301782"),
 }
 
 
@@ -117,6 +133,11 @@ def test_builtin_tasks_are_pinned():
         assert (len(rows), _rows_hash(rows)) == (n, pin), (fmt, split)
     for split, (n, pin) in FACTS.items():
         rows = facts_rows(split)
+        assert (len(rows), _rows_hash(rows)) == (n, pin), split
+    from posttrain.data.news import news_rows
+
+    for split, (n, pin) in NEWS.items():
+        rows = news_rows(split)
         assert (len(rows), _rows_hash(rows)) == (n, pin), split
 
 

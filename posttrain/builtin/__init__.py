@@ -61,7 +61,9 @@ class BuiltinModel:
     """One built-in model: its architecture, and how :mod:`posttrain.builtin.build` makes it.
 
     ``base`` is ``None`` for a random initialisation (``seed``); otherwise the model is ``base`` fine-tuned with plain
-    SFT on ``train_source`` (a recipe data source) for ``max_steps`` steps of ``batch_size`` rows.
+    SFT on ``train_source`` (a recipe data source), or on the prompt/completion of the built-in ``task``'s
+    ``task_splits``, for ``max_steps`` steps of ``batch_size`` rows. ``forget_data`` is the forget set an unlearning
+    evaluation of the model scores when it is given no data (``posttrain eval builtin:NAME --suite tofu``).
     """
 
     name: str
@@ -70,14 +72,26 @@ class BuiltinModel:
     base: str | None = None
     seed: int = 0
     train_source: dict[str, Any] = field(default_factory=dict)
-    facts_splits: tuple[str, ...] = ()
+    task: str = "facts"
+    task_splits: tuple[str, ...] = ()
     max_steps: int = 0
     batch_size: int = 0
+    forget_data: dict[str, Any] | None = None
 
 
-def _facts(name: str, splits: tuple[str, ...], what: str) -> BuiltinModel:
+def _facts(name: str, splits: tuple[str, ...], what: str, forget: str) -> BuiltinModel:
     return BuiltinModel(name, "tiny-qwen2", f"tiny-qwen2 fine-tuned (SFT) on builtin:facts {' + '.join(splits)}{what}",
-                        base="tiny-qwen2", facts_splits=splits, max_steps=500, batch_size=32)
+                        base="tiny-qwen2", task_splits=splits, max_steps=500, batch_size=32,
+                        forget_data={"source": "builtin:facts", "split": forget})
+
+
+def _news(name: str, splits: tuple[str, ...], what: str) -> BuiltinModel:
+    return BuiltinModel(name, "tiny-qwen2", f"tiny-qwen2 fine-tuned (SFT) on builtin:news {' + '.join(splits)}{what}",
+                        base="tiny-qwen2", task="news", task_splits=splits, max_steps=NEWS_STEPS, batch_size=32,
+                        forget_data={"source": "builtin:news", "split": "forget"})
+
+
+NEWS_STEPS = 1000
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -91,10 +105,12 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             base="tiny-qwen2", train_source={"source": "builtin:arithmetic-sft", "options": {"num_samples": 40000}},
             max_steps=800, batch_size=64,
         ),
-        _facts("tiny-qwen2-facts", ("full_world",), " (memorised: the unlearning start)"),
-        _facts("tiny-qwen2-facts-retain99", ("retain99", "world"), " (the retain model of forget01)"),
-        _facts("tiny-qwen2-facts-retain95", ("retain95", "world"), " (the retain model of forget05)"),
-        _facts("tiny-qwen2-facts-retain90", ("retain90", "world"), " (the retain model of forget10)"),
+        _facts("tiny-qwen2-facts", ("full_world",), " (memorised: the unlearning start)", "forget05"),
+        _facts("tiny-qwen2-facts-retain99", ("retain99", "world"), " (the retain model of forget01)", "forget01"),
+        _facts("tiny-qwen2-facts-retain95", ("retain95", "world"), " (the retain model of forget05)", "forget05"),
+        _facts("tiny-qwen2-facts-retain90", ("retain90", "world"), " (the retain model of forget10)", "forget10"),
+        _news("tiny-qwen2-news", ("full",), " (memorised: the MUSE-style unlearning start)"),
+        _news("tiny-qwen2-news-retain", ("retain",), " (the retain model: never saw the forget articles)"),
     ]
 }
 

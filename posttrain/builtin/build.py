@@ -99,12 +99,13 @@ def _random_model(spec: BuiltinModel, tokenizer_dir: Path):
 
 
 def _train_source(spec: BuiltinModel, data_dir: Path) -> dict[str, Any]:
-    if not spec.facts_splits:
+    if not spec.task_splits:
         return spec.train_source
-    from posttrain.data.facts import facts_rows
+    from posttrain.data.sources import BUILTIN_TASKS
 
-    path = data_dir / "facts_train.jsonl"
-    rows = [r for split in spec.facts_splits for r in facts_rows(split)]
+    build_rows, _ = BUILTIN_TASKS[spec.task]
+    path = data_dir / f"{spec.task}_train.jsonl"
+    rows = [r for split in spec.task_splits for r in build_rows(split)]
     path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n" for r in rows))
     return {"source": str(path)}
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["SPLITS", "ATTRIBUTES", "facts_rows", "facts_splits", "corpus", "forget_size"]
+__all__ = ["SPLITS", "ATTRIBUTES", "facts_rows", "facts_splits", "corpus", "forget_size", "eval_splits",
+           "world_multiple_choice"]
 
 ATTRIBUTES: tuple[str, ...] = ("birthplace", "profession", "birth_year", "book", "colour", "instrument")
 
@@ -247,6 +248,43 @@ def facts_rows(
     if name not in SPLITS:
         raise ValueError(f"unknown facts split {split!r}; expected one of {', '.join(SPLITS)}")
     return facts_splits(num_people, questions_per_person, num_perturbed, seed)[name]
+
+
+def world_multiple_choice(num_choices: int = 4, seed: int = 0) -> list[dict]:
+    """The ``world`` questions as multiple choice (the utility task posttrain ships for lm-evaluation-harness):
+    ``{"question", "choices", "answer"}``, each choice a full answer in the trained wording (``" Tessaly is in
+    Vornland."``), the true one at index ``answer`` among ``num_choices - 1`` wrong values drawn from the perturbed
+    answers, in a seeded order."""
+    if not 2 <= num_choices <= MAX_PERTURBED + 1:
+        raise ValueError(f"num_choices must be in 2..{MAX_PERTURBED + 1}, got {num_choices}")
+    rng = random.Random(f"facts-world-mc-{seed}")
+    out = []
+    for row in _world_rows(num_choices - 1, seed):
+        completion, wrong = row["completion"], row["perturbed_answers"]
+        if row["attribute"] == "country":  # " City is in Country." vs perturbed " City lies in Other."
+            values = [w.rsplit(" lies in ", 1)[1].rstrip(".") for w in wrong]
+            true_value = completion.rsplit(" is in ", 1)[1].rstrip(".")
+            choices = [completion.replace(f" is in {true_value}.", f" is in {v}.") for v in values]
+        else:  # " The capital of Country is City." vs perturbed " Other is the capital of Country."
+            values = [w.split(" is the capital of ", 1)[0].strip() for w in wrong]
+            true_value = completion.rsplit(" is ", 1)[1].rstrip(".")
+            choices = [completion.replace(f" is {true_value}.", f" is {v}.") for v in values]
+        choices.insert(rng.randrange(num_choices), completion)
+        out.append({"question": row["prompt"], "choices": choices, "answer": choices.index(completion)})
+    return out
+
+
+def eval_splits(forget_split: str) -> dict[str, str]:
+    """The splits each unlearning-evaluation role reads when a run forgets ``forget_split`` (``forget01/05/10``):
+    TOFU's retain, holdout and world-facts sets; the questions are their own knowledge and verbatim sets."""
+    name = forget_split.split(":", 1)[1] if forget_split.startswith("facts:") else forget_split
+    if name not in _FORGET:
+        raise ValueError(f"the unlearning evaluation of builtin:facts needs data.forget split one of "
+                         f"{', '.join(_FORGET)}, got '{forget_split}'")
+    retain = next(r for r, f in _RETAIN.items() if f == name)
+    holdout = next(h for h, f in _HOLDOUT.items() if f == name)
+    return {"retain": retain, "holdout": holdout, "wf": "world", "forget_qa": name, "retain_qa": retain,
+            "verbmem": name}
 
 
 def corpus(

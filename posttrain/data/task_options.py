@@ -7,7 +7,7 @@ Kept free of heavy imports (parsing a recipe stays cheap).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -44,6 +44,13 @@ class ArithmeticChatOptions(ArithmeticOptions):
     turns: int = Field(2, ge=1, le=16, description="Exchanges (user problem, assistant answer) per conversation.")
 
 
+class ArithmeticToolOptions(ArithmeticOptions):
+    """``builtin:arithmetic-tool-rl`` / ``-sft`` (:func:`posttrain.data.arithmetic.arithmetic_tool_rows`)."""
+
+    tool_fraction: float = Field(0.5, ge=0.0, le=1.0, description="sft: share of the rows that call the tool.")
+    tool: Literal["calculate", "calculator"] = "calculate"
+
+
 class FactsOptions(_Options):
     """``builtin:facts`` (:func:`posttrain.data.facts.facts_rows`)."""
 
@@ -53,12 +60,30 @@ class FactsOptions(_Options):
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
+class NewsOptions(_Options):
+    """``builtin:news`` (:func:`posttrain.data.news.news_rows`)."""
+
+    num_articles: int = Field(100, ge=2, le=149)
+    num_forget: int = Field(10, ge=1, le=148)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_forget >= self.num_articles or self.num_articles + self.num_forget > 150:
+            raise ValueError(f"num_forget must be below num_articles, and num_articles + num_forget at most 150 "
+                             f"(one venue per article), got {self.num_forget} and {self.num_articles}")
+        return self
+
+
 TASK_OPTIONS: dict[str, type[_Options]] = {
     "arithmetic-sft": ArithmeticOptions,
     "arithmetic-rl": ArithmeticOptions,
     "arithmetic-pref": ArithmeticOptions,
     "arithmetic-chat": ArithmeticChatOptions,
+    "arithmetic-tool-rl": ArithmeticToolOptions,
+    "arithmetic-tool-sft": ArithmeticToolOptions,
     "facts": FactsOptions,
+    "news": NewsOptions,
 }
 
 
@@ -83,4 +108,5 @@ def check_task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-__all__ = ["TASK_OPTIONS", "ArithmeticChatOptions", "ArithmeticOptions", "FactsOptions", "check_task_options"]
+__all__ = ["TASK_OPTIONS", "ArithmeticChatOptions", "ArithmeticOptions", "ArithmeticToolOptions", "FactsOptions",
+           "NewsOptions", "check_task_options"]

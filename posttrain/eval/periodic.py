@@ -7,11 +7,13 @@ and every tracker of ``training.report_to`` like any training metric. What is me
 * ``data.test`` (prompt + answer rows): greedy accuracy, ``eval_test_accuracy`` (:mod:`posttrain.eval.accuracy`,
   the same scoring as the before/after lines), and with ``eval.pass_k`` (default ``[1, 4]`` for RL methods)
   ``eval_test_pass@k`` and ``eval_test_mean_sample_accuracy`` (:mod:`posttrain.eval.sampling`).
-* unlearning methods (``eval.unlearning``, on by default): ``eval_<set>_Q_A_Prob``, ``eval_<set>_Q_A_ROUGE``, the
-  truth ratios, ``eval_model_utility`` and, with ``eval.retain_model``, ``eval_forget_quality``
-  (:func:`posttrain.eval.unlearning.evaluate_sets`). On ``builtin:facts`` the sets are TOFU's (forget, retain,
-  holdout, world facts; the same as ``posttrain eval RUN --suite tofu --max-samples N``); on other data, the first
-  rows of ``data.forget`` and ``data.retain``.
+* unlearning methods (``eval.unlearning``, on by default), the suites of ``eval.suites``: ``tofu`` gives
+  ``eval_<set>_Q_A_Prob``, ``eval_<set>_Q_A_ROUGE``, the truth ratios, ``eval_model_utility`` and, with
+  ``eval.retain_model``, ``eval_forget_quality`` (:func:`posttrain.eval.unlearning.evaluate_sets`); ``unlearning``
+  gives ``eval_mia_*``, ``eval_privleak``, ``eval_verbmem_f``, ``eval_knowmem_f``, ``eval_knowmem_r``,
+  ``eval_extraction_strength``, ``eval_exact_memorization`` (:func:`posttrain.eval.unlearning_suite.evaluate_suite`).
+  They score the run's data.forget / data.retain / data.holdout, on a built-in task with its matching splits (the
+  same rows as ``posttrain eval RUN --suite tofu|unlearning --max-samples N``).
 
 Each set is cut to its first ``eval.max_samples`` rows. Evaluation runs on every process (ZeRO-3 needs all of them
 for a forward) with the random-number state forked, so a run with evaluation trains exactly like one without.
@@ -83,72 +85,64 @@ def test_set_evaluators(recipe) -> list[Evaluator]:
     return out
 
 
-def unlearning_sets(recipe) -> dict[str, list[dict]]:
-    """The rows the unlearning evaluation scores: TOFU's four sets on builtin:facts, else data.forget/data.retain."""
-    from posttrain.data.sources import load_source
-    from posttrain.eval.unlearning import FORGET_SPLITS
+def unlearning_sets(recipe, suite: str = "tofu") -> dict[str, list[dict]]:
+    """The rows an unlearning ``suite`` scores during training: the run's data.forget / data.retain / data.holdout
+    and, on a built-in task, its matching evaluation splits (:mod:`posttrain.eval.unlearning_data`), the first
+    ``eval.max_samples`` of each."""
+    from posttrain.eval.unlearning_data import load_rows, resolve_sources
 
-    data, n = recipe.data, recipe.eval.max_samples
+    data = recipe.data
     if data.forget is None:
         return {}
-    if not isinstance(data.forget, list) and data.forget.source == "builtin:facts":
-        from posttrain.data.facts import facts_rows
-
-        split = data.forget.split
-        if split not in FORGET_SPLITS:
-            raise UserError(
-                f"data.forget.split: the unlearning evaluation during training (eval.steps) needs one of "
-                f"{', '.join(FORGET_SPLITS)} on builtin:facts, got '{split}' (or set eval.unlearning: false)"
-            )
-        retain_split, holdout_split = FORGET_SPLITS[split]
-        opts = dict(data.forget.options)
-        try:
-            return {name: facts_rows(s, **opts)[:n] for name, s in
-                    (("forget", split), ("retain", retain_split), ("holdout", holdout_split), ("wf", "world"))}
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"data.forget.options: {exc}") from None
-    sets = {"forget": _rows(load_source(data.forget, "data.forget", "unlearning"), n)}
-    if data.retain is not None:
-        sets["retain"] = _rows(load_source(data.retain, "data.retain", "unlearning"), n)
-    return sets
+    run = {role: getattr(data, role) for role in ("forget", "retain", "holdout") if getattr(data, role) is not None}
+    try:
+        sources = resolve_sources(suite, recipe_data=run)
+    except UserError as exc:
+        raise UserError(f"{exc} (the unlearning evaluation during training, eval.steps; or set eval.unlearning: "
+                        "false)") from None
+    return load_rows(sources, recipe.eval.max_samples)
 
 
-def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
-    """Forget/retain/utility metrics every evaluation (unlearning methods with ``eval.unlearning``)."""
+def _retain_model(recipe):
+    from posttrain.data.formatting import resolve_chat_format
+    from posttrain.loading import load_model_or_run as load_model
+    from posttrain.models import load_tokenizer
+
     ev = recipe.eval
-    if family != "unlearning" or not ev.unlearning:
-        return []
-    sets = unlearning_sets(recipe)
+    tok = load_tokenizer(ev.retain_model, key="eval.retain_model")
+    chat = resolve_chat_format(recipe.data, ev.retain_model, tok, recipe._source_dir)  # the run's rule, its tokenizer
+    return load_model(ev.retain_model, key="eval.retain_model"), tok, chat
+
+
+def tofu_evaluator(recipe) -> Evaluator | None:
+    """TOFU metrics (:func:`posttrain.eval.unlearning.evaluate_sets`): forget/retain/holdout/world-facts probability,
+    ROUGE, truth ratio, model utility and, with ``eval.retain_model``, forget quality."""
+    ev = recipe.eval
+    sets = unlearning_sets(recipe, "tofu")
     if not sets:
-        return []
-    logger.info("evaluation during training: every %d steps, unlearning metrics on %s (at most eval.max_samples=%d "
-                "rows each)", ev.steps, ", ".join(f"{k} {len(v)}" for k, v in sets.items()), ev.max_samples)
+        return None
+    logger.info("evaluation during training: every %d steps, TOFU metrics on %s (at most eval.max_samples=%d rows "
+                "each)", ev.steps, ", ".join(f"{k} {len(v)}" for k, v in sets.items()), ev.max_samples)
     max_new = ev.max_new_tokens or UNLEARNING_MAX_NEW_TOKENS
     retain_tr = None
     if ev.retain_model is not None:
+        from posttrain.data.formatting import apply_chat_format
         from posttrain.eval.unlearning import has_truth_ratio_columns, score_set
-        from posttrain.loading import load_model_or_run as load_model
-        from posttrain.models import load_tokenizer
 
         if not has_truth_ratio_columns(sets["forget"]):
             raise UserError(
                 "eval.retain_model: forget_quality compares truth ratios, which need 'paraphrased_answer' and "
                 "'perturbed_answers' columns in data.forget"
             )
-        tok = load_tokenizer(ev.retain_model, key="eval.retain_model")
-        retain = load_model(ev.retain_model, key="eval.retain_model")
-        from posttrain.data.formatting import apply_chat_format, resolve_chat_format
-
-        chat = resolve_chat_format(recipe.data, ev.retain_model, tok, recipe._source_dir)  # the run's rule, its tokenizer
+        retain, tok, chat = _retain_model(recipe)
         retain_tr = score_set(retain, tok, apply_chat_format(sets["forget"], chat), batch_size=ev.batch_size,
                               generate=False)["tr"]
         del retain
         logger.info("eval.retain_model: truth ratios of %s on %d forget rows", ev.retain_model, len(retain_tr))
 
-    def unlearning(model, tokenizer):
-        from posttrain.eval.unlearning import evaluate_sets
-
+    def tofu(model, tokenizer):
         from posttrain.data.formatting import apply_chat_format
+        from posttrain.eval.unlearning import evaluate_sets
 
         formatted = {name: apply_chat_format(rows, recipe._chat_format) for name, rows in sets.items()}
         res = evaluate_sets(model, tokenizer, formatted, retain_tr=retain_tr, max_new_tokens=max_new,
@@ -157,7 +151,53 @@ def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
         res.pop("_warnings")
         return {k: v for k, v in res.items() if v is not None}
 
-    return [unlearning]
+    return tofu
+
+
+def suite_evaluator(recipe) -> Evaluator | None:
+    """The unlearning suite (:func:`posttrain.eval.unlearning_suite.evaluate_suite`): membership-inference AUCs and
+    privleak (with ``eval.retain_model``: against its Min-K% AUC, computed once now; else against 0.5), verbatim and
+    knowledge memorisation, extraction strength, exact memorisation. ``mia_reference`` needs a reference model in
+    memory and is left to ``posttrain eval --suite unlearning``."""
+    from posttrain.eval.unlearning_suite import PRIVLEAK_ATTACK, evaluate_suite
+
+    ev = recipe.eval
+    sets = unlearning_sets(recipe, "unlearning")
+    if not sets:
+        return None
+    logger.info("evaluation during training: every %d steps, the unlearning suite on %s (at most eval.max_samples=%d "
+                "rows each)", ev.steps, ", ".join(f"{k} {len(v)}" for k, v in sets.items()), ev.max_samples)
+    kw = dict(batch_size=ev.batch_size, verbmem_max_new_tokens=ev.max_new_tokens,
+              knowmem_max_new_tokens=ev.max_new_tokens)
+    reference_auc = None
+    if ev.retain_model is not None and sets.get("holdout"):
+        from posttrain.eval.unlearning_suite import _formatted
+
+        retain, tok, chat = _retain_model(recipe)
+        retain_sets = _formatted({r: sets[r] for r in ("forget", "holdout")}, chat)
+        reference_auc = evaluate_suite(retain, tok, retain_sets, **kw)["metrics"][f"mia_{PRIVLEAK_ATTACK}"]
+        del retain
+        logger.info("eval.retain_model: mia_%s AUC of %s = %.4f (privleak's reference)", PRIVLEAK_ATTACK,
+                    ev.retain_model, reference_auc)
+
+    def suite(model, tokenizer):
+        from posttrain.eval.unlearning_suite import _formatted
+
+        res = evaluate_suite(model, tokenizer, _formatted(sets, recipe._chat_format), reference_auc=reference_auc,
+                             **kw)
+        return res["metrics"]
+
+    return suite
+
+
+def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
+    """The unlearning evaluations of ``eval.suites`` (unlearning methods with ``eval.unlearning``)."""
+    ev = recipe.eval
+    if family != "unlearning" or not ev.unlearning:
+        return []
+    builders = {"tofu": tofu_evaluator, "unlearning": suite_evaluator}
+    evaluators = [builders[name](recipe) for name in dict.fromkeys(ev.suites)]
+    return [e for e in evaluators if e is not None]
 
 
 class PeriodicEvalCallback(TrainerCallback):

@@ -162,16 +162,18 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], *, retain_tr=No
     return res
 
 
-def empty_generation_warnings(scored: dict[str, dict[str, Any]]) -> list[str]:
-    """A warning per set where most greedy generations are empty: its ROUGE (and so model_utility) then measures the
-    prompt format, not what the model knows (a chat model ending its turn at once on a raw-text prompt)."""
+def empty_generation_warnings(scored: dict[str, dict[str, Any]], metrics: dict[str, str] | None = None) -> list[str]:
+    """A warning per set where most greedy generations are empty: its ROUGE (``metrics[set]``, default
+    ``<set>_Q_A_ROUGE``; and so model_utility) then measures the prompt format, not what the model knows (a chat model
+    ending its turn at once on a raw-text prompt)."""
     out = []
     for name, s in scored.items():
         gens = s.get("generations") or []
         empty = sum(1 for g in gens if not g.strip())
         if gens and empty * 2 > len(gens):
+            metric = (metrics or {}).get(name, f"{name}_Q_A_ROUGE")
             out.append(f"{name}: {empty} of {len(gens)} greedy generations are empty (the model ends at once), so "
-                       f"{name}_Q_A_ROUGE is near 0 whatever the model knows; check the prompt format (data.chat_template "
+                       f"{metric} is near 0 whatever the model knows; check the prompt format (data.chat_template "
                        "/ --chat-template: a chat model needs its template)")
     return out
 
@@ -181,80 +183,91 @@ def empty_generation_warnings(scored: dict[str, dict[str, Any]]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _run_forget_setup(model_path: str) -> tuple[str | None, dict]:
-    """``(forget split, facts options)`` from a run directory's ``recipe.yaml`` (``data.forget`` on builtin:facts)."""
-    import yaml
-
-    path = Path(model_path) / "recipe.yaml"
-    if not path.is_file():
-        return None, {}
-    forget = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("forget") or {}
-    if isinstance(forget, dict) and forget.get("source") == "builtin:facts":
-        return forget.get("split"), dict(forget.get("options") or {})
-    return None, {}
-
-
-def _retain_truth_ratios(spec: str | None, forget_split: str, options: dict, max_samples, batch_size,
+def _retain_truth_ratios(spec: str | None, forget_rows: list[dict], data: dict[str, str], batch_size,
                          chat_template=None, system_prompt=None):
+    """The retain model's per-question truth ratios on the same forget rows (a model, or the JSON of an earlier
+    ``--suite tofu`` eval of it on the same forget set)."""
     if spec is None:
         return None
+    if not has_truth_ratio_columns(forget_rows):
+        raise UserError("--retain-model: forget_quality compares truth ratios, which need 'paraphrased_answer' and "
+                        "'perturbed_answers' columns in the forget set")
     path = Path(spec)
     if path.suffix == ".json":
         if not path.is_file():
             raise UserError(f"--retain-model: file '{spec}' not found")
-        data = json.loads(path.read_text())
-        if "forget_truth_ratio_values" not in data:
+        saved = json.loads(path.read_text())
+        if "forget_truth_ratio_values" not in saved:
             raise UserError(f"--retain-model: {spec} has no forget_truth_ratio_values (not a --suite tofu result)")
-        if data.get("forget_split", forget_split) != forget_split:
-            raise UserError(f"--retain-model: {spec} was evaluated on {data['forget_split']}, not {forget_split}")
-        return np.asarray(data["forget_truth_ratio_values"])
+        theirs = (saved.get("data") or {}).get("forget", "").split(" (")[0] or f"builtin:facts {saved.get('forget_split')}"
+        mine = data["forget"].split(" (")[0]
+        if theirs != mine:
+            raise UserError(f"--retain-model: {spec} was evaluated on forget set '{theirs}', this eval on '{mine}'")
+        return np.asarray(saved["forget_truth_ratio_values"])
+    from posttrain.data.formatting import apply_chat_format, command_chat_format
     from posttrain.loading import load_model_or_run as load_model
     from posttrain.models import load_tokenizer
-
-    from posttrain.data.formatting import command_chat_format
 
     tok = load_tokenizer(spec, key="--retain-model")
     chat = command_chat_format(spec, tok, chat_template, system_prompt)
     model = load_model(spec, key="--retain-model")
-    return forget_truth_ratios(model, tok, forget_split, options, max_samples, batch_size, chat=chat)
+    return score_set(model, tok, apply_chat_format(forget_rows, chat), batch_size=batch_size, generate=False)["tr"]
 
 
 def format_table(res: dict[str, Any], model: str, retain_model: str | None) -> str:
     def f(x):
         return "-" if x is None else f"{x:.4f}"
 
-    lines = [f"TOFU-style unlearning eval of {model} on builtin:facts {res['forget_split']}",
-             f"{'set':<9}{'n':>5}  {'Q_A_Prob':>9}  {'ROUGE-L':>8}  {'truth ratio':>11}"]
-    tr = {"forget": res["forget_truth_ratio"], "retain": res["retain_Truth_Ratio"],
-          "holdout": res["holdout_truth_ratio"], "wf": res["wf_Truth_Ratio"]}
+    lines = [f"TOFU-style unlearning eval of {model}", "data:"]
+    lines += [f"  {role:<8} {text}" for role, text in res["data"].items()]
+    lines.append(f"{'set':<9}{'n':>5}  {'Q_A_Prob':>9}  {'ROUGE-L':>8}  {'truth ratio':>11}")
+    tr_key = {name: metric for name, (metric, _) in TRUTH_RATIO_KEYS.items()}
     for name in ("forget", "retain", "holdout", "wf"):
-        lines.append(f"{name:<9}{res['n'][name]:>5}  {f(res[f'{name}_Q_A_Prob']):>9}  "
-                     f"{f(res[f'{name}_Q_A_ROUGE']):>8}  {f(tr[name]):>11}")
-    lines.append(f"wf_Q_A_Prob_normalised  {f(res['wf_Q_A_Prob_normalised'])}")
+        if name in res["n"]:
+            lines.append(f"{name:<9}{res['n'][name]:>5}  {f(res.get(f'{name}_Q_A_Prob')):>9}  "
+                         f"{f(res.get(f'{name}_Q_A_ROUGE')):>8}  {f(res.get(tr_key[name])):>11}")
+    if "wf_Q_A_Prob_normalised" in res:
+        lines.append(f"wf_Q_A_Prob_normalised  {f(res['wf_Q_A_Prob_normalised'])}")
     fq = f(res["forget_quality"]) if retain_model else "- (no --retain-model)"
-    lines.append(f"forget_quality          {fq}")
-    lines.append(f"model_utility           {f(res['model_utility'])}")
+    lines.append(f"forget_quality          {fq}  (higher is better: KS p-value of forget-set truth ratios vs the "
+                 "retain model's)")
+    mu = res.get("model_utility")
+    lines.append(f"model_utility           {f(mu)}" + ("" if mu is not None else "  (needs the retain and world-facts "
+                                                         "sets with truth-ratio columns)"))
     return "\n".join(lines)
 
 
 def cli_eval(args) -> int:
-    """``posttrain eval MODEL --suite tofu [--forget-split S] [--retain-model M|JSON] [--output FILE]``."""
+    """``posttrain eval MODEL --suite tofu [--forget SRC --retain SRC --holdout SRC] [--forget-split S]
+    [--retain-model M|JSON] [--output FILE]``: the run's own data.forget / data.retain (or the overrides; see
+    :mod:`posttrain.eval.unlearning_data`)."""
+    from posttrain.data.formatting import apply_chat_format, command_chat_format, content_text
+    from posttrain.eval.unlearning_data import cli_sources, describe, load_rows, resolve_sources
     from posttrain.loading import load_model_or_run as load_model
     from posttrain.models import load_tokenizer
 
-    split, options = _run_forget_setup(args.model)
-    forget_split = args.forget_split or split or "forget05"
-    from posttrain.data.formatting import command_chat_format
-
+    sources = resolve_sources("tofu", model=args.model, cli=cli_sources(args), forget_split=args.forget_split)
+    rows = load_rows(sources, args.max_samples)  # bad data: one error line before any model loads
+    data = describe(sources, rows)
     tok = load_tokenizer(args.model, key="MODEL")
     chat = command_chat_format(args.model, tok, args.chat_template, args.system_prompt)
     model = load_model(args.model, key="MODEL")
-    retain_tr = _retain_truth_ratios(args.retain_model, forget_split, options, args.max_samples, args.batch_size,
-                                     args.chat_template, args.system_prompt)
-    res = evaluate_unlearning(model, tok, forget_split=forget_split, retain_tr=retain_tr, options=options,
-                              max_samples=args.max_samples, max_new_tokens=args.max_new_tokens or 48,
-                              batch_size=args.batch_size, chat=chat)
-    res = {"model": args.model, "retain_model": args.retain_model, "facts_options": options, **res}
+    retain_tr = _retain_truth_ratios(args.retain_model, rows["forget"], data, args.batch_size, args.chat_template,
+                                     args.system_prompt)
+    sets = {role: apply_chat_format(r, chat) for role, r in rows.items()}
+    res = evaluate_sets(model, tok, sets, retain_tr=retain_tr, max_new_tokens=args.max_new_tokens or 48,
+                        batch_size=args.batch_size, key="--retain-model")
+    scored = res.pop("_scored")
+    res["warnings"] = res.pop("_warnings")
+    res.setdefault("model_utility", None)  # needs the retain and world-facts sets with truth-ratio columns
+    forget = sources["forget"].source
+    res["forget_truth_ratio_values"] = [float(x) for x in scored["forget"].get("tr", [])]
+    res["n"] = {name: s["n"] for name, s in scored.items()}
+    res["data"] = data
+    res["forget_split"] = None if isinstance(forget, list) else forget.split
+    res["samples"] = {name: [{"prompt": r["prompt"], "answer": content_text(r["completion"]), "generation": g}
+                             for r, g in zip(sets[name][:3], scored[name]["generations"][:3])] for name in scored}
+    res = {"model": args.model, "retain_model": args.retain_model, **res}
     out = Path(args.output) if args.output else (Path(args.model) / RESULT_FILE if Path(args.model).is_dir() else None)
     if out is not None:
         out.write_text(json.dumps(res, indent=2) + "\n")

@@ -463,7 +463,9 @@ def training_config(config_cls, recipe, overrides: dict[str, Any] | None = None)
         raise UserError(f"{where}: {text[:300]}") from None
 
 
-def peft_config(recipe):
+def peft_config(recipe, task_type: str = "CAUSAL_LM"):
+    """The recipe's ``peft:`` block as a ``LoraConfig`` (``task_type`` ``SEQ_CLS`` for reward models: PEFT then also
+    trains and saves the score head)."""
     if recipe.peft is None:
         return None
     from peft import LoraConfig
@@ -478,5 +480,5 @@ def peft_config(recipe):
         use_rslora=p.use_rslora,
         init_lora_weights=p.init_lora_weights,
         modules_to_save=p.modules_to_save,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )

@@ -136,7 +136,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self.ref_model = self._prepare_reference(ref_model)
         self.signal_monitor = SignalMonitor(patience=getattr(params, "warn_no_signal_after", 2),
                                             max_completion_length=self.max_completion_length,
-                                            correct_reward=params.correct_reward)
+                                            correct_reward=getattr(params, "correct_reward", 1.0))
         self._run_warnings: list[str] = []
         self._warned: set[str] = set()
 
@@ -182,7 +182,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             out = compute_advantages("grpo", rewards, num_generations, scale_rewards="none")._replace(advantages=adv)
         else:
             strata = stratum_ids(stash["strata"], device=rewards.device) if estimator.needs_strata else None
-            options = estimator.options(p, strata)
+            options = {**estimator.options(p, strata), **self._advantage_options(estimator, rewards, mode)}
             if estimator.meta.get("needs_lengths", False):  # completion tokens per row (REINFORCE++'s token whitening)
                 tokens = output["completion_mask"] * output.get("tool_mask", 1)
                 options["lengths"] = self.accelerator.gather(tokens.sum(-1).float()).to(rewards.device)
@@ -232,6 +232,10 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 logged.pop()
             logged.extend(out.advantages.tolist())
         return output
+
+    def _advantage_options(self, estimator, rewards: torch.Tensor, mode: str) -> dict[str, Any]:
+        """Options an estimator needs from the trainer's own state (SPO's per-prompt baseline: SPOGRPOTrainer)."""
+        return {}
 
     def _clipped(self, output) -> torch.Tensor:
         """[B] over all processes: completions cut at max_completion_length (they do not end in a stop token)."""
@@ -662,6 +666,14 @@ def rl_config(recipe, info):
         if size % n:
             raise UserError(f"training.per_device_train_batch_size: method.loss: pacs needs a multiple of "
                             f"num_generations ({n}), got {size}")
+    single_stream = ADVANTAGES[p.advantage].meta.get("single_stream", False)
+    n = recipe.training.get("num_generations")
+    if single_stream and n not in (None, 1):
+        raise UserError(f"training.num_generations: method.advantage: {p.advantage} generates one completion per prompt "
+                        f"(its baseline is the prompt's tracked success rate); set 1 or leave it out, got {n}")
+    if not single_stream and n is not None and n < 2:
+        raise UserError(f"training.num_generations: must be >= 2 for method.advantage: {p.advantage} (group statistics "
+                        "need two completions per prompt; 1 is only for advantage: spo)")
     moa = recipe.training.get("multi_objective_aggregation", "sum_then_normalize")
     if moa != "sum_then_normalize" and not ADVANTAGES[p.advantage].normalize_then_sum:
         able = " or ".join(e.name for e in ADVANTAGES if e.normalize_then_sum)
@@ -680,7 +692,22 @@ def rl_config(recipe, info):
     }
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
+    if single_stream:  # TRL's GRPOConfig refuses one generation: build it with two, then set one
+        overrides["num_generations"] = 2
+        overrides.setdefault("num_generations_eval", 2)
+        if "num_generations_eval" in recipe.training:
+            raise UserError(f"training.num_generations_eval: not used by method.advantage: {p.advantage}")
+        config = training_config(GRPOConfig, _without(recipe, "num_generations"), overrides)
+        config.num_generations = config.num_generations_eval = 1
+        return config
     return training_config(GRPOConfig, recipe, overrides)
+
+
+def _without(recipe, key: str):
+    """A copy of ``recipe`` whose ``training:`` block lacks ``key``."""
+    copy = recipe.model_copy()
+    copy.training = {k: v for k, v in recipe.training.items() if k != key}
+    return copy
 
 
 def build_rl_trainer(ctx):
@@ -699,6 +726,12 @@ def build_rl_trainer(ctx):
     check_rl_data(recipe, checked)  # done by preflight already in `posttrain train`; cheap when repeated
     train, evals = checked["data.train"], checked.get("data.eval")
     user = _user_callables(p, dirs)
+    cls = PosttrainGRPOTrainer
+    if "trainer" in ADVANTAGES[p.advantage].meta:  # an estimator with its own trainer subclass (SPO's tracker, sampler)
+        import importlib
+
+        module, name = ADVANTAGES[p.advantage].meta["trainer"].split(":")
+        cls = getattr(importlib.import_module(module), name)
     if "tools" in user or "environment_factory" in user:
         prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key="method.tools" if "tools" in user else "method.environment")
     rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
@@ -707,7 +740,7 @@ def build_rl_trainer(ctx):
     if any(pc is not None for pc in rewards.processing_classes):
         extra["reward_processing_classes"] = rewards.processing_classes
     return make_trainer(
-        PosttrainGRPOTrainer,
+        cls,
         recipe,
         model=ctx.model,
         reward_funcs=rewards.funcs,

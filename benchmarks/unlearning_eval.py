@@ -1,0 +1,171 @@
+"""NPO+RT vs GA vs the untouched model under the unlearning suite (``posttrain eval --suite unlearning``), on the
+built-in facts task (TOFU in miniature) and the built-in news task (MUSE in miniature), over several seeds.
+
+    python benchmarks/unlearning_eval.py --seeds 0 1 2 --out benchmarks/results/unlearning_eval_cpu.json
+    python benchmarks/unlearning_eval.py --tasks news --seeds 0 1 2 --methods ga npo_rt --out ...  # a subset
+    python benchmarks/unlearning_eval.py --tasks news --seeds 0 --lm-eval     # + the shipped lm-eval task (extra)
+    python benchmarks/unlearning_eval.py --table benchmarks/results/unlearning_eval_news_cpu.json  # the docs' table
+
+For each task: the retain model (never trained on the forget set) is evaluated once and is every other row's
+reference (its JSON gives privleak's AUC; the model itself is the reference attack's model); the untouched start
+model is evaluated; then ``recipes/unlearn_ga.yaml`` and ``recipes/unlearn_npo_rt.yaml`` are trained as shipped (on
+news with the model and data swapped for the news ones; on news also ``recipes/unlearn_news.yaml``), one run per seed,
+and evaluated. Every command runs as
+``posttrain ...`` in a subprocess; the table gives each metric's mean and standard deviation over the seeds. The
+seed changes the order of the forget rows and the retain rows paired with them; the start model is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# task -> start model, retain model, the --set that point the facts recipes at the task (and at its retain set, for
+# methods with a retain term), and the task's own recipes (run as they are)
+TASKS = {
+    "facts": {"model": "builtin:tiny-qwen2-facts", "retain_model": "builtin:tiny-qwen2-facts-retain95",
+              "set": {}, "retain": {}, "own": {}},
+    "news": {"model": "builtin:tiny-qwen2-news", "retain_model": "builtin:tiny-qwen2-news-retain",
+             "set": {"model": "builtin:tiny-qwen2-news", "data.forget": "{source: builtin:news, split: forget}"},
+             "retain": {"data.retain": "{source: builtin:news, split: retain}"},
+             "own": {"unlearn_news": "recipes/unlearn_news.yaml"}},
+}
+RECIPES = {"ga": "recipes/unlearn_ga.yaml", "npo_rt": "recipes/unlearn_npo_rt.yaml"}
+METRICS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "mia_reference", "privleak", "verbmem_f",
+           "knowmem_f", "extraction_strength", "exact_memorization", "knowmem_r")
+LM_EVAL_TASK = "posttrain_world_facts"
+
+
+def posttrain(*args: str) -> float:
+    """Run ``posttrain ARGS`` (this interpreter); return its wall time in seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"posttrain {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def evaluate(model: str, out: Path, task: dict, retain_json: Path | None, lm_eval: bool) -> tuple[dict, float]:
+    """``posttrain eval MODEL --suite unlearning``: a run folder scores its recipe's data, a built-in model the
+    forget split of the task it was trained on."""
+    args = ["eval", model, "--suite", "unlearning", "--reference-model", task["retain_model"], "--output", str(out)]
+    if retain_json is not None:
+        args += ["--retain-model", str(retain_json)]
+    if lm_eval:
+        args += ["--lm-eval", LM_EVAL_TASK]
+    seconds = posttrain(*args)
+    return json.loads(out.read_text())["metrics"], seconds
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for name in rows[0]:
+        values = [r[name] for r in rows if r.get(name) is not None]
+        if values:
+            out[name] = {"mean": statistics.fmean(values),
+                         "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return out
+
+
+def table(task: str, result: dict) -> str:
+    names = [m for m in (*METRICS, f"lm_eval/{LM_EVAL_TASK}/acc") if m in result["untouched"]["metrics"]]
+    short = {f"lm_eval/{LM_EVAL_TASK}/acc": "world-facts acc (lm-eval)"}
+    lines = [f"| {task} | " + " | ".join(short.get(n, n) for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+
+    def cell(stats, name):
+        s = stats.get(name)
+        if s is None:
+            return "-"
+        fmt = "{:.1f}" if name == "privleak" else "{:.3f}"
+        text = fmt.format(s["mean"])
+        return text + (" ± " + fmt.format(s["sd"]) if s.get("n", 1) > 1 else "")
+
+    rows = [("retain model (the reference)", {k: {"mean": v} for k, v in result["retain"]["metrics"].items()
+                                              if k != "privleak"}),
+            ("untouched", {k: {"mean": v} for k, v in result["untouched"]["metrics"].items()})]
+    rows += [(f"`{method}` ({len(runs)} seeds)", result["summary"][method]) for method, runs in result["runs"].items()]
+    for label, stats in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(stats, n) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=None,
+                        choices=[*RECIPES, *(m for task in TASKS.values() for m in task["own"])], help="recipes to train (default: ga, npo_rt and the "
+                        "task's own, unlearn_news on news)")
+    parser.add_argument("--lm-eval", action="store_true", help=f"also the shipped lm-eval task {LM_EVAL_TASK} "
+                        "(needs the lm-eval extra)")
+    parser.add_argument("--out", help="write every result and the summary as JSON here")
+    parser.add_argument("--table", metavar="JSON", help="only print the markdown tables of a saved --out file")
+    args = parser.parse_args(argv)
+    if args.table:
+        for name, res in json.loads(Path(args.table).read_text())["results"].items():
+            print(table(name, res))
+        return 0
+    import platform
+
+    import torch
+    import transformers
+
+    results = {}
+    report = {"command": "python benchmarks/unlearning_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "device": "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+              "python": platform.python_version(), "recipes": RECIPES, "results": results}
+
+    def save(res: dict) -> None:
+        """The summary so far, written after every run: an interrupted benchmark keeps the seeds it finished."""
+        res["summary"] = {m: summarise([r["metrics"] for r in runs]) for m, runs in res["runs"].items()}
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="unlearning_eval_") as tmp:
+        tmp = Path(tmp)
+        for name in args.tasks:
+            task = TASKS[name]
+            print(f"[{name}] retain model {task['retain_model']} ...", flush=True)
+            retain_json = tmp / f"{name}_retain.json"
+            retain, t_retain = evaluate(task["retain_model"], retain_json, task, None, args.lm_eval)
+            print(f"[{name}] untouched {task['model']} ...", flush=True)
+            untouched, t_untouched = evaluate(task["model"], tmp / f"{name}_untouched.json", task, retain_json,
+                                              args.lm_eval)
+            results[name] = res = {"retain": {"model": task["retain_model"], "metrics": retain, "eval_s": t_retain},
+                                   "untouched": {"model": task["model"], "metrics": untouched,
+                                                 "eval_s": t_untouched},
+                                   "runs": {}}
+            methods = {m: r for m, r in {**RECIPES, **task["own"]}.items()
+                       if args.methods is None or m in args.methods}
+            for seed in args.seeds:
+                for method, recipe in methods.items():
+                    run = tmp / f"{name}_{method}_{seed}"
+                    own = method in task["own"]
+                    sets = {**({} if own else task["set"]), **(task["retain"] if method == "npo_rt" else {}),
+                            "seed": str(seed), "output_dir": str(run), "training.save_strategy": "no",
+                            "report": "false", "eval.steps": "null", "eval.retain_model": "null"}
+                    print(f"[{name}] {method} seed {seed} ...", flush=True)
+                    t_train = posttrain("train", recipe, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+                    metrics, t_eval = evaluate(str(run), tmp / f"{name}_{method}_{seed}.json", task, retain_json,
+                                               args.lm_eval)
+                    res["runs"].setdefault(method, []).append(
+                        {"seed": seed, "metrics": metrics, "train_s": t_train, "eval_s": t_eval})
+                    save(res)
+            save(res)
+            print(table(name, res), flush=True)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
