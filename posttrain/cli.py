@@ -38,7 +38,7 @@ def _cmd_train(args) -> int:
                 print(f"stage {s['stage']}: {state}, saved to {s['output_dir']}")
                 for key, label in (("accuracy_before", "before training: "), ("accuracy_after", "after training:  ")):
                     if isinstance(s.get(key), float):
-                        print(f"  test accuracy {label}{100 * s[key]:.1f}%")
+                        print(f"  test {s.get('test_metric', 'accuracy')} {label}{100 * s[key]:.1f}%")
         return 0
     recipe = load_recipe(args.recipe, overrides)
     if num_processes > 1 and not launch.already_distributed():
@@ -46,7 +46,8 @@ def _cmd_train(args) -> int:
 
         # bad input: one error line here, before any process starts (the TRL config is checked by the launched
         # processes: its batch checks depend on their number)
-        preflight(recipe, build_trainer_config=False, num_processes=num_processes)
+        preflight(recipe, build_trainer_config=False, num_processes=num_processes,
+                  backend=args.distributed or "ddp")
         if not (args.resume or args.overwrite):
             prepare_output_dir(Path(recipe.output_dir), resume=False, overwrite=False)
         return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
@@ -60,10 +61,11 @@ def _cmd_train(args) -> int:
         loss = summary["train_loss"]
         loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
         lines = [f"done: {summary['steps']} steps, train loss {loss_text}, saved to {recipe.output_dir}"]
+        metric = summary.get("test_metric", "accuracy")  # reward models: pairwise accuracy
         if summary.get("accuracy_before") is not None:
-            lines.append(f"test accuracy before training: {100 * summary['accuracy_before']:.1f}%")
+            lines.append(f"test {metric} before training: {100 * summary['accuracy_before']:.1f}%")
         if summary.get("accuracy_after") is not None:
-            lines.append(f"test accuracy after training:  {100 * summary['accuracy_after']:.1f}%")
+            lines.append(f"test {metric} after training:  {100 * summary['accuracy_after']:.1f}%")
         lines += [f"warning: {w}" for w in summary.get("warnings", [])]
         print("\n".join(lines))
     return 0
@@ -152,7 +154,9 @@ def _cmd_methods(args) -> int:
 
     if args.name:
         return _method_detail(args.name)
-    rows = sorted(METHODS.values(), key=lambda m: (["sft", "preference", "unlearning", "rl"].index(m.family), m.name))
+    from posttrain.methods import FAMILIES
+
+    rows = sorted(METHODS.values(), key=lambda m: (FAMILIES.index(m.family), m.name))
     if args.json:
         print(json.dumps([
             {"name": m.name, "family": m.family, "summary": m.summary, "paper": m.paper, "recipe": m.recipe}
@@ -547,9 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except UserError as exc:
-        _close_progress_bars()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(f"error: {exc}", exc.exit_code)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("error: interrupted", file=sys.stderr)
@@ -559,11 +561,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - machine failures become one line; anything else keeps its traceback
         message = expected_failure(exc)
-        if message is None:  # a bug: keep the traceback
-            raise
-        _close_progress_bars()
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        return 1
+        if message is not None:
+            return _fail(f"error: {' '.join(message.split())}", 1)
+        if launch.another_process_failed():  # a consequence (e.g. a collective whose peer exited): its error is shown
+            launch.exit_launched_process(1)
+        raise  # a bug: keep the traceback
+
+
+def _fail(line: str, code: int) -> int:
+    """Print the one ``error:`` line; in a process of a ``--num-processes`` launch, also record it for the launch and
+    exit at once (posttrain.launch)."""
+    _close_progress_bars()
+    recorded = launch.record_error(line, code)  # before printing: the launch holds back what follows
+    print(line, file=sys.stderr)
+    if recorded:
+        launch.exit_launched_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.rl.advantages import ADVANTAGES
+from posttrain.rl.advantages import ADVANTAGES, SPO_KEYS
 from posttrain.rl.aggregation import AGGREGATIONS
 from posttrain.rl.clipping import CLIPPINGS
 
@@ -37,6 +37,13 @@ class MethodParams(BaseModel):
     @property
     def learned_mask(self) -> bool:
         """A trainable SparsePO mask network is trained and saved next to the policy."""
+        return False
+
+    @property
+    def head_outside_forward(self) -> bool:
+        """The loss projects hidden states through the policy's output head itself, with gradients, after the model's
+        forward (token-level KL over the vocabulary). DeepSpeed ZeRO-3 and FSDP2 shard that head and gather it only
+        inside the forward, so such a method runs under ddp or zero2 (posttrain.distributed.check_backend)."""
         return False
 
     @property
@@ -75,6 +82,10 @@ class ASFTAnchoredParams(SFTParams):
 
     @property
     def needs_hidden_states(self) -> bool:  # the anchor KL needs full-vocab logits from the hidden states
+        return True
+
+    @property
+    def head_outside_forward(self) -> bool:  # the anchor KL projects the policy's hidden states, with gradients
         return True
 
 
@@ -160,6 +171,10 @@ class SparsePOParams(MethodParams):
         return True
 
     @property
+    def head_outside_forward(self) -> bool:  # the token KL projects the policy's hidden states, with gradients
+        return True
+
+    @property
     def learned_mask(self) -> bool:
         return self.mask == "learned"
 
@@ -203,6 +218,40 @@ class ORPOParams(MethodParams):
     @property
     def scores_prompt_tokens(self) -> bool:
         return self.nll_on_prompt
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Unpaired preference family (docs/methods/kto.md): rows labelled desirable / undesirable, no pairs needed
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class KTOParams(MethodParams):
+    """KTO: a prospect-theoretic value of each completion's implicit reward against a KL reference point."""
+
+    beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward log pi/pi_ref (TRL's beta).")
+    desirable_weight: float = Field(
+        1.0, gt=0.0, description="lambda_D: weight of the desirable rows' losses (the paper advises lambda_D n_D / "
+        "(lambda_U n_U) in [1, 4/3]).")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="lambda_U: weight of the undesirable rows' losses.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute reference log-probs (rows and KL sequences) once before training; no reference "
+        "kept in memory.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reward-model family (docs/methods/reward.md): a sequence-classification head trained on preference pairs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RewardParams(MethodParams):
+    """Bradley-Terry reward model: a scalar score per sequence, trained so that the chosen response scores higher."""
+
+    margin: bool = Field(
+        False, description="Ask each pair's score gap to exceed its `margin` column (a number per pair; Llama 2's "
+        "preference-strength margin, TRL's margin column).")
+    center_rewards_coef: float = Field(
+        0.0, ge=0.0, description="Weight of mean (s_c + s_r)^2, pulling the scores towards zero mean (TRL's "
+        "center_rewards_coefficient; Eisenstein et al., arXiv 2312.09244); 0: off.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -418,7 +467,7 @@ _PACS_KEYS = ("pacs_beta", "pacs_reward_method", "pacs_score", "pacs_weight")
 _NOT_PACS = ("advantage", "scale_rewards", "aggregation", "delta_l_alpha", "delta_l_scope", "clipping", "epsilon",
              "epsilon_high", "dual_clip_c", "sft_coef", "beta", "use_bias_correction_kl", "w_reinforce_lambda",
              "entropy_coef", "rloo_normalize_advantages", "reinforce_pp_baseline", "cispo_weight_max",
-             "cispo_weight_min", *_SAN_KEYS, *_GPPO_KEYS)
+             "cispo_weight_min", *_SAN_KEYS, *_GPPO_KEYS, *SPO_KEYS)
 
 
 class GRPOParams(MethodParams):
@@ -450,7 +499,7 @@ class GRPOParams(MethodParams):
     # advantage estimator
     advantage: Literal[ADVANTAGES.names()] = Field(
         "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
-        "(leave-one-out), reinforce_pp (REINFORCE++)."
+        "(leave-one-out), reinforce_pp (REINFORCE++), spo (single-stream: one completion per prompt)."
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="group / stratified: std scaling of the group advantage (none = Dr. GRPO)."
@@ -478,6 +527,30 @@ class GRPOParams(MethodParams):
     reinforce_pp_baseline: bool = Field(
         True, description="reinforce_pp: subtract each prompt's mean reward before the batch whitening "
         "(REINFORCE++-baseline); false: the global whitening alone (REINFORCE++).")
+    # SPO (docs/methods/spo.md): one completion per prompt, a per-prompt success-rate tracker, prioritized sampling
+    spo_offline_n: int = Field(
+        8, ge=0, le=1024, description="spo: offline samples per prompt before training (n0) that set each prompt's "
+        "starting estimate; at most n0 scores are kept; 0: Jeffreys prior (0.5, 0.5) for every prompt.")
+    spo_offline_scores: str | None = Field(
+        None, description="spo: a JSON file {prompt_key: [scores]} (an earlier run's spo_offline_scores.json) "
+        "instead of sampling the offline pass again.")
+    spo_rho: Literal["kl", "constant"] = Field(
+        "kl", description="spo: forgetting factor from the policy's shift on each prompt's stored response (kl), "
+        "or spo_rho_value for every visit.")
+    spo_rho_value: float = Field(0.875, gt=0.0, lt=1.0, description="spo: the constant forgetting factor.")
+    spo_rho_min: float = Field(0.875, gt=0.0, lt=1.0, description="spo: lower clip of rho; 1 / (1 - rho_min) is "
+                               "the offline prior's weight.")
+    spo_rho_max: float = Field(0.96, gt=0.0, lt=1.0, description="spo: upper clip of rho (a first visit's rho).")
+    spo_d_half: float = Field(0.06, gt=0.0, description="spo: the policy shift D that halves the memory "
+                              "(rho = 2^(-D / d_half)).")
+    spo_sampling_eps: float = Field(0.05, gt=0.0, description="spo: sampling weight sqrt(p (1 - p)) + eps.")
+    spo_prioritized: bool = Field(True, description="spo: sample prompts by that weight; false: uniformly.")
+    spo_adv_eps: float = Field(1e-8, ge=0.0, description="spo: added to the batch std of r - p_hat.")
+    spo_baseline: bool = Field(True, description="spo: subtract p_hat; false: the z-scored reward alone (the "
+                               "paper's no-baseline ablation).")
+    spo_reward_range: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="spo: [low, high] rescaling the combined reward to [0, 1] "
+        "(clipped) for the success-rate tracker; null: rewards must already lie in [0, 1].")
     # loss aggregation
     aggregation: Literal[AGGREGATIONS.names()] = Field(
         "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
@@ -595,10 +668,48 @@ class GRPOParams(MethodParams):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Online preference family (docs/methods/online_dpo.md): pairs sampled from the policy, ranked by rewards
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OnlineDPOParams(MethodParams):
+    """Online DPO: two completions per prompt from the current policy, ranked by the rewards, trained with DPO's loss
+    against a frozen reference."""
+
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="exact_match")],
+        description="Rewards that rank each prompt's two completions (built-in name, function or reward model), "
+        "summed with their weights, as in GRPO.",
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid (DPO) or ipo, on summed log-probs (TRL's online DPO forms).")
+    beta: float = Field(0.1, gt=0.0, description="KL strength beta (tau for IPO).")
+    ties: Literal["skip", "first"] = Field(
+        "skip", description="A pair whose two rewards are equal: skip it (no preference), or train on it with the "
+        "first completion as chosen (TRL's OnlineDPOTrainer).")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0.0, description="Subtracted from the reward of a completion cut at max_completion_length (no end "
+        "token) before ranking (TRL's missing_eos_penalty); null: none.")
+    warn_no_signal_after: int = Field(
+        2, ge=0, description="Warn after this many logging steps in a row in which every pair tied (no learning "
+        "signal), naming the likely cause; 0: no warning.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        from posttrain.errors import UserError
+
+        if not self.rewards:
+            raise UserError("method.rewards: give at least one reward function")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------------------------
 
-Family = Literal["sft", "preference", "unlearning", "rl"]
+Family = Literal["sft", "preference", "unpaired", "online", "reward", "unlearning", "rl"]
+# the order `posttrain methods` lists the families in
+FAMILIES: tuple[str, ...] = ("sft", "preference", "unpaired", "online", "reward", "unlearning", "rl")
 
 
 @dataclass(frozen=True)
@@ -751,6 +862,36 @@ register(
 )
 
 
+register(
+    MethodInfo(
+        name="kto",
+        doc="docs/methods/kto.md",
+        family="unpaired",
+        summary="KTO: completions labelled desirable or undesirable (no pairs needed), a prospect-theoretic value "
+        "against a KL reference point.",
+        paper="Ethayarajh et al., KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306)",
+        recipe="recipes/kto.yaml",
+        params=KTOParams,
+        reference="required",
+    )
+)
+
+
+register(
+    MethodInfo(
+        name="reward",
+        doc="docs/methods/reward.md",
+        family="reward",
+        summary="Reward model: a sequence-classification head trained on preference pairs (Bradley-Terry), scored "
+        "by pairwise accuracy; usable as method.rewards[].model of GRPO and online DPO.",
+        paper="Ouyang et al., Training language models to follow instructions with human feedback (arXiv 2203.02155); "
+        "Stiennon et al., Learning to summarize from human feedback (arXiv 2009.01325)",
+        recipe="recipes/reward.yaml",
+        params=RewardParams,
+    )
+)
+
+
 _NPO_PAPER = (
     "Zhang et al., Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning "
     "(arXiv 2404.05868)"
@@ -848,7 +989,7 @@ register(
         doc="docs/methods/grpo.md",
         family="rl",
         summary="RLVR on TRL's GRPOTrainer with composable parts: advantage (group, stratified, psr, nsr, "
-        "w_reinforce, rloo, reinforce_pp), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + "
+        "w_reinforce, rloo, reinforce_pp, spo), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + "
         "SFT term, gspo, cispo).",
         paper="Shao et al., DeepSeekMath (GRPO, arXiv 2402.03300); Stratified GRPO (arXiv 2510.06214); ΔL "
         "Normalization (arXiv 2509.07558); Zhu et al., negative reinforcement (arXiv 2506.01347); Klear-Reasoner "
@@ -858,6 +999,22 @@ register(
         recipe="recipes/grpo.yaml",
         params=GRPOParams,
         reference="optional",
+    )
+)
+
+
+register(
+    MethodInfo(
+        name="online_dpo",
+        doc="docs/methods/online_dpo.md",
+        family="online",
+        summary="Online DPO: two completions per prompt sampled from the policy, ranked by rewards (functions or a "
+        "reward model), trained with the DPO loss against a frozen reference.",
+        paper="Guo et al., Direct Language Model Alignment from Online AI Feedback (arXiv 2402.04792); Tajwar et al., "
+        "Preference Fine-Tuning of LLMs Should Leverage Suboptimal, On-Policy Data (arXiv 2404.14367)",
+        recipe="recipes/online_dpo.yaml",
+        params=OnlineDPOParams,
+        reference="required",
     )
 )
 

@@ -107,9 +107,11 @@ def _quantization_config(q, dtype):
 
 def load_model(path: str, *, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
                attn_implementation: str | None = None, device_map: str | None = None, quantization=None,
-               key: str = "model.path"):
-    """Load a causal LM from a hub id, a local directory (full model or PEFT adapter), or a built-in name."""
-    from transformers import AutoModelForCausalLM
+               key: str = "model.path", head: str = "causal"):
+    """Load a causal LM from a hub id, a local directory (full model or PEFT adapter), or a built-in name;
+    ``head="score"``: the same checkpoint with a one-output sequence-classification head (a reward model; the head
+    is new, initialised from the seed, unless the checkpoint has one)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     resolved = resolve_model_path(path, key)
     kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision)
@@ -119,12 +121,17 @@ def load_model(path: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
         kwargs["device_map"] = device_map
     if quantization is not None:
         kwargs["quantization_config"] = _quantization_config(quantization, kwargs["dtype"])
+    if head == "score":
+        kwargs["num_labels"] = 1
     try:
-        if Path(resolved, "adapter_config.json").exists() and not Path(resolved, "config.json").exists():
-            from peft import AutoPeftModelForCausalLM
+        adapter = Path(resolved, "adapter_config.json").exists() and not Path(resolved, "config.json").exists()
+        if adapter:
+            from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-            return AutoPeftModelForCausalLM.from_pretrained(resolved, **kwargs).merge_and_unload()
-        return AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+            cls = AutoPeftModelForSequenceClassification if head == "score" else AutoPeftModelForCausalLM
+            return cls.from_pretrained(resolved, **kwargs).merge_and_unload()
+        cls = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+        return cls.from_pretrained(resolved, **kwargs)
     except OSError as exc:
         raise UserError(f"{key}: cannot load model '{path}' ({_short(exc)})") from None
     except (ValueError, ImportError) as exc:  # e.g. an attention kernel that is not installed or not supported

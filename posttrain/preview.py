@@ -93,6 +93,46 @@ def _preference(ctx, rows, key: str) -> list[RowPreview]:
     return out
 
 
+def _unpaired(ctx, rows, key: str) -> list[RowPreview]:
+    from posttrain.trainers.kto import TURN_MASK, PosttrainKTOTrainer
+
+    config, tok, params = ctx["config"], ctx["tokenizer"], ctx["recipe"].params
+    ds = _prepared(PosttrainKTOTrainer, config, {"_tokenizer": tok, "calculate_KL": False,
+                                                  "assistant_turns": ctx["recipe"].data.assistant_turns,
+                                                  "desirable_weight": params.desirable_weight,
+                                                  "undesirable_weight": params.undesirable_weight},
+                   rows, tok, config, key.split(".", 1)[1])
+    out = []
+    for i in range(len(ds)):
+        row = ds[i]
+        prompt, completion = list(row["prompt_ids"]), list(row["completion_ids"])
+        scored = list(row.get(TURN_MASK) or [1] * len(completion))
+        ids = prompt + completion
+        note = ("dropped: the prompt alone fills training.max_length" if config.max_length is not None and
+                len(prompt) >= config.max_length else "")
+        side = "desirable" if row["label"] else "undesirable"
+        out.append(RowPreview(key, i, [Sequence(side, ids, [0] * len(prompt) + scored, _kept(len(ids), config),
+                                                note)]))
+    return out
+
+
+def _reward(ctx, rows, key: str) -> list[RowPreview]:
+    from posttrain.trainers.reward import tokenize_pairs
+
+    config, tok = ctx["config"], ctx["tokenizer"]
+    ids = tokenize_pairs(rows, tok)
+    out = []
+    for i in range(len(rows)):
+        seqs = []
+        for side in ("chosen", "rejected"):
+            seq = ids[f"{side}_ids"][i]
+            long = config.max_length is not None and len(seq) > config.max_length
+            note = "dropped: longer than training.max_length" if long else "the score is read at the last token"
+            seqs.append(Sequence(side, seq, [0] * (len(seq) - 1) + [1], len(seq), note))
+        out.append(RowPreview(key, i, seqs))
+    return out
+
+
 def _unlearning(ctx, rows, key: str) -> list[RowPreview]:
     from posttrain.trainers.unlearning import tokenize_rows
 
@@ -123,6 +163,9 @@ def _rl(ctx, rows, key: str) -> list[RowPreview]:
 PREVIEWERS = {
     "sft": ("data.train", _sft),
     "preference": ("data.train", _preference),
+    "unpaired": ("data.train", _unpaired),
+    "reward": ("data.train", _reward),
+    "online": ("data.train", _rl),
     "unlearning": ("data.forget", _unlearning),
     "rl": ("data.train", _rl),
 }

@@ -369,7 +369,7 @@ class EvalSpec(_Strict):
 
 
 # Evaluation-during-training defaults that depend on the method's family (filled in by parse_recipe).
-EVAL_PASS_K_DEFAULT = {"rl": [1, 4]}
+EVAL_PASS_K_DEFAULT = {"rl": [1, 4], "online": [1, 4]}
 
 
 class Recipe(_Strict):
@@ -584,6 +584,9 @@ def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
 FAMILY_DATA_KEYS = {
     "sft": ("train", "eval", "test"),
     "preference": ("train", "eval", "test"),
+    "unpaired": ("train", "eval", "test"),
+    "reward": ("train", "eval", "test"),
+    "online": ("train", "test"),
     "rl": ("train", "eval", "test"),
     "unlearning": ("forget", "retain", "holdout"),
 }

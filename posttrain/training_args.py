@@ -28,6 +28,9 @@ INT32_MAX = 2**31 - 1
 CONFIG_CLASSES = {
     "sft": ("trl", "SFTConfig"),
     "preference": ("trl", "DPOConfig"),
+    "unpaired": ("trl", "KTOConfig"),
+    "reward": ("trl", "RewardConfig"),
+    "online": ("trl", "GRPOConfig"),
     "rl": ("trl", "GRPOConfig"),
     "unlearning": ("posttrain.trainers.unlearning", "UnlearningConfig"),
 }
@@ -118,7 +121,7 @@ BOUNDS: dict[str, Bound] = {
     "ref_model_sync_steps": POSITIVE,
     "ref_model_mixup_alpha": Bound(lo=0, hi=1),
     # generation (GRPO)
-    "num_generations": Bound(lo=2),  # group statistics need at least two completions per prompt
+    "num_generations": Bound(lo=1),  # >= 2 for group statistics; 1 only with advantage: spo (checked in rl_config)
     "num_generations_eval": Bound(lo=2),
     "generation_batch_size": POSITIVE,
     "steps_per_generation": POSITIVE,

@@ -134,3 +134,61 @@ def test_two_stage_run_uses_the_guide_and_resume_skips_finished_stages(tmp_path)
     again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stage guide: already finished" in again.stdout and "stage main: already finished" in again.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a SimPO guide (the paper's second setting; recipes/pre_dpo_simpo.yaml)
+
+
+def test_worked_example_simpo_guide_loss():
+    """The SimPO guide loss of stage 1 (beta_s 2.5, gamma_s 1.0, i.e. gamma_beta_ratio 0.4) on the SFT log-probs with
+    N_c = [10, 14, 6], N_r = [12, 10, 8] (docs/methods/pre_dpo.md#a-simpo-guide)."""
+    from posttrain.losses.preference import simpo_loss
+
+    lbar_c = SFT_C / torch.tensor([10.0, 14.0, 6.0])
+    lbar_r = SFT_R / torch.tensor([12.0, 10.0, 8.0])
+    assert torch.allclose(lbar_c, torch.tensor([-2.0, -2.5, -2.0])) and torch.allclose(
+        lbar_r, torch.tensor([-1.833333, -3.0, -1.875]), atol=1e-6)
+    out = simpo_loss(lbar_c, lbar_r, beta=2.5, gamma_beta_ratio=0.4)
+    assert torch.allclose(out.losses, torch.tensor([1.633809, 0.575939, 1.550845]), atol=1e-6)
+    assert out.losses.mean().item() == pytest.approx(1.253531, abs=1e-6)
+
+
+def test_simpo_guide_recipe_stages():
+    """recipes/pre_dpo_simpo.yaml: stage guide is SimPO (no reference model), stage main is DPO (beta 0.1) from the
+    same start model with the guide's folder as its reference."""
+    from pathlib import Path
+
+    from posttrain.stages import load_stages
+
+    root = Path(__file__).resolve().parents[1]
+    (guide_name, guide), (main_name, main) = load_stages(root / "recipes" / "pre_dpo_simpo.yaml",
+                                                         ["output_dir=/tmp/pds"])
+    assert (guide_name, guide.method.name, guide.ref_model) == ("guide", "simpo", None)
+    assert (guide.params.beta, guide.params.gamma_beta_ratio) == (2.5, 0.4)
+    assert (main_name, main.method.name, main.params.loss, main.params.beta) == ("main", "dpo", "sigmoid", 0.1)
+    assert main.ref_model.path == "/tmp/pds/guide" and main.model.path == guide.model.path == "builtin:tiny-qwen2-arith"
+
+
+@pytest.mark.slow
+def test_simpo_guide_run_is_the_reference_of_stage_two(tmp_path):
+    """One command trains the SimPO guide, then DPO from the start model against it: stage 2's first loss is not
+    log 2 (the guide differs from the start model) and its recipe names the guide's folder as ref_model."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    sets = [f"output_dir={tmp_path}", "training.max_steps=4", "training.save_steps=4", "training.logging_steps=1",
+            "data.train.max_samples=64", "data.eval=null", "data.test=null", "training.disable_tqdm=true"]
+    cmd = [sys.executable, "-m", "posttrain.cli", "train", "recipes/pre_dpo_simpo.yaml",
+           *[x for s in sets for x in ("--set", s)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    guide = yaml.safe_load((tmp_path / "guide" / "recipe.yaml").read_text())
+    main = yaml.safe_load((tmp_path / "main" / "recipe.yaml").read_text())
+    assert guide["method"]["name"] == "simpo" and guide.get("ref_model") is None
+    assert main["method"]["name"] == "dpo" and main["ref_model"]["path"] == str(tmp_path / "guide")
+    first = json.loads((tmp_path / "main" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and abs(first["loss"] - 0.693147) > 1e-4, first

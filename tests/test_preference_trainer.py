@@ -669,6 +669,11 @@ def preference_accuracy(model, tok, rows) -> float:
     pytest.param({"name": "simpo"}, 0.05, id="simpo", marks=pytest.mark.slow),
     pytest.param({"name": "orpo"}, 0.05, id="orpo", marks=pytest.mark.slow),
     pytest.param({"name": "orpo", "nll_on_prompt": False}, 0.05, id="orpo-response-nll", marks=pytest.mark.slow),
+    # the unpaired family's check (the pairs are unpaired): KTO does not learn this task yet (held-out 0.463 -> 0.470,
+    # training pairs 0.496 -> 0.520 at beta 0.1, seed 0; DPO: 0.573 / 0.723), although its loss and gradients equal
+    # TRL's KTOTrainer (tests/test_kto.py); an open item of issue 26, docs/methods/kto.md
+    pytest.param({"name": "kto"}, 0.05, id="kto", marks=[pytest.mark.slow, pytest.mark.xfail(
+        strict=True, reason="KTO does not raise held-out preference accuracy on the tiny task yet (issue 26)")]),
 ])
 def test_each_method_raises_held_out_preference_accuracy(tmp_path, capsys, method, gain):
     """Each preference method from the random-init tiny model on 256 arithmetic pairs (8 epochs, ~10-20 s each on

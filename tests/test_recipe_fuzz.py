@@ -62,6 +62,9 @@ EXTRA_KEYS = {
     "sft": ["training.max_length"],
     "preference": ["training.max_length", "method.beta"],
     "unlearning": ["training.max_length", "method.gamma"],
+    "unpaired": ["training.max_length", "method.beta", "method.desirable_weight", "method.undesirable_weight"],
+    "reward": ["training.max_length", "method.center_rewards_coef"],
+    "online": ["training.max_completion_length", "training.temperature", "method.beta", "method.missing_eos_penalty"],
 }
 
 

@@ -761,6 +761,7 @@ RL_LEARNING_CHECKS = [
         ("grpo_reinforce_pp", 0.02),  # +0.077 / +0.077
         ("grpo_gspo", 0.02),         # +0.041 / +0.050 (two passes per batch)
         ("grpo_cispo", 0.02),        # +0.060 / +0.048 (two optimizer steps per generation batch)
+        ("grpo_spo", 0.02),          # +0.096 / +0.108 (64 prompts x 1 completion; offline pass of 8 per prompt)
     ]),
 ]
 

@@ -1,5 +1,5 @@
-"""SPO math (posttrain/rl/spo.py; docs/methods/spo.md): the spec's worked example and properties. The trainer wiring
-is not built yet."""
+"""SPO math (posttrain/rl/spo.py; docs/methods/spo.md): the worked example, properties and the two review fixes
+(rewards outside [0, 1] refused, at most n0 offline scores)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 from posttrain.rl.spo import (
     SPOTracker,
     forgetting_factor,
+    check_reward_range,
     offline_init,
     policy_shift,
+    rescale_rewards,
     sampling_weights,
     spo_advantages,
 )
@@ -98,3 +100,240 @@ def test_tracker_state_round_trip():
     u.load_state_dict(t.state_dict())
     assert u.state_dict() == t.state_dict()
     assert torch.equal(u.p_hat(["A", "B", "D", "Z"]), t.p_hat(["A", "B", "D", "Z"]))
+
+
+def test_offline_init_keeps_at_most_n0_scores():
+    """12 correct offline scores with n0 = 8: alpha0 = 8 * 8.5 / 9 = 7.555556 (all 12 would give 8 * 12.5 / 13 =
+    7.692308); a random subsample of 8 mixed scores keeps alpha0 + beta0 = 8 and p_hat0 = (S + 0.5) / 9."""
+    a, b = offline_init([1.0] * 12)
+    _close([a, b], [7.555556, 0.444444])
+    assert offline_init([1.0] * 12, max_scores=12)[0] == pytest.approx(7.692308, abs=1e-6)
+    import random
+
+    scores = [1, 0, 1, 1, 0, 0, 1, 1, 0, 1, 0, 0]  # 6 of 12 correct
+    a, b = offline_init(scores, rng=random.Random(5))
+    kept = random.Random(5).sample(scores, 8)
+    assert a + b == pytest.approx(8.0) and a / (a + b) == pytest.approx((sum(kept) + 0.5) / 9)
+    assert offline_init([1, 1, 1], max_scores=0) == (0.5, 0.5)  # spo_offline_n: 0 -> Jeffreys
+    t = SPOTracker()
+    t.init_offline({"A": [1.0] * 12, "B": [0.0] * 3})
+    _close([t.alpha["A"], t.alpha["B"]], [7.555556, 8 * 0.5 / 4])
+
+
+def test_rewards_outside_the_unit_interval_are_refused():
+    """r = 2 would give beta = rho * beta + (1 - r) = 0.96 * 0.5 - 1 = -0.52 < 0 (p_hat no longer a probability)."""
+    t = SPOTracker()
+    with pytest.raises(ValueError, match=r"rewards in \[0, 1\], got \[2.0\]"):
+        t.update(["x", "y"], torch.tensor([1.0, 2.0]), torch.tensor([0.96, 0.96]))
+    assert t.alpha == {} and t.beta == {}  # nothing updated
+    with pytest.raises(ValueError, match="-0.5"):
+        check_reward_range(torch.tensor([-0.5, 0.3]))
+    check_reward_range(torch.tensor([0.0, 0.25, 1.0, float("nan")]))  # soft successes and unscorable rows are fine
+    _close(rescale_rewards(torch.tensor([-1.0, 0.0, 1.0, 3.0, float("nan")]), -1.0, 1.0)[:4], [0.0, 0.5, 1.0, 1.0])
+    assert torch.isnan(rescale_rewards(torch.tensor([float("nan")]), 0.0, 2.0)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SPO wired into the GRPO trainer (method.advantage: spo; posttrain/trainers/spo.py)
+
+
+def _spo_recipe(out, data=None, **method):
+    from posttrain.recipe import parse_recipe
+
+    return parse_recipe({
+        "model": "builtin:tiny-qwen2-arith",
+        "data": data or {"train": {"source": "builtin:arithmetic-rl", "options": {"num_samples": 12,
+                                                                                 "max_operand": 30}}},
+        "method": {"name": "grpo", "advantage": "spo", "spo_offline_n": 2, **method},
+        "training": {"max_steps": 6, "per_device_train_batch_size": 4, "max_completion_length": 6,
+                     "learning_rate": 1e-3, "save_steps": 3, "logging_steps": 1, "disable_tqdm": True,
+                     "temperature": 1.0},
+        "output_dir": str(out),
+        "seed": 3,
+        "report": False,
+    })
+
+
+def test_num_generations_one_only_with_spo(tmp_path):
+    from posttrain.errors import UserError
+    from posttrain.recipe import parse_recipe
+    from posttrain.train import preflight
+
+    recipe = _spo_recipe(tmp_path)
+    _, config, _ = preflight(recipe, load_data=False)
+    assert config.num_generations == 1 and config.num_generations_eval == 1
+    base = recipe.resolved()
+    for method, training, message in [
+        ({"name": "grpo"}, {"num_generations": 1}, "training.num_generations: must be >= 2 for method.advantage: group"),
+        ({"name": "grpo", "advantage": "spo"}, {"num_generations": 4},
+         "training.num_generations: method.advantage: spo generates one completion per prompt"),
+    ]:
+        data = {**base, "method": method, "training": {**recipe.training, **training}}
+        with pytest.raises(UserError, match=message):
+            preflight(parse_recipe(data), load_data=False)
+    with pytest.raises(UserError, match=r"^method\.spo_rho: only used with advantage: spo \(advantage is rloo\)"):
+        parse_recipe({**base, "method": {"name": "grpo", "advantage": "rloo", "spo_rho": "constant"}})
+    with pytest.raises(UserError, match=r"^method\.scale_rewards: advantage spo z-scores"):
+        parse_recipe({**base, "method": {"name": "grpo", "advantage": "spo", "scale_rewards": "batch"}})
+    with pytest.raises(UserError, match=r"^method\.spo_offline_scores: spo_offline_n is 0"):
+        parse_recipe({**base, "method": {"name": "grpo", "advantage": "spo", "spo_offline_n": 0,
+                                         "spo_offline_scores": "scores.json"}})
+    with pytest.raises(UserError, match=r"^method\.spo_reward_range: expected \[low, high\] with low < high"):
+        parse_recipe({**base, "method": {"name": "grpo", "advantage": "spo", "spo_reward_range": [1.0, 0.0]}})
+    with pytest.raises(UserError, match=r"^method\.spo_rho_min: 0.95 is above method\.spo_rho_max"):
+        parse_recipe({**base, "method": {"name": "grpo", "advantage": "spo", "spo_rho_min": 0.95, "spo_rho_max": 0.9}})
+
+
+def test_prioritized_draws_follow_the_weights():
+    from posttrain.trainers.spo import draw_prompts
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.55, 0.05, 0.05, 0.55])
+    counts = torch.zeros(4)
+    for _ in range(2000):
+        idx = draw_prompts(weights, 1, g)
+        counts[idx] += 1
+    share = counts / counts.sum()
+    assert abs(share[0] - 0.4583) < 0.04 and abs(share[1] - 0.0417) < 0.02  # 0.55 / 1.2, 0.05 / 1.2
+    batch = draw_prompts(weights, 4, torch.Generator().manual_seed(1))
+    assert sorted(batch) == [0, 1, 2, 3]  # without replacement
+    assert len(draw_prompts(weights, 6, torch.Generator().manual_seed(1))) == 6  # pool smaller: with replacement
+
+
+def _spo_trainer(tmp_path, reward=None, data=None, **method):
+    from posttrain.train import RunContext, load_models, preflight
+    from posttrain.trainers.rl import build_rl_trainer
+
+    recipe = _spo_recipe(tmp_path, data, **method)
+    if reward is not None:
+        recipe.params.rewards[0] = reward
+    info, config, datasets = preflight(recipe)
+    tok, model, ref = load_models(recipe, info)
+    ctx = RunContext(recipe, info, tok, model, ref, {}, [], config=config, datasets=datasets)
+    trainer = build_rl_trainer(ctx)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def test_offline_pass_pending_update_and_stored_responses(tmp_path):
+    """The offline pass samples n0 = 2 completions per training prompt (scores written next to the run); a generation
+    batch draws 4 prompts by the tracker; its update waits for the next generation, which measures D on each
+    prompt's stored response (0 on a first visit: rho = rho_max) and stores the new responses."""
+    import json
+
+    from posttrain.rl.spo import offline_init
+    from posttrain.trainers.spo import OFFLINE_SCORES_FILE, SPOGRPOTrainer
+
+    trainer = _spo_trainer(tmp_path)
+    assert isinstance(trainer, SPOGRPOTrainer)
+    loader = iter(trainer.get_train_dataloader())
+    trainer._prepare_inputs(next(loader))
+    scores = json.loads((tmp_path / OFFLINE_SCORES_FILE).read_text())
+    assert len(scores) == 12 and all(len(v) == 2 for v in scores.values())
+    t = trainer.spo_tracker
+    for key, values in scores.items():
+        assert (t.alpha[key], t.beta[key]) == pytest.approx(offline_init(values))
+    pending = trainer.spo_pending
+    assert len(pending["keys"]) == 4 and len(pending["rows"]) == 4 and t.visits == {}
+    alpha = {k: t.alpha[k] for k in pending["keys"]}
+    trainer._buffered_inputs, trainer._step = None, 0  # the next call generates again
+    trainer._prepare_inputs(next(loader))
+    assert sum(t.visits.values()) == 4 and set(t.visits) == set(pending["keys"])
+    for key, r in zip(pending["keys"], pending["rewards"]):
+        if t.visits[key] == 1:
+            assert t.alpha[key] == pytest.approx(0.96 * alpha[key] + r)  # first visit: rho_max
+    assert set(t.responses) == set(pending["keys"])
+    ids, mask, logps = t.responses[pending["keys"][0]]
+    assert len(logps) == sum(mask) > 0 and len(ids) == len(mask)
+    row = trainer._metrics["train"]
+    assert row["spo/rho_mean"][-1] == pytest.approx(0.96) and row["spo/D_mean"][-1] == 0.0
+
+
+def test_rewards_outside_the_unit_interval_name_the_rewards(tmp_path):
+    from posttrain.errors import UserError
+    from posttrain.methods import RewardSpec
+
+    spec = RewardSpec(function="test_rl_trainer:partial_credit")  # 1 + 0.05 per character: above 1
+    trainer = _spo_trainer(tmp_path / "a", reward=spec, spo_offline_n=0)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with pytest.raises(UserError, match=r"^method\.rewards \(partial_credit\): SPO's success-rate tracker needs rewards "
+                                        r"in \[0, 1\], got .*; set method\.spo_reward_range"):
+        trainer._prepare_inputs(batch)
+    trainer = _spo_trainer(tmp_path / "b", reward=spec, spo_offline_n=0, spo_reward_range=[0.0, 2.0])
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert all(0.0 <= r <= 1.0 for r in trainer.spo_pending["rewards"])
+
+
+def test_resume_is_bit_identical_with_tracker_and_sampler_state(tmp_path):
+    """Kill an SPO run after its step-3 checkpoint and resume it: the final weights, the tracker (alpha, beta, visits,
+    stored responses) and the sampler's next draw equal an uninterrupted run's."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from posttrain.train import run
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise RuntimeError("simulated kill")
+
+    states = {}
+
+    class Grab(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            trainer = self.trainer
+            states[args.output_dir] = (trainer.spo_state_dict(), trainer.spo_generator.get_state().clone())
+
+    def go(name, **kw):
+        grab = Grab()
+        import posttrain.train as train_module
+
+        original = train_module.TRAINER_BUILDERS["rl"]
+
+        def build(ctx):
+            trainer = original(ctx)
+            grab.trainer = trainer
+            return trainer
+
+        train_module.TRAINER_BUILDERS["rl"] = build
+        try:
+            run(_spo_recipe(tmp_path / name), callbacks=[grab, *kw.pop("callbacks", [])], quiet=True, **kw)
+        finally:
+            train_module.TRAINER_BUILDERS["rl"] = original
+
+    go("full")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        go("killed", callbacks=[Kill()])
+    assert (tmp_path / "killed" / "checkpoint-3" / "spo_state_0.pt").is_file()
+    go("killed", resume=True)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "killed").state_dict()
+    assert [k for k in full if not torch.equal(full[k], resumed[k])] == []
+    a, b = states[str(tmp_path / "full")], states[str(tmp_path / "killed")]
+    assert a[0]["tracker"] == b[0]["tracker"] and a[0]["pending"] == b[0]["pending"]
+    assert torch.equal(a[1], b[1])  # the sampler's generator: the same next draw
+    assert sum(a[0]["tracker"]["visits"].values()) == 5 * 4  # 6 steps of 4 prompts, the last update still pending
+
+
+def test_conversational_prompts(tmp_path):
+    """Chat prompts (lists of messages) are keyed by their canonical JSON, go through the chat template in the offline
+    pass and in training, and one generation batch updates the tracker of exactly the prompts it drew."""
+    import json
+
+    from posttrain.trainers.spo import OFFLINE_SCORES_FILE, row_key
+
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i + 1}="}], "answer": str(2 * i + 1)} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = _spo_trainer(tmp_path / "run", data={"train": {"source": str(data)}})
+    loader = iter(trainer.get_train_dataloader())
+    output = trainer._prepare_inputs(next(loader))
+    keys = {row_key(r["prompt"]) for r in rows}
+    assert set(json.loads((tmp_path / "run" / OFFLINE_SCORES_FILE).read_text())) == keys
+    prompt = trainer.processing_class.decode(output["prompt_ids"][0][output["prompt_mask"][0].bool()])
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    drawn = trainer.spo_pending["keys"]
+    assert len(drawn) == 4 and set(drawn) <= keys
+    trainer._buffered_inputs, trainer._step = None, 0
+    trainer._prepare_inputs(next(loader))
+    assert set(trainer.spo_tracker.visits) == set(drawn)

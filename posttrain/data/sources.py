@@ -103,6 +103,8 @@ def _news(split: str, **options):
 REQUIRED_COLUMNS: dict[str, list[tuple[str, ...]]] = {
     "sft": [("prompt", "completion"), ("messages",), ("text",)],
     "preference": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
+    # KTO: unpaired rows labelled desirable (true) or undesirable (false); paired rows are unpaired by the trainer
+    "unpaired": [("prompt", "completion", "label"), ("prompt", "chosen", "rejected"), ("chosen", "rejected")],
     "rl": [("prompt",)],
     "unlearning": [("prompt", "completion")],
     "test": [("prompt", "answer")],
@@ -547,7 +549,19 @@ def load_source(src: DataSource | list[DataSource], key: str, kind: str, seed: i
     ds, label = _load_rows_with_labels(src, key)
     columns = check_columns(ds, kind, key, src.source)
     check_row_formats(ds, kind, key, src.source, label, roles)
+    if "label" in columns:  # unpaired preference rows: desirable (true) or undesirable (false), nothing else
+        check_labels(column_values(ds, "label"), label, key)
     return drop_unusable(ds, columns, key, src.source, label=label)
+
+
+def check_labels(values, label, key: str) -> None:
+    """Each ``label`` of an unpaired preference row is ``true`` (desirable) or ``false`` (undesirable); the first other
+    value names its ``file:row``."""
+    for i, value in enumerate(values):
+        if not isinstance(value, bool):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UserError(f"{key}: {label(i)}: column 'label' must be true (desirable) or false (undesirable), got "
+                            f"{_json_type(value)} {shown}")
 
 
 def load_mixture(sources: list[DataSource], key: str, kind: str, seed: int = 0, roles: tuple[str, ...] = ()):

@@ -7,7 +7,7 @@ Kept free of heavy imports (parsing a recipe stays cheap).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -44,6 +44,13 @@ class ArithmeticChatOptions(ArithmeticOptions):
     turns: int = Field(2, ge=1, le=16, description="Exchanges (user problem, assistant answer) per conversation.")
 
 
+class ArithmeticToolOptions(ArithmeticOptions):
+    """``builtin:arithmetic-tool-rl`` / ``-sft`` (:func:`posttrain.data.arithmetic.arithmetic_tool_rows`)."""
+
+    tool_fraction: float = Field(0.5, ge=0.0, le=1.0, description="sft: share of the rows that call the tool.")
+    tool: Literal["calculate", "calculator"] = "calculate"
+
+
 class FactsOptions(_Options):
     """``builtin:facts`` (:func:`posttrain.data.facts.facts_rows`)."""
 
@@ -73,6 +80,8 @@ TASK_OPTIONS: dict[str, type[_Options]] = {
     "arithmetic-rl": ArithmeticOptions,
     "arithmetic-pref": ArithmeticOptions,
     "arithmetic-chat": ArithmeticChatOptions,
+    "arithmetic-tool-rl": ArithmeticToolOptions,
+    "arithmetic-tool-sft": ArithmeticToolOptions,
     "facts": FactsOptions,
     "news": NewsOptions,
 }
@@ -99,5 +108,5 @@ def check_task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-__all__ = ["TASK_OPTIONS", "ArithmeticChatOptions", "ArithmeticOptions", "FactsOptions", "NewsOptions",
-           "check_task_options"]
+__all__ = ["TASK_OPTIONS", "ArithmeticChatOptions", "ArithmeticOptions", "ArithmeticToolOptions", "FactsOptions",
+           "NewsOptions", "check_task_options"]

@@ -1,4 +1,5 @@
-"""Preference-optimisation losses (DPO family, WPO, SparsePO, ASFT-aligned, SimPO, ORPO) as pure functions over tensors.
+"""Preference-optimisation losses (DPO family, WPO, SparsePO, ASFT-aligned, SimPO, ORPO, KTO) as pure functions over
+tensors.
 
 Conventions (shared with :mod:`posttrain.losses.sft`):
 
@@ -9,8 +10,8 @@ Conventions (shared with :mod:`posttrain.losses.sft`):
 * loss functions return PER-PAIR losses ``[B]``; the trainer takes the mean over the micro-batch (the L of docs/methods/dpo.md#objective);
 * every reward / weight / metric returned here is detached.
 
-Method pages: docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md,
-docs/methods/simpo.md, docs/methods/orpo.md.
+Method pages: docs/methods/online_dpo.md, docs/methods/dpo.md, docs/methods/wpo.md, docs/methods/sparsepo.md, docs/methods/asft_aligned.md,
+docs/methods/simpo.md, docs/methods/orpo.md, docs/methods/kto.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from posttrain.distributed import TokenMean
 
 __all__ = [
     "PreferenceLossOutput",
@@ -53,6 +56,12 @@ __all__ = [
     "simpo_loss",
     "ORPOOutput",
     "orpo_loss",
+    "KTOOutput",
+    "kto_reference_point",
+    "kto_loss",
+    "rotate_within_batches",
+    "rank_pairs",
+    "online_dpo_loss",
 ]
 
 
@@ -414,10 +423,11 @@ def sparsepo_metrics(
     rejected_reward_mask: torch.Tensor | None = None,
     chosen_kl_mask: torch.Tensor | None = None,
     rejected_kl_mask: torch.Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | TokenMean]:
     """SparsePO metrics (docs/methods/sparsepo.md#metrics), with our fixes: SeqKL over completion tokens only, margins as the mean
     of per-pair absolute differences. ``*_logps`` are the unweighted policy sums. For a common mask pass the same
-    tensors as reward and KL masks. Masks that are off (None) get no sparsity / L1 entries."""
+    tensors as reward and KL masks. Masks that are off (None) get no sparsity / L1 entries. The sparsities are
+    :class:`~posttrain.distributed.TokenMean` (``float()`` gives the value)."""
     metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps)
     seq_kl_w = _masked_sum(chosen_token_kl.detach(), chosen_loss_mask)
     seq_kl_l = _masked_sum(rejected_token_kl.detach(), rejected_loss_mask)
@@ -435,8 +445,11 @@ def sparsepo_metrics(
     for short, tag, cm, rm in pairs:
         if cm is None or rm is None:
             continue
-        metrics[f"Weights/{short}_chosen_sparsity"] = mask_sparsity(cm.detach(), chosen_loss_mask).item()
-        metrics[f"Weights/{short}_rejected_sparsity"] = mask_sparsity(rm.detach(), rejected_loss_mask).item()
+        # token shares: pooled over processes by posttrain.distributed.reduce_metrics
+        for side, values, loss_mask in (("chosen", cm, chosen_loss_mask), ("rejected", rm, rejected_loss_mask)):
+            tokens = loss_mask.to(torch.bool).sum().float()
+            sparsity = mask_sparsity(values.detach(), loss_mask)
+            metrics[f"Weights/{short}_{side}_sparsity"] = TokenMean(sparsity * tokens, tokens)
         metrics[f"Weights/{tag}_chosen_l1_norm"] = _l1(cm.detach(), chosen_loss_mask).mean().item()
         metrics[f"Weights/{tag}_rejected_l1_norm"] = _l1(rm.detach(), rejected_loss_mask).mean().item()
     return metrics
@@ -609,11 +622,16 @@ def asft_metrics(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def token_mean_nll(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_mean_nll(logps: torch.Tensor, mask: torch.Tensor,
+                   num_items: torch.Tensor | float | None = None) -> torch.Tensor:
     """``-sum(mask * logp) / max(sum(mask), 1)`` in fp32: the token-mean NLL of a micro-batch (the HF
     ``CrossEntropyLoss`` mean that SimPO's ``sft_weight`` term and ORPO's SFT term use; docs/methods/simpo.md#objective,
-    docs/methods/orpo.md#objective)."""
-    return -sequence_logps(logps, mask).sum() / mask.to(torch.float32).sum().clamp(min=1.0)
+    docs/methods/orpo.md#objective). ``num_items`` replaces ``sum(mask)`` as the denominator (with several processes,
+    this process's share of the global token count, posttrain.distributed.process_share: the averaged gradient is
+    then that of the global batch's token mean)."""
+    count = mask.to(torch.float32).sum() if num_items is None else torch.as_tensor(
+        num_items, dtype=torch.float32, device=logps.device)
+    return -sequence_logps(logps, mask).sum() / count.clamp(min=1.0)
 
 
 def simpo_loss(
@@ -675,3 +693,113 @@ def orpo_loss(
     loss = chosen_nll.float() + beta * or_losses.mean()
     return ORPOOutput(loss, chosen_nll.detach().float(), or_losses.detach(), log_or.detach(), (beta * lw).detach(),
                       (beta * ll).detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KTO (unpaired desirable / undesirable completions)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def kto_reference_point(kl_logratios: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z0 = max(0, mean_j (log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)))``, detached (a 0-dim
+    fp32 tensor; docs/methods/kto.md#objective).
+
+    Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic Optimization", arXiv 2402.01306, Eq. 7: the KL term
+    is estimated from mismatched pairs (each prompt with another row's completion, ``kl_logratios`` = the summed
+    policy minus reference log-prob of those ``[M]`` sequences, gathered over every process first) and no gradient
+    flows through it. Example: ``[0.3, -0.1, 0.4]`` gives 0.2; ``[-0.3, 0.1]`` gives 0.
+    """
+    return kl_logratios.detach().float().mean().clamp(min=0.0)
+
+
+@dataclass
+class KTOOutput:
+    """KTO pieces: ``losses`` (differentiable, ``[B]`` in row order: each row's weighted loss ``lambda_y (1 -
+    v(x, y))``); detached: ``chosen_losses`` / ``rejected_losses`` (unweighted, over the desirable / undesirable rows)
+    and ``chosen_rewards`` / ``rejected_rewards`` (``beta * r``, TRL's ``rewards/*``)."""
+
+    losses: torch.Tensor
+    chosen_losses: torch.Tensor
+    rejected_losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def kto_loss(
+    logratios: torch.Tensor,
+    desirable: torch.Tensor,
+    reference_point: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOOutput:
+    """Per-row KTO loss (docs/methods/kto.md#objective); the trainer takes the mean over the micro-batch's rows.
+
+    KTO, arXiv 2402.01306, Eq. 7-8: with the implicit reward ``r = log pi(y|x) - log pi_ref(y|x)`` (``logratios``,
+    summed completion log-probs, ``[B]``) and the reference point ``z0`` (:func:`kto_reference_point`), a desirable
+    row (``desirable`` true) has value ``v = sigma(beta (r - z0))`` and an undesirable one ``v = sigma(beta (z0 - r))``;
+    the loss is ``lambda_D (1 - v)`` or ``lambda_U (1 - v)`` (``desirable_weight`` / ``undesirable_weight``). TRL's
+    ``KTOTrainer`` (``loss_type="kto"``) computes the same. Worked example (beta 0.1, z0 0.2, weights 1 / 1.5):
+    ``r = [1.0, -2.0, 0.5]``, desirable ``[T, F, T]`` give ``[0.480011, 0.667831, 0.492501]``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    r = logratios.float()
+    good = desirable.to(torch.bool)
+    z0 = torch.as_tensor(reference_point, dtype=torch.float32, device=r.device).detach()
+    value = torch.where(good, torch.sigmoid(beta * (r - z0)), torch.sigmoid(beta * (z0 - r)))
+    weights = torch.where(good, torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
+    unweighted = 1.0 - value
+    rewards = (beta * r).detach()
+    return KTOOutput(weights * unweighted, unweighted[good].detach(), unweighted[~good].detach(), rewards[good],
+                     rewards[~good])
+
+
+def rotate_within_batches(values: list, batch_size: int) -> list:
+    """KTO's mismatched completions: each consecutive block of ``batch_size`` rows is rotated by one, ``(y_1, ...,
+    y_n) -> (y_n, y_1, ..., y_{n-1})``, so row ``i`` is paired with the completion of the row before it in its own
+    micro-batch (TRL's ``KL_completion_ids``; docs/methods/kto.md#the-kl-estimate). A last, shorter block is rotated
+    on its own."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list = []
+    for start in range(0, len(values), batch_size):
+        block = list(values[start:start + batch_size])
+        out.extend(block[-1:] + block[:-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Online DPO: pairs sampled from the policy, ranked by a reward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rank_pairs(rewards: torch.Tensor, ties: Literal["skip", "first"] = "skip") -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected of each sampled pair from its rewards (docs/methods/online_dpo.md#pairs).
+
+    ``rewards`` is ``[2P]``: the two completions of prompt ``i`` are rows ``2i`` and ``2i+1`` (GRPO's layout with two
+    generations per prompt). Returns ``(first_chosen [P] bool, keep [P] bool)``: row ``2i`` is the chosen one when
+    its reward is higher. A tie carries no preference: ``ties="skip"`` leaves the pair out of the loss;
+    ``ties="first"`` trains on it with row ``2i`` as chosen (TRL's ``OnlineDPOTrainer``: ``first >= second``). A pair
+    with an unscorable (NaN) reward is always left out. Example: ``[1, 0, 0, 0, 0, 1, nan, 1]`` gives
+    first_chosen ``[T, T, F, F]`` and keep ``[T, F, T, F]`` (skip) or ``[T, T, T, F]`` (first).
+    """
+    if ties not in ("skip", "first"):
+        raise ValueError(f"ties must be 'skip' or 'first', got {ties!r}")
+    r = rewards.detach().float().view(-1, 2)
+    first, second = r[:, 0], r[:, 1]
+    scored = ~(torch.isnan(first) | torch.isnan(second))
+    first_chosen = first >= second
+    keep = scored & (first != second) if ties == "skip" else scored
+    return first_chosen & scored, keep
+
+
+def online_dpo_loss(pair_losses: torch.Tensor, keep: torch.Tensor, num_kept_pairs: torch.Tensor | float,
+                    num_processes: int = 1) -> torch.Tensor:
+    """``sum_i keep_i l_i / N * num_processes``: this micro-batch's share of the mean pair loss over the ``N`` kept
+    pairs of the optimizer step's global batch (docs/methods/online_dpo.md#objective). Data-parallel training averages
+    the gradients of ``num_processes`` processes, hence the factor: N processes reproduce one process on the same
+    global batch, and with one process, every pair kept and one micro-batch it is the mean of ``pair_losses`` (TRL's
+    ``losses.mean()``). ``N`` 0 (every pair tied) gives a zero loss that keeps the graph."""
+    n = torch.as_tensor(num_kept_pairs, dtype=torch.float32, device=pair_losses.device).clamp(min=1.0)
+    return (pair_losses.float() * keep.to(pair_losses.device, torch.float32)).sum() * num_processes / n

@@ -465,7 +465,10 @@ non-default value, optional),
 ``defaults`` (method defaults it changes), ``group_baseline``
 (uses the group mean and std), ``normalize_then_sum`` (TRL's ``multi_objective_aggregation="normalize_then_sum"``
 replaces it), ``needs_strata`` (stratum keys are computed per rollout), ``needs_lengths`` (optional: the estimator
-takes the completion token counts of the generation batch as ``lengths``)."""
+takes the completion token counts of the generation batch as ``lengths``), ``single_stream`` (optional: one
+completion per prompt), ``trainer`` (optional: ``"module:Class"``, the GRPO trainer subclass the estimator needs, e.g.
+SPO's per-prompt tracker and sampler, which pass the baseline ``p_hat`` of every row), ``check`` (optional: the
+estimator's cross-key check, ``check(params) -> error or None``)."""
 
 
 def _ones_keep(adv: torch.Tensor) -> AdvantageOutput:
@@ -555,7 +558,43 @@ def reinforce_pp_advantage(rewards: torch.Tensor, num_generations: int, **option
     return _ones_keep(reinforce_pp(rewards, num_generations, **options))
 
 
-ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce", "rloo", "reinforce_pp")  # (grpo = group)
+SPO_KEYS = ("spo_offline_n", "spo_offline_scores", "spo_rho", "spo_rho_value", "spo_rho_min", "spo_rho_max",
+            "spo_d_half", "spo_sampling_eps", "spo_prioritized", "spo_adv_eps", "spo_baseline", "spo_reward_range")
+
+
+def check_spo_settings(p) -> str | None:
+    """SPO's cross-key settings: ``spo_rho_min <= spo_rho_max``, ``spo_reward_range`` as ``[low, high]``."""
+    if p.spo_rho_min > p.spo_rho_max:
+        return f"method.spo_rho_min: {p.spo_rho_min} is above method.spo_rho_max ({p.spo_rho_max})"
+    if p.spo_reward_range is not None and not p.spo_reward_range[0] < p.spo_reward_range[1]:
+        return f"method.spo_reward_range: expected [low, high] with low < high, got {p.spo_reward_range}"
+    if p.spo_offline_scores is not None and p.spo_offline_n == 0:
+        return ("method.spo_offline_scores: spo_offline_n is 0 (no offline scores are kept); set it to the number "
+                "of scores per prompt to keep (n0)")
+    return None
+
+
+@ADVANTAGES.register(
+    "spo", doc="docs/methods/spo.md#advantage", keys=SPO_KEYS, defaults={}, check=check_spo_settings,
+    group_baseline=False, needs_strata=False, normalize_then_sum=False, single_stream=True,
+    trainer="posttrain.trainers.spo:SPOGRPOTrainer",
+    refuses={"scale_rewards": "z-scores r - p_hat over the whole batch (method.spo_adv_eps), not with scale_rewards"},
+    options=lambda p, strata: {"eps": p.spo_adv_eps, "baseline": p.spo_baseline},
+)
+def spo_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
+    """Single-stream advantage (SPO, Xu & Ding 2025, arXiv 2509.13232), every row kept:
+    :func:`posttrain.rl.spo.spo_advantages` of the rewards against each prompt's tracked success rate ``p_hat``
+    (``[B]``, read before this visit's update; given by the trainer). ``num_generations`` is 1 (unused)."""
+    from posttrain.rl.spo import spo_advantages
+
+    if "p_hat" not in options:
+        raise ValueError("spo advantages need p_hat=[B], each row's tracked success rate")
+    adv = spo_advantages(torch.as_tensor(rewards), options["p_hat"], eps=options.get("eps", 1e-8),
+                         baseline=options.get("baseline", True))
+    return _ones_keep(adv.to(torch.as_tensor(rewards).dtype))
+
+
+ADVANTAGE_ESTIMATORS = ("grpo", "stratified", "psr", "nsr", "w_reinforce", "rloo", "reinforce_pp", "spo")  # (grpo = group)
 _ALIASES = {"grpo": "group", "san": "stratified", "stratified_grpo": "stratified", "w-reinforce": "w_reinforce"}
 
 

@@ -424,12 +424,22 @@ class CheckedReward:
 
 def check_reward_model(path: str, key: str) -> str:
     """Resolve a reward model path and check, from its config only, that it is a sequence-classification model
-    (an ``...ForSequenceClassification`` architecture); a causal LM would get a random score head."""
+    (an ``...ForSequenceClassification`` architecture); a causal LM would get a random score head. A LoRA run of
+    ``method.name: reward`` (an adapter folder) is accepted when its adapter's task is ``SEQ_CLS``."""
+    import json
+
     from transformers import AutoConfig
 
     from posttrain.models import resolve_model_path
 
     resolved = resolve_model_path(path, key)
+    adapter = Path(resolved, "adapter_config.json")
+    if adapter.is_file() and not Path(resolved, "config.json").exists():
+        task = json.loads(adapter.read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise UserError(f"{key}: '{path}' is an adapter for task {task}, not a sequence-classification reward "
+                            "model (a `method.name: reward` LoRA run has task SEQ_CLS)")
+        return resolved
     try:
         config = AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as exc:
@@ -512,7 +522,14 @@ def _load_reward_model(resolved: str, path: str, key: str, dtype: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-        model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1, dtype=torch_dtype(dtype))
+        if Path(resolved, "adapter_config.json").is_file() and not Path(resolved, "config.json").exists():
+            from peft import AutoPeftModelForSequenceClassification  # a LoRA reward run: merged on load
+
+            model = AutoPeftModelForSequenceClassification.from_pretrained(
+                resolved, num_labels=1, dtype=torch_dtype(dtype)).merge_and_unload()
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1,
+                                                                       dtype=torch_dtype(dtype))
     except (OSError, ValueError) as exc:
         text = " ".join(str(exc).split())[:200]
         raise UserError(f"{key}: cannot load reward model '{path}' ({text})") from None

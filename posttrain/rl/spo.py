@@ -1,4 +1,4 @@
-"""SPO: Single-stream Policy Optimization, the math (not yet wired into a trainer).
+"""SPO: Single-stream Policy Optimization, the math (the trainer wiring is in :mod:`posttrain.trainers.spo`).
 
 Xu & Ding, "Single-stream Policy Optimization" (arXiv 2509.13232); the method page is docs/methods/spo.md. One
 completion per prompt; the baseline of prompt x is a persistent Beta-Bernoulli estimate of its success rate
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from typing import Any
 
 import torch
@@ -21,16 +22,41 @@ def prompt_key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def offline_init(scores: list[float] | None, rho_min: float = 0.875) -> tuple[float, float]:
-    """``(alpha0, beta0)`` from a prompt's offline scores (binarised ``score > 0``): with ``n`` scores and ``S``
+def offline_init(scores: list[float] | None, rho_min: float = 0.875, max_scores: int = 8,
+                 rng: random.Random | None = None) -> tuple[float, float]:
+    """``(alpha0, beta0)`` from a prompt's offline scores (binarised ``score > 0``): at most ``max_scores`` (n0) of them
+    are kept (a random subsample drawn with ``rng``, default ``random.Random(0)``); with ``n`` kept scores and ``S``
     successes, ``alpha0 = N (S + 0.5) / (n + 1)``, ``beta0 = N (n - S + 0.5) / (n + 1)``, ``N = 1 / (1 - rho_min)``
-    (so ``p_hat0 = (S + 0.5) / (n + 1)``); no scores: Jeffreys ``(0.5, 0.5)``. ``n`` is the prompt's own count."""
-    if not scores:
+    (so ``p_hat0 = (S + 0.5) / (n + 1)``). No scores, or ``max_scores`` 0: Jeffreys ``(0.5, 0.5)``. ``n`` is the
+    prompt's own count when it has fewer than ``max_scores`` (docs/methods/spo.md#tracker)."""
+    if not scores or max_scores <= 0:
         return 0.5, 0.5
+    scores = list(scores)
+    if len(scores) > max_scores:
+        scores = (rng or random.Random(0)).sample(scores, max_scores)
     n = len(scores)
     s = sum(1.0 for x in scores if x > 0)
     total = 1.0 / (1.0 - rho_min)
     return total * (s + 0.5) / (n + 1), total * (n - s + 0.5) / (n + 1)
+
+
+def rescale_rewards(rewards: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``(r - low) / (high - low)`` clipped to [0, 1] (``spo_reward_range``), so that any reward reads as a success
+    probability; non-finite rewards stay as they are."""
+    if not high > low:
+        raise ValueError(f"reward range needs high > low, got [{low}, {high}]")
+    r = rewards.double()
+    return torch.where(torch.isfinite(r), ((r - low) / (high - low)).clamp(0.0, 1.0), r)
+
+
+def check_reward_range(rewards: torch.Tensor) -> None:
+    """``ValueError`` when a finite reward lies outside [0, 1]: ``beta <- rho beta + (1 - r)`` would turn negative
+    (r = 2 gave beta = -0.55) and ``p_hat`` would no longer be a probability."""
+    r = rewards.double()
+    bad = torch.isfinite(r) & ((r < 0) | (r > 1))
+    if bool(bad.any()):
+        values = sorted({float(x) for x in r[bad].tolist()})[:3]
+        raise ValueError(f"SPO's success-rate tracker needs rewards in [0, 1], got {values}")
 
 
 def forgetting_factor(D: torch.Tensor, *, d_half: float = 0.06, rho_min: float = 0.875,
@@ -70,25 +96,32 @@ def sampling_weights(p_hat: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
 
 
 class SPOTracker:
-    """Per-prompt ``alpha``, ``beta`` and visit count, keyed by :func:`prompt_key`; ``state_dict`` round-trips
-    (checkpoints). Unknown prompts start at Jeffreys ``(0.5, 0.5)``."""
+    """Per-prompt ``alpha``, ``beta``, visit count and last response (token ids, scored-token mask and per-token
+    log-probs under the policy right after that visit's update: the ``D`` of the next visit), keyed by
+    :func:`prompt_key`; ``state_dict`` round-trips (checkpoints). Unknown prompts start at Jeffreys ``(0.5, 0.5)``."""
 
     def __init__(self, rho_min: float = 0.875, rho_max: float = 0.96, d_half: float = 0.06):
         self.rho_min, self.rho_max, self.d_half = rho_min, rho_max, d_half
         self.alpha: dict[str, float] = {}
         self.beta: dict[str, float] = {}
         self.visits: dict[str, int] = {}
+        self.responses: dict[str, tuple[list[int], list[int], list[float]]] = {}
 
-    def init_offline(self, scores: dict[str, list[float]]) -> None:
-        for key, values in scores.items():
-            self.alpha[key], self.beta[key] = offline_init(values, self.rho_min)
+    def init_offline(self, scores: dict[str, list[float]], max_scores: int = 8, seed: int = 0) -> None:
+        """Each prompt's ``(alpha0, beta0)`` from at most ``max_scores`` of its offline scores (:func:`offline_init`;
+        the subsample is drawn from one ``random.Random(seed)`` over the prompts in key order)."""
+        rng = random.Random(seed)
+        for key in sorted(scores):
+            self.alpha[key], self.beta[key] = offline_init(scores[key], self.rho_min, max_scores, rng)
 
     def p_hat(self, keys: list[str]) -> torch.Tensor:
         return torch.tensor([self.alpha.get(k, 0.5) / (self.alpha.get(k, 0.5) + self.beta.get(k, 0.5)) for k in keys],
                             dtype=torch.float64)
 
     def update(self, keys: list[str], rewards: torch.Tensor, rho: torch.Tensor) -> None:
-        """``alpha <- rho alpha + r``, ``beta <- rho beta + (1 - r)`` in row order; non-finite rewards skip."""
+        """``alpha <- rho alpha + r``, ``beta <- rho beta + (1 - r)`` in row order; non-finite rewards skip. A finite
+        reward outside [0, 1] is a ``ValueError`` (:func:`check_reward_range`) and nothing is updated."""
+        check_reward_range(rewards)
         for key, r, f in zip(keys, rewards.double().tolist(), rho.double().tolist(), strict=True):
             if not math.isfinite(r):
                 continue
@@ -96,10 +129,18 @@ class SPOTracker:
             self.beta[key] = f * self.beta.get(key, 0.5) + (1.0 - r)
             self.visits[key] = self.visits.get(key, 0) + 1
 
+    def store(self, keys: list[str], responses: list[tuple[list[int], list[int], list[float]]]) -> None:
+        """Keep each prompt's latest response ``(ids, mask, logps)`` (in row order: a later row of the same prompt
+        wins)."""
+        for key, response in zip(keys, responses, strict=True):
+            self.responses[key] = response
+
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": dict(self.alpha), "beta": dict(self.beta), "visits": dict(self.visits),
-                "rho_min": self.rho_min, "rho_max": self.rho_max, "d_half": self.d_half}
+                "responses": dict(self.responses), "rho_min": self.rho_min, "rho_max": self.rho_max,
+                "d_half": self.d_half}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.alpha, self.beta, self.visits = dict(state["alpha"]), dict(state["beta"]), dict(state["visits"])
+        self.responses = dict(state.get("responses", {}))
         self.rho_min, self.rho_max, self.d_half = state["rho_min"], state["rho_max"], state["d_half"]

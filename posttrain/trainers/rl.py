@@ -36,6 +36,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
+from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.reference import trl_reference_factory
 from posttrain.rl.advantages import (
@@ -135,25 +136,19 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self.ref_model = self._prepare_reference(ref_model)
         self.signal_monitor = SignalMonitor(patience=getattr(params, "warn_no_signal_after", 2),
                                             max_completion_length=self.max_completion_length,
-                                            correct_reward=params.correct_reward)
+                                            correct_reward=getattr(params, "correct_reward", 1.0))
         self._run_warnings: list[str] = []
         self._warned: set[str] = set()
 
     def _prepare_reference(self, ref_model):
         """What TRL's ``__init__`` does to the reference it builds, for one given with a PEFT policy."""
-        from trl.models import prepare_deepspeed, prepare_fsdp
-        from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+        from trl.trainer.utils import add_fused_lm_head
 
-        if self.args.disable_dropout:
-            disable_dropout_in_model(ref_model)
-        ref_model.eval().requires_grad_(False)
+        from posttrain.distributed import prepare_frozen
+
         # TRL also casts the LM head weight to fp32; the projection in fp32 is what matters for the log-probs
         add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return prepare_frozen(ref_model, self.accelerator, disable_dropout=self.args.disable_dropout)
 
     # ---------------------------------------------------------------------------------------------------------------
     # advantages
@@ -187,7 +182,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             out = compute_advantages("grpo", rewards, num_generations, scale_rewards="none")._replace(advantages=adv)
         else:
             strata = stratum_ids(stash["strata"], device=rewards.device) if estimator.needs_strata else None
-            options = estimator.options(p, strata)
+            options = {**estimator.options(p, strata), **self._advantage_options(estimator, rewards, mode)}
             if estimator.meta.get("needs_lengths", False):  # completion tokens per row (REINFORCE++'s token whitening)
                 tokens = output["completion_mask"] * output.get("tool_mask", 1)
                 options["lengths"] = self.accelerator.gather(tokens.sum(-1).float()).to(rewards.device)
@@ -237,6 +232,10 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 logged.pop()
             logged.extend(out.advantages.tolist())
         return output
+
+    def _advantage_options(self, estimator, rewards: torch.Tensor, mode: str) -> dict[str, Any]:
+        """Options an estimator needs from the trainer's own state (SPO's per-prompt baseline: SPOGRPOTrainer)."""
+        return {}
 
     def _clipped(self, output) -> torch.Tensor:
         """[B] over all processes: completions cut at max_completion_length (they do not end in a stop token)."""
@@ -404,29 +403,28 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / ga
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        def global_masked_mean(x: torch.Tensor) -> float:
-            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().float()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        metrics["policy_loss"].append(self.accelerator.gather(policy_value).mean().item())
+        # token means over every process's tokens, the policy loss averaged over processes: one reduction
+        logged = {"policy_loss": policy_value}
         if kl is not None:
-            metrics["kl"].append(global_masked_mean(kl.detach()))
-        metrics["entropy"].append(global_masked_mean(entropies.detach()))
+            logged["kl"] = TokenMean.of(kl, mask)
+        logged["entropy"] = TokenMean.of(entropies, mask)
         # verl's ppo_kl (docs/methods/grpo.md#metrics): token mean of old_logp - logp
-        metrics["ppo_kl"].append(global_masked_mean((old - logps).detach()))
-        metrics["clip_ratio/low_mean"].append(global_masked_mean(clip.low_clipped.float()))
-        metrics["clip_ratio/high_mean"].append(global_masked_mean(clip.high_clipped.float()))
+        logged["ppo_kl"] = TokenMean.of(old - logps, mask)
+        logged["clip_ratio/low_mean"] = TokenMean.of(clip.low_clipped.float(), mask)
+        logged["clip_ratio/high_mean"] = TokenMean.of(clip.high_clipped.float(), mask)
+        logged["clip_ratio/region_mean"] = TokenMean.of((clip.low_clipped | clip.high_clipped).float(), mask)
+        if p.dual_clip_c is not None:
+            logged["clip_ratio/dual_mean"] = TokenMean.of(clip.dual_clipped.float(), mask)
+        if rule.gradient_preserved:
+            logged["clip_ratio/gradient_preserved_mean"] = TokenMean.of(clip.gradient_preserved.float(), mask)
+        for name, value in reduce_metrics(self.accelerator, logged).items():
+            metrics[name].append(value)
         # as TRL: the extreme per-sequence clip fractions over all processes
         per_seq = mask.sum(-1)
         low_seq = self.accelerator.gather((clip.low_clipped.float() * mask).sum(-1) / per_seq)
         high_seq = self.accelerator.gather((clip.high_clipped.float() * mask).sum(-1) / per_seq)
         metrics["clip_ratio/low_min"].append(nanmin(low_seq).item())
         metrics["clip_ratio/high_max"].append(nanmax(high_seq).item())
-        metrics["clip_ratio/region_mean"].append(global_masked_mean((clip.low_clipped | clip.high_clipped).float()))
-        if p.dual_clip_c is not None:
-            metrics["clip_ratio/dual_mean"].append(global_masked_mean(clip.dual_clipped.float()))
-        if rule.gradient_preserved:
-            metrics["clip_ratio/gradient_preserved_mean"].append(global_masked_mean(clip.gradient_preserved.float()))
         return loss
 
 
@@ -444,21 +442,18 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                         reward_method=p.pacs_reward_method, score=p.pacs_score, weight=p.pacs_weight)
         metrics = self._metrics[mode]
         valid = out.valid
-        stats = torch.stack([
-            out.loss.detach(),
-            (out.psi.detach() * valid).sum() / valid.sum().clamp(min=1),
-            (((out.psi.detach() > 0).float() == (inputs[PACS_REWARD] > 0.5).float()).float() * valid).sum()
-            / valid.sum().clamp(min=1),
-            (out.rhat.detach().abs() * valid).sum() / valid.sum().clamp(min=1),
-            (out.weights * valid).sum() / valid.sum().clamp(min=1),
-        ])
-        stats = self.accelerator.gather(stats.unsqueeze(0)).mean(0).tolist()
-        for name, value in zip(("loss", "psi_mean", "pred_acc", "rhat_abs_mean", "weight_mean"), stats):
-            metrics[f"pacs/{name}"].append(value)
-        metrics["policy_loss"].append(stats[0])
-        totals = self.accelerator.reduce(torch.stack([(entropies.detach() * mask).sum(), mask.sum().float()]),
-                                         reduction="sum")
-        metrics["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        predicted = ((out.psi.detach() > 0).float() == (inputs[PACS_REWARD] > 0.5).float()).float()
+        logged = {  # row means pooled over the valid rows of every process
+            "pacs/loss": out.loss.detach(),
+            "pacs/psi_mean": TokenMean.of(out.psi, valid),
+            "pacs/pred_acc": TokenMean.of(predicted, valid),
+            "pacs/rhat_abs_mean": TokenMean.of(out.rhat.abs(), valid),
+            "pacs/weight_mean": TokenMean.of(out.weights, valid),
+            "entropy": TokenMean.of(entropies, mask),
+        }
+        for name, value in reduce_metrics(self.accelerator, logged).items():
+            metrics[name].append(value)
+        metrics["policy_loss"].append(metrics["pacs/loss"][-1])
         return out.loss
 
 
@@ -671,6 +666,14 @@ def rl_config(recipe, info):
         if size % n:
             raise UserError(f"training.per_device_train_batch_size: method.loss: pacs needs a multiple of "
                             f"num_generations ({n}), got {size}")
+    single_stream = ADVANTAGES[p.advantage].meta.get("single_stream", False)
+    n = recipe.training.get("num_generations")
+    if single_stream and n not in (None, 1):
+        raise UserError(f"training.num_generations: method.advantage: {p.advantage} generates one completion per prompt "
+                        f"(its baseline is the prompt's tracked success rate); set 1 or leave it out, got {n}")
+    if not single_stream and n is not None and n < 2:
+        raise UserError(f"training.num_generations: must be >= 2 for method.advantage: {p.advantage} (group statistics "
+                        "need two completions per prompt; 1 is only for advantage: spo)")
     moa = recipe.training.get("multi_objective_aggregation", "sum_then_normalize")
     if moa != "sum_then_normalize" and not ADVANTAGES[p.advantage].normalize_then_sum:
         able = " or ".join(e.name for e in ADVANTAGES if e.normalize_then_sum)
@@ -689,7 +692,22 @@ def rl_config(recipe, info):
     }
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
+    if single_stream:  # TRL's GRPOConfig refuses one generation: build it with two, then set one
+        overrides["num_generations"] = 2
+        overrides.setdefault("num_generations_eval", 2)
+        if "num_generations_eval" in recipe.training:
+            raise UserError(f"training.num_generations_eval: not used by method.advantage: {p.advantage}")
+        config = training_config(GRPOConfig, _without(recipe, "num_generations"), overrides)
+        config.num_generations = config.num_generations_eval = 1
+        return config
     return training_config(GRPOConfig, recipe, overrides)
+
+
+def _without(recipe, key: str):
+    """A copy of ``recipe`` whose ``training:`` block lacks ``key``."""
+    copy = recipe.model_copy()
+    copy.training = {k: v for k, v in recipe.training.items() if k != key}
+    return copy
 
 
 def build_rl_trainer(ctx):
@@ -708,6 +726,12 @@ def build_rl_trainer(ctx):
     check_rl_data(recipe, checked)  # done by preflight already in `posttrain train`; cheap when repeated
     train, evals = checked["data.train"], checked.get("data.eval")
     user = _user_callables(p, dirs)
+    cls = PosttrainGRPOTrainer
+    if "trainer" in ADVANTAGES[p.advantage].meta:  # an estimator with its own trainer subclass (SPO's tracker, sampler)
+        import importlib
+
+        module, name = ADVANTAGES[p.advantage].meta["trainer"].split(":")
+        cls = getattr(importlib.import_module(module), name)
     if "tools" in user or "environment_factory" in user:
         prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key="method.tools" if "tools" in user else "method.environment")
     rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
@@ -716,7 +740,7 @@ def build_rl_trainer(ctx):
     if any(pc is not None for pc in rewards.processing_classes):
         extra["reward_processing_classes"] = rewards.processing_classes
     return make_trainer(
-        PosttrainGRPOTrainer,
+        cls,
         recipe,
         model=ctx.model,
         reward_funcs=rewards.funcs,

@@ -1,0 +1,306 @@
+"""SPO wired into the GRPO trainer: one completion per prompt, a per-prompt success-rate tracker, prioritized prompt
+sampling and KL-adaptive forgetting (``method.advantage: spo``; docs/methods/spo.md).
+
+:class:`SPOGRPOTrainer` is :class:`posttrain.trainers.rl.PosttrainGRPOTrainer` with ``num_generations = 1`` and:
+
+* **the offline pass** (``spo-init``): before the first step, the start policy samples ``spo_offline_n`` (n0)
+  completions of every training prompt, scored by the recipe's rewards; each prompt's tracker starts from at most n0
+  of its scores (:func:`posttrain.rl.spo.offline_init`). The scores are written to
+  ``output_dir/spo_offline_scores.json`` (``method.spo_offline_scores`` reads such a file instead of sampling again);
+* **prioritized sampling**: each generation batch's prompts are drawn here, at generation time, from the whole
+  training set without replacement with weights ``sqrt(p_hat (1 - p_hat)) + eps`` from the tracker as updated up to
+  the previous step (a seeded generator shared by every process; the dataloader only paces the steps);
+* **the advantage**: the ``spo`` estimator gets each row's ``p_hat``, read before this visit's update;
+* **the tracker update**, at the start of the next generation (the policy has then taken this batch's update steps):
+  ``D`` = mean ``|log pi_prev - log pi_now|`` on each prompt's previously stored response, ``rho =
+  clip(2^(-D / d_half), rho_min, rho_max)`` (or ``spo_rho_value``), ``alpha <- rho alpha + r``, ``beta <- rho beta +
+  (1 - r)``, and the new response is stored with its log-probs under the current policy;
+* **checkpoints**: the tracker, the sampler's generator and the pending update are saved with the RNG state of every
+  process (``spo_state_<rank>.pt``), so ``--resume`` continues exactly (checkpoints at generation boundaries: the
+  default ``steps_per_generation`` = gradient accumulation and ``num_iterations: 1``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from posttrain.errors import UserError
+from posttrain.rl.advantages import combine_rewards
+from posttrain.rl.spo import (
+    SPOTracker,
+    check_reward_range,
+    forgetting_factor,
+    policy_shift,
+    prompt_key,
+    rescale_rewards,
+    sampling_weights,
+)
+from posttrain.trainers.rl import PosttrainGRPOTrainer
+
+logger = logging.getLogger("posttrain")
+
+OFFLINE_SCORES_FILE = "spo_offline_scores.json"
+
+
+def row_key(prompt: Any) -> str:
+    """The tracker key of a dataset row's prompt (text, or a conversation as canonical JSON)."""
+    return prompt_key(prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False))
+
+
+def draw_prompts(weights: torch.Tensor, count: int, generator: torch.Generator) -> list[int]:
+    """``count`` prompt indices drawn with probabilities proportional to ``weights``: without replacement (sequential
+    draws), or with replacement when the pool is smaller than ``count``."""
+    return torch.multinomial(weights.double(), count, replacement=count > weights.numel(),
+                             generator=generator).tolist()
+
+
+class SPOGRPOTrainer(PosttrainGRPOTrainer):
+    """GRPO's trainer with SPO's single-stream machinery (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        p = self.params
+        if self.num_generations != 1:
+            raise ValueError(f"SPO generates one completion per prompt, got num_generations={self.num_generations}")
+        self.num_generations_eval = 1
+        self.spo_tracker = SPOTracker(rho_min=p.spo_rho_min, rho_max=p.spo_rho_max, d_half=p.spo_d_half)
+        self.spo_initialized = False
+        self.spo_generator = torch.Generator().manual_seed(self.args.seed)
+        self.spo_pending: dict[str, Any] | None = None
+        self._spo_drawn: list[str] | None = None  # keys of the generation batch being scored (all processes)
+        self._spo_rows = list(self.train_dataset)
+        self._spo_keys = [row_key(row["prompt"]) for row in self._spo_rows]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # rewards on the tracker's scale
+
+    def _tracker_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        """The combined rewards as success probabilities: rescaled with ``spo_reward_range``, else checked to lie in
+        [0, 1] (an error naming the rewards otherwise)."""
+        p = self.params
+        if p.spo_reward_range is not None:
+            return rescale_rewards(rewards, *p.spo_reward_range).to(rewards.dtype)
+        try:
+            check_reward_range(rewards)
+        except ValueError as exc:
+            raise UserError(f"method.rewards ({', '.join(self.reward_func_names)}): {exc}; set "
+                            "method.spo_reward_range: [low, high] to rescale them") from None
+        return rewards
+
+    def _advantage_options(self, estimator, rewards: torch.Tensor, mode: str) -> dict[str, Any]:
+        if self._spo_drawn is None or len(self._spo_drawn) != rewards.numel():  # eval batches: rows as they come
+            return {"p_hat": torch.full((rewards.numel(),), 0.5, dtype=torch.float64)}
+        return {"p_hat": self.spo_tracker.p_hat(self._spo_drawn)}
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # generation: offline pass, pending update, prioritized draw
+
+    def _generate_and_score_completions(self, inputs):
+        if not self.model.training:
+            self._spo_drawn = None
+            return super()._generate_and_score_completions(inputs)
+        if not self.spo_initialized:
+            self._spo_offline_init()
+        self._spo_apply_pending()
+        rows, keys = self._spo_draw(len(inputs))
+        self._spo_drawn = keys
+        try:
+            output = super()._generate_and_score_completions(rows)
+        finally:
+            self._spo_drawn = None
+        # applied at the start of the next generation, once this batch's policy steps are done
+        self.spo_pending = {"keys": keys, "rewards": self._spo_rewards.tolist(), "rows": self._local_responses(output)}
+        return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self._spo_drawn is not None:  # the generation batch's rewards, for the tracker update after its steps
+            rewards = combine_rewards(rewards_per_func, self.reward_weights.to(rewards_per_func.device))
+            self._spo_rewards = self._tracker_rewards(rewards)
+        return rewards_per_func
+
+    def _spo_draw(self, local: int) -> tuple[list[dict], list[str]]:
+        """This process's rows of the next generation batch and the keys of the whole batch (every process draws the
+        same global batch from the same generator and tracker)."""
+        p = self.params
+        total = local * self.accelerator.num_processes
+        if p.spo_prioritized:
+            weights = sampling_weights(self.spo_tracker.p_hat(self._spo_keys), eps=p.spo_sampling_eps)
+        else:
+            weights = torch.ones(len(self._spo_keys), dtype=torch.float64)
+        drawn = draw_prompts(weights, total, self.spo_generator)
+        mine = drawn[self.accelerator.process_index * local:(self.accelerator.process_index + 1) * local]
+        keys = [self._spo_keys[i] for i in drawn]
+        p_hat = self.spo_tracker.p_hat(keys)
+        m = self._metrics["train"]
+        m["spo/p_hat_mean"].append(p_hat.mean().item())
+        m["spo/sampled_first_visit_frac"].append(sum(k not in self.spo_tracker.visits for k in keys) / len(keys))
+        alpha = torch.tensor([self.spo_tracker.alpha.get(k, 0.5) for k in keys], dtype=torch.float64)
+        beta = torch.tensor([self.spo_tracker.beta.get(k, 0.5) for k in keys], dtype=torch.float64)
+        m["spo/neff_mean"].append((alpha + beta).mean().item())
+        return [self._spo_rows[i] for i in mine], keys
+
+    def _generate_and_score_local(self, rows):
+        """GRPO's generation and scoring (the parent's, without the advantages) of ``rows``; returns the output and
+        the combined rewards of every process."""
+        output = GRPOTrainer._generate_and_score_completions(self, rows)
+        stash, self._rl_stash = self._rl_stash, None
+        rpf = stash["rewards_per_func"]
+        return output, combine_rewards(rpf, self.reward_weights.to(rpf.device))
+
+    def _spo_offline_init(self) -> None:
+        """The offline pass: n0 sampled scores per training prompt (or ``method.spo_offline_scores``), then each
+        prompt's starting ``(alpha, beta)``."""
+        p = self.params
+        self.spo_initialized = True
+        if p.spo_offline_scores is not None:
+            path = Path(p.spo_offline_scores).expanduser()
+            try:
+                scores = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise UserError(f"method.spo_offline_scores: cannot read '{path}' ({exc})") from None
+            if not isinstance(scores, dict) or not all(isinstance(v, list) for v in scores.values()):
+                raise UserError(f"method.spo_offline_scores: '{path}' is not a JSON object of prompt keys to score "
+                                "lists")
+        elif p.spo_offline_n > 0:
+            scores = self._spo_sample_offline_scores(p.spo_offline_n)
+        else:
+            scores = {}
+        self.spo_tracker.init_offline(scores, max_scores=p.spo_offline_n, seed=self.args.seed)
+        if scores and p.spo_offline_scores is None and self.accelerator.is_main_process:
+            out = Path(self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / OFFLINE_SCORES_FILE).write_text(json.dumps(scores) + "\n")
+
+    def _spo_sample_offline_scores(self, n0: int) -> dict[str, list[float]]:
+        """``n0`` completions of every distinct training prompt by the start policy, scored and binarised (``r > 0``
+        after the tracker's rescaling); the work is shared by the processes, the result is the same on each."""
+        first: dict[str, int] = {}
+        for i, key in enumerate(self._spo_keys):
+            first.setdefault(key, i)
+        jobs = [i for i in first.values() for _ in range(n0)]
+        nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
+        chunk = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        per_round = chunk * nproc
+        jobs += jobs[-1:] * (-len(jobs) % per_round)  # equal rounds on every process
+        logger.info("spo-init: %d samples (%d prompts x %d) from the start policy", len(first) * n0, len(first), n0)
+        scores: dict[str, list[float]] = {key: [] for key in first}
+        tokens_seen = self.state.num_input_tokens_seen
+        was_training = self.model.training
+        self.model.eval()  # GRPO's eval path: no training metrics, no token count
+        try:
+            counted = 0
+            for start in range(0, len(jobs), per_round):
+                batch = jobs[start:start + per_round]
+                _, rewards = self._generate_and_score_local([self._spo_rows[i] for i in
+                                                             batch[rank * chunk:(rank + 1) * chunk]])
+                rewards = self._tracker_rewards(rewards)
+                for i, r in zip(batch, rewards.tolist(), strict=True):
+                    if counted < len(first) * n0 and r == r:  # padding jobs and unscorable rows do not count
+                        scores[self._spo_keys[i]].append(float(r > 0))
+                    counted += 1
+        finally:
+            self.model.train(was_training)
+            self.state.num_input_tokens_seen = tokens_seen
+            self._metrics["eval"].clear()
+            for log in self._logs.values():
+                if hasattr(log, "clear"):
+                    log.clear()
+        return scores
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # the tracker update after the batch's policy steps
+
+    def _local_responses(self, output) -> list[tuple[list[int], list[int]]]:
+        """This process's rows of a generation batch as ``(ids, scored mask)``: the unpadded prompt, then the
+        completion (its loss tokens scored)."""
+        rows = []
+        mask = output["completion_mask"] * output.get("tool_mask", 1)
+        for pid, pm, cid, cm, lm in zip(output["prompt_ids"], output["prompt_mask"], output["completion_ids"],
+                                        output["completion_mask"], mask, strict=True):
+            prompt = pid[pm.bool()].tolist()
+            n = int(cm.sum())
+            rows.append((prompt + cid[:n].tolist(), [0] * len(prompt) + [int(x) for x in lm[:n].tolist()]))
+        return rows
+
+    @torch.no_grad()
+    def _spo_logps(self, rows: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Per-token log-probs of each row's scored tokens under the current policy (right-padded batches, GRPO's
+        fused LM head and temperature)."""
+        out: list[list[float]] = []
+        size = max(1, self.args.per_device_train_batch_size)
+        device = self.accelerator.device
+        pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=device)
+            attn = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
+            labels = torch.tensor([[t if m else -100 for t, m in zip(i, mk, strict=True)] + [-100] * (width - len(i))
+                                   for i, mk in chunk], device=device)
+            logps = self.model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).log_probs
+            for row, (_, mk) in zip(logps.float().cpu(), chunk, strict=True):
+                out.append([float(v) for v, m in zip(row.tolist(), mk[1:], strict=False) if m])
+        return out
+
+    def _spo_apply_pending(self) -> None:
+        """The tracker update of the previous generation batch, with the policy as its steps left it."""
+        pending, self.spo_pending = self.spo_pending, None
+        if pending is None:
+            return
+        p = self.params
+        keys, rewards, local = pending["keys"], torch.tensor(pending["rewards"], dtype=torch.float64), pending["rows"]
+        rank, n = self.accelerator.process_index, len(local)
+        mine = keys[rank * n:(rank + 1) * n]
+        if p.spo_rho == "constant":  # no policy shift to measure: nothing stored
+            self.spo_tracker.update(keys, rewards, torch.full((len(keys),), p.spo_rho_value, dtype=torch.float64))
+            return
+        from accelerate.utils import gather_object
+
+        stored = [self.spo_tracker.responses.get(k) for k in mine]
+        now = iter(self._spo_logps([(ids, mask) for ids, mask, _ in (s for s in stored if s is not None)]))
+        local_shift = []
+        for s in stored:  # D on the prompt's previous response; a first visit: D = 0
+            prev = torch.tensor(s[2] if s is not None else [], dtype=torch.float64)
+            cur = torch.tensor(next(now), dtype=torch.float64) if s is not None else prev
+            local_shift.append(float(policy_shift(prev[None], cur[None], torch.ones(1, prev.numel()))[0]))
+        shift = self.accelerator.gather(torch.tensor(local_shift, dtype=torch.float64,
+                                                     device=self.accelerator.device)).cpu()
+        rho = forgetting_factor(shift, d_half=p.spo_d_half, rho_min=p.spo_rho_min, rho_max=p.spo_rho_max)
+        m = self._metrics["train"]
+        m["spo/D_mean"].append(shift.mean().item())
+        m["spo/rho_mean"].append(rho.mean().item())
+        m["spo/rho_clip_frac"].append(((rho <= p.spo_rho_min) | (rho >= p.spo_rho_max)).double().mean().item())
+        new_logps = self._spo_logps(local)
+        responses = gather_object([(ids, mask, logps) for (ids, mask), logps in zip(local, new_logps, strict=True)])
+        self.spo_tracker.update(keys, rewards, rho)
+        self.spo_tracker.store(keys, responses)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def spo_state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.spo_tracker.state_dict(), "initialized": self.spo_initialized,
+                "generator": self.spo_generator.get_state(), "pending": self.spo_pending}
+
+    def load_spo_state_dict(self, state: dict[str, Any]) -> None:
+        self.spo_tracker.load_state_dict(state["tracker"])
+        self.spo_initialized = state["initialized"]
+        self.spo_generator.set_state(state["generator"])
+        self.spo_pending = state["pending"]
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        torch.save(self.spo_state_dict(), Path(output_dir) / f"spo_state_{self.accelerator.process_index}.pt")
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        path = Path(checkpoint or "") / f"spo_state_{self.accelerator.process_index}.pt"
+        if checkpoint is not None and path.is_file():
+            self.load_spo_state_dict(torch.load(path, weights_only=False))
