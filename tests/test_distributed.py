@@ -59,6 +59,20 @@ CASES.update({
     "rloo": ("recipes/grpo_rloo.yaml", _GRPO_RUN, 4),
     "reinforce_pp": ("recipes/grpo_reinforce_pp.yaml", _GRPO_RUN, 4),
 })
+# the families that landed last (issue 22): unpaired preferences, a reward model, SPO's single-stream GRPO (its offline
+# pass and every generation through the seeded rollouts; the prioritized draw is global), online DPO
+CASES.update({
+    "kto": ("recipes/kto.yaml", ["data.eval=null", "data.train.options.num_samples=256"], 4),
+    "reward": ("recipes/reward.yaml", ["data.eval=null", "data.train.options.num_samples=256"], 4),
+    "spo": ("recipes/grpo_spo.yaml", ["data.train.options.num_samples=32", "method.spo_offline_n=2",
+                                      "training.optim=sgd", "training.learning_rate=0.05",
+                                      f"method.rollout_func={ROOT}/tests/distributed_runs.py:seeded_rollout"], 4),
+    # plain SGD as GRPO's case: at step 1 the policy is the reference, and AdamW's first step amplifies float noise
+    "online_dpo": ("recipes/online_dpo.yaml", ["data.train.options.num_samples=64", "training.optim=sgd",
+                                               "training.learning_rate=0.05",
+                                               f"method.rollout_func={ROOT}/tests/distributed_runs.py:seeded_rollout"],
+                   4),
+})
 # logged values that are not training results (throughput, wall time)
 NOT_COMPARED = {"step", "epoch", "learning_rate", "train_samples_per_second", "train_steps_per_second", "total_flos"}
 
@@ -145,6 +159,16 @@ def test_matrix_two_processes_match_one(case, backend, tmp_path, tmp_path_factor
 def test_more_methods_sharded_match_one(case, backend, tmp_path, tmp_path_factory):
     """SimPO (with its SFT term), ORPO, RMU, GSPO, CISPO, RLOO and REINFORCE++ under the two sharded backends against
     one process (~1-2 min each)."""
+    _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("case", ["kto", "reward", "spo", "online_dpo"])
+def test_last_families_sharded_match_one(case, backend, tmp_path, tmp_path_factory):
+    """KTO (frozen-copy reference, KL pairs over the global micro-batch), a reward model (sequence-classification
+    head), GRPO with SPO's advantages (offline pass, prioritized global draw) and online DPO (frozen-copy reference)
+    under the two sharded backends against one process (~1-3 min each)."""
     _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
 
 

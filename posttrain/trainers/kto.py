@@ -134,8 +134,10 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
             with _NoMaxLength(args), _without_kl(self):
                 dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         dataset = self._apply_max_length(dataset, args, key)
-        if self.calculate_KL:  # mismatched pairs: each row with the completion of the row before it in its batch
-            size = args.per_device_train_batch_size
+        if self.calculate_KL:
+            # mismatched pairs: each row with the completion of the row before it in its step's global batch (the
+            # micro-batches of all processes), so N processes pair the rows as one process does on that batch
+            size = args.per_device_train_batch_size * args.world_size
             from posttrain.data.sources import column_values
 
             dataset = dataset.add_column("KL_completion_ids",
