@@ -27,6 +27,7 @@ from trl import KTOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import kto_trainer as _trl_kto
 
+from posttrain.distributed import one_cache_file
 from posttrain.errors import UserError
 from posttrain.losses.preference import kto_loss, kto_reference_point, rotate_within_batches, sequence_logps
 from posttrain.reference import Reference
@@ -116,6 +117,11 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
 
     # ---------------------------------------------------------------------------------------------------------------
     # data
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's, with one cache file for all processes (:func:`posttrain.distributed.one_cache_file`)."""
+        with one_cache_file(dataset, self.accelerator):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         from datasets import Dataset
