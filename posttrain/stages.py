@@ -49,7 +49,20 @@ def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = N
         summary["stage"] = name
         summaries.append(summary)
         _wait_for_every_process()  # the main process has written the stage's final model before the next loads it
+        _release_deepspeed_state()
     return summaries
+
+
+def _release_deepspeed_state() -> None:
+    """Under DeepSpeed, accelerate refuses a second ``Accelerator`` with a DeepSpeed plugin in the same process (its
+    ``AcceleratorState`` is a process-wide singleton): the next stage's trainer gets a fresh one (the process group,
+    accelerate's ``PartialState``, is kept)."""
+    from posttrain.distributed import DEEPSPEED, requested_backend
+
+    if requested_backend() in DEEPSPEED:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
 
 
 def _wait_for_every_process() -> None:

@@ -82,6 +82,8 @@ CASES.update({
     "dpo_ref_stage": ("recipes/pre_dpo.yaml", ["data.eval=null", "data.train.options.num_samples=256"], 4),
     "dpo_precomputed": ("recipes/dpo.yaml", ["data.eval=null", "data.train.options.num_samples=256",
                                              "method.precompute_ref_log_probs=true"], 4),
+    "kto_precomputed": ("recipes/kto.yaml", ["data.eval=null", "data.train.options.num_samples=256",
+                                             "method.precompute_ref_log_probs=true"], 4),
 })
 FINAL_STAGE = {"dpo_ref_stage": "main"}  # a multi-stage case: the stage whose logs and model are compared
 # logged values that are not training results (throughput, wall time)
@@ -199,10 +201,11 @@ def test_cpu_offload_matches_one(case, backend, tmp_path, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-@pytest.mark.parametrize("case", ["dpo_ref_path", "dpo_ref_stage", "dpo_precomputed"])
+@pytest.mark.parametrize("case", ["dpo_ref_path", "dpo_ref_stage", "dpo_precomputed", "kto_precomputed"])
 def test_reference_kinds_sharded_match_one(case, backend, tmp_path, tmp_path_factory):
-    """DPO with its reference given by path, as an earlier stage's model, and precomputed, under the two sharded
-    backends against one process (the frozen copy and the disabled adapter are in the matrix above)."""
+    """DPO with its reference given by path, as an earlier stage's model, and precomputed (KTO's precomputation too),
+    under the two sharded backends against one process (the frozen copy and the disabled adapter are in the matrix
+    above)."""
     _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
 
 
