@@ -747,8 +747,8 @@ def kto_loss(
 def rotate_within_batches(values: list, batch_size: int, keys: list | None = None) -> list:
     """KTO's mismatched completions: each consecutive block of ``batch_size`` rows is rotated, ``(y_1, ..., y_n) ->
     (y_{n-s+1}, ..., y_n, y_1, ..., y_{n-s})``, so row ``i`` is paired with the completion of a row ``s`` places
-    before it in its own micro-batch (TRL's ``KL_completion_ids``, where ``s = 1``; docs/methods/kto.md#the-kl-estimate).
-    A last, shorter block is rotated on its own.
+    before it in its own micro-batch (TRL's ``KL_completion_ids``, where ``s = 1``;
+    docs/methods/kto.md#the-kl-estimate). A last, shorter block is rotated on its own.
 
     With ``keys`` (one per row, e.g. the prompt ids) each block takes the smallest shift ``s >= 1`` that gives no row
     a completion of a row with its own key, so a prompt is never scored with its own other completion (the two rows
