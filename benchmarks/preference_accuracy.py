@@ -63,8 +63,8 @@ def build_sets(n_train: int, max_operand: int):
     return train, held, test
 
 
-def preference_accuracy(model, tok, rows, batch: int = 128) -> float:
-    """Share of pairs with sum log p(chosen + EOS | prompt) > sum log p(rejected + EOS | prompt) (strict)."""
+def pair_logps(model, tok, rows, batch: int = 128) -> tuple[list[float], list[float]]:
+    """Summed log p(chosen + EOS | prompt) and log p(rejected + EOS | prompt) of every pair, under ``model`` alone."""
     import torch
 
     model.eval()
@@ -87,7 +87,12 @@ def preference_accuracy(model, tok, rows, batch: int = 128) -> float:
             lp = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
             for j, s in enumerate(chunk):
                 scores.append(lp[j, starts[i + j] - 1 : len(s) - 1].sum().item())
-    chosen, rejected = scores[0::2], scores[1::2]
+    return scores[0::2], scores[1::2]
+
+
+def preference_accuracy(model, tok, rows, batch: int = 128) -> float:
+    """Share of pairs with sum log p(chosen + EOS | prompt) > sum log p(rejected + EOS | prompt) (strict)."""
+    chosen, rejected = pair_logps(model, tok, rows, batch)
     return sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
 
 

@@ -46,7 +46,8 @@ def _cmd_train(args) -> int:
 
         # bad input: one error line here, before any process starts (the TRL config is checked by the launched
         # processes: its batch checks depend on their number)
-        preflight(recipe, build_trainer_config=False, num_processes=num_processes)
+        preflight(recipe, build_trainer_config=False, num_processes=num_processes,
+                  backend=args.distributed or "ddp")
         if not (args.resume or args.overwrite):
             prepare_output_dir(Path(recipe.output_dir), resume=False, overwrite=False)
         return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
@@ -550,9 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except UserError as exc:
-        _close_progress_bars()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(f"error: {exc}", exc.exit_code)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("error: interrupted", file=sys.stderr)
@@ -562,11 +561,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - machine failures become one line; anything else keeps its traceback
         message = expected_failure(exc)
-        if message is None:  # a bug: keep the traceback
-            raise
-        _close_progress_bars()
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        return 1
+        if message is not None:
+            return _fail(f"error: {' '.join(message.split())}", 1)
+        if launch.another_process_failed():  # a consequence (e.g. a collective whose peer exited): its error is shown
+            launch.exit_launched_process(1)
+        raise  # a bug: keep the traceback
+
+
+def _fail(line: str, code: int) -> int:
+    """Print the one ``error:`` line; in a process of a ``--num-processes`` launch, also record it for the launch and
+    exit at once (posttrain.launch)."""
+    _close_progress_bars()
+    recorded = launch.record_error(line, code)  # before printing: the launch holds back what follows
+    print(line, file=sys.stderr)
+    if recorded:
+        launch.exit_launched_process(code)
+    return code
 
 
 if __name__ == "__main__":

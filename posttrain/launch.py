@@ -4,14 +4,21 @@ The recipe is checked here first (one ``error:`` line and exit 2 on bad input, b
 same ``posttrain train`` command runs under ``accelerate launch`` with the chosen backend's flags, and its exit code
 is returned. A launch that is already distributed (``WORLD_SIZE`` > 1 in the environment, e.g. from ``accelerate
 launch`` or ``torchrun``) runs in place. docs/distributed.md says which backend to pick.
+
+When a process fails with an error of the user's (or of the machine: a full disk, ...), it records its ``error:`` line
+in a folder this launch owns (``POSTTRAIN_ERROR_DIR``) and exits at once; the other processes then fail in their next
+collective (or are stopped by the launcher), and their output from then on (collective errors, the launcher's
+summary) is held back: the launch ends with the failed process's own ``error:`` line and exit code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 from posttrain.errors import UserError
 
@@ -24,7 +31,7 @@ BACKENDS: dict[str, list[str]] = {
                       "--zero3_save_16bit_model", "true", "--offload_optimizer_device", "cpu",
                       "--offload_param_device", "cpu"],
     "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-              "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true"],
+              "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "false"],
 }
 NEEDS = {"zero2": "deepspeed", "zero3": "deepspeed", "zero3_offload": "deepspeed"}
 
@@ -99,9 +106,76 @@ def train_argv_without_launch_flags(argv: list[str]) -> list[str]:
     return out
 
 
+ERROR_DIR = "POSTTRAIN_ERROR_DIR"
+
+
+def record_error(line: str, exit_code: int) -> bool:
+    """In a process started by :func:`run_launch`: record this process's ``error:`` line for the launch to show;
+    returns whether there was a launch to record it for."""
+    folder = os.environ.get(ERROR_DIR)
+    if not folder or not os.path.isdir(folder):
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    tmp = os.path.join(folder, f".rank{rank}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"rank": rank, "line": line, "exit_code": exit_code}, fh)
+    os.replace(tmp, os.path.join(folder, f"rank{rank}.json"))
+    return True
+
+
+def another_process_failed() -> bool:
+    """In a process started by :func:`run_launch`: whether another process has already recorded its error (this
+    process's own failure is then the consequence, e.g. a collective whose peer exited)."""
+    folder = os.environ.get(ERROR_DIR)
+    mine = f"rank{os.environ.get('RANK', '0')}.json"
+    return bool(folder) and os.path.isdir(folder) and any(
+        name.endswith(".json") and name != mine for name in os.listdir(folder))
+
+
+def exit_launched_process(code: int) -> None:
+    """End a launched process now, without the interpreter's teardown (which can wait on collectives whose peers
+    are gone): the launcher sees the exit at once and stops the others."""
+    if os.environ.get(ERROR_DIR):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _recorded_errors(folder: str) -> list[dict]:
+    errors = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as fh:
+                errors.append(json.load(fh))
+    return sorted(errors, key=lambda e: e["rank"])
+
+
 def run_launch(num_processes: int, backend: str, argv: list[str]) -> int:
-    """Start the launch and wait for it; its exit code (a failing rank makes accelerate exit non-zero)."""
+    """Start the launch and wait for it; its exit code. A process's recorded error (see the module docstring) ends the
+    launch's output as its last line, with that process's exit code (2 for a user error)."""
     cmd = launch_command(num_processes, backend, train_argv_without_launch_flags(argv))
     print(f"[posttrain] launching {num_processes} processes ({backend}): accelerate launch "
           + " ".join(cmd[3:]), file=sys.stderr, flush=True)
-    return subprocess.run(cmd).returncode
+    with tempfile.TemporaryDirectory(prefix="posttrain-launch-") as folder:
+        proc = subprocess.Popen(cmd, env={**os.environ, ERROR_DIR: folder}, stderr=subprocess.PIPE)
+        held: list[bytes] = []
+        out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+        line_open = False  # the last chunk shown did not end a line (a progress bar)
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            if held or any(name.endswith(".json") for name in os.listdir(folder)):
+                held.append(chunk)  # after a process's error: the others' collateral output
+                continue
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:  # pragma: no cover - a stderr without a byte buffer (captured in-process)
+                sys.stderr.write(chunk.decode(errors="replace"))
+            line_open = not chunk.endswith(b"\n")
+        code = proc.wait()
+        errors = _recorded_errors(folder)
+    if code != 0 and errors:
+        print(("\n" if line_open else "") + errors[0]["line"], file=sys.stderr, flush=True)
+        return int(errors[0]["exit_code"]) or code
+    for chunk in held:  # nothing recorded (a bug's traceback, or success): show everything
+        sys.stderr.write(chunk.decode(errors="replace"))
+    return code

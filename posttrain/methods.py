@@ -40,6 +40,13 @@ class MethodParams(BaseModel):
         return False
 
     @property
+    def head_outside_forward(self) -> bool:
+        """The loss projects hidden states through the policy's output head itself, with gradients, after the model's
+        forward (token-level KL over the vocabulary). DeepSpeed ZeRO-3 and FSDP2 shard that head and gather it only
+        inside the forward, so such a method runs under ddp or zero2 (posttrain.distributed.check_backend)."""
+        return False
+
+    @property
     def scores_prompt_tokens(self) -> bool:
         """The policy forward also scores the prompt tokens (ORPO's SFT term on prompt + response; preference family)."""
         return False
@@ -75,6 +82,10 @@ class ASFTAnchoredParams(SFTParams):
 
     @property
     def needs_hidden_states(self) -> bool:  # the anchor KL needs full-vocab logits from the hidden states
+        return True
+
+    @property
+    def head_outside_forward(self) -> bool:  # the anchor KL projects the policy's hidden states, with gradients
         return True
 
 
@@ -157,6 +168,10 @@ class SparsePOParams(MethodParams):
 
     @property
     def needs_hidden_states(self) -> bool:  # token KL and masks from hidden states
+        return True
+
+    @property
+    def head_outside_forward(self) -> bool:  # the token KL projects the policy's hidden states, with gradients
         return True
 
     @property

@@ -316,11 +316,10 @@ def load_models(recipe: Recipe, info: MethodInfo, tokenizer=None):
             r = recipe.ref_model
             logger.info("loading reference model: %s", r.path)
             ref_model = load_model(r.path, **load_options(r), key="ref_model.path")
-        elif recipe.peft is None:  # default: a frozen copy of the initial policy
-            import copy
-
+        elif recipe.peft is None:  # default: a frozen copy of the initial policy, loaded again (under ZeRO-3 the
+            # policy is already partitioned by zero.Init, and a deep copy of a partitioned model is no model at all)
             logger.info("reference model: a frozen copy of the policy")
-            ref_model = copy.deepcopy(model)
+            ref_model = load_model(m.path, **load_options(m))
         else:
             logger.info("reference model: the policy with its adapter disabled")
         # with peft and no ref_model: the adapter-disabled base is the reference (handled by the trainer)
@@ -348,11 +347,18 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     saved = set(p.modules_to_save or [])
     if tied and saved & {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out"}:
+        from posttrain.distributed import requested_backend
+
+        if requested_backend() == "fsdp2":
+            raise UserError(
+                f"peft.modules_to_save: {'/'.join(sorted(saved))} is tied to the output head in this model, and FSDP2 "
+                "cannot shard the trainable copy and the frozen tied original in separate groups; leave it out, or use "
+                "--distributed zero3 (or ddp / zero2)")
         embed = model.get_input_embeddings().weight
         logger.warning(
             "peft.modules_to_save: %s is tied to the output head in this model: the adapter trains and saves a full "
             "copy of it (%.0f MB) and unties it; leave it out unless new tokens must be learned",
-            "/".join(sorted(saved)), embed.numel() * embed.element_size() / 2**20)
+            "/".join(sorted(saved)), getattr(embed, "ds_numel", embed.numel()) * embed.element_size() / 2**20)
     checks = [("modules_to_save", p.modules_to_save or [])]
     if isinstance(p.target_modules, list):
         checks.append(("target_modules", p.target_modules))
@@ -360,6 +366,44 @@ def check_peft_against_model(recipe: Recipe, model) -> None:
         for target in targets:
             if not exists(target):
                 raise UserError(f"peft.{key}: the model has no module named '{target}'{did_you_mean(target, leaves)}")
+
+
+class AccuracyBeforeTraining:
+    """Under ZeRO-3 the policy is partitioned from the moment it loads and is gathered only by the hooks DeepSpeed
+    installs when training starts: the test accuracy before training is measured then, at ``on_train_begin`` (on the
+    adapter-disabled base with PEFT: the model as loaded), on every process (``generate`` keeps them in step)."""
+
+    def __new__(cls, tokenizer, recipe: Recipe, rows, warnings: list[str]):
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            value: float | None = None
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                import contextlib
+
+                from posttrain.reference import peft_model_of
+
+                peft = peft_model_of(model)
+                with peft.disable_adapter() if peft is not None else contextlib.nullcontext():
+                    self.value = test_accuracy(model, tokenizer, recipe, rows, warnings, "before training")
+
+        return _Callback()
+
+
+def copy_checkpoint_model(checkpoint: str, out: Path) -> list[str]:
+    """Copy the saved model of ``checkpoint`` (weights, configs, adapter files; not the trainer's resume state) into
+    ``out``; returns the names copied."""
+    import re
+    import shutil
+
+    model_file = re.compile(r"^(config\.json|generation_config\.json|adapter_config\.json|goat_config\.json|"
+                            r"posttrain_adapter\.json|training_args\.bin|pytorch_model\.bin|.*\.safetensors|"
+                            r".*\.safetensors\.index\.json)$")
+    names = sorted(f.name for f in Path(checkpoint).iterdir() if f.is_file() and model_file.match(f.name))
+    for name in names:
+        shutil.copy(Path(checkpoint) / name, out / name)  # new mtime: listed in the run marker
+    return names
 
 
 def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[str] | None = None,
@@ -391,11 +435,13 @@ def build_config(recipe: Recipe, info: MethodInfo):
 
 
 def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: bool = True,
-              num_processes: int | None = None) -> tuple[MethodInfo, Any, dict[str, Any]]:
+              num_processes: int | None = None, backend: str | None = None) -> tuple[MethodInfo, Any, dict[str, Any]]:
     """Every check that needs no model and runs no user code: returns ``(info, config, datasets)``. Raises
     :class:`UserError`. ``build_trainer_config=False`` (config None) skips the TRL config, whose checks depend on the
     process count (``posttrain train --num-processes`` checks in one process before launching ``num_processes``;
-    default: ``WORLD_SIZE``). The recipe's own code is imported later, by :func:`check_user_code`."""
+    default: ``WORLD_SIZE``). ``backend``: the ``--distributed`` backend the run will use (default: the one this
+    process was launched for). The recipe's own code is imported later, by :func:`check_user_code`."""
+    from posttrain.distributed import check_backend, requested_backend
     from posttrain.training_args import check_batch_fits_data, check_training_context, schedule_warnings
 
     from posttrain.models import check_load_options
@@ -405,6 +451,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
         logger.info("%s", note)
     _check_not_the_recipe_folder(recipe)
     check_report_to(recipe)
+    check_backend(recipe, info, backend or requested_backend())
     check_training_context(recipe.training, has_eval=recipe.data.eval is not None)
     if "model_init_kwargs" in recipe.training:
         raise UserError("training.model_init_kwargs: posttrain loads the model itself, so TRL would ignore it; use the "
@@ -686,15 +733,25 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     summary: dict[str, Any] = {"method": info.name, "output_dir": str(out)}
     warnings: list[str] = []  # for summary.json and the last lines of the command
 
+    from posttrain.distributed import zero3_enabled
+
     # the model before training (also on --resume: the checkpoint's weights are loaded by trainer.train)
-    summary["accuracy_before"] = test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings,
-                                               "before training")
+    deferred, summary["accuracy_before"] = None, None
+    if zero3_enabled() and datasets.get("data.test") is not None and not resume:
+        # partitioned since loading: measured once DeepSpeed's hooks gather the weights (on --resume those hooks
+        # come with the checkpoint's weights: not measured)
+        deferred = AccuracyBeforeTraining(tokenizer, recipe, datasets["data.test"], warnings)
+    elif not zero3_enabled():
+        summary["accuracy_before"] = test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings,
+                                                   "before training")
     if info.family in TEST_SCORERS and recipe.data.test is not None:  # printed by `posttrain train` (reward models)
         summary["test_metric"] = TEST_SCORERS[info.family][0]
 
     build = TRAINER_BUILDERS[info.family]
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],
                      config=config, datasets=datasets)
+    if deferred is not None:
+        ctx.callbacks.append(deferred)
     if periodic is not None:
         ctx.callbacks.append(periodic)
     ctx.callbacks.extend(callbacks or [])
@@ -715,31 +772,53 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     from posttrain.adapters.trainer import check_trainer_supports_variant
 
     check_trainer_supports_variant(trainer, recipe, info.name)  # peft.type plora/goat/ggpo need make_trainer
+    if trainer.accelerator.num_processes > 1 and is_main_process():
+        from posttrain.distributed import backend_name
+
+        logger.info("distributed: %s over %d processes", backend_name(trainer.accelerator),
+                    trainer.accelerator.num_processes)
     state = _checkpoint_state(checkpoint) if checkpoint is not None else {}
     target = config.max_steps if config.max_steps > 0 else int(state.get("max_steps") or 0)
-    if checkpoint is not None and target > 0 and checkpoint_step(checkpoint) >= target and not trainer.is_deepspeed_enabled:
+    copied = False  # the final model is the last checkpoint's saved model, copied as it is
+    save_start = time.time()
+    if checkpoint is not None and target > 0 and checkpoint_step(checkpoint) >= target:
         # killed after its last checkpoint, during the final save: that checkpoint holds the final weights
         logger.info("%s is the run's last step: finishing without training", checkpoint)
-        trainer._load_from_checkpoint(checkpoint)
         losses = [row["loss"] for row in state.get("log_history", []) if "loss" in row]
         steps, train_loss = checkpoint_step(checkpoint), (sum(losses) / len(losses) if losses else float("nan"))
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            # DeepSpeed and FSDP restore their sharded state only inside train(); the checkpoint's gathered model is
+            # the final model
+            copied = True
+            if is_main_process():
+                copy_checkpoint_model(checkpoint, out)
+        else:
+            trainer._load_from_checkpoint(checkpoint)
     else:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         steps, train_loss = result.global_step, result.training_loss
-    bad = non_finite_parameters(trainer.model)
-    if bad:
-        raise TrainingDiverged(f"training: the final weights hold NaN/inf ({', '.join(bad)}); not saved")
-    save_start = time.time()
-    trainer.save_model(str(out))
+    if not copied:
+        bad = non_finite_parameters(trainer.model, trainer.accelerator)
+        if bad:
+            raise TrainingDiverged(f"training: the final weights hold NaN/inf ({', '.join(bad)}); not saved")
+        save_start = time.time()
+        trainer.save_model(str(out))
     if is_main_process():
         tokenizer.save_pretrained(str(out))
+    if deferred is not None:
+        summary["accuracy_before"] = deferred.value
     summary["train_loss"] = train_loss
     summary["steps"] = steps
     warnings = list(recipe._warnings) + list(health.warnings) + warnings
     warnings += trainer.run_warnings() if hasattr(trainer, "run_warnings") else []  # RL: no learning signal, ...
     # printed with the run's last lines by `posttrain train`
-    summary["accuracy_after"] = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"), warnings,
-                                              "after training")
+    summary["accuracy_after"] = None
+    if copied and datasets.get("data.test") is not None:
+        logger.info("test accuracy after training: not measured (finished from the last checkpoint, whose sharded "
+                    "state only train() restores); run posttrain eval %s", out)
+    elif not copied:
+        summary["accuracy_after"] = test_accuracy(trainer.model, tokenizer, recipe, datasets.get("data.test"),
+                                                  warnings, "after training")
     if warnings:
         summary["warnings"] = warnings
     if is_main_process():

@@ -220,7 +220,9 @@ def reward(prompts, completions, completion_ids, trainer_state, **kwargs):
 '''
 
 
-@pytest.mark.parametrize("recipe", ["grpo_stratified", pytest.param("grpo_reinforce_pp", marks=pytest.mark.slow)])
+# Two-process GRPO runs are `slow` (about a minute each); tests/test_distributed.py keeps one 2-process run by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["grpo_stratified", "grpo_reinforce_pp"])
 def test_two_process_grpo_run_with_accelerate(tmp_path, recipe):
     """GRPO with stratified advantages (and, slow, REINFORCE++, whose whitening spans every completion token of the
     batch) in a real 2-process (gloo, CPU) run started with ``--num-processes 2``: each process scores its own 6

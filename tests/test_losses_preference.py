@@ -568,7 +568,7 @@ def test_sparsepo_metrics():
     }
     assert set(met) == set(expected)
     for k, v in expected.items():
-        assert met[k] == pytest.approx(v, abs=1e-5), k
+        assert float(met[k]) == pytest.approx(v, abs=1e-5), k
 
 
 def test_mapo_worked_example():
@@ -836,3 +836,14 @@ def test_orpo_is_stable_near_certain_responses():
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(lw.grad).all() and torch.isfinite(ll.grad).all()
     close(out.odds_ratio_losses[1], LOG2)  # both responses at the clamp: log OR = 0
+
+
+def test_token_mean_nll_with_a_process_share_denominator():
+    """``num_items`` (a process's share of the global token count) replaces the local count: two processes with 3 and
+    1 tokens, each dividing by (3 + 1) / 2, average to the token mean of all 4 tokens."""
+    a, ma = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[1, 1, 1]])
+    b, mb = torch.tensor([[-4.0, 0.0, 0.0]]), torch.tensor([[1, 0, 0]])
+    share = (3 + 1) / 2
+    averaged = (token_mean_nll(a, ma, share) + token_mean_nll(b, mb, share)) / 2
+    close(averaged, 7.5 / 4)  # not (3.5 / 3 + 4) / 2, the mean of the two processes' own means
+    close(token_mean_nll(a, ma, None), 3.5 / 3)

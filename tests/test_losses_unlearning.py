@@ -403,7 +403,7 @@ def test_rmu_loss_terms_and_retain_switch():
     out = rmu_loss(h, RMU_MASK, RMU_U, h, same, RMU_MASK, gamma=2.0, alpha=5.0)
     assert close(out.forget_loss, 10.25) and close(out.retain_loss, 0.0)  # retain states equal the frozen ones
     assert close(out.loss, 20.5)
-    assert close(out.metrics["rmu/forget_activation_norm"], (math.sqrt(5) + 5 + math.sqrt(50)) / 3)
+    assert close(float(out.metrics["rmu/forget_activation_norm"]), (math.sqrt(5) + 5 + math.sqrt(50)) / 3)
     no_retain = rmu_loss(h, RMU_MASK, RMU_U, h, same, RMU_MASK, alpha=0.0)
     assert no_retain.retain_loss is None and "retain_loss" not in no_retain.metrics
     assert rmu_loss(h, RMU_MASK, RMU_U).retain_loss is None

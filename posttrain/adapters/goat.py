@@ -159,13 +159,21 @@ def topk_route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Te
 
 def goat_balance_loss(p: torch.Tensor, selected: torch.Tensor, top_k: int, match_reference: bool = False) -> torch.Tensor:
     """App. C balance loss over T tokens (rows). Paper: ``Σ_i (E·c_i/(k·T))·P_i``; reference: ``E·Σ_i (c_i/T)·P_i``."""
-    T, E = p.shape
-    if T == 0:
-        return p.sum() * 0.0
-    c = selected.detach().sum(0)
-    P = p.mean(0)
-    f = E * c / T if match_reference else E * c / (top_k * T)
-    return (f * P).sum()
+    return goat_balance_loss_from_sums(p.sum(0), selected.detach().sum(0), p.shape[0], top_k, match_reference)
+
+
+def goat_balance_loss_from_sums(p_sum: torch.Tensor, counts: torch.Tensor, tokens, top_k: int,
+                                match_reference: bool = False, num_processes: int = 1) -> torch.Tensor:
+    """:func:`goat_balance_loss` from per-expert sums: ``p_sum_i = Σ_t p_ti`` (differentiable), ``counts_i = c_i``
+    and ``tokens = T``. Data-parallel (docs/methods/goat.md#load-balancing-loss): ``counts`` and ``tokens`` are those of
+    the global batch (summed over the processes) and ``p_sum`` this process's, divided by ``tokens / num_processes``,
+    so that the processes' mean (the averaged gradient) is the balance loss of the global batch."""
+    tokens = torch.as_tensor(tokens, dtype=torch.float32, device=p_sum.device)
+    if float(tokens) == 0:
+        return p_sum.sum() * 0.0
+    E = p_sum.shape[-1]
+    f = E * counts / tokens if match_reference else E * counts / (top_k * tokens)
+    return (f * (p_sum / (tokens / num_processes))).sum()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -195,9 +203,7 @@ class GoatLinear(nn.Module, LoraLayer):
         self.lora_router = nn.ModuleDict({})
         self.lora_res_A = BufferDict({}, persistent=True)
         self.lora_res_B = BufferDict({}, persistent=True)
-        self._goat_aux: list[torch.Tensor] = []
-        self._goat_load: list[torch.Tensor] = []
-        self._goat_entropy: list[torch.Tensor] = []
+        self._goat_aux: list[tuple] = []  # per training forward: see _record
         self._goat_token_mask: torch.Tensor | None = None
         self.goat_init_svd_seconds = 0.0
         self._active_adapter = adapter_name
@@ -229,8 +235,11 @@ class GoatLinear(nn.Module, LoraLayer):
         B = torch.zeros(E, m, d, device=dev, dtype=torch.float32)
         cof = g.init_cof if g.init_cof is not None else 1.0 / E
         if config.init_lora_weights is not False:
+            from posttrain.distributed import gathered
+
             t0 = time.perf_counter()
-            A, B, _ = goat_svd_factors(W, E, r, s, g.rho)
+            with gathered(W):  # ZeRO-3 loads the base weights partitioned (zero.Init)
+                A, B, _ = goat_svd_factors(W, E, r, s, g.rho)
             A, B = A.to(dev), B.to(dev)
             self.goat_init_svd_seconds = time.perf_counter() - t0
             _svd_progress(self.goat_init_svd_seconds)
@@ -287,11 +296,12 @@ class GoatLinear(nn.Module, LoraLayer):
         if mask is not None and not self.goat.aux_count_padding and mask.numel() == p.shape[0]:
             keep = mask.reshape(-1).to(p.device) != 0
             p, selected = p[keep], selected[keep]
-        self._goat_aux.append(goat_balance_loss(p, selected, self.goat.top_k, self.goat.aux_match_reference))
+        # sums of this forward over its tokens: router probabilities per expert (differentiable), selections per
+        # expert, the token count and the router entropy; goat_aux_loss / goat_metrics turn them into the balance
+        # loss and the logged statistics
         with torch.no_grad():
-            T = max(p.shape[0], 1)
-            self._goat_load.append(selected.sum(0) / (T * self.goat.top_k))
-            self._goat_entropy.append(-(p * p.clamp_min(1e-12).log()).sum(-1).mean() if p.numel() else p.sum())
+            entropy = -(p * p.clamp_min(1e-12).log()).sum()
+        self._goat_aux.append((p.sum(0), selected.detach().sum(0), float(p.shape[0]), entropy))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -418,17 +428,35 @@ def clear_goat_aux(model: nn.Module) -> None:
     """Discard recorded balance losses/statistics (call before each policy forward pass)."""
     for layer in goat_layers(model):
         layer._goat_aux.clear()
-        layer._goat_load.clear()
-        layer._goat_entropy.clear()
 
 
-def goat_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Model aux = Σ over GOAT layers of the mean of the balance losses recorded since the last clear."""
+def _record_counts(layers: list[GoatLinear], sum_over_processes=None) -> list[list[tuple]]:
+    """Per layer and recorded forward: ``(selections per expert, tokens, summed router entropy)``, summed over the
+    processes (one reduction for every layer) when ``sum_over_processes`` is given."""
+    records = [record for layer in layers for record in layer._goat_aux]
+    rows = [(c.float(), torch.as_tensor(t, dtype=torch.float32, device=c.device), e.float())
+            for _, c, t, e in records]
+    if rows and sum_over_processes is not None:
+        table = sum_over_processes(torch.stack([torch.cat([c, t.reshape(1), e.reshape(1)]) for c, t, e in rows]))
+        rows = [(row[:-2], row[-2], row[-1]) for row in table]
+    it = iter(rows)
+    return [[next(it) for _ in layer._goat_aux] for layer in layers]
+
+
+def goat_aux_loss(model: nn.Module, sum_over_processes=None, num_processes: int = 1) -> torch.Tensor:
+    """Model aux = Σ over GOAT layers of the mean of the balance losses recorded since the last clear.
+
+    ``sum_over_processes`` (a function summing a tensor over the processes, e.g. ``accelerator.reduce``): the expert
+    counts and token totals of every record are those of the global batch, see :func:`goat_balance_loss_from_sums`;
+    without it each process's balance loss is its own batch's."""
+    layers = [layer for layer in goat_layers(model) if layer._goat_aux]
+    shared = num_processes if sum_over_processes is not None else 1
     total = None
-    for layer in goat_layers(model):
-        if layer._goat_aux:
-            v = torch.stack(layer._goat_aux).mean()
-            total = v if total is None else total + v.to(total.device)
+    for layer, counts in zip(layers, _record_counts(layers, sum_over_processes), strict=True):
+        values = [goat_balance_loss_from_sums(p_sum, c, t, layer.goat.top_k, layer.goat.aux_match_reference, shared)
+                  for (p_sum, *_), (c, t, _) in zip(layer._goat_aux, counts, strict=True)]
+        v = torch.stack(values).mean()
+        total = v if total is None else total + v.to(total.device)
     if total is None:
         p = next(model.parameters())
         return torch.zeros((), device=p.device, dtype=torch.float32)
@@ -449,35 +477,40 @@ def goat_token_mask(model: nn.Module, attention_mask: torch.Tensor | None):
 
 
 @torch.no_grad()
-def goat_metrics(model: nn.Module) -> dict[str, Any]:
+def goat_metrics(model: nn.Module, sum_over_processes=None) -> dict[str, Any]:
     """``goat/aux_loss``, ``goat/expert_load`` (token fraction per expert, mean over layers), ``goat/max_load``,
-    ``goat/router_entropy``, ``goat/init_svd_seconds`` from the records since the last clear."""
-    layers = goat_layers(model)
-    loads = [torch.stack(l._goat_load).mean(0) for l in layers if l._goat_load]
-    ents = [torch.stack(l._goat_entropy).mean() for l in layers if l._goat_entropy]
+    ``goat/router_entropy`` (mean over tokens), ``goat/init_svd_seconds`` from the records since the last clear; the
+    counts over every process's tokens with ``sum_over_processes`` (as :func:`goat_aux_loss`)."""
+    layers = [layer for layer in goat_layers(model) if layer._goat_aux]
+    loads, ents = [], []
+    for layer, counts in zip(layers, _record_counts(layers, sum_over_processes), strict=True):
+        loads.append(torch.stack([c / (t.clamp(min=1) * layer.goat.top_k) for c, t, _ in counts]).mean(0))
+        ents.append(torch.stack([e / t.clamp(min=1) for _, t, e in counts]).mean())
     out: dict[str, Any] = {
         "goat/aux_loss": float(goat_aux_loss(model)),
-        "goat/init_svd_seconds": float(sum(l.goat_init_svd_seconds for l in layers)),
+        "goat/init_svd_seconds": float(sum(l.goat_init_svd_seconds for l in goat_layers(model))),
     }
     if loads:
         load = torch.stack(loads).mean(0)
         out["goat/expert_load"] = [float(v) for v in load]
         out["goat/max_load"] = float(load.max())
-    if ents:
         out["goat/router_entropy"] = float(torch.stack(ents).mean())
     return out
 
 
-def save_goat(model: PeftModel, save_directory: str) -> str:
+def save_goat(model: PeftModel, save_directory: str, write_weights: bool = True) -> str:
     """Write ``adapter_config.json`` (init_lora_weights=False; ``peft_type`` = :data:`GOAT_PEFT_TYPE`, so that plain
-    PEFT loading fails loudly), ``adapter_model.safetensors`` and ``goat_config.json``."""
+    PEFT loading fails loudly), ``adapter_model.safetensors`` and ``goat_config.json``. ``write_weights=False``: the
+    adapter was already saved there (by the Trainer, which gathers sharded weights first); only the configs are
+    written."""
     settings: GOATSettings | None = getattr(model, "goat_settings", None)
     layers = goat_layers(model)
     if not layers:
         raise ValueError("save_goat: the model has no GOAT layers")
     if settings is None:
         settings = type(layers[0]).goat
-    model.save_pretrained(save_directory)
+    if write_weights:
+        model.save_pretrained(save_directory)
     cfg_path = os.path.join(save_directory, "adapter_config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
@@ -567,8 +600,15 @@ class GOATTrainerMixin:
             layers = goat_layers(model)
             coef = type(layers[0]).goat.aux_coef if layers else 0.0
         if coef and model.training:
-            aux = goat_aux_loss(model)
-            self._goat_last_metrics = goat_metrics(model)
+            from posttrain.distributed import reduce_metrics
+
+            accelerator = self.accelerator
+            summed = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
+            aux = goat_aux_loss(model, summed, accelerator.num_processes)
+            # statistics of the global batch; the balance loss is each process's share of it: averaged
+            metrics = goat_metrics(model, summed)
+            metrics.update(reduce_metrics(accelerator, {"goat/aux_loss": aux.detach()}))
+            self._goat_last_metrics = metrics
             # The Trainer divides the loss by the GA steps only when compute_loss did not already normalise by
             # num_items_in_batch; in that case scale the per-micro-batch aux so it is averaged, not summed, over GA.
             scaled = getattr(self, "loss_is_scaled_for_ga", None)

@@ -16,7 +16,8 @@ from posttrain.errors import UserError
 from posttrain.registry import Registry
 
 # ``peft.type`` -> entry: ``fn`` is the variant's options model (the ``peft.<type>`` sub-block; plain LoRA has none),
-# ``meta``: ``mergeable`` (``posttrain merge`` folds the adapter into the base), ``options`` (it has a sub-block).
+# ``meta``: ``mergeable`` (``posttrain merge`` folds the adapter into the base), ``options`` (it has a sub-block),
+# ``backends`` (the ``--distributed`` backends it runs on; docs/distributed.md) and ``not_sharded`` (why not the others).
 # The implementations (posttrain/adapters/<type>.py) import torch/peft and are wired by posttrain.adapters.trainer.
 ADAPTER_VARIANTS: Registry = Registry("adapter variant")
 
@@ -25,12 +26,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
-@ADAPTER_VARIANTS.register("lora", doc="docs/methods/lora.md", mergeable=True, options=False)
+@ADAPTER_VARIANTS.register("lora", doc="docs/methods/lora.md", mergeable=True, options=False,
+                            backends=("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp2"), not_sharded="")
 class LoRAOptions(_Strict):
     """Plain LoRA (Hu et al. 2021, arXiv 2106.09685) through PEFT: no options beyond the ``peft.*`` keys."""
 
 
-@ADAPTER_VARIANTS.register("plora", doc="docs/methods/plora.md", mergeable=True, options=True)
+@ADAPTER_VARIANTS.register(
+    "plora", doc="docs/methods/plora.md", mergeable=True, options=True, backends=("single", "ddp"),
+    not_sharded="it unloads the adapter into the frozen base weights, which ZeRO-3 and FSDP2 shard, and its reset mode "
+                "drops per-parameter optimizer state, which DeepSpeed keeps in flat partitions")
 class PLoRASpec(_Strict):
     """PeriodicLoRA (arXiv 2402.16141): unload the adapter into the backbone every ``stage_steps`` steps."""
 
@@ -55,7 +60,8 @@ class PLoRASpec(_Strict):
         return self
 
 
-@ADAPTER_VARIANTS.register("goat", doc="docs/methods/goat.md", mergeable=False, options=True)
+@ADAPTER_VARIANTS.register("goat", doc="docs/methods/goat.md", mergeable=False, options=True,
+                            backends=("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp2"), not_sharded="")
 class GOATSpec(_Strict):
     """GOAT (arXiv 2502.16894): SVD-initialised mixture of LoRA experts with a top-k router. ``peft.r`` is the
     total rank (split into ``num_experts`` experts of rank r/E)."""
@@ -82,7 +88,10 @@ class GOATSpec(_Strict):
         return self
 
 
-@ADAPTER_VARIANTS.register("ggpo", doc="docs/methods/ggpo.md", mergeable=True, options=True)
+@ADAPTER_VARIANTS.register(
+    "ggpo", doc="docs/methods/ggpo.md", mergeable=True, options=True, backends=("single", "ddp"),
+    not_sharded="it perturbs the base weights in place, which ZeRO-3 and FSDP2 shard, and reads each LoRA gradient "
+                "after the backward, which DeepSpeed moves into its own partitioned buffers")
 class GGPOSpec(_Strict):
     """LoRA-GGPO (arXiv 2502.14538v1): per-step Gaussian weight perturbation scaled by weight and gradient norms."""
 

@@ -83,9 +83,9 @@ class _GOATSaveMixin:
         from posttrain.adapters.goat import save_goat
 
         output_dir = output_dir or self.args.output_dir
-        super().save_model(output_dir, _internal_call=_internal_call)
+        super().save_model(output_dir, _internal_call=_internal_call)  # the adapter, gathered under ZeRO-3 / FSDP2
         if self.args.should_save:
-            save_goat(self.model, output_dir)
+            save_goat(self.accelerator.unwrap_model(self.model), output_dir, write_weights=False)
             with open(os.path.join(output_dir, "posttrain_adapter.json"), "w") as fh:
                 json.dump({"type": "goat", "export": "adapter", "loader": "posttrain.adapters.load_adapter_run"},
                           fh, indent=2)

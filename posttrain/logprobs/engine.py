@@ -36,7 +36,7 @@ import torch
 
 from posttrain.logprobs import heads as H
 from posttrain.logprobs.layout import additive_mask, block_mask, shared_layout
-from posttrain.logprobs.sharding import full_weight
+from posttrain.distributed import full_weight
 
 logger = logging.getLogger("posttrain")
 _LOGGED: set[str] = set()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.errors import UserError
-from posttrain.logprobs.sharding import gathered
+from posttrain.distributed import gathered
 from posttrain.registry import Registry
 
 # fp32 elements of one [rows, V] logits chunk (64 MiB): chunk_rows = CHUNK_ELEMENTS // V

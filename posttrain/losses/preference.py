@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.distributed import TokenMean
+
 __all__ = [
     "PreferenceLossOutput",
     "sequence_logps",
@@ -421,10 +423,11 @@ def sparsepo_metrics(
     rejected_reward_mask: torch.Tensor | None = None,
     chosen_kl_mask: torch.Tensor | None = None,
     rejected_kl_mask: torch.Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | TokenMean]:
     """SparsePO metrics (docs/methods/sparsepo.md#metrics), with our fixes: SeqKL over completion tokens only, margins as the mean
     of per-pair absolute differences. ``*_logps`` are the unweighted policy sums. For a common mask pass the same
-    tensors as reward and KL masks. Masks that are off (None) get no sparsity / L1 entries."""
+    tensors as reward and KL masks. Masks that are off (None) get no sparsity / L1 entries. The sparsities are
+    :class:`~posttrain.distributed.TokenMean` (``float()`` gives the value)."""
     metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps)
     seq_kl_w = _masked_sum(chosen_token_kl.detach(), chosen_loss_mask)
     seq_kl_l = _masked_sum(rejected_token_kl.detach(), rejected_loss_mask)
@@ -442,8 +445,11 @@ def sparsepo_metrics(
     for short, tag, cm, rm in pairs:
         if cm is None or rm is None:
             continue
-        metrics[f"Weights/{short}_chosen_sparsity"] = mask_sparsity(cm.detach(), chosen_loss_mask).item()
-        metrics[f"Weights/{short}_rejected_sparsity"] = mask_sparsity(rm.detach(), rejected_loss_mask).item()
+        # token shares: pooled over processes by posttrain.distributed.reduce_metrics
+        for side, values, loss_mask in (("chosen", cm, chosen_loss_mask), ("rejected", rm, rejected_loss_mask)):
+            tokens = loss_mask.to(torch.bool).sum().float()
+            sparsity = mask_sparsity(values.detach(), loss_mask)
+            metrics[f"Weights/{short}_{side}_sparsity"] = TokenMean(sparsity * tokens, tokens)
         metrics[f"Weights/{tag}_chosen_l1_norm"] = _l1(cm.detach(), chosen_loss_mask).mean().item()
         metrics[f"Weights/{tag}_rejected_l1_norm"] = _l1(rm.detach(), rejected_loss_mask).mean().item()
     return metrics
@@ -616,11 +622,16 @@ def asft_metrics(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def token_mean_nll(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_mean_nll(logps: torch.Tensor, mask: torch.Tensor,
+                   num_items: torch.Tensor | float | None = None) -> torch.Tensor:
     """``-sum(mask * logp) / max(sum(mask), 1)`` in fp32: the token-mean NLL of a micro-batch (the HF
     ``CrossEntropyLoss`` mean that SimPO's ``sft_weight`` term and ORPO's SFT term use; docs/methods/simpo.md#objective,
-    docs/methods/orpo.md#objective)."""
-    return -sequence_logps(logps, mask).sum() / mask.to(torch.float32).sum().clamp(min=1.0)
+    docs/methods/orpo.md#objective). ``num_items`` replaces ``sum(mask)`` as the denominator (with several processes,
+    this process's share of the global token count, posttrain.distributed.process_share: the averaged gradient is
+    then that of the global batch's token mean)."""
+    count = mask.to(torch.float32).sum() if num_items is None else torch.as_tensor(
+        num_items, dtype=torch.float32, device=logps.device)
+    return -sequence_logps(logps, mask).sum() / count.clamp(min=1.0)
 
 
 def simpo_loss(

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from posttrain.distributed import TokenMean
 from posttrain.registry import Registry
 
 import torch
@@ -227,7 +228,8 @@ def simnpo_loss(logps: torch.Tensor, mask: torch.Tensor, beta: float = 4.5, delt
 
 
 def retain_kl_loss(
-    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None = None
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None = None,
+    num_items: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL retain term: ``mean over scored positions of KL(pi_ref || pi_theta)`` over the full vocabulary. Scalar.
 
@@ -238,7 +240,8 @@ def retain_kl_loss(
     Logits are ``[N, V]`` (the scored positions already selected) or ``[B, T, V]``. With ``[B, T, V]`` and
     ``mask=None`` every one of the B*T positions counts (open-unlearning, ``retain_kl_mask: none``: prompt and padding
     included); with a ``[B, T]`` mask only the masked positions count (our ``completion`` default: answer tokens only).
-    The reference logits are detached. Zero, with zero gradient, at theta = theta_ref.
+    The reference logits are detached. Zero, with zero gradient, at theta = theta_ref. ``num_items`` replaces the
+    number of scored positions as the denominator (as for :func:`retain_nll_loss`).
     Worked example: ``p_ref = [.5,.3,.2], [.6,.2,.2]``, ``p_theta = [.4,.4,.2], [.6,.3,.1]`` give 0.041402.
     """
     if policy_logits.shape != ref_logits.shape:
@@ -253,6 +256,9 @@ def retain_kl_loss(
     ref_lp = F.log_softmax(ref_logits.detach().float().reshape(-1, vocab), dim=-1)
     if policy_lp.shape[0] == 0:
         return policy_lp.sum() * 0.0
+    if num_items is not None:
+        denominator = torch.as_tensor(num_items, dtype=torch.float32, device=policy_lp.device).clamp(min=1)
+        return F.kl_div(policy_lp, ref_lp, reduction="sum", log_target=True) / denominator
     return F.kl_div(policy_lp, ref_lp, reduction="batchmean", log_target=True)
 
 
@@ -309,7 +315,10 @@ def unlearning_objective(
     Inputs: forget per-token ``forget_logps``/``forget_mask`` ``[B, T]``; for NPO also ``forget_ref_logps`` (``[B, T]``
     on the same mask, or sequence sums ``[B]``); for the NLL retain term ``retain_logps``/``retain_mask``; for the KL
     retain term ``retain_logits``/``retain_ref_logits`` (``[N, V]`` or ``[B, T, V]``, see :func:`retain_kl_loss`) and
-    optionally ``retain_kl_mask``. ``*_num_items`` override the token-mean denominators of GA / NLL.
+    optionally ``retain_kl_mask``. ``*_num_items`` override the token-mean denominators of the forget NLL (GA and the
+    logged ``forget_nll``) and of the retain NLL / KL (with several processes the trainer passes each process's share
+    of the global token count, posttrain.distributed.process_share, so that the averaged gradient is that of the global
+    token mean).
     """
     if method not in UNLEARNING_DEFAULTS:
         raise ValueError(f"unknown unlearning method {method!r}; expected one of {', '.join(UNLEARNING_METHODS)}")
@@ -320,8 +329,8 @@ def unlearning_objective(
     delta = cfg.get("delta", 0.0) if delta is None else delta
     metrics: dict[str, float] = {}
 
-    with torch.no_grad():
-        metrics["forget_nll"] = float(nll_loss(forget_logps.detach(), forget_mask))
+    with torch.no_grad():  # the token mean the GA term sees (forget_num_items: see below)
+        metrics["forget_nll"] = float(nll_loss(forget_logps.detach(), forget_mask, forget_num_items))
 
     kind = cfg["forget"]
     if kind == "ga":
@@ -349,7 +358,7 @@ def unlearning_objective(
     elif rkind == "kl" and alpha != 0:
         if retain_logits is None or retain_ref_logits is None:
             raise ValueError(f"method {method!r} needs retain_logits and retain_ref_logits")
-        retain_loss = retain_kl_loss(retain_logits, retain_ref_logits, retain_kl_mask)
+        retain_loss = retain_kl_loss(retain_logits, retain_ref_logits, retain_kl_mask, retain_num_items)
         metrics["retain_kl"] = float(retain_loss.detach())
 
     loss = gamma * forget_loss
@@ -419,11 +428,9 @@ def rmu_loss(
     control = control_vector.to(forget_activations.device)
     forget_loss = rmu_activation_loss(forget_activations, control, forget_mask)
     loss = gamma * forget_loss
-    metrics: dict[str, float] = {"forget_loss": float(forget_loss.detach())}
-    with torch.no_grad():
-        m = forget_mask.to(torch.bool)
-        metrics["rmu/forget_activation_norm"] = float(forget_activations.detach().float()[m].norm(dim=-1).mean()) if bool(
-            m.any()) else 0.0
+    metrics: dict[str, float | TokenMean] = {"forget_loss": float(forget_loss.detach())}
+    # a token mean: pooled over processes by posttrain.distributed.reduce_metrics (float() gives this process's value)
+    metrics["rmu/forget_activation_norm"] = TokenMean.of(forget_activations.detach().float().norm(dim=-1), forget_mask)
     retain_loss = None
     if alpha != 0 and retain_activations is not None:
         if retain_ref_activations is None or retain_mask is None:

@@ -46,17 +46,26 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def non_finite_parameters(model) -> list[str]:
-    """Names of the parameters of ``model`` holding NaN or inf (a few, for the message)."""
+def non_finite_parameters(model, accelerator=None) -> list[str]:
+    """Names of the parameters of ``model`` holding NaN or inf (a few, for the message). Sharded parameters (ZeRO-3,
+    FSDP2) are checked on each process's own shard; with ``accelerator`` every process learns whether any shard is
+    bad (so that all of them stop together)."""
     import torch
+
+    from posttrain.distributed import local_shard
 
     bad = []
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.numel() and not bool(torch.isfinite(param).all()):
+            shard = local_shard(param)
+            if shard.numel() and not bool(torch.isfinite(shard).all()):
                 bad.append(name)
                 if len(bad) >= 3:
                     break
+    if accelerator is not None and accelerator.num_processes > 1:
+        count = torch.tensor(float(len(bad)), device=accelerator.device)
+        if float(accelerator.reduce(count, reduction="sum")) > 0 and not bad:
+            bad = ["a shard held by another process"]
     return bad
 
 
@@ -109,6 +118,13 @@ class AtomicCheckpointMixin:
 
     # Set by posttrain.train.run: what the model card (posttrain.card) is written from.
     card_context = None
+
+    def create_accelerator_and_postprocess(self):
+        """HF's accelerator, with FSDP also on a CPU-only launch (:func:`posttrain.distributed.fsdp_on_cpu`)."""
+        from posttrain.distributed import fsdp_on_cpu
+
+        with fsdp_on_cpu():
+            return super().create_accelerator_and_postprocess()
 
     def create_model_card(self, *args, **kwargs):
         """posttrain's card in ``output_dir/README.md``, instead of TRL's (which cannot name the base model of a
@@ -192,10 +208,10 @@ class AtomicCheckpointMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+        bad = non_finite_parameters(self.model, self.accelerator)  # every process: each checks its own shard
+        if bad:
+            raise _diverged(f"the weights hold NaN/inf ({', '.join(bad)})", self.state.global_step)
         if self.args.should_save:
-            bad = non_finite_parameters(self.model)
-            if bad:
-                raise _diverged(f"the weights hold NaN/inf ({', '.join(bad)})", self.state.global_step)
             _fsync_tree(ckpt)
             (ckpt / COMPLETE_MARKER).write_text("ok\n")
             (ckpt / SAVING_MARKER).unlink(missing_ok=True)

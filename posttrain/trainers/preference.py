@@ -50,6 +50,7 @@ from posttrain.losses.preference import (
     wpo_pair_weights,
     wpo_sequence_weights,
 )
+from posttrain.distributed import TokenMean, full_weight, gathered, process_share, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
@@ -325,8 +326,9 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            metrics["aux_loss"] = self.accelerator.gather(outputs.aux_loss.detach()).mean().item()
-        for name, value in metrics.items():
+            metrics["aux_loss"] = outputs.aux_loss.detach()
+        # values already gathered over processes stay as they are; per-process ones are averaged, token means pooled
+        for name, value in reduce_metrics(self.accelerator, metrics).items():
             self._metrics[mode][name].append(value)
         self._log_trl_metrics(mode, inputs, outputs, mask, seq_len)
         if return_outputs:
@@ -342,13 +344,17 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
             return None
         if alignment == "sampled":  # log sum_v pi(v)^2 from the fused head (no full logits needed)
             return outputs.log_sum_sq_probs[:, -seq_len:].detach()
-        # greedy: max(z) - logsumexp(z), full-vocab logits on completion positions, no grad
+        # greedy: max(z) - logsumexp(z), full-vocab logits on completion positions, no grad (the head's weights read
+        # whole: gathered under ZeRO-3, all-gathered from FSDP2's shards)
         head = _unwrap(model).get_output_embeddings()
         sel = mask.bool()
-        with torch.no_grad():
+        with torch.no_grad(), gathered(head.weight, head.bias):
+            weight = full_weight(head.weight)
+            bias = None if head.bias is None else full_weight(head.bias)
             h = policy_hidden[:, :-1][:, -seq_len:][sel]
             pieces = [
-                wpo_log_alignment(head(h[i : i + TILE]).float(), "greedy") for i in range(0, h.shape[0], TILE)
+                wpo_log_alignment(F.linear(h[i : i + TILE], weight, bias).float(), "greedy")
+                for i in range(0, h.shape[0], TILE)
             ]
         flat = torch.cat(pieces) if pieces else h.new_zeros(0)
         return flat.new_zeros(mask.shape).masked_scatter(sel, flat.float())
@@ -460,9 +466,8 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
         # mask density: share of completion tokens whose (reward, else KL) mask is non-zero, and its mean value
         shown = reward_mask if reward_mask is not None else kl_mask
         if shown is not None:
-            n = sel.sum().clamp(min=1)
-            metrics["sparsepo/mask_density"] = (((shown.detach() != 0) & sel).sum() / n).item()
-            metrics["sparsepo/mask_mean"] = ((shown.detach().float() * sel).sum() / n).item()
+            metrics["sparsepo/mask_density"] = TokenMean.of((shown != 0).float(), sel)
+            metrics["sparsepo/mask_mean"] = TokenMean.of(shown, sel)
         return loss, metrics
 
     # Shared TRL metrics ------------------------------------------------------------------------------------------
@@ -592,6 +597,15 @@ def asft_aligned_objective(trainer, f: PolicyForward):
     return loss, metrics
 
 
+def _chosen_nll(trainer, logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, TokenMean]:
+    """The SFT term of SimPO / ORPO, :func:`~posttrain.losses.preference.token_mean_nll` over the global micro-batch's
+    tokens (each process divides by its share of all processes' token count), and its logged token mean."""
+    accelerator = trainer.accelerator
+    num_items = process_share(accelerator, mask.sum()) if accelerator.num_processes > 1 else None
+    nll = token_mean_nll(logps, mask, num_items)
+    return nll, TokenMean(-sequence_logps(logps.detach(), mask).sum(), mask.to(torch.float32).sum())
+
+
 @PREFERENCE_LOSSES.register("simpo", doc="docs/methods/simpo.md#objective")
 def simpo_objective(trainer, f: PolicyForward):
     """SimPO (Meng et al. 2024, arXiv 2405.14734): the mean of :func:`posttrain.losses.preference.simpo_loss` over the
@@ -603,9 +617,8 @@ def simpo_objective(trainer, f: PolicyForward):
     metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
                                  gather(lbar_r.detach()))
     if p.sft_coef > 0:
-        nll = token_mean_nll(f.per_token_logps.chunk(2, dim=0)[0], f.mask.chunk(2, dim=0)[0])
+        nll, metrics["nll_loss"] = _chosen_nll(trainer, f.per_token_logps.chunk(2, dim=0)[0], f.mask.chunk(2, dim=0)[0])
         loss = loss + p.sft_coef * nll
-        metrics["nll_loss"] = gather(nll.detach()).mean().item()
     return loss, metrics
 
 
@@ -616,12 +629,12 @@ def orpo_objective(trainer, f: PolicyForward):
     p, gather = trainer.params, trainer.accelerator.gather
     lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
     scored = (f.labels[:, 1:] != -100)[:, -f.seq_len:]  # every token the fused head scored (see scores_prompt_tokens)
-    nll = token_mean_nll(f.per_token_logps.chunk(2, dim=0)[0], scored.chunk(2, dim=0)[0])
+    nll, logged_nll = _chosen_nll(trainer, f.per_token_logps.chunk(2, dim=0)[0], scored.chunk(2, dim=0)[0])
     out = orpo_loss(lbar_c, lbar_r, nll, beta=p.beta, prob_clamp=p.prob_clamp)
     metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
                                  gather(lbar_r.detach()))
     # TRL's ORPO names: log_odds_ratio = mean logsig(log OR), log_odds_chosen = mean log OR
-    metrics["nll_loss"] = gather(out.nll).mean().item()
+    metrics["nll_loss"] = logged_nll
     metrics["log_odds_ratio"] = -gather(out.odds_ratio_losses).mean().item()
     metrics["log_odds_chosen"] = gather(out.log_odds_ratio).mean().item()
     return out.loss, metrics

@@ -36,6 +36,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
+from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.reference import trl_reference_factory
 from posttrain.rl.advantages import (
@@ -141,19 +142,13 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     def _prepare_reference(self, ref_model):
         """What TRL's ``__init__`` does to the reference it builds, for one given with a PEFT policy."""
-        from trl.models import prepare_deepspeed, prepare_fsdp
-        from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+        from trl.trainer.utils import add_fused_lm_head
 
-        if self.args.disable_dropout:
-            disable_dropout_in_model(ref_model)
-        ref_model.eval().requires_grad_(False)
+        from posttrain.distributed import prepare_frozen
+
         # TRL also casts the LM head weight to fp32; the projection in fp32 is what matters for the log-probs
         add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return prepare_frozen(ref_model, self.accelerator, disable_dropout=self.args.disable_dropout)
 
     # ---------------------------------------------------------------------------------------------------------------
     # advantages
@@ -408,29 +403,28 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / ga
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        def global_masked_mean(x: torch.Tensor) -> float:
-            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().float()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        metrics["policy_loss"].append(self.accelerator.gather(policy_value).mean().item())
+        # token means over every process's tokens, the policy loss averaged over processes: one reduction
+        logged = {"policy_loss": policy_value}
         if kl is not None:
-            metrics["kl"].append(global_masked_mean(kl.detach()))
-        metrics["entropy"].append(global_masked_mean(entropies.detach()))
+            logged["kl"] = TokenMean.of(kl, mask)
+        logged["entropy"] = TokenMean.of(entropies, mask)
         # verl's ppo_kl (docs/methods/grpo.md#metrics): token mean of old_logp - logp
-        metrics["ppo_kl"].append(global_masked_mean((old - logps).detach()))
-        metrics["clip_ratio/low_mean"].append(global_masked_mean(clip.low_clipped.float()))
-        metrics["clip_ratio/high_mean"].append(global_masked_mean(clip.high_clipped.float()))
+        logged["ppo_kl"] = TokenMean.of(old - logps, mask)
+        logged["clip_ratio/low_mean"] = TokenMean.of(clip.low_clipped.float(), mask)
+        logged["clip_ratio/high_mean"] = TokenMean.of(clip.high_clipped.float(), mask)
+        logged["clip_ratio/region_mean"] = TokenMean.of((clip.low_clipped | clip.high_clipped).float(), mask)
+        if p.dual_clip_c is not None:
+            logged["clip_ratio/dual_mean"] = TokenMean.of(clip.dual_clipped.float(), mask)
+        if rule.gradient_preserved:
+            logged["clip_ratio/gradient_preserved_mean"] = TokenMean.of(clip.gradient_preserved.float(), mask)
+        for name, value in reduce_metrics(self.accelerator, logged).items():
+            metrics[name].append(value)
         # as TRL: the extreme per-sequence clip fractions over all processes
         per_seq = mask.sum(-1)
         low_seq = self.accelerator.gather((clip.low_clipped.float() * mask).sum(-1) / per_seq)
         high_seq = self.accelerator.gather((clip.high_clipped.float() * mask).sum(-1) / per_seq)
         metrics["clip_ratio/low_min"].append(nanmin(low_seq).item())
         metrics["clip_ratio/high_max"].append(nanmax(high_seq).item())
-        metrics["clip_ratio/region_mean"].append(global_masked_mean((clip.low_clipped | clip.high_clipped).float()))
-        if p.dual_clip_c is not None:
-            metrics["clip_ratio/dual_mean"].append(global_masked_mean(clip.dual_clipped.float()))
-        if rule.gradient_preserved:
-            metrics["clip_ratio/gradient_preserved_mean"].append(global_masked_mean(clip.gradient_preserved.float()))
         return loss
 
 
@@ -448,21 +442,18 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                         reward_method=p.pacs_reward_method, score=p.pacs_score, weight=p.pacs_weight)
         metrics = self._metrics[mode]
         valid = out.valid
-        stats = torch.stack([
-            out.loss.detach(),
-            (out.psi.detach() * valid).sum() / valid.sum().clamp(min=1),
-            (((out.psi.detach() > 0).float() == (inputs[PACS_REWARD] > 0.5).float()).float() * valid).sum()
-            / valid.sum().clamp(min=1),
-            (out.rhat.detach().abs() * valid).sum() / valid.sum().clamp(min=1),
-            (out.weights * valid).sum() / valid.sum().clamp(min=1),
-        ])
-        stats = self.accelerator.gather(stats.unsqueeze(0)).mean(0).tolist()
-        for name, value in zip(("loss", "psi_mean", "pred_acc", "rhat_abs_mean", "weight_mean"), stats):
-            metrics[f"pacs/{name}"].append(value)
-        metrics["policy_loss"].append(stats[0])
-        totals = self.accelerator.reduce(torch.stack([(entropies.detach() * mask).sum(), mask.sum().float()]),
-                                         reduction="sum")
-        metrics["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        predicted = ((out.psi.detach() > 0).float() == (inputs[PACS_REWARD] > 0.5).float()).float()
+        logged = {  # row means pooled over the valid rows of every process
+            "pacs/loss": out.loss.detach(),
+            "pacs/psi_mean": TokenMean.of(out.psi, valid),
+            "pacs/pred_acc": TokenMean.of(predicted, valid),
+            "pacs/rhat_abs_mean": TokenMean.of(out.rhat.abs(), valid),
+            "pacs/weight_mean": TokenMean.of(out.weights, valid),
+            "entropy": TokenMean.of(entropies, mask),
+        }
+        for name, value in reduce_metrics(self.accelerator, logged).items():
+            metrics[name].append(value)
+        metrics["policy_loss"].append(metrics["pacs/loss"][-1])
         return out.loss
 
 

@@ -15,10 +15,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
+from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.reference import Reference
 from posttrain.registry import Registry
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedSFTTruncationMixin
-from posttrain.losses.sft import asft_anchored_loss, dft_loss, nll_loss, poft_loss, token_kl
+from posttrain.losses.sft import asft_anchored_loss, dft_loss, dft_token_loss, nll_loss, poft_loss, token_kl
 
 POFT_SCORE_COLUMN = "poft_ref_score"
 KL_CHUNK = 1024  # label positions per tile when full-vocab logits are needed (the ASFT anchor)
@@ -61,8 +62,9 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         super().__init__(*args, **kwargs)
         self.anchor_model = anchor_model
         if anchor_model is not None:
-            anchor_model.eval().requires_grad_(False)
-            self.anchor_model = self.accelerator.prepare_model(anchor_model, evaluation_mode=True)
+            from posttrain.distributed import prepare_frozen
+
+            self.anchor_model = prepare_frozen(anchor_model, self.accelerator)
         if self.objective.extra_columns:
             self.data_collator = _ExtraColumnsCollator(self.data_collator, list(self.objective.extra_columns))
         if not self.objective.token_sum_loss:
@@ -107,17 +109,17 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         self._log_token_metrics(mode, outputs, metrics)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_token_metrics(self, mode: str, outputs, extra: dict[str, torch.Tensor]) -> None:
-        gather = self.accelerator.gather_for_metrics
-        num_valid = gather(outputs.label_mask.sum()).sum()
+    def _log_token_metrics(self, mode: str, outputs, extra: dict) -> None:
+        """TRL's entropy and token accuracy plus the loss entry's metrics, reduced over processes in one call
+        (:func:`posttrain.distributed.reduce_metrics`: token means over all processes' tokens)."""
+        metrics = {}
+        num_valid = outputs.label_mask.sum()
         if outputs.entropy is not None:
-            entropy = gather(outputs.entropy.detach().sum()).sum()
-            self._metrics[mode]["entropy"].append((entropy / num_valid).item() if num_valid > 0 else 0.0)
+            metrics["entropy"] = TokenMean(outputs.entropy.detach().float().sum(), num_valid)
         if outputs.is_top1 is not None:
-            correct = gather(outputs.is_top1.sum()).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
-        for name, value in extra.items():
-            self._metrics[mode][name].append(gather(value.detach().reshape(1)).float().mean().item())
+            metrics["mean_token_accuracy"] = TokenMean(outputs.is_top1.float().sum(), num_valid)
+        for name, value in reduce_metrics(self.accelerator, {**metrics, **extra}).items():
+            self._metrics[mode][name].append(value)
 
     def _anchor_kl(self, model, inputs, policy_hidden, mask) -> torch.Tensor:
         """Per-token KL between policy and anchor next-token distributions, on label positions only, in tiles."""
@@ -187,7 +189,7 @@ def dft_objective(trainer, s: SFTStep):
     """Dynamic Fine-Tuning (Wu et al. 2025, arXiv 2508.05629): :func:`dft_loss`, NLL logged."""
     logps, mask = s.outputs.log_probs, s.outputs.label_mask
     loss = dft_loss(logps, mask, s.num_items_in_batch)
-    return loss, {"nll": nll_loss(logps.detach(), mask)}
+    return loss, {"nll": TokenMean.of(-logps, mask)}
 
 
 @SFT_LOSSES.register("asft_anchored", doc="docs/methods/asft_anchored.md#objective", extra_columns=(),
@@ -197,11 +199,10 @@ def asft_anchored_objective(trainer, s: SFTStep):
     logps, mask = s.outputs.log_probs, s.outputs.label_mask
     kl = trainer._anchor_kl(s.model, s.inputs, s.hidden[:, :-1], mask)
     loss = asft_anchored_loss(logps, kl, mask, trainer.params.asft_kl_coef, s.num_items_in_batch)
-    denom = mask.sum().clamp(min=1)
     metrics = {
-        "dft_loss": dft_loss(logps.detach(), mask),
-        "kl": (kl.detach() * mask).sum() / denom,
-        "nll": nll_loss(logps.detach(), mask),
+        "dft_loss": TokenMean.of(dft_token_loss(logps.detach()), mask),
+        "kl": TokenMean.of(kl, mask),
+        "nll": TokenMean.of(-logps, mask),
     }
     return loss, metrics
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.logprobs import ensure_fused_head
 from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES, rmu_control_vector, uses_reference, uses_retain
@@ -222,9 +223,10 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.ref_model = None
         if ref_model is not None:
+            from posttrain.distributed import prepare_frozen
+
             ensure_fused_head(ref_model)
-            ref_model.eval().requires_grad_(False)
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            self.ref_model = prepare_frozen(ref_model, self.accelerator)
         if isinstance(self.train_dataset, ForgetRetainDataset):
             self.add_callback(_EpochCallback(self.train_dataset))
         self.control_vector = self._steering_setup() if self.objective.meta.get("steers_activations", False) else None
@@ -258,12 +260,16 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                 raise UserError(f"method.trainable_params: {which}{pattern!r} matches no parameter of the model (names "
                                 f"look like {named[-1][0]!r})")
         moving = 0
+
+        def numel(q):  # the whole parameter's size, also when ZeRO-3 holds only a partition here
+            return getattr(q, "ds_numel", q.numel())
+
         for name, param in named:
             selected = any(re.fullmatch(pattern, name) for pattern in patterns)
             param.requires_grad_(selected)
-            moving += param.numel() if selected else 0
+            moving += numel(param) if selected else 0
         logger.info("rmu: steering decoder layer %d; %d of %d weights train (%s)", p.rmu_layer, moving,
-                    sum(q.numel() for _, q in named), ", ".join(patterns))
+                    sum(numel(q) for _, q in named), ", ".join(patterns))
         if self.args.gradient_checkpointing:  # frozen embeddings: keep a gradient path into checkpointed layers
             self.model.enable_input_require_grads()
         hidden = self.model.config.get_text_config().hidden_size
@@ -361,6 +367,18 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         for name in ("beta", "gamma", "alpha", "delta"):
             if hasattr(self.params, name):
                 kwargs[name] = float(getattr(self.params, name))
+        if self.accelerator.num_processes > 1:
+            # token means over the global micro-batch: each process's token sum over its share of all processes'
+            # tokens (the gradient averaging over processes does the rest)
+            from posttrain.distributed import process_share
+
+            kwargs["forget_num_items"] = process_share(self.accelerator, t["forget_mask"].sum())
+            if kwargs.get("retain_mask") is not None:
+                kwargs["retain_num_items"] = process_share(self.accelerator, kwargs["retain_mask"].sum())
+            elif "retain_logits" in kwargs:
+                scored = kwargs.get("retain_kl_mask")
+                count = scored.sum() if scored is not None else kwargs["retain_logits"].shape[:-1].numel()
+                kwargs["retain_num_items"] = process_share(self.accelerator, count)
         return kwargs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -380,17 +398,15 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                 mask = labels != -100
                 lp = torch.log_softmax(t["retain_logits"][:, :-1].float(), -1)
                 lp = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                metrics["retain_nll"] = float(-(lp * mask).sum() / mask.sum().clamp(min=1))
+                metrics["retain_nll"] = TokenMean.of(-lp, mask)
                 metrics["retain_answer_prob"] = _answer_prob(lp, mask)
         self._record(metrics)
         return (result.loss, result) if return_outputs else result.loss
 
-    def _record(self, metrics: dict[str, float]) -> None:
-        names = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in names], dtype=torch.float32, device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
-        for name, value in zip(names, values.tolist()):
+    def _record(self, metrics: dict) -> None:
+        """Reduced over processes (:func:`posttrain.distributed.reduce_metrics`): the objective's token means use the
+        processes' shares of the global token counts, so their mean over processes is the global one."""
+        for name, value in reduce_metrics(self.accelerator, metrics).items():
             self._metrics[name].append(value)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -1,0 +1,144 @@
+"""One short rerun per family of ``benchmarks/results.py`` (the runs it builds from the registries, cut to a few
+steps), checking the direction its docs page reports, not the numbers (docs/results.md, docs/preference.md,
+docs/rlvr.md, docs/unlearning.md, docs/lora_variants.md)."""
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import results as R  # noqa: E402
+
+
+def _runs(family, labels, *extra, quick=True, panel=None):
+    runs = [r for r in R.FAMILIES[family].runs(quick) if r.label in labels and (panel is None or panel in r.panel)]
+    assert {r.label for r in runs} == set(labels), [r.label for r in runs]
+    for r in runs:
+        r.sets = [*r.sets, *extra]
+    return runs
+
+
+def _final(results, label, key):
+    values = [r["final"][key] for r in results if r["label"] == label]
+    assert values and all(v is not None for v in values), (label, key, results)
+    return statistics.mean(values)
+
+
+def _check_outputs(family, results, tmp_path, curves=True):
+    assert not [r for r in results if "error" in r], [r["error"] for r in results if "error" in r]
+    meta = {"quick": True, "seeds": [0], "env": R.environment(), "command": "pytest", "date": "today",
+            "load_before": 0.0, "load_after": 0.0, "wall_s": 1.0}
+    R.write_family(family, results, meta, tmp_path)
+    table = (tmp_path / f"{family}.md").read_text()
+    assert "torch" in table and "Device:" in table and "±" in table
+    assert list(tmp_path.glob(f"{family}_*.png")) or not curves
+
+
+def test_sft_family_baseline_is_the_same_recipe_with_plain_sft():
+    """Every SFT-family method is paired with plain SFT on its own recipe (same start, data, lr and steps), one
+    baseline per distinct setting."""
+    from posttrain.methods import METHODS
+
+    runs = R.sft_runs(quick=True)
+    methods = {name for name, info in METHODS.items() if info.family == "sft"} - {"sft"}
+    assert methods <= {r.label for r in runs}
+    for panel in {r.panel for r in runs}:
+        mine = [r for r in runs if r.panel == panel]
+        assert [r.label for r in mine].count("sft") == 1
+        baseline = next(r for r in mine if r.label == "sft")
+        assert all(r.recipe == baseline.recipe or r.panel_key == baseline.panel_key for r in mine)
+        assert baseline.sets[-1] == "method={name: sft}"
+
+
+@pytest.mark.slow
+def test_sft_family_weak_start_direction(tmp_path):
+    """docs/results.md: from the shipped tiny-qwen2-arith, dft.yaml's 100 steps at lr 1e-3 (no warm-up) lower greedy
+    test accuracy for plain SFT, and DFT ends below SFT."""
+    runs = _runs("sft", ["sft", "dft"], "eval.steps=null", panel="dft")
+    results = R.run_family("sft", [0], quick=True, runs=runs)
+    _check_outputs("sft", results, tmp_path, curves=False)  # no evaluation during training: no curves
+    assert _final(results, "sft", "accuracy_after") < _final(results, "sft", "accuracy_before")
+    assert _final(results, "dft", "accuracy_after") < _final(results, "sft", "accuracy_after")
+
+
+def test_preference_dpo_raises_held_out_preference_accuracy_from_random_init(tmp_path):
+    """docs/preference.md: from random init, DPO raises held-out preference accuracy and the log-prob margin."""
+    runs = _runs("preference", ["dpo"], panel="random")
+    for r in runs:
+        r.recipe["training"]["max_steps"] = 12
+        r.probe_every = 12
+        r.finish = None  # the probe's curve is what is checked; skip the final test-split scoring
+    results = R.run_family("preference", [0], quick=True, runs=runs)
+    _check_outputs("preference", results, tmp_path)
+    curve = results[0]["probe"]
+    assert curve[-1]["held_out_accuracy"] > curve[0]["held_out_accuracy"] + 0.02, curve
+    assert curve[-1]["held_out_logp_margin"] > curve[0]["held_out_logp_margin"], curve
+
+
+@pytest.mark.slow
+def test_rlvr_grpo_raises_expected_reward(tmp_path):
+    """docs/rlvr.md: GRPO raises the expected exact-match reward on the pool it trains on (60 steps, ~1 min)."""
+    runs = _runs("rlvr", ["grpo"], "training.max_steps=60", quick=False)
+    results = R.run_family("rlvr", [0], quick=False, runs=runs)
+    _check_outputs("rlvr", results, tmp_path)
+    assert _final(results, "grpo", "expected_reward_gain") > 0.02
+
+
+def test_rlvr_runs_cover_every_registered_variant():
+    """The RL family's runs are the registries' entries, one axis at a time, plus PACS (no list in the script)."""
+    from posttrain.rl.advantages import ADVANTAGES
+    from posttrain.rl.aggregation import AGGREGATIONS
+    from posttrain.rl.clipping import CLIPPINGS
+
+    labels = {r.label for r in R.rlvr_runs(quick=False)}
+    for key, registry in [("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS)]:
+        for entry in registry:
+            assert any(label.startswith(f"{key}={entry.name}") for label in labels) or entry.name in ("group", "dapo")
+    assert any("pacs" in label for label in labels)
+
+
+@pytest.mark.slow
+def test_unlearning_npo_rt_forgets_and_keeps_utility(tmp_path):
+    """docs/unlearning.md: in the quick run's 30 steps NPO+RT pushes the forget-set probability far down while model
+    utility keeps most of its start value, with and without WAGLE."""
+    runs = _runs("unlearning", ["npo_rt", "npo_rt+wagle"], "eval.steps=30")
+    results = R.run_family("unlearning", [0], quick=True, runs=runs)
+    _check_outputs("unlearning", results, tmp_path)
+    for label in ("npo_rt", "npo_rt+wagle"):
+        assert _final(results, label, "forget_prob") < 0.1 * _final(results, label, "forget_prob_before")
+        assert _final(results, label, "utility") > 0.85 * _final(results, label, "utility_before")
+
+
+def test_lora_variants_cost_and_training(tmp_path):
+    """docs/lora_variants.md: every adapter variant trains; GOAT has the most trainable parameters (its routers), the
+    others LoRA's."""
+    from posttrain.adapters.spec import ADAPTER_VARIANTS
+
+    labels = [r.label for r in R.lora_runs(quick=True)]
+    assert len(labels) == len(ADAPTER_VARIANTS)
+    runs = _runs("lora", labels, "training.max_steps=2", "eval.steps=null", "data.test=null")
+    results = R.run_family("lora", [0], quick=True, runs=runs)
+    _check_outputs("lora", results, tmp_path)
+    params = {r["label"].split()[0]: r["trainable_params"] for r in results}
+    assert params["plora"] == params["ggpo"] == params["lora"] < params["goat"]
+    assert all(r["step_s"] > 0 for r in results)
+
+
+def test_stable_spam_is_more_stable_than_adamw_at_a_high_learning_rate(tmp_path):
+    """docs/results.md: at lr 1e-2, full SFT with Stable-SPAM ends at a lower loss than with AdamW."""
+    runs = _runs("stable_spam", ["stable_spam", "adamw"], "training.max_steps=12", "data.test=null", panel="0.01")
+    results = R.run_family("stable_spam", [0], quick=True, runs=runs)
+    _check_outputs("stable_spam", results, tmp_path)
+    assert _final(results, "stable_spam", "loss_last") < _final(results, "adamw", "loss_last")
+
+
+def test_unlearning_npo_rt_lowers_forget_probability(tmp_path):
+    """docs/unlearning.md, in a few steps: NPO+RT lowers the forget-set answer probability from the start."""
+    runs = _runs("unlearning", ["npo_rt"], "training.max_steps=12", "eval.steps=12", "eval.max_samples=8")
+    results = R.run_family("unlearning", [0], quick=True, runs=runs)
+    _check_outputs("unlearning", results, tmp_path)
+    assert _final(results, "npo_rt", "forget_prob") < _final(results, "npo_rt", "forget_prob_before") - 0.05
