@@ -363,9 +363,10 @@ def test_merge_refuses_bad_directories(tmp_path, capsys):
     assert len(err) == 2 and "not found" in err[0] and "not a finished posttrain run" in err[1]
 
 
-# GOAT (routed experts: the most state to keep consistent) runs in the default suite; PLoRA and GGPO are `slow`.
-@pytest.mark.parametrize("variant", ["goat", pytest.param("plora", marks=pytest.mark.slow),
-                                     pytest.param("ggpo", marks=pytest.mark.slow)])
+# Two-process runs of every variant are `slow` (GOAT, the most state to keep consistent, also runs in
+# tests/test_distributed.py's backend matrix).
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["goat", "plora", "ggpo"])
 def test_two_process_run(variant, tmp_path, ids):
     """A 2-process (gloo, CPU) run through accelerate (~20 s each): trains, logs once, saves one final model that
     reloads (and merges where allowed)."""

@@ -165,6 +165,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [s for s in steps if s <= 6] == sorted(steps[:-1]) + steps[-1:]  # no duplicated steps after resume
 
 
+@pytest.mark.slow  # the default suite launches 2 processes in tests/test_distributed.py
 def test_two_process_run_with_accelerate(tmp_path):
     """A real 2-process (gloo, CPU) data-parallel run through accelerate."""
     out = tmp_path / "ddp"
@@ -220,7 +221,9 @@ def reward(prompts, completions, completion_ids, trainer_state, **kwargs):
 '''
 
 
-@pytest.mark.parametrize("recipe", ["grpo_stratified", pytest.param("grpo_reinforce_pp", marks=pytest.mark.slow)])
+# Two-process GRPO runs are `slow` (about a minute each); tests/test_distributed.py keeps one 2-process run by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["grpo_stratified", "grpo_reinforce_pp"])
 def test_two_process_grpo_run_with_accelerate(tmp_path, recipe):
     """GRPO with stratified advantages (and, slow, REINFORCE++, whose whitening spans every completion token of the
     batch) in a real 2-process (gloo, CPU) run started with ``--num-processes 2``: each process scores its own 6

@@ -67,6 +67,21 @@ def test_mismatched_completions_rotate_within_each_micro_batch():
         rotate_within_batches([1], 0)
 
 
+def test_mismatched_completions_never_come_from_the_same_prompt():
+    """With keys (the prompt ids) each block takes the smallest shift that gives no row its own prompt's completion:
+    the side-by-side rows of unpaired pairs need a shift of 2; a block of one prompt keeps the shift of 1."""
+    assert rotate_within_batches(list("abcd"), 4, [0, 0, 1, 1]) == list("cdab")
+    assert rotate_within_batches(list("abcdef"), 6, [0, 0, 1, 1, 2, 2]) == list("efabcd")
+    # block 1: distinct keys, TRL's shift of 1; block 2: keys [5, 6, 5]: shift 1 gives row 0 row 2's value (key 5),
+    # shift 2 gives row 2 row 0's value (key 5): no shift works, the shift of 1 is kept
+    assert rotate_within_batches([1, 2, 3, 4, 5, 6], 3, [7, 8, 9, 5, 6, 5]) == [3, 1, 2, 6, 4, 5]
+    # keys [0, 1, 1, 2]: shift 1 gives row 2 row 1's value (key 1); shift 2 works
+    assert rotate_within_batches(list("abcd"), 4, [0, 1, 1, 2]) == list("cdab")
+    assert rotate_within_batches(["a", "b"], 2, [0, 0]) == ["b", "a"]
+    with pytest.raises(ValueError, match="keys"):
+        rotate_within_batches([1, 2], 2, [0])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the trainer against stock TRL
 
@@ -173,7 +188,9 @@ def test_precomputed_reference_equals_live_reference(arith_model_dir, tiny_model
 # data
 
 
-def test_paired_rows_are_unpaired_one_pair_at_a_time_and_shuffled():
+def test_paired_rows_are_shuffled_by_pair_and_unpaired_side_by_side():
+    """Pairs shuffled once with the seed, then each pair's desirable row right before its undesirable one: every
+    even-sized micro-batch holds whole pairs, half desirable (docs/methods/kto.md#data)."""
     from datasets import Dataset
 
     from posttrain.data.arithmetic import arithmetic_rows
@@ -184,10 +201,39 @@ def test_paired_rows_are_unpaired_one_pair_at_a_time_and_shuffled():
     assert len(rows) == 80 and sum(rows["label"]) == 40
     want = {(p["prompt"], p["chosen"], True) for p in pairs} | {(p["prompt"], p["rejected"], False) for p in pairs}
     assert {(r["prompt"], r["completion"], r["label"]) for r in rows} == want
-    # TRL's unpairing of a whole map batch puts every chosen row first; here each micro-batch of 8 mixes both labels
+    assert rows["label"] == [True, False] * 40
+    assert all(rows["prompt"][2 * k] == rows["prompt"][2 * k + 1] for k in range(40))
+    assert rows["prompt"][::2] != [p["prompt"] for p in pairs]  # the pairs are shuffled ...
+    assert unpair(Dataset.from_list(pairs), seed=0)["completion"] == rows["completion"]  # ... with the seed
     for start in range(0, 80, 8):
-        assert 0 < sum(rows["label"][start:start + 8]) < 8
-    assert unpair(Dataset.from_list(pairs), seed=0)["completion"] == rows["completion"]  # seeded
+        assert sum(rows["label"][start:start + 8]) == 4
+
+
+def test_paired_data_gets_mismatched_completions_of_other_prompts(arith_model_dir, tmp_path):
+    """Through the trainer, paired rows unpaired side by side: each row's KL completion is the completion of another
+    prompt's row of its own micro-batch (the rotation by 2), never its own pair's other completion."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.data.arithmetic import arithmetic_rows
+    from posttrain.methods import KTOParams
+    from posttrain.trainers.kto import PosttrainKTOTrainer
+
+    tok = AutoTokenizer.from_pretrained(arith_model_dir)
+    pairs = arithmetic_rows("preference", num_samples=12, max_operand=30)
+    trainer = PosttrainKTOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(arith_model_dir),
+        ref_model=AutoModelForCausalLM.from_pretrained(arith_model_dir), train_dataset=Dataset.from_list(pairs),
+        processing_class=tok, args=_config(tmp_path), params=KTOParams())
+    ds = trainer.train_dataset
+    prompts, completions, kl = ds["prompt_ids"], ds["completion_ids"], ds["KL_completion_ids"]
+    assert len(ds) == 24 and ds["label"] == [True, False] * 12
+    for i in range(24):
+        block = range(i - i % BATCH, i - i % BATCH + BATCH)
+        j = block[(i % BATCH - 2) % BATCH]
+        assert kl[i] == completions[j] and prompts[j] != prompts[i], i
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert int(batch["label"].sum()) == BATCH // 2
 
 
 def test_conversational_rows_score_the_assistant_turns(arith_model_dir, tmp_path):

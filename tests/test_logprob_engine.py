@@ -585,6 +585,7 @@ def _two_process_worker(rank: int, world: int, port: int, path: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_ddp_and_fsdp2_match_one_process(tmp_path):
     import socket
 

@@ -109,6 +109,7 @@ def test_every_stage_is_validated_before_training(tmp_path):
     assert stages[1][1].ref_model.path == str(tmp_path / "out" / "guide")
 
 
+@pytest.mark.slow  # recipes/pre_dpo.yaml runs end to end in the default suite (tests/test_cli_recipes.py)
 def test_two_stage_run_uses_the_guide_and_resume_skips_finished_stages(tmp_path):
     """One command runs both stages; stage 2 starts from the start model (not the guide) with the guide as its
     reference; --resume of the finished recipe trains nothing again."""

@@ -669,11 +669,9 @@ def preference_accuracy(model, tok, rows) -> float:
     pytest.param({"name": "simpo"}, 0.05, id="simpo", marks=pytest.mark.slow),
     pytest.param({"name": "orpo"}, 0.05, id="orpo", marks=pytest.mark.slow),
     pytest.param({"name": "orpo", "nll_on_prompt": False}, 0.05, id="orpo-response-nll", marks=pytest.mark.slow),
-    # the unpaired family's check (the pairs are unpaired): KTO does not learn this task yet (held-out 0.463 -> 0.470,
-    # training pairs 0.496 -> 0.520 at beta 0.1, seed 0; DPO: 0.573 / 0.723), although its loss and gradients equal
-    # TRL's KTOTrainer (tests/test_kto.py); an open item of issue 26, docs/methods/kto.md
-    pytest.param({"name": "kto"}, 0.05, id="kto", marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason="KTO does not raise held-out preference accuracy on the tiny task yet (issue 26)")]),
+    # the unpaired family's check: the pairs are unpaired (two rows each, side by side) and a batch counts rows, so it
+    # gets twice the batch to see the same 32 pairs a step (docs/methods/kto.md#learning-check)
+    pytest.param({"name": "kto"}, 0.05, id="kto", marks=pytest.mark.slow),
 ])
 def test_each_method_raises_held_out_preference_accuracy(tmp_path, capsys, method, gain):
     """Each preference method from the random-init tiny model on 256 arithmetic pairs (8 epochs, ~10-20 s each on
@@ -688,10 +686,12 @@ def test_each_method_raises_held_out_preference_accuracy(tmp_path, capsys, metho
     from transformers import AutoModelForCausalLM
 
     from posttrain.data.arithmetic import arithmetic_rows
+    from posttrain.methods import get_method
     from posttrain.models import load_model, load_tokenizer
     from posttrain.recipe import parse_recipe
     from posttrain.train import run
 
+    rows_per_pair = 2 if get_method(method["name"]).family == "unpaired" else 1
     n_train, pool = 256, 761  # 961 problems with max_operand 30, 200 held out as the test split
     rows = arithmetic_rows("preference", split="train", max_operand=30, num_samples=4 * pool)
     train = rows[:n_train]
@@ -709,7 +709,8 @@ def test_each_method_raises_held_out_preference_accuracy(tmp_path, capsys, metho
         "model": "builtin:tiny-qwen2",
         "data": {"train": str(data)},
         "method": method,
-        "training": {"max_steps": 64, "per_device_train_batch_size": 32, "learning_rate": 1e-3, "logging_steps": 8,
+        "training": {"max_steps": 64, "per_device_train_batch_size": 32 * rows_per_pair, "learning_rate": 1e-3,
+                     "logging_steps": 8,
                      "save_strategy": "no", "disable_tqdm": True},
         "output_dir": str(tmp_path / "run"),
         "seed": 0,

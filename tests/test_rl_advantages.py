@@ -287,7 +287,8 @@ def test_dispatcher():
                        reinforce_pp(R, 3, lengths=lengths))
     with pytest.raises(ValueError):
         compute_advantages("opo", R, 3)
-    assert set(adv.ADVANTAGE_ESTIMATORS) == {"grpo", "stratified", "psr", "nsr", "w_reinforce", "rloo", "reinforce_pp"}
+    assert set(adv.ADVANTAGE_ESTIMATORS) == {"grpo", "stratified", "psr", "nsr", "w_reinforce", "rloo", "reinforce_pp",
+                                              "spo"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -755,17 +755,31 @@ def kto_loss(
                      rewards[~good])
 
 
-def rotate_within_batches(values: list, batch_size: int) -> list:
-    """KTO's mismatched completions: each consecutive block of ``batch_size`` rows is rotated by one, ``(y_1, ...,
-    y_n) -> (y_n, y_1, ..., y_{n-1})``, so row ``i`` is paired with the completion of the row before it in its own
-    micro-batch (TRL's ``KL_completion_ids``; docs/methods/kto.md#the-kl-estimate). A last, shorter block is rotated
-    on its own."""
+def rotate_within_batches(values: list, batch_size: int, keys: list | None = None) -> list:
+    """KTO's mismatched completions: each consecutive block of ``batch_size`` rows is rotated, ``(y_1, ..., y_n) ->
+    (y_{n-s+1}, ..., y_n, y_1, ..., y_{n-s})``, so row ``i`` is paired with the completion of a row ``s`` places
+    before it in its own micro-batch (TRL's ``KL_completion_ids``, where ``s = 1``;
+    docs/methods/kto.md#the-kl-estimate). A last, shorter block is rotated on its own.
+
+    With ``keys`` (one per row, e.g. the prompt ids) each block takes the smallest shift ``s >= 1`` that gives no row
+    a completion of a row with its own key, so a prompt is never scored with its own other completion (the two rows
+    of an unpaired pair sit side by side, where ``s = 1`` would match every undesirable row with its own prompt's
+    desirable completion); a block where no shift does (e.g. one key only) keeps ``s = 1``. Examples:
+    ``[1, ..., 7]`` in blocks of 3 -> ``[3, 1, 2, 6, 4, 5, 7]``; ``["a", "b", "c", "d"]`` with keys ``[0, 0, 1, 1]``
+    in one block -> ``["c", "d", "a", "b"]`` (``s = 2``).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if keys is not None and len(keys) != len(values):
+        raise ValueError(f"{len(keys)} keys for {len(values)} values")
     out: list = []
     for start in range(0, len(values), batch_size):
         block = list(values[start:start + batch_size])
-        out.extend(block[-1:] + block[:-1])
+        n, shift = len(block), 1
+        if keys is not None:
+            ids = list(keys[start:start + batch_size])
+            shift = next((s for s in range(1, n) if all(ids[i] != ids[i - s] for i in range(n))), 1)
+        out.extend(block[n - shift:] + block[:n - shift])
     return out
 
 

@@ -4,12 +4,13 @@ TRL does the tokenisation of plain-text rows (EOS appended to the completion), t
 mismatched KL sequence, the reference-model plumbing (a given frozen model, or the adapter-disabled base with PEFT) and
 the optional precomputation of reference log-probs. posttrain replaces:
 
-* ``_prepare_dataset``: paired rows (``prompt, chosen, rejected``) are unpaired with ``trl.data_utils`` one pair at a
-  time and shuffled once with the run's seed (TRL's unpairing puts a thousand chosen rows before their rejected ones,
-  and KTO reads its data in order); conversational rows are tokenised by
+* ``_prepare_dataset``: paired rows (``prompt, chosen, rejected``) are shuffled once with the run's seed and unpaired
+  with ``trl.data_utils`` one pair at a time, each pair's two rows side by side (TRL's unpairing puts a thousand chosen
+  rows before their rejected ones, and KTO reads its data in order); conversational rows are tokenised by
   :func:`posttrain.data.formatting.tokenize_prompt_completion` (the completion's assistant turns and their end-of-turn
   tokens, for any chat template); rows whose prompt fills ``max_length`` are dropped and truncated rows counted, both
-  logged; the mismatched KL completions are built after that (:func:`posttrain.losses.preference.rotate_within_batches`);
+  logged; the mismatched KL completions are built after that, never from a row of the same prompt
+  (:func:`posttrain.losses.preference.rotate_within_batches`);
 * ``_compute_loss``: one policy forward through TRL's fused LM head, the KL sequences and the reference forwards, then
   the pure :func:`posttrain.losses.preference.kto_loss` with the reference point of
   :func:`~posttrain.losses.preference.kto_reference_point`, and TRL's metrics.
@@ -80,16 +81,19 @@ def _without_kl(trainer):
 
 
 def unpair(dataset, seed: int):
-    """Paired rows (``chosen``, ``rejected``) as unpaired ``prompt, completion, label`` rows: each pair gives its
-    desirable then its undesirable row (``trl.data_utils.unpair_preference_dataset``, one pair per map batch), then
-    the rows are shuffled once with ``seed`` so that each micro-batch mixes both labels and many prompts."""
+    """Paired rows (``chosen``, ``rejected``) as unpaired ``prompt, completion, label`` rows: the pairs are shuffled
+    once with ``seed``, then each pair gives its desirable row and, right after it, its undesirable one
+    (``trl.data_utils.unpair_preference_dataset``, one pair per map batch). KTO reads its rows in order, so with an
+    even micro-batch size both rows of a pair share a micro-batch: every micro-batch is half desirable, and the gradient
+    the two rows share (the prompt, the end-of-sequence token, the digits both answers use) cancels within it instead
+    of only on average over many steps (docs/methods/kto.md#data)."""
     from trl.data_utils import extract_prompt, unpair_preference_dataset
 
     if "chosen" not in dataset.column_names:
         return dataset
     if "prompt" not in dataset.column_names:
         dataset = dataset.map(extract_prompt)
-    return unpair_preference_dataset(dataset, batch_size=1).shuffle(seed=seed).flatten_indices()
+    return unpair_preference_dataset(dataset.shuffle(seed=seed).flatten_indices(), batch_size=1)
 
 
 class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
@@ -141,16 +145,17 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
                 dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         dataset = self._apply_max_length(dataset, args, key)
         if self.calculate_KL:
-            # mismatched pairs: each row with the completion of the row before it in its step's global batch (the
+            # mismatched pairs: each row with the completion of another prompt's row in its step's global batch (the
             # micro-batches of all processes), so N processes pair the rows as one process does on that batch
             size = args.per_device_train_batch_size * args.world_size
             from posttrain.data.sources import column_values
 
-            dataset = dataset.add_column("KL_completion_ids",
-                                         rotate_within_batches(column_values(dataset, "completion_ids"), size))
+            prompts = [tuple(p) for p in column_values(dataset, "prompt_ids")]
+            dataset = dataset.add_column(
+                "KL_completion_ids", rotate_within_batches(column_values(dataset, "completion_ids"), size, prompts))
             if TURN_MASK in dataset.column_names:
-                dataset = dataset.add_column(KL_TURN_MASK,
-                                             rotate_within_batches(column_values(dataset, TURN_MASK), size))
+                dataset = dataset.add_column(
+                    KL_TURN_MASK, rotate_within_batches(column_values(dataset, TURN_MASK), size, prompts))
         return dataset
 
     def _tokenize_conversations(self, dataset, tokenizer, key):
