@@ -165,7 +165,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [s for s in steps if s <= 6] == sorted(steps[:-1]) + steps[-1:]  # no duplicated steps after resume
 
 
-@pytest.mark.slow  # the default suite launches 2 processes in tests/test_distributed.py
+# Default suite: the one 2-process launch that needs no extra (tests/test_distributed.py needs the deepspeed extra).
 def test_two_process_run_with_accelerate(tmp_path):
     """A real 2-process (gloo, CPU) data-parallel run through accelerate."""
     out = tmp_path / "ddp"
