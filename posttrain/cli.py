@@ -27,9 +27,14 @@ def _cmd_train(args) -> int:
     overrides = list(args.set)
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")  # validated like the recipe key
-    from posttrain.stages import load_stages, run_stages
+    from posttrain.stages import check_stages, load_stages, run_stages
 
     stages = load_stages(args.recipe, overrides)  # a multi-stage recipe (stages:), e.g. recipes/pre_dpo.yaml
+    if stages is not None and num_processes > 1 and not launch.already_distributed():
+        # every stage checked here (one error line, no process started), then each launched process runs the stages
+        check_stages(stages, resume=args.resume, overwrite=args.overwrite, num_processes=num_processes,
+                     backend=args.distributed or "ddp")
+        return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
     if stages is not None:
         summaries = run_stages(stages, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
         if int(os.environ.get("RANK", "0")) == 0:

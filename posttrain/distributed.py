@@ -1,8 +1,8 @@
 """Multi-process training helpers shared by every family: the active backend, the frozen-reference preparation, direct
 weight access under sharding, and the reduction of logged metrics over processes (docs/distributed.md).
 
-* :func:`backend_name`: ``single`` | ``ddp`` | ``zero2`` | ``zero3`` | ``fsdp2`` (what the trainer's accelerator
-  runs, not what was asked for).
+* :func:`backend_name`: ``single`` | ``ddp`` | ``zero2`` | ``zero2_offload`` | ``zero3`` | ``zero3_offload`` |
+  ``fsdp2`` (what the trainer's accelerator runs, not what was asked for).
 * :func:`fsdp_on_cpu`: accelerate (1.16) turns FSDP on only for GPU-type distributed states, so on a machine without
   GPUs ``--distributed fsdp2`` would silently train with DDP. Around the creation of the trainer's ``Accelerator``
   this marks the CPU (gloo) state as a multi-device one, so accelerate takes its own FSDP2 path (``fully_shard`` on a
@@ -16,6 +16,10 @@ weight access under sharding, and the reduction of logged metrics over processes
 * :class:`TokenMean` / :func:`reduce_metrics`: a metric that is a mean over tokens is logged as
   ``sum over processes / count over processes`` (what one process logs on the same global batch), not as the mean of
   each process's own mean; plain values are averaged over processes.
+* :func:`one_cache_file`: TRL's precomputed reference log-probs are written to one cache file by the main process and
+  read by every process; for a dataset held in memory (no cache files: every built-in and most loaded data)
+  ``datasets`` names that file at random in a temporary folder of each process's own, so the other processes looked
+  for a file that does not exist. Around the precomputation every process takes the main process's path.
 * :func:`process_share`: the denominator that makes a per-process token mean the global one once DDP (or ZeRO / FSDP)
   averages the gradients: the token count of all processes divided by their number.
 """
@@ -32,19 +36,22 @@ import torch
 
 # the backends of ``posttrain train --distributed`` (posttrain.launch.BACKENDS), plus "single" (one process)
 SHARDED = ("zero3", "zero3_offload", "fsdp2")  # the weights themselves are sharded over the processes
-DEEPSPEED = ("zero2", "zero3", "zero3_offload")
+DEEPSPEED = ("zero2", "zero2_offload", "zero3", "zero3_offload")
 
 
 def requested_backend() -> str:
     """The backend this process was launched for, from accelerate's launch environment: ``single``, ``ddp``,
-    ``zero2`` (DeepSpeed stage 0-2), ``zero3``, ``zero3_offload`` or ``fsdp2`` (what ``--distributed`` asked for,
-    known before the trainer exists)."""
+    ``zero2`` (DeepSpeed stage 0-2), ``zero2_offload`` (its optimizer in CPU memory), ``zero3``, ``zero3_offload``
+    or ``fsdp2`` (what ``--distributed`` asked for, known before the trainer exists)."""
     env = os.environ
+
+    def offloaded(what: str) -> bool:
+        return env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none").lower() not in ("none", "")
+
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") != "3":
-            return "zero2"
-        offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower() not in ("none", "")
-        return "zero3_offload" if offload else "zero3"
+            return "zero2_offload" if offloaded("OPTIMIZER") else "zero2"
+        return "zero3_offload" if offloaded("PARAM") else "zero3"
     if wants_fsdp():
         return "fsdp2"
     return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
@@ -118,12 +125,16 @@ def fsdp_on_cpu() -> Iterator[None]:
 
 
 def backend_name(accelerator) -> str:
-    """``single``, ``ddp``, ``zero2`` (ZeRO stage 0-2), ``zero3`` or ``fsdp2`` (FSDP of either version)."""
+    """``single``, ``ddp``, ``zero2`` (ZeRO stage 0-2), ``zero3`` (either with ``_offload`` when the optimizer lives in
+    CPU memory) or ``fsdp2`` (FSDP of either version)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
-        return "zero3" if accelerator.state.deepspeed_plugin.zero_stage == 3 else "zero2"
+        plugin = accelerator.state.deepspeed_plugin
+        name = "zero3" if plugin.zero_stage == 3 else "zero2"
+        offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+        return f"{name}_offload" if offload not in (None, "none") else name
     if kind == DistributedType.FSDP:
         return "fsdp2"
     return "ddp" if accelerator.num_processes > 1 else "single"
@@ -149,7 +160,7 @@ def prepare_frozen(model, accelerator, *, disable_dropout: bool = True):
         disable_dropout_in_model(model)
     model.eval().requires_grad_(False)
     name = backend_name(accelerator)
-    if name in ("zero2", "zero3"):
+    if name in DEEPSPEED:
         return prepare_deepspeed(model, accelerator)
     if name == "fsdp2":
         return prepare_fsdp(model, accelerator)
@@ -191,6 +202,30 @@ def gathered(*params) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(list(todo.values())):
         yield
+
+
+@contextlib.contextmanager
+def one_cache_file(dataset, accelerator) -> Iterator[None]:
+    """For the block, ``dataset._get_cache_file_path`` (what TRL 1.16's ``DPOTrainer`` / ``KTOTrainer
+    ._precompute_ref_logps`` asks for the file it writes on the main process and reads on all) returns the main
+    process's answer on every process (one machine: the main process's temporary folder is readable by the others)."""
+    if accelerator.num_processes == 1:
+        yield
+        return
+    from accelerate.utils import broadcast_object_list
+
+    own = dataset._get_cache_file_path
+
+    def main_process_path(fingerprint):
+        path = [own(fingerprint)]
+        broadcast_object_list(path, from_process=0)
+        return path[0]
+
+    dataset._get_cache_file_path = main_process_path
+    try:
+        yield
+    finally:
+        del dataset._get_cache_file_path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

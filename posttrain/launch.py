@@ -26,6 +26,7 @@ from posttrain.errors import UserError
 BACKENDS: dict[str, list[str]] = {
     "ddp": ["--multi_gpu"],  # with no GPU visible the processes train on CPU with gloo
     "zero2": ["--use_deepspeed", "--zero_stage", "2"],
+    "zero2_offload": ["--use_deepspeed", "--zero_stage", "2", "--offload_optimizer_device", "cpu"],
     "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"],
     "zero3_offload": ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true",
                       "--zero3_save_16bit_model", "true", "--offload_optimizer_device", "cpu",
@@ -33,7 +34,7 @@ BACKENDS: dict[str, list[str]] = {
     "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
               "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "false"],
 }
-NEEDS = {"zero2": "deepspeed", "zero3": "deepspeed", "zero3_offload": "deepspeed"}
+NEEDS = {"zero2": "deepspeed", "zero2_offload": "deepspeed", "zero3": "deepspeed", "zero3_offload": "deepspeed"}
 
 
 def already_distributed() -> bool:

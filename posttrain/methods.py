@@ -690,6 +690,10 @@ class OnlineDPOParams(MethodParams):
     missing_eos_penalty: float | None = Field(
         None, ge=0.0, description="Subtracted from the reward of a completion cut at max_completion_length (no end "
         "token) before ranking (TRL's missing_eos_penalty); null: none.")
+    rollout_func: str | None = Field(
+        None, description="'module:function' or 'file.py:function': TRL rollout_func(prompts, trainer) -> dict that "
+        "replaces the sampling of each prompt's two completions (as GRPO's method.rollout_func).",
+    )
     warn_no_signal_after: int = Field(
         2, ge=0, description="Warn after this many logging steps in a row in which every pair tied (no learning "
         "signal), naming the likely cause; 0: no warning.")

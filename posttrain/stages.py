@@ -39,6 +39,7 @@ def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = N
 
     logger = logging.getLogger("posttrain")
     check_stages(stages, resume=resume, overwrite=overwrite)
+    _wait_for_every_process()  # no process starts a stage (and fills its folder) while another still checks it
     summaries = []
     for name, recipe in stages:
         out = Path(recipe.output_dir)
@@ -47,12 +48,40 @@ def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = N
         summary = run(recipe, resume=resume and started, overwrite=overwrite and not resume, command=command)
         summary["stage"] = name
         summaries.append(summary)
+        _wait_for_every_process()  # the main process has written the stage's final model before the next loads it
+        _release_deepspeed_state()
     return summaries
 
 
-def check_stages(stages, *, resume: bool, overwrite: bool) -> None:
+def _release_deepspeed_state() -> None:
+    """Under DeepSpeed, accelerate refuses a second ``Accelerator`` with a DeepSpeed plugin in the same process (its
+    ``AcceleratorState`` is a process-wide singleton): the next stage's trainer gets a fresh one (the process group,
+    accelerate's ``PartialState``, is kept)."""
+    from posttrain.distributed import DEEPSPEED, requested_backend
+
+    if requested_backend() in DEEPSPEED:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+
+
+def _wait_for_every_process() -> None:
+    """A barrier over the processes of a multi-process launch (``--num-processes N``); nothing in one process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def check_stages(stages, *, resume: bool, overwrite: bool, num_processes: int | None = None,
+                 backend: str | None = None) -> None:
     """Every stage's preflight (the TRL config, data, output folder), then every stage's user code, before the first
-    stage trains: a bad key of a later stage is reported before anything is trained (an error names the stage)."""
+    stage trains: a bad key of a later stage is reported before anything is trained (an error names the stage).
+    ``num_processes`` / ``backend``: checked in the calling process before ``posttrain train --num-processes N``
+    launches the stages (the TRL config, whose checks depend on the process count, is then checked by the launched
+    processes)."""
     from posttrain.train import check_user_code, prepare_output_dir, preflight, setup_logging
     from posttrain.trainers.common import previous_outputs
 
@@ -60,7 +89,11 @@ def check_stages(stages, *, resume: bool, overwrite: bool) -> None:
     checked = []
     for name, recipe in stages:
         try:
-            recipe._preflight = preflight(recipe)  # posttrain.train.run uses it instead of checking again
+            if num_processes is None:
+                recipe._preflight = preflight(recipe)  # posttrain.train.run uses it instead of checking again
+            else:
+                recipe._preflight = preflight(recipe, build_trainer_config=False, num_processes=num_processes,
+                                              backend=backend)
             info = recipe._preflight[0]
             out = Path(recipe.output_dir)
             if not (resume and previous_outputs(out)) and not overwrite:

@@ -306,7 +306,7 @@ def test_num_processes_checks_the_recipe_before_launching(tmp_path, capsys):
                        "r.yaml", "--resume"]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3", "zero3_offload", "fsdp2"])
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2"])
 def test_launch_flags_are_accelerate_arguments(backend):
     """Each ``--distributed`` backend's flags parse as ``accelerate launch`` arguments, and every shipped accelerate
     config in configs/ loads (GPU-only backends cannot run on the CPU CI; their flags and files are checked here)."""

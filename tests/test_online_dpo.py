@@ -223,6 +223,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert line.startswith("error: method.rewards[0] (exact_match): needs an 'answer' column in data.train"), line
     line = _cli(tmp_path, capsys, {**_recipe(), "ref_model": "none"})
     assert "ref_model" in line and "online_dpo" in line and "needs a reference model" in line, line
+    line = _cli(tmp_path, capsys, {**_recipe(), "method": {"name": "online_dpo", "rollout_func": "no_such_mod:fn"}})
+    assert line.startswith("error: method.rollout_func"), line
 
 
 @pytest.mark.slow

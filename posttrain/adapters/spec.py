@@ -22,12 +22,16 @@ from posttrain.registry import Registry
 ADAPTER_VARIANTS: Registry = Registry("adapter variant")
 
 
+# every `--distributed` backend (posttrain.launch.BACKENDS) and one process
+EVERY_BACKEND = ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
 @ADAPTER_VARIANTS.register("lora", doc="docs/methods/lora.md", mergeable=True, options=False,
-                            backends=("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp2"), not_sharded="")
+                            backends=EVERY_BACKEND, not_sharded="")
 class LoRAOptions(_Strict):
     """Plain LoRA (Hu et al. 2021, arXiv 2106.09685) through PEFT: no options beyond the ``peft.*`` keys."""
 
@@ -61,7 +65,7 @@ class PLoRASpec(_Strict):
 
 
 @ADAPTER_VARIANTS.register("goat", doc="docs/methods/goat.md", mergeable=False, options=True,
-                            backends=("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp2"), not_sharded="")
+                            backends=EVERY_BACKEND, not_sharded="")
 class GOATSpec(_Strict):
     """GOAT (arXiv 2502.16894): SVD-initialised mixture of LoRA experts with a top-k router. ``peft.r`` is the
     total rank (split into ``num_experts`` experts of rank r/E)."""

@@ -28,6 +28,7 @@ from trl import KTOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import kto_trainer as _trl_kto
 
+from posttrain.distributed import one_cache_file
 from posttrain.errors import UserError
 from posttrain.losses.preference import kto_loss, kto_reference_point, rotate_within_batches, sequence_logps
 from posttrain.reference import Reference
@@ -121,6 +122,11 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
     # ---------------------------------------------------------------------------------------------------------------
     # data
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's, with one cache file for all processes (:func:`posttrain.distributed.one_cache_file`)."""
+        with one_cache_file(dataset, self.accelerator):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         from datasets import Dataset
 
@@ -138,8 +144,10 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
             with _NoMaxLength(args), _without_kl(self):
                 dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         dataset = self._apply_max_length(dataset, args, key)
-        if self.calculate_KL:  # mismatched pairs: each row with the completion of another prompt's row in its batch
-            size = args.per_device_train_batch_size
+        if self.calculate_KL:
+            # mismatched pairs: each row with the completion of another prompt's row in its step's global batch (the
+            # micro-batches of all processes), so N processes pair the rows as one process does on that batch
+            size = args.per_device_train_batch_size * args.world_size
             from posttrain.data.sources import column_values
 
             prompts = [tuple(p) for p in column_values(dataset, "prompt_ids")]

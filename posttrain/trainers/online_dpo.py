@@ -178,12 +178,23 @@ _NOT_USED = ("loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "
 
 
 def check_online_recipe(recipe) -> None:
-    """Checks that need no model: vLLM settings, and every reward function / reward-model config (imports user code)."""
+    """Checks that need no model: vLLM settings, every reward function / reward-model config and the rollout function
+    (imports user code)."""
     from posttrain.rl.rewards import load_rewards
     from posttrain.rl.vllm_sync import check_vllm_recipe
 
     check_vllm_recipe(recipe.training)
     load_rewards(recipe.params.rewards, base_dirs=recipe_dirs(recipe), load_models=False)
+    _rollout_func(recipe)
+
+
+def _rollout_func(recipe) -> dict[str, Any]:
+    """``{"rollout_func": fn}`` for TRL when ``method.rollout_func`` is set (an error naming the key if it does not
+    import), else ``{}``."""
+    from posttrain.rl.rewards import import_function
+
+    name = recipe.params.rollout_func
+    return {} if name is None else {"rollout_func": import_function(name, "method.rollout_func", recipe_dirs(recipe))}
 
 
 def check_online_data(recipe, datasets: dict[str, Any]) -> None:
@@ -241,7 +252,7 @@ def build_online_trainer(ctx):
     check_online_data(recipe, checked)  # done by preflight already in `posttrain train`; cheap when repeated
     train = checked["data.train"]
     rewards = load_rewards(p.rewards, base_dirs=recipe_dirs(recipe), dtype=recipe.model.dtype)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = _rollout_func(recipe)
     if any(pc is not None for pc in rewards.processing_classes):
         extra["reward_processing_classes"] = rewards.processing_classes
     return make_trainer(
