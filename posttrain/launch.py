@@ -60,9 +60,10 @@ def check_launch_flags(num_processes: int | None, backend: str | None) -> int:
             raise UserError(f"--distributed {backend}: give --num-processes N as well (the processes to launch, e.g. "
                             "one per GPU); without it the run would train in this one process")
         if num_processes == 1:
+            config = f"configs/{backend if backend in ('ddp', 'fsdp2') else 'deepspeed_' + backend}.yaml"
             raise UserError(f"--distributed {backend}: one process has nothing to distribute; use --num-processes "
                             ">= 2 (a one-process DeepSpeed/FSDP run: accelerate launch --config_file "
-                            f"configs/{backend}.yaml --num_processes 1 -m posttrain.cli train RECIPE)")
+                            f"{config} --num_processes 1 -m posttrain.cli train RECIPE)")
         _check_backend_installed(backend)
     return 1 if num_processes is None else num_processes
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -111,6 +112,17 @@ def test_a_typo_in_the_recipe_is_reported_before_torch_is_imported(tmp_path):
 def test_launcher_flags_are_checked_first(argv, needle, capsys):
     assert main(["train", "no/such/recipe.yaml", *argv]) == 2
     assert needle in _error(capsys)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2"])
+def test_one_process_hint_names_a_config_file_that_exists(backend, capsys):
+    """The hint for a one-process DeepSpeed/FSDP run points at a file the repository ships."""
+    from posttrain.launch import check_launch_flags
+
+    with pytest.raises(UserError, match="one process has nothing to distribute") as caught:
+        check_launch_flags(1, backend)
+    config = re.search(r"--config_file (\S+)", str(caught.value)).group(1)
+    assert (Path(__file__).resolve().parents[1] / config).is_file(), config
 
 
 def test_missing_backend_package_is_named_before_anything_starts(monkeypatch, capsys):
