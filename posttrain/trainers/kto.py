@@ -28,11 +28,10 @@ from trl import KTOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import kto_trainer as _trl_kto
 
-from posttrain.distributed import one_cache_file
 from posttrain.errors import UserError
 from posttrain.losses.preference import kto_loss, kto_reference_point, rotate_within_batches, sequence_logps
 from posttrain.reference import Reference
-from posttrain.trainers.common import AtomicCheckpointMixin, _NoMaxLength, log_length_effects
+from posttrain.trainers.common import AtomicCheckpointMixin, OneReferenceCacheMixin, _NoMaxLength, log_length_effects
 
 logger = logging.getLogger("posttrain")
 
@@ -96,7 +95,7 @@ def unpair(dataset, seed: int):
     return unpair_preference_dataset(dataset.shuffle(seed=seed).flatten_indices(), batch_size=1)
 
 
-class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
+class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrainer):
     """KTO (docs/methods/kto.md) on top of ``trl.KTOTrainer``.
 
     Args:
@@ -121,11 +120,6 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
 
     # ---------------------------------------------------------------------------------------------------------------
     # data
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        """TRL's, with one cache file for all processes (:func:`posttrain.distributed.one_cache_file`)."""
-        with one_cache_file(dataset, self.accelerator):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         from datasets import Dataset

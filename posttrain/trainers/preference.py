@@ -50,12 +50,12 @@ from posttrain.losses.preference import (
     wpo_pair_weights,
     wpo_sequence_weights,
 )
-from posttrain.distributed import TokenMean, full_weight, gathered, one_cache_file, process_share, reduce_metrics
+from posttrain.distributed import TokenMean, full_weight, gathered, process_share, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
 from posttrain.registry import Registry
-from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin
+from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin, OneReferenceCacheMixin
 
 logger = logging.getLogger("posttrain")
 
@@ -177,8 +177,8 @@ class ConversationalPairsMixin:
         return dataset
 
 
-class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixin, ConversationalPairsMixin,
-                                 DPOTrainer):
+class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, CountedDPOTruncationMixin,
+                                 ConversationalPairsMixin, DPOTrainer):
     """The preference family (every ``PREFERENCE_LOSSES`` entry) on top of ``trl.DPOTrainer``.
 
     Args:
@@ -224,11 +224,6 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
                 for param in self.mask_net.parameters():
                     param.register_hook(_mean_over_ranks)
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        """TRL's, with one cache file for all processes (:func:`posttrain.distributed.one_cache_file`)."""
-        with one_cache_file(dataset, self.accelerator):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
