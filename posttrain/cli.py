@@ -22,14 +22,15 @@ EPILOG = "Recipes: see recipes/*.yaml. Docs: README.md."
 
 def _cmd_train(args) -> int:
     num_processes = launch.check_launch_flags(args.num_processes, args.distributed)  # before anything starts
-    from posttrain.recipe import load_recipe
+    from posttrain.recipe import load_recipe_stages
 
     overrides = list(args.set)
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")  # validated like the recipe key
-    from posttrain.stages import check_stages, load_stages, run_stages
+    from posttrain.stages import check_stages, run_stages
 
-    stages = load_stages(args.recipe, overrides)  # a multi-stage recipe (stages:), e.g. recipes/pre_dpo.yaml
+    loaded = load_recipe_stages(args.recipe, overrides)  # read once; a multi-stage recipe (stages:): pre_dpo.yaml
+    stages = loaded if loaded[0][0] is not None else None
     if stages is not None and num_processes > 1 and not launch.already_distributed():
         # every stage checked here (one error line, no process started), then each launched process runs the stages
         check_stages(stages, resume=args.resume, overwrite=args.overwrite, num_processes=num_processes,
@@ -45,7 +46,7 @@ def _cmd_train(args) -> int:
                     if isinstance(s.get(key), float):
                         print(f"  test {s.get('test_metric', 'accuracy')} {label}{100 * s[key]:.1f}%")
         return 0
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = loaded[0][1]
     if num_processes > 1 and not launch.already_distributed():
         from posttrain.train import prepare_output_dir, preflight
 

@@ -226,13 +226,11 @@ def check_recipe(path: str, overrides: list[str], show: int = 0, write=print) ->
     """``posttrain check``: every check of ``posttrain train`` that needs no model (each stage of a multi-stage
     recipe), and with ``show`` the first rows of the training data as the trainer sees them (loads the tokenizer
     only). Writes nothing to the recipe's ``output_dir``."""
-    from posttrain.recipe import load_recipe
-    from posttrain.stages import load_stages
+    from posttrain.recipe import load_recipe_stages
     from posttrain.train import check_report_to, load_run_tokenizer, prepare_chat_format, preflight, setup_logging
 
     setup_logging()
-    stages = load_stages(path, overrides) or [("", load_recipe(path, overrides))]
-    for name, recipe in stages:
+    for name, recipe in load_recipe_stages(path, overrides):
         where = f"stage {name}: " if name else ""
         check_report_to(recipe)
         info, config, datasets = preflight(recipe)

@@ -23,7 +23,7 @@ from posttrain.paths import expand_home
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
 
 if typing.TYPE_CHECKING:
-    from posttrain.methods import MethodParams
+    from posttrain.methods import MethodInfo, MethodParams
 
 
 MAX_NODES = 100_000  # YAML nodes of a recipe with every alias expanded (a recipe has a few hundred)
@@ -393,7 +393,8 @@ class Recipe(_Strict):
         self.output_dir = str(expand_home(self.output_dir, "output_dir"))
         return self
 
-    # Filled after validation: the method's typed hyperparameters.
+    # Filled after validation: the method's registry entry (looked up once, here) and its typed hyperparameters.
+    _info: MethodInfo | None = None
     _params: MethodParams | None = None
     # The directory of the recipe file (set by load_recipe): relative `file.py:function` paths are looked up there.
     _source_dir: Path | None = None
@@ -408,6 +409,12 @@ class Recipe(_Strict):
     # (info, config, datasets) of a preflight done ahead of the run (every stage of a multi-stage recipe is checked
     # before the first one trains)
     _preflight: Any = None
+
+    @property
+    def info(self) -> MethodInfo:
+        """The method's registry entry (:data:`posttrain.methods.METHODS`), looked up once by :func:`parse_recipe`."""
+        assert self._info is not None
+        return self._info
 
     @property
     def params(self) -> MethodParams:
@@ -613,7 +620,7 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
     # imports torch (the GRPO parts): after the recipe's own keys are checked
     from posttrain.methods import get_method, methods_with_key
 
-    info = get_method(recipe.method.name)
+    info = recipe._info = get_method(recipe.method.name)
     try:
         recipe._params = info.params.model_validate(recipe.method.params)
     except ValidationError as exc:
@@ -681,12 +688,18 @@ def read_recipe_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML file, apply ``--set`` overrides and validate it (a multi-stage recipe: every stage is
     validated, and its last stage is returned)."""
+    return load_recipe_stages(path, overrides)[-1][1]
+
+
+def load_recipe_stages(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str | None, Recipe]]:
+    """The recipe file at ``path``, read and validated once: ``[(stage name, Recipe)]`` for a multi-stage recipe
+    (``stages:``; every stage validated, an error names the stage), ``[(None, Recipe)]`` for a plain one."""
     path, data = read_recipe_file(path)
-    if "stages" in data:  # a multi-stage recipe (posttrain.stages) loads as its last stage; `train` runs them all
-        return load_stage_recipes(path, data, overrides)[-1][1]
+    if "stages" in data:
+        return load_stage_recipes(path, data, overrides)
     for assignment in overrides or []:
         apply_override(data, assignment)
-    return attach_source_dir(parse_recipe(data), path)
+    return [(None, attach_source_dir(parse_recipe(data), path))]
 
 
 def load_stage_recipes(path: Path, data: dict[str, Any], overrides: list[str] | None = None) -> list[tuple[str, Recipe]]:

@@ -22,12 +22,10 @@ from posttrain.recipe import STAGE_REF, merge, split_stages  # noqa: F401 (re-ex
 def load_stages(path: str | Path, overrides: list[str] | None = None):
     """``[(name, Recipe)]`` when the recipe file at ``path`` has ``stages:``, else ``None``. Every stage is
     validated here (an error names ``stages[i]`` or the key)."""
-    from posttrain.recipe import load_stage_recipes, read_recipe_file
+    from posttrain.recipe import load_recipe_stages
 
-    path, data = read_recipe_file(path)
-    if "stages" not in data:
-        return None
-    return load_stage_recipes(path, data, overrides)
+    loaded = load_recipe_stages(path, overrides)
+    return None if loaded[0][0] is None else loaded
 
 
 def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = None) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import yaml
 from posttrain.errors import UserError, did_you_mean
 from posttrain.health import HealthMonitor, use_log_lines
 from posttrain.threads import configure_cpu_threads
-from posttrain.methods import MethodInfo, get_method
+from posttrain.methods import MethodInfo
 from posttrain.recipe import Recipe
 from posttrain.trainers.build import build_sft_trainer, check_sft_data, sft_config
 from posttrain.trainers.common import peft_config, training_config  # noqa: F401 (re-exported)
@@ -415,7 +415,7 @@ def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[st
     from posttrain.data.sources import load_source
     from posttrain.eval.accuracy import greedy_eval
 
-    family = get_method(recipe.method.name).family
+    family = recipe.info.family
     if rows is None:
         rows = load_source(recipe.data.test, "data.test", DATA_KINDS[family]["test"])
     if family in TEST_SCORERS:
@@ -446,7 +446,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
 
     from posttrain.models import check_load_options
 
-    info = get_method(recipe.method.name)
+    info = recipe.info
     for note in recipe._path_notes:
         logger.info("%s", note)
     _check_not_the_recipe_folder(recipe)
