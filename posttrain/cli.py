@@ -160,9 +160,10 @@ def _cmd_methods(args) -> int:
 
     if args.name:
         return _method_detail(args.name)
-    from posttrain.methods import FAMILIES
+    from posttrain.families.base import FAMILIES
 
-    rows = sorted(METHODS.values(), key=lambda m: (FAMILIES.index(m.family), m.name))
+    order = list(FAMILIES)
+    rows = sorted(METHODS.values(), key=lambda m: (order.index(m.family), m.name))
     if args.json:
         print(json.dumps([
             {"name": m.name, "family": m.family, "summary": m.summary, "paper": m.paper, "recipe": m.recipe}

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.families.base import FAMILIES, Family
 from posttrain.paths import expand_home
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
 
@@ -368,10 +369,6 @@ class EvalSpec(_Strict):
     batch_size: int = Field(32, ge=1, le=65536, description="Generation / scoring batch size.")
 
 
-# Evaluation-during-training defaults that depend on the method's family (filled in by parse_recipe).
-EVAL_PASS_K_DEFAULT = {"rl": [1, 4], "online": [1, 4]}
-
-
 class Recipe(_Strict):
     model: ModelSpec
     ref_model: ModelSpec | Literal["none"] | None = Field(
@@ -587,24 +584,13 @@ def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
     return recipe
 
 
-# data keys each family reads (the others are refused, not silently ignored)
-FAMILY_DATA_KEYS = {
-    "sft": ("train", "eval", "test"),
-    "preference": ("train", "eval", "test"),
-    "unpaired": ("train", "eval", "test"),
-    "reward": ("train", "eval", "test"),
-    "online": ("train", "test"),
-    "rl": ("train", "eval", "test"),
-    "unlearning": ("forget", "retain", "holdout"),
-}
-
-
-def _check_family_data(recipe: Recipe, family: str, method: str) -> None:
-    used = FAMILY_DATA_KEYS[family]
+def _check_family_data(recipe: Recipe, family: Family, method: str) -> None:
+    """The data keys the family reads (the others are refused, not silently ignored)."""
+    used = family.data_keys
     for key in ("train", "eval", "test", "forget", "retain", "holdout"):
         if getattr(recipe.data, key) is not None and key not in used:
             reads = " and ".join(f"data.{k}" for k in used)
-            raise UserError(f"data.{key}: method '{method}' ({family} family) reads {reads}, not data.{key}")
+            raise UserError(f"data.{key}: method '{method}' ({family.name} family) reads {reads}, not data.{key}")
 
 
 def parse_recipe(data: dict[str, Any]) -> Recipe:
@@ -630,20 +616,21 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
             raise UserError(f"method.{err['loc'][-1]}: not a key of method '{info.name}'; only used by method "
                             f"{' or '.join(owners)}") from None
         raise validation_error_to_user_error(exc, info.params, prefix="method") from None
-    _check_family_data(recipe, info.family, info.name)
+    family = FAMILIES[info.family]
+    _check_family_data(recipe, family, info.name)
     from posttrain.training_args import check_training
 
     recipe.training = check_training(recipe.training, info.family)
-    _resolve_eval(recipe, info.family)
+    _resolve_eval(recipe, family)
     return recipe
 
 
-def _resolve_eval(recipe: Recipe, family: str) -> None:
+def _resolve_eval(recipe: Recipe, family: Family) -> None:
     """Check the ``eval`` block against the data and the family, and fill in the family's defaults."""
     ev, data = recipe.eval, recipe.data
     explicit_pass_k = ev.pass_k is not None
     if not explicit_pass_k:  # the family's default, when there is a data.test to measure it on
-        ev.pass_k = list(EVAL_PASS_K_DEFAULT.get(family, [])) if data.test is not None else []
+        ev.pass_k = list(family.pass_k) if data.test is not None else []
     ev.pass_k = sorted(set(ev.pass_k))
     if any(k < 1 for k in ev.pass_k):
         raise UserError(f"eval.pass_k: every k must be >= 1, got {ev.pass_k}")
@@ -652,14 +639,14 @@ def _resolve_eval(recipe: Recipe, family: str) -> None:
         raise UserError(f"eval.pass_k: k={ev.pass_k[-1]} is larger than eval.num_samples={samples}")
     if explicit_pass_k and ev.pass_k and data.test is None:
         raise UserError("eval.pass_k: pass@k is measured on data.test, which is not set")
-    unlearning = family == "unlearning" and ev.unlearning
-    if ev.retain_model is not None and family != "unlearning":
+    unlearning = family.evaluates_forgetting and ev.unlearning
+    if ev.retain_model is not None and not family.evaluates_forgetting:
         raise UserError("eval.retain_model: only unlearning methods use a retain model (for forget_quality)")
     if ev.retain_model is not None and (ev.steps is None or not ev.unlearning):
         raise UserError("eval.retain_model: used by the unlearning evaluation during training; set eval.steps "
                         "(and keep eval.unlearning: true)")
     if ev.steps is not None and data.test is None and not unlearning:
-        hint = " or eval.unlearning: true" if family == "unlearning" else ""
+        hint = " or eval.unlearning: true" if family.evaluates_forgetting else ""
         raise UserError(
             f"eval.steps: nothing to evaluate during training; set data.test (prompt + answer rows){hint}"
         )

@@ -24,74 +24,14 @@ from typing import Any
 import yaml
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.families.base import FAMILIES, load
 from posttrain.health import HealthMonitor, use_log_lines
 from posttrain.threads import configure_cpu_threads
 from posttrain.methods import MethodInfo
 from posttrain.recipe import Recipe
-from posttrain.trainers.build import build_sft_trainer, check_sft_data, sft_config
 from posttrain.trainers.common import peft_config, training_config  # noqa: F401 (re-exported)
-from posttrain.trainers.kto import build_kto_trainer, kto_config
-from posttrain.trainers.online_dpo import build_online_trainer, check_online_data, check_online_recipe, online_config
-from posttrain.trainers.reward import build_reward_trainer, check_reward_data, pairwise_test_accuracy, reward_config
-from posttrain.trainers.preference import build_preference_trainer, preference_config
-from posttrain.trainers.rl import build_rl_trainer, check_rl_data, check_rl_recipe, rl_config
-from posttrain.trainers.unlearning import build_unlearning_trainer, unlearning_config
 
 logger = logging.getLogger("posttrain")
-
-# family -> the function that builds the trainer: build(ctx: RunContext) -> Trainer
-TRAINER_BUILDERS = {
-    "sft": build_sft_trainer,
-    "preference": build_preference_trainer,
-    "unpaired": build_kto_trainer,
-    "reward": build_reward_trainer,
-    "online": build_online_trainer,
-    "unlearning": build_unlearning_trainer,
-    "rl": build_rl_trainer,
-}
-# family -> the function that builds its TRL/HF config from the recipe: fn(recipe, info) -> config
-CONFIG_BUILDERS = {
-    "sft": sft_config,
-    "preference": preference_config,
-    "unpaired": kto_config,
-    "reward": reward_config,
-    "online": online_config,
-    "unlearning": unlearning_config,
-    "rl": rl_config,
-}
-# family -> the data keys preflight loads, with the row format each is checked against
-DATA_KINDS = {
-    "sft": {"train": "sft", "eval": "sft", "test": "test"},
-    "preference": {"train": "preference", "eval": "preference", "test": "test"},
-    "unpaired": {"train": "unpaired", "eval": "unpaired", "test": "test"},
-    "reward": {"train": "preference", "eval": "preference", "test": "preference"},
-    "online": {"train": "rl", "test": "test"},
-    "rl": {"train": "rl", "eval": "rl", "test": "test"},
-    "unlearning": {"forget": "unlearning", "retain": "unlearning", "holdout": "unlearning"},
-}
-# family -> the check of the loaded data that needs no model (columns a key names, row formats a part needs):
-# check(recipe, datasets) -> None, run by preflight
-DATA_CHECKS = {
-    "sft": check_sft_data,
-    "rl": check_rl_data,
-    "reward": check_reward_data,
-    "online": check_online_data,
-}
-# family -> the check that imports the recipe's own code (rewards, tools, environment, ...: it runs that code), run
-# after every other check so that a run refused on other grounds executes nothing: check(recipe) -> None
-CODE_CHECKS = {
-    "rl": check_rl_recipe,
-    "online": check_online_recipe,
-}
-# family -> (name, scorer) of data.test before and after training: scorer(model, tokenizer, recipe, rows) -> float;
-# default: greedy answer accuracy (test_accuracy)
-TEST_SCORERS = {
-    "reward": ("pairwise accuracy", pairwise_test_accuracy),
-}
-# family -> the model head load_model puts on the checkpoint (default: the causal LM head)
-MODEL_HEADS = {
-    "reward": "score",
-}
 
 
 @dataclasses.dataclass
@@ -309,7 +249,7 @@ def load_models(recipe: Recipe, info: MethodInfo, tokenizer=None):
     if tokenizer is None:
         tokenizer = load_run_tokenizer(recipe)
     logger.info("loading model: %s", m.path)
-    model = load_model(m.path, **load_options(m), head=MODEL_HEADS.get(info.family, "causal"))
+    model = load_model(m.path, **load_options(m), head=FAMILIES[info.family].model_head)
     ref_model = None
     if reference == "required" and recipe.ref_model != "none":
         if recipe.ref_model is not None:
@@ -415,11 +355,11 @@ def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[st
     from posttrain.data.sources import load_source
     from posttrain.eval.accuracy import greedy_eval
 
-    family = recipe.info.family
+    family = FAMILIES[recipe.info.family]
     if rows is None:
-        rows = load_source(recipe.data.test, "data.test", DATA_KINDS[family]["test"])
-    if family in TEST_SCORERS:
-        return TEST_SCORERS[family][1](model, tokenizer, recipe, rows)
+        rows = load_source(recipe.data.test, "data.test", family.data["test"])
+    if family.test_scorer is not None:
+        return load(family.test_scorer)(model, tokenizer, recipe, rows)
     result = greedy_eval(model, tokenizer, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size)
     warning = result.warning(f"data.test {when}".strip())
     if warning and is_main_process():
@@ -431,7 +371,7 @@ def test_accuracy(model, tokenizer, recipe: Recipe, rows=None, warnings: list[st
 
 def build_config(recipe: Recipe, info: MethodInfo):
     """The family's TRL/HF config object for ``recipe`` (TRL's own validation included; errors name the key)."""
-    return CONFIG_BUILDERS[info.family](recipe, info)
+    return load(FAMILIES[info.family].build_config)(recipe, info)
 
 
 def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: bool = True,
@@ -447,6 +387,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
     from posttrain.models import check_load_options
 
     info = recipe.info
+    family = FAMILIES[info.family]
     for note in recipe._path_notes:
         logger.info("%s", note)
     _check_not_the_recipe_folder(recipe)
@@ -468,7 +409,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
     if load_data:
         from posttrain.data.sources import load_source
 
-        for key, kind in DATA_KINDS[info.family].items():
+        for key, kind in family.data.items():
             src = getattr(recipe.data, key)
             if src is None:
                 continue
@@ -478,9 +419,9 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
                 recipe._mixtures[f"data.{key}"] = ds.posttrain_mixture
             else:
                 logger.info("data.%s: %d rows from %s", key, len(ds), describe_source(src))
-        if info.family in DATA_CHECKS:
-            DATA_CHECKS[info.family](recipe, datasets)
-        step_key = next(iter(DATA_KINDS[info.family]))  # the data an optimizer step draws its batch from
+        if family.check_data is not None:
+            load(family.check_data)(recipe, datasets)
+        step_key = family.data_keys[0]  # the data an optimizer step draws its batch from
         if f"data.{step_key}" in datasets:
             check_batch_fits_data(recipe.training, info.family, f"data.{step_key}",
                                   len(datasets[f"data.{step_key}"]), num_processes)
@@ -508,8 +449,9 @@ def _check_not_the_recipe_folder(recipe: Recipe) -> None:
 def check_user_code(recipe: Recipe, info: MethodInfo) -> None:
     """Import the recipe's own code (the family's code-loading keys, docs/security in README.md): the last check
     before any model loads, so that a run that fails another check runs none of it."""
-    if info.family in CODE_CHECKS:
-        CODE_CHECKS[info.family](recipe)
+    check_code = FAMILIES[info.family].check_code
+    if check_code is not None:
+        load(check_code)(recipe)
 
 
 def _template_roles(recipe: Recipe) -> tuple[str, ...]:
@@ -530,7 +472,7 @@ def _default_assistant_only_loss(recipe: Recipe, info: MethodInfo, config, datas
     """``messages`` rows in the SFT family: loss on the assistant turns only (:func:`mask_sft_conversations`), unless
     ``training.assistant_only_loss`` says otherwise."""
     train = datasets.get("data.train")
-    if info.family != "sft" or train is None or "messages" not in train.column_names:
+    if not FAMILIES[info.family].masks_conversations or train is None or "messages" not in train.column_names:
         return
     if "assistant_only_loss" not in recipe.training:
         config.assistant_only_loss = True
@@ -551,7 +493,7 @@ def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, dat
     recipe._chat_format = fmt
     for key in list(datasets):
         datasets[key] = apply_chat_format(datasets[key], fmt)
-    if info.family == "sft":
+    if FAMILIES[info.family].masks_conversations:
         mask_sft_conversations(recipe, config, tokenizer, datasets)
     return fmt
 
@@ -744,10 +686,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     elif not zero3_enabled():
         summary["accuracy_before"] = test_accuracy(model, tokenizer, recipe, datasets.get("data.test"), warnings,
                                                    "before training")
-    if info.family in TEST_SCORERS and recipe.data.test is not None:  # printed by `posttrain train` (reward models)
-        summary["test_metric"] = TEST_SCORERS[info.family][0]
+    family = FAMILIES[info.family]
+    if family.test_scorer is not None and recipe.data.test is not None:  # printed by `posttrain train` (reward models)
+        summary["test_metric"] = family.test_metric
 
-    build = TRAINER_BUILDERS[info.family]
+    build = load(family.build_trainer)
     ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [MetricsJsonlCallback(out / "metrics.jsonl")],
                      config=config, datasets=datasets)
     if deferred is not None:

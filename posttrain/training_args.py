@@ -23,19 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.families.base import FAMILIES, load
 
 INT32_MAX = 2**31 - 1
-
-# family -> (module, class) of its config; imported lazily (TRL is heavy)
-CONFIG_CLASSES = {
-    "sft": ("trl", "SFTConfig"),
-    "preference": ("trl", "DPOConfig"),
-    "unpaired": ("trl", "KTOConfig"),
-    "reward": ("trl", "RewardConfig"),
-    "online": ("trl", "GRPOConfig"),
-    "rl": ("trl", "GRPOConfig"),
-    "unlearning": ("posttrain.trainers.unlearning", "UnlearningConfig"),
-}
 
 
 @dataclass(frozen=True)
@@ -143,10 +133,8 @@ BOUNDS: dict[str, Bound] = {
 
 @functools.cache
 def config_class(family: str) -> type:
-    import importlib
-
-    module, name = CONFIG_CLASSES[family]
-    return getattr(importlib.import_module(module), name)
+    """The family's config class (``Family.config_class``; imported now: TRL is heavy)."""
+    return load(FAMILIES[family].config_class)
 
 
 # Every family's config field names, read from the installed TRL / transformers by `python -m posttrain.training_args`:
@@ -166,7 +154,7 @@ def field_table() -> dict[str, Any]:
     """The content of :data:`FIELDS_FILE`: the installed versions and, per family, the init fields of its config
     class in declaration order (imports TRL)."""
     return {"versions": _installed_versions(),
-            "fields": {family: list(_field_types(config_class(family))) for family in CONFIG_CLASSES}}
+            "fields": {family: list(_field_types(config_class(family))) for family in FAMILIES}}
 
 
 @functools.cache
@@ -390,7 +378,8 @@ def check_batch_fits_data(training: dict[str, Any], family: str, key: str, rows:
     if accumulation <= 1:
         return
     batch = _setting(training, family, "per_device_train_batch_size") or 1
-    per_row = (_setting(training, family, "num_generations") or 1) if family == "rl" else 1
+    per_row_key = FAMILIES[family].completions_per_row
+    per_row = (_setting(training, family, per_row_key) or 1) if per_row_key is not None else 1
     micro_batches = math.ceil(rows * per_row / (batch * max(1, num_processes)))
     if accumulation > micro_batches:
         unit = f" x {per_row} completions" if per_row > 1 else ""
