@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from posttrain.errors import UserError, did_you_mean
 from posttrain.families.base import FAMILIES, Family
 from posttrain.paths import expand_home
+from posttrain.reference import ReferencePlan, plan_reference
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
 
 if typing.TYPE_CHECKING:
@@ -393,6 +394,8 @@ class Recipe(_Strict):
     # Filled after validation: the method's registry entry (looked up once, here) and its typed hyperparameters.
     _info: MethodInfo | None = None
     _params: MethodParams | None = None
+    # The reference model of the run (posttrain.reference.ReferencePlan), decided once by parse_recipe.
+    _reference: ReferencePlan | None = None
     # The directory of the recipe file (set by load_recipe): relative `file.py:function` paths are looked up there.
     _source_dir: Path | None = None
     # data.chat_template / data.system_prompt resolved against the tokenizer (posttrain.data.formatting.ChatFormat)
@@ -417,6 +420,12 @@ class Recipe(_Strict):
     def params(self) -> MethodParams:
         assert self._params is not None
         return self._params
+
+    @property
+    def reference(self) -> ReferencePlan:
+        """Where the run's frozen reference comes from (:func:`posttrain.reference.plan_reference`)."""
+        assert self._reference is not None
+        return self._reference
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved recipe (defaults filled in) as plain data, for ``recipe.yaml``; it loads again as the same
@@ -593,9 +602,11 @@ def _check_family_data(recipe: Recipe, family: Family, method: str) -> None:
             raise UserError(f"data.{key}: method '{method}' ({family.name} family) reads {reads}, not data.{key}")
 
 
-def parse_recipe(data: dict[str, Any]) -> Recipe:
+def parse_recipe(data: dict[str, Any], earlier_stages: tuple[str, ...] = ()) -> Recipe:
     """Validate recipe data (already loaded and overridden): the schema, the method's hyperparameters, the data keys
-    its family reads and the ``training:`` block against its TRL config class (:mod:`posttrain.training_args`)."""
+    its family reads, the reference model (:func:`posttrain.reference.plan_reference`; ``earlier_stages``: the output
+    folders of the stages before this one) and the ``training:`` block against its TRL config class
+    (:mod:`posttrain.training_args`)."""
     if not isinstance(data, dict):
         raise UserError("recipe: expected a mapping of top-level keys (model, data, method, training, ...)")
     check_structure(data)
@@ -618,6 +629,7 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         raise validation_error_to_user_error(exc, info.params, prefix="method") from None
     family = FAMILIES[info.family]
     _check_family_data(recipe, family, info.name)
+    recipe._reference = plan_reference(recipe, info, earlier_stages)
     from posttrain.training_args import check_training
 
     recipe.training = check_training(recipe.training, info.family)
@@ -694,7 +706,8 @@ def load_stage_recipes(path: Path, data: dict[str, Any], overrides: list[str] | 
     out = []
     for name, stage in split_stages(data, overrides):
         try:
-            out.append((name, attach_source_dir(parse_recipe(stage), path)))
+            earlier = tuple(recipe.output_dir for _, recipe in out)
+            out.append((name, attach_source_dir(parse_recipe(stage, earlier), path)))
         except UserError as exc:
             raise UserError(f"stage '{name}': {exc}") from None
     return out

@@ -167,39 +167,13 @@ def write_resolved_recipe(recipe: Recipe) -> None:
     os.replace(tmp, out / "recipe.yaml")
 
 
-def reference_mode(recipe: Recipe, info: MethodInfo) -> str:
-    """``"required"`` (a reference is used) or ``"none"``, after checking the recipe's ``ref_model`` key."""
-    reference = info.reference
-    if reference == "optional":  # used only when the params say so (GRPO: method.beta > 0)
-        needed = bool(recipe.params.uses_reference)
-        if recipe.ref_model not in (None, "none") and not needed:
-            raise UserError(
-                f"ref_model: method '{info.name}' uses a reference model only for its KL term, which is off "
-                "(method.beta: 0); set method.beta > 0 or remove ref_model"
-            )
-        if recipe.ref_model == "none" and needed:
-            raise UserError(
-                f"ref_model: none, but method '{info.name}' needs a reference for its KL term (method.beta > 0); "
-                "remove it to use a frozen copy of model, give a path, or set method.beta: 0"
-            )
-        reference = "required" if needed else "none"
-    if recipe.ref_model == "none" and reference == "required":
-        raise UserError(
-            f"ref_model: method '{info.name}' needs a reference model, but the recipe says ref_model: none "
-            "(remove it to use a frozen copy of model, or give a path)"
-        )
-    if recipe.ref_model not in (None, "none") and info.reference == "none":
-        raise UserError(f"ref_model: method '{info.name}' uses no reference model; remove ref_model")
-    return reference
-
-
 def check_reference_tokenizer(recipe: Recipe, info: MethodInfo, tokenizer) -> None:
     """A ``ref_model`` scores the policy's token ids, so it must have the policy's tokenizer (another architecture
     is fine); checked before any model loads."""
     from posttrain.models import load_tokenizer
 
     r = recipe.ref_model
-    if r in (None, "none") or reference_mode(recipe, info) != "required":
+    if r in (None, "none") or not recipe.reference.loads_model:
         return
     ref_tok = load_tokenizer(r.path, trust_remote_code=r.trust_remote_code, revision=r.revision, key="ref_model.path")
     if ref_tok.get_vocab() != tokenizer.get_vocab():
@@ -244,27 +218,25 @@ def load_models(recipe: Recipe, info: MethodInfo, tokenizer=None):
     each)."""
     from posttrain.models import load_model, load_options
 
-    reference = reference_mode(recipe, info)
+    reference = recipe.reference
     m = recipe.model
     if tokenizer is None:
         tokenizer = load_run_tokenizer(recipe)
     logger.info("loading model: %s", m.path)
     model = load_model(m.path, **load_options(m), head=FAMILIES[info.family].model_head)
     ref_model = None
-    if reference == "required" and recipe.ref_model != "none":
-        if recipe.ref_model is not None:
-            r = recipe.ref_model
-            logger.info("loading reference model: %s", r.path)
-            ref_model = load_model(r.path, **load_options(r), key="ref_model.path")
-        elif recipe.peft is None:  # default: a frozen copy of the initial policy, loaded again (under ZeRO-3 the
-            # policy is already partitioned by zero.Init, and a deep copy of a partitioned model is no model at all)
-            logger.info("reference model: a frozen copy of the policy")
-            ref_model = load_model(m.path, **load_options(m))
-        else:
-            logger.info("reference model: the policy with its adapter disabled")
-        # with peft and no ref_model: the adapter-disabled base is the reference (handled by the trainer)
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
+    if reference.loads_model and recipe.ref_model is not None:  # ref_model, or an earlier stage's model
+        r = recipe.ref_model
+        logger.info("loading reference model: %s", r.path)
+        ref_model = load_model(r.path, **load_options(r), key="ref_model.path")
+    elif reference.loads_model:  # a frozen copy of the initial policy, loaded again (under ZeRO-3 the policy is
+        # already partitioned by zero.Init, and a deep copy of a partitioned model is no model at all)
+        logger.info("reference model: %s", reference.source.value)
+        ref_model = load_model(m.path, **load_options(m))
+    elif reference.used:  # peft and no ref_model: the adapter-disabled base (handled by the trainer)
+        logger.info("reference model: %s", reference.source.value)
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
     return tokenizer, model, ref_model
 
 
@@ -401,7 +373,6 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
     check_load_options(recipe.model, "model", peft=recipe.peft)
     if recipe.ref_model not in (None, "none"):
         check_load_options(recipe.ref_model, "ref_model")
-    reference_mode(recipe, info)
     config = build_config(recipe, info) if build_trainer_config else None
     if num_processes is None:
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
