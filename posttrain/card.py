@@ -165,15 +165,10 @@ def model_card(ctx: CardContext, *, metrics: dict[str, tuple[int, float]] | None
         lines += ["", "Command that ran it:", "", "```bash", ctx.command, "```"]
 
     lines += ["", "## Use", "", "```python"]
-    if adapter in ("plora",):
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  'model = AutoModelForCausalLM.from_pretrained("PATH")  # PLoRA runs are saved merged']
-    elif adapter == "goat":
-        lines += ["from posttrain.adapters import load_adapter_run",
-                  'model = load_adapter_run("PATH")  # GOAT adapter']
-    elif adapter:
-        lines += ["from peft import AutoPeftModelForCausalLM",
-                  'model = AutoPeftModelForCausalLM.from_pretrained("PATH")']
+    if adapter:
+        from posttrain.adapters.spec import adapter_variant
+
+        lines += list(adapter_variant(recipe.peft).usage)
     else:
         lines += ["from transformers import AutoModelForCausalLM",
                   'model = AutoModelForCausalLM.from_pretrained("PATH")']

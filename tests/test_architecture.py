@@ -118,20 +118,6 @@ KNOWN_REMAINING = {
     ("posttrain/losses/preference.py", "loss_type == 'robust'"),
     ("posttrain/losses/preference.py", "loss_type == 'ipo'"),
     ("posttrain/trainers/preference.py", "get_method(method).reference == 'none'"),
-    # the adapter variants (AdapterVariant entries, step 4 of issue #24)
-    ("posttrain/adapters/spec.py", "peft.type == 'goat'"),
-    ("posttrain/adapters/trainer.py", "kind in (None, 'lora')"),
-    ("posttrain/adapters/trainer.py", "kind == 'plora'"),
-    ("posttrain/adapters/trainer.py", "kind == 'ggpo'"),
-    ("posttrain/adapters/trainer.py", "kind == 'goat'"),
-    ("posttrain/adapters/trainer.py", "peft_type(recipe) != 'goat'"),
-    ("posttrain/adapters/trainer.py", "kind in (None, 'plora')"),
-    ("posttrain/adapters/trainer.py", "kind not in ('plora', 'ggpo')"),
-    ("posttrain/card.py", "adapter in ('plora',)"),
-    ("posttrain/card.py", "adapter == 'goat'"),
-    ("posttrain/merge.py", "kind == 'goat'"),
-    ("posttrain/merge.py", "kind == 'plora'"),
-    ("posttrain/models.py", "peft.type in ('plora', 'ggpo', 'goat')"),
 }
 
 
