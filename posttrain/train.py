@@ -354,7 +354,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
     default: ``WORLD_SIZE``). ``backend``: the ``--distributed`` backend the run will use (default: the one this
     process was launched for). The recipe's own code is imported later, by :func:`check_user_code`."""
     from posttrain.distributed import check_backend, requested_backend
-    from posttrain.training_args import check_batch_fits_data, check_training_context, schedule_warnings
+    from posttrain.recipe.training_args import check_batch_fits_data, check_training_context, schedule_warnings
 
     from posttrain.models import check_load_options
 

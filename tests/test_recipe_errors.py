@@ -71,10 +71,10 @@ def test_unknown_training_argument_is_refused_before_trl_loads(tmp_path):
 
 
 def test_training_fields_file_is_current():
-    from posttrain.training_args import FIELDS_FILE, field_table
+    from posttrain.recipe.training_args import FIELDS_FILE, field_table
 
     assert json.loads(FIELDS_FILE.read_text()) == field_table(), (
-        "regenerate: python -m posttrain.training_args > posttrain/training_fields.json")
+        "regenerate: python -m posttrain.recipe.training_args > posttrain/recipe/training_fields.json")
 
 
 def test_wrong_type(tmp_path, capsys):

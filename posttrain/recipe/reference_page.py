@@ -1,4 +1,4 @@
-"""The recipe reference (``docs/recipe_reference.md``), generated from the pydantic schema of :mod:`posttrain.recipe`
+"""The recipe reference (``docs/recipe_reference.md``), generated from the pydantic schema of :mod:`posttrain.recipe.schema`
 and the method registry, so that it cannot miss a key: ``python -m posttrain.recipe_reference > docs/recipe_reference.md``
 (``tests/test_recipe_reference.py`` fails when the file is out of date)."""
 

@@ -606,7 +606,7 @@ def parse_recipe(data: dict[str, Any], earlier_stages: tuple[str, ...] = ()) -> 
     """Validate recipe data (already loaded and overridden): the schema, the method's hyperparameters, the data keys
     its family reads, the reference model (:func:`posttrain.reference.plan_reference`; ``earlier_stages``: the output
     folders of the stages before this one) and the ``training:`` block against its TRL config class
-    (:mod:`posttrain.training_args`)."""
+    (:mod:`posttrain.recipe.training_args`)."""
     if not isinstance(data, dict):
         raise UserError("recipe: expected a mapping of top-level keys (model, data, method, training, ...)")
     check_structure(data)
@@ -630,7 +630,7 @@ def parse_recipe(data: dict[str, Any], earlier_stages: tuple[str, ...] = ()) -> 
     family = FAMILIES[info.family]
     _check_family_data(recipe, family, info.name)
     recipe._reference = plan_reference(recipe, info, earlier_stages)
-    from posttrain.training_args import check_training
+    from posttrain.recipe.training_args import check_training
 
     recipe.training = check_training(recipe.training, info.family)
     _resolve_eval(recipe, family)
