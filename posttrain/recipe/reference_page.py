@@ -13,7 +13,7 @@ from pydantic_core import PydanticUndefined
 
 HEADER = """# Recipe reference
 
-Every key a recipe can set, with its default. Generated from the recipe schema (`posttrain/recipe.py`) and the
+Every key a recipe can set, with its default. Generated from the recipe schema (`posttrain/recipe/schema.py`) and the
 method registry (`posttrain/methods.py`) by `python -m posttrain.recipe_reference > docs/recipe_reference.md`; a test fails
 when this page is out of date. The README's "Recipe reference" shows the same keys as an annotated recipe.
 
