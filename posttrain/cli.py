@@ -27,7 +27,7 @@ def _cmd_train(args) -> int:
     overrides = list(args.set)
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")  # validated like the recipe key
-    from posttrain.stages import check_stages, run_stages
+    from posttrain.run.stages import check_stages, run_stages
 
     loaded = load_recipe_stages(args.recipe, overrides)  # read once; a multi-stage recipe (stages:): pre_dpo.yaml
     stages = loaded if loaded[0][0] is not None else None
@@ -48,7 +48,7 @@ def _cmd_train(args) -> int:
         return 0
     recipe = loaded[0][1]
     if num_processes > 1 and not launch.already_distributed():
-        from posttrain.train import prepare_output_dir, preflight
+        from posttrain.run.pipeline import prepare_output_dir, preflight
 
         # bad input: one error line here, before any process starts (the TRL config is checked by the launched
         # processes: its batch checks depend on their number)
@@ -57,7 +57,7 @@ def _cmd_train(args) -> int:
         if not (args.resume or args.overwrite):
             prepare_output_dir(Path(recipe.output_dir), resume=False, overwrite=False)
         return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
-    from posttrain.train import run  # torch, transformers and TRL: imported once the recipe's own keys are checked
+    from posttrain.run.pipeline import run  # torch, transformers, TRL: once the recipe's own keys are checked
 
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
@@ -94,7 +94,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from posttrain.report import write_report
+    from posttrain.run.report import write_report
 
     path = write_report(args.run_dirs, args.output)
     print(f"wrote {path} (plots also in {path.with_name(path.stem + '_plots')}/)")

@@ -163,7 +163,8 @@ def rl_rows(ctx, rows, key: str) -> list[RowPreview]:
 
 def preview_rows(recipe, info, config, tokenizer, datasets: dict[str, Any], n: int) -> list[RowPreview]:
     """The first ``n`` rows of the family's training data (for unlearning: ``data.forget`` then ``data.retain``), as
-    the trainer tokenises them; ``datasets`` are preflight's, after :func:`posttrain.train.prepare_chat_format`."""
+    the trainer tokenises them; ``datasets`` are preflight's, after
+    :func:`posttrain.run.pipeline.prepare_chat_format`."""
     family = FAMILIES[info.family]
     previewer = load(family.preview)
     ctx = {"recipe": recipe, "config": config, "tokenizer": tokenizer}
@@ -217,7 +218,8 @@ def check_recipe(path: str, overrides: list[str], show: int = 0, write=print) ->
     recipe), and with ``show`` the first rows of the training data as the trainer sees them (loads the tokenizer
     only). Writes nothing to the recipe's ``output_dir``."""
     from posttrain.recipe import load_recipe_stages
-    from posttrain.train import check_report_to, load_run_tokenizer, prepare_chat_format, preflight, setup_logging
+    from posttrain.run.pipeline import (check_report_to, load_run_tokenizer, prepare_chat_format, preflight,
+                                        setup_logging)
 
     setup_logging()
     for name, recipe in load_recipe_stages(path, overrides):

@@ -1,6 +1,7 @@
-"""The recipe reference (``docs/recipe_reference.md``), generated from the pydantic schema of :mod:`posttrain.recipe.schema`
-and the method registry, so that it cannot miss a key: ``python -m posttrain.recipe_reference > docs/recipe_reference.md``
-(``tests/test_recipe_reference.py`` fails when the file is out of date)."""
+"""The recipe reference (``docs/recipe_reference.md``), generated from the pydantic schema
+(:mod:`posttrain.recipe.schema`) and the method registry, so that it cannot miss a key:
+``python -m posttrain.recipe_reference > docs/recipe_reference.md`` (``tests/test_recipe_reference.py`` fails when the
+file is out of date)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ defaults where they differ from the library's:
 |---|---|---|
 """
 
-# (key, default, note): posttrain.train.training_config and the family config builders
+# (key, default, note): posttrain.run.pipeline.training_config and the family config builders
 TRAINING_DEFAULTS = [
     ("report_to", "none", "or tensorboard / trackio / wandb (install the extra); metrics.jsonl is always written"),
     ("logging_steps", "10", ""),

@@ -561,8 +561,8 @@ _DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
     """Tie a parsed recipe to the folder of its file: relative data files and model folders are looked up there
     first, then in the working directory (a hit next to the recipe replaces the value by its absolute path, logged by
-    :func:`posttrain.train.preflight`); a data file found in neither is an error naming both places. ``output_dir``
-    stays relative to the working directory (preflight refuses the recipe's own folder)."""
+    :func:`posttrain.run.pipeline.preflight`); a data file found in neither is an error naming both places.
+    ``output_dir`` stays relative to the working directory (preflight refuses the recipe's own folder)."""
     source_dir = recipe_file.resolve().parent
     recipe._source_dir = source_dir
     cwd = Path.cwd()
@@ -713,7 +713,7 @@ def load_stage_recipes(path: Path, data: dict[str, Any], overrides: list[str] | 
     return out
 
 
-# Multi-stage recipes (posttrain.stages runs them): the stage splitting is pure recipe manipulation, kept here so
+# Multi-stage recipes (posttrain.run.stages runs them): the stage splitting is pure recipe manipulation, kept here so
 # that loading a recipe does not import the runner.
 STAGE_REF = "stage:"
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -576,7 +576,7 @@ def write_report(recipe: Recipe) -> Path | None:
     the run itself has succeeded."""
     if not recipe.report:
         return None
-    from posttrain.report import write_report as _write
+    from posttrain.run.report import write_report as _write
 
     try:
         path = _write([recipe.output_dir])
@@ -598,7 +598,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     """
     from transformers import set_seed
 
-    from posttrain.card import CardContext, last_metrics, model_card, write_card
+    from posttrain.run.card import CardContext, last_metrics, model_card, write_card
     from posttrain.eval.periodic import build_periodic_eval
     from posttrain.trainers.common import (
         RUN_MARKER,

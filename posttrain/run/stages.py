@@ -32,7 +32,7 @@ def run_stages(stages, *, resume: bool, overwrite: bool, command: str | None = N
     """Train the stages in order; returns their summaries."""
     import logging
 
-    from posttrain.train import run
+    from posttrain.run.pipeline import run
     from posttrain.trainers.common import previous_outputs
 
     logger = logging.getLogger("posttrain")
@@ -80,7 +80,7 @@ def check_stages(stages, *, resume: bool, overwrite: bool, num_processes: int | 
     ``num_processes`` / ``backend``: checked in the calling process before ``posttrain train --num-processes N``
     launches the stages (the TRL config, whose checks depend on the process count, is then checked by the launched
     processes)."""
-    from posttrain.train import check_user_code, prepare_output_dir, preflight, setup_logging
+    from posttrain.run.pipeline import check_user_code, prepare_output_dir, preflight, setup_logging
     from posttrain.trainers.common import previous_outputs
 
     setup_logging()
@@ -88,7 +88,7 @@ def check_stages(stages, *, resume: bool, overwrite: bool, num_processes: int | 
     for name, recipe in stages:
         try:
             if num_processes is None:
-                recipe._preflight = preflight(recipe)  # posttrain.train.run uses it instead of checking again
+                recipe._preflight = preflight(recipe)  # posttrain.run.pipeline.run uses it instead of checking again
             else:
                 recipe._preflight = preflight(recipe, build_trainer_config=False, num_processes=num_processes,
                                               backend=backend)
