@@ -394,8 +394,10 @@ class Recipe(_Strict):
     # Filled after validation: the method's registry entry (looked up once, here) and its typed hyperparameters.
     _info: MethodInfo | None = None
     _params: MethodParams | None = None
-    # The reference model of the run (posttrain.reference.ReferencePlan), decided once by parse_recipe.
+    # The reference model of the run (posttrain.reference.ReferencePlan), decided once, when first asked (preflight);
+    # the output folders of the stages before this one (a ref_model among them is an earlier stage's model)
     _reference: ReferencePlan | None = None
+    _earlier_stages: tuple[str, ...] = ()
     # The directory of the recipe file (set by load_recipe): relative `file.py:function` paths are looked up there.
     _source_dir: Path | None = None
     # data.chat_template / data.system_prompt resolved against the tokenizer (posttrain.data.formatting.ChatFormat)
@@ -423,8 +425,10 @@ class Recipe(_Strict):
 
     @property
     def reference(self) -> ReferencePlan:
-        """Where the run's frozen reference comes from (:func:`posttrain.reference.plan_reference`)."""
-        assert self._reference is not None
+        """Where the run's frozen reference comes from (:func:`posttrain.reference.plan_reference`; decided on first
+        use, which refuses a ``ref_model`` the method cannot use)."""
+        if self._reference is None:
+            self._reference = plan_reference(self, self.info, self._earlier_stages)
         return self._reference
 
     def resolved(self) -> dict[str, Any]:
@@ -604,8 +608,8 @@ def _check_family_data(recipe: Recipe, family: Family, method: str) -> None:
 
 def parse_recipe(data: dict[str, Any], earlier_stages: tuple[str, ...] = ()) -> Recipe:
     """Validate recipe data (already loaded and overridden): the schema, the method's hyperparameters, the data keys
-    its family reads, the reference model (:func:`posttrain.reference.plan_reference`; ``earlier_stages``: the output
-    folders of the stages before this one) and the ``training:`` block against its TRL config class
+    its family reads (``earlier_stages``: the output folders of the stages before this one, for
+    :attr:`Recipe.reference`) and the ``training:`` block against its TRL config class
     (:mod:`posttrain.recipe.training_args`)."""
     if not isinstance(data, dict):
         raise UserError("recipe: expected a mapping of top-level keys (model, data, method, training, ...)")
@@ -629,7 +633,7 @@ def parse_recipe(data: dict[str, Any], earlier_stages: tuple[str, ...] = ()) -> 
         raise validation_error_to_user_error(exc, info.params, prefix="method") from None
     family = FAMILIES[info.family]
     _check_family_data(recipe, family, info.name)
-    recipe._reference = plan_reference(recipe, info, earlier_stages)
+    recipe._earlier_stages = earlier_stages
     from posttrain.recipe.training_args import check_training
 
     recipe.training = check_training(recipe.training, info.family)

@@ -373,6 +373,7 @@ def preflight(recipe: Recipe, *, load_data: bool = True, build_trainer_config: b
     check_load_options(recipe.model, "model", peft=recipe.peft)
     if recipe.ref_model not in (None, "none"):
         check_load_options(recipe.ref_model, "ref_model")
+    recipe.reference  # the ReferencePlan, decided here once (a ref_model the method cannot use is refused)
     config = build_config(recipe, info) if build_trainer_config else None
     if num_processes is None:
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
