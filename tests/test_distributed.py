@@ -104,7 +104,21 @@ CASES.update({
 # optimizer (plain SGD would train as Adam; posttrain refuses it, docs/distributed.md)
 CASES["grpo_adamw"] = ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_generations=4",
                                              f"method.rollout_func={ROOT}/tests/distributed_runs.py:seeded_rollout"], 4)
+# the saved model's logits against one process's, relative to their scale (1e-4 unless given): GRPO with AdamW under
+# ZeRO-3 leaves 2.0e-3 on logits of 13.2 by step 5 (1.5e-4), offloaded or not (zero3: 1.9e-3, zero3_offload to zero3:
+# 4e-5; ddp: 1.9e-5), ZeRO-3's reordered gradient reductions amplified by AdamW (the matrix's GRPO case uses SGD,
+# which the offload backends cannot: CPU Adam replaces it); its losses and logged values still pass at 1e-4
+MODEL_TOLERANCE = {"grpo_adamw": 2e-4}
 FINAL_STAGE = {"dpo_ref_stage": "main"}  # a multi-stage case: the stage whose logs and model are compared
+# metrics of the families that compute them from all processes' rows (TRL's pattern: gathered scores, log-probs and
+# rewards; sums over gathered tokens), which must be among the logged values compared with one process's
+FAMILY_METRICS = {
+    "kto": ("kl", "entropy", "logits/chosen", "logits/rejected", "logps/chosen", "rewards/chosen", "rewards/rejected",
+            "rewards/margins"),
+    "reward": ("accuracy", "margin", "mean_reward", "min_reward", "max_reward"),
+    "online_dpo": ("entropy", "policy_loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                   "objective/scores_margin", "online_dpo/kept_pairs_frac", "online_dpo/tied_pairs_frac"),
+}
 # logged values that are not training results (throughput, wall time)
 NOT_COMPARED = {"step", "epoch", "learning_rate", "train_samples_per_second", "train_steps_per_second", "total_flos"}
 
@@ -161,16 +175,19 @@ def _check_against_one_process(case: str, backend: str, tmp_path, tmp_path_facto
                              "max_absolute_difference": absolute}) + "\n")
     # relative, with a float32 floor for a loss that is zero up to rounding (RLOO's at ratio 1: ~1e-8)
     assert len(two) == 5 and all(abs(x - y) <= 1e-4 * abs(y) + 1e-6 for x, y in zip(two, one, strict=True)), (one, two)
-    # every logged value (token means included) as one process logs it on the same global batch
+    # every logged value (token means included) as one process logs it on the same global batch, none missing
+    assert set(FAMILY_METRICS.get(case, ())) <= {key for row in rows(single) for key in row}
     for r1, r2 in zip(rows(single), rows(out), strict=True):
-        for key in sorted(set(r1) & set(r2)):
+        assert set(r2) == set(r1), (r2.get("step"), set(r2) ^ set(r1))
+        for key in sorted(r1):
             if _compared(key) and isinstance(r1[key], float):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r2["step"], key)
     # the final model is one gathered checkpoint that loads and computes what the one-process model computes, to 1e-4
     # of the logits' scale (AdamW moves a weight whose gradient is at float-noise level by about +-lr, so reordered
     # reductions leave ~1e-4 differences in a few weights: DFT under ZeRO-3, 3e-4 on logits of size 13)
     got, expected = _logits(_load(out)), _logits(_load(single))
-    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (got - expected).abs().max()
+    tolerance = MODEL_TOLERANCE.get(case, 1e-4)
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max(), (got - expected).abs().max()
     return out
 
 
