@@ -3,6 +3,8 @@ weight access under sharding, and the reduction of logged metrics over processes
 
 * :func:`backend_name`: ``single`` | ``ddp`` | ``zero2`` | ``zero2_offload`` | ``zero3`` | ``zero3_offload`` |
   ``fsdp2`` (what the trainer's accelerator runs, not what was asked for).
+* :func:`check_backend` / :func:`check_offload_optimizer`: the methods, adapters and optimizer settings a backend
+  cannot run (or, under optimizer offload, would silently replace), refused before any model loads.
 * :func:`fsdp_on_cpu`: accelerate (1.16) turns FSDP on only for GPU-type distributed states, so on a machine without
   GPUs ``--distributed fsdp2`` would silently train with DDP. Around the creation of the trainer's ``Accelerator``
   this marks the CPU (gloo) state as a multi-device one, so accelerate takes its own FSDP2 path (``fully_shard`` on a
