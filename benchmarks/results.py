@@ -213,17 +213,21 @@ class Family:
 # -- SFT ---------------------------------------------------------------------------------------------------------------
 
 
+SFT_MAX_STEPS = {True: 100, False: 150}  # --quick / full: steps of a method recipe (poft.yaml's 300 cut to 150)
+
+
 def sft_runs(quick: bool) -> list[Run]:
-    """Each SFT-family method on its own recipe, and plain SFT on the same recipe (same model, data, lr, steps); plus
-    the quickstart (full settings only)."""
+    """Each SFT-family method on its own recipe, and plain SFT on the same recipe (same model, data, lr, steps; at most
+    ``SFT_MAX_STEPS``); plus the quickstart as shipped (full settings only)."""
     runs, panels = [], {}
     for name in family_recipes("sft"):
         d = _yaml(name)
         steps = d["training"]["max_steps"]
-        if name.endswith("quickstart.yaml") and quick:
-            continue
-        if quick:
-            steps = min(steps, 100)
+        if name.endswith("quickstart.yaml"):
+            if quick:
+                continue
+        else:
+            steps = min(steps, SFT_MAX_STEPS[quick])
         key = _setting_key(d)
         lr = d["training"]["learning_rate"]
         panel = panels.setdefault(key, f"{_stem(name)}: {d['model']}, {steps} steps, lr {lr}")
