@@ -256,7 +256,7 @@ def sft_runs(quick: bool) -> list[Run]:
 # -- preference --------------------------------------------------------------------------------------------------------
 
 QUICK_PREFERENCE = ("dpo", "asft_aligned")  # --quick: the reference-based and the reference-free contrast
-PREF = {"n_train": 256, "max_operand": 30, "steps": 64, "batch": 32, "lr": 1e-3, "sft_steps": 200}
+PREF = {"n_train": 256, "max_operand": 30, "steps": 48, "batch": 32, "lr": 1e-3, "sft_steps": 200}
 # METHODS families in the preference table: paired (DPO family), unpaired (KTO), online (online DPO), reward models
 PREFERENCE_FAMILIES = ("preference", "unpaired", "online", "reward")
 # rows of a batch per preference pair: KTO unpairs each pair into a desirable and an undesirable row, online DPO
@@ -435,7 +435,7 @@ def rlvr_runs(quick: bool) -> list[Run]:
     from posttrain.rl.clipping import CLIPPINGS
 
     fields = METHODS[base_name(RL_BASE)].params.model_fields
-    steps = 20 if quick else 60
+    steps = 20 if quick else 50
     base = _yaml(RL_BASE)["method"]
     sets = [f"training.max_steps={steps}", "training.lr_scheduler_type=constant", "data.train.max_samples=64",
             "data.test=null", "training.logging_steps=5"]
@@ -475,6 +475,7 @@ def rlvr_runs(quick: bool) -> list[Run]:
 
 QUICK_UNLEARNING = ("ga", "npo_rt")  # --quick: forget-only and forget + retain
 WAGLE_RETAIN = "{source: builtin:facts, split: retain95}"  # WAGLE scores weights with retain gradients
+UNLEARNING_MAX_STEPS = {True: 30, False: 60}  # --quick / full: at most this many of a recipe's steps (50 or 100)
 
 
 def unlearning_runs(quick: bool) -> list[Run]:
@@ -487,9 +488,7 @@ def unlearning_runs(quick: bool) -> list[Run]:
             continue  # a mask variant of another recipe: every method runs with and without WAGLE below
         if "builtin:facts" not in json.dumps(d["data"]):
             continue  # the table is TOFU in miniature; other tasks have their own suites (docs/unlearning.md)
-        steps = d["training"]["max_steps"]
-        if quick:
-            steps = min(steps, 30)
+        steps = min(d["training"]["max_steps"], UNLEARNING_MAX_STEPS[quick])
         sets = [f"training.max_steps={steps}", f"eval.steps={max(steps // 4, 1)}", "eval.max_samples=20",
                 "training.logging_steps=5"]
         method = d["method"]["name"]
@@ -513,6 +512,9 @@ def unlearning_final(r: dict) -> dict:
 # -- LoRA variants -----------------------------------------------------------------------------------------------------
 
 
+LORA_MAX_STEPS = {True: 100, False: 200}  # --quick / full: at most this many of a recipe's 300 steps
+
+
 def lora_runs(quick: bool) -> list[Run]:
     """Every registered adapter variant (``ADAPTER_VARIANTS``) on its own recipe ``recipes/sft_<variant>.yaml``; a
     variant without one runs on the first variant recipe's settings with ``peft.type`` swapped."""
@@ -526,9 +528,7 @@ def lora_runs(quick: bool) -> list[Run]:
         sets = []
         if entry.name not in own:
             recipe, sets = template, [f"peft.type={entry.name}", f"peft.{own[-1]}=null"]
-        steps = _yaml(recipe)["training"]["max_steps"]
-        if quick:
-            steps = min(steps, 100)
+        steps = min(_yaml(recipe)["training"]["max_steps"], LORA_MAX_STEPS[quick])
         sets += [f"training.max_steps={steps}", "data.test.max_samples=null", f"eval.steps={max(steps // 5, 1)}",
                  "eval.max_samples=100", f"training.logging_steps={max(steps // 10, 1)}"]
         lr = _yaml(recipe)["training"]["learning_rate"]
