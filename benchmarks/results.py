@@ -648,14 +648,15 @@ def enrich(family: str, r: dict) -> dict:
 def run_family(family: str, seeds: list[int], quick: bool, log=print, runs: list[Run] | None = None,
                checkpoint: Path | None = None) -> list[dict]:
     """Train every run of ``family`` (or the given ``runs``) with every seed; a failing run is recorded, not raised.
-    With ``checkpoint``, every finished run is appended to that JSON-lines file, and runs already there are reused (a
-    family cut short, e.g. by ``timeout``, continues where it stopped)."""
+    With ``checkpoint``, every finished run is appended to that JSON-lines file, and the successful runs already there
+    are reused (a family cut short, e.g. by ``timeout``, continues where it stopped)."""
     spec = FAMILIES[family]
     done = {}
     if checkpoint is not None and checkpoint.is_file():
         for line in checkpoint.read_text().splitlines():
             r = json.loads(line)
-            done[(r["panel"], r["label"], r["seed"])] = r
+            if "error" not in r:  # a failed run is tried again
+                done[(r["panel"], r["label"], r["seed"])] = r
     results = []
     for run in spec.runs(quick) if runs is None else runs:
         for seed in seeds:

@@ -170,3 +170,13 @@ def test_unlearning_npo_rt_lowers_forget_probability(tmp_path):
     results = R.run_family("unlearning", [0], quick=True, runs=runs)
     _check_outputs("unlearning", results, tmp_path)
     assert _final(results, "npo_rt", "forget_prob") < _final(results, "npo_rt", "forget_prob_before") - 0.05
+
+
+def test_run_family_reuses_the_runs_of_an_interrupted_invocation(tmp_path):
+    """Every finished run goes to the checkpoint file; a rerun with the same file reuses it instead of training."""
+    runs = _runs("stable_spam", ["adamw"], "training.max_steps=2", "data.test=null", panel="0.01")
+    checkpoint = tmp_path / "stable_spam.partial.jsonl"
+    first = R.run_family("stable_spam", [0], quick=True, runs=runs, checkpoint=checkpoint)
+    assert len(checkpoint.read_text().splitlines()) == 1 and "reused" not in first[0]
+    again = R.run_family("stable_spam", [0], quick=True, runs=runs, checkpoint=checkpoint)
+    assert again[0]["reused"] and again[0]["log"] == first[0]["log"] and again[0]["seed"] == 0
