@@ -1,8 +1,8 @@
 """Every results table in docs/, regenerated from one command on the shipped built-in models, over several seeds.
 
-    python benchmarks/results.py all                 # every family, full settings (< 90 min on 2 idle cores)
+    python benchmarks/results.py all                 # every family, full settings (sized for ~90 min on 2 idle cores)
     python benchmarks/results.py rlvr --seeds 5      # one family, more seeds
-    python benchmarks/results.py all --quick         # fewer steps / seeds / methods (< 10 min on 2 idle cores)
+    python benchmarks/results.py all --quick         # fewer steps / seeds / methods
 
 Families (``FAMILIES``): ``sft``, ``preference``, ``rlvr``, ``unlearning``, ``lora``, ``stable_spam``. Each answers the
 question a user of that family asks, with the methods taken from the registries (``posttrain.methods.METHODS`` and
@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("family", choices=[*FAMILIES, "all"])
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 2 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps, seeds and variants (< 10 min for all)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, seeds and variants")
     parser.add_argument("--out", type=Path, default=None, help="folder for the tables, plots and JSON")
     parser.add_argument("--render", action="store_true",
                         help="no training: rewrite the tables and plots (and the docs pages) from <out>/<family>.json")
