@@ -1,8 +1,8 @@
 """Every results table in docs/, regenerated from one command on the shipped built-in models, over several seeds.
 
-    python benchmarks/results.py all                 # every family, full settings (< 90 min on 2 idle cores)
+    python benchmarks/results.py all                 # every family, full settings (sized for ~90 min on 2 idle cores)
     python benchmarks/results.py rlvr --seeds 5      # one family, more seeds
-    python benchmarks/results.py all --quick         # fewer steps / seeds / methods (< 10 min on 2 idle cores)
+    python benchmarks/results.py all --quick         # fewer steps / seeds / methods
 
 Families (``FAMILIES``): ``sft``, ``preference``, ``rlvr``, ``unlearning``, ``lora``, ``stable_spam``. Each answers the
 question a user of that family asks, with the methods taken from the registries (``posttrain.methods.METHODS`` and
@@ -16,7 +16,9 @@ deviation over seeds, headed by the command, package versions, device and CPU lo
 (learning curves per method, mean ± one standard deviation band). When ``--out`` is ``docs/results``, the table is
 also spliced into the docs page that shows it, between ``<!-- results:<family> -->`` and
 ``<!-- /results:<family> -->``, so every page's numbers come from its last run; a ``--quick`` run into
-``docs/results/quick`` is spliced only where the page does not show a full run yet.
+``docs/results/quick`` is spliced only where the page does not show a full run yet. Every finished run is also
+appended to ``<family>.partial.jsonl`` there (removed when the family is written), so that rerunning the same command
+after an interruption reuses the runs already done.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Run:
     probe_every: int = 10
     finish: Callable | None = None  # (output_dir, summary) -> {metric: value} after training
     panel_key: str = ""  # the recipe's setting without its method (runs that share it share a baseline)
+    unset: list[str] = field(default_factory=list)  # dotted keys removed from the recipe file before the sets
 
 
 def _probe_callback(fn: Callable, every: int, tokenizer):
@@ -118,7 +121,7 @@ def _meter_callback():
 def train_one(run: Run, seed: int) -> dict:
     """Train ``run`` with ``seed``; return its curves (metrics.jsonl rows and probe points) and final metrics."""
     from posttrain.models import load_tokenizer
-    from posttrain.recipe import load_recipe, parse_recipe
+    from posttrain.recipe import apply_override, attach_source_dir, parse_recipe, read_recipe_file
     from posttrain.train import run as train
 
     with tempfile.TemporaryDirectory(prefix="results_") as tmp:
@@ -128,7 +131,16 @@ def train_one(run: Run, seed: int) -> dict:
             recipe = parse_recipe({**run.recipe, "training": training, "seed": seed, "output_dir": tmp,
                                    "report": False})
         else:
-            recipe = load_recipe(ROOT / run.recipe, sets)
+            path, data = read_recipe_file(ROOT / run.recipe)
+            for key in run.unset:
+                *parents, last = key.split(".")
+                node = data
+                for part in parents:
+                    node = node[part]
+                del node[last]
+            for assignment in sets:
+                apply_override(data, assignment)
+            recipe = attach_source_dir(parse_recipe(data), path)
         meter = _meter_callback()
         callbacks = [meter]
         probe = None
@@ -160,13 +172,13 @@ def _yaml(path: str) -> dict:
     return yaml.safe_load((ROOT / path).read_text())
 
 
-def family_recipes(family: str) -> list[str]:
-    """Every shipped single-stage, full-fine-tuning recipe of ``family`` whose method is registered
-    (``posttrain.methods.METHODS``), on the built-in data, with the default optimizer: each method's own recipe first,
-    then the other recipes of the family (loss variants such as ``ipo.yaml``)."""
+def family_recipes(*families: str) -> list[str]:
+    """Every shipped single-stage, full-fine-tuning recipe of the ``families`` (``MethodInfo.family``) whose method is
+    registered (``posttrain.methods.METHODS``), on the built-in data, with the default optimizer: each method's own
+    recipe first, then the other recipes of the families (loss variants such as ``ipo.yaml``)."""
     from posttrain.methods import METHODS
 
-    names = [info.recipe for info in METHODS.values() if info.family == family]
+    names = [info.recipe for info in METHODS.values() if info.family in families]
     names += sorted(f"recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml"))
     out = []
     for name in dict.fromkeys(names):
@@ -177,7 +189,7 @@ def family_recipes(family: str) -> list[str]:
         info = METHODS.get(method)
         training = d.get("training") or {}
         sources = json.dumps(d.get("data") or {})
-        if (info is None or info.family != family or "peft" in d or "stages" in d or "optim" in training
+        if (info is None or info.family not in families or "peft" in d or "stages" in d or "optim" in training
                 or "builtin:" not in sources or "chat" in sources or "tool" in name):
             continue
         out.append(name)
@@ -213,17 +225,21 @@ class Family:
 # -- SFT ---------------------------------------------------------------------------------------------------------------
 
 
+SFT_MAX_STEPS = {True: 100, False: 150}  # --quick / full: steps of a method recipe (poft.yaml's 300 cut to 150)
+
+
 def sft_runs(quick: bool) -> list[Run]:
-    """Each SFT-family method on its own recipe, and plain SFT on the same recipe (same model, data, lr, steps); plus
-    the quickstart (full settings only)."""
+    """Each SFT-family method on its own recipe, and plain SFT on the same recipe (same model, data, lr, steps; at most
+    ``SFT_MAX_STEPS``); plus the quickstart as shipped (full settings only)."""
     runs, panels = [], {}
     for name in family_recipes("sft"):
         d = _yaml(name)
         steps = d["training"]["max_steps"]
-        if name.endswith("quickstart.yaml") and quick:
-            continue
-        if quick:
-            steps = min(steps, 100)
+        if name.endswith("quickstart.yaml"):
+            if quick:
+                continue
+        else:
+            steps = min(steps, SFT_MAX_STEPS[quick])
         key = _setting_key(d)
         lr = d["training"]["learning_rate"]
         panel = panels.setdefault(key, f"{_stem(name)}: {d['model']}, {steps} steps, lr {lr}")
@@ -240,7 +256,13 @@ def sft_runs(quick: bool) -> list[Run]:
 # -- preference --------------------------------------------------------------------------------------------------------
 
 QUICK_PREFERENCE = ("dpo", "asft_aligned")  # --quick: the reference-based and the reference-free contrast
-PREF = {"n_train": 256, "max_operand": 30, "steps": 64, "batch": 32, "lr": 1e-3, "sft_steps": 200}
+PREF = {"n_train": 256, "max_operand": 30, "steps": 48, "batch": 32, "lr": 1e-3, "sft_steps": 200}
+# METHODS families in the preference table: paired (DPO family), unpaired (KTO), online (online DPO), reward models
+PREFERENCE_FAMILIES = ("preference", "unpaired", "online", "reward")
+# rows of a batch per preference pair: KTO unpairs each pair into a desirable and an undesirable row, online DPO
+# samples two completions per prompt; their batch is doubled so that every method sees 32 prompts a step
+ROWS_PER_PAIR = {"unpaired": 2, "online": 2}
+GENERATION_KEYS = ("max_completion_length", "temperature")  # kept from an online method's own recipe
 
 
 class PreferenceData:
@@ -254,9 +276,13 @@ class PreferenceData:
             from preference_accuracy import build_sets
 
             train, held, test = build_sets(PREF["n_train"], PREF["max_operand"])
-            path = Path(tempfile.mkdtemp(prefix="results_pref_")) / "train.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in train))
-            cls._cache.update(train=str(path), held=held, test=test)
+            folder = Path(tempfile.mkdtemp(prefix="results_pref_"))
+            (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+            # an online method samples its own pairs: the same prompts, each with its right answer for the reward
+            (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["chosen"]})
+                                                          + "\n" for r in train))
+            cls._cache.update(train=str(folder / "train.jsonl"), prompts=str(folder / "prompts.jsonl"), held=held,
+                              test=test)
         return cls._cache
 
 
@@ -267,6 +293,27 @@ def preference_probe(model, tok) -> dict:
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"held_out_accuracy": sum(m > 0 for m in margins) / len(margins),
             "held_out_logp_margin": statistics.mean(margins)}
+
+
+def reward_probe(model, tok) -> dict:
+    """A reward model's held-out pair accuracy (chosen scored above rejected) and mean score margin."""
+    from posttrain.trainers.reward import pairwise_scores
+
+    chosen, rejected = pairwise_scores(model, tok, PreferenceData.get()["held"])
+    margins = (chosen - rejected).tolist()
+    return {"held_out_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "held_out_score_margin": statistics.mean(margins)}
+
+
+def reward_finish(out_dir, summary) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from posttrain.trainers.reward import pairwise_scores
+
+    model = AutoModelForSequenceClassification.from_pretrained(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    chosen, rejected = pairwise_scores(model, tok, PreferenceData.get()["test"])
+    return {**reward_probe(model, tok), "test_split_accuracy": (chosen > rejected).float().mean().item()}
 
 
 def preference_finish(out_dir, summary) -> dict:
@@ -300,30 +347,43 @@ class SFTStart:
 
 
 def preference_runs(quick: bool) -> list[Run]:
-    """Each preference recipe's method block, trained on the same 256 arithmetic pairs from the random-init start and
-    from a weak SFT start."""
+    """Each recipe of the preference families (``PREFERENCE_FAMILIES``: DPO family, KTO, online DPO, reward models)
+    with its method block, trained on the same 256 arithmetic pairs (an online method: on their prompts, sampling its
+    own pairs) from the random-init start and from a weak SFT start. A reward model is scored by the same held-out
+    pairs, its score in place of the log-probability."""
+    from posttrain.data.sources import REQUIRED_COLUMNS
+    from posttrain.methods import METHODS
+    from posttrain.train import DATA_KINDS, MODEL_HEADS
+
     steps = 32 if quick else PREF["steps"]
     sft_steps = 100 if quick else PREF["sft_steps"]
     runs = []
     for start in ("random", "sft"):
-        for name in family_recipes("preference"):
-            method = _yaml(name)["method"]
+        for name in family_recipes(*PREFERENCE_FAMILIES):
+            d = _yaml(name)
+            method = d["method"]
             if quick and method["name"] not in QUICK_PREFERENCE:
                 continue
+            family = METHODS[method["name"]].family
+            pairs = ("prompt", "chosen", "rejected") in REQUIRED_COLUMNS[DATA_KINDS[family]["train"]]
+            generation = {k: v for k, v in d["training"].items() if k in GENERATION_KEYS}
             recipe = {"model": "builtin:tiny-qwen2" if start == "random" else f"sft-start:{sft_steps}",
-                      "data": {"train": "PREF_TRAIN"}, "method": method,
-                      "training": {"max_steps": steps, "per_device_train_batch_size": PREF["batch"],
-                                   "learning_rate": PREF["lr"], "logging_steps": max(1, steps // 8)}}
+                      "data": {"train": "PREF_TRAIN" if pairs else "PREF_PROMPTS"}, "method": method,
+                      "training": {"max_steps": steps, "learning_rate": PREF["lr"], "logging_steps": max(1, steps // 8),
+                                   "per_device_train_batch_size": PREF["batch"] * ROWS_PER_PAIR.get(family, 1),
+                                   **generation}}
             panel = ("random init (builtin:tiny-qwen2)" if start == "random"
                      else f"weak SFT start (tiny-qwen2 + {sft_steps} SFT steps)")
-            runs.append(Run(_stem(name), panel, recipe, probe=preference_probe, probe_every=max(1, steps // 8),
-                            finish=preference_finish))
+            scored = family in MODEL_HEADS  # a reward model: its score head, not the LM's log-probs
+            runs.append(Run(_stem(name), panel, recipe, probe=reward_probe if scored else preference_probe,
+                            probe_every=max(1, steps // 8), finish=reward_finish if scored else preference_finish))
     return runs
 
 
 def _resolve_preference(recipe: dict, seed: int) -> dict:
     recipe = json.loads(json.dumps(recipe))
-    recipe["data"]["train"] = PreferenceData.get()["train"]
+    recipe["data"]["train"] = PreferenceData.get()[{"PREF_TRAIN": "train", "PREF_PROMPTS": "prompts"}[
+        recipe["data"]["train"]]]
     if recipe["model"].startswith("sft-start:"):
         recipe["model"] = SFTStart.path(seed, int(recipe["model"].split(":")[1]))
     return recipe
@@ -351,6 +411,10 @@ class RLPool:
         return cls._rows
 
 
+def base_name(recipe: str) -> str:
+    return _yaml(recipe)["method"]["name"]
+
+
 def expected_reward_probe(model, tok) -> dict:
     from posttrain.eval.expected_reward import expected_exact_match
 
@@ -360,12 +424,18 @@ def expected_reward_probe(model, tok) -> dict:
 def rlvr_runs(quick: bool) -> list[Run]:
     """GRPO (group advantage, DAPO aggregation, PPO clip), then one registry axis changed at a time: every advantage
     estimator, every aggregation, every clipping rule (clipping with ``num_iterations: 2``, where the ratio is not 1),
-    and every shipped RL recipe with another ``method.loss`` (PACS)."""
+    and every shipped RL recipe with another ``method.loss`` (PACS). A single-stream estimator (its entry's
+    ``single_stream``: one completion per prompt, SPO) runs on the shipped recipe that selects it, whose batch layout
+    it needs, with the same steps, pool and schedule. Switching a part removes the baseline part's keys that the recipe
+    sets and that default to the selected part's own value (``epsilon: 0.2`` of PPO: GSPO's default is 3e-4, CISPO
+    takes none)."""
+    from posttrain.methods import METHODS
     from posttrain.rl.advantages import ADVANTAGES
     from posttrain.rl.aggregation import AGGREGATIONS
     from posttrain.rl.clipping import CLIPPINGS
 
-    steps = 20 if quick else 60
+    fields = METHODS[base_name(RL_BASE)].params.model_fields
+    steps = 20 if quick else 50
     base = _yaml(RL_BASE)["method"]
     sets = [f"training.max_steps={steps}", "training.lr_scheduler_type=constant", "data.train.max_samples=64",
             "data.test=null", "training.logging_steps=5"]
@@ -373,6 +443,7 @@ def rlvr_runs(quick: bool) -> list[Run]:
     axes = [("advantage", ADVANTAGES, []), ("aggregation", AGGREGATIONS, []),
             ("clipping", CLIPPINGS, ["training.num_iterations=2"])]
     runs = [Run("grpo", BASELINE, RL_BASE, sets, probe=expected_reward_probe, probe_every=every)]
+    recipes = family_recipes("rl")
     for key, registry, extra in axes:
         for entry in registry:
             if entry.name == base[key] and not extra:
@@ -380,9 +451,18 @@ def rlvr_runs(quick: bool) -> list[Run]:
             if quick and entry.name not in (base[key], next(e.name for e in registry if e.name != base[key])):
                 continue
             label = f"{key}={entry.name}" + (" (2 iterations)" if extra else "")
+            if entry.meta.get("single_stream"):
+                own = next((n for n in recipes if _yaml(n)["method"].get(key) == entry.name), None)
+                if own is None:
+                    continue  # no shipped recipe gives it its batch layout
+                runs.append(Run(f"{label} ({_stem(own)})", key, own, [*sets, *extra], probe=expected_reward_probe,
+                                probe_every=every))
+                continue
+            unset = [f"method.{k}" for k in registry[base[key]].meta.get("keys", ())
+                     if entry.name != base[key] and k in base and fields[k].default is None]
             runs.append(Run(label, key, RL_BASE, [*sets, *extra, f"method.{key}={entry.name}"],
-                            probe=expected_reward_probe, probe_every=every))
-    for name in family_recipes("rl"):
+                            probe=expected_reward_probe, probe_every=every, unset=unset))
+    for name in recipes:
         loss = (_yaml(name)["method"]).get("loss")
         if loss:
             runs.append(Run(f"loss={loss} ({_stem(name)})", "loss", name, sets, probe=expected_reward_probe,
@@ -395,6 +475,7 @@ def rlvr_runs(quick: bool) -> list[Run]:
 
 QUICK_UNLEARNING = ("ga", "npo_rt")  # --quick: forget-only and forget + retain
 WAGLE_RETAIN = "{source: builtin:facts, split: retain95}"  # WAGLE scores weights with retain gradients
+UNLEARNING_MAX_STEPS = {True: 30, False: 60}  # --quick / full: at most this many of a recipe's steps (50 or 100)
 
 
 def unlearning_runs(quick: bool) -> list[Run]:
@@ -407,9 +488,7 @@ def unlearning_runs(quick: bool) -> list[Run]:
             continue  # a mask variant of another recipe: every method runs with and without WAGLE below
         if "builtin:facts" not in json.dumps(d["data"]):
             continue  # the table is TOFU in miniature; other tasks have their own suites (docs/unlearning.md)
-        steps = d["training"]["max_steps"]
-        if quick:
-            steps = min(steps, 30)
+        steps = min(d["training"]["max_steps"], UNLEARNING_MAX_STEPS[quick])
         sets = [f"training.max_steps={steps}", f"eval.steps={max(steps // 4, 1)}", "eval.max_samples=20",
                 "training.logging_steps=5"]
         method = d["method"]["name"]
@@ -433,6 +512,9 @@ def unlearning_final(r: dict) -> dict:
 # -- LoRA variants -----------------------------------------------------------------------------------------------------
 
 
+LORA_MAX_STEPS = {True: 100, False: 200}  # --quick / full: at most this many of a recipe's 300 steps
+
+
 def lora_runs(quick: bool) -> list[Run]:
     """Every registered adapter variant (``ADAPTER_VARIANTS``) on its own recipe ``recipes/sft_<variant>.yaml``; a
     variant without one runs on the first variant recipe's settings with ``peft.type`` swapped."""
@@ -446,9 +528,7 @@ def lora_runs(quick: bool) -> list[Run]:
         sets = []
         if entry.name not in own:
             recipe, sets = template, [f"peft.type={entry.name}", f"peft.{own[-1]}=null"]
-        steps = _yaml(recipe)["training"]["max_steps"]
-        if quick:
-            steps = min(steps, 100)
+        steps = min(_yaml(recipe)["training"]["max_steps"], LORA_MAX_STEPS[quick])
         sets += [f"training.max_steps={steps}", "data.test.max_samples=null", f"eval.steps={max(steps // 5, 1)}",
                  "eval.max_samples=100", f"training.logging_steps={max(steps // 10, 1)}"]
         lr = _yaml(recipe)["training"]["learning_rate"]
@@ -501,6 +581,7 @@ FAMILIES: dict[str, Family] = {
         [("held_out_accuracy_before", "held-out pref. acc, start", "f3"),
          ("held_out_accuracy", "held-out pref. acc, end", "f3"), ("test_split_accuracy", "test-split pref. acc", "f3"),
          ("held_out_logp_margin", "held-out log-prob margin", "f2"),
+         ("held_out_score_margin", "held-out score margin (reward model)", "f2"),
          ("train_reward_margin", "train reward margin (last log)", "f3")],
         [("held_out_accuracy", "held-out preference accuracy"), ("held_out_logp_margin",
                                                                  "held-out mean log p(chosen) - log p(rejected)")]),
@@ -564,12 +645,25 @@ def enrich(family: str, r: dict) -> dict:
     return r
 
 
-def run_family(family: str, seeds: list[int], quick: bool, log=print, runs: list[Run] | None = None) -> list[dict]:
-    """Train every run of ``family`` (or the given ``runs``) with every seed; a failing run is recorded, not raised."""
+def run_family(family: str, seeds: list[int], quick: bool, log=print, runs: list[Run] | None = None,
+               checkpoint: Path | None = None) -> list[dict]:
+    """Train every run of ``family`` (or the given ``runs``) with every seed; a failing run is recorded, not raised.
+    With ``checkpoint``, every finished run is appended to that JSON-lines file, and the successful runs already there
+    are reused (a family cut short, e.g. by ``timeout``, continues where it stopped)."""
     spec = FAMILIES[family]
+    done = {}
+    if checkpoint is not None and checkpoint.is_file():
+        for line in checkpoint.read_text().splitlines():
+            r = json.loads(line)
+            if "error" not in r:  # a failed run is tried again
+                done[(r["panel"], r["label"], r["seed"])] = r
     results = []
     for run in spec.runs(quick) if runs is None else runs:
         for seed in seeds:
+            if (run.panel, run.label, seed) in done:
+                results.append({**done[(run.panel, run.label, seed)], "reused": True})
+                log(f"[{family}] {run.panel} | {run.label} | seed {seed}: reused from {checkpoint}")
+                continue
             t0 = time.perf_counter()
             try:
                 if isinstance(run.recipe, dict):
@@ -583,6 +677,9 @@ def run_family(family: str, seeds: list[int], quick: bool, log=print, runs: list
                      "final": {}, "log": [], "probe": []}
                 traceback.print_exc()
             results.append(r)
+            if checkpoint is not None:
+                with checkpoint.open("a") as f:
+                    f.write(json.dumps(r, default=str) + "\n")
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r["final"].items()
                      if k in {c[0] for c in spec.columns}}
             log(f"[{family}] {run.panel} | {run.label} | seed {seed}: {r.get('error') or shown} "
@@ -649,7 +746,9 @@ def markdown(family: str, results: list[dict], meta: dict, img_prefix: str = "")
              f"Command: `{meta['command']}` ({meta['date']}; {'quick settings' if meta['quick'] else 'full settings'}, "
              f"seeds {', '.join(map(str, meta['seeds']))}). Device: {meta['env']['device']}; "
              f"OMP_NUM_THREADS={meta['env']['omp_num_threads']}; load average (1 min) {meta['load_before']:.1f} "
-             f"before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min for the family. "
+             f"before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min for the family"
+             + (f" ({meta['reused']} runs reused from an interrupted invocation, not in this time)"
+                if meta.get("reused") else "") + ". "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ". Cells: mean ± sample standard deviation over "
              "seeds.", ""]
     header = "| setting | method | " + " | ".join(c[1] for c in spec.columns) + " | seeds |"
@@ -783,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("family", choices=[*FAMILIES, "all"])
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 2 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps, seeds and variants (< 10 min for all)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, seeds and variants")
     parser.add_argument("--out", type=Path, default=None, help="folder for the tables, plots and JSON")
     parser.add_argument("--render", action="store_true",
                         help="no training: rewrite the tables and plots (and the docs pages) from <out>/<family>.json")
@@ -803,12 +902,17 @@ def main(argv: list[str] | None = None) -> int:
         seeds = list(range(n))
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
-        results = run_family(family, seeds, args.quick, log=lambda s: print(s, file=sys.stderr, flush=True))
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = out / f"{family}.partial.jsonl"
+        results = run_family(family, seeds, args.quick, log=lambda s: print(s, file=sys.stderr, flush=True),
+                             checkpoint=checkpoint)
         meta = {"family": family, "quick": args.quick, "seeds": seeds, "env": env,
                 "command": "python benchmarks/results.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": load_before,
-                "load_after": os.getloadavg()[0], "wall_s": time.perf_counter() - t0}
+                "load_after": os.getloadavg()[0], "wall_s": time.perf_counter() - t0,
+                "reused": sum(1 for r in results if r.get("reused"))}
         write_family(family, results, meta, out)
+        checkpoint.unlink()
         print(markdown(family, results, meta))
     return 0
 

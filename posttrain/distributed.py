@@ -3,6 +3,8 @@ weight access under sharding, and the reduction of logged metrics over processes
 
 * :func:`backend_name`: ``single`` | ``ddp`` | ``zero2`` | ``zero2_offload`` | ``zero3`` | ``zero3_offload`` |
   ``fsdp2`` (what the trainer's accelerator runs, not what was asked for).
+* :func:`check_backend` / :func:`check_offload_optimizer`: the methods, adapters and optimizer settings a backend
+  cannot run (or, under optimizer offload, would silently replace), refused before any model loads.
 * :func:`fsdp_on_cpu`: accelerate (1.16) turns FSDP on only for GPU-type distributed states, so on a machine without
   GPUs ``--distributed fsdp2`` would silently train with DDP. Around the creation of the trainer's ``Accelerator``
   this marks the CPU (gloo) state as a multi-device one, so accelerate takes its own FSDP2 path (``fully_shard`` on a
@@ -37,6 +39,11 @@ import torch
 # the backends of ``posttrain train --distributed`` (posttrain.launch.BACKENDS), plus "single" (one process)
 SHARDED = ("zero3", "zero3_offload", "fsdp2")  # the weights themselves are sharded over the processes
 DEEPSPEED = ("zero2", "zero2_offload", "zero3", "zero3_offload")
+OFFLOAD = ("zero2_offload", "zero3_offload")  # the optimizer step runs in CPU memory (DeepSpeed's CPU optimizers)
+# HF ``optim`` values that accelerate maps to the same update on DeepSpeed's CPU Adam, and the Adam settings CPU Adam
+# keeps at these (HF's) defaults whatever the recipe says (:func:`check_offload_optimizer`)
+OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+CPU_ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 
 
 def requested_backend() -> str:
@@ -63,6 +70,11 @@ def check_backend(recipe, info, backend: str) -> None:
     from posttrain.errors import UserError
 
     flag = f"--distributed {backend}"
+    if recipe.training.get("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("training.deepspeed: needs deepspeed (pip install -e '.[deepspeed]')")
     params = recipe.params
     if backend in SHARDED and params.head_outside_forward:
         raise UserError(
@@ -80,6 +92,8 @@ def check_backend(recipe, info, backend: str) -> None:
 
     if backend in (*DEEPSPEED, "fsdp2") and recipe.training.get("optim") in OPTIMIZERS:
         raise refuse_sharded("training.optim")
+    if backend in OFFLOAD:
+        check_offload_optimizer(recipe.training, backend)
     peft = recipe.peft
     if peft is not None:
         from posttrain.adapters.spec import ADAPTER_VARIANTS
@@ -92,6 +106,33 @@ def check_backend(recipe, info, backend: str) -> None:
         if backend in ("zero3", "zero3_offload") and goat is not None and goat.fold_residual:
             raise UserError(f"peft.goat.fold_residual: edits the base weights in place while the adapter is created, "
                             f"which {flag} has already partitioned (zero.Init); set fold_residual: false")
+
+
+def check_offload_optimizer(training: dict[str, Any], backend: str) -> None:
+    """Under optimizer offload accelerate (1.16, ``map_pytorch_optim_to_deepspeed``) swaps the HF optimizer for
+    DeepSpeed's CPU Adam, taking only its ``lr`` and ``weight_decay``: torch AdamW becomes CPU Adam in AdamW mode,
+    and every other optimizer but Adagrad (SGD included) CPU Adam with L2 weight decay. Refuse what would silently
+    train differently: an optimizer other than AdamW, or Adam betas / epsilon that CPU Adam would not use."""
+    from posttrain.errors import UserError
+
+    flag, instead = f"--distributed {backend}", f"--distributed {backend.removesuffix('_offload')}"
+    optim = training.get("optim", "adamw_torch")
+    if optim not in OFFLOAD_OPTIMIZERS:
+        raise UserError(f"training.optim: {optim} with {flag}: accelerate replaces it by DeepSpeed's CPU Adam (the "
+                        f"optimizer step in CPU memory), a different update; use {' or '.join(OFFLOAD_OPTIMIZERS)}, "
+                        f"or {instead}")
+    for key, default in CPU_ADAM_DEFAULTS.items():
+        if key in training and not _equals(training[key], default):
+            raise UserError(f"training.{key}: {training[key]} with {flag}: DeepSpeed's CPU Adam takes only the "
+                            f"learning rate and weight decay from the recipe ({key} stays {default}); leave it at "
+                            f"{default}, or use {instead}")
+
+
+def _equals(value: Any, number: float) -> bool:
+    try:
+        return float(value) == number
+    except (TypeError, ValueError):
+        return False
 
 
 def wants_fsdp() -> bool:

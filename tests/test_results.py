@@ -88,6 +88,34 @@ def test_rlvr_grpo_raises_expected_reward(tmp_path):
     assert _final(results, "grpo", "expected_reward_gain") > 0.02
 
 
+def test_preference_runs_cover_every_preference_family_method():
+    """The preference table takes every method of the preference families from the registry (KTO, online DPO and
+    reward models included), from both starts; a reward model is probed by its scores, an online method gets the
+    same prompts with their answers, and the unpaired / online methods see as many prompts a step as DPO."""
+    from posttrain.methods import METHODS
+
+    runs = R.preference_runs(quick=False)
+    methods = {name for name, info in METHODS.items() if info.family in R.PREFERENCE_FAMILIES}
+    for panel in {r.panel for r in runs}:
+        assert methods <= {r.recipe["method"]["name"] for r in runs if r.panel == panel}
+    by_label = {r.label: r for r in runs}
+    assert by_label["reward"].probe is R.reward_probe and by_label["dpo"].probe is R.preference_probe
+    assert by_label["online_dpo"].recipe["data"]["train"] == "PREF_PROMPTS"
+    assert by_label["kto"].recipe["data"]["train"] == "PREF_TRAIN"
+    batch = {k: by_label[k].recipe["training"]["per_device_train_batch_size"] for k in ("dpo", "kto", "online_dpo")}
+    assert batch == {"dpo": R.PREF["batch"], "kto": 2 * R.PREF["batch"], "online_dpo": 2 * R.PREF["batch"]}
+
+
+def test_rlvr_switching_a_part_resets_the_baseline_parts_keys():
+    """GSPO and CISPO run with their own clip ranges, not grpo.yaml's PPO epsilon 0.2 (which they refuse); SPO runs
+    on its own recipe (one completion per prompt)."""
+    runs = {r.label: r for r in R.rlvr_runs(quick=False)}
+    for label in ("clipping=gspo (2 iterations)", "clipping=cispo (2 iterations)"):
+        assert runs[label].unset == ["method.epsilon"]
+    assert runs["clipping=ppo (2 iterations)"].unset == []
+    assert runs["advantage=spo (grpo_spo)"].recipe == "recipes/grpo_spo.yaml"
+
+
 def test_rlvr_runs_cover_every_registered_variant():
     """The RL family's runs are the registries' entries, one axis at a time, plus PACS (no list in the script)."""
     from posttrain.rl.advantages import ADVANTAGES
@@ -142,3 +170,13 @@ def test_unlearning_npo_rt_lowers_forget_probability(tmp_path):
     results = R.run_family("unlearning", [0], quick=True, runs=runs)
     _check_outputs("unlearning", results, tmp_path)
     assert _final(results, "npo_rt", "forget_prob") < _final(results, "npo_rt", "forget_prob_before") - 0.05
+
+
+def test_run_family_reuses_the_runs_of_an_interrupted_invocation(tmp_path):
+    """Every finished run goes to the checkpoint file; a rerun with the same file reuses it instead of training."""
+    runs = _runs("stable_spam", ["adamw"], "training.max_steps=2", "data.test=null", panel="0.01")
+    checkpoint = tmp_path / "stable_spam.partial.jsonl"
+    first = R.run_family("stable_spam", [0], quick=True, runs=runs, checkpoint=checkpoint)
+    assert len(checkpoint.read_text().splitlines()) == 1 and "reused" not in first[0]
+    again = R.run_family("stable_spam", [0], quick=True, runs=runs, checkpoint=checkpoint)
+    assert again[0]["reused"] and again[0]["log"] == first[0]["log"] and again[0]["seed"] == 0
