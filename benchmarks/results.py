@@ -353,7 +353,7 @@ def preference_runs(quick: bool) -> list[Run]:
     pairs, its score in place of the log-probability."""
     from posttrain.data.sources import REQUIRED_COLUMNS
     from posttrain.methods import METHODS
-    from posttrain.train import DATA_KINDS, MODEL_HEADS
+    from posttrain.families.base import FAMILIES
 
     steps = 32 if quick else PREF["steps"]
     sft_steps = 100 if quick else PREF["sft_steps"]
@@ -365,7 +365,7 @@ def preference_runs(quick: bool) -> list[Run]:
             if quick and method["name"] not in QUICK_PREFERENCE:
                 continue
             family = METHODS[method["name"]].family
-            pairs = ("prompt", "chosen", "rejected") in REQUIRED_COLUMNS[DATA_KINDS[family]["train"]]
+            pairs = ("prompt", "chosen", "rejected") in REQUIRED_COLUMNS[FAMILIES[family].data["train"]]
             generation = {k: v for k, v in d["training"].items() if k in GENERATION_KEYS}
             recipe = {"model": "builtin:tiny-qwen2" if start == "random" else f"sft-start:{sft_steps}",
                       "data": {"train": "PREF_TRAIN" if pairs else "PREF_PROMPTS"}, "method": method,
@@ -374,7 +374,7 @@ def preference_runs(quick: bool) -> list[Run]:
                                    **generation}}
             panel = ("random init (builtin:tiny-qwen2)" if start == "random"
                      else f"weak SFT start (tiny-qwen2 + {sft_steps} SFT steps)")
-            scored = family in MODEL_HEADS  # a reward model: its score head, not the LM's log-probs
+            scored = FAMILIES[family].model_head != "causal"  # a reward model: its score head, not the LM's log-probs
             runs.append(Run(_stem(name), panel, recipe, probe=reward_probe if scored else preference_probe,
                             probe_every=max(1, steps // 8), finish=reward_finish if scored else preference_finish))
     return runs

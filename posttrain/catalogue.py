@@ -61,7 +61,7 @@ def parts() -> list[Part]:
     from posttrain.rl.aggregation import AGGREGATIONS
     from posttrain.rl.clipping import CLIPPINGS
 
-    grpo = ", ".join(m.name for m in METHODS.values() if m.family == "rl")
+    grpo = ", ".join(m.name for m in METHODS.values() if "advantage" in m.params.model_fields)  # the GRPO methods
     out: list[Part] = []
     for key, registry, where in (("method.advantage", ADVANTAGES, grpo), ("method.aggregation", AGGREGATIONS, grpo),
                                  ("method.clipping", CLIPPINGS, grpo), ("peft.type", ADAPTER_VARIANTS, "any method")):

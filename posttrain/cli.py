@@ -22,14 +22,15 @@ EPILOG = "Recipes: see recipes/*.yaml. Docs: README.md."
 
 def _cmd_train(args) -> int:
     num_processes = launch.check_launch_flags(args.num_processes, args.distributed)  # before anything starts
-    from posttrain.recipe import load_recipe
+    from posttrain.recipe import load_recipe_stages
 
     overrides = list(args.set)
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")  # validated like the recipe key
-    from posttrain.stages import check_stages, load_stages, run_stages
+    from posttrain.run.stages import check_stages, run_stages
 
-    stages = load_stages(args.recipe, overrides)  # a multi-stage recipe (stages:), e.g. recipes/pre_dpo.yaml
+    loaded = load_recipe_stages(args.recipe, overrides)  # read once; a multi-stage recipe (stages:): pre_dpo.yaml
+    stages = loaded if loaded[0][0] is not None else None
     if stages is not None and num_processes > 1 and not launch.already_distributed():
         # every stage checked here (one error line, no process started), then each launched process runs the stages
         check_stages(stages, resume=args.resume, overwrite=args.overwrite, num_processes=num_processes,
@@ -45,9 +46,9 @@ def _cmd_train(args) -> int:
                     if isinstance(s.get(key), float):
                         print(f"  test {s.get('test_metric', 'accuracy')} {label}{100 * s[key]:.1f}%")
         return 0
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = loaded[0][1]
     if num_processes > 1 and not launch.already_distributed():
-        from posttrain.train import prepare_output_dir, preflight
+        from posttrain.run.pipeline import prepare_output_dir, preflight
 
         # bad input: one error line here, before any process starts (the TRL config is checked by the launched
         # processes: its batch checks depend on their number)
@@ -56,7 +57,7 @@ def _cmd_train(args) -> int:
         if not (args.resume or args.overwrite):
             prepare_output_dir(Path(recipe.output_dir), resume=False, overwrite=False)
         return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
-    from posttrain.train import run  # torch, transformers and TRL: imported once the recipe's own keys are checked
+    from posttrain.run.pipeline import run  # torch, transformers, TRL: once the recipe's own keys are checked
 
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
@@ -93,7 +94,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from posttrain.report import write_report
+    from posttrain.run.report import write_report
 
     path = write_report(args.run_dirs, args.output)
     print(f"wrote {path} (plots also in {path.with_name(path.stem + '_plots')}/)")
@@ -159,9 +160,10 @@ def _cmd_methods(args) -> int:
 
     if args.name:
         return _method_detail(args.name)
-    from posttrain.methods import FAMILIES
+    from posttrain.families.base import FAMILIES
 
-    rows = sorted(METHODS.values(), key=lambda m: (FAMILIES.index(m.family), m.name))
+    order = list(FAMILIES)
+    rows = sorted(METHODS.values(), key=lambda m: (order.index(m.family), m.name))
     if args.json:
         print(json.dumps([
             {"name": m.name, "family": m.family, "summary": m.summary, "paper": m.paper, "recipe": m.recipe}

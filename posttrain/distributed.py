@@ -98,9 +98,9 @@ def check_backend(recipe, info, backend: str) -> None:
     if peft is not None:
         from posttrain.adapters.spec import ADAPTER_VARIANTS
 
-        entry = ADAPTER_VARIANTS[peft.type]
-        if backend not in entry.backends:
-            raise UserError(f"peft.type: {peft.type} does not run with {flag}: {entry.not_sharded}; use --distributed "
+        variant = ADAPTER_VARIANTS[peft.type].variant
+        if backend not in variant.backends:
+            raise UserError(f"peft.type: {peft.type} does not run with {flag}: {variant.not_sharded}; use --distributed "
                             "ddp (or peft.type lora / goat)")
         goat = getattr(peft, "goat", None)
         if backend in ("zero3", "zero3_offload") and goat is not None and goat.fold_residual:

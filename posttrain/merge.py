@@ -33,7 +33,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, trust_remote_code: bool 
     The base model's own code runs only with ``trust_remote_code=True`` (``--trust-remote-code``): a run folder's
     ``recipe.yaml`` saying ``model.trust_remote_code: true`` is not enough, since anyone who can write to a shared run
     folder could otherwise run code on whoever merges it."""
-    from posttrain.adapters.trainer import _base_model_for, run_adapter_type
+    from posttrain.adapters.trainer import _base_model_for, run_adapter_type, run_adapter_variant
 
     run, out = Path(run_dir), Path(out_dir)
     if not run.is_dir():
@@ -44,19 +44,15 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, trust_remote_code: bool 
         raise UserError(f"{out}: OUT_DIR must differ from RUN_DIR")
     has_adapter = (run / "adapter_config.json").is_file()
     has_model = (run / "config.json").is_file()
-    kind = run_adapter_type(run)
-    if kind == "goat" or (run / "goat_config.json").is_file():
-        raise UserError(
-            f"{run}: GOAT adapters cannot be merged: the router mixes the experts per token, so no single weight "
-            f"matrix equals the adapter; load it with posttrain.adapters.load_adapter_run('{run}') "
-            f"(or posttrain.adapters.load_goat(base_model, '{run}'))"
-        )
+    kind, variant = run_adapter_type(run), run_adapter_variant(run)
+    if variant is not None and not variant.mergeable:
+        raise UserError(f"{run}: {variant.merge_refusal.format(run=run)}")
     if not has_adapter:
         if not has_model:
             raise UserError(f"{run}: no adapter_config.json or config.json; not a finished posttrain run directory")
         out.mkdir(parents=True, exist_ok=True)
         _copy_model_files(run, out)
-        what = "PLoRA run (already saved merged: backbone + last adapter)" if kind == "plora" else "full model"
+        what = variant.merged_description if variant is not None and variant.saved_merged else "full model"
         return f"{what}: copied to {out}"
 
     from peft import PeftModel

@@ -84,7 +84,9 @@ def check_load_options(spec, key: str, *, peft=None) -> None:
         if peft is None:
             raise UserError("model.quantization: quantised weights cannot be trained directly; add a peft: block "
                             "(QLoRA)")
-        if peft.type in ("plora", "ggpo", "goat"):
+        from posttrain.adapters.spec import adapter_variant
+
+        if not adapter_variant(peft).quantizable:
             raise UserError(f"model.quantization: peft.type {peft.type} changes or initialises from the base weights, "
                             "which are quantised; use peft.type lora (QLoRA) or remove the quantization block")
     if not torch.cuda.is_available():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from posttrain.families.base import FAMILIES, load
+
 OPEN, CLOSE = "⟦", "⟧"
 
 
@@ -50,7 +52,7 @@ def _prepared(trainer_cls, config, fields: dict[str, Any], *args):
         return trainer._prepare_dataset(*args)
 
 
-def _sft(ctx, rows, key: str) -> list[RowPreview]:
+def sft_rows(ctx, rows, key: str) -> list[RowPreview]:
     from posttrain.trainers.sft import PosttrainSFTTrainer
 
     config, tok = ctx["config"], ctx["tokenizer"]
@@ -70,7 +72,7 @@ def _sft(ctx, rows, key: str) -> list[RowPreview]:
     return out
 
 
-def _preference(ctx, rows, key: str) -> list[RowPreview]:
+def preference_rows(ctx, rows, key: str) -> list[RowPreview]:
     from posttrain.trainers.preference import PosttrainPreferenceTrainer
 
     config, tok = ctx["config"], ctx["tokenizer"]
@@ -93,7 +95,7 @@ def _preference(ctx, rows, key: str) -> list[RowPreview]:
     return out
 
 
-def _unpaired(ctx, rows, key: str) -> list[RowPreview]:
+def unpaired_rows(ctx, rows, key: str) -> list[RowPreview]:
     from posttrain.trainers.kto import TURN_MASK, PosttrainKTOTrainer
 
     config, tok, params = ctx["config"], ctx["tokenizer"], ctx["recipe"].params
@@ -116,7 +118,7 @@ def _unpaired(ctx, rows, key: str) -> list[RowPreview]:
     return out
 
 
-def _reward(ctx, rows, key: str) -> list[RowPreview]:
+def reward_rows(ctx, rows, key: str) -> list[RowPreview]:
     from posttrain.trainers.reward import tokenize_pairs
 
     config, tok = ctx["config"], ctx["tokenizer"]
@@ -133,7 +135,7 @@ def _reward(ctx, rows, key: str) -> list[RowPreview]:
     return out
 
 
-def _unlearning(ctx, rows, key: str) -> list[RowPreview]:
+def unlearning_rows(ctx, rows, key: str) -> list[RowPreview]:
     from posttrain.trainers.unlearning import tokenize_rows
 
     config, tok = ctx["config"], ctx["tokenizer"]
@@ -146,7 +148,7 @@ def _unlearning(ctx, rows, key: str) -> list[RowPreview]:
     return out
 
 
-def _rl(ctx, rows, key: str) -> list[RowPreview]:
+def rl_rows(ctx, rows, key: str) -> list[RowPreview]:
     from posttrain.data.formatting import render_prompt
 
     tok = ctx["tokenizer"]
@@ -159,26 +161,15 @@ def _rl(ctx, rows, key: str) -> list[RowPreview]:
     return out
 
 
-# family -> (the data key whose rows are shown, previewer)
-PREVIEWERS = {
-    "sft": ("data.train", _sft),
-    "preference": ("data.train", _preference),
-    "unpaired": ("data.train", _unpaired),
-    "reward": ("data.train", _reward),
-    "online": ("data.train", _rl),
-    "unlearning": ("data.forget", _unlearning),
-    "rl": ("data.train", _rl),
-}
-
-
 def preview_rows(recipe, info, config, tokenizer, datasets: dict[str, Any], n: int) -> list[RowPreview]:
     """The first ``n`` rows of the family's training data (for unlearning: ``data.forget`` then ``data.retain``), as
-    the trainer tokenises them; ``datasets`` are preflight's, after :func:`posttrain.train.prepare_chat_format`."""
-    key, previewer = PREVIEWERS[info.family]
-    keys = [key, "data.retain"] if info.family == "unlearning" else [key]
+    the trainer tokenises them; ``datasets`` are preflight's, after
+    :func:`posttrain.run.pipeline.prepare_chat_format`."""
+    family = FAMILIES[info.family]
+    previewer = load(family.preview)
     ctx = {"recipe": recipe, "config": config, "tokenizer": tokenizer}
     out = []
-    for k in keys:
+    for k in family.preview_keys:
         rows = datasets.get(k)
         if rows is not None and len(rows):
             out += previewer(ctx, rows.select(range(min(n, len(rows)))), k)
@@ -226,13 +217,12 @@ def check_recipe(path: str, overrides: list[str], show: int = 0, write=print) ->
     """``posttrain check``: every check of ``posttrain train`` that needs no model (each stage of a multi-stage
     recipe), and with ``show`` the first rows of the training data as the trainer sees them (loads the tokenizer
     only). Writes nothing to the recipe's ``output_dir``."""
-    from posttrain.recipe import load_recipe
-    from posttrain.stages import load_stages
-    from posttrain.train import check_report_to, load_run_tokenizer, prepare_chat_format, preflight, setup_logging
+    from posttrain.recipe import load_recipe_stages
+    from posttrain.run.pipeline import (check_report_to, load_run_tokenizer, prepare_chat_format, preflight,
+                                        setup_logging)
 
     setup_logging()
-    stages = load_stages(path, overrides) or [("", load_recipe(path, overrides))]
-    for name, recipe in stages:
+    for name, recipe in load_recipe_stages(path, overrides):
         where = f"stage {name}: " if name else ""
         check_report_to(recipe)
         info, config, datasets = preflight(recipe)

@@ -236,7 +236,7 @@ def test_log_lines_are_readable():
 
 
 def test_schedule_and_short_run_warnings():
-    from posttrain.training_args import schedule_warnings
+    from posttrain.recipe.training_args import schedule_warnings
 
     assert schedule_warnings({"max_steps": 100, "warmup_steps": 10}) == []
     warnings = schedule_warnings({"max_steps": 5, "warmup_steps": 20})
@@ -245,7 +245,7 @@ def test_schedule_and_short_run_warnings():
 
 
 def test_accumulation_larger_than_the_data():
-    from posttrain.training_args import check_batch_fits_data
+    from posttrain.recipe.training_args import check_batch_fits_data
 
     check_batch_fits_data({"gradient_accumulation_steps": 5, "per_device_train_batch_size": 4}, "sft", "data.train",
                           20)

@@ -58,6 +58,25 @@ def test_unknown_training_argument(tmp_path, capsys):
     _assert_one_error(code, err, "training.max_step", "did you mean 'max_steps'")
 
 
+def test_unknown_training_argument_is_refused_before_trl_loads(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "training": {"learnin_rate": 1e-3}}))
+    code = ("import sys\n"
+            "from posttrain.errors import UserError\n"
+            "from posttrain.recipe import load_recipe\n"
+            f"try:\n    load_recipe({str(path)!r})\nexcept UserError as exc:\n    print(exc)\n"
+            "print(sorted(m for m in ('trl', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["training.learnin_rate: unknown training argument (did you mean 'learning_rate'?)", "[]"]
+
+
+def test_training_fields_file_is_current():
+    from posttrain.recipe.training_args import FIELDS_FILE, field_table
+
+    assert json.loads(FIELDS_FILE.read_text()) == field_table(), (
+        "regenerate: python -m posttrain.recipe.training_args > posttrain/recipe/training_fields.json")
+
+
 def test_wrong_type(tmp_path, capsys):
     code, err = _run(tmp_path, capsys, extra=["--set", "method.name=dft", "--set", "seed=abc"])
     _assert_one_error(code, err, "seed", "integer")

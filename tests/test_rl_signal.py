@@ -116,7 +116,7 @@ def test_healthy_run_has_no_warning(tmp_path, capsys):
     rows, summary = _train(tmp_path, "grpo.yaml", "training.max_steps=2", "training.per_device_train_batch_size=32",
                            "training.num_generations=8", "training.temperature=1.5", "data.train.max_samples=8")
     assert any(r["frac_reward_zero_std"] < 1 for r in rows)
-    # the only warning: a 2-step run is a smoke test (posttrain.training_args.schedule_warnings)
+    # the only warning: a 2-step run is a smoke test (posttrain.recipe.training_args.schedule_warnings)
     assert [w[:18] for w in summary["warnings"]] == ["training.max_steps"]
     assert [line[:27] for line in capsys.readouterr().out.splitlines() if "warning" in line] == [
         "warning: training.max_steps"]

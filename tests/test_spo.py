@@ -286,20 +286,22 @@ def test_resume_is_bit_identical_with_tracker_and_sampler_state(tmp_path):
 
     def go(name, **kw):
         grab = Grab()
-        import posttrain.train as train_module
+        import dataclasses
 
-        original = train_module.TRAINER_BUILDERS["rl"]
+        from posttrain.families.base import FAMILIES, load
+
+        original = FAMILIES["rl"]
 
         def build(ctx):
-            trainer = original(ctx)
+            trainer = load(original.build_trainer)(ctx)
             grab.trainer = trainer
             return trainer
 
-        train_module.TRAINER_BUILDERS["rl"] = build
+        FAMILIES["rl"] = dataclasses.replace(original, build_trainer=build)
         try:
             run(_spo_recipe(tmp_path / name), callbacks=[grab, *kw.pop("callbacks", [])], quiet=True, **kw)
         finally:
-            train_module.TRAINER_BUILDERS["rl"] = original
+            FAMILIES["rl"] = original
 
     go("full")
     with pytest.raises(RuntimeError, match="simulated kill"):

@@ -8,18 +8,94 @@ scaling is ``peft.goat.scaling``).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.errors import UserError
 from posttrain.registry import Registry
 
-# ``peft.type`` -> entry: ``fn`` is the variant's options model (the ``peft.<type>`` sub-block; plain LoRA has none),
-# ``meta``: ``mergeable`` (``posttrain merge`` folds the adapter into the base), ``options`` (it has a sub-block),
-# ``backends`` (the ``--distributed`` backends it runs on; docs/distributed.md) and ``not_sharded`` (why not the others).
-# The implementations (posttrain/adapters/<type>.py) import torch/peft and are wired by posttrain.adapters.trainer.
+# ``peft.type`` -> entry: ``fn`` is the variant's options model (the ``peft.<type>`` sub-block; plain LoRA has none)
+# and ``variant`` its :class:`AdapterVariant`. The implementations (posttrain/adapters/<type>.py) import torch/peft and
+# are wired by posttrain.adapters.trainer, which asks the variant instead of comparing ``peft.type``.
 ADAPTER_VARIANTS: Registry = Registry("adapter variant")
+
+PEFT_USAGE = ("from peft import AutoPeftModelForCausalLM",
+              'model = AutoPeftModelForCausalLM.from_pretrained("PATH")')
+
+
+@dataclass(frozen=True)
+class AdapterVariant:
+    """What a run needs from one ``peft.type``. Code is named by ``"module:attribute"`` strings, imported on use
+    (this module stays torch-free).
+
+    ``options``: it has a ``peft.<name>`` sub-block. ``mergeable``: ``posttrain merge`` folds it into the base
+    (``merge_refusal``, formatted with ``run``, says why not). ``backends``: the ``--distributed`` backends it runs on
+    (docs/distributed.md), ``not_sharded`` why not the others. ``trainer_mixins``: the classes put before the trainer
+    class (the save/resume hooks first; none: the trainer class itself), ``mixin_kwargs(recipe)`` their arguments.
+    ``prepare_model(model, recipe)``: wraps the model before the trainer, which then gets no ``peft_config``.
+    ``reference_problem(peft)``: why the adapter-disabled policy is not the original model (the trainer then
+    refuses it as a reference), and ``precompute_helps``: whether precomputed reference log-probs avoid that.
+    ``check(peft)``: cross-key checks of the ``peft`` block. ``saved_merged``: the final model is saved as a full
+    model (``merged_description``); ``loader(base, run_dir, is_trainable=...)``: loads a saved adapter plain PEFT
+    cannot. ``quantizable``: trains on quantised base weights (QLoRA). ``usage``: the model card's loading lines."""
+
+    name: str
+    options: bool = False
+    mergeable: bool = True
+    merge_refusal: str = ""
+    backends: tuple[str, ...] = ()
+    not_sharded: str = ""
+    trainer_mixins: tuple[str, ...] = ()
+    mixin_kwargs: str | None = None
+    prepare_model: str | None = None
+    reference_problem: Callable[[Any], str | None] | None = None
+    precompute_helps: bool = True
+    check: Callable[[Any], None] | None = None
+    saved_merged: bool = False
+    merged_description: str = ""
+    loader: str | None = None
+    quantizable: bool = False
+    usage: tuple[str, ...] = PEFT_USAGE
+
+
+_ADAPTER_DISABLED = "this method uses the adapter-disabled policy as its reference (beta > 0 / anchor)"
+_FROZEN_COPY = "ref_model: the same path as model: for a frozen copy of the initial model"
+_TRAINER = "posttrain.adapters.trainer"
+
+
+def _unlike_the_original(why: str) -> Callable[[Any], str]:
+    def problem(peft) -> str:
+        return (f"peft.{peft.type}: {_ADAPTER_DISABLED}, which {why}; set ref_model ({_FROZEN_COPY}), or precompute "
+                "the reference log-probs (method.precompute_ref_log_probs: true, where the method has it)")
+
+    return problem
+
+
+def _goat_folded_reference(peft) -> str | None:
+    if peft.goat is None or not peft.goat.fold_residual:
+        return None
+    return (f"peft.goat.fold_residual: {_ADAPTER_DISABLED}, which is W0 - R with the residual folded, not the original "
+            f"model; set ref_model ({_FROZEN_COPY}), or peft.goat.fold_residual: false")
+
+
+def _check_goat(peft) -> None:
+    g = peft.goat
+    if peft.r % g.num_experts != 0:
+        raise UserError(f"peft.r: GOAT needs a total rank divisible by peft.goat.num_experts={g.num_experts}, "
+                        f"got r={peft.r}")
+    if peft.use_rslora:
+        raise UserError("peft.use_rslora: not used by GOAT; set peft.goat.scaling: rslora instead")
+    if peft.bias != "none":
+        raise UserError("peft.bias: GOAT supports only 'none'")
+    if peft.init_lora_weights is not True:
+        raise UserError("peft.init_lora_weights: GOAT always uses its SVD initialisation; remove the key")
+
+
+def register_variant(doc: str, variant: AdapterVariant) -> Callable[[type], type]:
+    """Decorator of a variant's options model: register it under ``variant.name``."""
+    return ADAPTER_VARIANTS.register(variant.name, doc=doc, variant=variant)
 
 
 # every `--distributed` backend (posttrain.launch.BACKENDS) and one process
@@ -30,16 +106,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
-@ADAPTER_VARIANTS.register("lora", doc="docs/methods/lora.md", mergeable=True, options=False,
-                            backends=EVERY_BACKEND, not_sharded="")
+@register_variant("docs/methods/lora.md", AdapterVariant("lora", backends=EVERY_BACKEND, quantizable=True))
 class LoRAOptions(_Strict):
     """Plain LoRA (Hu et al. 2021, arXiv 2106.09685) through PEFT: no options beyond the ``peft.*`` keys."""
 
 
-@ADAPTER_VARIANTS.register(
-    "plora", doc="docs/methods/plora.md", mergeable=True, options=True, backends=("single", "ddp"),
+@register_variant("docs/methods/plora.md", AdapterVariant(
+    "plora", options=True, backends=("single", "ddp"),
     not_sharded="it unloads the adapter into the frozen base weights, which ZeRO-3 and FSDP2 shard, and its reset mode "
-                "drops per-parameter optimizer state, which DeepSpeed keeps in flat partitions")
+                "drops per-parameter optimizer state, which DeepSpeed keeps in flat partitions",
+    trainer_mixins=(f"{_TRAINER}:_PLoRASaveMixin", "posttrain.adapters.plora:PLoRAMixin"),
+    mixin_kwargs=f"{_TRAINER}:plora_kwargs",
+    reference_problem=_unlike_the_original("is no longer the original model after an unload"),
+    saved_merged=True, merged_description="PLoRA run (already saved merged: backbone + last adapter)",
+    usage=("from transformers import AutoModelForCausalLM, AutoTokenizer",
+           'model = AutoModelForCausalLM.from_pretrained("PATH")  # PLoRA runs are saved merged')))
 class PLoRASpec(_Strict):
     """PeriodicLoRA (arXiv 2402.16141): unload the adapter into the backbone every ``stage_steps`` steps."""
 
@@ -64,8 +145,15 @@ class PLoRASpec(_Strict):
         return self
 
 
-@ADAPTER_VARIANTS.register("goat", doc="docs/methods/goat.md", mergeable=False, options=True,
-                            backends=EVERY_BACKEND, not_sharded="")
+@register_variant("docs/methods/goat.md", AdapterVariant(
+    "goat", options=True, mergeable=False, backends=EVERY_BACKEND,
+    merge_refusal="GOAT adapters cannot be merged: the router mixes the experts per token, so no single weight matrix "
+                  "equals the adapter; load it with posttrain.adapters.load_adapter_run('{run}') (or "
+                  "posttrain.adapters.load_goat(base_model, '{run}'))",
+    trainer_mixins=(f"{_TRAINER}:_GOATSaveMixin", "posttrain.adapters.goat:GOATTrainerMixin"),
+    prepare_model=f"{_TRAINER}:goat_model", reference_problem=_goat_folded_reference, precompute_helps=False,
+    check=_check_goat, loader="posttrain.adapters.goat:load_goat",
+    usage=("from posttrain.adapters import load_adapter_run", 'model = load_adapter_run("PATH")  # GOAT adapter')))
 class GOATSpec(_Strict):
     """GOAT (arXiv 2502.16894): SVD-initialised mixture of LoRA experts with a top-k router. ``peft.r`` is the
     total rank (split into ``num_experts`` experts of rank r/E)."""
@@ -92,10 +180,13 @@ class GOATSpec(_Strict):
         return self
 
 
-@ADAPTER_VARIANTS.register(
-    "ggpo", doc="docs/methods/ggpo.md", mergeable=True, options=True, backends=("single", "ddp"),
+@register_variant("docs/methods/ggpo.md", AdapterVariant(
+    "ggpo", options=True, backends=("single", "ddp"),
     not_sharded="it perturbs the base weights in place, which ZeRO-3 and FSDP2 shard, and reads each LoRA gradient "
-                "after the backward, which DeepSpeed moves into its own partitioned buffers")
+                "after the backward, which DeepSpeed moves into its own partitioned buffers",
+    trainer_mixins=(f"{_TRAINER}:_GGPOSaveMixin", "posttrain.adapters.ggpo:GGPOTrainerMixin"),
+    mixin_kwargs=f"{_TRAINER}:ggpo_kwargs",
+    reference_problem=_unlike_the_original("would be computed at the perturbed weights")))
 class GGPOSpec(_Strict):
     """LoRA-GGPO (arXiv 2502.14538v1): per-step Gaussian weight perturbation scaled by weight and gradient norms."""
 
@@ -112,8 +203,13 @@ class GGPOSpec(_Strict):
 
 
 PEFT_TYPES = ADAPTER_VARIANTS.names()
-MERGEABLE = tuple(e.name for e in ADAPTER_VARIANTS if e.mergeable)
-VARIANT_SPECS = {e.name: e.fn for e in ADAPTER_VARIANTS if e.options}
+MERGEABLE = tuple(e.name for e in ADAPTER_VARIANTS if e.variant.mergeable)
+VARIANT_SPECS = {e.name: e.fn for e in ADAPTER_VARIANTS if e.variant.options}
+
+
+def adapter_variant(peft: Any) -> AdapterVariant | None:
+    """The :class:`AdapterVariant` of a recipe's ``peft`` block (None: no adapter)."""
+    return None if peft is None else ADAPTER_VARIANTS[peft.type].variant
 
 
 def check_peft_variant(peft: Any) -> Any:
@@ -123,17 +219,9 @@ def check_peft_variant(peft: Any) -> Any:
             raise UserError(f"peft.{name}: options for peft.type '{name}', but peft.type is '{peft.type}'")
     if peft.type in VARIANT_SPECS and getattr(peft, peft.type, None) is None:
         setattr(peft, peft.type, VARIANT_SPECS[peft.type]())
-    if peft.type == "goat":
-        g = peft.goat
-        if peft.r % g.num_experts != 0:
-            raise UserError(f"peft.r: GOAT needs a total rank divisible by peft.goat.num_experts={g.num_experts}, "
-                            f"got r={peft.r}")
-        if peft.use_rslora:
-            raise UserError("peft.use_rslora: not used by GOAT; set peft.goat.scaling: rslora instead")
-        if peft.bias != "none":
-            raise UserError("peft.bias: GOAT supports only 'none'")
-        if peft.init_lora_weights is not True:
-            raise UserError("peft.init_lora_weights: GOAT always uses its SVD initialisation; remove the key")
+    check = adapter_variant(peft).check
+    if check is not None:
+        check(peft)
     return peft
 
 

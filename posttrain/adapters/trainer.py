@@ -31,7 +31,9 @@ import logging
 import os
 from typing import Any
 
+from posttrain.adapters.spec import ADAPTER_VARIANTS, AdapterVariant, adapter_variant
 from posttrain.errors import UserError
+from posttrain.families.base import load
 
 logger = logging.getLogger("posttrain")
 _CLASS_CACHE: dict[tuple[type, str], type] = {}
@@ -39,6 +41,12 @@ _CLASS_CACHE: dict[tuple[type, str], type] = {}
 
 def peft_type(recipe) -> str | None:
     return None if recipe.peft is None else recipe.peft.type
+
+
+def _wrapping_variant(recipe) -> AdapterVariant | None:
+    """The recipe's variant when it changes the trainer (plain LoRA and no adapter: None)."""
+    variant = adapter_variant(recipe.peft)
+    return variant if variant is not None and variant.trainer_mixins else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,47 +126,43 @@ class _GGPOSaveMixin:
 
 def wrap_trainer_class(cls: type, recipe) -> type:
     """``cls`` itself for plain LoRA / no adapter, else a subclass with the variant's mixins (cached per class)."""
-    kind = peft_type(recipe)
-    if kind in (None, "lora"):
+    variant = _wrapping_variant(recipe)
+    if variant is None:
         return cls
-    key = (cls, kind)
+    key = (cls, variant.name)
     if key not in _CLASS_CACHE:
-        if kind == "plora":
-            from posttrain.adapters.plora import PLoRAMixin
-
-            bases = (_PLoRASaveMixin, PLoRAMixin, cls)
-        elif kind == "goat":
-            from posttrain.adapters.goat import GOATTrainerMixin
-
-            bases = (_GOATSaveMixin, GOATTrainerMixin, cls)
-        elif kind == "ggpo":
-            from posttrain.adapters.ggpo import GGPOTrainerMixin
-
-            bases = (_GGPOSaveMixin, GGPOTrainerMixin, cls)
-        else:  # pragma: no cover - the recipe schema rejects other types
-            raise UserError(f"peft.type: unknown '{kind}'")
-        _CLASS_CACHE[key] = type(f"{kind.upper()}{cls.__name__}", bases, {"__module__": __name__})
+        bases = (*(load(mixin) for mixin in variant.trainer_mixins), cls)
+        _CLASS_CACHE[key] = type(f"{variant.name.upper()}{cls.__name__}", bases, {"__module__": __name__})
     return _CLASS_CACHE[key]
 
 
 def mixin_kwargs(recipe) -> dict[str, Any]:
     """Keyword arguments of the variant's trainer mixin, from ``recipe.peft.<type>``."""
-    kind = peft_type(recipe)
-    if kind == "plora":
-        o = recipe.peft.plora
-        return dict(plora_mode=o.mode, plora_stage_steps=o.stage_steps, plora_momentum=o.momentum,
-                    plora_seed=recipe.seed)
-    if kind == "ggpo":
-        o = recipe.peft.ggpo
-        return dict(ggpo_sigma=o.sigma, ggpo_beta=o.beta, ggpo_restore=o.restore,
-                    ggpo_sigma_schedule=o.sigma_schedule, ggpo_every_n_steps=o.every_n_steps)
-    return {}
+    variant = adapter_variant(recipe.peft)
+    return {} if variant is None or variant.mixin_kwargs is None else load(variant.mixin_kwargs)(recipe)
+
+
+def plora_kwargs(recipe) -> dict[str, Any]:
+    o = recipe.peft.plora
+    return dict(plora_mode=o.mode, plora_stage_steps=o.stage_steps, plora_momentum=o.momentum, plora_seed=recipe.seed)
+
+
+def ggpo_kwargs(recipe) -> dict[str, Any]:
+    o = recipe.peft.ggpo
+    return dict(ggpo_sigma=o.sigma, ggpo_beta=o.beta, ggpo_restore=o.restore, ggpo_sigma_schedule=o.sigma_schedule,
+                ggpo_every_n_steps=o.every_n_steps)
 
 
 def prepare_model(model, recipe):
-    """GOAT: wrap ``model`` with GOAT layers (SVD init) before the trainer; other types: ``model`` unchanged."""
-    if peft_type(recipe) != "goat":
+    """The variant's model wrapping before the trainer (GOAT: :func:`goat_model`); other types: ``model``."""
+    variant = adapter_variant(recipe.peft)
+    if variant is None or variant.prepare_model is None:
         return model
+    return load(variant.prepare_model)(model, recipe)
+
+
+def goat_model(model, recipe):
+    """GOAT: wrap ``model`` with GOAT layers (SVD init) before the trainer."""
     from peft import PeftModel
 
     from posttrain.adapters.goat import apply_goat
@@ -178,33 +182,20 @@ def prepare_model(model, recipe):
 
 
 def check_reference(recipe, args=None, ref_model=None, uses_disabled_adapter_reference: bool | None = None) -> None:
-    """Refuse PLoRA/GGPO (and GOAT with ``fold_residual``) when the trainer would take the adapter-disabled policy as
-    its reference. A separate ``ref_model`` (any family that has one: preference, unlearning, RL) avoids it."""
-    kind = peft_type(recipe)
-    folded = kind == "goat" and recipe.peft.goat is not None and recipe.peft.goat.fold_residual
-    if kind not in ("plora", "ggpo") and not folded:
+    """Refuse a variant whose adapter-disabled policy is not the original model (PLoRA, GGPO, GOAT with
+    ``fold_residual``: ``AdapterVariant.reference_problem``) when the trainer would take it as its reference. A
+    separate ``ref_model`` (any family that has one: preference, unlearning, RL) avoids it."""
+    variant = adapter_variant(recipe.peft)
+    problem = variant.reference_problem(recipe.peft) if variant is not None and variant.reference_problem else None
+    if problem is None:
         return
     if uses_disabled_adapter_reference is None:
         beta = float(getattr(args, "beta", 0.0) or 0.0)
         # precomputed reference log-probs are computed before training, but still with the adapter disabled
-        precomputed = getattr(args, "precompute_ref_log_probs", False) and not folded
+        precomputed = getattr(args, "precompute_ref_log_probs", False) and variant.precompute_helps
         uses_disabled_adapter_reference = beta > 0 and ref_model is None and not precomputed
-    if not uses_disabled_adapter_reference:
-        return
-    copy = "ref_model: the same path as model: for a frozen copy of the initial model"
-    if folded:
-        raise UserError(
-            "peft.goat.fold_residual: this method uses the adapter-disabled policy as its reference (beta > 0 / "
-            f"anchor), which is W0 - R with the residual folded, not the original model; set ref_model ({copy}), or "
-            "peft.goat.fold_residual: false"
-        )
-    why = ("is no longer the original model after an unload" if kind == "plora"
-           else "would be computed at the perturbed weights")
-    raise UserError(
-        f"peft.{kind}: this method uses the adapter-disabled policy as its reference (beta > 0 / anchor), which "
-        f"{why}; set ref_model ({copy}), or precompute the reference log-probs (method.precompute_ref_log_probs: "
-        "true, where the method has it)"
-    )
+    if uses_disabled_adapter_reference:
+        raise UserError(problem)
 
 
 def make_trainer(cls: type, recipe, /, *, uses_disabled_adapter_reference: bool | None = None, **kwargs):
@@ -214,11 +205,11 @@ def make_trainer(cls: type, recipe, /, *, uses_disabled_adapter_reference: bool 
     ``uses_disabled_adapter_reference`` when the trainer's reference is the adapter-disabled policy (detected from
     ``args.beta``/``ref_model``/``args.precompute_ref_log_probs`` when left as ``None``).
     """
-    kind = peft_type(recipe)
-    if kind in (None, "lora"):
+    variant = _wrapping_variant(recipe)
+    if variant is None:
         return cls(**kwargs)
     check_reference(recipe, kwargs.get("args"), kwargs.get("ref_model"), uses_disabled_adapter_reference)
-    if kind == "goat":
+    if variant.prepare_model is not None:
         kwargs["model"] = prepare_model(kwargs["model"], recipe)
         kwargs["peft_config"] = None
     return wrap_trainer_class(cls, recipe)(**kwargs, **mixin_kwargs(recipe))
@@ -241,6 +232,14 @@ def run_adapter_type(run_dir) -> str | None:
     if os.path.isfile(os.path.join(str(run_dir), "adapter_config.json")):
         return "lora"
     return None
+
+
+def run_adapter_variant(run_dir) -> AdapterVariant | None:
+    """The :class:`AdapterVariant` a run directory was trained with (:func:`run_adapter_type`; None: no adapter)."""
+    kind = run_adapter_type(run_dir)
+    if kind is None:
+        return None
+    return ADAPTER_VARIANTS[kind if kind in ADAPTER_VARIANTS else "lora"].variant  # unknown: a plain PEFT adapter
 
 
 def _base_model_for(run_dir, trust_remote_code: bool = False):
@@ -272,16 +271,14 @@ def _base_model_for(run_dir, trust_remote_code: bool = False):
 def load_adapter_run(run_dir, base_model=None, is_trainable: bool = False, trust_remote_code: bool = False):
     """Load a finished run's final model: GOAT/LoRA/GGPO adapters onto their base (``PeftModel``), PLoRA (and full
     fine-tuning) runs as the full model they saved. ``trust_remote_code`` as in :func:`_base_model_for`."""
-    kind = run_adapter_type(run_dir)
-    if kind in (None, "plora"):
+    variant = run_adapter_variant(run_dir)
+    if variant is None or variant.saved_merged:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(str(run_dir))
     base = base_model if base_model is not None else _base_model_for(run_dir, trust_remote_code=trust_remote_code)
-    if kind == "goat":
-        from posttrain.adapters.goat import load_goat
-
-        return load_goat(base, str(run_dir), is_trainable=is_trainable)
+    if variant.loader is not None:
+        return load(variant.loader)(base, str(run_dir), is_trainable=is_trainable)
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
@@ -290,10 +287,10 @@ def load_adapter_run(run_dir, base_model=None, is_trainable: bool = False, trust
 def check_trainer_supports_variant(trainer, recipe, method: str = "") -> None:
     """Refuse a run whose builder did not go through :func:`make_trainer` for a LoRA variant (it would silently
     train plain LoRA)."""
-    kind = peft_type(recipe)
-    if kind in (None, "lora"):
+    variant = _wrapping_variant(recipe)
+    if variant is None:
         return
-    expected = {"plora": "_PLoRASaveMixin", "goat": "_GOATSaveMixin", "ggpo": "_GGPOSaveMixin"}[kind]
-    if not any(c.__name__ == expected for c in type(trainer).__mro__):
+    expected = load(variant.trainer_mixins[0])
+    if expected not in type(trainer).__mro__:
         where = f"method '{method}'" if method else "this method's trainer"
-        raise UserError(f"peft.type: '{kind}' is not supported by {where} yet (use peft.type: lora)")
+        raise UserError(f"peft.type: '{variant.name}' is not supported by {where} yet (use peft.type: lora)")

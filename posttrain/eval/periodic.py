@@ -193,7 +193,9 @@ def suite_evaluator(recipe) -> Evaluator | None:
 def unlearning_evaluators(recipe, family: str) -> list[Evaluator]:
     """The unlearning evaluations of ``eval.suites`` (unlearning methods with ``eval.unlearning``)."""
     ev = recipe.eval
-    if family != "unlearning" or not ev.unlearning:
+    from posttrain.families.base import FAMILIES
+
+    if not FAMILIES[family].evaluates_forgetting or not ev.unlearning:
         return []
     builders = {"tofu": tofu_evaluator, "unlearning": suite_evaluator}
     evaluators = [builders[name](recipe) for name in dict.fromkeys(ev.suites)]

@@ -58,7 +58,7 @@ def build_sft_trainer(ctx):
     return make_trainer(  # the peft.type variant (plora/goat/ggpo) wraps the class; plain LoRA: the class itself
         PosttrainSFTTrainer,
         recipe,
-        uses_disabled_adapter_reference=ctx.info.reference == "required" and ctx.ref_model is None,
+        uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
         model=ctx.model,
         args=config,
         train_dataset=train,

@@ -329,7 +329,7 @@ def build_kto_trainer(ctx):
     return make_trainer(
         PosttrainKTOTrainer,
         recipe,
-        uses_disabled_adapter_reference=ctx.ref_model is None and not config.precompute_ref_log_probs,
+        uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
         model=ctx.model,
         ref_model=ctx.ref_model,
         args=config,

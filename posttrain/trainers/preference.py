@@ -682,8 +682,8 @@ def preference_config(recipe, info):
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     config = training_config(DPOConfig, recipe, overrides)
-    if config.sync_ref_model and (info.reference == "none" or overrides["precompute_ref_log_probs"]):
-        why = f"method '{name}' uses none" if info.reference == "none" else "precompute_ref_log_probs keeps none"
+    if config.sync_ref_model and (not recipe.reference.used or overrides["precompute_ref_log_probs"]):
+        why = f"method '{name}' uses none" if not recipe.reference.used else "precompute_ref_log_probs keeps none"
         raise UserError(f"training.sync_ref_model: needs a live reference model ({why})")
     return config
 
@@ -716,8 +716,6 @@ def build_preference_trainer(ctx):
     return make_trainer(
         PosttrainPreferenceTrainer,
         recipe,
-        uses_disabled_adapter_reference=(
-            ctx.info.reference != "none" and ctx.ref_model is None and not config.precompute_ref_log_probs
-        ),
+        uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
         **kwargs,
     )

@@ -498,7 +498,8 @@ def build_unlearning_trainer(ctx):
     return make_trainer(
         PosttrainUnlearningTrainer,
         recipe,
-        uses_disabled_adapter_reference=uses_reference(name, getattr(params, "alpha", 0.0)) and ctx.ref_model is None and recipe.peft is not None,
+        uses_disabled_adapter_reference=(recipe.reference.uses_disabled_adapter
+                                         and uses_reference(name, getattr(params, "alpha", 0.0))),
         model=ctx.model,
         args=config,
         train_dataset=dataset,

@@ -19,11 +19,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.families.base import FAMILIES, Family
 from posttrain.paths import expand_home
+from posttrain.reference import ReferencePlan, plan_reference
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
 
 if typing.TYPE_CHECKING:
-    from posttrain.methods import MethodParams
+    from posttrain.methods import MethodInfo, MethodParams
 
 
 MAX_NODES = 100_000  # YAML nodes of a recipe with every alias expanded (a recipe has a few hundred)
@@ -368,10 +370,6 @@ class EvalSpec(_Strict):
     batch_size: int = Field(32, ge=1, le=65536, description="Generation / scoring batch size.")
 
 
-# Evaluation-during-training defaults that depend on the method's family (filled in by parse_recipe).
-EVAL_PASS_K_DEFAULT = {"rl": [1, 4], "online": [1, 4]}
-
-
 class Recipe(_Strict):
     model: ModelSpec
     ref_model: ModelSpec | Literal["none"] | None = Field(
@@ -393,8 +391,13 @@ class Recipe(_Strict):
         self.output_dir = str(expand_home(self.output_dir, "output_dir"))
         return self
 
-    # Filled after validation: the method's typed hyperparameters.
+    # Filled after validation: the method's registry entry (looked up once, here) and its typed hyperparameters.
+    _info: MethodInfo | None = None
     _params: MethodParams | None = None
+    # The reference model of the run (posttrain.reference.ReferencePlan), decided once, when first asked (preflight);
+    # the output folders of the stages before this one (a ref_model among them is an earlier stage's model)
+    _reference: ReferencePlan | None = None
+    _earlier_stages: tuple[str, ...] = ()
     # The directory of the recipe file (set by load_recipe): relative `file.py:function` paths are looked up there.
     _source_dir: Path | None = None
     # data.chat_template / data.system_prompt resolved against the tokenizer (posttrain.data.formatting.ChatFormat)
@@ -410,9 +413,23 @@ class Recipe(_Strict):
     _preflight: Any = None
 
     @property
+    def info(self) -> MethodInfo:
+        """The method's registry entry (:data:`posttrain.methods.METHODS`), looked up once by :func:`parse_recipe`."""
+        assert self._info is not None
+        return self._info
+
+    @property
     def params(self) -> MethodParams:
         assert self._params is not None
         return self._params
+
+    @property
+    def reference(self) -> ReferencePlan:
+        """Where the run's frozen reference comes from (:func:`posttrain.reference.plan_reference`; decided on first
+        use, which refuses a ``ref_model`` the method cannot use)."""
+        if self._reference is None:
+            self._reference = plan_reference(self, self.info, self._earlier_stages)
+        return self._reference
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved recipe (defaults filled in) as plain data, for ``recipe.yaml``; it loads again as the same
@@ -548,8 +565,8 @@ _DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
     """Tie a parsed recipe to the folder of its file: relative data files and model folders are looked up there
     first, then in the working directory (a hit next to the recipe replaces the value by its absolute path, logged by
-    :func:`posttrain.train.preflight`); a data file found in neither is an error naming both places. ``output_dir``
-    stays relative to the working directory (preflight refuses the recipe's own folder)."""
+    :func:`posttrain.run.pipeline.preflight`); a data file found in neither is an error naming both places.
+    ``output_dir`` stays relative to the working directory (preflight refuses the recipe's own folder)."""
     source_dir = recipe_file.resolve().parent
     recipe._source_dir = source_dir
     cwd = Path.cwd()
@@ -580,29 +597,20 @@ def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
     return recipe
 
 
-# data keys each family reads (the others are refused, not silently ignored)
-FAMILY_DATA_KEYS = {
-    "sft": ("train", "eval", "test"),
-    "preference": ("train", "eval", "test"),
-    "unpaired": ("train", "eval", "test"),
-    "reward": ("train", "eval", "test"),
-    "online": ("train", "test"),
-    "rl": ("train", "eval", "test"),
-    "unlearning": ("forget", "retain", "holdout"),
-}
-
-
-def _check_family_data(recipe: Recipe, family: str, method: str) -> None:
-    used = FAMILY_DATA_KEYS[family]
+def _check_family_data(recipe: Recipe, family: Family, method: str) -> None:
+    """The data keys the family reads (the others are refused, not silently ignored)."""
+    used = family.data_keys
     for key in ("train", "eval", "test", "forget", "retain", "holdout"):
         if getattr(recipe.data, key) is not None and key not in used:
             reads = " and ".join(f"data.{k}" for k in used)
-            raise UserError(f"data.{key}: method '{method}' ({family} family) reads {reads}, not data.{key}")
+            raise UserError(f"data.{key}: method '{method}' ({family.name} family) reads {reads}, not data.{key}")
 
 
-def parse_recipe(data: dict[str, Any]) -> Recipe:
+def parse_recipe(data: dict[str, Any], earlier_stages: tuple[str, ...] = ()) -> Recipe:
     """Validate recipe data (already loaded and overridden): the schema, the method's hyperparameters, the data keys
-    its family reads and the ``training:`` block against its TRL config class (:mod:`posttrain.training_args`)."""
+    its family reads (``earlier_stages``: the output folders of the stages before this one, for
+    :attr:`Recipe.reference`) and the ``training:`` block against its TRL config class
+    (:mod:`posttrain.recipe.training_args`)."""
     if not isinstance(data, dict):
         raise UserError("recipe: expected a mapping of top-level keys (model, data, method, training, ...)")
     check_structure(data)
@@ -613,7 +621,7 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
     # imports torch (the GRPO parts): after the recipe's own keys are checked
     from posttrain.methods import get_method, methods_with_key
 
-    info = get_method(recipe.method.name)
+    info = recipe._info = get_method(recipe.method.name)
     try:
         recipe._params = info.params.model_validate(recipe.method.params)
     except ValidationError as exc:
@@ -623,20 +631,22 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
             raise UserError(f"method.{err['loc'][-1]}: not a key of method '{info.name}'; only used by method "
                             f"{' or '.join(owners)}") from None
         raise validation_error_to_user_error(exc, info.params, prefix="method") from None
-    _check_family_data(recipe, info.family, info.name)
-    from posttrain.training_args import check_training
+    family = FAMILIES[info.family]
+    _check_family_data(recipe, family, info.name)
+    recipe._earlier_stages = earlier_stages
+    from posttrain.recipe.training_args import check_training
 
     recipe.training = check_training(recipe.training, info.family)
-    _resolve_eval(recipe, info.family)
+    _resolve_eval(recipe, family)
     return recipe
 
 
-def _resolve_eval(recipe: Recipe, family: str) -> None:
+def _resolve_eval(recipe: Recipe, family: Family) -> None:
     """Check the ``eval`` block against the data and the family, and fill in the family's defaults."""
     ev, data = recipe.eval, recipe.data
     explicit_pass_k = ev.pass_k is not None
     if not explicit_pass_k:  # the family's default, when there is a data.test to measure it on
-        ev.pass_k = list(EVAL_PASS_K_DEFAULT.get(family, [])) if data.test is not None else []
+        ev.pass_k = list(family.pass_k) if data.test is not None else []
     ev.pass_k = sorted(set(ev.pass_k))
     if any(k < 1 for k in ev.pass_k):
         raise UserError(f"eval.pass_k: every k must be >= 1, got {ev.pass_k}")
@@ -645,14 +655,14 @@ def _resolve_eval(recipe: Recipe, family: str) -> None:
         raise UserError(f"eval.pass_k: k={ev.pass_k[-1]} is larger than eval.num_samples={samples}")
     if explicit_pass_k and ev.pass_k and data.test is None:
         raise UserError("eval.pass_k: pass@k is measured on data.test, which is not set")
-    unlearning = family == "unlearning" and ev.unlearning
-    if ev.retain_model is not None and family != "unlearning":
+    unlearning = family.evaluates_forgetting and ev.unlearning
+    if ev.retain_model is not None and not family.evaluates_forgetting:
         raise UserError("eval.retain_model: only unlearning methods use a retain model (for forget_quality)")
     if ev.retain_model is not None and (ev.steps is None or not ev.unlearning):
         raise UserError("eval.retain_model: used by the unlearning evaluation during training; set eval.steps "
                         "(and keep eval.unlearning: true)")
     if ev.steps is not None and data.test is None and not unlearning:
-        hint = " or eval.unlearning: true" if family == "unlearning" else ""
+        hint = " or eval.unlearning: true" if family.evaluates_forgetting else ""
         raise UserError(
             f"eval.steps: nothing to evaluate during training; set data.test (prompt + answer rows){hint}"
         )
@@ -681,12 +691,18 @@ def read_recipe_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML file, apply ``--set`` overrides and validate it (a multi-stage recipe: every stage is
     validated, and its last stage is returned)."""
+    return load_recipe_stages(path, overrides)[-1][1]
+
+
+def load_recipe_stages(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str | None, Recipe]]:
+    """The recipe file at ``path``, read and validated once: ``[(stage name, Recipe)]`` for a multi-stage recipe
+    (``stages:``; every stage validated, an error names the stage), ``[(None, Recipe)]`` for a plain one."""
     path, data = read_recipe_file(path)
-    if "stages" in data:  # a multi-stage recipe (posttrain.stages) loads as its last stage; `train` runs them all
-        return load_stage_recipes(path, data, overrides)[-1][1]
+    if "stages" in data:
+        return load_stage_recipes(path, data, overrides)
     for assignment in overrides or []:
         apply_override(data, assignment)
-    return attach_source_dir(parse_recipe(data), path)
+    return [(None, attach_source_dir(parse_recipe(data), path))]
 
 
 def load_stage_recipes(path: Path, data: dict[str, Any], overrides: list[str] | None = None) -> list[tuple[str, Recipe]]:
@@ -694,13 +710,14 @@ def load_stage_recipes(path: Path, data: dict[str, Any], overrides: list[str] | 
     out = []
     for name, stage in split_stages(data, overrides):
         try:
-            out.append((name, attach_source_dir(parse_recipe(stage), path)))
+            earlier = tuple(recipe.output_dir for _, recipe in out)
+            out.append((name, attach_source_dir(parse_recipe(stage, earlier), path)))
         except UserError as exc:
             raise UserError(f"stage '{name}': {exc}") from None
     return out
 
 
-# Multi-stage recipes (posttrain.stages runs them): the stage splitting is pure recipe manipulation, kept here so
+# Multi-stage recipes (posttrain.run.stages runs them): the stage splitting is pure recipe manipulation, kept here so
 # that loading a recipe does not import the runner.
 STAGE_REF = "stage:"
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -14,26 +14,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import json
 import math
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.families.base import FAMILIES, load
 
 INT32_MAX = 2**31 - 1
-
-# family -> (module, class) of its config; imported lazily (TRL is heavy)
-CONFIG_CLASSES = {
-    "sft": ("trl", "SFTConfig"),
-    "preference": ("trl", "DPOConfig"),
-    "unpaired": ("trl", "KTOConfig"),
-    "reward": ("trl", "RewardConfig"),
-    "online": ("trl", "GRPOConfig"),
-    "rl": ("trl", "GRPOConfig"),
-    "unlearning": ("posttrain.trainers.unlearning", "UnlearningConfig"),
-}
 
 
 @dataclass(frozen=True)
@@ -141,10 +133,42 @@ BOUNDS: dict[str, Bound] = {
 
 @functools.cache
 def config_class(family: str) -> type:
-    import importlib
+    """The family's config class (``Family.config_class``; imported now: TRL is heavy)."""
+    return load(FAMILIES[family].config_class)
 
-    module, name = CONFIG_CLASSES[family]
-    return getattr(importlib.import_module(module), name)
+
+# Every family's config field names, read from the installed TRL / transformers by `python -m posttrain.training_args`:
+# an unknown `training:` key is refused without importing TRL (seconds of start-up; tests/test_training_args.py checks
+# the file is current).
+FIELDS_FILE = Path(__file__).with_name("training_fields.json")
+_FIELDS_FROM = ("trl", "transformers")  # the packages whose versions the file was written for
+
+
+def _installed_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in _FIELDS_FROM}
+
+
+def field_table() -> dict[str, Any]:
+    """The content of :data:`FIELDS_FILE`: the installed versions and, per family, the init fields of its config
+    class in declaration order (imports TRL)."""
+    return {"versions": _installed_versions(),
+            "fields": {family: list(_field_types(config_class(family))) for family in FAMILIES}}
+
+
+@functools.cache
+def _known_field_names(family: str) -> tuple[str, ...] | None:
+    """The init fields of ``family``'s config class without importing it, when :data:`FIELDS_FILE` was written for
+    the installed versions; else None."""
+    try:
+        table = json.loads(FIELDS_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+    if table.get("versions") != _installed_versions():
+        return None
+    names = table.get("fields", {}).get(family)
+    return tuple(names) if isinstance(names, list) else None
 
 
 @functools.cache
@@ -269,6 +293,10 @@ def check_training(training: dict[str, Any], family: str) -> dict[str, Any]:
     (``1e3`` for an integer field becomes ``1000``)."""
     if not isinstance(training, dict):
         raise UserError("training: expected a mapping of training arguments")
+    known = _known_field_names(family)
+    if known is not None:  # unknown keys first, before TRL loads
+        for key in training:
+            _check_key(key, known)
     types_ = _field_types(config_class(family))
     out: dict[str, Any] = {}
     from posttrain.optim import OPTIMIZERS, check_optim_args
@@ -278,12 +306,7 @@ def check_training(training: dict[str, Any], family: str) -> dict[str, Any]:
         out["optim_args"] = check_optim_args(training["optim"], training.get("optim_args"))
         training = {k: v for k, v in training.items() if k not in ("optim", "optim_args")}
     for key, value in training.items():
-        if not isinstance(key, str):
-            raise UserError(f"training.{key}: keys must be strings")
-        if key in ("output_dir", "seed"):
-            raise UserError(f"training.{key}: set it as the top-level recipe key '{key}'")
-        if key not in types_:
-            raise UserError(f"training.{key}: unknown training argument{did_you_mean(key, types_)}")
+        _check_key(key, types_)
         annotation = types_[key]
         converted = _coerce(value, annotation)
         enum_type = _enum_of(annotation)
@@ -299,6 +322,15 @@ def check_training(training: dict[str, Any], family: str) -> dict[str, Any]:
                 raise UserError(f"training.{key}: must be {bound.describe()}, got {converted!r}")
         out[key] = converted
     return out
+
+
+def _check_key(key: Any, fields: typing.Collection[str]) -> None:
+    if not isinstance(key, str):
+        raise UserError(f"training.{key}: keys must be strings")
+    if key in ("output_dir", "seed"):
+        raise UserError(f"training.{key}: set it as the top-level recipe key '{key}'")
+    if key not in fields:
+        raise UserError(f"training.{key}: unknown training argument{did_you_mean(key, fields)}")
 
 
 def check_training_context(training: dict[str, Any], has_eval: bool, on_gpu: bool | None = None) -> None:
@@ -346,7 +378,8 @@ def check_batch_fits_data(training: dict[str, Any], family: str, key: str, rows:
     if accumulation <= 1:
         return
     batch = _setting(training, family, "per_device_train_batch_size") or 1
-    per_row = (_setting(training, family, "num_generations") or 1) if family == "rl" else 1
+    per_row_key = FAMILIES[family].completions_per_row
+    per_row = (_setting(training, family, per_row_key) or 1) if per_row_key is not None else 1
     micro_batches = math.ceil(rows * per_row / (batch * max(1, num_processes)))
     if accumulation > micro_batches:
         unit = f" x {per_row} completions" if per_row > 1 else ""
@@ -379,3 +412,7 @@ def schedule_warnings(training: dict[str, Any], config: Any = None) -> list[str]
                    "learning rate usually move the model away before it improves, so its accuracy after them says "
                    "nothing about the method (docs/observability.md \"Short runs\")")
     return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(field_table(), indent=1))
