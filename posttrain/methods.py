@@ -628,12 +628,12 @@ class GRPOParams(MethodParams):
             refuse(_PACS_KEYS, "only used with method.loss: pacs")
             for part, registry in _GRPO_PARTS:  # a key one part reads is an error when another is selected
                 chosen = registry[getattr(self, part)]
-                defaults.update(chosen.defaults if "defaults" in chosen.meta else {})
+                defaults.update(chosen.defaults)
                 owners: dict[str, list[str]] = {}
                 for entry in registry:
                     for key in entry.keys:
                         owners.setdefault(key, []).append(entry.name)
-                why = chosen.refuses if "refuses" in chosen.meta else {}
+                why = chosen.refuses
                 for key, names in owners.items():
                     if key in why:
                         if getattr(self, key) != type(self).model_fields[key].default:  # the default is harmless
@@ -658,7 +658,7 @@ class GRPOParams(MethodParams):
         if self.loss != "pacs":  # each selected part checks the settings it reads (cross-key checks)
             for part, registry in _GRPO_PARTS:
                 chosen = registry[getattr(self, part)]
-                problem = chosen.check(self) if "check" in chosen.meta else None
+                problem = chosen.check(self) if chosen.check is not None else None
                 if problem:
                     raise UserError(problem)
         if not any(spec.weight != 0 for spec in self.rewards):

@@ -1,56 +1,183 @@
 """A small name -> entry registry: every selectable part of a method (advantage estimator, loss aggregation, clipping
 rule, preference loss, unlearning objective, adapter variant) registers one entry next to its function.
 
-The recipe schema's allowed values come from :meth:`Registry.names`, and trainers read what they need from the
-selected entry (its function and its ``meta``) instead of comparing names. Adding a part is one function, one
+Each registry holds one kind of entry, a frozen dataclass below: the fields every kind shares (``name``, the recipe
+value; ``fn``, the function or class; ``doc``, its docs/methods page) plus that kind's typed fields, which the
+trainers read instead of comparing names. ``REGISTRY.register(name, doc=..., field=value)`` builds the registry's
+entry type, so a misspelt or unknown field is a ``TypeError`` at import, never silently kept.
+
+The recipe schema's allowed values come from :meth:`Registry.names`. This module imports nothing heavy: an entry's
+fields (everything but ``fn``'s body) can be read without torch. Adding a part is one function, one
 ``@REGISTRY.register(...)`` and its unit test, in one file (docs/contributing.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, TypeVar
-
-T = TypeVar("T")
+from typing import Any, Callable, Generic, Iterator, Literal, Mapping, TypeVar
 
 
 @dataclass(frozen=True)
-class Entry(Generic[T]):
-    """One registered part: ``name`` (the recipe value), ``fn`` (the function or class), ``doc`` (docs/methods page,
-    e.g. ``docs/methods/grpo_advantages.md#group-advantage``) and free-form ``meta`` the trainers read."""
+class Entry:
+    """One registered part: ``name`` (the recipe value), ``fn`` (the function or class) and ``doc`` (docs/methods
+    page, e.g. ``docs/methods/grpo_advantages.md#group-advantage``). A registry whose parts need nothing else uses
+    this type."""
 
     name: str
-    fn: T
+    fn: Any
     doc: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __getattr__(self, key: str) -> Any:
-        meta = object.__getattribute__(self, "meta")
-        if key in meta:
-            return meta[key]
-        raise AttributeError(f"{type(self).__name__} {object.__getattribute__(self, 'name')!r} has no {key!r}")
 
 
-class Registry(Generic[T]):
-    """Ordered ``name -> Entry``; ``kind`` names the recipe key it serves (for error messages)."""
+# ----------------------------------------------------------------------------------------------------------------------
+# GRPO parts (method.advantage / method.aggregation / method.clipping): what GRPOParams' checks read from the selected
+# part. ``keys``: method keys only this part reads (refused when another part of the kind is selected); ``defaults``:
+# method defaults it changes; ``refuses``: key -> why this part refuses it at a non-default value; ``check``: its
+# cross-key check, ``check(params) -> message | None``; ``recipe``: (shipped recipe, --set overrides) that runs it,
+# where no shipped recipe selects it.
+# ----------------------------------------------------------------------------------------------------------------------
 
-    def __init__(self, kind: str):
+
+@dataclass(frozen=True)
+class GRPOPartEntry(Entry):
+    keys: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    refuses: Mapping[str, str] = field(default_factory=dict)
+    check: Callable[[Any], str | None] | None = None
+    recipe: tuple[str, list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class AdvantageEntry(GRPOPartEntry):
+    """``method.advantage``: ``fn(rewards, num_generations, **options) -> AdvantageOutput``. ``options(params,
+    strata)``: the estimator's keyword options; ``needs_strata``: stratum keys are computed per rollout;
+    ``needs_lengths``: it also takes the completion token counts as ``lengths``; ``normalize_then_sum``: TRL's
+    ``multi_objective_aggregation="normalize_then_sum"`` may replace it; ``single_stream``: one completion per prompt;
+    ``trainer``: ``"module:Class"``, the GRPO trainer subclass it needs (SPO's tracker and sampler)."""
+
+    options: Callable[[Any, Any], dict[str, Any]] = lambda params, strata: {}
+    needs_strata: bool = False
+    needs_lengths: bool = False
+    normalize_then_sum: bool = False
+    single_stream: bool = False
+    trainer: str | None = None
+
+
+@dataclass(frozen=True)
+class AggregationEntry(GRPOPartEntry):
+    """``method.aggregation``: ``fn(per_token_loss, mask, **options)``. ``normalizer``: what the loss is divided by,
+    ``global_tokens`` (N_glob of the accumulated batch), ``local_tokens`` (the micro-batch's tokens, then / GA) or
+    ``rows`` (kept rows of the accumulated batch); ``max_completion_length``: the normaliser uses T_max;
+    ``row_weights``: per-row weights computed on the generation batch; ``trl_loss_type``: the GRPOConfig loss_type."""
+
+    normalizer: Literal["global_tokens", "local_tokens", "rows"] = "rows"
+    max_completion_length: bool = False
+    row_weights: bool = False
+    trl_loss_type: str = "grpo"
+
+
+@dataclass(frozen=True)
+class ClippingEntry(GRPOPartEntry):
+    """``method.clipping``: ``fn(logps, old_logps, advantages, **options) -> ClipOutput``. ``options(params)``: every
+    keyword the rule takes; ``gradient_preserved``: clipped tokens keep a (scaled) gradient; ``sequence_level``: the
+    rule also takes the loss ``mask`` (GSPO's sequence ratio)."""
+
+    options: Callable[[Any], dict[str, Any]] = lambda params: {}
+    gradient_preserved: bool = False
+    sequence_level: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Family objectives (method.name)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SFTLossEntry(Entry):
+    """An SFT-family ``method.name``: ``fn(trainer, step) -> (loss, metrics)``. ``extra_columns``: per-example float
+    columns the collator keeps; ``token_sum_loss``: the loss is a token sum over ``num_items_in_batch``."""
+
+    extra_columns: tuple[str, ...] = ()
+    token_sum_loss: bool = True
+
+
+@dataclass(frozen=True)
+class PreferenceLossEntry(Entry):
+    """A preference-family ``method.name``: ``fn(trainer, fwd) -> (loss, metrics)``."""
+
+
+@dataclass(frozen=True)
+class UnlearningObjectiveEntry(Entry):
+    """An unlearning objective: ``forget`` / ``retain`` name its two terms (``retain`` None: no retain term); the
+    weights ``gamma`` / ``alpha`` and ``beta`` / ``delta`` are its defaults; ``recipe_method``: selectable as
+    ``method.name``; ``steers_activations``: the trainer captures one layer's hidden states and calls ``fn`` with
+    them (RMU)."""
+
+    forget: str = "ga"
+    retain: str | None = None
+    gamma: float = 1.0
+    alpha: float = 0.0
+    beta: float | None = None
+    delta: float = 0.0
+    recipe_method: bool = True
+    steers_activations: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Other registries
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterVariantEntry(Entry):
+    """``peft.type``: ``fn`` is the variant's options model (the ``peft.<type>`` sub-block). ``mergeable``: ``posttrain
+    merge`` folds it into the base; ``options``: it has a sub-block; ``backends``: the ``--distributed`` backends it
+    runs on; ``not_sharded``: why not the others."""
+
+    mergeable: bool = False
+    options: bool = False
+    backends: tuple[str, ...] = ()
+    not_sharded: str = ""
+
+
+@dataclass(frozen=True)
+class LogprobHeadEntry(Entry):
+    """``training.logprob_head``: ``unavailable(device, transform, with_entropy)`` gives the reason the head cannot
+    run there (None when it can)."""
+
+    unavailable: Callable[..., str | None] = lambda *args: None
+
+
+@dataclass(frozen=True)
+class MIAAttackEntry(Entry):
+    """A membership-inference attack; ``needs_reference``: it reads a reference model's statistics of the same row."""
+
+    needs_reference: bool = False
+
+
+E = TypeVar("E", bound=Entry)
+
+
+class Registry(Generic[E]):
+    """Ordered ``name -> entry`` of one entry type; ``kind`` names the recipe key it serves (for error messages)."""
+
+    def __init__(self, kind: str, entry_type: type[E] = Entry):
         self.kind = kind
-        self._entries: dict[str, Entry[T]] = {}
+        self.entry_type = entry_type
+        self._entries: dict[str, E] = {}
 
-    def register(self, name: str, *, doc: str, **meta: Any) -> Callable[[T], T]:
-        """Decorator: register ``fn`` under ``name`` (returns ``fn`` unchanged)."""
+    def register(self, name: str, *, doc: str, **fields: Any) -> Callable[[Any], Any]:
+        """Decorator: register ``fn`` under ``name`` with the entry type's ``fields`` (returns ``fn`` unchanged)."""
 
-        def decorate(fn: T) -> T:
-            self.add(name, fn, doc=doc, **meta)
+        def decorate(fn: Any) -> Any:
+            self.add(name, fn, doc=doc, **fields)
             return fn
 
         return decorate
 
-    def add(self, name: str, fn: T, *, doc: str, **meta: Any) -> Entry[T]:
+    def add(self, name: str, fn: Any, *, doc: str, **fields: Any) -> E:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} registered twice")
-        entry = Entry(name, fn, doc, dict(meta))
+        entry = self.entry_type(name=name, fn=fn, doc=doc, **fields)
         self._entries[name] = entry
         return entry
 
@@ -58,7 +185,7 @@ class Registry(Generic[T]):
         """Drop an entry (tests that register a toy part clean up with this)."""
         self._entries.pop(name, None)
 
-    def __getitem__(self, name: str) -> Entry[T]:
+    def __getitem__(self, name: str) -> E:
         try:
             return self._entries[name]
         except KeyError:
@@ -67,7 +194,7 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
-    def __iter__(self) -> Iterator[Entry[T]]:
+    def __iter__(self) -> Iterator[E]:
         return iter(list(self._entries.values()))
 
     def __len__(self) -> int:

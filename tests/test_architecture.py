@@ -153,8 +153,8 @@ def test_every_registry_entry_is_documented_used_and_tested():
             page = entry.doc.split("#", 1)[0]
             if not page.startswith("docs/methods/") or not (ROOT / page).is_file():
                 problems.append(f"{where}: docs page {entry.doc!r} missing")
-            if entry.meta.get("recipe_method", True) and entry.name not in used[key]:
-                if "recipe" not in entry.meta:
+            if getattr(entry, "recipe_method", True) and entry.name not in used[key]:
+                if getattr(entry, "recipe", None) is None:
                     problems.append(f"{where}: no recipe in recipes/ uses it (nor a documented recipe + --set)")
                 else:  # a shipped recipe with overrides: it loads and selects the entry
                     from posttrain.recipe import load_recipe
@@ -295,5 +295,5 @@ def test_unlearning_objective_defaults_agree_with_the_method_params():
             continue
         params = METHODS[entry.name].params()
         for key in ("gamma", "alpha", "beta", "delta"):
-            expected = entry.meta.get(key, 0.0 if key in ("alpha", "delta") else None)
+            expected = getattr(entry, key)
             assert getattr(params, key, 0.0 if key in ("alpha", "delta") else None) == expected, (entry.name, key)

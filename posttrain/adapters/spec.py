@@ -13,13 +13,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.errors import UserError
-from posttrain.registry import Registry
+from posttrain.registry import AdapterVariantEntry, Registry
 
 # ``peft.type`` -> entry: ``fn`` is the variant's options model (the ``peft.<type>`` sub-block; plain LoRA has none),
 # ``meta``: ``mergeable`` (``posttrain merge`` folds the adapter into the base), ``options`` (it has a sub-block),
 # ``backends`` (the ``--distributed`` backends it runs on; docs/distributed.md) and ``not_sharded`` (why not the others).
 # The implementations (posttrain/adapters/<type>.py) import torch/peft and are wired by posttrain.adapters.trainer.
-ADAPTER_VARIANTS: Registry = Registry("adapter variant")
+ADAPTER_VARIANTS: Registry[AdapterVariantEntry] = Registry("adapter variant", AdapterVariantEntry)
 
 
 # every `--distributed` backend (posttrain.launch.BACKENDS) and one process

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from posttrain.distributed import TokenMean
-from posttrain.registry import Registry
+from posttrain.registry import UnlearningObjectiveEntry, Registry
 
 import torch
 import torch.nn.functional as F
@@ -449,7 +449,7 @@ def rmu_loss(
 # :data:`UNLEARNING_DEFAULTS` and ``recipe_method`` (selectable as ``method.name``).
 # ----------------------------------------------------------------------------------------------------------------------
 
-UNLEARNING_OBJECTIVES: Registry = Registry("unlearning objective")
+UNLEARNING_OBJECTIVES: Registry[UnlearningObjectiveEntry] = Registry("unlearning objective", UnlearningObjectiveEntry)
 _DOCS = {"ga": "docs/methods/ga.md#objective", "grad_diff": "docs/methods/grad_diff.md#objective",
          "ga_kl": "docs/methods/npo.md#the-ga_kl-objective", "npo": "docs/methods/npo.md#objectives",
          "npo_rt": "docs/methods/npo.md#objectives", "npo_kl": "docs/methods/npo.md#objectives",

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from posttrain.registry import Registry
+from posttrain.registry import AdvantageEntry, Registry
 
 __all__ = [
     "ADVANTAGES",
@@ -457,18 +457,8 @@ def reinforce_pp(
 # ----------------------------------------------------------------------------------------------------------------
 # registry: one entry per ``method.advantage`` value
 
-ADVANTAGES: Registry = Registry("advantage estimator")
-"""``method.advantage`` -> entry. Each entry's ``fn(rewards, num_generations, **options) -> AdvantageOutput``;
-``meta``: ``options(params, strata)`` (the estimator's keyword options from the recipe's method params),
-``keys`` (method keys only this estimator reads), ``refuses`` (why it refuses another estimator's key set to a
-non-default value, optional),
-``defaults`` (method defaults it changes), ``group_baseline``
-(uses the group mean and std), ``normalize_then_sum`` (TRL's ``multi_objective_aggregation="normalize_then_sum"``
-replaces it), ``needs_strata`` (stratum keys are computed per rollout), ``needs_lengths`` (optional: the estimator
-takes the completion token counts of the generation batch as ``lengths``), ``single_stream`` (optional: one
-completion per prompt), ``trainer`` (optional: ``"module:Class"``, the GRPO trainer subclass the estimator needs, e.g.
-SPO's per-prompt tracker and sampler, which pass the baseline ``p_hat`` of every row), ``check`` (optional: the
-estimator's cross-key check, ``check(params) -> error or None``)."""
+ADVANTAGES: Registry[AdvantageEntry] = Registry("advantage estimator", AdvantageEntry)
+"""``method.advantage`` -> :class:`posttrain.registry.AdvantageEntry` (its fields say what each one needs)."""
 
 
 def _ones_keep(adv: torch.Tensor) -> AdvantageOutput:
@@ -476,8 +466,7 @@ def _ones_keep(adv: torch.Tensor) -> AdvantageOutput:
 
 
 @ADVANTAGES.register(
-    "group", doc="docs/methods/grpo_advantages.md#group-advantage", keys=("scale_rewards",), defaults={},
-    group_baseline=True, needs_strata=False, normalize_then_sum=True,
+    "group", doc="docs/methods/grpo_advantages.md#group-advantage", keys=("scale_rewards",), defaults={}, needs_strata=False, normalize_then_sum=True,
     options=lambda p, strata: {"scale_rewards": p.scale_rewards},
 )
 def group_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
@@ -487,8 +476,7 @@ def group_advantage(rewards: torch.Tensor, num_generations: int, **options: Any)
 
 @ADVANTAGES.register(
     "stratified", doc="docs/methods/grpo_advantages.md#stratified-advantage-san",
-    keys=("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps"), defaults={},
-    group_baseline=True, needs_strata=True, normalize_then_sum=False,
+    keys=("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps"), defaults={}, needs_strata=True, normalize_then_sum=False,
     refuses={"scale_rewards": "scales with method.san_scale, not scale_rewards"},
     options=lambda p, strata: {"strata": strata, "alpha": p.san_alpha, "scale": p.san_scale, "scope": p.san_scope,
                                "eps": p.san_eps},
@@ -500,7 +488,7 @@ def stratified_advantage(rewards: torch.Tensor, num_generations: int, **options:
     return _ones_keep(stratified(rewards, num_generations, **options))
 
 
-_NEGATIVE_REINFORCEMENT = dict(defaults={"entropy_coef": 1e-4}, group_baseline=False, needs_strata=False,
+_NEGATIVE_REINFORCEMENT = dict(defaults={"entropy_coef": 1e-4}, needs_strata=False,
                                normalize_then_sum=False,
                                refuses={"scale_rewards": "uses no group baseline or std scaling"})
 
@@ -537,8 +525,7 @@ def w_reinforce_advantage(rewards: torch.Tensor, num_generations: int, **options
 
 
 @ADVANTAGES.register(
-    "rloo", doc="docs/methods/rloo.md#advantage", keys=("rloo_normalize_advantages",), defaults={},
-    group_baseline=True, needs_strata=False, normalize_then_sum=False,
+    "rloo", doc="docs/methods/rloo.md#advantage", keys=("rloo_normalize_advantages",), defaults={}, needs_strata=False, normalize_then_sum=False,
     refuses={"scale_rewards": "uses no std scaling (rloo_normalize_advantages: true standardises over the batch)"},
     options=lambda p, strata: {"normalize": p.rloo_normalize_advantages},
 )
@@ -548,8 +535,7 @@ def rloo_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) 
 
 
 @ADVANTAGES.register(
-    "reinforce_pp", doc="docs/methods/reinforce_pp.md#advantage", keys=("reinforce_pp_baseline",), defaults={},
-    group_baseline=True, needs_strata=False, normalize_then_sum=False, needs_lengths=True,
+    "reinforce_pp", doc="docs/methods/reinforce_pp.md#advantage", keys=("reinforce_pp_baseline",), defaults={}, needs_strata=False, normalize_then_sum=False, needs_lengths=True,
     refuses={"scale_rewards": "whitens over the batch's completion tokens, not with scale_rewards"},
     options=lambda p, strata: {"baseline": p.reinforce_pp_baseline},
 )
@@ -575,8 +561,7 @@ def check_spo_settings(p) -> str | None:
 
 
 @ADVANTAGES.register(
-    "spo", doc="docs/methods/spo.md#advantage", keys=SPO_KEYS, defaults={}, check=check_spo_settings,
-    group_baseline=False, needs_strata=False, normalize_then_sum=False, single_stream=True,
+    "spo", doc="docs/methods/spo.md#advantage", keys=SPO_KEYS, defaults={}, check=check_spo_settings, needs_strata=False, normalize_then_sum=False, single_stream=True,
     trainer="posttrain.trainers.spo:SPOGRPOTrainer",
     refuses={"scale_rewards": "z-scores r - p_hat over the whole batch (method.spo_adv_eps), not with scale_rewards"},
     options=lambda p, strata: {"eps": p.spo_adv_eps, "baseline": p.spo_baseline},

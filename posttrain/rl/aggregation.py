@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from posttrain.registry import Registry
+from posttrain.registry import AggregationEntry, Registry
 
 __all__ = [
     "AGGREGATIONS",
@@ -186,14 +186,9 @@ def delta_l(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry: one entry per ``method.aggregation`` value. ``meta``: ``normalizer`` -- what the loss is divided by:
-# "global_tokens" (N_glob of the accumulated batch), "local_tokens" (the micro-batch's tokens, then / GA) or "rows"
-# (kept rows of the accumulated batch); ``max_completion_length`` -- the normaliser uses T_max; ``row_weights`` --
-# per-row weights computed on the generation batch (the KL term is then aggregated unweighted with dr_grpo);
-# ``keys`` -- method keys only this aggregation reads; ``trl_loss_type`` -- the GRPOConfig loss_type TRL is given;
-# ``recipe`` -- (shipped recipe, --set overrides) that runs it, where no shipped recipe selects it.
+# registry: one entry per ``method.aggregation`` value (:class:`posttrain.registry.AggregationEntry`).
 
-AGGREGATIONS: Registry = Registry("loss aggregation")
+AGGREGATIONS: Registry[AggregationEntry] = Registry("loss aggregation", AggregationEntry)
 AGGREGATIONS.add("grpo", grpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="rows",
                  max_completion_length=False, row_weights=False, keys=(), trl_loss_type="grpo",
                  recipe=("recipes/grpo.yaml", ["method.aggregation=grpo"]))

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from posttrain.registry import Registry
+from posttrain.registry import ClippingEntry, Registry
 
 __all__ = [
     "CLIPPINGS",
@@ -309,7 +309,7 @@ def check_cispo_bounds(p) -> str | None:
     return None
 
 
-CLIPPINGS: Registry = Registry("clipping rule")
+CLIPPINGS: Registry[ClippingEntry] = Registry("clipping rule", ClippingEntry)
 _PPO_RANGE = ("epsilon", "epsilon_high", "dual_clip_c")
 
 

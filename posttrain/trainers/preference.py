@@ -54,7 +54,7 @@ from posttrain.distributed import TokenMean, full_weight, gathered, process_shar
 from posttrain.errors import UserError
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
-from posttrain.registry import Registry
+from posttrain.registry import PreferenceLossEntry, Registry
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin, OneReferenceCacheMixin
 
 logger = logging.getLogger("posttrain")
@@ -517,7 +517,7 @@ class PolicyForward:
     rejected_logps: torch.Tensor
 
 
-PREFERENCE_LOSSES: Registry = Registry("preference loss")
+PREFERENCE_LOSSES: Registry[PreferenceLossEntry] = Registry("preference loss", PreferenceLossEntry)
 """``method.name`` of the preference family -> its loss on one policy forward. The method's
 :class:`~posttrain.methods.MethodInfo` says whether a reference model is used; its params say whether the policy's
 last hidden states are needed (``needs_hidden_states``)."""

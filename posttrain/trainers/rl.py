@@ -183,7 +183,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         else:
             strata = stratum_ids(stash["strata"], device=rewards.device) if estimator.needs_strata else None
             options = {**estimator.options(p, strata), **self._advantage_options(estimator, rewards, mode)}
-            if estimator.meta.get("needs_lengths", False):  # completion tokens per row (REINFORCE++'s token whitening)
+            if estimator.needs_lengths:  # completion tokens per row (REINFORCE++'s token whitening)
                 tokens = output["completion_mask"] * output.get("tool_mask", 1)
                 options["lengths"] = self.accelerator.gather(tokens.sum(-1).float()).to(rewards.device)
             out = estimator.fn(torch.as_tensor(rewards), num_generations, **options)
@@ -343,7 +343,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
         rule = CLIPPINGS[p.clipping]
         options: dict[str, Any] = rule.options(p)
-        if rule.meta.get("sequence_level", False):  # GSPO: the ratio is a mean over each row's loss tokens
+        if rule.sequence_level:  # GSPO: the ratio is a mean over each row's loss tokens
             options["mask"] = mask
         clip = rule.fn(logps, old, advantages, **options)
         per_token = clip.per_token_loss
@@ -666,7 +666,7 @@ def rl_config(recipe, info):
         if size % n:
             raise UserError(f"training.per_device_train_batch_size: method.loss: pacs needs a multiple of "
                             f"num_generations ({n}), got {size}")
-    single_stream = ADVANTAGES[p.advantage].meta.get("single_stream", False)
+    single_stream = ADVANTAGES[p.advantage].single_stream
     n = recipe.training.get("num_generations")
     if single_stream and n not in (None, 1):
         raise UserError(f"training.num_generations: method.advantage: {p.advantage} generates one completion per prompt "
@@ -727,10 +727,10 @@ def build_rl_trainer(ctx):
     train, evals = checked["data.train"], checked.get("data.eval")
     user = _user_callables(p, dirs)
     cls = PosttrainGRPOTrainer
-    if "trainer" in ADVANTAGES[p.advantage].meta:  # an estimator with its own trainer subclass (SPO's tracker, sampler)
+    if ADVANTAGES[p.advantage].trainer is not None:  # an estimator with its own trainer subclass (SPO's tracker, sampler)
         import importlib
 
-        module, name = ADVANTAGES[p.advantage].meta["trainer"].split(":")
+        module, name = ADVANTAGES[p.advantage].trainer.split(":")
         cls = getattr(importlib.import_module(module), name)
     if "tools" in user or "environment_factory" in user:
         prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key="method.tools" if "tools" in user else "method.environment")

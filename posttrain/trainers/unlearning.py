@@ -229,7 +229,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             self.ref_model = prepare_frozen(ref_model, self.accelerator)
         if isinstance(self.train_dataset, ForgetRetainDataset):
             self.add_callback(_EpochCallback(self.train_dataset))
-        self.control_vector = self._steering_setup() if self.objective.meta.get("steers_activations", False) else None
+        self.control_vector = self._steering_setup() if self.objective.steers_activations else None
         self.weight_mask = None
         if mask_rows is not None:
             from posttrain.trainers.wagle import WagleMask
@@ -460,7 +460,7 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
             if recipe.training.get(key):
                 raise UserError(f"training.{key}: method.mask: wagle needs whole parameters (a global top-k over "
                                 "every weight); not supported with DeepSpeed or FSDP")
-    if UNLEARNING_OBJECTIVES[name].meta.get("steers_activations", False) and recipe.peft is not None:
+    if UNLEARNING_OBJECTIVES[name].steers_activations and recipe.peft is not None:
         raise UserError(f"peft: method '{name}' chooses the base-model weights that move (method.trainable_params), "
                         "which a peft adapter freezes; remove peft")
     if data.retain is not None and not _needs_retain(recipe, name):
