@@ -102,7 +102,10 @@ class SFTLossEntry(Entry):
 
 @dataclass(frozen=True)
 class PreferenceLossEntry(Entry):
-    """A preference-family ``method.name``: ``fn(trainer, fwd) -> (loss, metrics)``."""
+    """A preference-family ``method.name``: a pure ``fn(params, fwd) -> (loss, metrics)``; ``needs(params)``: what the
+    trainer computes into ``fwd`` besides the policy's log-probs (``posttrain.trainers.preference.PREFERENCE_NEEDS``)."""
+
+    needs: Callable[[Any], frozenset[str]] = lambda params: frozenset()
 
 
 @dataclass(frozen=True)
