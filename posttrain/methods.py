@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from posttrain.rl.advantages import ADVANTAGES, SPO_KEYS
-from posttrain.rl.aggregation import AGGREGATIONS
-from posttrain.rl.clipping import CLIPPINGS
+from posttrain.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
 
 
 class MethodParams(BaseModel):
@@ -458,23 +456,12 @@ def _check_finite(node, where: str) -> None:
             _check_finite(value, f"{where}[{i}]")
 
 
-# (recipe key, registry): the GRPO parts whose entries declare the method keys they read and the defaults they change
-_GRPO_PARTS = (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS))
-_SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")
-_GPPO_KEYS = ("gppo_beta1", "gppo_beta2", "gppo_only_high")
-_PACS_KEYS = ("pacs_beta", "pacs_reward_method", "pacs_score", "pacs_weight")
-# GRPO options PACS replaces (its own advantage, no clipping, no KL, a row mean): refused with loss: pacs
-_NOT_PACS = ("advantage", "scale_rewards", "aggregation", "delta_l_alpha", "delta_l_scope", "clipping", "epsilon",
-             "epsilon_high", "dual_clip_c", "sft_coef", "beta", "use_bias_correction_kl", "w_reinforce_lambda",
-             "entropy_coef", "rloo_normalize_advantages", "reinforce_pp_baseline", "cispo_weight_max",
-             "cispo_weight_min", *_SAN_KEYS, *_GPPO_KEYS, *SPO_KEYS)
-
-
-class GRPOParams(MethodParams):
+class _GRPOBase(MethodParams):
     """RLVR on TRL's ``GRPOTrainer`` with three independent parts: advantage estimator, loss aggregation, clipping.
 
     Everything not here (num_generations, max_completion_length, temperature, num_iterations, generation and vLLM
-    settings) is a ``training:`` key of ``trl.GRPOConfig``.
+    settings) is a ``training:`` key of ``trl.GRPOConfig``. The parts' keys come from their options models
+    (:mod:`posttrain.rl.parts`): :data:`GRPOParams` is this model plus those.
     """
 
     rewards: list[RewardSpec] = Field(
@@ -496,110 +483,9 @@ class GRPOParams(MethodParams):
         None, description="'module:function' or 'file.py:function': TRL rollout_func(prompts, trainer) -> dict that "
         "replaces generation (experimental in TRL).",
     )
-    # advantage estimator
-    advantage: Literal[ADVANTAGES.names()] = Field(
-        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
-        "(leave-one-out), reinforce_pp (REINFORCE++), spo (single-stream: one completion per prompt)."
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="group / stratified: std scaling of the group advantage (none = Dr. GRPO)."
-    )
-    stratum_key: str = Field(
-        "tool_calls",
-        description="stratified: 'tool_calls' (count of <tool_call> / message tool_calls; 0 for free text, so one "
-        "stratum per group = GRPO), a dataset column, or 'module:function' (or 'file.py:function') called as "
-        "fn(prompt=, completion=, **row) -> hashable.",
-    )
-    san_alpha: float = Field(0.8, ge=0.0, le=1.0, description="stratified: blend alpha*A_SAN + (1-alpha)*A_GRPO.")
-    san_scale: Literal["stratum", "none"] = Field(
-        "stratum", description="stratified: divide by each stratum's std (stratum) or only centre (none).")
-    san_scope: Literal["group", "batch"] = Field(
-        "group", description="stratified: a stratum is (prompt group, key) or the key across the whole batch.")
-    san_eps: float = Field(1e-4, ge=0.0, description="stratified: added to each stratum's std (tied to GRPO's 1e-4, so "
-                           "one stratum per group equals GRPO exactly; the paper's unit-variance claims use 0).")
-    w_reinforce_lambda: float = Field(0.1, ge=0.0, description="w_reinforce: advantage of correct rows (+lambda).")
     correct_reward: float = Field(
         1.0, description="A row is correct iff its combined reward equals this (psr/nsr/w_reinforce, SFT term)."
     )
-    rloo_normalize_advantages: bool = Field(
-        False, description="rloo: then standardise the advantages over the generation batch (TRL's RLOOConfig "
-        "normalize_advantages).")
-    reinforce_pp_baseline: bool = Field(
-        True, description="reinforce_pp: subtract each prompt's mean reward before the batch whitening "
-        "(REINFORCE++-baseline); false: the global whitening alone (REINFORCE++).")
-    # SPO (docs/methods/spo.md): one completion per prompt, a per-prompt success-rate tracker, prioritized sampling
-    spo_offline_n: int = Field(
-        8, ge=0, le=1024, description="spo: offline samples per prompt before training (n0) that set each prompt's "
-        "starting estimate; at most n0 scores are kept; 0: Jeffreys prior (0.5, 0.5) for every prompt.")
-    spo_offline_scores: str | None = Field(
-        None, description="spo: a JSON file {prompt_key: [scores]} (an earlier run's spo_offline_scores.json) "
-        "instead of sampling the offline pass again.")
-    spo_rho: Literal["kl", "constant"] = Field(
-        "kl", description="spo: forgetting factor from the policy's shift on each prompt's stored response (kl), "
-        "or spo_rho_value for every visit.")
-    spo_rho_value: float = Field(0.875, gt=0.0, lt=1.0, description="spo: the constant forgetting factor.")
-    spo_rho_min: float = Field(0.875, gt=0.0, lt=1.0, description="spo: lower clip of rho; 1 / (1 - rho_min) is "
-                               "the offline prior's weight.")
-    spo_rho_max: float = Field(0.96, gt=0.0, lt=1.0, description="spo: upper clip of rho (a first visit's rho).")
-    spo_d_half: float = Field(0.06, gt=0.0, description="spo: the policy shift D that halves the memory "
-                              "(rho = 2^(-D / d_half)).")
-    spo_sampling_eps: float = Field(0.05, gt=0.0, description="spo: sampling weight sqrt(p (1 - p)) + eps.")
-    spo_prioritized: bool = Field(True, description="spo: sample prompts by that weight; false: uniformly.")
-    spo_adv_eps: float = Field(1e-8, ge=0.0, description="spo: added to the batch std of r - p_hat.")
-    spo_baseline: bool = Field(True, description="spo: subtract p_hat; false: the z-scored reward alone (the "
-                               "paper's no-baseline ablation).")
-    spo_reward_range: list[float] | None = Field(
-        None, min_length=2, max_length=2, description="spo: [low, high] rescaling the combined reward to [0, 1] "
-        "(clipped) for the success-rate tracker; null: rewards must already lie in [0, 1].")
-    # loss aggregation
-    aggregation: Literal[AGGREGATIONS.names()] = Field(
-        "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
-    )
-    delta_l_alpha: float = Field(0.75, ge=0.0, le=1.0, description="delta_l: row weights proportional to L^-alpha.")
-    delta_l_scope: Literal["batch", "group"] = Field(
-        "batch", description="delta_l: normalise the row weights over the generation batch or within each group.")
-    # clipping
-    clipping: Literal[CLIPPINGS.names()] = Field(
-        "ppo", description="ppo (clip-higher with epsilon_high), gppo, gspo (sequence-level ratio) or cispo (clipped, "
-        "detached IS weight).")
-    epsilon: float | None = Field(
-        None, gt=0.0, lt=1.0, description="Lower clip range (and upper, unless epsilon_high); default 0.2, gspo 3e-4.")
-    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range; gppo default 0.28, gspo 4e-4.")
-    gppo_beta1: float = Field(1.0, ge=0.0, description="gppo: gradient scale of low-clipped tokens.")
-    gppo_beta2: float = Field(1.0, ge=0.0, description="gppo: gradient scale of high-clipped tokens.")
-    gppo_only_high: bool = Field(False, description="gppo: keep the gradient of high-clipped tokens only.")
-    dual_clip_c: float | None = Field(None, gt=1.0, description="Dual clip for A<0 (verl); off by default.")
-    cispo_weight_max: float = Field(
-        5.0, gt=0.0, description="cispo: upper bound of the importance weight, 1 + eps_high^IS (TRL's epsilon_high for "
-        "loss_type cispo).")
-    cispo_weight_min: float | None = Field(
-        None, ge=0.0, description="cispo: lower bound of the importance weight, 1 - eps_low^IS; null: none (the paper).")
-    sft_coef: float | None = Field(
-        None, ge=0.0, description="GPPO's NLL term on correct rollouts; default 0.1 with gppo, else 0."
-    )
-    # regularisers
-    beta: float = Field(
-        0.0, ge=0.0, description="KL (k3) coefficient against the reference: `ref_model` when given, else a frozen "
-        "copy of the initial policy (the adapter-disabled base with peft); no reference is loaded when 0."
-    )
-    use_bias_correction_kl: bool = Field(
-        False, description="Multiply the per-token k3 by the importance ratio exp(logp - old_logp) (DeepSeek-V3.2, "
-        "arXiv 2512.02556; TRL's GRPOConfig default). false: plain k3 as in DeepSeekMath GRPO. Needs beta > 0."
-    )
-    entropy_coef: float | None = Field(
-        None, ge=0.0, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
-        "(the paper's), else 0."
-    )
-    # PACS (docs/methods/pacs.md): BCE on an RLOO-centred log-ratio score replaces the clipped surrogate
-    loss: Literal["grpo", "pacs"] = Field(
-        "grpo", description="grpo: the clipped surrogate with the parts above; pacs: PACS (arXiv 2509.02522).")
-    pacs_beta: float = Field(1.0, gt=0.0, description="pacs: scale of the log-ratio reward proxy.")
-    pacs_reward_method: Literal["ratio", "avg_logp"] = Field(
-        "ratio", description="pacs: r = beta * summed log-ratio to the generating policy, or beta * mean log-prob.")
-    pacs_score: Literal["rloo", "grpo", "naive"] = Field(
-        "rloo", description="pacs: the logit psi: r minus the other rows' mean (rloo), group-standardised, or r.")
-    pacs_weight: Literal["question", "only_positive", "only_negative", "none"] = Field(
-        "question", description="pacs: row weights; question = balanced class weights within each group.")
     warn_no_signal_after: int = Field(
         2, ge=0, description="Warn after this many logging steps in a row without learning signal (every advantage 0 "
         "or grad norm 0), naming the likely cause; 0: no warning (the end-of-run line stays)."
@@ -621,20 +507,28 @@ class GRPOParams(MethodParams):
                 if key in given:
                     raise UserError(f"method.{key}: {why}")
 
+        def owners(registry) -> dict[str, list[str]]:
+            found: dict[str, list[str]] = {}
+            for entry in registry:
+                for key in entry.keys:
+                    found.setdefault(key, []).append(entry.name)
+            return found
+
+        loss = POLICY_LOSSES[self.loss]
         defaults: dict = {}
-        if self.loss == "pacs":
-            refuse(_NOT_PACS, "not used by method.loss: pacs (its own RLOO score, no clipping, no KL, a row mean)")
+        for key, names in owners(POLICY_LOSSES).items():  # a key of another objective
+            if key not in loss.keys:
+                refuse((key,), f"only used with method.loss: {' or '.join(names)}" if loss.uses_parts
+                       else f"not used by method.loss: {loss.name} ({loss.replaces})")
+        if not loss.uses_parts:
+            for part, registry in SURROGATE_PARTS:
+                refuse((part, *owners(registry)), f"not used by method.loss: {loss.name} ({loss.replaces})")
         else:
-            refuse(_PACS_KEYS, "only used with method.loss: pacs")
-            for part, registry in _GRPO_PARTS:  # a key one part reads is an error when another is selected
+            for part, registry in SURROGATE_PARTS:  # a key one part reads is an error when another is selected
                 chosen = registry[getattr(self, part)]
                 defaults.update(chosen.defaults)
-                owners: dict[str, list[str]] = {}
-                for entry in registry:
-                    for key in entry.keys:
-                        owners.setdefault(key, []).append(entry.name)
                 why = chosen.refuses
-                for key, names in owners.items():
+                for key, names in owners(registry).items():
                     if key in why:
                         if getattr(self, key) != type(self).model_fields[key].default:  # the default is harmless
                             refuse((key,), f"{part} {chosen.name} {why[key]}")
@@ -655,8 +549,8 @@ class GRPOParams(MethodParams):
         if self.entropy_coef is None:
             self.entropy_coef = defaults.get("entropy_coef", 0.0)
         self.__pydantic_fields_set__ = given  # resolved defaults are not the user's settings (the checks tell apart)
-        if self.loss != "pacs":  # each selected part checks the settings it reads (cross-key checks)
-            for part, registry in _GRPO_PARTS:
+        if loss.uses_parts:  # each selected part checks the settings it reads (cross-key checks)
+            for part, registry in SURROGATE_PARTS:
                 chosen = registry[getattr(self, part)]
                 problem = chosen.check(self) if chosen.check is not None else None
                 if problem:
@@ -665,6 +559,35 @@ class GRPOParams(MethodParams):
             raise UserError("method.rewards: every weight is 0, so the combined reward is always 0 and there is "
                             "nothing to learn; give at least one reward a non-zero weight")
         return self
+
+
+# the part selectors (their values are the registries' names)
+_SELECTORS = {
+    "advantage": Field(
+        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
+        "(leave-one-out), reinforce_pp (REINFORCE++), spo (single-stream: one completion per prompt)."),
+    "aggregation": Field("dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."),
+    "clipping": Field(
+        "ppo", description="ppo (clip-higher with epsilon_high), gppo, gspo (sequence-level ratio) or cispo (clipped, "
+        "detached IS weight)."),
+    "loss": Field(
+        "grpo", description="grpo: the clipped surrogate with the parts above; pacs: PACS (arXiv 2509.02522)."),
+}
+
+
+def _grpo_fields() -> dict[str, tuple]:
+    """Each selector followed by the keys its entries own (first owner wins for a shared key)."""
+    fields: dict[str, tuple] = {}
+    for key, registry in (*SURROGATE_PARTS, ("loss", POLICY_LOSSES)):
+        fields[key] = (Literal[registry.names()], _SELECTORS[key])
+        for entry in registry:
+            if entry.options_model is not None:
+                for name, info in entry.options_model.model_fields.items():
+                    fields.setdefault(name, (info.annotation, info))
+    return fields
+
+
+GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,39 @@ fields (everything but ``fn``'s body) can be read without torch. Adding a part i
 
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Literal, Mapping, TypeVar
+
+
+class Lazy:
+    """A function named ``"module:qualname"``, imported on its first call or attribute read: an entry whose function
+    imports torch holds it this way, so that its registry (and the recipe schema built from it) imports without
+    torch. Its ``__doc__`` and ``__qualname__`` are the function's."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @functools.cached_property
+    def target(self) -> Callable[..., Any]:
+        module, name = self.path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.target(*args, **kwargs)
+
+    def __getattr__(self, key: str) -> Any:  # __qualname__, __name__, ...
+        if key == "target":
+            raise AttributeError(key)
+        return getattr(self.target, key)
+
+    @property  # type: ignore[override]
+    def __doc__(self) -> str | None:  # noqa: D105
+        return self.target.__doc__
+
+    def __repr__(self) -> str:
+        return f"Lazy({self.path!r})"
 
 
 @dataclass(frozen=True)
@@ -39,11 +70,18 @@ class Entry:
 
 @dataclass(frozen=True)
 class GRPOPartEntry(Entry):
-    keys: tuple[str, ...] = ()
+    """``options_model``: the pydantic model of the method keys this part owns (GRPOParams is assembled from them);
+    ``keys`` are its fields."""
+
+    options_model: Any = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
     refuses: Mapping[str, str] = field(default_factory=dict)
     check: Callable[[Any], str | None] | None = None
     recipe: tuple[str, list[str]] | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return () if self.options_model is None else tuple(self.options_model.model_fields)
 
 
 @dataclass(frozen=True)
@@ -64,13 +102,15 @@ class AdvantageEntry(GRPOPartEntry):
 
 @dataclass(frozen=True)
 class AggregationEntry(GRPOPartEntry):
-    """``method.aggregation``: ``fn(per_token_loss, mask, **options)``. ``normalizer``: what the loss is divided by,
-    ``global_tokens`` (N_glob of the accumulated batch), ``local_tokens`` (the micro-batch's tokens, then / GA) or
-    ``rows`` (kept rows of the accumulated batch); ``max_completion_length``: the normaliser uses T_max;
-    ``row_weights``: per-row weights computed on the generation batch; ``trl_loss_type``: the GRPOConfig loss_type."""
+    """``method.aggregation``: ``fn(per_token_loss, mask, **normalize(n))``, where ``n`` is the micro-batch's
+    ``posttrain.rl.aggregation.Normalizer`` and ``normalize`` picks what the loss is divided by (the accumulated
+    batch's tokens, its kept rows, ``T_max``, the row weights); ``per_micro_batch``: a mean over the micro-batch
+    alone, divided by the accumulation steps afterwards (bnpo); ``row_weights``: per-row weights computed on the
+    generation batch (the KL term is then aggregated unweighted with dr_grpo); ``trl_loss_type``: the GRPOConfig
+    loss_type."""
 
-    normalizer: Literal["global_tokens", "local_tokens", "rows"] = "rows"
-    max_completion_length: bool = False
+    normalize: Callable[[Any], dict[str, Any]] = lambda n: {}
+    per_micro_batch: bool = False
     row_weights: bool = False
     trl_loss_type: str = "grpo"
 
@@ -84,6 +124,18 @@ class ClippingEntry(GRPOPartEntry):
     options: Callable[[Any], dict[str, Any]] = lambda params: {}
     gradient_preserved: bool = False
     sequence_level: bool = False
+
+
+@dataclass(frozen=True)
+class PolicyLossEntry(GRPOPartEntry):
+    """``method.loss``: the GRPO-family objective. ``uses_parts``: it is the clipped surrogate built from the selected
+    advantage, aggregation and clipping parts (and the KL, entropy and SFT terms of its own options); otherwise ``fn``
+    is a row objective ``fn(logps, old_logps, mask, labels, groups, **options) -> (loss, metrics)`` on whole groups
+    (the trainer keeps each row's reward and group with it), and ``replaces`` says why the parts' keys are refused."""
+
+    options: Callable[[Any], dict[str, Any]] = lambda params: {}
+    uses_parts: bool = True
+    replaces: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
