@@ -283,6 +283,11 @@ class UnlearningParams(MethodParams):
         False, description="wagle: let weight decay still shrink frozen weights (the authors' code); false: frozen "
         "weights stay bit-identical.")
 
+    @property
+    def retain_kl_every_position(self) -> bool:
+        """The retain KL term scores every position, prompt and padding included (NPO+KL's ``retain_kl_mask: none``)."""
+        return False
+
     @model_validator(mode="after")
     def _check_mask(self):
         from posttrain.errors import UserError
@@ -323,6 +328,10 @@ class NPOKLParams(NPOParams):
         description="completion: KL on answer tokens only; none: every position incl. prompt and padding "
         "(the reference code and open-unlearning).",
     )
+
+    @property
+    def retain_kl_every_position(self) -> bool:
+        return self.retain_kl_mask == "none"
 
 
 class SimNPOParams(UnlearningParams):

@@ -161,8 +161,24 @@ class PreferenceLossEntry(Entry):
 
 
 @dataclass(frozen=True)
+class UnlearningTermEntry(Entry):
+    """One term of an unlearning objective ``gamma * L_forget + alpha * L_retain``. A forget term's ``fn(logps, mask,
+    ref_logps, num_items, *, beta, delta) -> (loss, metrics)``; a retain term's ``fn(num_items, *, logps, mask, logits,
+    ref_logits, kl_mask) -> (loss, metrics)``, of which it requires ``inputs`` (``logps`` and ``mask``, or ``logits``
+    and ``ref_logits``).
+    ``uses_reference``: it compares with a frozen reference model; ``full_vocab``: it reads full-vocabulary logits
+    (the trainer computes them instead of fused-head log-probs)."""
+
+    uses_reference: bool = False
+    full_vocab: bool = False
+    inputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class UnlearningObjectiveEntry(Entry):
-    """An unlearning objective: ``forget`` / ``retain`` name its two terms (``retain`` None: no retain term); the
+    """An unlearning objective: ``forget`` / ``retain`` name its two terms (``FORGET_TERMS`` / ``RETAIN_TERMS`` of
+    posttrain.losses.unlearning; ``retain`` None: no retain term), from which its use of the retain set and of a
+    reference model follow; the
     weights ``gamma`` / ``alpha`` and ``beta`` / ``delta`` are its defaults; ``recipe_method``: selectable as
     ``method.name``; ``steers_activations``: the trainer captures one layer's hidden states and calls ``fn`` with
     them (RMU)."""
