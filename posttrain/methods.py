@@ -7,47 +7,13 @@ The math lives in ``posttrain.losses`` / ``posttrain.rl``; the wiring in ``postt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+# The method registry's types live in posttrain.registry (the family method files import them from there)
+from posttrain.registry import FAMILIES, METHODS, Family, MethodInfo, MethodParams, register  # noqa: F401
 from posttrain.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
-
-
-class MethodParams(BaseModel):
-    """Base class of a method's hyperparameters. Unknown keys are errors; no type coercion (``"yes"`` is not a
-    boolean, ``true`` not a number); NaN and infinities are refused for every number."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    # What a trainer asks a method's params (instead of comparing method names); subclasses override.
-    @property
-    def needs_hidden_states(self) -> bool:
-        """The policy's last hidden states are needed besides the log-probs (preference family)."""
-        return False
-
-    @property
-    def fused_weighting(self) -> bool:
-        """TRL's fused LM head also returns ``log(sum_v p_v^2)`` (DPOConfig ``use_weighting``; WPO's alignment)."""
-        return False
-
-    @property
-    def learned_mask(self) -> bool:
-        """A trainable SparsePO mask network is trained and saved next to the policy."""
-        return False
-
-    @property
-    def head_outside_forward(self) -> bool:
-        """The loss projects hidden states through the policy's output head itself, with gradients, after the model's
-        forward (token-level KL over the vocabulary). DeepSpeed ZeRO-3 and FSDP2 shard that head and gather it only
-        inside the forward, so such a method runs under ddp or zero2 (posttrain.distributed.check_backend)."""
-        return False
-
-    @property
-    def scores_prompt_tokens(self) -> bool:
-        """The policy forward also scores the prompt tokens (ORPO's SFT term on prompt + response; preference family)."""
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,117 +71,6 @@ class PoFTParams(SFTParams):
     @property
     def completion_only(self) -> bool:
         return self.completion_only_loss and self.poft_target_tokens != "all"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Preference family (docs/methods/dpo.md, wpo.md, sparsepo.md, asft_aligned.md, simpo.md, orpo.md)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class DPOParams(MethodParams):
-    """DPO (sigmoid; cDPO with label_smoothing > 0), robust DPO and IPO on summed sequence log-probs."""
-
-    loss: Literal["sigmoid", "ipo", "robust"] = Field("sigmoid", description="sigmoid (DPO/cDPO), ipo or robust.")
-    beta: float = Field(0.1, gt=0.0, description="KL strength (tau for IPO).")
-    label_smoothing: float = Field(
-        0.0, ge=0.0, lt=0.5, description="cDPO / robust noise rate eps; applies to sigmoid too (cDPO)."
-    )
-    ipo_length_normalize: bool = Field(
-        True, description="IPO on per-token mean log-ratios (TRL form); false: the reference code's summed form."
-    )
-    precompute_ref_log_probs: bool = Field(
-        False, description="Compute reference log-probs once before training; no reference kept in memory."
-    )
-
-
-class WPOParams(DPOParams):
-    """WPO: each pair's DPO loss weighted by the detached, length-normalised policy probability of both responses."""
-
-    beta: float = Field(0.01, gt=0.0, description="KL strength (the WPO reference configs use 0.01).")
-    use_weighting: bool = Field(True, description="Apply the WPO pair weights (false gives plain DPO).")
-    wpo_alignment: Literal["sampled", "greedy", "none"] = Field(
-        "sampled", description="Weight alignment: sampled (reference code, TRL), greedy (paper ablation) or none."
-    )
-    wpo_weight_clamp_max: float | None = Field(
-        1.0, gt=0.0, description="Clamp W <= this (reference code, TRL <= 0.28); null = no clamp (TRL >= 0.29)."
-    )
-
-    @property
-    def needs_hidden_states(self) -> bool:  # greedy alignment: full-vocab logits from the policy's hidden states
-        return self.use_weighting and self.wpo_alignment == "greedy"
-
-    @property
-    def fused_weighting(self) -> bool:
-        return self.use_weighting
-
-
-class SparsePOParams(MethodParams):
-    """SparsePO: token-masked rewards and KL; masks from reference activations (MaPO) or learned."""
-
-    mask: Literal["reference", "learned"] = Field(
-        "learned", description="learned: a small trainable mask network; reference: MaPO activation mask."
-    )
-    beta: float = Field(0.1, gt=0.0, description="KL strength beta of the masked rewards.")
-    mask_on_reward: bool = Field(True, description="Weight the token log-ratios by the reward mask (else 1).")
-    mask_on_kl: bool = Field(True, description="Weight the token KLs by the KL mask (else 1).")
-    rw_kl_independent: bool = Field(False, description="Separate reward and KL mask networks (learned mask only).")
-    l1_norm_param_u: float = Field(0.0, ge=0.0, description="L1 weight on the reward mask.")
-    l1_norm_param_d: float = Field(0.0, ge=0.0, description="L1 weight on the KL mask.")
-    mask_dropout: float = Field(0.01, ge=0.0, lt=1.0, description="Dropout inside the learned mask network.")
-    mask_weight_decay: float = Field(0.01, ge=0.0, description="Weight decay of the mask network's parameters.")
-
-    @property
-    def needs_hidden_states(self) -> bool:  # token KL and masks from hidden states
-        return True
-
-    @property
-    def head_outside_forward(self) -> bool:  # the token KL projects the policy's hidden states, with gradients
-        return True
-
-    @property
-    def learned_mask(self) -> bool:
-        return self.mask == "learned"
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.mask == "reference" and self.rw_kl_independent:
-            raise ValueError("rw_kl_independent: true needs mask: learned (the MaPO mask is a single common mask)")
-        return self
-
-
-class ASFTAlignedParams(MethodParams):
-    """Aligned SFT: -c_sft*lbar_w + lam*[-logsig(beta*odds_w) - logsig(-beta*odds_l)], no reference model."""
-
-    beta: float = Field(1.0, gt=0.0, description="Scale beta of the log-odds in the alignment term.")
-    asft_lambda: float = Field(1.0, ge=0.0, description="Weight lam of the absolute-likelihood alignment term.")
-    sft_coef: float = Field(1.0, ge=0.0, description="Weight c_sft of the chosen per-sequence mean NLL.")
-    prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp.")
-
-
-class SimPOParams(MethodParams):
-    """SimPO: -logsig(beta * (lbar_w - lbar_l - gamma_beta_ratio)) on length-normalised log-probs, no reference model."""
-
-    beta: float = Field(2.0, gt=0.0, description="Scale beta of the length-normalised implicit reward (SimPO code default).")
-    gamma_beta_ratio: float = Field(
-        0.25, ge=0.0, description="Target reward margin gamma divided by beta (SimPO code default; TRL's "
-        "simpo_gamma = beta * gamma_beta_ratio).")
-    sft_coef: float = Field(
-        0.0, ge=0.0, description="Weight of the chosen responses' token-mean NLL (SimPO's sft_weight; TRL's cpo_alpha, "
-        "whose default there is 1).")
-
-
-class ORPOParams(MethodParams):
-    """ORPO: the chosen NLL plus beta * -logsig(log odds ratio of the length-normalised likelihoods), no reference."""
-
-    beta: float = Field(0.1, gt=0.0, description="Weight lambda of the odds-ratio term (TRL's beta).")
-    nll_on_prompt: bool = Field(
-        True, description="The SFT term also scores the prompt tokens (the ORPO code's and TRL's default); false: the "
-        "chosen response only (the ORPO code's --disable_prompt_loss).")
-    prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp in the log-odds.")
-
-    @property
-    def scores_prompt_tokens(self) -> bool:
-        return self.nll_on_prompt
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -639,41 +494,6 @@ class OnlineDPOParams(MethodParams):
         return self
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------------------------------
-
-Family = Literal["sft", "preference", "unpaired", "online", "reward", "unlearning", "rl"]
-# the order `posttrain methods` lists the families in
-FAMILIES: tuple[str, ...] = ("sft", "preference", "unpaired", "online", "reward", "unlearning", "rl")
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    family: Family
-    summary: str
-    paper: str
-    recipe: str
-    params: type[MethodParams]
-    # Whether a frozen reference/anchor model is used: "none", "required" (defaults to a frozen copy of `model`), or
-    # "optional": used only when the params' ``uses_reference`` is true (GRPO: beta > 0), then as for "required".
-    # The trainer builds its posttrain.reference.Reference from this (and ref_model / peft); it never checks names.
-    reference: Literal["none", "required", "optional"] = "none"
-    # The method's page in the repository (`posttrain methods NAME` prints its summary).
-    doc: str = ""
-
-
-METHODS: dict[str, MethodInfo] = {}
-
-
-def register(info: MethodInfo) -> MethodInfo:
-    if info.name in METHODS:
-        raise ValueError(f"method {info.name!r} registered twice")
-    METHODS[info.name] = info
-    return info
-
-
 register(
     MethodInfo(
         name="sft",
@@ -723,78 +543,14 @@ register(
 )
 
 
-register(
-    MethodInfo(
-        name="dpo",
-        doc="docs/methods/dpo.md",
-        family="preference",
-        summary="Direct Preference Optimisation (sigmoid, cDPO via label_smoothing, robust, IPO).",
-        paper="Rafailov et al., Direct Preference Optimization: Your Language Model is Secretly a Reward Model "
-        "(arXiv 2305.18290); IPO: Azar et al. (arXiv 2310.12036)",
-        recipe="recipes/dpo.yaml",
-        params=DPOParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="wpo",
-        doc="docs/methods/wpo.md",
-        family="preference",
-        summary="Weighted Preference Optimization: DPO with pairs weighted by their (aligned) policy probability.",
-        paper="Zhou et al., WPO: Enhancing RLHF with Weighted Preference Optimization (arXiv 2406.11827)",
-        recipe="recipes/wpo.yaml",
-        params=WPOParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="sparsepo",
-        doc="docs/methods/sparsepo.md",
-        family="preference",
-        summary="SparsePO: token-level masked rewards and KL, masks learned or from reference activations.",
-        paper="Christopoulou et al., SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks "
-        "(arXiv 2410.05102)",
-        recipe="recipes/sparsepo.yaml",
-        params=SparsePOParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="asft_aligned",
-        doc="docs/methods/asft_aligned.md",
-        family="preference",
-        summary="Aligned SFT through absolute likelihood: pointwise log-odds on chosen and rejected, no reference.",
-        paper="Wang et al., ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood (arXiv 2409.10571)",
-        recipe="recipes/asft_aligned.yaml",
-        params=ASFTAlignedParams,
-    )
-)
-
-
-register(
-    MethodInfo(
-        name="simpo",
-        doc="docs/methods/simpo.md",
-        family="preference",
-        summary="SimPO: length-normalised log-likelihood margin with a target margin, no reference model.",
-        paper="Meng et al., SimPO: Simple Preference Optimization with a Reference-Free Reward (arXiv 2405.14734)",
-        recipe="recipes/simpo.yaml",
-        params=SimPOParams,
-    )
-)
-register(
-    MethodInfo(
-        name="orpo",
-        doc="docs/methods/orpo.md",
-        family="preference",
-        summary="ORPO: SFT plus an odds-ratio preference term in one stage, no reference model.",
-        paper="Hong et al., ORPO: Monolithic Preference Optimization without Reference Model (arXiv 2403.07691)",
-        recipe="recipes/orpo.yaml",
-        params=ORPOParams,
-    )
+# the preference family: one file per method (params, objective, registration), registered here in this order
+from posttrain.families.preference.methods import (  # noqa: E402
+    ASFTAlignedParams,
+    DPOParams,
+    ORPOParams,
+    SimPOParams,
+    SparsePOParams,
+    WPOParams,
 )
 
 

@@ -71,7 +71,7 @@ def _sft(ctx, rows, key: str) -> list[RowPreview]:
 
 
 def _preference(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.preference import PosttrainPreferenceTrainer
+    from posttrain.families.preference.trainer import PosttrainPreferenceTrainer
 
     config, tok = ctx["config"], ctx["tokenizer"]
     ds = _prepared(PosttrainPreferenceTrainer, config, {"_tokenizer": tok, "args": config,

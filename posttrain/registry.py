@@ -18,6 +18,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Literal, Mapping, TypeVar
 
+from pydantic import BaseModel, ConfigDict
+
 
 class Lazy:
     """A function named ``"module:qualname"``, imported on its first call or attribute read: an entry whose function
@@ -155,7 +157,7 @@ class SFTLossEntry(Entry):
 @dataclass(frozen=True)
 class PreferenceLossEntry(Entry):
     """A preference-family ``method.name``: a pure ``fn(params, fwd) -> (loss, metrics)``; ``needs(params)``: what the
-    trainer computes into ``fwd`` besides the policy's log-probs (``posttrain.trainers.preference.PREFERENCE_NEEDS``)."""
+    trainer computes into ``fwd`` besides the policy's log-probs (``posttrain.families.preference.forward.PREFERENCE_NEEDS``)."""
 
     needs: Callable[[Any], frozenset[str]] = lambda params: frozenset()
 
@@ -223,6 +225,80 @@ class MIAAttackEntry(Entry):
     """A membership-inference attack; ``needs_reference``: it reads a reference model's statistics of the same row."""
 
     needs_reference: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Methods (method.name): the params model every method's hyperparameters subclass, and the method entries
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class MethodParams(BaseModel):
+    """Base class of a method's hyperparameters. Unknown keys are errors; no type coercion (``"yes"`` is not a
+    boolean, ``true`` not a number); NaN and infinities are refused for every number."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    # What a trainer asks a method's params (instead of comparing method names); subclasses override.
+    @property
+    def needs_hidden_states(self) -> bool:
+        """The policy's last hidden states are needed besides the log-probs (preference family)."""
+        return False
+
+    @property
+    def fused_weighting(self) -> bool:
+        """TRL's fused LM head also returns ``log(sum_v p_v^2)`` (DPOConfig ``use_weighting``; WPO's alignment)."""
+        return False
+
+    @property
+    def learned_mask(self) -> bool:
+        """A trainable SparsePO mask network is trained and saved next to the policy."""
+        return False
+
+    @property
+    def head_outside_forward(self) -> bool:
+        """The loss projects hidden states through the policy's output head itself, with gradients, after the model's
+        forward (token-level KL over the vocabulary). DeepSpeed ZeRO-3 and FSDP2 shard that head and gather it only
+        inside the forward, so such a method runs under ddp or zero2 (posttrain.distributed.check_backend)."""
+        return False
+
+    @property
+    def scores_prompt_tokens(self) -> bool:
+        """The policy forward also scores the prompt tokens (ORPO's SFT term on prompt + response; preference family)."""
+        return False
+
+
+Family = Literal["sft", "preference", "unpaired", "online", "reward", "unlearning", "rl"]
+# the order `posttrain methods` lists the families in
+FAMILIES: tuple[str, ...] = ("sft", "preference", "unpaired", "online", "reward", "unlearning", "rl")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A ``method.name``: its family (data format and trainer), params model, paper, recipe and reference use."""
+
+    name: str
+    family: Family
+    summary: str
+    paper: str
+    recipe: str
+    params: type[MethodParams]
+    # Whether a frozen reference/anchor model is used: "none", "required" (defaults to a frozen copy of `model`), or
+    # "optional": used only when the params' ``uses_reference`` is true (GRPO: beta > 0), then as for "required".
+    # The trainer builds its posttrain.reference.Reference from this (and ref_model / peft); it never checks names.
+    reference: Literal["none", "required", "optional"] = "none"
+    # The method's page in the repository (`posttrain methods NAME` prints its summary).
+    doc: str = ""
+
+
+METHODS: dict[str, MethodInfo] = {}
+
+
+def register(info: MethodInfo) -> MethodInfo:
+    """Add a method to :data:`METHODS` (posttrain.methods and the family method files call it)."""
+    if info.name in METHODS:
+        raise ValueError(f"method {info.name!r} registered twice")
+    METHODS[info.name] = info
+    return info
 
 
 E = TypeVar("E", bound=Entry)

@@ -33,7 +33,7 @@ from posttrain.trainers.common import peft_config, training_config  # noqa: F401
 from posttrain.trainers.kto import build_kto_trainer, kto_config
 from posttrain.trainers.online_dpo import build_online_trainer, check_online_data, check_online_recipe, online_config
 from posttrain.trainers.reward import build_reward_trainer, check_reward_data, pairwise_test_accuracy, reward_config
-from posttrain.trainers.preference import build_preference_trainer, preference_config
+from posttrain.families.preference.trainer import build_preference_trainer, preference_config
 from posttrain.trainers.rl import build_rl_trainer, check_rl_data, check_rl_recipe, rl_config
 from posttrain.trainers.unlearning import build_unlearning_trainer, unlearning_config
 

@@ -92,7 +92,7 @@ def _registries():
     from posttrain.rl.advantages import ADVANTAGES
     from posttrain.rl.aggregation import AGGREGATIONS
     from posttrain.rl.clipping import CLIPPINGS
-    from posttrain.trainers.preference import PREFERENCE_LOSSES
+    from posttrain.families.preference.trainer import PREFERENCE_LOSSES
     from posttrain.trainers.sft import SFT_LOSSES
 
     return {"advantage": ADVANTAGES, "aggregation": AGGREGATIONS, "clipping": CLIPPINGS,
@@ -140,7 +140,7 @@ def _recipe_values() -> dict[str, set[str]]:
 
 
 def test_every_registry_entry_is_documented_used_and_tested():
-    tests_text = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != Path(__file__).name)
+    tests_text = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py") if p.name != Path(__file__).name)
     used = _recipe_values()
     problems = []
     for key, registry in _registries().items():

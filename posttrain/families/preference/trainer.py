@@ -18,10 +18,9 @@ computed on completion positions only, in tiles.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,32 +29,26 @@ from trl import DPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo
 from trl.models.utils import disable_gradient_checkpointing
 
+from posttrain.distributed import full_weight, gathered, process_share, reduce_metrics
+from posttrain.errors import UserError
+from posttrain.families.preference.forward import (
+    LOG_ALIGNMENT,
+    PREFERENCE_LOSSES,
+    PREFERENCE_NEEDS,
+    REF_LOGPS,
+    TOKEN_KL,
+    Collective,
+    PreferenceForward,
+)
 from posttrain.losses.preference import (
     SparsePOMaskNet,
-    asft_aligned_loss,
-    asft_metrics,
-    dpo_loss,
     mapo_mask,
-    mean_logps,
-    orpo_loss,
-    preference_metrics,
-    sequence_lengths,
     sequence_logps,
-    simpo_loss,
-    sparsepo_loss,
-    sparsepo_metrics,
     sparsepo_token_kl,
-    token_mean_nll,
     wpo_log_alignment,
-    wpo_metrics,
-    wpo_pair_weights,
-    wpo_sequence_weights,
 )
-from posttrain.distributed import TokenMean, full_weight, gathered, process_share, reduce_metrics
-from posttrain.errors import UserError
 from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
-from posttrain.registry import PreferenceLossEntry, Registry
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin, OneReferenceCacheMixin
 
 logger = logging.getLogger("posttrain")
@@ -499,205 +492,6 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
             top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
             correct, total = g((top1 & c_mask.bool()).sum()).sum(), g(c_mask.sum()).sum()
             m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Preference losses: one registered entry per method, a pure ``fn(params, fwd: PreferenceForward) -> (loss, metrics)``
-# ----------------------------------------------------------------------------------------------------------------------
-
-# What an objective can ask of the forward pass besides the policy's per-token log-probs (its entry's ``needs``); the
-# trainer computes exactly these before calling it.
-REF_LOGPS = "ref_logps"  # summed reference log-probs of the chosen and rejected rows (live or precomputed)
-LOG_ALIGNMENT = "log_alignment"  # WPO's per-token weight alignment (params.wpo_alignment)
-TOKEN_KL = "token_kl"  # SparsePO: token KL to the reference, reference per-token log-probs and the token masks
-PREFERENCE_NEEDS = frozenset({REF_LOGPS, LOG_ALIGNMENT, TOKEN_KL})
-
-
-@dataclasses.dataclass(frozen=True)
-class Collective:
-    """The cross-process operations an objective's metrics and token means use: ``gather`` (every process's rows,
-    ``accelerator.gather``) and ``token_share(mask)``, this process's share of every process's count of ``mask``'s
-    tokens (None on one process: the local count)."""
-
-    gather: Callable[[torch.Tensor], torch.Tensor]
-    token_share: Callable[[torch.Tensor], torch.Tensor | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class PreferenceForward:
-    """What a preference objective receives: the policy forward of one batch of pairs (``[2B, ...]``, chosen rows
-    first; per-token tensors are ``[2B, T-1]``, row ``b`` scoring token ``t+1`` of sequence ``b``) and the needs its
-    entry declared (None when not declared)."""
-
-    logps: torch.Tensor  # policy per-token log-probs, with grad
-    mask: torch.Tensor  # shifted completion mask
-    completion_mask: torch.Tensor  # unshifted [2B, T] (IPO's lengths)
-    scored_mask: torch.Tensor  # every token the head scored (the prompt too with params.scores_prompt_tokens)
-    chosen_logps: torch.Tensor  # summed over the completion [B]
-    rejected_logps: torch.Tensor
-    comm: Collective
-    ref_chosen_logps: torch.Tensor | None = None  # REF_LOGPS, [B] each
-    ref_rejected_logps: torch.Tensor | None = None
-    log_alignment: torch.Tensor | None = None  # LOG_ALIGNMENT (None also with wpo_alignment: none)
-    token_kl: torch.Tensor | None = None  # TOKEN_KL: KL(pi_ref || pi_theta) per token, with grad
-    ref_token_logps: torch.Tensor | None = None  # TOKEN_KL: reference per-token log-probs
-    token_masks: dict[str, torch.Tensor] | None = None  # TOKEN_KL: {"common"} or {"reward", "kl"}
-
-
-PREFERENCE_LOSSES: Registry[PreferenceLossEntry] = Registry("preference loss", PreferenceLossEntry)
-"""``method.name`` of the preference family -> its loss on one policy forward. The method's
-:class:`~posttrain.methods.MethodInfo` says whether a reference model is used; its params say whether the policy's
-last hidden states are needed (``needs_hidden_states``); the entry's ``needs(params)`` which of
-:data:`PREFERENCE_NEEDS` the trainer computes."""
-
-
-def _dpo_terms(p, f: PreferenceForward):
-    """Per-pair DPO losses against the reference's summed log-probs, and the DPO metrics."""
-    gather = f.comm.gather
-    out = dpo_loss(
-        f.chosen_logps,
-        f.rejected_logps,
-        f.ref_chosen_logps,
-        f.ref_rejected_logps,
-        beta=p.beta,
-        loss_type=p.loss,
-        label_smoothing=p.label_smoothing,
-        # IPO's N: completion tokens counted on the unshifted mask, as TRL and docs/methods/dpo.md do (with an empty
-        # prompt the first completion token has no scored position but still counts)
-        chosen_lengths=sequence_lengths(f.completion_mask.chunk(2, dim=0)[0]),
-        rejected_lengths=sequence_lengths(f.completion_mask.chunk(2, dim=0)[1]),
-        ipo_length_normalize=p.ipo_length_normalize,
-    )
-    metrics = preference_metrics(
-        gather(out.chosen_rewards), gather(out.rejected_rewards), gather(f.chosen_logps), gather(f.rejected_logps)
-    )
-    return out, metrics
-
-
-@PREFERENCE_LOSSES.register("dpo", doc="docs/methods/dpo.md#objective", needs=lambda p: frozenset({REF_LOGPS}))
-def dpo_objective(p, f: PreferenceForward):
-    """DPO / cDPO / robust DPO / IPO (Rafailov et al. 2023, arXiv 2305.18290; IPO arXiv 2310.12036): the mean of
-    :func:`posttrain.losses.preference.dpo_loss` over the pairs."""
-    out, metrics = _dpo_terms(p, f)
-    return out.losses.mean(), metrics
-
-
-@PREFERENCE_LOSSES.register(
-    "wpo", doc="docs/methods/wpo.md#objective",
-    needs=lambda p: frozenset({REF_LOGPS, LOG_ALIGNMENT} if p.use_weighting else {REF_LOGPS}))
-def wpo_objective(p, f: PreferenceForward):
-    """WPO (Zhou et al. 2024, arXiv 2406.11827): DPO pair losses weighted by the detached, length-normalised policy
-    probability of both responses (plain DPO with ``use_weighting: false``)."""
-    out, metrics = _dpo_terms(p, f)
-    if not p.use_weighting:
-        return out.losses.mean(), metrics
-    seq_w = wpo_sequence_weights(f.logps.detach(), f.mask, f.log_alignment)
-    w_c, w_r = seq_w.chunk(2, dim=0)
-    pair_w = wpo_pair_weights(w_c, w_r, p.wpo_weight_clamp_max)
-    loss = (pair_w * out.losses).mean()
-    metrics.update(wpo_metrics(f.comm.gather(w_c), f.comm.gather(w_r), p.wpo_weight_clamp_max))
-    return loss, metrics
-
-
-@PREFERENCE_LOSSES.register("sparsepo", doc="docs/methods/sparsepo.md#objective",
-                            needs=lambda p: frozenset({TOKEN_KL}))
-def sparsepo_objective(p, f: PreferenceForward):
-    """SparsePO (Christopoulou et al. 2024, arXiv 2410.05102): token-masked rewards and KL against the reference
-    (:func:`posttrain.losses.preference.sparsepo_loss`); the masks and the token KL are forward-pass needs."""
-    mask = f.mask
-    sel = mask.bool()
-    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    logratios = torch.where(sel, f.logps.float() - f.ref_token_logps, zeros)
-    masks = f.token_masks
-    common = "common" in masks
-    reward_mask = masks["common"] if common else masks["reward"]
-    kl_mask = None if common else masks["kl"]
-    if not p.mask_on_reward:
-        reward_mask = None
-    if not p.mask_on_kl:
-        kl_mask = None
-    elif common and reward_mask is None:  # common mask used on the KL only
-        kl_mask = masks["common"]
-    use_common = common and reward_mask is not None and p.mask_on_kl
-
-    def split(t):
-        return (None, None) if t is None else t.chunk(2, dim=0)
-
-    lr_c, lr_r = logratios.chunk(2, dim=0)
-    kl_c, kl_r = f.token_kl.chunk(2, dim=0)
-    m_c, m_r = mask.chunk(2, dim=0)
-    ru_c, ru_r = split(reward_mask)
-    kd_c, kd_r = (None, None) if use_common else split(kl_mask)
-    out = sparsepo_loss(
-        lr_c, lr_r, kl_c, kl_r, m_c, m_r, ru_c, ru_r, kd_c, kd_r,
-        beta=p.beta, l1_reward=p.l1_norm_param_u, l1_kl=p.l1_norm_param_d, common_mask=use_common,
-    )
-    loss = out.losses.mean()
-    chosen_logps, rejected_logps = sequence_logps(f.logps, mask).chunk(2, dim=0)
-    if use_common:
-        kd_c, kd_r = ru_c, ru_r
-    metrics = sparsepo_metrics(out, chosen_logps, rejected_logps, kl_c, kl_r, m_c, m_r, ru_c, ru_r, kd_c, kd_r)
-    # mask density: share of completion tokens whose (reward, else KL) mask is non-zero, and its mean value
-    shown = reward_mask if reward_mask is not None else kl_mask
-    if shown is not None:
-        metrics["sparsepo/mask_density"] = TokenMean.of((shown != 0).float(), sel)
-        metrics["sparsepo/mask_mean"] = TokenMean.of(shown, sel)
-    return loss, metrics
-
-
-@PREFERENCE_LOSSES.register("asft_aligned", doc="docs/methods/asft_aligned.md#objective")
-def asft_aligned_objective(p, f: PreferenceForward):
-    """Aligned SFT (Wang et al. 2024, arXiv 2409.10571): absolute-likelihood log-odds on chosen and rejected plus
-    the chosen NLL; no reference model."""
-    gather = f.comm.gather
-    lbar_c, lbar_r = mean_logps(f.logps, f.mask).chunk(2, dim=0)
-    out = asft_aligned_loss(lbar_c, lbar_r, p.beta, p.asft_lambda, p.sft_coef, p.prob_clamp)
-    loss = out.losses.mean()
-    gathered = type(out)(*(gather(getattr(out, name).detach()) for name in out.__dataclass_fields__))
-    metrics = asft_metrics(gathered, gather(lbar_c.detach()), gather(lbar_r.detach()))
-    metrics["logps/chosen_sum"] = gather(f.chosen_logps.detach()).mean().item()
-    metrics["logps/rejected_sum"] = gather(f.rejected_logps.detach()).mean().item()
-    return loss, metrics
-
-
-def _chosen_nll(comm: Collective, logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, TokenMean]:
-    """The SFT term of SimPO / ORPO, :func:`~posttrain.losses.preference.token_mean_nll` over the global micro-batch's
-    tokens (each process divides by its share of all processes' token count), and its logged token mean."""
-    nll = token_mean_nll(logps, mask, comm.token_share(mask))
-    return nll, TokenMean(-sequence_logps(logps.detach(), mask).sum(), mask.to(torch.float32).sum())
-
-
-@PREFERENCE_LOSSES.register("simpo", doc="docs/methods/simpo.md#objective")
-def simpo_objective(p, f: PreferenceForward):
-    """SimPO (Meng et al. 2024, arXiv 2405.14734): the mean of :func:`posttrain.losses.preference.simpo_loss` over the
-    pairs, plus ``sft_coef`` times the chosen responses' token-mean NLL; no reference model."""
-    gather = f.comm.gather
-    lbar_c, lbar_r = mean_logps(f.logps, f.mask).chunk(2, dim=0)
-    out = simpo_loss(lbar_c, lbar_r, beta=p.beta, gamma_beta_ratio=p.gamma_beta_ratio)
-    loss = out.losses.mean()
-    metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
-                                 gather(lbar_r.detach()))
-    if p.sft_coef > 0:
-        nll, metrics["nll_loss"] = _chosen_nll(f.comm, f.logps.chunk(2, dim=0)[0], f.mask.chunk(2, dim=0)[0])
-        loss = loss + p.sft_coef * nll
-    return loss, metrics
-
-
-@PREFERENCE_LOSSES.register("orpo", doc="docs/methods/orpo.md#objective")
-def orpo_objective(p, f: PreferenceForward):
-    """ORPO (Hong et al. 2024, arXiv 2403.07691): the chosen rows' token-mean NLL (prompt included with
-    ``nll_on_prompt``) plus ``beta`` times the mean odds-ratio loss (:func:`posttrain.losses.preference.orpo_loss`)."""
-    gather = f.comm.gather
-    lbar_c, lbar_r = mean_logps(f.logps, f.mask).chunk(2, dim=0)
-    nll, logged_nll = _chosen_nll(f.comm, f.logps.chunk(2, dim=0)[0], f.scored_mask.chunk(2, dim=0)[0])
-    out = orpo_loss(lbar_c, lbar_r, nll, beta=p.beta, prob_clamp=p.prob_clamp)
-    metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
-                                 gather(lbar_r.detach()))
-    # TRL's ORPO names: log_odds_ratio = mean logsig(log OR), log_odds_chosen = mean log OR
-    metrics["nll_loss"] = logged_nll
-    metrics["log_odds_ratio"] = -gather(out.odds_ratio_losses).mean().item()
-    metrics["log_odds_chosen"] = gather(out.log_odds_ratio).mean().item()
-    return out.loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------------
