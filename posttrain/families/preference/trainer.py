@@ -404,7 +404,7 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         backbone = ref.base_model
         streams: dict[str, list[torch.Tensor]] = {"mlp": [], "attn": [], "resid": [], "logits": []}
         hooks = []
-        if p.mask == "reference":
+        if not p.learned_mask:  # MaPO: masks from the reference activations
 
             def save(stream, which):
                 def fn(module, args, out=None):
@@ -457,7 +457,7 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         ref_per_token = zeros.masked_scatter(sel, torch.cat(ref_lps)) if ref_lps else zeros
         # masks
         masks: dict[str, torch.Tensor] = {}
-        if p.mask == "reference":
+        if not p.learned_mask:
             streams["resid"] = [h.detach().float().mean(-1) for h in ref_out.hidden_states]
             w_mean = ref_head.weight.float().mean(0)
             b_mean = ref_head.bias.float().mean() if ref_head.bias is not None else 0.0
