@@ -23,25 +23,42 @@ KEYS = ("loss", "grad_norm")
 STAGE_TWO_MODEL = "builtin:tiny-qwen2-arith"  # replaces a recipe's `model: runs/...` (the model of an earlier stage)
 
 
-def fingerprint(recipe_path: Path) -> dict[str, float]:
-    from posttrain.recipe import load_recipe
-    from posttrain.train import run
+def fingerprint(recipe_path: Path) -> dict[str, dict[str, float]]:
+    """``{name: {loss, grad_norm}}``: one entry for a recipe, one per stage (``file.yaml:stage``) for a multi-stage
+    recipe, each stage fingerprinted on its own (a ``stage:NAME`` model or reference becomes ``STAGE_TWO_MODEL``)."""
+    from posttrain.recipe import load_recipe, read_recipe_file
+    from posttrain.stages import load_stages
 
     with tempfile.TemporaryDirectory() as out:
         sets = [f"output_dir={out}", "training.max_steps=1", "training.learning_rate=0.0", "training.logging_steps=1",
                 "training.save_strategy='no'", "training.disable_tqdm=true", "training.warmup_steps=0"]
-        recipe = load_recipe(recipe_path, sets)
-        if str(recipe.model.path).startswith("runs/"):  # a second stage (grpo_tools after sft_tools): no such run here
-            recipe = load_recipe(recipe_path, [*sets, f"model={STAGE_TWO_MODEL}"])
-        data = recipe.data
-        for side in ("train", "forget", "retain"):
-            src = getattr(data, side)
-            if src is not None and (src.max_samples is None or src.max_samples > 64):
-                src.max_samples = 64
-        data.test = None
-        data.eval = None
-        run(recipe, quiet=True)
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        _, data = read_recipe_file(recipe_path)
+        if "stages" not in data:
+            recipe = load_recipe(recipe_path, sets)
+            if str(recipe.model.path).startswith("runs/"):  # a second stage (grpo_tools after sft_tools): no such run
+                recipe = load_recipe(recipe_path, [*sets, f"model={STAGE_TWO_MODEL}"])
+            return {recipe_path.name: _first_step(recipe)}
+        results = {}
+        for i, stage in enumerate(data["stages"]):
+            earlier = [k for k in ("model", "ref_model") if str(stage.get(k, "")).startswith("stage:")]
+            stages = load_stages(recipe_path, [*sets, *(f"{k}={STAGE_TWO_MODEL}" for k in earlier)])
+            name, recipe = stages[i]
+            results[f"{recipe_path.name}:{name}"] = _first_step(recipe)
+        return results
+
+
+def _first_step(recipe) -> dict[str, float]:
+    from posttrain.train import run
+
+    data = recipe.data
+    for side in ("train", "forget", "retain"):
+        src = getattr(data, side)
+        if src is not None and (src.max_samples is None or src.max_samples > 64):
+            src.max_samples = 64
+    data.test = None
+    data.eval = None
+    run(recipe, quiet=True)
+    rows = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if "loss" in r)
     return {k: first[k] for k in KEYS if k in first}
 
@@ -64,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in args.recipes] or sorted((ROOT / "recipes").glob("*.yaml"))
     results = {}
     for path in paths:
-        results[path.name] = fingerprint(path)
-        print(f"{path.name}: {json.dumps(results[path.name])}", file=sys.stderr, flush=True)
+        for name, values in fingerprint(path).items():
+            results[name] = values
+            print(f"{name}: {json.dumps(values)}", file=sys.stderr, flush=True)
     text = json.dumps(results, indent=1, sort_keys=True)
     if args.out:
         Path(args.out).write_text(text + "\n")
