@@ -43,7 +43,7 @@ def _one(args) -> dict:
     from posttrain.data.sources import load_source
     from posttrain.methods import METHODS
     from posttrain.recipe import DataSource
-    from posttrain.trainers.preference import PosttrainPreferenceTrainer
+    from posttrain.families.preference.trainer import PosttrainPreferenceTrainer
 
     which = args._one[0]
     tok = _common.tokenizer()

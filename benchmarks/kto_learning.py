@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/kto_learning.py --trainers posttrain trl --order shuffled --batch 32
     OMP_NUM_THREADS=1 python benchmarks/kto_learning.py --trainers posttrain dpo --batch 64 --seed 1
 
-The setup of ``tests/test_preference_trainer.py::test_each_method_raises_held_out_preference_accuracy`` (the same sets
+The setup of ``tests/families/preference/test_preference_trainer.py::test_each_method_raises_held_out_preference_accuracy`` (the same sets
 as ``benchmarks/preference_accuracy.py``: 256 training pairs, held-out pairs of trained prompts with unseen wrong
 answers, test-split pairs): from ``builtin:tiny-qwen2`` (random init; the frozen reference is a copy), the pairs are
 unpaired into one desirable and one undesirable row each, in the order ``--order`` names (``unpaired_rows``).

@@ -7,49 +7,13 @@ The math lives in ``posttrain.losses`` / ``posttrain.rl``; the wiring in ``postt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from posttrain.rl.advantages import ADVANTAGES, SPO_KEYS
-from posttrain.rl.aggregation import AGGREGATIONS
-from posttrain.rl.clipping import CLIPPINGS
-
-
-class MethodParams(BaseModel):
-    """Base class of a method's hyperparameters. Unknown keys are errors; no type coercion (``"yes"`` is not a
-    boolean, ``true`` not a number); NaN and infinities are refused for every number."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    # What a trainer asks a method's params (instead of comparing method names); subclasses override.
-    @property
-    def needs_hidden_states(self) -> bool:
-        """The policy's last hidden states are needed besides the log-probs (preference family)."""
-        return False
-
-    @property
-    def fused_weighting(self) -> bool:
-        """TRL's fused LM head also returns ``log(sum_v p_v^2)`` (DPOConfig ``use_weighting``; WPO's alignment)."""
-        return False
-
-    @property
-    def learned_mask(self) -> bool:
-        """A trainable SparsePO mask network is trained and saved next to the policy."""
-        return False
-
-    @property
-    def head_outside_forward(self) -> bool:
-        """The loss projects hidden states through the policy's output head itself, with gradients, after the model's
-        forward (token-level KL over the vocabulary). DeepSpeed ZeRO-3 and FSDP2 shard that head and gather it only
-        inside the forward, so such a method runs under ddp or zero2 (posttrain.distributed.check_backend)."""
-        return False
-
-    @property
-    def scores_prompt_tokens(self) -> bool:
-        """The policy forward also scores the prompt tokens (ORPO's SFT term on prompt + response; preference family)."""
-        return False
+# The method registry's types live in posttrain.registry (the family method files import them from there)
+from posttrain.registry import FAMILIES, METHODS, Family, MethodInfo, MethodParams, register  # noqa: F401
+from posttrain.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -107,117 +71,6 @@ class PoFTParams(SFTParams):
     @property
     def completion_only(self) -> bool:
         return self.completion_only_loss and self.poft_target_tokens != "all"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Preference family (docs/methods/dpo.md, wpo.md, sparsepo.md, asft_aligned.md, simpo.md, orpo.md)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class DPOParams(MethodParams):
-    """DPO (sigmoid; cDPO with label_smoothing > 0), robust DPO and IPO on summed sequence log-probs."""
-
-    loss: Literal["sigmoid", "ipo", "robust"] = Field("sigmoid", description="sigmoid (DPO/cDPO), ipo or robust.")
-    beta: float = Field(0.1, gt=0.0, description="KL strength (tau for IPO).")
-    label_smoothing: float = Field(
-        0.0, ge=0.0, lt=0.5, description="cDPO / robust noise rate eps; applies to sigmoid too (cDPO)."
-    )
-    ipo_length_normalize: bool = Field(
-        True, description="IPO on per-token mean log-ratios (TRL form); false: the reference code's summed form."
-    )
-    precompute_ref_log_probs: bool = Field(
-        False, description="Compute reference log-probs once before training; no reference kept in memory."
-    )
-
-
-class WPOParams(DPOParams):
-    """WPO: each pair's DPO loss weighted by the detached, length-normalised policy probability of both responses."""
-
-    beta: float = Field(0.01, gt=0.0, description="KL strength (the WPO reference configs use 0.01).")
-    use_weighting: bool = Field(True, description="Apply the WPO pair weights (false gives plain DPO).")
-    wpo_alignment: Literal["sampled", "greedy", "none"] = Field(
-        "sampled", description="Weight alignment: sampled (reference code, TRL), greedy (paper ablation) or none."
-    )
-    wpo_weight_clamp_max: float | None = Field(
-        1.0, gt=0.0, description="Clamp W <= this (reference code, TRL <= 0.28); null = no clamp (TRL >= 0.29)."
-    )
-
-    @property
-    def needs_hidden_states(self) -> bool:  # greedy alignment: full-vocab logits from the policy's hidden states
-        return self.use_weighting and self.wpo_alignment == "greedy"
-
-    @property
-    def fused_weighting(self) -> bool:
-        return self.use_weighting
-
-
-class SparsePOParams(MethodParams):
-    """SparsePO: token-masked rewards and KL; masks from reference activations (MaPO) or learned."""
-
-    mask: Literal["reference", "learned"] = Field(
-        "learned", description="learned: a small trainable mask network; reference: MaPO activation mask."
-    )
-    beta: float = Field(0.1, gt=0.0, description="KL strength beta of the masked rewards.")
-    mask_on_reward: bool = Field(True, description="Weight the token log-ratios by the reward mask (else 1).")
-    mask_on_kl: bool = Field(True, description="Weight the token KLs by the KL mask (else 1).")
-    rw_kl_independent: bool = Field(False, description="Separate reward and KL mask networks (learned mask only).")
-    l1_norm_param_u: float = Field(0.0, ge=0.0, description="L1 weight on the reward mask.")
-    l1_norm_param_d: float = Field(0.0, ge=0.0, description="L1 weight on the KL mask.")
-    mask_dropout: float = Field(0.01, ge=0.0, lt=1.0, description="Dropout inside the learned mask network.")
-    mask_weight_decay: float = Field(0.01, ge=0.0, description="Weight decay of the mask network's parameters.")
-
-    @property
-    def needs_hidden_states(self) -> bool:  # token KL and masks from hidden states
-        return True
-
-    @property
-    def head_outside_forward(self) -> bool:  # the token KL projects the policy's hidden states, with gradients
-        return True
-
-    @property
-    def learned_mask(self) -> bool:
-        return self.mask == "learned"
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.mask == "reference" and self.rw_kl_independent:
-            raise ValueError("rw_kl_independent: true needs mask: learned (the MaPO mask is a single common mask)")
-        return self
-
-
-class ASFTAlignedParams(MethodParams):
-    """Aligned SFT: -c_sft*lbar_w + lam*[-logsig(beta*odds_w) - logsig(-beta*odds_l)], no reference model."""
-
-    beta: float = Field(1.0, gt=0.0, description="Scale beta of the log-odds in the alignment term.")
-    asft_lambda: float = Field(1.0, ge=0.0, description="Weight lam of the absolute-likelihood alignment term.")
-    sft_coef: float = Field(1.0, ge=0.0, description="Weight c_sft of the chosen per-sequence mean NLL.")
-    prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp.")
-
-
-class SimPOParams(MethodParams):
-    """SimPO: -logsig(beta * (lbar_w - lbar_l - gamma_beta_ratio)) on length-normalised log-probs, no reference model."""
-
-    beta: float = Field(2.0, gt=0.0, description="Scale beta of the length-normalised implicit reward (SimPO code default).")
-    gamma_beta_ratio: float = Field(
-        0.25, ge=0.0, description="Target reward margin gamma divided by beta (SimPO code default; TRL's "
-        "simpo_gamma = beta * gamma_beta_ratio).")
-    sft_coef: float = Field(
-        0.0, ge=0.0, description="Weight of the chosen responses' token-mean NLL (SimPO's sft_weight; TRL's cpo_alpha, "
-        "whose default there is 1).")
-
-
-class ORPOParams(MethodParams):
-    """ORPO: the chosen NLL plus beta * -logsig(log odds ratio of the length-normalised likelihoods), no reference."""
-
-    beta: float = Field(0.1, gt=0.0, description="Weight lambda of the odds-ratio term (TRL's beta).")
-    nll_on_prompt: bool = Field(
-        True, description="The SFT term also scores the prompt tokens (the ORPO code's and TRL's default); false: the "
-        "chosen response only (the ORPO code's --disable_prompt_loss).")
-    prob_clamp: float = Field(1e-7, gt=0.0, lt=1.0, description="pibar is clamped to <= 1 - prob_clamp in the log-odds.")
-
-    @property
-    def scores_prompt_tokens(self) -> bool:
-        return self.nll_on_prompt
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -285,6 +138,11 @@ class UnlearningParams(MethodParams):
         False, description="wagle: let weight decay still shrink frozen weights (the authors' code); false: frozen "
         "weights stay bit-identical.")
 
+    @property
+    def retain_kl_every_position(self) -> bool:
+        """The retain KL term scores every position, prompt and padding included (NPO+KL's ``retain_kl_mask: none``)."""
+        return False
+
     @model_validator(mode="after")
     def _check_mask(self):
         from posttrain.errors import UserError
@@ -325,6 +183,10 @@ class NPOKLParams(NPOParams):
         description="completion: KL on answer tokens only; none: every position incl. prompt and padding "
         "(the reference code and open-unlearning).",
     )
+
+    @property
+    def retain_kl_every_position(self) -> bool:
+        return self.retain_kl_mask == "none"
 
 
 class SimNPOParams(UnlearningParams):
@@ -458,23 +320,12 @@ def _check_finite(node, where: str) -> None:
             _check_finite(value, f"{where}[{i}]")
 
 
-# (recipe key, registry): the GRPO parts whose entries declare the method keys they read and the defaults they change
-_GRPO_PARTS = (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS))
-_SAN_KEYS = ("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps")
-_GPPO_KEYS = ("gppo_beta1", "gppo_beta2", "gppo_only_high")
-_PACS_KEYS = ("pacs_beta", "pacs_reward_method", "pacs_score", "pacs_weight")
-# GRPO options PACS replaces (its own advantage, no clipping, no KL, a row mean): refused with loss: pacs
-_NOT_PACS = ("advantage", "scale_rewards", "aggregation", "delta_l_alpha", "delta_l_scope", "clipping", "epsilon",
-             "epsilon_high", "dual_clip_c", "sft_coef", "beta", "use_bias_correction_kl", "w_reinforce_lambda",
-             "entropy_coef", "rloo_normalize_advantages", "reinforce_pp_baseline", "cispo_weight_max",
-             "cispo_weight_min", *_SAN_KEYS, *_GPPO_KEYS, *SPO_KEYS)
-
-
-class GRPOParams(MethodParams):
+class _GRPOBase(MethodParams):
     """RLVR on TRL's ``GRPOTrainer`` with three independent parts: advantage estimator, loss aggregation, clipping.
 
     Everything not here (num_generations, max_completion_length, temperature, num_iterations, generation and vLLM
-    settings) is a ``training:`` key of ``trl.GRPOConfig``.
+    settings) is a ``training:`` key of ``trl.GRPOConfig``. The parts' keys come from their options models
+    (:mod:`posttrain.rl.parts`): :data:`GRPOParams` is this model plus those.
     """
 
     rewards: list[RewardSpec] = Field(
@@ -496,110 +347,9 @@ class GRPOParams(MethodParams):
         None, description="'module:function' or 'file.py:function': TRL rollout_func(prompts, trainer) -> dict that "
         "replaces generation (experimental in TRL).",
     )
-    # advantage estimator
-    advantage: Literal[ADVANTAGES.names()] = Field(
-        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
-        "(leave-one-out), reinforce_pp (REINFORCE++), spo (single-stream: one completion per prompt)."
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="group / stratified: std scaling of the group advantage (none = Dr. GRPO)."
-    )
-    stratum_key: str = Field(
-        "tool_calls",
-        description="stratified: 'tool_calls' (count of <tool_call> / message tool_calls; 0 for free text, so one "
-        "stratum per group = GRPO), a dataset column, or 'module:function' (or 'file.py:function') called as "
-        "fn(prompt=, completion=, **row) -> hashable.",
-    )
-    san_alpha: float = Field(0.8, ge=0.0, le=1.0, description="stratified: blend alpha*A_SAN + (1-alpha)*A_GRPO.")
-    san_scale: Literal["stratum", "none"] = Field(
-        "stratum", description="stratified: divide by each stratum's std (stratum) or only centre (none).")
-    san_scope: Literal["group", "batch"] = Field(
-        "group", description="stratified: a stratum is (prompt group, key) or the key across the whole batch.")
-    san_eps: float = Field(1e-4, ge=0.0, description="stratified: added to each stratum's std (tied to GRPO's 1e-4, so "
-                           "one stratum per group equals GRPO exactly; the paper's unit-variance claims use 0).")
-    w_reinforce_lambda: float = Field(0.1, ge=0.0, description="w_reinforce: advantage of correct rows (+lambda).")
     correct_reward: float = Field(
         1.0, description="A row is correct iff its combined reward equals this (psr/nsr/w_reinforce, SFT term)."
     )
-    rloo_normalize_advantages: bool = Field(
-        False, description="rloo: then standardise the advantages over the generation batch (TRL's RLOOConfig "
-        "normalize_advantages).")
-    reinforce_pp_baseline: bool = Field(
-        True, description="reinforce_pp: subtract each prompt's mean reward before the batch whitening "
-        "(REINFORCE++-baseline); false: the global whitening alone (REINFORCE++).")
-    # SPO (docs/methods/spo.md): one completion per prompt, a per-prompt success-rate tracker, prioritized sampling
-    spo_offline_n: int = Field(
-        8, ge=0, le=1024, description="spo: offline samples per prompt before training (n0) that set each prompt's "
-        "starting estimate; at most n0 scores are kept; 0: Jeffreys prior (0.5, 0.5) for every prompt.")
-    spo_offline_scores: str | None = Field(
-        None, description="spo: a JSON file {prompt_key: [scores]} (an earlier run's spo_offline_scores.json) "
-        "instead of sampling the offline pass again.")
-    spo_rho: Literal["kl", "constant"] = Field(
-        "kl", description="spo: forgetting factor from the policy's shift on each prompt's stored response (kl), "
-        "or spo_rho_value for every visit.")
-    spo_rho_value: float = Field(0.875, gt=0.0, lt=1.0, description="spo: the constant forgetting factor.")
-    spo_rho_min: float = Field(0.875, gt=0.0, lt=1.0, description="spo: lower clip of rho; 1 / (1 - rho_min) is "
-                               "the offline prior's weight.")
-    spo_rho_max: float = Field(0.96, gt=0.0, lt=1.0, description="spo: upper clip of rho (a first visit's rho).")
-    spo_d_half: float = Field(0.06, gt=0.0, description="spo: the policy shift D that halves the memory "
-                              "(rho = 2^(-D / d_half)).")
-    spo_sampling_eps: float = Field(0.05, gt=0.0, description="spo: sampling weight sqrt(p (1 - p)) + eps.")
-    spo_prioritized: bool = Field(True, description="spo: sample prompts by that weight; false: uniformly.")
-    spo_adv_eps: float = Field(1e-8, ge=0.0, description="spo: added to the batch std of r - p_hat.")
-    spo_baseline: bool = Field(True, description="spo: subtract p_hat; false: the z-scored reward alone (the "
-                               "paper's no-baseline ablation).")
-    spo_reward_range: list[float] | None = Field(
-        None, min_length=2, max_length=2, description="spo: [low, high] rescaling the combined reward to [0, 1] "
-        "(clipped) for the success-rate tracker; null: rewards must already lie in [0, 1].")
-    # loss aggregation
-    aggregation: Literal[AGGREGATIONS.names()] = Field(
-        "dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."
-    )
-    delta_l_alpha: float = Field(0.75, ge=0.0, le=1.0, description="delta_l: row weights proportional to L^-alpha.")
-    delta_l_scope: Literal["batch", "group"] = Field(
-        "batch", description="delta_l: normalise the row weights over the generation batch or within each group.")
-    # clipping
-    clipping: Literal[CLIPPINGS.names()] = Field(
-        "ppo", description="ppo (clip-higher with epsilon_high), gppo, gspo (sequence-level ratio) or cispo (clipped, "
-        "detached IS weight).")
-    epsilon: float | None = Field(
-        None, gt=0.0, lt=1.0, description="Lower clip range (and upper, unless epsilon_high); default 0.2, gspo 3e-4.")
-    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range; gppo default 0.28, gspo 4e-4.")
-    gppo_beta1: float = Field(1.0, ge=0.0, description="gppo: gradient scale of low-clipped tokens.")
-    gppo_beta2: float = Field(1.0, ge=0.0, description="gppo: gradient scale of high-clipped tokens.")
-    gppo_only_high: bool = Field(False, description="gppo: keep the gradient of high-clipped tokens only.")
-    dual_clip_c: float | None = Field(None, gt=1.0, description="Dual clip for A<0 (verl); off by default.")
-    cispo_weight_max: float = Field(
-        5.0, gt=0.0, description="cispo: upper bound of the importance weight, 1 + eps_high^IS (TRL's epsilon_high for "
-        "loss_type cispo).")
-    cispo_weight_min: float | None = Field(
-        None, ge=0.0, description="cispo: lower bound of the importance weight, 1 - eps_low^IS; null: none (the paper).")
-    sft_coef: float | None = Field(
-        None, ge=0.0, description="GPPO's NLL term on correct rollouts; default 0.1 with gppo, else 0."
-    )
-    # regularisers
-    beta: float = Field(
-        0.0, ge=0.0, description="KL (k3) coefficient against the reference: `ref_model` when given, else a frozen "
-        "copy of the initial policy (the adapter-disabled base with peft); no reference is loaded when 0."
-    )
-    use_bias_correction_kl: bool = Field(
-        False, description="Multiply the per-token k3 by the importance ratio exp(logp - old_logp) (DeepSeek-V3.2, "
-        "arXiv 2512.02556; TRL's GRPOConfig default). false: plain k3 as in DeepSeekMath GRPO. Needs beta > 0."
-    )
-    entropy_coef: float | None = Field(
-        None, ge=0.0, description="Entropy bonus (loss -= coef * token-mean entropy); default 1e-4 for psr/nsr/w_reinforce "
-        "(the paper's), else 0."
-    )
-    # PACS (docs/methods/pacs.md): BCE on an RLOO-centred log-ratio score replaces the clipped surrogate
-    loss: Literal["grpo", "pacs"] = Field(
-        "grpo", description="grpo: the clipped surrogate with the parts above; pacs: PACS (arXiv 2509.02522).")
-    pacs_beta: float = Field(1.0, gt=0.0, description="pacs: scale of the log-ratio reward proxy.")
-    pacs_reward_method: Literal["ratio", "avg_logp"] = Field(
-        "ratio", description="pacs: r = beta * summed log-ratio to the generating policy, or beta * mean log-prob.")
-    pacs_score: Literal["rloo", "grpo", "naive"] = Field(
-        "rloo", description="pacs: the logit psi: r minus the other rows' mean (rloo), group-standardised, or r.")
-    pacs_weight: Literal["question", "only_positive", "only_negative", "none"] = Field(
-        "question", description="pacs: row weights; question = balanced class weights within each group.")
     warn_no_signal_after: int = Field(
         2, ge=0, description="Warn after this many logging steps in a row without learning signal (every advantage 0 "
         "or grad norm 0), naming the likely cause; 0: no warning (the end-of-run line stays)."
@@ -621,20 +371,28 @@ class GRPOParams(MethodParams):
                 if key in given:
                     raise UserError(f"method.{key}: {why}")
 
+        def owners(registry) -> dict[str, list[str]]:
+            found: dict[str, list[str]] = {}
+            for entry in registry:
+                for key in entry.keys:
+                    found.setdefault(key, []).append(entry.name)
+            return found
+
+        loss = POLICY_LOSSES[self.loss]
         defaults: dict = {}
-        if self.loss == "pacs":
-            refuse(_NOT_PACS, "not used by method.loss: pacs (its own RLOO score, no clipping, no KL, a row mean)")
+        for key, names in owners(POLICY_LOSSES).items():  # a key of another objective
+            if key not in loss.keys:
+                refuse((key,), f"only used with method.loss: {' or '.join(names)}" if loss.uses_parts
+                       else f"not used by method.loss: {loss.name} ({loss.replaces})")
+        if not loss.uses_parts:
+            for part, registry in SURROGATE_PARTS:
+                refuse((part, *owners(registry)), f"not used by method.loss: {loss.name} ({loss.replaces})")
         else:
-            refuse(_PACS_KEYS, "only used with method.loss: pacs")
-            for part, registry in _GRPO_PARTS:  # a key one part reads is an error when another is selected
+            for part, registry in SURROGATE_PARTS:  # a key one part reads is an error when another is selected
                 chosen = registry[getattr(self, part)]
-                defaults.update(chosen.defaults if "defaults" in chosen.meta else {})
-                owners: dict[str, list[str]] = {}
-                for entry in registry:
-                    for key in entry.keys:
-                        owners.setdefault(key, []).append(entry.name)
-                why = chosen.refuses if "refuses" in chosen.meta else {}
-                for key, names in owners.items():
+                defaults.update(chosen.defaults)
+                why = chosen.refuses
+                for key, names in owners(registry).items():
                     if key in why:
                         if getattr(self, key) != type(self).model_fields[key].default:  # the default is harmless
                             refuse((key,), f"{part} {chosen.name} {why[key]}")
@@ -655,16 +413,45 @@ class GRPOParams(MethodParams):
         if self.entropy_coef is None:
             self.entropy_coef = defaults.get("entropy_coef", 0.0)
         self.__pydantic_fields_set__ = given  # resolved defaults are not the user's settings (the checks tell apart)
-        if self.loss != "pacs":  # each selected part checks the settings it reads (cross-key checks)
-            for part, registry in _GRPO_PARTS:
+        if loss.uses_parts:  # each selected part checks the settings it reads (cross-key checks)
+            for part, registry in SURROGATE_PARTS:
                 chosen = registry[getattr(self, part)]
-                problem = chosen.check(self) if "check" in chosen.meta else None
+                problem = chosen.check(self) if chosen.check is not None else None
                 if problem:
                     raise UserError(problem)
         if not any(spec.weight != 0 for spec in self.rewards):
             raise UserError("method.rewards: every weight is 0, so the combined reward is always 0 and there is "
                             "nothing to learn; give at least one reward a non-zero weight")
         return self
+
+
+# the part selectors (their values are the registries' names)
+_SELECTORS = {
+    "advantage": Field(
+        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
+        "(leave-one-out), reinforce_pp (REINFORCE++), spo (single-stream: one completion per prompt)."),
+    "aggregation": Field("dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."),
+    "clipping": Field(
+        "ppo", description="ppo (clip-higher with epsilon_high), gppo, gspo (sequence-level ratio) or cispo (clipped, "
+        "detached IS weight)."),
+    "loss": Field(
+        "grpo", description="grpo: the clipped surrogate with the parts above; pacs: PACS (arXiv 2509.02522)."),
+}
+
+
+def _grpo_fields() -> dict[str, tuple]:
+    """Each selector followed by the keys its entries own (first owner wins for a shared key)."""
+    fields: dict[str, tuple] = {}
+    for key, registry in (*SURROGATE_PARTS, ("loss", POLICY_LOSSES)):
+        fields[key] = (Literal[registry.names()], _SELECTORS[key])
+        for entry in registry:
+            if entry.options_model is not None:
+                for name, info in entry.options_model.model_fields.items():
+                    fields.setdefault(name, (info.annotation, info))
+    return fields
+
+
+GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -705,41 +492,6 @@ class OnlineDPOParams(MethodParams):
         if not self.rewards:
             raise UserError("method.rewards: give at least one reward function")
         return self
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------------------------------
-
-Family = Literal["sft", "preference", "unpaired", "online", "reward", "unlearning", "rl"]
-# the order `posttrain methods` lists the families in
-FAMILIES: tuple[str, ...] = ("sft", "preference", "unpaired", "online", "reward", "unlearning", "rl")
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    family: Family
-    summary: str
-    paper: str
-    recipe: str
-    params: type[MethodParams]
-    # Whether a frozen reference/anchor model is used: "none", "required" (defaults to a frozen copy of `model`), or
-    # "optional": used only when the params' ``uses_reference`` is true (GRPO: beta > 0), then as for "required".
-    # The trainer builds its posttrain.reference.Reference from this (and ref_model / peft); it never checks names.
-    reference: Literal["none", "required", "optional"] = "none"
-    # The method's page in the repository (`posttrain methods NAME` prints its summary).
-    doc: str = ""
-
-
-METHODS: dict[str, MethodInfo] = {}
-
-
-def register(info: MethodInfo) -> MethodInfo:
-    if info.name in METHODS:
-        raise ValueError(f"method {info.name!r} registered twice")
-    METHODS[info.name] = info
-    return info
 
 
 register(
@@ -791,78 +543,14 @@ register(
 )
 
 
-register(
-    MethodInfo(
-        name="dpo",
-        doc="docs/methods/dpo.md",
-        family="preference",
-        summary="Direct Preference Optimisation (sigmoid, cDPO via label_smoothing, robust, IPO).",
-        paper="Rafailov et al., Direct Preference Optimization: Your Language Model is Secretly a Reward Model "
-        "(arXiv 2305.18290); IPO: Azar et al. (arXiv 2310.12036)",
-        recipe="recipes/dpo.yaml",
-        params=DPOParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="wpo",
-        doc="docs/methods/wpo.md",
-        family="preference",
-        summary="Weighted Preference Optimization: DPO with pairs weighted by their (aligned) policy probability.",
-        paper="Zhou et al., WPO: Enhancing RLHF with Weighted Preference Optimization (arXiv 2406.11827)",
-        recipe="recipes/wpo.yaml",
-        params=WPOParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="sparsepo",
-        doc="docs/methods/sparsepo.md",
-        family="preference",
-        summary="SparsePO: token-level masked rewards and KL, masks learned or from reference activations.",
-        paper="Christopoulou et al., SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks "
-        "(arXiv 2410.05102)",
-        recipe="recipes/sparsepo.yaml",
-        params=SparsePOParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="asft_aligned",
-        doc="docs/methods/asft_aligned.md",
-        family="preference",
-        summary="Aligned SFT through absolute likelihood: pointwise log-odds on chosen and rejected, no reference.",
-        paper="Wang et al., ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood (arXiv 2409.10571)",
-        recipe="recipes/asft_aligned.yaml",
-        params=ASFTAlignedParams,
-    )
-)
-
-
-register(
-    MethodInfo(
-        name="simpo",
-        doc="docs/methods/simpo.md",
-        family="preference",
-        summary="SimPO: length-normalised log-likelihood margin with a target margin, no reference model.",
-        paper="Meng et al., SimPO: Simple Preference Optimization with a Reference-Free Reward (arXiv 2405.14734)",
-        recipe="recipes/simpo.yaml",
-        params=SimPOParams,
-    )
-)
-register(
-    MethodInfo(
-        name="orpo",
-        doc="docs/methods/orpo.md",
-        family="preference",
-        summary="ORPO: SFT plus an odds-ratio preference term in one stage, no reference model.",
-        paper="Hong et al., ORPO: Monolithic Preference Optimization without Reference Model (arXiv 2403.07691)",
-        recipe="recipes/orpo.yaml",
-        params=ORPOParams,
-    )
+# the preference family: one file per method (params, objective, registration), registered here in this order
+from posttrain.families.preference.methods import (  # noqa: E402
+    ASFTAlignedParams,
+    DPOParams,
+    ORPOParams,
+    SimPOParams,
+    SparsePOParams,
+    WPOParams,
 )
 
 

@@ -73,7 +73,7 @@ def sft_rows(ctx, rows, key: str) -> list[RowPreview]:
 
 
 def preference_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.preference import PosttrainPreferenceTrainer
+    from posttrain.families.preference.trainer import PosttrainPreferenceTrainer
 
     config, tok = ctx["config"], ctx["tokenizer"]
     ds = _prepared(PosttrainPreferenceTrainer, config, {"_tokenizer": tok, "args": config,

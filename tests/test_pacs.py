@@ -209,7 +209,7 @@ def pacs_trainer(tmp_path_factory, arith_model_dir):
 def test_trainer_loss_and_gradient_equal_the_pure_function_and_reinforce_rloo(pacs_trainer):
     trainer, inputs = pacs_trainer
     model = trainer.model
-    assert inputs["rl_pacs_reward"].tolist() == [1.0 if i % 3 == 0 else 0.0 for i in range(16)]
+    assert inputs["rl_row_label"].tolist() == [1.0 if i % 3 == 0 else 0.0 for i in range(16)]
     model.zero_grad()
     loss = trainer._compute_loss(model, dict(inputs))
     loss.backward()
@@ -219,11 +219,11 @@ def test_trainer_loss_and_gradient_equal_the_pure_function_and_reinforce_rloo(pa
     model.zero_grad()
     logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, att, inputs["completion_ids"].size(1))
     mask = inputs["completion_mask"]
-    expected = pacs_loss(logps, logps.detach(), mask, inputs["rl_pacs_reward"], inputs["rl_pacs_group"], weight="none")
+    expected = pacs_loss(logps, logps.detach(), mask, inputs["rl_row_label"], inputs["rl_row_group"], weight="none")
     assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-6)
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6)  # on-policy, unit weights
     # REINFORCE with the leave-one-out baseline on summed log-probs: the same gradient
-    r, g = inputs["rl_pacs_reward"], inputs["rl_pacs_group"]
+    r, g = inputs["rl_row_label"], inputs["rl_row_group"]
     adv = torch.stack([r[i] - (r[g == g[i]].sum() - r[i]) / 3 for i in range(16)])
     (-(adv * (logps * mask).sum(-1)).sum() / 16).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

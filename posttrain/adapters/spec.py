@@ -14,12 +14,12 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.errors import UserError
-from posttrain.registry import Registry
+from posttrain.registry import AdapterVariantEntry, Registry
 
 # ``peft.type`` -> entry: ``fn`` is the variant's options model (the ``peft.<type>`` sub-block; plain LoRA has none)
 # and ``variant`` its :class:`AdapterVariant`. The implementations (posttrain/adapters/<type>.py) import torch/peft and
 # are wired by posttrain.adapters.trainer, which asks the variant instead of comparing ``peft.type``.
-ADAPTER_VARIANTS: Registry = Registry("adapter variant")
+ADAPTER_VARIANTS: Registry[AdapterVariantEntry] = Registry("adapter variant", AdapterVariantEntry)
 
 PEFT_USAGE = ("from peft import AutoPeftModelForCausalLM",
               'model = AutoPeftModelForCausalLM.from_pretrained("PATH")')

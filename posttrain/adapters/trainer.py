@@ -33,7 +33,7 @@ from typing import Any
 
 from posttrain.adapters.spec import ADAPTER_VARIANTS, AdapterVariant, adapter_variant
 from posttrain.errors import UserError
-from posttrain.families.base import load
+from posttrain.registry import load
 
 logger = logging.getLogger("posttrain")
 _CLASS_CACHE: dict[tuple[type, str], type] = {}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import hmean, ks_2samp
 
-from posttrain.registry import Registry
+from posttrain.registry import MIAAttackEntry, Registry
 
 __all__ = [
     "MODEL_UTILITY_KEYS",
@@ -388,7 +388,7 @@ class TokenStats:
 
 # Membership-inference attacks: name -> fn(stats, k, reference stats or None) -> score (signed like the loss).
 # ``needs_reference``: the attack reads a reference model's statistics of the same row.
-MIA_ATTACKS: Registry = Registry("membership-inference attack")
+MIA_ATTACKS: Registry[MIAAttackEntry] = Registry("membership-inference attack", MIAAttackEntry)
 
 
 @MIA_ATTACKS.register("loss", doc="docs/unlearning.md#membership-inference", needs_reference=False)

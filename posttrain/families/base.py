@@ -8,9 +8,10 @@ the recipe schema that reads it) imports no torch.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from posttrain.registry import load  # noqa: F401 (re-exported: Family fields name code by "module:attribute")
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,6 @@ class Family:
         return tuple(self.data)
 
 
-def load(spec: str | Callable[..., Any]) -> Any:
-    """The object a ``"module:attribute"`` string names (imported now); a callable is returned as it is."""
-    if not isinstance(spec, str):
-        return spec
-    module, _, attribute = spec.partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
 _TRAINERS = "posttrain.trainers"
 
 # in the order `posttrain methods` lists them
@@ -71,7 +64,8 @@ FAMILIES: dict[str, Family] = {
                f"{_TRAINERS}.build:sft_config", f"{_TRAINERS}.build:build_sft_trainer", "posttrain.preview:sft_rows",
                check_data=f"{_TRAINERS}.build:check_sft_data", masks_conversations=True),
         Family("preference", {"train": "preference", "eval": "preference", "test": "test"}, "trl:DPOConfig",
-               f"{_TRAINERS}.preference:preference_config", f"{_TRAINERS}.preference:build_preference_trainer",
+               "posttrain.families.preference.trainer:preference_config",
+               "posttrain.families.preference.trainer:build_preference_trainer",
                "posttrain.preview:preference_rows"),
         Family("unpaired", {"train": "unpaired", "eval": "unpaired", "test": "test"}, "trl:KTOConfig",
                f"{_TRAINERS}.kto:kto_config", f"{_TRAINERS}.kto:build_kto_trainer", "posttrain.preview:unpaired_rows"),

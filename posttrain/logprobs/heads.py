@@ -30,7 +30,7 @@ import torch
 
 from posttrain.errors import UserError
 from posttrain.distributed import gathered
-from posttrain.registry import Registry
+from posttrain.registry import LogprobHeadEntry, Registry
 
 # fp32 elements of one [rows, V] logits chunk (64 MiB): chunk_rows = CHUNK_ELEMENTS // V
 CHUNK_ELEMENTS = 1 << 24
@@ -267,7 +267,7 @@ def full_vocab_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 # reason a head cannot run there (None when it can).
 # ----------------------------------------------------------------------------------------------------------------------
 
-LOGPROB_HEADS: Registry = Registry("training.logprob_head")
+LOGPROB_HEADS: Registry[LogprobHeadEntry] = Registry("training.logprob_head", LogprobHeadEntry)
 HEAD_CHOICES = ("auto",)  # + LOGPROB_HEADS.names(), see head_choices()
 
 

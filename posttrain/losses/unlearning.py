@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from posttrain.distributed import TokenMean
-from posttrain.registry import Registry
+from posttrain.registry import Registry, UnlearningObjectiveEntry, UnlearningTermEntry
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,6 @@ UNLEARNING_DEFAULTS: dict[str, dict] = {
     "npo_kl": {"forget": "npo", "retain": "kl", "gamma": 1.0, "alpha": 1.0, "beta": 0.1},
     "simnpo": {"forget": "simnpo", "retain": "nll", "gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.0},
 }
-# Forget losses that compare with a frozen reference model, and retain terms that do.
-_REFERENCE_FORGET, _REFERENCE_RETAIN = ("npo",), ("kl", "activations")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -332,34 +330,22 @@ def unlearning_objective(
     with torch.no_grad():  # the token mean the GA term sees (forget_num_items: see below)
         metrics["forget_nll"] = float(nll_loss(forget_logps.detach(), forget_mask, forget_num_items))
 
-    kind = cfg["forget"]
-    if kind == "ga":
-        forget_loss = ga_loss(forget_logps, forget_mask, forget_num_items)
-    elif kind == "npo":
-        if forget_ref_logps is None:
-            raise ValueError(f"method {method!r} needs forget_ref_logps (the reference model's forget log-probs)")
-        out = npo_loss(forget_logps, forget_ref_logps, beta=beta, mask=forget_mask)
-        forget_loss = out.losses.mean()
-        metrics["npo/log_ratio_mean"] = float(out.log_ratios.mean())
-        metrics["npo/weight_mean"] = float(out.weights.mean())
-    else:  # simnpo
-        sout = simnpo_loss(forget_logps, forget_mask, beta=beta, delta=delta)
-        forget_loss = sout.losses.mean()
-        metrics["simnpo/avg_nll_mean"] = float(sout.avg_nll.mean())
-        metrics["simnpo/weight_mean"] = float(sout.weights.mean())
+    forget = FORGET_TERMS[cfg["forget"]]
+    if forget.uses_reference and forget_ref_logps is None:
+        raise ValueError(f"method {method!r} needs forget_ref_logps (the reference model's forget log-probs)")
+    forget_loss, forget_metrics = forget.fn(forget_logps, forget_mask, forget_ref_logps, forget_num_items, beta=beta,
+                                            delta=delta)
+    metrics.update(forget_metrics)
 
     retain_loss = None
-    rkind = cfg["retain"]
-    if rkind == "nll" and alpha != 0:
-        if retain_logps is None or retain_mask is None:
-            raise ValueError(f"method {method!r} needs retain_logps and retain_mask")
-        retain_loss = retain_nll_loss(retain_logps, retain_mask, retain_num_items)
-        metrics["retain_nll"] = float(retain_loss.detach())
-    elif rkind == "kl" and alpha != 0:
-        if retain_logits is None or retain_ref_logits is None:
-            raise ValueError(f"method {method!r} needs retain_logits and retain_ref_logits")
-        retain_loss = retain_kl_loss(retain_logits, retain_ref_logits, retain_kl_mask, retain_num_items)
-        metrics["retain_kl"] = float(retain_loss.detach())
+    if cfg["retain"] is not None and alpha != 0:
+        retain = RETAIN_TERMS[cfg["retain"]]
+        given = {"logps": retain_logps, "mask": retain_mask, "logits": retain_logits, "ref_logits": retain_ref_logits,
+                 "kl_mask": retain_kl_mask}
+        if any(given[name] is None for name in retain.inputs):
+            raise ValueError(f"method {method!r} needs {' and '.join(f'retain_{name}' for name in retain.inputs)}")
+        retain_loss, retain_metrics = retain.fn(retain_num_items, **given)
+        metrics.update(retain_metrics)
 
     loss = gamma * forget_loss
     if retain_loss is not None:
@@ -449,7 +435,54 @@ def rmu_loss(
 # :data:`UNLEARNING_DEFAULTS` and ``recipe_method`` (selectable as ``method.name``).
 # ----------------------------------------------------------------------------------------------------------------------
 
-UNLEARNING_OBJECTIVES: Registry = Registry("unlearning objective")
+FORGET_TERMS: Registry[UnlearningTermEntry] = Registry("unlearning forget term", UnlearningTermEntry)
+RETAIN_TERMS: Registry[UnlearningTermEntry] = Registry("unlearning retain term", UnlearningTermEntry)
+
+
+@FORGET_TERMS.register("ga", doc="docs/methods/ga.md#objective")
+def ga_term(logps, mask, ref_logps, num_items, *, beta, delta):
+    """Gradient ascent (the unlearning baseline; NPO paper, arXiv 2404.05868): :func:`ga_loss`."""
+    return ga_loss(logps, mask, num_items), {}
+
+
+@FORGET_TERMS.register("npo", doc="docs/methods/npo.md#objectives", uses_reference=True)
+def npo_term(logps, mask, ref_logps, num_items, *, beta, delta):
+    """NPO (Zhang et al. 2024, arXiv 2404.05868): the mean of :func:`npo_loss` over the forget sequences."""
+    out = npo_loss(logps, ref_logps, beta=beta, mask=mask)
+    return out.losses.mean(), {"npo/log_ratio_mean": float(out.log_ratios.mean()),
+                               "npo/weight_mean": float(out.weights.mean())}
+
+
+@FORGET_TERMS.register("simnpo", doc="docs/methods/simnpo.md#objective")
+def simnpo_term(logps, mask, ref_logps, num_items, *, beta, delta):
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163): the mean of :func:`simnpo_loss`, reference-free."""
+    out = simnpo_loss(logps, mask, beta=beta, delta=delta)
+    return out.losses.mean(), {"simnpo/avg_nll_mean": float(out.avg_nll.mean()),
+                               "simnpo/weight_mean": float(out.weights.mean())}
+
+
+@RETAIN_TERMS.register("nll", doc="docs/methods/grad_diff.md#objective", inputs=("logps", "mask"))
+def retain_nll_term(num_items, *, logps, mask, **unused):
+    """Token-mean NLL of the retain set (GradDiff, Liu et al., arXiv 2203.12817): :func:`retain_nll_loss`."""
+    loss = retain_nll_loss(logps, mask, num_items)
+    return loss, {"retain_nll": float(loss.detach())}
+
+
+@RETAIN_TERMS.register("kl", doc="docs/methods/npo.md#objectives", uses_reference=True, full_vocab=True,
+                       inputs=("logits", "ref_logits"))
+def retain_kl_term(num_items, *, logits, ref_logits, kl_mask, **unused):
+    """KL(pi_ref || pi_theta) on the retain set (NPO+KL, arXiv 2404.05868): :func:`retain_kl_loss` (``kl_mask``
+    None: every position)."""
+    loss = retain_kl_loss(logits, ref_logits, kl_mask, num_items)
+    return loss, {"retain_kl": float(loss.detach())}
+
+
+# RMU's terms work on one layer's activations, not log-probs: its objective (rmu_loss, steers_activations) calls
+# rmu_activation_loss for both; the entries say what they need (the retain term: the frozen model's activations)
+FORGET_TERMS.add("rmu", rmu_activation_loss, doc="docs/methods/rmu.md#objective")
+RETAIN_TERMS.add("activations", rmu_activation_loss, doc="docs/methods/rmu.md#objective", uses_reference=True)
+
+UNLEARNING_OBJECTIVES: Registry[UnlearningObjectiveEntry] = Registry("unlearning objective", UnlearningObjectiveEntry)
 _DOCS = {"ga": "docs/methods/ga.md#objective", "grad_diff": "docs/methods/grad_diff.md#objective",
          "ga_kl": "docs/methods/npo.md#the-ga_kl-objective", "npo": "docs/methods/npo.md#objectives",
          "npo_rt": "docs/methods/npo.md#objectives", "npo_kl": "docs/methods/npo.md#objectives",
@@ -468,6 +501,8 @@ def uses_retain(name: str, alpha: float) -> bool:
 
 
 def uses_reference(name: str, alpha: float) -> bool:
-    """Whether objective ``name`` compares with a frozen reference model (NPO's forget loss, the KL retain term)."""
+    """Whether objective ``name`` compares with a frozen reference model: its forget term does (NPO), or its retain
+    term, when there is one, does (the KL and RMU activation terms)."""
     entry = UNLEARNING_OBJECTIVES[name]
-    return entry.forget in _REFERENCE_FORGET or (uses_retain(name, alpha) and entry.retain in _REFERENCE_RETAIN)
+    return FORGET_TERMS[entry.forget].uses_reference or (
+        uses_retain(name, alpha) and RETAIN_TERMS[entry.retain].uses_reference)

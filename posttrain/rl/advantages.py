@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from posttrain.registry import Registry
+from posttrain.rl.parts import ADVANTAGES
 
 __all__ = [
     "ADVANTAGES",
@@ -455,44 +455,18 @@ def reinforce_pp(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry: one entry per ``method.advantage`` value
-
-ADVANTAGES: Registry = Registry("advantage estimator")
-"""``method.advantage`` -> entry. Each entry's ``fn(rewards, num_generations, **options) -> AdvantageOutput``;
-``meta``: ``options(params, strata)`` (the estimator's keyword options from the recipe's method params),
-``keys`` (method keys only this estimator reads), ``refuses`` (why it refuses another estimator's key set to a
-non-default value, optional),
-``defaults`` (method defaults it changes), ``group_baseline``
-(uses the group mean and std), ``normalize_then_sum`` (TRL's ``multi_objective_aggregation="normalize_then_sum"``
-replaces it), ``needs_strata`` (stratum keys are computed per rollout), ``needs_lengths`` (optional: the estimator
-takes the completion token counts of the generation batch as ``lengths``), ``single_stream`` (optional: one
-completion per prompt), ``trainer`` (optional: ``"module:Class"``, the GRPO trainer subclass the estimator needs, e.g.
-SPO's per-prompt tracker and sampler, which pass the baseline ``p_hat`` of every row), ``check`` (optional: the
-estimator's cross-key check, ``check(params) -> error or None``)."""
+# the functions of the ``method.advantage`` entries (registered in :mod:`posttrain.rl.parts`)
 
 
 def _ones_keep(adv: torch.Tensor) -> AdvantageOutput:
     return AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
 
 
-@ADVANTAGES.register(
-    "group", doc="docs/methods/grpo_advantages.md#group-advantage", keys=("scale_rewards",), defaults={},
-    group_baseline=True, needs_strata=False, normalize_then_sum=True,
-    options=lambda p, strata: {"scale_rewards": p.scale_rewards},
-)
 def group_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
     """GRPO group-relative advantages (DeepSeekMath, arXiv 2402.03300), every row kept: :func:`group`."""
     return _ones_keep(group(rewards, num_generations, **options))
 
 
-@ADVANTAGES.register(
-    "stratified", doc="docs/methods/grpo_advantages.md#stratified-advantage-san",
-    keys=("stratum_key", "san_alpha", "san_scale", "san_scope", "san_eps"), defaults={},
-    group_baseline=True, needs_strata=True, normalize_then_sum=False,
-    refuses={"scale_rewards": "scales with method.san_scale, not scale_rewards"},
-    options=lambda p, strata: {"strata": strata, "alpha": p.san_alpha, "scale": p.san_scale, "scope": p.san_scope,
-                               "eps": p.san_eps},
-)
 def stratified_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
     """Stratified Advantage Normalization (Stratified GRPO, arXiv 2510.06214), every row kept: :func:`stratified`."""
     if "strata" not in options:
@@ -500,35 +474,16 @@ def stratified_advantage(rewards: torch.Tensor, num_generations: int, **options:
     return _ones_keep(stratified(rewards, num_generations, **options))
 
 
-_NEGATIVE_REINFORCEMENT = dict(defaults={"entropy_coef": 1e-4}, group_baseline=False, needs_strata=False,
-                               normalize_then_sum=False,
-                               refuses={"scale_rewards": "uses no group baseline or std scaling"})
-
-
-@ADVANTAGES.register(
-    "psr", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=(), **_NEGATIVE_REINFORCEMENT,
-    recipe=("recipes/grpo_nsr.yaml", ["method.advantage=psr"]),
-    options=lambda p, strata: {"correct_value": p.correct_reward},
-)
 def psr_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
     """Positive Sample Reinforcement (Zhu et al., arXiv 2506.01347): :func:`psr`; ``num_generations`` unused."""
     return AdvantageOutput(*psr(rewards, **options))
 
 
-@ADVANTAGES.register(
-    "nsr", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=(), **_NEGATIVE_REINFORCEMENT,
-    options=lambda p, strata: {"correct_value": p.correct_reward},
-)
 def nsr_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
     """Negative Sample Reinforcement (Zhu et al., arXiv 2506.01347): :func:`nsr`; ``num_generations`` unused."""
     return AdvantageOutput(*nsr(rewards, **options))
 
 
-@ADVANTAGES.register(
-    "w_reinforce", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce", keys=("w_reinforce_lambda",),
-    **_NEGATIVE_REINFORCEMENT,
-    options=lambda p, strata: {"lam": p.w_reinforce_lambda, "correct_value": p.correct_reward},
-)
 def w_reinforce_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
     """Weighted-REINFORCE (Zhu et al., arXiv 2506.01347): :func:`w_reinforce`; ``num_generations`` unused."""
     if "w_reinforce_lambda" in options:
@@ -536,51 +491,16 @@ def w_reinforce_advantage(rewards: torch.Tensor, num_generations: int, **options
     return AdvantageOutput(*w_reinforce(rewards, **options))
 
 
-@ADVANTAGES.register(
-    "rloo", doc="docs/methods/rloo.md#advantage", keys=("rloo_normalize_advantages",), defaults={},
-    group_baseline=True, needs_strata=False, normalize_then_sum=False,
-    refuses={"scale_rewards": "uses no std scaling (rloo_normalize_advantages: true standardises over the batch)"},
-    options=lambda p, strata: {"normalize": p.rloo_normalize_advantages},
-)
 def rloo_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
     """Leave-one-out baseline (RLOO, Ahmadian et al. 2024, arXiv 2402.14740), every row kept: :func:`rloo`."""
     return _ones_keep(rloo(rewards, num_generations, **options))
 
 
-@ADVANTAGES.register(
-    "reinforce_pp", doc="docs/methods/reinforce_pp.md#advantage", keys=("reinforce_pp_baseline",), defaults={},
-    group_baseline=True, needs_strata=False, normalize_then_sum=False, needs_lengths=True,
-    refuses={"scale_rewards": "whitens over the batch's completion tokens, not with scale_rewards"},
-    options=lambda p, strata: {"baseline": p.reinforce_pp_baseline},
-)
 def reinforce_pp_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
     """REINFORCE++ (-baseline) (Hu et al. 2025, arXiv 2501.03262), every row kept: :func:`reinforce_pp`."""
     return _ones_keep(reinforce_pp(rewards, num_generations, **options))
 
 
-SPO_KEYS = ("spo_offline_n", "spo_offline_scores", "spo_rho", "spo_rho_value", "spo_rho_min", "spo_rho_max",
-            "spo_d_half", "spo_sampling_eps", "spo_prioritized", "spo_adv_eps", "spo_baseline", "spo_reward_range")
-
-
-def check_spo_settings(p) -> str | None:
-    """SPO's cross-key settings: ``spo_rho_min <= spo_rho_max``, ``spo_reward_range`` as ``[low, high]``."""
-    if p.spo_rho_min > p.spo_rho_max:
-        return f"method.spo_rho_min: {p.spo_rho_min} is above method.spo_rho_max ({p.spo_rho_max})"
-    if p.spo_reward_range is not None and not p.spo_reward_range[0] < p.spo_reward_range[1]:
-        return f"method.spo_reward_range: expected [low, high] with low < high, got {p.spo_reward_range}"
-    if p.spo_offline_scores is not None and p.spo_offline_n == 0:
-        return ("method.spo_offline_scores: spo_offline_n is 0 (no offline scores are kept); set it to the number "
-                "of scores per prompt to keep (n0)")
-    return None
-
-
-@ADVANTAGES.register(
-    "spo", doc="docs/methods/spo.md#advantage", keys=SPO_KEYS, defaults={}, check=check_spo_settings,
-    group_baseline=False, needs_strata=False, normalize_then_sum=False, single_stream=True,
-    trainer="posttrain.trainers.spo:SPOGRPOTrainer",
-    refuses={"scale_rewards": "z-scores r - p_hat over the whole batch (method.spo_adv_eps), not with scale_rewards"},
-    options=lambda p, strata: {"eps": p.spo_adv_eps, "baseline": p.spo_baseline},
-)
 def spo_advantage(rewards: torch.Tensor, num_generations: int, **options: Any) -> AdvantageOutput:
     """Single-stream advantage (SPO, Xu & Ding 2025, arXiv 2509.13232), every row kept:
     :func:`posttrain.rl.spo.spo_advantages` of the rewards against each prompt's tracked success rate ``p_hat``

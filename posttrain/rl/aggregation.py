@@ -24,11 +24,12 @@ count, as in TRL.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from posttrain.registry import Registry
+from posttrain.rl.parts import AGGREGATIONS
 
 __all__ = [
     "AGGREGATIONS",
@@ -186,28 +187,22 @@ def delta_l(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry: one entry per ``method.aggregation`` value. ``meta``: ``normalizer`` -- what the loss is divided by:
-# "global_tokens" (N_glob of the accumulated batch), "local_tokens" (the micro-batch's tokens, then / GA) or "rows"
-# (kept rows of the accumulated batch); ``max_completion_length`` -- the normaliser uses T_max; ``row_weights`` --
-# per-row weights computed on the generation batch (the KL term is then aggregated unweighted with dr_grpo);
-# ``keys`` -- method keys only this aggregation reads; ``trl_loss_type`` -- the GRPOConfig loss_type TRL is given;
-# ``recipe`` -- (shipped recipe, --set overrides) that runs it, where no shipped recipe selects it.
+# the ``method.aggregation`` entries are registered in :mod:`posttrain.rl.parts`; each picks its keywords from the
+# micro-batch's Normalizer
 
-AGGREGATIONS: Registry = Registry("loss aggregation")
-AGGREGATIONS.add("grpo", grpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="rows",
-                 max_completion_length=False, row_weights=False, keys=(), trl_loss_type="grpo",
-                 recipe=("recipes/grpo.yaml", ["method.aggregation=grpo"]))
-AGGREGATIONS.add("bnpo", bnpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="local_tokens",
-                 max_completion_length=False, row_weights=False, keys=(), trl_loss_type="bnpo",
-                 recipe=("recipes/grpo.yaml", ["method.aggregation=bnpo"]))
-AGGREGATIONS.add("dr_grpo", dr_grpo, doc="docs/methods/grpo_aggregation.md#aggregations", normalizer="rows",
-                 max_completion_length=True, row_weights=False, keys=(), trl_loss_type="dr_grpo",
-                 recipe=("recipes/grpo.yaml", ["method.aggregation=dr_grpo", "method.scale_rewards=none"]))
-AGGREGATIONS.add("dapo", dapo, doc="docs/methods/grpo_aggregation.md#the-dapo-normaliser",
-                 normalizer="global_tokens", max_completion_length=False, row_weights=False, keys=(), trl_loss_type="dapo")
-AGGREGATIONS.add("delta_l", delta_l, doc="docs/methods/grpo_aggregation.md#delta-l-normalisation", normalizer="rows",
-                 max_completion_length=True, row_weights=True, keys=("delta_l_alpha", "delta_l_scope"),
-                 trl_loss_type="dr_grpo")
+
+@dataclass(frozen=True)
+class Normalizer:
+    """What an aggregation may divide one micro-batch's loss by (docs/methods/grpo_aggregation.md): the completion
+    tokens of the accumulated global batch (``num_items_in_batch``, N_glob), its kept rows (``num_rows``; None when the
+    batch carries no count), the process count, ``max_completion_length`` (T_max) and ΔL's per-row weights."""
+
+    num_items_in_batch: torch.Tensor | None
+    num_rows: torch.Tensor | None
+    num_processes: int
+    max_completion_length: int | None
+    row_weights: torch.Tensor | None = None
+
 
 LOSS_AGGREGATIONS = AGGREGATIONS.names()
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from posttrain.registry import Registry
+from posttrain.rl.parts import CLIPPINGS
 
 __all__ = [
     "CLIPPINGS",
@@ -281,56 +281,7 @@ def clip_metrics(out: ClipOutput, mask: torch.Tensor) -> dict[str, float]:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# registry: one entry per ``method.clipping`` value. ``meta``: ``options(params)`` -- the rule's own keyword options
-# from the recipe's method params; ``keys`` -- method keys only this rule reads; ``defaults`` -- method defaults it
-# changes (GPPO: Klear-Reasoner's eps_h 0.28 and its SFT term 0.1, docs/methods/grpo_clipping.md#hyperparameters);
-# ``gradient_preserved`` -- it reports ``clip_ratio/gradient_preserved_mean``; ``check(params)`` -- the error message
-# for settings the rule cannot mean, or None.
-
-
-def check_clip_range(p) -> str | None:
-    """The clip range ``[1 - epsilon, 1 + epsilon_high]``: clip-higher (DAPO, arXiv 2503.14476) widens the upper side;
-    an upper range narrower than the lower one is refused as swapped values."""
-    if p.epsilon_high is not None and p.epsilon_high < p.epsilon:
-        if "epsilon_high" not in p.model_fields_set:  # the selected rule's default upper range
-            return (f"method.epsilon: {p.epsilon:g} is above the upper clip range of clipping {p.clipping} "
-                    f"(epsilon_high {p.epsilon_high:g}, its default); set method.epsilon_high as well")
-        return (f"method.epsilon_high: {p.epsilon_high:g} is below method.epsilon {p.epsilon:g}: the upper clip range "
-                "would be narrower than the lower one (clip-higher widens it; swapped values?)")
-    return None
-
-
-def check_cispo_bounds(p) -> str | None:
-    """CISPO's importance-weight bounds: ``cispo_weight_min`` (when given) at most ``cispo_weight_max``."""
-    if p.cispo_weight_min is not None and p.cispo_weight_min > p.cispo_weight_max:
-        return (f"method.cispo_weight_min: {p.cispo_weight_min} is above method.cispo_weight_max "
-                f"({p.cispo_weight_max})")
-    return None
-
-
-CLIPPINGS: Registry = Registry("clipping rule")
-_PPO_RANGE = ("epsilon", "epsilon_high", "dual_clip_c")
-
-
-def _ppo_range(p) -> dict[str, Any]:
-    return {"epsilon": p.epsilon, "epsilon_high": p.epsilon_high, "dual_clip_c": p.dual_clip_c}
-
-
-CLIPPINGS.add("ppo", ppo_clip, doc="docs/methods/grpo_clipping.md#ppo-clip-higher", keys=_PPO_RANGE, defaults={},
-              gradient_preserved=False, options=_ppo_range, check=check_clip_range)
-CLIPPINGS.add("gppo", gppo_clip, doc="docs/methods/grpo_clipping.md#gppo",
-              keys=(*_PPO_RANGE, "gppo_beta1", "gppo_beta2", "gppo_only_high"),
-              defaults={"epsilon_high": 0.28, "sft_coef": 0.1}, gradient_preserved=True, check=check_clip_range,
-              options=lambda p: {**_ppo_range(p), "beta1": p.gppo_beta1, "beta2": p.gppo_beta2,
-                                 "only_high": p.gppo_only_high})
-# ``sequence_level``: the rule also takes the loss ``mask`` (GSPO's length-normalised sequence ratio)
-CLIPPINGS.add("gspo", gspo_clip, doc="docs/methods/gspo.md#objective", keys=_PPO_RANGE,
-              defaults={"epsilon": 3e-4, "epsilon_high": 4e-4}, gradient_preserved=False, sequence_level=True,
-              options=_ppo_range, check=check_clip_range)
-CLIPPINGS.add("cispo", cispo_clip, doc="docs/methods/cispo.md#objective", keys=("cispo_weight_max", "cispo_weight_min"),
-              defaults={}, gradient_preserved=True, check=check_cispo_bounds,
-              options=lambda p: {"weight_max": p.cispo_weight_max, "weight_min": p.cispo_weight_min})
+# the ``method.clipping`` entries (options, keys, defaults, checks) are registered in :mod:`posttrain.rl.parts`
 
 POLICY_OBJECTIVES = CLIPPINGS.names()
 

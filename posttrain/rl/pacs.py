@@ -126,6 +126,27 @@ def pacs_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.T
     return PACSOutput(loss, psi, rhat, w, valid)
 
 
+def pacs_objective(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.Tensor, labels: torch.Tensor,
+                   groups: torch.Tensor, **options) -> tuple[torch.Tensor, dict]:
+    """PACS (Li et al., arXiv 2509.02522) as ``method.loss``'s row objective: :func:`pacs_loss` of a micro-batch of
+    whole groups (``options``: its keywords) and its metrics, row means over the valid rows (pooled over processes by
+    :func:`posttrain.distributed.reduce_metrics`): ``pacs/loss``, ``pacs/psi_mean``, ``pacs/pred_acc`` (share of rows
+    whose sign of psi predicts the label), ``pacs/rhat_abs_mean``, ``pacs/weight_mean``."""
+    from posttrain.distributed import TokenMean
+
+    out = pacs_loss(logps, old_logps, mask, labels, groups, **options)
+    valid = out.valid
+    predicted = ((out.psi.detach() > 0).float() == (labels > 0.5).float()).float()
+    metrics = {
+        "pacs/loss": out.loss.detach(),
+        "pacs/psi_mean": TokenMean.of(out.psi, valid),
+        "pacs/pred_acc": TokenMean.of(predicted, valid),
+        "pacs/rhat_abs_mean": TokenMean.of(out.rhat.abs(), valid),
+        "pacs/weight_mean": TokenMean.of(out.weights, valid),
+    }
+    return out.loss, metrics
+
+
 def check_labels(rewards: torch.Tensor) -> None:
     """PACS labels are the combined rewards; they must lie in [0, 1] (NaN: an unscored row, dropped)."""
     from posttrain.errors import UserError

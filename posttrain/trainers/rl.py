@@ -40,7 +40,6 @@ from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.reference import trl_reference_factory
 from posttrain.rl.advantages import (
-    ADVANTAGES,
     combine_rewards,
     compute_advantages,
     count_tool_calls,
@@ -48,8 +47,9 @@ from posttrain.rl.advantages import (
     stratified_stats,
     stratum_ids,
 )
-from posttrain.rl.aggregation import AGGREGATIONS, delta_l_weights, dr_grpo
-from posttrain.rl.clipping import CLIPPINGS, gppo_sft_loss, kl_k3, kl_k3_bias_corrected
+from posttrain.rl.aggregation import Normalizer, delta_l_weights, dr_grpo
+from posttrain.rl.clipping import gppo_sft_loss, kl_k3, kl_k3_bias_corrected
+from posttrain.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS, POLICY_LOSSES
 from posttrain.rl.diagnostics import SignalMonitor, batch_signal
 from posttrain.rl.vllm_sync import check_vllm_recipe, vllm_generation_for
 from posttrain.trainers.common import AtomicCheckpointMixin
@@ -59,7 +59,8 @@ logger = logging.getLogger("posttrain")
 # Keys this trainer adds to TRL's generation-batch dict ([B] tensors are shuffled and split with the rest; 0-dim
 # tensors are kept whole).
 KEEP, CORRECT, DL_WEIGHTS, NUM_CORRECT = "rl_keep", "rl_correct", "rl_delta_l_weights", "rl_num_correct_tokens"
-PACS_REWARD, PACS_GROUP = "rl_pacs_reward", "rl_pacs_group"  # [B] label and group id of each row (loss: pacs)
+# [B] label (the combined reward) and group id of each row, for a row objective (a method.loss without the parts)
+ROW_LABEL, ROW_GROUP = "rl_row_label", "rl_row_group"
 NUM_ROWS = "rl_num_kept_rows"  # kept rows of the gathered generation batch (row-based normalisers)
 MAX_LOGGED_STRATUM_KEYS = 16  # san/reward_mean/<key> is logged while a batch has at most this many key values
 SINGLETON_WARNING = 0.5  # warn when more than this fraction of strata hold a single rollout
@@ -183,7 +184,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         else:
             strata = stratum_ids(stash["strata"], device=rewards.device) if estimator.needs_strata else None
             options = {**estimator.options(p, strata), **self._advantage_options(estimator, rewards, mode)}
-            if estimator.meta.get("needs_lengths", False):  # completion tokens per row (REINFORCE++'s token whitening)
+            if estimator.needs_lengths:  # completion tokens per row (REINFORCE++'s token whitening)
                 tokens = output["completion_mask"] * output.get("tool_mask", 1)
                 options["lengths"] = self.accelerator.gather(tokens.sum(-1).float()).to(rewards.device)
             out = estimator.fn(torch.as_tensor(rewards), num_generations, **options)
@@ -214,12 +215,12 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self._metrics[mode]["delta_l/length_mean"].append(lengths[lengths > 0].mean().nan_to_num().item())
             self._metrics[mode]["delta_l/length_std"].append(lengths[lengths > 0].std().nan_to_num().item())
 
-        if p.loss == "pacs":  # PACS labels and groups travel with the rows (TRL shuffles them together)
+        if not POLICY_LOSSES[p.loss].uses_parts:  # labels and groups travel with the rows (TRL shuffles them together)
             from posttrain.rl.pacs import check_labels
 
             check_labels(rewards)
-            output[PACS_REWARD] = rewards[rows].to(device=device, dtype=torch.float32)
-            output[PACS_GROUP] = (torch.arange(rewards.numel(), device=device) // num_generations)[rows]
+            output[ROW_LABEL] = rewards[rows].to(device=device, dtype=torch.float32)
+            output[ROW_GROUP] = (torch.arange(rewards.numel(), device=device) // num_generations)[rows]
         self._log_advantage_metrics(mode, out.advantages, out.keep, correct, rewards, num_generations, stash)
         if mode == "train":
             self.signal_monitor.add(batch_signal(
@@ -337,13 +338,14 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         )
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
-        if p.loss == "pacs":
-            return self._pacs_loss(inputs, logps, old, mask, entropies, mode)
+        objective = POLICY_LOSSES[p.loss]
+        if not objective.uses_parts:
+            return self._row_objective_loss(objective, inputs, logps, old, mask, entropies, mode)
         advantages = inputs["advantages"]
 
         rule = CLIPPINGS[p.clipping]
         options: dict[str, Any] = rule.options(p)
-        if rule.meta.get("sequence_level", False):  # GSPO: the ratio is a mean over each row's loss tokens
+        if rule.sequence_level:  # GSPO: the ratio is a mean over each row's loss tokens
             options["mask"] = mask
         clip = rule.fn(logps, old, advantages, **options)
         per_token = clip.per_token_loss
@@ -364,27 +366,23 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         # Row-based normalisers (grpo, dr_grpo, delta_l) count the kept rows of the optimizer step's global batch:
         # PSR/NSR/W-REINFORCE drop rows from the update entirely (docs/rlvr.md); the result already spans the
         # accumulated batch, so it is not divided by GA (equal to TRL's B_mb and /GA when every row is kept).
-        rows = {"num_rows": inputs[NUM_ROWS] * window, "num_processes": nproc} if NUM_ROWS in inputs else None
+        normalizer = Normalizer(
+            num_items_in_batch=inputs["num_items_in_batch"] * window if "num_items_in_batch" in inputs else None,
+            num_processes=nproc, max_completion_length=T,
+            num_rows=inputs[NUM_ROWS] * window if NUM_ROWS in inputs else None, row_weights=inputs.get(DL_WEIGHTS))
         agg = AGGREGATIONS[p.aggregation]
-        if agg.normalizer == "global_tokens":
-            total = per_token if kl is None else per_token + p.beta * kl
-            loss = agg.fn(total, mask, num_items_in_batch=inputs["num_items_in_batch"] * window, num_processes=nproc)
-        elif agg.normalizer == "local_tokens":  # a token mean of the micro-batch: dropped rows add no tokens
-            total = per_token if kl is None else per_token + p.beta * kl
-            loss = agg.fn(total, mask) / ga
-        elif rows is None:  # pragma: no cover - batches always come from _generate_and_score_completions
-            raise RuntimeError(f"PosttrainGRPOTrainer: inputs lack {NUM_ROWS}")
-        elif agg.row_weights:
+        if agg.row_weights:
             # ΔL weights scale the surrogate only; the KL term stays unweighted (docs/methods/grpo_aggregation.md#kl-term-under-delta-l)
-            loss = agg.fn(per_token, mask, max_completion_length=T, weights=inputs[DL_WEIGHTS], **rows)
+            loss = agg.fn(per_token, mask, **agg.normalize(normalizer))
             # Dr. GRPO's B * T_max, B = kept rows per micro-batch
-            self._metrics[mode]["delta_l/normalizer"].append(float(rows["num_rows"]) / nproc / ga * T)
+            self._metrics[mode]["delta_l/normalizer"].append(float(normalizer.num_rows) / nproc / ga * T)
             if kl is not None:
-                loss = loss + p.beta * dr_grpo(kl, mask, T, **rows)
+                loss = loss + p.beta * dr_grpo(kl, mask, T, num_rows=normalizer.num_rows, num_processes=nproc)
         else:
             total = per_token if kl is None else per_token + p.beta * kl
-            extra = {"max_completion_length": T} if agg.max_completion_length else {}
-            loss = agg.fn(total, mask, **extra, **rows)
+            loss = agg.fn(total, mask, **agg.normalize(normalizer))
+            if agg.per_micro_batch:  # a mean over the micro-batch alone: its share of the accumulated batch
+                loss = loss / ga
         # every micro-batch's loss is its share (~1/GA) of the accumulated batch's: log the full-batch value, on the
         # same scale as gppo/sft_loss
         policy_value = loss.detach() * ga
@@ -428,33 +426,21 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         return loss
 
 
-    def _pacs_loss(self, inputs, logps, old, mask, entropies, mode):
-        """PACS (posttrain.rl.pacs; docs/methods/pacs.md) on a micro-batch of whole groups."""
-        from posttrain.rl.pacs import pacs_loss
-
+    def _row_objective_loss(self, objective, inputs, logps, old, mask, entropies, mode):
+        """A ``method.loss`` row objective (PACS, posttrain.rl.pacs; docs/methods/pacs.md) on a micro-batch of whole
+        groups."""
         p = self.params
-        groups, inverse, counts = torch.unique(inputs[PACS_GROUP], return_inverse=True, return_counts=True)
+        groups, inverse, counts = torch.unique(inputs[ROW_GROUP], return_inverse=True, return_counts=True)
         expected = self.num_generations if mode == "train" else self.num_generations_eval
         if bool((counts != expected).any()):  # pragma: no cover - rl_config refuses the settings that split groups
-            raise UserError("training.per_device_train_batch_size: method.loss: pacs needs every micro-batch to hold "
-                            "whole groups (a multiple of num_generations, gradient_accumulation_steps: 1)")
-        out = pacs_loss(logps, old, mask, inputs[PACS_REWARD], inverse, beta=p.pacs_beta,
-                        reward_method=p.pacs_reward_method, score=p.pacs_score, weight=p.pacs_weight)
+            raise UserError(f"training.per_device_train_batch_size: method.loss: {p.loss} needs every micro-batch to "
+                            "hold whole groups (a multiple of num_generations, gradient_accumulation_steps: 1)")
+        loss, logged = objective.fn(logps, old, mask, inputs[ROW_LABEL], inverse, **objective.options(p))
+        logged = {**logged, "entropy": TokenMean.of(entropies, mask), "policy_loss": loss.detach()}
         metrics = self._metrics[mode]
-        valid = out.valid
-        predicted = ((out.psi.detach() > 0).float() == (inputs[PACS_REWARD] > 0.5).float()).float()
-        logged = {  # row means pooled over the valid rows of every process
-            "pacs/loss": out.loss.detach(),
-            "pacs/psi_mean": TokenMean.of(out.psi, valid),
-            "pacs/pred_acc": TokenMean.of(predicted, valid),
-            "pacs/rhat_abs_mean": TokenMean.of(out.rhat.abs(), valid),
-            "pacs/weight_mean": TokenMean.of(out.weights, valid),
-            "entropy": TokenMean.of(entropies, mask),
-        }
         for name, value in reduce_metrics(self.accelerator, logged).items():
             metrics[name].append(value)
-        metrics["policy_loss"].append(metrics["pacs/loss"][-1])
-        return out.loss
+        return loss
 
 
 _MULTIMODAL_KEYS = (
@@ -656,7 +642,7 @@ def rl_config(recipe, info):
     for key, default in _UNSUPPORTED.items():
         if key in recipe.training and recipe.training[key] != default:
             raise UserError(f"training.{key}: not supported by method '{info.name}' (leave it at {default!r})")
-    if p.loss == "pacs":  # psi couples the rows of a group: every micro-batch must hold whole groups
+    if not POLICY_LOSSES[p.loss].uses_parts:  # a row objective (PACS' psi) couples the rows of a group: whole groups
         t = recipe.training
         for key in ("gradient_accumulation_steps", "steps_per_generation"):
             if t.get(key, 1) not in (1, None):
@@ -666,7 +652,7 @@ def rl_config(recipe, info):
         if size % n:
             raise UserError(f"training.per_device_train_batch_size: method.loss: pacs needs a multiple of "
                             f"num_generations ({n}), got {size}")
-    single_stream = ADVANTAGES[p.advantage].meta.get("single_stream", False)
+    single_stream = ADVANTAGES[p.advantage].single_stream
     n = recipe.training.get("num_generations")
     if single_stream and n not in (None, 1):
         raise UserError(f"training.num_generations: method.advantage: {p.advantage} generates one completion per prompt "
@@ -727,10 +713,10 @@ def build_rl_trainer(ctx):
     train, evals = checked["data.train"], checked.get("data.eval")
     user = _user_callables(p, dirs)
     cls = PosttrainGRPOTrainer
-    if "trainer" in ADVANTAGES[p.advantage].meta:  # an estimator with its own trainer subclass (SPO's tracker, sampler)
+    if ADVANTAGES[p.advantage].trainer is not None:  # an estimator with its own trainer subclass (SPO's tracker, sampler)
         import importlib
 
-        module, name = ADVANTAGES[p.advantage].meta["trainer"].split(":")
+        module, name = ADVANTAGES[p.advantage].trainer.split(":")
         cls = getattr(importlib.import_module(module), name)
     if "tools" in user or "environment_factory" in user:
         prepare_tool_tokenizer(ctx.tokenizer, ctx.model, key="method.tools" if "tools" in user else "method.environment")

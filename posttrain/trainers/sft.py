@@ -17,7 +17,7 @@ from trl import SFTTrainer
 
 from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.reference import Reference
-from posttrain.registry import Registry
+from posttrain.registry import SFTLossEntry, Registry
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedSFTTruncationMixin
 from posttrain.losses.sft import asft_anchored_loss, dft_loss, dft_token_loss, nll_loss, poft_loss, token_kl
 
@@ -175,7 +175,7 @@ class SFTStep:
     num_items_in_batch: Any
 
 
-SFT_LOSSES: Registry = Registry("SFT-family loss")
+SFT_LOSSES: Registry[SFTLossEntry] = Registry("SFT-family loss", SFTLossEntry)
 
 
 @SFT_LOSSES.register("sft", doc="docs/methods/sft.md#objective", extra_columns=(), token_sum_loss=True)

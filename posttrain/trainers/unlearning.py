@@ -42,7 +42,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.logprobs import ensure_fused_head
-from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES, rmu_control_vector, uses_reference, uses_retain
+from posttrain.losses.unlearning import (
+    FORGET_TERMS,
+    RETAIN_TERMS,
+    UNLEARNING_OBJECTIVES,
+    rmu_control_vector,
+    uses_reference,
+    uses_retain,
+)
 from posttrain.reference import Reference
 from posttrain.trainers.common import AtomicCheckpointMixin
 
@@ -229,7 +236,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             self.ref_model = prepare_frozen(ref_model, self.accelerator)
         if isinstance(self.train_dataset, ForgetRetainDataset):
             self.add_callback(_EpochCallback(self.train_dataset))
-        self.control_vector = self._steering_setup() if self.objective.meta.get("steers_activations", False) else None
+        self.control_vector = self._steering_setup() if self.objective.steers_activations else None
         self.weight_mask = None
         if mask_rows is not None:
             from posttrain.trainers.wagle import WagleMask
@@ -319,7 +326,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         f_ids, f_attn, f_lab = self._side(inputs, "forget")
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
         out: dict[str, torch.Tensor] = {}
-        kl = self.uses_retain and self.objective.retain == "kl"
+        kl = self.uses_retain and RETAIN_TERMS[self.objective.retain].full_vocab
         if self.uses_retain and not kl:  # one fused call on [forget; retain]
             r_ids, r_attn, r_lab = self._side(inputs, "retain")
             res = model(
@@ -341,7 +348,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             out["retain_labels"] = r_lab
         if self.uses_reference:
             with torch.no_grad(), self._reference(model) as ref:
-                if self.objective.forget == "npo":
+                if FORGET_TERMS[self.objective.forget].uses_reference:
                     ref_res = ref(input_ids=f_ids, attention_mask=f_attn, labels=f_lab, fused_lm_head=True,
                                   use_cache=False)
                     out["forget_ref_logps"] = ref_res.log_probs
@@ -358,7 +365,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             "retain_mask": t.get("retain_mask"),
         }
         if "retain_logits" in t:
-            if getattr(self.params, "retain_kl_mask", "completion") == "none":
+            if self.params.retain_kl_every_position:
                 kwargs["retain_logits"], kwargs["retain_ref_logits"] = t["retain_logits"], t["retain_ref_logits"]
             else:
                 kwargs["retain_logits"] = t["retain_logits"][:, :-1]
@@ -460,7 +467,7 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
             if recipe.training.get(key):
                 raise UserError(f"training.{key}: method.mask: wagle needs whole parameters (a global top-k over "
                                 "every weight); not supported with DeepSpeed or FSDP")
-    if UNLEARNING_OBJECTIVES[name].meta.get("steers_activations", False) and recipe.peft is not None:
+    if UNLEARNING_OBJECTIVES[name].steers_activations and recipe.peft is not None:
         raise UserError(f"peft: method '{name}' chooses the base-model weights that move (method.trainable_params), "
                         "which a peft adapter freezes; remove peft")
     if data.retain is not None and not _needs_retain(recipe, name):

@@ -46,7 +46,7 @@ def _pair(policy_dir, ref_dir, tmp_path, method, params, stock_kw=None, ours_kw=
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from posttrain.trainers.preference import PosttrainPreferenceTrainer
+    from posttrain.families.preference.trainer import PosttrainPreferenceTrainer
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
@@ -147,7 +147,7 @@ def test_reference_free_losses_match_stock_trl_cpo_and_orpo(arith_model_dir, tmp
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     from posttrain.methods import METHODS
-    from posttrain.trainers.preference import PosttrainPreferenceTrainer
+    from posttrain.families.preference.trainer import PosttrainPreferenceTrainer
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     policy = AutoModelForCausalLM.from_pretrained(arith_model_dir)
@@ -188,7 +188,7 @@ def test_ipo_with_empty_prompt_rows_matches_stock_trl(arith_model_dir, tiny_mode
     from trl import DPOTrainer
 
     from posttrain.methods import DPOParams
-    from posttrain.trainers.preference import PosttrainPreferenceTrainer
+    from posttrain.families.preference.trainer import PosttrainPreferenceTrainer
 
     rows = list(_dataset(BATCH))
     for i in (0, 3, 5):
@@ -509,7 +509,7 @@ def test_dpo_lora_without_ref_model_uses_the_adapter_disabled_base(tmp_path, ari
 
     from posttrain.methods import get_method
     from posttrain.train import RunContext, load_models
-    from posttrain.trainers.preference import build_preference_trainer
+    from posttrain.families.preference.trainer import build_preference_trainer
 
     beta = 0.1
     recipe = _recipe(tmp_path, {"name": "dpo", "beta": beta}, ref=None, max_steps=2, learning_rate=1e-2,

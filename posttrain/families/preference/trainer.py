@@ -3,9 +3,10 @@
 TRL does the data handling (prompt extraction, EOS, tokenisation, the ``[chosen rows; rejected rows]`` collation with
 a completion mask), the reference-model handling (a given frozen model, or the adapter-disabled base with PEFT) and
 the optional one-off precomputation of reference log-probs. This trainer replaces only ``_compute_loss``: one policy
-forward through TRL's fused LM head gives per-token log-probs (plus the fields WPO needs), one reference forward gives
-the reference per-token log-probs (or the precomputed sums are read from the batch), and the pure losses of
-:mod:`posttrain.losses.preference` turn them into the loss of ``dpo`` (sigmoid / cDPO / robust / IPO), ``wpo``,
+forward through TRL's fused LM head gives per-token log-probs, the trainer computes what the method's entry declares
+it ``needs`` (the reference's summed log-probs, live or precomputed; WPO's weight alignment; SparsePO's token KL and
+masks) into a :class:`PreferenceForward`, and the entry's pure objective (never given the trainer) turns it, through
+the losses of :mod:`posttrain.losses.preference`, into the loss of ``dpo`` (sigmoid / cDPO / robust / IPO), ``wpo``,
 ``sparsepo`` (MaPO reference mask or learned mask) or the reference-free ``asft_aligned``, ``simpo`` and ``orpo``
 (ORPO's SFT term may also score the prompt tokens: ``params.scores_prompt_tokens``).
 
@@ -17,7 +18,6 @@ computed on completion positions only, in tiles.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,32 +29,26 @@ from trl import DPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo
 from trl.models.utils import disable_gradient_checkpointing
 
+from posttrain.distributed import full_weight, gathered, process_share, reduce_metrics
+from posttrain.errors import UserError
+from posttrain.families.preference.forward import (
+    LOG_ALIGNMENT,
+    PREFERENCE_LOSSES,
+    PREFERENCE_NEEDS,
+    REF_LOGPS,
+    TOKEN_KL,
+    Collective,
+    PreferenceForward,
+)
 from posttrain.losses.preference import (
     SparsePOMaskNet,
-    asft_aligned_loss,
-    asft_metrics,
-    dpo_loss,
     mapo_mask,
-    mean_logps,
-    orpo_loss,
-    preference_metrics,
-    sequence_lengths,
     sequence_logps,
-    simpo_loss,
-    sparsepo_loss,
-    sparsepo_metrics,
     sparsepo_token_kl,
-    token_mean_nll,
     wpo_log_alignment,
-    wpo_metrics,
-    wpo_pair_weights,
-    wpo_sequence_weights,
 )
-from posttrain.distributed import TokenMean, full_weight, gathered, process_share, reduce_metrics
-from posttrain.errors import UserError
-from posttrain.methods import get_method
 from posttrain.reference import Reference, trl_reference_factory
-from posttrain.registry import Registry
+from posttrain.registry import METHODS
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin, OneReferenceCacheMixin
 
 logger = logging.getLogger("posttrain")
@@ -193,7 +187,11 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         self.assistant_turns = assistant_turns
         self.mask_net: torch.nn.ModuleDict | None = None
         self.objective = PREFERENCE_LOSSES[method]
-        reference_free = get_method(method).reference == "none"
+        unknown = self.objective.needs(params) - PREFERENCE_NEEDS
+        if unknown:
+            raise ValueError(f"preference loss {method!r} needs {sorted(unknown)}; the trainer computes "
+                             f"{sorted(PREFERENCE_NEEDS)}")
+        reference_free = METHODS[method].reference_free
         with contextlib.ExitStack() as patches:
             # A reference-free method needs no reference: stop DPOTrainer from loading a second copy of the policy.
             if reference_free:
@@ -224,6 +222,15 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
 
                 for param in self.mask_net.parameters():
                     param.register_hook(_mean_over_ranks)
+
+    @property
+    def _collective(self) -> Collective:
+        accelerator = self.accelerator
+
+        def token_share(mask):
+            return process_share(accelerator, mask.sum()) if accelerator.num_processes > 1 else None
+
+        return Collective(gather=accelerator.gather, token_share=token_share)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -283,6 +290,16 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
             out = net(**ref_kwargs, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -seq_len:]
 
+    def _ref_sequence_logps(self, inputs, model_kwargs, labels, mask, seq_len, device):
+        """The ``ref_logps`` need: summed reference log-probs of the chosen and of the rejected rows, precomputed
+        (TRL's ``precompute_ref_log_probs`` columns) or from a live reference forward."""
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = sequence_logps(
+                self._ref_per_token_logps(model_kwargs, labels, seq_len), mask).chunk(2, dim=0)
+        return ref_chosen.to(device), ref_rejected.to(device)
+
     def _policy_forward(self, model, model_kwargs, labels, need_hidden: bool):
         hidden: dict[str, torch.Tensor] = {}
         hook = None
@@ -320,9 +337,21 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         per_token_logps = outputs.log_probs[:, -seq_len:]
         logps = sequence_logps(per_token_logps, mask)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-        fwd = PolicyForward(model, model_kwargs, inputs, outputs, policy_hidden, per_token_logps, labels, mask,
-                            completion_mask, seq_len, chosen_logps, rejected_logps)
-        loss, metrics = self.objective.fn(self, fwd)
+        needs = self.objective.needs(p)
+        computed: dict[str, Any] = {}
+        if REF_LOGPS in needs:
+            computed["ref_chosen_logps"], computed["ref_rejected_logps"] = self._ref_sequence_logps(
+                inputs, model_kwargs, labels, mask, seq_len, chosen_logps.device)
+        if LOG_ALIGNMENT in needs:
+            computed["log_alignment"] = self._wpo_log_alignment(model, outputs, policy_hidden, mask, seq_len)
+        if TOKEN_KL in needs:
+            computed["token_kl"], computed["ref_token_logps"], computed["token_masks"] = self._sparsepo_forward(
+                model, model_kwargs, policy_hidden, labels, mask)
+        fwd = PreferenceForward(
+            logps=per_token_logps, mask=mask, completion_mask=completion_mask,
+            scored_mask=(labels[:, 1:] != -100)[:, -seq_len:], chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps, comm=self._collective, **computed)
+        loss, metrics = self.objective.fn(p, fwd)
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -338,7 +367,9 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
 
     # WPO ---------------------------------------------------------------------------------------------------------
 
-    def _wpo_log_alignment(self, model, outputs, policy_hidden, labels, mask, seq_len):
+    def _wpo_log_alignment(self, model, outputs, policy_hidden, mask, seq_len):
+        """The ``log_alignment`` need: WPO's per-token ``log sum_v pi(v)^2`` (sampled) or greedy alignment ``[2B, T-1]``
+        (None with ``wpo_alignment: none``)."""
         alignment = self.params.wpo_alignment
         if alignment == "none":
             return None
@@ -361,7 +392,11 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
 
     # SparsePO ----------------------------------------------------------------------------------------------------
 
-    def _sparsepo(self, model, model_kwargs, inputs, per_token_logps, policy_hidden, labels, mask):
+    def _sparsepo_forward(self, model, model_kwargs, policy_hidden, labels, mask):
+        """The ``token_kl``, ``ref_token_logps`` and ``token_masks`` needs of SparsePO: the token KL(pi_ref || pi_theta)
+        (with grad through the policy's hidden states) and the reference log-probs on completion positions, in tiles,
+        and the token masks from the reference's activations (MaPO, ``{"common"}``) or the learned mask network
+        (``{"common"}`` or ``{"reward", "kl"}``)."""
         p = self.params
         sel = mask.bool()
         net, ctx = self._reference()
@@ -369,7 +404,7 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         backbone = ref.base_model
         streams: dict[str, list[torch.Tensor]] = {"mlp": [], "attn": [], "resid": [], "logits": []}
         hooks = []
-        if p.mask == "reference":
+        if not p.learned_mask:  # MaPO: masks from the reference activations
 
             def save(stream, which):
                 def fn(module, args, out=None):
@@ -420,11 +455,9 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         token_kl = zeros.masked_scatter(sel, torch.cat(kls)) if kls else zeros
         ref_per_token = zeros.masked_scatter(sel, torch.cat(ref_lps)) if ref_lps else zeros
-        logratios = torch.where(sel, per_token_logps.float() - ref_per_token, zeros)
-
         # masks
         masks: dict[str, torch.Tensor] = {}
-        if p.mask == "reference":
+        if not p.learned_mask:
             streams["resid"] = [h.detach().float().mean(-1) for h in ref_out.hidden_states]
             w_mean = ref_head.weight.float().mean(0)
             b_mean = ref_head.bias.float().mean() if ref_head.bias is not None else 0.0
@@ -435,40 +468,7 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
             self.mask_net.train(self.model.training)
             layer_states = [h[:, :-1] for h in ref_out.hidden_states[1:]]
             masks = {name: m(layer_states) for name, m in self.mask_net.items()}
-        common = "common" in masks
-        reward_mask = masks["common"] if common else masks["reward"]
-        kl_mask = None if common else masks["kl"]
-        if not p.mask_on_reward:
-            reward_mask = None
-        if not p.mask_on_kl:
-            kl_mask = None
-        elif common and reward_mask is None:  # common mask used on the KL only
-            kl_mask = masks["common"]
-        use_common = common and reward_mask is not None and p.mask_on_kl
-
-        def split(t):
-            return (None, None) if t is None else t.chunk(2, dim=0)
-
-        lr_c, lr_r = logratios.chunk(2, dim=0)
-        kl_c, kl_r = token_kl.chunk(2, dim=0)
-        m_c, m_r = mask.chunk(2, dim=0)
-        ru_c, ru_r = split(reward_mask)
-        kd_c, kd_r = (None, None) if use_common else split(kl_mask)
-        out = sparsepo_loss(
-            lr_c, lr_r, kl_c, kl_r, m_c, m_r, ru_c, ru_r, kd_c, kd_r,
-            beta=p.beta, l1_reward=p.l1_norm_param_u, l1_kl=p.l1_norm_param_d, common_mask=use_common,
-        )
-        loss = out.losses.mean()
-        chosen_logps, rejected_logps = sequence_logps(per_token_logps, mask).chunk(2, dim=0)
-        if use_common:
-            kd_c, kd_r = ru_c, ru_r
-        metrics = sparsepo_metrics(out, chosen_logps, rejected_logps, kl_c, kl_r, m_c, m_r, ru_c, ru_r, kd_c, kd_r)
-        # mask density: share of completion tokens whose (reward, else KL) mask is non-zero, and its mean value
-        shown = reward_mask if reward_mask is not None else kl_mask
-        if shown is not None:
-            metrics["sparsepo/mask_density"] = TokenMean.of((shown != 0).float(), sel)
-            metrics["sparsepo/mask_mean"] = TokenMean.of(shown, sel)
-        return loss, metrics
+        return token_kl, ref_per_token, masks
 
     # Shared TRL metrics ------------------------------------------------------------------------------------------
 
@@ -492,152 +492,6 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
             top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
             correct, total = g((top1 & c_mask.bool()).sum()).sum(), g(c_mask.sum()).sum()
             m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Preference losses: one registered entry per method, ``fn(trainer, fwd: PolicyForward) -> (loss, metrics)``
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class PolicyForward:
-    """What the policy forward of :meth:`PosttrainPreferenceTrainer._compute_loss` gives every preference loss."""
-
-    model: Any
-    model_kwargs: dict
-    inputs: dict
-    outputs: Any
-    policy_hidden: torch.Tensor | None
-    per_token_logps: torch.Tensor  # [2B, T-1]
-    labels: torch.Tensor
-    mask: torch.Tensor  # shifted completion mask [2B, T-1]
-    completion_mask: torch.Tensor  # unshifted [2B, T]
-    seq_len: int
-    chosen_logps: torch.Tensor  # summed [B]
-    rejected_logps: torch.Tensor
-
-
-PREFERENCE_LOSSES: Registry = Registry("preference loss")
-"""``method.name`` of the preference family -> its loss on one policy forward. The method's
-:class:`~posttrain.methods.MethodInfo` says whether a reference model is used; its params say whether the policy's
-last hidden states are needed (``needs_hidden_states``)."""
-
-
-def _dpo_terms(trainer, f: PolicyForward):
-    """Per-pair DPO losses against the live (or precomputed) reference, and the DPO metrics."""
-    p, gather = trainer.params, trainer.accelerator.gather
-    if trainer.precompute_ref_logps:
-        ref_chosen, ref_rejected = f.inputs["ref_chosen_logps"], f.inputs["ref_rejected_logps"]
-    else:
-        ref_logps = sequence_logps(trainer._ref_per_token_logps(f.model_kwargs, f.labels, f.seq_len), f.mask)
-        ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
-    out = dpo_loss(
-        f.chosen_logps,
-        f.rejected_logps,
-        ref_chosen.to(f.chosen_logps.device),
-        ref_rejected.to(f.chosen_logps.device),
-        beta=p.beta,
-        loss_type=p.loss,
-        label_smoothing=p.label_smoothing,
-        # IPO's N: completion tokens counted on the unshifted mask, as TRL and docs/methods/dpo.md do (with an empty
-        # prompt the first completion token has no scored position but still counts)
-        chosen_lengths=sequence_lengths(f.completion_mask.chunk(2, dim=0)[0]),
-        rejected_lengths=sequence_lengths(f.completion_mask.chunk(2, dim=0)[1]),
-        ipo_length_normalize=p.ipo_length_normalize,
-    )
-    metrics = preference_metrics(
-        gather(out.chosen_rewards), gather(out.rejected_rewards), gather(f.chosen_logps), gather(f.rejected_logps)
-    )
-    return out, metrics
-
-
-@PREFERENCE_LOSSES.register("dpo", doc="docs/methods/dpo.md#objective")
-def dpo_objective(trainer, f: PolicyForward):
-    """DPO / cDPO / robust DPO / IPO (Rafailov et al. 2023, arXiv 2305.18290; IPO arXiv 2310.12036): the mean of
-    :func:`posttrain.losses.preference.dpo_loss` over the pairs."""
-    out, metrics = _dpo_terms(trainer, f)
-    return out.losses.mean(), metrics
-
-
-@PREFERENCE_LOSSES.register("wpo", doc="docs/methods/wpo.md#objective")
-def wpo_objective(trainer, f: PolicyForward):
-    """WPO (Zhou et al. 2024, arXiv 2406.11827): DPO pair losses weighted by the detached, length-normalised policy
-    probability of both responses (plain DPO with ``use_weighting: false``)."""
-    p, gather = trainer.params, trainer.accelerator.gather
-    out, metrics = _dpo_terms(trainer, f)
-    if not p.use_weighting:
-        return out.losses.mean(), metrics
-    log_s = trainer._wpo_log_alignment(f.model, f.outputs, f.policy_hidden, f.labels, f.mask, f.seq_len)
-    seq_w = wpo_sequence_weights(f.per_token_logps.detach(), f.mask, log_s)
-    w_c, w_r = seq_w.chunk(2, dim=0)
-    pair_w = wpo_pair_weights(w_c, w_r, p.wpo_weight_clamp_max)
-    loss = (pair_w * out.losses).mean()
-    metrics.update(wpo_metrics(gather(w_c), gather(w_r), p.wpo_weight_clamp_max))
-    return loss, metrics
-
-
-@PREFERENCE_LOSSES.register("sparsepo", doc="docs/methods/sparsepo.md#objective")
-def sparsepo_objective(trainer, f: PolicyForward):
-    """SparsePO (Christopoulou et al. 2024, arXiv 2410.05102): token-masked rewards and KL against the reference."""
-    return trainer._sparsepo(f.model, f.model_kwargs, f.inputs, f.per_token_logps, f.policy_hidden, f.labels, f.mask)
-
-
-@PREFERENCE_LOSSES.register("asft_aligned", doc="docs/methods/asft_aligned.md#objective")
-def asft_aligned_objective(trainer, f: PolicyForward):
-    """Aligned SFT (Wang et al. 2024, arXiv 2409.10571): absolute-likelihood log-odds on chosen and rejected plus
-    the chosen NLL; no reference model."""
-    p, gather = trainer.params, trainer.accelerator.gather
-    lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
-    out = asft_aligned_loss(lbar_c, lbar_r, p.beta, p.asft_lambda, p.sft_coef, p.prob_clamp)
-    loss = out.losses.mean()
-    gathered = type(out)(*(gather(getattr(out, name).detach()) for name in out.__dataclass_fields__))
-    metrics = asft_metrics(gathered, gather(lbar_c.detach()), gather(lbar_r.detach()))
-    metrics["logps/chosen_sum"] = gather(f.chosen_logps.detach()).mean().item()
-    metrics["logps/rejected_sum"] = gather(f.rejected_logps.detach()).mean().item()
-    return loss, metrics
-
-
-def _chosen_nll(trainer, logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, TokenMean]:
-    """The SFT term of SimPO / ORPO, :func:`~posttrain.losses.preference.token_mean_nll` over the global micro-batch's
-    tokens (each process divides by its share of all processes' token count), and its logged token mean."""
-    accelerator = trainer.accelerator
-    num_items = process_share(accelerator, mask.sum()) if accelerator.num_processes > 1 else None
-    nll = token_mean_nll(logps, mask, num_items)
-    return nll, TokenMean(-sequence_logps(logps.detach(), mask).sum(), mask.to(torch.float32).sum())
-
-
-@PREFERENCE_LOSSES.register("simpo", doc="docs/methods/simpo.md#objective")
-def simpo_objective(trainer, f: PolicyForward):
-    """SimPO (Meng et al. 2024, arXiv 2405.14734): the mean of :func:`posttrain.losses.preference.simpo_loss` over the
-    pairs, plus ``sft_coef`` times the chosen responses' token-mean NLL; no reference model."""
-    p, gather = trainer.params, trainer.accelerator.gather
-    lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
-    out = simpo_loss(lbar_c, lbar_r, beta=p.beta, gamma_beta_ratio=p.gamma_beta_ratio)
-    loss = out.losses.mean()
-    metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
-                                 gather(lbar_r.detach()))
-    if p.sft_coef > 0:
-        nll, metrics["nll_loss"] = _chosen_nll(trainer, f.per_token_logps.chunk(2, dim=0)[0], f.mask.chunk(2, dim=0)[0])
-        loss = loss + p.sft_coef * nll
-    return loss, metrics
-
-
-@PREFERENCE_LOSSES.register("orpo", doc="docs/methods/orpo.md#objective")
-def orpo_objective(trainer, f: PolicyForward):
-    """ORPO (Hong et al. 2024, arXiv 2403.07691): the chosen rows' token-mean NLL (prompt included with
-    ``nll_on_prompt``) plus ``beta`` times the mean odds-ratio loss (:func:`posttrain.losses.preference.orpo_loss`)."""
-    p, gather = trainer.params, trainer.accelerator.gather
-    lbar_c, lbar_r = mean_logps(f.per_token_logps, f.mask).chunk(2, dim=0)
-    scored = (f.labels[:, 1:] != -100)[:, -f.seq_len:]  # every token the fused head scored (see scores_prompt_tokens)
-    nll, logged_nll = _chosen_nll(trainer, f.per_token_logps.chunk(2, dim=0)[0], scored.chunk(2, dim=0)[0])
-    out = orpo_loss(lbar_c, lbar_r, nll, beta=p.beta, prob_clamp=p.prob_clamp)
-    metrics = preference_metrics(gather(out.chosen_rewards), gather(out.rejected_rewards), gather(lbar_c.detach()),
-                                 gather(lbar_r.detach()))
-    # TRL's ORPO names: log_odds_ratio = mean logsig(log OR), log_odds_chosen = mean log OR
-    metrics["nll_loss"] = logged_nll
-    metrics["log_odds_ratio"] = -gather(out.odds_ratio_losses).mean().item()
-    metrics["log_odds_chosen"] = gather(out.log_odds_ratio).mean().item()
-    return out.loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------------
