@@ -7,6 +7,7 @@ The math lives in ``posttrain.losses`` / ``posttrain.rl``; the wiring in ``postt
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -454,6 +455,14 @@ def _grpo_fields() -> dict[str, tuple]:
 GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
 
 
+def _reassemble_grpo_params() -> None:
+    """Rebuild :data:`GRPOParams` after a part registry changed and give it to method ``grpo``: a part registered
+    after this module was imported (from its own file) is selectable with its options, no list kept by hand."""
+    global GRPOParams
+    GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
+    METHODS["grpo"] = dataclasses.replace(METHODS["grpo"], params=GRPOParams)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Online preference family (docs/methods/online_dpo.md): pairs sampled from the policy, ranked by rewards
 # --------------------------------------------------------------------------------------------------------------------
@@ -693,6 +702,8 @@ register(
         reference="optional",
     )
 )
+for _part_registry in (*dict(SURROGATE_PARTS).values(), POLICY_LOSSES):
+    _part_registry.on_change(_reassemble_grpo_params)
 
 
 register(
