@@ -552,15 +552,14 @@ register(
 )
 
 
-# the preference family: one file per method (params, objective, registration), registered here in this order
-from posttrain.families.preference.methods import (  # noqa: E402
-    ASFTAlignedParams,
-    DPOParams,
-    ORPOParams,
-    SimPOParams,
-    SparsePOParams,
-    WPOParams,
-)
+# the preference family: one file per method (params, objective, registration), each registered on import
+import posttrain.families.preference.methods  # noqa: E402, F401
+from posttrain.families.preference.methods.asft_aligned import ASFTAlignedParams  # noqa: E402, F401
+from posttrain.families.preference.methods.dpo import DPOParams  # noqa: E402, F401
+from posttrain.families.preference.methods.orpo import ORPOParams  # noqa: E402, F401
+from posttrain.families.preference.methods.simpo import SimPOParams  # noqa: E402, F401
+from posttrain.families.preference.methods.sparsepo import SparsePOParams  # noqa: E402, F401
+from posttrain.families.preference.methods.wpo import WPOParams  # noqa: E402, F401
 
 
 register(
