@@ -17,8 +17,8 @@ class ToyBaselineOptions(PartOptions):
                      refuses={"scale_rewards": "uses a fixed baseline, no std scaling"},
                      options=lambda p, strata: {"baseline": p.toy_baseline})
 def toy_baseline_advantage(rewards, num_generations, *, baseline):
-    """REINFORCE with a fixed baseline: ``A_i = r_i - baseline`` for every row, every row kept; ``num_generations``
-    unused."""
+    """REINFORCE with a fixed baseline (Williams 1992; GRPO's group mean instead, arXiv 2402.03300): ``A_i = r_i -
+    baseline``, every row kept; ``num_generations`` unused."""
     import torch
 
     from posttrain.rl.advantages import AdvantageOutput

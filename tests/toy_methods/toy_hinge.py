@@ -32,8 +32,8 @@ register(
 
 @PREFERENCE_LOSSES.register("toy_hinge", doc="docs/contributing.md")
 def toy_hinge_objective(p: ToyHingeParams, f: PreferenceForward):
-    """Mean over the pairs of ``relu(1 - beta * margin)``, ``margin`` the difference of the chosen and rejected
-    token-mean log-probs (SLiC-HF, arXiv 2305.10425); logs the gathered mean margin as ``toy/margin``."""
+    """Mean over the pairs of ``relu(1 - beta * margin)`` (SLiC-HF, arXiv 2305.10425), ``margin`` the difference of the
+    chosen and rejected token-mean log-probs; logs the gathered mean margin as ``toy/margin``."""
     from posttrain.losses.preference import mean_logps
 
     lbar_c, lbar_r = mean_logps(f.logps, f.mask).chunk(2, dim=0)
