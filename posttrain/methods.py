@@ -7,6 +7,7 @@ The math lives in ``posttrain.losses`` / ``posttrain.rl``; the wiring in ``postt
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -454,6 +455,14 @@ def _grpo_fields() -> dict[str, tuple]:
 GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
 
 
+def _reassemble_grpo_params() -> None:
+    """Rebuild :data:`GRPOParams` after a part registry changed and give it to method ``grpo``: a part registered
+    after this module was imported (from its own file) is selectable with its options, no list kept by hand."""
+    global GRPOParams
+    GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
+    METHODS["grpo"] = dataclasses.replace(METHODS["grpo"], params=GRPOParams)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Online preference family (docs/methods/online_dpo.md): pairs sampled from the policy, ranked by rewards
 # --------------------------------------------------------------------------------------------------------------------
@@ -543,15 +552,14 @@ register(
 )
 
 
-# the preference family: one file per method (params, objective, registration), registered here in this order
-from posttrain.families.preference.methods import (  # noqa: E402
-    ASFTAlignedParams,
-    DPOParams,
-    ORPOParams,
-    SimPOParams,
-    SparsePOParams,
-    WPOParams,
-)
+# the preference family: one file per method (params, objective, registration), each registered on import
+import posttrain.families.preference.methods  # noqa: E402, F401
+from posttrain.families.preference.methods.asft_aligned import ASFTAlignedParams  # noqa: E402, F401
+from posttrain.families.preference.methods.dpo import DPOParams  # noqa: E402, F401
+from posttrain.families.preference.methods.orpo import ORPOParams  # noqa: E402, F401
+from posttrain.families.preference.methods.simpo import SimPOParams  # noqa: E402, F401
+from posttrain.families.preference.methods.sparsepo import SparsePOParams  # noqa: E402, F401
+from posttrain.families.preference.methods.wpo import WPOParams  # noqa: E402, F401
 
 
 register(
@@ -693,6 +701,8 @@ register(
         reference="optional",
     )
 )
+for _part_registry in (*dict(SURROGATE_PARTS).values(), POLICY_LOSSES):
+    _part_registry.on_change(_reassemble_grpo_params)
 
 
 register(

@@ -319,6 +319,12 @@ class Registry(Generic[E]):
         self.kind = kind
         self.entry_type = entry_type
         self._entries: dict[str, E] = {}
+        self._on_change: list[Callable[[], None]] = []
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every later ``add`` / ``remove`` (a model assembled from the entries, such as
+        GRPOParams, rebuilds itself; a part added from outside posttrain/ is then selectable)."""
+        self._on_change.append(callback)
 
     def register(self, name: str, *, doc: str, **fields: Any) -> Callable[[Any], Any]:
         """Decorator: register ``fn`` under ``name`` with the entry type's ``fields`` (returns ``fn`` unchanged)."""
@@ -334,11 +340,15 @@ class Registry(Generic[E]):
             raise ValueError(f"{self.kind} {name!r} registered twice")
         entry = self.entry_type(name=name, fn=fn, doc=doc, **fields)
         self._entries[name] = entry
+        for callback in self._on_change:
+            callback()
         return entry
 
     def remove(self, name: str) -> None:
         """Drop an entry (tests that register a toy part clean up with this)."""
-        self._entries.pop(name, None)
+        if self._entries.pop(name, None) is not None:
+            for callback in self._on_change:
+                callback()
 
     def __getitem__(self, name: str) -> E:
         try:

@@ -102,12 +102,7 @@ SELECTORS = {"name", "method", "family", "reference", "type", "peft_type", "kind
 NAME_COMPARISON_HOMES = {"posttrain/registry.py", "posttrain/reference.py"}
 # Comparisons still to be replaced by a question to the entry (issue #24), each file + expression. Shrink it; never
 # add a file wholesale.
-KNOWN_REMAINING: set[tuple[str, str]] = {
-    ("posttrain/losses/unlearning.py", "_name != 'ga_kl'"),
-    ("posttrain/losses/preference.py", "loss_type == 'sigmoid'"),
-    ("posttrain/losses/preference.py", "loss_type == 'robust'"),
-    ("posttrain/losses/preference.py", "loss_type == 'ipo'"),
-}
+KNOWN_REMAINING: set[tuple[str, str]] = set()
 
 
 def _mode_strings() -> set[str]:

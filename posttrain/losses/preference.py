@@ -141,35 +141,56 @@ def dpo_loss(
         raise ValueError(f"beta must be > 0, got {beta}")
     chosen = chosen_logps.float() - ref_chosen_logps.detach().float()
     rejected = rejected_logps.float() - ref_rejected_logps.detach().float()
-    delta = chosen - rejected
-    if loss_type == "sigmoid":
-        _check_smoothing(label_smoothing)
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * delta)
-        if label_smoothing != 0.0:
-            losses = losses - label_smoothing * F.logsigmoid(-beta * delta)
-    elif loss_type == "robust":
-        _check_smoothing(label_smoothing)
-        losses = (
-            -(1.0 - label_smoothing) * F.logsigmoid(beta * delta) + label_smoothing * F.logsigmoid(-beta * delta)
-        ) / (1.0 - 2.0 * label_smoothing)
-    elif loss_type == "ipo":
-        if ipo_length_normalize:
-            if chosen_lengths is None or rejected_lengths is None:
-                raise ValueError("ipo with ipo_length_normalize=True needs chosen_lengths and rejected_lengths")
-            n_c = chosen_lengths.to(chosen.device, torch.float32).clamp(min=1.0)
-            n_r = rejected_lengths.to(chosen.device, torch.float32).clamp(min=1.0)
-            ipo_delta = chosen / n_c - rejected / n_r
-        else:
-            ipo_delta = delta
-        losses = (ipo_delta - 1.0 / (2.0 * beta)) ** 2
-    else:
+    pair_loss = _DPO_PAIR_LOSSES.get(loss_type)
+    if pair_loss is None:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected 'sigmoid', 'ipo' or 'robust'")
+    losses = pair_loss(chosen, rejected, beta=beta, label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
+                       rejected_lengths=rejected_lengths, ipo_length_normalize=ipo_length_normalize)
     return PreferenceLossOutput(losses, (beta * chosen).detach(), (beta * rejected).detach())
 
 
 def _check_smoothing(eps: float) -> None:
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {eps}")
+
+
+# Each DPO ``loss_type``'s per-pair loss from the policy-minus-reference log-ratios ``c`` (chosen) and ``r`` (rejected),
+# ``[B]`` fp32 each (docs/methods/dpo.md#objective; the formulas are :func:`dpo_loss`'s).
+
+
+def _sigmoid_pair_losses(chosen, rejected, *, beta, label_smoothing, **unused):
+    """DPO (arXiv 2305.18290, Eq. 7); cDPO with ``label_smoothing`` > 0."""
+    delta = chosen - rejected
+    _check_smoothing(label_smoothing)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * delta)
+    if label_smoothing != 0.0:
+        losses = losses - label_smoothing * F.logsigmoid(-beta * delta)
+    return losses
+
+
+def _robust_pair_losses(chosen, rejected, *, beta, label_smoothing, **unused):
+    """Robust DPO (Chowdhury et al., arXiv 2403.00409)."""
+    delta = chosen - rejected
+    _check_smoothing(label_smoothing)
+    return (
+        -(1.0 - label_smoothing) * F.logsigmoid(beta * delta) + label_smoothing * F.logsigmoid(-beta * delta)
+    ) / (1.0 - 2.0 * label_smoothing)
+
+
+def _ipo_pair_losses(chosen, rejected, *, beta, chosen_lengths, rejected_lengths, ipo_length_normalize, **unused):
+    """IPO (Azar et al., arXiv 2310.12036, Eq. 17), on per-token mean log-ratios with ``ipo_length_normalize``."""
+    if ipo_length_normalize:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("ipo with ipo_length_normalize=True needs chosen_lengths and rejected_lengths")
+        n_c = chosen_lengths.to(chosen.device, torch.float32).clamp(min=1.0)
+        n_r = rejected_lengths.to(chosen.device, torch.float32).clamp(min=1.0)
+        ipo_delta = chosen / n_c - rejected / n_r
+    else:
+        ipo_delta = chosen - rejected
+    return (ipo_delta - 1.0 / (2.0 * beta)) ** 2
+
+
+_DPO_PAIR_LOSSES = {"sigmoid": _sigmoid_pair_losses, "robust": _robust_pair_losses, "ipo": _ipo_pair_losses}
 
 
 def preference_metrics(

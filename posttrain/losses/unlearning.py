@@ -431,7 +431,7 @@ def rmu_loss(
 # ----------------------------------------------------------------------------------------------------------------------
 # Registry: one entry per unlearning objective (``method.name`` of the unlearning family, plus ``ga_kl``, which is
 # defined here but not exposed as a recipe method; docs/methods/npo.md#the-ga_kl-objective). ``fn`` is
-# :func:`unlearning_objective` (called with the name); ``meta``: the structure and defaults of
+# :func:`unlearning_objective` (called with the name); the entry's fields: the structure and defaults of
 # :data:`UNLEARNING_DEFAULTS` and ``recipe_method`` (selectable as ``method.name``).
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -483,12 +483,14 @@ FORGET_TERMS.add("rmu", rmu_activation_loss, doc="docs/methods/rmu.md#objective"
 RETAIN_TERMS.add("activations", rmu_activation_loss, doc="docs/methods/rmu.md#objective", uses_reference=True)
 
 UNLEARNING_OBJECTIVES: Registry[UnlearningObjectiveEntry] = Registry("unlearning objective", UnlearningObjectiveEntry)
-_DOCS = {"ga": "docs/methods/ga.md#objective", "grad_diff": "docs/methods/grad_diff.md#objective",
-         "ga_kl": "docs/methods/npo.md#the-ga_kl-objective", "npo": "docs/methods/npo.md#objectives",
-         "npo_rt": "docs/methods/npo.md#objectives", "npo_kl": "docs/methods/npo.md#objectives",
-         "simnpo": "docs/methods/simnpo.md#objective"}
+# each objective's page, and whether a recipe selects it as method.name (ga_kl is not exposed)
+_ENTRY_FIELDS: dict[str, dict] = {
+    "ga": {"doc": "docs/methods/ga.md#objective"}, "grad_diff": {"doc": "docs/methods/grad_diff.md#objective"},
+    "ga_kl": {"doc": "docs/methods/npo.md#the-ga_kl-objective", "recipe_method": False},
+    "npo": {"doc": "docs/methods/npo.md#objectives"}, "npo_rt": {"doc": "docs/methods/npo.md#objectives"},
+    "npo_kl": {"doc": "docs/methods/npo.md#objectives"}, "simnpo": {"doc": "docs/methods/simnpo.md#objective"}}
 for _name, _cfg in UNLEARNING_DEFAULTS.items():
-    UNLEARNING_OBJECTIVES.add(_name, unlearning_objective, doc=_DOCS[_name], recipe_method=_name != "ga_kl", **_cfg)
+    UNLEARNING_OBJECTIVES.add(_name, unlearning_objective, **_ENTRY_FIELDS[_name], **_cfg)
 # RMU works on the hidden states of one layer (``steers_activations``: the trainer captures them and calls ``fn`` =
 # :func:`rmu_loss` instead of :func:`unlearning_objective`); its retain term compares with the frozen model.
 UNLEARNING_OBJECTIVES.add("rmu", rmu_loss, doc="docs/methods/rmu.md#objective", recipe_method=True, forget="rmu",

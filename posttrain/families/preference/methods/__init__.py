@@ -1,11 +1,8 @@
-"""The preference family's methods, one file each (params, registration, pure objective), imported in the order
-``posttrain methods`` lists them."""
+"""The preference family's methods, one file each (params, registration, pure objective). Every module of this
+package is imported here, so a new method is one new file, with no list to extend."""
 
-from posttrain.families.preference.methods.dpo import DPOParams
-from posttrain.families.preference.methods.wpo import WPOParams
-from posttrain.families.preference.methods.sparsepo import SparsePOParams
-from posttrain.families.preference.methods.asft_aligned import ASFTAlignedParams
-from posttrain.families.preference.methods.simpo import SimPOParams
-from posttrain.families.preference.methods.orpo import ORPOParams
+import importlib
+import pkgutil
 
-__all__ = ["DPOParams", "WPOParams", "SparsePOParams", "ASFTAlignedParams", "SimPOParams", "ORPOParams"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
