@@ -451,14 +451,14 @@ def rlvr_runs(quick: bool) -> list[Run]:
             if quick and entry.name not in (base[key], next(e.name for e in registry if e.name != base[key])):
                 continue
             label = f"{key}={entry.name}" + (" (2 iterations)" if extra else "")
-            if entry.meta.get("single_stream"):
+            if getattr(entry, "single_stream", False):
                 own = next((n for n in recipes if _yaml(n)["method"].get(key) == entry.name), None)
                 if own is None:
                     continue  # no shipped recipe gives it its batch layout
                 runs.append(Run(f"{label} ({_stem(own)})", key, own, [*sets, *extra], probe=expected_reward_probe,
                                 probe_every=every))
                 continue
-            unset = [f"method.{k}" for k in registry[base[key]].meta.get("keys", ())
+            unset = [f"method.{k}" for k in registry[base[key]].keys
                      if entry.name != base[key] and k in base and fields[k].default is None]
             runs.append(Run(label, key, RL_BASE, [*sets, *extra, f"method.{key}={entry.name}"],
                             probe=expected_reward_probe, probe_every=every, unset=unset))
