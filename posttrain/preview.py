@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from posttrain.families.base import FAMILIES, load
+from posttrain.families.base import FAMILIES
+from posttrain.registry import load
 
 OPEN, CLOSE = "⟦", "⟧"
 

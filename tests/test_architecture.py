@@ -398,8 +398,9 @@ def test_no_folder_level_import_cycles():
 
 def test_every_family_is_registered_once():
     from posttrain import methods
-    from posttrain.families.base import FAMILIES, load
+    from posttrain.families.base import FAMILIES
     from posttrain.recipe.training_args import config_class
+    from posttrain.registry import load
 
     assert methods.FAMILIES == tuple(FAMILIES)  # methods.Family / FAMILIES: to be read from posttrain.families
     assert {info.family for info in methods.METHODS.values()} == set(FAMILIES)

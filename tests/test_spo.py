@@ -288,7 +288,8 @@ def test_resume_is_bit_identical_with_tracker_and_sampler_state(tmp_path):
         grab = Grab()
         import dataclasses
 
-        from posttrain.families.base import FAMILIES, load
+        from posttrain.families.base import FAMILIES
+        from posttrain.registry import load
 
         original = FAMILIES["rl"]
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from posttrain.registry import load  # noqa: F401 (re-exported: Family fields name code by "module:attribute")
-
 
 @dataclass(frozen=True)
 class Family:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import UserError, did_you_mean
-from posttrain.families.base import FAMILIES, load
+from posttrain.families.base import FAMILIES
+from posttrain.registry import load
 
 INT32_MAX = 2**31 - 1
 

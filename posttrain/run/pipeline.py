@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from posttrain.errors import UserError, did_you_mean
-from posttrain.families.base import FAMILIES, load
+from posttrain.families.base import FAMILIES
+from posttrain.registry import load
 from posttrain.health import HealthMonitor, use_log_lines
 from posttrain.threads import configure_cpu_threads
 from posttrain.methods import MethodInfo

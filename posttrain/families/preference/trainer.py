@@ -544,13 +544,17 @@ def preference_config(recipe, info):
 
 def build_preference_trainer(ctx):
     """Every preference-family method on :class:`PosttrainPreferenceTrainer`."""
+    from posttrain.adapters.trainer import make_trainer
     from posttrain.trainers.common import peft_config
 
     recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name
     config = ctx.config if ctx.config is not None else preference_config(recipe, ctx.info)
     train = ctx.dataset("data.train", "preference")
     evals = ctx.dataset("data.eval", "preference") if recipe.data.eval is not None else None
-    kwargs = dict(
+    return make_trainer(  # the peft.type variant (plora/goat/ggpo) wraps the class; plain LoRA: the class itself
+        PosttrainPreferenceTrainer,
+        recipe,
+        uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
         model=ctx.model,
         ref_model=ctx.ref_model,
         args=config,
@@ -562,14 +566,4 @@ def build_preference_trainer(ctx):
         method=name,
         params=params,
         assistant_turns=recipe.data.assistant_turns,
-    )
-    try:  # LoRA variants (peft.type: plora/goat/ggpo) wrap the trainer class
-        from posttrain.adapters.trainer import make_trainer
-    except ImportError:  # pragma: no cover - adapters module absent
-        return PosttrainPreferenceTrainer(**kwargs)
-    return make_trainer(
-        PosttrainPreferenceTrainer,
-        recipe,
-        uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
-        **kwargs,
     )
