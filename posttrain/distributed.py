@@ -70,11 +70,6 @@ def check_backend(recipe, info, backend: str) -> None:
     from posttrain.errors import UserError
 
     flag = f"--distributed {backend}"
-    if recipe.training.get("deepspeed"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("training.deepspeed: needs deepspeed (pip install -e '.[deepspeed]')")
     params = recipe.params
     if backend in SHARDED and params.head_outside_forward:
         raise UserError(
@@ -90,8 +85,12 @@ def check_backend(recipe, info, backend: str) -> None:
                         f"with {flag}; use --distributed ddp")
     from posttrain.optim import OPTIMIZERS, refuse_sharded
 
-    if backend in (*DEEPSPEED, "fsdp2") and recipe.training.get("optim") in OPTIMIZERS:
-        raise refuse_sharded("training.optim")
+    if recipe.training.get("optim") in OPTIMIZERS:
+        if backend in (*DEEPSPEED, "fsdp2"):
+            raise refuse_sharded("training.optim")
+        for key in ("deepspeed", "fsdp"):  # asked in the recipe rather than by the launcher
+            if recipe.training.get(key):
+                raise refuse_sharded(f"training.{key}")
     if backend in OFFLOAD:
         check_offload_optimizer(recipe.training, backend)
     peft = recipe.peft
@@ -106,6 +105,12 @@ def check_backend(recipe, info, backend: str) -> None:
         if backend in ("zero3", "zero3_offload") and goat is not None and goat.fold_residual:
             raise UserError(f"peft.goat.fold_residual: edits the base weights in place while the adapter is created, "
                             f"which {flag} has already partitioned (zero.Init); set fold_residual: false")
+    if recipe.training.get("deepspeed"):
+        import importlib.util
+
+        # Last: what the recipe cannot do on any install is said first.
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("training.deepspeed: needs deepspeed (pip install -e '.[deepspeed]')")
 
 
 def check_offload_optimizer(training: dict[str, Any], backend: str) -> None:
