@@ -6,7 +6,8 @@
 Each recipe runs as ``posttrain train recipes/<name>.yaml`` in a fresh process with ``output_dir`` in a temporary
 folder, so the numbers are what a user sees: wall time (including model loading, the built-in models' first-use build
 if not cached, and the before/after evaluation), exit code, steps, final train loss, and test accuracy before/after
-where the recipe has ``data.test``. Prints a markdown table.
+where the recipe has ``data.test``. Prints a markdown table headed by the command, date, device, package versions and
+the CPU load (1-minute load average before and after); ``--out`` writes ``{"meta": ..., "rows": [...]}``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -57,11 +59,26 @@ def run_recipe(name: str) -> dict:
         return row
 
 
+def environment() -> str:
+    """The device and package versions, one line."""
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    packages = ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "trl", "peft", "accelerate"))
+    return (f"CPU only: {os.cpu_count()} x {cpu}, fp32; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+            f"python {platform.python_version()}, {packages}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="*", default=sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    meta = {"command": "python benchmarks/all_recipes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
+            "load_before": os.getloadavg()[0]}
+    start = time.perf_counter()
     rows = []
     for name in args.recipes:
         rows.append(run_recipe(name))
@@ -70,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     def pct(v):
         return "" if v is None else f"{100 * v:.1f}%"
 
-    lines = ["| recipe | exit | steps | wall (s) | final train loss | test acc before | test acc after |",
+    meta.update(load_after=os.getloadavg()[0], wall_s=round(time.perf_counter() - start))
+    lines = [f"Command: `{meta['command'].strip()}` ({meta['date']}). Device: {meta['environment']}. Load average "
+             f"(1 min) {meta['load_before']:.1f} before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min "
+             f"in all.", "",
+             "| recipe | exit | steps | wall (s) | final train loss | test acc before | test acc after |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = r.get("train_loss")
@@ -79,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{pct(r.get('accuracy_after'))} |")
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1
 
 
