@@ -753,7 +753,8 @@ def markdown(family: str, results: list[dict], meta: dict, img_prefix: str = "")
              f"seeds {', '.join(map(str, meta['seeds']))}). Device: {meta['env']['device']}; "
              f"OMP_NUM_THREADS={meta['env']['omp_num_threads']}; load average (1 min) {meta['load_before']:.1f} "
              f"before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min for the family"
-             + (f" ({meta['reused']} runs reused from an interrupted invocation, not in this time)"
+             + (f" ({meta['reused']} runs reused from `{meta['family']}.partial.jsonl`, an earlier invocation of the "
+                "same runs, not in this time)"
                 if meta.get("reused") else "") + ". "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ". Cells: mean ± sample standard deviation over "
              "seeds.", ""]
