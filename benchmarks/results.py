@@ -753,6 +753,8 @@ def markdown(family: str, results: list[dict], meta: dict, img_prefix: str = "")
              f"seeds {', '.join(map(str, meta['seeds']))}). Device: {meta['env']['device']}; "
              f"OMP_NUM_THREADS={meta['env']['omp_num_threads']}; load average (1 min) {meta['load_before']:.1f} "
              f"before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min for the family"
+             + (f", {meta['cpu_s'] / 60:.1f} min of CPU time (about its wall time on an idle core at one thread)"
+                if meta.get("cpu_s") else "")
              + (f" ({meta['reused']} runs reused from `{meta['family']}.partial.jsonl`, an earlier invocation of the "
                 "same runs, not in this time)"
                 if meta.get("reused") else "") + ". "
@@ -908,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         n = args.seeds or (spec.quick_seeds if args.quick else spec.seeds)
         seeds = list(range(n))
         load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / f"{family}.partial.jsonl"
         results = run_family(family, seeds, args.quick, log=lambda s: print(s, file=sys.stderr, flush=True),
@@ -917,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": "python benchmarks/results.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": load_before,
                 "load_after": os.getloadavg()[0], "wall_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - cpu0,
                 "reused": sum(1 for r in results if r.get("reused"))}
         write_family(family, results, meta, out)
         checkpoint.unlink()
