@@ -500,10 +500,25 @@ def unlearning_runs(quick: bool) -> list[Run]:
         if quick and method not in QUICK_UNLEARNING:
             continue
         runs.append(Run(method, "without WAGLE", name, sets))
+        if not _accepts_mask(d["method"]):
+            continue  # a method that chooses its own weights (RMU's trainable_params) refuses a mask
         retain = [] if (d.get("data") or {}).get("retain") else [f"data.retain={WAGLE_RETAIN}"]
         runs.append(Run(f"{method}+wagle", "with WAGLE (sparsity 0.2)", name,
                         [*sets, *retain, "method.mask=wagle", "method.mask_sparsity=0.2"]))
     return runs
+
+
+def _accepts_mask(method: dict) -> bool:
+    """Whether the method's parameters (``posttrain.methods.METHODS``) accept the WAGLE mask."""
+    from posttrain.errors import UserError
+    from posttrain.methods import METHODS
+
+    try:
+        settings = {k: v for k, v in method.items() if k != "name"}
+        METHODS[method["name"]].params(**{**settings, "mask": "wagle", "mask_sparsity": 0.2})
+    except (UserError, ValueError):
+        return False
+    return True
 
 
 def unlearning_final(r: dict) -> dict:
