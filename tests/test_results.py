@@ -57,12 +57,12 @@ def test_sft_family_baseline_is_the_same_recipe_with_plain_sft():
 
 @pytest.mark.slow
 def test_sft_family_weak_start_direction(tmp_path):
-    """docs/results.md: from the shipped tiny-qwen2-arith, dft.yaml's 100 steps at lr 1e-3 (no warm-up) lower greedy
-    test accuracy for plain SFT, and DFT ends below SFT."""
-    runs = _runs("sft", ["sft", "dft"], "eval.steps=null", panel="dft")
+    """docs/results.md: from the shipped tiny-qwen2-arith, dft.yaml's 100 steps at lr 2e-4 keep plain SFT's greedy
+    test accuracy at the start's (not the 8 points lr 1e-3 cost), and DFT ends below SFT."""
+    runs = _runs("sft", ["sft", "dft"], "training.max_steps=100", "eval.steps=null", panel="dft")
     results = R.run_family("sft", [0], quick=True, runs=runs)
     _check_outputs("sft", results, tmp_path, curves=False)  # no evaluation during training: no curves
-    assert _final(results, "sft", "accuracy_after") < _final(results, "sft", "accuracy_before")
+    assert _final(results, "sft", "accuracy_after") >= _final(results, "sft", "accuracy_before") - 0.02
     assert _final(results, "dft", "accuracy_after") < _final(results, "sft", "accuracy_after")
 
 
