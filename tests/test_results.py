@@ -134,7 +134,8 @@ def test_rlvr_runs_cover_every_registered_variant():
 def test_unlearning_npo_rt_forgets_and_keeps_utility(tmp_path):
     """docs/unlearning.md: in 30 steps NPO+RT pushes the forget-set probability far down while model utility keeps
     most of its start value, with and without WAGLE."""
-    runs = _runs("unlearning", ["npo_rt", "npo_rt+wagle"], "training.max_steps=30", "eval.steps=30")
+    runs = _runs("unlearning", ["npo_rt", "npo_rt+wagle"], "training.max_steps=30", "eval.steps=30",
+                 "eval.max_samples=20")
     results = R.run_family("unlearning", [0], quick=True, runs=runs)
     _check_outputs("unlearning", results, tmp_path)
     for label in ("npo_rt", "npo_rt+wagle"):
