@@ -94,6 +94,9 @@ class SPOOptions(PartOptions):
                               "(rho = 2^(-D / d_half)).")
     spo_sampling_eps: float = Field(0.05, gt=0.0, description="spo: sampling weight sqrt(p (1 - p)) + eps.")
     spo_prioritized: bool = Field(True, description="spo: sample prompts by that weight; false: uniformly.")
+    spo_candidate_pool: int | None = Field(
+        None, ge=1, description="spo: each generation batch is drawn from the next this-many prompts of a shuffled "
+        "pass over data.train (the reference's gen_batch_size); null: from the whole training set.")
     spo_adv_eps: float = Field(1e-8, ge=0.0, description="spo: added to the batch std of r - p_hat.")
     spo_baseline: bool = Field(True, description="spo: subtract p_hat; false: the z-scored reward alone (the "
                                "paper's no-baseline ablation).")
