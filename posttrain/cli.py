@@ -144,6 +144,13 @@ def _method_detail(name: str) -> int:
         if summary:
             print()
             print(textwrap.fill(summary, width=100))
+        options = _part_options(part.key, part.name)
+        if options:
+            print()
+            print("keys (method.*), with their defaults:")
+            for key, field in options.items():
+                print(wrap.fill(f"  {key}: {format_default(field.default)}" + (f"  -- {field.description}"
+                                                                             if field.description else "")))
         recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{part.name}.yaml"
         if recipe.is_file():
             print(f"recipe: recipes/{part.name}.yaml")
@@ -152,6 +159,16 @@ def _method_detail(name: str) -> int:
         return 0
     known = [*METHODS, *(p.name for p in parts())]
     raise UserError(f"methods: unknown method or part '{name}'{did_you_mean(name, known)}; see `posttrain methods`")
+
+
+def _part_options(key: str, name: str) -> dict:
+    """The method keys a GRPO part reads (its registry entry's ``options_model``), for ``posttrain methods NAME``."""
+    from posttrain.rl import parts
+
+    registry = {"method.advantage": parts.ADVANTAGES, "method.aggregation": parts.AGGREGATIONS,
+                "method.clipping": parts.CLIPPINGS}.get(key)
+    model = getattr(registry[name], "options_model", None) if registry is not None and name in registry else None
+    return dict(model.model_fields) if model is not None else {}
 
 
 def _cmd_methods(args) -> int:
