@@ -377,7 +377,7 @@ def _cmd_spo_init(args) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"--out: '{out}' exists (`posttrain train` reads it as it is); pass --overwrite to sample "
                         "again")
-    from posttrain.trainers.spo import spo_init
+    from posttrain.run.spo_init import spo_init
 
     written = spo_init(recipe, out)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -3,13 +3,13 @@ sampling and KL-adaptive forgetting (``method.advantage: spo``; docs/methods/spo
 
 :class:`SPOGRPOTrainer` is :class:`posttrain.trainers.rl.PosttrainGRPOTrainer` with ``num_generations = 1`` and:
 
-* **the offline pass** (:func:`spo_init`, ``posttrain spo-init``, or automatically before the first step): the start
-  policy samples ``spo_offline_n`` (n0) completions of every training prompt, scored by the recipe's rewards, each
-  round of generation seeded from the run's seed alone (so the pass gives the same scores wherever it runs, and the
-  run's own random state is left as it was); each prompt's tracker starts from at most n0 of its scores
-  (:func:`posttrain.rl.spo.offline_init`). The scores file (``{prompt key: [scores]}``) is
-  ``method.spo_offline_scores`` when set, else ``output_dir/spo_offline_scores.json``: read when it exists, else
-  sampled and written there;
+* **the offline pass** (``posttrain spo-init``, :mod:`posttrain.run.spo_init`, or automatically before the first
+  step): the start policy samples ``spo_offline_n`` (n0) completions of every training prompt, scored by the recipe's
+  rewards, each round of generation seeded from the run's seed and the round alone (so the command and the automatic
+  pass give the same scores on the same number of processes, and the run's own random state is left as it was); each
+  prompt's tracker starts from at most n0 of its scores (:func:`posttrain.rl.spo.offline_init`). The scores file
+  (``{prompt key: [scores]}``) is ``method.spo_offline_scores`` when set, else ``output_dir/spo_offline_scores.json``:
+  read when it exists, else sampled and written there;
 * **prioritized sampling**: each generation batch's prompts are drawn here, at generation time, without replacement
   with weights ``sqrt(p_hat (1 - p_hat)) + eps`` from the tracker as updated up to the previous step, out of the whole
   training set or, with ``spo_candidate_pool: K``, out of the next K rows of a shuffled pass over it (a seeded
@@ -19,9 +19,9 @@ sampling and KL-adaptive forgetting (``method.advantage: spo``; docs/methods/spo
   ``D`` = mean ``|log pi_prev - log pi_now|`` on each prompt's previously stored response, ``rho =
   clip(2^(-D / d_half), rho_min, rho_max)`` (or ``spo_rho_value``), ``alpha <- rho alpha + r``, ``beta <- rho beta +
   (1 - r)``, and the new response is stored with its log-probs under the current policy;
-* **checkpoints**: the tracker, the sampler's generator and the pending update are saved with the RNG state of every
-  process (``spo_state_<rank>.pt``), so ``--resume`` continues exactly (checkpoints at generation boundaries: the
-  default ``steps_per_generation`` = gradient accumulation and ``num_iterations: 1``).
+* **checkpoints**: the tracker, the sampler's generator, the candidate pools' pass and the pending update are saved
+  with the RNG state of every process (``spo_state_<rank>.pt``), so ``--resume`` continues exactly (checkpoints at
+  generation boundaries: the default ``steps_per_generation`` = gradient accumulation and ``num_iterations: 1``).
 """
 
 from __future__ import annotations
@@ -309,7 +309,8 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
                 saved = json.loads(partial.read_text())
             except (OSError, ValueError):
                 saved = None
-            if isinstance(saved, dict) and saved.get("layout") == layout and set(saved.get("scores", ())) == set(scores):
+            same_pass = isinstance(saved, dict) and saved.get("layout") == layout
+            if same_pass and set(saved.get("scores", ())) == set(scores):
                 scores, start = saved["scores"], int(saved["rounds_done"])
                 logger.info("spo-init: continuing the pass in %s after round %d of %d", partial, start, rounds)
             else:
@@ -436,50 +437,3 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
         path = Path(checkpoint or "") / f"spo_state_{self.accelerator.process_index}.pt"
         if checkpoint is not None and path.is_file():
             self.load_spo_state_dict(torch.load(path, weights_only=False))
-
-
-# -------------------------------------------------------------------------------------------------------------------
-# posttrain spo-init: the offline pass as its own command
-
-
-def spo_init(recipe, out: Path) -> dict[str, Any]:
-    """``posttrain spo-init``: the offline pass of an SPO recipe with the start policy, set up as ``posttrain train``
-    sets up its run (same data, chat format, seed and trainer), written to ``out`` (atomically; ``out.partial`` keeps
-    the progress of an interrupted pass, which a second call continues). Returns what was written."""
-    from transformers import set_seed
-
-    from posttrain.families.base import FAMILIES
-    from posttrain.registry import load
-    from posttrain.threads import configure_cpu_threads
-    from posttrain.train import (
-        RunContext,
-        check_rows_fit,
-        check_user_code,
-        load_models,
-        load_run_tokenizer,
-        preflight,
-        prepare_chat_format,
-        setup_logging,
-    )
-
-    setup_logging()
-    info, config, datasets = preflight(recipe)
-    tokenizer = load_run_tokenizer(recipe)
-    prepare_chat_format(recipe, info, config, tokenizer, datasets)
-    check_rows_fit(config, tokenizer, datasets)
-    check_user_code(recipe, info)
-    if config.use_cpu:
-        configure_cpu_threads()
-    set_seed(recipe.seed)
-    tokenizer, model, ref_model = load_models(recipe, info, tokenizer)
-    ctx = RunContext(recipe, info, tokenizer, model, ref_model, {}, [], config=config, datasets=datasets)
-    trainer = load(FAMILIES[info.family].build_trainer)(ctx)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    scores = trainer.spo_offline_scores(partial=partial)
-    if trainer.accelerator.is_main_process:
-        write_json_atomic(out, scores)
-        partial.unlink(missing_ok=True)
-    samples = sum(len(v) for v in scores.values())
-    return {"path": str(out), "prompts": len(scores), "samples": samples,
-            "success_rate": sum(sum(v) for v in scores.values()) / max(samples, 1)}
