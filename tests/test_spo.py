@@ -412,8 +412,9 @@ def _write_recipe(path, out, method=None):
 
 def test_spo_init_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     """`posttrain spo-init` writes n0 scores per training prompt to output_dir/spo_offline_scores.json; a pass killed
-    after two of its six rounds continues from its partial file to the same scores; an existing file, a non-SPO
-    recipe, n0 = 0 and a missing recipe are one error line each (exit 2)."""
+    after two of its six rounds continues from its partial file to the same scores (the partial file of another
+    pass is started over); an existing file, a non-SPO recipe, n0 = 0 and a missing recipe are one error line each
+    (exit 2)."""
     import json
 
     from posttrain.cli import main
@@ -443,6 +444,12 @@ def test_spo_init_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     assert main(["spo-init", recipe, "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == scores and not (out.parent / "scores.json.partial").exists()
     assert "set method.spo_offline_scores: " in capsys.readouterr().out
+    stale = {**partial, "layout": {**partial["layout"], "rewards": [["other"], [1.0], None]}, "rounds_done": 6,
+             "scores": {k: [0.0, 0.0] for k in scores}}  # another pass's progress (other rewards): started over
+    (tmp_path / "third.json.partial").write_text(json.dumps(stale))
+    assert main(["spo-init", recipe, "--out", str(tmp_path / "third.json")]) == 0
+    assert json.loads((tmp_path / "third.json").read_text()) == scores
+    assert "is another pass's (other prompts, rewards or sampling settings): starting again" in capsys.readouterr().err
 
     def error(*argv):
         assert main(["spo-init", *argv]) == 2

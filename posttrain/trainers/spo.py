@@ -302,7 +302,9 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
         jobs += jobs[-1:] * (-len(jobs) % per_round)  # equal rounds on every process
         rounds = len(jobs) // per_round
         scores: dict[str, list[float]] = {key: [] for key in first}
-        layout = {"prompts": len(first), "n0": n0, "per_round": per_round, "seed": self.args.seed}
+        layout = {"prompts": len(first), "n0": n0, "per_round": per_round, "seed": self.args.seed,
+                  "rewards": [list(self.reward_func_names), self.reward_weights.tolist(), self.params.spo_reward_range],
+                  "sampling": [self.temperature, self.top_p, self.top_k, self.max_completion_length]}
         start = 0
         if partial is not None and partial.is_file():
             try:
@@ -314,7 +316,8 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
                 scores, start = saved["scores"], int(saved["rounds_done"])
                 logger.info("spo-init: continuing the pass in %s after round %d of %d", partial, start, rounds)
             else:
-                logger.info("spo-init: %s is another pass's (other prompts or settings): starting again", partial)
+                logger.info("spo-init: %s is another pass's (other prompts, rewards or sampling settings): starting "
+                            "again", partial)
         logger.info("spo-init: %d samples (%d prompts x %d) from the start policy, %d rounds of %d", real, len(first),
                     n0, rounds, per_round)
         tokens_seen = self.state.num_input_tokens_seen
