@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 # The method registry's types live in posttrain.registry (the family method files import them from there)
 from posttrain.registry import FAMILIES, METHODS, Family, MethodInfo, MethodParams, register  # noqa: F401
-from posttrain.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
+from posttrain.families.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ class _GRPOBase(MethodParams):
 
     Everything not here (num_generations, max_completion_length, temperature, num_iterations, generation and vLLM
     settings) is a ``training:`` key of ``trl.GRPOConfig``. The parts' keys come from their options models
-    (:mod:`posttrain.rl.parts`): :data:`GRPOParams` is this model plus those.
+    (:mod:`posttrain.families.rl.parts`): :data:`GRPOParams` is this model plus those.
     """
 
     rewards: list[RewardSpec] = Field(
@@ -426,25 +426,21 @@ class _GRPOBase(MethodParams):
         return self
 
 
-# the part selectors (their values are the registries' names)
-_SELECTORS = {
-    "advantage": Field(
-        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
-        "(leave-one-out), reinforce_pp (REINFORCE++), spo (single-stream: one completion per prompt)."),
-    "aggregation": Field("dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."),
-    "clipping": Field(
-        "ppo", description="ppo (clip-higher with epsilon_high), gppo, gspo (sequence-level ratio) or cispo (clipped, "
-        "detached IS weight)."),
-    "loss": Field(
-        "grpo", description="grpo: the clipped surrogate with the parts above; pacs: PACS (arXiv 2509.02522)."),
-}
+# the part selectors: their values, defaults and descriptions come from the registries
+_SELECTOR_DEFAULTS = {"advantage": "group", "aggregation": "dapo", "clipping": "ppo", "loss": "grpo"}
+
+
+def _selector_field(key: str, registry) -> tuple:
+    """``method.<key>``: one of the registry's names; the description names each value's page."""
+    pages = ", ".join(f"{e.name} ({e.doc.removeprefix('docs/methods/')})" for e in registry)
+    return (Literal[registry.names()], Field(_SELECTOR_DEFAULTS[key], description=f"The {registry.kind}: {pages}."))
 
 
 def _grpo_fields() -> dict[str, tuple]:
     """Each selector followed by the keys its entries own (first owner wins for a shared key)."""
     fields: dict[str, tuple] = {}
     for key, registry in (*SURROGATE_PARTS, ("loss", POLICY_LOSSES)):
-        fields[key] = (Literal[registry.names()], _SELECTORS[key])
+        fields[key] = _selector_field(key, registry)
         for entry in registry:
             if entry.options_model is not None:
                 for name, info in entry.options_model.model_fields.items():

@@ -1,6 +1,6 @@
 """The online-preference family (``online_dpo``): DPO on pairs the policy samples, ranked by rewards.
 
-Built on posttrain's GRPO trainer (:class:`posttrain.trainers.rl.PosttrainGRPOTrainer`, itself a thin subclass of TRL's
+Built on posttrain's GRPO trainer (:class:`posttrain.families.rl.trainer.PosttrainGRPOTrainer`, itself a thin subclass of TRL's
 ``GRPOTrainer``) with two generations per prompt: TRL does the sampling (transformers or vLLM), the reward functions
 and reward models of ``method.rewards`` (the same specs as GRPO), the reference model (``ref_model:``, a frozen copy of
 the start model, or the adapter-disabled base with PEFT) and the reference log-probs of each rollout. Three methods are
@@ -28,10 +28,10 @@ import torch
 from trl import GRPOTrainer
 
 from posttrain.errors import UserError
+from posttrain.families.rl.common import combine_rewards
+from posttrain.families.rl.diagnostics import batch_signal
+from posttrain.families.rl.trainer import PosttrainGRPOTrainer, recipe_dirs
 from posttrain.losses.preference import dpo_loss, online_dpo_loss, preference_metrics, rank_pairs, sequence_logps
-from posttrain.rl.advantages import combine_rewards
-from posttrain.rl.diagnostics import batch_signal
-from posttrain.trainers.rl import PosttrainGRPOTrainer, recipe_dirs
 
 logger = logging.getLogger("posttrain")
 

@@ -6,15 +6,17 @@ buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/tes
 * ``_calculate_rewards``: calls TRL's, and stashes the gathered per-function rewards plus, for stratified
   advantages, the gathered stratum keys of the batch.
 * ``_generate_and_score_completions``: calls TRL's, then recomputes the advantages over the gathered generation batch
-  with :func:`posttrain.rl.advantages.compute_advantages`, keeps this process's rows, and adds the row-keep mask
+  with the selected estimator (``fn(rewards, groups, params)``, :mod:`posttrain.families.rl.advantages`), keeps this
+  process's rows, and adds the row-keep mask
   (PSR/NSR drop rows from every denominator), the correctness of each row (GPPO's SFT term), ΔL row weights (computed
   once per generation batch, over the global batch) and the token counts the global normalisers need.
 * ``_compute_loss``: per-token log-probs and entropies from TRL's fused-LM-head path
-  (``_get_per_token_logps_and_entropies``, no full logits), then :func:`posttrain.rl.clipping.policy_loss`,
-  :func:`~posttrain.rl.clipping.kl_k3`, :func:`posttrain.rl.aggregation.aggregate_loss` and
-  :func:`~posttrain.rl.clipping.gppo_sft_loss`.
+  (``_get_per_token_logps_and_entropies``, no full logits), then the selected clipping rule
+  (:mod:`posttrain.families.rl.clippings`), the surrogate's KL and SFT terms (:mod:`posttrain.families.rl.policy_losses.grpo`)
+  and the selected aggregation (:mod:`posttrain.families.rl.aggregations`); or the selected policy loss of its own
+  (PACS).
 
-Each training generation batch is also summarised for :class:`posttrain.rl.diagnostics.SignalMonitor` (``log`` is
+Each training generation batch is also summarised for :class:`posttrain.families.rl.diagnostics.SignalMonitor` (``log`` is
 extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No learning
 signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
 rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded. With
@@ -38,19 +40,23 @@ from trl.trainer.utils import nanmax, nanmin
 
 from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
-from posttrain.reference import trl_reference_factory
-from posttrain.rl.advantages import (
+from posttrain.families.rl.advantages.stratified import stratified_stats
+from posttrain.families.rl.aggregations.delta_l import delta_l_weights
+from posttrain.families.rl.aggregations.dr_grpo import dr_grpo
+from posttrain.families.rl.common import (
+    AdvantageOutput,
+    Groups,
+    Normalizer,
+    RowTargets,
     combine_rewards,
-    compute_advantages,
-    count_tool_calls,
     normalize_then_sum,
-    stratified_stats,
     stratum_ids,
 )
-from posttrain.rl.aggregation import Normalizer, delta_l_weights, dr_grpo
-from posttrain.rl.clipping import gppo_sft_loss, kl_k3, kl_k3_bias_corrected
-from posttrain.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS, POLICY_LOSSES
-from posttrain.rl.diagnostics import SignalMonitor, batch_signal
+from posttrain.families.rl.diagnostics import SignalMonitor, batch_signal
+from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS, POLICY_LOSSES
+from posttrain.families.rl.policy_losses.grpo import gppo_sft_loss, kl_k3, kl_k3_bias_corrected
+from posttrain.reference import trl_reference_factory
+from posttrain.rl.strata import count_tool_calls
 from posttrain.rl.vllm_sync import check_vllm_recipe, vllm_generation_for
 from posttrain.trainers.common import AtomicCheckpointMixin
 
@@ -180,14 +186,15 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         estimator = ADVANTAGES[p.advantage]
         if estimator.normalize_then_sum and self.multi_objective_aggregation == "normalize_then_sum":
             adv = normalize_then_sum(rpf, num_generations, weights)
-            out = compute_advantages("grpo", rewards, num_generations, scale_rewards="none")._replace(advantages=adv)
+            out = AdvantageOutput(adv, torch.ones(adv.shape, dtype=torch.bool, device=adv.device))
         else:
-            strata = stratum_ids(stash["strata"], device=rewards.device) if estimator.needs_strata else None
-            options = {**estimator.options(p, strata), **self._advantage_options(estimator, rewards, mode)}
+            measured: dict[str, Any] = dict(self._advantage_options(estimator, rewards, mode))
+            if estimator.needs_strata:
+                measured["strata"] = stratum_ids(stash["strata"], device=rewards.device)
             if estimator.needs_lengths:  # completion tokens per row (REINFORCE++'s token whitening)
                 tokens = output["completion_mask"] * output.get("tool_mask", 1)
-                options["lengths"] = self.accelerator.gather(tokens.sum(-1).float()).to(rewards.device)
-            out = estimator.fn(torch.as_tensor(rewards), num_generations, **options)
+                measured["lengths"] = self.accelerator.gather(tokens.sum(-1).float()).to(rewards.device)
+            out = estimator.fn(torch.as_tensor(rewards), Groups(num_generations, **measured), p)
         correct = rewards == p.correct_reward
 
         local = output["completion_mask"].size(0)
@@ -216,7 +223,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self._metrics[mode]["delta_l/length_std"].append(lengths[lengths > 0].std().nan_to_num().item())
 
         if not POLICY_LOSSES[p.loss].uses_parts:  # labels and groups travel with the rows (TRL shuffles them together)
-            from posttrain.rl.pacs import check_labels
+            from posttrain.families.rl.policy_losses.pacs import check_labels
 
             check_labels(rewards)
             output[ROW_LABEL] = rewards[rows].to(device=device, dtype=torch.float32)
@@ -235,7 +242,8 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         return output
 
     def _advantage_options(self, estimator, rewards: torch.Tensor, mode: str) -> dict[str, Any]:
-        """Options an estimator needs from the trainer's own state (SPO's per-prompt baseline: SPOGRPOTrainer)."""
+        """Fields of :class:`~posttrain.families.rl.common.Groups` an estimator needs from a subclass's own state
+        (SPO's per-prompt baseline ``p_hat``: SPOGRPOTrainer)."""
         return {}
 
     def _clipped(self, output) -> torch.Tensor:
@@ -290,8 +298,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if "strata" in stash:
             keys = stash["strata"]
             p = self.params
-            stats = stratified_stats(rewards, num_generations, stratum_ids(keys, device=rewards.device),
-                                     scale=p.san_scale, scope=p.san_scope, eps=p.san_eps)
+            stats = stratified_stats(rewards, Groups(num_generations, strata=stratum_ids(keys, device=rewards.device)), p)
             for name, value in stats.items():
                 m[f"san/{name}"].append(value)
             if stats["frac_singleton_strata"] > SINGLETON_WARNING:
@@ -344,10 +351,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         advantages = inputs["advantages"]
 
         rule = CLIPPINGS[p.clipping]
-        options: dict[str, Any] = rule.options(p)
-        if rule.sequence_level:  # GSPO: the ratio is a mean over each row's loss tokens
-            options["mask"] = mask
-        clip = rule.fn(logps, old, advantages, **options)
+        clip = rule.fn(logps, old, advantages, mask, p)
         per_token = clip.per_token_loss
         if self.use_vllm and self.vllm_importance_sampling_correction:
             per_token = per_token * inputs["importance_sampling_ratio"]
@@ -373,14 +377,14 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         agg = AGGREGATIONS[p.aggregation]
         if agg.row_weights:
             # ΔL weights scale the surrogate only; the KL term stays unweighted (docs/methods/grpo_aggregation.md#kl-term-under-delta-l)
-            loss = agg.fn(per_token, mask, **agg.normalize(normalizer))
+            loss = agg.fn(per_token, mask, normalizer)
             # Dr. GRPO's B * T_max, B = kept rows per micro-batch
             self._metrics[mode]["delta_l/normalizer"].append(float(normalizer.num_rows) / nproc / ga * T)
             if kl is not None:
-                loss = loss + p.beta * dr_grpo(kl, mask, T, num_rows=normalizer.num_rows, num_processes=nproc)
+                loss = loss + p.beta * dr_grpo(kl, mask, normalizer)
         else:
             total = per_token if kl is None else per_token + p.beta * kl
-            loss = agg.fn(total, mask, **agg.normalize(normalizer))
+            loss = agg.fn(total, mask, normalizer)
             if agg.per_micro_batch:  # a mean over the micro-batch alone: its share of the accumulated batch
                 loss = loss / ga
         # every micro-batch's loss is its share (~1/GA) of the accumulated batch's: log the full-batch value, on the
@@ -427,15 +431,15 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
 
     def _row_objective_loss(self, objective, inputs, logps, old, mask, entropies, mode):
-        """A ``method.loss`` row objective (PACS, posttrain.rl.pacs; docs/methods/pacs.md) on a micro-batch of whole
-        groups."""
+        """A ``method.loss`` of its own (PACS, posttrain.families.rl.policy_losses.pacs; docs/methods/pacs.md) on a
+        micro-batch of whole groups."""
         p = self.params
         groups, inverse, counts = torch.unique(inputs[ROW_GROUP], return_inverse=True, return_counts=True)
         expected = self.num_generations if mode == "train" else self.num_generations_eval
         if bool((counts != expected).any()):  # pragma: no cover - rl_config refuses the settings that split groups
             raise UserError(f"training.per_device_train_batch_size: method.loss: {p.loss} needs every micro-batch to "
                             "hold whole groups (a multiple of num_generations, gradient_accumulation_steps: 1)")
-        loss, logged = objective.fn(logps, old, mask, inputs[ROW_LABEL], inverse, **objective.options(p))
+        loss, logged = objective.fn(logps, old, RowTargets(inputs[ROW_LABEL], inverse), mask, p)
         logged = {**logged, "entropy": TokenMean.of(entropies, mask), "policy_loss": loss.detach()}
         metrics = self._metrics[mode]
         for name, value in reduce_metrics(self.accelerator, logged).items():

@@ -55,7 +55,7 @@ def _ours(policy, ref, tok, tmp_path, params, rows=None, **config):
     from trl import GRPOConfig
 
     from posttrain.rl.rewards import make_exact_match
-    from posttrain.trainers.online_dpo import PosttrainOnlineDPOTrainer
+    from posttrain.families.online.trainer import PosttrainOnlineDPOTrainer
 
     cfg = dict(output_dir=str(tmp_path / "ours"), report_to="none", use_cpu=True, bf16=False,
                per_device_train_batch_size=2 * PROMPTS, num_generations=2, max_completion_length=6, beta=params.beta,
@@ -143,7 +143,7 @@ def test_the_two_completions_of_a_prompt_stay_in_one_micro_batch(arith_model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.methods import OnlineDPOParams
-    from posttrain.trainers.online_dpo import NUM_PAIRS, PAIR_KEEP
+    from posttrain.families.online.trainer import NUM_PAIRS, PAIR_KEEP
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     policy = AutoModelForCausalLM.from_pretrained(arith_model_dir)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
-from posttrain.rl.pacs import pacs_loss, pacs_score, pacs_weights
+from posttrain.families.rl.policy_losses.pacs import pacs_loss, pacs_score, pacs_weights
 
 R4 = torch.tensor([1.0, 0.0, 0.0, 0.0])
 G4 = torch.zeros(4, dtype=torch.long)
@@ -187,7 +187,7 @@ def pacs_trainer(tmp_path_factory, arith_model_dir):
 
     from posttrain.data.arithmetic import arithmetic_rows
     from posttrain.methods import GRPOParams
-    from posttrain.trainers.rl import PosttrainGRPOTrainer
+    from posttrain.families.rl.trainer import PosttrainGRPOTrainer
 
     tmp = tmp_path_factory.mktemp("pacs")
     torch.manual_seed(0)
@@ -255,7 +255,7 @@ def test_config_errors_name_the_key(method, training, message, tmp_path):
 
 
 def test_rewards_outside_unit_interval_are_refused():
-    from posttrain.rl.pacs import check_labels
+    from posttrain.families.rl.policy_losses.pacs import check_labels
 
     check_labels(torch.tensor([0.0, 1.0, float("nan"), 0.5]))
     with pytest.raises(UserError, match=r"^method\.rewards: method\.loss: pacs .* \[0, 1\]; got values in \[0, 2\]"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.rl.diagnostics import BatchSignal, SignalMonitor, batch_signal, diagnose
+from posttrain.families.rl.diagnostics import BatchSignal, SignalMonitor, batch_signal, diagnose
 
 ROOT = Path(__file__).resolve().parents[1]
 
