@@ -431,8 +431,11 @@ _SELECTOR_DEFAULTS = {"advantage": "group", "aggregation": "dapo", "clipping": "
 
 
 def _selector_field(key: str, registry) -> tuple:
-    """``method.<key>``: one of the registry's names; the description names each value's page."""
-    pages = ", ".join(f"{e.name} ({e.doc.removeprefix('docs/methods/')})" for e in registry)
+    """``method.<key>``: one of the registry's names; the description names the values with their pages."""
+    by_page: dict[str, list[str]] = {}
+    for entry in registry:
+        by_page.setdefault(entry.doc.split("#", 1)[0].removeprefix("docs/methods/"), []).append(entry.name)
+    pages = "; ".join(f"{', '.join(names)} ({page})" for page, names in by_page.items())
     return (Literal[registry.names()], Field(_SELECTOR_DEFAULTS[key], description=f"The {registry.kind}: {pages}."))
 
 

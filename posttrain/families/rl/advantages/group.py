@@ -57,8 +57,10 @@ def group_relative(rewards: torch.Tensor, num_generations: int, scale_rewards: s
 @ADVANTAGES.register("group", doc="docs/methods/grpo_advantages.md#group-advantage", options_model=GroupOptions,
                      normalize_then_sum=True)
 def group_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
-    """GRPO group-relative advantages (DeepSeekMath, arXiv 2402.03300), every row kept: ``(r - mean_g) / (std_g +
-    1e-4)``, scaled as ``scale_rewards`` says (:func:`group_relative`)."""
+    """GRPO group-relative advantages (DeepSeekMath, arXiv 2402.03300), every row kept.
+
+    ``(r - mean_g) / (std_g + 1e-4)`` over each prompt's completions, scaled as ``scale_rewards`` says
+    (:func:`group_relative`)."""
     from posttrain.families.rl.common import keep_all
 
     return keep_all(group_relative(rewards, groups.size, opts.scale_rewards))

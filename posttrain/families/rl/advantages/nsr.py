@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 @ADVANTAGES.register("nsr", doc="docs/methods/grpo_advantages.md#psr-nsr-and-w-reinforce",
                      defaults={"entropy_coef": 1e-4}, refuses={"scale_rewards": "uses no group baseline or std scaling"})
 def nsr_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
-    """Negative Sample Reinforcement (Zhu et al., arXiv 2506.01347, L_NSR): ``A = -1`` on incorrect rows (any scored
-    reward other than ``correct_reward``); correct and unscored rows are dropped. No baseline; the groups are
-    unused."""
+    """Negative Sample Reinforcement (Zhu et al., arXiv 2506.01347): ``A = -1`` on incorrect rows, the others dropped.
+
+    L_NSR: incorrect means any scored reward other than ``correct_reward``; correct and unscored rows are dropped. No
+    baseline; the groups are unused."""
     import torch
 
     from posttrain.families.rl.common import AdvantageOutput, correctness

@@ -20,9 +20,10 @@ if TYPE_CHECKING:
                      defaults={"entropy_coef": 1e-4}, refuses={"scale_rewards": "uses no group baseline or std scaling"},
                      recipe=("recipes/grpo_nsr.yaml", ["method.advantage=psr"]))
 def psr_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
-    """Positive Sample Reinforcement (Zhu et al., arXiv 2506.01347, L_PSR): ``A = +1`` on correct rows (combined reward
-    ``== correct_reward``; or a bool correctness tensor); every other row is dropped (``keep`` False: no tokens in any
-    denominator). No baseline, no std scaling; the groups are unused."""
+    """Positive Sample Reinforcement (Zhu et al., arXiv 2506.01347): ``A = +1`` on correct rows, the others dropped.
+
+    L_PSR: correct means combined reward ``== correct_reward`` (or a bool correctness tensor); every other row is
+    dropped (``keep`` False: no tokens in any denominator). No baseline, no std scaling; the groups are unused."""
     import torch
 
     from posttrain.families.rl.common import AdvantageOutput, correctness

@@ -31,8 +31,10 @@ class ReinforcePPOptions(PartOptions):
                      needs_lengths=True,
                      refuses={"scale_rewards": "whitens over the batch's completion tokens, not with scale_rewards"})
 def reinforce_pp_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
-    """REINFORCE++ (-baseline) (Hu et al. 2025, arXiv 2501.03262), every row kept: ``A_i = (x_i - mu) / sqrt(var +
-    1e-8)``, with an outcome reward and gamma = 1 (every completion token's return is ``r_i``).
+    """REINFORCE++ (-baseline) (Hu et al. 2025, arXiv 2501.03262), every row kept.
+
+    ``A_i = (x_i - mu) / sqrt(var + 1e-8)``, with an outcome reward and gamma = 1 (every completion token's return is
+    ``r_i``).
 
     ``x_i = r_i - mean_g(r)`` with ``reinforce_pp_baseline`` (REINFORCE++-baseline, verl
     ``reinforce_plus_plus_baseline``), else ``x_i = r_i`` (verl ``reinforce_plus_plus``). ``mu`` and ``var`` are the

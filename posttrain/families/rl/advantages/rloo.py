@@ -28,8 +28,9 @@ class RLOOOptions(PartOptions):
                      refuses={"scale_rewards": "uses no std scaling (rloo_normalize_advantages: true standardises over "
                                                "the batch)"})
 def rloo_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
-    """Leave-one-out baseline (RLOO, Ahmadian et al. 2024, arXiv 2402.14740, Eq. 5), every row kept: ``A_i = r_i -
-    mean_{j != i in the group} r_j`` (equivalently ``G/(G-1) * (r_i - mean_g)``).
+    """Leave-one-out baseline (RLOO, Ahmadian et al. 2024, arXiv 2402.14740), every row kept.
+
+    Eq. 5: ``A_i = r_i - mean_{j != i in the group} r_j`` (equivalently ``G/(G-1) * (r_i - mean_g)``).
 
     As TRL's ``RLOOTrainer``: the baseline averages over the scorable siblings only (NaN rewards left out); a row with
     no scorable sibling, and a NaN row, gets 0. ``rloo_normalize_advantages`` (TRL ``normalize_advantages``): then

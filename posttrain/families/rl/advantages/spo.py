@@ -64,9 +64,11 @@ def check_spo_settings(p) -> str | None:
                      refuses={"scale_rewards": "z-scores r - p_hat over the whole batch (method.spo_adv_eps), not with "
                                                "scale_rewards"})
 def spo_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
-    """Single-stream advantage (SPO, Xu & Ding 2025, arXiv 2509.13232), every row kept: ``r - p_hat`` (``r`` alone
-    without ``spo_baseline``) z-scored over the batch (:func:`posttrain.rl.spo.spo_advantages`), with ``groups.p_hat``
-    each row's tracked success rate read before this visit's update (SPO's trainer gives it); one row per group."""
+    """Single-stream advantage (SPO, Xu & Ding 2025, arXiv 2509.13232), every row kept.
+
+    ``r - p_hat`` (``r`` alone without ``spo_baseline``) z-scored over the batch
+    (:func:`posttrain.rl.spo.spo_advantages`), with ``groups.p_hat`` each row's tracked success rate read before this
+    visit's update (SPO's trainer gives it); one row per group."""
     import torch
 
     from posttrain.families.rl.common import keep_all

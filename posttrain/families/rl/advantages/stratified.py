@@ -135,8 +135,10 @@ def stratified_stats(rewards: torch.Tensor, groups: Groups, opts) -> dict[str, f
                      options_model=StratifiedOptions, needs_strata=True,
                      refuses={"scale_rewards": "scales with method.san_scale, not scale_rewards"})
 def stratified_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
-    """Stratified Advantage Normalization (Stratified GRPO, arXiv 2510.06214), every row kept: :func:`stratified` of
-    the rewards over ``groups.strata`` with ``san_alpha`` / ``san_scale`` / ``san_scope`` / ``san_eps``."""
+    """Stratified Advantage Normalization (Stratified GRPO, arXiv 2510.06214), every row kept.
+
+    :func:`stratified` of the rewards over ``groups.strata`` with ``san_alpha`` / ``san_scale`` / ``san_scope`` /
+    ``san_eps``."""
     from posttrain.families.rl.common import keep_all
 
     if groups.strata is None:

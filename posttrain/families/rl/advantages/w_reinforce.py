@@ -26,9 +26,10 @@ class WReinforceOptions(PartOptions):
                      options_model=WReinforceOptions, defaults={"entropy_coef": 1e-4},
                      refuses={"scale_rewards": "uses no group baseline or std scaling"})
 def w_reinforce_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
-    """Weighted-REINFORCE (Zhu et al., arXiv 2506.01347; lambda = 0.1 in the paper): ``A = +w_reinforce_lambda`` on
-    correct rows and ``-1`` on incorrect ones; unscored rows (NaN) are dropped. ``lambda = 1`` is plain REINFORCE with
-    +/-1 rewards and no baseline; the groups are unused."""
+    """Weighted-REINFORCE (Zhu et al., arXiv 2506.01347): ``A = +lambda`` on correct rows, ``-1`` on incorrect ones.
+
+    ``lambda`` is ``w_reinforce_lambda`` (0.1 in the paper); unscored rows (NaN) are dropped. ``lambda = 1`` is plain
+    REINFORCE with +/-1 rewards and no baseline; the groups are unused."""
     import torch
 
     from posttrain.families.rl.common import AdvantageOutput, correctness

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 @AGGREGATIONS.register("dapo", doc="docs/methods/grpo_aggregation.md#the-dapo-normaliser", trl_loss_type="dapo")
 def dapo(per_token_loss: torch.Tensor, mask: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
-    """Token mean over the global batch: ``sum(mask*l) / (N_glob / num_processes)`` (DAPO, arXiv 2503.14476,
-    token-level policy gradient loss; TRL ``loss_type="dapo"``).
+    """Token mean over the global batch: ``sum(mask*l) / (N_glob / num_processes)`` (TRL ``loss_type="dapo"``).
+
+    DAPO, arXiv 2503.14476 (token-level policy gradient loss).
 
     ``normalizer.num_items_in_batch`` is ``N_glob``, the mask-token count of the optimizer step's global accumulated
     batch (all processes, all micro-batches); when None, the local ``mask.sum()`` is used (one process, one

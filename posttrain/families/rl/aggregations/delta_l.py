@@ -67,9 +67,10 @@ def delta_l_weights(
 @AGGREGATIONS.register("delta_l", doc="docs/methods/grpo_aggregation.md#delta-l-normalisation",
                        options_model=DeltaLOptions, row_weights=True, trl_loss_type="dr_grpo")
 def delta_l(per_token_loss: torch.Tensor, mask: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
-    """ΔL aggregation (arXiv 2509.07558): ``sum_i w_i sum_t mask*l / (B * max_completion_length)`` (``B`` as in
-    ``dr_grpo``), with ``w`` = ``normalizer.row_weights`` (:func:`delta_l_weights` of the generation batch, sliced to
-    the micro-batch).
+    """ΔL aggregation: ``sum_i w_i sum_t mask*l / (B * max_completion_length)`` (``B`` as in ``dr_grpo``).
+
+    ΔL Normalization, arXiv 2509.07558, with ``w`` = ``normalizer.row_weights`` (:func:`delta_l_weights` of the
+    generation batch, sliced to the micro-batch).
 
     Over a full batch this is ``sum_i x_i sum_t(...)`` with ``x_i = (1/T_max) L_i^-alpha / sum_j L_j^-alpha``.
     ``alpha=0`` is exactly ``dr_grpo``; ``alpha=1`` is ``grpo`` times ``B / (T_max * sum_j 1/L_j)``. Multiplying the

@@ -31,9 +31,10 @@ def row_normalizer(per_token_loss: torch.Tensor, n: Normalizer) -> torch.Tensor 
 @AGGREGATIONS.register("grpo", doc="docs/methods/grpo_aggregation.md#aggregations", trl_loss_type="grpo",
                        recipe=("recipes/grpo.yaml", ["method.aggregation=grpo"]))
 def grpo(per_token_loss: torch.Tensor, mask: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
-    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)``: per-sequence token mean, then mean over rows (DeepSeekMath GRPO,
-    arXiv 2402.03300; TRL ``loss_type="grpo"``). ``B`` as :func:`row_normalizer` says. Rows with no mask tokens
-    contribute 0."""
+    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; docs/methods/grpo_aggregation.md#aggregations).
+
+    Per-sequence token mean, then mean over rows (DeepSeekMath GRPO, arXiv 2402.03300). ``B`` as :func:`row_normalizer`
+    says. Rows with no mask tokens contribute 0."""
     mask = mask.to(per_token_loss.dtype)
     row_means = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     if normalizer.num_rows is None:
