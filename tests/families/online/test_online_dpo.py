@@ -13,7 +13,7 @@ import yaml
 
 from posttrain.losses.preference import online_dpo_loss, rank_pairs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = 8
 
 

@@ -274,7 +274,7 @@ def test_pacs_raises_training_reward(tmp_path):
     from posttrain.recipe import load_recipe
     from posttrain.train import run
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     recipe = load_recipe(root / "recipes" / "grpo_pacs.yaml", [
         f"output_dir={tmp_path}", "training.max_steps=60", "training.lr_scheduler_type=constant",
         "data.train.max_samples=64", "data.test=null", "training.logging_steps=10", "training.save_strategy='no'",

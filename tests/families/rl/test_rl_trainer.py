@@ -10,7 +10,7 @@ import torch
 
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 NUM_GEN = 4
 
 
