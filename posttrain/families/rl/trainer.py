@@ -12,13 +12,13 @@ buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/tes
   once per generation batch, over the global batch) and the token counts the global normalisers need.
 * ``_compute_loss``: per-token log-probs and entropies from TRL's fused-LM-head path
   (``_get_per_token_logps_and_entropies``, no full logits), then the selected clipping rule
-  (:mod:`posttrain.families.rl.clippings`), the surrogate's KL and SFT terms (:mod:`posttrain.families.rl.policy_losses.grpo`)
-  and the selected aggregation (:mod:`posttrain.families.rl.aggregations`); or the selected policy loss of its own
-  (PACS).
+  (:mod:`posttrain.families.rl.clippings`), the surrogate's KL and SFT terms
+  (:mod:`posttrain.families.rl.policy_losses.grpo`) and the selected aggregation
+  (:mod:`posttrain.families.rl.aggregations`); or the selected policy loss of its own (PACS).
 
-Each training generation batch is also summarised for :class:`posttrain.families.rl.diagnostics.SignalMonitor` (``log`` is
-extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No learning
-signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
+Each training generation batch is also summarised for :class:`posttrain.families.rl.diagnostics.SignalMonitor`
+(``log`` is extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No
+learning signal"). ``build_rl_trainer`` hands the recipe's rewards (functions and reward models), tools, environment and
 rollout function to TRL; ``check_rl_recipe`` imports and checks them before any model is loaded. With
 ``training.use_vllm``, TRL gets the vLLM generation class the training device needs (on CPU, a weight sync that
 survives vLLM's repacked kernels: :mod:`posttrain.rl.vllm_sync`).
@@ -298,7 +298,8 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if "strata" in stash:
             keys = stash["strata"]
             p = self.params
-            stats = stratified_stats(rewards, Groups(num_generations, strata=stratum_ids(keys, device=rewards.device)), p)
+            strata = stratum_ids(keys, device=rewards.device)
+            stats = stratified_stats(rewards, Groups(num_generations, strata=strata), p)
             for name, value in stats.items():
                 m[f"san/{name}"].append(value)
             if stats["frac_singleton_strata"] > SINGLETON_WARNING:

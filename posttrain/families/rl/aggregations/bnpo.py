@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 @AGGREGATIONS.register("bnpo", doc="docs/methods/grpo_aggregation.md#aggregations", per_micro_batch=True,
                        trl_loss_type="bnpo", recipe=("recipes/grpo.yaml", ["method.aggregation=bnpo"]))
 def bnpo(per_token_loss: torch.Tensor, mask: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
-    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``; docs/methods/grpo_aggregation.md#aggregations).
+    """``sum(mask*l) / max(sum(mask), 1)`` over the local micro-batch (TRL ``loss_type="bnpo"``).
 
     The token-level mean of DAPO (arXiv 2503.14476), normalised per local micro-batch instead of the global batch; the
     normaliser is unused (the trainer divides by the accumulation steps, ``per_micro_batch``)."""

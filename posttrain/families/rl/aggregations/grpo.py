@@ -31,7 +31,7 @@ def row_normalizer(per_token_loss: torch.Tensor, n: Normalizer) -> torch.Tensor 
 @AGGREGATIONS.register("grpo", doc="docs/methods/grpo_aggregation.md#aggregations", trl_loss_type="grpo",
                        recipe=("recipes/grpo.yaml", ["method.aggregation=grpo"]))
 def grpo(per_token_loss: torch.Tensor, mask: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
-    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``; docs/methods/grpo_aggregation.md#aggregations).
+    """``(1/B) sum_i (sum_t mask*l) / max(N_i, 1)`` (TRL ``loss_type="grpo"``).
 
     Per-sequence token mean, then mean over rows (DeepSeekMath GRPO, arXiv 2402.03300). ``B`` as :func:`row_normalizer`
     says. Rows with no mask tokens contribute 0."""
