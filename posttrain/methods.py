@@ -454,12 +454,19 @@ def _grpo_fields() -> dict[str, tuple]:
 GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
 
 
+def _grpo_summary() -> str:
+    """Method ``grpo``'s summary, naming the registered parts of each kind."""
+    kinds = ", ".join(f"{key} ({', '.join(registry.names())})"
+                      for key, registry in (*SURROGATE_PARTS, ("loss", POLICY_LOSSES)))
+    return f"RLVR on TRL's GRPOTrainer with composable parts: {kinds}."
+
+
 def _reassemble_grpo_params() -> None:
     """Rebuild :data:`GRPOParams` after a part registry changed and give it to method ``grpo``: a part registered
     after this module was imported (from its own file) is selectable with its options, no list kept by hand."""
     global GRPOParams
     GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
-    METHODS["grpo"] = dataclasses.replace(METHODS["grpo"], params=GRPOParams)
+    METHODS["grpo"] = dataclasses.replace(METHODS["grpo"], params=GRPOParams, summary=_grpo_summary())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -687,9 +694,7 @@ register(
         name="grpo",
         doc="docs/methods/grpo.md",
         family="rl",
-        summary="RLVR on TRL's GRPOTrainer with composable parts: advantage (group, stratified, psr, nsr, "
-        "w_reinforce, rloo, reinforce_pp, spo), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + "
-        "SFT term, gspo, cispo).",
+        summary=_grpo_summary(),
         paper="Shao et al., DeepSeekMath (GRPO, arXiv 2402.03300); Stratified GRPO (arXiv 2510.06214); ΔL "
         "Normalization (arXiv 2509.07558); Zhu et al., negative reinforcement (arXiv 2506.01347); Klear-Reasoner "
         "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783); RLOO (arXiv 2402.14740); "
