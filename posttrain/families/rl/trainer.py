@@ -1,7 +1,7 @@
 """The RL-family trainer: a thin subclass of TRL's ``GRPOTrainer`` whose advantages and policy loss are posttrain's.
 
 TRL keeps generation (transformers or vLLM), reward-function plumbing, the reference model, ``num_iterations`` and
-buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/test_rl_trainer.py``):
+buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/families/rl/test_rl_trainer.py``):
 
 * ``_calculate_rewards``: calls TRL's, and stashes the gathered per-function rewards plus, for stratified
   advantages, the gathered stratum keys of the batch.

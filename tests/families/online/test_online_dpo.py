@@ -230,7 +230,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_online_dpo_raises_the_expected_reward(tmp_path):
     """recipes/online_dpo.yaml as shipped, on a fixed pool of 64 problems for 60 steps at a constant learning rate
-    (GRPO's check in tests/test_rl_trainer.py): the exact expected exact-match reward on that pool rises."""
+    (GRPO's check in tests/families/rl/test_rl_trainer.py): the exact expected exact-match reward on that pool rises."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.data.sources import load_source

@@ -264,7 +264,7 @@ def test_rewards_outside_unit_interval_are_refused():
 
 @pytest.mark.slow
 def test_pacs_raises_training_reward(tmp_path):
-    """Learning check (as tests/test_rl_trainer.py::test_every_variant_raises_training_reward): recipes/grpo_pacs.yaml
+    """Learning check (as tests/families/rl/test_rl_trainer.py::test_every_variant_raises_training_reward): recipes/grpo_pacs.yaml
     for 60 steps on a fixed pool of 64 problems raises the exact expected exact-match reward by > 0.02."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
