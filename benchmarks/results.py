@@ -435,9 +435,7 @@ def rlvr_runs(quick: bool) -> list[Run]:
     sets and that default to the selected part's own value (``epsilon: 0.2`` of PPO: GSPO's default is 3e-4, CISPO
     takes none). ``quick``: 16 steps, one alternative per axis, no loss variants."""
     from posttrain.methods import METHODS
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS
 
     fields = METHODS[base_name(RL_BASE)].params.model_fields
     steps = 16 if quick else 50

@@ -119,9 +119,7 @@ def test_rlvr_switching_a_part_resets_the_baseline_parts_keys():
 
 def test_rlvr_runs_cover_every_registered_variant():
     """The RL family's runs are the registries' entries, one axis at a time, plus PACS (no list in the script)."""
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS
 
     labels = {r.label for r in R.rlvr_runs(quick=False)}
     for key, registry in [("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS)]:
