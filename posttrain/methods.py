@@ -18,60 +18,14 @@ from posttrain.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# SFT family
+# SFT family: one file per method (params, objective, registration), each registered on import (listed first)
 # --------------------------------------------------------------------------------------------------------------------
 
-
-class SFTParams(MethodParams):
-    """Plain supervised fine-tuning: token-mean NLL over completion tokens."""
-
-    completion_only_loss: bool = Field(True, description="Score only completion tokens (prompt tokens masked).")
-
-    @property
-    def completion_only(self) -> bool:
-        """SFTConfig ``completion_only_loss``: only completion tokens are scored."""
-        return self.completion_only_loss
-
-
-class DFTParams(SFTParams):
-    """Dynamic Fine-Tuning: NLL weighted per token by the detached token probability."""
-
-
-class ASFTAnchoredParams(SFTParams):
-    """Anchored SFT: DFT plus a token-level KL to a frozen anchor (the initial policy)."""
-
-    asft_kl_coef: float = Field(0.05, ge=0.0, description="Weight lambda of the KL anchor.")
-    kl_direction: Literal["base_to_policy", "policy_to_base"] = Field(
-        "base_to_policy", description="KL(pi_base||pi_theta) as the reference code computes, or the paper's reverse."
-    )
-
-    @property
-    def needs_hidden_states(self) -> bool:  # the anchor KL needs full-vocab logits from the hidden states
-        return True
-
-    @property
-    def head_outside_forward(self) -> bool:  # the anchor KL projects the policy's hidden states, with gradients
-        return True
-
-
-class PoFTParams(SFTParams):
-    """Preference-oriented SFT: Bradley-Terry of the target's mean log-likelihood against aligned LLMs'."""
-
-    poft_beta: float = Field(1.0, gt=0.0, description="beta of -logsigmoid(beta (r_target - r_aligned) + gamma).")
-    poft_gamma: float = Field(0.0, description="gamma, the margin of the Bradley-Terry logit.")
-    poft_target_tokens: Literal["response", "all"] = Field(
-        "response", description="Tokens of the target's score and loss: the response only, or prompt and response.")
-    aligned_models: list[str] = Field(
-        default_factory=list,
-        description="Aligned models that score the data before training; empty means the data carries "
-        "`poft_ref_scores` (list) or `poft_ref_score` (float).",
-    )
-    scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1, description="Batch size of the aligned models' scoring "
-                                    "pass (method.aligned_models).")
-
-    @property
-    def completion_only(self) -> bool:
-        return self.completion_only_loss and self.poft_target_tokens != "all"
+import posttrain.families.sft.methods  # noqa: E402, F401
+from posttrain.families.sft.methods.asft_anchored import ASFTAnchoredParams  # noqa: E402, F401
+from posttrain.families.sft.methods.dft import DFTParams  # noqa: E402, F401
+from posttrain.families.sft.methods.poft import PoFTParams  # noqa: E402, F401
+from posttrain.families.sft.methods.sft import SFTParams  # noqa: E402, F401
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -501,55 +455,6 @@ class OnlineDPOParams(MethodParams):
         if not self.rewards:
             raise UserError("method.rewards: give at least one reward function")
         return self
-
-
-register(
-    MethodInfo(
-        name="sft",
-        doc="docs/methods/sft.md",
-        family="sft",
-        summary="Supervised fine-tuning: token-mean negative log-likelihood on completions.",
-        paper="Ouyang et al., Training language models to follow instructions with human feedback (arXiv 2203.02155)",
-        recipe="recipes/sft.yaml",
-        params=SFTParams,
-    )
-)
-register(
-    MethodInfo(
-        name="dft",
-        doc="docs/methods/dft.md",
-        family="sft",
-        summary="Dynamic Fine-Tuning: each token's NLL weighted by its detached probability.",
-        paper="Wu et al., On the Generalization of SFT: A Reinforcement Learning Perspective with Reward "
-        "Rectification (arXiv 2508.05629)",
-        recipe="recipes/dft.yaml",
-        params=DFTParams,
-    )
-)
-register(
-    MethodInfo(
-        name="asft_anchored",
-        doc="docs/methods/asft_anchored.md",
-        family="sft",
-        summary="Anchored SFT: DFT plus a token-level KL anchor to the frozen initial model.",
-        paper="Zhu et al., Anchored Supervised Fine-Tuning (arXiv 2509.23753)",
-        recipe="recipes/asft_anchored.yaml",
-        params=ASFTAnchoredParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="poft",
-        doc="docs/methods/poft.md",
-        family="sft",
-        summary="Preference-oriented SFT: the target should out-score aligned LLMs on the SFT data (Bradley-Terry).",
-        paper="Fan et al., Preference-Oriented Supervised Fine-Tuning: Favoring Target Model Over Aligned Large "
-        "Language Models (arXiv 2412.12865)",
-        recipe="recipes/poft.yaml",
-        params=PoFTParams,
-    )
-)
 
 
 # the preference family: one file per method (params, objective, registration), each registered on import

@@ -154,10 +154,11 @@ class PolicyLossEntry(GRPOPartEntry):
 
 @dataclass(frozen=True)
 class SFTLossEntry(Entry):
-    """An SFT-family ``method.name``: ``fn(trainer, step) -> (loss, metrics)``. ``extra_columns``: per-example float
-    columns the collator keeps; ``token_sum_loss``: the loss is a token sum over ``num_items_in_batch``."""
+    """An SFT-family ``method.name``: a pure ``fn(params, fwd) -> (loss, metrics)``; ``needs(params)``: what the
+    trainer computes into ``fwd`` besides the policy's log-probs (``posttrain.families.sft.forward.SFT_NEEDS``);
+    ``token_sum_loss``: the loss is a token sum over ``num_items_in_batch`` (else a mean over the micro-batch's rows)."""
 
-    extra_columns: tuple[str, ...] = ()
+    needs: Callable[[Any], frozenset[str]] = lambda params: frozenset()
     token_sum_loss: bool = True
 
 

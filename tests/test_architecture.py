@@ -85,7 +85,7 @@ def _registries():
     from posttrain.rl.aggregation import AGGREGATIONS
     from posttrain.rl.clipping import CLIPPINGS
     from posttrain.families.preference.trainer import PREFERENCE_LOSSES
-    from posttrain.trainers.sft import SFT_LOSSES
+    from posttrain.families.sft.forward import SFT_LOSSES
 
     return {"advantage": ADVANTAGES, "aggregation": AGGREGATIONS, "clipping": CLIPPINGS,
             "preference": PREFERENCE_LOSSES, "sft": SFT_LOSSES, "unlearning": UNLEARNING_OBJECTIVES,

@@ -59,8 +59,8 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("sft", {"train": "sft", "eval": "sft", "test": "test"}, "trl:SFTConfig",
-               f"{_TRAINERS}.build:sft_config", f"{_TRAINERS}.build:build_sft_trainer", "posttrain.preview:sft_rows",
-               check_data=f"{_TRAINERS}.build:check_sft_data", masks_conversations=True),
+               "posttrain.families.sft.trainer:sft_config", "posttrain.families.sft.trainer:build_sft_trainer", "posttrain.preview:sft_rows",
+               check_data="posttrain.families.sft.trainer:check_sft_data", masks_conversations=True),
         Family("preference", {"train": "preference", "eval": "preference", "test": "test"}, "trl:DPOConfig",
                "posttrain.families.preference.trainer:preference_config",
                "posttrain.families.preference.trainer:build_preference_trainer",

@@ -2,26 +2,31 @@
 
 TRL does the data handling (prompt/completion and messages formats, tokenisation, completion masks, collation) and
 patches the model with a fused LM head, so ``model(..., fused_lm_head=True)`` returns per-token log-probs tile by
-tile without materialising the logits. This trainer calls that forward once per batch and hands the log-probs to the
-pure losses in :mod:`posttrain.losses.sft`.
+tile without materialising the logits. This trainer calls that forward once per batch, computes what the method's entry
+declares it ``needs`` (the per-token KL to the frozen anchor; the aligned models' scores) into an
+:class:`~posttrain.families.sft.forward.SFTForward`, and the entry's pure objective (never given the trainer) turns it,
+through the losses of :mod:`posttrain.losses.sft`, into the loss. The family's builders are at the bottom.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
+import posttrain.families.sft.methods  # noqa: F401  (registers every method's objective)
 from posttrain.distributed import TokenMean, reduce_metrics
+from posttrain.errors import UserError
+from posttrain.families.sft.forward import ALIGNED_SCORES, ANCHOR_KL, SFT_LOSSES, SFT_NEEDS, SFTForward
+from posttrain.losses.sft import token_kl
 from posttrain.reference import Reference
-from posttrain.registry import SFTLossEntry, Registry
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedSFTTruncationMixin
-from posttrain.losses.sft import asft_anchored_loss, dft_loss, dft_token_loss, nll_loss, poft_loss, token_kl
 
 POFT_SCORE_COLUMN = "poft_ref_score"
+# the data column each need read from the batch is (the collator keeps it)
+NEED_COLUMNS = {ALIGNED_SCORES: POFT_SCORE_COLUMN}
 KL_CHUNK = 1024  # label positions per tile when full-vocab logits are needed (the ASFT anchor)
 
 
@@ -47,26 +52,32 @@ class _ExtraColumnsCollator:
 
 
 class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTTrainer):
-    """SFT, DFT, Anchored SFT and PoFT on top of ``trl.SFTTrainer``.
+    """The SFT family (every ``SFT_LOSSES`` entry) on top of ``trl.SFTTrainer``.
 
     Args:
-        method: ``sft`` | ``dft`` | ``asft_anchored`` | ``poft``.
-        params: the method's hyperparameters (:mod:`posttrain.methods`).
-        anchor_model: frozen anchor for ``asft_anchored``; ``None`` with a PEFT policy uses the adapter-disabled base.
+        method: a key of :data:`~posttrain.families.sft.forward.SFT_LOSSES`.
+        params: the method's hyperparameters (``methods/<method>.py``).
+        anchor_model: frozen anchor of the ``ANCHOR_KL`` need; ``None`` with a PEFT policy uses the adapter-disabled
+            base.
     """
 
     def __init__(self, *args, method: str, params, anchor_model=None, **kwargs):
         self.method = method
         self.params = params
         self.objective = SFT_LOSSES[method]
+        self.needs = self.objective.needs(params)
+        unknown = self.needs - SFT_NEEDS
+        if unknown:
+            raise ValueError(f"SFT loss {method!r} needs {sorted(unknown)}; the trainer computes {sorted(SFT_NEEDS)}")
+        self.extra_columns = [NEED_COLUMNS[need] for need in sorted(self.needs) if need in NEED_COLUMNS]
         super().__init__(*args, **kwargs)
         self.anchor_model = anchor_model
         if anchor_model is not None:
             from posttrain.distributed import prepare_frozen
 
             self.anchor_model = prepare_frozen(anchor_model, self.accelerator)
-        if self.objective.extra_columns:
-            self.data_collator = _ExtraColumnsCollator(self.data_collator, list(self.objective.extra_columns))
+        if self.extra_columns:
+            self.data_collator = _ExtraColumnsCollator(self.data_collator, self.extra_columns)
         if not self.objective.token_sum_loss:
             # A per-sequence mean over the micro-batch (PoFT), not a token sum over num_items_in_batch: HF must divide
             # it by the accumulation steps, or gradient accumulation multiplies loss and gradient by them.
@@ -74,7 +85,7 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        missing = [c for c in self.objective.extra_columns if c not in self._signature_columns]
+        missing = [c for c in self.extra_columns if c not in self._signature_columns]
         if missing:
             self._signature_columns = [*self._signature_columns, *missing]
 
@@ -82,12 +93,12 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        extra = {c: inputs.pop(c, None) for c in self.objective.extra_columns}
+        columns = {c: inputs.pop(c, None) for c in self.extra_columns}
         inputs["use_cache"] = False
 
         hidden: dict[str, torch.Tensor] = {}
         hook = None
-        if self.params.needs_hidden_states:
+        if ANCHOR_KL in self.needs:  # the anchor KL projects the policy's last hidden states through its head
             backbone = _unwrap(model).base_model
             hook = backbone.register_forward_hook(lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state))
         try:
@@ -95,8 +106,14 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         finally:
             if hook is not None:
                 hook.remove()
-        step = SFTStep(model, inputs, outputs, hidden.get("h"), extra, num_items_in_batch)
-        loss, metrics = self.objective.fn(self, step)
+        logps, mask = outputs.log_probs, outputs.label_mask
+        fwd = SFTForward(
+            logps, mask, num_items_in_batch,
+            anchor_kl=self._anchor_kl(model, inputs, hidden["h"][:, :-1], mask) if ANCHOR_KL in self.needs else None,
+            aligned_scores=(columns[NEED_COLUMNS[ALIGNED_SCORES]].to(logps.device)
+                            if ALIGNED_SCORES in self.needs else None),
+        )
+        loss, metrics = self.objective.fn(self.params, fwd)
 
         # Like Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages gradients.
         if (
@@ -157,71 +174,71 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# SFT-family losses: one registered entry per method, ``fn(trainer, step: SFTStep) -> (loss, metrics)``. ``meta``:
-# ``extra_columns`` (per-example float columns the collator keeps), ``token_sum_loss`` (the loss is a sum over the
-# tokens divided by ``num_items_in_batch``: scaled by the number of processes, as ``Trainer.compute_loss`` does).
+# Builders (FAMILIES["sft"])
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class SFTStep:
-    """What one policy forward gives every SFT-family loss."""
-
-    model: Any
-    inputs: dict
-    outputs: Any  # TRL fused-head output: log_probs, label_mask, entropy, is_top1
-    hidden: torch.Tensor | None  # last hidden states (when the params' needs_hidden_states)
-    extra: dict[str, torch.Tensor | None]  # the entry's extra columns
-    num_items_in_batch: Any
+def _reads_aligned_scores(recipe) -> bool:
+    return ALIGNED_SCORES in SFT_LOSSES[recipe.method.name].needs(recipe.params)
 
 
-SFT_LOSSES: Registry[SFTLossEntry] = Registry("SFT-family loss", SFTLossEntry)
+def _sft_dataset(ctx, key: str):
+    ds = ctx.dataset(key, "sft")
+    if _reads_aligned_scores(ctx.recipe):  # aligned-model scores, computed or read
+        from posttrain.data.poft import attach_scores
+
+        ds = attach_scores(ds, ctx.recipe.params, key)
+    return ds
 
 
-@SFT_LOSSES.register("sft", doc="docs/methods/sft.md#objective", extra_columns=(), token_sum_loss=True)
-def sft_objective(trainer, s: SFTStep):
-    """Token-mean NLL on completion tokens (Ouyang et al. 2022, arXiv 2203.02155): :func:`nll_loss`."""
-    return nll_loss(s.outputs.log_probs, s.outputs.label_mask, s.num_items_in_batch), {}
+def check_sft_data(recipe, datasets) -> None:
+    """Checks of the loaded SFT data that need no model (preflight): the columns the method's needs read (PoFT's
+    aligned scores, or the aligned models that will compute them)."""
+    if not _reads_aligned_scores(recipe):
+        return
+    from posttrain.data.poft import check_scores
+
+    for key in ("data.train", "data.eval"):
+        if key in datasets:
+            check_scores(datasets[key], recipe.params, key)
 
 
-@SFT_LOSSES.register("dft", doc="docs/methods/dft.md#objective", extra_columns=(), token_sum_loss=True)
-def dft_objective(trainer, s: SFTStep):
-    """Dynamic Fine-Tuning (Wu et al. 2025, arXiv 2508.05629): :func:`dft_loss`, NLL logged."""
-    logps, mask = s.outputs.log_probs, s.outputs.label_mask
-    loss = dft_loss(logps, mask, s.num_items_in_batch)
-    return loss, {"nll": TokenMean.of(-logps, mask)}
+def sft_config(recipe, info):
+    """The ``SFTConfig`` of an SFT-family recipe (built before any model loads, see :func:`posttrain.train.preflight`)."""
+    from trl import SFTConfig
+
+    from posttrain.trainers.common import training_config
+
+    params = recipe.params
+    if recipe.data.train is None:
+        raise UserError("data.train: required key is missing")
+    overrides = {"completion_only_loss": params.completion_only, "max_length": 512}
+    if recipe.data.eval is not None:
+        overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
+    return training_config(SFTConfig, recipe, overrides)
 
 
-@SFT_LOSSES.register("asft_anchored", doc="docs/methods/asft_anchored.md#objective", extra_columns=(),
-                     token_sum_loss=True)
-def asft_anchored_objective(trainer, s: SFTStep):
-    """Anchored SFT (Zhu et al. 2025, arXiv 2509.23753): DFT plus a token-level KL to the frozen anchor."""
-    logps, mask = s.outputs.log_probs, s.outputs.label_mask
-    kl = trainer._anchor_kl(s.model, s.inputs, s.hidden[:, :-1], mask)
-    loss = asft_anchored_loss(logps, kl, mask, trainer.params.asft_kl_coef, s.num_items_in_batch)
-    metrics = {
-        "dft_loss": TokenMean.of(dft_token_loss(logps.detach()), mask),
-        "kl": TokenMean.of(kl, mask),
-        "nll": TokenMean.of(-logps, mask),
-    }
-    return loss, metrics
+def build_sft_trainer(ctx):
+    """Every SFT-family method on :class:`PosttrainSFTTrainer`."""
+    from posttrain.adapters.trainer import make_trainer
+    from posttrain.trainers.common import peft_config
 
-
-@SFT_LOSSES.register("poft", doc="docs/methods/poft.md#objective", extra_columns=(POFT_SCORE_COLUMN,),
-                     token_sum_loss=False)
-def poft_objective(trainer, s: SFTStep):
-    """PoFT (Fan et al. 2025, arXiv 2412.12865): Bradley-Terry of the target's mean log-likelihood against the
-    aligned LLMs' scores (column ``poft_ref_score``). ``poft_target_tokens: all`` is handled by the config
-    (completion_only_loss=False): every label counts."""
-    p, logps, mask = trainer.params, s.outputs.log_probs, s.outputs.label_mask
-    out = poft_loss(logps, mask, s.extra[POFT_SCORE_COLUMN].to(logps.device), p.poft_beta, p.poft_gamma)
-    margin = (out.reward_target - out.reward_aligned).detach()
-    metrics = {
-        "ce_loss": -out.reward_target.detach().mean(),
-        "poft/reward_target": out.reward_target.detach().mean(),
-        "poft/reward_aligned": out.reward_aligned.mean(),
-        "poft/margin": margin.mean(),
-        "poft/accuracy": (margin > 0).float().mean(),
-        "poft/tau_mean": out.tau.mean(),
-    }
-    return out.loss, metrics
+    recipe, params = ctx.recipe, ctx.recipe.params
+    config = ctx.config if ctx.config is not None else sft_config(recipe, ctx.info)
+    train = _sft_dataset(ctx, "data.train")
+    evals = _sft_dataset(ctx, "data.eval") if recipe.data.eval is not None else None
+    return make_trainer(  # the peft.type variant (plora/goat/ggpo) wraps the class; plain LoRA: the class itself
+        PosttrainSFTTrainer,
+        recipe,
+        uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
+        model=ctx.model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=ctx.tokenizer,
+        peft_config=peft_config(recipe),
+        callbacks=ctx.callbacks,
+        method=ctx.info.name,
+        params=params,
+        anchor_model=ctx.ref_model,
+    )

@@ -239,7 +239,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         self.control_vector = self._steering_setup() if self.objective.steers_activations else None
         self.weight_mask = None
         if mask_rows is not None:
-            from posttrain.trainers.wagle import WagleMask
+            from posttrain.families.unlearning.wagle import WagleMask
 
             self.weight_mask = WagleMask(self, *mask_rows, collator_cls=ForgetRetainCollator)
 

@@ -71,7 +71,7 @@ def test_loss_metrics_and_grads_match_stock_trl(arith_model_dir, tmp_path, margi
     from trl import RewardTrainer
 
     from posttrain.methods import RewardParams
-    from posttrain.trainers.reward import PosttrainRewardTrainer
+    from posttrain.families.reward.trainer import PosttrainRewardTrainer
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     model = _seq_cls(arith_model_dir)
@@ -106,7 +106,7 @@ def test_training_text_equals_what_grpo_scores(arith_model_dir, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
     from datasets import Dataset
 
-    from posttrain.trainers.reward import pairwise_scores
+    from posttrain.families.reward.trainer import pairwise_scores
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     rm = _seq_cls(arith_model_dir).eval()
@@ -163,7 +163,7 @@ def test_a_trained_reward_model_is_used_by_a_grpo_recipe(tmp_path, lora, monkeyp
     rewards = load_rewards([RewardSpec(model=str(rm_dir))])
     model = rewards.funcs[0]
     assert type(model).__name__.endswith("ForSequenceClassification")
-    from posttrain.trainers.reward import pairwise_scores
+    from posttrain.families.reward.trainer import pairwise_scores
 
     tok = AutoTokenizer.from_pretrained(rm_dir)
     scores, _ = pairwise_scores(model, tok, [{"prompt": "2+2=", "chosen": "4", "rejected": "5"}])
@@ -201,7 +201,7 @@ def test_conversational_pairs_train_and_score(tmp_path, monkeypatch):
 
     from transformers import AutoTokenizer
 
-    from posttrain.trainers.reward import scored_text, tokenize_pairs
+    from posttrain.families.reward.trainer import scored_text, tokenize_pairs
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],

@@ -1,4 +1,4 @@
-"""The unlearning trainer (posttrain/trainers/unlearning.py) and the TOFU-style eval (posttrain/eval/unlearning.py).
+"""The unlearning trainer (posttrain/families/unlearning/trainer.py) and the TOFU-style eval (posttrain/eval/unlearning.py).
 
 The loss math itself is tested in test_losses_unlearning.py and the metrics in test_unlearning_metrics.py; here: the
 trainer feeds the pure objective the right log-probs, LoRA uses the adapter-disabled model as reference, NPO+RT
@@ -37,7 +37,7 @@ def _recipe(method, tmp_path, model="builtin:tiny-qwen2", data=None, training=No
 def _trainer(recipe):
     from posttrain.methods import get_method
     from posttrain.train import RunContext, load_models
-    from posttrain.trainers.unlearning import build_unlearning_trainer
+    from posttrain.families.unlearning.trainer import build_unlearning_trainer
 
     info = get_method(recipe.method.name)
     tok, model, ref = load_models(recipe, info)
@@ -264,7 +264,7 @@ def test_rmu_recipe_lowers_forget_probability_while_retain_holds(tmp_path, facts
 
 
 def test_forget_anchored_pairing_is_seeded_and_redrawn_each_epoch():
-    from posttrain.trainers.unlearning import ForgetRetainCollator, ForgetRetainDataset
+    from posttrain.families.unlearning.trainer import ForgetRetainCollator, ForgetRetainDataset
 
     forget = [([1, 2, 3], [-100, 2, 3])] * 4
     retain = [([i, i + 1], [-100, i + 1]) for i in range(100)]
