@@ -187,11 +187,10 @@ class UnlearningTermEntry(Entry):
 @dataclass(frozen=True)
 class UnlearningObjectiveEntry(Entry):
     """An unlearning objective: ``forget`` / ``retain`` name its two terms (``FORGET_TERMS`` / ``RETAIN_TERMS`` of
-    posttrain.losses.unlearning; ``retain`` None: no retain term), from which its use of the retain set and of a
-    reference model follow; the
-    weights ``gamma`` / ``alpha`` and ``beta`` / ``delta`` are its defaults; ``recipe_method``: selectable as
-    ``method.name``; ``steers_activations``: the trainer captures one layer's hidden states and calls ``fn`` with
-    them (RMU)."""
+    posttrain.families.unlearning.objective; ``retain`` None: no retain term), from which its use of the retain set
+    and of a reference model follow; the weights ``gamma`` / ``alpha`` and ``beta`` / ``delta`` are its defaults;
+    ``recipe_method``: selectable as ``method.name``; ``steers_activations``: the trainer captures one layer's hidden
+    states and calls ``fn`` with them (RMU)."""
 
     forget: str = "ga"
     retain: str | None = None

@@ -80,7 +80,7 @@ def test_the_citation_checks_catch_offenders():
 
 def _registries():
     from posttrain.adapters.spec import ADAPTER_VARIANTS
-    from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
+    from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES
     from posttrain.rl.advantages import ADVANTAGES
     from posttrain.rl.aggregation import AGGREGATIONS
     from posttrain.rl.clipping import CLIPPINGS
@@ -437,7 +437,7 @@ def test_every_module_imports_in_a_fresh_interpreter():
 
 
 def test_unlearning_objective_defaults_agree_with_the_method_params():
-    from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
+    from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES
     from posttrain.methods import METHODS
 
     for entry in UNLEARNING_OBJECTIVES:

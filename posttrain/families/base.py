@@ -59,8 +59,9 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("sft", {"train": "sft", "eval": "sft", "test": "test"}, "trl:SFTConfig",
-               "posttrain.families.sft.trainer:sft_config", "posttrain.families.sft.trainer:build_sft_trainer", "posttrain.preview:sft_rows",
-               check_data="posttrain.families.sft.trainer:check_sft_data", masks_conversations=True),
+               "posttrain.families.sft.trainer:sft_config", "posttrain.families.sft.trainer:build_sft_trainer",
+               "posttrain.preview:sft_rows", check_data="posttrain.families.sft.trainer:check_sft_data",
+               masks_conversations=True),
         Family("preference", {"train": "preference", "eval": "preference", "test": "test"}, "trl:DPOConfig",
                "posttrain.families.preference.trainer:preference_config",
                "posttrain.families.preference.trainer:build_preference_trainer",
@@ -77,8 +78,9 @@ FAMILIES: dict[str, Family] = {
                test_metric="pairwise accuracy", test_scorer=f"{_TRAINERS}.reward:pairwise_test_accuracy",
                model_head="score"),
         Family("unlearning", {"forget": "unlearning", "retain": "unlearning", "holdout": "unlearning"},
-               f"{_TRAINERS}.unlearning:UnlearningConfig", f"{_TRAINERS}.unlearning:unlearning_config",
-               f"{_TRAINERS}.unlearning:build_unlearning_trainer", "posttrain.preview:unlearning_rows",
+               "posttrain.families.unlearning.trainer:UnlearningConfig",
+               "posttrain.families.unlearning.trainer:unlearning_config",
+               "posttrain.families.unlearning.trainer:build_unlearning_trainer", "posttrain.preview:unlearning_rows",
                preview_keys=("data.forget", "data.retain"), evaluates_forgetting=True),
         Family("rl", {"train": "rl", "eval": "rl", "test": "test"}, "trl:GRPOConfig",
                f"{_TRAINERS}.rl:rl_config", f"{_TRAINERS}.rl:build_rl_trainer", "posttrain.preview:rl_rows",

@@ -10,7 +10,7 @@ log-probs, no full logits): on ``[forget; retain]`` stacked for the NLL-retain m
 otherwise. NPO calls the frozen reference once on the forget rows (``ref_model``, or the adapter-disabled policy with
 ``peft`` and no ``ref_model``). ``npo_kl`` needs full next-token distributions on the retain rows, so its retain
 rows go through an ordinary (logits) forward of the policy and of the reference. The pure
-:func:`posttrain.losses.unlearning.unlearning_objective` turns these into the loss; its metrics (``forget_loss``,
+:func:`posttrain.families.unlearning.objective.unlearning_objective` turns these into the loss; its metrics (``forget_loss``,
 ``retain_loss``, ``forget_nll``, ``retain_nll`` / ``retain_kl``, ``npo/log_ratio_mean``, ``npo/weight_mean``,
 ``simnpo/*``) plus ``forget_answer_prob`` / ``retain_answer_prob`` (mean per-sequence ``exp(-avg answer NLL)``) are
 averaged over each logging interval and written to ``metrics.jsonl``.
@@ -41,15 +41,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
-from posttrain.logprobs import ensure_fused_head
-from posttrain.losses.unlearning import (
+import posttrain.families.unlearning.methods  # noqa: F401  (registers every objective and term)
+from posttrain.families.unlearning.objective import (
     FORGET_TERMS,
     RETAIN_TERMS,
     UNLEARNING_OBJECTIVES,
-    rmu_control_vector,
     uses_reference,
     uses_retain,
 )
+from posttrain.logprobs import ensure_fused_head
+from posttrain.losses.unlearning import rmu_control_vector
 from posttrain.reference import Reference
 from posttrain.trainers.common import AtomicCheckpointMixin
 
@@ -208,8 +209,8 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
     """GA, GradDiff, NPO (+RT / +KL), SimNPO and RMU on :class:`ForgetRetainDataset` batches.
 
     Args:
-        method: a key of :data:`posttrain.losses.unlearning.UNLEARNING_OBJECTIVES`.
-        params: the method's hyperparameters (:mod:`posttrain.methods`).
+        method: a key of :data:`posttrain.families.unlearning.objective.UNLEARNING_OBJECTIVES`.
+        params: the method's hyperparameters (``methods/<page>.py``).
         ref_model: frozen reference for NPO / KL; ``None`` with a PEFT policy uses the adapter-disabled model.
         peft_config: wrap ``model`` with this adapter (the fused head must already be on ``model``).
     """
@@ -308,11 +309,11 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 
     @property
     def uses_retain(self) -> bool:
-        return uses_retain(self.method, getattr(self.params, "alpha", 0.0))
+        return uses_retain(self.method, self.params.retain_weight)
 
     @property
     def uses_reference(self) -> bool:
-        return uses_reference(self.method, getattr(self.params, "alpha", 0.0))
+        return uses_reference(self.method, self.params.retain_weight)
 
     def _reference(self, model):
         missing = UserError(f"ref_model: method '{self.method}' needs a reference model")
@@ -431,12 +432,12 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 
 
 def _objective_uses_retain(recipe, name: str) -> bool:
-    return uses_retain(name, getattr(recipe.params, "alpha", 0.0))
+    return uses_retain(name, recipe.params.retain_weight)
 
 
 def _needs_retain(recipe, name: str) -> bool:
     """Whether data.retain is read: by the objective's retain term, or by the WAGLE mask's scoring pass."""
-    return _objective_uses_retain(recipe, name) or getattr(recipe.params, "mask", "none") == "wagle"
+    return _objective_uses_retain(recipe, name) or recipe.params.uses_weight_mask
 
 
 def unlearning_config(recipe, info) -> UnlearningConfig:
@@ -456,7 +457,7 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
             f"data.forget: method '{name}' needs a forget set (e.g. data.forget: {{source: builtin:facts, "
             "split: forget05}})"
         )
-    if getattr(recipe.params, "mask", "none") == "wagle":
+    if recipe.params.uses_weight_mask:
         if data.retain is None:
             raise UserError("data.retain: method.mask: wagle scores the weights with retain-set gradients; set "
                             "data.retain (e.g. {source: builtin:facts, split: retain95})")
@@ -496,7 +497,7 @@ def build_unlearning_trainer(ctx):
     retain = None
     if needs_retain:
         retain = tokenize_rows(ctx.dataset("data.retain", "unlearning"), tok, config.max_length, "data.retain")
-    mask_rows = (forget, retain) if getattr(params, "mask", "none") == "wagle" else None
+    mask_rows = (forget, retain) if params.uses_weight_mask else None
     if not _objective_uses_retain(recipe, name):
         retain = None  # read only by the WAGLE scoring pass
     dataset = ForgetRetainDataset(forget, retain, seed=recipe.seed)
@@ -506,7 +507,7 @@ def build_unlearning_trainer(ctx):
         PosttrainUnlearningTrainer,
         recipe,
         uses_disabled_adapter_reference=(recipe.reference.uses_disabled_adapter
-                                         and uses_reference(name, getattr(params, "alpha", 0.0))),
+                                         and uses_reference(name, params.retain_weight)),
         model=ctx.model,
         args=config,
         train_dataset=dataset,

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
-from posttrain.losses.unlearning import npo_loss_at_reference, unlearning_objective
+from posttrain.families.unlearning.objective import unlearning_objective
+from posttrain.losses.unlearning import npo_loss_at_reference
 from posttrain.recipe import parse_recipe
 
 FORGET = {"source": "builtin:facts", "split": "forget05"}
