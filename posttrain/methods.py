@@ -2,7 +2,9 @@
 
 Each method declares a pydantic model of its hyperparameters (the sibling keys of ``method.name`` in a recipe),
 the family it belongs to (which decides the data format and the trainer), its paper, and its runnable recipe.
-The math lives in ``posttrain.losses`` / ``posttrain.rl``; the wiring in ``posttrain.trainers``.
+The math lives in ``posttrain.losses`` / ``posttrain.rl``; the families' methods, one file each, in
+``posttrain/families/<family>/methods/`` (registered by importing them below, in the order ``posttrain methods``
+lists them); the wiring in ``posttrain/families/<family>/trainer.py`` and ``posttrain.trainers``.
 """
 
 from __future__ import annotations
@@ -26,40 +28,6 @@ from posttrain.families.sft.methods.asft_anchored import ASFTAnchoredParams  # n
 from posttrain.families.sft.methods.dft import DFTParams  # noqa: E402, F401
 from posttrain.families.sft.methods.poft import PoFTParams  # noqa: E402, F401
 from posttrain.families.sft.methods.sft import SFTParams  # noqa: E402, F401
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Unpaired preference family (docs/methods/kto.md): rows labelled desirable / undesirable, no pairs needed
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class KTOParams(MethodParams):
-    """KTO: a prospect-theoretic value of each completion's implicit reward against a KL reference point."""
-
-    beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward log pi/pi_ref (TRL's beta).")
-    desirable_weight: float = Field(
-        1.0, gt=0.0, description="lambda_D: weight of the desirable rows' losses (the paper advises lambda_D n_D / "
-        "(lambda_U n_U) in [1, 4/3]).")
-    undesirable_weight: float = Field(1.0, gt=0.0, description="lambda_U: weight of the undesirable rows' losses.")
-    precompute_ref_log_probs: bool = Field(
-        False, description="Compute reference log-probs (rows and KL sequences) once before training; no reference "
-        "kept in memory.")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reward-model family (docs/methods/reward.md): a sequence-classification head trained on preference pairs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class RewardParams(MethodParams):
-    """Bradley-Terry reward model: a scalar score per sequence, trained so that the chosen response scores higher."""
-
-    margin: bool = Field(
-        False, description="Ask each pair's score gap to exceed its `margin` column (a number per pair; Llama 2's "
-        "preference-strength margin, TRL's margin column).")
-    center_rewards_coef: float = Field(
-        0.0, ge=0.0, description="Weight of mean (s_c + s_r)^2, pulling the scores towards zero mean (TRL's "
-        "center_rewards_coefficient; Eisenstein et al., arXiv 2312.09244); 0: off.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -337,34 +305,11 @@ from posttrain.families.preference.methods.sparsepo import SparsePOParams  # noq
 from posttrain.families.preference.methods.wpo import WPOParams  # noqa: E402, F401
 
 
-register(
-    MethodInfo(
-        name="kto",
-        doc="docs/methods/kto.md",
-        family="unpaired",
-        summary="KTO: completions labelled desirable or undesirable (no pairs needed), a prospect-theoretic value "
-        "against a KL reference point.",
-        paper="Ethayarajh et al., KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306)",
-        recipe="recipes/kto.yaml",
-        params=KTOParams,
-        reference="required",
-    )
-)
-
-
-register(
-    MethodInfo(
-        name="reward",
-        doc="docs/methods/reward.md",
-        family="reward",
-        summary="Reward model: a sequence-classification head trained on preference pairs (Bradley-Terry), scored "
-        "by pairwise accuracy; usable as method.rewards[].model of GRPO and online DPO.",
-        paper="Ouyang et al., Training language models to follow instructions with human feedback (arXiv 2203.02155); "
-        "Stiennon et al., Learning to summarize from human feedback (arXiv 2009.01325)",
-        recipe="recipes/reward.yaml",
-        params=RewardParams,
-    )
-)
+# the unpaired-preference and reward-model families: one file per method (params, registration)
+import posttrain.families.unpaired.methods  # noqa: E402, F401
+import posttrain.families.reward.methods  # noqa: E402, F401
+from posttrain.families.reward.methods.reward import RewardParams  # noqa: E402, F401
+from posttrain.families.unpaired.methods.kto import KTOParams  # noqa: E402, F401
 
 
 # the unlearning family: one file per method page (params, method and objective registration), each registered on

@@ -249,7 +249,7 @@ def test_rmu_recipe_lowers_forget_probability_while_retain_holds(tmp_path, facts
     from posttrain.recipe import load_recipe
     from posttrain.train import run
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = __import__("pathlib").Path(__file__).resolve().parents[3]
     forget_rows, retain_rows = facts_rows("forget05"), facts_rows("retain95")[::4]
     tok = load_tokenizer("builtin:tiny-qwen2-facts")
     start = load_model("builtin:tiny-qwen2-facts")
