@@ -25,7 +25,7 @@ from posttrain.reference import Reference
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedSFTTruncationMixin
 
 POFT_SCORE_COLUMN = "poft_ref_score"
-# the data column each need read from the batch is (the collator keeps it)
+# the data column a need is read from (the collator keeps it in the batch)
 NEED_COLUMNS = {ALIGNED_SCORES: POFT_SCORE_COLUMN}
 KL_CHUNK = 1024  # label positions per tile when full-vocab logits are needed (the ASFT anchor)
 
@@ -139,7 +139,8 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
             self._metrics[mode][name].append(value)
 
     def _anchor_kl(self, model, inputs, policy_hidden, mask) -> torch.Tensor:
-        """Per-token KL between policy and anchor next-token distributions, on label positions only, in tiles."""
+        """The ``ANCHOR_KL`` need: per-token KL between the policy's and the anchor's next-token distributions
+        (direction ``params.kl_direction``), on label positions only, in tiles."""
         policy = _unwrap(model)
         head = policy.get_output_embeddings()
         with torch.no_grad():
