@@ -36,9 +36,10 @@ from preference_accuracy import build_sets, preference_accuracy  # noqa: E402
 
 
 def unpaired_rows(train, seed, order, batch):
-    """The unpaired rows in the order a trainer reads them: ``pairs`` (``posttrain.families.unpaired.trainer.unpair``: pairs
-    shuffled, each pair's two rows side by side), ``shuffled`` (rows shuffled after unpairing: posttrain before this
-    benchmark), ``balanced`` (each micro-batch half desirable, half undesirable, from different pairs)."""
+    """The unpaired rows in the order a trainer reads them: ``pairs``
+    (``posttrain.families.unpaired.trainer.unpair``: pairs shuffled, each pair's two rows side by side), ``shuffled``
+    (rows shuffled after unpairing: posttrain before this benchmark), ``balanced`` (each micro-batch half desirable,
+    half undesirable, from different pairs)."""
     import random
 
     from datasets import Dataset

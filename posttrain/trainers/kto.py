@@ -1,4 +1,5 @@
-"""``posttrain.trainers.kto`` is :mod:`posttrain.families.unpaired.trainer` (moved by issue #24; kept for existing imports)."""
+"""``posttrain.trainers.kto`` is :mod:`posttrain.families.unpaired.trainer`
+(moved by issue #24; kept for existing imports)."""
 
 import importlib
 import sys

@@ -1,4 +1,5 @@
-"""``posttrain.trainers.reward`` is :mod:`posttrain.families.reward.trainer` (moved by issue #24; kept for existing imports)."""
+"""``posttrain.trainers.reward`` is :mod:`posttrain.families.reward.trainer`
+(moved by issue #24; kept for existing imports)."""
 
 import importlib
 import sys

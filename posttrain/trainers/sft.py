@@ -1,4 +1,5 @@
-"""``posttrain.trainers.sft`` is :mod:`posttrain.families.sft.trainer` (moved by issue #24; kept for existing imports)."""
+"""``posttrain.trainers.sft`` is :mod:`posttrain.families.sft.trainer`
+(moved by issue #24; kept for existing imports)."""
 
 import importlib
 import sys

@@ -1,4 +1,5 @@
-"""``posttrain.trainers.unlearning`` is :mod:`posttrain.families.unlearning.trainer` (moved by issue #24; kept for existing imports)."""
+"""``posttrain.trainers.unlearning`` is :mod:`posttrain.families.unlearning.trainer`
+(moved by issue #24; kept for existing imports)."""
 
 import importlib
 import sys

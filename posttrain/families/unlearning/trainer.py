@@ -10,10 +10,10 @@ log-probs, no full logits): on ``[forget; retain]`` stacked for the NLL-retain m
 otherwise. NPO calls the frozen reference once on the forget rows (``ref_model``, or the adapter-disabled policy with
 ``peft`` and no ``ref_model``). ``npo_kl`` needs full next-token distributions on the retain rows, so its retain
 rows go through an ordinary (logits) forward of the policy and of the reference. The pure
-:func:`posttrain.families.unlearning.objective.unlearning_objective` turns these into the loss; its metrics (``forget_loss``,
-``retain_loss``, ``forget_nll``, ``retain_nll`` / ``retain_kl``, ``npo/log_ratio_mean``, ``npo/weight_mean``,
-``simnpo/*``) plus ``forget_answer_prob`` / ``retain_answer_prob`` (mean per-sequence ``exp(-avg answer NLL)``) are
-averaged over each logging interval and written to ``metrics.jsonl``.
+:func:`posttrain.families.unlearning.objective.unlearning_objective` turns these into the loss; its metrics
+(``forget_loss``, ``retain_loss``, ``forget_nll``, ``retain_nll`` / ``retain_kl``, ``npo/log_ratio_mean``,
+``npo/weight_mean``, ``simnpo/*``) plus ``forget_answer_prob`` / ``retain_answer_prob`` (mean per-sequence
+``exp(-avg answer NLL)``) are averaged over each logging interval and written to ``metrics.jsonl``.
 
 RMU (an objective whose entry ``steers_activations``) works on hidden states instead: a forward hook on one decoder
 layer captures its output on the forget rows and, for the retain term, on the retain rows of the policy and of the
