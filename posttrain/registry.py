@@ -189,8 +189,9 @@ class UnlearningObjectiveEntry(Entry):
     """An unlearning objective: ``forget`` / ``retain`` name its two terms (``FORGET_TERMS`` / ``RETAIN_TERMS`` of
     posttrain.families.unlearning.objective; ``retain`` None: no retain term), from which its use of the retain set
     and of a reference model follow; the weights ``gamma`` / ``alpha`` and ``beta`` / ``delta`` are its defaults;
+    ``fn(params, fwd) -> UnlearningOutput`` is pure (``fwd``: an ``UnlearningForward`` of the same module);
     ``recipe_method``: selectable as ``method.name``; ``steers_activations``: the trainer captures one layer's hidden
-    states and calls ``fn`` with them (RMU)."""
+    states for it (RMU) instead of log-probs."""
 
     forget: str = "ga"
     retain: str | None = None

@@ -3,13 +3,16 @@ registered terms. Importable without torch (the functions import it inside).
 
 :data:`FORGET_TERMS` and :data:`RETAIN_TERMS` hold one entry per term (``terms/<name>.py``);
 :data:`UNLEARNING_OBJECTIVES` one entry per objective (``methods/<page>.py``), naming its two terms and its default
-weights. Whether an objective reads the retain set or a frozen reference model follows from its terms
-(:func:`uses_retain`, :func:`uses_reference`); the trainer asks these, never the method's name.
+weights, whose ``fn`` is a pure ``objective(params, fwd: UnlearningForward) -> UnlearningOutput``. Whether an
+objective reads the retain set or a frozen reference model follows from its terms (:func:`uses_retain`,
+:func:`uses_reference`); the trainer asks these, never the method's name, and computes what they need into
+:class:`UnlearningForward`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from posttrain.registry import Registry, UnlearningObjectiveEntry, UnlearningTermEntry
 
@@ -24,9 +27,38 @@ RETAIN_TERMS: Registry[UnlearningTermEntry] = Registry("unlearning retain term",
 """A retain term: ``fn(num_items, *, logps, mask, logits, ref_logits, kl_mask) -> (loss, metrics)``; its ``inputs``
 name the ones it requires."""
 UNLEARNING_OBJECTIVES: Registry[UnlearningObjectiveEntry] = Registry("unlearning objective", UnlearningObjectiveEntry)
-"""``method.name`` of the unlearning family (and ``ga_kl``, not selectable) -> its objective: ``fn`` is
-:func:`unlearning_objective` (called with the name), or, for an entry that ``steers_activations`` (RMU),
+"""``method.name`` of the unlearning family (and ``ga_kl``, not selectable) -> its pure objective ``fn(params, fwd)``:
+:func:`forget_retain_objective` of its terms on log-probs, or, for an entry that ``steers_activations`` (RMU),
 :func:`posttrain.losses.unlearning.rmu_loss` on one layer's hidden states."""
+
+
+@dataclass(frozen=True)
+class UnlearningForward:
+    """What an unlearning objective receives: the forward of one micro-batch's forget and retain rows (per-token
+    tensors ``[B, T]``), holding what its terms need (None otherwise).
+
+    On log-probs: the policy's ``forget_logps`` / ``forget_mask`` (shifted label mask); the reference's
+    ``forget_ref_logps`` (a forget term that ``uses_reference``); the retain NLL's ``retain_logps`` / ``retain_mask``;
+    the retain KL's ``retain_logits`` / ``retain_ref_logits`` (``[B, T, V]``) and ``retain_kl_mask`` (None: every
+    position); ``forget_num_items`` / ``retain_num_items``: the token-mean denominators (None: the micro-batch's count;
+    with several processes each process's share of the global count). On activations (``steers_activations``):
+    ``forget_activations`` / ``retain_activations`` / ``retain_ref_activations`` ``[B, T, d]`` of one layer, the
+    answer-token masks ``forget_mask`` / ``retain_mask`` and the ``control_vector``."""
+
+    forget_logps: torch.Tensor | None = None
+    forget_mask: torch.Tensor | None = None
+    forget_ref_logps: torch.Tensor | None = None
+    retain_logps: torch.Tensor | None = None
+    retain_mask: torch.Tensor | None = None
+    retain_logits: torch.Tensor | None = None
+    retain_ref_logits: torch.Tensor | None = None
+    retain_kl_mask: torch.Tensor | None = None
+    forget_num_items: Any = None
+    retain_num_items: Any = None
+    forget_activations: torch.Tensor | None = None
+    retain_activations: torch.Tensor | None = None
+    retain_ref_activations: torch.Tensor | None = None
+    control_vector: torch.Tensor | None = None
 
 
 def uses_retain(name: str, alpha: float) -> bool:
@@ -119,3 +151,24 @@ def unlearning_objective(
         metrics["retain_loss"] = float(retain_loss.detach())
     metrics["loss"] = float(loss.detach())
     return UnlearningOutput(loss=loss, forget_loss=forget_loss, retain_loss=retain_loss, metrics=metrics)
+
+
+def forget_retain_objective(method: str, params: Any, f: UnlearningForward) -> UnlearningOutput:
+    """:func:`unlearning_objective` of objective ``method`` on ``f``'s tensors, with the weights ``gamma`` /
+    ``alpha`` / ``beta`` / ``delta`` that ``params`` has (the objective's defaults for the others); the body of every
+    log-prob objective (NPO, arXiv 2404.05868)."""
+    weights = {key: float(getattr(params, key)) for key in ("beta", "gamma", "alpha", "delta") if hasattr(params, key)}
+    return unlearning_objective(
+        method,
+        forget_logps=f.forget_logps,
+        forget_mask=f.forget_mask,
+        forget_ref_logps=f.forget_ref_logps,
+        retain_logps=f.retain_logps,
+        retain_mask=f.retain_mask,
+        retain_logits=f.retain_logits,
+        retain_ref_logits=f.retain_ref_logits,
+        retain_kl_mask=f.retain_kl_mask,
+        forget_num_items=f.forget_num_items,
+        retain_num_items=f.retain_num_items,
+        **weights,
+    )

@@ -46,6 +46,7 @@ from posttrain.families.unlearning.objective import (
     FORGET_TERMS,
     RETAIN_TERMS,
     UNLEARNING_OBJECTIVES,
+    UnlearningForward,
     uses_reference,
     uses_retain,
 )
@@ -285,7 +286,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 
     def _steering_loss(self, model, inputs):
         """RMU's loss and metrics: hidden states of ``rmu_layer`` on the forget rows (policy) and on the retain rows
-        (policy and frozen reference), fed to the objective's function (:func:`~posttrain.losses.unlearning.rmu_loss`)."""
+        (policy and frozen reference), in the :class:`UnlearningForward` its objective reads."""
         p = self.params
         f_ids, f_attn, f_lab = self._side(inputs, "forget")
         with _captured_output(_decoder_layers(model)[p.rmu_layer]) as got:
@@ -303,7 +304,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                 ref(input_ids=r_ids, attention_mask=r_attn, use_cache=False)
             kwargs.update(retain_activations=got_r[0], retain_ref_activations=got_ref[0], retain_mask=r_lab != -100)
             metrics["retain_answer_prob"] = _answer_prob(res_r.log_probs, res_r.label_mask)
-        result = self.objective.fn(**kwargs, gamma=float(p.gamma), alpha=float(p.alpha))
+        result = self.objective.fn(p, UnlearningForward(**kwargs))
         metrics.update({k: v for k, v in result.metrics.items() if k != "loss"})
         return result, metrics
 
@@ -323,7 +324,8 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         return inputs[f"{side}_input_ids"], inputs[f"{side}_attention_mask"], inputs[f"{side}_labels"]
 
     def policy_and_reference_logps(self, model, inputs) -> dict[str, torch.Tensor]:
-        """Per-token log-probs / masks (and logits for the KL term) that :func:`unlearning_objective` takes."""
+        """Per-token log-probs / masks (and logits for the KL term) of the policy and the reference that the
+        objective's terms need (:meth:`objective_inputs` turns them into its :class:`UnlearningForward`)."""
         f_ids, f_attn, f_lab = self._side(inputs, "forget")
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
         out: dict[str, torch.Tensor] = {}
@@ -357,7 +359,9 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                     out["retain_ref_logits"] = ref(input_ids=r_ids, attention_mask=r_attn, use_cache=False).logits
         return out
 
-    def objective_inputs(self, t: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def objective_inputs(self, t: dict[str, torch.Tensor]) -> UnlearningForward:
+        """The objective's :class:`UnlearningForward`: the retain KL's positions (``params.retain_kl_every_position``)
+        and, with several processes, each process's share of the global token counts."""
         kwargs: dict[str, Any] = {
             "forget_logps": t["forget_logps"],
             "forget_mask": t["forget_mask"],
@@ -372,9 +376,6 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                 kwargs["retain_logits"] = t["retain_logits"][:, :-1]
                 kwargs["retain_ref_logits"] = t["retain_ref_logits"][:, :-1]
                 kwargs["retain_kl_mask"] = t["retain_labels"][:, 1:] != -100
-        for name in ("beta", "gamma", "alpha", "delta"):
-            if hasattr(self.params, name):
-                kwargs[name] = float(getattr(self.params, name))
         if self.accelerator.num_processes > 1:
             # token means over the global micro-batch: each process's token sum over its share of all processes'
             # tokens (the gradient averaging over processes does the rest)
@@ -387,7 +388,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
                 scored = kwargs.get("retain_kl_mask")
                 count = scored.sum() if scored is not None else kwargs["retain_logits"].shape[:-1].numel()
                 kwargs["retain_num_items"] = process_share(self.accelerator, count)
-        return kwargs
+        return UnlearningForward(**kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.control_vector is not None:  # RMU: hidden states, not log-probs
@@ -395,7 +396,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             self._record(metrics)
             return (result.loss, result) if return_outputs else result.loss
         t = self.policy_and_reference_logps(model, inputs)
-        result = self.objective.fn(self.method, **self.objective_inputs(t))
+        result = self.objective.fn(self.params, self.objective_inputs(t))
         metrics = {k: v for k, v in result.metrics.items() if k != "loss"}
         metrics["forget_answer_prob"] = _answer_prob(t["forget_logps"], t["forget_mask"])
         if "retain_logps" in t:

@@ -42,3 +42,20 @@ def test_the_params_ask_what_the_trainer_reads():
     assert ga.retain_weight == 0.0 and not ga.uses_weight_mask and not ga.retain_kl_every_position
     assert npo_kl.retain_weight == 0.5 and npo_kl.retain_kl_every_position
     assert METHODS["npo"].params(mask="wagle", mask_sparsity=0.5).uses_weight_mask
+
+
+def test_objectives_are_pure_functions_of_params_and_forward():
+    import torch
+
+    from posttrain.families.unlearning.objective import UnlearningForward
+
+    # forget rows [-1, -2] and [-0.5] (docs/methods/ga.md#how-it-is-tested: token-mean log-prob -1.166667); retain rows
+    # with token-mean NLL 0.4
+    fwd = UnlearningForward(forget_logps=torch.tensor([[-1.0, -2.0], [-0.5, -7.0]]),
+                            forget_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+                            retain_logps=torch.tensor([[-0.2, -0.4, -0.6]]), retain_mask=torch.ones(1, 3))
+    ga = UNLEARNING_OBJECTIVES["ga"].fn(METHODS["ga"].params(gamma=2.0), fwd)
+    assert ga.loss.item() == pytest.approx(2 * -3.5 / 3, abs=1e-6) and ga.retain_loss is None
+    gd = UNLEARNING_OBJECTIVES["grad_diff"].fn(METHODS["grad_diff"].params(alpha=0.5), fwd)
+    assert gd.loss.item() == pytest.approx(-3.5 / 3 + 0.5 * 0.4, abs=1e-6)
+    assert gd.metrics["retain_nll"] == pytest.approx(0.4)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, unlearning_objective
+from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, UnlearningForward, forget_retain_objective
 from posttrain.registry import MethodInfo, MethodParams, register
 
 _MASK_KEYS = ("mask_sparsity", "mask_gamma", "mask_num_batches", "mask_before_clip", "mask_decay_masked")
@@ -84,7 +84,16 @@ register(
     )
 )
 
-UNLEARNING_OBJECTIVES.add("ga", unlearning_objective, doc="docs/methods/ga.md#objective", forget="ga", retain=None,
-                          gamma=1.0, alpha=0.0)
-UNLEARNING_OBJECTIVES.add("ga_kl", unlearning_objective, doc="docs/methods/npo.md#the-ga_kl-objective",
-                          recipe_method=False, forget="ga", retain="kl", gamma=1.0, alpha=1.0)
+
+@UNLEARNING_OBJECTIVES.register("ga", doc="docs/methods/ga.md#objective", forget="ga", retain=None, gamma=1.0,
+                                alpha=0.0)
+def ga_objective(p: UnlearningParams, f: UnlearningForward):
+    """Gradient ascent (NPO paper, arXiv 2404.05868; TOFU arXiv 2401.06121): ``gamma`` times minus the forget NLL."""
+    return forget_retain_objective("ga", p, f)
+
+
+@UNLEARNING_OBJECTIVES.register("ga_kl", doc="docs/methods/npo.md#the-ga_kl-objective", recipe_method=False,
+                                forget="ga", retain="kl", gamma=1.0, alpha=1.0)
+def ga_kl_objective(p, f: UnlearningForward):
+    """GA plus KL(pi_ref || pi_theta) on the retain set (NPO paper, arXiv 2404.05868)."""
+    return forget_retain_objective("ga_kl", p, f)

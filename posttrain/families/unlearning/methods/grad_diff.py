@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from posttrain.families.unlearning.methods.ga import NPO_PAPER, UnlearningParams
-from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, unlearning_objective
+from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, UnlearningForward, forget_retain_objective
 from posttrain.registry import MethodInfo, register
 
 
@@ -28,5 +28,9 @@ register(
     )
 )
 
-UNLEARNING_OBJECTIVES.add("grad_diff", unlearning_objective, doc="docs/methods/grad_diff.md#objective", forget="ga",
-                          retain="nll", gamma=1.0, alpha=1.0)
+
+@UNLEARNING_OBJECTIVES.register("grad_diff", doc="docs/methods/grad_diff.md#objective", forget="ga", retain="nll",
+                                gamma=1.0, alpha=1.0)
+def grad_diff_objective(p: GradDiffParams, f: UnlearningForward):
+    """GradDiff (Liu et al., arXiv 2203.12817): GA on the forget set plus ``alpha`` times the retain NLL."""
+    return forget_retain_objective("grad_diff", p, f)

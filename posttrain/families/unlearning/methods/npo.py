@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from posttrain.families.unlearning.methods.ga import NPO_PAPER, UnlearningParams
-from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, unlearning_objective
+from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, UnlearningForward, forget_retain_objective
 from posttrain.registry import MethodInfo, register
 
 
@@ -49,9 +49,23 @@ for _name, _params, _summary in (
     register(MethodInfo(name=_name, doc="docs/methods/npo.md", family="unlearning", summary=_summary, paper=NPO_PAPER,
                         recipe=f"recipes/unlearn_{_name}.yaml", params=_params, reference="required"))
 
-UNLEARNING_OBJECTIVES.add("npo", unlearning_objective, doc="docs/methods/npo.md#objectives", forget="npo",
-                          retain=None, gamma=1.0, alpha=0.0, beta=0.1)
-UNLEARNING_OBJECTIVES.add("npo_rt", unlearning_objective, doc="docs/methods/npo.md#objectives", forget="npo",
-                          retain="nll", gamma=1.0, alpha=1.0, beta=0.1)
-UNLEARNING_OBJECTIVES.add("npo_kl", unlearning_objective, doc="docs/methods/npo.md#objectives", forget="npo",
-                          retain="kl", gamma=1.0, alpha=1.0, beta=0.1)
+
+@UNLEARNING_OBJECTIVES.register("npo", doc="docs/methods/npo.md#objectives", forget="npo", retain=None, gamma=1.0,
+                                alpha=0.0, beta=0.1)
+def npo_objective(p: NPOParams, f: UnlearningForward):
+    """NPO (Zhang et al. 2024, arXiv 2404.05868): ``(2/beta) softplus(beta (s_theta - s_ref))`` per forget sequence."""
+    return forget_retain_objective("npo", p, f)
+
+
+@UNLEARNING_OBJECTIVES.register("npo_rt", doc="docs/methods/npo.md#objectives", forget="npo", retain="nll",
+                                gamma=1.0, alpha=1.0, beta=0.1)
+def npo_rt_objective(p: NPORTParams, f: UnlearningForward):
+    """NPO+RT (arXiv 2404.05868): NPO plus ``alpha`` times the retain NLL."""
+    return forget_retain_objective("npo_rt", p, f)
+
+
+@UNLEARNING_OBJECTIVES.register("npo_kl", doc="docs/methods/npo.md#objectives", forget="npo", retain="kl",
+                                gamma=1.0, alpha=1.0, beta=0.1)
+def npo_kl_objective(p: NPOKLParams, f: UnlearningForward):
+    """NPO+KL (arXiv 2404.05868): NPO plus ``alpha`` times KL(pi_ref || pi_theta) on the retain set."""
+    return forget_retain_objective("npo_kl", p, f)

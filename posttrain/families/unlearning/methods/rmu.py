@@ -8,8 +8,8 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from posttrain.families.unlearning.methods.ga import UnlearningParams
-from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES
-from posttrain.registry import Lazy, MethodInfo, register
+from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, UnlearningForward
+from posttrain.registry import MethodInfo, register
 
 
 class RMUParams(UnlearningParams):
@@ -65,6 +65,13 @@ register(
     )
 )
 
-# the trainer captures the layer's hidden states and calls ``fn`` = rmu_loss with them (steers_activations)
-UNLEARNING_OBJECTIVES.add("rmu", Lazy("posttrain.losses.unlearning:rmu_loss"), doc="docs/methods/rmu.md#objective",
-                          forget="rmu", retain="activations", gamma=1.0, alpha=1.0, steers_activations=True)
+
+@UNLEARNING_OBJECTIVES.register("rmu", doc="docs/methods/rmu.md#objective", forget="rmu", retain="activations",
+                                gamma=1.0, alpha=1.0, steers_activations=True)
+def rmu_objective(p: RMUParams, f: UnlearningForward):
+    """RMU (Li et al., the WMDP benchmark, arXiv 2403.03218): :func:`posttrain.losses.unlearning.rmu_loss` on the
+    hidden states of layer ``rmu_layer`` (the trainer captures them: ``steers_activations``)."""
+    from posttrain.losses.unlearning import rmu_loss
+
+    return rmu_loss(f.forget_activations, f.forget_mask, f.control_vector, f.retain_activations,
+                    f.retain_ref_activations, f.retain_mask, gamma=float(p.gamma), alpha=float(p.alpha))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from posttrain.families.unlearning.methods.ga import UnlearningParams
-from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, unlearning_objective
+from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, UnlearningForward, forget_retain_objective
 from posttrain.registry import MethodInfo, register
 
 
@@ -32,5 +32,9 @@ register(
     )
 )
 
-UNLEARNING_OBJECTIVES.add("simnpo", unlearning_objective, doc="docs/methods/simnpo.md#objective", forget="simnpo",
-                          retain="nll", gamma=0.125, alpha=1.0, beta=4.5, delta=0.0)
+
+@UNLEARNING_OBJECTIVES.register("simnpo", doc="docs/methods/simnpo.md#objective", forget="simnpo", retain="nll",
+                                gamma=0.125, alpha=1.0, beta=4.5, delta=0.0)
+def simnpo_objective(p: SimNPOParams, f: UnlearningForward):
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163): reference-free, length-normalised NPO plus the retain NLL."""
+    return forget_retain_objective("simnpo", p, f)
