@@ -16,11 +16,11 @@ import pytest
 from posttrain.cli import main as cli_main
 from posttrain.errors import UserError
 from posttrain.families.preference.forward import PREFERENCE_LOSSES
+from posttrain.families.rl.parts import ADVANTAGES
 from posttrain.families.sft.forward import SFT_LOSSES
 from posttrain.losses.sft import nll_loss
 from posttrain.methods import METHODS, MethodInfo, SFTParams, register
 from posttrain.recipe import parse_recipe
-from posttrain.rl.parts import ADVANTAGES
 from posttrain.train import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -80,12 +80,10 @@ def test_the_citation_checks_catch_offenders():
 
 def _registries():
     from posttrain.adapters.spec import ADAPTER_VARIANTS
-    from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
     from posttrain.families.preference.trainer import PREFERENCE_LOSSES
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS
     from posttrain.families.sft.forward import SFT_LOSSES
+    from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES
 
     return {"advantage": ADVANTAGES, "aggregation": AGGREGATIONS, "clipping": CLIPPINGS,
             "preference": PREFERENCE_LOSSES, "sft": SFT_LOSSES, "unlearning": UNLEARNING_OBJECTIVES,
