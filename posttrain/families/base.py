@@ -52,8 +52,6 @@ class Family:
         return tuple(self.data)
 
 
-_TRAINERS = "posttrain.trainers"
-
 # in the order `posttrain methods` lists them
 FAMILIES: dict[str, Family] = {
     f.name: f
