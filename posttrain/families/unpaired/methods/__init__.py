@@ -1,4 +1,4 @@
-"""The unpaired family's methods, one file each (params, registration, pure objective). Every module of this
+"""The unpaired family's methods, one file each (params and registration). Every module of this
 package is imported here, so a new method is one new file, with no list to extend."""
 
 import importlib
