@@ -64,9 +64,11 @@ def requested_backend() -> str:
     return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
 
 
-def check_backend(recipe, info, backend: str) -> None:
+def check_backend(recipe, info, backend: str, variant) -> None:
     """Refuse, before any model loads, a method or adapter that cannot run on ``backend``: one line naming the recipe
-    key, the backend and why (docs/distributed.md "What runs where")."""
+    key, the backend and why (docs/distributed.md "What runs where"). ``variant``: the
+    :class:`~posttrain.adapters.spec.AdapterVariant` of ``recipe.peft``, None without one (passed in: the adapters
+    sit above this module)."""
     from posttrain.errors import UserError
 
     flag = f"--distributed {backend}"
@@ -95,9 +97,6 @@ def check_backend(recipe, info, backend: str) -> None:
         check_offload_optimizer(recipe.training, backend)
     peft = recipe.peft
     if peft is not None:
-        from posttrain.adapters.spec import ADAPTER_VARIANTS
-
-        variant = ADAPTER_VARIANTS[peft.type].variant
         if backend not in variant.backends:
             raise UserError(f"peft.type: {peft.type} does not run with {flag}: {variant.not_sharded}; use --distributed "
                             "ddp (or peft.type lora / goat)")

@@ -374,7 +374,6 @@ def _folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
 # Unit-level imports that point from a lower layer up to a higher one and close the cycles still open (issue #24):
 # remove an entry when its imports are gone; never add one.
 KNOWN_UPWARD_IMPORTS = {
-    ("posttrain.distributed", "posttrain.adapters"),  # distributed -> adapters.spec
     ("posttrain.logprobs", "posttrain.data"),  # logprobs.scoring -> data.formatting
     ("posttrain.rl", "posttrain.models"),  # rl.rewards -> models
     ("posttrain.adapters", "posttrain.models"),  # adapters.trainer -> models
