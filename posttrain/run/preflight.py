@@ -137,7 +137,7 @@ def _template_roles(recipe: Recipe) -> tuple[str, ...]:
     """Roles a ``data.chat_template`` file names besides the standard ones (quoted role names it compares with)."""
     from posttrain.data.formatting import template_path
     from posttrain.data.sources import template_role_names
-    from posttrain.recipe import read_text
+    from posttrain.paths import read_text
 
     path = template_path(recipe.data.chat_template, recipe._source_dir)
     return template_role_names(read_text(path)) if path is not None else ()
@@ -160,7 +160,7 @@ def _check_chat_template_file(recipe: Recipe) -> None:
     """``data.chat_template: FILE.jinja`` exists and is a valid Jinja template that renders a plain user/assistant
     conversation in transformers' sandbox: before anything is loaded or written."""
     from posttrain.data.formatting import template_path
-    from posttrain.recipe import read_text
+    from posttrain.paths import read_text
 
     path = template_path(recipe.data.chat_template, recipe._source_dir)
     if path is not None:
@@ -185,7 +185,8 @@ def check_template_renders(text: str, where: str) -> None:
         raise UserError(f"{where}: refused by the template sandbox ({exc}); a chat template may only format the "
                         "conversation, not reach into Python objects") from None
     except jinja2.TemplateError as exc:
-        raise UserError(f"{where}: fails on a plain user/assistant conversation ({type(exc).__name__}: {exc})") from None
+        raise UserError(
+            f"{where}: fails on a plain user/assistant conversation ({type(exc).__name__}: {exc})") from None
 
 def prepare_chat_format(recipe: Recipe, info: MethodInfo, config, tokenizer, datasets: dict[str, Any]):
     """Resolve ``data.chat_template`` / ``data.system_prompt`` against the tokenizer (logged once, and written to
