@@ -192,7 +192,7 @@ def write_outputs(recipe: Recipe, out: Path, trainer, card, summary: dict[str, A
     the files written since the final save began (``saved_since``, a ``time.time()``)."""
     if not is_main_process():
         return
-    from posttrain.run.card import last_metrics, model_card, write_card
+    from posttrain.card import last_metrics, model_card, write_card
     from posttrain.trainers.common import write_run_marker
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

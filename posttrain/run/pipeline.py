@@ -205,7 +205,7 @@ def build_trainer(ctx: RunContext, periodic, *, quiet: bool, command: str | None
     collapse / dead-gradient monitor ``health``, the periodic evaluation and the model card context of every save;
     an adapter variant the trainer cannot wrap is refused."""
     from posttrain.adapters.trainer import check_trainer_supports_variant
-    from posttrain.run.card import CardContext
+    from posttrain.card import CardContext
 
     trainer = load(FAMILIES[ctx.info.family].build_trainer)(ctx)
     if quiet:  # with disable_tqdm, HF prints every log dict to stdout; quiet means warnings only
