@@ -39,7 +39,8 @@ PHASES = ("interpreter", "import recipe", "recipe", "import pipeline", "prefligh
 
 
 def child(recipe_path: str, out: str) -> None:
-    """One run in this process; prints the phase durations (seconds) as one JSON line on stdout."""
+    """One ``posttrain train RECIPE`` (``posttrain.cli.main``) in this process; prints when each phase ended as one
+    JSON line on stdout (seconds on ``time.monotonic``, the parent's clock too)."""
     t0 = time.monotonic()
     marks: dict[str, float] = {}
     spans: dict[str, list[tuple[float, float]]] = {}
@@ -56,14 +57,12 @@ def child(recipe_path: str, out: str) -> None:
     from posttrain.recipe import load_recipe_stages
     marks["import recipe"] = time.monotonic()
     sets = ["training.max_steps=1", "training.logging_steps=1", "training.save_strategy=no", f"output_dir={out}"]
-    recipe = load_recipe_stages(recipe_path, sets)[0][1]
+    load_recipe_stages(recipe_path, sets)  # timed here; the command parses it again (a few ms once imported)
     marks["recipe"] = time.monotonic()
+    from posttrain import cli, recipe
     from posttrain.run import pipeline
     marks["import pipeline"] = time.monotonic()
-
-    for name, attr in (("preflight", "preflight"), ("model load", "load_models"), ("eval", "test_accuracy"),
-                       ("report", "write_report")):
-        setattr(pipeline, attr, span(name, getattr(pipeline, attr)))
+    recipe.load_recipe_stages = span("reparse", recipe.load_recipe_stages)  # the command's own parse
 
     from transformers import TrainerCallback
 
@@ -80,18 +79,37 @@ def child(recipe_path: str, out: str) -> None:
         def on_train_end(self, args, state, control, **kwargs):
             marks["train end"] = time.monotonic()
 
-    pipeline.run(recipe, callbacks=[Marks()], command=f"posttrain train {recipe_path}")
+    def load_builder(spec, _load=pipeline.load):  # the family's build_trainer(ctx), given the callback
+        fn = _load(spec)
+        if not str(spec).rsplit(":", 1)[-1].endswith("_trainer"):
+            return fn
+
+        def build(ctx):
+            ctx.callbacks.append(Marks())
+            return fn(ctx)
+        return build
+
+    pipeline.load = load_builder
+    modules = [pipeline] + [m for m in (sys.modules.get("posttrain.run.outputs"),) if m is not None]
+    for name, attr in (("preflight", "preflight"), ("model load", "load_models"), ("eval", "test_accuracy"),
+                       ("report", "write_report")):
+        for module in modules:
+            if hasattr(module, attr):
+                setattr(module, attr, span(name, getattr(module, attr)))
+    argv = ["train", recipe_path, *[x for s in sets for x in ("--set", s)]]
+    if cli.main(argv) != 0:
+        raise SystemExit("the run failed")
     end = time.monotonic()
     evals = spans.get("eval", [])
     before, after = (evals + [(0.0, 0.0), (0.0, 0.0)])[:2]
     pre, load = spans["preflight"][0], spans["model load"][0]
     report = spans.get("report", [(end, end)])[0]
-    out_row = {
+    row = {
         "import recipe": marks["import recipe"] - t0,
         "recipe": marks["recipe"] - marks["import recipe"],
         "import pipeline": marks["import pipeline"] - marks["recipe"],
-        "preflight": pre[1] - pre[0],
-        "tokenizer": load[0] - pre[1],  # the tokenizer, chat format and the checks that need them
+        "preflight": pre[1] - marks["import pipeline"] - sum(b - a for a, b in spans.get("reparse", [])),
+        "tokenizer": load[0] - pre[1],
         "model load": load[1] - load[0],
         "eval before": before[1] - before[0],
         "trainer": marks["trainer"] - max(before[1], load[1]),
@@ -100,9 +118,9 @@ def child(recipe_path: str, out: str) -> None:
         "save": (after[0] if after[1] else report[0]) - marks["train end"],
         "eval after": after[1] - after[0],
         "report": report[1] - report[0],
+        "t0": t0, "end": end, "deepspeed imported": "deepspeed" in sys.modules,
     }
-    out_row["t0"], out_row["end"] = t0, end  # CLOCK_MONOTONIC: the parent's clock too
-    print(json.dumps(out_row))
+    print(json.dumps(row))
 
 
 def run_once(label: str, repo: Path, recipe: str) -> dict:
@@ -121,8 +139,8 @@ def run_once(label: str, repo: Path, recipe: str) -> dict:
     row["total"] = wall
     # after run() returns, the rest of run() after report.html and the interpreter's exit
     row["other"] = wall - sum(row[p] for p in PHASES if p != "other")
-    return {"label": label, "recipe": recipe, "load_before": load, "phases": row,
-            "deepspeed_line": "Setting accelerator to CPU" in proc.stderr}
+    return {"label": label, "recipe": recipe, "load_before": load, "deepspeed_imported": row.pop("deepspeed imported"),
+            "phases": row}
 
 
 def table(rows: list[dict], labels: list[str], recipes: list[str]) -> str:
@@ -137,7 +155,7 @@ def table(rows: list[dict], labels: list[str], recipes: list[str]) -> str:
             cells = [cell([r["phases"][phase] for r in rows if r["label"] == lab and r["recipe"] == recipe])
                      for lab in labels]
             lines.append(f"| {phase} | " + " | ".join(cells) + " |")
-        ds = [str(sum(r["deepspeed_line"] for r in rows if r["label"] == lab and r["recipe"] == recipe)) for lab in labels]
+        ds = [str(sum(r["deepspeed_imported"] for r in rows if r["label"] == lab and r["recipe"] == recipe)) for lab in labels]
         lines.append("| runs that imported DeepSpeed | " + " | ".join(ds) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -9,6 +9,11 @@ weight access under sharding, and the reduction of logged metrics over processes
   GPUs ``--distributed fsdp2`` would silently train with DDP. Around the creation of the trainer's ``Accelerator``
   this marks the CPU (gloo) state as a multi-device one, so accelerate takes its own FSDP2 path (``fully_shard`` on a
   CPU device mesh, gloo collectives); nothing else changes, and GPU runs are untouched.
+* :func:`skip_deepspeed_until_imported`: accelerate's ``extract_model_from_parallel`` (which TRL and transformers
+  call on every model they unwrap) imports DeepSpeed whenever it is installed, only to ask whether the model is a
+  ``DeepSpeedEngine``: about half a second and DeepSpeed's accelerator probe ("Setting accelerator to CPU") in a run
+  that uses no DeepSpeed. No model is a ``DeepSpeedEngine`` before DeepSpeed is imported, so there the question is
+  asked only once it is (a DeepSpeed run imports it when its accelerator is built).
 * :func:`prepare_frozen`: a frozen reference (or anchor) model prepared for the backend the way TRL prepares its own
   reference: a DeepSpeed inference engine (ZeRO-3: sharded like the policy), ``fully_shard`` under FSDP2, else
   ``accelerator.prepare_model(evaluation_mode=True)``.
@@ -44,6 +49,23 @@ OFFLOAD = ("zero2_offload", "zero3_offload")  # the optimizer step runs in CPU m
 # keeps at these (HF's) defaults whatever the recipe says (:func:`check_offload_optimizer`)
 OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 CPU_ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+
+
+def skip_deepspeed_until_imported() -> None:
+    """Make accelerate's ``extract_model_from_parallel`` test for a ``DeepSpeedEngine`` only once DeepSpeed is
+    imported (see the module docstring); its answer is unchanged, since no engine exists before that. Idempotent."""
+    import sys
+
+    import accelerate.utils.other as other
+
+    if getattr(other.is_deepspeed_available, "posttrain_imported_only", False):
+        return
+
+    def deepspeed_imported() -> bool:
+        return "deepspeed" in sys.modules
+
+    deepspeed_imported.posttrain_imported_only = True
+    other.is_deepspeed_available = deepspeed_imported
 
 
 def requested_backend() -> str:

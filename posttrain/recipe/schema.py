@@ -554,7 +554,7 @@ _DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
     """Tie a parsed recipe to the folder of its file: relative data files and model folders are looked up there
     first, then in the working directory (a hit next to the recipe replaces the value by its absolute path, logged by
-    :func:`posttrain.run.pipeline.preflight`); a data file found in neither is an error naming both places.
+    :func:`posttrain.run.preflight.preflight`); a data file found in neither is an error naming both places.
     ``output_dir`` stays relative to the working directory (preflight refuses the recipe's own folder)."""
     source_dir = recipe_file.resolve().parent
     recipe._source_dir = source_dir

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from posttrain.distributed import skip_deepspeed_until_imported
 from posttrain.families.base import FAMILIES
 from posttrain.health import HealthMonitor, use_log_lines
 from posttrain.methods import MethodInfo
@@ -68,6 +69,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     from posttrain.eval.periodic import build_periodic_eval
 
     setup_logging(quiet)
+    skip_deepspeed_until_imported()  # no DeepSpeed import (half a second) in a run that uses none
     out = Path(recipe.output_dir)
     # the checks that need no model (made already for each stage of a multi-stage recipe), then those of the tokenizer
     checked, recipe._preflight = recipe._preflight, None
