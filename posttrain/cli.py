@@ -560,13 +560,40 @@ def expected_failure(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default: the program's arguments); its exit code. As the program itself (no
+    ``argv``: the ``posttrain`` script, ``python -m posttrain.cli``), a finished ``posttrain train`` ends the process
+    at once (:func:`end_process`)."""
     parser = build_parser()
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
+    code = _run_command(args)
+    if program and args.fn is _cmd_train:
+        end_process(code)
+    return code
+
+
+def end_process(code: int) -> None:
+    """End the process with ``code`` once the exit handlers have run (loggers, trackers) and the output is flushed,
+    skipping the interpreter's teardown of every imported module, which after a training run takes seconds (torch,
+    transformers, TRL and their imports; benchmarks/startup.py) and writes nothing. A thread that is not a daemon
+    (which the interpreter would wait for) keeps the ordinary exit."""
+    import atexit
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_command(args) -> int:
     try:
         return args.fn(args)
     except UserError as exc:
