@@ -3,21 +3,24 @@
     python benchmarks/startup.py                                   # sft, dpo, grpo; 3 repeats; this checkout
     python benchmarks/startup.py --repo before=/tmp/main --repo after=. --repeats 5 --out /tmp/startup.json
 
-Each run is one fresh process running a recipe with ``training.max_steps=1`` the way ``posttrain train`` does (load the
-recipe, import the pipeline, ``posttrain.run.pipeline.run``), writing to a temporary folder. The child process wraps
-the pipeline's phase functions (looked up by name in the module, so any checkout whose ``run()`` calls them works) and
-passes a trainer callback, and reports when each phase starts and ends:
+Each run is one fresh process running ``posttrain train recipes/NAME.yaml --set training.max_steps=1`` (no
+checkpoint, a temporary ``output_dir``) through ``posttrain.cli.main`` as the program, after importing the recipe
+schema and parsing the recipe once on its own to time them. The process wraps the pipeline's phase functions (looked
+up by name in ``posttrain.run.pipeline``, so any checkout whose ``run()`` calls them works) and gives the trainer a
+callback; it prints every phase's seconds when it exits:
 
-``interpreter`` (Python start-up until the child's first line), ``import recipe`` (the torch-free schema), ``recipe``
-(parse and validate the YAML), ``import pipeline``, ``preflight`` (TRL config, data, checks), ``tokenizer`` (from preflight
-to the model load: the output folder, the tokenizer, the chat format and the checks that need them), ``model load``, ``eval before`` (test accuracy), ``trainer`` (building the
-trainer), ``train setup`` (``train()`` until the first step begins), ``first step``, ``save`` (the final model),
-``eval after``, ``report`` (report.html) and ``other`` (the rest: summary, model card, run marker, exit).
+``interpreter`` (Python start-up until the first line), ``import recipe`` (the torch-free schema), ``recipe`` (parse and
+validate the YAML: this imports torch, transformers and TRL for the ``training:`` keys), ``import pipeline``,
+``preflight`` (TRL config, data, checks), ``tokenizer`` (from preflight to the model load: the output folder, the
+tokenizer, the chat format and the checks that need them), ``model load``, ``eval before`` (test accuracy),
+``trainer`` (building the trainer: TRL tokenises the training rows), ``train setup`` (``train()`` until the first step
+begins), ``first step``, ``save`` (the final model), ``eval after``, ``report`` (report.html) and ``other`` (summary,
+model card, run marker, and the end of the process).
 
 ``--repo LABEL=PATH`` (repeatable) runs the same phases on several checkouts (e.g. a worktree of ``main`` and this
 branch), interleaved run by run so that the drifts of a shared machine hit each alike; the table gives the median and
-min..max over the repeats. The load average before each run is recorded. Not a unit test: figures in
-docs/benchmarks.md.
+min..max over the repeats, and how many runs imported DeepSpeed. The load average before each run is recorded. Not a
+unit test: the figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ PHASES = ("interpreter", "import recipe", "recipe", "import pipeline", "prefligh
 
 
 def child(recipe_path: str, out: str) -> None:
-    """One ``posttrain train RECIPE`` (``posttrain.cli.main``) in this process; prints when each phase ended as one
-    JSON line on stdout (seconds on ``time.monotonic``, the parent's clock too)."""
+    """One ``posttrain train RECIPE`` (``posttrain.cli.main`` as the program) in this process; prints each phase's
+    seconds as one JSON line on stdout when the process ends (and when it started, on ``time.monotonic``: the
+    parent's clock too)."""
     t0 = time.monotonic()
     marks: dict[str, float] = {}
     spans: dict[str, list[tuple[float, float]]] = {}
@@ -96,31 +100,36 @@ def child(recipe_path: str, out: str) -> None:
         for module in modules:
             if hasattr(module, attr):
                 setattr(module, attr, span(name, getattr(module, attr)))
-    argv = ["train", recipe_path, *[x for s in sets for x in ("--set", s)]]
-    if cli.main(argv) != 0:
-        raise SystemExit("the run failed")
-    end = time.monotonic()
-    evals = spans.get("eval", [])
-    before, after = (evals + [(0.0, 0.0), (0.0, 0.0)])[:2]
-    pre, load = spans["preflight"][0], spans["model load"][0]
-    report = spans.get("report", [(end, end)])[0]
-    row = {
-        "import recipe": marks["import recipe"] - t0,
-        "recipe": marks["recipe"] - marks["import recipe"],
-        "import pipeline": marks["import pipeline"] - marks["recipe"],
-        "preflight": pre[1] - marks["import pipeline"] - sum(b - a for a, b in spans.get("reparse", [])),
-        "tokenizer": load[0] - pre[1],
-        "model load": load[1] - load[0],
-        "eval before": before[1] - before[0],
-        "trainer": marks["trainer"] - max(before[1], load[1]),
-        "train setup": marks["train setup"] - marks["trainer"],
-        "first step": marks["first step"] - marks["train setup"],
-        "save": (after[0] if after[1] else report[0]) - marks["train end"],
-        "eval after": after[1] - after[0],
-        "report": report[1] - report[0],
-        "t0": t0, "end": end, "deepspeed imported": "deepspeed" in sys.modules,
-    }
-    print(json.dumps(row))
+
+    def report() -> None:  # at exit: after main() returns, or inside posttrain's own end of the process
+        end = time.monotonic()
+        evals = spans.get("eval", [])
+        before, after = (evals + [(0.0, 0.0), (0.0, 0.0)])[:2]
+        pre, load = spans["preflight"][0], spans["model load"][0]
+        written = spans.get("report", [(end, end)])[0]
+        row = {
+            "import recipe": marks["import recipe"] - t0,
+            "recipe": marks["recipe"] - marks["import recipe"],
+            "import pipeline": marks["import pipeline"] - marks["recipe"],
+            "preflight": pre[1] - marks["import pipeline"] - sum(b - a for a, b in spans.get("reparse", [])),
+            "tokenizer": load[0] - pre[1],
+            "model load": load[1] - load[0],
+            "eval before": before[1] - before[0],
+            "trainer": marks["trainer"] - max(before[1], load[1]),
+            "train setup": marks["train setup"] - marks["trainer"],
+            "first step": marks["first step"] - marks["train setup"],
+            "save": (after[0] if after[1] else written[0]) - marks["train end"],
+            "eval after": after[1] - after[0],
+            "report": written[1] - written[0],
+            "t0": t0, "deepspeed imported": "deepspeed" in sys.modules,
+        }
+        print(json.dumps(row), flush=True)
+
+    import atexit
+
+    atexit.register(report)
+    sys.argv = ["posttrain", "train", recipe_path, *[x for s in sets for x in ("--set", s)]]
+    sys.exit(cli.main())  # as the program: the way the posttrain script ends the process
 
 
 def run_once(label: str, repo: Path, recipe: str) -> dict:
@@ -135,7 +144,6 @@ def run_once(label: str, repo: Path, recipe: str) -> dict:
         raise SystemExit(f"{label} {recipe}: run failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     row["interpreter"] = row.pop("t0") - start
-    row.pop("end")
     row["total"] = wall
     # after run() returns, the rest of run() after report.html and the interpreter's exit
     row["other"] = wall - sum(row[p] for p in PHASES if p != "other")
