@@ -81,10 +81,8 @@ def test_the_citation_checks_catch_offenders():
 def _registries():
     from posttrain.adapters.spec import ADAPTER_VARIANTS
     from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
     from posttrain.families.preference.trainer import PREFERENCE_LOSSES
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS
     from posttrain.trainers.sft import SFT_LOSSES
 
     return {"advantage": ADVANTAGES, "aggregation": AGGREGATIONS, "clipping": CLIPPINGS,

@@ -254,7 +254,10 @@ def test_rewards_outside_the_unit_interval_name_the_rewards(tmp_path):
     from posttrain.errors import UserError
     from posttrain.methods import RewardSpec
 
-    spec = RewardSpec(function="test_rl_trainer:partial_credit")  # 1 + 0.05 per character: above 1
+    from pathlib import Path
+
+    rewards = Path(__file__).parent / "families" / "rl" / "test_rl_trainer.py"
+    spec = RewardSpec(function=f"{rewards}:partial_credit")  # 1 + 0.05 per character: above 1
     trainer = _spo_trainer(tmp_path / "a", reward=spec, spo_offline_n=0)
     batch = next(iter(trainer.get_train_dataloader()))
     with pytest.raises(UserError, match=r"^method\.rewards \(partial_credit\): SPO's success-rate tracker needs rewards "

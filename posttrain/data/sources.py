@@ -527,7 +527,7 @@ def drop_unusable(ds, columns: tuple[str, ...], key: str, source: str, allow_emp
 
 def drop_unanswerable(ds, key: str, source: str = ""):
     """Skip (and count) RL rows whose ``answer`` is null, blank or NaN: a reward that compares with the answer cannot
-    score them. Used when a reward needs the answer (posttrain.trainers.rl.check_rl_data)."""
+    score them. Used when a reward needs the answer (posttrain.families.rl.trainer.check_rl_data)."""
     answers = column_values(ds, "answer")
     bad = [i for i, a in enumerate(answers) if _is_empty(a)]
     if not bad:
