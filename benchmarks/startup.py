@@ -163,7 +163,8 @@ def table(rows: list[dict], labels: list[str], recipes: list[str]) -> str:
             cells = [cell([r["phases"][phase] for r in rows if r["label"] == lab and r["recipe"] == recipe])
                      for lab in labels]
             lines.append(f"| {phase} | " + " | ".join(cells) + " |")
-        ds = [str(sum(r["deepspeed_imported"] for r in rows if r["label"] == lab and r["recipe"] == recipe)) for lab in labels]
+        ds = [str(sum(r["deepspeed_imported"] for r in rows if r["label"] == lab and r["recipe"] == recipe))
+              for lab in labels]
         lines.append("| runs that imported DeepSpeed | " + " | ".join(ds) + " |")
         lines.append("")
     return "\n".join(lines)

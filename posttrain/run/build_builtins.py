@@ -7,7 +7,8 @@
 
 The tokenizer is a byte-level BPE trained with ``tokenizers`` on the built-in task corpora (digits split one by one).
 The random-init models are ``torch.manual_seed(seed)`` + ``from_config``. The trained models start from the *shipped*
-``tiny-qwen2`` and run plain SFT through ``posttrain.run.pipeline.run`` on one CPU thread. Every model is stored in float16.
+``tiny-qwen2`` and run plain SFT through ``posttrain.run.pipeline.run`` on one CPU thread. Every model is stored in
+float16.
 
 A rebuild reproduces the shipped bytes only on the kind of CPU (and the torch build) that made them: the manifest
 records which. Elsewhere the trained models come out different (float reduction order follows the SIMD path), which is
