@@ -156,6 +156,13 @@ def _method_detail(name: str) -> int:
         if summary:
             print()
             print(textwrap.fill(summary, width=100))
+        options = _part_options(part.key, part.name)
+        if options:
+            print()
+            print("keys (method.*), with their defaults:")
+            for key, field in options.items():
+                print(wrap.fill(f"  {key}: {format_default(field.default)}" + (f"  -- {field.description}"
+                                                                             if field.description else "")))
         recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{part.name}.yaml"
         if recipe.is_file():
             print(f"recipe: recipes/{part.name}.yaml")
@@ -164,6 +171,16 @@ def _method_detail(name: str) -> int:
         return 0
     known = [*METHODS, *(p.name for p in parts())]
     raise UserError(f"methods: unknown method or part '{name}'{did_you_mean(name, known)}; see `posttrain methods`")
+
+
+def _part_options(key: str, name: str) -> dict:
+    """The method keys a GRPO part reads (its registry entry's ``options_model``), for ``posttrain methods NAME``."""
+    from posttrain.rl import parts
+
+    registry = {"method.advantage": parts.ADVANTAGES, "method.aggregation": parts.AGGREGATIONS,
+                "method.clipping": parts.CLIPPINGS}.get(key)
+    model = getattr(registry[name], "options_model", None) if registry is not None and name in registry else None
+    return dict(model.model_fields) if model is not None else {}
 
 
 def _cmd_methods(args) -> int:
@@ -346,6 +363,43 @@ def _cmd_poft_score(args) -> int:
     return 0
 
 
+def _cmd_spo_init(args) -> int:
+    from posttrain.recipe import load_recipe_stages
+    from posttrain.rl.parts import ADVANTAGES
+
+    loaded = load_recipe_stages(args.recipe, args.set)
+    if loaded[0][0] is not None:
+        raise UserError(f"{args.recipe}: spo-init takes a one-stage recipe (this one has stages: "
+                        f"{', '.join(name for name, _ in loaded)})")
+    recipe = loaded[0][1]
+    p = recipe.params
+    advantage = getattr(p, "advantage", None)
+    entry = ADVANTAGES[advantage] if advantage in ADVANTAGES else None
+    if entry is None or "spo_offline_n" not in entry.options_model.model_fields:  # the estimator reads no offline pass
+        what = f"method.advantage is {p.advantage}" if entry is not None else f"method.name is {recipe.method.name}"
+        raise UserError(f"{args.recipe}: spo-init samples SPO's offline pass, for a recipe with method.name: grpo and "
+                        f"method.advantage: spo ({what})")
+    if p.spo_offline_n == 0:
+        raise UserError("method.spo_offline_n: 0 starts every prompt at the Jeffreys prior without sampling; set the "
+                        "samples per prompt (n0) for spo-init")
+    read_by_train = Path(p.spo_offline_scores or Path(recipe.output_dir) / "spo_offline_scores.json").expanduser()
+    out = Path(args.out).expanduser() if args.out else read_by_train
+    if out.is_dir():
+        raise UserError(f"--out: '{out}' is a directory; name the scores file")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out: '{out}' exists (`posttrain train` reads it as it is); pass --overwrite to sample "
+                        "again")
+    from posttrain.run.spo_init import spo_init
+
+    written = spo_init(recipe, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out}: {written['prompts']} prompts x {p.spo_offline_n} samples, success rate "
+              f"{100 * written['success_rate']:.1f}%")
+        print(f"`posttrain train {args.recipe}` reads it" if out.resolve() == read_by_train.resolve() else
+              f"set method.spo_offline_scores: {out} for `posttrain train` to read it")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one ``error:`` line (exit code 2), like every other user error."""
 
@@ -483,6 +537,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "else auto); conversational rows always use the template")
     p.add_argument("--system-prompt", help="system turn put first in every conversational prompt without one")
     p.set_defaults(fn=_cmd_poft_score)
+
+    p = sub.add_parser("spo-init", help="SPO's offline pass: score the start policy on every training prompt",
+                       description="Sample method.spo_offline_n completions of every prompt of data.train with the "
+                       "recipe's start policy, score them with its rewards and write the per-prompt scores (JSON, "
+                       "prompt key -> scores) that `posttrain train` then reads instead of sampling them before its "
+                       "first step (docs/methods/spo.md). Progress is kept in OUT.partial: running the command again "
+                       "continues an interrupted pass.")
+    p.add_argument("recipe", help="path to an SPO recipe (method.advantage: spo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, as for train; repeatable")
+    p.add_argument("--out", help="scores file to write (default: method.spo_offline_scores when set, else "
+                   "output_dir/spo_offline_scores.json: the files `posttrain train` reads)")
+    p.add_argument("--overwrite", action="store_true", help="sample again when the scores file exists")
+    p.set_defaults(fn=_cmd_spo_init)
 
     p = sub.add_parser("merge", help="write a full model from an adapter run",
                        description="Merge a finished run's adapter (peft.type lora, ggpo; plora runs are saved merged "

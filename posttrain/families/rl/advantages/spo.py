@@ -26,8 +26,9 @@ class SPOOptions(PartOptions):
         8, ge=0, le=1024, description="spo: offline samples per prompt before training (n0) that set each prompt's "
         "starting estimate; at most n0 scores are kept; 0: Jeffreys prior (0.5, 0.5) for every prompt.")
     spo_offline_scores: str | None = Field(
-        None, description="spo: a JSON file {prompt_key: [scores]} (an earlier run's spo_offline_scores.json) "
-        "instead of sampling the offline pass again.")
+        None, description="spo: a JSON file {prompt_key: [scores]} (what `posttrain spo-init` writes) read instead of "
+        "sampling the offline pass; null: output_dir/spo_offline_scores.json when it exists, else the pass is sampled "
+        "before the first step and written there.")
     spo_rho: Literal["kl", "constant"] = Field(
         "kl", description="spo: forgetting factor from the policy's shift on each prompt's stored response (kl), "
         "or spo_rho_value for every visit.")
@@ -39,6 +40,9 @@ class SPOOptions(PartOptions):
                               "(rho = 2^(-D / d_half)).")
     spo_sampling_eps: float = Field(0.05, gt=0.0, description="spo: sampling weight sqrt(p (1 - p)) + eps.")
     spo_prioritized: bool = Field(True, description="spo: sample prompts by that weight; false: uniformly.")
+    spo_candidate_pool: int | None = Field(
+        None, ge=1, description="spo: each generation batch is drawn from the next this-many prompts of a shuffled "
+        "pass over data.train (the reference's gen_batch_size); null: from the whole training set.")
     spo_adv_eps: float = Field(1e-8, ge=0.0, description="spo: added to the batch std of r - p_hat.")
     spo_baseline: bool = Field(True, description="spo: subtract p_hat; false: the z-scored reward alone (the "
                                "paper's no-baseline ablation).")
