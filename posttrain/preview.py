@@ -54,7 +54,7 @@ def _prepared(trainer_cls, config, fields: dict[str, Any], *args):
 
 
 def sft_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.sft import PosttrainSFTTrainer
+    from posttrain.families.sft.trainer import PosttrainSFTTrainer
 
     config, tok = ctx["config"], ctx["tokenizer"]
     first = rows[0]
@@ -97,7 +97,7 @@ def preference_rows(ctx, rows, key: str) -> list[RowPreview]:
 
 
 def unpaired_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.kto import TURN_MASK, PosttrainKTOTrainer
+    from posttrain.families.unpaired.trainer import TURN_MASK, PosttrainKTOTrainer
 
     config, tok, params = ctx["config"], ctx["tokenizer"], ctx["recipe"].params
     ds = _prepared(PosttrainKTOTrainer, config, {"_tokenizer": tok, "calculate_KL": False,
@@ -120,7 +120,7 @@ def unpaired_rows(ctx, rows, key: str) -> list[RowPreview]:
 
 
 def reward_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.reward import tokenize_pairs
+    from posttrain.families.reward.trainer import tokenize_pairs
 
     config, tok = ctx["config"], ctx["tokenizer"]
     ids = tokenize_pairs(rows, tok)
@@ -137,7 +137,7 @@ def reward_rows(ctx, rows, key: str) -> list[RowPreview]:
 
 
 def unlearning_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.unlearning import tokenize_rows
+    from posttrain.families.unlearning.trainer import tokenize_rows
 
     config, tok = ctx["config"], ctx["tokenizer"]
     full = tokenize_rows(rows, tok, 2**31 - 1, key)

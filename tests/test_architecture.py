@@ -80,10 +80,10 @@ def test_the_citation_checks_catch_offenders():
 
 def _registries():
     from posttrain.adapters.spec import ADAPTER_VARIANTS
-    from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
     from posttrain.families.preference.trainer import PREFERENCE_LOSSES
     from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS
-    from posttrain.trainers.sft import SFT_LOSSES
+    from posttrain.families.sft.forward import SFT_LOSSES
+    from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES
 
     return {"advantage": ADVANTAGES, "aggregation": AGGREGATIONS, "clipping": CLIPPINGS,
             "preference": PREFERENCE_LOSSES, "sft": SFT_LOSSES, "unlearning": UNLEARNING_OBJECTIVES,
@@ -454,7 +454,7 @@ def test_every_module_imports_in_a_fresh_interpreter():
 
 
 def test_unlearning_objective_defaults_agree_with_the_method_params():
-    from posttrain.losses.unlearning import UNLEARNING_OBJECTIVES
+    from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES
     from posttrain.methods import METHODS
 
     for entry in UNLEARNING_OBJECTIVES:
