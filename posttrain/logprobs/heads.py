@@ -35,9 +35,10 @@ from posttrain.registry import LogprobHeadEntry, Registry
 # fp32 elements of one [rows, V] logits chunk (64 MiB): chunk_rows = CHUNK_ELEMENTS // V
 CHUNK_ELEMENTS = 1 << 24
 FUSED_VOCAB_TILE = 32768  # the vocabulary tile of TRL's fused head (``add_fused_lm_head``'s default)
-# Per-row statistics a head can return besides log-probs and entropy, never differentiated (TRL's fused-head names):
-# the mean logit, whether the target is the first argmax, and log(sum_v p_v^2) (WPO's sampled weight alignment).
-ROW_STATISTICS = ("mean_logits", "is_top1", "log_sum_sq_probs")
+# Per-row statistics a head can return besides log-probs, never differentiated (TRL's fused-head names): the entropy
+# (for logging; a differentiable entropy is ``with_entropy``), the mean logit, whether the target is the first argmax,
+# and log(sum_v p_v^2) (WPO's sampled weight alignment).
+ROW_STATISTICS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 KL_DIRECTIONS = ("base_to_policy", "policy_to_base")
 LIGER_MIN_VERSION = "0.8.2"  # first release whose reduction="none" backward takes per-token upstream gradients
 
@@ -168,6 +169,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
 def _row_statistic(name: str, z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One of :data:`ROW_STATISTICS` of a chunk of logits ``z [rows, V]`` (``lse``: their logsumexp), as TRL's fused
     head defines it."""
+    if name == "entropy":  # H = lse - sum_v p_v z_v
+        return lse - (torch.softmax(z, dim=-1) * z).sum(-1)
     if name == "mean_logits":
         return z.mean(-1)
     if name == "is_top1":  # the first maximal logit is the target's (torch.argmax returns the first)
@@ -356,12 +359,14 @@ def fused_head(hidden, weight, bias, targets, *, transform: LogitTransform, temp
     if hidden.shape[0] == 0:
         return chunked_token_logps_and_statistics(hidden, weight, bias, targets, with_entropy=with_entropy,
                                                   statistics=statistics)
-    outputs = ("log_probs", *(("entropy",) if with_entropy else ()), *statistics)
+    outputs = ("log_probs", *(("entropy",) if with_entropy or "entropy" in statistics else ()),
+               *(name for name in statistics if name != "entropy"))
     with gathered(weight, bias):
         logps, entropy, log_sum_sq, mean_logits, is_top1 = ChunkedLogProbFunction.apply(
             hidden, weight, bias, targets, temperature, FUSED_VOCAB_TILE, transform.softcap, transform.scale,
             outputs)
-    got = {"log_sum_sq_probs": log_sum_sq, "mean_logits": mean_logits, "is_top1": is_top1}
+    got = {"entropy": None if entropy is None else entropy.detach(), "log_sum_sq_probs": log_sum_sq,
+           "mean_logits": mean_logits, "is_top1": is_top1}
     stats = {name: got[name] if name == "is_top1" else got[name].float() for name in statistics}
     return logps.float(), (entropy.float() if with_entropy else None), stats
 

@@ -196,6 +196,9 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         config = kwargs.get("args")
         self.engine = LogProbEngine(getattr(config, "logprob_head", "auto"),
                                     share_prompts=getattr(config, "share_prompts", True))
+        self.use_engine = True  # False: TRL's fused head on whole rows (the path before the engine; tests compare both)
+        if not self.engine.share_prompts:
+            log_once("shared prompts off (training.share_prompts: false): chosen and rejected rows run whole")
         unknown = self.objective.needs(params) - PREFERENCE_NEEDS
         if unknown:
             raise ValueError(f"preference loss {method!r} needs {sorted(unknown)}; the trainer computes "
@@ -293,11 +296,12 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
 
     @property
     def _uses_engine(self) -> bool:
-        """The log-prob engine runs the forwards; a router aux loss (MoE) needs the whole causal LM's forward."""
-        if self.aux_loss_enabled:
+        """The log-prob engine runs the forwards (``use_engine``); a router aux loss (MoE) needs the whole causal LM's
+        forward, so TRL's fused head runs instead."""
+        if self.aux_loss_enabled and self.use_engine:
             log_once("log-prob engine off: the model's router aux loss needs the full causal-LM forward; TRL's fused "
                      "head scores every row whole (same losses, no saving)")
-        return not self.aux_loss_enabled
+        return self.use_engine and not self.aux_loss_enabled
 
     def _ref_forward_context(self):
         return disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
@@ -341,13 +345,13 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         want_rows = TOKEN_KL in needs or (LOG_ALIGNMENT in needs and p.wpo_alignment == "greedy")
         sum_sq = LOG_ALIGNMENT in needs and p.wpo_alignment == "sampled"
         if self._uses_engine:
-            statistics = ("mean_logits", "is_top1", *(("log_sum_sq_probs",) if sum_sq else ()))
+            statistics = ("entropy", "mean_logits", "is_top1", *(("log_sum_sq_probs",) if sum_sq else ()))
             out = self.engine.forward(model, batch.input_ids, batch.attention_mask, batch.scored, groups=batch.groups,
-                                      needs=Needs(entropy=True, rows=want_rows, statistics=statistics),
+                                      needs=Needs(rows=want_rows, statistics=statistics),
                                       share_until=batch.share_until)
             stats = out.statistics
             return _PolicyPass(
-                logps=out.logps[:, 1:], entropy=out.entropy[:, 1:], mean_logits=stats["mean_logits"][:, 1:],
+                logps=out.logps[:, 1:], entropy=stats["entropy"][:, 1:], mean_logits=stats["mean_logits"][:, 1:],
                 is_top1=stats["is_top1"][:, 1:],
                 log_sum_sq=stats["log_sum_sq_probs"][:, 1:] if sum_sq else None,
                 rows=out.rows.hidden if want_rows else None,
@@ -610,9 +614,10 @@ _UNSUPPORTED = ("loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_diverg
 
 
 def preference_config(recipe, info):
-    """The ``DPOConfig`` of a preference-family recipe (built before any model loads)."""
-    from trl import DPOConfig
-
+    """The :class:`PreferenceConfig` (``DPOConfig`` + the log-prob engine's keys) of a preference-family recipe, built
+    before any model loads; a ``training.logprob_head`` that cannot run on this machine is refused here."""
+    from posttrain.families.preference.config import PreferenceConfig
+    from posttrain.logprobs.heads import LOGPROB_HEADS, LogitTransform
     from posttrain.trainers.common import training_config
 
     params, name = recipe.params, info.name
@@ -635,7 +640,14 @@ def preference_config(recipe, info):
     }
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
-    config = training_config(DPOConfig, recipe, overrides)
+    config = training_config(PreferenceConfig, recipe, overrides)
+    if config.logprob_head != "auto":  # what the model's config adds (soft cap, logit scale) is checked when it loads
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
+        reason = LOGPROB_HEADS[config.logprob_head].unavailable(device, LogitTransform(), False)
+        if reason is not None:
+            raise UserError(f"training.logprob_head: {config.logprob_head} cannot run here: {reason}")
     if config.sync_ref_model and (not recipe.reference.used or overrides["precompute_ref_log_probs"]):
         why = f"method '{name}' uses none" if not recipe.reference.used else "precompute_ref_log_probs keeps none"
         raise UserError(f"training.sync_ref_model: needs a live reference model ({why})")
