@@ -1,7 +1,7 @@
 """Per-step cost of the GOAT and GGPO trainer wiring over plain LoRA, for two checkouts of posttrain (before / after).
 
-    OMP_NUM_THREADS=1 python benchmarks/adapter_overhead.py --code before=/work/main --code after=. \\
-        --out benchmarks/results/adapter_overhead_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/adapter_overhead.py --code before=/path/to/main --code after=. \\
+        --model builtin:tiny-qwen2-arith --seq 128 --batch 8 --out benchmarks/results/adapter_overhead_cpu.json
 
 Each run is a fresh process that imports posttrain from the given checkout (``PYTHONPATH``) and trains a plain
 ``transformers.Trainer`` with the variant's trainer mixin (``GOATTrainerMixin`` / ``GGPOTrainerMixin``, what the
@@ -52,7 +52,7 @@ def _one(args) -> dict:
             mixin, extra = None, {}
     gen = torch.Generator().manual_seed(0)
     rows = [{"input_ids": ids, "labels": ids} for ids in
-            torch.randint(4, args.vocab, (args.steps * args.batch, args.seq), generator=gen)]
+            torch.randint(4, _common.vocab_size(net), (args.steps * args.batch, args.seq), generator=gen)]
     kwargs = _common.train_kwargs(args, tempfile.mkdtemp(prefix="bench-adapter-"))
     kwargs.update(logging_steps=10, learning_rate=1e-3, remove_unused_columns=False)
     cls = Trainer if mixin is None else type("Bench", (mixin, Trainer), {})
