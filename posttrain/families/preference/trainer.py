@@ -73,14 +73,6 @@ def _unwrap(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def _peft_model(model):
-    from peft import PeftModel
-
-    while hasattr(model, "module") and not isinstance(model, PeftModel):
-        model = model.module
-    return model if isinstance(model, PeftModel) else None
-
-
 def _decoder_layers(backbone):
     layers = getattr(backbone, "layers", None)
     if layers is None:
