@@ -200,8 +200,8 @@ def run_interleaved(script: str, variants: list[list[str]], args, extra_argv: li
             res = json.loads(out.stdout.strip().splitlines()[-1])
             res["repeat"] = r
             runs.append(res)
-            print(f"  [{r}] {res['label']:<22} {res['steps_per_s']:.3f} steps/s  peak {res['peak_mib']:.0f} MiB "
-                  f"(+{res['peak_growth_mib']:.0f})", flush=True)
+            print(f"  [{r}] {res['label']:<22} {res['steps_per_s']:.3f} steps/s  {res['cpu_s_per_step']:.3f} CPU s/step  "
+                  f"peak {res['peak_mib']:.0f} MiB (+{res['peak_growth_mib']:.0f})", flush=True)
     return runs
 
 
