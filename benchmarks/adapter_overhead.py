@@ -37,6 +37,7 @@ def _one(args) -> dict:
 
     sys.path.insert(0, os.environ["BENCH_POSTTRAIN"])  # this run's checkout first (_common adds the script's own)
     net = _common.build_model(args)
+    torch.manual_seed(0)  # the adapters' random initialisation (LoRA A, GOAT's router): the same in every run
     if args.variant == "goat":
         from posttrain.adapters.goat import GOATTrainerMixin, apply_goat
 
