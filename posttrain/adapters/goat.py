@@ -604,6 +604,9 @@ class GOATTrainerMixin:
     """
 
     goat_aux_coef: float | None = None
+    # the balance loss counts each row's real tokens (attention_mask): a trainer that would run a shared prompt once
+    # for several rows (posttrain.logprobs shared prompts) runs them whole instead
+    counts_body_tokens = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         clear_goat_aux(model)

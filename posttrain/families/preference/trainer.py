@@ -186,8 +186,12 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         self.mask_net: torch.nn.ModuleDict | None = None
         self.objective = PREFERENCE_LOSSES[method]
         config = kwargs.get("args")
-        self.engine = LogProbEngine(getattr(config, "logprob_head", "auto"),
-                                    share_prompts=getattr(config, "share_prompts", True))
+        share = getattr(config, "share_prompts", True)
+        if share and getattr(self, "counts_body_tokens", False):
+            log_once("shared prompts off: the adapter's balance loss counts the tokens of every row (GOAT); every row "
+                     "runs whole (same results, no saving)")
+            share = False
+        self.engine = LogProbEngine(getattr(config, "logprob_head", "auto"), share_prompts=share)
         self.use_engine = True  # False: TRL's fused head on whole rows (the path before the engine; tests compare both)
         if not self.engine.share_prompts:
             log_once("shared prompts off (training.share_prompts: false): chosen and rejected rows run whole")
