@@ -228,3 +228,14 @@ def test_share_prompts_off_is_logged_once(arith_model_dir, tiny_model_dir, tmp_p
     lines = [r.getMessage() for r in caplog.records if "shared prompts off" in r.getMessage()]
     assert lines == ["shared prompts off (training.share_prompts: false): chosen and rejected rows run whole"]
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("log-prob head:")] == [head_line]
+
+
+def test_goat_rows_run_whole(arith_model_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """GOAT's balance loss counts the tokens of every row, so its trainer never shares a prompt between rows."""
+    from posttrain.adapters.goat import GOATTrainerMixin
+    from posttrain.families.preference import trainer as T
+
+    monkeypatch.setattr(T, "PosttrainPreferenceTrainer",
+                        type("GoatPreference", (GOATTrainerMixin, T.PosttrainPreferenceTrainer), {}))
+    trainer, _ = _trainer(arith_model_dir, tiny_model_dir, tmp_path, "dpo", dict(beta=0.1))
+    assert trainer.engine.share_prompts is False
