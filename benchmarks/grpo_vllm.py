@@ -37,7 +37,7 @@ def _one(args) -> dict:
     from posttrain.models import load_tokenizer
     from posttrain.recipe import DataSource
     from posttrain.rl.rewards import exact_match
-    from posttrain.trainers.rl import PosttrainGRPOTrainer
+    from posttrain.families.rl.trainer import PosttrainGRPOTrainer
 
     label = args._one[0]
     use_vllm = VARIANTS[label]

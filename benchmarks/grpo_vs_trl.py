@@ -37,7 +37,7 @@ def _one(args) -> dict:
     from posttrain.recipe import DataSource
     from posttrain.rl.rewards import exact_match
     from posttrain.rl.strata import completion_length
-    from posttrain.trainers.rl import PosttrainGRPOTrainer
+    from posttrain.families.rl.trainer import PosttrainGRPOTrainer
 
     label = args._one[0]
     tok = _common.tokenizer() if args.model == "random" else load_tokenizer(args.model)

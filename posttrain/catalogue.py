@@ -60,11 +60,9 @@ def page_title(page: str) -> str | None:
 def parts() -> list[Part]:
     """Every selectable part besides ``method.name``, grouped by recipe key."""
     from posttrain.adapters.spec import ADAPTER_VARIANTS
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS
     from posttrain.methods import METHODS
     from posttrain.optim import OPTIMIZERS
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
 
     grpo = ", ".join(m.name for m in METHODS.values() if "advantage" in m.params.model_fields)  # the GRPO methods
     out: list[Part] = []

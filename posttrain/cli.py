@@ -37,6 +37,7 @@ def _cmd_train(args) -> int:
                      backend=args.distributed or "ddp")
         return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
     if stages is not None:
+        _freeze_imported_objects()
         summaries = run_stages(stages, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
         if int(os.environ.get("RANK", "0")) == 0:
             for s in summaries:
@@ -59,6 +60,7 @@ def _cmd_train(args) -> int:
         return launch.run_launch(num_processes, args.distributed or "ddp", args.argv[args.argv.index("train") + 1:])
     from posttrain.run.pipeline import run  # torch, transformers, TRL: once the recipe's own keys are checked
 
+    _freeze_imported_objects()
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite, command=_command_line(args))
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("already_finished"):
         print(f"already finished: {summary['output_dir']} holds a complete run ({summary.get('steps')} steps); "
@@ -75,6 +77,16 @@ def _cmd_train(args) -> int:
         lines += [f"warning: {w}" for w in summary.get("warnings", [])]
         print("\n".join(lines))
     return 0
+
+
+def _freeze_imported_objects() -> None:
+    """Before training: move the objects alive now (mostly the modules, functions and tables of torch, transformers,
+    TRL and their imports) to the garbage collector's permanent generation, where its full passes no longer walk them:
+    the one at the start of training, those while rows are tokenised and the last at exit (benchmarks/startup.py;
+    the only objects never collected are the few reference cycles the imports left behind)."""
+    import gc
+
+    gc.freeze()
 
 
 def _command_line(args) -> str:
@@ -144,6 +156,13 @@ def _method_detail(name: str) -> int:
         if summary:
             print()
             print(textwrap.fill(summary, width=100))
+        options = _part_options(part.key, part.name)
+        if options:
+            print()
+            print("keys (method.*), with their defaults:")
+            for key, field in options.items():
+                print(wrap.fill(f"  {key}: {format_default(field.default)}" + (f"  -- {field.description}"
+                                                                             if field.description else "")))
         recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{part.name}.yaml"
         if recipe.is_file():
             print(f"recipe: recipes/{part.name}.yaml")
@@ -152,6 +171,16 @@ def _method_detail(name: str) -> int:
         return 0
     known = [*METHODS, *(p.name for p in parts())]
     raise UserError(f"methods: unknown method or part '{name}'{did_you_mean(name, known)}; see `posttrain methods`")
+
+
+def _part_options(key: str, name: str) -> dict:
+    """The method keys a GRPO part reads (its registry entry's ``options_model``), for ``posttrain methods NAME``."""
+    from posttrain.rl import parts
+
+    registry = {"method.advantage": parts.ADVANTAGES, "method.aggregation": parts.AGGREGATIONS,
+                "method.clipping": parts.CLIPPINGS}.get(key)
+    model = getattr(registry[name], "options_model", None) if registry is not None and name in registry else None
+    return dict(model.model_fields) if model is not None else {}
 
 
 def _cmd_methods(args) -> int:
@@ -334,6 +363,43 @@ def _cmd_poft_score(args) -> int:
     return 0
 
 
+def _cmd_spo_init(args) -> int:
+    from posttrain.recipe import load_recipe_stages
+    from posttrain.rl.parts import ADVANTAGES
+
+    loaded = load_recipe_stages(args.recipe, args.set)
+    if loaded[0][0] is not None:
+        raise UserError(f"{args.recipe}: spo-init takes a one-stage recipe (this one has stages: "
+                        f"{', '.join(name for name, _ in loaded)})")
+    recipe = loaded[0][1]
+    p = recipe.params
+    advantage = getattr(p, "advantage", None)
+    entry = ADVANTAGES[advantage] if advantage in ADVANTAGES else None
+    if entry is None or "spo_offline_n" not in entry.options_model.model_fields:  # the estimator reads no offline pass
+        what = f"method.advantage is {p.advantage}" if entry is not None else f"method.name is {recipe.method.name}"
+        raise UserError(f"{args.recipe}: spo-init samples SPO's offline pass, for a recipe with method.name: grpo and "
+                        f"method.advantage: spo ({what})")
+    if p.spo_offline_n == 0:
+        raise UserError("method.spo_offline_n: 0 starts every prompt at the Jeffreys prior without sampling; set the "
+                        "samples per prompt (n0) for spo-init")
+    read_by_train = Path(p.spo_offline_scores or Path(recipe.output_dir) / "spo_offline_scores.json").expanduser()
+    out = Path(args.out).expanduser() if args.out else read_by_train
+    if out.is_dir():
+        raise UserError(f"--out: '{out}' is a directory; name the scores file")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out: '{out}' exists (`posttrain train` reads it as it is); pass --overwrite to sample "
+                        "again")
+    from posttrain.run.spo_init import spo_init
+
+    written = spo_init(recipe, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out}: {written['prompts']} prompts x {p.spo_offline_n} samples, success rate "
+              f"{100 * written['success_rate']:.1f}%")
+        print(f"`posttrain train {args.recipe}` reads it" if out.resolve() == read_by_train.resolve() else
+              f"set method.spo_offline_scores: {out} for `posttrain train` to read it")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one ``error:`` line (exit code 2), like every other user error."""
 
@@ -472,6 +538,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", help="system turn put first in every conversational prompt without one")
     p.set_defaults(fn=_cmd_poft_score)
 
+    p = sub.add_parser("spo-init", help="SPO's offline pass: score the start policy on every training prompt",
+                       description="Sample method.spo_offline_n completions of every prompt of data.train with the "
+                       "recipe's start policy, score them with its rewards and write the per-prompt scores (JSON, "
+                       "prompt key -> scores) that `posttrain train` then reads instead of sampling them before its "
+                       "first step (docs/methods/spo.md). Progress is kept in OUT.partial: running the command again "
+                       "continues an interrupted pass.")
+    p.add_argument("recipe", help="path to an SPO recipe (method.advantage: spo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, as for train; repeatable")
+    p.add_argument("--out", help="scores file to write (default: method.spo_offline_scores when set, else "
+                   "output_dir/spo_offline_scores.json: the files `posttrain train` reads)")
+    p.add_argument("--overwrite", action="store_true", help="sample again when the scores file exists")
+    p.set_defaults(fn=_cmd_spo_init)
+
     p = sub.add_parser("merge", help="write a full model from an adapter run",
                        description="Merge a finished run's adapter (peft.type lora, ggpo; plora runs are saved merged "
                        "already and are copied) into its base model and write a full model to OUT_DIR, loadable "
@@ -548,13 +628,40 @@ def expected_failure(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default: the program's arguments); its exit code. As the program itself (no
+    ``argv``: the ``posttrain`` script, ``python -m posttrain.cli``), a finished ``posttrain train`` ends the process
+    at once (:func:`end_process`)."""
     parser = build_parser()
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
+    code = _run_command(args)
+    if program and args.fn is _cmd_train:
+        end_process(code)
+    return code
+
+
+def end_process(code: int) -> None:
+    """End the process with ``code`` once the exit handlers have run (loggers, trackers) and the output is flushed,
+    skipping the interpreter's teardown of every imported module, which after a training run takes seconds (torch,
+    transformers, TRL and their imports; benchmarks/startup.py) and writes nothing. A thread that is not a daemon
+    (which the interpreter would wait for) keeps the ordinary exit."""
+    import atexit
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_command(args) -> int:
     try:
         return args.fn(args)
     except UserError as exc:

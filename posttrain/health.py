@@ -6,7 +6,7 @@ next-token distribution to uniform (mean token entropy = ln |V|), after which th
 more happens. :func:`collapse_message` and :func:`dead_gradient_message` recognise both from the logged metrics
 (``entropy``, which the SFT, preference and RL trainers log, and ``grad_norm``, which every family logs);
 :class:`HealthMonitor` warns once per kind during the run and hands the warnings to the run summary, like the RL
-family's no-learning-signal warning (posttrain/rl/diagnostics.py).
+family's no-learning-signal warning (posttrain/families/rl/diagnostics.py).
 """
 
 from __future__ import annotations

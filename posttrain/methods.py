@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 # The method registry's types live in posttrain.registry (the family method files import them from there)
 from posttrain.registry import FAMILIES, METHODS, Family, MethodInfo, MethodParams, register  # noqa: F401
-from posttrain.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
+from posttrain.families.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ class _GRPOBase(MethodParams):
 
     Everything not here (num_generations, max_completion_length, temperature, num_iterations, generation and vLLM
     settings) is a ``training:`` key of ``trl.GRPOConfig``. The parts' keys come from their options models
-    (:mod:`posttrain.rl.parts`): :data:`GRPOParams` is this model plus those.
+    (:mod:`posttrain.families.rl.parts`): :data:`GRPOParams` is this model plus those.
     """
 
     rewards: list[RewardSpec] = Field(
@@ -426,25 +426,24 @@ class _GRPOBase(MethodParams):
         return self
 
 
-# the part selectors (their values are the registries' names)
-_SELECTORS = {
-    "advantage": Field(
-        "group", description="group (GRPO), stratified (SAN), psr / nsr / w_reinforce (negative reinforcement), rloo "
-        "(leave-one-out), reinforce_pp (REINFORCE++), spo (single-stream: one completion per prompt)."),
-    "aggregation": Field("dapo", description="grpo (sequence mean), bnpo, dr_grpo, dapo (global token mean), delta_l."),
-    "clipping": Field(
-        "ppo", description="ppo (clip-higher with epsilon_high), gppo, gspo (sequence-level ratio) or cispo (clipped, "
-        "detached IS weight)."),
-    "loss": Field(
-        "grpo", description="grpo: the clipped surrogate with the parts above; pacs: PACS (arXiv 2509.02522)."),
-}
+# the part selectors: their values, defaults and descriptions come from the registries
+_SELECTOR_DEFAULTS = {"advantage": "group", "aggregation": "dapo", "clipping": "ppo", "loss": "grpo"}
+
+
+def _selector_field(key: str, registry) -> tuple:
+    """``method.<key>``: one of the registry's names; the description names the values with their pages."""
+    by_page: dict[str, list[str]] = {}
+    for entry in registry:
+        by_page.setdefault(entry.doc.split("#", 1)[0].removeprefix("docs/methods/"), []).append(entry.name)
+    pages = "; ".join(f"{', '.join(names)} ({page})" for page, names in by_page.items())
+    return (Literal[registry.names()], Field(_SELECTOR_DEFAULTS[key], description=f"The {registry.kind}: {pages}."))
 
 
 def _grpo_fields() -> dict[str, tuple]:
     """Each selector followed by the keys its entries own (first owner wins for a shared key)."""
     fields: dict[str, tuple] = {}
     for key, registry in (*SURROGATE_PARTS, ("loss", POLICY_LOSSES)):
-        fields[key] = (Literal[registry.names()], _SELECTORS[key])
+        fields[key] = _selector_field(key, registry)
         for entry in registry:
             if entry.options_model is not None:
                 for name, info in entry.options_model.model_fields.items():
@@ -455,12 +454,19 @@ def _grpo_fields() -> dict[str, tuple]:
 GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
 
 
+def _grpo_summary() -> str:
+    """Method ``grpo``'s summary, naming the registered parts of each kind."""
+    kinds = ", ".join(f"{key} ({', '.join(registry.names())})"
+                      for key, registry in (*SURROGATE_PARTS, ("loss", POLICY_LOSSES)))
+    return f"RLVR on TRL's GRPOTrainer with composable parts: {kinds}."
+
+
 def _reassemble_grpo_params() -> None:
     """Rebuild :data:`GRPOParams` after a part registry changed and give it to method ``grpo``: a part registered
     after this module was imported (from its own file) is selectable with its options, no list kept by hand."""
     global GRPOParams
     GRPOParams = create_model("GRPOParams", __base__=_GRPOBase, __module__=__name__, **_grpo_fields())
-    METHODS["grpo"] = dataclasses.replace(METHODS["grpo"], params=GRPOParams)
+    METHODS["grpo"] = dataclasses.replace(METHODS["grpo"], params=GRPOParams, summary=_grpo_summary())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -688,9 +694,7 @@ register(
         name="grpo",
         doc="docs/methods/grpo.md",
         family="rl",
-        summary="RLVR on TRL's GRPOTrainer with composable parts: advantage (group, stratified, psr, nsr, "
-        "w_reinforce, rloo, reinforce_pp, spo), aggregation (grpo, bnpo, dr_grpo, dapo, delta_l), clipping (ppo, gppo + "
-        "SFT term, gspo, cispo).",
+        summary=_grpo_summary(),
         paper="Shao et al., DeepSeekMath (GRPO, arXiv 2402.03300); Stratified GRPO (arXiv 2510.06214); ΔL "
         "Normalization (arXiv 2509.07558); Zhu et al., negative reinforcement (arXiv 2506.01347); Klear-Reasoner "
         "GPPO (arXiv 2508.07629); DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783); RLOO (arXiv 2402.14740); "

@@ -165,7 +165,7 @@ def rl_rows(ctx, rows, key: str) -> list[RowPreview]:
 def preview_rows(recipe, info, config, tokenizer, datasets: dict[str, Any], n: int) -> list[RowPreview]:
     """The first ``n`` rows of the family's training data (for unlearning: ``data.forget`` then ``data.retain``), as
     the trainer tokenises them; ``datasets`` are preflight's, after
-    :func:`posttrain.run.pipeline.prepare_chat_format`."""
+    :func:`posttrain.run.preflight.prepare_chat_format`."""
     family = FAMILIES[info.family]
     previewer = load(family.preview)
     ctx = {"recipe": recipe, "config": config, "tokenizer": tokenizer}

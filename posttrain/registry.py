@@ -95,13 +95,13 @@ class GRPOPartEntry(Entry):
 
 @dataclass(frozen=True)
 class AdvantageEntry(GRPOPartEntry):
-    """``method.advantage``: ``fn(rewards, num_generations, **options) -> AdvantageOutput``. ``options(params,
-    strata)``: the estimator's keyword options; ``needs_strata``: stratum keys are computed per rollout;
-    ``needs_lengths``: it also takes the completion token counts as ``lengths``; ``normalize_then_sum``: TRL's
+    """``method.advantage``: ``fn(rewards, groups, opts) -> AdvantageOutput`` (``groups``: the rows' grouping and what
+    the trainer measured per row, ``posttrain.families.rl.common.Groups``; ``opts``: the method params).
+    ``needs_strata``: stratum keys are computed per rollout (``groups.strata``); ``needs_lengths``: the completion
+    token counts are given (``groups.lengths``); ``normalize_then_sum``: TRL's
     ``multi_objective_aggregation="normalize_then_sum"`` may replace it; ``single_stream``: one completion per prompt;
     ``trainer``: ``"module:Class"``, the GRPO trainer subclass it needs (SPO's tracker and sampler)."""
 
-    options: Callable[[Any, Any], dict[str, Any]] = lambda params, strata: {}
     needs_strata: bool = False
     needs_lengths: bool = False
     normalize_then_sum: bool = False
@@ -111,14 +111,12 @@ class AdvantageEntry(GRPOPartEntry):
 
 @dataclass(frozen=True)
 class AggregationEntry(GRPOPartEntry):
-    """``method.aggregation``: ``fn(per_token_loss, mask, **normalize(n))``, where ``n`` is the micro-batch's
-    ``posttrain.rl.aggregation.Normalizer`` and ``normalize`` picks what the loss is divided by (the accumulated
-    batch's tokens, its kept rows, ``T_max``, the row weights); ``per_micro_batch``: a mean over the micro-batch
-    alone, divided by the accumulation steps afterwards (bnpo); ``row_weights``: per-row weights computed on the
-    generation batch (the KL term is then aggregated unweighted with dr_grpo); ``trl_loss_type``: the GRPOConfig
-    loss_type."""
+    """``method.aggregation``: ``fn(per_token_loss, mask, normalizer)``, where ``normalizer`` is the micro-batch's
+    ``posttrain.families.rl.common.Normalizer`` (the accumulated batch's tokens, its kept rows, ``T_max``, the row
+    weights; each aggregation reads what it divides by); ``per_micro_batch``: a mean over the micro-batch alone,
+    divided by the accumulation steps afterwards (bnpo); ``row_weights``: per-row weights computed on the generation
+    batch (the KL term is then aggregated unweighted with dr_grpo); ``trl_loss_type``: the GRPOConfig loss_type."""
 
-    normalize: Callable[[Any], dict[str, Any]] = lambda n: {}
     per_micro_batch: bool = False
     row_weights: bool = False
     trl_loss_type: str = "grpo"
@@ -126,23 +124,20 @@ class AggregationEntry(GRPOPartEntry):
 
 @dataclass(frozen=True)
 class ClippingEntry(GRPOPartEntry):
-    """``method.clipping``: ``fn(logps, old_logps, advantages, **options) -> ClipOutput``. ``options(params)``: every
-    keyword the rule takes; ``gradient_preserved``: clipped tokens keep a (scaled) gradient; ``sequence_level``: the
-    rule also takes the loss ``mask`` (GSPO's sequence ratio)."""
+    """``method.clipping``: ``fn(logps, old_logps, advantages, mask, opts) -> ClipOutput`` (``opts``: the method
+    params, of which the rule reads its own keys); ``gradient_preserved``: clipped tokens keep a (scaled) gradient."""
 
-    options: Callable[[Any], dict[str, Any]] = lambda params: {}
     gradient_preserved: bool = False
-    sequence_level: bool = False
 
 
 @dataclass(frozen=True)
 class PolicyLossEntry(GRPOPartEntry):
-    """``method.loss``: the GRPO-family objective. ``uses_parts``: it is the clipped surrogate built from the selected
-    advantage, aggregation and clipping parts (and the KL, entropy and SFT terms of its own options); otherwise ``fn``
-    is a row objective ``fn(logps, old_logps, mask, labels, groups, **options) -> (loss, metrics)`` on whole groups
-    (the trainer keeps each row's reward and group with it), and ``replaces`` says why the parts' keys are refused."""
+    """``method.loss``: the GRPO-family objective. ``uses_parts``: it is the clipped surrogate the trainer builds from
+    the selected advantage, aggregation and clipping parts (and the KL, entropy and SFT terms of its own options; no
+    ``fn``); otherwise ``fn(logps, old_logps, rows, mask, opts) -> (loss, metrics)`` is a policy loss of its own on
+    whole groups (``rows``: each row's label and group, ``posttrain.families.rl.common.RowTargets``), and ``replaces``
+    says why the parts' keys are refused."""
 
-    options: Callable[[Any], dict[str, Any]] = lambda params: {}
     uses_parts: bool = True
     replaces: str = ""
 

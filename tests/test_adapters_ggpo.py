@@ -290,7 +290,7 @@ def test_grpo_rollouts_see_clean_weights(tmp_path, monkeypatch):
 
     from posttrain.recipe import load_recipe
     from posttrain.train import run
-    from posttrain.trainers.rl import PosttrainGRPOTrainer
+    from posttrain.families.rl.trainer import PosttrainGRPOTrainer
 
     seen: dict[str, list[bool]] = {"generate": [], "loss": []}
     generate, compute_loss = PosttrainGRPOTrainer._generate_and_score_completions, PosttrainGRPOTrainer.compute_loss

@@ -16,10 +16,10 @@ import pytest
 from posttrain.cli import main as cli_main
 from posttrain.errors import UserError
 from posttrain.families.preference.forward import PREFERENCE_LOSSES
+from posttrain.families.rl.parts import ADVANTAGES
 from posttrain.losses.sft import nll_loss
 from posttrain.methods import METHODS, MethodInfo, SFTParams, register
 from posttrain.recipe import parse_recipe
-from posttrain.rl.parts import ADVANTAGES
 from posttrain.trainers.sft import SFT_LOSSES
 from posttrain.train import run
 

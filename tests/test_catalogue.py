@@ -8,7 +8,7 @@ import pytest
 
 from posttrain.catalogue import README_BEGIN, README_END, readme_tables, with_readme_tables
 from posttrain.methods import METHODS
-from posttrain.rl.parts import ADVANTAGES
+from posttrain.families.rl.parts import ADVANTAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 

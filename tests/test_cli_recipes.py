@@ -44,10 +44,12 @@ def _short_run_overrides(recipe: dict, out: Path) -> list[str]:
     return [x for s in sets for x in ("--set", s)]
 
 
-# One recipe per family (and the adapter and multi-stage shapes) runs end to end in the default suite; every other
-# recipe runs in `pytest -m slow` (about 15 s each on 2 cores), and all of them pass preflight below in seconds.
-# (GOAT end to end: tests/test_adapter_recipes.py trains and resumes it in the default suite)
-DEFAULT_SUITE_RECIPES = {"dft.yaml", "dpo.yaml", "grpo.yaml", "unlearn_npo_rt.yaml", "pre_dpo.yaml"}
+# Through the CLI in a subprocess, the default suite runs an SFT-family recipe and a multi-stage preference recipe
+# end to end; every other recipe runs in `pytest -m slow` (about 15 s each on 2 cores), and all of them pass preflight
+# below in seconds. The other families train end to end in-process in the default suite: GRPO in
+# tests/families/rl/test_rl_trainer.py, unlearning (npo_rt) in tests/test_unlearning_trainer.py, GOAT in
+# tests/test_adapter_recipes.py, DPO in both stages of pre_dpo.yaml and tests/families/preference/.
+DEFAULT_SUITE_RECIPES = {"dft.yaml", "pre_dpo.yaml"}
 
 
 @pytest.mark.parametrize("name", [n if n in DEFAULT_SUITE_RECIPES else pytest.param(n, marks=pytest.mark.slow)
@@ -233,7 +235,9 @@ def test_two_process_grpo_run_with_accelerate(tmp_path, recipe):
     rollouts, a group of 4 straddles the processes, and the logged advantages and policy loss are those of the
     advantages recomputed over the gathered batch, each process taking its own rows (checked from what each process
     scored)."""
-    from posttrain.rl.advantages import compute_advantages, stratum_ids
+    from posttrain.families.rl.common import Groups, stratum_ids
+    from posttrain.families.rl.parts import ADVANTAGES
+    from posttrain.methods import GRPOParams
     from posttrain.rl.strata import completion_length
 
     (tmp_path / "rl2p_reward.py").write_text(_RECORDING_REWARD)
@@ -264,10 +268,11 @@ def test_two_process_grpo_run_with_accelerate(tmp_path, recipe):
         lengths = torch.tensor(parts[0]["lengths"] + parts[1]["lengths"], dtype=torch.float32)
         if stratified:
             keys = [completion_length(completion=c) for c in parts[0]["completions"] + parts[1]["completions"]]
-            adv = compute_advantages("stratified", rewards, 4, strata=stratum_ids(keys), alpha=0.8, scale="stratum",
-                                     scope="group").advantages
+            adv = ADVANTAGES["stratified"].fn(rewards, Groups(4, strata=stratum_ids(keys)),
+                                              GRPOParams(advantage="stratified")).advantages  # alpha 0.8, per group
         else:  # whitened with the token counts of both processes' rows
-            adv = compute_advantages("reinforce_pp", rewards, 4, lengths=lengths, baseline=True).advantages
+            adv = ADVANTAGES["reinforce_pp"].fn(rewards, Groups(4, lengths=lengths),
+                                                GRPOParams(advantage="reinforce_pp")).advantages  # with the baseline
         assert row["reward"] == pytest.approx(rewards.mean().item(), abs=1e-5)
         for stat in ("mean", "std", "min", "max"):
             assert row[f"advantages/{stat}"] == pytest.approx(getattr(adv, stat)().item(), abs=1e-5), stat

@@ -125,7 +125,10 @@ def test_tool_rollouts_stratify_on_their_real_tool_call_count(via, tmp_path):
     results; the stratum of each rollout is its number of tool calls (0, 1, 2), and the logged advantages are the
     stratified advantages recomputed from the recorded rollouts."""
     from posttrain.recipe import load_recipe
-    from posttrain.rl.advantages import compute_advantages, count_tool_calls, stratum_ids
+    from posttrain.families.rl.common import Groups, stratum_ids
+    from posttrain.families.rl.parts import ADVANTAGES
+    from posttrain.methods import GRPOParams
+    from posttrain.rl.strata import count_tool_calls
     from posttrain.train import run
 
     (tmp_path / "tool_rollout.py").write_text(_SCRIPTED)
@@ -157,8 +160,8 @@ def test_tool_rollouts_stratify_on_their_real_tool_call_count(via, tmp_path):
                 if m["role"] == "tool":
                     assert m["name"] == ("calculate" if via == "environment" else "calculator")
                     assert m["content"] == calculator(prompt[-1]["content"])
-        adv = compute_advantages("stratified", torch.tensor(batch["rewards"]), 6, strata=stratum_ids(keys),
-                                 alpha=0.8, scale="stratum", scope="group").advantages
+        adv = ADVANTAGES["stratified"].fn(torch.tensor(batch["rewards"]), Groups(6, strata=stratum_ids(keys)),
+                                          GRPOParams(advantage="stratified")).advantages  # alpha 0.8, per group
         for stat in ("mean", "std", "min", "max"):
             assert row[f"advantages/{stat}"] == pytest.approx(getattr(adv, stat)().item(), abs=1e-5), stat
         assert row["san/num_strata_per_group"] > 1 and adv.abs().sum() > 0  # not vacuous

@@ -140,7 +140,11 @@ def test_rewards_outside_the_unit_interval_are_refused():
 def _spo_recipe(out, data=None, **method):
     from posttrain.recipe import parse_recipe
 
-    return parse_recipe({
+    return parse_recipe(_spo_recipe_data(out, data, **method))
+
+
+def _spo_recipe_data(out, data=None, **method):
+    return {
         "model": "builtin:tiny-qwen2-arith",
         "data": data or {"train": {"source": "builtin:arithmetic-rl", "options": {"num_samples": 12,
                                                                                  "max_operand": 30}}},
@@ -151,7 +155,7 @@ def _spo_recipe(out, data=None, **method):
         "output_dir": str(out),
         "seed": 3,
         "report": False,
-    })
+    }
 
 
 def test_num_generations_one_only_with_spo(tmp_path):
@@ -254,7 +258,10 @@ def test_rewards_outside_the_unit_interval_name_the_rewards(tmp_path):
     from posttrain.errors import UserError
     from posttrain.methods import RewardSpec
 
-    spec = RewardSpec(function="test_rl_trainer:partial_credit")  # 1 + 0.05 per character: above 1
+    from pathlib import Path
+
+    rewards = Path(__file__).parent / "families" / "rl" / "test_rl_trainer.py"
+    spec = RewardSpec(function=f"{rewards}:partial_credit")  # 1 + 0.05 per character: above 1
     trainer = _spo_trainer(tmp_path / "a", reward=spec, spo_offline_n=0)
     batch = next(iter(trainer.get_train_dataloader()))
     with pytest.raises(UserError, match=r"^method\.rewards \(partial_credit\): SPO's success-rate tracker needs rewards "
@@ -265,57 +272,63 @@ def test_rewards_outside_the_unit_interval_name_the_rewards(tmp_path):
     assert all(0.0 <= r <= 1.0 for r in trainer.spo_pending["rewards"])
 
 
-def test_resume_is_bit_identical_with_tracker_and_sampler_state(tmp_path):
-    """Kill an SPO run after its step-3 checkpoint and resume it: the final weights, the tracker (alpha, beta, visits,
-    stored responses) and the sampler's next draw equal an uninterrupted run's."""
-    from transformers import AutoModelForCausalLM, TrainerCallback
+def _run_spo(recipe, callbacks=(), quiet=True, **kw):
+    """``posttrain.train.run`` of an SPO recipe; returns the trainer's SPO state and sampler generator state at the
+    end of training."""
+    import dataclasses
 
+    from transformers import TrainerCallback
+
+    from posttrain.families.base import FAMILIES
+    from posttrain.registry import load
     from posttrain.train import run
+
+    found = {}
+
+    class Grab(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            found["state"] = (found["trainer"].spo_state_dict(), found["trainer"].spo_generator.get_state().clone())
+
+    original = FAMILIES["rl"]
+
+    def build(ctx):
+        found["trainer"] = load(original.build_trainer)(ctx)
+        return found["trainer"]
+
+    FAMILIES["rl"] = dataclasses.replace(original, build_trainer=build)
+    try:
+        run(recipe, callbacks=[Grab(), *callbacks], quiet=quiet, **kw)
+    finally:
+        FAMILIES["rl"] = original
+    return found.get("state")
+
+
+@pytest.mark.parametrize("pool", [None, 6])
+def test_resume_is_bit_identical_with_tracker_and_sampler_state(tmp_path, pool):
+    """Kill an SPO run after its step-3 checkpoint and resume it: the final weights, the tracker (alpha, beta, visits,
+    stored responses), the candidate pools' shuffled pass (pools of 6 out of 12 rows: a new permutation every other
+    step, the checkpoint half-way through one) and the sampler's next draw equal an uninterrupted run's."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 4:
                 raise RuntimeError("simulated kill")
 
-    states = {}
-
-    class Grab(TrainerCallback):
-        def on_train_end(self, args, state, control, **kwargs):
-            trainer = self.trainer
-            states[args.output_dir] = (trainer.spo_state_dict(), trainer.spo_generator.get_state().clone())
-
-    def go(name, **kw):
-        grab = Grab()
-        import dataclasses
-
-        from posttrain.families.base import FAMILIES
-        from posttrain.registry import load
-
-        original = FAMILIES["rl"]
-
-        def build(ctx):
-            trainer = load(original.build_trainer)(ctx)
-            grab.trainer = trainer
-            return trainer
-
-        FAMILIES["rl"] = dataclasses.replace(original, build_trainer=build)
-        try:
-            run(_spo_recipe(tmp_path / name), callbacks=[grab, *kw.pop("callbacks", [])], quiet=True, **kw)
-        finally:
-            FAMILIES["rl"] = original
-
-    go("full")
+    a = _run_spo(_spo_recipe(tmp_path / "full", spo_candidate_pool=pool))
     with pytest.raises(RuntimeError, match="simulated kill"):
-        go("killed", callbacks=[Kill()])
+        _run_spo(_spo_recipe(tmp_path / "killed", spo_candidate_pool=pool), callbacks=[Kill()])
     assert (tmp_path / "killed" / "checkpoint-3" / "spo_state_0.pt").is_file()
-    go("killed", resume=True)
+    b = _run_spo(_spo_recipe(tmp_path / "killed", spo_candidate_pool=pool), resume=True)
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "killed").state_dict()
     assert [k for k in full if not torch.equal(full[k], resumed[k])] == []
-    a, b = states[str(tmp_path / "full")], states[str(tmp_path / "killed")]
     assert a[0]["tracker"] == b[0]["tracker"] and a[0]["pending"] == b[0]["pending"]
+    assert (a[0]["pool_order"], a[0]["pool_cursor"]) == (b[0]["pool_order"], b[0]["pool_cursor"])
     assert torch.equal(a[1], b[1])  # the sampler's generator: the same next draw
     assert sum(a[0]["tracker"]["visits"].values()) == 5 * 4  # 6 steps of 4 prompts, the last update still pending
+    if pool is not None:  # 6 pools of 6 out of 12 rows: the third permutation, used up
+        assert sorted(a[0]["pool_order"]) == list(range(12)) and a[0]["pool_cursor"] == 12
 
 
 def test_conversational_prompts(tmp_path):
@@ -340,3 +353,185 @@ def test_conversational_prompts(tmp_path):
     trainer._buffered_inputs, trainer._step = None, 0
     trainer._prepare_inputs(next(loader))
     assert set(trainer.spo_tracker.visits) == set(drawn)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# spo_candidate_pool
+
+
+def test_candidate_pools_cut_a_shuffled_pass():
+    """Pools are consecutive slices of a seeded permutation (a new one when too few rows are left, the rest skipped);
+    a pool as large as the batch is drawn whole, whatever the weights."""
+    from posttrain.trainers.spo import draw_prompts, next_candidate_pool
+
+    g = torch.Generator().manual_seed(0)
+    first = torch.randperm(6, generator=torch.Generator().manual_seed(0)).tolist()
+    pool, order, cursor = next_candidate_pool([], 0, 3, 6, g)
+    assert order == first and pool == first[:3] and cursor == 3
+    pool2, order, cursor = next_candidate_pool(order, cursor, 3, 6, g)
+    assert pool2 == first[3:] and sorted(pool + pool2) == list(range(6)) and cursor == 6  # one pass: every row once
+    pool3, order3, cursor = next_candidate_pool(order, cursor, 4, 6, g)
+    assert order3 != order and sorted(order3) == list(range(6)) and pool3 == order3[:4] and cursor == 4
+    _, order4, cursor = next_candidate_pool(order3, cursor, 4, 6, g)  # 2 rows left < 4: they are skipped
+    assert order4 != order3 and cursor == 4
+    weights = torch.tensor([0.55, 0.05, 0.05])
+    assert sorted(draw_prompts(weights, 3, torch.Generator().manual_seed(1))) == [0, 1, 2]
+
+
+def test_candidate_pool_in_the_trainer(tmp_path):
+    """Pools of 4 with a generation batch of 4 over 12 rows: each batch is its whole pool, so three batches visit every
+    prompt exactly once; a pool below the batch or above the data is one error naming the key."""
+    from posttrain.errors import UserError
+    from posttrain.recipe import parse_recipe
+
+    trainer = _spo_trainer(tmp_path / "a", spo_offline_n=0, spo_candidate_pool=4)
+    loader = iter(trainer.get_train_dataloader())
+    drawn = []
+    for _ in range(3):
+        trainer._buffered_inputs, trainer._step = None, 0
+        trainer._prepare_inputs(next(loader))
+        drawn += trainer.spo_pending["keys"]
+        assert trainer._spo_cursor == len(drawn)
+    assert sorted(drawn) == sorted(trainer._spo_keys) and len(set(drawn)) == 12
+    with pytest.raises(UserError, match=r"^method\.spo_candidate_pool: 3 is below the generation batch of 4 prompts"):
+        _spo_trainer(tmp_path / "b", spo_offline_n=0, spo_candidate_pool=3)
+    with pytest.raises(UserError, match=r"^method\.spo_candidate_pool: 13 is above the 12 rows of data\.train"):
+        _spo_trainer(tmp_path / "c", spo_offline_n=0, spo_candidate_pool=13)
+    with pytest.raises(UserError, match=r"^method\.spo_candidate_pool: .*greater than or equal to 1"):
+        parse_recipe(_spo_recipe_data(tmp_path, spo_candidate_pool=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# posttrain spo-init
+
+
+def _write_recipe(path, out, method=None):
+    import yaml
+
+    data = _spo_recipe_data(out)
+    path.write_text(yaml.safe_dump({**data, "method": method or data["method"]}))
+    return str(path)
+
+
+def test_spo_init_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
+    """`posttrain spo-init` writes n0 scores per training prompt to output_dir/spo_offline_scores.json; a pass killed
+    after two of its six rounds continues from its partial file to the same scores (the partial file of another
+    pass is started over); an existing file, a non-SPO recipe, n0 = 0 and a missing recipe are one error line each
+    (exit 2)."""
+    import json
+
+    from posttrain.cli import main
+    from posttrain.trainers.spo import OFFLINE_SCORES_FILE, SPOGRPOTrainer
+
+    recipe = _write_recipe(tmp_path / "spo.yaml", tmp_path / "run")
+    assert main(["spo-init", recipe]) == 0
+    assert "wrote " in capsys.readouterr().out
+    scores = json.loads((tmp_path / "run" / OFFLINE_SCORES_FILE).read_text())
+    assert len(scores) == 12 and all(len(v) == 2 and set(v) <= {0.0, 1.0} for v in scores.values())
+
+    original, calls = SPOGRPOTrainer._generate_and_score_local, []
+
+    def dies_in_round_three(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise RuntimeError("simulated kill")
+        return original(self, rows)
+
+    out = tmp_path / "other" / "scores.json"
+    monkeypatch.setattr(SPOGRPOTrainer, "_generate_and_score_local", dies_in_round_three)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        main(["spo-init", recipe, "--out", str(out)])
+    partial = json.loads((out.parent / "scores.json.partial").read_text())
+    assert partial["rounds_done"] == 2 and not out.exists()
+    monkeypatch.setattr(SPOGRPOTrainer, "_generate_and_score_local", original)
+    assert main(["spo-init", recipe, "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == scores and not (out.parent / "scores.json.partial").exists()
+    assert "set method.spo_offline_scores: " in capsys.readouterr().out
+    stale = {**partial, "layout": {**partial["layout"], "rewards": [["other"], [1.0], None]}, "rounds_done": 6,
+             "scores": {k: [0.0, 0.0] for k in scores}}  # another pass's progress (other rewards): started over
+    (tmp_path / "third.json.partial").write_text(json.dumps(stale))
+    assert main(["spo-init", recipe, "--out", str(tmp_path / "third.json")]) == 0
+    assert json.loads((tmp_path / "third.json").read_text()) == scores
+    assert "is another pass's (other prompts, rewards or sampling settings): starting again" in capsys.readouterr().err
+
+    def error(*argv):
+        assert main(["spo-init", *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert "exists (`posttrain train` reads it as it is); pass --overwrite" in error(recipe)
+    grpo = _write_recipe(tmp_path / "grpo.yaml", tmp_path / "g", {"name": "grpo", "advantage": "group"})
+    assert "method.advantage: spo (method.advantage is group)" in error(grpo)
+    assert error(recipe, "--set", "method.spo_offline_n=0", "--out", str(tmp_path / "x.json")).startswith(
+        "error: method.spo_offline_n: 0 starts every prompt at the Jeffreys prior")
+    assert "no-such.yaml" in error(str(tmp_path / "no-such.yaml"))
+
+
+def test_train_reading_spo_init_scores_equals_the_automatic_pass(tmp_path, caplog):
+    """A run that reads `posttrain spo-init`'s file (the default path in its output_dir) and a run that samples the
+    offline pass itself, same seed: the same scores file, tracker, sampler state and final weights (the pass is seeded
+    by rounds and leaves the run's random state as it was)."""
+    import json
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.cli import main
+    from posttrain.trainers.spo import OFFLINE_SCORES_FILE
+
+    assert main(["spo-init", _write_recipe(tmp_path / "spo.yaml", tmp_path / "read")]) == 0
+    written = (tmp_path / "read" / OFFLINE_SCORES_FILE).read_text()
+
+    def recipe_for(out):
+        from posttrain.recipe import parse_recipe
+
+        data = _spo_recipe_data(out)
+        return parse_recipe({**data, "training": {**data["training"], "max_steps": 2, "save_steps": 10}})
+
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        read = _run_spo(recipe_for(tmp_path / "read"), quiet=False)  # the INFO line
+    assert any("12 of 12 training prompts; 0 missing" in m for m in caplog.messages)
+    sampled = _run_spo(recipe_for(tmp_path / "sampled"))
+    assert json.loads((tmp_path / "sampled" / OFFLINE_SCORES_FILE).read_text()) == json.loads(written)
+    assert read[0]["tracker"] == sampled[0]["tracker"] and torch.equal(read[1], sampled[1])
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "read").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "sampled").state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_scores_file_errors_and_coverage(tmp_path, caplog):
+    """A scores file of the wrong shape or for other prompts is one error naming the key and the file; one that covers
+    some prompts starts those from their scores and the rest at the Jeffreys prior, with the counts logged."""
+    import json
+    import logging
+
+    from posttrain.errors import UserError
+    from posttrain.rl.spo import offline_init
+
+    def first_batch(trainer):
+        trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+    for i, (content, message) in enumerate([
+        ("[1, 0]", r"holds a JSON list, expected an object of prompt keys to score lists"),
+        ('{"abc": [1, "x"]}', r"prompt abc: expected a list of finite scores"),
+        ('{"abc": [1, 0]}', r"holds the scores of 1 prompts, none of them in data\.train"),
+        ("{", r"cannot read"),
+    ]):
+        path = tmp_path / f"bad{i}.json"
+        path.write_text(content)
+        trainer = _spo_trainer(tmp_path / f"run{i}", spo_offline_scores=str(path))
+        with pytest.raises(UserError, match=rf"^method\.spo_offline_scores: .*{message}") as caught:
+            first_batch(trainer)
+        assert str(path) in str(caught.value)
+    trainer = _spo_trainer(tmp_path / "part")
+    keys = sorted(set(trainer._spo_keys))
+    covered = {k: [1.0, 0.0] for k in keys[:5]}
+    (tmp_path / "part" / "spo_offline_scores.json").write_text(json.dumps({**covered, "other": [1.0]}))
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        first_batch(trainer)
+    assert any("output_dir/spo_offline_scores.json): 5 of 12 training prompts; 7 missing start at the Jeffreys prior "
+               "(0.5, 0.5); 1 prompts of the file are not in data.train" in m for m in caplog.messages)
+    t = trainer.spo_tracker
+    assert all((t.alpha[k], t.beta[k]) == pytest.approx(offline_init([1.0, 0.0])) for k in covered)
+    assert all(k not in t.alpha for k in keys[5:]) and "other" not in t.alpha  # p_hat 0.5 until visited

@@ -75,6 +75,7 @@ def test_refused_under_deepspeed_and_fsdp(tmp_path):
             preflight(_recipe(tmp_path, **{key: value}), load_data=False)
 
 
+@pytest.mark.slow  # the refusal itself is checked in-process above; this adds the CLI's exit code (a 13 s subprocess)
 def test_cli_refusal_is_exit_2(tmp_path):
     import subprocess
     import sys

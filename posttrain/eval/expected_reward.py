@@ -4,7 +4,7 @@ For a prompt x with reference answer a, sampling at temperature T returns exactl
 probability ``P_T(a + EOS | x) = prod_t softmax(z_t / T)[a_t]``. Its mean over the prompts is the expected exact-match
 reward of the policy on them (a lower bound when several strings count as correct, e.g. ``"19\\n..."``), with none of
 the sampling noise of a measured reward: the clean signal for "did RL on these prompts raise the reward it optimises"
-(``tests/test_rl_trainer.py``, ``benchmarks/rl_variants.py``).
+(``tests/families/rl/test_rl_trainer.py``, ``benchmarks/rl_variants.py``).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ defaults where they differ from the library's:
 |---|---|---|
 """
 
-# (key, default, note): posttrain.run.pipeline.training_config and the family config builders
+# (key, default, note): posttrain.trainers.common.training_config and the family config builders
 TRAINING_DEFAULTS = [
     ("report_to", "none", "or tensorboard / trackio / wandb (install the extra); metrics.jsonl is always written"),
     ("logging_steps", "10", ""),

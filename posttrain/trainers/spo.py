@@ -3,27 +3,35 @@ sampling and KL-adaptive forgetting (``method.advantage: spo``; docs/methods/spo
 
 :class:`SPOGRPOTrainer` is :class:`posttrain.trainers.rl.PosttrainGRPOTrainer` with ``num_generations = 1`` and:
 
-* **the offline pass** (``spo-init``): before the first step, the start policy samples ``spo_offline_n`` (n0)
-  completions of every training prompt, scored by the recipe's rewards; each prompt's tracker starts from at most n0
-  of its scores (:func:`posttrain.rl.spo.offline_init`). The scores are written to
-  ``output_dir/spo_offline_scores.json`` (``method.spo_offline_scores`` reads such a file instead of sampling again);
-* **prioritized sampling**: each generation batch's prompts are drawn here, at generation time, from the whole
-  training set without replacement with weights ``sqrt(p_hat (1 - p_hat)) + eps`` from the tracker as updated up to
-  the previous step (a seeded generator shared by every process; the dataloader only paces the steps);
+* **the offline pass** (``posttrain spo-init``, :mod:`posttrain.run.spo_init`, or automatically before the first
+  step): the start policy samples ``spo_offline_n`` (n0) completions of every training prompt, scored by the recipe's
+  rewards, each round of generation seeded from the run's seed and the round alone (so the command and the automatic
+  pass give the same scores on the same number of processes, and the run's own random state is left as it was); each
+  prompt's tracker starts from at most n0 of its scores (:func:`posttrain.rl.spo.offline_init`). The scores file
+  (``{prompt key: [scores]}``) is ``method.spo_offline_scores`` when set, else ``output_dir/spo_offline_scores.json``:
+  read when it exists, else sampled and written there;
+* **prioritized sampling**: each generation batch's prompts are drawn here, at generation time, without replacement
+  with weights ``sqrt(p_hat (1 - p_hat)) + eps`` from the tracker as updated up to the previous step, out of the whole
+  training set or, with ``spo_candidate_pool: K``, out of the next K rows of a shuffled pass over it (a seeded
+  generator shared by every process; the dataloader only paces the steps);
 * **the advantage**: the ``spo`` estimator gets each row's ``p_hat``, read before this visit's update;
 * **the tracker update**, at the start of the next generation (the policy has then taken this batch's update steps):
   ``D`` = mean ``|log pi_prev - log pi_now|`` on each prompt's previously stored response, ``rho =
   clip(2^(-D / d_half), rho_min, rho_max)`` (or ``spo_rho_value``), ``alpha <- rho alpha + r``, ``beta <- rho beta +
   (1 - r)``, and the new response is stored with its log-probs under the current policy;
-* **checkpoints**: the tracker, the sampler's generator and the pending update are saved with the RNG state of every
-  process (``spo_state_<rank>.pt``), so ``--resume`` continues exactly (checkpoints at generation boundaries: the
-  default ``steps_per_generation`` = gradient accumulation and ``num_iterations: 1``).
+* **checkpoints**: the tracker, the sampler's generator, the candidate pools' pass and the pending update are saved
+  with the RNG state of every process (``spo_state_<rank>.pt``), so ``--resume`` continues exactly (checkpoints at
+  generation boundaries: the default ``steps_per_generation`` = gradient accumulation and ``num_iterations: 1``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +68,72 @@ def draw_prompts(weights: torch.Tensor, count: int, generator: torch.Generator) 
                              generator=generator).tolist()
 
 
+def next_candidate_pool(order: list[int], cursor: int, size: int, num_rows: int,
+                        generator: torch.Generator) -> tuple[list[int], list[int], int]:
+    """The next ``size`` row indices of a shuffled pass over ``num_rows`` rows, as the reference's data loader of
+    ``gen_batch_size`` prompts yields them: ``(pool, order, cursor)``. A new seeded permutation starts when fewer than
+    ``size`` rows of the current one are left (those are skipped, as a drop-last loader does)."""
+    if cursor + size > len(order):
+        order, cursor = torch.randperm(num_rows, generator=generator).tolist(), 0
+    return order[cursor:cursor + size], order, cursor + size
+
+
+def check_candidate_pool(pool: int | None, batch: int, num_rows: int) -> str | None:
+    """The error line of a ``spo_candidate_pool`` that cannot feed the generation batch, else None."""
+    if pool is None:
+        return None
+    if pool < batch:
+        return (f"method.spo_candidate_pool: {pool} is below the generation batch of {batch} prompts "
+                "(per_device_train_batch_size x steps_per_generation x processes); the batch is drawn from the pool "
+                "without replacement")
+    if pool > num_rows:
+        return f"method.spo_candidate_pool: {pool} is above the {num_rows} rows of data.train"
+    return None
+
+
+def offline_round_seed(seed: int, round_index: int) -> int:
+    """The seed of one round of the offline pass: a function of the run's seed and the round alone, so a pass resumed
+    from its partial file samples what an uninterrupted one does."""
+    return (seed * 1_000_003 + round_index) % 2**63
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Sample under ``torch.manual_seed(seed)`` and restore the global random state of the CPU (and of ``device``)
+    afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON through a temporary file and a rename: a reader sees the old file or the new one, never
+    a part."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+def read_offline_scores(path: Path, where: str) -> dict[str, list[float]]:
+    """A scores file ``{prompt key: [scores]}`` (what the offline pass writes); a file that cannot be read or has
+    another shape is one error naming ``where`` and the file."""
+    try:
+        scores = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{where}: cannot read '{path}' ({exc})") from None
+    if not isinstance(scores, dict):
+        raise UserError(f"{where}: '{path}' holds a JSON {type(scores).__name__}, expected an object of prompt keys to "
+                        "score lists (what `posttrain spo-init` writes)")
+    for key, values in scores.items():
+        ok = isinstance(values, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok:
+            raise UserError(f"{where}: '{path}': prompt {key}: expected a list of finite scores, got "
+                            f"{json.dumps(values)[:80]}")
+    return scores
+
+
 class SPOGRPOTrainer(PosttrainGRPOTrainer):
     """GRPO's trainer with SPO's single-stream machinery (see the module docstring)."""
 
@@ -76,6 +150,11 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
         self._spo_drawn: list[str] | None = None  # keys of the generation batch being scored (all processes)
         self._spo_rows = list(self.train_dataset)
         self._spo_keys = [row_key(row["prompt"]) for row in self._spo_rows]
+        self._spo_order: list[int] = []  # the shuffled pass over the rows that candidate pools are cut from
+        self._spo_cursor = 0
+        error = check_candidate_pool(p.spo_candidate_pool, self.args.generation_batch_size, len(self._spo_rows))
+        if error is not None:
+            raise UserError(error)
 
     # ---------------------------------------------------------------------------------------------------------------
     # rewards on the tracker's scale
@@ -130,11 +209,17 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
         same global batch from the same generator and tracker)."""
         p = self.params
         total = local * self.accelerator.num_processes
-        if p.spo_prioritized:
-            weights = sampling_weights(self.spo_tracker.p_hat(self._spo_keys), eps=p.spo_sampling_eps)
+        if p.spo_candidate_pool is None:
+            candidates: list[int] | range = range(len(self._spo_keys))
         else:
-            weights = torch.ones(len(self._spo_keys), dtype=torch.float64)
-        drawn = draw_prompts(weights, total, self.spo_generator)
+            candidates, self._spo_order, self._spo_cursor = next_candidate_pool(
+                self._spo_order, self._spo_cursor, p.spo_candidate_pool, len(self._spo_keys), self.spo_generator)
+        if p.spo_prioritized:
+            weights = sampling_weights(self.spo_tracker.p_hat([self._spo_keys[i] for i in candidates]),
+                                       eps=p.spo_sampling_eps)
+        else:
+            weights = torch.ones(len(candidates), dtype=torch.float64)
+        drawn = [candidates[j] for j in draw_prompts(weights, total, self.spo_generator)]
         mine = drawn[self.accelerator.process_index * local:(self.accelerator.process_index + 1) * local]
         keys = [self._spo_keys[i] for i in drawn]
         p_hat = self.spo_tracker.p_hat(keys)
@@ -154,57 +239,106 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
         rpf = stash["rewards_per_func"]
         return output, combine_rewards(rpf, self.reward_weights.to(rpf.device))
 
+    def _spo_scores_file(self) -> tuple[Path, str] | None:
+        """The scores file the offline pass reads, with the name errors give it: ``method.spo_offline_scores``, else
+        ``output_dir/spo_offline_scores.json`` when it exists (``posttrain spo-init``'s default ``--out``, or an
+        earlier automatic pass of this run); None: sample."""
+        p = self.params
+        if p.spo_offline_scores is not None:
+            return Path(p.spo_offline_scores).expanduser(), "method.spo_offline_scores"
+        default = Path(self.args.output_dir) / OFFLINE_SCORES_FILE
+        if p.spo_offline_n > 0 and default.is_file():
+            return default, f"output_dir/{OFFLINE_SCORES_FILE}"
+        return None
+
+    def _spo_read_scores(self, path: Path, where: str) -> dict[str, list[float]]:
+        """The scores of the training prompts in a scores file (logged: which file, how many prompts it covers; the
+        prompts it misses start at the Jeffreys prior); a file with none of them is an error."""
+        scores = read_offline_scores(path, where)
+        keys = set(self._spo_keys)
+        covered = {key: values for key, values in scores.items() if key in keys}
+        if not covered:
+            raise UserError(f"{where}: '{path}' holds the scores of {len(scores)} prompts, none of them in data.train "
+                            "(written for other data, another chat template or system prompt?)")
+        logger.info("spo: offline scores read from %s (%s): %d of %d training prompts; %d missing start at the "
+                    "Jeffreys prior (0.5, 0.5); %d prompts of the file are not in data.train (ignored)", path, where,
+                    len(covered), len(keys), len(keys) - len(covered), len(scores) - len(covered))
+        return covered
+
     def _spo_offline_init(self) -> None:
-        """The offline pass: n0 sampled scores per training prompt (or ``method.spo_offline_scores``), then each
-        prompt's starting ``(alpha, beta)``."""
+        """Each prompt's starting ``(alpha, beta)`` from its offline scores: a scores file (:meth:`_spo_scores_file`),
+        or the offline pass sampled now and written to ``output_dir/spo_offline_scores.json``."""
         p = self.params
         self.spo_initialized = True
-        if p.spo_offline_scores is not None:
-            path = Path(p.spo_offline_scores).expanduser()
-            try:
-                scores = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise UserError(f"method.spo_offline_scores: cannot read '{path}' ({exc})") from None
-            if not isinstance(scores, dict) or not all(isinstance(v, list) for v in scores.values()):
-                raise UserError(f"method.spo_offline_scores: '{path}' is not a JSON object of prompt keys to score "
-                                "lists")
+        found = self._spo_scores_file()
+        if found is not None:
+            scores = self._spo_read_scores(*found)
         elif p.spo_offline_n > 0:
-            scores = self._spo_sample_offline_scores(p.spo_offline_n)
+            scores = self.spo_offline_scores()
+            if self.accelerator.is_main_process:
+                out = Path(self.args.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(out / OFFLINE_SCORES_FILE, scores)
         else:
             scores = {}
         self.spo_tracker.init_offline(scores, max_scores=p.spo_offline_n, seed=self.args.seed)
-        if scores and p.spo_offline_scores is None and self.accelerator.is_main_process:
-            out = Path(self.args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / OFFLINE_SCORES_FILE).write_text(json.dumps(scores) + "\n")
 
-    def _spo_sample_offline_scores(self, n0: int) -> dict[str, list[float]]:
-        """``n0`` completions of every distinct training prompt by the start policy, scored and binarised (``r > 0``
-        after the tracker's rescaling); the work is shared by the processes, the result is the same on each."""
+    def spo_offline_scores(self, partial: Path | None = None) -> dict[str, list[float]]:
+        """The offline pass: ``spo_offline_n`` (n0) completions of every distinct training prompt by the start policy,
+        scored and binarised (``r > 0`` after the tracker's rescaling). It runs in rounds of one generation batch,
+        each seeded by :func:`offline_round_seed` (the run's random state is restored afterwards); the work is shared
+        by the processes, the result is the same on each. ``partial``: the scores so far are written there after
+        every round (atomically), and a pass started again with the same file and settings continues after its last
+        complete round, with the same result as an uninterrupted pass."""
+        n0 = self.params.spo_offline_n
         first: dict[str, int] = {}
         for i, key in enumerate(self._spo_keys):
             first.setdefault(key, i)
         jobs = [i for i in first.values() for _ in range(n0)]
+        real = len(jobs)
         nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
         chunk = self.args.per_device_train_batch_size * self.args.steps_per_generation
         per_round = chunk * nproc
         jobs += jobs[-1:] * (-len(jobs) % per_round)  # equal rounds on every process
-        logger.info("spo-init: %d samples (%d prompts x %d) from the start policy", len(first) * n0, len(first), n0)
+        rounds = len(jobs) // per_round
         scores: dict[str, list[float]] = {key: [] for key in first}
+        layout = {"prompts": len(first), "n0": n0, "per_round": per_round, "seed": self.args.seed,
+                  "rewards": [list(self.reward_func_names), self.reward_weights.tolist(), self.params.spo_reward_range],
+                  "sampling": [self.temperature, self.top_p, self.top_k, self.max_completion_length]}
+        start = 0
+        if partial is not None and partial.is_file():
+            try:
+                saved = json.loads(partial.read_text())
+            except (OSError, ValueError):
+                saved = None
+            same_pass = isinstance(saved, dict) and saved.get("layout") == layout
+            if same_pass and set(saved.get("scores", ())) == set(scores):
+                scores, start = saved["scores"], int(saved["rounds_done"])
+                logger.info("spo-init: continuing the pass in %s after round %d of %d", partial, start, rounds)
+            else:
+                logger.info("spo-init: %s is another pass's (other prompts, rewards or sampling settings): starting "
+                            "again", partial)
+        logger.info("spo-init: %d samples (%d prompts x %d) from the start policy, %d rounds of %d", real, len(first),
+                    n0, rounds, per_round)
         tokens_seen = self.state.num_input_tokens_seen
         was_training = self.model.training
         self.model.eval()  # GRPO's eval path: no training metrics, no token count
+        began = time.time()
         try:
-            counted = 0
-            for start in range(0, len(jobs), per_round):
-                batch = jobs[start:start + per_round]
-                _, rewards = self._generate_and_score_local([self._spo_rows[i] for i in
-                                                             batch[rank * chunk:(rank + 1) * chunk]])
+            for r in range(start, rounds):
+                batch = jobs[r * per_round:(r + 1) * per_round]
+                with seeded_rng(offline_round_seed(self.args.seed, r), self.accelerator.device):
+                    _, rewards = self._generate_and_score_local([self._spo_rows[i] for i in
+                                                                 batch[rank * chunk:(rank + 1) * chunk]])
                 rewards = self._tracker_rewards(rewards)
-                for i, r in zip(batch, rewards.tolist(), strict=True):
-                    if counted < len(first) * n0 and r == r:  # padding jobs and unscorable rows do not count
-                        scores[self._spo_keys[i]].append(float(r > 0))
-                    counted += 1
+                for j, (i, reward) in enumerate(zip(batch, rewards.tolist(), strict=True)):
+                    if r * per_round + j < real and reward == reward:  # padding and unscorable rows do not count
+                        scores[self._spo_keys[i]].append(float(reward > 0))
+                if partial is not None and self.accelerator.is_main_process:
+                    write_json_atomic(partial, {"layout": layout, "rounds_done": r + 1, "scores": scores})
+                done = min((r + 1) * per_round, real)
+                logger.info("spo-init: round %d/%d, %d/%d samples (%.0f%%), %.0f s", r + 1, rounds, done, real,
+                            100 * done / real, time.time() - began)
         finally:
             self.model.train(was_training)
             self.state.num_input_tokens_seen = tokens_seen
@@ -287,13 +421,15 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
 
     def spo_state_dict(self) -> dict[str, Any]:
         return {"tracker": self.spo_tracker.state_dict(), "initialized": self.spo_initialized,
-                "generator": self.spo_generator.get_state(), "pending": self.spo_pending}
+                "generator": self.spo_generator.get_state(), "pending": self.spo_pending,
+                "pool_order": list(self._spo_order), "pool_cursor": self._spo_cursor}
 
     def load_spo_state_dict(self, state: dict[str, Any]) -> None:
         self.spo_tracker.load_state_dict(state["tracker"])
         self.spo_initialized = state["initialized"]
         self.spo_generator.set_state(state["generator"])
         self.spo_pending = state["pending"]
+        self._spo_order, self._spo_cursor = list(state.get("pool_order", [])), state.get("pool_cursor", 0)
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)

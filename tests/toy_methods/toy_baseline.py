@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from posttrain.rl.parts import ADVANTAGES, PartOptions
+from posttrain.families.rl.parts import ADVANTAGES, PartOptions
 
 
 class ToyBaselineOptions(PartOptions):
@@ -14,14 +14,10 @@ class ToyBaselineOptions(PartOptions):
 
 
 @ADVANTAGES.register("toy_baseline", doc="docs/contributing.md", options_model=ToyBaselineOptions,
-                     refuses={"scale_rewards": "uses a fixed baseline, no std scaling"},
-                     options=lambda p, strata: {"baseline": p.toy_baseline})
-def toy_baseline_advantage(rewards, num_generations, *, baseline):
+                     refuses={"scale_rewards": "uses a fixed baseline, no std scaling"})
+def toy_baseline_advantage(rewards, groups, opts):
     """REINFORCE with a fixed baseline (Williams 1992; GRPO's group mean instead, arXiv 2402.03300): ``A_i = r_i -
-    baseline``, every row kept; ``num_generations`` unused."""
-    import torch
+    toy_baseline``, every row kept; the groups are unused."""
+    from posttrain.families.rl.common import keep_all
 
-    from posttrain.rl.advantages import AdvantageOutput
-
-    return AdvantageOutput(rewards - baseline, torch.ones_like(rewards, dtype=torch.bool))
-
+    return keep_all(rewards - opts.toy_baseline)

@@ -12,16 +12,35 @@ The outcome R in [0, 1] is the label and psi the logit: the gradient is a policy
 (R - sigmoid(psi)), so the policy is its own critic. Only ``old_logp`` is detached: the gradient flows through psi into
 every row of the group. On-policy (psi = 0) with unit weights it is REINFORCE with a leave-one-out baseline on
 sequence-summed log-probs. Weights ("question") are sklearn's "balanced" class weights within each group.
+
+Selected by ``method.loss: pacs``; it replaces the surrogate's parts (its own score, no clipping, no KL, a row mean),
+and the trainer keeps each row's label and group with it (``RowTargets``).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field
+
+from posttrain.families.rl.parts import POLICY_LOSSES, PartOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from posttrain.families.rl.common import RowTargets
 
 STD_EPS = 1e-6  # grpo score: psi = (r - mean) / (std + 1e-6), unbiased std (the authors' code)
+
+
+class PACSOptions(PartOptions):
+    pacs_beta: float = Field(1.0, gt=0.0, description="pacs: scale of the log-ratio reward proxy.")
+    pacs_reward_method: Literal["ratio", "avg_logp"] = Field(
+        "ratio", description="pacs: r = beta * summed log-ratio to the generating policy, or beta * mean log-prob.")
+    pacs_score: Literal["rloo", "grpo", "naive"] = Field(
+        "rloo", description="pacs: the logit psi: r minus the other rows' mean (rloo), group-standardised, or r.")
+    pacs_weight: Literal["question", "only_positive", "only_negative", "none"] = Field(
+        "question", description="pacs: row weights; question = balanced class weights within each group.")
 
 
 class PACSOutput(NamedTuple):
@@ -33,6 +52,8 @@ class PACSOutput(NamedTuple):
 
 
 def _group_sum(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    import torch
+
     return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, groups, values)
 
 
@@ -40,6 +61,8 @@ def reward_proxy(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torc
                  method: str = "ratio") -> torch.Tensor:
     """``r_hat`` [B] in fp32: ``beta * sum mask * (logp - old_logp)`` (``ratio``, a sum: no length normalisation) or
     ``beta * sum mask * logp / N_i`` (``avg_logp``)."""
+    import torch
+
     dtype = torch.promote_types(logps.dtype, torch.float32)  # at least fp32: sums over many tokens
     m = mask.to(dtype)
     if method == "ratio":
@@ -54,6 +77,8 @@ def reward_proxy(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torc
 def pacs_score(rhat: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, score: str = "rloo") -> torch.Tensor:
     """``psi`` [B] from ``rhat`` within each group over its valid rows (invalid rows: 0). ``rloo``: minus the mean of
     the other rows; ``grpo``: (r - mean) / (unbiased std + 1e-6); ``naive``: r itself."""
+    import torch
+
     if score == "naive":
         return torch.where(valid, rhat, torch.zeros_like(rhat))
     num_groups = int(groups.max()) + 1 if groups.numel() else 0
@@ -77,6 +102,8 @@ def pacs_weights(rewards: torch.Tensor, groups: torch.Tensor, valid: torch.Tenso
     """Constant row weights [B]. ``question``: within a group with K >= 2 distinct labels, n / (K * count(label))
     (sklearn's "balanced"), else 1; ``only_positive`` 1[R = 1]; ``only_negative`` 1[R = 0]; ``none`` 1. Invalid rows
     get 0."""
+    import torch
+
     r = torch.nan_to_num(rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32)), nan=-1.0)
     if mode == "none":
         w = torch.ones_like(r)
@@ -111,6 +138,9 @@ def pacs_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.T
     The loss is ``sum_i w_i * BCE(psi_i, R_i) / B`` with B = all rows (torch ``BCEWithLogitsLoss(weight=w)``, a mean
     over rows, not normalised by sum w); a group left with fewer than 2 scored rows adds 0.
     """
+    import torch
+    import torch.nn.functional as F
+
     groups = groups.long()
     scored = ~torch.isnan(rewards)
     num_groups = int(groups.max()) + 1 if groups.numel() else 0
@@ -126,15 +156,20 @@ def pacs_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.T
     return PACSOutput(loss, psi, rhat, w, valid)
 
 
-def pacs_objective(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.Tensor, labels: torch.Tensor,
-                   groups: torch.Tensor, **options) -> tuple[torch.Tensor, dict]:
-    """PACS (Li et al., arXiv 2509.02522) as ``method.loss``'s row objective: :func:`pacs_loss` of a micro-batch of
-    whole groups (``options``: its keywords) and its metrics, row means over the valid rows (pooled over processes by
-    :func:`posttrain.distributed.reduce_metrics`): ``pacs/loss``, ``pacs/psi_mean``, ``pacs/pred_acc`` (share of rows
-    whose sign of psi predicts the label), ``pacs/rhat_abs_mean``, ``pacs/weight_mean``."""
+@POLICY_LOSSES.register("pacs", doc="docs/methods/pacs.md#loss", options_model=PACSOptions, uses_parts=False,
+                        replaces="its own RLOO score, no clipping, no KL, a row mean")
+def pacs(logps: torch.Tensor, old_logps: torch.Tensor | None, rows: RowTargets, mask: torch.Tensor,
+         opts) -> tuple[torch.Tensor, dict]:
+    """PACS (Li et al., arXiv 2509.02522) as ``method.loss``: :func:`pacs_loss` of a micro-batch of whole groups
+    (``rows``: each row's label and group; ``pacs_beta``, ``pacs_reward_method``, ``pacs_score``, ``pacs_weight``) and
+    its metrics, row means over the valid rows (pooled over processes by :func:`posttrain.distributed.reduce_metrics`):
+    ``pacs/loss``, ``pacs/psi_mean``, ``pacs/pred_acc`` (share of rows whose sign of psi predicts the label),
+    ``pacs/rhat_abs_mean``, ``pacs/weight_mean``."""
     from posttrain.distributed import TokenMean
 
-    out = pacs_loss(logps, old_logps, mask, labels, groups, **options)
+    labels = rows.labels
+    out = pacs_loss(logps, old_logps, mask, labels, rows.groups, beta=opts.pacs_beta,
+                    reward_method=opts.pacs_reward_method, score=opts.pacs_score, weight=opts.pacs_weight)
     valid = out.valid
     predicted = ((out.psi.detach() > 0).float() == (labels > 0.5).float()).float()
     metrics = {
@@ -149,6 +184,8 @@ def pacs_objective(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: to
 
 def check_labels(rewards: torch.Tensor) -> None:
     """PACS labels are the combined rewards; they must lie in [0, 1] (NaN: an unscored row, dropped)."""
+    import torch
+
     from posttrain.errors import UserError
 
     r = rewards[~torch.isnan(rewards)]

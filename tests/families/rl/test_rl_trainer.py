@@ -1,4 +1,4 @@
-"""The RL-family trainer (posttrain.trainers.rl) against stock TRL GRPOTrainer, trainer-level equivalences from the
+"""The RL-family trainer (posttrain.families.rl.trainer) against stock TRL GRPOTrainer, trainer-level equivalences from the
 method pages (docs/methods/grpo.md#how-it-is-tested), reward-function errors, and a short learning check."""
 
 import inspect
@@ -10,7 +10,7 @@ import torch
 
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 NUM_GEN = 4
 
 
@@ -34,7 +34,7 @@ def _trainer(model_dir, tmp_path, cls=None, params=None, beta=0.0, reward_funcs=
 
     from posttrain.methods import GRPOParams
     from posttrain.rl.rewards import exact_match
-    from posttrain.trainers.rl import PosttrainGRPOTrainer
+    from posttrain.families.rl.trainer import PosttrainGRPOTrainer
 
     torch.manual_seed(0)
     if not (Path(tmp_path) / "model" / "config.json").exists():
@@ -183,8 +183,9 @@ def test_rloo_advantages_equal_stock_trl_rloo_trainer(normalize, rows, arith_mod
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
+    from rl_parts import rloo
+
     from posttrain.methods import GRPOParams
-    from posttrain.rl.advantages import rloo
 
     ours = _trainer(arith_model_dir, tmp_path / "a", reward_funcs=[partial_credit],
                     params=GRPOParams(advantage="rloo", rloo_normalize_advantages=normalize))
@@ -288,7 +289,8 @@ def test_stratified_with_one_stratum_equals_group(shared):
     m = trainer._metrics["train"]
     assert m["san/num_strata_per_group"][-1] == 1.0 and m["san/cross_stratum_bias"][-1] == 0.0
     assert m["san/adv_abs_diff"][-1] == 0.0 and m["san/reward_mean/same"][-1] == pytest.approx(0.5)
-    from posttrain.rl.advantages import stratified_stats, stratum_ids
+    from posttrain.families.rl.advantages.stratified import stratified_stats
+    from posttrain.families.rl.common import Groups, stratum_ids
 
     recorded = []
 
@@ -301,14 +303,14 @@ def test_stratified_with_one_stratum_equals_group(shared):
     # the logged diagnostics are those of the batch's rewards (the alternating 0/1 column) and keys
     keys = recorded[-len(rows):]
     rewards = torch.tensor([r["forced"] for r in rows])
-    expected = stratified_stats(rewards, NUM_GEN, stratum_ids(keys))
+    expected = stratified_stats(rewards, Groups(NUM_GEN, strata=stratum_ids(keys)), trainer.params)
     for name, value in expected.items():
         assert m[f"san/{name}"][-1] == pytest.approx(value, abs=1e-6), name
     for key in set(keys):
         picked = torch.tensor([k == key for k in keys])
         assert m[f"san/reward_mean/{key}"][-1] == pytest.approx(rewards[picked].mean().item(), abs=1e-6)
     # method.san_eps reaches the estimator (0: the paper's unit-variance form)
-    from posttrain.rl.advantages import stratified
+    from rl_parts import stratified
 
     eps0 = _inputs(trainer, rows, advantage="stratified", san_alpha=1.0, san_eps=0.0)["advantages"]
     keys = recorded[-len(rows):]
@@ -441,7 +443,7 @@ def test_trl_internals_we_override_still_exist():
     """Fails loudly when a TRL upgrade renames or re-signatures the GRPOTrainer methods posttrain overrides."""
     from trl import GRPOTrainer
 
-    from posttrain.trainers.rl import TRL_HOOKS
+    from posttrain.families.rl.trainer import TRL_HOOKS
 
     for name, params in TRL_HOOKS.items():
         method = getattr(GRPOTrainer, name, None)

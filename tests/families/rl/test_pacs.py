@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
-from posttrain.rl.pacs import pacs_loss, pacs_score, pacs_weights
+from posttrain.families.rl.policy_losses.pacs import pacs_loss, pacs_score, pacs_weights
 
 R4 = torch.tensor([1.0, 0.0, 0.0, 0.0])
 G4 = torch.zeros(4, dtype=torch.long)
@@ -187,7 +187,7 @@ def pacs_trainer(tmp_path_factory, arith_model_dir):
 
     from posttrain.data.arithmetic import arithmetic_rows
     from posttrain.methods import GRPOParams
-    from posttrain.trainers.rl import PosttrainGRPOTrainer
+    from posttrain.families.rl.trainer import PosttrainGRPOTrainer
 
     tmp = tmp_path_factory.mktemp("pacs")
     torch.manual_seed(0)
@@ -255,7 +255,7 @@ def test_config_errors_name_the_key(method, training, message, tmp_path):
 
 
 def test_rewards_outside_unit_interval_are_refused():
-    from posttrain.rl.pacs import check_labels
+    from posttrain.families.rl.policy_losses.pacs import check_labels
 
     check_labels(torch.tensor([0.0, 1.0, float("nan"), 0.5]))
     with pytest.raises(UserError, match=r"^method\.rewards: method\.loss: pacs .* \[0, 1\]; got values in \[0, 2\]"):
@@ -264,7 +264,7 @@ def test_rewards_outside_unit_interval_are_refused():
 
 @pytest.mark.slow
 def test_pacs_raises_training_reward(tmp_path):
-    """Learning check (as tests/test_rl_trainer.py::test_every_variant_raises_training_reward): recipes/grpo_pacs.yaml
+    """Learning check (as tests/families/rl/test_rl_trainer.py::test_every_variant_raises_training_reward): recipes/grpo_pacs.yaml
     for 60 steps on a fixed pool of 64 problems raises the exact expected exact-match reward by > 0.02."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -274,7 +274,7 @@ def test_pacs_raises_training_reward(tmp_path):
     from posttrain.recipe import load_recipe
     from posttrain.train import run
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     recipe = load_recipe(root / "recipes" / "grpo_pacs.yaml", [
         f"output_dir={tmp_path}", "training.max_steps=60", "training.lr_scheduler_type=constant",
         "data.train.max_samples=64", "data.test=null", "training.logging_steps=10", "training.save_strategy='no'",

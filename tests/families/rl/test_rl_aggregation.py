@@ -4,18 +4,11 @@ docs/methods/grpo_aggregation.md#how-it-is-tested, values and per-token gradient
 import pytest
 import torch
 
-from posttrain.rl.advantages import group
-from posttrain.rl.aggregation import (
-    LOSS_AGGREGATIONS,
-    aggregate_loss,
-    bnpo,
-    dapo,
-    delta_l,
-    delta_l_weights,
-    dr_grpo,
-    grpo,
-)
-from posttrain.rl.clipping import kl_k3, ppo_clip
+from rl_parts import aggregate, bnpo, clip, dapo, delta_l, dr_grpo, group, grpo
+
+from posttrain.families.rl.aggregations.delta_l import delta_l_weights
+from posttrain.families.rl.parts import AGGREGATIONS
+from posttrain.families.rl.policy_losses.grpo import kl_k3
 
 ATOL = 2e-6
 T_MAX = 4
@@ -43,7 +36,7 @@ def close(actual, expected, atol=ATOL):
 def surrogate(advantages=A, rho=RHO):
     """Per-token clipped surrogate (eps 0.2 / 0.28) from logps = log(rho), old = 0. Returns (loss, logps leaf)."""
     logps = torch.log(rho).clone().requires_grad_(True)
-    out = ppo_clip(logps, torch.zeros_like(logps), advantages, epsilon=0.2, epsilon_high=0.28)
+    out = clip("ppo", logps, torch.zeros_like(logps), advantages, MASK, epsilon=0.2, epsilon_high=0.28)
     return out.per_token_loss, logps
 
 
@@ -145,8 +138,8 @@ def test_dapo_global_normaliser_across_micro_batches_and_processes():
 def test_empty_batch_gives_zero_not_nan():
     z = torch.zeros(2, 3)
     for name, kw in [("grpo", {}), ("bnpo", {}), ("dapo", {}), ("dr_grpo", {"max_completion_length": 3}),
-                     ("delta_l", {"max_completion_length": 3})]:
-        assert aggregate_loss(name, torch.ones(2, 3), z, **kw).item() == 0.0
+                     ("delta_l", {"max_completion_length": 3, "row_weights": delta_l_weights(z)})]:
+        assert aggregate(name, torch.ones(2, 3), z, **kw).item() == 0.0
 
 
 def test_kl_term_with_ref_equal_policy_adds_nothing():
@@ -248,15 +241,25 @@ def test_delta_l_weight_properties():
     close(w[1:], [4 / 3, 2 / 3])
 
 
-def test_dispatcher():
+def test_every_aggregation_has_the_one_signature():
+    """``fn(per_token_loss, mask, normalizer)`` for every registered aggregation; what it divides by is read from the
+    :class:`Normalizer`, never passed as keywords."""
+    import inspect
+
+    for entry in AGGREGATIONS:
+        assert list(inspect.signature(entry.fn).parameters) == ["per_token_loss", "mask", "normalizer"], entry.name
     per_token, _ = surrogate()
-    assert aggregate_loss("grpo", per_token, MASK).item() == pytest.approx(-0.043933, abs=ATOL)
-    assert aggregate_loss("bnpo", per_token, MASK).item() == pytest.approx(-0.036614, abs=ATOL)
-    assert aggregate_loss("dapo", per_token, MASK, num_items_in_batch=16).item() == pytest.approx(-0.036614, abs=ATOL)
-    assert aggregate_loss("dr_grpo", per_token, MASK, max_completion_length=4).item() == pytest.approx(-0.024410, abs=ATOL)
-    assert aggregate_loss(
-        "delta_l", per_token, MASK, max_completion_length=4, delta_l_alpha=0.75, delta_l_scope="batch"
-    ).item() == pytest.approx(-0.023735, abs=ATOL)
+    assert aggregate("grpo", per_token, MASK).item() == pytest.approx(-0.043933, abs=ATOL)
+    assert aggregate("bnpo", per_token, MASK).item() == pytest.approx(-0.036614, abs=ATOL)
+    assert aggregate("dapo", per_token, MASK, num_items_in_batch=16).item() == pytest.approx(-0.036614, abs=ATOL)
+    assert aggregate("dr_grpo", per_token, MASK, max_completion_length=4).item() == pytest.approx(-0.024410, abs=ATOL)
+    w = delta_l_weights(MASK, alpha=0.75)
+    assert aggregate("delta_l", per_token, MASK, max_completion_length=4, row_weights=w).item() == pytest.approx(
+        -0.023735, abs=ATOL)
+    with pytest.raises(ValueError, match="row_weights"):
+        aggregate("delta_l", per_token, MASK, max_completion_length=4)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        aggregate("dr_grpo", per_token, MASK)
     with pytest.raises(ValueError):
-        aggregate_loss("seq_sum", per_token, MASK)
-    assert set(LOSS_AGGREGATIONS) == {"grpo", "bnpo", "dr_grpo", "dapo", "delta_l"}
+        AGGREGATIONS["seq_sum"]
+    assert set(AGGREGATIONS.names()) == {"grpo", "bnpo", "dr_grpo", "dapo", "delta_l"}

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.rl.diagnostics import BatchSignal, SignalMonitor, batch_signal, diagnose
+from posttrain.families.rl.diagnostics import BatchSignal, SignalMonitor, batch_signal, diagnose
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _batch(has_signal=False, lo=0.0, hi=0.0, clipped=0.0, means=None, zero_std=1.0):

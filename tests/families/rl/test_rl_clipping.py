@@ -9,20 +9,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.rl.advantages import group, nsr, psr, w_reinforce
-from posttrain.rl.aggregation import aggregate_loss, dapo, delta_l_weights, grpo
-from posttrain.rl.clipping import (
-    POLICY_OBJECTIVES,
+from rl_parts import (
+    aggregate,
     cispo_clip,
-    clip_metrics,
+    clip,
+    dapo,
     gppo_clip,
+    group,
+    grpo,
     gspo_clip,
-    gppo_sft_loss,
-    kl_k3,
-    kl_k3_bias_corrected,
-    policy_loss,
+    nsr,
     ppo_clip,
+    psr,
+    w_reinforce,
 )
+
+from posttrain.families.rl.aggregations.delta_l import delta_l_weights
+from posttrain.families.rl.parts import CLIPPINGS
+from posttrain.families.rl.policy_losses.grpo import gppo_sft_loss, kl_k3, kl_k3_bias_corrected
 
 ATOL = 2e-6
 
@@ -40,6 +44,19 @@ def padded(rows, width, fill=0.0):
 
 def leaf(rho):
     return torch.log(rho).clone().requires_grad_(True)
+
+
+def clip_metrics(out, mask):
+    """Masked token fractions with TRL's names (what the trainer logs, over one micro-batch)."""
+    m = mask.to(torch.float32)
+    n = m.sum().clamp(min=1.0)
+
+    def frac(x):
+        return float((x.to(torch.float32) * m).sum() / n)
+
+    return {"clip_ratio/low_mean": frac(out.low_clipped), "clip_ratio/high_mean": frac(out.high_clipped),
+            "clip_ratio/region_mean": frac(out.low_clipped | out.high_clipped),
+            "clip_ratio/gradient_preserved_mean": frac(out.gradient_preserved)}
 
 
 def grad_of(loss, logps, retain=False):
@@ -241,15 +258,15 @@ def test_dropped_rows_leave_every_aggregation(estimator, aggregation):
     if aggregation in ("dr_grpo", "delta_l"):
         options["max_completion_length"] = 4
     if aggregation == "delta_l":
-        options["weights"] = delta_l_weights(mask, alpha=0.75)
-    loss = aggregate_loss(aggregation, per_token, mask, **options)
+        options["row_weights"] = delta_l_weights(mask, alpha=0.75)
+    loss = aggregate(aggregation, per_token, mask, **options)
     value, grads = NR_EXPECTED[estimator, aggregation]
     assert loss.item() == pytest.approx(value, abs=ATOL)
     close(grad_of(loss, logps), torch.tensor(grads).unsqueeze(1) * G_MASK)
     if aggregation in ("grpo", "dr_grpo", "delta_l"):  # split over 2 processes x 2 micro-batches: same total
         total = sum(
-            aggregate_loss(aggregation, per_token[rows], mask[rows], num_processes=2,
-                           **{**options, **({"weights": options["weights"][rows]} if "weights" in options else {})})
+            aggregate(aggregation, per_token[rows], mask[rows], num_processes=2,
+                      **{**options, **({"row_weights": options["row_weights"][rows]} if "row_weights" in options else {})})
             for rows in (slice(0, 2), slice(2, 3), slice(3, 5), slice(5, 6))
         ) / 2  # DDP averages the two processes' gradients
         assert total.item() == pytest.approx(value, abs=ATOL)
@@ -372,21 +389,22 @@ def test_gppo_sft_term():
     close(grad_of(gppo_sft_loss(logps, P_MASK, correct, 0.1, num_correct_tokens=10), logps)[0, 0], -0.01)
 
 
-def test_policy_loss_dispatcher():
+def test_every_clipping_rule_has_the_one_signature():
+    """``fn(logps, old_logps, advantages, mask, opts)`` for every registered rule; its keys are read from the params."""
+    import inspect
+
+    for entry in CLIPPINGS:
+        assert list(inspect.signature(entry.fn).parameters) == ["logps", "old_logps", "advantages", "mask", "opts"]
     logps = leaf(P_DELTA)
     old = torch.zeros_like(logps)
-    a = policy_loss("gppo", logps, old, P_A, epsilon=0.2, epsilon_high=0.28, gppo_beta1=0.25, gppo_only_high=False)
+    a = clip("gppo", logps, old, P_A, epsilon=0.2, epsilon_high=0.28, gppo_beta1=0.25, gppo_only_high=False)
     b = gppo_clip(logps, old, P_A, beta1=0.25)
     assert torch.equal(a.per_token_loss, b.per_token_loss)
-    assert torch.equal(policy_loss("ppo", logps, old, P_A).per_token_loss, ppo_clip(logps, old, P_A).per_token_loss)
-    mask = torch.ones_like(logps)
-    assert torch.equal(policy_loss("gspo", logps, old, P_A, mask=mask).per_token_loss,
-                       gspo_clip(logps, old, P_A, mask).per_token_loss)
-    assert torch.equal(policy_loss("cispo", logps, old, P_A, cispo_weight_max=1.1).per_token_loss,
-                       cispo_clip(logps, old, P_A, weight_max=1.1).per_token_loss)
+    assert torch.equal(clip("ppo", logps, old, P_A, epsilon=0.2).per_token_loss,
+                       ppo_clip(logps, old, P_A).per_token_loss)
     with pytest.raises(ValueError):
-        policy_loss("sapo", logps, old, P_A)
-    assert POLICY_OBJECTIVES == ("ppo", "gppo", "gspo", "cispo")
+        CLIPPINGS["sapo"]
+    assert CLIPPINGS.names() == ("ppo", "gppo", "gspo", "cispo")
 
 
 # ---------------------------------------------------------------------------------------------------- GSPO / CISPO
@@ -524,7 +542,7 @@ def test_matches_trl_116_compute_loss(loss_type, beta):
     opts = {"max_completion_length": 4} if loss_type == "dr_grpo" else {}
     if loss_type == "dapo":
         opts = {"num_items_in_batch": mask.sum()}
-    ours = aggregate_loss(loss_type, per_token, mask, **opts)
+    ours = aggregate(loss_type, per_token, mask, **opts)
     g = grad_of(ours, lp)
 
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-7)

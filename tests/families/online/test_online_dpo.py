@@ -13,7 +13,7 @@ import yaml
 
 from posttrain.losses.preference import online_dpo_loss, rank_pairs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = 8
 
 
@@ -55,7 +55,7 @@ def _ours(policy, ref, tok, tmp_path, params, rows=None, **config):
     from trl import GRPOConfig
 
     from posttrain.rl.rewards import make_exact_match
-    from posttrain.trainers.online_dpo import PosttrainOnlineDPOTrainer
+    from posttrain.families.online.trainer import PosttrainOnlineDPOTrainer
 
     cfg = dict(output_dir=str(tmp_path / "ours"), report_to="none", use_cpu=True, bf16=False,
                per_device_train_batch_size=2 * PROMPTS, num_generations=2, max_completion_length=6, beta=params.beta,
@@ -143,7 +143,7 @@ def test_the_two_completions_of_a_prompt_stay_in_one_micro_batch(arith_model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.methods import OnlineDPOParams
-    from posttrain.trainers.online_dpo import NUM_PAIRS, PAIR_KEEP
+    from posttrain.families.online.trainer import NUM_PAIRS, PAIR_KEEP
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     policy = AutoModelForCausalLM.from_pretrained(arith_model_dir)
@@ -230,7 +230,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_online_dpo_raises_the_expected_reward(tmp_path):
     """recipes/online_dpo.yaml as shipped, on a fixed pool of 64 problems for 60 steps at a constant learning rate
-    (GRPO's check in tests/test_rl_trainer.py): the exact expected exact-match reward on that pool rises."""
+    (GRPO's check in tests/families/rl/test_rl_trainer.py): the exact expected exact-match reward on that pool rises."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.data.sources import load_source

@@ -7,21 +7,13 @@ import math
 import pytest
 import torch
 
-from posttrain.rl import advantages as adv
-from posttrain.rl.advantages import (
-    combine_rewards,
-    compute_advantages,
-    count_tool_calls,
-    group,
-    normalize_then_sum,
-    nsr,
-    psr,
-    reinforce_pp,
-    rloo,
-    stratified,
-    stratum_ids,
-    w_reinforce,
-)
+from rl_parts import estimate, group, nsr, psr, reinforce_pp, rloo, stratified, w_reinforce
+
+from posttrain.families.rl.advantages.stratified import stratified_stats
+from posttrain.families.rl.common import Groups, combine_rewards, correctness, normalize_then_sum, stratum_ids
+from posttrain.families.rl.parts import ADVANTAGES
+from posttrain.methods import GRPOParams
+from posttrain.rl.strata import count_tool_calls
 
 ATOL = 2e-6
 
@@ -35,6 +27,11 @@ R = torch.tensor([1.5, 0.5, 1.0, 0.5, 0.0, 1.5])
 
 def close(actual, expected, atol=ATOL):
     torch.testing.assert_close(torch.as_tensor(actual).double(), torch.tensor(expected).double(), atol=atol, rtol=0)
+
+
+def stats(r, size, strata, scale="stratum"):
+    return stratified_stats(r, Groups(size, strata=torch.as_tensor(strata)),
+                            GRPOParams(advantage="stratified", san_scale=scale))
 
 
 # ---------------------------------------------------------------------------------------------------- GRPO
@@ -52,7 +49,6 @@ def test_combine_rewards_all_nan_row_is_nan():
 
 def test_group_scale_group():
     close(group(R, 3), [0.999800, -0.999800, 0, -0.218189, -0.872757, 1.090947])
-    close(group(R, 3, scale_rewards=True), [0.999800, -0.999800, 0, -0.218189, -0.872757, 1.090947])
 
 
 def test_group_scale_batch():
@@ -62,7 +58,6 @@ def test_group_scale_batch():
 def test_group_scale_none():
     expected = [0.5, -0.5, 0, -0.166667, -0.666667, 0.833333]
     close(group(R, 3, scale_rewards="none"), expected)
-    close(group(R, 3, scale_rewards=False), expected)
 
 
 def test_normalize_then_sum_worked_example():
@@ -139,22 +134,20 @@ def test_stratified_stats_worked_example():
     P1 0.207107 + 0.792693 + 0.4999 * 2, P2 0.288625 * 2 + 0.288626 + 0.865875; total 3.731351 / 8 = 0.466419.
     With san_scale="none": every P1 row differs by 0.25, P2 by 1/6 (x3) and 0.5, so 0.25.
     """
-    from posttrain.rl.advantages import stratified_stats
-
-    st = stratified_stats(S_R, 4, S_KEYS)
+    st = stats(S_R, 4, S_KEYS)
     assert st["num_strata_per_group"] == 2.0
     assert st["frac_singleton_strata"] == pytest.approx(0.25)
     assert st["frac_zero_std_strata"] == pytest.approx(1 / 3)
     assert st["cross_stratum_bias"] == pytest.approx(0.25, abs=1e-6)
     assert st["adv_abs_diff"] == pytest.approx(0.466419, abs=1e-5)
-    assert stratified_stats(S_R, 4, S_KEYS, scale="none")["adv_abs_diff"] == pytest.approx(0.25, abs=1e-6)
+    assert stats(S_R, 4, S_KEYS, scale="none")["adv_abs_diff"] == pytest.approx(0.25, abs=1e-6)
     # one stratum per group: no bias, SAN == GN
-    one = stratified_stats(S_R, 4, torch.zeros(8, dtype=torch.long))
+    one = stats(S_R, 4, torch.zeros(8, dtype=torch.long))
     assert one["num_strata_per_group"] == 1.0 and one["cross_stratum_bias"] == 0.0 and one["adv_abs_diff"] == 0.0
     # a NaN reward leaves its row out: P1-k0 becomes a singleton {0}; P1's group mean is 2/3
     r = S_R.clone()
     r[0] = float("nan")
-    st = stratified_stats(r, 4, S_KEYS)
+    st = stats(r, 4, S_KEYS)
     assert st["frac_singleton_strata"] == pytest.approx(0.5) and st["frac_zero_std_strata"] == pytest.approx(0.5)
     assert st["cross_stratum_bias"] == pytest.approx((2 / 3 + 2 * (1 / 3) + 3 / 6 + 0.5) / 7, abs=1e-6)
 
@@ -262,33 +255,36 @@ def test_correctness_options():
     # Default: incorrect = anything scorable that is not the correct value.
     assert nsr(r)[1].tolist() == [False, True, True, False]
     # Reference-code semantics: only score 0 is incorrect; 0.5 belongs to neither set.
-    a, keep = w_reinforce(r, lam=0.1, incorrect_value=0.0)
-    assert keep.tolist() == [True, True, False, False]
-    close(a, [0.1, -1, 0, 0])
-    # Bool correctness tensors and a custom correct value.
+    correct, incorrect = correctness(r, 1.0, incorrect_value=0.0)
+    assert correct.tolist() == [True, False, False, False] and incorrect.tolist() == [False, True, False, False]
+    # Bool correctness tensors and a custom correct value (method.correct_reward).
     assert psr(torch.tensor([True, False]))[0].tolist() == [1, 0]
     assert psr(torch.tensor([2.0, 1.0]), correct_value=2.0)[1].tolist() == [True, False]
 
 
-def test_dispatcher():
-    out = compute_advantages("grpo", R, 3, scale_rewards="none")
+def test_every_estimator_has_the_one_signature():
+    """``fn(rewards, groups, opts) -> AdvantageOutput`` for every registered estimator; what one needs besides the
+    rewards comes in ``Groups`` (strata, lengths, SPO's p_hat), never as keywords."""
+    import inspect
+
+    for entry in ADVANTAGES:
+        assert list(inspect.signature(entry.fn).parameters) == ["rewards", "groups", "opts"], entry.name
+    out = estimate("group", R, 3, scale_rewards="none")
     assert torch.equal(out.advantages, group(R, 3, scale_rewards="none")) and out.keep.all()
-    out = compute_advantages("stratified", S_R, 4, strata=S_KEYS, alpha=0.8)
-    assert torch.equal(out.advantages, stratified(S_R, 4, S_KEYS, alpha=0.8))
-    out = compute_advantages("w_reinforce", CORRECT, 3, w_reinforce_lambda=0.1)
+    out = estimate("w_reinforce", CORRECT, 3)
     close(out.advantages, [0.1, -1, 0.1, -1, -1, 0.1])
-    assert compute_advantages("psr", CORRECT, 3).keep.sum() == 3
-    assert compute_advantages("nsr", CORRECT, 3).keep.sum() == 3
-    with pytest.raises(ValueError):
-        compute_advantages("stratified", S_R, 4)
-    assert torch.equal(compute_advantages("rloo", R, 3, normalize=True).advantages, rloo(R, 3, normalize=True))
-    lengths = torch.tensor([2.0, 4, 1, 3, 2, 4])
-    assert torch.equal(compute_advantages("reinforce_pp", R, 3, lengths=lengths).advantages,
-                       reinforce_pp(R, 3, lengths=lengths))
-    with pytest.raises(ValueError):
-        compute_advantages("opo", R, 3)
-    assert set(adv.ADVANTAGE_ESTIMATORS) == {"grpo", "stratified", "psr", "nsr", "w_reinforce", "rloo", "reinforce_pp",
-                                              "spo"}
+    assert estimate("psr", CORRECT, 3).keep.sum() == 3
+    assert estimate("nsr", CORRECT, 3).keep.sum() == 3
+    with pytest.raises(ValueError, match="strata"):
+        estimate("stratified", S_R, 4)
+    with pytest.raises(ValueError, match="p_hat"):
+        estimate("spo", S_R, 1)
+    with pytest.raises(ValueError, match="opo"):
+        ADVANTAGES["opo"]
+    p_hat = torch.tensor([0.5, 0.25, 0.75, 0.5], dtype=torch.float64)
+    out = ADVANTAGES["spo"].fn(torch.tensor([1.0, 0.0, 1.0, 0.0]), Groups(1, p_hat=p_hat), GRPOParams(advantage="spo"))
+    x = torch.tensor([0.5, -0.25, 0.25, -0.5], dtype=torch.float64)  # r - p_hat, mean 0
+    close(out.advantages, (x / (x.std() + 1e-8)).tolist())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
