@@ -347,7 +347,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_poft_score(args) -> int:
-    from posttrain.data.poft import score_rows
+    from posttrain.families.sft.scoring import score_rows
     from posttrain.data.sources import load_source
     from posttrain.recipe import DataSource
 

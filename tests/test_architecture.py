@@ -387,11 +387,7 @@ def _folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
 
 # Unit-level imports that point from a lower layer up to a higher one and close the cycles still open (issue #24):
 # remove an entry when its imports are gone; never add one.
-KNOWN_UPWARD_IMPORTS = {
-    # logprobs.scoring -> data.formatting, while data.poft (which loads a model and scores rows: not data loading)
-    # -> logprobs: goes when data/poft.py moves into the SFT family (posttrain/families/sft/)
-    ("posttrain.logprobs", "posttrain.data"),
-}
+KNOWN_UPWARD_IMPORTS: set[tuple[str, str]] = set()
 
 
 def test_no_folder_level_import_cycles():

@@ -186,7 +186,7 @@ def _reads_aligned_scores(recipe) -> bool:
 def _sft_dataset(ctx, key: str):
     ds = ctx.dataset(key, "sft")
     if _reads_aligned_scores(ctx.recipe):  # aligned-model scores, computed or read
-        from posttrain.data.poft import attach_scores
+        from posttrain.families.sft.scoring import attach_scores
 
         ds = attach_scores(ds, ctx.recipe.params, key)
     return ds
@@ -197,7 +197,7 @@ def check_sft_data(recipe, datasets) -> None:
     aligned scores, or the aligned models that will compute them)."""
     if not _reads_aligned_scores(recipe):
         return
-    from posttrain.data.poft import check_scores
+    from posttrain.families.sft.scoring import check_scores
 
     for key in ("data.train", "data.eval"):
         if key in datasets:
