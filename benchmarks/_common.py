@@ -113,6 +113,7 @@ def step_timer():
     class _Timer(TrainerCallback):
         def __init__(self):
             self.stamps: list[float] = []
+            self.cpu_stamps: list[float] = []  # CPU seconds of this process (all its threads)
 
         def on_step_end(self, args, state, control, **kwargs):
             import torch
@@ -120,6 +121,7 @@ def step_timer():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
+            self.cpu_stamps.append(time.process_time())
 
     return _Timer()
 
@@ -145,7 +147,7 @@ def measure(trainer, steps: int, warmup: int) -> dict:
         except OSError:
             resettable = False
         base = _rss_kib("VmRSS") * 1024
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     total = time.perf_counter() - start
     if cuda:
@@ -156,8 +158,11 @@ def measure(trainer, steps: int, warmup: int) -> dict:
     stamps = timer.stamps
     assert len(stamps) == steps, (len(stamps), steps)
     timed = stamps[-1] - stamps[warmup - 1] if warmup > 0 else stamps[-1] - start
+    cpu = timer.cpu_stamps
+    cpu_timed = cpu[-1] - cpu[warmup - 1] if warmup > 0 else cpu[-1] - cpu_start
     return {
         "steps_per_s": (steps - warmup) / timed,
+        "cpu_s_per_step": cpu_timed / (steps - warmup),
         "train_s": total,
         "peak_mib": peak / 2**20,
         "peak_growth_mib": (peak - base) / 2**20,
@@ -195,8 +200,8 @@ def run_interleaved(script: str, variants: list[list[str]], args, extra_argv: li
             res = json.loads(out.stdout.strip().splitlines()[-1])
             res["repeat"] = r
             runs.append(res)
-            print(f"  [{r}] {res['label']:<22} {res['steps_per_s']:.3f} steps/s  peak {res['peak_mib']:.0f} MiB "
-                  f"(+{res['peak_growth_mib']:.0f})", flush=True)
+            print(f"  [{r}] {res['label']:<22} {res['steps_per_s']:.3f} steps/s  {res['cpu_s_per_step']:.3f} CPU s/step  "
+                  f"peak {res['peak_mib']:.0f} MiB (+{res['peak_growth_mib']:.0f})", flush=True)
     return runs
 
 
@@ -210,7 +215,10 @@ def summarise(runs: list[dict], pairs: list[tuple[str, str]]) -> dict:
         sps = [r["steps_per_s"] for r in rs]
         grow = [r["peak_growth_mib"] for r in rs]
         peak = [r["peak_mib"] for r in rs]
-        stats[label] = {"n": len(rs), "steps_per_s_median": statistics.median(sps), "steps_per_s_min": min(sps),
+        cpu = [r.get("cpu_s_per_step", float("nan")) for r in rs]
+        stats[label] = {"n": len(rs), "cpu_s_per_step_median": statistics.median(cpu), "cpu_s_per_step_min": min(cpu),
+                        "cpu_s_per_step_max": max(cpu),
+                        "steps_per_s_median": statistics.median(sps), "steps_per_s_min": min(sps),
                         "steps_per_s_max": max(sps), "peak_growth_mib_median": statistics.median(grow),
                         "peak_growth_mib_min": min(grow), "peak_growth_mib_max": max(grow),
                         "peak_mib_median": statistics.median(peak)}
@@ -219,6 +227,7 @@ def summarise(runs: list[dict], pairs: list[tuple[str, str]]) -> dict:
         if ours in stats and trl in stats:
             ratios[f"{ours}/{trl}"] = {
                 "speed": stats[ours]["steps_per_s_median"] / stats[trl]["steps_per_s_median"],
+                "cpu_speed": stats[trl]["cpu_s_per_step_median"] / stats[ours]["cpu_s_per_step_median"],
                 "peak_growth": stats[ours]["peak_growth_mib_median"] / max(stats[trl]["peak_growth_mib_median"], 1e-9),
                 "peak": stats[ours]["peak_mib_median"] / stats[trl]["peak_mib_median"],
             }

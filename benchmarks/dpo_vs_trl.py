@@ -2,6 +2,15 @@
 
     OMP_NUM_THREADS=1 python benchmarks/dpo_vs_trl.py                       # random Qwen2, vocab 65536, seq 256
     OMP_NUM_THREADS=1 python benchmarks/dpo_vs_trl.py --model builtin:tiny-qwen2 --seq 128 --batch 8
+    # the issue-25 shape: ~300-token rows, prompt:completion 4:1, batch 2, with prompt sharing on and off
+    OMP_NUM_THREADS=1 python benchmarks/dpo_vs_trl.py --vocab 32768 --hidden 256 --layers 2 --seq 300 \
+        --prompt-fraction 0.8 --batch 2 --steps 8 --warmup 2 --repeats 5 --unshared
+
+posttrain's trainer runs the log-prob engine (docs/logprob_engine.md): completion rows only, each pair's prompt once
+for chosen and rejected (``--unshared`` adds a run with ``training.share_prompts: false``), the head of
+``--logprob-head``. Reported per trainer: CPU seconds per step (this process, all threads; robust on a shared machine),
+wall steps/s, peak memory growth over ``train()``; ratios to TRL as the median of the per-repeat ratios (each repeat
+runs every trainer back to back, the order alternating) with their min..max.
 
 Both trainers get the same policy and a frozen copy of it as ``ref_model`` (live reference forward every step, as
 TRL's default ``precompute_ref_log_probs=False``), ``beta=0.1``, ``loss_type=["sigmoid"]``. The data is synthetic and
@@ -29,7 +38,7 @@ def _dataset(args, vocab: int):
     from datasets import Dataset
 
     gen = torch.Generator().manual_seed(1234)
-    prompt = args.seq // 4
+    prompt = round(args.seq * args.prompt_fraction)
     rows = [{"prompt_ids": _common.random_ids(gen, prompt, vocab),
              "chosen_ids": _common.random_ids(gen, args.seq - prompt, vocab),
              "rejected_ids": _common.random_ids(gen, args.seq - prompt, vocab)}
@@ -41,6 +50,7 @@ def _one(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from posttrain.data.sources import load_source
+    from posttrain.families.preference.config import PreferenceConfig
     from posttrain.methods import METHODS
     from posttrain.recipe import DataSource
     from posttrain.families.preference.trainer import PosttrainPreferenceTrainer
@@ -51,12 +61,14 @@ def _one(args) -> dict:
     ref = copy.deepcopy(net)
     vocab = _common.vocab_size(net)
     text = load_source(DataSource(source="builtin:arithmetic-pref", options={"num_samples": 4}), "data", "preference")
-    cfg = DPOConfig(**_common.train_kwargs(args, tempfile.mkdtemp(prefix="bench-dpo-")), beta=0.1,
-                    loss_type=["sigmoid"], max_length=args.seq)
+    common = dict(**_common.train_kwargs(args, tempfile.mkdtemp(prefix="bench-dpo-")), beta=0.1,
+                  loss_type=["sigmoid"], max_length=args.seq)
     if which == "trl":
-        trainer = DPOTrainer(model=net, ref_model=ref, args=cfg, train_dataset=text, processing_class=tok)
+        trainer = DPOTrainer(model=net, ref_model=ref, args=DPOConfig(**common), train_dataset=text,
+                             processing_class=tok)
     else:
         params = METHODS["dpo"].params(loss="sigmoid", beta=0.1)
+        cfg = PreferenceConfig(**common, logprob_head=args.logprob_head, share_prompts=which == "posttrain")
         trainer = PosttrainPreferenceTrainer(model=net, ref_model=ref, args=cfg, train_dataset=text,
                                              processing_class=tok, method="dpo", params=params)
     trainer.train_dataset = _dataset(args, vocab)
@@ -64,17 +76,59 @@ def _one(args) -> dict:
     return {"label": f"{which}-dpo-sigmoid", "trainer": which, "method": "dpo", **res}
 
 
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _paired_ratios(runs: list[dict], ours: str, trl: str) -> dict:
+    """Per repeat: TRL's CPU s/step over ours (speed-up), ours' peak growth over TRL's; median [min..max]."""
+    import statistics
+
+    by = {(r["label"], r["repeat"]): r for r in runs}
+    speed, memory = [], []
+    for (label, repeat), r in by.items():
+        if label == trl and (ours, repeat) in by:
+            o = by[(ours, repeat)]
+            speed.append(r["cpu_s_per_step"] / o["cpu_s_per_step"])
+            memory.append(o["peak_growth_mib"] / max(r["peak_growth_mib"], 1e-9))
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+            for name, v in (("cpu_speedup", speed), ("peak_growth_ratio", memory))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_model_args(parser)
+    parser.add_argument("--prompt-fraction", type=float, default=0.25,
+                        help="share of each row that is prompt (0.8: prompt:completion 4:1)")
+    parser.add_argument("--logprob-head", default="auto", help="posttrain's training.logprob_head")
+    parser.add_argument("--unshared", action="store_true", help="also run posttrain with share_prompts: false")
     parser.add_argument("--_one", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    extra = ["--prompt-fraction", str(args.prompt_fraction), "--logprob-head", args.logprob_head]
     if args._one:
         print(json.dumps(_one(args)))
         return
-    runs = _common.run_interleaved(__file__, [["trl"], ["posttrain"]], args)
-    summary = _common.summarise(runs, [("posttrain-dpo-sigmoid", "trl-dpo-sigmoid")])
-    _common.report("dpo (sigmoid) vs stock TRL DPOTrainer", args, runs, summary)
+    load_before = _load()
+    variants = [["trl"], ["posttrain"], *([["posttrain_unshared"]] if args.unshared else [])]
+    runs = _common.run_interleaved(__file__, variants, args, extra)
+    pairs = [(f"{v[0]}-dpo-sigmoid", "trl-dpo-sigmoid") for v in variants[1:]]
+    summary = _common.summarise(runs, pairs)
+    summary["paired"] = {f"{o}/{t}": _paired_ratios(runs, o, t) for o, t in pairs}
+    summary["load"] = {"before": load_before, "after": _load()}
+    args.out, out = None, args.out
+    _common.report(f"dpo (sigmoid) vs stock TRL DPOTrainer, prompt fraction {args.prompt_fraction}, head "
+                   f"{args.logprob_head}", args, runs, summary)
+    for label, st in summary["stats"].items():
+        print(f"{label:<32} CPU s/step {st['cpu_s_per_step_median']:.3f} "
+              f"[{st['cpu_s_per_step_min']:.3f}..{st['cpu_s_per_step_max']:.3f}]")
+    for name, r in summary["paired"].items():
+        c, m = r["cpu_speedup"], r["peak_growth_ratio"]
+        print(f"paired {name}: CPU speed-up {c['median']:.2f} [{c['min']:.2f}..{c['max']:.2f}], peak growth ratio "
+              f"{m['median']:.2f} [{m['min']:.2f}..{m['max']:.2f}]")
+    print(f"load average before {summary['load']['before']}, after {summary['load']['after']} (2 shared cores)")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"argv": sys.argv, "runs": runs, **summary}, indent=1))
 
 
 if __name__ == "__main__":

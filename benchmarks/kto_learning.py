@@ -36,15 +36,16 @@ from preference_accuracy import build_sets, preference_accuracy  # noqa: E402
 
 
 def unpaired_rows(train, seed, order, batch):
-    """The unpaired rows in the order a trainer reads them: ``pairs`` (``posttrain.trainers.kto.unpair``: pairs
-    shuffled, each pair's two rows side by side), ``shuffled`` (rows shuffled after unpairing: posttrain before this
-    benchmark), ``balanced`` (each micro-batch half desirable, half undesirable, from different pairs)."""
+    """The unpaired rows in the order a trainer reads them: ``pairs``
+    (``posttrain.families.unpaired.trainer.unpair``: pairs shuffled, each pair's two rows side by side), ``shuffled``
+    (rows shuffled after unpairing: posttrain before this benchmark), ``balanced`` (each micro-batch half desirable,
+    half undesirable, from different pairs)."""
     import random
 
     from datasets import Dataset
     from trl.data_utils import unpair_preference_dataset
 
-    from posttrain.trainers.kto import unpair
+    from posttrain.families.unpaired.trainer import unpair
 
     if order == "pairs":
         return unpair(Dataset.from_list(train), seed).to_list()

@@ -9,7 +9,7 @@ first 200 training pairs) it measures the pairwise accuracy (chosen ranked above
 * ``lm_logprob``: the start model's (``builtin:tiny-qwen2-arith``) summed log-probability of the answer after the
   prompt: whether the model knows the sums;
 * ``lm_eos_at_last``: its log-probability of ending the text after the answer, read at the last character: the one
-  position a sequence-classification head sees (``posttrain.trainers.reward``), so what that state holds of the
+  position a sequence-classification head sees (``posttrain.families.reward.trainer``), so what that state holds of the
   answer's correctness without further training;
 * with ``--train-steps``: the reward model of ``recipes/reward.yaml`` trained that many steps (``--lr``), on the
   training pairs (``data.eval``: the same 200 training pairs) and on the test pairs (``data.test``).

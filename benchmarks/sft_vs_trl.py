@@ -46,7 +46,7 @@ def _one(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from posttrain.methods import METHODS
-    from posttrain.trainers.sft import PosttrainSFTTrainer
+    from posttrain.families.sft.trainer import PosttrainSFTTrainer
 
     which, method = args._one
     tok = _common.tokenizer()

@@ -9,6 +9,11 @@ weight access under sharding, and the reduction of logged metrics over processes
   GPUs ``--distributed fsdp2`` would silently train with DDP. Around the creation of the trainer's ``Accelerator``
   this marks the CPU (gloo) state as a multi-device one, so accelerate takes its own FSDP2 path (``fully_shard`` on a
   CPU device mesh, gloo collectives); nothing else changes, and GPU runs are untouched.
+* :func:`skip_deepspeed_until_imported`: accelerate's ``extract_model_from_parallel`` (which TRL and transformers
+  call on every model they unwrap) imports DeepSpeed whenever it is installed, only to ask whether the model is a
+  ``DeepSpeedEngine``: about half a second and DeepSpeed's accelerator probe ("Setting accelerator to CPU") in a run
+  that uses no DeepSpeed. No model is a ``DeepSpeedEngine`` before DeepSpeed is imported, so there the question is
+  asked only once it is (a DeepSpeed run imports it when its accelerator is built).
 * :func:`prepare_frozen`: a frozen reference (or anchor) model prepared for the backend the way TRL prepares its own
   reference: a DeepSpeed inference engine (ZeRO-3: sharded like the policy), ``fully_shard`` under FSDP2, else
   ``accelerator.prepare_model(evaluation_mode=True)``.
@@ -46,6 +51,23 @@ OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 CPU_ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 
 
+def skip_deepspeed_until_imported() -> None:
+    """Make accelerate's ``extract_model_from_parallel`` test for a ``DeepSpeedEngine`` only once DeepSpeed is
+    imported (see the module docstring); its answer is unchanged, since no engine exists before that. Idempotent."""
+    import sys
+
+    import accelerate.utils.other as other
+
+    if getattr(other.is_deepspeed_available, "posttrain_imported_only", False):
+        return
+
+    def deepspeed_imported() -> bool:
+        return "deepspeed" in sys.modules
+
+    deepspeed_imported.posttrain_imported_only = True
+    other.is_deepspeed_available = deepspeed_imported
+
+
 def requested_backend() -> str:
     """The backend this process was launched for, from accelerate's launch environment: ``single``, ``ddp``,
     ``zero2`` (DeepSpeed stage 0-2), ``zero2_offload`` (its optimizer in CPU memory), ``zero3``, ``zero3_offload``
@@ -64,9 +86,11 @@ def requested_backend() -> str:
     return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
 
 
-def check_backend(recipe, info, backend: str) -> None:
+def check_backend(recipe, info, backend: str, variant) -> None:
     """Refuse, before any model loads, a method or adapter that cannot run on ``backend``: one line naming the recipe
-    key, the backend and why (docs/distributed.md "What runs where")."""
+    key, the backend and why (docs/distributed.md "What runs where"). ``variant``: the
+    :class:`~posttrain.adapters.spec.AdapterVariant` of ``recipe.peft``, None without one (passed in: the adapters
+    sit above this module)."""
     from posttrain.errors import UserError
 
     flag = f"--distributed {backend}"
@@ -95,9 +119,6 @@ def check_backend(recipe, info, backend: str) -> None:
         check_offload_optimizer(recipe.training, backend)
     peft = recipe.peft
     if peft is not None:
-        from posttrain.adapters.spec import ADAPTER_VARIANTS
-
-        variant = ADAPTER_VARIANTS[peft.type].variant
         if backend not in variant.backends:
             raise UserError(f"peft.type: {peft.type} does not run with {flag}: {variant.not_sharded}; use --distributed "
                             "ddp (or peft.type lora / goat)")

@@ -2,7 +2,9 @@
 
 Each method declares a pydantic model of its hyperparameters (the sibling keys of ``method.name`` in a recipe),
 the family it belongs to (which decides the data format and the trainer), its paper, and its runnable recipe.
-The math lives in ``posttrain.losses`` / ``posttrain.rl``; the wiring in ``posttrain.trainers``.
+The math lives in ``posttrain.losses`` / ``posttrain.rl``; the families' methods, one file each, in
+``posttrain/families/<family>/methods/`` (registered by importing them below, in the order ``posttrain methods``
+lists them); the wiring in ``posttrain/families/<family>/trainer.py`` and ``posttrain.trainers``.
 """
 
 from __future__ import annotations
@@ -18,224 +20,14 @@ from posttrain.families.rl.parts import POLICY_LOSSES, SURROGATE_PARTS
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# SFT family
+# SFT family: one file per method (params, objective, registration), each registered on import (listed first)
 # --------------------------------------------------------------------------------------------------------------------
 
-
-class SFTParams(MethodParams):
-    """Plain supervised fine-tuning: token-mean NLL over completion tokens."""
-
-    completion_only_loss: bool = Field(True, description="Score only completion tokens (prompt tokens masked).")
-
-    @property
-    def completion_only(self) -> bool:
-        """SFTConfig ``completion_only_loss``: only completion tokens are scored."""
-        return self.completion_only_loss
-
-
-class DFTParams(SFTParams):
-    """Dynamic Fine-Tuning: NLL weighted per token by the detached token probability."""
-
-
-class ASFTAnchoredParams(SFTParams):
-    """Anchored SFT: DFT plus a token-level KL to a frozen anchor (the initial policy)."""
-
-    asft_kl_coef: float = Field(0.05, ge=0.0, description="Weight lambda of the KL anchor.")
-    kl_direction: Literal["base_to_policy", "policy_to_base"] = Field(
-        "base_to_policy", description="KL(pi_base||pi_theta) as the reference code computes, or the paper's reverse."
-    )
-
-    @property
-    def needs_hidden_states(self) -> bool:  # the anchor KL needs full-vocab logits from the hidden states
-        return True
-
-    @property
-    def head_outside_forward(self) -> bool:  # the anchor KL projects the policy's hidden states, with gradients
-        return True
-
-
-class PoFTParams(SFTParams):
-    """Preference-oriented SFT: Bradley-Terry of the target's mean log-likelihood against aligned LLMs'."""
-
-    poft_beta: float = Field(1.0, gt=0.0, description="beta of -logsigmoid(beta (r_target - r_aligned) + gamma).")
-    poft_gamma: float = Field(0.0, description="gamma, the margin of the Bradley-Terry logit.")
-    poft_target_tokens: Literal["response", "all"] = Field(
-        "response", description="Tokens of the target's score and loss: the response only, or prompt and response.")
-    aligned_models: list[str] = Field(
-        default_factory=list,
-        description="Aligned models that score the data before training; empty means the data carries "
-        "`poft_ref_scores` (list) or `poft_ref_score` (float).",
-    )
-    scoring_batch_size: int = Field(8, ge=1, le=2**31 - 1, description="Batch size of the aligned models' scoring "
-                                    "pass (method.aligned_models).")
-
-    @property
-    def completion_only(self) -> bool:
-        return self.completion_only_loss and self.poft_target_tokens != "all"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Unpaired preference family (docs/methods/kto.md): rows labelled desirable / undesirable, no pairs needed
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class KTOParams(MethodParams):
-    """KTO: a prospect-theoretic value of each completion's implicit reward against a KL reference point."""
-
-    beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward log pi/pi_ref (TRL's beta).")
-    desirable_weight: float = Field(
-        1.0, gt=0.0, description="lambda_D: weight of the desirable rows' losses (the paper advises lambda_D n_D / "
-        "(lambda_U n_U) in [1, 4/3]).")
-    undesirable_weight: float = Field(1.0, gt=0.0, description="lambda_U: weight of the undesirable rows' losses.")
-    precompute_ref_log_probs: bool = Field(
-        False, description="Compute reference log-probs (rows and KL sequences) once before training; no reference "
-        "kept in memory.")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reward-model family (docs/methods/reward.md): a sequence-classification head trained on preference pairs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class RewardParams(MethodParams):
-    """Bradley-Terry reward model: a scalar score per sequence, trained so that the chosen response scores higher."""
-
-    margin: bool = Field(
-        False, description="Ask each pair's score gap to exceed its `margin` column (a number per pair; Llama 2's "
-        "preference-strength margin, TRL's margin column).")
-    center_rewards_coef: float = Field(
-        0.0, ge=0.0, description="Weight of mean (s_c + s_r)^2, pulling the scores towards zero mean (TRL's "
-        "center_rewards_coefficient; Eisenstein et al., arXiv 2312.09244); 0: off.")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Unlearning family (docs/methods/ga.md, grad_diff.md, npo.md, simnpo.md, rmu.md): L = gamma * L_forget + alpha * L_retain
-# --------------------------------------------------------------------------------------------------------------------
-
-
-_MASK_KEYS = ("mask_sparsity", "mask_gamma", "mask_num_batches", "mask_before_clip", "mask_decay_masked")
-
-
-class UnlearningParams(MethodParams):
-    """Gradient ascent (GA): minus the token-mean NLL of the forget set.
-
-    Every unlearning method also takes a weight mask (docs/methods/wagle.md): ``mask: wagle`` lets only the weights
-    selected by WAGLE's attribution score move."""
-
-    gamma: float = Field(1.0, ge=0.0, description="Weight of the forget loss (NPO reference code: npo_coeff).")
-    mask: Literal["none", "wagle"] = Field(
-        "none", description="wagle: update only the weights chosen by the WAGLE score (arXiv 2410.17509), computed "
-        "once before training from forget and retain gradients; needs data.retain.")
-    mask_sparsity: float | None = Field(
-        None, ge=0.0, lt=1.0, description="wagle: fraction of the weights frozen (the rest, floor((1 - s) N), move).")
-    mask_gamma: float = Field(1e-6, gt=0.0, description="wagle: Hessian estimate gamma in |(theta - g_r/gamma) g_f|.")
-    mask_num_batches: int | None = Field(
-        None, ge=1, le=2**31 - 1, description="wagle: forget (and as many retain) batches scored; null: the whole "
-        "forget set.")
-    mask_before_clip: bool = Field(
-        False, description="wagle: mask the gradients before the global norm clip (false: after it, as the authors' "
-        "loop does).")
-    mask_decay_masked: bool = Field(
-        False, description="wagle: let weight decay still shrink frozen weights (the authors' code); false: frozen "
-        "weights stay bit-identical.")
-
-    @property
-    def retain_kl_every_position(self) -> bool:
-        """The retain KL term scores every position, prompt and padding included (NPO+KL's ``retain_kl_mask: none``)."""
-        return False
-
-    @model_validator(mode="after")
-    def _check_mask(self):
-        from posttrain.errors import UserError
-
-        if self.mask == "none":
-            for key in _MASK_KEYS:
-                if key in self.model_fields_set:
-                    raise UserError(f"method.{key}: only used with method.mask: wagle")
-        elif self.mask_sparsity is None:
-            raise UserError("method.mask_sparsity: required with mask: wagle (fraction of weights frozen, in [0, 1))")
-        return self
-
-
-class GradDiffParams(UnlearningParams):
-    """GradDiff: GA on the forget set plus the token-mean NLL of the retain set."""
-
-    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain loss (NPO reference: grad_diff_coeff).")
-
-
-class NPOParams(UnlearningParams):
-    """NPO: (2/beta) softplus(beta * (s_theta - s_ref)) per forget sequence, against a frozen reference."""
-
-    beta: float = Field(0.1, gt=0.0, description="NPO inverse temperature; beta -> 0 recovers GA.")
-
-
-class NPORTParams(NPOParams):
-    """NPO + retain NLL (open-unlearning's NPO trainer)."""
-
-    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain NLL.")
-
-
-class NPOKLParams(NPOParams):
-    """NPO + KL(pi_ref || pi_theta) on the retain set."""
-
-    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain KL (NPO reference: KL_coeff).")
-    retain_kl_mask: Literal["completion", "none"] = Field(
-        "completion",
-        description="completion: KL on answer tokens only; none: every position incl. prompt and padding "
-        "(the reference code and open-unlearning).",
-    )
-
-    @property
-    def retain_kl_every_position(self) -> bool:
-        return self.retain_kl_mask == "none"
-
-
-class SimNPOParams(UnlearningParams):
-    """SimNPO: reference-free, length-normalised NPO, plus the retain NLL (open-unlearning's SimNPO defaults)."""
-
-    gamma: float = Field(0.125, ge=0.0, description="Weight of the forget loss.")
-    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain NLL.")
-    beta: float = Field(4.5, gt=0.0, description="Inverse temperature beta of the length-normalised forget loss.")
-    delta: float = Field(0.0, description="Length-normalised margin (the SimNPO paper's gamma = beta * delta).")
-
-
-class RMUParams(UnlearningParams):
-    """RMU: steer one layer's hidden states on forget answers to a fixed random vector, keep them on retain answers."""
-
-    gamma: float = Field(1.0, ge=0.0, description="Weight of the forget (steering) loss.")
-    alpha: float = Field(1.0, ge=0.0, description="Weight of the retain loss (activations kept equal to the frozen "
-                         "model's; open-unlearning's 1, WMDP's code 1200 on Zephyr-7B).")
-    rmu_layer: int = Field(7, ge=0, le=2**31 - 1, description="0-based decoder layer whose output is steered and "
-                           "kept (WMDP and open-unlearning: 7).")
-    steering_coeff: float = Field(2.0, gt=0.0, description="Norm c of the control vector c*u (open-unlearning: 2; "
-                                  "WMDP: 6.5 on Zephyr-7B); set it above the layer's activation norm.")
-    trainable_params: list[str] | None = Field(
-        None, description="Regexes (full match on parameter names) of the weights that move; null: the paper's, the "
-        "MLP down-projections of layers rmu_layer-2 .. rmu_layer; ['.*']: every weight (open-unlearning's config).")
-
-    @model_validator(mode="after")
-    def _check_rmu(self):
-        import re
-
-        from posttrain.errors import UserError
-
-        if self.mask != "none":
-            raise UserError("method.mask: RMU picks the weights that move with method.trainable_params; remove mask")
-        for i, pattern in enumerate(self.trainable_params or []):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise UserError(f"method.trainable_params[{i}]: not a regular expression ({exc})") from None
-        if self.trainable_params == []:
-            raise UserError("method.trainable_params: empty, nothing would train; null selects the paper's weights")
-        return self
-
-    def trainable_patterns(self) -> list[str]:
-        """The regexes of the weights that move (the paper's default: down_proj of the three layers up to rmu_layer)."""
-        if self.trainable_params is not None:
-            return list(self.trainable_params)
-        layers = "|".join(str(i) for i in range(max(self.rmu_layer - 2, 0), self.rmu_layer + 1))
-        return [rf"(.*\.)?layers\.({layers})\.mlp\.down_proj\.weight"]
+import posttrain.families.sft.methods  # noqa: E402, F401
+from posttrain.families.sft.methods.asft_anchored import ASFTAnchoredParams  # noqa: E402, F401
+from posttrain.families.sft.methods.dft import DFTParams  # noqa: E402, F401
+from posttrain.families.sft.methods.poft import PoFTParams  # noqa: E402, F401
+from posttrain.families.sft.methods.sft import SFTParams  # noqa: E402, F401
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -509,55 +301,6 @@ class OnlineDPOParams(MethodParams):
         return self
 
 
-register(
-    MethodInfo(
-        name="sft",
-        doc="docs/methods/sft.md",
-        family="sft",
-        summary="Supervised fine-tuning: token-mean negative log-likelihood on completions.",
-        paper="Ouyang et al., Training language models to follow instructions with human feedback (arXiv 2203.02155)",
-        recipe="recipes/sft.yaml",
-        params=SFTParams,
-    )
-)
-register(
-    MethodInfo(
-        name="dft",
-        doc="docs/methods/dft.md",
-        family="sft",
-        summary="Dynamic Fine-Tuning: each token's NLL weighted by its detached probability.",
-        paper="Wu et al., On the Generalization of SFT: A Reinforcement Learning Perspective with Reward "
-        "Rectification (arXiv 2508.05629)",
-        recipe="recipes/dft.yaml",
-        params=DFTParams,
-    )
-)
-register(
-    MethodInfo(
-        name="asft_anchored",
-        doc="docs/methods/asft_anchored.md",
-        family="sft",
-        summary="Anchored SFT: DFT plus a token-level KL anchor to the frozen initial model.",
-        paper="Zhu et al., Anchored Supervised Fine-Tuning (arXiv 2509.23753)",
-        recipe="recipes/asft_anchored.yaml",
-        params=ASFTAnchoredParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="poft",
-        doc="docs/methods/poft.md",
-        family="sft",
-        summary="Preference-oriented SFT: the target should out-score aligned LLMs on the SFT data (Bradley-Terry).",
-        paper="Fan et al., Preference-Oriented Supervised Fine-Tuning: Favoring Target Model Over Aligned Large "
-        "Language Models (arXiv 2412.12865)",
-        recipe="recipes/poft.yaml",
-        params=PoFTParams,
-    )
-)
-
-
 # the preference family: one file per method (params, objective, registration), each registered on import
 import posttrain.families.preference.methods  # noqa: E402, F401
 from posttrain.families.preference.methods.asft_aligned import ASFTAlignedParams  # noqa: E402, F401
@@ -568,125 +311,21 @@ from posttrain.families.preference.methods.sparsepo import SparsePOParams  # noq
 from posttrain.families.preference.methods.wpo import WPOParams  # noqa: E402, F401
 
 
-register(
-    MethodInfo(
-        name="kto",
-        doc="docs/methods/kto.md",
-        family="unpaired",
-        summary="KTO: completions labelled desirable or undesirable (no pairs needed), a prospect-theoretic value "
-        "against a KL reference point.",
-        paper="Ethayarajh et al., KTO: Model Alignment as Prospect Theoretic Optimization (arXiv 2402.01306)",
-        recipe="recipes/kto.yaml",
-        params=KTOParams,
-        reference="required",
-    )
-)
+# the unpaired-preference and reward-model families: one file per method (params, registration)
+import posttrain.families.unpaired.methods  # noqa: E402, F401
+import posttrain.families.reward.methods  # noqa: E402, F401
+from posttrain.families.reward.methods.reward import RewardParams  # noqa: E402, F401
+from posttrain.families.unpaired.methods.kto import KTOParams  # noqa: E402, F401
 
 
-register(
-    MethodInfo(
-        name="reward",
-        doc="docs/methods/reward.md",
-        family="reward",
-        summary="Reward model: a sequence-classification head trained on preference pairs (Bradley-Terry), scored "
-        "by pairwise accuracy; usable as method.rewards[].model of GRPO and online DPO.",
-        paper="Ouyang et al., Training language models to follow instructions with human feedback (arXiv 2203.02155); "
-        "Stiennon et al., Learning to summarize from human feedback (arXiv 2009.01325)",
-        recipe="recipes/reward.yaml",
-        params=RewardParams,
-    )
-)
-
-
-_NPO_PAPER = (
-    "Zhang et al., Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning "
-    "(arXiv 2404.05868)"
-)
-register(
-    MethodInfo(
-        name="ga",
-        doc="docs/methods/ga.md",
-        family="unlearning",
-        summary="Gradient ascent on the forget set (the unlearning baseline; collapses the model).",
-        paper=_NPO_PAPER + "; TOFU: Maini et al. (arXiv 2401.06121)",
-        recipe="recipes/unlearn_ga.yaml",
-        params=UnlearningParams,
-    )
-)
-register(
-    MethodInfo(
-        name="grad_diff",
-        doc="docs/methods/grad_diff.md",
-        family="unlearning",
-        summary="GradDiff: gradient ascent on the forget set plus NLL on the retain set.",
-        paper="Liu et al., Continual Learning and Private Unlearning (arXiv 2203.12817); " + _NPO_PAPER,
-        recipe="recipes/unlearn_grad_diff.yaml",
-        params=GradDiffParams,
-    )
-)
-register(
-    MethodInfo(
-        name="npo",
-        doc="docs/methods/npo.md",
-        family="unlearning",
-        summary="Negative Preference Optimisation: bounded, adaptively weighted forgetting against a reference.",
-        paper=_NPO_PAPER,
-        recipe="recipes/unlearn_npo.yaml",
-        params=NPOParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="npo_rt",
-        doc="docs/methods/npo.md",
-        family="unlearning",
-        summary="NPO plus the retain-set NLL (NPO+RT).",
-        paper=_NPO_PAPER,
-        recipe="recipes/unlearn_npo_rt.yaml",
-        params=NPORTParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="npo_kl",
-        doc="docs/methods/npo.md",
-        family="unlearning",
-        summary="NPO plus KL(reference || policy) on the retain set (NPO+KL).",
-        paper=_NPO_PAPER,
-        recipe="recipes/unlearn_npo_kl.yaml",
-        params=NPOKLParams,
-        reference="required",
-    )
-)
-register(
-    MethodInfo(
-        name="simnpo",
-        doc="docs/methods/simnpo.md",
-        family="unlearning",
-        summary="SimNPO: reference-free, length-normalised NPO plus the retain NLL.",
-        paper="Fan et al., Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning "
-        "(arXiv 2410.07163)",
-        recipe="recipes/unlearn_simnpo.yaml",
-        params=SimNPOParams,
-    )
-)
-
-
-register(
-    MethodInfo(
-        name="rmu",
-        doc="docs/methods/rmu.md",
-        family="unlearning",
-        summary="RMU: forget activations steered to a random vector at one layer, retain activations kept; few "
-        "weights move.",
-        paper="Li et al., The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning (arXiv 2403.03218)",
-        recipe="recipes/unlearn_rmu.yaml",
-        params=RMUParams,
-        reference="required",
-    )
-)
+# the unlearning family: one file per method page (params, method and objective registration), each registered on
+# import
+import posttrain.families.unlearning.methods  # noqa: E402, F401
+from posttrain.families.unlearning.methods.ga import UnlearningParams  # noqa: E402, F401
+from posttrain.families.unlearning.methods.grad_diff import GradDiffParams  # noqa: E402, F401
+from posttrain.families.unlearning.methods.npo import NPOKLParams, NPOParams, NPORTParams  # noqa: E402, F401
+from posttrain.families.unlearning.methods.rmu import RMUParams  # noqa: E402, F401
+from posttrain.families.unlearning.methods.simnpo import SimNPOParams  # noqa: E402, F401
 
 
 register(

@@ -66,36 +66,6 @@ def load_options(spec) -> dict:
                 quantization=spec.quantization)
 
 
-def check_load_options(spec, key: str, *, peft=None) -> None:
-    """Refuse load options that cannot work here, before anything is loaded: quantised loading without a CUDA GPU,
-    without bitsandbytes, without an adapter or with an adapter variant that rewrites the base weights."""
-    import importlib.util
-    import os
-
-    import torch
-
-    if spec.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"{key}.device_map: a multi-process run places one model copy per process; remove device_map")
-    q = spec.quantization
-    if q is None:
-        return
-    bits = "4-bit" if q.load_in_4bit else "8-bit"
-    if key == "model":
-        if peft is None:
-            raise UserError("model.quantization: quantised weights cannot be trained directly; add a peft: block "
-                            "(QLoRA)")
-        from posttrain.adapters.spec import adapter_variant
-
-        if not adapter_variant(peft).quantizable:
-            raise UserError(f"model.quantization: peft.type {peft.type} changes or initialises from the base weights, "
-                            "which are quantised; use peft.type lora (QLoRA) or remove the quantization block")
-    if not torch.cuda.is_available():
-        raise UserError(f"{key}.quantization: {bits} loading (bitsandbytes) needs a CUDA GPU and this machine has "
-                        "none; remove the quantization block to train in full precision")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(f"{key}.quantization: bitsandbytes is not installed (pip install 'posttrain[qlora]')")
-
-
 def _quantization_config(q, dtype):
     if q is None:
         return None

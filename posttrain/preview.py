@@ -54,7 +54,7 @@ def _prepared(trainer_cls, config, fields: dict[str, Any], *args):
 
 
 def sft_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.sft import PosttrainSFTTrainer
+    from posttrain.families.sft.trainer import PosttrainSFTTrainer
 
     config, tok = ctx["config"], ctx["tokenizer"]
     first = rows[0]
@@ -97,7 +97,7 @@ def preference_rows(ctx, rows, key: str) -> list[RowPreview]:
 
 
 def unpaired_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.kto import TURN_MASK, PosttrainKTOTrainer
+    from posttrain.families.unpaired.trainer import TURN_MASK, PosttrainKTOTrainer
 
     config, tok, params = ctx["config"], ctx["tokenizer"], ctx["recipe"].params
     ds = _prepared(PosttrainKTOTrainer, config, {"_tokenizer": tok, "calculate_KL": False,
@@ -120,7 +120,7 @@ def unpaired_rows(ctx, rows, key: str) -> list[RowPreview]:
 
 
 def reward_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.reward import tokenize_pairs
+    from posttrain.families.reward.trainer import tokenize_pairs
 
     config, tok = ctx["config"], ctx["tokenizer"]
     ids = tokenize_pairs(rows, tok)
@@ -137,7 +137,7 @@ def reward_rows(ctx, rows, key: str) -> list[RowPreview]:
 
 
 def unlearning_rows(ctx, rows, key: str) -> list[RowPreview]:
-    from posttrain.trainers.unlearning import tokenize_rows
+    from posttrain.families.unlearning.trainer import tokenize_rows
 
     config, tok = ctx["config"], ctx["tokenizer"]
     full = tokenize_rows(rows, tok, 2**31 - 1, key)
@@ -165,7 +165,7 @@ def rl_rows(ctx, rows, key: str) -> list[RowPreview]:
 def preview_rows(recipe, info, config, tokenizer, datasets: dict[str, Any], n: int) -> list[RowPreview]:
     """The first ``n`` rows of the family's training data (for unlearning: ``data.forget`` then ``data.retain``), as
     the trainer tokenises them; ``datasets`` are preflight's, after
-    :func:`posttrain.run.pipeline.prepare_chat_format`."""
+    :func:`posttrain.run.preflight.prepare_chat_format`."""
     family = FAMILIES[info.family]
     previewer = load(family.preview)
     ctx = {"recipe": recipe, "config": config, "tokenizer": tokenizer}

@@ -3,7 +3,7 @@
 Whether a method uses a reference is its :class:`~posttrain.methods.MethodInfo` ``reference`` (``"required"``,
 ``"optional"`` -- GRPO with ``beta > 0`` -- or ``"none"``). :func:`plan_reference` turns that and the recipe's
 ``ref_model`` / ``peft`` / ``precompute_ref_log_probs`` into one :class:`ReferencePlan`, decided once when the recipe
-is parsed (``recipe.reference``); :func:`posttrain.run.pipeline.load_models` loads what the plan says and the
+is parsed (``recipe.reference``); :func:`posttrain.run.models.load_models` loads what the plan says and the
 family builders read it. :class:`Reference` hides the choice from the loss code, and :func:`trl_reference_factory` is
 the one place where a TRL trainer's own reference construction is redirected.
 """

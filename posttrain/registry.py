@@ -149,10 +149,11 @@ class PolicyLossEntry(GRPOPartEntry):
 
 @dataclass(frozen=True)
 class SFTLossEntry(Entry):
-    """An SFT-family ``method.name``: ``fn(trainer, step) -> (loss, metrics)``. ``extra_columns``: per-example float
-    columns the collator keeps; ``token_sum_loss``: the loss is a token sum over ``num_items_in_batch``."""
+    """An SFT-family ``method.name``: a pure ``fn(params, fwd) -> (loss, metrics)``; ``needs(params)``: what the
+    trainer computes into ``fwd`` besides the policy's log-probs (``posttrain.families.sft.forward.SFT_NEEDS``);
+    ``token_sum_loss``: the loss is a token sum over ``num_items_in_batch`` (else a mean over the micro-batch's rows)."""
 
-    extra_columns: tuple[str, ...] = ()
+    needs: Callable[[Any], frozenset[str]] = lambda params: frozenset()
     token_sum_loss: bool = True
 
 
@@ -181,11 +182,11 @@ class UnlearningTermEntry(Entry):
 @dataclass(frozen=True)
 class UnlearningObjectiveEntry(Entry):
     """An unlearning objective: ``forget`` / ``retain`` name its two terms (``FORGET_TERMS`` / ``RETAIN_TERMS`` of
-    posttrain.losses.unlearning; ``retain`` None: no retain term), from which its use of the retain set and of a
-    reference model follow; the
-    weights ``gamma`` / ``alpha`` and ``beta`` / ``delta`` are its defaults; ``recipe_method``: selectable as
-    ``method.name``; ``steers_activations``: the trainer captures one layer's hidden states and calls ``fn`` with
-    them (RMU)."""
+    posttrain.families.unlearning.objective; ``retain`` None: no retain term), from which its use of the retain set
+    and of a reference model follow; the weights ``gamma`` / ``alpha`` and ``beta`` / ``delta`` are its defaults;
+    ``fn(params, fwd) -> UnlearningOutput`` is pure (``fwd``: an ``UnlearningForward`` of the same module);
+    ``recipe_method``: selectable as ``method.name``; ``steers_activations``: the trainer captures one layer's hidden
+    states for it (RMU) instead of log-probs."""
 
     forget: str = "ga"
     retain: str | None = None

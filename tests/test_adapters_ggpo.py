@@ -315,3 +315,24 @@ def test_grpo_rollouts_see_clean_weights(tmp_path, monkeypatch):
     run(recipe, quiet=True)
     assert seen["generate"] and not any(seen["generate"]), seen
     assert len(seen["loss"]) == 4 and all(seen["loss"]), seen
+
+
+def test_restore_copy_sets_the_original_storage_aside_without_cloning_it():
+    """One noise draw and no weight clone per step: ``W + eps`` replaces the weight's storage for the step and the
+    original storage itself (not a copy) comes back at ``remove``."""
+    m = tiny_peft()
+    originals = {n: l.get_base_layer().weight.data for _, n, l in ggpo_layers(m)}
+    pointers = {n: t.data_ptr() for n, t in originals.items()}
+    draws = []
+    pert = GGPOPerturbation(sigma=0.05, beta=0.01, seed=0, restore="copy")
+    noise = pert._noise
+    pert._noise = lambda *a: draws.append(a[0]) or noise(*a)
+    pert.apply(m, step=0)
+    for _, n, l in ggpo_layers(m):
+        assert pert._saved[n].data_ptr() == pointers[n] != l.get_base_layer().weight.data_ptr()
+    ids = _batches(1)[0]
+    m(input_ids=ids, labels=ids).loss.backward()
+    pert.remove(m)
+    assert len(draws) == len(originals)  # one draw per layer and step
+    for _, n, l in ggpo_layers(m):
+        assert l.get_base_layer().weight.data_ptr() == pointers[n]

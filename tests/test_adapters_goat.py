@@ -322,3 +322,23 @@ def test_trainer_short_run_loss_decreases(tmp_path):
     clear_goat_aux(pm)
     task = pm(**batch).loss
     torch.testing.assert_close(total, task + 1e-3 * goat_aux_loss(pm), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("logging_steps,first,strategy,expected", [
+    (3, False, "steps", [False, False, True, False, False, True]),
+    (3, True, "steps", [True, False, True, False, False, True]),
+    (1, False, "steps", [True] * 6),
+    (3, False, "no", [False] * 6),
+    (3, False, "epoch", [True] * 6),
+])
+def test_goat_metrics_are_computed_in_the_steps_that_log_only(logging_steps, first, strategy, expected):
+    """HF's DefaultFlowCallback logs after step t (1-based) when t % logging_steps == 0, and after step 1 with
+    logging_first_step; the metrics (and their cross-process reductions) are computed for those steps only."""
+    from types import SimpleNamespace
+
+    from posttrain.adapters.goat import logs_at_step_end
+
+    args = SimpleNamespace(logging_strategy=strategy, logging_first_step=first, logging_steps=logging_steps)
+    got = [logs_at_step_end(SimpleNamespace(args=args, state=SimpleNamespace(global_step=g, logging_steps=None)))
+           for g in range(6)]
+    assert got == expected

@@ -17,10 +17,10 @@ from posttrain.cli import main as cli_main
 from posttrain.errors import UserError
 from posttrain.families.preference.forward import PREFERENCE_LOSSES
 from posttrain.families.rl.parts import ADVANTAGES
+from posttrain.families.sft.forward import SFT_LOSSES
 from posttrain.losses.sft import nll_loss
 from posttrain.methods import METHODS, MethodInfo, SFTParams, register
 from posttrain.recipe import parse_recipe
-from posttrain.trainers.sft import SFT_LOSSES
 from posttrain.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +32,14 @@ class HalfNLLParams(SFTParams):
     scale: float = 0.5
 
 
-def half_nll_objective(trainer, s):
+def half_nll_objective(p, f):
     """Toy loss for the test: ``scale`` times the token-mean NLL of SFT (Ouyang et al. 2022, arXiv 2203.02155)."""
-    return trainer.params.scale * nll_loss(s.outputs.log_probs, s.outputs.label_mask, s.num_items_in_batch), {}
+    return p.scale * nll_loss(f.logps, f.mask, f.num_items), {}
 
 
 @pytest.fixture
 def toy_method():
-    SFT_LOSSES.add("toy_half_nll", half_nll_objective, doc="docs/contributing.md", extra_columns=(),
-                   token_sum_loss=True)
+    SFT_LOSSES.add("toy_half_nll", half_nll_objective, doc="docs/contributing.md", token_sum_loss=True)
     register(MethodInfo(name="toy_half_nll", family="sft", summary="Toy: half the SFT loss.", paper="(test only)",
                         recipe="(none)", params=HalfNLLParams, doc="docs/contributing.md"))
     yield "toy_half_nll"

@@ -3,7 +3,7 @@
 Every number in docs/ and every learning check rests on these, so they must be the same on every machine. The models
 ship as files (posttrain/builtin/assets, float16, SHA-256 in manifest.json) rather than being built on first use,
 because training gives different weights on different CPUs. If you rebuild them on purpose
-(``python -m posttrain.builtin.build --write``), update the pins below and regenerate the docs/ tables.
+(``python -m posttrain.run.build_builtins --write``), update the pins below and regenerate the docs/ tables.
 """
 
 import hashlib

@@ -181,7 +181,7 @@ def test_unlearning_on_conversational_rows(tmp_path, seen):
 def test_unlearning_tokenize_rows_labels_only_the_answer(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from posttrain.trainers.unlearning import tokenize_rows
+    from posttrain.families.unlearning.trainer import tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     [(ids, labels)] = tokenize_rows({"prompt": [_user("2+3=")], "completion": [_assistant("5")]}, tok, 64)

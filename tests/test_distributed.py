@@ -126,6 +126,14 @@ NOT_COMPARED = {"step", "epoch", "learning_rate", "train_samples_per_second", "t
 
 def _compared(key: str) -> bool:
     return key not in NOT_COMPARED and not key.endswith(("_seconds", "_time", "_runtime"))
+
+
+def _sign_of_noise(key: str, row: dict) -> bool:
+    """``rewards/accuracies`` (the share of pairs whose reward margin is > 0) while every reward is 0 up to rounding
+    (the policy still equals its reference, e.g. step 1 with a precomputed reference): it is then the sign of float
+    noise (a 1e-8 margin under ZeRO-3's reordered matmuls), not a training result."""
+    return key == "rewards/accuracies" and all(abs(row.get(k, 1.0)) <= 1e-6
+                                                for k in ("rewards/chosen", "rewards/rejected"))
 _SINGLE: dict[str, Path] = {}
 
 
@@ -181,7 +189,7 @@ def _check_against_one_process(case: str, backend: str, tmp_path, tmp_path_facto
     for r1, r2 in zip(rows(single), rows(out), strict=True):
         assert set(r2) == set(r1), (r2.get("step"), set(r2) ^ set(r1))
         for key in sorted(r1):
-            if _compared(key) and isinstance(r1[key], float):
+            if _compared(key) and isinstance(r1[key], float) and not _sign_of_noise(key, r1):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r2["step"], key)
     # the final model is one gathered checkpoint that loads and computes what the one-process model computes, to 1e-4
     # of the logits' scale (AdamW moves a weight whose gradient is at float-noise level by about +-lr, so reordered

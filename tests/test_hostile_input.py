@@ -236,7 +236,7 @@ def test_tilde_output_dir_is_expanded(tmp_path, monkeypatch):
 def test_resume_finished_run_and_kill_during_final_save(tmp_path, capsys, monkeypatch):
     """A kill during the final save resumes to the same weights without training; `--resume` of a finished run says
     so and exits 0 without training; checkpoint folders posttrain did not write are never deleted."""
-    from posttrain.trainers.sft import PosttrainSFTTrainer
+    from posttrain.families.sft.trainer import PosttrainSFTTrainer
 
     recipe = {**SFT, "data": {"train": {"source": "builtin:arithmetic-sft", "options": {"num_samples": 64}}},
               "training": {**SFT["training"], "max_steps": 2, "save_strategy": "steps", "save_steps": 2,
@@ -305,7 +305,7 @@ class _InfGrad(torch.autograd.Function):
 def test_nan_guard_stops_the_run_naming_the_step(what, tmp_path, capsys, monkeypatch):
     """A NaN loss (or an infinite gradient with a finite loss) at step 3 stops the run with one error line naming step
     3; checkpoints 1-2 are complete, none after, and the run is not marked finished."""
-    from posttrain.trainers.sft import PosttrainSFTTrainer
+    from posttrain.families.sft.trainer import PosttrainSFTTrainer
 
     original = PosttrainSFTTrainer.compute_loss
 
@@ -401,7 +401,7 @@ def test_unlearning_rows_truncated_away_are_dropped_and_counted(caplog):
     from transformers import AutoTokenizer
 
     from posttrain.models import builtin_model_dir
-    from posttrain.trainers.unlearning import tokenize_rows
+    from posttrain.families.unlearning.trainer import tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(builtin_model_dir("tiny-qwen2"))
     rows = {"prompt": ["1+1=", "1+" * 30 + "1=", "2+2="], "completion": ["2", "31", "4" * 30]}

@@ -112,14 +112,41 @@ def test_fused_head_is_trl_kernel_and_agrees_with_chunked():
     hidden, weight = torch.randn(7, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
     targets = torch.randint(0, 40, (7,))
     kw = dict(transform=H.LogitTransform(), temperature=0.7, chunk_rows=None, with_entropy=True)
-    fused = H.LOGPROB_HEADS["fused"].fn(hidden, weight, None, targets, **kw)
-    chunked = H.LOGPROB_HEADS["chunked"].fn(hidden, weight, None, targets, **kw)
+    statistics = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    *fused, fused_stats = H.LOGPROB_HEADS["fused"].fn(hidden, weight, None, targets, statistics=statistics, **kw)
+    *chunked, chunked_stats = H.LOGPROB_HEADS["chunked"].fn(hidden, weight, None, targets, statistics=statistics, **kw)
     for a, e in zip(fused, chunked):
         assert_rel_close(a, e)
+    for name in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        assert_rel_close(fused_stats[name], chunked_stats[name], msg=name)
+    assert_rel_close(chunked_stats["entropy"], chunked[1], msg="entropy statistic = entropy")
+    assert torch.equal(fused_stats["is_top1"], chunked_stats["is_top1"])
     g_fused = torch.autograd.grad(fused[0].sum() + fused[1].sum(), [hidden, weight])
     g_chunked = torch.autograd.grad(chunked[0].sum() + chunked[1].sum(), [hidden, weight])
     for a, e in zip(g_fused, g_chunked):
         assert_rel_close(a, e)
+
+
+def test_row_statistics_hand_computed_and_equal_in_every_path():
+    # logits [1, 0, 0] (target 0) and [0, 2, 1] (target 2): mean logit 1/3 and 1; top-1 hit yes / no;
+    # log sum_v p_v^2 = log((e^2 + 2) / (e + 2)^2) and log((1 + e^4 + e^2) / (1 + e^2 + e)^2);
+    # entropy of the first row log(e + 2) - e / (e + 2)
+    hidden = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 1.0]])
+    weight = torch.eye(3)
+    targets = torch.tensor([0, 2])
+    statistics = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    e = math.e
+    expected_sq = [math.log((e ** 2 + 2) / (e + 2) ** 2), math.log((1 + e ** 4 + e ** 2) / (1 + e ** 2 + e) ** 2)]
+    for chunk_rows in (1, 2):
+        _, _, stats = H.chunked_token_logps_and_statistics(hidden, weight, None, targets, chunk_rows=chunk_rows,
+                                                           statistics=statistics)
+        assert stats["mean_logits"].tolist() == pytest.approx([1 / 3, 1.0], abs=1e-6)
+        assert stats["entropy"][0].item() == pytest.approx(math.log(e + 2) - e / (e + 2), abs=1e-6)
+        assert stats["is_top1"].tolist() == [True, False]
+        assert stats["log_sum_sq_probs"].tolist() == pytest.approx(expected_sq, abs=1e-6)
+    no_grad = H.row_statistics(hidden, weight, None, targets, statistics)
+    assert no_grad["is_top1"].tolist() == [True, False]
+    assert no_grad["log_sum_sq_probs"].tolist() == pytest.approx(expected_sq, abs=1e-6)
 
 
 def test_full_vocab_rows_are_log_softmax():

@@ -86,13 +86,13 @@ def test_cli_resume_flag_continues_from_the_newest_checkpoint(tmp_path, capsys):
 
 
 def test_builtin_rebuild_trains_on_one_thread(tmp_path, monkeypatch):
-    """``python -m posttrain.builtin.build`` trains the derived built-ins on one thread (one reduction order whatever
-    the core count), restores the thread count, and starts from the shipped base model."""
+    """``python -m posttrain.run.build_builtins`` trains the derived built-ins on one thread (one reduction order
+    whatever the core count), restores the thread count, and starts from the shipped base model."""
     import posttrain.train
     from safetensors.torch import save_file
 
     from posttrain.builtin import BUILTIN_MODELS, builtin_model_dir
-    from posttrain.builtin.build import _trained_state
+    from posttrain.run.build_builtins import _trained_state
 
     seen = []
 

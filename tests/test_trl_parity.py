@@ -14,7 +14,7 @@ def _trainers(model_dir, tmp_path, method, params=None, loss_type="nll", **overr
     from posttrain.data.sources import load_source
     from posttrain.methods import METHODS
     from posttrain.recipe import DataSource
-    from posttrain.trainers.sft import PosttrainSFTTrainer
+    from posttrain.families.sft.trainer import PosttrainSFTTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

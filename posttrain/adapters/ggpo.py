@@ -13,7 +13,8 @@ without forming G (Gram formula): with ``u_i = [∇B_i, B_i]`` (1 x 2r), ``M = [
 
 Step t (docs/methods/ggpo.md#step-by-step): (1) before the first micro-batch's forward, ``W <- W + ε`` (under no_grad, fp32 math);
 (2) all micro-batches run forward/backward at ``W + ε``; (3) after the last backward, ε is removed (``copy``: the
-saved W is copied back bitwise; ``regenerate``: ε is redrawn from the same generator state and subtracted) and
+weight's original storage, set aside by reference when ``W + ε`` replaced it, is put back -- bitwise, with no clone
+and no copy; ``regenerate``: ε is redrawn from the same generator state and subtracted, holding nothing) and
 ``gnorm2`` is set from the accumulated, unclipped ∇A/∇B; (4) clipping/optimizer/scheduler as plain LoRA.
 Not SAM: random direction, one forward/backward per micro-batch.
 """
@@ -167,9 +168,10 @@ class GGPOPerturbation:
     def row_std(self, layer: LoraLayer, name: str, sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(std, ||W'_i||², β||G_i||²) of one layer, all fp32 (out,)."""
         W = layer.get_base_layer().weight
-        Wp = W.detach().float().clone()
-        for ad in _active(layer):
-            Wp += layer.get_delta_weight(ad).detach().float()
+        Wp = W.detach().float()  # W' = W + sum of the adapters' deltas, in a new tensor (W itself is only read)
+        for k, ad in enumerate(_active(layer)):
+            delta = layer.get_delta_weight(ad).detach().float()
+            Wp = Wp + delta if k == 0 else Wp.add_(delta)
         Wp = _out_in_view(layer, Wp)
         m, n = Wp.shape
         w2 = (Wp * Wp).sum(dim=1)
@@ -218,13 +220,15 @@ class GGPOPerturbation:
             if not W.dtype.is_floating_point:
                 raise UserError("ggpo: quantized base weights cannot be perturbed in place")
             std, w2, bg2 = self.row_std(layer, name, sigma)
-            if self.restore == "copy":
-                self._saved[name] = W.data.clone()
+            eps = self._noise(layer, idx, self.step, std)
+            perturbed = (W.data.float() + eps).to(W.dtype)
+            if self.restore == "copy":  # the original storage is set aside by reference: no clone, restored bitwise
+                self._saved[name] = W.data
                 copy_bytes += W.numel() * W.element_size()
+                W.data = perturbed
             else:
                 self._regen[name] = (idx, std)
-            eps = self._noise(layer, idx, self.step, std)
-            W.data.copy_((W.data.float() + eps).to(W.dtype))
+                W.data.copy_(perturbed)
             self.extra_flops += float(W.numel())
             stds.append(std.mean())
             fracs.append((bg2 / (w2 + bg2).clamp_min(1e-30)).mean())
@@ -248,7 +252,7 @@ class GGPOPerturbation:
             for idx, name, layer in ggpo_layers(model):
                 W = layer.get_base_layer().weight
                 if name in self._saved:
-                    W.data.copy_(self._saved.pop(name))
+                    W.data = self._saved.pop(name)
                 elif name in self._regen:
                     i, std = self._regen.pop(name)
                     eps = self._noise(layer, i, self.step, std)

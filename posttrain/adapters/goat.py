@@ -579,14 +579,34 @@ def load_goat(base_model: nn.Module, path: str, is_trainable: bool = False, adap
 # --------------------------------------------------------------------------------------------------------------
 # Trainer wiring
 # --------------------------------------------------------------------------------------------------------------
+def logs_at_step_end(trainer) -> bool:
+    """Whether the optimizer step in progress ends with a ``log`` call (HF's ``DefaultFlowCallback`` rule for
+    ``logging_strategy: steps``: every ``logging_steps``-th step, and step 1 with ``logging_first_step``). Other
+    strategies: True (every step, as their log step is not known in advance)."""
+    args, state = trainer.args, trainer.state
+    strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
+    if strategy != "steps":
+        return strategy != "no"
+    step = state.global_step + 1
+    if step == 1 and args.logging_first_step:
+        return True
+    every = state.logging_steps or args.logging_steps
+    return bool(every) and step % math.ceil(every) == 0
+
+
 class GOATTrainerMixin:
     """Mixin for ``transformers.Trainer`` / TRL trainers: ``loss = task + aux_coef · goat_aux_loss``.
 
     ``compute_loss`` clears the per-layer buffers, sets the attention-mask token filter, runs the parent's
-    ``compute_loss`` and adds the balance loss. Logs ``goat/*`` metrics at each ``log`` call.
+    ``compute_loss`` and adds the balance loss. The ``goat/*`` metrics (and their cross-process reductions) are
+    computed only in the optimizer steps that end with a ``log`` call (:func:`logs_at_step_end`), from the last
+    micro-batch, and logged there.
     """
 
     goat_aux_coef: float | None = None
+    # the balance loss counts each row's real tokens (attention_mask): a trainer that would run a shared prompt once
+    # for several rows (posttrain.logprobs shared prompts) runs them whole instead
+    counts_body_tokens = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         clear_goat_aux(model)
@@ -605,10 +625,11 @@ class GOATTrainerMixin:
             accelerator = self.accelerator
             summed = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
             aux = goat_aux_loss(model, summed, accelerator.num_processes)
-            # statistics of the global batch; the balance loss is each process's share of it: averaged
-            metrics = goat_metrics(model, summed)
-            metrics.update(reduce_metrics(accelerator, {"goat/aux_loss": aux.detach()}))
-            self._goat_last_metrics = metrics
+            if logs_at_step_end(self):
+                # statistics of the global batch; the balance loss is each process's share of it: averaged
+                metrics = goat_metrics(model, summed)
+                metrics.update(reduce_metrics(accelerator, {"goat/aux_loss": aux.detach()}))
+                self._goat_last_metrics = metrics
             # The Trainer divides the loss by the GA steps only when compute_loss did not already normalise by
             # num_items_in_batch; in that case scale the per-micro-batch aux so it is averaged, not summed, over GA.
             scaled = getattr(self, "loss_is_scaled_for_ga", None)

@@ -10,7 +10,7 @@ Why shipped rather than built on first use: training even a 1M-parameter model f
 different weights on different CPUs (the SIMD path changes float reduction order, and the differences grow over the
 run; measured: 36% vs 53% test accuracy for two builds of ``tiny-qwen2-arith``), and random initialisation itself
 differs between CPU dispatch levels. Every number in ``docs/`` rests on these models, so they are pinned bytes.
-``python -m posttrain.builtin.build`` rebuilds them from source (tokenizer, random init, the training recipes in
+``python -m posttrain.run.build_builtins`` rebuilds them from source (tokenizer, random init, the training recipes in
 :data:`BUILTIN_MODELS`); see ``docs/builtin_models.md``.
 """
 
@@ -58,7 +58,7 @@ TINY_ARCH: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """One built-in model: its architecture, and how :mod:`posttrain.builtin.build` makes it.
+    """One built-in model: its architecture, and how :mod:`posttrain.run.build_builtins` makes it.
 
     ``base`` is ``None`` for a random initialisation (``seed``); otherwise the model is ``base`` fine-tuned with plain
     SFT on ``train_source`` (a recipe data source), or on the prompt/completion of the built-in ``task``'s
@@ -140,7 +140,8 @@ def _verified(path: Path, expected: str) -> Path:
     if actual != expected:
         raise RuntimeError(
             f"built-in asset {path} has SHA-256 {actual[:16]}..., the manifest says {expected[:16]}...: the installed "
-            "package is damaged or was edited; reinstall posttrain (or rebuild with python -m posttrain.builtin.build)"
+            "package is damaged or was edited; reinstall posttrain (or rebuild with python -m "
+            "posttrain.run.build_builtins)"
         )
     return path
 

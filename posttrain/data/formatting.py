@@ -405,7 +405,7 @@ def resolve_chat_format(data_spec, model_path: str, tokenizer, base_dir: Path | 
     system = data_spec.system_prompt
     path = template_path(mode, base_dir)
     if path is not None:
-        from posttrain.recipe import read_text
+        from posttrain.paths import read_text
 
         tokenizer.chat_template = read_text(path)
         fmt = ChatFormat(True, system, mode, f"template from {path}")

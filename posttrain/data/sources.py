@@ -14,10 +14,12 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import UserError, did_you_mean
-from posttrain.recipe import DataSource
+
+if TYPE_CHECKING:  # the recipe schema sits above the data loaders (it checks built-in task options with them)
+    from posttrain.recipe import DataSource
 
 logger = logging.getLogger("posttrain")
 
@@ -149,7 +151,7 @@ def _read_json_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a ``.json`` / ``.jsonl`` file (UTF-8, a byte-order mark is fine) and each row's ``file:row`` label
     (``file:LINE`` for JSON lines, ``file:row N`` (0-based) for a JSON list). A key given twice in one object is an
     error (JSON parsers keep the last silently)."""
-    from posttrain.recipe import read_text
+    from posttrain.paths import read_text
 
     text = read_text(path)
     if path.suffix == ".jsonl":

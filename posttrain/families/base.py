@@ -52,34 +52,37 @@ class Family:
         return tuple(self.data)
 
 
-_TRAINERS = "posttrain.trainers"
-
 # in the order `posttrain methods` lists them
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("sft", {"train": "sft", "eval": "sft", "test": "test"}, "trl:SFTConfig",
-               f"{_TRAINERS}.build:sft_config", f"{_TRAINERS}.build:build_sft_trainer", "posttrain.preview:sft_rows",
-               check_data=f"{_TRAINERS}.build:check_sft_data", masks_conversations=True),
-        Family("preference", {"train": "preference", "eval": "preference", "test": "test"}, "trl:DPOConfig",
+               "posttrain.families.sft.trainer:sft_config", "posttrain.families.sft.trainer:build_sft_trainer",
+               "posttrain.preview:sft_rows", check_data="posttrain.families.sft.trainer:check_sft_data",
+               masks_conversations=True),
+        Family("preference", {"train": "preference", "eval": "preference", "test": "test"},
+               "posttrain.families.preference.config:PreferenceConfig",
                "posttrain.families.preference.trainer:preference_config",
                "posttrain.families.preference.trainer:build_preference_trainer",
                "posttrain.preview:preference_rows"),
         Family("unpaired", {"train": "unpaired", "eval": "unpaired", "test": "test"}, "trl:KTOConfig",
-               f"{_TRAINERS}.kto:kto_config", f"{_TRAINERS}.kto:build_kto_trainer", "posttrain.preview:unpaired_rows"),
+               "posttrain.families.unpaired.trainer:kto_config",
+               "posttrain.families.unpaired.trainer:build_kto_trainer", "posttrain.preview:unpaired_rows"),
         Family("online", {"train": "rl", "test": "test"}, "trl:GRPOConfig",
                "posttrain.families.online.trainer:online_config",
                "posttrain.families.online.trainer:build_online_trainer", "posttrain.preview:rl_rows",
                check_data="posttrain.families.online.trainer:check_online_data",
                check_code="posttrain.families.online.trainer:check_online_recipe", pass_k=(1, 4)),
         Family("reward", {"train": "preference", "eval": "preference", "test": "preference"}, "trl:RewardConfig",
-               f"{_TRAINERS}.reward:reward_config", f"{_TRAINERS}.reward:build_reward_trainer",
-               "posttrain.preview:reward_rows", check_data=f"{_TRAINERS}.reward:check_reward_data",
-               test_metric="pairwise accuracy", test_scorer=f"{_TRAINERS}.reward:pairwise_test_accuracy",
+               "posttrain.families.reward.trainer:reward_config",
+               "posttrain.families.reward.trainer:build_reward_trainer", "posttrain.preview:reward_rows",
+               check_data="posttrain.families.reward.trainer:check_reward_data", test_metric="pairwise accuracy",
+               test_scorer="posttrain.families.reward.trainer:pairwise_test_accuracy",
                model_head="score"),
         Family("unlearning", {"forget": "unlearning", "retain": "unlearning", "holdout": "unlearning"},
-               f"{_TRAINERS}.unlearning:UnlearningConfig", f"{_TRAINERS}.unlearning:unlearning_config",
-               f"{_TRAINERS}.unlearning:build_unlearning_trainer", "posttrain.preview:unlearning_rows",
+               "posttrain.families.unlearning.trainer:UnlearningConfig",
+               "posttrain.families.unlearning.trainer:unlearning_config",
+               "posttrain.families.unlearning.trainer:build_unlearning_trainer", "posttrain.preview:unlearning_rows",
                preview_keys=("data.forget", "data.retain"), evaluates_forgetting=True),
         Family("rl", {"train": "rl", "eval": "rl", "test": "test"}, "trl:GRPOConfig",
                "posttrain.families.rl.trainer:rl_config", "posttrain.families.rl.trainer:build_rl_trainer",

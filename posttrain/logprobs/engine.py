@@ -60,12 +60,15 @@ class Needs:
     states ``[B, T, H]`` in the caller's layout. ``full_vocab``: full-vocabulary log-prob rows at the positions the
     call's ``full_vocab_mask`` gives (default: every completion token). ``rows``: the hidden rows that predict the
     completion tokens, with the head, for another model's tiled KL against them (:class:`HeadRows`).
+    ``statistics``: per-token :data:`~posttrain.logprobs.heads.ROW_STATISTICS` (mean logit, whether the target is the
+    argmax, log sum_v p_v^2), never differentiated, from the head's own chunks of logits.
     """
 
     entropy: bool = False
     hidden: bool = False
     full_vocab: bool = False
     rows: bool = False
+    statistics: tuple[str, ...] = ()
 
 
 @dataclass
@@ -90,6 +93,7 @@ class LogProbs:
     hidden: torch.Tensor | None = None  # [B, T, H]
     full_vocab: torch.Tensor | None = None  # [n, V] fp32 rows, in full_vocab_mask.nonzero() order
     rows: HeadRows | None = None
+    statistics: dict[str, torch.Tensor] | None = None  # name -> [B, T] (Needs.statistics)
     shared: bool = False  # whether the body ran on shared-prompt packed rows
     body_tokens: int = 0  # real tokens the body computed
 
@@ -173,10 +177,10 @@ class _Call:
         bias = None if getattr(head, "bias", None) is None else full_weight(head.bias)
         rows = flat[self.predictors].to(weight.device)
         transform = H.logit_transform(lm.config)
-        logps, entropy = H.LOGPROB_HEADS[self.head].fn(
+        logps, entropy, statistics = H.LOGPROB_HEADS[self.head].fn(
             rows, weight, bias, self.targets.to(weight.device), transform=transform, temperature=self.temperature,
-            chunk_rows=self.chunk_rows, with_entropy=self.needs.entropy)
-        out = {"logps": logps, "entropy": entropy}
+            chunk_rows=self.chunk_rows, with_entropy=self.needs.entropy, statistics=self.needs.statistics)
+        out = {"logps": logps, "entropy": entropy, "statistics": statistics}
         scale = transform.scale / self.temperature
         if self.kl_with is not None:
             other = self.kl_with
@@ -242,10 +246,14 @@ class LogProbEngine:
 
     def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, *,
                 groups=None, needs: Needs = Needs(), full_vocab_mask: torch.Tensor | None = None,
-                kl_with: HeadRows | None = None, kl_direction: str = "base_to_policy") -> LogProbs:
+                kl_with: HeadRows | None = None, kl_direction: str = "base_to_policy",
+                share_until: torch.Tensor | None = None) -> LogProbs:
         """Score the completion tokens of a ``[B, T]`` batch with ``model`` (see :class:`LogProbs`).
 
-        ``groups``: a group id per row (rows of a group share their prompt; None: no sharing). ``kl_with``: another
+        ``groups``: a group id per row (rows of a group share their prompt; None: no sharing). ``share_until``: a
+        ``[B, T]`` mask whose first token in each group ends the shared prompt (default: ``completion_mask``; give the
+        responses when ``completion_mask`` also scores prompt tokens, as ORPO's SFT term does: a scored prompt token
+        is predicted from the shared prompt, the same for every row). ``kl_with``: another
         model's :class:`HeadRows` for the same batch (``needs.rows`` of its call), giving ``kl`` per token in
         ``kl_direction`` (``base_to_policy`` = KL(other || model), ``policy_to_base`` = KL(model || other)).
         """
@@ -260,7 +268,8 @@ class LogProbEngine:
         batch, width = input_ids.shape
         shared = self.sharing(model, groups)
         if shared:
-            layout = shared_layout(input_ids, attention_mask, mask, groups,
+            cut = mask if share_until is None else share_until.to(mask.device).bool() & attention_mask.bool()
+            layout = shared_layout(input_ids, attention_mask, cut, groups,
                                    pad_token_id=int(getattr(lm.config, "pad_token_id", None) or 0))
             index = layout.index
             allowed = block_mask(layout.segments)
@@ -292,13 +301,15 @@ class LogProbEngine:
         def spread(flat):
             return None if flat is None else flat.new_zeros(mask.shape).masked_scatter(mask, flat.to(mask.device))
 
+        statistics = {name: spread(value) for name, value in out["statistics"].items()} if needs.statistics else None
         return LogProbs(logps=spread(out["logps"]), mask=mask, entropy=spread(out["entropy"]), kl=spread(out.get("kl")),
                         hidden=out.get("hidden"), full_vocab=out.get("full_vocab"), rows=out.get("rows"),
-                        shared=shared, body_tokens=body_tokens)
+                        statistics=statistics, shared=shared, body_tokens=body_tokens)
 
     def reference_forward(self, reference, policy, input_ids, attention_mask, completion_mask, *, groups=None,
-                          needs: Needs = Needs()) -> LogProbs:
+                          needs: Needs = Needs(), share_until: torch.Tensor | None = None) -> LogProbs:
         """The same forward for a frozen reference (:class:`posttrain.reference.Reference`: a separate model, or
         ``policy`` with its adapter disabled), under ``torch.no_grad()``."""
         with torch.no_grad(), reference.network(policy) as network:
-            return self.forward(network, input_ids, attention_mask, completion_mask, groups=groups, needs=needs)
+            return self.forward(network, input_ids, attention_mask, completion_mask, groups=groups, needs=needs,
+                                share_until=share_until)

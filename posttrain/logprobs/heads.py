@@ -35,6 +35,10 @@ from posttrain.registry import LogprobHeadEntry, Registry
 # fp32 elements of one [rows, V] logits chunk (64 MiB): chunk_rows = CHUNK_ELEMENTS // V
 CHUNK_ELEMENTS = 1 << 24
 FUSED_VOCAB_TILE = 32768  # the vocabulary tile of TRL's fused head (``add_fused_lm_head``'s default)
+# Per-row statistics a head can return besides log-probs, never differentiated (TRL's fused-head names): the entropy
+# (for logging; a differentiable entropy is ``with_entropy``), the mean logit, whether the target is the first argmax,
+# and log(sum_v p_v^2) (WPO's sampled weight alignment).
+ROW_STATISTICS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 KL_DIRECTIONS = ("base_to_policy", "policy_to_base")
 LIGER_MIN_VERSION = "0.8.2"  # first release whose reduction="none" backward takes per-token upstream gradients
 
@@ -93,12 +97,14 @@ class _ChunkedLogProbs(torch.autograd.Function):
     """Per-row log p(target) and entropy, chunk by chunk; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale: float, chunk_rows: int, with_entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, scale: float, chunk_rows: int, with_entropy: bool,
+                statistics: tuple[str, ...]):
         dtype = _compute_dtype(hidden)
         n = hidden.shape[0]
         logps = hidden.new_empty(n, dtype=_acc(dtype))
         log_z = hidden.new_empty(n, dtype=_acc(dtype))
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=_acc(dtype))
+        stats = hidden.new_empty(len(statistics), n, dtype=_acc(dtype))
         with gathered(weight, bias):
             for s in range(0, n, chunk_rows):
                 e = min(s + chunk_rows, n)
@@ -106,22 +112,25 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 lse = torch.logsumexp(z, dim=-1)
                 log_z[s:e] = lse
                 logps[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse
+                for k, name in enumerate(statistics):
+                    stats[k, s:e] = _row_statistic(name, z, lse, targets[s:e])
                 if with_entropy:
                     z.sub_(lse[:, None])  # log p
                     entropy[s:e] = -(z.exp() * z).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
         ctx.scale, ctx.chunk_rows, ctx.dtype = scale, chunk_rows, dtype
         ctx.set_materialize_grads(False)
-        return logps, entropy
+        ctx.mark_non_differentiable(stats)
+        return logps, entropy, stats
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_entropy):
+    def backward(ctx, grad_logps, grad_entropy, _grad_stats):
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         if grad_entropy is not None and entropy.numel() == 0:
             grad_entropy = None
         if grad_logps is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         acc = _acc(ctx.dtype)
         grad_h = torch.zeros_like(hidden, dtype=acc) if want_h else None
         n = hidden.shape[0]
@@ -153,8 +162,46 @@ class _ChunkedLogProbs(torch.autograd.Function):
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )
+
+
+def _row_statistic(name: str, z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One of :data:`ROW_STATISTICS` of a chunk of logits ``z [rows, V]`` (``lse``: their logsumexp), as TRL's fused
+    head defines it."""
+    if name == "entropy":  # H = lse - sum_v p_v z_v
+        return lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    if name == "mean_logits":
+        return z.mean(-1)
+    if name == "is_top1":  # the first maximal logit is the target's (torch.argmax returns the first)
+        return (z.argmax(-1) == targets).to(z.dtype)
+    if name == "log_sum_sq_probs":  # log sum_v p_v^2 = logsumexp(2 (z - lse))
+        return torch.logsumexp(2.0 * (z - lse[:, None]), dim=-1)
+    raise ValueError(f"unknown row statistic {name!r}; known: {ROW_STATISTICS}")
+
+
+def _statistics_dict(statistics: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: (stats[k] > 0.5 if name == "is_top1" else stats[k].float()) for k, name in enumerate(statistics)}
+
+
+def row_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                   statistics: tuple[str, ...], *, transform: LogitTransform = LogitTransform(),
+                   temperature: float = 1.0, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """:data:`ROW_STATISTICS` of the given rows without gradient, chunk by chunk (for a head that does not compute
+    them on its way: liger)."""
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in statistics}
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    with torch.no_grad(), gathered(weight, bias):
+        for s in range(0, hidden.shape[0], rows):
+            z = _chunk_logits(hidden[s:s + rows], weight, bias, transform.scale, _compute_dtype(hidden))
+            if transform.softcap is not None:
+                z = transform.softcap * torch.tanh(z / transform.softcap)
+            z = z / temperature
+            lse = torch.logsumexp(z, dim=-1)
+            for name in statistics:
+                out[name].append(_row_statistic(name, z, lse, targets[s:s + rows]))
+    return {name: (torch.cat(v) if v else hidden.new_zeros(0, dtype=torch.float32)).to(
+        torch.bool if name == "is_top1" else torch.float32) for name, v in out.items()}
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -164,12 +211,24 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     ``chunk_rows`` rows at a time (default :func:`default_chunk_rows`), differentiable in hidden, weight and bias
     (through both outputs) with the chunk's logits recomputed in the backward. The standard next-token log-likelihood
     of the LM objective (Radford et al. 2018; as a fine-tuning loss, Ouyang et al. 2022, arXiv 2203.02155)."""
+    logps, entropy, _ = chunked_token_logps_and_statistics(hidden, weight, bias, targets, scale=scale,
+                                                           chunk_rows=chunk_rows, with_entropy=with_entropy)
+    return logps, entropy
+
+
+def chunked_token_logps_and_statistics(hidden, weight, bias, targets, *, scale: float = 1.0,
+                                       chunk_rows: int | None = None, with_entropy: bool = False,
+                                       statistics: tuple[str, ...] = ()):
+    """:func:`chunked_token_logps` plus the requested :data:`ROW_STATISTICS` (a dict, computed from the same chunks
+    of logits at no extra matmul; ``is_top1`` boolean, the others fp32)."""
     if hidden.shape[0] == 0:
         zero = hidden.sum(-1).float() + weight.sum() * 0.0  # keeps the (empty) outputs connected to the graph
-        return zero, (zero if with_entropy else None)
+        empty = {name: zero.detach().to(torch.bool if name == "is_top1" else torch.float32) for name in statistics}
+        return zero, (zero if with_entropy else None), empty
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
-    logps, entropy = _ChunkedLogProbs.apply(hidden, weight, bias, targets, float(scale), int(rows), bool(with_entropy))
-    return logps, (entropy if with_entropy else None)
+    logps, entropy, stats = _ChunkedLogProbs.apply(hidden, weight, bias, targets, float(scale), int(rows),
+                                                   bool(with_entropy), tuple(statistics))
+    return logps, (entropy if with_entropy else None), _statistics_dict(tuple(statistics), stats)
 
 
 class _TiledKL(torch.autograd.Function):
@@ -263,8 +322,8 @@ def full_vocab_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The heads the engine can run: one entry each, ``fn(hidden, weight, bias, targets, *, transform, temperature,
-# chunk_rows, with_entropy) -> (logps, entropy | None)``; ``unavailable(device, transform, with_entropy)`` gives the
-# reason a head cannot run there (None when it can).
+# chunk_rows, with_entropy, statistics) -> (logps, entropy | None, {statistic: [N]})``; ``unavailable(device,
+# transform, with_entropy)`` gives the reason a head cannot run there (None when it can).
 # ----------------------------------------------------------------------------------------------------------------------
 
 LOGPROB_HEADS: Registry[LogprobHeadEntry] = Registry("training.logprob_head", LogprobHeadEntry)
@@ -284,27 +343,32 @@ def _chunked_unavailable(device, transform: LogitTransform, with_entropy: bool) 
 
 @LOGPROB_HEADS.register("chunked", doc="docs/logprob_engine.md#heads", unavailable=_chunked_unavailable)
 def chunked_head(hidden, weight, bias, targets, *, transform: LogitTransform, temperature: float,
-                 chunk_rows: int | None, with_entropy: bool):
+                 chunk_rows: int | None, with_entropy: bool, statistics: tuple[str, ...] = ()):
     """:func:`chunked_token_logps` over the completion rows (plain matmul + logsumexp per chunk of rows)."""
-    return chunked_token_logps(hidden, weight, bias, targets, scale=transform.scale / temperature,
-                               chunk_rows=chunk_rows, with_entropy=with_entropy)
+    return chunked_token_logps_and_statistics(hidden, weight, bias, targets, scale=transform.scale / temperature,
+                                              chunk_rows=chunk_rows, with_entropy=with_entropy, statistics=statistics)
 
 
 @LOGPROB_HEADS.register("fused", doc="docs/logprob_engine.md#heads", unavailable=lambda *a: None)
 def fused_head(hidden, weight, bias, targets, *, transform: LogitTransform, temperature: float,
-               chunk_rows: int | None, with_entropy: bool):
+               chunk_rows: int | None, with_entropy: bool, statistics: tuple[str, ...] = ()):
     """TRL's fused LM head kernel (``trl.kernels.ChunkedLogProbFunction``, what ``add_fused_lm_head`` runs) over the
     completion rows only: Triton on CUDA, its torch fallback elsewhere; online logsumexp over vocabulary tiles."""
     from trl.kernels import ChunkedLogProbFunction
 
     if hidden.shape[0] == 0:
-        return chunked_token_logps(hidden, weight, bias, targets, with_entropy=with_entropy)
-    outputs = ("log_probs", "entropy") if with_entropy else ("log_probs",)
+        return chunked_token_logps_and_statistics(hidden, weight, bias, targets, with_entropy=with_entropy,
+                                                  statistics=statistics)
+    outputs = ("log_probs", *(("entropy",) if with_entropy or "entropy" in statistics else ()),
+               *(name for name in statistics if name != "entropy"))
     with gathered(weight, bias):
-        logps, entropy, *_ = ChunkedLogProbFunction.apply(
+        logps, entropy, log_sum_sq, mean_logits, is_top1 = ChunkedLogProbFunction.apply(
             hidden, weight, bias, targets, temperature, FUSED_VOCAB_TILE, transform.softcap, transform.scale,
             outputs)
-    return logps.float(), (entropy.float() if with_entropy else None)
+    got = {"entropy": None if entropy is None else entropy.detach(), "log_sum_sq_probs": log_sum_sq,
+           "mean_logits": mean_logits, "is_top1": is_top1}
+    stats = {name: got[name] if name == "is_top1" else got[name].float() for name in statistics}
+    return logps.float(), (entropy.float() if with_entropy else None), stats
 
 
 def _liger_unavailable(device, transform: LogitTransform, with_entropy: bool) -> str | None:
@@ -328,16 +392,19 @@ def _liger_unavailable(device, transform: LogitTransform, with_entropy: bool) ->
 
 @LOGPROB_HEADS.register("liger", doc="docs/logprob_engine.md#heads", unavailable=_liger_unavailable)
 def liger_head(hidden, weight, bias, targets, *, transform: LogitTransform, temperature: float,
-               chunk_rows: int | None, with_entropy: bool):
+               chunk_rows: int | None, with_entropy: bool, statistics: tuple[str, ...] = ()):
     """liger-kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv 2410.10989), ``reduction="none"``:
-    ``log p = -CE`` per row, the temperature folded into the hidden states and the bias."""
+    ``log p = -CE`` per row, the temperature folded into the hidden states and the bias (row statistics: one more
+    no-grad pass, :func:`row_statistics`)."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     with gathered(weight, bias):
         ce = liger_fused_linear_cross_entropy(
             hidden / temperature, weight, targets, None if bias is None else bias / temperature,
             reduction="none", softcap=transform.softcap)
-    return -ce.float(), None
+    stats = row_statistics(hidden, weight, bias, targets, statistics, transform=transform, temperature=temperature,
+                           chunk_rows=chunk_rows) if statistics else {}
+    return -ce.float(), None, stats
 
 
 def _fused_is_native(device) -> bool:

@@ -15,7 +15,8 @@ Prevails: Rethinking Negative Preference Optimization for LLM Unlearning", arXiv
 WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning", arXiv 2403.03218 (RMU, on hidden states).
 
 Naming follows open-unlearning: ``L = gamma * L_forget + alpha * L_retain`` (the NPO reference calls these
-``npo_coeff`` and ``grad_diff_coeff`` / ``KL_coeff``).
+``npo_coeff`` and ``grad_diff_coeff`` / ``KL_coeff``); the terms and their combination are registered in
+:mod:`posttrain.families.unlearning.objective`.
 """
 
 from __future__ import annotations
@@ -24,16 +25,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from posttrain.distributed import TokenMean
-from posttrain.registry import Registry, UnlearningObjectiveEntry, UnlearningTermEntry
-
 import torch
 import torch.nn.functional as F
 
+from posttrain.distributed import TokenMean
+
 __all__ = [
-    "UNLEARNING_METHODS",
-    "UNLEARNING_DEFAULTS",
-    "UnlearningMethod",
     "NPOOutput",
     "SimNPOOutput",
     "UnlearningOutput",
@@ -46,29 +43,10 @@ __all__ = [
     "npo_loss_at_reference",
     "simnpo_loss",
     "retain_kl_loss",
-    "unlearning_objective",
     "rmu_control_vector",
     "rmu_activation_loss",
     "rmu_loss",
 ]
-
-UnlearningMethod = Literal["ga", "grad_diff", "ga_kl", "npo", "npo_rt", "npo_kl", "simnpo"]
-UNLEARNING_METHODS: tuple[str, ...] = ("ga", "grad_diff", "ga_kl", "npo", "npo_rt", "npo_kl", "simnpo")
-
-# Per-method structure and defaults (docs/methods/npo.md#objectives and #hyperparameters).
-#   forget: which forget loss; retain: None | "nll" | "kl"; gamma/alpha: coefficients; beta/delta: forget-loss params.
-# `npo` is the paper's pure NPO (alpha = 0). open-unlearning's `NPO` trainer (alpha 1, NLL) is our `npo_rt`, and its
-# `SimNPO` trainer (gamma 0.125, alpha 1, NLL, beta 4.5, delta 0) is our `simnpo`.
-UNLEARNING_DEFAULTS: dict[str, dict] = {
-    "ga": {"forget": "ga", "retain": None, "gamma": 1.0, "alpha": 0.0},
-    "grad_diff": {"forget": "ga", "retain": "nll", "gamma": 1.0, "alpha": 1.0},
-    "ga_kl": {"forget": "ga", "retain": "kl", "gamma": 1.0, "alpha": 1.0},
-    "npo": {"forget": "npo", "retain": None, "gamma": 1.0, "alpha": 0.0, "beta": 0.1},
-    "npo_rt": {"forget": "npo", "retain": "nll", "gamma": 1.0, "alpha": 1.0, "beta": 0.1},
-    "npo_kl": {"forget": "npo", "retain": "kl", "gamma": 1.0, "alpha": 1.0, "beta": 0.1},
-    "simnpo": {"forget": "simnpo", "retain": "nll", "gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.0},
-}
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Sequence reductions
@@ -261,13 +239,14 @@ def retain_kl_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Combiner
+# Objective output
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class UnlearningOutput:
-    """Result of :func:`unlearning_objective`.
+    """Result of an unlearning objective (:func:`posttrain.families.unlearning.objective.unlearning_objective`,
+    :func:`rmu_loss`).
 
     ``loss`` = ``gamma * forget_loss + alpha * retain_loss`` (differentiable scalar); ``forget_loss`` is the
     gamma-free ``L_forget`` and ``retain_loss`` the alpha-free ``L_retain`` (``None`` when the method has no retain
@@ -278,83 +257,6 @@ class UnlearningOutput:
     forget_loss: torch.Tensor
     retain_loss: torch.Tensor | None
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def unlearning_objective(
-    method: UnlearningMethod,
-    *,
-    forget_logps: torch.Tensor,
-    forget_mask: torch.Tensor,
-    forget_ref_logps: torch.Tensor | None = None,
-    retain_logps: torch.Tensor | None = None,
-    retain_mask: torch.Tensor | None = None,
-    retain_logits: torch.Tensor | None = None,
-    retain_ref_logits: torch.Tensor | None = None,
-    retain_kl_mask: torch.Tensor | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    alpha: float | None = None,
-    delta: float | None = None,
-    forget_num_items: int | torch.Tensor | None = None,
-    retain_num_items: int | torch.Tensor | None = None,
-) -> UnlearningOutput:
-    """Total unlearning objective ``L = gamma * L_forget + alpha * L_retain`` (docs/methods/npo.md#objectives; arXiv 2404.05868).
-
-    Methods (defaults in :data:`UNLEARNING_DEFAULTS`; ``None`` arguments take them):
-
-    * ``ga``        GA only (gamma 1).
-    * ``grad_diff`` GA + retain NLL (gamma 1, alpha 1).
-    * ``ga_kl``     GA + retain KL (gamma 1, alpha 1).
-    * ``npo``       NPO only (beta 0.1, gamma 1, alpha 0).
-    * ``npo_rt``    NPO + retain NLL (beta 0.1, gamma 1, alpha 1) = open-unlearning's ``NPO``.
-    * ``npo_kl``    NPO + retain KL (beta 0.1, gamma 1, alpha 1).
-    * ``simnpo``    SimNPO + retain NLL (beta 4.5, delta 0, gamma 0.125, alpha 1) = open-unlearning's ``SimNPO``.
-
-    Inputs: forget per-token ``forget_logps``/``forget_mask`` ``[B, T]``; for NPO also ``forget_ref_logps`` (``[B, T]``
-    on the same mask, or sequence sums ``[B]``); for the NLL retain term ``retain_logps``/``retain_mask``; for the KL
-    retain term ``retain_logits``/``retain_ref_logits`` (``[N, V]`` or ``[B, T, V]``, see :func:`retain_kl_loss`) and
-    optionally ``retain_kl_mask``. ``*_num_items`` override the token-mean denominators of the forget NLL (GA and the
-    logged ``forget_nll``) and of the retain NLL / KL (with several processes the trainer passes each process's share
-    of the global token count, posttrain.distributed.process_share, so that the averaged gradient is that of the global
-    token mean).
-    """
-    if method not in UNLEARNING_DEFAULTS:
-        raise ValueError(f"unknown unlearning method {method!r}; expected one of {', '.join(UNLEARNING_METHODS)}")
-    cfg = UNLEARNING_DEFAULTS[method]
-    gamma = cfg["gamma"] if gamma is None else gamma
-    alpha = cfg["alpha"] if alpha is None else alpha
-    beta = cfg.get("beta") if beta is None else beta
-    delta = cfg.get("delta", 0.0) if delta is None else delta
-    metrics: dict[str, float] = {}
-
-    with torch.no_grad():  # the token mean the GA term sees (forget_num_items: see below)
-        metrics["forget_nll"] = float(nll_loss(forget_logps.detach(), forget_mask, forget_num_items))
-
-    forget = FORGET_TERMS[cfg["forget"]]
-    if forget.uses_reference and forget_ref_logps is None:
-        raise ValueError(f"method {method!r} needs forget_ref_logps (the reference model's forget log-probs)")
-    forget_loss, forget_metrics = forget.fn(forget_logps, forget_mask, forget_ref_logps, forget_num_items, beta=beta,
-                                            delta=delta)
-    metrics.update(forget_metrics)
-
-    retain_loss = None
-    if cfg["retain"] is not None and alpha != 0:
-        retain = RETAIN_TERMS[cfg["retain"]]
-        given = {"logps": retain_logps, "mask": retain_mask, "logits": retain_logits, "ref_logits": retain_ref_logits,
-                 "kl_mask": retain_kl_mask}
-        if any(given[name] is None for name in retain.inputs):
-            raise ValueError(f"method {method!r} needs {' and '.join(f'retain_{name}' for name in retain.inputs)}")
-        retain_loss, retain_metrics = retain.fn(retain_num_items, **given)
-        metrics.update(retain_metrics)
-
-    loss = gamma * forget_loss
-    if retain_loss is not None:
-        loss = loss + alpha * retain_loss
-    metrics["forget_loss"] = float(forget_loss.detach())
-    if retain_loss is not None:
-        metrics["retain_loss"] = float(retain_loss.detach())
-    metrics["loss"] = float(loss.detach())
-    return UnlearningOutput(loss=loss, forget_loss=forget_loss, retain_loss=retain_loss, metrics=metrics)
 
 
 def npo_loss_at_reference(beta: float) -> float:
@@ -426,85 +328,3 @@ def rmu_loss(
         metrics["retain_loss"] = float(retain_loss.detach())
     metrics["loss"] = float(loss.detach())
     return UnlearningOutput(loss=loss, forget_loss=forget_loss, retain_loss=retain_loss, metrics=metrics)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Registry: one entry per unlearning objective (``method.name`` of the unlearning family, plus ``ga_kl``, which is
-# defined here but not exposed as a recipe method; docs/methods/npo.md#the-ga_kl-objective). ``fn`` is
-# :func:`unlearning_objective` (called with the name); the entry's fields: the structure and defaults of
-# :data:`UNLEARNING_DEFAULTS` and ``recipe_method`` (selectable as ``method.name``).
-# ----------------------------------------------------------------------------------------------------------------------
-
-FORGET_TERMS: Registry[UnlearningTermEntry] = Registry("unlearning forget term", UnlearningTermEntry)
-RETAIN_TERMS: Registry[UnlearningTermEntry] = Registry("unlearning retain term", UnlearningTermEntry)
-
-
-@FORGET_TERMS.register("ga", doc="docs/methods/ga.md#objective")
-def ga_term(logps, mask, ref_logps, num_items, *, beta, delta):
-    """Gradient ascent (the unlearning baseline; NPO paper, arXiv 2404.05868): :func:`ga_loss`."""
-    return ga_loss(logps, mask, num_items), {}
-
-
-@FORGET_TERMS.register("npo", doc="docs/methods/npo.md#objectives", uses_reference=True)
-def npo_term(logps, mask, ref_logps, num_items, *, beta, delta):
-    """NPO (Zhang et al. 2024, arXiv 2404.05868): the mean of :func:`npo_loss` over the forget sequences."""
-    out = npo_loss(logps, ref_logps, beta=beta, mask=mask)
-    return out.losses.mean(), {"npo/log_ratio_mean": float(out.log_ratios.mean()),
-                               "npo/weight_mean": float(out.weights.mean())}
-
-
-@FORGET_TERMS.register("simnpo", doc="docs/methods/simnpo.md#objective")
-def simnpo_term(logps, mask, ref_logps, num_items, *, beta, delta):
-    """SimNPO (Fan et al. 2024, arXiv 2410.07163): the mean of :func:`simnpo_loss`, reference-free."""
-    out = simnpo_loss(logps, mask, beta=beta, delta=delta)
-    return out.losses.mean(), {"simnpo/avg_nll_mean": float(out.avg_nll.mean()),
-                               "simnpo/weight_mean": float(out.weights.mean())}
-
-
-@RETAIN_TERMS.register("nll", doc="docs/methods/grad_diff.md#objective", inputs=("logps", "mask"))
-def retain_nll_term(num_items, *, logps, mask, **unused):
-    """Token-mean NLL of the retain set (GradDiff, Liu et al., arXiv 2203.12817): :func:`retain_nll_loss`."""
-    loss = retain_nll_loss(logps, mask, num_items)
-    return loss, {"retain_nll": float(loss.detach())}
-
-
-@RETAIN_TERMS.register("kl", doc="docs/methods/npo.md#objectives", uses_reference=True, full_vocab=True,
-                       inputs=("logits", "ref_logits"))
-def retain_kl_term(num_items, *, logits, ref_logits, kl_mask, **unused):
-    """KL(pi_ref || pi_theta) on the retain set (NPO+KL, arXiv 2404.05868): :func:`retain_kl_loss` (``kl_mask``
-    None: every position)."""
-    loss = retain_kl_loss(logits, ref_logits, kl_mask, num_items)
-    return loss, {"retain_kl": float(loss.detach())}
-
-
-# RMU's terms work on one layer's activations, not log-probs: its objective (rmu_loss, steers_activations) calls
-# rmu_activation_loss for both; the entries say what they need (the retain term: the frozen model's activations)
-FORGET_TERMS.add("rmu", rmu_activation_loss, doc="docs/methods/rmu.md#objective")
-RETAIN_TERMS.add("activations", rmu_activation_loss, doc="docs/methods/rmu.md#objective", uses_reference=True)
-
-UNLEARNING_OBJECTIVES: Registry[UnlearningObjectiveEntry] = Registry("unlearning objective", UnlearningObjectiveEntry)
-# each objective's page, and whether a recipe selects it as method.name (ga_kl is not exposed)
-_ENTRY_FIELDS: dict[str, dict] = {
-    "ga": {"doc": "docs/methods/ga.md#objective"}, "grad_diff": {"doc": "docs/methods/grad_diff.md#objective"},
-    "ga_kl": {"doc": "docs/methods/npo.md#the-ga_kl-objective", "recipe_method": False},
-    "npo": {"doc": "docs/methods/npo.md#objectives"}, "npo_rt": {"doc": "docs/methods/npo.md#objectives"},
-    "npo_kl": {"doc": "docs/methods/npo.md#objectives"}, "simnpo": {"doc": "docs/methods/simnpo.md#objective"}}
-for _name, _cfg in UNLEARNING_DEFAULTS.items():
-    UNLEARNING_OBJECTIVES.add(_name, unlearning_objective, **_ENTRY_FIELDS[_name], **_cfg)
-# RMU works on the hidden states of one layer (``steers_activations``: the trainer captures them and calls ``fn`` =
-# :func:`rmu_loss` instead of :func:`unlearning_objective`); its retain term compares with the frozen model.
-UNLEARNING_OBJECTIVES.add("rmu", rmu_loss, doc="docs/methods/rmu.md#objective", recipe_method=True, forget="rmu",
-                          retain="activations", gamma=1.0, alpha=1.0, steers_activations=True)
-
-
-def uses_retain(name: str, alpha: float) -> bool:
-    """Whether objective ``name`` with retain weight ``alpha`` has a retain term (and so reads the retain set)."""
-    return UNLEARNING_OBJECTIVES[name].retain is not None and float(alpha) != 0.0
-
-
-def uses_reference(name: str, alpha: float) -> bool:
-    """Whether objective ``name`` compares with a frozen reference model: its forget term does (NPO), or its retain
-    term, when there is one, does (the KL and RMU activation terms)."""
-    entry = UNLEARNING_OBJECTIVES[name]
-    return FORGET_TERMS[entry.forget].uses_reference or (
-        uses_retain(name, alpha) and RETAIN_TERMS[entry.retain].uses_reference)

@@ -41,7 +41,7 @@ defaults where they differ from the library's:
 |---|---|---|
 """
 
-# (key, default, note): posttrain.run.pipeline.training_config and the family config builders
+# (key, default, note): posttrain.trainers.common.training_config and the family config builders
 TRAINING_DEFAULTS = [
     ("report_to", "none", "or tensorboard / trackio / wandb (install the extra); metrics.jsonl is always written"),
     ("logging_steps", "10", ""),
@@ -59,6 +59,10 @@ TRAINING_DEFAULTS = [
     ("assistant_only_loss", "true for `messages` rows (SFT family), else false",
      "loss on the assistant turns only, for any chat template (`data.assistant_turns`); false: on every token"),
     ("model_init_kwargs", "refused", "posttrain loads the model: use the `model:` keys"),
+    ("logprob_head", "auto (preference family)", "auto \\| chunked \\| fused \\| liger: the LM head of the log-prob "
+     "engine (docs/logprob_engine.md); auto: chunked on CPU, TRL's fused Triton kernel on CUDA; logged once"),
+    ("share_prompts", "true (preference family)", "each pair's prompt computed once for chosen and rejected "
+     "(policy and reference); false: every row runs whole, same losses"),
 ]
 
 

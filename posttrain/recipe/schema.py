@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from posttrain.errors import UserError, did_you_mean
 from posttrain.families.base import FAMILIES, Family
-from posttrain.paths import expand_home
+from posttrain.paths import expand_home, read_text
 from posttrain.reference import ReferencePlan, plan_reference
 from posttrain.adapters.spec import ADAPTER_VARIANTS, GGPOSpec, GOATSpec, PLoRASpec, check_peft_variant
 
@@ -116,17 +116,6 @@ def _check_expanded_size(root: yaml.Node) -> None:
         return total
 
     size(root)
-
-
-def read_text(path: Path) -> str:
-    """A text file as UTF-8 (a leading byte-order mark is dropped); other encodings are a :class:`UserError` naming
-    the file and line."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
 
 
 INT32_MAX = 2**31 - 1
@@ -565,7 +554,7 @@ _DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 def attach_source_dir(recipe: Recipe, recipe_file: Path) -> Recipe:
     """Tie a parsed recipe to the folder of its file: relative data files and model folders are looked up there
     first, then in the working directory (a hit next to the recipe replaces the value by its absolute path, logged by
-    :func:`posttrain.run.pipeline.preflight`); a data file found in neither is an error naming both places.
+    :func:`posttrain.run.preflight.preflight`); a data file found in neither is an error naming both places.
     ``output_dir`` stays relative to the working directory (preflight refuses the recipe's own folder)."""
     source_dir = recipe_file.resolve().parent
     recipe._source_dir = source_dir

@@ -2,8 +2,10 @@
 
 TRL does the data handling (prompt extraction, EOS, tokenisation, the ``[chosen rows; rejected rows]`` collation with
 a completion mask), the reference-model handling (a given frozen model, or the adapter-disabled base with PEFT) and
-the optional one-off precomputation of reference log-probs. This trainer replaces only ``_compute_loss``: one policy
-forward through TRL's fused LM head gives per-token log-probs, the trainer computes what the method's entry declares
+the optional one-off precomputation of reference log-probs. This trainer replaces ``_compute_loss`` (and the
+reference pass of that precomputation): one policy forward through the log-prob engine (:mod:`posttrain.logprobs`:
+completion rows only, each pair's prompt computed once for chosen and rejected, the head of
+``training.logprob_head``) gives per-token log-probs, the trainer computes what the method's entry declares
 it ``needs`` (the reference's summed log-probs, live or precomputed; WPO's weight alignment; SparsePO's token KL and
 masks) into a :class:`PreferenceForward`, and the entry's pure objective (never given the trainer) turns it, through
 the losses of :mod:`posttrain.losses.preference`, into the loss of ``dpo`` (sigmoid / cDPO / robust / IPO), ``wpo``,
@@ -12,13 +14,16 @@ the losses of :mod:`posttrain.losses.preference`, into the loss of ``dpo`` (sigm
 
 Per-token tensors are ``[2B, T-1]`` (row ``b`` scores token ``t+1`` of sequence ``b``) with the shifted completion mask;
 chosen rows come first. SparsePO also needs full-vocab distributions (token KL) and reference activations; those are
-computed on completion positions only, in tiles.
+computed on completion positions only, in tiles (its reference runs the unshared rows: the MaPO mask reads per-row
+activations). A Mixture-of-Experts model whose router aux loss is on runs TRL's fused head on the whole causal LM
+instead of the engine (same losses, no saving; said once in the log).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,8 @@ from posttrain.losses.preference import (
     sparsepo_token_kl,
     wpo_log_alignment,
 )
-from posttrain.reference import Reference, trl_reference_factory
+from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
+from posttrain.reference import Reference, peft_model_of, trl_reference_factory
 from posttrain.registry import METHODS
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin, OneReferenceCacheMixin
 
@@ -65,14 +71,6 @@ def _unwrap(model):
     while hasattr(model, "module") and not isinstance(model, torch.nn.Linear):
         model = model.module
     return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def _peft_model(model):
-    from peft import PeftModel
-
-    while hasattr(model, "module") and not isinstance(model, PeftModel):
-        model = model.module
-    return model if isinstance(model, PeftModel) else None
 
 
 def _decoder_layers(backbone):
@@ -187,6 +185,16 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         self.assistant_turns = assistant_turns
         self.mask_net: torch.nn.ModuleDict | None = None
         self.objective = PREFERENCE_LOSSES[method]
+        config = kwargs.get("args")
+        share = getattr(config, "share_prompts", True)
+        if share and getattr(self, "counts_body_tokens", False):
+            log_once("shared prompts off: the adapter's balance loss counts the tokens of every row (GOAT); every row "
+                     "runs whole (same results, no saving)")
+            share = False
+        self.engine = LogProbEngine(getattr(config, "logprob_head", "auto"), share_prompts=share)
+        self.use_engine = True  # False: TRL's fused head on whole rows (the path before the engine; tests compare both)
+        if not self.engine.share_prompts:
+            log_once("shared prompts off (training.share_prompts: false): chosen and rejected rows run whole")
         unknown = self.objective.needs(params) - PREFERENCE_NEEDS
         if unknown:
             raise ValueError(f"preference loss {method!r} needs {sorted(unknown)}; the trainer computes "
@@ -278,41 +286,92 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
     # ---------------------------------------------------------------------------------------------------------------
 
     def _reference(self):
-        """(network to call, context that turns it into the reference) for the live reference forward."""
+        """The live reference (:class:`Reference`: the frozen ``ref_model``, or the adapter-disabled policy)."""
         missing = RuntimeError("no reference model: pass ref_model, use PEFT, or precompute reference log-probs")
-        return Reference(self.ref_model, missing=missing).resolve(self.model)
+        return Reference(self.ref_model, missing=missing)
 
-    def _ref_per_token_logps(self, model_kwargs, labels, seq_len):
-        """Reference per-token log-probs through the fused LM head, exactly as ``DPOTrainer._compute_loss``."""
-        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-        net, ctx = self._reference()
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), ctx:
-            out = net(**ref_kwargs, labels=labels, fused_lm_head=True)
-        return out.log_probs[:, -seq_len:]
+    @property
+    def _uses_engine(self) -> bool:
+        """The log-prob engine runs the forwards (``use_engine``); a router aux loss (MoE) needs the whole causal LM's
+        forward, so TRL's fused head runs instead."""
+        if self.aux_loss_enabled and self.use_engine:
+            log_once("log-prob engine off: the model's router aux loss needs the full causal-LM forward; TRL's fused "
+                     "head scores every row whole (same losses, no saving)")
+        return self.use_engine and not self.aux_loss_enabled
 
-    def _ref_sequence_logps(self, inputs, model_kwargs, labels, mask, seq_len, device):
+    def _ref_forward_context(self):
+        return disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+
+    def _ref_sequence_logps(self, inputs, batch: "_Batch", device):
         """The ``ref_logps`` need: summed reference log-probs of the chosen and of the rejected rows, precomputed
         (TRL's ``precompute_ref_log_probs`` columns) or from a live reference forward."""
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_chosen, ref_rejected = sequence_logps(
-                self._ref_per_token_logps(model_kwargs, labels, seq_len), mask).chunk(2, dim=0)
+            ref_chosen, ref_rejected = self._reference_pass(self.model, self._reference(), batch)
         return ref_chosen.to(device), ref_rejected.to(device)
 
-    def _policy_forward(self, model, model_kwargs, labels, need_hidden: bool):
+    def _reference_pass(self, model, reference: Reference, batch: "_Batch"):
+        """Summed reference log-probs ``([B], [B])`` of the chosen and rejected rows: the engine's forward under
+        ``no_grad`` (pairs sharing their prompt), or TRL's fused head when the engine is off."""
+        if self._uses_engine:
+            with self._ref_forward_context():
+                ref = self.engine.reference_forward(reference, model, batch.input_ids, batch.attention_mask,
+                                                    batch.ref_mask, groups=batch.groups)
+            return ref.logps.sum(-1).chunk(2, dim=0)
+        ref_kwargs = {k: v for k, v in batch.model_kwargs.items() if k != "output_router_logits"}
+        labels = batch.input_ids.masked_fill(batch.ref_mask == 0, -100)
+        with torch.no_grad(), self._ref_forward_context(), reference.network(model) as net:
+            out = net(**ref_kwargs, labels=labels, fused_lm_head=True)
+        return sequence_logps(out.log_probs[:, -batch.mask.size(1):], batch.mask).chunk(2, dim=0)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's one-off reference pass of ``precompute_ref_log_probs`` through the same forward as the live
+        reference. ``model``: the reference (``ref_model``), or the policy (adapter disabled with PEFT)."""
+        reference = Reference(None if self.ref_model is None and peft_model_of(model) is not None else model)
+        batch = _Batch.of(inputs, self.params, self.aux_loss_enabled)
+        with self.accelerator.autocast():
+            return self._reference_pass(model, reference, batch)
+
+    def _policy_pass(self, model, batch: "_Batch", needs) -> "_PolicyPass":
+        """The policy's per-token log-probs ``[2B, T-1]`` with grad and the per-token statistics TRL's metrics log
+        (entropy, mean logit, top-1 hit; ``log sum p^2`` for WPO's sampled alignment), plus the hidden rows that
+        predict the scored tokens when a need projects them again (WPO greedy, SparsePO)."""
+        p = self.params
+        want_rows = TOKEN_KL in needs or (LOG_ALIGNMENT in needs and p.wpo_alignment == "greedy")
+        sum_sq = LOG_ALIGNMENT in needs and p.wpo_alignment == "sampled"
+        if self._uses_engine:
+            statistics = ("entropy", "mean_logits", "is_top1", *(("log_sum_sq_probs",) if sum_sq else ()))
+            out = self.engine.forward(model, batch.input_ids, batch.attention_mask, batch.scored, groups=batch.groups,
+                                      needs=Needs(rows=want_rows, statistics=statistics),
+                                      share_until=batch.share_until)
+            stats = out.statistics
+            return _PolicyPass(
+                logps=out.logps[:, 1:], entropy=stats["entropy"][:, 1:], mean_logits=stats["mean_logits"][:, 1:],
+                is_top1=stats["is_top1"][:, 1:],
+                log_sum_sq=stats["log_sum_sq_probs"][:, 1:] if sum_sq else None,
+                rows=out.rows.hidden if want_rows else None,
+                head=(out.rows.weight, out.rows.bias) if want_rows else None)
         hidden: dict[str, torch.Tensor] = {}
         hook = None
-        if need_hidden:
+        if want_rows:
             hook = _unwrap(model).base_model.register_forward_hook(
-                lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state)
-            )
+                lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state))
+        labels = batch.input_ids.masked_fill(batch.scored == 0, -100)
         try:
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            outputs = model(**batch.model_kwargs, labels=labels, fused_lm_head=True)
         finally:
             if hook is not None:
                 hook.remove()
-        return outputs, hidden.get("h")
+        seq_len = batch.mask.size(1)
+        head = _unwrap(model).get_output_embeddings()
+        return _PolicyPass(
+            logps=outputs.log_probs[:, -seq_len:], entropy=outputs.entropy[:, -seq_len:],
+            mean_logits=outputs.mean_logits[:, -seq_len:], is_top1=outputs.is_top1[:, -seq_len:],
+            log_sum_sq=outputs.log_sum_sq_probs[:, -seq_len:] if sum_sq else None,
+            rows=hidden["h"][:, :-1][batch.scored[:, 1:].bool()] if want_rows else None,
+            head=(head.weight, head.bias) if want_rows else None,
+            aux_loss=outputs.aux_loss if self.aux_loss_enabled else None)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Loss
@@ -321,68 +380,58 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         p = self.params
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        completion_mask = inputs["completion_mask"]
-        mask = completion_mask[..., 1:]
-        seq_len = mask.size(1)
-        # the tokens the fused head scores: the completions (the loss masks below keep to them), plus the prompts when
-        # the method's SFT term reads them (ORPO)
-        scored = inputs["attention_mask"] if p.scores_prompt_tokens else completion_mask
-        labels = inputs["input_ids"].masked_fill(scored == 0, -100)
-
-        outputs, policy_hidden = self._policy_forward(model, model_kwargs, labels, p.needs_hidden_states)
-        per_token_logps = outputs.log_probs[:, -seq_len:]
-        logps = sequence_logps(per_token_logps, mask)
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        batch = _Batch.of(inputs, p, self.aux_loss_enabled)
+        mask = batch.mask
         needs = self.objective.needs(p)
+        policy = self._policy_pass(model, batch, needs)
+        per_token_logps = policy.logps
+        chosen_logps, rejected_logps = sequence_logps(per_token_logps, mask).chunk(2, dim=0)
         computed: dict[str, Any] = {}
         if REF_LOGPS in needs:
             computed["ref_chosen_logps"], computed["ref_rejected_logps"] = self._ref_sequence_logps(
-                inputs, model_kwargs, labels, mask, seq_len, chosen_logps.device)
+                inputs, batch, chosen_logps.device)
         if LOG_ALIGNMENT in needs:
-            computed["log_alignment"] = self._wpo_log_alignment(model, outputs, policy_hidden, mask, seq_len)
+            computed["log_alignment"] = self._wpo_log_alignment(policy, mask)
         if TOKEN_KL in needs:
             computed["token_kl"], computed["ref_token_logps"], computed["token_masks"] = self._sparsepo_forward(
-                model, model_kwargs, policy_hidden, labels, mask)
+                model, batch, policy.rows)
         fwd = PreferenceForward(
-            logps=per_token_logps, mask=mask, completion_mask=completion_mask,
-            scored_mask=(labels[:, 1:] != -100)[:, -seq_len:], chosen_logps=chosen_logps,
+            logps=per_token_logps, mask=mask, completion_mask=batch.completion_mask,
+            scored_mask=batch.scored[:, 1:].bool(), chosen_logps=chosen_logps,
             rejected_logps=rejected_logps, comm=self._collective, **computed)
         loss, metrics = self.objective.fn(p, fwd)
 
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            metrics["aux_loss"] = outputs.aux_loss.detach()
+        if policy.aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss
+            metrics["aux_loss"] = policy.aux_loss.detach()
         # values already gathered over processes stay as they are; per-process ones are averaged, token means pooled
         for name, value in reduce_metrics(self.accelerator, metrics).items():
             self._metrics[mode][name].append(value)
-        self._log_trl_metrics(mode, inputs, outputs, mask, seq_len)
+        self._log_trl_metrics(mode, inputs, policy, mask)
         if return_outputs:
             with torch.no_grad():
-                outputs = model(**model_kwargs)
-        return (loss, outputs) if return_outputs else loss
+                outputs = model(**batch.model_kwargs)
+            return loss, outputs
+        return loss
 
     # WPO ---------------------------------------------------------------------------------------------------------
 
-    def _wpo_log_alignment(self, model, outputs, policy_hidden, mask, seq_len):
+    def _wpo_log_alignment(self, policy: "_PolicyPass", mask):
         """The ``log_alignment`` need: WPO's per-token ``log sum_v pi(v)^2`` (sampled) or greedy alignment ``[2B, T-1]``
         (None with ``wpo_alignment: none``)."""
         alignment = self.params.wpo_alignment
         if alignment == "none":
             return None
-        if alignment == "sampled":  # log sum_v pi(v)^2 from the fused head (no full logits needed)
-            return outputs.log_sum_sq_probs[:, -seq_len:].detach()
-        # greedy: max(z) - logsumexp(z), full-vocab logits on completion positions, no grad (the head's weights read
-        # whole: gathered under ZeRO-3, all-gathered from FSDP2's shards)
-        head = _unwrap(model).get_output_embeddings()
+        if alignment == "sampled":  # log sum_v pi(v)^2 from the head's own chunks (no full logits kept)
+            return policy.log_sum_sq.detach()
+        # greedy: max(z) - logsumexp(z) over the scored rows, no grad (the head's weights read whole: gathered under
+        # ZeRO-3, all-gathered from FSDP2's shards)
+        head_weight, head_bias = policy.head
         sel = mask.bool()
-        with torch.no_grad(), gathered(head.weight, head.bias):
-            weight = full_weight(head.weight)
-            bias = None if head.bias is None else full_weight(head.bias)
-            h = policy_hidden[:, :-1][:, -seq_len:][sel]
+        with torch.no_grad(), gathered(head_weight, head_bias):
+            weight = full_weight(head_weight)
+            bias = None if head_bias is None else full_weight(head_bias)
+            h = policy.rows.detach()
             pieces = [
                 wpo_log_alignment(F.linear(h[i : i + TILE], weight, bias).float(), "greedy")
                 for i in range(0, h.shape[0], TILE)
@@ -392,14 +441,15 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
 
     # SparsePO ----------------------------------------------------------------------------------------------------
 
-    def _sparsepo_forward(self, model, model_kwargs, policy_hidden, labels, mask):
+    def _sparsepo_forward(self, model, batch: "_Batch", h_pol):
         """The ``token_kl``, ``ref_token_logps`` and ``token_masks`` needs of SparsePO: the token KL(pi_ref || pi_theta)
         (with grad through the policy's hidden states) and the reference log-probs on completion positions, in tiles,
         and the token masks from the reference's activations (MaPO, ``{"common"}``) or the learned mask network
         (``{"common"}`` or ``{"reward", "kl"}``)."""
         p = self.params
+        mask = batch.mask
         sel = mask.bool()
-        net, ctx = self._reference()
+        net, ctx = self._reference().resolve(self.model)
         ref = _unwrap(net)
         backbone = ref.base_model
         streams: dict[str, list[torch.Tensor]] = {"mlp": [], "attn": [], "resid": [], "logits": []}
@@ -419,7 +469,7 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
                 for proj in ("q_proj", "k_proj", "v_proj"):
                     hooks.append(getattr(attn, proj).register_forward_hook(save("attn", "out")))
                 hooks.append(attn.o_proj.register_forward_pre_hook(save("attn", "in")))
-        ref_kwargs = {k: model_kwargs[k] for k in ("input_ids", "attention_mask") if k in model_kwargs}
+        ref_kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         try:
             with (
                 torch.no_grad(),
@@ -435,8 +485,8 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
         policy_head = _unwrap(model).get_output_embeddings()
 
         # token KL(pi_ref || pi_theta) and reference log-probs on completion positions, in tiles
-        targets = labels[:, 1:][sel]
-        h_pol, h_ref = policy_hidden[:, :-1][sel], ref_hidden[sel]
+        targets = batch.input_ids[:, 1:][sel]
+        h_ref = ref_hidden[sel]
         weight, bias = policy_head.weight, policy_head.bias
 
         def tile(hp, hr, y):
@@ -472,26 +522,76 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
 
     # Shared TRL metrics ------------------------------------------------------------------------------------------
 
-    def _log_trl_metrics(self, mode, inputs, outputs, mask, seq_len):
+    def _log_trl_metrics(self, mode, inputs, policy: "_PolicyPass", mask):
         """TRL's extra DPO metrics: entropy, num_tokens, logits/chosen|rejected, mean_token_accuracy."""
         g = self.accelerator.gather_for_metrics
         m = self._metrics[mode]
-        if outputs.entropy is not None:
-            ent, tok = g((outputs.entropy[:, -seq_len:].detach() * mask).sum()).sum(), g(mask.sum()).sum()
-            m["entropy"].append((ent / tok).item() if tok > 0 else 0.0)
+        ent, tok = g((policy.entropy.detach() * mask).sum()).sum(), g(mask.sum()).sum()
+        m["entropy"].append((ent / tok).item() if tok > 0 else 0.0)
         if mode == "train":
             self._total_train_tokens += g(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         m["num_tokens"] = [self._total_train_tokens]
         c_mask, r_mask = mask.chunk(2, dim=0)
-        if outputs.mean_logits is not None:
-            c_logits, r_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
-            for name, lg, mk in (("chosen", c_logits, c_mask), ("rejected", r_logits, r_mask)):
-                total, count = g(lg[mk.bool()].sum()).sum().item(), g(mk.sum()).sum().item()
-                m[f"logits/{name}"].append(total / count if count > 0 else 0.0)
-        if outputs.is_top1 is not None:
-            top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
-            correct, total = g((top1 & c_mask.bool()).sum()).sum(), g(c_mask.sum()).sum()
-            m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
+        c_logits, r_logits = policy.mean_logits.chunk(2, dim=0)
+        for name, lg, mk in (("chosen", c_logits, c_mask), ("rejected", r_logits, r_mask)):
+            total, count = g(lg[mk.bool()].sum()).sum().item(), g(mk.sum()).sum().item()
+            m[f"logits/{name}"].append(total / count if count > 0 else 0.0)
+        top1, _ = policy.is_top1.chunk(2, dim=0)
+        correct, total = g((top1 & c_mask.bool()).sum()).sum(), g(c_mask.sum()).sum()
+        m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
+
+
+@dataclass
+class _Batch:
+    """One collated batch of pairs (``[2B, T]``, chosen rows first) as the forwards read it. ``scored``: the tokens the
+    head scores (the completions, plus the prompts when the method's SFT term reads them: ORPO), each predicted from
+    a real token; ``ref_mask``: the completions so scored; ``mask``: ``ref_mask`` shifted (``[2B, T-1]``, what the
+    losses sum over); ``groups``: pair ids (chosen row ``b`` and rejected row ``b`` share their prompt);
+    ``share_until``: where the shared prompt ends when ``scored`` starts before it."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    scored: torch.Tensor
+    ref_mask: torch.Tensor
+    mask: torch.Tensor
+    groups: list[int]
+    share_until: torch.Tensor | None
+    model_kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, inputs, params, aux_loss: bool) -> "_Batch":
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        completion_mask = inputs["completion_mask"]
+        # a token is scored only when the token before it is real: never the first column (an empty prompt), never
+        # right after left padding
+        predicted = torch.zeros_like(attention_mask)
+        predicted[:, 1:] = attention_mask[:, :-1] * attention_mask[:, 1:]
+        ref_mask = completion_mask * predicted
+        scored = predicted if params.scores_prompt_tokens else ref_mask
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if aux_loss:
+            model_kwargs["output_router_logits"] = True
+        pairs = input_ids.shape[0] // 2
+        return cls(input_ids, attention_mask, completion_mask, scored, ref_mask, ref_mask[:, 1:],
+                   list(range(pairs)) * 2, completion_mask if params.scores_prompt_tokens else None, model_kwargs)
+
+
+@dataclass
+class _PolicyPass:
+    """The policy forward of one batch: per-token ``[2B, T-1]`` log-probs (with grad) and statistics, the hidden rows
+    predicting the scored tokens (``[N, H]``, in ``mask.nonzero()`` order) and the head's ``(weight, bias)`` when a
+    need projects them again, and the router aux loss (MoE, engine off)."""
+
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    mean_logits: torch.Tensor
+    is_top1: torch.Tensor
+    log_sum_sq: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    head: tuple | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -510,9 +610,10 @@ _UNSUPPORTED = ("loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_diverg
 
 
 def preference_config(recipe, info):
-    """The ``DPOConfig`` of a preference-family recipe (built before any model loads)."""
-    from trl import DPOConfig
-
+    """The :class:`PreferenceConfig` (``DPOConfig`` + the log-prob engine's keys) of a preference-family recipe, built
+    before any model loads; a ``training.logprob_head`` that cannot run on this machine is refused here."""
+    from posttrain.families.preference.config import PreferenceConfig
+    from posttrain.logprobs.heads import LOGPROB_HEADS, LogitTransform
     from posttrain.trainers.common import training_config
 
     params, name = recipe.params, info.name
@@ -535,7 +636,14 @@ def preference_config(recipe, info):
     }
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
-    config = training_config(DPOConfig, recipe, overrides)
+    config = training_config(PreferenceConfig, recipe, overrides)
+    if config.logprob_head != "auto":  # what the model's config adds (soft cap, logit scale) is checked when it loads
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
+        reason = LOGPROB_HEADS[config.logprob_head].unavailable(device, LogitTransform(), False)
+        if reason is not None:
+            raise UserError(f"training.logprob_head: {config.logprob_head} cannot run here: {reason}")
     if config.sync_ref_model and (not recipe.reference.used or overrides["precompute_ref_log_probs"]):
         why = f"method '{name}' uses none" if not recipe.reference.used else "precompute_ref_log_probs keeps none"
         raise UserError(f"training.sync_ref_model: needs a live reference model ({why})")

@@ -72,6 +72,23 @@ def _per_token(model, batch):
     return lp * mask, logits, mask
 
 
+def assert_grads_match(ours, stock, rel=1e-5, per_tensor=1e-3):
+    """The gradient of every parameter of ``ours`` equals ``stock``'s as a whole to ``rel`` (relative L2 over all
+    parameters: the issue's 1e-5 in fp32), and each tensor to ``per_tensor`` of its largest entry (a missing or doubled
+    term shows as O(1)). Per tensor, fp32 itself is far from 1e-5 here: stock TRL's own gradient differs from an fp64
+    computation by up to 1.5e-4 of a tensor's largest entry (the small q/k gradients of a saturated attention layer),
+    while both are within 6e-6 of it as a whole."""
+    pairs = [(name, a.grad.double(), b.grad.double())
+             for (name, a), b in zip(stock.named_parameters(), ours.parameters(), strict=True) if a.grad is not None]
+    assert all(b.grad is not None for (_, a), b in zip(stock.named_parameters(), ours.parameters()) if a.grad is not None)
+    diff = sum(float(((g_ours - g_stock) ** 2).sum()) for _, g_stock, g_ours in pairs) ** 0.5
+    norm = sum(float((g_stock ** 2).sum()) for _, g_stock, _ in pairs) ** 0.5
+    assert diff <= rel * norm, f"gradient differs by {diff / norm:.3g} of its norm (> {rel})"
+    for name, g_stock, g_ours in pairs:
+        worst = float((g_ours - g_stock).abs().max())
+        assert worst <= per_tensor * max(float(g_stock.abs().max()), 1e-30), f"{name}: max |diff| {worst:.3g}"
+
+
 def _last(trainer, name):
     return trainer._metrics["train"][name][-1]
 
@@ -114,8 +131,7 @@ def test_loss_metrics_and_grads_match_stock_trl(arith_model_dir, tiny_model_dir,
     ours.model.zero_grad()
     l_stock.backward()
     l_ours.backward()
-    for (name, a), b in zip(stock.model.named_parameters(), ours.model.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert_grads_match(ours.model, stock.model)
 
 
 def _cpo_style_batch(batch):
@@ -176,8 +192,7 @@ def test_reference_free_losses_match_stock_trl_cpo_and_orpo(arith_model_dir, tmp
     ours.model.zero_grad()
     l_stock.backward()
     l_ours.backward()
-    for (name, a), b in zip(stock.model.named_parameters(), ours.model.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert_grads_match(ours.model, stock.model)
 
 
 def test_ipo_with_empty_prompt_rows_matches_stock_trl(arith_model_dir, tiny_model_dir, tmp_path):
@@ -211,8 +226,7 @@ def test_ipo_with_empty_prompt_rows_matches_stock_trl(arith_model_dir, tiny_mode
     torch.testing.assert_close(l_ours, l_stock, atol=1e-5, rtol=1e-5)
     l_stock.backward()
     l_ours.backward()
-    for (name, a), b in zip(stock.model.named_parameters(), ours.model.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert_grads_match(ours.model, stock.model)
 
 
 def test_paper_forms_where_trl_differs(arith_model_dir, tiny_model_dir, tmp_path):

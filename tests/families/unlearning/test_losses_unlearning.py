@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+import posttrain.methods  # noqa: F401  (registers the unlearning objectives)
+from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, unlearning_objective
 from posttrain.losses.unlearning import (
-    UNLEARNING_DEFAULTS,
-    UNLEARNING_METHODS,
     ga_loss,
     npo_loss,
     npo_loss_at_reference,
@@ -18,7 +18,6 @@ from posttrain.losses.unlearning import (
     rmu_control_vector,
     rmu_loss,
     simnpo_loss,
-    unlearning_objective,
 )
 
 
@@ -333,11 +332,12 @@ def test_objective_ga_grad_diff_simnpo():
 
 
 def test_objective_defaults_and_errors():
-    assert set(UNLEARNING_METHODS) == set(UNLEARNING_DEFAULTS)
-    assert UNLEARNING_DEFAULTS["npo"]["alpha"] == 0.0 and UNLEARNING_DEFAULTS["npo"]["beta"] == 0.1
-    assert UNLEARNING_DEFAULTS["simnpo"] == {
-        "forget": "simnpo", "retain": "nll", "gamma": 0.125, "alpha": 1.0, "beta": 4.5, "delta": 0.0,
-    }  # fmt: skip
+    assert set(UNLEARNING_OBJECTIVES.names()) == {
+        "ga", "grad_diff", "ga_kl", "npo", "npo_rt", "npo_kl", "simnpo", "rmu"}  # fmt: skip
+    assert UNLEARNING_OBJECTIVES["npo"].alpha == 0.0 and UNLEARNING_OBJECTIVES["npo"].beta == 0.1
+    simnpo = UNLEARNING_OBJECTIVES["simnpo"]
+    assert (simnpo.forget, simnpo.retain, simnpo.gamma, simnpo.alpha, simnpo.beta, simnpo.delta) == (
+        "simnpo", "nll", 0.125, 1.0, 4.5, 0.0)  # fmt: skip
     f_logps, f_mask = forget_tokens()
     with pytest.raises(ValueError, match="unknown unlearning method"):
         unlearning_objective("rmu", forget_logps=f_logps, forget_mask=f_mask)

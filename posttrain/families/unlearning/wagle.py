@@ -1,7 +1,7 @@
 """The WAGLE weight mask in the unlearning trainer (``method.mask: wagle``; docs/methods/wagle.md).
 
 Built once when the trainer is built, from the initial weights (also on ``--resume``: the run's base model is loaded
-before the checkpoint, so the same mask comes out). The math is :mod:`posttrain.unlearning_masks.wagle`.
+before the checkpoint, so the same mask comes out). The math is :mod:`posttrain.families.unlearning.wagle_mask`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.errors import UserError
-from posttrain.unlearning_masks.wagle import (
+from posttrain.families.unlearning.wagle_mask import (
     FrozenWeights,
     keep_count,
     selected_fraction_by_module,

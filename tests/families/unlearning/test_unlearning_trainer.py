@@ -1,4 +1,4 @@
-"""The unlearning trainer (posttrain/trainers/unlearning.py) and the TOFU-style eval (posttrain/eval/unlearning.py).
+"""The unlearning trainer (posttrain/families/unlearning/trainer.py) and the TOFU-style eval (posttrain/eval/unlearning.py).
 
 The loss math itself is tested in test_losses_unlearning.py and the metrics in test_unlearning_metrics.py; here: the
 trainer feeds the pure objective the right log-probs, LoRA uses the adapter-disabled model as reference, NPO+RT
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
-from posttrain.losses.unlearning import npo_loss_at_reference, unlearning_objective
+from posttrain.families.unlearning.objective import unlearning_objective
+from posttrain.losses.unlearning import npo_loss_at_reference
 from posttrain.recipe import parse_recipe
 
 FORGET = {"source": "builtin:facts", "split": "forget05"}
@@ -37,7 +38,7 @@ def _recipe(method, tmp_path, model="builtin:tiny-qwen2", data=None, training=No
 def _trainer(recipe):
     from posttrain.methods import get_method
     from posttrain.train import RunContext, load_models
-    from posttrain.trainers.unlearning import build_unlearning_trainer
+    from posttrain.families.unlearning.trainer import build_unlearning_trainer
 
     info = get_method(recipe.method.name)
     tok, model, ref = load_models(recipe, info)
@@ -248,7 +249,7 @@ def test_rmu_recipe_lowers_forget_probability_while_retain_holds(tmp_path, facts
     from posttrain.recipe import load_recipe
     from posttrain.train import run
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = __import__("pathlib").Path(__file__).resolve().parents[3]
     forget_rows, retain_rows = facts_rows("forget05"), facts_rows("retain95")[::4]
     tok = load_tokenizer("builtin:tiny-qwen2-facts")
     start = load_model("builtin:tiny-qwen2-facts")
@@ -264,7 +265,7 @@ def test_rmu_recipe_lowers_forget_probability_while_retain_holds(tmp_path, facts
 
 
 def test_forget_anchored_pairing_is_seeded_and_redrawn_each_epoch():
-    from posttrain.trainers.unlearning import ForgetRetainCollator, ForgetRetainDataset
+    from posttrain.families.unlearning.trainer import ForgetRetainCollator, ForgetRetainDataset
 
     forget = [([1, 2, 3], [-100, 2, 3])] * 4
     retain = [([i, i + 1], [-100, i + 1]) for i in range(100)]

@@ -1,13 +1,14 @@
 """Rebuild the shipped built-in tokenizer and models from source.
 
-    python -m posttrain.builtin.build --out DIR        # build everything into DIR (same layout as the shipped assets)
-    python -m posttrain.builtin.build --check          # build into a temporary folder, compare with the shipped files
-    python -m posttrain.builtin.build --write          # replace the shipped assets (maintainers; update the pins in
+    python -m posttrain.run.build_builtins --out DIR   # build everything into DIR (same layout as the shipped assets)
+    python -m posttrain.run.build_builtins --check     # build into a temporary folder, compare with the shipped files
+    python -m posttrain.run.build_builtins --write     # replace the shipped assets (maintainers; update the pins in
                                                        # tests/test_builtin_pins.py and regenerate docs/ tables after)
 
 The tokenizer is a byte-level BPE trained with ``tokenizers`` on the built-in task corpora (digits split one by one).
 The random-init models are ``torch.manual_seed(seed)`` + ``from_config``. The trained models start from the *shipped*
-``tiny-qwen2`` and run plain SFT through ``posttrain.train.run`` on one CPU thread. Every model is stored in float16.
+``tiny-qwen2`` and run plain SFT through ``posttrain.run.pipeline.run`` on one CPU thread. Every model is stored in
+float16.
 
 A rebuild reproduces the shipped bytes only on the kind of CPU (and the torch build) that made them: the manifest
 records which. Elsewhere the trained models come out different (float reduction order follows the SIMD path), which is
@@ -116,7 +117,7 @@ def _trained_state(spec: BuiltinModel, base_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     from posttrain.recipe import parse_recipe
-    from posttrain.train import run
+    from posttrain.run.pipeline import run
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = parse_recipe({
@@ -167,7 +168,7 @@ def build_assets(out: Path, names: list[str] | None = None, log=print) -> dict[s
     man: dict[str, Any] = {
         "format": 1,
         "built_with": {
-            "command": "python -m posttrain.builtin.build",
+            "command": "python -m posttrain.run.build_builtins",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
@@ -212,14 +213,15 @@ def _cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posttrain.builtin.build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m posttrain.run.build_builtins",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="models to build (default: all)")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--out", help="write the assets to this folder")
     group.add_argument("--check", action="store_true", help="rebuild into a temporary folder and compare")
     group.add_argument("--write", action="store_true", help="replace the shipped assets")
     args = parser.parse_args(argv)
-    from posttrain.train import setup_logging
+    from posttrain.run.pipeline import setup_logging
 
     setup_logging(quiet=True)
     if args.check:

@@ -1,4 +1,4 @@
-"""WAGLE weight mask (posttrain/unlearning_masks/wagle.py, posttrain/trainers/wagle.py; docs/methods/wagle.md):
+"""WAGLE weight mask (posttrain/families/unlearning/wagle_mask.py, posttrain/families/unlearning/wagle.py; docs/methods/wagle.md):
 hand-computed scores and masks, the masked AdamW step, invariances, the scoring pass, and the trainer wiring."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from posttrain.unlearning_masks.wagle import (
+from posttrain.families.unlearning.wagle_mask import (
     FrozenWeights,
     keep_count,
     summed_gradients,

@@ -71,7 +71,7 @@ def test_loss_metrics_and_grads_match_stock_trl(arith_model_dir, tmp_path, margi
     from trl import RewardTrainer
 
     from posttrain.methods import RewardParams
-    from posttrain.trainers.reward import PosttrainRewardTrainer
+    from posttrain.families.reward.trainer import PosttrainRewardTrainer
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     model = _seq_cls(arith_model_dir)
@@ -106,7 +106,7 @@ def test_training_text_equals_what_grpo_scores(arith_model_dir, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
     from datasets import Dataset
 
-    from posttrain.trainers.reward import pairwise_scores
+    from posttrain.families.reward.trainer import pairwise_scores
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     rm = _seq_cls(arith_model_dir).eval()
@@ -151,7 +151,7 @@ def test_a_trained_reward_model_is_used_by_a_grpo_recipe(tmp_path, lora, monkeyp
     from posttrain.rl.rewards import load_rewards
     from posttrain.methods import RewardSpec
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])
     extra = {"peft": "{r: 8, lora_alpha: 16}"} if lora else {}
     summary = _run(tmp_path, "rm", **{"training.max_steps": 3, "data.train.max_samples": 64,
                                        "data.test.max_samples": 16}, **extra)
@@ -163,7 +163,7 @@ def test_a_trained_reward_model_is_used_by_a_grpo_recipe(tmp_path, lora, monkeyp
     rewards = load_rewards([RewardSpec(model=str(rm_dir))])
     model = rewards.funcs[0]
     assert type(model).__name__.endswith("ForSequenceClassification")
-    from posttrain.trainers.reward import pairwise_scores
+    from posttrain.families.reward.trainer import pairwise_scores
 
     tok = AutoTokenizer.from_pretrained(rm_dir)
     scores, _ = pairwise_scores(model, tok, [{"prompt": "2+2=", "chosen": "4", "rejected": "5"}])
@@ -201,9 +201,9 @@ def test_conversational_pairs_train_and_score(tmp_path, monkeypatch):
 
     from transformers import AutoTokenizer
 
-    from posttrain.trainers.reward import scored_text, tokenize_pairs
+    from posttrain.families.reward.trainer import scored_text, tokenize_pairs
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in _pairs(24)]
@@ -249,7 +249,7 @@ def test_pairwise_accuracy_above_chance_on_the_builtin_preference_task(tmp_path,
     test split) the shipped recipe stays at chance (47.5% -> 50.0%): docs/methods/reward.md."""
     from pathlib import Path
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])
     pool = "{source: builtin:arithmetic-pref, options: {num_samples: 64, max_operand: 30}}"
     summary = _run(tmp_path, "rm-learn", **{"data.train": pool, "data.test": pool})
     assert summary["accuracy_before"] < 0.6 and summary["accuracy_after"] >= 0.9, summary

@@ -113,7 +113,7 @@ def _pair(policy_dir, ref_dir, tmp_path, params, rows=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOTrainer
 
-    from posttrain.trainers.kto import PosttrainKTOTrainer
+    from posttrain.families.unpaired.trainer import PosttrainKTOTrainer
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
@@ -166,7 +166,7 @@ def test_precomputed_reference_equals_live_reference(arith_model_dir, tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.methods import KTOParams
-    from posttrain.trainers.kto import PosttrainKTOTrainer
+    from posttrain.families.unpaired.trainer import PosttrainKTOTrainer
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     ds = Dataset.from_list(_unpaired())
@@ -194,7 +194,7 @@ def test_paired_rows_are_shuffled_by_pair_and_unpaired_side_by_side():
     from datasets import Dataset
 
     from posttrain.data.arithmetic import arithmetic_rows
-    from posttrain.trainers.kto import unpair
+    from posttrain.families.unpaired.trainer import unpair
 
     pairs = arithmetic_rows("preference", num_samples=40, max_operand=30)
     rows = unpair(Dataset.from_list(pairs), seed=0)
@@ -217,7 +217,7 @@ def test_paired_data_gets_mismatched_completions_of_other_prompts(arith_model_di
 
     from posttrain.data.arithmetic import arithmetic_rows
     from posttrain.methods import KTOParams
-    from posttrain.trainers.kto import PosttrainKTOTrainer
+    from posttrain.families.unpaired.trainer import PosttrainKTOTrainer
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     pairs = arithmetic_rows("preference", num_samples=12, max_operand=30)
@@ -245,7 +245,7 @@ def test_conversational_rows_score_the_assistant_turns(arith_model_dir, tmp_path
 
     from posttrain.data.formatting import tokenize_prompt_completion
     from posttrain.methods import KTOParams
-    from posttrain.trainers.kto import KL_TURN_MASK, TURN_MASK, PosttrainKTOTrainer
+    from posttrain.families.unpaired.trainer import KL_TURN_MASK, TURN_MASK, PosttrainKTOTrainer
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     rows = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}],
@@ -276,7 +276,7 @@ def test_rows_cut_or_dropped_by_max_length_are_counted(arith_model_dir, tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.methods import KTOParams
-    from posttrain.trainers.kto import PosttrainKTOTrainer
+    from posttrain.families.unpaired.trainer import PosttrainKTOTrainer
 
     tok = AutoTokenizer.from_pretrained(arith_model_dir)
     rows = [{"prompt": "1+1=", "completion": "2", "label": True}, {"prompt": "9" * 40 + "+1=", "completion": "1",

@@ -1,0 +1,25 @@
+"""The preference family's training config (``training:`` of a preference recipe): TRL's ``DPOConfig`` and the
+log-prob engine's two keys (docs/logprob_engine.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import DPOConfig
+
+LogprobHead = Literal["auto", "chunked", "fused", "liger"]  # posttrain.logprobs.heads.head_choices()
+
+
+@dataclass
+class PreferenceConfig(DPOConfig):
+    """``DPOConfig`` plus ``logprob_head`` and ``share_prompts``."""
+
+    logprob_head: LogprobHead = field(
+        default="auto",
+        metadata={"help": "The LM head that turns completion rows into log-probs: auto (chunked on CPU, TRL's fused "
+                          "Triton kernel on CUDA), chunked, fused or liger (CUDA, pip install liger-kernel)."})
+    share_prompts: bool = field(
+        default=True,
+        metadata={"help": "Compute each pair's prompt once for chosen and rejected (policy and reference), under a "
+                          "block attention mask; false: every row runs whole (same losses)."})
