@@ -59,7 +59,7 @@ def test_sft_family_baseline_is_the_same_recipe_with_plain_sft():
 def test_sft_family_weak_start_direction(tmp_path):
     """docs/results.md: from the shipped tiny-qwen2-arith, dft.yaml's 100 steps at lr 2e-4 keep plain SFT's greedy
     test accuracy at the start's (not the 8 points lr 1e-3 cost), and DFT ends below SFT."""
-    runs = _runs("sft", ["sft", "dft"], "training.max_steps=100", "eval.steps=null", panel="dft")
+    runs = _runs("sft", ["sft", "dft"], "training.max_steps=100", "eval.steps=null", panel="tiny-qwen2-arith")
     results = R.run_family("sft", [0], quick=True, runs=runs)
     _check_outputs("sft", results, tmp_path, curves=False)  # no evaluation during training: no curves
     assert _final(results, "sft", "accuracy_after") >= _final(results, "sft", "accuracy_before") - 0.02
