@@ -6,7 +6,10 @@
 Each recipe runs as ``posttrain train recipes/<name>.yaml`` in a fresh process with ``output_dir`` in a temporary
 folder, so the numbers are what a user sees: wall time (including model loading, the built-in models' first-use build
 if not cached, and the before/after evaluation), exit code, steps, final train loss, and test accuracy before/after
-where the recipe has ``data.test``. Prints a markdown table.
+where the recipe has ``data.test``. Prints a markdown table headed by the command, date, device, package versions and
+the CPU load (1-minute load average before and after); ``--out`` writes ``{"meta": ..., "rows": [...]}``. With
+``--out``, every finished recipe is also appended to ``<out>.partial.jsonl`` (removed when the table is written), and
+rerunning the same command after an interruption reuses the recipes that exited 0 there.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -57,20 +61,52 @@ def run_recipe(name: str) -> dict:
         return row
 
 
+def environment() -> str:
+    """The device and package versions, one line."""
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    packages = ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "trl", "peft", "accelerate"))
+    return (f"CPU only: {os.cpu_count()} x {cpu}, fp32; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+            f"python {platform.python_version()}, {packages}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="*", default=sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    meta = {"command": "python benchmarks/all_recipes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
+            "load_before": os.getloadavg()[0]}
+    start = time.perf_counter()
+    checkpoint = Path(f"{args.out}.partial.jsonl") if args.out else None
+    done = {}
+    if checkpoint is not None and checkpoint.is_file():
+        done = {r["recipe"]: r for r in map(json.loads, checkpoint.read_text().splitlines()) if r["exit_code"] == 0}
     rows = []
     for name in args.recipes:
+        row = done.get(f"recipes/{name}.yaml")
+        if row is not None:
+            rows.append({**row, "reused": True})
+            continue
         rows.append(run_recipe(name))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if checkpoint is not None:
+            with checkpoint.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
 
     def pct(v):
         return "" if v is None else f"{100 * v:.1f}%"
 
-    lines = ["| recipe | exit | steps | wall (s) | final train loss | test acc before | test acc after |",
+    reused = sum(1 for r in rows if r.get("reused"))
+    meta.update(load_after=os.getloadavg()[0], wall_s=round(time.perf_counter() - start), reused=reused)
+    lines = [f"Command: `{meta['command'].strip()}` ({meta['date']}). Device: {meta['environment']}. Load average "
+             f"(1 min) {meta['load_before']:.1f} before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min "
+             f"in all" + (f" ({reused} recipes reused from an interrupted invocation, not in this time)" if reused
+                          else "") + ".", "",
+             "| recipe | exit | steps | wall (s) | final train loss | test acc before | test acc after |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = r.get("train_loss")
@@ -79,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{pct(r.get('accuracy_after'))} |")
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        checkpoint.unlink(missing_ok=True)
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1
 
 

@@ -225,12 +225,13 @@ class Family:
 # -- SFT ---------------------------------------------------------------------------------------------------------------
 
 
-SFT_MAX_STEPS = {True: 100, False: 150}  # --quick / full: steps of a method recipe (poft.yaml's 300 cut to 150)
+SFT_MAX_STEPS = {True: 40, False: 150}  # --quick / full: steps of a method recipe (poft.yaml's 300 cut to 150)
 
 
 def sft_runs(quick: bool) -> list[Run]:
     """Each SFT-family method on its own recipe, and plain SFT on the same recipe (same model, data, lr, steps; at most
-    ``SFT_MAX_STEPS``); plus the quickstart as shipped (full settings only)."""
+    ``SFT_MAX_STEPS``); plus the quickstart as shipped (full settings only). ``quick``: only the first method recipe's
+    setting, scored on the recipe's own 100 test problems and curves on the first 50."""
     runs, panels = [], {}
     for name in family_recipes("sft"):
         d = _yaml(name)
@@ -241,10 +242,13 @@ def sft_runs(quick: bool) -> list[Run]:
         else:
             steps = min(steps, SFT_MAX_STEPS[quick])
         key = _setting_key(d)
+        if quick and panels and key not in panels:
+            continue
         lr = d["training"]["learning_rate"]
         panel = panels.setdefault(key, f"{_stem(name)}: {d['model']}, {steps} steps, lr {lr}")
-        sets = [f"training.max_steps={steps}", "data.test.max_samples=null", f"eval.steps={max(steps // 5, 1)}",
-                "eval.max_samples=100", f"training.logging_steps={max(steps // 10, 1)}"]
+        sets = [f"training.max_steps={steps}", f"eval.steps={max(steps // (2 if quick else 5), 1)}",
+                f"training.logging_steps={max(steps // 10, 1)}"]
+        sets += ["eval.max_samples=50"] if quick else ["data.test.max_samples=null", "eval.max_samples=100"]
         method = d["method"]["name"]
         if method != "sft" and (key, "sft") not in {(r.panel_key, r.label) for r in runs}:
             runs.append(Run("sft", panel, name, [*sets, "method={name: sft}"], panel_key=key))
@@ -255,7 +259,7 @@ def sft_runs(quick: bool) -> list[Run]:
 
 # -- preference --------------------------------------------------------------------------------------------------------
 
-QUICK_PREFERENCE = ("dpo", "asft_aligned")  # --quick: the reference-based and the reference-free contrast
+QUICK_PREFERENCE = ("dpo", "asft_aligned")  # --quick: these recipes, the reference-based and reference-free contrast
 PREF = {"n_train": 256, "max_operand": 30, "steps": 48, "batch": 32, "lr": 1e-3, "sft_steps": 200}
 # METHODS families in the preference table: paired (DPO family), unpaired (KTO), online (online DPO), reward models
 PREFERENCE_FAMILIES = ("preference", "unpaired", "online", "reward")
@@ -350,33 +354,34 @@ def preference_runs(quick: bool) -> list[Run]:
     """Each recipe of the preference families (``PREFERENCE_FAMILIES``: DPO family, KTO, online DPO, reward models)
     with its method block, trained on the same 256 arithmetic pairs (an online method: on their prompts, sampling its
     own pairs) from the random-init start and from a weak SFT start. A reward model is scored by the same held-out
-    pairs, its score in place of the log-probability."""
+    pairs, its score in place of the log-probability. ``quick``: the ``QUICK_PREFERENCE`` recipes, 16 steps from a
+    60-step SFT start."""
     from posttrain.data.sources import REQUIRED_COLUMNS
     from posttrain.methods import METHODS
     from posttrain.families.base import FAMILIES
 
-    steps = 32 if quick else PREF["steps"]
-    sft_steps = 100 if quick else PREF["sft_steps"]
+    steps = 16 if quick else PREF["steps"]
+    sft_steps = 60 if quick else PREF["sft_steps"]
     runs = []
     for start in ("random", "sft"):
         for name in family_recipes(*PREFERENCE_FAMILIES):
             d = _yaml(name)
             method = d["method"]
-            if quick and method["name"] not in QUICK_PREFERENCE:
+            if quick and _stem(name) not in QUICK_PREFERENCE:
                 continue
             family = METHODS[method["name"]].family
             pairs = ("prompt", "chosen", "rejected") in REQUIRED_COLUMNS[FAMILIES[family].data["train"]]
             generation = {k: v for k, v in d["training"].items() if k in GENERATION_KEYS}
             recipe = {"model": "builtin:tiny-qwen2" if start == "random" else f"sft-start:{sft_steps}",
                       "data": {"train": "PREF_TRAIN" if pairs else "PREF_PROMPTS"}, "method": method,
-                      "training": {"max_steps": steps, "learning_rate": PREF["lr"], "logging_steps": max(1, steps // 8),
+                      "training": {"max_steps": steps, "learning_rate": PREF["lr"], "logging_steps": max(1, steps // 4),
                                    "per_device_train_batch_size": PREF["batch"] * ROWS_PER_PAIR.get(family, 1),
                                    **generation}}
             panel = ("random init (builtin:tiny-qwen2)" if start == "random"
                      else f"weak SFT start (tiny-qwen2 + {sft_steps} SFT steps)")
             scored = FAMILIES[family].model_head != "causal"  # a reward model: its score head, not the LM's log-probs
             runs.append(Run(_stem(name), panel, recipe, probe=reward_probe if scored else preference_probe,
-                            probe_every=max(1, steps // 8), finish=reward_finish if scored else preference_finish))
+                            probe_every=max(1, steps // 4), finish=reward_finish if scored else preference_finish))
     return runs
 
 
@@ -428,18 +433,16 @@ def rlvr_runs(quick: bool) -> list[Run]:
     ``single_stream``: one completion per prompt, SPO) runs on the shipped recipe that selects it, whose batch layout
     it needs, with the same steps, pool and schedule. Switching a part removes the baseline part's keys that the recipe
     sets and that default to the selected part's own value (``epsilon: 0.2`` of PPO: GSPO's default is 3e-4, CISPO
-    takes none)."""
+    takes none). ``quick``: 16 steps, one alternative per axis, no loss variants."""
     from posttrain.methods import METHODS
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS
 
     fields = METHODS[base_name(RL_BASE)].params.model_fields
-    steps = 20 if quick else 50
+    steps = 16 if quick else 50
     base = _yaml(RL_BASE)["method"]
     sets = [f"training.max_steps={steps}", "training.lr_scheduler_type=constant", "data.train.max_samples=64",
             "data.test=null", "training.logging_steps=5"]
-    every = 5 if quick else 10
+    every = 8 if quick else 10
     axes = [("advantage", ADVANTAGES, []), ("aggregation", AGGREGATIONS, []),
             ("clipping", CLIPPINGS, ["training.num_iterations=2"])]
     runs = [Run("grpo", BASELINE, RL_BASE, sets, probe=expected_reward_probe, probe_every=every)]
@@ -462,7 +465,7 @@ def rlvr_runs(quick: bool) -> list[Run]:
                      if entry.name != base[key] and k in base and fields[k].default is None]
             runs.append(Run(label, key, RL_BASE, [*sets, *extra, f"method.{key}={entry.name}"],
                             probe=expected_reward_probe, probe_every=every, unset=unset))
-    for name in recipes:
+    for name in [] if quick else recipes:  # --quick: the registry axes only
         loss = (_yaml(name)["method"]).get("loss")
         if loss:
             runs.append(Run(f"loss={loss} ({_stem(name)})", "loss", name, sets, probe=expected_reward_probe,
@@ -475,7 +478,7 @@ def rlvr_runs(quick: bool) -> list[Run]:
 
 QUICK_UNLEARNING = ("ga", "npo_rt")  # --quick: forget-only and forget + retain
 WAGLE_RETAIN = "{source: builtin:facts, split: retain95}"  # WAGLE scores weights with retain gradients
-UNLEARNING_MAX_STEPS = {True: 30, False: 60}  # --quick / full: at most this many of a recipe's steps (50 or 100)
+UNLEARNING_MAX_STEPS = {True: 20, False: 60}  # --quick / full: at most this many of a recipe's steps (50 or 100)
 
 
 def unlearning_runs(quick: bool) -> list[Run]:
@@ -489,16 +492,31 @@ def unlearning_runs(quick: bool) -> list[Run]:
         if "builtin:facts" not in json.dumps(d["data"]):
             continue  # the table is TOFU in miniature; other tasks have their own suites (docs/unlearning.md)
         steps = min(d["training"]["max_steps"], UNLEARNING_MAX_STEPS[quick])
-        sets = [f"training.max_steps={steps}", f"eval.steps={max(steps // 4, 1)}", "eval.max_samples=20",
-                "training.logging_steps=5"]
+        sets = [f"training.max_steps={steps}", f"eval.steps={max(steps // (2 if quick else 4), 1)}",
+                f"eval.max_samples={10 if quick else 20}", "training.logging_steps=5"]
         method = d["method"]["name"]
         if quick and method not in QUICK_UNLEARNING:
             continue
         runs.append(Run(method, "without WAGLE", name, sets))
+        if not _accepts_mask(d["method"]):
+            continue  # a method that chooses its own weights (RMU's trainable_params) refuses a mask
         retain = [] if (d.get("data") or {}).get("retain") else [f"data.retain={WAGLE_RETAIN}"]
         runs.append(Run(f"{method}+wagle", "with WAGLE (sparsity 0.2)", name,
                         [*sets, *retain, "method.mask=wagle", "method.mask_sparsity=0.2"]))
     return runs
+
+
+def _accepts_mask(method: dict) -> bool:
+    """Whether the method's parameters (``posttrain.methods.METHODS``) accept the WAGLE mask."""
+    from posttrain.errors import UserError
+    from posttrain.methods import METHODS
+
+    try:
+        settings = {k: v for k, v in method.items() if k != "name"}
+        METHODS[method["name"]].params(**{**settings, "mask": "wagle", "mask_sparsity": 0.2})
+    except (UserError, ValueError):
+        return False
+    return True
 
 
 def unlearning_final(r: dict) -> dict:
@@ -512,7 +530,7 @@ def unlearning_final(r: dict) -> dict:
 # -- LoRA variants -----------------------------------------------------------------------------------------------------
 
 
-LORA_MAX_STEPS = {True: 100, False: 200}  # --quick / full: at most this many of a recipe's 300 steps
+LORA_MAX_STEPS = {True: 40, False: 200}  # --quick / full: at most this many of a recipe's 300 steps
 
 
 def lora_runs(quick: bool) -> list[Run]:
@@ -529,8 +547,9 @@ def lora_runs(quick: bool) -> list[Run]:
         if entry.name not in own:
             recipe, sets = template, [f"peft.type={entry.name}", f"peft.{own[-1]}=null"]
         steps = min(_yaml(recipe)["training"]["max_steps"], LORA_MAX_STEPS[quick])
-        sets += [f"training.max_steps={steps}", "data.test.max_samples=null", f"eval.steps={max(steps // 5, 1)}",
-                 "eval.max_samples=100", f"training.logging_steps={max(steps // 10, 1)}"]
+        sets += [f"training.max_steps={steps}", f"eval.steps={max(steps // (2 if quick else 5), 1)}",
+                 f"training.logging_steps={max(steps // 10, 1)}"]
+        sets += ["eval.max_samples=50"] if quick else ["data.test.max_samples=null", "eval.max_samples=100"]
         lr = _yaml(recipe)["training"]["learning_rate"]
         runs.append(Run(f"{entry.name} (lr {lr:g})", "adapter variants", recipe, sets))
     return runs
@@ -543,12 +562,12 @@ def stable_spam_runs(quick: bool) -> list[Run]:
     """recipes/sft_stable_spam.yaml with Stable-SPAM and with AdamW (same lr, schedule, no global clip), at the recipe's
     learning rate and at high ones."""
     lrs = [2e-4, 1e-2] if quick else [2e-4, 3e-3, 1e-2, 3e-2]
-    steps = 30 if quick else 60
+    steps = 20 if quick else 60
     runs = []
     for lr in lrs:
         for optim in ("stable_spam", "adamw_torch"):
             sets = [f"training.learning_rate={lr}", f"training.max_steps={steps}", "training.logging_steps=2",
-                    f"data.test.max_samples={100 if quick else 200}"]
+                    f"data.test.max_samples={50 if quick else 200}"]
             if optim != "stable_spam":
                 sets += [f"training.optim={optim}", "training.optim_args=null"]
             runs.append(Run(optim.replace("_torch", ""), f"lr {lr:g}", "recipes/sft_stable_spam.yaml", sets))
@@ -747,7 +766,10 @@ def markdown(family: str, results: list[dict], meta: dict, img_prefix: str = "")
              f"seeds {', '.join(map(str, meta['seeds']))}). Device: {meta['env']['device']}; "
              f"OMP_NUM_THREADS={meta['env']['omp_num_threads']}; load average (1 min) {meta['load_before']:.1f} "
              f"before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min for the family"
-             + (f" ({meta['reused']} runs reused from an interrupted invocation, not in this time)"
+             + (f", {meta['cpu_s'] / 60:.1f} min of CPU time (about its wall time on an idle core at one thread)"
+                if meta.get("cpu_s") else "")
+             + (f" ({meta['reused']} runs reused from `{meta['family']}.partial.jsonl`, an earlier invocation of the "
+                "same runs, not in this time)"
                 if meta.get("reused") else "") + ". "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ". Cells: mean ± sample standard deviation over "
              "seeds.", ""]
@@ -901,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         n = args.seeds or (spec.quick_seeds if args.quick else spec.seeds)
         seeds = list(range(n))
         load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / f"{family}.partial.jsonl"
         results = run_family(family, seeds, args.quick, log=lambda s: print(s, file=sys.stderr, flush=True),
@@ -910,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": "python benchmarks/results.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": load_before,
                 "load_after": os.getloadavg()[0], "wall_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - cpu0,
                 "reused": sum(1 for r in results if r.get("reused"))}
         write_family(family, results, meta, out)
         checkpoint.unlink()

@@ -43,10 +43,11 @@ def test_sft_family_baseline_is_the_same_recipe_with_plain_sft():
     baseline per distinct setting."""
     from posttrain.methods import METHODS
 
-    runs = R.sft_runs(quick=True)
+    runs = R.sft_runs(quick=False)
     methods = {name for name, info in METHODS.items() if info.family == "sft"} - {"sft"}
     assert methods <= {r.label for r in runs}
-    for panel in {r.panel for r in runs}:
+    assert len({r.panel for r in R.sft_runs(quick=True)}) == 1  # --quick: the first method recipe's setting only
+    for panel in {r.panel for r in runs if r.label != "sft"}:
         mine = [r for r in runs if r.panel == panel]
         assert [r.label for r in mine].count("sft") == 1
         baseline = next(r for r in mine if r.label == "sft")
@@ -56,12 +57,12 @@ def test_sft_family_baseline_is_the_same_recipe_with_plain_sft():
 
 @pytest.mark.slow
 def test_sft_family_weak_start_direction(tmp_path):
-    """docs/results.md: from the shipped tiny-qwen2-arith, dft.yaml's 100 steps at lr 1e-3 (no warm-up) lower greedy
-    test accuracy for plain SFT, and DFT ends below SFT."""
-    runs = _runs("sft", ["sft", "dft"], "eval.steps=null", panel="dft")
+    """docs/results.md: from the shipped tiny-qwen2-arith, dft.yaml's 100 steps at lr 2e-4 keep plain SFT's greedy
+    test accuracy at the start's (not the 8 points lr 1e-3 cost), and DFT ends below SFT."""
+    runs = _runs("sft", ["sft", "dft"], "training.max_steps=100", "eval.steps=null", panel="tiny-qwen2-arith")
     results = R.run_family("sft", [0], quick=True, runs=runs)
     _check_outputs("sft", results, tmp_path, curves=False)  # no evaluation during training: no curves
-    assert _final(results, "sft", "accuracy_after") < _final(results, "sft", "accuracy_before")
+    assert _final(results, "sft", "accuracy_after") >= _final(results, "sft", "accuracy_before") - 0.02
     assert _final(results, "dft", "accuracy_after") < _final(results, "sft", "accuracy_after")
 
 
@@ -118,9 +119,7 @@ def test_rlvr_switching_a_part_resets_the_baseline_parts_keys():
 
 def test_rlvr_runs_cover_every_registered_variant():
     """The RL family's runs are the registries' entries, one axis at a time, plus PACS (no list in the script)."""
-    from posttrain.rl.advantages import ADVANTAGES
-    from posttrain.rl.aggregation import AGGREGATIONS
-    from posttrain.rl.clipping import CLIPPINGS
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS
 
     labels = {r.label for r in R.rlvr_runs(quick=False)}
     for key, registry in [("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS)]:
@@ -131,9 +130,10 @@ def test_rlvr_runs_cover_every_registered_variant():
 
 @pytest.mark.slow
 def test_unlearning_npo_rt_forgets_and_keeps_utility(tmp_path):
-    """docs/unlearning.md: in the quick run's 30 steps NPO+RT pushes the forget-set probability far down while model
-    utility keeps most of its start value, with and without WAGLE."""
-    runs = _runs("unlearning", ["npo_rt", "npo_rt+wagle"], "eval.steps=30")
+    """docs/unlearning.md: in 30 steps NPO+RT pushes the forget-set probability far down while model utility keeps
+    most of its start value, with and without WAGLE."""
+    runs = _runs("unlearning", ["npo_rt", "npo_rt+wagle"], "training.max_steps=30", "eval.steps=30",
+                 "eval.max_samples=20")
     results = R.run_family("unlearning", [0], quick=True, runs=runs)
     _check_outputs("unlearning", results, tmp_path)
     for label in ("npo_rt", "npo_rt+wagle"):
