@@ -301,7 +301,7 @@ def preference_probe(model, tok) -> dict:
 
 def reward_probe(model, tok) -> dict:
     """A reward model's held-out pair accuracy (chosen scored above rejected) and mean score margin."""
-    from posttrain.trainers.reward import pairwise_scores
+    from posttrain.families.reward.trainer import pairwise_scores
 
     chosen, rejected = pairwise_scores(model, tok, PreferenceData.get()["held"])
     margins = (chosen - rejected).tolist()
@@ -312,7 +312,7 @@ def reward_probe(model, tok) -> dict:
 def reward_finish(out_dir, summary) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from posttrain.trainers.reward import pairwise_scores
+    from posttrain.families.reward.trainer import pairwise_scores
 
     model = AutoModelForSequenceClassification.from_pretrained(out_dir)
     tok = AutoTokenizer.from_pretrained(out_dir)

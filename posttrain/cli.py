@@ -175,7 +175,7 @@ def _method_detail(name: str) -> int:
 
 def _part_options(key: str, name: str) -> dict:
     """The method keys a GRPO part reads (its registry entry's ``options_model``), for ``posttrain methods NAME``."""
-    from posttrain.rl import parts
+    from posttrain.families.rl import parts
 
     registry = {"method.advantage": parts.ADVANTAGES, "method.aggregation": parts.AGGREGATIONS,
                 "method.clipping": parts.CLIPPINGS}.get(key)
@@ -365,7 +365,7 @@ def _cmd_poft_score(args) -> int:
 
 def _cmd_spo_init(args) -> int:
     from posttrain.recipe import load_recipe_stages
-    from posttrain.rl.parts import ADVANTAGES
+    from posttrain.families.rl.parts import ADVANTAGES
 
     loaded = load_recipe_stages(args.recipe, args.set)
     if loaded[0][0] is not None:

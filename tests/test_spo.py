@@ -206,7 +206,7 @@ def test_prioritized_draws_follow_the_weights():
 
 def _spo_trainer(tmp_path, reward=None, data=None, **method):
     from posttrain.train import RunContext, load_models, preflight
-    from posttrain.trainers.rl import build_rl_trainer
+    from posttrain.families.rl.trainer import build_rl_trainer
 
     recipe = _spo_recipe(tmp_path, data, **method)
     if reward is not None:

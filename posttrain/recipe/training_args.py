@@ -1,7 +1,7 @@
 """Validation of a recipe's ``training:`` block against the method family's TRL / HF config class, at load time.
 
 Every key must be a field of the family's config class (``trl.SFTConfig``, ``trl.DPOConfig``, ``trl.GRPOConfig`` or
-:class:`posttrain.trainers.unlearning.UnlearningConfig`); its value must have the field's type (from the dataclass
+:class:`posttrain.families.unlearning.trainer.UnlearningConfig`); its value must have the field's type (from the dataclass
 annotations: ``true`` is not a number, ``"yes"`` is not a boolean, ``1e3`` is accepted for an integer only when it is
 one), every number must be finite, integers fit in 32 bits, and the fields in :data:`BOUNDS` must lie in their
 domain (batch sizes >= 1, ``max_steps`` -1 or >= 1, ``learning_rate`` >= 0, ...). The first violation is one

@@ -1,8 +1,9 @@
 """Moved to :mod:`posttrain.families.rl` (issue #24): the estimators, one file each, to
 :mod:`posttrain.families.rl.advantages` (registered in :data:`posttrain.families.rl.parts.ADVANTAGES`), the shared
-helpers (``combine_rewards``, ``AdvantageOutput``, ...) to :mod:`posttrain.families.rl.common`. This alias keeps those
-names importable from the old path; it forwards on first use (no import at load, so the lower layer does not import the
-family)."""
+helpers (``combine_rewards``, ``AdvantageOutput``, ...) to :mod:`posttrain.families.rl.common`. This alias stays only
+for :mod:`posttrain.trainers.spo` (``combine_rewards``): a direct import there would close the trainers <-> families
+folder cycle. Remove it when SPO's trainer wiring moves into ``posttrain/families/rl/``. It forwards on first use (no
+import at load)."""
 
 import importlib
 

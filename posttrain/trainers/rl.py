@@ -1,6 +1,7 @@
-"""Moved to :mod:`posttrain.families.rl.trainer` (issue #24). This alias keeps the old import
-path working while other code and users move to the new one; it forwards names on first use (no import at load, so
-the lower layer does not import the family)."""
+"""Moved to :mod:`posttrain.families.rl.trainer` (issue #24). This alias stays only for
+:mod:`posttrain.trainers.spo` (``PosttrainGRPOTrainer``): a direct import there would be a trainers -> families edge
+and close the trainers <-> families folder cycle. Remove it when SPO's trainer wiring moves into
+``posttrain/families/rl/``. It forwards names on first use (no import at load)."""
 
 import importlib
 

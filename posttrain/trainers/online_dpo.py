@@ -1,9 +1,0 @@
-"""Moved to :mod:`posttrain.families.online.trainer` (issue #24). This alias keeps the old import
-path working while other code and users move to the new one; it forwards names on first use (no import at load, so
-the lower layer does not import the family)."""
-
-import importlib
-
-
-def __getattr__(name: str):
-    return getattr(importlib.import_module("posttrain.families.online.trainer"), name)

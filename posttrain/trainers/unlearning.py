@@ -1,7 +1,0 @@
-"""``posttrain.trainers.unlearning`` is :mod:`posttrain.families.unlearning.trainer`
-(moved by issue #24; kept for existing imports)."""
-
-import importlib
-import sys
-
-sys.modules[__name__] = importlib.import_module("posttrain.families.unlearning.trainer")
