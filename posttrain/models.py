@@ -36,6 +36,16 @@ def resolve_model_path(path: str, key: str = "model.path") -> str:
     return path  # a hub id
 
 
+def model_identity(spec) -> dict[str, str | None]:
+    """A recipe ``model``'s identity: its ``path`` value, its ``revision`` and, for a local directory, the resolved
+    absolute path (None for hub ids and built-in models)."""
+    local = None
+    if not spec.path.startswith("builtin:"):
+        resolved = Path(resolve_model_path(spec.path))
+        local = str(resolved.resolve()) if resolved.is_dir() else None
+    return {"model": spec.path, "revision": spec.revision, "path": local}
+
+
 def torch_dtype(name: str):
     import torch
 

@@ -233,7 +233,7 @@ def test_offline_pass_pending_update_and_stored_responses(tmp_path):
     assert isinstance(trainer, SPOGRPOTrainer)
     loader = iter(trainer.get_train_dataloader())
     trainer._prepare_inputs(next(loader))
-    scores = json.loads((tmp_path / OFFLINE_SCORES_FILE).read_text())
+    scores = json.loads((tmp_path / OFFLINE_SCORES_FILE).read_text())["scores"]
     assert len(scores) == 12 and all(len(v) == 2 for v in scores.values())
     t = trainer.spo_tracker
     for key, values in scores.items():
@@ -345,7 +345,7 @@ def test_conversational_prompts(tmp_path):
     loader = iter(trainer.get_train_dataloader())
     output = trainer._prepare_inputs(next(loader))
     keys = {row_key(r["prompt"]) for r in rows}
-    assert set(json.loads((tmp_path / "run" / OFFLINE_SCORES_FILE).read_text())) == keys
+    assert set(json.loads((tmp_path / "run" / OFFLINE_SCORES_FILE).read_text())["scores"]) == keys
     prompt = trainer.processing_class.decode(output["prompt_ids"][0][output["prompt_mask"][0].bool()])
     assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
     drawn = trainer.spo_pending["keys"]
@@ -426,7 +426,7 @@ def test_spo_init_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     recipe = _write_recipe(tmp_path / "spo.yaml", tmp_path / "run")
     assert main(["spo-init", recipe]) == 0
     assert "wrote " in capsys.readouterr().out
-    scores = json.loads((tmp_path / "run" / OFFLINE_SCORES_FILE).read_text())
+    scores = json.loads((tmp_path / "run" / OFFLINE_SCORES_FILE).read_text())["scores"]
     assert len(scores) == 12 and all(len(v) == 2 and set(v) <= {0.0, 1.0} for v in scores.values())
 
     original, calls = SPOGRPOTrainer._generate_and_score_local, []
@@ -445,13 +445,13 @@ def test_spo_init_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     assert partial["rounds_done"] == 2 and not out.exists()
     monkeypatch.setattr(SPOGRPOTrainer, "_generate_and_score_local", original)
     assert main(["spo-init", recipe, "--out", str(out)]) == 0
-    assert json.loads(out.read_text()) == scores and not (out.parent / "scores.json.partial").exists()
+    assert json.loads(out.read_text())["scores"] == scores and not (out.parent / "scores.json.partial").exists()
     assert "set method.spo_offline_scores: " in capsys.readouterr().out
     stale = {**partial, "layout": {**partial["layout"], "rewards": [["other"], [1.0], None]}, "rounds_done": 6,
              "scores": {k: [0.0, 0.0] for k in scores}}  # another pass's progress (other rewards): started over
     (tmp_path / "third.json.partial").write_text(json.dumps(stale))
     assert main(["spo-init", recipe, "--out", str(tmp_path / "third.json")]) == 0
-    assert json.loads((tmp_path / "third.json").read_text()) == scores
+    assert json.loads((tmp_path / "third.json").read_text())["scores"] == scores
     assert "is another pass's (other prompts, rewards or sampling settings): starting again" in capsys.readouterr().err
 
     def error(*argv):
@@ -535,3 +535,81 @@ def test_scores_file_errors_and_coverage(tmp_path, caplog):
     t = trainer.spo_tracker
     assert all((t.alpha[k], t.beta[k]) == pytest.approx(offline_init([1.0, 0.0])) for k in covered)
     assert all(k not in t.alpha for k in keys[5:]) and "other" not in t.alpha  # p_hat 0.5 until visited
+
+
+def _first_batch(trainer):
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def _other_pass(record, scores):
+    """A scores file of another pass (another start model and seed) with every score 0."""
+    model = {"model": "builtin:tiny-qwen2", "revision": None, "path": None}
+    return {"pass": {**record, "model": model, "seed": 99}, "scores": {k: [0.0, 0.0] for k in scores}}
+
+
+def test_stale_default_scores_file_is_sampled_again(tmp_path, caplog):
+    """The default scores file records its pass (start model included); a default file of another pass (other start
+    model and seed) is named in one line with what differs, sampled again and overwritten."""
+    import json
+    import logging
+
+    from posttrain.rl.spo import offline_init
+    from posttrain.trainers.spo import OFFLINE_SCORES_FILE
+
+    _first_batch(_spo_trainer(tmp_path))
+    written = json.loads((tmp_path / OFFLINE_SCORES_FILE).read_text())
+    record = written["pass"]
+    assert record["model"] == {"model": "builtin:tiny-qwen2-arith", "revision": None, "path": None}
+    assert (record["prompts"], record["n0"], record["seed"]) == (12, 2, 3)
+    (tmp_path / OFFLINE_SCORES_FILE).write_text(json.dumps(_other_pass(record, written["scores"])))
+    trainer = _spo_trainer(tmp_path)
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        _first_batch(trainer)
+    lines = [m for m in caplog.messages if "was written by another offline pass" in m]
+    assert len(lines) == 1 and "(model, seed differ): sampling the pass again" in lines[0]
+    assert json.loads((tmp_path / OFFLINE_SCORES_FILE).read_text()) == written  # the same pass, sampled again
+    t = trainer.spo_tracker
+    assert all((t.alpha[k], t.beta[k]) == pytest.approx(offline_init(v)) for k, v in written["scores"].items())
+
+
+def test_explicit_scores_file_of_another_pass_is_used_with_a_warning(tmp_path, caplog):
+    """method.spo_offline_scores written by another pass is read as the user asked, with a warning naming what
+    differs; nothing is sampled or written."""
+    import json
+    import logging
+
+    from posttrain.rl.spo import offline_init
+    from posttrain.trainers.spo import OFFLINE_SCORES_FILE
+
+    trainer = _spo_trainer(tmp_path / "run", spo_offline_scores=str(tmp_path / "scores.json"))
+    stale = _other_pass(trainer.spo_pass_record(), set(trainer._spo_keys))
+    (tmp_path / "scores.json").write_text(json.dumps(stale))
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        _first_batch(trainer)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "offline pass" in r.message]
+    assert len(warnings) == 1 and "(method.spo_offline_scores) was written by another offline pass (model, seed " \
+        "differ): used as set" in warnings[0]
+    t = trainer.spo_tracker
+    assert all((t.alpha[k], t.beta[k]) == pytest.approx(offline_init([0.0, 0.0])) for k in stale["scores"])
+    assert not (tmp_path / "run" / OFFLINE_SCORES_FILE).exists()
+
+
+def test_plain_scores_file_without_a_pass_record_is_read(tmp_path, caplog):
+    """An older plain {prompt key: [scores]} default file is read as it is (logged: no pass record), not resampled."""
+    import json
+    import logging
+
+    from posttrain.rl.spo import offline_init
+    from posttrain.trainers.spo import OFFLINE_SCORES_FILE
+
+    trainer = _spo_trainer(tmp_path)
+    plain = {k: [1.0, 1.0] for k in set(trainer._spo_keys)}
+    (tmp_path / OFFLINE_SCORES_FILE).write_text(json.dumps(plain))
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        _first_batch(trainer)
+    assert any("output_dir/spo_offline_scores.json) has no pass record (an older file): read as it is" in m
+               for m in caplog.messages)
+    assert not any("another offline pass" in m for m in caplog.messages)
+    t = trainer.spo_tracker
+    assert all((t.alpha[k], t.beta[k]) == pytest.approx(offline_init([1.0, 1.0])) for k in plain)
+    assert json.loads((tmp_path / OFFLINE_SCORES_FILE).read_text()) == plain

@@ -25,8 +25,8 @@ from posttrain.threads import configure_cpu_threads
 
 def spo_init(recipe: Recipe, out: Path) -> dict[str, Any]:
     """The offline pass of an SPO recipe with its start policy, set up as ``posttrain train`` sets up its run (same
-    data, chat format, seed and trainer), written to ``out`` atomically (``out.partial`` keeps the progress of an
-    interrupted pass, which a second call continues). Returns what was written."""
+    data, chat format, seed and trainer), written to ``out`` atomically with the record of the pass (``out.partial``
+    keeps the progress of an interrupted pass, which a second call continues). Returns a summary of what was written."""
     from transformers import set_seed
 
     from posttrain.trainers.spo import write_json_atomic
@@ -47,7 +47,7 @@ def spo_init(recipe: Recipe, out: Path) -> dict[str, Any]:
     partial = out.with_name(out.name + ".partial")
     scores = trainer.spo_offline_scores(partial=partial)
     if trainer.accelerator.is_main_process:
-        write_json_atomic(out, scores)
+        write_json_atomic(out, {"pass": trainer.spo_pass_record(), "scores": scores})
         partial.unlink(missing_ok=True)
     samples = sum(len(v) for v in scores.values())
     return {"path": str(out), "prompts": len(scores), "samples": samples,

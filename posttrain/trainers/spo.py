@@ -8,8 +8,9 @@ sampling and KL-adaptive forgetting (``method.advantage: spo``; docs/methods/spo
   rewards, each round of generation seeded from the run's seed and the round alone (so the command and the automatic
   pass give the same scores on the same number of processes, and the run's own random state is left as it was); each
   prompt's tracker starts from at most n0 of its scores (:func:`posttrain.rl.spo.offline_init`). The scores file
-  (``{prompt key: [scores]}``) is ``method.spo_offline_scores`` when set, else ``output_dir/spo_offline_scores.json``:
-  read when it exists, else sampled and written there;
+  (``{"pass": record, "scores": {prompt key: [scores]}}``, the record naming the pass: prompts, n0, seed, rewards,
+  sampling, start model) is ``method.spo_offline_scores`` when set, else ``output_dir/spo_offline_scores.json``: read
+  when it exists (the default file of another pass is sampled again), else sampled and written there;
 * **prioritized sampling**: each generation batch's prompts are drawn here, at generation time, without replacement
   with weights ``sqrt(p_hat (1 - p_hat)) + eps`` from the tracker as updated up to the previous step, out of the whole
   training set or, with ``spo_candidate_pool: K``, out of the next K rows of a shuffled pass over it (a seeded
@@ -115,31 +116,43 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_offline_scores(path: Path, where: str) -> dict[str, list[float]]:
-    """A scores file ``{prompt key: [scores]}`` (what the offline pass writes); a file that cannot be read or has
-    another shape is one error naming ``where`` and the file."""
+def read_offline_scores(path: Path, where: str) -> tuple[dict[str, list[float]], dict[str, Any] | None]:
+    """A scores file and the record of the pass that wrote it: ``{"pass": record, "scores": {prompt key: [scores]}}``
+    (what the offline pass writes), or an older plain ``{prompt key: [scores]}`` (record None). A file that cannot be
+    read or has another shape is one error naming ``where`` and the file."""
     try:
-        scores = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{where}: cannot read '{path}' ({exc})") from None
-    if not isinstance(scores, dict):
-        raise UserError(f"{where}: '{path}' holds a JSON {type(scores).__name__}, expected an object of prompt keys to "
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: '{path}' holds a JSON {type(data).__name__}, expected an object of prompt keys to "
                         "score lists (what `posttrain spo-init` writes)")
+    record, scores = None, data
+    if isinstance(data.get("pass"), dict) and isinstance(data.get("scores"), dict):
+        record, scores = data["pass"], data["scores"]
     for key, values in scores.items():
         ok = isinstance(values, list) and all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
         if not ok:
             raise UserError(f"{where}: '{path}': prompt {key}: expected a list of finite scores, got "
                             f"{json.dumps(values)[:80]}")
-    return scores
+    return scores, record
+
+
+def pass_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields of two offline-pass records that differ (a field one of them lacks differs), compared as JSON."""
+    current = json.loads(json.dumps(current))
+    return [name for name in sorted(set(recorded) | set(current)) if recorded.get(name) != current.get(name)]
 
 
 class SPOGRPOTrainer(PosttrainGRPOTrainer):
     """GRPO's trainer with SPO's single-stream machinery (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, start_model: dict[str, Any] | None = None, **kwargs):
+        """``start_model``: the start policy's identity recorded with the offline pass (:func:`start_model_record`)."""
         super().__init__(*args, **kwargs)
         p = self.params
+        self.spo_start_model = start_model
         if self.num_generations != 1:
             raise ValueError(f"SPO generates one completion per prompt, got num_generations={self.num_generations}")
         self.num_generations_eval = 1
@@ -251,10 +264,9 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
             return default, f"output_dir/{OFFLINE_SCORES_FILE}"
         return None
 
-    def _spo_read_scores(self, path: Path, where: str) -> dict[str, list[float]]:
+    def _spo_read_scores(self, path: Path, where: str, scores: dict[str, list[float]]) -> dict[str, list[float]]:
         """The scores of the training prompts in a scores file (logged: which file, how many prompts it covers; the
         prompts it misses start at the Jeffreys prior); a file with none of them is an error."""
-        scores = read_offline_scores(path, where)
         keys = set(self._spo_keys)
         covered = {key: values for key, values in scores.items() if key in keys}
         if not covered:
@@ -267,21 +279,44 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
 
     def _spo_offline_init(self) -> None:
         """Each prompt's starting ``(alpha, beta)`` from its offline scores: a scores file (:meth:`_spo_scores_file`),
-        or the offline pass sampled now and written to ``output_dir/spo_offline_scores.json``."""
+        or the offline pass sampled now and written to ``output_dir/spo_offline_scores.json``. The default file of
+        another pass (its record differs from :meth:`spo_pass_record`) is sampled again and overwritten; an explicit
+        ``method.spo_offline_scores`` of another pass is used as set, with a warning."""
         p = self.params
         self.spo_initialized = True
         found = self._spo_scores_file()
+        scores: dict[str, list[float]] | None = None
         if found is not None:
-            scores = self._spo_read_scores(*found)
-        elif p.spo_offline_n > 0:
+            path, where = found
+            read, record = read_offline_scores(path, where)
+            differs = [] if record is None else pass_differences(record, self.spo_pass_record())
+            if record is None:
+                logger.info("spo: %s (%s) has no pass record (an older file): read as it is", path, where)
+            if differs and where != "method.spo_offline_scores":
+                logger.info("spo: %s (%s) was written by another offline pass (%s differ): sampling the pass again",
+                            path, where, ", ".join(differs))
+            else:
+                if differs:
+                    logger.warning("spo: %s (%s) was written by another offline pass (%s differ): used as set", path,
+                                   where, ", ".join(differs))
+                scores = self._spo_read_scores(path, where, read)
+        if scores is None and p.spo_offline_n > 0:
             scores = self.spo_offline_scores()
             if self.accelerator.is_main_process:
                 out = Path(self.args.output_dir)
                 out.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(out / OFFLINE_SCORES_FILE, scores)
-        else:
-            scores = {}
-        self.spo_tracker.init_offline(scores, max_scores=p.spo_offline_n, seed=self.args.seed)
+                write_json_atomic(out / OFFLINE_SCORES_FILE, {"pass": self.spo_pass_record(), "scores": scores})
+        self.spo_tracker.init_offline(scores or {}, max_scores=p.spo_offline_n, seed=self.args.seed)
+
+    def spo_pass_record(self) -> dict[str, Any]:
+        """What makes one offline pass's scores another's: the distinct training prompts, n0, the round size, the seed,
+        the rewards (names, weights, range), the sampling settings and the start model."""
+        return {"prompts": len(set(self._spo_keys)), "n0": self.params.spo_offline_n,
+                "per_round": self.args.per_device_train_batch_size * self.args.steps_per_generation
+                * self.accelerator.num_processes, "seed": self.args.seed,
+                "rewards": [list(self.reward_func_names), self.reward_weights.tolist(), self.params.spo_reward_range],
+                "sampling": [self.temperature, self.top_p, self.top_k, self.max_completion_length],
+                "model": self.spo_start_model}
 
     def spo_offline_scores(self, partial: Path | None = None) -> dict[str, list[float]]:
         """The offline pass: ``spo_offline_n`` (n0) completions of every distinct training prompt by the start policy,
@@ -302,9 +337,7 @@ class SPOGRPOTrainer(PosttrainGRPOTrainer):
         jobs += jobs[-1:] * (-len(jobs) % per_round)  # equal rounds on every process
         rounds = len(jobs) // per_round
         scores: dict[str, list[float]] = {key: [] for key in first}
-        layout = {"prompts": len(first), "n0": n0, "per_round": per_round, "seed": self.args.seed,
-                  "rewards": [list(self.reward_func_names), self.reward_weights.tolist(), self.params.spo_reward_range],
-                  "sampling": [self.temperature, self.top_p, self.top_k, self.max_completion_length]}
+        layout = self.spo_pass_record()
         start = 0
         if partial is not None and partial.is_file():
             try:

@@ -55,6 +55,7 @@ from posttrain.families.rl.common import (
 from posttrain.families.rl.diagnostics import SignalMonitor, batch_signal
 from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS, POLICY_LOSSES
 from posttrain.families.rl.policy_losses.grpo import gppo_sft_loss, kl_k3, kl_k3_bias_corrected
+from posttrain.models import model_identity
 from posttrain.reference import trl_reference_factory
 from posttrain.rl.strata import count_tool_calls
 from posttrain.rl.vllm_sync import check_vllm_recipe, vllm_generation_for
@@ -728,6 +729,8 @@ def build_rl_trainer(ctx):
     rewards = load_rewards(p.rewards, base_dirs=dirs, dtype=recipe.model.dtype)
     stratum_fn = make_stratum_fn(p.stratum_key, train.column_names, dirs) if ADVANTAGES[p.advantage].needs_strata else None
     extra: dict[str, Any] = dict(user)
+    if cls is not PosttrainGRPOTrainer:  # the estimator's own subclass records its start model (SPO's offline pass)
+        extra["start_model"] = model_identity(recipe.model)
     if any(pc is not None for pc in rewards.processing_classes):
         extra["reward_processing_classes"] = rewards.processing_classes
     return make_trainer(

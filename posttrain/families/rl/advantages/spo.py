@@ -26,9 +26,9 @@ class SPOOptions(PartOptions):
         8, ge=0, le=1024, description="spo: offline samples per prompt before training (n0) that set each prompt's "
         "starting estimate; at most n0 scores are kept; 0: Jeffreys prior (0.5, 0.5) for every prompt.")
     spo_offline_scores: str | None = Field(
-        None, description="spo: a JSON file {prompt_key: [scores]} (what `posttrain spo-init` writes) read instead of "
-        "sampling the offline pass; null: output_dir/spo_offline_scores.json when it exists, else the pass is sampled "
-        "before the first step and written there.")
+        None, description="spo: a scores file (what `posttrain spo-init` writes) read instead of sampling the offline "
+        "pass, with a warning when it records another pass; null: output_dir/spo_offline_scores.json when it exists "
+        "and records this run's pass, else the pass is sampled before the first step and written there.")
     spo_rho: Literal["kl", "constant"] = Field(
         "kl", description="spo: forgetting factor from the policy's shift on each prompt's stored response (kl), "
         "or spo_rho_value for every visit.")
