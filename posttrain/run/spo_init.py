@@ -1,6 +1,7 @@
 """``posttrain spo-init``: SPO's offline value-initialisation pass as its own command (docs/methods/spo.md, "The
-offline pass as a command"). The pass itself is :meth:`posttrain.trainers.spo.SPOGRPOTrainer.spo_offline_scores`;
-this module sets the trainer up as ``posttrain train`` does and writes the scores file."""
+offline pass as a command"). The pass itself is
+:meth:`posttrain.families.rl.spo_trainer.SPOGRPOTrainer.spo_offline_scores`; this module sets the trainer up as
+``posttrain train`` does and writes the scores file."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def spo_init(recipe: Recipe, out: Path) -> dict[str, Any]:
     keeps the progress of an interrupted pass, which a second call continues). Returns a summary of what was written."""
     from transformers import set_seed
 
-    from posttrain.trainers.spo import write_json_atomic
+    from posttrain.families.rl.spo_trainer import write_json_atomic
 
     setup_logging()
     info, config, datasets = preflight(recipe)

@@ -1,4 +1,4 @@
-"""SPO: Single-stream Policy Optimization, the math (the trainer wiring is in :mod:`posttrain.trainers.spo`).
+"""SPO: Single-stream Policy Optimization, the math (the trainer wiring is in :mod:`posttrain.families.rl.spo_trainer`).
 
 Xu & Ding, "Single-stream Policy Optimization" (arXiv 2509.13232); the method page is docs/methods/spo.md. One
 completion per prompt; the baseline of prompt x is a persistent Beta-Bernoulli estimate of its success rate

@@ -1,16 +1,17 @@
 """SPO wired into the GRPO trainer: one completion per prompt, a per-prompt success-rate tracker, prioritized prompt
 sampling and KL-adaptive forgetting (``method.advantage: spo``; docs/methods/spo.md).
 
-:class:`SPOGRPOTrainer` is :class:`posttrain.trainers.rl.PosttrainGRPOTrainer` with ``num_generations = 1`` and:
+:class:`SPOGRPOTrainer` is :class:`posttrain.families.rl.trainer.PosttrainGRPOTrainer` with ``num_generations = 1`` and:
 
 * **the offline pass** (``posttrain spo-init``, :mod:`posttrain.run.spo_init`, or automatically before the first
   step): the start policy samples ``spo_offline_n`` (n0) completions of every training prompt, scored by the recipe's
   rewards, each round of generation seeded from the run's seed and the round alone (so the command and the automatic
   pass give the same scores on the same number of processes, and the run's own random state is left as it was); each
-  prompt's tracker starts from at most n0 of its scores (:func:`posttrain.rl.spo.offline_init`). The scores file
-  (``{"pass": record, "scores": {prompt key: [scores]}}``, the record naming the pass: prompts, n0, seed, rewards,
-  sampling, start model) is ``method.spo_offline_scores`` when set, else ``output_dir/spo_offline_scores.json``: read
-  when it exists (the default file of another pass is sampled again), else sampled and written there;
+  prompt's tracker starts from at most n0 of its scores (:func:`posttrain.families.rl.spo_tracker.offline_init`). The
+  scores file (``{"pass": record, "scores": {prompt key: [scores]}}``, the record naming the pass: prompts, n0, seed,
+  rewards, sampling, start model) is ``method.spo_offline_scores`` when set, else
+  ``output_dir/spo_offline_scores.json``: read when it exists (the default file of another pass is sampled again),
+  else sampled and written there;
 * **prioritized sampling**: each generation batch's prompts are drawn here, at generation time, without replacement
   with weights ``sqrt(p_hat (1 - p_hat)) + eps`` from the tracker as updated up to the previous step, out of the whole
   training set or, with ``spo_candidate_pool: K``, out of the next K rows of a shuffled pass over it (a seeded
@@ -40,8 +41,8 @@ import torch
 from trl import GRPOTrainer
 
 from posttrain.errors import UserError
-from posttrain.rl.advantages import combine_rewards
-from posttrain.rl.spo import (
+from posttrain.families.rl.common import combine_rewards
+from posttrain.families.rl.spo_tracker import (
     SPOTracker,
     check_reward_range,
     forgetting_factor,
@@ -50,7 +51,7 @@ from posttrain.rl.spo import (
     rescale_rewards,
     sampling_weights,
 )
-from posttrain.trainers.rl import PosttrainGRPOTrainer
+from posttrain.families.rl.trainer import PosttrainGRPOTrainer
 
 logger = logging.getLogger("posttrain")
 

@@ -2,7 +2,8 @@
 per prompt, ``r - p_hat`` against each prompt's tracked success rate, z-scored over the batch.
 
 docs/methods/spo.md#advantage. The options model, its cross-key check and the registration are here; the tracker,
-sampler and the advantage's math are in :mod:`posttrain.rl.spo`, wired by :mod:`posttrain.trainers.spo`.
+sampler and the advantage's math are in :mod:`posttrain.families.rl.spo_tracker`, wired by
+:mod:`posttrain.families.rl.spo_trainer`.
 """
 
 from __future__ import annotations
@@ -64,19 +65,19 @@ def check_spo_settings(p) -> str | None:
 
 
 @ADVANTAGES.register("spo", doc="docs/methods/spo.md#advantage", options_model=SPOOptions, check=check_spo_settings,
-                     single_stream=True, trainer="posttrain.trainers.spo:SPOGRPOTrainer",
+                     single_stream=True, trainer="posttrain.families.rl.spo_trainer:SPOGRPOTrainer",
                      refuses={"scale_rewards": "z-scores r - p_hat over the whole batch (method.spo_adv_eps), not with "
                                                "scale_rewards"})
 def spo_advantage(rewards: torch.Tensor, groups: Groups, opts) -> AdvantageOutput:
     """Single-stream advantage (SPO, Xu & Ding 2025, arXiv 2509.13232), every row kept.
 
     ``r - p_hat`` (``r`` alone without ``spo_baseline``) z-scored over the batch
-    (:func:`posttrain.rl.spo.spo_advantages`), with ``groups.p_hat`` each row's tracked success rate read before this
-    visit's update (SPO's trainer gives it); one row per group."""
+    (:func:`posttrain.families.rl.spo_tracker.spo_advantages`), with ``groups.p_hat`` each row's tracked success
+    rate read before this visit's update (SPO's trainer gives it); one row per group."""
     import torch
 
     from posttrain.families.rl.common import keep_all
-    from posttrain.rl.spo import spo_advantages
+    from posttrain.families.rl.spo_tracker import spo_advantages
 
     if groups.p_hat is None:
         raise ValueError("spo advantages need Groups.p_hat, each row's tracked success rate")

@@ -1,12 +1,12 @@
-"""SPO math (posttrain/rl/spo.py; docs/methods/spo.md): the worked example, properties and the two review fixes
-(rewards outside [0, 1] refused, at most n0 offline scores)."""
+"""SPO math (posttrain/families/rl/spo_tracker.py; docs/methods/spo.md): the worked example, properties and the two
+review fixes (rewards outside [0, 1] refused, at most n0 offline scores)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from posttrain.rl.spo import (
+from posttrain.families.rl.spo_tracker import (
     SPOTracker,
     forgetting_factor,
     check_reward_range,
@@ -134,7 +134,7 @@ def test_rewards_outside_the_unit_interval_are_refused():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# SPO wired into the GRPO trainer (method.advantage: spo; posttrain/trainers/spo.py)
+# SPO wired into the GRPO trainer (method.advantage: spo; posttrain/families/rl/spo_trainer.py)
 
 
 def _spo_recipe(out, data=None, **method):
@@ -189,7 +189,7 @@ def test_num_generations_one_only_with_spo(tmp_path):
 
 
 def test_prioritized_draws_follow_the_weights():
-    from posttrain.trainers.spo import draw_prompts
+    from posttrain.families.rl.spo_trainer import draw_prompts
 
     g = torch.Generator().manual_seed(0)
     weights = torch.tensor([0.55, 0.05, 0.05, 0.55])
@@ -226,8 +226,8 @@ def test_offline_pass_pending_update_and_stored_responses(tmp_path):
     prompt's stored response (0 on a first visit: rho = rho_max) and stores the new responses."""
     import json
 
-    from posttrain.rl.spo import offline_init
-    from posttrain.trainers.spo import OFFLINE_SCORES_FILE, SPOGRPOTrainer
+    from posttrain.families.rl.spo_tracker import offline_init
+    from posttrain.families.rl.spo_trainer import OFFLINE_SCORES_FILE, SPOGRPOTrainer
 
     trainer = _spo_trainer(tmp_path)
     assert isinstance(trainer, SPOGRPOTrainer)
@@ -260,7 +260,7 @@ def test_rewards_outside_the_unit_interval_name_the_rewards(tmp_path):
 
     from pathlib import Path
 
-    rewards = Path(__file__).parent / "families" / "rl" / "test_rl_trainer.py"
+    rewards = Path(__file__).parent / "test_rl_trainer.py"
     spec = RewardSpec(function=f"{rewards}:partial_credit")  # 1 + 0.05 per character: above 1
     trainer = _spo_trainer(tmp_path / "a", reward=spec, spo_offline_n=0)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -336,7 +336,7 @@ def test_conversational_prompts(tmp_path):
     pass and in training, and one generation batch updates the tracker of exactly the prompts it drew."""
     import json
 
-    from posttrain.trainers.spo import OFFLINE_SCORES_FILE, row_key
+    from posttrain.families.rl.spo_trainer import OFFLINE_SCORES_FILE, row_key
 
     data = tmp_path / "chat.jsonl"
     rows = [{"prompt": [{"role": "user", "content": f"{i}+{i + 1}="}], "answer": str(2 * i + 1)} for i in range(8)]
@@ -362,7 +362,7 @@ def test_conversational_prompts(tmp_path):
 def test_candidate_pools_cut_a_shuffled_pass():
     """Pools are consecutive slices of a seeded permutation (a new one when too few rows are left, the rest skipped);
     a pool as large as the batch is drawn whole, whatever the weights."""
-    from posttrain.trainers.spo import draw_prompts, next_candidate_pool
+    from posttrain.families.rl.spo_trainer import draw_prompts, next_candidate_pool
 
     g = torch.Generator().manual_seed(0)
     first = torch.randperm(6, generator=torch.Generator().manual_seed(0)).tolist()
@@ -421,7 +421,7 @@ def test_spo_init_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     import json
 
     from posttrain.cli import main
-    from posttrain.trainers.spo import OFFLINE_SCORES_FILE, SPOGRPOTrainer
+    from posttrain.families.rl.spo_trainer import OFFLINE_SCORES_FILE, SPOGRPOTrainer
 
     recipe = _write_recipe(tmp_path / "spo.yaml", tmp_path / "run")
     assert main(["spo-init", recipe]) == 0
@@ -478,7 +478,7 @@ def test_train_reading_spo_init_scores_equals_the_automatic_pass(tmp_path, caplo
     from transformers import AutoModelForCausalLM
 
     from posttrain.cli import main
-    from posttrain.trainers.spo import OFFLINE_SCORES_FILE
+    from posttrain.families.rl.spo_trainer import OFFLINE_SCORES_FILE
 
     assert main(["spo-init", _write_recipe(tmp_path / "spo.yaml", tmp_path / "read")]) == 0
     written = (tmp_path / "read" / OFFLINE_SCORES_FILE).read_text()
@@ -507,7 +507,7 @@ def test_scores_file_errors_and_coverage(tmp_path, caplog):
     import logging
 
     from posttrain.errors import UserError
-    from posttrain.rl.spo import offline_init
+    from posttrain.families.rl.spo_tracker import offline_init
 
     def first_batch(trainer):
         trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -553,8 +553,8 @@ def test_stale_default_scores_file_is_sampled_again(tmp_path, caplog):
     import json
     import logging
 
-    from posttrain.rl.spo import offline_init
-    from posttrain.trainers.spo import OFFLINE_SCORES_FILE
+    from posttrain.families.rl.spo_tracker import offline_init
+    from posttrain.families.rl.spo_trainer import OFFLINE_SCORES_FILE
 
     _first_batch(_spo_trainer(tmp_path))
     written = json.loads((tmp_path / OFFLINE_SCORES_FILE).read_text())
@@ -578,8 +578,8 @@ def test_explicit_scores_file_of_another_pass_is_used_with_a_warning(tmp_path, c
     import json
     import logging
 
-    from posttrain.rl.spo import offline_init
-    from posttrain.trainers.spo import OFFLINE_SCORES_FILE
+    from posttrain.families.rl.spo_tracker import offline_init
+    from posttrain.families.rl.spo_trainer import OFFLINE_SCORES_FILE
 
     trainer = _spo_trainer(tmp_path / "run", spo_offline_scores=str(tmp_path / "scores.json"))
     stale = _other_pass(trainer.spo_pass_record(), set(trainer._spo_keys))
@@ -599,8 +599,8 @@ def test_plain_scores_file_without_a_pass_record_is_read(tmp_path, caplog):
     import json
     import logging
 
-    from posttrain.rl.spo import offline_init
-    from posttrain.trainers.spo import OFFLINE_SCORES_FILE
+    from posttrain.families.rl.spo_tracker import offline_init
+    from posttrain.families.rl.spo_trainer import OFFLINE_SCORES_FILE
 
     trainer = _spo_trainer(tmp_path)
     plain = {k: [1.0, 1.0] for k in set(trainer._spo_keys)}
