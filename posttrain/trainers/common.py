@@ -455,14 +455,12 @@ def training_config(config_cls, recipe, overrides: dict[str, Any] | None = None)
     kwargs.update(recipe.training)
     kwargs["output_dir"] = recipe.output_dir
     kwargs["seed"] = recipe.seed
-    from posttrain.optim import OPTIMIZERS, refuse_sharded
+    from posttrain.optim import OPTIMIZERS
 
     own_optim = None
-    if kwargs.get("optim") in OPTIMIZERS:  # built by the trainers (create_optimizer below), not by HF
+    if kwargs.get("optim") in OPTIMIZERS:  # built by the trainers (create_optimizer), not by HF; under DeepSpeed / FSDP
+        # refused by preflight (posttrain.distributed.check_backend) and again when the optimizer is created
         own_optim = (kwargs.pop("optim"), kwargs.pop("optim_args", None))
-        for key in ("deepspeed", "fsdp"):
-            if kwargs.get(key):
-                raise refuse_sharded(f"training.{key}")
     try:
         config = config_cls(**kwargs)
         config.posttrain_optim = own_optim
