@@ -227,7 +227,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         output[KEEP] = keep.to(torch.float32)
         output["num_items_in_batch"] = self.accelerator.gather(kept_mask.sum()).sum()
         output[NUM_ROWS] = self.accelerator.gather(keep.sum().to(torch.float32)).sum()
-        if p.sft_coef > 0:
+        if NEEDS_CORRECT in self.objective.needs(p):  # GPPO's SFT term
             output[CORRECT] = correct[rows].to(device=device, dtype=torch.float32)
             output[NUM_CORRECT] = self.accelerator.gather((kept_mask * output[CORRECT].unsqueeze(1)).sum()).sum()
         if AGGREGATIONS[p.aggregation].row_weights:
