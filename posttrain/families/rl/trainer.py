@@ -439,8 +439,8 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             return False
         if aux_loss or multimodal:
             why = "the model's router aux loss" if aux_loss else "image inputs"
-            log_once(f"log-prob engine off: {why} need the full model forward; TRL's fused head scores every row "
-                     "whole (same losses, no saving)")
+            log_once(f"log-prob engine off ({why}: the full model forward is needed): TRL's fused head scores every "
+                     "row whole (same losses, no saving)")
             return False
         return True
 

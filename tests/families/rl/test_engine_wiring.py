@@ -227,3 +227,42 @@ def test_recipe_keys_reach_the_trainer(tmp_path):
         "logprob_head": "chunked", "share_prompts": False}
     with pytest.raises(UserError, match=r"^training.share_prompts: expected true or false, got 'no'$"):
         check_training({"share_prompts": "no"}, "rl")
+
+
+def test_liger_on_cpu_is_refused_before_the_model_loads(tmp_path):
+    import yaml
+
+    from posttrain.errors import UserError
+    from posttrain.families.base import FAMILIES
+    from posttrain.methods import METHODS
+    from posttrain.recipe import load_recipe
+    from posttrain.registry import load
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "builtin:tiny-qwen2", "method": {"name": "grpo", "rewards": [{"name": "exact_match"}]},
+        "output_dir": str(tmp_path / "out"), "data": {"train": {"source": "builtin:arithmetic-rl"}},
+        "training": {"logprob_head": "liger"}}))
+    recipe = load_recipe(path)
+    with pytest.raises(UserError, match="^training.logprob_head: liger cannot run here: liger-kernel runs on CUDA"):
+        load(FAMILIES["rl"].build_config)(recipe, METHODS["grpo"])
+
+
+def test_sharing_off_and_the_fallback_are_logged_once(arith_model_dir, tmp_path, caplog):
+    """``share_prompts: false`` runs every row whole (said once); a router aux loss turns the engine off for TRL's
+    head (said once)."""
+    import logging
+
+    from posttrain.logprobs import engine as E
+
+    off = "shared prompts off (training.share_prompts: false): every completion runs with its prompt"
+    fallback = ("log-prob engine off (the model's router aux loss: the full model forward is needed): TRL's fused "
+                "head scores every row whole (same losses, no saving)")
+    E._LOGGED.difference_update({off, fallback})
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        trainer, inputs = _trainer(arith_model_dir, tmp_path, config=dict(share_prompts=False))
+        assert not trainer.engine.share_prompts
+        assert _run(trainer, inputs, engine=True, share=trainer.engine.share_prompts)[2] == [False]
+        assert not trainer._engine_runs(True, {}) and not trainer._engine_runs(True, {})
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count(off) == 1 and messages.count(fallback) == 1
