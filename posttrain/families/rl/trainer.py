@@ -146,11 +146,6 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                                "posttrain's RL trainer needs updating")
         if ref_model is not None and peft:
             self.ref_model = self._prepare_reference(ref_model)
-        self.objective = POLICY_LOSSES[params.loss]
-        unknown = self.objective.needs(params) - RL_NEEDS
-        if unknown:
-            raise ValueError(f"policy loss {params.loss!r} needs {sorted(unknown)}; the trainer computes "
-                             f"{sorted(RL_NEEDS)}")
         share = getattr(self.args, "share_prompts", True)
         if share and getattr(self, "counts_body_tokens", False):
             log_once("shared prompts off: the adapter's balance loss counts the tokens of every row (GOAT); every row "
@@ -166,6 +161,17 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                                             correct_reward=getattr(params, "correct_reward", 1.0))
         self._run_warnings: list[str] = []
         self._warned: set[str] = set()
+
+    @property
+    def objective(self):
+        """The ``method.loss`` entry (:data:`~posttrain.families.rl.parts.POLICY_LOSSES`), checked to need only what
+        this trainer computes."""
+        entry = POLICY_LOSSES[self.params.loss]
+        unknown = entry.needs(self.params) - RL_NEEDS
+        if unknown:
+            raise ValueError(f"policy loss {entry.name!r} needs {sorted(unknown)}; the trainer computes "
+                             f"{sorted(RL_NEEDS)}")
+        return entry
 
     def _prepare_reference(self, ref_model):
         """What TRL's ``__init__`` does to the reference it builds, for one given with a PEFT policy."""
