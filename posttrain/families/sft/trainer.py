@@ -81,11 +81,11 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
     Args:
         method: a key of :data:`~posttrain.families.sft.forward.SFT_LOSSES`.
         params: the method's hyperparameters (``methods/<method>.py``).
-        anchor_model: frozen anchor of the ``ANCHOR_KL`` need; ``None`` with a PEFT policy uses the adapter-disabled
-            base.
+        ref_model: the method's reference, the frozen anchor of the ``ANCHOR_KL`` need (``self.anchor_model``);
+            ``None`` with a PEFT policy uses the adapter-disabled base.
     """
 
-    def __init__(self, *args, method: str, params, anchor_model=None, **kwargs):
+    def __init__(self, *args, method: str, params, ref_model=None, **kwargs):
         self.method = method
         self.params = params
         self.objective = SFT_LOSSES[method]
@@ -98,11 +98,11 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         self.engine = LogProbEngine(getattr(kwargs.get("args"), "logprob_head", "auto"), share_prompts=False)
         self.use_engine = True  # False: TRL's fused head on every position (the path before the engine; tests compare)
         super().__init__(*args, **kwargs)
-        self.anchor_model = anchor_model
-        if anchor_model is not None:
+        self.anchor_model = ref_model
+        if ref_model is not None:
             from posttrain.distributed import prepare_frozen
 
-            self.anchor_model = prepare_frozen(anchor_model, self.accelerator)
+            self.anchor_model = prepare_frozen(ref_model, self.accelerator)
         if self.extra_columns:
             self.data_collator = _ExtraColumnsCollator(self.data_collator, self.extra_columns)
         if not self.objective.token_sum_loss:
@@ -308,9 +308,9 @@ def sft_config(recipe, info):
 def build_sft_trainer(ctx):
     """Every SFT-family method on :class:`PosttrainSFTTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.trainers.common import peft_config
+    from posttrain.trainers.common import trainer_kwargs
 
-    recipe, params = ctx.recipe, ctx.recipe.params
+    recipe = ctx.recipe
     config = ctx.config if ctx.config is not None else sft_config(recipe, ctx.info)
     train = _sft_dataset(ctx, "data.train")
     evals = _sft_dataset(ctx, "data.eval") if recipe.data.eval is not None else None
@@ -318,14 +318,6 @@ def build_sft_trainer(ctx):
         PosttrainSFTTrainer,
         recipe,
         uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
-        model=ctx.model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=ctx.tokenizer,
-        peft_config=peft_config(recipe),
-        callbacks=ctx.callbacks,
+        **trainer_kwargs(ctx, config, train, evals),
         method=ctx.info.name,
-        params=params,
-        anchor_model=ctx.ref_model,
     )

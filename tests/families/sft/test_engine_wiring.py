@@ -59,7 +59,7 @@ def _trainer(policy_dir, tmp_path, method, params=None, *, anchor_dir=None, data
                       init_lora_weights=False) if lora else None
     trainer = PosttrainSFTTrainer(model=AutoModelForCausalLM.from_pretrained(policy_dir), args=args, train_dataset=ds,
                                   processing_class=tok, peft_config=peft, method=method, params=p,
-                                  anchor_model=anchor)
+                                  ref_model=anchor)
     trainer.model.train()
     return trainer, next(iter(trainer.get_train_dataloader()))
 
