@@ -259,7 +259,7 @@ def test_retain_token_kl_worked_example_and_equal_to_the_logits_form():
     assert close(retain_token_kl_loss(token_kl), 0.06)  # no mask: every position
     loss.backward()
     assert close(token_kl.grad, [[0.5, 0.5, 0.0]])
-    assert float(retain_token_kl_loss(token_kl, torch.zeros(1, 3))) == 0.0
+    assert float(retain_token_kl_loss(token_kl, torch.zeros(1, 3)).detach()) == 0.0
     # the per-position KLs of the worked logits give retain_kl_loss's value, and the term accepts either form
     policy, ref = kl_logits()
     per_position = torch.nn.functional.kl_div(policy.log_softmax(-1), ref.log_softmax(-1), reduction="none",
