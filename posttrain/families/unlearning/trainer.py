@@ -5,10 +5,10 @@ with one retain row (the forget set is the anchor, as in open-unlearning's ``For
 drawn at random, seeded by ``seed``, item and epoch). Labels cover the answer tokens plus the EOS the collator appends
 (TOFU); the question is ``-100``.
 
-Each objective declares what it ``needs`` from the forward pass (``needs(params)`` of its
-:data:`~posttrain.families.unlearning.objective.UNLEARNING_OBJECTIVES` entry); the trainer computes exactly that, through
-the log-prob engine (:mod:`posttrain.logprobs`: completion-only per-token log-probs, docs/logprob_engine.md). Per step
-the policy is called once on ``[forget; retain]`` stacked for the NLL-retain methods, on the forget rows alone
+Each objective declares what it ``needs`` from the forward pass (``needs(params)`` of its entry in
+:data:`~posttrain.families.unlearning.objective.UNLEARNING_OBJECTIVES`); the trainer computes exactly that, through the
+log-prob engine (:mod:`posttrain.logprobs`: completion-only per-token log-probs, docs/logprob_engine.md). Per step the
+policy is called once on ``[forget; retain]`` stacked for the NLL-retain methods, on the forget rows alone
 otherwise. NPO calls the frozen reference (``ref_model``, or the adapter-disabled policy with ``peft`` and no
 ``ref_model``) once on the forget rows under ``no_grad``. The retain KL of ``npo_kl`` / ``ga_kl`` is the engine's tiled
 KL: the reference's retain rows (hidden states and head, no gradient) go into the policy's retain call, which returns
@@ -24,8 +24,9 @@ loss; its metrics
 RMU (an objective that needs ``forget_activations``) works on hidden states instead: a forward hook on one decoder
 layer captures its output during the engine's calls on the forget rows and, for the retain term, on the retain rows of
 the policy and of the frozen reference (the engine's ``Needs(hidden=...)`` gives the last layer's states, not one
-chosen layer's, so the hook stays); only the weights its ``trainable_params`` select move (the others are frozen before training), and
-its control vector is drawn once from the run's seed (:func:`posttrain.losses.unlearning.rmu_control_vector`).
+chosen layer's, so the hook stays); only the weights its ``trainable_params`` select move (the others are frozen
+before training), and its control vector is drawn once from the run's seed
+(:func:`posttrain.losses.unlearning.rmu_control_vector`).
 
 Loss reductions are per micro-batch (the HF ``outputs.loss`` convention of both reference code bases); with gradient
 accumulation the loss is divided by the number of micro-batches.

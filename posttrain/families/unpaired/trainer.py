@@ -271,7 +271,8 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
             stats = out.statistics
             return (out.logps[:, 1:], out.mask[:, 1:], stats["entropy"][:, 1:], stats["mean_logits"][:, 1:],
                     None)
-        outputs, per_token, mask = self._sequence_logps(model, model_kwargs, batch["input_ids"], batch["completion_mask"])
+        outputs, per_token, mask = self._sequence_logps(model, model_kwargs, batch["input_ids"],
+                                                        batch["completion_mask"])
         width = mask.size(1)
         return (per_token, mask, outputs.entropy[:, -width:], outputs.mean_logits[:, -width:],
                 outputs.aux_loss if self.aux_loss_enabled else None)
