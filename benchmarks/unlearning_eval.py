@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,11 +48,18 @@ LM_EVAL_TASK = "posttrain_world_facts"
 
 def posttrain(*args: str) -> float:
     """Run ``posttrain ARGS`` (this interpreter); return its wall time in seconds."""
-    start = time.perf_counter()
+    return posttrain_timed(*args)[0]
+
+
+def posttrain_timed(*args: str) -> tuple[float, float]:
+    """Run ``posttrain ARGS`` (this interpreter); return its wall time and its CPU time (user + system) in seconds."""
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"posttrain {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - start, cpu
 
 
 def evaluate(model: str, out: Path, task: dict, retain_json: Path | None, lm_eval: bool) -> tuple[dict, float]:
@@ -98,6 +107,141 @@ def table(task: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# --sweep: GA and NPO+RT at equal forgetting (MUSE compares methods along their forget/utility trade-off, not at one
+# arbitrary budget). Stage "trajectories": one seed-0 run per method and learning rate, evaluated every few steps
+# during training (eval.suites: [unlearning], eval.retain_model; the learning rate is constant after warm-up, so step
+# k of a run is the run with max_steps k). Stage "points": per method, the trajectory point whose privleak is closest
+# to 0 (the retain model's value), trained to that step with every seed and evaluated in full like the shipped rows.
+# Every record goes to a JSONL file as soon as it exists; a rerun skips what the file already holds.
+# --------------------------------------------------------------------------------------------------------------------
+
+SWEEP_GRID = {  # method -> (learning rate, max_steps, eval every) of each trajectory; the rest is the shipped recipe
+    "ga": [(1e-4, 120, 10), (3e-4, 60, 5)],
+    "npo_rt": [(1e-4, 120, 10), (3e-4, 60, 5)],
+}
+TRAJECTORY_MAX_SAMPLES = 100  # every forget / holdout / verbatim / forget-question row; the first 100 retain questions
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_args(task: dict, method: str, recipe: str, seed: int, run: Path, extra: dict) -> list[str]:
+    own = method in task["own"]
+    sets = {**({} if own else task["set"]), **(task["retain"] if method == "npo_rt" else {}),
+            "seed": str(seed), "output_dir": str(run), "training.save_strategy": "no", "report": "false",
+            "eval.steps": "null", "eval.retain_model": "null", **extra}
+    return ["train", recipe, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
+def trajectory(path: Path, tmp: Path, name: str, method: str, lr: float, steps: int, every: int, seed: int) -> None:
+    task = TASKS[name]
+    run = tmp / f"traj_{name}_{method}_{lr:g}_{seed}"
+    extra = {"training.learning_rate": f"{lr:g}", "training.max_steps": str(steps), "eval.steps": str(every),
+             "eval.suites": "[unlearning]", "eval.max_samples": str(TRAJECTORY_MAX_SAMPLES),
+             "eval.retain_model": task["retain_model"]}
+    print(f"[{name}] trajectory {method} lr {lr:g} seed {seed} ...", flush=True)
+    wall, cpu = posttrain_timed(*train_args(task, method, RECIPES[method], seed, run, extra))
+    evals = {}
+    for line in read_jsonl(run / "metrics.jsonl"):
+        for key, value in line.items():
+            if key.startswith("eval_") and isinstance(value, (int, float)):
+                evals.setdefault(line["step"], {})[key[len("eval_"):]] = value
+    for step, metrics in sorted(evals.items()):
+        append_jsonl(path, {"stage": "trajectory", "task": name, "method": method, "lr": lr, "step": step,
+                            "seed": seed, "metrics": metrics})
+    append_jsonl(path, {"stage": "trajectory_done", "task": name, "method": method, "lr": lr, "seed": seed,
+                        "steps": steps, "every": every, "max_samples": TRAJECTORY_MAX_SAMPLES, "wall_s": wall,
+                        "cpu_s": cpu})
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def matched_points(records: list[dict], name: str) -> dict[str, tuple[float, int]]:
+    """Per method, the (learning rate, step) of its trajectories whose privleak is closest to 0, ties to the higher
+    knowmem_r; step 0 (the untouched model) is never chosen."""
+    out = {}
+    for method in SWEEP_GRID:
+        points = [r for r in records if r["stage"] == "trajectory" and r["task"] == name and r["method"] == method
+                  and r["step"] > 0 and "privleak" in r["metrics"]]
+        if points:
+            best = min(points, key=lambda r: (abs(r["metrics"]["privleak"]), -r["metrics"].get("knowmem_r", 0)))
+            out[method] = (best["lr"], best["step"])
+    return out
+
+
+def lm_eval_tasks(name: str) -> list[str]:
+    return TASKS[name].get("lm_eval", [LM_EVAL_TASK])
+
+
+def point_eval(model: str, out: Path, name: str, retain_json: Path | None, lm_eval: bool) -> tuple[dict, float, float]:
+    task = TASKS[name]
+    args = ["eval", model, "--suite", "unlearning", "--reference-model", task["retain_model"], "--output", str(out)]
+    if retain_json is not None:
+        args += ["--retain-model", str(retain_json)]
+    if lm_eval:
+        args += ["--lm-eval", ",".join(lm_eval_tasks(name))]
+    wall, cpu = posttrain_timed(*args)
+    return json.loads(out.read_text())["metrics"], wall, cpu
+
+
+def run_sweep(args) -> int:
+    path = Path(args.sweep)
+    done = read_jsonl(path)
+    have = {(r["task"], r["method"], r["lr"], r["seed"]) for r in done if r["stage"] == "trajectory_done"}
+    with tempfile.TemporaryDirectory(prefix="unlearning_sweep_") as tmp:
+        tmp = Path(tmp)
+        if "trajectories" in args.stages:
+            for name in args.tasks:
+                for method, grid in SWEEP_GRID.items():
+                    for lr, steps, every in grid:
+                        if (name, method, lr, args.seeds[0]) not in have:
+                            trajectory(path, tmp, name, method, lr, steps, every, args.seeds[0])
+        if "points" not in args.stages:
+            return 0
+        for name in args.tasks:
+            task, records = TASKS[name], read_jsonl(path)
+            key = lambda r: (r.get("model"), r.get("method"), r.get("lr"), r.get("step"), r.get("seed"))  # noqa: E731
+            have = {key(r) for r in records if r["stage"] == "point" and r["task"] == name
+                    and (not args.lm_eval or any(k.startswith("lm_eval/") for k in r["metrics"]))}
+            retain_json = tmp / f"{name}_retain.json"
+            for model in (task["retain_model"], task["model"]):  # the reference first: the others need its JSON
+                is_retain = model == task["retain_model"]
+                record = {"stage": "point", "task": name, "model": model, "method": None, "lr": None, "step": None,
+                          "seed": None}
+                if key(record) in have and not is_retain:
+                    continue
+                print(f"[{name}] {model} ...", flush=True)
+                metrics, wall, cpu = point_eval(model, retain_json if is_retain else tmp / "m.json", name,
+                                                None if is_retain else retain_json, args.lm_eval)
+                if key(record) not in have:
+                    append_jsonl(path, {**record, "metrics": metrics, "eval_wall_s": wall, "eval_cpu_s": cpu})
+            chosen = {m: (lr, step, RECIPES[m]) for m, (lr, step) in matched_points(records, name).items()}
+            chosen.update({m: (None, None, recipe) for m, recipe in task["own"].items()})
+            print(f"[{name}] matched points: {chosen}", flush=True)
+            for seed in args.seeds:
+                for method, (lr, step, recipe) in chosen.items():
+                    record = {"stage": "point", "task": name, "model": None, "method": method, "lr": lr,
+                              "step": step, "seed": seed}
+                    if key(record) in have:
+                        continue
+                    run = tmp / f"{name}_{method}_{seed}"
+                    extra = {} if lr is None else {"training.learning_rate": f"{lr:g}",
+                                                   "training.max_steps": str(step)}
+                    print(f"[{name}] {method} lr {lr} steps {step} seed {seed} ...", flush=True)
+                    t_wall, t_cpu = posttrain_timed(*train_args(task, method, recipe, seed, run, extra))
+                    metrics, e_wall, e_cpu = point_eval(str(run), tmp / "m.json", name, retain_json, args.lm_eval)
+                    append_jsonl(path, {**record, "recipe": recipe, "metrics": metrics, "train_wall_s": t_wall,
+                                        "train_cpu_s": t_cpu, "eval_wall_s": e_wall, "eval_cpu_s": e_cpu})
+                    shutil.rmtree(run, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -109,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(needs the lm-eval extra)")
     parser.add_argument("--out", help="write every result and the summary as JSON here")
     parser.add_argument("--table", metavar="JSON", help="only print the markdown tables of a saved --out file")
+    parser.add_argument("--sweep", metavar="JSONL", help="GA and NPO+RT at equal forgetting: the trajectories of "
+                        "SWEEP_GRID (first seed), then every seed at each method's point closest to privleak 0, "
+                        "appended to JSONL (a rerun resumes)")
+    parser.add_argument("--stages", nargs="+", default=["trajectories", "points"], choices=["trajectories", "points"],
+                        help="--sweep: which stages to run")
     args = parser.parse_args(argv)
+    if args.sweep:
+        return run_sweep(args)
     if args.table:
         for name, res in json.loads(Path(args.table).read_text())["results"].items():
             print(table(name, res))
