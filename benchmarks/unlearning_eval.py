@@ -188,6 +188,23 @@ def fmt(name: str, mean: float, sd: float | None = None) -> str:
     return f.format(mean) + ("" if sd is None else " ± " + f.format(sd).lstrip("+"))
 
 
+def side_by_side(traj: list[dict], name: str) -> list[str]:
+    """GA and NPO+RT trajectories at the same learning rate, one row per evaluated step."""
+    out, cols = [], ("privleak", "verbmem_f", "knowmem_f", "knowmem_r")
+    for lr in sorted({r["lr"] for r in traj}):
+        by = {(r["method"], r["step"]): r["metrics"] for r in traj if r["lr"] == lr}
+        steps = sorted({s for m, s in by if all((k, s) in by for k in ("ga", "npo_rt"))})
+        if not steps:
+            continue
+        out += [f"\n{name}, lr {lr:g}: GA | NPO+RT\n",
+                "| step | " + " | ".join(f"{c} GA | {c} NPO+RT" for c in cols) + " |",
+                "|---:|" + "---:|" * (2 * len(cols))]
+        for step in steps:
+            out.append(f"| {step} | " + " | ".join(f"{fmt(c, by[('ga', step)][c])} | {fmt(c, by[('npo_rt', step)][c])}"
+                                                     for c in cols) + " |")
+    return out
+
+
 def sweep_tables(path: Path) -> str:
     """The markdown tables of a --sweep JSONL: each trajectory, then the matched points over their seeds."""
     records, out = read_jsonl(path), []
@@ -200,6 +217,7 @@ def sweep_tables(path: Path) -> str:
             for r in sorted(traj, key=lambda r: (r["method"], r["lr"], r["step"])):
                 out.append(f"| {r['method']} | {r['lr']:g} | {r['step']} | "
                            + " | ".join(fmt(c, r["metrics"][c]) if c in r["metrics"] else "-" for c in traj_cols) + " |")
+        out += side_by_side(traj, name)
         probs = {(r["model"], r["method"], r["seed"]): r["retain_prob"] for r in records
                  if r["stage"] == "retain_prob" and r["task"] == name}
         points = [{**r, "metrics": {**r["metrics"], **({"retain_prob": probs[(r["model"], r["method"], r["seed"])]}
@@ -220,6 +238,8 @@ def sweep_tables(path: Path) -> str:
             groups.setdefault(label, []).append(r)
         for label, rows in groups.items():
             stats = summarise([r["metrics"] for r in rows])
+            if rows[0]["model"] == TASKS[name]["retain_model"]:
+                stats.pop("privleak", None)  # the reference itself: its privleak is against 0.5, not against itself
             cells = [fmt(c, stats[c]["mean"], stats[c]["sd"] if stats[c]["n"] > 1 else None) if c in stats else "-"
                      for c in cols]
             out.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
