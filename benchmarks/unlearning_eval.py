@@ -5,6 +5,8 @@ built-in facts task (TOFU in miniature) and the built-in news task (MUSE in mini
     python benchmarks/unlearning_eval.py --tasks news --seeds 0 1 2 --methods ga npo_rt --out ...  # a subset
     python benchmarks/unlearning_eval.py --tasks news --seeds 0 --lm-eval     # + the shipped lm-eval task (extra)
     python benchmarks/unlearning_eval.py --table benchmarks/results/unlearning_eval_news_cpu.json  # the docs' table
+    python benchmarks/unlearning_eval.py --tasks news --sweep benchmarks/results/unlearning_sweep_cpu.jsonl --lm-eval
+    python benchmarks/unlearning_eval.py --sweep-table benchmarks/results/unlearning_sweep_cpu.jsonl
 
 For each task: the retain model (never trained on the forget set) is evaluated once and is every other row's
 reference (its JSON gives privleak's AUC; the model itself is the reference attack's model); the untouched start
@@ -13,6 +15,12 @@ news with the model and data swapped for the news ones; on news also ``recipes/u
 and evaluated. Every command runs as
 ``posttrain ...`` in a subprocess; the table gives each metric's mean and standard deviation over the seeds. The
 seed changes the order of the forget rows and the retain rows paired with them; the start model is the same.
+
+``--sweep JSONL`` compares GA and NPO+RT at equal forgetting instead of at their shipped budgets: seed-0 trajectories
+over learning rate and steps (:data:`SWEEP_GRID`, evaluated during training), then every seed at each method's point
+closest to the retain model's privleak, evaluated in full (and the task's own recipes, every seed); ``--stages
+retain_prob --keep DIR`` adds TOFU's retain probability of the kept runs. Every record is appended to JSONL as soon
+as it exists (a rerun resumes); each subprocess's CPU seconds are recorded.
 """
 
 from __future__ import annotations
