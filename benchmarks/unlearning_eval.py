@@ -196,15 +196,15 @@ def fmt(name: str, mean: float, sd: float | None = None) -> str:
     return f.format(mean) + ("" if sd is None else " ± " + f.format(sd).lstrip("+"))
 
 
-def side_by_side(traj: list[dict], name: str) -> list[str]:
-    """GA and NPO+RT trajectories at the same learning rate, one row per evaluated step."""
+def side_by_side(traj: list[dict]) -> list[str]:
+    """GA and NPO+RT trajectories at the same learning rate, one row per evaluated step, one table per rate."""
     out, cols = [], ("privleak", "verbmem_f", "knowmem_f", "knowmem_r")
     for lr in sorted({r["lr"] for r in traj}):
         by = {(r["method"], r["step"]): r["metrics"] for r in traj if r["lr"] == lr}
         steps = sorted({s for m, s in by if all((k, s) in by for k in ("ga", "npo_rt"))})
         if not steps:
             continue
-        out += [f"\n{name}, lr {lr:g}: GA | NPO+RT\n",
+        out += [f"\n*lr {lr:g}*, GA | NPO+RT:\n",
                 "| step | " + " | ".join(f"{c} GA | {c} NPO+RT" for c in cols) + " |",
                 "|---:|" + "---:|" * (2 * len(cols))]
         for step in steps:
@@ -213,8 +213,43 @@ def side_by_side(traj: list[dict], name: str) -> list[str]:
     return out
 
 
+def points_table(records: list[dict], name: str) -> list[str]:
+    """The matched points of task ``name`` (and its baselines and own recipes): mean ± sd over the seeds."""
+    task = TASKS[name]
+    probs = {(r["model"], r["method"], r["seed"]): r["retain_prob"] for r in records
+             if r["stage"] == "retain_prob" and r["task"] == name}
+    points = [{**r, "metrics": {**r["metrics"], **({"retain_prob": probs[(r["model"], r["method"], r["seed"])]}
+                                                  if (r["model"], r["method"], r["seed"]) in probs else {})}}
+              for r in records if r["stage"] == "point" and r["task"] == name]
+    if not points:
+        return []
+    cols = [m for m in (*METRICS, "retain_prob", *(f"lm_eval/{t}/acc" for t in lm_eval_tasks(name)))
+            if any(m in r["metrics"] for r in points)]
+    out = ["| row | seeds | " + " | ".join(c.split("/")[1] + " (lm-eval)" if c.startswith("lm_eval/") else c
+                                        for c in cols) + " |",
+           "|---|---:|" + "---:|" * len(cols)]
+    groups: dict[str, list[dict]] = {}
+    for r in points:
+        if r["method"] is None:
+            label = "retain model (the reference)" if r["model"] == task["retain_model"] else "untouched"
+        elif r["lr"] is None:
+            label = f"`{r['recipe']}` as shipped"
+        else:
+            label = f"`{r['method']}`, lr {r['lr']:g}, {r['step']} steps"
+        groups.setdefault(label, []).append(r)
+    for label, rows in groups.items():
+        stats = summarise([r["metrics"] for r in rows])
+        if rows[0]["model"] == task["retain_model"]:
+            stats.pop("privleak", None)  # the reference itself: its privleak is against 0.5, not against itself
+        cells = [fmt(c, stats[c]["mean"], stats[c]["sd"] if stats[c]["n"] > 1 else None) if c in stats else "-"
+                 for c in cols]
+        out.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    return out
+
+
 def sweep_tables(path: Path) -> str:
-    """The markdown tables of a --sweep JSONL: each trajectory, then the matched points over their seeds."""
+    """The markdown tables of a --sweep JSONL: each trajectory, GA and NPO+RT side by side, then the matched points
+    over their seeds."""
     records, out = read_jsonl(path), []
     traj_cols = ("mia_min_k", "privleak", "verbmem_f", "extraction_strength", "knowmem_f", "knowmem_r")
     for name in TASKS:
@@ -225,33 +260,12 @@ def sweep_tables(path: Path) -> str:
             for r in sorted(traj, key=lambda r: (r["method"], r["lr"], r["step"])):
                 out.append(f"| {r['method']} | {r['lr']:g} | {r['step']} | "
                            + " | ".join(fmt(c, r["metrics"][c]) if c in r["metrics"] else "-" for c in traj_cols) + " |")
-        out += side_by_side(traj, name)
-        probs = {(r["model"], r["method"], r["seed"]): r["retain_prob"] for r in records
-                 if r["stage"] == "retain_prob" and r["task"] == name}
-        points = [{**r, "metrics": {**r["metrics"], **({"retain_prob": probs[(r["model"], r["method"], r["seed"])]}
-                                                      if (r["model"], r["method"], r["seed"]) in probs else {})}}
-                  for r in records if r["stage"] == "point" and r["task"] == name]
-        if not points:
-            continue
-        cols = [m for m in (*METRICS, "retain_prob", *(f"lm_eval/{t}/acc" for t in lm_eval_tasks(name)))
-                if any(m in r["metrics"] for r in points)]
-        out += [f"\n{name}, matched points (full sets)\n",
-                "| row | seeds | " + " | ".join(c.split("/")[1] + " (lm-eval)" if c.startswith("lm_eval/") else c
-                                               for c in cols) + " |",
-                "|---|---:|" + "---:|" * len(cols)]
-        groups: dict[str, list[dict]] = {}
-        for r in points:
-            label = (r["model"] if r["method"] is None else f"`{r['method']}`"
-                     + ("" if r["lr"] is None else f" lr {r['lr']:g}, {r['step']} steps"))
-            groups.setdefault(label, []).append(r)
-        for label, rows in groups.items():
-            stats = summarise([r["metrics"] for r in rows])
-            if rows[0]["model"] == TASKS[name]["retain_model"]:
-                stats.pop("privleak", None)  # the reference itself: its privleak is against 0.5, not against itself
-            cells = [fmt(c, stats[c]["mean"], stats[c]["sd"] if stats[c]["n"] > 1 else None) if c in stats else "-"
-                     for c in cols]
-            out.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
-        cpu = [r.get("train_cpu_s", 0) + r.get("eval_cpu_s", 0) for r in points if r["method"] is not None]
+            out += side_by_side(traj)
+        table = points_table(records, name)
+        if table:
+            out += [f"\n{name}, matched points (full sets)\n", *table]
+        cpu = [r["train_cpu_s"] + r["eval_cpu_s"] for r in records if r["stage"] == "point" and r["task"] == name
+               and r["method"] is not None]
         if cpu:
             out.append(f"\nCPU seconds per trained point (train + eval): {min(cpu):.0f}-{max(cpu):.0f}")
     return "\n".join(out)
