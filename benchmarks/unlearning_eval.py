@@ -191,6 +191,12 @@ def lm_eval_tasks(name: str) -> list[str]:
     return TASKS[name].get("lm_eval", [LM_EVAL_TASK])
 
 
+def lr_text(lr: float) -> str:
+    """``0.0003`` -> ``"3e-4"``."""
+    mantissa, exponent = f"{lr:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def fmt(name: str, mean: float, sd: float | None = None) -> str:
     f = "{:+.1f}" if name == "privleak" else "{:.3f}"
     return f.format(mean) + ("" if sd is None else " ± " + f.format(sd).lstrip("+"))
@@ -204,7 +210,7 @@ def side_by_side(traj: list[dict]) -> list[str]:
         steps = sorted({s for m, s in by if all((k, s) in by for k in ("ga", "npo_rt"))})
         if not steps:
             continue
-        out += [f"\n*lr {lr:g}*, GA | NPO+RT:\n",
+        out += [f"\n*lr {lr_text(lr)}*, GA | NPO+RT:\n",
                 "| step | " + " | ".join(f"{c} GA | {c} NPO+RT" for c in cols) + " |",
                 "|---:|" + "---:|" * (2 * len(cols))]
         for step in steps:
@@ -235,7 +241,7 @@ def points_table(records: list[dict], name: str) -> list[str]:
         elif r["lr"] is None:
             label = f"`{r['recipe']}` as shipped"
         else:
-            label = f"`{r['method']}`, lr {r['lr']:g}, {r['step']} steps"
+            label = f"`{r['method']}`, lr {lr_text(r['lr'])}, {r['step']} steps"
         groups.setdefault(label, []).append(r)
     for label, rows in groups.items():
         stats = summarise([r["metrics"] for r in rows])
