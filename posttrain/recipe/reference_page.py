@@ -1,6 +1,6 @@
 """The recipe reference (``docs/recipe_reference.md``), generated from the pydantic schema
 (:mod:`posttrain.recipe.schema`) and the method registry, so that it cannot miss a key:
-``python -m posttrain.recipe_reference > docs/recipe_reference.md`` (``tests/test_recipe_reference.py`` fails when the
+``python -m posttrain.recipe_reference > docs/recipe_reference.md`` (``tests/recipe/test_recipe_reference.py`` fails when the
 file is out of date)."""
 
 from __future__ import annotations
