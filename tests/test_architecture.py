@@ -577,7 +577,6 @@ COMMON_TRAINER_ARGUMENTS = {"model", "args", "train_dataset", "eval_dataset", "p
                             "callbacks", "params", "ref_model"}
 # Builders that still spell the common arguments out, each with the reason: shrink it.
 KNOWN_OWN_ARGUMENTS = {
-    "sft": "the SFT trainer takes its reference as `anchor_model` (being rewritten on the log-prob engine)",
     "unlearning": "being rewritten on the log-prob engine",
     "reward": "a sequence-classification model: its own peft task type and no reference model",
 }
