@@ -385,7 +385,7 @@ def kto_config(recipe, info):
 def build_kto_trainer(ctx):
     """``kto`` on :class:`PosttrainKTOTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.trainers.common import peft_config
+    from posttrain.trainers.common import trainer_kwargs
 
     recipe = ctx.recipe
     config = ctx.config if ctx.config is not None else kto_config(recipe, ctx.info)
@@ -395,14 +395,6 @@ def build_kto_trainer(ctx):
         PosttrainKTOTrainer,
         recipe,
         uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
-        model=ctx.model,
-        ref_model=ctx.ref_model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=ctx.tokenizer,
-        peft_config=peft_config(recipe),
-        callbacks=ctx.callbacks,
-        params=recipe.params,
+        **trainer_kwargs(ctx, config, train, evals),
         assistant_turns=recipe.data.assistant_turns,
     )
