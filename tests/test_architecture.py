@@ -531,6 +531,16 @@ def test_every_test_folder_mirrors_a_package():
     assert all((ROOT / "tests" / f).is_dir() for f in HELPER_FOLDERS)
 
 
+def test_test_file_names_are_unique():
+    """tests/ has no ``__init__.py``: pytest imports each test file by its bare name, so two files of one name in
+    different folders stop the second from being collected ("import file mismatch")."""
+    seen: dict[str, list[str]] = {}
+    for p in (ROOT / "tests").rglob("test_*.py"):
+        seen.setdefault(p.name, []).append(p.relative_to(ROOT).as_posix())
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert clashes == {}, f"rename so each test file's name is unique (e.g. test_<family>_<topic>.py): {clashes}"
+
+
 def test_the_layout_checks_catch_misplaced_tests():
     modules = {"cli", "merge"}
     assert misplaced_top_level_tests({"test_rl_new_reward.py", "test_merge.py", "test_cli_recipes.py",
