@@ -132,14 +132,16 @@ class ClippingEntry(GRPOPartEntry):
 
 @dataclass(frozen=True)
 class PolicyLossEntry(GRPOPartEntry):
-    """``method.loss``: the GRPO-family objective. ``uses_parts``: it is the clipped surrogate the trainer builds from
-    the selected advantage, aggregation and clipping parts (and the KL, entropy and SFT terms of its own options; no
-    ``fn``); otherwise ``fn(logps, old_logps, rows, mask, opts) -> (loss, metrics)`` is a policy loss of its own on
-    whole groups (``rows``: each row's label and group, ``posttrain.families.rl.common.RowTargets``), and ``replaces``
-    says why the parts' keys are refused."""
+    """``method.loss``: the GRPO-family objective, a pure ``fn(fwd, opts) -> (loss, metrics)`` over the training
+    forward (``posttrain.families.rl.forward.RLForward``). ``needs(opts)``: what the trainer fills in ``fwd`` besides
+    the log-probs (``posttrain.families.rl.forward.RL_NEEDS``). ``uses_parts``: it is built from the selected
+    advantage, aggregation and clipping parts (the clipped surrogate); otherwise ``replaces`` says why the parts' keys
+    are refused. ``check_labels(rewards)``: raises on rewards the loss cannot take as row labels (``rows`` need)."""
 
     uses_parts: bool = True
     replaces: str = ""
+    needs: Callable[[Any], frozenset[str]] = lambda opts: frozenset()
+    check_labels: Callable[[Any], None] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

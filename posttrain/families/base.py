@@ -85,7 +85,7 @@ FAMILIES: dict[str, Family] = {
                "posttrain.families.unlearning.trainer:unlearning_config",
                "posttrain.families.unlearning.trainer:build_unlearning_trainer", "posttrain.preview:unlearning_rows",
                preview_keys=("data.forget", "data.retain"), evaluates_forgetting=True),
-        Family("rl", {"train": "rl", "eval": "rl", "test": "test"}, "trl:GRPOConfig",
+        Family("rl", {"train": "rl", "eval": "rl", "test": "test"}, "posttrain.families.rl.config:RLConfig",
                "posttrain.families.rl.trainer:rl_config", "posttrain.families.rl.trainer:build_rl_trainer",
                "posttrain.preview:rl_rows", check_data="posttrain.families.rl.trainer:check_rl_data",
                check_code="posttrain.families.rl.trainer:check_rl_recipe",

@@ -58,6 +58,9 @@ class PosttrainOnlineDPOTrainer(PosttrainGRPOTrainer):
 
     def __init__(self, *args, params, ref_model=None, **kwargs):
         super().__init__(*args, params=params, ref_model=ref_model, **kwargs)
+        # TRL's fused head on whole rows (its log-probs at temperature 1, re-added below): the log-prob engine is not
+        # wired for this family yet (docs/logprob_engine.md)
+        self.use_engine = False
         if self.num_generations != 2:
             raise ValueError(f"online DPO samples 2 completions per prompt, got num_generations={self.num_generations}")
         if self.temperature != 1.0:  # DPO's log-probs are the model's own, not the sampling distribution's

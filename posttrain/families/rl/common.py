@@ -114,6 +114,16 @@ def as_float(rewards: torch.Tensor) -> torch.Tensor:
     return rewards
 
 
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[int]:
+    """``[B]`` group id of each row by its prompt's real tokens: rows with the same prompt share an id (the first such
+    row's index), wherever the rows are (TRL shuffles a generation batch's rows across micro-batches). The log-prob
+    engine computes a group's prompt once (docs/logprob_engine.md)."""
+    first: dict[tuple[int, ...], int] = {}
+    ids, real = prompt_ids.tolist(), prompt_mask.bool().tolist()
+    return [first.setdefault(tuple(t for t, m in zip(row, keep) if m), b)
+            for b, (row, keep) in enumerate(zip(ids, real, strict=True))]
+
+
 def group_index(batch_size: int, num_generations: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``[B]`` group id of each row: contiguous blocks of ``num_generations`` rows."""
     if num_generations < 1 or batch_size % num_generations != 0:

@@ -14,9 +14,9 @@ One signature per kind (``opts``: the method's params, which hold every selected
 * aggregation: ``fn(per_token_loss, mask, normalizer) -> scalar`` (``normalizer``:
   :class:`~posttrain.families.rl.common.Normalizer`);
 * clipping: ``fn(logps, old_logps, advantages, mask, opts) -> ClipOutput``;
-* policy loss: ``fn(logps, old_logps, rows, mask, opts) -> (loss, metrics)`` (``rows``:
-  :class:`~posttrain.families.rl.common.RowTargets`), or no function for the surrogate the trainer composes from the
-  parts above.
+* policy loss: ``fn(fwd, opts) -> (loss, metrics)`` over the training forward (``fwd``:
+  :class:`~posttrain.families.rl.forward.RLForward`, filled with what the entry's ``needs(opts)`` declares); the
+  clipped surrogate (``grpo``) calls the three kinds above.
 
 Pages: docs/methods/grpo_advantages.md, grpo_aggregation.md, grpo_clipping.md, pacs.md.
 """

@@ -10,11 +10,14 @@ buffering. Three methods are overridden (checked against TRL 1.16 by ``tests/fam
   process's rows, and adds the row-keep mask
   (PSR/NSR drop rows from every denominator), the correctness of each row (GPPO's SFT term), ΔL row weights (computed
   once per generation batch, over the global batch) and the token counts the global normalisers need.
-* ``_compute_loss``: per-token log-probs and entropies from TRL's fused-LM-head path
-  (``_get_per_token_logps_and_entropies``, no full logits), then the selected clipping rule
-  (:mod:`posttrain.families.rl.clippings`), the surrogate's KL and SFT terms
-  (:mod:`posttrain.families.rl.policy_losses.grpo`) and the selected aggregation
-  (:mod:`posttrain.families.rl.aggregations`); or the selected policy loss of its own (PACS).
+* ``_compute_loss``: fills the micro-batch's :class:`~posttrain.families.rl.forward.RLForward` with what the selected
+  ``method.loss`` entry declares it needs and calls it (``fn(fwd, params)``, :mod:`posttrain.families.rl.policy_losses`:
+  the clipped surrogate of the selected parts, or PACS).
+* ``_get_per_token_logps_and_entropies`` (the old policy's and the reference's log-probs at generation) and the
+  training forward run on the log-prob engine (:mod:`posttrain.logprobs`, docs/logprob_engine.md): completion-only
+  log-probs from a chunked head, and the rows with the same prompt packed into one sequence (the prompt computed once
+  for its G completions, under a block attention mask; ``training.share_prompts: false`` turns it off). A router aux
+  loss (MoE) or image inputs fall back to TRL's fused head on whole rows, said once in the log.
 
 Each training generation batch is also summarised for :class:`posttrain.families.rl.diagnostics.SignalMonitor`
 (``log`` is extended to close its logging windows), which warns when the learning signal vanishes (docs/rlvr.md "No
@@ -36,13 +39,11 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
 
 from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.families.rl.advantages.stratified import stratified_stats
 from posttrain.families.rl.aggregations.delta_l import delta_l_weights
-from posttrain.families.rl.aggregations.dr_grpo import dr_grpo
 from posttrain.families.rl.common import (
     AdvantageOutput,
     Groups,
@@ -50,11 +51,14 @@ from posttrain.families.rl.common import (
     RowTargets,
     combine_rewards,
     normalize_then_sum,
+    prompt_groups,
     stratum_ids,
 )
 from posttrain.families.rl.diagnostics import SignalMonitor, batch_signal
-from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS, POLICY_LOSSES
-from posttrain.families.rl.policy_losses.grpo import gppo_sft_loss, kl_k3, kl_k3_bias_corrected
+from posttrain.families.rl.forward import CORRECT as NEEDS_CORRECT
+from posttrain.families.rl.forward import ENTROPY, REF_LOGPS, RL_NEEDS, ROWS, RLForward
+from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
 from posttrain.models import model_identity
 from posttrain.reference import trl_reference_factory
 from posttrain.rl.strata import count_tool_calls
@@ -142,11 +146,32 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                                "posttrain's RL trainer needs updating")
         if ref_model is not None and peft:
             self.ref_model = self._prepare_reference(ref_model)
+        share = getattr(self.args, "share_prompts", True)
+        if share and getattr(self, "counts_body_tokens", False):
+            log_once("shared prompts off: the adapter's balance loss counts the tokens of every row (GOAT); every row "
+                     "runs whole (same results, no saving)")
+            share = False
+        elif not share:
+            log_once("shared prompts off (training.share_prompts: false): every completion runs with its prompt")
+        self.engine = LogProbEngine(getattr(self.args, "logprob_head", "auto"), share_prompts=share,
+                                    temperature=self.temperature)
+        self.use_engine = True  # False: TRL's fused head on whole rows (the path before the engine; tests compare both)
         self.signal_monitor = SignalMonitor(patience=getattr(params, "warn_no_signal_after", 2),
                                             max_completion_length=self.max_completion_length,
                                             correct_reward=getattr(params, "correct_reward", 1.0))
         self._run_warnings: list[str] = []
         self._warned: set[str] = set()
+
+    @property
+    def objective(self):
+        """The ``method.loss`` entry (:data:`~posttrain.families.rl.parts.POLICY_LOSSES`), checked to need only what
+        this trainer computes."""
+        entry = POLICY_LOSSES[self.params.loss]
+        unknown = entry.needs(self.params) - RL_NEEDS
+        if unknown:
+            raise ValueError(f"policy loss {entry.name!r} needs {sorted(unknown)}; the trainer computes "
+                             f"{sorted(RL_NEEDS)}")
+        return entry
 
     def _prepare_reference(self, ref_model):
         """What TRL's ``__init__`` does to the reference it builds, for one given with a PEFT policy."""
@@ -208,7 +233,7 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         output[KEEP] = keep.to(torch.float32)
         output["num_items_in_batch"] = self.accelerator.gather(kept_mask.sum()).sum()
         output[NUM_ROWS] = self.accelerator.gather(keep.sum().to(torch.float32)).sum()
-        if p.sft_coef > 0:
+        if NEEDS_CORRECT in self.objective.needs(p):  # GPPO's SFT term
             output[CORRECT] = correct[rows].to(device=device, dtype=torch.float32)
             output[NUM_CORRECT] = self.accelerator.gather((kept_mask * output[CORRECT].unsqueeze(1)).sum()).sum()
         if AGGREGATIONS[p.aggregation].row_weights:
@@ -223,10 +248,9 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self._metrics[mode]["delta_l/length_mean"].append(lengths[lengths > 0].mean().nan_to_num().item())
             self._metrics[mode]["delta_l/length_std"].append(lengths[lengths > 0].std().nan_to_num().item())
 
-        if not POLICY_LOSSES[p.loss].uses_parts:  # labels and groups travel with the rows (TRL shuffles them together)
-            from posttrain.families.rl.policy_losses.pacs import check_labels
-
-            check_labels(rewards)
+        if ROWS in self.objective.needs(p):  # labels and groups travel with the rows (TRL shuffles them together)
+            if self.objective.check_labels is not None:
+                self.objective.check_labels(rewards)
             output[ROW_LABEL] = rewards[rows].to(device=device, dtype=torch.float32)
             output[ROW_GROUP] = (torch.arange(rewards.numel(), device=device) // num_generations)[rows]
         self._log_advantage_metrics(mode, out.advantages, out.keep, correct, rewards, num_generations, stash)
@@ -325,128 +349,119 @@ class PosttrainGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     # loss
 
     def _compute_loss(self, model, inputs):
+        """The selected ``method.loss`` entry (``fn(fwd, params)``) on this micro-batch's :class:`RLForward`, with
+        the needs its entry declares."""
         p = self.params
         mode = "train" if self.model.training else "eval"
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        logits_to_keep = completion_ids.size(1)
+        needs = self.objective.needs(p)
+        completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         if KEEP in inputs:
             mask = mask * inputs[KEEP].unsqueeze(1).to(mask.dtype)
-
-        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            logits_to_keep,
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs.get(k) for k in _MULTIMODAL_KEYS if inputs.get(k) is not None},
-        )
+        logps, entropies, aux_loss = self._training_logps(model, inputs, entropy_grad=ENTROPY in needs)
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
-        objective = POLICY_LOSSES[p.loss]
-        if not objective.uses_parts:
-            return self._row_objective_loss(objective, inputs, logps, old, mask, entropies, mode)
-        advantages = inputs["advantages"]
-
-        rule = CLIPPINGS[p.clipping]
-        clip = rule.fn(logps, old, advantages, mask, p)
-        per_token = clip.per_token_loss
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            per_token = per_token * inputs["importance_sampling_ratio"]
-        kl = None
-        if p.beta != 0.0:
-            ref = inputs["ref_per_token_logps"]
-            # plain k3 (docs/methods/grpo.md#kl-term) unless method.use_bias_correction_kl (TRL's GRPOConfig default is on)
-            kl = kl_k3_bias_corrected(logps, ref, old) if p.use_bias_correction_kl else kl_k3(logps, ref)
 
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         # N_glob of the optimizer step's global accumulated batch: TRL's num_items_in_batch spans the generation
         # batch, i.e. steps_per_generation micro-batches (docs/methods/grpo_aggregation.md#the-dapo-normaliser).
         window = ga / self.args.steps_per_generation if mode == "train" else 1.0
-        nproc = self.accelerator.num_processes
-        T = self.max_completion_length
         # Row-based normalisers (grpo, dr_grpo, delta_l) count the kept rows of the optimizer step's global batch:
         # PSR/NSR/W-REINFORCE drop rows from the update entirely (docs/rlvr.md); the result already spans the
         # accumulated batch, so it is not divided by GA (equal to TRL's B_mb and /GA when every row is kept).
         normalizer = Normalizer(
             num_items_in_batch=inputs["num_items_in_batch"] * window if "num_items_in_batch" in inputs else None,
-            num_processes=nproc, max_completion_length=T,
+            num_processes=self.accelerator.num_processes, max_completion_length=self.max_completion_length,
             num_rows=inputs[NUM_ROWS] * window if NUM_ROWS in inputs else None, row_weights=inputs.get(DL_WEIGHTS))
-        agg = AGGREGATIONS[p.aggregation]
-        if agg.row_weights:
-            # ΔL weights scale the surrogate only; the KL term stays unweighted (docs/methods/grpo_aggregation.md#kl-term-under-delta-l)
-            loss = agg.fn(per_token, mask, normalizer)
-            # Dr. GRPO's B * T_max, B = kept rows per micro-batch
-            self._metrics[mode]["delta_l/normalizer"].append(float(normalizer.num_rows) / nproc / ga * T)
-            if kl is not None:
-                loss = loss + p.beta * dr_grpo(kl, mask, normalizer)
-        else:
-            total = per_token if kl is None else per_token + p.beta * kl
-            loss = agg.fn(total, mask, normalizer)
-            if agg.per_micro_batch:  # a mean over the micro-batch alone: its share of the accumulated batch
-                loss = loss / ga
-        # every micro-batch's loss is its share (~1/GA) of the accumulated batch's: log the full-batch value, on the
-        # same scale as gppo/sft_loss
-        policy_value = loss.detach() * ga
-
+        sampling = inputs["importance_sampling_ratio"] if self.use_vllm and self.vllm_importance_sampling_correction \
+            else None
+        fwd = RLForward(
+            logps=logps, old_logps=old, mask=mask, advantages=inputs.get("advantages"), normalizer=normalizer,
+            accumulation_steps=ga, gather=self.accelerator.gather, sampling_weights=sampling,
+            ref_logps=inputs["ref_per_token_logps"] if REF_LOGPS in needs else None,
+            entropy=entropies if ENTROPY in needs else None,
+            correct=inputs[CORRECT] if NEEDS_CORRECT in needs else None,
+            num_correct_tokens=inputs[NUM_CORRECT] * window if NEEDS_CORRECT in needs else None,
+            rows=self._row_targets(inputs, mode) if ROWS in needs else None)
+        loss, logged = self.objective.fn(fwd, p)
         metrics = self._metrics[mode]
-        if p.sft_coef > 0:
-            sft = gppo_sft_loss(logps, mask, inputs[CORRECT], coef=p.sft_coef,
-                                num_correct_tokens=inputs[NUM_CORRECT] * window, num_processes=nproc)
-            loss = loss + sft
-            # each micro-batch holds ~1/ga of the accumulated batch's term: report the full-batch value
-            metrics["gppo/sft_loss"].append(self.accelerator.gather(sft.detach()).mean().item() * ga)
-        if p.entropy_coef:
-            entropy_term = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / ga
-            loss = loss - p.entropy_coef * entropy_term
-        if self.aux_loss_enabled:
+        if aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss / ga
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-
-        # token means over every process's tokens, the policy loss averaged over processes: one reduction
-        logged = {"policy_loss": policy_value}
-        if kl is not None:
-            logged["kl"] = TokenMean.of(kl, mask)
-        logged["entropy"] = TokenMean.of(entropies, mask)
-        # verl's ppo_kl (docs/methods/grpo.md#metrics): token mean of old_logp - logp
-        logged["ppo_kl"] = TokenMean.of(old - logps, mask)
-        logged["clip_ratio/low_mean"] = TokenMean.of(clip.low_clipped.float(), mask)
-        logged["clip_ratio/high_mean"] = TokenMean.of(clip.high_clipped.float(), mask)
-        logged["clip_ratio/region_mean"] = TokenMean.of((clip.low_clipped | clip.high_clipped).float(), mask)
-        if p.dual_clip_c is not None:
-            logged["clip_ratio/dual_mean"] = TokenMean.of(clip.dual_clipped.float(), mask)
-        if rule.gradient_preserved:
-            logged["clip_ratio/gradient_preserved_mean"] = TokenMean.of(clip.gradient_preserved.float(), mask)
+        # token means over every process's tokens, the other values averaged over processes: one reduction
+        logged = {**logged, "entropy": TokenMean.of(entropies.detach(), mask)}
         for name, value in reduce_metrics(self.accelerator, logged).items():
             metrics[name].append(value)
-        # as TRL: the extreme per-sequence clip fractions over all processes
-        per_seq = mask.sum(-1)
-        low_seq = self.accelerator.gather((clip.low_clipped.float() * mask).sum(-1) / per_seq)
-        high_seq = self.accelerator.gather((clip.high_clipped.float() * mask).sum(-1) / per_seq)
-        metrics["clip_ratio/low_min"].append(nanmin(low_seq).item())
-        metrics["clip_ratio/high_max"].append(nanmax(high_seq).item())
         return loss
 
-
-    def _row_objective_loss(self, objective, inputs, logps, old, mask, entropies, mode):
-        """A ``method.loss`` of its own (PACS, posttrain.families.rl.policy_losses.pacs; docs/methods/pacs.md) on a
-        micro-batch of whole groups."""
-        p = self.params
+    def _row_targets(self, inputs, mode: str) -> RowTargets:
+        """Each row's label and group id (0-based within the micro-batch) for a loss over whole groups (PACS)."""
         groups, inverse, counts = torch.unique(inputs[ROW_GROUP], return_inverse=True, return_counts=True)
         expected = self.num_generations if mode == "train" else self.num_generations_eval
         if bool((counts != expected).any()):  # pragma: no cover - rl_config refuses the settings that split groups
-            raise UserError(f"training.per_device_train_batch_size: method.loss: {p.loss} needs every micro-batch to "
-                            "hold whole groups (a multiple of num_generations, gradient_accumulation_steps: 1)")
-        loss, logged = objective.fn(logps, old, RowTargets(inputs[ROW_LABEL], inverse), mask, p)
-        logged = {**logged, "entropy": TokenMean.of(entropies, mask), "policy_loss": loss.detach()}
-        metrics = self._metrics[mode]
-        for name, value in reduce_metrics(self.accelerator, logged).items():
-            metrics[name].append(value)
-        return loss
+            raise UserError(f"training.per_device_train_batch_size: method.loss: {self.params.loss} needs every "
+                            "micro-batch to hold whole groups (a multiple of num_generations, "
+                            "gradient_accumulation_steps: 1)")
+        return RowTargets(inputs[ROW_LABEL], inverse)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # log-probs: the engine (docs/logprob_engine.md), each prompt computed once for its group
+
+    def _training_logps(self, model, inputs, entropy_grad: bool):
+        """Per-token log-probs ``[B, C]`` of the micro-batch's completions (with gradient), the per-token entropy
+        (with gradient when a loss needs it, else a detached statistic for the metric) and the router aux loss."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        multimodal = {k: inputs.get(k) for k in _MULTIMODAL_KEYS if inputs.get(k) is not None}
+        keep = inputs["completion_ids"].size(1)
+        if self._engine_runs(self.aux_loss_enabled, multimodal):
+            logps, entropies = self._engine_logps(model, input_ids, attention_mask, keep, entropy_grad=entropy_grad,
+                                                  entropy_statistic=not entropy_grad)
+            return logps, entropies, None
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, keep, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled,
+            **multimodal)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's hook for the old policy's and the reference's log-probs (at generation, under ``no_grad``): the
+        engine, in chunks of ``batch_size`` rows, each prompt computed once for the completions of its group."""
+        multimodal = {k: v for k, v in multimodal.items() if v is not None}
+        if not self._engine_runs(compute_aux_loss, multimodal):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+        size = batch_size or input_ids.size(0)
+        parts = [self._engine_logps(model, input_ids[i:i + size], attention_mask[i:i + size], logits_to_keep,
+                                    entropy_grad=compute_entropy, entropy_statistic=False)
+                 for i in range(0, input_ids.size(0), size)]
+        logps = torch.cat([lp for lp, _ in parts])
+        return logps, (torch.cat([e for _, e in parts]) if compute_entropy else None), None
+
+    def _engine_runs(self, aux_loss: bool, multimodal: dict) -> bool:
+        """Whether the engine scores this call (``use_engine``); a router aux loss (MoE) or image inputs need the
+        whole model's forward, so TRL's fused head runs instead (said once)."""
+        if not self.use_engine:
+            return False
+        if aux_loss or multimodal:
+            why = "the model's router aux loss" if aux_loss else "image inputs"
+            log_once(f"log-prob engine off ({why}: the full model forward is needed): TRL's fused head scores every "
+                     "row whole (same losses, no saving)")
+            return False
+        return True
+
+    def _engine_logps(self, model, input_ids, attention_mask, logits_to_keep: int, *, entropy_grad: bool,
+                      entropy_statistic: bool):
+        """The engine's completion-only log-probs (and entropy) of rows ``[prompt; completion]``, ``[B, C]`` each,
+        the rows with the same prompt packed around it (``prompt_groups``)."""
+        completion = torch.zeros_like(attention_mask)
+        completion[:, -logits_to_keep:] = attention_mask[:, -logits_to_keep:]
+        groups = prompt_groups(input_ids[:, :-logits_to_keep], attention_mask[:, :-logits_to_keep])
+        needs = Needs(entropy=entropy_grad, statistics=("entropy",) if entropy_statistic else ())
+        with self.accelerator.autocast():
+            out = self.engine.forward(model, input_ids, attention_mask, completion, groups=groups, needs=needs)
+        entropy = out.entropy if entropy_grad else (out.statistics["entropy"] if entropy_statistic else None)
+        return out.logps[:, -logits_to_keep:], None if entropy is None else entropy[:, -logits_to_keep:]
 
 
 _MULTIMODAL_KEYS = (
@@ -633,9 +648,10 @@ def _check_conversational(ds, key: str, data_key: str = "data.train") -> None:
 
 
 def rl_config(recipe, info):
-    """The ``GRPOConfig`` of an RL recipe, with the method-owned fields set from ``method:`` (before models load)."""
-    from trl import GRPOConfig
-
+    """The :class:`~posttrain.families.rl.config.RLConfig` (``GRPOConfig`` + the log-prob engine's keys) of an RL
+    recipe, with the method-owned fields set from ``method:`` (before models load); a ``training.logprob_head`` that
+    cannot run on this machine is refused here."""
+    from posttrain.families.rl.config import RLConfig
     from posttrain.trainers.common import training_config
 
     p = recipe.params
@@ -689,10 +705,27 @@ def rl_config(recipe, info):
         overrides.setdefault("num_generations_eval", 2)
         if "num_generations_eval" in recipe.training:
             raise UserError(f"training.num_generations_eval: not used by method.advantage: {p.advantage}")
-        config = training_config(GRPOConfig, _without(recipe, "num_generations"), overrides)
+        config = training_config(RLConfig, _without(recipe, "num_generations"), overrides)
         config.num_generations = config.num_generations_eval = 1
-        return config
-    return training_config(GRPOConfig, recipe, overrides)
+    else:
+        config = training_config(RLConfig, recipe, overrides)
+    _check_logprob_head(config)
+    return config
+
+
+def _check_logprob_head(config) -> None:
+    """A ``training.logprob_head`` other than auto must be able to run on this machine (the model's own logit
+    transform is checked when it loads)."""
+    if config.logprob_head == "auto":
+        return
+    import torch
+
+    from posttrain.logprobs.heads import LOGPROB_HEADS, LogitTransform
+
+    device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
+    reason = LOGPROB_HEADS[config.logprob_head].unavailable(device, LogitTransform(), False)
+    if reason is not None:
+        raise UserError(f"training.logprob_head: {config.logprob_head} cannot run here: {reason}")
 
 
 def _without(recipe, key: str):

@@ -127,6 +127,9 @@ def test_group_dapo_ppo_equals_stock_trl_grpo(beta, bias_correction, rows, arith
     key = {} if bias_correction is None else {"use_bias_correction_kl": bias_correction}
     params = GRPOParams(beta=beta, epsilon_high=0.28, **key)
     ours = _trainer(arith_model_dir, tmp_path / "a", params=params, beta=beta, reward_funcs=[partial_credit])
+    # the loss math against TRL's, on TRL's forward (test_rl_engine_wiring.py compares the log-prob engine with it: near
+    # the reference, k3's gradient 1 - exp(ref - logp) turns fp32 rounding of the log-probs into ~1e-5 relative)
+    ours.use_engine = False
     stock = _trainer(arith_model_dir, tmp_path / "b", cls=GRPOTrainer, beta=beta, reward_funcs=[partial_credit],
                      use_bias_correction_kl=bool(bias_correction))
     if beta:  # move both policies away from their (initial-model) references, identically: KL > 0

@@ -2,9 +2,8 @@
 advantages, aggregated by the selected aggregation, plus this loss's own terms (their keys are its options): the KL to
 the reference (k3, ``beta``), the entropy bonus (``entropy_coef``) and GPPO's SFT term (``sft_coef``).
 
-docs/methods/grpo.md#advantages-aggregation-and-clipping. The trainer composes the surrogate from the parts
-(:meth:`posttrain.families.rl.trainer.PosttrainGRPOTrainer._compute_loss`), so the entry has no function; the terms'
-math is here.
+docs/methods/grpo.md#advantages-aggregation-and-clipping. :func:`grpo_surrogate` is the registered entry: a pure
+function of the training forward (:class:`posttrain.families.rl.forward.RLForward`) and the method's params.
 """
 
 from __future__ import annotations
@@ -13,10 +12,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from posttrain.families.rl.parts import POLICY_LOSSES, PartOptions
+from posttrain.families.rl.forward import CORRECT, ENTROPY, REF_LOGPS
+from posttrain.families.rl.parts import AGGREGATIONS, CLIPPINGS, POLICY_LOSSES, PartOptions
 
 if TYPE_CHECKING:
     import torch
+
+    from posttrain.families.rl.forward import RLForward
 
 
 class SurrogateOptions(PartOptions):
@@ -40,9 +42,79 @@ class SurrogateOptions(PartOptions):
     )
 
 
-# the surrogate has no function of its own: the trainer composes it from the selected parts
-POLICY_LOSSES.add("grpo", None, doc="docs/methods/grpo.md#advantages-aggregation-and-clipping",
-                  options_model=SurrogateOptions)
+def surrogate_needs(opts) -> frozenset[str]:
+    """The reference's log-probs with the KL term, a differentiable entropy with the bonus, the correct rows with
+    GPPO's SFT term."""
+    return frozenset({*((REF_LOGPS,) if opts.beta != 0.0 else ()), *((ENTROPY,) if opts.entropy_coef else ()),
+                      *((CORRECT,) if opts.sft_coef > 0 else ())})
+
+
+@POLICY_LOSSES.register("grpo", doc="docs/methods/grpo.md#advantages-aggregation-and-clipping",
+                        options_model=SurrogateOptions, needs=surrogate_needs)
+def grpo_surrogate(fwd: RLForward, opts) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate of one micro-batch (DeepSeekMath, arXiv 2402.03300, Eq. 3; docs/methods/grpo.md).
+
+    ``CLIPPINGS[opts.clipping]`` gives the per-token objective from the ratio and the advantages (times the vLLM
+    sampling weights when given); ``beta * kl_k3`` (or its bias-corrected form) is added per token and
+    ``AGGREGATIONS[opts.aggregation]`` reduces the sum over ``fwd.normalizer`` (a micro-batch-mean aggregation is
+    divided by the accumulation steps; with ΔL's row weights the KL term is aggregated unweighted with dr_grpo,
+    docs/methods/grpo_aggregation.md#kl-term-under-delta-l). Then GPPO's SFT term (``sft_coef``) is added and the
+    entropy bonus (``entropy_coef``, a token mean / accumulation steps) subtracted.
+
+    Metrics: ``policy_loss`` (the aggregated surrogate at full-batch scale), ``kl``, ``ppo_kl`` (token mean of
+    old - new, verl's), the clip fractions (``clip_ratio/*``, token means; ``low_min`` / ``high_max``: the extreme
+    per-row fractions over all processes, as TRL), ``gppo/sft_loss`` and ``delta_l/normalizer``.
+    """
+    from trl.trainer.utils import nanmax, nanmin
+
+    from posttrain.distributed import TokenMean
+    from posttrain.families.rl.aggregations.dr_grpo import dr_grpo
+
+    logps, old, mask, ga, norm = fwd.logps, fwd.old_logps, fwd.mask, fwd.accumulation_steps, fwd.normalizer
+    rule = CLIPPINGS[opts.clipping]
+    clip = rule.fn(logps, old, fwd.advantages, mask, opts)
+    per_token = clip.per_token_loss
+    if fwd.sampling_weights is not None:
+        per_token = per_token * fwd.sampling_weights
+    kl = None
+    if opts.beta != 0.0:
+        # plain k3 (docs/methods/grpo.md#kl-term) unless method.use_bias_correction_kl (TRL's GRPOConfig default is on)
+        kl = (kl_k3_bias_corrected(logps, fwd.ref_logps, old) if opts.use_bias_correction_kl
+              else kl_k3(logps, fwd.ref_logps))
+    metrics: dict = {}
+    agg = AGGREGATIONS[opts.aggregation]
+    if agg.row_weights:  # ΔL weights scale the surrogate only
+        loss = agg.fn(per_token, mask, norm)
+        metrics["delta_l/normalizer"] = float(norm.num_rows) / norm.num_processes / ga * norm.max_completion_length
+        if kl is not None:
+            loss = loss + opts.beta * dr_grpo(kl, mask, norm)
+    else:
+        loss = agg.fn(per_token if kl is None else per_token + opts.beta * kl, mask, norm)
+        if agg.per_micro_batch:  # a mean over the micro-batch alone: its share of the accumulated batch
+            loss = loss / ga
+    # each micro-batch's loss is its share (~1/GA) of the accumulated batch's: log the full-batch value
+    metrics["policy_loss"] = loss.detach() * ga
+    if opts.sft_coef > 0:
+        sft = gppo_sft_loss(logps, mask, fwd.correct, coef=opts.sft_coef, num_correct_tokens=fwd.num_correct_tokens,
+                            num_processes=norm.num_processes)
+        loss = loss + sft
+        metrics["gppo/sft_loss"] = sft.detach() * ga
+    if opts.entropy_coef:
+        loss = loss - opts.entropy_coef * (fwd.entropy * mask).sum() / mask.sum().clamp(min=1.0) / ga
+    if kl is not None:
+        metrics["kl"] = TokenMean.of(kl, mask)
+    metrics["ppo_kl"] = TokenMean.of(old - logps, mask)
+    metrics["clip_ratio/low_mean"] = TokenMean.of(clip.low_clipped.float(), mask)
+    metrics["clip_ratio/high_mean"] = TokenMean.of(clip.high_clipped.float(), mask)
+    metrics["clip_ratio/region_mean"] = TokenMean.of((clip.low_clipped | clip.high_clipped).float(), mask)
+    if opts.dual_clip_c is not None:
+        metrics["clip_ratio/dual_mean"] = TokenMean.of(clip.dual_clipped.float(), mask)
+    if rule.gradient_preserved:
+        metrics["clip_ratio/gradient_preserved_mean"] = TokenMean.of(clip.gradient_preserved.float(), mask)
+    per_row = mask.sum(-1)
+    metrics["clip_ratio/low_min"] = nanmin(fwd.gather((clip.low_clipped.float() * mask).sum(-1) / per_row))
+    metrics["clip_ratio/high_max"] = nanmax(fwd.gather((clip.high_clipped.float() * mask).sum(-1) / per_row))
+    return loss, metrics
 
 
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ every row of the group. On-policy (psi = 0) with unit weights it is REINFORCE wi
 sequence-summed log-probs. Weights ("question") are sklearn's "balanced" class weights within each group.
 
 Selected by ``method.loss: pacs``; it replaces the surrogate's parts (its own score, no clipping, no KL, a row mean),
-and the trainer keeps each row's label and group with it (``RowTargets``).
+and it needs each row's label and group (``RLForward.rows``, a ``RowTargets``).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from pydantic import Field
 
+from posttrain.families.rl.forward import ROWS
 from posttrain.families.rl.parts import POLICY_LOSSES, PartOptions
 
 if TYPE_CHECKING:
     import torch
 
-    from posttrain.families.rl.common import RowTargets
+    from posttrain.families.rl.forward import RLForward
 
 STD_EPS = 1e-6  # grpo score: psi = (r - mean) / (std + 1e-6), unbiased std (the authors' code)
 
@@ -156,32 +157,6 @@ def pacs_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.T
     return PACSOutput(loss, psi, rhat, w, valid)
 
 
-@POLICY_LOSSES.register("pacs", doc="docs/methods/pacs.md#loss", options_model=PACSOptions, uses_parts=False,
-                        replaces="its own RLOO score, no clipping, no KL, a row mean")
-def pacs(logps: torch.Tensor, old_logps: torch.Tensor | None, rows: RowTargets, mask: torch.Tensor,
-         opts) -> tuple[torch.Tensor, dict]:
-    """PACS (Li et al., arXiv 2509.02522) as ``method.loss``: :func:`pacs_loss` of a micro-batch of whole groups
-    (``rows``: each row's label and group; ``pacs_beta``, ``pacs_reward_method``, ``pacs_score``, ``pacs_weight``) and
-    its metrics, row means over the valid rows (pooled over processes by :func:`posttrain.distributed.reduce_metrics`):
-    ``pacs/loss``, ``pacs/psi_mean``, ``pacs/pred_acc`` (share of rows whose sign of psi predicts the label),
-    ``pacs/rhat_abs_mean``, ``pacs/weight_mean``."""
-    from posttrain.distributed import TokenMean
-
-    labels = rows.labels
-    out = pacs_loss(logps, old_logps, mask, labels, rows.groups, beta=opts.pacs_beta,
-                    reward_method=opts.pacs_reward_method, score=opts.pacs_score, weight=opts.pacs_weight)
-    valid = out.valid
-    predicted = ((out.psi.detach() > 0).float() == (labels > 0.5).float()).float()
-    metrics = {
-        "pacs/loss": out.loss.detach(),
-        "pacs/psi_mean": TokenMean.of(out.psi, valid),
-        "pacs/pred_acc": TokenMean.of(predicted, valid),
-        "pacs/rhat_abs_mean": TokenMean.of(out.rhat.abs(), valid),
-        "pacs/weight_mean": TokenMean.of(out.weights, valid),
-    }
-    return out.loss, metrics
-
-
 def check_labels(rewards: torch.Tensor) -> None:
     """PACS labels are the combined rewards; they must lie in [0, 1] (NaN: an unscored row, dropped)."""
     import torch
@@ -193,3 +168,30 @@ def check_labels(rewards: torch.Tensor) -> None:
         raise UserError(f"method.rewards: method.loss: pacs uses the combined reward as a BCE label, which must lie "
                         f"in [0, 1]; got values in [{float(r.min()):g}, {float(r.max()):g}] (check the reward "
                         "functions and their weights)")
+
+
+@POLICY_LOSSES.register("pacs", doc="docs/methods/pacs.md#loss", options_model=PACSOptions, uses_parts=False,
+                        replaces="its own RLOO score, no clipping, no KL, a row mean",
+                        needs=lambda opts: frozenset({ROWS}), check_labels=check_labels)
+def pacs(fwd: RLForward, opts) -> tuple[torch.Tensor, dict]:
+    """PACS (Li et al., arXiv 2509.02522) as ``method.loss``: :func:`pacs_loss` of a micro-batch of whole groups
+    (``fwd.rows``: each row's label and group; ``pacs_beta``, ``pacs_reward_method``, ``pacs_score``,
+    ``pacs_weight``) and its metrics, row means over the valid rows (pooled over processes by
+    :func:`posttrain.distributed.reduce_metrics`): ``pacs/loss``, ``pacs/psi_mean``, ``pacs/pred_acc`` (share of rows
+    whose sign of psi predicts the label), ``pacs/rhat_abs_mean``, ``pacs/weight_mean``, and ``policy_loss``."""
+    from posttrain.distributed import TokenMean
+
+    labels = fwd.rows.labels
+    out = pacs_loss(fwd.logps, fwd.old_logps, fwd.mask, labels, fwd.rows.groups, beta=opts.pacs_beta,
+                    reward_method=opts.pacs_reward_method, score=opts.pacs_score, weight=opts.pacs_weight)
+    valid = out.valid
+    predicted = ((out.psi.detach() > 0).float() == (labels > 0.5).float()).float()
+    metrics = {
+        "pacs/loss": out.loss.detach(),
+        "pacs/psi_mean": TokenMean.of(out.psi, valid),
+        "pacs/pred_acc": TokenMean.of(predicted, valid),
+        "pacs/rhat_abs_mean": TokenMean.of(out.rhat.abs(), valid),
+        "pacs/weight_mean": TokenMean.of(out.weights, valid),
+        "policy_loss": out.loss.detach(),
+    }
+    return out.loss, metrics
