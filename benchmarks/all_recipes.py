@@ -6,7 +6,9 @@
 Each recipe runs as ``posttrain train recipes/<name>.yaml`` in a fresh process with ``output_dir`` in a temporary
 folder, so the numbers are what a user sees: wall time (including model loading, the built-in models' first-use build
 if not cached, and the before/after evaluation), exit code, steps, final train loss, and test accuracy before/after
-where the recipe has ``data.test``. Prints a markdown table headed by the command, date, device, package versions and
+where the recipe has ``data.test``, and the command's CPU time (user + system of the process and its children:
+about its wall time on an idle machine at one thread, and, unlike the wall time, nearly independent of other load).
+Prints a markdown table headed by the command, date, device, package versions and
 the CPU load (1-minute load average before and after); ``--out`` writes ``{"meta": ..., "rows": [...]}``. With
 ``--out``, every finished recipe is also appended to ``<out>.partial.jsonl`` (removed when the table is written), and
 rerunning the same command after an interruption reuses the recipes that exited 0 there.
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,16 +45,23 @@ def _stage_model(name: str, tmp: str) -> list[str]:
     return ["--set", f"model={out}"]
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_recipe(name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         stage = _stage_model(name, tmp)  # not timed
         cmd = [sys.executable, "-m", "posttrain.cli", "train", f"recipes/{name}.yaml", "--set", f"output_dir={out}",
                *stage]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _children_cpu_s()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         wall = time.perf_counter() - start
-        row = {"recipe": f"recipes/{name}.yaml", "exit_code": proc.returncode, "wall_s": round(wall, 1)}
+        row = {"recipe": f"recipes/{name}.yaml", "exit_code": proc.returncode, "wall_s": round(wall, 1),
+               "cpu_s": round(_children_cpu_s() - cpu, 1)}
         summary = out / "summary.json"
         if proc.returncode == 0 and summary.is_file():
             s = json.loads(summary.read_text())
@@ -101,18 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         return "" if v is None else f"{100 * v:.1f}%"
 
     reused = sum(1 for r in rows if r.get("reused"))
-    meta.update(load_after=os.getloadavg()[0], wall_s=round(time.perf_counter() - start), reused=reused)
+    cpu = [r["cpu_s"] for r in rows if not r.get("reused") and "cpu_s" in r]
+    meta.update(load_after=os.getloadavg()[0], wall_s=round(time.perf_counter() - start), reused=reused,
+                cpu_s=round(sum(cpu)))
     lines = [f"Command: `{meta['command'].strip()}` ({meta['date']}). Device: {meta['environment']}. Load average "
              f"(1 min) {meta['load_before']:.1f} before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min "
-             f"in all" + (f" ({reused} recipes reused from an interrupted invocation, not in this time)" if reused
-                          else "") + ".", "",
-             "| recipe | exit | steps | wall (s) | final train loss | test acc before | test acc after |",
-             "|---|---|---|---|---|---|---|"]
+             f"in all, {meta['cpu_s'] / 60:.1f} min of CPU time"
+             + (f" ({reused} recipes reused from an interrupted invocation, not in this time)" if reused else "")
+             + ".", "",
+             "| recipe | exit | steps | wall (s) | CPU (s) | final train loss | test acc before | test acc after |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = r.get("train_loss")
         lines.append(f"| `{r['recipe']}` | {r['exit_code']} | {r.get('steps', '')} | {r['wall_s']:.0f} | "
-                     f"{'' if loss is None else f'{loss:.4f}'} | {pct(r.get('accuracy_before'))} | "
-                     f"{pct(r.get('accuracy_after'))} |")
+                     f"{r.get('cpu_s', '')} | {'' if loss is None else f'{loss:.4f}'} | "
+                     f"{pct(r.get('accuracy_before'))} | {pct(r.get('accuracy_after'))} |")
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
