@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -833,7 +834,8 @@ def plot(family: str, results: list[dict], out: Path, quick: bool) -> list[str]:
             ax.grid(alpha=0.3)
         if drawn:
             name = f"{family}_{key.replace('/', '_')}.png"
-            fig.suptitle(f"{spec.title} ({'quick' if quick else 'full'}; mean ± std over seeds)", fontsize=9)
+            title = f"{spec.title} ({'quick' if quick else 'full'}; mean ± std over seeds)"
+            fig.suptitle(textwrap.fill(title, 75 * len(shown)), fontsize=9)  # ~75 characters fit a 5.2-inch panel
             fig.tight_layout()
             fig.savefig(out / name, dpi=90)
             names.append(name)
