@@ -8,10 +8,11 @@ folder, so the numbers are what a user sees: wall time (including model loading,
 if not cached, and the before/after evaluation), exit code, steps, final train loss, and test accuracy before/after
 where the recipe has ``data.test``, and the command's CPU time (user + system of the process and its children:
 about its wall time on an idle machine at one thread, and, unlike the wall time, nearly independent of other load).
-Prints a markdown table headed by the command, date, device, package versions and
-the CPU load (1-minute load average before and after); ``--out`` writes ``{"meta": ..., "rows": [...]}``. With
+Prints a markdown table headed by the command, date, device, package versions and the CPU load (1-minute load average
+before and after); ``--out`` writes ``{"meta": ..., "rows": [...]}``. With
 ``--out``, every finished recipe is also appended to ``<out>.partial.jsonl`` (removed when the table is written), and
-rerunning the same command after an interruption reuses the recipes that exited 0 there.
+rerunning the same command after an interruption reuses the recipes that exited 0 there; ``--progress`` prints the
+table of those and names the recipes left, running nothing.
 """
 
 from __future__ import annotations
@@ -82,11 +83,37 @@ def environment() -> str:
             f"python {platform.python_version()}, {packages}")
 
 
+def table(rows: list[dict]) -> list[str]:
+    """The markdown table of ``rows``, one line per recipe."""
+
+    def pct(v):
+        return "" if v is None else f"{100 * v:.1f}%"
+
+    lines = ["| recipe | exit | steps | wall (s) | CPU (s) | final train loss | test acc before | test acc after |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss = r.get("train_loss")
+        lines.append(f"| `{r['recipe']}` | {r['exit_code']} | {r.get('steps', '')} | {r['wall_s']:.0f} | "
+                     f"{r.get('cpu_s', '')} | {'' if loss is None else f'{loss:.4f}'} | "
+                     f"{pct(r.get('accuracy_before'))} | {pct(r.get('accuracy_after'))} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="*", default=sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--progress", action="store_true",
+                        help="run nothing: print the table of <out>.partial.jsonl's recipes and name those left")
     args = parser.parse_args(argv)
+    if args.progress and not args.out:
+        parser.error("--progress needs --out")
+    if args.progress:
+        rows = [json.loads(line) for line in Path(f"{args.out}.partial.jsonl").read_text().splitlines()]
+        left = sorted(set(args.recipes) - {Path(r["recipe"]).stem for r in rows if r["exit_code"] == 0})
+        print("\n".join([*table(sorted(rows, key=lambda r: r["recipe"])), "",
+                         f"{len(left)} of {len(args.recipes)} left: {', '.join(left)}"]))
+        return 0
     meta = {"command": "python benchmarks/all_recipes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
             "load_before": os.getloadavg()[0]}
@@ -107,9 +134,6 @@ def main(argv: list[str] | None = None) -> int:
             with checkpoint.open("a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
 
-    def pct(v):
-        return "" if v is None else f"{100 * v:.1f}%"
-
     reused = sum(1 for r in rows if r.get("reused"))
     cpu = [r["cpu_s"] for r in rows if not r.get("reused") and "cpu_s" in r]
     meta.update(load_after=os.getloadavg()[0], wall_s=round(time.perf_counter() - start), reused=reused,
@@ -119,13 +143,7 @@ def main(argv: list[str] | None = None) -> int:
              f"in all, {meta['cpu_s'] / 60:.1f} min of CPU time"
              + (f" ({reused} recipes reused from an interrupted invocation, not in this time)" if reused else "")
              + ".", "",
-             "| recipe | exit | steps | wall (s) | CPU (s) | final train loss | test acc before | test acc after |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        loss = r.get("train_loss")
-        lines.append(f"| `{r['recipe']}` | {r['exit_code']} | {r.get('steps', '')} | {r['wall_s']:.0f} | "
-                     f"{r.get('cpu_s', '')} | {'' if loss is None else f'{loss:.4f}'} | "
-                     f"{pct(r.get('accuracy_before'))} | {pct(r.get('accuracy_after'))} |")
+             *table(rows)]
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
