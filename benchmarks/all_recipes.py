@@ -46,6 +46,14 @@ def _stage_model(name: str, tmp: str) -> list[str]:
     return ["--set", f"model={out}"]
 
 
+def _last_stage(name: str) -> str:
+    """The subfolder of ``output_dir`` that holds a multi-stage recipe's final summary ('' for a one-stage recipe)."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text()).get("stages") or []
+    return stages[-1]["name"] if stages else ""
+
+
 def _children_cpu_s() -> float:
     """User + system CPU seconds of the finished child processes so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -63,10 +71,12 @@ def run_recipe(name: str) -> dict:
         wall = time.perf_counter() - start
         row = {"recipe": f"recipes/{name}.yaml", "exit_code": proc.returncode, "wall_s": round(wall, 1),
                "cpu_s": round(_children_cpu_s() - cpu, 1)}
-        summary = out / "summary.json"
+        summary = out / _last_stage(name) / "summary.json"
         if proc.returncode == 0 and summary.is_file():
             s = json.loads(summary.read_text())
             row.update({k: s.get(k) for k in ("steps", "train_loss", "accuracy_before", "accuracy_after")})
+        elif proc.returncode == 0:
+            row["error"] = f"exit 0 without {summary.relative_to(out)}"
         else:
             row["error"] = (proc.stderr.strip().splitlines() or [""])[-1][:300]
         return row
@@ -81,6 +91,11 @@ def environment() -> str:
     packages = ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "trl", "peft", "accelerate"))
     return (f"CPU only: {os.cpu_count()} x {cpu}, fp32; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
             f"python {platform.python_version()}, {packages}")
+
+
+def _done(row: dict) -> bool:
+    """Whether a recipe's row is complete (exit code 0 and its summary read), so that a rerun reuses it."""
+    return row["exit_code"] == 0 and "error" not in row
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--progress needs --out")
     if args.progress:
         rows = [json.loads(line) for line in Path(f"{args.out}.partial.jsonl").read_text().splitlines()]
-        left = sorted(set(args.recipes) - {Path(r["recipe"]).stem for r in rows if r["exit_code"] == 0})
+        left = sorted(set(args.recipes) - {Path(r["recipe"]).stem for r in rows if _done(r)})
         print("\n".join([*table(sorted(rows, key=lambda r: r["recipe"])), "",
                          f"{len(left)} of {len(args.recipes)} left: {', '.join(left)}"]))
         return 0
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(f"{args.out}.partial.jsonl") if args.out else None
     done = {}
     if checkpoint is not None and checkpoint.is_file():
-        done = {r["recipe"]: r for r in map(json.loads, checkpoint.read_text().splitlines()) if r["exit_code"] == 0}
+        done = {r["recipe"]: r for r in map(json.loads, checkpoint.read_text().splitlines()) if _done(r)}
     rows = []
     for name in args.recipes:
         row = done.get(f"recipes/{name}.yaml")
