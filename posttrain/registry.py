@@ -169,24 +169,22 @@ class PreferenceLossEntry(Entry):
 class UnlearningTermEntry(Entry):
     """One term of an unlearning objective ``gamma * L_forget + alpha * L_retain``. A forget term's ``fn(logps, mask,
     ref_logps, num_items, *, beta, delta) -> (loss, metrics)``; a retain term's ``fn(num_items, *, logps, mask, logits,
-    ref_logits, kl_mask) -> (loss, metrics)``, of which it requires ``inputs`` (``logps`` and ``mask``, or ``logits``
-    and ``ref_logits``).
-    ``uses_reference``: it compares with a frozen reference model; ``full_vocab``: it reads full-vocabulary logits
-    (the trainer computes them instead of fused-head log-probs)."""
+    ref_logits, kl_mask, token_kl) -> (loss, metrics)``. ``needs``: what it reads from the forward pass (the names of
+    ``posttrain.families.unlearning.objective.UNLEARNING_NEEDS``; a reference model is used when one of them is a
+    reference need)."""
 
-    uses_reference: bool = False
-    full_vocab: bool = False
-    inputs: tuple[str, ...] = ()
+    needs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class UnlearningObjectiveEntry(Entry):
     """An unlearning objective: ``forget`` / ``retain`` name its two terms (``FORGET_TERMS`` / ``RETAIN_TERMS`` of
-    posttrain.families.unlearning.objective; ``retain`` None: no retain term), from which its use of the retain set
-    and of a reference model follow; the weights ``gamma`` / ``alpha`` and ``beta`` / ``delta`` are its defaults;
-    ``fn(params, fwd) -> UnlearningOutput`` is pure (``fwd``: an ``UnlearningForward`` of the same module);
-    ``recipe_method``: selectable as ``method.name``; ``steers_activations``: the trainer captures one layer's hidden
-    states for it (RMU) instead of log-probs."""
+    posttrain.families.unlearning.objective; ``retain`` None: no retain term); the weights ``gamma`` / ``alpha`` and
+    ``beta`` / ``delta`` are its defaults; ``fn(params, fwd) -> UnlearningOutput`` is pure (``fwd``: an
+    ``UnlearningForward`` of the same module); ``needs(params)``: what the trainer computes into ``fwd`` (the names of
+    ``UNLEARNING_NEEDS``), from which its use of the retain set and of a reference model follow; ``recipe_method``:
+    selectable as ``method.name``; ``steers_activations``: its forget term works on one layer's hidden states (RMU)
+    instead of log-probs."""
 
     forget: str = "ga"
     retain: str | None = None
@@ -194,6 +192,7 @@ class UnlearningObjectiveEntry(Entry):
     alpha: float = 0.0
     beta: float | None = None
     delta: float = 0.0
+    needs: Callable[[Any], frozenset[str]] = lambda params: frozenset()
     recipe_method: bool = True
     steers_activations: bool = False
 

@@ -1,5 +1,5 @@
 """Running `posttrain train` in-process on hostile input and classifying what happened (the structural recipe fuzz,
-tests/test_recipe_structural_fuzz.py, and the data fuzz, tests/test_data_fuzz.py).
+tests/recipe/test_recipe_structural_fuzz.py, and the data fuzz, tests/data/test_data_fuzz.py).
 
 Every case ends in exactly one class:
 

@@ -47,8 +47,8 @@ def _short_run_overrides(recipe: dict, out: Path) -> list[str]:
 # Through the CLI in a subprocess, the default suite runs an SFT-family recipe and a multi-stage preference recipe
 # end to end; every other recipe runs in `pytest -m slow` (about 15 s each on 2 cores), and all of them pass preflight
 # below in seconds. The other families train end to end in-process in the default suite: GRPO in
-# tests/families/rl/test_rl_trainer.py, unlearning (npo_rt) in tests/test_unlearning_trainer.py, GOAT in
-# tests/test_adapter_recipes.py, DPO in both stages of pre_dpo.yaml and tests/families/preference/.
+# tests/families/rl/test_rl_trainer.py, unlearning (npo_rt) in tests/families/unlearning/test_unlearning_trainer.py,
+# GOAT in tests/adapters/test_adapter_recipes.py, DPO in both stages of pre_dpo.yaml and tests/families/preference/.
 DEFAULT_SUITE_RECIPES = {"dft.yaml", "pre_dpo.yaml"}
 
 

@@ -301,6 +301,41 @@ def test_lm_eval_runs_the_shipped_local_task_offline(tmp_path, capsys):
     assert "better: higher" in capsys.readouterr().out
 
 
+def test_news_multiple_choice_rows():
+    """posttrain_news_retain's rows: every retain question once, its true answer among three different answers to
+    the same kind of question, the same rows on every call."""
+    from posttrain.data.news import news_rows
+    from posttrain.eval.lm_eval_tasks.news_mc import multiple_choice
+
+    questions = news_rows("retain_qa")
+    rows = multiple_choice()
+    assert rows == multiple_choice() and len(rows) == len(questions) == 360
+    first = rows[0]
+    assert first["question"] == questions[0]["prompt"] and first["question"].startswith("Question: Which instrument")
+    assert first["choices"][first["answer"]] == questions[0]["completion"]
+    for row, question in zip(rows, questions, strict=True):
+        assert row["choices"][row["answer"]] == question["completion"] and len(set(row["choices"])) == 4
+        shape = question["completion"].split()[0]  # " The harp." / " About 412." / " Tessaly." / " Name Surname."
+        if shape in ("The", "About"):
+            assert all(c.split()[0] == shape for c in row["choices"])
+    assert {r["answer"] for r in rows} == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="num_choices"):
+        multiple_choice(num_choices=20)  # 8 instruments
+
+
+@pytest.mark.skipif(not HAS_LM_EVAL, reason="needs the lm-eval extra (pip install -e '.[lm-eval]')")
+def test_lm_eval_news_task_offline(tmp_path):
+    """posttrain_news_retain (shipped, no download): the news model knows the retain articles (measured 1.0); the
+    random-init model is near chance (measured 0.256 on the 360 questions)."""
+    scores = {}
+    for model in ("builtin:tiny-qwen2-news", "builtin:tiny-qwen2"):
+        out = tmp_path / "lm.json"
+        assert main(["eval", model, "--lm-eval", "posttrain_news_retain", "--output", str(out)]) == 0
+        scores[model] = json.loads(out.read_text())["lm_eval"]["lm_eval/posttrain_news_retain/acc"]
+    assert scores["builtin:tiny-qwen2-news"] == 1.0
+    assert 0.15 < scores["builtin:tiny-qwen2"] < 0.35
+
+
 def test_suite_warns_when_generations_are_empty(tmp_path, monkeypatch, capsys):
     import posttrain.eval.accuracy as accuracy
 

@@ -56,7 +56,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("sft", {"train": "sft", "eval": "sft", "test": "test"}, "trl:SFTConfig",
+        Family("sft", {"train": "sft", "eval": "sft", "test": "test"},
+               "posttrain.families.sft.config:SFTFamilyConfig",
                "posttrain.families.sft.trainer:sft_config", "posttrain.families.sft.trainer:build_sft_trainer",
                "posttrain.preview:sft_rows", check_data="posttrain.families.sft.trainer:check_sft_data",
                masks_conversations=True),

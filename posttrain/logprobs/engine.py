@@ -247,7 +247,7 @@ class LogProbEngine:
     def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, *,
                 groups=None, needs: Needs = Needs(), full_vocab_mask: torch.Tensor | None = None,
                 kl_with: HeadRows | None = None, kl_direction: str = "base_to_policy",
-                share_until: torch.Tensor | None = None) -> LogProbs:
+                share_until: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> LogProbs:
         """Score the completion tokens of a ``[B, T]`` batch with ``model`` (see :class:`LogProbs`).
 
         ``groups``: a group id per row (rows of a group share their prompt; None: no sharing). ``share_until``: a
@@ -256,17 +256,23 @@ class LogProbEngine:
         is predicted from the shared prompt, the same for every row). ``kl_with``: another
         model's :class:`HeadRows` for the same batch (``needs.rows`` of its call), giving ``kl`` per token in
         ``kl_direction`` (``base_to_policy`` = KL(other || model), ``policy_to_base`` = KL(model || other)).
+        ``position_ids``: the caller's own positions, for packed rows (several sequences per row, positions restarting
+        at 0: TRL's padding-free collation); with ``attention_mask=None`` the body gets no mask and attends within
+        each sequence, as the model does for packed rows. Rows then run unshared.
         """
         install(model)
         lm = causal_lm(model)
-        attention_mask = attention_mask.to(input_ids.device)
+        packed = attention_mask is None
+        if packed and position_ids is None:
+            raise ValueError("attention_mask=None needs the packed rows' position_ids")
+        attention_mask = torch.ones_like(input_ids) if packed else attention_mask.to(input_ids.device)
         mask = completion_mask.to(input_ids.device).bool() & attention_mask.bool()
         if bool(mask[:, 0].any()):
             raise ValueError("a completion token in the first column has no preceding token to predict it from")
         if needs.full_vocab and full_vocab_mask is None:
             full_vocab_mask = mask
         batch, width = input_ids.shape
-        shared = self.sharing(model, groups)
+        shared = position_ids is None and self.sharing(model, groups)
         if shared:
             cut = mask if share_until is None else share_until.to(mask.device).bool() & attention_mask.bool()
             layout = shared_layout(input_ids, attention_mask, cut, groups,
@@ -282,8 +288,10 @@ class LogProbEngine:
             index = index.masked_fill(~attention_mask.bool(), -1)
             # positions count real tokens only, as in the packed rows: a left-padded row is scored at the positions
             # it has alone (RoPE is shift-invariant, but its rounding is not)
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            body = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids
+            body = {"input_ids": input_ids, "position_ids": positions.to(input_ids.device)}
+            if not packed:
+                body["attention_mask"] = attention_mask
             body_tokens = int(attention_mask.sum())
         rows_b, rows_t = mask.nonzero(as_tuple=True)
         predictors = index[rows_b, rows_t - 1]
@@ -307,9 +315,10 @@ class LogProbEngine:
                         statistics=statistics, shared=shared, body_tokens=body_tokens)
 
     def reference_forward(self, reference, policy, input_ids, attention_mask, completion_mask, *, groups=None,
-                          needs: Needs = Needs(), share_until: torch.Tensor | None = None) -> LogProbs:
+                          needs: Needs = Needs(), share_until: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None) -> LogProbs:
         """The same forward for a frozen reference (:class:`posttrain.reference.Reference`: a separate model, or
         ``policy`` with its adapter disabled), under ``torch.no_grad()``."""
         with torch.no_grad(), reference.network(policy) as network:
             return self.forward(network, input_ids, attention_mask, completion_mask, groups=groups, needs=needs,
-                                share_until=share_until)
+                                share_until=share_until, position_ids=position_ids)

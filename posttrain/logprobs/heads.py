@@ -430,3 +430,14 @@ def choose_head(requested: str, device, transform: LogitTransform, with_entropy:
     if reason is not None:
         raise UserError(f"training.logprob_head: {requested} cannot run here: {reason}")
     return requested, "requested"
+
+
+def check_head_here(config) -> None:
+    """Refuse a training config's ``logprob_head`` that cannot run on this machine (before any model loads; what the
+    model's config adds, a soft cap or a logit scale, is checked when it loads)."""
+    if config.logprob_head == "auto":
+        return
+    device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
+    reason = LOGPROB_HEADS[config.logprob_head].unavailable(device, LogitTransform(), False)
+    if reason is not None:
+        raise UserError(f"training.logprob_head: {config.logprob_head} cannot run here: {reason}")

@@ -238,6 +238,21 @@ def retain_kl_loss(
     return F.kl_div(policy_lp, ref_lp, reduction="batchmean", log_target=True)
 
 
+def retain_token_kl_loss(token_kl: torch.Tensor, mask: torch.Tensor | None = None,
+                         num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """The KL retain term of :func:`retain_kl_loss` from the KL per position, ``token_kl[b, t] = KL(pi_ref ||
+    pi_theta)`` at that position (the log-prob engine's tiled KL, no ``[B, T, V]`` tensor): its sum over the
+    ``mask`` positions (None: all) divided by their number, or by ``num_items``. arXiv 2404.05868 Sec. 3
+    ("NPO+KL"). Worked example: per-position KLs ``[0.02, 0.06, 0.1]`` with the last masked out give 0.04 (0.02 with
+    ``num_items=4``); :func:`retain_kl_loss`'s example has per-position KLs 0.025267 and 0.057536."""
+    values = token_kl.float() if mask is None else token_kl.float()[mask.to(torch.bool)]
+    if values.numel() == 0:
+        return token_kl.sum() * 0.0
+    count = values.numel() if num_items is None else num_items
+    denominator = torch.as_tensor(count, dtype=torch.float32, device=values.device).clamp(min=1)
+    return values.sum() / denominator
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Objective output
 # ----------------------------------------------------------------------------------------------------------------------

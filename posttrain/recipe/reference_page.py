@@ -1,6 +1,6 @@
 """The recipe reference (``docs/recipe_reference.md``), generated from the pydantic schema
 (:mod:`posttrain.recipe.schema`) and the method registry, so that it cannot miss a key:
-``python -m posttrain.recipe_reference > docs/recipe_reference.md`` (``tests/test_recipe_reference.py`` fails when the
+``python -m posttrain.recipe_reference > docs/recipe_reference.md`` (``tests/recipe/test_recipe_reference.py`` fails when the
 file is out of date)."""
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ TRAINING_DEFAULTS = [
     ("assistant_only_loss", "true for `messages` rows (SFT family), else false",
      "loss on the assistant turns only, for any chat template (`data.assistant_turns`); false: on every token"),
     ("model_init_kwargs", "refused", "posttrain loads the model: use the `model:` keys"),
-    ("logprob_head", "auto (preference family)", "auto \\| chunked \\| fused \\| liger: the LM head of the log-prob "
-     "engine (docs/logprob_engine.md); auto: chunked on CPU, TRL's fused Triton kernel on CUDA; logged once"),
+    ("logprob_head", "auto (preference and SFT families)", "auto \\| chunked \\| fused \\| liger: the LM head of "
+     "the log-prob engine (docs/logprob_engine.md); auto: chunked on CPU, TRL's fused Triton kernel on CUDA; logged "
+     "once"),
     ("share_prompts", "true (preference family)", "each pair's prompt computed once for chosen and rejected "
      "(policy and reference); false: every row runs whole, same losses"),
 ]

@@ -139,8 +139,8 @@ def config_class(family: str) -> type:
 
 
 # Every family's config field names, read from the installed TRL / transformers by `python -m posttrain.training_args`:
-# an unknown `training:` key is refused without importing TRL (seconds of start-up; tests/test_training_args.py checks
-# the file is current).
+# an unknown `training:` key is refused without importing TRL (seconds of start-up;
+# tests/recipe/test_recipe_errors.py checks the file is current).
 FIELDS_FILE = Path(__file__).with_name("training_fields.json")
 _FIELDS_FROM = ("trl", "transformers")  # the packages whose versions the file was written for
 

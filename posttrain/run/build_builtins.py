@@ -3,7 +3,7 @@
     python -m posttrain.run.build_builtins --out DIR   # build everything into DIR (same layout as the shipped assets)
     python -m posttrain.run.build_builtins --check     # build into a temporary folder, compare with the shipped files
     python -m posttrain.run.build_builtins --write     # replace the shipped assets (maintainers; update the pins in
-                                                       # tests/test_builtin_pins.py and regenerate docs/ tables after)
+                                                       # tests/builtin/test_builtin_pins.py and regenerate docs/ tables after)
 
 The tokenizer is a byte-level BPE trained with ``tokenizers`` on the built-in task corpora (digits split one by one).
 The random-init models are ``torch.manual_seed(seed)`` + ``from_config``. The trained models start from the *shipped*

@@ -491,3 +491,13 @@ def peft_config(recipe, task_type: str = "CAUSAL_LM"):
         modules_to_save=p.modules_to_save,
         task_type=task_type,
     )
+
+
+def trainer_kwargs(ctx, config, train, evals=None) -> dict[str, Any]:
+    """The arguments every family trainer takes, from the run context (``ctx``, a ``RunContext`` of
+    :mod:`posttrain.run.pipeline`): the model, the family's training ``config`` (``args``), the train and eval
+    datasets, the tokenizer, the recipe's ``peft:`` block, the callbacks, the method's params and the reference model.
+    A family builder adds its own arguments and hands the lot to :func:`posttrain.adapters.trainer.make_trainer`."""
+    return {"model": ctx.model, "args": config, "train_dataset": train, "eval_dataset": evals,
+            "processing_class": ctx.tokenizer, "peft_config": peft_config(ctx.recipe), "callbacks": ctx.callbacks,
+            "params": ctx.recipe.params, "ref_model": ctx.ref_model}

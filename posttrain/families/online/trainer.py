@@ -244,7 +244,7 @@ def build_online_trainer(ctx):
     """``online_dpo`` on :class:`PosttrainOnlineDPOTrainer`."""
     from posttrain.adapters.trainer import make_trainer
     from posttrain.rl.rewards import load_rewards
-    from posttrain.trainers.common import peft_config
+    from posttrain.trainers.common import trainer_kwargs
 
     recipe, p = ctx.recipe, ctx.recipe.params
     config = ctx.config if ctx.config is not None else online_config(recipe, ctx.info)
@@ -258,14 +258,7 @@ def build_online_trainer(ctx):
     return make_trainer(
         PosttrainOnlineDPOTrainer,
         recipe,
-        model=ctx.model,
+        **trainer_kwargs(ctx, config, train),
         reward_funcs=rewards.funcs,
-        args=config,
-        train_dataset=train,
-        processing_class=ctx.tokenizer,
-        peft_config=peft_config(recipe),
-        callbacks=ctx.callbacks,
-        params=p,
-        ref_model=ctx.ref_model,
         **extra,
     )

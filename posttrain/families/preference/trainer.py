@@ -653,9 +653,9 @@ def preference_config(recipe, info):
 def build_preference_trainer(ctx):
     """Every preference-family method on :class:`PosttrainPreferenceTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.trainers.common import peft_config
+    from posttrain.trainers.common import trainer_kwargs
 
-    recipe, params, name = ctx.recipe, ctx.recipe.params, ctx.info.name
+    recipe = ctx.recipe
     config = ctx.config if ctx.config is not None else preference_config(recipe, ctx.info)
     train = ctx.dataset("data.train", "preference")
     evals = ctx.dataset("data.eval", "preference") if recipe.data.eval is not None else None
@@ -663,15 +663,7 @@ def build_preference_trainer(ctx):
         PosttrainPreferenceTrainer,
         recipe,
         uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
-        model=ctx.model,
-        ref_model=ctx.ref_model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=ctx.tokenizer,
-        peft_config=peft_config(recipe),
-        callbacks=ctx.callbacks,
-        method=name,
-        params=params,
+        **trainer_kwargs(ctx, config, train, evals),
+        method=ctx.info.name,
         assistant_turns=recipe.data.assistant_turns,
     )

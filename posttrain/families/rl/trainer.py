@@ -707,7 +707,7 @@ def build_rl_trainer(ctx):
     from posttrain.adapters.trainer import make_trainer
     from posttrain.rl.rewards import load_rewards
     from posttrain.rl.tools import prepare_tool_tokenizer
-    from posttrain.trainers.common import peft_config
+    from posttrain.trainers.common import trainer_kwargs
 
     recipe, p = ctx.recipe, ctx.recipe.params
     dirs = recipe_dirs(recipe)
@@ -736,16 +736,8 @@ def build_rl_trainer(ctx):
     return make_trainer(
         cls,
         recipe,
-        model=ctx.model,
+        **trainer_kwargs(ctx, config, train, evals),
         reward_funcs=rewards.funcs,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=ctx.tokenizer,
-        peft_config=peft_config(recipe),
-        callbacks=ctx.callbacks,
-        params=p,
         stratum_fn=stratum_fn,
-        ref_model=ctx.ref_model,
         **extra,
     )

@@ -1,15 +1,20 @@
 """The SFT-family trainer: a thin subclass of TRL's ``SFTTrainer``.
 
-TRL does the data handling (prompt/completion and messages formats, tokenisation, completion masks, collation) and
-patches the model with a fused LM head, so ``model(..., fused_lm_head=True)`` returns per-token log-probs tile by
-tile without materialising the logits. This trainer calls that forward once per batch, computes what the method's entry
-declares it ``needs`` (the per-token KL to the frozen anchor; the aligned models' scores) into an
+TRL does the data handling (prompt/completion and messages formats, tokenisation, the completion / assistant-only
+labels, packing and padding-free collation). This trainer replaces ``compute_loss``: one policy forward through the
+log-prob engine (:mod:`posttrain.logprobs`: the body once, the LM head of ``training.logprob_head`` over the scored
+(label) positions only) gives per-token log-probs and TRL's logged statistics (entropy, top-1 accuracy) from the head's
+own chunks; the trainer computes what the method's entry declares it ``needs`` (the per-token KL to the frozen anchor,
+tiled against the anchor's rows of the same positions; the aligned models' scores) into an
 :class:`~posttrain.families.sft.forward.SFTForward`, and the entry's pure objective (never given the trainer) turns it,
-through the losses of :mod:`posttrain.losses.sft`, into the loss. The family's builders are at the bottom.
+through the losses of :mod:`posttrain.losses.sft`, into the loss. Where the engine cannot run (a router aux loss, model
+inputs other than token ids / masks / positions, such as images) TRL's fused head scores every position of the whole
+causal LM instead (same losses, no saving; said once in the log). The family's builders are at the bottom.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +25,7 @@ import posttrain.families.sft.methods  # noqa: F401  (registers every method's o
 from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.families.sft.forward import ALIGNED_SCORES, ANCHOR_KL, SFT_LOSSES, SFT_NEEDS, SFTForward
+from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
 from posttrain.losses.sft import token_kl
 from posttrain.reference import Reference
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedSFTTruncationMixin
@@ -27,7 +33,11 @@ from posttrain.trainers.common import AtomicCheckpointMixin, CountedSFTTruncatio
 POFT_SCORE_COLUMN = "poft_ref_score"
 # the data column a need is read from (the collator keeps it in the batch)
 NEED_COLUMNS = {ALIGNED_SCORES: POFT_SCORE_COLUMN}
-KL_CHUNK = 1024  # label positions per tile when full-vocab logits are needed (the ASFT anchor)
+KL_CHUNK = 1024  # label positions per tile when full-vocab logits are needed (the ASFT anchor, TRL-head path)
+# batch keys the engine reads or may leave aside: TRL's collation of token rows (padded, or padding-free / packed with
+# restarting position ids and the varlen kernels' boundaries, which the body recovers from the position ids)
+ENGINE_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "labels", "use_cache", "cu_seq_lens_q",
+                         "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
 
 
 def _unwrap(model):
@@ -51,17 +61,31 @@ class _ExtraColumnsCollator:
         return batch
 
 
+@dataclass
+class _PolicyPass:
+    """The policy forward of one batch, per label position ``[B, T-1]`` (position ``t`` scores token ``t+1``):
+    log-probs with grad, the scored mask, TRL's statistics (entropy, top-1 hit; no grad), the ``ANCHOR_KL`` need
+    (with grad) and the router aux loss (MoE, engine off)."""
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+    anchor_kl: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
 class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTTrainer):
     """The SFT family (every ``SFT_LOSSES`` entry) on top of ``trl.SFTTrainer``.
 
     Args:
         method: a key of :data:`~posttrain.families.sft.forward.SFT_LOSSES`.
         params: the method's hyperparameters (``methods/<method>.py``).
-        anchor_model: frozen anchor of the ``ANCHOR_KL`` need; ``None`` with a PEFT policy uses the adapter-disabled
-            base.
+        ref_model: the method's reference, the frozen anchor of the ``ANCHOR_KL`` need (``self.anchor_model``);
+            ``None`` with a PEFT policy uses the adapter-disabled base.
     """
 
-    def __init__(self, *args, method: str, params, anchor_model=None, **kwargs):
+    def __init__(self, *args, method: str, params, ref_model=None, **kwargs):
         self.method = method
         self.params = params
         self.objective = SFT_LOSSES[method]
@@ -70,12 +94,15 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         if unknown:
             raise ValueError(f"SFT loss {method!r} needs {sorted(unknown)}; the trainer computes {sorted(SFT_NEEDS)}")
         self.extra_columns = [NEED_COLUMNS[need] for need in sorted(self.needs) if need in NEED_COLUMNS]
+        # one row per sequence: nothing to share between rows
+        self.engine = LogProbEngine(getattr(kwargs.get("args"), "logprob_head", "auto"), share_prompts=False)
+        self.use_engine = True  # False: TRL's fused head on every position (the path before the engine; tests compare)
         super().__init__(*args, **kwargs)
-        self.anchor_model = anchor_model
-        if anchor_model is not None:
+        self.anchor_model = ref_model
+        if ref_model is not None:
             from posttrain.distributed import prepare_frozen
 
-            self.anchor_model = prepare_frozen(anchor_model, self.accelerator)
+            self.anchor_model = prepare_frozen(ref_model, self.accelerator)
         if self.extra_columns:
             self.data_collator = _ExtraColumnsCollator(self.data_collator, self.extra_columns)
         if not self.objective.token_sum_loss:
@@ -95,22 +122,10 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         mode = "train" if self.model.training else "eval"
         columns = {c: inputs.pop(c, None) for c in self.extra_columns}
         inputs["use_cache"] = False
-
-        hidden: dict[str, torch.Tensor] = {}
-        hook = None
-        if ANCHOR_KL in self.needs:  # the anchor KL projects the policy's last hidden states through its head
-            backbone = _unwrap(model).base_model
-            hook = backbone.register_forward_hook(lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state))
-        try:
-            outputs = model(**inputs, fused_lm_head=True)
-        finally:
-            if hook is not None:
-                hook.remove()
-        logps, mask = outputs.log_probs, outputs.label_mask
+        policy = self._engine_pass(model, inputs) if self._uses_engine(inputs) else self._fused_pass(model, inputs)
         fwd = SFTForward(
-            logps, mask, num_items_in_batch,
-            anchor_kl=self._anchor_kl(model, inputs, hidden["h"][:, :-1], mask) if ANCHOR_KL in self.needs else None,
-            aligned_scores=(columns[NEED_COLUMNS[ALIGNED_SCORES]].to(logps.device)
+            policy.logps, policy.mask, num_items_in_batch, anchor_kl=policy.anchor_kl,
+            aligned_scores=(columns[NEED_COLUMNS[ALIGNED_SCORES]].to(policy.logps.device)
                             if ALIGNED_SCORES in self.needs else None),
         )
         loss, metrics = self.objective.fn(self.params, fwd)
@@ -122,25 +137,93 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
             and num_items_in_batch is not None
         ):
             loss = loss * self.accelerator.num_processes
+        if policy.aux_loss is not None:  # as TRL: a per-micro-batch mean, averaged over the accumulation steps
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss / steps
+            metrics["aux_loss"] = policy.aux_loss.detach()
 
-        self._log_token_metrics(mode, outputs, metrics)
-        return (loss, outputs) if return_outputs else loss
+        self._log_token_metrics(mode, inputs, policy, metrics)
+        if return_outputs:  # as TRL: the logits for compute_metrics, from an extra forward
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
+        return loss
 
-    def _log_token_metrics(self, mode: str, outputs, extra: dict) -> None:
-        """TRL's entropy and token accuracy plus the loss entry's metrics, reduced over processes in one call
-        (:func:`posttrain.distributed.reduce_metrics`: token means over all processes' tokens)."""
-        metrics = {}
-        num_valid = outputs.label_mask.sum()
-        if outputs.entropy is not None:
-            metrics["entropy"] = TokenMean(outputs.entropy.detach().float().sum(), num_valid)
-        if outputs.is_top1 is not None:
-            metrics["mean_token_accuracy"] = TokenMean(outputs.is_top1.float().sum(), num_valid)
+    def _uses_engine(self, inputs) -> bool:
+        """The log-prob engine runs the forward (``use_engine``) unless the model's router aux loss needs the causal
+        LM's own forward or the batch carries model inputs the engine does not pass (images, pre-shifted labels)."""
+        if not self.use_engine:
+            return False
+        if self.aux_loss_enabled:
+            log_once("log-prob engine off: the model's router aux loss needs the full causal-LM forward; TRL's fused "
+                     "head scores every position (same losses, no saving)")
+            return False
+        other = sorted(set(inputs) - ENGINE_KEYS)
+        if other:
+            log_once(f"log-prob engine off: the batch carries {', '.join(other)}; TRL's fused head scores every "
+                     "position (same losses, no saving)")
+            return False
+        return True
+
+    def _engine_pass(self, model, inputs) -> _PolicyPass:
+        """The policy through the log-prob engine: the label positions only, entropy and top-1 hit from the head's
+        chunks, and the ``ANCHOR_KL`` need tiled against the anchor's rows of the same positions."""
+        input_ids, labels = inputs["input_ids"], inputs["labels"]
+        attention_mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
+        scored = torch.zeros_like(labels, dtype=torch.bool)
+        scored[:, 1:] = labels[:, 1:] != -100
+        anchor_rows = None
+        if ANCHOR_KL in self.needs:
+            anchor = self.engine.reference_forward(Reference(self.anchor_model), model, input_ids, attention_mask,
+                                                   scored, needs=Needs(rows=True), position_ids=position_ids)
+            anchor_rows = anchor.rows
+        out = self.engine.forward(model, input_ids, attention_mask, scored, position_ids=position_ids,
+                                  needs=Needs(statistics=("entropy", "is_top1")), kl_with=anchor_rows,
+                                  kl_direction=getattr(self.params, "kl_direction", "base_to_policy"))
+        return _PolicyPass(logps=out.logps[:, 1:], mask=out.mask[:, 1:], entropy=out.statistics["entropy"][:, 1:],
+                           is_top1=out.statistics["is_top1"][:, 1:].bool(),
+                           anchor_kl=out.kl[:, 1:] if anchor_rows is not None else None)
+
+    def _fused_pass(self, model, inputs) -> _PolicyPass:
+        """The path before the engine: TRL's fused head on every position of the whole causal LM, the anchor KL
+        from the policy's last hidden states through its head, in tiles."""
+        hidden: dict[str, torch.Tensor] = {}
+        hook = None
+        if ANCHOR_KL in self.needs:  # the anchor KL projects the policy's last hidden states through its head
+            backbone = _unwrap(model).base_model
+            hook = backbone.register_forward_hook(lambda m, a, out: hidden.__setitem__("h", out.last_hidden_state))
+        kwargs = dict(inputs, output_router_logits=True) if self.aux_loss_enabled else inputs
+        try:
+            outputs = model(**kwargs, fused_lm_head=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        mask = outputs.label_mask
+        return _PolicyPass(
+            logps=outputs.log_probs, mask=mask, entropy=outputs.entropy, is_top1=outputs.is_top1,
+            anchor_kl=self._anchor_kl(model, inputs, hidden["h"][:, :-1], mask) if ANCHOR_KL in self.needs else None,
+            aux_loss=outputs.aux_loss if self.aux_loss_enabled else None)
+
+    def _log_token_metrics(self, mode: str, inputs, policy: _PolicyPass, extra: dict) -> None:
+        """TRL's entropy, token accuracy and ``num_tokens`` plus the loss entry's metrics, reduced over processes in
+        one call (:func:`posttrain.distributed.reduce_metrics`: token means over all processes' tokens)."""
+        num_valid = policy.mask.sum()
+        metrics = {"entropy": TokenMean(policy.entropy.detach().float().sum(), num_valid),
+                   "mean_token_accuracy": TokenMean(policy.is_top1.float().sum(), num_valid)}
         for name, value in reduce_metrics(self.accelerator, {**metrics, **extra}).items():
             self._metrics[mode][name].append(value)
+        if mode == "train":  # as TRL: every real token of the batch (the padding-free row's length without a mask)
+            g = self.accelerator.gather_for_metrics
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            else:
+                tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += g(tokens).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def _anchor_kl(self, model, inputs, policy_hidden, mask) -> torch.Tensor:
-        """The ``ANCHOR_KL`` need: per-token KL between the policy's and the anchor's next-token distributions
-        (direction ``params.kl_direction``), on label positions only, in tiles."""
+        """The ``ANCHOR_KL`` need on the TRL-head path: per-token KL between the policy's and the anchor's next-token
+        distributions (direction ``params.kl_direction``), on label positions only, in tiles."""
         policy = _unwrap(model)
         head = policy.get_output_embeddings()
         with torch.no_grad():
@@ -148,9 +231,8 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
             net, anchor_ctx = Reference(self.anchor_model).resolve(model)
             anchor = _unwrap(net)
             with anchor_ctx:
-                anchor_out = anchor.base_model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
-                )
+                body = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+                anchor_out = anchor.base_model(**body, use_cache=False)
                 anchor_hidden = anchor_out.last_hidden_state[:, :-1][mask]
             anchor_head = anchor.get_output_embeddings()
         h = policy_hidden[mask]
@@ -205,9 +287,11 @@ def check_sft_data(recipe, datasets) -> None:
 
 
 def sft_config(recipe, info):
-    """The ``SFTConfig`` of an SFT-family recipe (built before any model loads, see :func:`posttrain.train.preflight`)."""
-    from trl import SFTConfig
-
+    """The :class:`~posttrain.families.sft.config.SFTFamilyConfig` (``SFTConfig`` + the log-prob engine's head) of an
+    SFT-family recipe, built before any model loads (see :func:`posttrain.train.preflight`); a
+    ``training.logprob_head`` that cannot run on this machine is refused here."""
+    from posttrain.families.sft.config import SFTFamilyConfig
+    from posttrain.logprobs.heads import check_head_here
     from posttrain.trainers.common import training_config
 
     params = recipe.params
@@ -216,15 +300,17 @@ def sft_config(recipe, info):
     overrides = {"completion_only_loss": params.completion_only, "max_length": 512}
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
-    return training_config(SFTConfig, recipe, overrides)
+    config = training_config(SFTFamilyConfig, recipe, overrides)
+    check_head_here(config)
+    return config
 
 
 def build_sft_trainer(ctx):
     """Every SFT-family method on :class:`PosttrainSFTTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.trainers.common import peft_config
+    from posttrain.trainers.common import trainer_kwargs
 
-    recipe, params = ctx.recipe, ctx.recipe.params
+    recipe = ctx.recipe
     config = ctx.config if ctx.config is not None else sft_config(recipe, ctx.info)
     train = _sft_dataset(ctx, "data.train")
     evals = _sft_dataset(ctx, "data.eval") if recipe.data.eval is not None else None
@@ -232,14 +318,6 @@ def build_sft_trainer(ctx):
         PosttrainSFTTrainer,
         recipe,
         uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
-        model=ctx.model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=ctx.tokenizer,
-        peft_config=peft_config(recipe),
-        callbacks=ctx.callbacks,
+        **trainer_kwargs(ctx, config, train, evals),
         method=ctx.info.name,
-        params=params,
-        anchor_model=ctx.ref_model,
     )

@@ -3,16 +3,17 @@ registered terms. Importable without torch (the functions import it inside).
 
 :data:`FORGET_TERMS` and :data:`RETAIN_TERMS` hold one entry per term (``terms/<name>.py``);
 :data:`UNLEARNING_OBJECTIVES` one entry per objective (``methods/<page>.py``), naming its two terms and its default
-weights, whose ``fn`` is a pure ``objective(params, fwd: UnlearningForward) -> UnlearningOutput``. Whether an
-objective reads the retain set or a frozen reference model follows from its terms (:func:`uses_retain`,
-:func:`uses_reference`); the trainer asks these, never the method's name, and computes what they need into
-:class:`UnlearningForward`.
+weights, whose ``fn`` is a pure ``objective(params, fwd: UnlearningForward) -> UnlearningOutput``. Every term and
+every objective declares what it ``needs`` from the forward pass (:data:`UNLEARNING_NEEDS`; an objective's
+``needs(params)`` is its forget term's plus, when the params' retain weight is not 0, its retain term's); whether it
+reads the retain set or a frozen reference model follows from them (:func:`uses_retain`, :func:`uses_reference`).
+The trainer computes exactly the declared needs into :class:`UnlearningForward`, never asking the method's name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from posttrain.registry import Registry, UnlearningObjectiveEntry, UnlearningTermEntry
 
@@ -21,15 +22,38 @@ if TYPE_CHECKING:
 
     from posttrain.losses.unlearning import UnlearningOutput
 
+# What a term or objective can ask of the forward pass (its entry's ``needs``); the trainer computes exactly these.
+FORGET_LOGPS = "forget_logps"  # the policy's per-token log-probs of the forget answers
+FORGET_REF_LOGPS = "forget_ref_logps"  # the reference's per-token log-probs of the forget answers
+RETAIN_LOGPS = "retain_logps"  # the policy's per-token log-probs of the retain answers
+RETAIN_KL = "retain_kl"  # the token KL(pi_ref || pi_theta) on the retain rows (params.retain_kl_every_position)
+FORGET_ACTIVATIONS = "forget_activations"  # one layer's policy hidden states on the forget rows (RMU)
+RETAIN_ACTIVATIONS = "retain_activations"  # one layer's policy and reference hidden states on the retain rows (RMU)
+UNLEARNING_NEEDS = frozenset({FORGET_LOGPS, FORGET_REF_LOGPS, RETAIN_LOGPS, RETAIN_KL, FORGET_ACTIVATIONS,
+                              RETAIN_ACTIVATIONS})
+REFERENCE_NEEDS = frozenset({FORGET_REF_LOGPS, RETAIN_KL, RETAIN_ACTIVATIONS})  # computed with the frozen reference
+RETAIN_NEEDS = frozenset({RETAIN_LOGPS, RETAIN_KL, RETAIN_ACTIVATIONS})  # read the retain rows
+
 FORGET_TERMS: Registry[UnlearningTermEntry] = Registry("unlearning forget term", UnlearningTermEntry)
 """A forget term: ``fn(logps, mask, ref_logps, num_items, *, beta, delta) -> (loss, metrics)``."""
 RETAIN_TERMS: Registry[UnlearningTermEntry] = Registry("unlearning retain term", UnlearningTermEntry)
-"""A retain term: ``fn(num_items, *, logps, mask, logits, ref_logits, kl_mask) -> (loss, metrics)``; its ``inputs``
-name the ones it requires."""
+"""A retain term: ``fn(num_items, *, logps, mask, logits, ref_logits, kl_mask, token_kl) -> (loss, metrics)``, reading
+the ones its ``needs`` name."""
 UNLEARNING_OBJECTIVES: Registry[UnlearningObjectiveEntry] = Registry("unlearning objective", UnlearningObjectiveEntry)
 """``method.name`` of the unlearning family (and ``ga_kl``, not selectable) -> its pure objective ``fn(params, fwd)``:
 :func:`forget_retain_objective` of its terms on log-probs, or, for an entry that ``steers_activations`` (RMU),
 :func:`posttrain.losses.unlearning.rmu_loss` on one layer's hidden states."""
+
+
+@dataclass(frozen=True)
+class ObjectiveWeights:
+    """The weights of ``L = gamma * L_forget + alpha * L_retain`` and the forget term's ``beta`` / ``delta`` that a
+    method's params set (``params.objective_weights()``); None: the objective's default."""
+
+    gamma: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,7 @@ class UnlearningForward:
     retain_logits: torch.Tensor | None = None
     retain_ref_logits: torch.Tensor | None = None
     retain_kl_mask: torch.Tensor | None = None
+    retain_token_kl: torch.Tensor | None = None
     forget_num_items: Any = None
     retain_num_items: Any = None
     forget_activations: torch.Tensor | None = None
@@ -61,17 +86,25 @@ class UnlearningForward:
     control_vector: torch.Tensor | None = None
 
 
-def uses_retain(name: str, alpha: float) -> bool:
-    """Whether objective ``name`` with retain weight ``alpha`` has a retain term (and so reads the retain set)."""
-    return UNLEARNING_OBJECTIVES[name].retain is not None and float(alpha) != 0.0
+def term_needs(forget: frozenset[str], retain: frozenset[str] = frozenset()) -> Callable[[Any], frozenset[str]]:
+    """An objective's ``needs(params)``: ``forget``, plus ``retain`` unless the params' retain weight is 0."""
+    forget, retain = frozenset(forget), frozenset(retain)
+
+    def needs(params) -> frozenset[str]:
+        return forget | retain if retain and params.retain_weight != 0.0 else forget
+
+    return needs
 
 
-def uses_reference(name: str, alpha: float) -> bool:
-    """Whether objective ``name`` compares with a frozen reference model: its forget term does (NPO), or its retain
-    term, when there is one, does (the KL and RMU activation terms)."""
-    entry = UNLEARNING_OBJECTIVES[name]
-    return FORGET_TERMS[entry.forget].uses_reference or (
-        uses_retain(name, alpha) and RETAIN_TERMS[entry.retain].uses_reference)
+def uses_retain(name: str, params) -> bool:
+    """Whether objective ``name`` with ``params`` reads the retain set (a retain term with a non-zero weight)."""
+    return bool(UNLEARNING_OBJECTIVES[name].needs(params) & RETAIN_NEEDS)
+
+
+def uses_reference(name: str, params) -> bool:
+    """Whether objective ``name`` with ``params`` compares with a frozen reference model: its forget term does (NPO),
+    or its retain term, when there is one, does (the KL and RMU activation terms)."""
+    return bool(UNLEARNING_OBJECTIVES[name].needs(params) & REFERENCE_NEEDS)
 
 
 def unlearning_objective(
@@ -85,6 +118,7 @@ def unlearning_objective(
     retain_logits: torch.Tensor | None = None,
     retain_ref_logits: torch.Tensor | None = None,
     retain_kl_mask: torch.Tensor | None = None,
+    retain_token_kl: torch.Tensor | None = None,
     beta: float | None = None,
     gamma: float | None = None,
     alpha: float | None = None,
@@ -105,7 +139,8 @@ def unlearning_objective(
     (``retain_logps``/``retain_mask`` for the NLL, ``retain_logits``/``retain_ref_logits`` ``[N, V]`` or
     ``[B, T, V]`` and optionally ``retain_kl_mask`` for the KL, see
     :func:`posttrain.losses.unlearning.retain_kl_loss`). ``*_num_items`` override the token-mean denominators of the
-    forget NLL (GA and the logged ``forget_nll``) and of the retain NLL / KL (with several processes the trainer
+    forget NLL (GA and the logged ``forget_nll``) and of the retain NLL / KL (``retain_token_kl`` ``[B, T]``: the KL
+    per position, summed over ``retain_kl_mask``, instead of the logits) (with several processes the trainer
     passes each process's share of the global token count, posttrain.distributed.process_share, so that the averaged
     gradient is that of the global token mean).
     """
@@ -127,7 +162,7 @@ def unlearning_objective(
         metrics["forget_nll"] = float(nll_loss(forget_logps.detach(), forget_mask, forget_num_items))
 
     forget = FORGET_TERMS[entry.forget]
-    if forget.uses_reference and forget_ref_logps is None:
+    if FORGET_REF_LOGPS in forget.needs and forget_ref_logps is None:
         raise ValueError(f"method {method!r} needs forget_ref_logps (the reference model's forget log-probs)")
     forget_loss, forget_metrics = forget.fn(forget_logps, forget_mask, forget_ref_logps, forget_num_items, beta=beta,
                                             delta=delta)
@@ -137,9 +172,10 @@ def unlearning_objective(
     if entry.retain is not None and alpha != 0:
         retain = RETAIN_TERMS[entry.retain]
         given = {"logps": retain_logps, "mask": retain_mask, "logits": retain_logits, "ref_logits": retain_ref_logits,
-                 "kl_mask": retain_kl_mask}
-        if any(given[name] is None for name in retain.inputs):
-            raise ValueError(f"method {method!r} needs {' and '.join(f'retain_{name}' for name in retain.inputs)}")
+                 "kl_mask": retain_kl_mask, "token_kl": retain_token_kl}
+        missing = _missing_retain_inputs(retain.needs, given)
+        if missing:
+            raise ValueError(f"method {method!r} needs {missing}")
         retain_loss, retain_metrics = retain.fn(retain_num_items, **given)
         metrics.update(retain_metrics)
 
@@ -153,11 +189,20 @@ def unlearning_objective(
     return UnlearningOutput(loss=loss, forget_loss=forget_loss, retain_loss=retain_loss, metrics=metrics)
 
 
+def _missing_retain_inputs(needs: frozenset[str], given: dict) -> str | None:
+    """The retain inputs a term with ``needs`` lacks in ``given``, as a message (None: complete)."""
+    if RETAIN_LOGPS in needs and (given["logps"] is None or given["mask"] is None):
+        return "retain_logps and retain_mask"
+    if RETAIN_KL in needs and given["token_kl"] is None and (given["logits"] is None or given["ref_logits"] is None):
+        return "retain_logits and retain_ref_logits (or retain_token_kl)"
+    return None
+
+
 def forget_retain_objective(method: str, params: Any, f: UnlearningForward) -> UnlearningOutput:
-    """:func:`unlearning_objective` of objective ``method`` on ``f``'s tensors, with the weights ``gamma`` /
-    ``alpha`` / ``beta`` / ``delta`` that ``params`` has (the objective's defaults for the others); the body of every
-    log-prob objective (NPO, arXiv 2404.05868)."""
-    weights = {key: float(getattr(params, key)) for key in ("beta", "gamma", "alpha", "delta") if hasattr(params, key)}
+    """:func:`unlearning_objective` of objective ``method`` on ``f``'s tensors, with the weights the params give
+    (``params.objective_weights()``; None: the objective's default); the body of every log-prob objective (NPO,
+    arXiv 2404.05868)."""
+    w = params.objective_weights()
     return unlearning_objective(
         method,
         forget_logps=f.forget_logps,
@@ -168,7 +213,11 @@ def forget_retain_objective(method: str, params: Any, f: UnlearningForward) -> U
         retain_logits=f.retain_logits,
         retain_ref_logits=f.retain_ref_logits,
         retain_kl_mask=f.retain_kl_mask,
+        retain_token_kl=f.retain_token_kl,
         forget_num_items=f.forget_num_items,
         retain_num_items=f.retain_num_items,
-        **weights,
+        gamma=w.gamma,
+        alpha=w.alpha,
+        beta=w.beta,
+        delta=w.delta,
     )

@@ -5,20 +5,28 @@ with one retain row (the forget set is the anchor, as in open-unlearning's ``For
 drawn at random, seeded by ``seed``, item and epoch). Labels cover the answer tokens plus the EOS the collator appends
 (TOFU); the question is ``-100``.
 
-Per step, the policy is called once through TRL's fused LM head (``model(..., fused_lm_head=True)``: per-token
-log-probs, no full logits): on ``[forget; retain]`` stacked for the NLL-retain methods, on the forget rows alone
-otherwise. NPO calls the frozen reference once on the forget rows (``ref_model``, or the adapter-disabled policy with
-``peft`` and no ``ref_model``). ``npo_kl`` needs full next-token distributions on the retain rows, so its retain
-rows go through an ordinary (logits) forward of the policy and of the reference. The pure
-:func:`posttrain.families.unlearning.objective.unlearning_objective` turns these into the loss; its metrics
+Each objective declares what it ``needs`` from the forward pass (``needs(params)`` of its entry in
+:data:`~posttrain.families.unlearning.objective.UNLEARNING_OBJECTIVES`); the trainer computes exactly that, through the
+log-prob engine (:mod:`posttrain.logprobs`: completion-only per-token log-probs, docs/logprob_engine.md). Per step the
+policy is called once on ``[forget; retain]`` stacked for the NLL-retain methods, on the forget rows alone
+otherwise. NPO calls the frozen reference (``ref_model``, or the adapter-disabled policy with ``peft`` and no
+``ref_model``) once on the forget rows under ``no_grad``. The retain KL of ``npo_kl`` / ``ga_kl`` is the engine's tiled
+KL: the reference's retain rows (hidden states and head, no gradient) go into the policy's retain call, which returns
+KL(pi_ref || pi_theta) per answer token without a ``[B, T, V]`` tensor; only ``retain_kl_mask: none`` (every
+position, prompt and padding included, which the engine does not score) keeps full-logits forwards (TRL's fused head
+for the log-probs). ``use_engine = False`` runs that path for every objective (the path before the engine; the tests
+compare both). The pure :func:`posttrain.families.unlearning.objective.unlearning_objective` turns these into the
+loss; its metrics
 (``forget_loss``, ``retain_loss``, ``forget_nll``, ``retain_nll`` / ``retain_kl``, ``npo/log_ratio_mean``,
 ``npo/weight_mean``, ``simnpo/*``) plus ``forget_answer_prob`` / ``retain_answer_prob`` (mean per-sequence
 ``exp(-avg answer NLL)``) are averaged over each logging interval and written to ``metrics.jsonl``.
 
-RMU (an objective whose entry ``steers_activations``) works on hidden states instead: a forward hook on one decoder
-layer captures its output on the forget rows and, for the retain term, on the retain rows of the policy and of the
-frozen reference; only the weights its ``trainable_params`` select move (the others are frozen before training), and
-its control vector is drawn once from the run's seed (:func:`posttrain.losses.unlearning.rmu_control_vector`).
+RMU (an objective that needs ``forget_activations``) works on hidden states instead: a forward hook on one decoder
+layer captures its output during the engine's calls on the forget rows and, for the retain term, on the retain rows of
+the policy and of the frozen reference (the engine's ``Needs(hidden=...)`` gives the last layer's states, not one
+chosen layer's, so the hook stays); only the weights its ``trainable_params`` select move (the others are frozen
+before training), and its control vector is drawn once from the run's seed
+(:func:`posttrain.losses.unlearning.rmu_control_vector`).
 
 Loss reductions are per micro-batch (the HF ``outputs.loss`` convention of both reference code bases); with gradient
 accumulation the loss is divided by the number of micro-batches.
@@ -43,14 +51,20 @@ from posttrain.distributed import TokenMean, reduce_metrics
 from posttrain.errors import UserError
 import posttrain.families.unlearning.methods  # noqa: F401  (registers every objective and term)
 from posttrain.families.unlearning.objective import (
-    FORGET_TERMS,
-    RETAIN_TERMS,
+    FORGET_ACTIVATIONS,
+    FORGET_REF_LOGPS,
+    REFERENCE_NEEDS,
+    RETAIN_KL,
+    RETAIN_LOGPS,
+    RETAIN_NEEDS,
+    UNLEARNING_NEEDS,
     UNLEARNING_OBJECTIVES,
     UnlearningForward,
     uses_reference,
     uses_retain,
 )
-from posttrain.logprobs import ensure_fused_head
+from posttrain.logprobs import LogProbEngine, Needs, ensure_fused_head
+from posttrain.logprobs.engine import log_once
 from posttrain.losses.unlearning import rmu_control_vector
 from posttrain.reference import Reference
 from posttrain.trainers.common import AtomicCheckpointMixin
@@ -199,6 +213,14 @@ def _captured_output(module: torch.nn.Module):
         handle.remove()
 
 
+def _scored(labels: torch.Tensor) -> torch.Tensor:
+    """The engine's ``completion_mask`` of a row's labels: the answer tokens (a label in the first column has no
+    token to be predicted from and is never scored, as in the shifted-labels loss)."""
+    mask = labels != -100
+    mask[:, 0] = False
+    return mask
+
+
 def _answer_prob(logps: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over rows of ``exp(summed answer log-prob / answer tokens)`` (TOFU's Prob, on the training batch)."""
     m = mask.to(torch.float32)
@@ -221,6 +243,13 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         self.method = method
         self.params = params
         self.objective = UNLEARNING_OBJECTIVES[method]
+        self.needs = self.objective.needs(params)
+        unknown = self.needs - UNLEARNING_NEEDS
+        if unknown:
+            raise ValueError(f"unlearning objective {method!r} needs {sorted(unknown)}; the trainer computes "
+                             f"{sorted(UNLEARNING_NEEDS)}")
+        self.engine = LogProbEngine("auto", share_prompts=False)  # forget and retain rows share no prompt
+        self.use_engine = True  # False: TRL's fused head / full logits on whole rows (the path before the engine)
         wrapped = _peft_model(model)
         ensure_fused_head(model if wrapped is None else wrapped.get_base_model())  # no-op when already patched
         if peft_config is not None:
@@ -238,7 +267,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             self.ref_model = prepare_frozen(ref_model, self.accelerator)
         if isinstance(self.train_dataset, ForgetRetainDataset):
             self.add_callback(_EpochCallback(self.train_dataset))
-        self.control_vector = self._steering_setup() if self.objective.steers_activations else None
+        self.control_vector = self._steering_setup() if FORGET_ACTIVATIONS in self.needs else None
         self.weight_mask = None
         if mask_rows is not None:
             from posttrain.families.unlearning.wagle import WagleMask
@@ -290,47 +319,102 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         p = self.params
         f_ids, f_attn, f_lab = self._side(inputs, "forget")
         with _captured_output(_decoder_layers(model)[p.rmu_layer]) as got:
-            res = model(input_ids=f_ids, attention_mask=f_attn, labels=f_lab, fused_lm_head=True, use_cache=False)
+            logps, mask = self._logps(model, f_ids, f_attn, f_lab)
         kwargs: dict[str, Any] = {"forget_activations": got[0], "forget_mask": f_lab != -100,
                                   "control_vector": self.control_vector}
-        metrics = {"forget_answer_prob": _answer_prob(res.log_probs, res.label_mask)}
+        metrics = {"forget_answer_prob": _answer_prob(logps, mask)}
         if self.uses_retain:
             r_ids, r_attn, r_lab = self._side(inputs, "retain")
             with _captured_output(_decoder_layers(model)[p.rmu_layer]) as got_r:
-                res_r = model(input_ids=r_ids, attention_mask=r_attn, labels=r_lab, fused_lm_head=True,
-                              use_cache=False)
+                logps_r, mask_r = self._logps(model, r_ids, r_attn, r_lab)
             with torch.no_grad(), self._reference(model) as ref, _captured_output(
                     _decoder_layers(ref)[p.rmu_layer]) as got_ref:
-                ref(input_ids=r_ids, attention_mask=r_attn, use_cache=False)
+                if self.use_engine:  # the reference's activations only: its head scores the answer rows alone
+                    self.engine.forward(ref, r_ids, r_attn, _scored(r_lab))
+                else:
+                    ref(input_ids=r_ids, attention_mask=r_attn, use_cache=False)
             kwargs.update(retain_activations=got_r[0], retain_ref_activations=got_ref[0], retain_mask=r_lab != -100)
-            metrics["retain_answer_prob"] = _answer_prob(res_r.log_probs, res_r.label_mask)
+            metrics["retain_answer_prob"] = _answer_prob(logps_r, mask_r)
         result = self.objective.fn(p, UnlearningForward(**kwargs))
         metrics.update({k: v for k, v in result.metrics.items() if k != "loss"})
         return result, metrics
 
     @property
     def uses_retain(self) -> bool:
-        return uses_retain(self.method, self.params.retain_weight)
+        return bool(self.needs & RETAIN_NEEDS)
 
     @property
     def uses_reference(self) -> bool:
-        return uses_reference(self.method, self.params.retain_weight)
+        return bool(self.needs & REFERENCE_NEEDS)
+
+    @property
+    def _uses_engine(self) -> bool:
+        """The log-prob engine computes the needs (``use_engine``), except for a retain KL over every position
+        (``retain_kl_mask: none``: prompt and padding positions, which the engine does not score)."""
+        every_position = RETAIN_KL in self.needs and self.params.retain_kl_every_position
+        if every_position and self.use_engine:
+            log_once("log-prob engine off: the retain KL over every position (retain_kl_mask: none) needs full logits "
+                     "at prompt and padding positions; full-logits forwards run instead (same loss, no saving)")
+        return self.use_engine and not every_position
+
+    def _logps(self, model, ids, attn, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's per-token log-probs and mask ``[B, T-1]`` of the answer tokens (row ``t`` scoring token
+        ``t + 1``): the engine's completion rows, or TRL's fused head when the engine is off."""
+        if self.use_engine:
+            out = self.engine.forward(model, ids, attn, _scored(labels))
+            return out.logps[:, 1:], out.mask[:, 1:]
+        res = model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True, use_cache=False)
+        return res.log_probs, res.label_mask
+
+    def _reference_of(self) -> Reference:
+        missing = UserError(f"ref_model: method '{self.method}' needs a reference model")
+        return Reference(self.ref_model, missing=missing)
 
     def _reference(self, model):
-        missing = UserError(f"ref_model: method '{self.method}' needs a reference model")
-        return Reference(self.ref_model, missing=missing).network(model)
+        return self._reference_of().network(model)
 
     def _side(self, inputs, side):
         return inputs[f"{side}_input_ids"], inputs[f"{side}_attention_mask"], inputs[f"{side}_labels"]
 
+    def engine_tensors(self, model, inputs) -> dict[str, torch.Tensor]:
+        """The needs through the log-prob engine: per-token log-probs / masks ``[B, T-1]`` of the answer tokens, the
+        reference's on the forget rows (``no_grad``), and the retain KL(pi_ref || pi_theta) per answer token from the
+        engine's tiled KL against the reference's retain rows (no ``[B, T, V]`` tensor)."""
+        needs = self.needs
+        f_ids, f_attn, f_lab = self._side(inputs, "forget")
+        out: dict[str, torch.Tensor] = {}
+        if RETAIN_LOGPS in needs:  # one call on [forget; retain]
+            r_ids, r_attn, r_lab = self._side(inputs, "retain")
+            pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
+            res = self.engine.forward(model, _stack(f_ids, r_ids, pad), _stack(f_attn, r_attn, 0),
+                                      _scored(_stack(f_lab, r_lab, -100)))
+            b, wf, wr = f_ids.shape[0], f_ids.shape[1], r_ids.shape[1]
+            out["forget_logps"], out["forget_mask"] = res.logps[:b, 1:wf], res.mask[:b, 1:wf]
+            out["retain_logps"], out["retain_mask"] = res.logps[b:, 1:wr], res.mask[b:, 1:wr]
+        else:
+            out["forget_logps"], out["forget_mask"] = self._logps(model, f_ids, f_attn, f_lab)
+        if FORGET_REF_LOGPS in needs:
+            ref = self.engine.reference_forward(self._reference_of(), model, f_ids, f_attn, _scored(f_lab))
+            out["forget_ref_logps"] = ref.logps[:, 1:]
+        if RETAIN_KL in needs:
+            r_ids, r_attn, r_lab = self._side(inputs, "retain")
+            ref = self.engine.reference_forward(self._reference_of(), model, r_ids, r_attn, _scored(r_lab),
+                                                needs=Needs(rows=True))
+            res = self.engine.forward(model, r_ids, r_attn, _scored(r_lab), kl_with=ref.rows,
+                                      kl_direction="base_to_policy")
+            out["retain_token_kl"], out["retain_kl_mask"] = res.kl[:, 1:], res.mask[:, 1:]
+            out["retain_nll_logps"] = res.logps[:, 1:]  # for the logged retain NLL and answer probability
+        return out
+
     def policy_and_reference_logps(self, model, inputs) -> dict[str, torch.Tensor]:
-        """Per-token log-probs / masks (and logits for the KL term) of the policy and the reference that the
-        objective's terms need (:meth:`objective_inputs` turns them into its :class:`UnlearningForward`)."""
+        """The needs on the path before the engine: per-token log-probs / masks from TRL's fused head (and full
+        logits of the policy and the reference for the KL term); :meth:`objective_inputs` turns them into the
+        objective's :class:`UnlearningForward`."""
         f_ids, f_attn, f_lab = self._side(inputs, "forget")
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
         out: dict[str, torch.Tensor] = {}
-        kl = self.uses_retain and RETAIN_TERMS[self.objective.retain].full_vocab
-        if self.uses_retain and not kl:  # one fused call on [forget; retain]
+        kl = RETAIN_KL in self.needs
+        if RETAIN_LOGPS in self.needs:  # one fused call on [forget; retain]
             r_ids, r_attn, r_lab = self._side(inputs, "retain")
             res = model(
                 input_ids=_stack(f_ids, r_ids, pad),
@@ -351,7 +435,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             out["retain_labels"] = r_lab
         if self.uses_reference:
             with torch.no_grad(), self._reference(model) as ref:
-                if FORGET_TERMS[self.objective.forget].uses_reference:
+                if FORGET_REF_LOGPS in self.needs:
                     ref_res = ref(input_ids=f_ids, attention_mask=f_attn, labels=f_lab, fused_lm_head=True,
                                   use_cache=False)
                     out["forget_ref_logps"] = ref_res.log_probs
@@ -362,13 +446,9 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
     def objective_inputs(self, t: dict[str, torch.Tensor]) -> UnlearningForward:
         """The objective's :class:`UnlearningForward`: the retain KL's positions (``params.retain_kl_every_position``)
         and, with several processes, each process's share of the global token counts."""
-        kwargs: dict[str, Any] = {
-            "forget_logps": t["forget_logps"],
-            "forget_mask": t["forget_mask"],
-            "forget_ref_logps": t.get("forget_ref_logps"),
-            "retain_logps": t.get("retain_logps"),
-            "retain_mask": t.get("retain_mask"),
-        }
+        kwargs: dict[str, Any] = {key: t.get(key) for key in (
+            "forget_logps", "forget_mask", "forget_ref_logps", "retain_logps", "retain_mask", "retain_token_kl",
+            "retain_kl_mask")}
         if "retain_logits" in t:
             if self.params.retain_kl_every_position:
                 kwargs["retain_logits"], kwargs["retain_ref_logits"] = t["retain_logits"], t["retain_ref_logits"]
@@ -384,7 +464,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             kwargs["forget_num_items"] = process_share(self.accelerator, t["forget_mask"].sum())
             if kwargs.get("retain_mask") is not None:
                 kwargs["retain_num_items"] = process_share(self.accelerator, kwargs["retain_mask"].sum())
-            elif "retain_logits" in kwargs:
+            elif RETAIN_KL in self.needs:
                 scored = kwargs.get("retain_kl_mask")
                 count = scored.sum() if scored is not None else kwargs["retain_logits"].shape[:-1].numel()
                 kwargs["retain_num_items"] = process_share(self.accelerator, count)
@@ -395,12 +475,16 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             result, metrics = self._steering_loss(model, inputs)
             self._record(metrics)
             return (result.loss, result) if return_outputs else result.loss
-        t = self.policy_and_reference_logps(model, inputs)
+        engine = self._uses_engine
+        t = self.engine_tensors(model, inputs) if engine else self.policy_and_reference_logps(model, inputs)
         result = self.objective.fn(self.params, self.objective_inputs(t))
         metrics = {k: v for k, v in result.metrics.items() if k != "loss"}
         metrics["forget_answer_prob"] = _answer_prob(t["forget_logps"], t["forget_mask"])
         if "retain_logps" in t:
             metrics["retain_answer_prob"] = _answer_prob(t["retain_logps"], t["retain_mask"])
+        elif "retain_nll_logps" in t:
+            metrics["retain_nll"] = TokenMean.of(-t["retain_nll_logps"], t["retain_kl_mask"])
+            metrics["retain_answer_prob"] = _answer_prob(t["retain_nll_logps"], t["retain_kl_mask"])
         elif "retain_logits" in t:
             with torch.no_grad():
                 labels = t["retain_labels"][:, 1:]
@@ -433,7 +517,7 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
 
 
 def _objective_uses_retain(recipe, name: str) -> bool:
-    return uses_retain(name, recipe.params.retain_weight)
+    return uses_retain(name, recipe.params)
 
 
 def _needs_retain(recipe, name: str) -> bool:
@@ -473,7 +557,8 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
         raise UserError(f"peft: method '{name}' chooses the base-model weights that move (method.trainable_params), "
                         "which a peft adapter freezes; remove peft")
     if data.retain is not None and not _needs_retain(recipe, name):
-        why = "method.alpha is 0" if hasattr(recipe.params, "alpha") else "the method has no retain term"
+        has_retain_term = UNLEARNING_OBJECTIVES[name].retain is not None
+        why = "method.alpha is 0" if has_retain_term else "the method has no retain term"
         raise UserError(f"data.retain: method '{name}' would not read it ({why}, and no method.mask: wagle); remove "
                         "it, or use a method with a retain term (grad_diff, npo_rt, npo_kl, simnpo, rmu)")
     if _needs_retain(recipe, name) and data.retain is None:
@@ -508,7 +593,7 @@ def build_unlearning_trainer(ctx):
         PosttrainUnlearningTrainer,
         recipe,
         uses_disabled_adapter_reference=(recipe.reference.uses_disabled_adapter
-                                         and uses_reference(name, params.retain_weight)),
+                                         and uses_reference(name, params)),
         model=ctx.model,
         args=config,
         train_dataset=dataset,

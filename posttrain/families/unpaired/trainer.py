@@ -11,9 +11,13 @@ the optional precomputation of reference log-probs. posttrain replaces:
   tokens, for any chat template); rows whose prompt fills ``max_length`` are dropped and truncated rows counted, both
   logged; the mismatched KL completions are built after that, never from a row of the same prompt
   (:func:`posttrain.losses.preference.rotate_within_batches`);
-* ``_compute_loss``: one policy forward through TRL's fused LM head, the KL sequences and the reference forwards, then
-  the pure :func:`posttrain.losses.preference.kto_loss` with the reference point of
-  :func:`~posttrain.losses.preference.kto_reference_point`, and TRL's metrics.
+* ``_compute_loss``: one policy forward through the log-prob engine (:mod:`posttrain.logprobs`: completion rows only,
+  docs/logprob_engine.md), the KL sequences (mismatched prompt / completion rows: no prompt to share) and the
+  reference forwards through the same engine under ``no_grad`` (or the precomputed columns, also computed through the
+  engine), then the pure :func:`posttrain.losses.preference.kto_loss` with the reference point of
+  :func:`~posttrain.losses.preference.kto_reference_point`, and TRL's metrics (entropy and mean logit from the
+  engine's head chunks). A model with a router aux loss (MoE) needs the whole causal-LM forward: TRL's fused head
+  runs then (``use_engine = False`` runs it always: the path before the engine, which the tests compare).
 
 Method page: docs/methods/kto.md.
 """
@@ -28,9 +32,11 @@ from trl import KTOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import kto_trainer as _trl_kto
 
+from posttrain.distributed import reduce_metrics
 from posttrain.errors import UserError
+from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
 from posttrain.losses.preference import kto_loss, kto_reference_point, rotate_within_batches, sequence_logps
-from posttrain.reference import Reference
+from posttrain.reference import Reference, peft_model_of
 from posttrain.trainers.common import AtomicCheckpointMixin, OneReferenceCacheMixin, _NoMaxLength, log_length_effects
 
 logger = logging.getLogger("posttrain")
@@ -107,6 +113,8 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
     def __init__(self, *args, params, assistant_turns: str = "all", **kwargs):
         self.params = params
         self.assistant_turns = assistant_turns
+        self.engine = LogProbEngine("auto", share_prompts=False)  # a KTO row's KL sequence has another prompt
+        self.use_engine = True  # False: TRL's fused head on whole rows (the path before the engine)
         with _collator_class(TurnMaskedUnpairedCollator):
             super().__init__(*args, **kwargs)
         if self.precompute_ref_logps:
@@ -200,11 +208,74 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
     # ---------------------------------------------------------------------------------------------------------------
     # loss
 
+    @property
+    def _uses_engine(self) -> bool:
+        """The log-prob engine runs the forwards (``use_engine``); a router aux loss (MoE) needs the whole causal LM's
+        forward, so TRL's fused head runs instead."""
+        if self.aux_loss_enabled and self.use_engine:
+            log_once("log-prob engine off: the model's router aux loss needs the full causal-LM forward; TRL's fused "
+                     "head scores every row whole (same losses, no saving)")
+        return self.use_engine and not self.aux_loss_enabled
+
     def _sequence_logps(self, net, kwargs, input_ids, completion_mask):
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         out = net(**kwargs, labels=labels, fused_lm_head=True)
         mask = completion_mask[:, 1:]
         return out, out.log_probs[:, -mask.size(1):], mask
+
+    @staticmethod
+    def _rows(batch, prefix: str = ""):
+        """``input_ids``, ``attention_mask`` and the completion mask of the target rows (``prefix`` ``KL_``: of the
+        mismatched KL rows), the mask without its first column (a token there has nothing to be predicted from)."""
+        completion = batch[f"{prefix}completion_mask"].clone()
+        completion[:, 0] = 0
+        return batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], completion
+
+    def _kl_logps(self, model, batch):
+        """Summed log-probs ``[B]`` of the KL rows' completions under ``model`` (no gradient)."""
+        if not self._uses_engine:
+            return self._compute_kl_logps(model, batch)
+        with torch.no_grad():
+            return self.engine.forward(model, *self._rows(batch, "KL_")).sequence_logps()
+
+    def _reference_logps(self, reference: Reference, batch):
+        """The reference's summed log-probs ``([B], [B])`` of the target rows and of the KL rows: the engine's
+        forwards under ``no_grad``, or TRL's fused head when the engine is off."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self._uses_engine:
+                target = self.engine.reference_forward(reference, self.model, *self._rows(batch))
+                kl = self.engine.reference_forward(reference, self.model, *self._rows(batch, "KL_"))
+                return target.sequence_logps(), kl.sequence_logps()
+            net, context = reference.resolve(self.model)
+            with context:
+                kl = self._compute_kl_logps(net, batch)
+                kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+                _, per_token, mask = self._sequence_logps(net, {**kwargs, "use_cache": False}, batch["input_ids"],
+                                                          batch["completion_mask"])
+            return sequence_logps(per_token, mask), kl
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's one-off reference pass of ``precompute_ref_log_probs`` through the same forward as the live
+        reference. ``model``: the reference (``ref_model``), or the policy (adapter disabled with PEFT)."""
+        if not self._uses_engine:
+            return super().compute_ref_log_probs(model, inputs)
+        reference = Reference(None if self.ref_model is None and peft_model_of(model) is not None else model)
+        with self.accelerator.autocast():
+            return self._reference_logps(reference, inputs)
+
+    def _policy_pass(self, model, batch, model_kwargs):
+        """The policy's per-token log-probs ``[B, T-1]`` with grad, their mask, the per-token entropy and mean logit
+        TRL's metrics log, and the router aux loss (engine off)."""
+        if self._uses_engine:
+            out = self.engine.forward(model, *self._rows(batch), needs=Needs(statistics=("entropy", "mean_logits")))
+            stats = out.statistics
+            return (out.logps[:, 1:], out.mask[:, 1:], stats["entropy"][:, 1:], stats["mean_logits"][:, 1:],
+                    None)
+        outputs, per_token, mask = self._sequence_logps(model, model_kwargs, batch["input_ids"],
+                                                        batch["completion_mask"])
+        width = mask.size(1)
+        return (per_token, mask, outputs.entropy[:, -width:], outputs.mean_logits[:, -width:],
+                outputs.aux_loss if self.aux_loss_enabled else None)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -215,21 +286,15 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
-        outputs, per_token, mask = self._sequence_logps(model, model_kwargs, batch["input_ids"], batch["completion_mask"])
+        per_token, mask, entropy, mean_logits, aux_loss = self._policy_pass(model, batch, model_kwargs)
         logps = sequence_logps(per_token, mask)
 
-        kl_logps = self._compute_kl_logps(model, batch)  # no grad: the reference point is a constant
+        kl_logps = self._kl_logps(model, batch)  # no grad: the reference point is a constant
         if self.precompute_ref_logps:
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps")
         else:
             missing = RuntimeError("no reference model: pass ref_model, use PEFT, or precompute reference log-probs")
-            ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-            net, context = Reference(self.ref_model, missing=missing).resolve(self.model)
-            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                    context:
-                ref_kl_logps = self._compute_kl_logps(net, batch)
-                _, ref_per_token, _ = self._sequence_logps(net, ref_kwargs, batch["input_ids"], batch["completion_mask"])
-            ref_logps = sequence_logps(ref_per_token, mask)
+            ref_logps, ref_kl_logps = self._reference_logps(Reference(self.ref_model, missing=missing), batch)
         if self.calculate_KL:
             z0 = kto_reference_point(gather((kl_logps - ref_kl_logps.to(kl_logps.device)).float()))
         else:  # pragma: no cover - posttrain's KTO always estimates the KL term
@@ -237,27 +302,27 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
         out = kto_loss(logps - ref_logps.to(logps.device), desirable, z0, beta=p.beta,
                        desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight)
         loss = out.losses.mean()
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
-        self._log_kto_metrics(mode, batch, outputs, mask, desirable, logps.detach(), out, z0)
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            # each process's value for its equal share of the batch: reduced over processes as the other metrics
+            self._metrics[mode]["aux_loss"].append(reduce_metrics(self.accelerator, {"aux": aux_loss.detach()})["aux"])
+        self._log_kto_metrics(mode, batch, entropy, mean_logits, mask, desirable, logps.detach(), out, z0)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**model_kwargs)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_kto_metrics(self, mode, batch, outputs, mask, desirable, logps, out, z0):
+    def _log_kto_metrics(self, mode, batch, entropy, mean_logits, mask, desirable, logps, out, z0):
         """TRL's KTO metrics: kl, entropy, num_tokens, logits/*, rewards/* and logps/* (means over all processes'
         desirable / undesirable rows), rewards/margins."""
         g = self.accelerator.gather_for_metrics
         m = self._metrics[mode]
         m["kl"].append(z0.item())
-        entropy, tokens = g((outputs.entropy[:, -mask.size(1):].detach() * mask).sum()).sum(), g(mask.sum()).sum()
+        entropy, tokens = g((entropy.detach() * mask).sum()).sum(), g(mask.sum()).sum()
         m["entropy"].append((entropy / tokens).item() if tokens > 0 else 0.0)
         if mode == "train":
             self._total_train_tokens += g(batch["attention_mask"].sum()).sum().item() // self._tp_size
         m["num_tokens"] = [self._total_train_tokens]
-        mean_logits = outputs.mean_logits[:, -mask.size(1):]
         counts = {}
         for name, rows, rewards in (("chosen", desirable, out.chosen_rewards), ("rejected", ~desirable,
                                                                                  out.rejected_rewards)):
@@ -320,7 +385,7 @@ def kto_config(recipe, info):
 def build_kto_trainer(ctx):
     """``kto`` on :class:`PosttrainKTOTrainer`."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.trainers.common import peft_config
+    from posttrain.trainers.common import trainer_kwargs
 
     recipe = ctx.recipe
     config = ctx.config if ctx.config is not None else kto_config(recipe, ctx.info)
@@ -330,14 +395,6 @@ def build_kto_trainer(ctx):
         PosttrainKTOTrainer,
         recipe,
         uses_disabled_adapter_reference=recipe.reference.uses_disabled_adapter,
-        model=ctx.model,
-        ref_model=ctx.ref_model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=ctx.tokenizer,
-        peft_config=peft_config(recipe),
-        callbacks=ctx.callbacks,
-        params=recipe.params,
+        **trainer_kwargs(ctx, config, train, evals),
         assistant_turns=recipe.data.assistant_turns,
     )

@@ -14,6 +14,7 @@ from posttrain.losses.unlearning import (
     npo_loss_at_reference,
     retain_kl_loss,
     retain_nll_loss,
+    retain_token_kl_loss,
     rmu_activation_loss,
     rmu_control_vector,
     rmu_loss,
@@ -248,6 +249,27 @@ def test_retain_kl_worked_example():
     kl.backward()
     # d/dz_theta of KL(p_ref || softmax(z)) = (p_theta - p_ref) / N
     assert close(policy.grad, [[-0.05, 0.05, 0.0], [0.0, 0.05, -0.05]])
+
+
+def test_retain_token_kl_worked_example_and_equal_to_the_logits_form():
+    token_kl = torch.tensor([[0.02, 0.06, 0.1]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    loss = retain_token_kl_loss(token_kl, mask)
+    assert close(loss, 0.04) and close(retain_token_kl_loss(token_kl, mask, num_items=4), 0.02)
+    assert close(retain_token_kl_loss(token_kl), 0.06)  # no mask: every position
+    loss.backward()
+    assert close(token_kl.grad, [[0.5, 0.5, 0.0]])
+    assert float(retain_token_kl_loss(token_kl, torch.zeros(1, 3)).detach()) == 0.0
+    # the per-position KLs of the worked logits give retain_kl_loss's value, and the term accepts either form
+    policy, ref = kl_logits()
+    per_position = torch.nn.functional.kl_div(policy.log_softmax(-1), ref.log_softmax(-1), reduction="none",
+                                              log_target=True).sum(-1)
+    assert close(per_position, [0.025267, 0.057536])
+    assert close(retain_token_kl_loss(per_position[None], torch.ones(1, 2)), 0.041402)
+    f_logps, f_mask = forget_tokens()
+    ga_kl = unlearning_objective("ga_kl", forget_logps=f_logps, forget_mask=f_mask,
+                                 retain_token_kl=per_position[None].detach(), retain_kl_mask=torch.ones(1, 2))
+    assert close(ga_kl.retain_loss, 0.041402) and ga_kl.metrics["retain_kl"] == pytest.approx(0.041402, abs=1e-6)
 
 
 def test_retain_kl_masks_and_reference():

@@ -11,7 +11,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, UnlearningForward, forget_retain_objective
+from posttrain.families.unlearning.objective import (
+    FORGET_LOGPS,
+    RETAIN_KL,
+    UNLEARNING_OBJECTIVES,
+    ObjectiveWeights,
+    UnlearningForward,
+    forget_retain_objective,
+    term_needs,
+)
 from posttrain.registry import MethodInfo, MethodParams, register
 
 _MASK_KEYS = ("mask_sparsity", "mask_gamma", "mask_num_batches", "mask_before_clip", "mask_decay_masked")
@@ -49,10 +57,16 @@ class UnlearningParams(MethodParams):
         """The retain KL term scores every position, prompt and padding included (NPO+KL's ``retain_kl_mask: none``)."""
         return False
 
+    def objective_weights(self) -> ObjectiveWeights:
+        """The objective's weights these params set (the others: the objective's defaults); a method with more
+        weights extends it."""
+        return ObjectiveWeights(gamma=float(self.gamma))
+
     @property
     def retain_weight(self) -> float:
         """``alpha``, the weight of the objective's retain term (0.0 for a method without one, such as GA)."""
-        return float(getattr(self, "alpha", 0.0))
+        alpha = self.objective_weights().alpha
+        return 0.0 if alpha is None else float(alpha)
 
     @property
     def uses_weight_mask(self) -> bool:
@@ -86,14 +100,15 @@ register(
 
 
 @UNLEARNING_OBJECTIVES.register("ga", doc="docs/methods/ga.md#objective", forget="ga", retain=None, gamma=1.0,
-                                alpha=0.0)
+                                alpha=0.0, needs=term_needs({FORGET_LOGPS}))
 def ga_objective(p: UnlearningParams, f: UnlearningForward):
     """Gradient ascent (NPO paper, arXiv 2404.05868; TOFU arXiv 2401.06121): ``gamma`` times minus the forget NLL."""
     return forget_retain_objective("ga", p, f)
 
 
 @UNLEARNING_OBJECTIVES.register("ga_kl", doc="docs/methods/npo.md#the-ga_kl-objective", recipe_method=False,
-                                forget="ga", retain="kl", gamma=1.0, alpha=1.0)
+                                forget="ga", retain="kl", gamma=1.0, alpha=1.0,
+                                needs=term_needs({FORGET_LOGPS}, {RETAIN_KL}))
 def ga_kl_objective(p, f: UnlearningForward):
     """GA plus KL(pi_ref || pi_theta) on the retain set (NPO paper, arXiv 2404.05868)."""
     return forget_retain_objective("ga_kl", p, f)

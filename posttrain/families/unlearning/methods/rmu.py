@@ -5,10 +5,18 @@ the retain term ``activations`` (``terms/``), combined by :func:`posttrain.losse
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pydantic import Field, model_validator
 
 from posttrain.families.unlearning.methods.ga import UnlearningParams
-from posttrain.families.unlearning.objective import UNLEARNING_OBJECTIVES, UnlearningForward
+from posttrain.families.unlearning.objective import (
+    FORGET_ACTIVATIONS,
+    RETAIN_ACTIVATIONS,
+    UNLEARNING_OBJECTIVES,
+    UnlearningForward,
+    term_needs,
+)
 from posttrain.registry import MethodInfo, register
 
 
@@ -43,6 +51,9 @@ class RMUParams(UnlearningParams):
             raise UserError("method.trainable_params: empty, nothing would train; null selects the paper's weights")
         return self
 
+    def objective_weights(self):
+        return replace(super().objective_weights(), alpha=float(self.alpha))
+
     def trainable_patterns(self) -> list[str]:
         """The regexes of the weights that move (the paper's default: down_proj of the three layers up to rmu_layer)."""
         if self.trainable_params is not None:
@@ -67,11 +78,13 @@ register(
 
 
 @UNLEARNING_OBJECTIVES.register("rmu", doc="docs/methods/rmu.md#objective", forget="rmu", retain="activations",
-                                gamma=1.0, alpha=1.0, steers_activations=True)
+                                gamma=1.0, alpha=1.0, steers_activations=True,
+                                needs=term_needs({FORGET_ACTIVATIONS}, {RETAIN_ACTIVATIONS}))
 def rmu_objective(p: RMUParams, f: UnlearningForward):
     """RMU (Li et al., the WMDP benchmark, arXiv 2403.03218): :func:`posttrain.losses.unlearning.rmu_loss` on the
     hidden states of layer ``rmu_layer`` (the trainer captures them: ``steers_activations``)."""
     from posttrain.losses.unlearning import rmu_loss
 
+    w = p.objective_weights()
     return rmu_loss(f.forget_activations, f.forget_mask, f.control_vector, f.retain_activations,
-                    f.retain_ref_activations, f.retain_mask, gamma=float(p.gamma), alpha=float(p.alpha))
+                    f.retain_ref_activations, f.retain_mask, gamma=w.gamma, alpha=w.alpha)

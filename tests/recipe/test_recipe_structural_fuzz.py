@@ -1,12 +1,12 @@
-"""Structural recipe fuzz (issue 29), next to the value fuzz of tests/test_recipe_fuzz.py: recipes written wrong the
-way a hostile user writes them (wrong nesting, YAML features, cross-key conflicts, paths, the launcher's own flags),
-run through `posttrain train` in-process and classified by tests/fuzz_harness.py (traceback / hang / nonsense exit
-0 / wrong error / clean error / valid run).
+"""Structural recipe fuzz (issue 29), next to the value fuzz of tests/recipe/test_recipe_fuzz.py: recipes written
+wrong the way a hostile user writes them (wrong nesting, YAML features, cross-key conflicts, paths, the launcher's
+own flags), run through `posttrain train` in-process and classified by tests/fuzz_harness.py (traceback / hang /
+nonsense exit 0 / wrong error / clean error / valid run).
 
 The fixed core is every case of issue 29; the generator adds seeded mutations of small base recipes. The default
 suite runs the core and a sample of generated recipes up to the model load (every refusal here happens before it);
 ``-m slow`` runs the cases that need a model and a fresh fuzz of >= 300 recipes for real (valid ones train one step).
-``python tests/test_recipe_structural_fuzz.py [N] [SEED]`` prints the classification of a fresh fuzz.
+``python tests/recipe/test_recipe_structural_fuzz.py [N] [SEED]`` prints the classification of a fresh fuzz.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fuzz_harness import Case, classify, report, run_case
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fuzz_harness.py, also when run as a script
+from fuzz_harness import Case, classify, report, run_case  # noqa: E402
 
 SFT = {
     "model": "builtin:tiny-qwen2",
@@ -412,7 +413,7 @@ def test_fresh_structural_fuzz_of_300_recipes(tmp_path):
     assert counts["traceback"] == counts["hang"] == counts["nonsense"] == counts["wrong"] == 0, report(outcomes)
 
 
-if __name__ == "__main__":  # a fresh fuzz, classified: python tests/test_recipe_structural_fuzz.py [N] [SEED]
+if __name__ == "__main__":  # a fresh fuzz, classified: python tests/recipe/test_recipe_structural_fuzz.py [N] [SEED]
     import os
     import tempfile
 

@@ -435,7 +435,7 @@ def test_model_card_shows_the_last_logged_metrics(runs):
         assert f"| {key} | {step} | {value:.4g} |" in card
 
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPE_DIR.glob("*.yaml")))

@@ -147,7 +147,7 @@ def test_greedy_accuracy_uses_the_reward_rule(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 # reward specs: file.py:function, reward models, errors before the model loads
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def _grpo_recipe(tmp_path, rewards: str, *sets: str, name: str = "recipe.yaml"):

@@ -305,7 +305,7 @@ def test_grpo_rollouts_see_clean_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PosttrainGRPOTrainer, "_generate_and_score_completions", spy_generate)
     monkeypatch.setattr(PosttrainGRPOTrainer, "compute_loss", spy_loss)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     recipe = load_recipe(root / "recipes" / "grpo.yaml", [
         f"output_dir={tmp_path}", "training.max_steps=2", "training.per_device_train_batch_size=8",
         "training.num_generations=4", "training.gradient_accumulation_steps=2", "training.save_strategy='no'",

@@ -13,7 +13,7 @@ import pytest
 
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 NUM_MUTATIONS = 800
 SEED = 1234

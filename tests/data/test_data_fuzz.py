@@ -6,7 +6,7 @@ one epoch, steps = rows in the file - logged skips - logged drops.
 
 The fixed core is every case of issue 30; the generator writes seeded files from a list of row mutations. The
 default suite runs the core up to the model load and a handful of complete runs; ``-m slow`` runs a fresh fuzz of
->= 100 files end to end. ``python tests/test_data_fuzz.py [N] [SEED]`` prints the classification of a fresh fuzz.
+>= 100 files end to end. ``python tests/data/test_data_fuzz.py [N] [SEED]`` prints the classification of a fresh fuzz.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fuzz_harness import Case, classify, report, run_case
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fuzz_harness.py, also when run as a script
+from fuzz_harness import Case, classify, report, run_case  # noqa: E402
 
 TRAINING = {"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 1, "save_strategy": "no",
             "logging_steps": 1, "disable_tqdm": True, "learning_rate": 1e-4}
@@ -303,7 +304,7 @@ def test_fresh_data_fuzz_of_100_files(tmp_path):
     assert counts["traceback"] == counts["hang"] == counts["nonsense"] == counts["wrong"] == 0, report(outcomes)
 
 
-if __name__ == "__main__":  # a fresh data fuzz, classified: python tests/test_data_fuzz.py [N] [SEED]
+if __name__ == "__main__":  # a fresh data fuzz, classified: python tests/data/test_data_fuzz.py [N] [SEED]
     import os
     import tempfile
 

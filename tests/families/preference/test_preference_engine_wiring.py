@@ -184,7 +184,7 @@ def test_recipe_keys_are_checked():
     with pytest.raises(UserError, match=r"^training.share_prompts: expected true or false, got 'no'$"):
         check_training({"share_prompts": "no"}, "preference")
     with pytest.raises(UserError, match="training.logprob_head: unknown training argument"):
-        check_training({"logprob_head": "auto"}, "sft")
+        check_training({"logprob_head": "auto"}, "reward")
 
 
 def test_literal_of_the_config_lists_every_registered_head():

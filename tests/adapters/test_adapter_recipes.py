@@ -17,7 +17,7 @@ from posttrain.errors import UserError
 from posttrain.recipe import parse_recipe
 from fp32 import assert_fp32_close
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ["plora", "goat", "ggpo"]
 
 

@@ -10,7 +10,7 @@ import torch
 from posttrain.errors import UserError
 from posttrain.rl.tools import calculator
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_calculator():

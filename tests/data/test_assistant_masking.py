@@ -1,7 +1,7 @@
 """Assistant-only loss for any chat template (issue 23).
 
-The public chat templates of six families (``tests/chat_templates.py``; none has ``{% generation %}`` markers) on the
-built-in tiny tokenizer with each family's special tokens added: the masked tokens of
+The public chat templates of six families (``tests/data/chat_templates.py``; none has ``{% generation %}`` markers) on
+the built-in tiny tokenizer with each family's special tokens added: the masked tokens of
 :func:`posttrain.data.formatting.assistant_token_mask` are exactly the assistant contents plus each turn's end-of-turn
 token (hand-written below), for single- and multi-turn conversations, with a system prompt and with a tool call; and
 ``posttrain train`` with ``method: sft`` on ``messages`` rows logs a step-1 loss (learning rate 0) equal to an

@@ -162,7 +162,7 @@ def test_simpo_guide_recipe_stages():
 
     from posttrain.stages import load_stages
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     (guide_name, guide), (main_name, main) = load_stages(root / "recipes" / "pre_dpo_simpo.yaml",
                                                          ["output_dir=/tmp/pds"])
     assert (guide_name, guide.method.name, guide.ref_model) == ("guide", "simpo", None)
