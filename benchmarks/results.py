@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -147,9 +148,9 @@ def train_one(run: Run, seed: int) -> dict:
         if run.probe is not None:
             probe = _probe_callback(run.probe, run.probe_every, load_tokenizer(recipe.model.path))
             callbacks.append(probe)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         summary = train(recipe, quiet=True, callbacks=callbacks)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if line.strip()]
         final = {"accuracy_before": summary.get("accuracy_before"), "accuracy_after": summary.get("accuracy_after"),
                  "train_loss": summary.get("train_loss")}
@@ -157,7 +158,7 @@ def train_one(run: Run, seed: int) -> dict:
             final.update(run.finish(tmp, summary))
     steps = [b - a for a, b in zip(meter.stamps, meter.stamps[1:])]
     return {"label": run.label, "panel": run.panel, "seed": seed, "steps": summary.get("steps"), "wall_s": wall,
-            "step_s": statistics.median(steps) if steps else None, "trainable_params": meter.trainable,
+            "cpu_s": cpu, "step_s": statistics.median(steps) if steps else None, "trainable_params": meter.trainable,
             "final": final, "log": rows, "probe": probe.points if probe else []}
 
 
@@ -833,7 +834,8 @@ def plot(family: str, results: list[dict], out: Path, quick: bool) -> list[str]:
             ax.grid(alpha=0.3)
         if drawn:
             name = f"{family}_{key.replace('/', '_')}.png"
-            fig.suptitle(f"{spec.title} ({'quick' if quick else 'full'}; mean ± std over seeds)", fontsize=9)
+            title = f"{spec.title} ({'quick' if quick else 'full'}; mean ± std over seeds)"
+            fig.suptitle(textwrap.fill(title, 75 * len(shown)), fontsize=9)  # ~75 characters fit a 5.2-inch panel
             fig.tight_layout()
             fig.savefig(out / name, dpi=90)
             names.append(name)

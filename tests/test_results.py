@@ -2,6 +2,7 @@
 steps), checking the direction its docs page reports, not the numbers (docs/results.md, docs/preference.md,
 docs/rlvr.md, docs/unlearning.md, docs/lora_variants.md)."""
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -180,3 +181,20 @@ def test_run_family_reuses_the_runs_of_an_interrupted_invocation(tmp_path):
     assert len(checkpoint.read_text().splitlines()) == 1 and "reused" not in first[0]
     again = R.run_family("stable_spam", [0], quick=True, runs=runs, checkpoint=checkpoint)
     assert again[0]["reused"] and again[0]["log"] == first[0]["log"] and again[0]["seed"] == 0
+    assert first[0]["cpu_s"] > 0
+
+
+def test_all_recipes_progress_tables_the_done_recipes_and_names_those_left(tmp_path, capsys):
+    """benchmarks/all_recipes.py --progress (docs/results.md "Every recipe"): reads the partial file, runs nothing."""
+    import all_recipes
+
+    out = tmp_path / "all.json"
+    row = {"recipe": "recipes/dft.yaml", "exit_code": 0, "wall_s": 80.0, "cpu_s": 28.7, "steps": 100,
+           "train_loss": 0.11, "accuracy_before": 0.51, "accuracy_after": 0.47}
+    failed = {"recipe": "recipes/dpo.yaml", "exit_code": 0, "wall_s": 3.0, "cpu_s": 2.0, "error": "exit 0 without summary"}
+    Path(f"{out}.partial.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(failed) + "\n")
+    assert all_recipes.main(["--out", str(out), "--recipes", "dft", "dpo", "grpo", "--progress"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "| `recipes/dft.yaml` | 0 | 100 | 80 | 28.7 | 0.1100 | 51.0% | 47.0% |" in printed
+    assert printed[-1] == "2 of 3 left: dpo, grpo"
+    assert not out.exists()
