@@ -303,7 +303,7 @@ def test_every_mia_attack_is_registered_with_its_paper_and_docs():
     from posttrain.eval.unlearning_metrics import MIA_ATTACKS, TokenStats
 
     assert MIA_ATTACKS.names() == ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
-    page = (Path(__file__).resolve().parents[1] / "docs" / "unlearning.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "unlearning.md").read_text()
     for entry in MIA_ATTACKS:
         assert "arXiv" in entry.fn.__doc__ and entry.doc.startswith("docs/unlearning.md#")
         assert f"`{entry.name}`" in page, entry.name
