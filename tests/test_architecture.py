@@ -578,7 +578,6 @@ COMMON_TRAINER_ARGUMENTS = {"model", "args", "train_dataset", "eval_dataset", "p
                             "callbacks", "params", "ref_model"}
 # Builders that still spell the common arguments out, each with the reason: shrink it.
 KNOWN_OWN_ARGUMENTS = {
-    "unlearning": "being rewritten on the log-prob engine",
     "reward": "a sequence-classification model: its own peft task type and no reference model",
 }
 

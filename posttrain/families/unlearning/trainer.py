@@ -572,7 +572,7 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
 def build_unlearning_trainer(ctx):
     """Build the unlearning trainer from a run context (see :mod:`posttrain.train`)."""
     from posttrain.adapters.trainer import make_trainer
-    from posttrain.trainers.common import peft_config
+    from posttrain.trainers.common import trainer_kwargs
 
     recipe, info, params = ctx.recipe, ctx.info, ctx.recipe.params
     name, data = info.name, recipe.data
@@ -594,15 +594,8 @@ def build_unlearning_trainer(ctx):
         recipe,
         uses_disabled_adapter_reference=(recipe.reference.uses_disabled_adapter
                                          and uses_reference(name, params)),
-        model=ctx.model,
-        args=config,
-        train_dataset=dataset,
+        **trainer_kwargs(ctx, config, dataset),
         data_collator=ForgetRetainCollator(pad),
-        processing_class=tok,
-        peft_config=peft_config(recipe),
-        callbacks=ctx.callbacks,
         method=name,
-        params=params,
-        ref_model=ctx.ref_model,
         mask_rows=mask_rows,
     )
