@@ -259,6 +259,48 @@ def report(title: str, args, runs: list[dict], summary: dict) -> None:
         Path(args.out).write_text(json.dumps({"meta": meta, "runs": runs, **summary}, indent=1))
 
 
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages (the machine may be shared: the report says how loaded it was)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def paired_ratios(runs: list[dict], ours: str, base: str) -> dict:
+    """Per repeat: the baseline's CPU s/step over ours (speed-up) and ours' peak growth over the baseline's; median
+    [min..max] over the repeats (CPU time, not wall time: nearly independent of other load)."""
+    by = {(r["label"], r["repeat"]): r for r in runs}
+    speed, memory = [], []
+    for (label, repeat), r in by.items():
+        if label == base and (ours, repeat) in by:
+            o = by[(ours, repeat)]
+            speed.append(r["cpu_s_per_step"] / o["cpu_s_per_step"])
+            memory.append(o["peak_growth_mib"] / max(r["peak_growth_mib"], 1e-9))
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+            for name, v in (("cpu_speedup", speed), ("peak_growth_ratio", memory))}
+
+
+def report_paired(title: str, args, runs: list[dict], pairs: list[tuple[str, str]], load_before: str) -> dict:
+    """:func:`summarise` plus the per-repeat paired ratios and the load; prints both tables and writes ``args.out``
+    (runs, stats, ratios, paired ratios, load)."""
+    summary = summarise(runs, pairs)
+    summary["paired"] = {f"{o}/{b}": paired_ratios(runs, o, b) for o, b in pairs}
+    summary["load"] = {"before": load_before, "after": load_average()}
+    args.out, out = None, args.out
+    report(title, args, runs, summary)
+    for label, st in summary["stats"].items():
+        print(f"{label:<32} CPU s/step {st['cpu_s_per_step_median']:.3f} [{st['cpu_s_per_step_min']:.3f}.."
+              f"{st['cpu_s_per_step_max']:.3f}], peak growth MiB {st['peak_growth_mib_median']:.0f} "
+              f"[{st['peak_growth_mib_min']:.0f}..{st['peak_growth_mib_max']:.0f}]")
+    for name, r in summary["paired"].items():
+        c, m = r["cpu_speedup"], r["peak_growth_ratio"]
+        print(f"paired {name}: CPU speed-up {c['median']:.2f} [{c['min']:.2f}..{c['max']:.2f}], peak growth ratio "
+              f"{m['median']:.2f} [{m['min']:.2f}..{m['max']:.2f}]")
+    print(f"load average before {summary['load']['before']}, after {summary['load']['after']}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"argv": sys.argv, "runs": runs, **summary}, indent=1))
+    return summary
+
+
 def markdown(paths: list[str]) -> str:
     """Markdown tables from the ``--out`` JSON files: ``python benchmarks/_common.py benchmarks/results/*.json``."""
     lines = []

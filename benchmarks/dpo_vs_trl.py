@@ -76,23 +76,6 @@ def _one(args) -> dict:
     return {"label": f"{which}-dpo-sigmoid", "trainer": which, "method": "dpo", **res}
 
 
-def _load() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def _paired_ratios(runs: list[dict], ours: str, trl: str) -> dict:
-    """Per repeat: TRL's CPU s/step over ours (speed-up), ours' peak growth over TRL's; median [min..max]."""
-    import statistics
-
-    by = {(r["label"], r["repeat"]): r for r in runs}
-    speed, memory = [], []
-    for (label, repeat), r in by.items():
-        if label == trl and (ours, repeat) in by:
-            o = by[(ours, repeat)]
-            speed.append(r["cpu_s_per_step"] / o["cpu_s_per_step"])
-            memory.append(o["peak_growth_mib"] / max(r["peak_growth_mib"], 1e-9))
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-            for name, v in (("cpu_speedup", speed), ("peak_growth_ratio", memory))}
 
 
 def main() -> None:
@@ -108,27 +91,12 @@ def main() -> None:
     if args._one:
         print(json.dumps(_one(args)))
         return
-    load_before = _load()
+    load_before = _common.load_average()
     variants = [["trl"], ["posttrain"], *([["posttrain_unshared"]] if args.unshared else [])]
     runs = _common.run_interleaved(__file__, variants, args, extra)
     pairs = [(f"{v[0]}-dpo-sigmoid", "trl-dpo-sigmoid") for v in variants[1:]]
-    summary = _common.summarise(runs, pairs)
-    summary["paired"] = {f"{o}/{t}": _paired_ratios(runs, o, t) for o, t in pairs}
-    summary["load"] = {"before": load_before, "after": _load()}
-    args.out, out = None, args.out
-    _common.report(f"dpo (sigmoid) vs stock TRL DPOTrainer, prompt fraction {args.prompt_fraction}, head "
-                   f"{args.logprob_head}", args, runs, summary)
-    for label, st in summary["stats"].items():
-        print(f"{label:<32} CPU s/step {st['cpu_s_per_step_median']:.3f} "
-              f"[{st['cpu_s_per_step_min']:.3f}..{st['cpu_s_per_step_max']:.3f}]")
-    for name, r in summary["paired"].items():
-        c, m = r["cpu_speedup"], r["peak_growth_ratio"]
-        print(f"paired {name}: CPU speed-up {c['median']:.2f} [{c['min']:.2f}..{c['max']:.2f}], peak growth ratio "
-              f"{m['median']:.2f} [{m['min']:.2f}..{m['max']:.2f}]")
-    print(f"load average before {summary['load']['before']}, after {summary['load']['after']} (2 shared cores)")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"argv": sys.argv, "runs": runs, **summary}, indent=1))
+    _common.report_paired(f"dpo (sigmoid) vs stock TRL DPOTrainer, prompt fraction {args.prompt_fraction}, head "
+                          f"{args.logprob_head}", args, runs, pairs, load_before)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from dpo_vs_trl import _load, _paired_ratios  # noqa: E402
 
 # --shape: Qwen2-0.5B's vocabulary, hidden size and depth (random weights; _common.build_model derives the rest)
 SHAPES = {"0.5b": {"vocab": 151936, "hidden": 896, "layers": 24}}
@@ -105,7 +104,7 @@ def main() -> None:
     if args._one:
         print(json.dumps(_one(args)))
         return
-    load_before = _load()
+    load_before = _common.load_average()
     variants = []
     for m in args.methods:
         variants += [["trl", m], ["posttrain", m]]
@@ -115,23 +114,8 @@ def main() -> None:
     runs = _common.run_interleaved(__file__, variants, args, extra)
     pairs = [(f"posttrain-{m}", f"trl-{TRL_LOSS[m]}") for m in args.methods]
     pairs += [(f"posttrain-{m}", "hf-full-logits-nll") for m in args.methods if m == "sft" and args.full_logits]
-    summary = _common.summarise(runs, pairs)
-    summary["paired"] = {f"{o}/{t}": _paired_ratios(runs, o, t) for o, t in pairs}
-    summary["load"] = {"before": load_before, "after": _load()}
-    args.out, out = None, args.out
-    _common.report(f"SFT-family vs stock TRL SFTTrainer, prompt fraction {args.prompt_fraction}, head "
-                   f"{args.logprob_head}", args, runs, summary)
-    for label, st in summary["stats"].items():
-        print(f"{label:<32} CPU s/step {st['cpu_s_per_step_median']:.3f} "
-              f"[{st['cpu_s_per_step_min']:.3f}..{st['cpu_s_per_step_max']:.3f}]")
-    for name, r in summary["paired"].items():
-        c, m = r["cpu_speedup"], r["peak_growth_ratio"]
-        print(f"paired {name}: CPU speed-up {c['median']:.2f} [{c['min']:.2f}..{c['max']:.2f}], peak growth ratio "
-              f"{m['median']:.2f} [{m['min']:.2f}..{m['max']:.2f}]")
-    print(f"load average before {summary['load']['before']}, after {summary['load']['after']} (2 shared cores)")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"argv": sys.argv, "runs": runs, **summary}, indent=1))
+    _common.report_paired(f"SFT-family vs stock TRL SFTTrainer, prompt fraction {args.prompt_fraction}, head "
+                          f"{args.logprob_head}", args, runs, pairs, load_before)
 
 
 if __name__ == "__main__":

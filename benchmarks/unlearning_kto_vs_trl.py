@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -125,21 +124,6 @@ def _one(args) -> dict:
     return {"label": f"{suite}-{which}", "suite": suite, "variant": which, **res}
 
 
-def _load() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def _paired(runs: list[dict], ours: str, base: str) -> dict:
-    """Per repeat: the baseline's CPU s/step over ours (speed-up), ours' peak growth over the baseline's."""
-    by = {(r["label"], r["repeat"]): r for r in runs}
-    speed, memory = [], []
-    for (label, repeat), r in by.items():
-        if label == base and (ours, repeat) in by:
-            o = by[(ours, repeat)]
-            speed.append(r["cpu_s_per_step"] / o["cpu_s_per_step"])
-            memory.append(o["peak_growth_mib"] / max(r["peak_growth_mib"], 1e-9))
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-            for name, v in (("cpu_speedup", speed), ("peak_growth_ratio", memory))}
 
 
 def main() -> None:
@@ -153,28 +137,12 @@ def main() -> None:
     if args._one:
         print(json.dumps(_one(args)))
         return
-    load_before = _load()
+    load_before = _common.load_average()
     variants = [[suite, which] for suite in args.suites for which in SUITES[suite]]
     runs = _common.run_interleaved(__file__, variants, args, extra)
     pairs = [(f"{suite}-{SUITES[suite][0]}", f"{suite}-{SUITES[suite][1]}") for suite in args.suites]
-    summary = _common.summarise(runs, pairs)
-    summary["paired"] = {f"{o}/{b}": _paired(runs, o, b) for o, b in pairs}
-    summary["load"] = {"before": load_before, "after": _load()}
-    args.out, out = None, args.out
-    _common.report(f"npo_kl (engine vs before) and kto (posttrain vs stock TRL), prompt fraction "
-                   f"{args.prompt_fraction}", args, runs, summary)
-    for label, st in summary["stats"].items():
-        print(f"{label:<20} CPU s/step {st['cpu_s_per_step_median']:.3f} [{st['cpu_s_per_step_min']:.3f}.."
-              f"{st['cpu_s_per_step_max']:.3f}], peak growth MiB {st['peak_growth_mib_median']:.0f} "
-              f"[{st['peak_growth_mib_min']:.0f}..{st['peak_growth_mib_max']:.0f}]")
-    for name, r in summary["paired"].items():
-        c, m = r["cpu_speedup"], r["peak_growth_ratio"]
-        print(f"paired {name}: CPU speed-up {c['median']:.2f} [{c['min']:.2f}..{c['max']:.2f}], peak growth ratio "
-              f"{m['median']:.2f} [{m['min']:.2f}..{m['max']:.2f}]")
-    print(f"load average before {summary['load']['before']}, after {summary['load']['after']} (2 shared cores)")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"argv": sys.argv, "runs": runs, **summary}, indent=1))
+    _common.report_paired(f"npo_kl (engine vs before) and kto (posttrain vs stock TRL), prompt fraction "
+                          f"{args.prompt_fraction}", args, runs, pairs, load_before)
 
 
 if __name__ == "__main__":
