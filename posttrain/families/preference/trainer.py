@@ -613,7 +613,7 @@ def preference_config(recipe, info):
     """The :class:`PreferenceConfig` (``DPOConfig`` + the log-prob engine's keys) of a preference-family recipe, built
     before any model loads; a ``training.logprob_head`` that cannot run on this machine is refused here."""
     from posttrain.families.preference.config import PreferenceConfig
-    from posttrain.logprobs.heads import LOGPROB_HEADS, LogitTransform
+    from posttrain.logprobs.heads import check_head_here
     from posttrain.trainers.common import training_config
 
     params, name = recipe.params, info.name
@@ -637,13 +637,7 @@ def preference_config(recipe, info):
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
     config = training_config(PreferenceConfig, recipe, overrides)
-    if config.logprob_head != "auto":  # what the model's config adds (soft cap, logit scale) is checked when it loads
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
-        reason = LOGPROB_HEADS[config.logprob_head].unavailable(device, LogitTransform(), False)
-        if reason is not None:
-            raise UserError(f"training.logprob_head: {config.logprob_head} cannot run here: {reason}")
+    check_head_here(config)
     if config.sync_ref_model and (not recipe.reference.used or overrides["precompute_ref_log_probs"]):
         why = f"method '{name}' uses none" if not recipe.reference.used else "precompute_ref_log_probs keeps none"
         raise UserError(f"training.sync_ref_model: needs a live reference model ({why})")

@@ -709,23 +709,11 @@ def rl_config(recipe, info):
         config.num_generations = config.num_generations_eval = 1
     else:
         config = training_config(RLConfig, recipe, overrides)
-    _check_logprob_head(config)
+    from posttrain.logprobs.heads import check_head_here
+
+    check_head_here(config)
     return config
 
-
-def _check_logprob_head(config) -> None:
-    """A ``training.logprob_head`` other than auto must be able to run on this machine (the model's own logit
-    transform is checked when it loads)."""
-    if config.logprob_head == "auto":
-        return
-    import torch
-
-    from posttrain.logprobs.heads import LOGPROB_HEADS, LogitTransform
-
-    device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
-    reason = LOGPROB_HEADS[config.logprob_head].unavailable(device, LogitTransform(), False)
-    if reason is not None:
-        raise UserError(f"training.logprob_head: {config.logprob_head} cannot run here: {reason}")
 
 
 def _without(recipe, key: str):
