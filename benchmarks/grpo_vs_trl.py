@@ -19,13 +19,15 @@ stock TRL ``GRPOTrainer``, posttrain (the log-prob engine, each prompt once per 
 
     OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --loss-step --vocab 32768 --hidden 256 --layers 2 \
         --seq 300 --prompt-fraction 0.8 --prompts 2 --steps 6 --warmup 2 --repeats 3
+    # a 0.5B-class shape (Qwen2-0.5B's vocabulary, width and depth, random weights): one prompt x 8, a few steps
+    OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --loss-step --model random --shape 0.5b --seq 300 \
+        --prompt-fraction 0.8 --prompts 1 --steps 1 --warmup 1 --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -158,11 +160,7 @@ def _loss_step_main(args) -> None:
     for r in range(args.repeats):
         for which in (LOSS_VARIANTS if r % 2 == 0 else LOSS_VARIANTS[::-1]):
             cmd = [sys.executable, __file__, "--_one", which, *_common.model_argv(args), *extra]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr[-4000:])
-                raise SystemExit(f"run failed: {' '.join(cmd)}")
-            res = {**json.loads(out.stdout.strip().splitlines()[-1]), "repeat": r}
+            res = {**_common.run_guarded(cmd, args.min_free_gib), "repeat": r}
             runs.append(res)
             print(f"  [{r}] {res['label']:<28} {res['cpu_s_per_step']:.3f} CPU s/step  peak {res['peak_mib']:.0f} MiB "
                   f"(+{res['peak_growth_mib']:.0f})  loss {res['loss']:.6f}", flush=True)
@@ -201,6 +199,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="--loss-step: prompts per batch (G = 8 rows each)")
     parser.add_argument("--_one", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    _common.apply_shape(args)
     if args.loss_step:
         if args._one:
             print(json.dumps(_one_loss_step(args)))
