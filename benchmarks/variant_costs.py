@@ -69,7 +69,8 @@ COMMON_SETS = ["training.save_strategy='no'", "training.disable_tqdm=true", "rep
 
 @dataclass
 class Cell:
-    """One variant against its baseline: both run ``recipe`` with the common overrides plus their own ``sets``."""
+    """One variant against its baseline: both run ``recipe`` with the common overrides plus their own ``sets``
+    (``key=value`` as ``--set``; ``-key``: the key removed from the recipe)."""
 
     family: str
     variant: str
@@ -156,7 +157,7 @@ def rl_cells() -> list[Cell]:
                                   "completion per prompt, its own prompt sampler and offline start; no same-batch "
                                   "baseline"))
                 continue
-            unset = [f"method.{k}=null" for k in registry[base[key]].keys if k in base and fields[k].default is None]
+            unset = [f"-method.{k}" for k in registry[base[key]].keys if k in base and fields[k].default is None]
             cells.append(Cell("rl", label, baseline, RL_BASE, [*extra, *unset, f"method.{key}={entry.name}"], extra))
     recipes = _family_recipes("rl")
     for entry in POLICY_LOSSES:
@@ -168,7 +169,7 @@ def rl_cells() -> list[Cell]:
             continue
         keys = [k for k in _yaml(own)["method"] if k in fields and k not in base and k not in ("name", "loss")]
         cells.append(Cell("rl", f"loss={entry.name} ({Path(own).stem})", f"loss={fields['loss'].default}", own, [],
-                          [f"method.loss={fields['loss'].default}", *(f"method.{k}=null" for k in keys)]))
+                          [f"method.loss={fields['loss'].default}", *(f"-method.{k}" for k in keys)]))
     return cells
 
 
@@ -258,8 +259,8 @@ def declared(recipe) -> set[str]:
         out |= {f"advantage {k}" for k in ("needs_strata", "needs_lengths") if getattr(adv, k)}
         out |= {"aggregation row weights"} if AGGREGATIONS[p.aggregation].row_weights else set()
         out |= {"gradient through clipped tokens"} if CLIPPINGS[p.clipping].gradient_preserved else set()
-    if getattr(recipe.reference, "source", None) not in (None, "none"):
-        out.add("reference model")
+    if recipe.reference.used:
+        out.add("reference model" + (" (precomputed)" if recipe.reference.precomputed else ""))
     for flag in ("needs_hidden_states", "fused_weighting", "learned_mask", "scores_prompt_tokens",
                  "head_outside_forward"):
         if getattr(p, flag, False):
@@ -332,12 +333,29 @@ def arm_sets(args, recipe: str, sets: tuple[str, ...], model_dirs: dict[str, str
     return out
 
 
+def load_arm(recipe: str, sets: list[str]):
+    """The parsed recipe of an arm: ``-key`` entries of ``sets`` removed from the file's mapping, the others applied as
+    ``--set`` overrides."""
+    from posttrain.recipe import apply_override, attach_source_dir, parse_recipe, read_recipe_file
+
+    path, data = read_recipe_file(ROOT / recipe)
+    for assignment in sets:
+        if assignment.startswith("-"):
+            *parents, last = assignment[1:].split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            del node[last]
+        else:
+            apply_override(data, assignment)
+    return attach_source_dir(parse_recipe(data), path)
+
+
 def run_arm(recipe: str, sets: list[str], steps: int, warmup: int) -> dict:
-    from posttrain.recipe import load_recipe
     from posttrain.train import run
 
     with tempfile.TemporaryDirectory(prefix="variant-cost-") as tmp:
-        rec = load_recipe(ROOT / recipe, [*sets, f"output_dir={tmp}"])
+        rec = load_arm(recipe, [*sets, f"output_dir={tmp}"])
         if rec._info.family == "rl":
             _skip_generation()
         meter = _meter()
