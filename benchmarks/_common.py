@@ -33,9 +33,9 @@ if str(ROOT) not in sys.path:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# --shape: named model shapes (random weights; build_model derives the rest). 0.5b: Qwen2-0.5B's vocabulary, width
-# and depth (494M parameters with the tied head).
-SHAPES = {"0.5b": {"vocab": 151936, "hidden": 896, "layers": 24}}
+# --shape: named model shapes (random weights). 0.5b: Qwen2.5-0.5B's configuration (494M parameters with the tied
+# head; the same as benchmarks/logprob_engine.py's qwen05b preset).
+SHAPES = {"0.5b": {"vocab": 151936, "hidden": 896, "layers": 24, "intermediate": 4864, "heads": 14, "kv_heads": 2}}
 
 
 def add_model_args(parser, seq_default: int = 256) -> None:
@@ -64,7 +64,7 @@ def apply_shape(args) -> None:
 
 
 def model_argv(args) -> list[str]:
-    return ["--model", args.model, "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--layers",
+    return [*(["--shape", args.shape] if args.shape else []), "--model", args.model, "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--layers",
             str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
             "--warmup", str(args.warmup)]
 
@@ -72,7 +72,8 @@ def model_argv(args) -> list[str]:
 def describe_model(args) -> str:
     if args.model != "random":
         return args.model
-    return f"random Qwen2 vocab={args.vocab} hidden={args.hidden} layers={args.layers}"
+    shape = f" (shape {args.shape}: {SHAPES[args.shape]})" if getattr(args, "shape", None) else ""
+    return f"random Qwen2 vocab={args.vocab} hidden={args.hidden} layers={args.layers}{shape}"
 
 
 def build_model(args):
@@ -84,9 +85,11 @@ def build_model(args):
         from posttrain.models import load_model
 
         return load_model(args.model)
-    heads = max(1, args.hidden // 64)
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+    heads = getattr(args, "heads", None) or max(1, args.hidden // 64)
+    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=getattr(args, "intermediate", None) or 3 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=heads,
+                      num_key_value_heads=getattr(args, "kv_heads", None) or max(1, heads // 2),
                       max_position_embeddings=max(2 * args.seq, 512), tie_word_embeddings=True,
                       pad_token_id=1, eos_token_id=0, bos_token_id=0)
     torch.manual_seed(0)

@@ -509,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(f"run failed: {recipe} {list(sets)}")
                     res = json.loads(out.stdout.strip().splitlines()[-1])
                 runs.append({"recipe": recipe, "sets": list(sets), "repeat": rep, **res})
+                if args.out:  # what is done so far survives an interruption
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.out).write_text(json.dumps({"argv": sys.argv, "partial": True, "runs": runs}, indent=1))
                 print(f"  [{rep}] {recipe:<34} {' '.join(sets)[:60]:<60} {res['cpu_s_per_step']:.4f} CPU s/step  "
                       f"+{res['peak_growth_mib']:.0f} MiB  loss {res['train_loss']}", flush=True)
     rows = summarise(cell_list, runs)
