@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                              "recipe: each recipe's own model")
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4, help="4: the built-in models' depth (RMU steers layer 2)")
     parser.add_argument("--batch", type=int, default=8, help="rows (pairs, forget rows) per step")
     parser.add_argument("--rl-prompts", type=int, default=2, help="RL: prompts per step (x num_generations rows)")
     parser.add_argument("--steps", type=int, default=6)
