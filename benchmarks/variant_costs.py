@@ -327,6 +327,10 @@ def arm_sets(args, recipe: str, sets: tuple[str, ...], model_dirs: dict[str, str
     batch = args.rl_prompts * data["training"]["num_generations"] if rl else args.batch
     out = [*COMMON_SETS, f"training.max_steps={args.steps}", f"training.logging_steps={args.steps}",
            f"training.per_device_train_batch_size={batch}", *sets]
+    # the rows the steps read, not the recipe's thousands (whose tokenisation would dominate the run)
+    rows = args.steps * (args.rl_prompts if rl else args.batch)
+    out[:0] = [f"data.{key}.max_samples={rows}" for key, source in (data.get("data") or {}).items()
+               if isinstance(source, dict) and key in ("train", "forget", "retain")]
     model = data["model"] if isinstance(data["model"], str) else data["model"]["path"]
     if model in model_dirs:
         out.append(f"model={model_dirs[model]}")
@@ -466,7 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the first measurable variant of each family, the recipes' own models, "
                              "3 steps, 1 repeat, in this process")
+    parser.add_argument("--in-process", action="store_true",
+                        help="every arm in this process (no import per arm: CPU times as in a fresh process; the "
+                             "peak growth is then a lower bound, the allocator reusing an earlier arm's memory)")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
+    parser.add_argument("--from-json", help="no runs: the table from the runs of an earlier (possibly interrupted) "
+                                            "--out file")
     parser.add_argument("--out", help="write runs, rows and the markdown table as JSON here")
     parser.add_argument("--_arm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -491,6 +500,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.family:<11} {c.variant:<34} vs {c.baseline:<28} {c.recipe} {c.sets} / {c.base_sets}"
                   f"{'  NOT MEASURED: ' + c.not_measured if c.not_measured else ''}")
         return 0
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        rows = summarise(cell_list, earlier["runs"])
+        print(earlier.get("setting", "") + "\n\n" + markdown(rows))
+        if args.out:
+            Path(args.out).write_text(json.dumps({**earlier, "rows": rows, "markdown": markdown(rows)}, indent=1))
+        return 0
     arms = list(dict.fromkeys(a for c in cell_list if not c.not_measured for a in (c.base_arm, c.arm)))
     load_before = _common.load_average()
     runs = []
@@ -499,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for recipe, sets in (arms if rep % 2 == 0 else arms[::-1]):
                 full = arm_sets(args, recipe, sets, model_dirs)
-                if args.quick:
+                if args.quick or args.in_process:
                     res = run_arm(recipe, full, args.steps, args.warmup)
                 else:
                     spec = json.dumps({"recipe": recipe, "sets": full, "steps": args.steps, "warmup": args.warmup})
@@ -511,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({"recipe": recipe, "sets": list(sets), "repeat": rep, **res})
                 if args.out:  # what is done so far survives an interruption
                     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.out).write_text(json.dumps({"argv": sys.argv, "partial": True, "runs": runs}, indent=1))
+                    Path(args.out).write_text(json.dumps({"argv": sys.argv, "partial": True, "load_before": load_before,
+                                                          "runs": runs}, indent=1))
                 print(f"  [{rep}] {recipe:<34} {' '.join(sets)[:60]:<60} {res['cpu_s_per_step']:.4f} CPU s/step  "
                       f"+{res['peak_growth_mib']:.0f} MiB  loss {res['train_loss']}", flush=True)
     rows = summarise(cell_list, runs)
@@ -521,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     head = (f"{model}; batch {args.batch} (RL: {args.rl_prompts} prompts x num_generations), {args.steps} steps "
-            f"({args.warmup} warm-up), {args.repeats} interleaved repeats; torch {torch.__version__}, "
+            f"({args.warmup} warm-up), {args.repeats} interleaved repeats"
+            f"{', in one process' if args.quick or args.in_process else ', a fresh process per arm'}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
             f"load average before {load_before}, after {_common.load_average()}")
     print("\n" + head + "\n\n" + table)
