@@ -15,7 +15,9 @@ rerunning the same command after an interruption reuses the recipes that exited 
 table of those and names the recipes left, running nothing.
 
 Learning-rate probe (``--lr-scales``): each named recipe runs once per factor with ``--set
-training.learning_rate=<factor × the recipe's lr>`` (and any ``--set`` given), at the recipe's seed (0), and its row
+training.learning_rate=<factor × the recipe's lr>`` (and any ``--set`` given), at the recipe's seed (0), through
+``posttrain.train.run`` in this process (the code path of ``posttrain train``, without its ~13 s of imports; no
+checkpoints), and its row
 adds the family's own metric of the trained model next to the greedy test accuracy: for the preference families
 (DPO family, KTO) the preference accuracy and mean log-prob margin of ``log p(chosen) − log p(rejected)`` on the 200
 test-split pairs of ``benchmarks/preference_accuracy.py`` (problems never trained on, the preference table's
@@ -71,13 +73,12 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_recipe(name: str, sets: list[str] = (), score: bool = False) -> dict:
-    """One recipe as ``posttrain train`` runs it (plus ``--set`` ``sets``); ``score``: add the family's own metric."""
+def run_recipe(name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         stage = _stage_model(name, tmp)  # not timed
         cmd = [sys.executable, "-m", "posttrain.cli", "train", f"recipes/{name}.yaml", "--set", f"output_dir={out}",
-               *stage, *(a for s in sets for a in ("--set", s))]
+               *stage]
         start, cpu = time.perf_counter(), _children_cpu_s()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         wall = time.perf_counter() - start
@@ -87,8 +88,6 @@ def run_recipe(name: str, sets: list[str] = (), score: bool = False) -> dict:
         if proc.returncode == 0 and summary.is_file():
             s = json.loads(summary.read_text())
             row.update({k: s.get(k) for k in ("steps", "train_loss", "accuracy_before", "accuracy_after")})
-            if score:
-                row.update(family_metrics(name, str(out / _last_stage(name))))
         elif proc.returncode == 0:
             row["error"] = f"exit 0 without {summary.relative_to(out)}"
         else:
@@ -165,6 +164,38 @@ def family_metrics(name: str, run_dir: str) -> dict:
     if margins:
         out["train_reward_margin"] = margins[-1]
     return out
+
+
+PROBE_SETS = ["training.save_strategy='no'", "training.disable_tqdm=true"]  # no checkpoints, no progress bars
+
+
+def probe_recipe(name: str, sets: list[str]) -> dict:
+    """One probe run: the recipe (every stage of a multi-stage one) through ``posttrain.train.run``, the code path of
+    ``posttrain train``, in this process (a fresh process per run would add ~13 s of imports to each), with ``--set``
+    ``sets``; the row of ``run_recipe`` (CPU time: this process's) and the family's own metric."""
+    import traceback
+
+    from posttrain.recipe import load_recipe_stages
+    from posttrain.run.stages import run_stages
+    from posttrain.train import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        start, cpu = time.perf_counter(), time.process_time()
+        row = {"recipe": f"recipes/{name}.yaml"}
+        try:
+            stages = load_recipe_stages(ROOT / "recipes" / f"{name}.yaml", [f"output_dir={out}", *PROBE_SETS, *sets])
+            summary = (run(stages[0][1], quiet=True) if stages[0][0] is None
+                       else run_stages(stages, resume=False, overwrite=False)[-1])
+            row.update(exit_code=0, **{k: summary.get(k) for k in ("steps", "train_loss", "accuracy_before",
+                                                                    "accuracy_after")})
+        except Exception as exc:  # recorded in the table, not raised: the other runs go on
+            traceback.print_exc()
+            row.update(exit_code=1, error=f"{type(exc).__name__}: {exc}"[:300])
+        row.update(wall_s=round(time.perf_counter() - start, 1), cpu_s=round(time.process_time() - cpu, 1))
+        if row["exit_code"] == 0:
+            row.update(family_metrics(name, str(out / _last_stage(name))))
+        return row
 
 
 def start_metrics(names: list[str]) -> dict[str, dict]:
@@ -284,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_recipe(name))
         else:
             lr = float(f"{recipe_lr(name) * scale:.3g}")
-            rows.append({**run_recipe(name, [f"training.learning_rate={lr}", *sets], score=True),
+            rows.append({**probe_recipe(name, [f"training.learning_rate={lr}", *sets]),
                          "lr_scale": scale, "learning_rate": lr, "sets": list(sets)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if checkpoint is not None:

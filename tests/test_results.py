@@ -207,20 +207,20 @@ def test_all_recipes_lr_probe_scales_each_recipes_lr_and_reuses_per_factor(tmp_p
 
     calls = []
 
-    def fake_run(name, sets=(), score=False):
-        calls.append((name, list(sets), score))
+    def fake_run(name, sets):
+        calls.append((name, list(sets)))
         return {"recipe": f"recipes/{name}.yaml", "exit_code": 0, "wall_s": 1.0, "cpu_s": 1.0, "steps": 60,
                 "train_loss": 0.5, "accuracy_before": 0.51, "accuracy_after": 0.4, "test_pref_accuracy": 0.6,
                 "test_logp_margin": 0.25, "train_reward_margin": 0.1}
 
-    monkeypatch.setattr(all_recipes, "run_recipe", fake_run)
+    monkeypatch.setattr(all_recipes, "probe_recipe", fake_run)
     monkeypatch.setattr(all_recipes, "start_metrics", lambda names: {n: {"test_pref_accuracy": 0.5} for n in names})
     out = tmp_path / "probe.json"
     argv = ["--recipes", "dpo", "--lr-scales", "1", "0.3", "--set", "method.beta=0.3", "--out", str(out)]
     assert all_recipes.main(argv) == 0
     lr = all_recipes.recipe_lr("dpo")
-    assert calls == [("dpo", [f"training.learning_rate={lr:g}", "method.beta=0.3"], True),
-                     ("dpo", [f"training.learning_rate={float(f'{0.3 * lr:.3g}'):g}", "method.beta=0.3"], True)]
+    assert calls == [("dpo", [f"training.learning_rate={lr}", "method.beta=0.3"]),
+                     ("dpo", [f"training.learning_rate={float(f'{0.3 * lr:.3g}')}", "method.beta=0.3"])]
     rows = json.loads(out.read_text())["rows"]
     assert [r["lr_scale"] for r in rows] == [1.0, 0.3] and rows[1]["learning_rate"] == float(f"{0.3 * lr:.3g}")
     printed = capsys.readouterr().out
@@ -229,7 +229,7 @@ def test_all_recipes_lr_probe_scales_each_recipes_lr_and_reuses_per_factor(tmp_p
     Path(f"{out}.partial.jsonl").write_text(json.dumps({**rows[0], "sets": ["method.beta=0.3"]}) + "\n")
     calls.clear()
     assert all_recipes.main(argv) == 0
-    assert [c[1][0] for c in calls] == [f"training.learning_rate={float(f'{0.3 * lr:.3g}'):g}"]
+    assert [c[1][0] for c in calls] == [f"training.learning_rate={float(f'{0.3 * lr:.3g}')}"]
 
 
 def test_all_recipes_lr_probe_metrics_are_the_families_own():
