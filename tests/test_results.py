@@ -224,7 +224,8 @@ def test_all_recipes_lr_probe_scales_each_recipes_lr_and_reuses_per_factor(tmp_p
     rows = json.loads(out.read_text())["rows"]
     assert [r["lr_scale"] for r in rows] == [1.0, 0.3] and rows[1]["learning_rate"] == float(f"{0.3 * lr:.3g}")
     printed = capsys.readouterr().out
-    assert f"| `recipes/dpo.yaml` | {0.3 * lr:.3g} (0.3×) | 60 | 1.0 | 40.0% | 0.600 | 0.25 | 0.100 |  | 0.5000 |" in printed
+    row = f"| `recipes/dpo.yaml` | {0.3 * lr:.3g} (0.3×) | 60 | 1.0 | 40.0% | 0.600 | 0.25 | 0.100 |  | 0.5000 |"
+    assert row in printed
     # an interrupted probe: the finished factor is reused, the other one runs
     Path(f"{out}.partial.jsonl").write_text(json.dumps({**rows[0], "sets": ["method.beta=0.3"]}) + "\n")
     calls.clear()
