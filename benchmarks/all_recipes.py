@@ -221,7 +221,8 @@ def probe_table(rows: list[dict]) -> list[str]:
         return "" if v is None else format(v, fmt)
 
     lines = ["| recipe | lr (× recipe) | steps | CPU (s) | test acc after | test-split pref. acc "
-             "| test log-prob margin | train reward margin (last log) | expected reward (test, T=1) | final train loss |",
+             "| test log-prob margin | train reward margin (last log) | expected reward (test, T=1) "
+             "| final train loss |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = r.get("accuracy_after")
