@@ -234,6 +234,26 @@ def probe_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def pivot_table(rows: list[dict]) -> list[str]:
+    """The probe as one line per recipe and one column per lr factor; a cell is the greedy test accuracy, then the
+    family's metric (test-split preference accuracy, or the expected reward)."""
+    scales = sorted({r["lr_scale"] for r in rows}, reverse=True)
+    lines = ["| recipe (its lr) | " + " | ".join(f"{s:g}×" for s in scales) + " |",
+             "|---|" + "---|" * len(scales)]
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        cells = []
+        for scale in scales:
+            r = next((r for r in rows if r["recipe"] == name and r["lr_scale"] == scale), None)
+            if r is None or "error" in r:
+                cells.append("" if r is None else "error")
+                continue
+            metric = r.get("test_pref_accuracy", r.get("expected_reward"))
+            cells.append(f"{100 * r['accuracy_after']:.0f}%" + ("" if metric is None else f" · {metric:.3f}"))
+        lr = next(r["learning_rate"] / r["lr_scale"] for r in rows if r["recipe"] == name)
+        lines.append(f"| `{Path(name).stem}` ({lr:.3g}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def environment() -> str:
     """The device and package versions, one line."""
     from importlib.metadata import version
@@ -336,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         starts = {json.dumps(v, sort_keys=True): v for v in meta["start"].values() if v}
         lines += [f"Start model ({', '.join(sorted({str(_recipe(n).get('model')) for n in args.recipes}))}): "
                   + "; ".join(", ".join(f"{k} {v:.3f}" for k, v in m.items()) for m in starts.values())
-                  + ".", "", *probe_table(rows)]
+                  + ".", "", *probe_table(rows), "", *pivot_table(rows)]
     else:
         lines += table(rows)
     print("\n".join(lines))

@@ -226,6 +226,7 @@ def test_all_recipes_lr_probe_scales_each_recipes_lr_and_reuses_per_factor(tmp_p
     printed = capsys.readouterr().out
     row = f"| `recipes/dpo.yaml` | {0.3 * lr:.3g} (0.3×) | 60 | 1.0 | 40.0% | 0.600 | 0.25 | 0.100 |  | 0.5000 |"
     assert row in printed
+    assert f"| `dpo` ({lr:.3g}) | 40% · 0.600 | 40% · 0.600 |" in printed  # the pivot: a column per factor
     # an interrupted probe: the finished factor is reused, the other one runs
     Path(f"{out}.partial.jsonl").write_text(json.dumps({**rows[0], "sets": ["method.beta=0.3"]}) + "\n")
     calls.clear()
