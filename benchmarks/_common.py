@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +33,16 @@ if str(ROOT) not in sys.path:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# --shape: named model shapes (random weights). 0.5b: Qwen2.5-0.5B's configuration (494M parameters with the tied
+# head; the same as benchmarks/logprob_engine.py's qwen05b preset).
+SHAPES = {"0.5b": {"vocab": 151936, "hidden": 896, "layers": 24, "intermediate": 4864, "heads": 14, "kv_heads": 2}}
+
+
 def add_model_args(parser, seq_default: int = 256) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape (sets --vocab/--hidden/--layers)")
+    parser.add_argument("--min-free-gib", type=float, default=4.0,
+                        help="memory guard: no run starts, and a running one is stopped, while the machine's available "
+                             "memory is under this")
     parser.add_argument("--model", default="random",
                         help="'random' (a random-init Qwen2 built offline from --vocab/--hidden/--layers) or a "
                              "posttrain model path such as builtin:tiny-qwen2")
@@ -47,8 +57,14 @@ def add_model_args(parser, seq_default: int = 256) -> None:
     parser.add_argument("--out", default=None, help="write all runs and the summary as JSON here")
 
 
+def apply_shape(args) -> None:
+    """Set ``--vocab/--hidden/--layers`` from ``--shape`` (call after parsing)."""
+    for key, value in SHAPES.get(args.shape, {}).items():
+        setattr(args, key, value)
+
+
 def model_argv(args) -> list[str]:
-    return ["--model", args.model, "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--layers",
+    return [*(["--shape", args.shape] if args.shape else []), "--model", args.model, "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--layers",
             str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
             "--warmup", str(args.warmup)]
 
@@ -56,7 +72,8 @@ def model_argv(args) -> list[str]:
 def describe_model(args) -> str:
     if args.model != "random":
         return args.model
-    return f"random Qwen2 vocab={args.vocab} hidden={args.hidden} layers={args.layers}"
+    shape = f" (shape {args.shape}: {SHAPES[args.shape]})" if getattr(args, "shape", None) else ""
+    return f"random Qwen2 vocab={args.vocab} hidden={args.hidden} layers={args.layers}{shape}"
 
 
 def build_model(args):
@@ -68,9 +85,11 @@ def build_model(args):
         from posttrain.models import load_model
 
         return load_model(args.model)
-    heads = max(1, args.hidden // 64)
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+    heads = getattr(args, "heads", None) or max(1, args.hidden // 64)
+    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=getattr(args, "intermediate", None) or 3 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=heads,
+                      num_key_value_heads=getattr(args, "kv_heads", None) or max(1, heads // 2),
                       max_position_embeddings=max(2 * args.seq, 512), tie_word_embeddings=True,
                       pad_token_id=1, eos_token_id=0, bos_token_id=0)
     torch.manual_seed(0)
@@ -186,6 +205,35 @@ def train_kwargs(args, output_dir: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def available_gib() -> float:
+    """The machine's available memory (``MemAvailable``), GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("MemAvailable")
+
+
+def run_guarded(cmd: list[str], min_free_gib: float = 4.0) -> dict:
+    """Run one measurement process and return the JSON of its last stdout line. On a shared machine: it starts only
+    while at least ``min_free_gib`` GiB are available, and is stopped (the benchmark ends) when that drops below it."""
+    if available_gib() < min_free_gib:
+        raise SystemExit(f"not started: {available_gib():.1f} GiB available < --min-free-gib {min_free_gib}")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if available_gib() < min_free_gib:
+                proc.kill()
+                proc.wait()
+                raise SystemExit(f"stopped: {available_gib():.1f} GiB available < --min-free-gib {min_free_gib} "
+                                 f"during {' '.join(cmd)}")
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            sys.stderr.write(err.read()[-4000:])
+            raise SystemExit(f"run failed: {' '.join(cmd)}")
+        return json.loads(out.read().strip().splitlines()[-1])
+
+
 def run_interleaved(script: str, variants: list[list[str]], args, extra_argv: list[str] | None = None) -> list[dict]:
     """Run every variant ``args.repeats`` times, one fresh process each, alternating the order every repeat."""
     runs = []
@@ -193,11 +241,7 @@ def run_interleaved(script: str, variants: list[list[str]], args, extra_argv: li
         order = variants if r % 2 == 0 else list(reversed(variants))
         for variant in order:
             cmd = [sys.executable, script, "--_one", *variant, *model_argv(args), *(extra_argv or [])]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr[-4000:])
-                raise SystemExit(f"run failed: {' '.join(cmd)}")
-            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res = run_guarded(cmd, args.min_free_gib)
             res["repeat"] = r
             runs.append(res)
             print(f"  [{r}] {res['label']:<22} {res['steps_per_s']:.3f} steps/s  {res['cpu_s_per_step']:.3f} CPU s/step  "

@@ -5,6 +5,9 @@
     # the issue-25 shape: ~300-token rows, prompt:completion 4:1, batch 2, with prompt sharing on and off
     OMP_NUM_THREADS=1 python benchmarks/dpo_vs_trl.py --vocab 32768 --hidden 256 --layers 2 --seq 300 \
         --prompt-fraction 0.8 --batch 2 --steps 8 --warmup 2 --repeats 5 --unshared
+    # a 0.5B-class shape (Qwen2-0.5B's vocabulary, width and depth, random weights): a few steps, one pair each
+    OMP_NUM_THREADS=1 python benchmarks/dpo_vs_trl.py --shape 0.5b --seq 300 --prompt-fraction 0.8 --batch 1 \
+        --steps 2 --warmup 1 --repeats 2
 
 posttrain's trainer runs the log-prob engine (docs/logprob_engine.md): completion rows only, each pair's prompt once
 for chosen and rejected (``--unshared`` adds a run with ``training.share_prompts: false``), the head of
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--unshared", action="store_true", help="also run posttrain with share_prompts: false")
     parser.add_argument("--_one", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    _common.apply_shape(args)
     extra = ["--prompt-fraction", str(args.prompt_fraction), "--logprob-head", args.logprob_head]
     if args._one:
         print(json.dumps(_one(args)))

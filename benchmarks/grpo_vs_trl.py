@@ -19,13 +19,15 @@ stock TRL ``GRPOTrainer``, posttrain (the log-prob engine, each prompt once per 
 
     OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --loss-step --vocab 32768 --hidden 256 --layers 2 \
         --seq 300 --prompt-fraction 0.8 --prompts 2 --steps 6 --warmup 2 --repeats 3
+    # a 0.5B-class shape (Qwen2-0.5B's vocabulary, width and depth, random weights): one prompt x 8, a few steps
+    OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --loss-step --model random --shape 0.5b --seq 300 \
+        --prompt-fraction 0.8 --prompts 1 --steps 1 --warmup 0 --repeats 1 --loss-variants trl posttrain
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -155,26 +157,23 @@ def _loss_step_main(args) -> None:
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     extra = ["--loss-step", "--prompt-fraction", str(args.prompt_fraction), "--prompts", str(args.prompts)]
     runs = []
+    variants = tuple(v for v in LOSS_VARIANTS if v in args.loss_variants)
     for r in range(args.repeats):
-        for which in (LOSS_VARIANTS if r % 2 == 0 else LOSS_VARIANTS[::-1]):
+        for which in (variants if r % 2 == 0 else variants[::-1]):
             cmd = [sys.executable, __file__, "--_one", which, *_common.model_argv(args), *extra]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr[-4000:])
-                raise SystemExit(f"run failed: {' '.join(cmd)}")
-            res = {**json.loads(out.stdout.strip().splitlines()[-1]), "repeat": r}
+            res = {**_common.run_guarded(cmd, args.min_free_gib), "repeat": r}
             runs.append(res)
             print(f"  [{r}] {res['label']:<28} {res['cpu_s_per_step']:.3f} CPU s/step  peak {res['peak_mib']:.0f} MiB "
                   f"(+{res['peak_growth_mib']:.0f})  loss {res['loss']:.6f}", flush=True)
     by = {(x["trainer"], x["repeat"]): x for x in runs}
     summary = {}
-    for ours in LOSS_VARIANTS[1:]:
+    for ours in variants[1:]:
         speed = [by[("trl", r)]["cpu_s_per_step"] / by[(ours, r)]["cpu_s_per_step"] for r in range(args.repeats)]
         memory = [by[(ours, r)]["peak_growth_mib"] / max(by[("trl", r)]["peak_growth_mib"], 1e-9)
                   for r in range(args.repeats)]
         summary[f"{ours}/trl"] = {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
                                   for name, v in (("cpu_speedup", speed), ("peak_growth_ratio", memory))}
-    for label in LOSS_VARIANTS:
+    for label in variants:
         cpu = [by[(label, r)]["cpu_s_per_step"] for r in range(args.repeats)]
         grow = [by[(label, r)]["peak_growth_mib"] for r in range(args.repeats)]
         print(f"{label:<20} CPU s/step {statistics.median(cpu):.3f} [{min(cpu):.3f}..{max(cpu):.3f}]  peak growth "
@@ -199,8 +198,11 @@ def main() -> None:
                         help="time compute_loss + backward on a fixed batch (generation excluded)")
     parser.add_argument("--prompt-fraction", type=float, default=0.8, help="--loss-step: share of a row that is prompt")
     parser.add_argument("--prompts", type=int, default=2, help="--loss-step: prompts per batch (G = 8 rows each)")
+    parser.add_argument("--loss-variants", nargs="+", choices=LOSS_VARIANTS, default=list(LOSS_VARIANTS),
+                        help="--loss-step: the trainers to run (trl first: the ratios are to it)")
     parser.add_argument("--_one", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    _common.apply_shape(args)
     if args.loss_step:
         if args._one:
             print(json.dumps(_one_loss_step(args)))

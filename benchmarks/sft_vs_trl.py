@@ -34,9 +34,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-# --shape: Qwen2-0.5B's vocabulary, hidden size and depth (random weights; _common.build_model derives the rest)
-SHAPES = {"0.5b": {"vocab": 151936, "hidden": 896, "layers": 24}}
-
 TRL_LOSS = {"sft": "nll", "dft": "dft"}
 
 
@@ -95,12 +92,10 @@ def main() -> None:
     parser.add_argument("--prompt-fraction", type=float, default=0.25,
                         help="share of each row that is prompt (0.8: prompt:completion 4:1)")
     parser.add_argument("--logprob-head", default="auto", help="posttrain's training.logprob_head")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape (sets --vocab/--hidden/--layers)")
     parser.add_argument("--full-logits", action="store_true", help="add the plain transformers.Trainer reference row")
     parser.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for key, value in SHAPES.get(args.shape, {}).items():
-        setattr(args, key, value)
+    _common.apply_shape(args)
     if args._one:
         print(json.dumps(_one(args)))
         return

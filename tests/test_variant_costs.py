@@ -1,0 +1,86 @@
+"""benchmarks/variant_costs.py: its cells come from the registries, every arm is a valid recipe, the verdict reads the
+ratios and the declared needs. (The measurements themselves are the script's, never a timed test.)"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import variant_costs as V  # noqa: E402
+
+
+def test_cells_cover_every_registered_variant():
+    from posttrain.adapters.spec import ADAPTER_VARIANTS
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, CLIPPINGS, POLICY_LOSSES
+    from posttrain.methods import METHODS
+    from posttrain.optim import OPTIMIZERS
+
+    labels = {(c.family, c.variant.split(" ")[0]) for c in V.cells()}
+    baselines = {"sft", "dpo", "kto", "ga", "npo"}
+    for name, info in METHODS.items():
+        if info.family in ("sft", "preference", "unlearning") and name not in baselines:
+            assert (info.family, name) in labels, name
+    base = V._yaml(V.RL_BASE)["method"]
+    for key, registry in (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("clipping", CLIPPINGS)):
+        for entry in registry:
+            assert entry.name == base[key] or ("rl", f"{key}={entry.name}") in labels, (key, entry.name)
+    assert {("rl", f"loss={e.name}") for e in POLICY_LOSSES if e.name != "grpo"} <= labels
+    assert {("lora", e.name) for e in ADAPTER_VARIANTS if e.name != "lora"} <= labels
+    assert {("optimizer", name) for name in OPTIMIZERS} <= labels
+
+
+def test_a_part_registered_later_joins_the_rl_cells():
+    from posttrain.families.rl.parts import AGGREGATIONS
+
+    AGGREGATIONS.add("toy_mean", lambda loss, mask, normalizer: (loss * mask).sum() / mask.sum(), doc="toy")
+    try:
+        cell = next(c for c in V.rl_cells() if c.variant == "aggregation=toy_mean")
+        assert cell.sets[-1] == "method.aggregation=toy_mean" and cell.base_sets == []
+    finally:
+        AGGREGATIONS.remove("toy_mean")
+
+
+def test_every_arm_is_a_valid_recipe_and_declares_its_extra_work():
+    args = argparse.Namespace(batch=2, rl_prompts=1, steps=3)
+    extra = {}
+    for c in V.cells():
+        if c.not_measured:
+            continue
+        variant, base = (V.declared(V.load_arm(c.recipe, V.arm_sets(args, c.recipe, sets, {})))
+                         for sets in (c.sets, c.base_sets))
+        assert variant != base or c.variant in ("dft", "simpo", "orpo", "asft_aligned", "dpo loss=ipo") \
+            or c.family == "rl", c.variant
+        extra[c.variant] = variant - base
+    # what the methods compute beyond their baselines, as their registry entries and params say
+    assert "anchor_kl" in extra["asft_anchored"] and "reference model" in extra["asft_anchored"]
+    assert {"token_kl", "learned_mask"} <= extra["sparsepo"]
+    assert "log_alignment" in extra["wpo"]
+    assert "retain_kl" in extra["npo_kl"] and "retain_logps" in extra["grad_diff"]
+    assert any(x.startswith("adapter hook GOAT") for x in extra["goat"])
+    assert extra["stable_spam"] == {"optimizer stable_spam"}
+
+
+def _run(recipe, sets, repeat, cpu, growth, declared=()):
+    return {"recipe": recipe, "sets": list(sets), "repeat": repeat, "cpu_s_per_step": cpu, "peak_growth_mib": growth,
+            "declared": list(declared)}
+
+
+@pytest.mark.parametrize("cpu, growth, declared, verdict", [
+    (1.03, 100, ["x"], "within 5 %"),
+    (1.20, 100, ["token_kl"], "over (time): declares token_kl"),
+    (1.00, 130, [], "over (memory): nothing declared"),
+])
+def test_verdict_from_the_paired_ratios_and_the_declared_needs(cpu, growth, declared, verdict):
+    cell = V.Cell("preference", "v", "dpo", "recipes/v.yaml", ["method.a=1"], [])
+    runs = [r for rep in range(3) for r in (_run(cell.recipe, [], rep, 1.0, 100, ["x"]),
+                                           _run(cell.recipe, cell.sets, rep, cpu, growth, ["x", *declared]))]
+    (row,) = V.summarise([cell], runs)
+    assert row["verdict"] == verdict
+    assert row["cpu_ratio"]["median"] == pytest.approx(cpu) and row["growth_ratio"]["median"] == pytest.approx(growth / 100)
+    assert "| v | dpo |" in V.markdown([row])
