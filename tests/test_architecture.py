@@ -480,6 +480,7 @@ CROSS_CUTTING_TESTS = {
     "test_grad_accumulation.py": "gradient accumulation through every family's trainer",
     "test_trl_parity.py": "our trainers against stock TRL and TRL's pinned internals",
     "test_results.py": "benchmarks/results.py, across families",
+    "test_variant_costs.py": "benchmarks/variant_costs.py: every registered variant of every family against its baseline",
     "test_check_show.py": "`posttrain check --show` (posttrain/preview.py) for every family",
     "test_model_options.py": "the `model:` / `ref_model:` load options (posttrain/models.py) from recipe to load",
 }
