@@ -69,7 +69,7 @@ FAMILIES: dict[str, Family] = {
         Family("unpaired", {"train": "unpaired", "eval": "unpaired", "test": "test"}, "trl:KTOConfig",
                "posttrain.families.unpaired.trainer:kto_config",
                "posttrain.families.unpaired.trainer:build_kto_trainer", "posttrain.preview:unpaired_rows"),
-        Family("online", {"train": "rl", "test": "test"}, "trl:GRPOConfig",
+        Family("online", {"train": "rl", "test": "test"}, "posttrain.families.rl.config:RLConfig",
                "posttrain.families.online.trainer:online_config",
                "posttrain.families.online.trainer:build_online_trainer", "posttrain.preview:rl_rows",
                check_data="posttrain.families.online.trainer:check_online_data",

@@ -15,8 +15,12 @@ replaced:
   (``sigmoid`` or ``ipo``, TRL's online-DPO forms) per pair, and :func:`~posttrain.losses.preference.online_dpo_loss`
   over the kept pairs of the step's global batch.
 
-The DPO log-probs are the model's own (temperature 1), as in TRL's ``OnlineDPOTrainer``; ``training.temperature`` only
-shapes the sampling. Method page: docs/methods/online_dpo.md.
+Every log-prob comes from the log-prob engine (:mod:`posttrain.logprobs`, docs/logprob_engine.md), as for GRPO:
+completion rows only, the head of ``training.logprob_head``, and the two completions of a prompt packed around it (the
+prompt computed once per pair; ``training.share_prompts: false`` turns it off), for the policy's training forward and
+for the reference's log-probs TRL computes once per generation batch under ``no_grad``. The DPO log-probs are the
+model's own (the engine at temperature 1), as in TRL's ``OnlineDPOTrainer``; ``training.temperature`` only shapes the
+sampling. Method page: docs/methods/online_dpo.md.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from posttrain.errors import UserError
 from posttrain.families.rl.common import combine_rewards
 from posttrain.families.rl.diagnostics import batch_signal
 from posttrain.families.rl.trainer import PosttrainGRPOTrainer, recipe_dirs
+from posttrain.logprobs.engine import LogProbEngine
 from posttrain.losses.preference import dpo_loss, online_dpo_loss, preference_metrics, rank_pairs, sequence_logps
 
 logger = logging.getLogger("posttrain")
@@ -58,21 +63,12 @@ class PosttrainOnlineDPOTrainer(PosttrainGRPOTrainer):
 
     def __init__(self, *args, params, ref_model=None, **kwargs):
         super().__init__(*args, params=params, ref_model=ref_model, **kwargs)
-        # TRL's fused head on whole rows (its log-probs at temperature 1, re-added below): the log-prob engine is not
-        # wired for this family yet (docs/logprob_engine.md)
-        self.use_engine = False
         if self.num_generations != 2:
             raise ValueError(f"online DPO samples 2 completions per prompt, got num_generations={self.num_generations}")
-        if self.temperature != 1.0:  # DPO's log-probs are the model's own, not the sampling distribution's
-            from accelerate.utils import is_peft_model
-            from trl.trainer.utils import add_fused_lm_head
-
-            policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-            add_fused_lm_head(policy, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32, outputs=("log_probs",
-                                                                                                     "entropy"))
-            if self.ref_model is not None:
-                add_fused_lm_head(self.accelerator.unwrap_model(self.ref_model),
-                                  cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        # DPO's log-probs are the model's own, not the sampling distribution's: the engine at temperature 1 (the RL
+        # trainer's engine, same head and sharing, scores at training.temperature)
+        self.engine = LogProbEngine(self.engine.head, share_prompts=self.engine.share_prompts, temperature=1.0,
+                                    chunk_rows=self.engine.chunk_rows)
 
     # ---------------------------------------------------------------------------------------------------------------
     # pairs
@@ -132,8 +128,9 @@ class PosttrainOnlineDPOTrainer(PosttrainGRPOTrainer):
         input_ids = torch.cat([_by_row(inputs["prompt_ids"]), completion_ids], dim=1)
         attention_mask = torch.cat([_by_row(inputs["prompt_mask"]), _by_row(inputs["completion_mask"])], dim=1)
         mask = _by_row(inputs[LOSS_MASK])
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True)
+        # the engine, each pair's prompt computed once for its two completions; the entropy is a logged statistic
+        logps, entropies = self._engine_logps(model, input_ids, attention_mask, completion_ids.size(1),
+                                              entropy_grad=False, entropy_statistic=True)
         policy = sequence_logps(logps, mask).view(-1, 2)
         ref = sequence_logps(_by_row(inputs["ref_per_token_logps"]), mask).view(-1, 2)
         first = inputs[FIRST_CHOSEN]
@@ -219,9 +216,11 @@ def check_online_data(recipe, datasets: dict[str, Any]) -> None:
 
 
 def online_config(recipe, info):
-    """The ``GRPOConfig`` of an ``online_dpo`` recipe (two generations per prompt, beta = the DPO beta)."""
-    from trl import GRPOConfig
-
+    """The :class:`~posttrain.families.rl.config.RLConfig` (``GRPOConfig`` + the log-prob engine's keys) of an
+    ``online_dpo`` recipe (two generations per prompt, beta = the DPO beta); a ``training.logprob_head`` that cannot
+    run on this machine is refused here, before the model loads."""
+    from posttrain.families.rl.config import RLConfig
+    from posttrain.logprobs.heads import check_head_here
     from posttrain.trainers.common import training_config
 
     p, t = recipe.params, recipe.training
@@ -240,7 +239,9 @@ def online_config(recipe, info):
                         f"in the same micro-batch); use an even number, got {size}")
     overrides: dict[str, Any] = {"num_generations": 2, "beta": p.beta, "scale_rewards": "none",
                                  "reward_weights": [spec.weight for spec in p.rewards]}
-    return training_config(GRPOConfig, recipe, overrides)
+    config = training_config(RLConfig, recipe, overrides)
+    check_head_here(config)
+    return config
 
 
 def build_online_trainer(ctx):

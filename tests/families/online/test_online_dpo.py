@@ -131,8 +131,8 @@ def test_loss_and_grads_match_trl_online_dpo_on_the_same_generated_batch(arith_m
         a, b = ours._metrics["train"][name][-1], stock.stats[name][-1]
         assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (name, a, b)
     for (name, a), b in zip(stock.model.named_parameters(), ours.model.parameters(), strict=True):
-        # fused LM head vs TRL's full log-softmax: fp32 sums in another order, relative to the gradient's scale (IPO's
-        # squared loss on summed log-probs gives gradients of order 5)
+        # the log-prob engine (completion rows, shared prompts) vs TRL's full log-softmax: fp32 sums in another order,
+        # relative to the gradient's scale (IPO's squared loss on summed log-probs gives gradients of order 5)
         scale = max(1.0, a.grad.abs().max().item())
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
 
