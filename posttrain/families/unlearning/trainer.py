@@ -67,6 +67,7 @@ from posttrain.logprobs import LogProbEngine, Needs, ensure_fused_head
 from posttrain.logprobs.engine import log_once
 from posttrain.losses.unlearning import rmu_control_vector
 from posttrain.reference import Reference
+from posttrain.registry import LogprobHead
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -76,11 +77,15 @@ SIDES = ("forget", "retain")
 
 @dataclasses.dataclass
 class UnlearningConfig(TrainingArguments):
-    """``TrainingArguments`` plus the sequence cap of the unlearning data."""
+    """``TrainingArguments`` plus the sequence cap of the unlearning data and the log-prob engine's head."""
 
     max_length: int = dataclasses.field(
         default=512, metadata={"help": "Truncate prompt + answer + EOS to this many tokens."}
     )
+    logprob_head: LogprobHead = dataclasses.field(
+        default="auto",
+        metadata={"help": "The LM head that turns answer rows into log-probs: auto (chunked on CPU, TRL's fused "
+                          "Triton kernel on CUDA), chunked, fused or liger (CUDA, pip install liger-kernel)."})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -248,7 +253,8 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         if unknown:
             raise ValueError(f"unlearning objective {method!r} needs {sorted(unknown)}; the trainer computes "
                              f"{sorted(UNLEARNING_NEEDS)}")
-        self.engine = LogProbEngine("auto", share_prompts=False)  # forget and retain rows share no prompt
+        # forget and retain rows share no prompt
+        self.engine = LogProbEngine(getattr(kwargs.get("args"), "logprob_head", "auto"), share_prompts=False)
         self.use_engine = True  # False: TRL's fused head / full logits on whole rows (the path before the engine)
         wrapped = _peft_model(model)
         ensure_fused_head(model if wrapped is None else wrapped.get_base_model())  # no-op when already patched
@@ -526,7 +532,9 @@ def _needs_retain(recipe, name: str) -> bool:
 
 
 def unlearning_config(recipe, info) -> UnlearningConfig:
-    """The :class:`UnlearningConfig` of an unlearning recipe, after the data-key checks (before any model loads)."""
+    """The :class:`UnlearningConfig` of an unlearning recipe, after the data-key checks (before any model loads); a
+    ``training.logprob_head`` that cannot run on this machine is refused here."""
+    from posttrain.logprobs.heads import check_head_here
     from posttrain.trainers.common import training_config
 
     name, data = info.name, recipe.data
@@ -566,7 +574,9 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
             f"data.retain: method '{name}' needs a retain set (e.g. data.retain: {{source: builtin:facts, "
             "split: retain95}}), or set method.alpha: 0"
         )
-    return training_config(UnlearningConfig, recipe, {"remove_unused_columns": False})
+    config = training_config(UnlearningConfig, recipe, {"remove_unused_columns": False})
+    check_head_here(config)
+    return config
 
 
 def build_unlearning_trainer(ctx):

@@ -113,7 +113,8 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
     def __init__(self, *args, params, assistant_turns: str = "all", **kwargs):
         self.params = params
         self.assistant_turns = assistant_turns
-        self.engine = LogProbEngine("auto", share_prompts=False)  # a KTO row's KL sequence has another prompt
+        # a KTO row's KL sequence has another prompt: nothing to share
+        self.engine = LogProbEngine(getattr(kwargs.get("args"), "logprob_head", "auto"), share_prompts=False)
         self.use_engine = True  # False: TRL's fused head on whole rows (the path before the engine)
         with _collator_class(TurnMaskedUnpairedCollator):
             super().__init__(*args, **kwargs)
@@ -353,9 +354,10 @@ _METHOD_OWNED = {
 
 
 def kto_config(recipe, info):
-    """The ``KTOConfig`` of a ``kto`` recipe (built before any model loads)."""
-    from trl import KTOConfig
-
+    """The :class:`UnpairedConfig` (``KTOConfig`` + ``logprob_head``) of a ``kto`` recipe, built before any model
+    loads; a ``training.logprob_head`` that cannot run on this machine is refused here."""
+    from posttrain.families.unpaired.config import UnpairedConfig
+    from posttrain.logprobs.heads import check_head_here
     from posttrain.trainers.common import training_config
 
     p = recipe.params
@@ -376,7 +378,8 @@ def kto_config(recipe, info):
                  "precompute_ref_log_probs": p.precompute_ref_log_probs, "loss_type": "kto", "max_length": 512}
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
-    config = training_config(KTOConfig, recipe, overrides)
+    config = training_config(UnpairedConfig, recipe, overrides)
+    check_head_here(config)
     if config.sync_ref_model and p.precompute_ref_log_probs:
         raise UserError("training.sync_ref_model: needs a live reference model (precompute_ref_log_probs keeps none)")
     return config
