@@ -233,3 +233,50 @@ def test_an_unavailable_head_is_refused_before_the_model_loads(tmp_path, capsys,
     assert code == 2 and [line for line in err if line.startswith("error:")] == [
         "error: training.logprob_head: liger cannot run here: liger-kernel runs on CUDA only (this model is on cpu)"], err
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.fixture
+def reference_cache(tmp_path, monkeypatch):
+    """The precomputed references of the test cached in its own folder; the number of passes that computed one."""
+    from posttrain.logprobs import reference as R
+
+    passes = []
+    compute = R._compute
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(R, "reference_cache_dir", lambda: tmp_path / "reference-cache")
+    monkeypatch.setattr(R, "_compute", counted)
+    return passes
+
+
+@pytest.mark.parametrize("method", ["npo", "npo_rt", "npo_kl"])
+def test_precomputed_reference_equals_the_live_one_and_is_read_on_a_rerun(method, tmp_path, tiny_model_dir,
+                                                                          reference_cache):
+    live = _trainer(method, tmp_path / "live")
+    pre = _trainer(method, tmp_path / "pre", precompute_ref_log_probs=True)
+    assert reference_cache == [1]
+    assert (pre.ref_model is None) == (method != "npo_kl")  # npo_kl keeps its reference for the retain KL
+    batch, pre_batch = _batch(live), _batch(pre)
+    assert "forget_ref_logps" in pre_batch and torch.equal(pre_batch["forget_input_ids"], batch["forget_input_ids"])
+    got = _run(pre, [pre_batch], engine=True)
+    _assert_same(got, _run(live, [batch], engine=True))
+    # no reference call for the forget rows; npo_kl's retain KL still calls its reference
+    assert got[3] == (["forward", "reference", "forward+kl"] if method == "npo_kl" else ["forward"])
+    _assert_same(_run(pre, [pre_batch], engine=False), _run(live, [batch], engine=False))
+    again = _trainer(method, tmp_path / "again", precompute_ref_log_probs=True)
+    assert reference_cache == [1]  # the rerun read the cached file
+    assert torch.equal(_batch(again)["forget_ref_logps"], pre_batch["forget_ref_logps"])
+
+
+def test_precomputed_reference_with_lora_is_the_adapter_disabled_policy(tmp_path, tiny_model_dir, reference_cache):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    live = _trainer("npo_rt", tmp_path / "live", peft=lora)
+    pre = _trainer("npo_rt", tmp_path / "pre", peft=lora, precompute_ref_log_probs=True)
+    assert reference_cache == [1] and live.ref_model is None and pre.ref_model is None
+    batch, pre_batch = _batch(live), _batch(pre)
+    got = _run(pre, [pre_batch], engine=True)
+    _assert_same(got, _run(live, [batch], engine=True))
+    assert got[3] == ["forward"]
