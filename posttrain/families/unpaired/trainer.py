@@ -37,7 +37,7 @@ from posttrain.errors import UserError
 from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
 from posttrain.losses.preference import kto_loss, kto_reference_point, rotate_within_batches, sequence_logps
 from posttrain.reference import Reference, peft_model_of
-from posttrain.trainers.common import AtomicCheckpointMixin, OneReferenceCacheMixin, _NoMaxLength, log_length_effects
+from posttrain.trainers.common import AtomicCheckpointMixin, _NoMaxLength, log_length_effects
 
 logger = logging.getLogger("posttrain")
 
@@ -101,7 +101,7 @@ def unpair(dataset, seed: int):
     return unpair_preference_dataset(dataset.shuffle(seed=seed).flatten_indices(), batch_size=1)
 
 
-class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrainer):
+class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
     """KTO (docs/methods/kto.md) on top of ``trl.KTOTrainer``.
 
     Args:
@@ -255,14 +255,42 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
                                                           batch["completion_mask"])
             return sequence_logps(per_token, mask), kl
 
-    def compute_ref_log_probs(self, model, inputs):
-        """TRL's one-off reference pass of ``precompute_ref_log_probs`` through the same forward as the live
-        reference. ``model``: the reference (``ref_model``), or the policy (adapter disabled with PEFT)."""
-        if not self._uses_engine:
-            return super().compute_ref_log_probs(model, inputs)
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's one-off reference pass of ``precompute_ref_log_probs`` (its ``ref_logps`` / ``ref_KL_logps``
+        columns) through the shared plan (:func:`posttrain.logprobs.reference.precomputed_reference`: the engine's
+        reference forward over the collated rows, cached in ``$POSTTRAIN_CACHE/reference`` keyed by model + rows +
+        chat template, so that a rerun reads it). The reference: ``ref_model``, or the policy with its adapter
+        disabled."""
+        from posttrain.logprobs.reference import precomputed_reference
+
+        prefixes = ("", "KL_") if self.calculate_KL else ("",)
+        rows: dict[str, list[dict]] = {prefix: [] for prefix in prefixes}
+        for start in range(0, len(dataset), batch_size):
+            batch = self.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            for prefix in prefixes:
+                ids, attention, completion = self._rows(batch, prefix)
+                for b in range(ids.shape[0]):
+                    keep = attention[b].bool()
+                    rows[prefix].append({"input_ids": ids[b][keep].tolist(),
+                                         "completion_mask": completion[b][keep].tolist()})
+        model = self.ref_model or self.model
+        if self.ref_model is None and self.is_deepspeed_enabled:  # the adapter-disabled policy, placed as TRL does
+            from trl.models import prepare_deepspeed
+
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
         reference = Reference(None if self.ref_model is None and peft_model_of(model) is not None else model)
-        with self.accelerator.autocast():
-            return self._reference_logps(reference, inputs)
+        every_row = [row for prefix in prefixes for row in rows[prefix]]
+        logps = precomputed_reference(
+            reference, model, every_row, accelerator=self.accelerator, engine=self.engine,
+            template=getattr(self._tokenizer, "chat_template", None), batch_size=batch_size,
+            pad_token_id=self._tokenizer.pad_token_id).sums()
+        n = len(dataset)
+        dataset = dataset.add_column("ref_logps", logps[:n].tolist())
+        if self.calculate_KL:
+            dataset = dataset.add_column("ref_KL_logps", logps[n:].tolist())
+        return dataset
 
     def _policy_pass(self, model, batch, model_kwargs):
         """The policy's per-token log-probs ``[B, T-1]`` with grad, their mask, the per-token entropy and mean logit

@@ -119,9 +119,27 @@ def test_conversational_rows(arith_model_dir, tiny_model_dir, tmp_path):
     _assert_same(_run(trainer, [batch], engine=True), _run(trainer, [batch], engine=False))
 
 
-def test_reference_precomputed_through_the_engine(arith_model_dir, tiny_model_dir, tmp_path):
+@pytest.fixture
+def reference_cache(tmp_path, monkeypatch):
+    """The precomputed references of the test cached in its own folder; the number of passes that computed one."""
+    from posttrain.logprobs import reference as R
+
+    passes = []
+    compute = R._compute
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(R, "reference_cache_dir", lambda: tmp_path / "reference-cache")
+    monkeypatch.setattr(R, "_compute", counted)
+    return passes
+
+
+def test_reference_precomputed_through_the_shared_plan(arith_model_dir, tiny_model_dir, tmp_path, reference_cache):
     live = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live")
     pre = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "pre", precompute_ref_log_probs=True)
+    assert reference_cache == [1] and len(list((tmp_path / "reference-cache").iterdir())) == 1
     assert pre.ref_model is None and "ref_logps" in pre.train_dataset.column_names
     batch = next(iter(live.get_train_dataloader()))
     pre_batch = next(iter(pre.get_train_dataloader()))
@@ -129,6 +147,20 @@ def test_reference_precomputed_through_the_engine(arith_model_dir, tiny_model_di
     got = _run(pre, [pre_batch], engine=True)
     _assert_same(got, _run(live, [batch], engine=True))
     assert len(got[3]) == 2  # the policy's two calls; the reference was computed once before training
+    again = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "again", precompute_ref_log_probs=True)
+    assert reference_cache == [1]  # the rerun read the cached file
+    assert again.train_dataset["ref_logps"] == pre.train_dataset["ref_logps"]
+    assert again.train_dataset["ref_KL_logps"] == pre.train_dataset["ref_KL_logps"]
+
+
+def test_precomputed_reference_with_lora_is_the_adapter_disabled_policy(arith_model_dir, tiny_model_dir, tmp_path,
+                                                                        reference_cache):
+    live = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live", peft=True)
+    pre = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "pre", peft=True, precompute_ref_log_probs=True)
+    batch, pre_batch = (next(iter(t.get_train_dataloader())) for t in (live, pre))
+    got = _run(pre, [pre_batch], engine=True)
+    _assert_same(got, _run(live, [batch], engine=True))
+    assert len(got[3]) == 2 and reference_cache == [1]
 
 
 def test_chunked_and_fused_heads_give_the_same_step(arith_model_dir, tiny_model_dir, tmp_path):
