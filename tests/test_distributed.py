@@ -103,6 +103,14 @@ CASES.update({
     "kto_precomputed": ("recipes/kto.yaml", ["data.eval=null", "data.train.options.num_samples=256",
                                              "method.precompute_ref_log_probs=true", *_SGD], 4),
 })
+# the token-level KL terms on the engine's tiled KL (inside the causal LM's forward, where the sharded head is
+# gathered): ASFT-anchored's KL to its frozen anchor, NPO+KL's retain KL; and the unlearning family's precomputed
+# reference (the shared plan of posttrain.logprobs.reference, every process scoring the forget set)
+CASES.update({
+    "asft_anchored": ("recipes/asft_anchored.yaml", ["data.train.options.num_samples=256"], 4),
+    "npo_kl": ("recipes/unlearn_npo_kl.yaml", [], 2),
+    "npo_rt_precomputed": ("recipes/unlearn_npo_rt.yaml", ["method.precompute_ref_log_probs=true"], 2),
+})
 # GRPO (beta > 0) with its recipe's AdamW for the offload backends: there accelerate hands DeepSpeed's CPU Adam every
 # optimizer (plain SGD would train as Adam; posttrain refuses it, docs/distributed.md)
 CASES["grpo_adamw"] = ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_generations=4",
@@ -258,6 +266,16 @@ def test_reference_kinds_sharded_match_one(case, backend, tmp_path, tmp_path_fac
     _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", backends("zero3", "fsdp2"))
+@pytest.mark.parametrize("case", ["asft_anchored", "npo_kl", "npo_rt_precomputed"])
+def test_token_kl_and_unlearning_reference_sharded_match_one(case, backend, tmp_path, tmp_path_factory):
+    """ASFT-anchored (KL to the frozen anchor) and NPO+KL (retain KL) with their KL tiled inside the forward, and NPO+RT
+    with its reference precomputed through the shared plan, under the two sharded backends against one process
+    (~1-2 min each)."""
+    _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # resume, memory, failures
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,8 +376,8 @@ def test_a_failing_process_ends_the_launch_with_its_own_error(tmp_path):
 
 
 @pytest.mark.parametrize(("recipe", "overrides", "backend", "message"), [
-    ("asft_anchored.yaml", [], "zero3", r"^method\.name: asft_anchored projects the policy's hidden states through its "
-                                        r"output head .* --distributed zero3 shards that head"),
+    ("sparsepo.yaml", [], "zero3", r"^method\.name: sparsepo projects the policy's hidden states through its output "
+                                   r"head after the model's forward .* --distributed zero3 shards that head"),
     ("sparsepo.yaml", [], "fsdp2", r"^method\.name: sparsepo projects .* --distributed fsdp2 shards that head"),
     ("sparsepo.yaml", ["method.mask=learned"], "zero2", r"^method\.mask: learned trains a mask network beside the "
                                                          r"model, which --distributed zero2 neither shards"),
