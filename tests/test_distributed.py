@@ -120,6 +120,7 @@ CASES["grpo_adamw"] = ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_g
 # 4e-5; ddp: 1.9e-5), ZeRO-3's reordered gradient reductions amplified by AdamW (the matrix's GRPO case uses SGD,
 # which the offload backends cannot: CPU Adam replaces it); its losses and logged values still pass at 1e-4
 MODEL_TOLERANCE = {"grpo_adamw": 2e-4}
+SHARED_PLAN_CASES = {"kto_precomputed", "npo_rt_precomputed"}  # precomputed through posttrain.logprobs.reference
 FINAL_STAGE = {"dpo_ref_stage": "main"}  # a multi-stage case: the stage whose logs and model are compared
 # metrics of the families that compute them from all processes' rows (TRL's pattern: gathered scores, log-probs and
 # rewards; sums over gathered tokens), which must be among the logged values compared with one process's
@@ -181,10 +182,16 @@ def _check_against_one_process(case: str, backend: str, tmp_path, tmp_path_facto
     recipe, overrides, b = CASES[case]
     single = _single(case, tmp_path_factory)
     out = tmp_path / backend
+    # a reference precomputed through the shared plan: computed here on the backend, not read from the one-process run's
+    # cache file
+    env = {"POSTTRAIN_REFERENCE_CACHE": str(tmp_path / "reference-cache")} if case in SHARED_PLAN_CASES else None
     proc = train(recipe, out, [*COMMON, *overrides, f"training.per_device_train_batch_size={b}"], processes=2,
-                 backend=backend)
+                 backend=backend, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"distributed: {backend} over 2 processes" in proc.stderr  # the backend really ran (not DDP instead)
+    if case in SHARED_PLAN_CASES:
+        assert "computed once and cached in" in proc.stderr and len(list((tmp_path / "reference-cache").iterdir())) \
+            == 1, proc.stderr[-3000:]
     out = out / FINAL_STAGE.get(case, "")
     one, two = logged(single), logged(out)
     difference = max_relative_difference(two, one)

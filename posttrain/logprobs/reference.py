@@ -159,10 +159,12 @@ def precompute_reference_logps(model, rows: Sequence[dict], *, cache_dir, model_
 
 
 def reference_cache_dir() -> Path:
-    """Where the trainers' precomputed references are cached: ``$POSTTRAIN_CACHE/reference``."""
+    """Where the trainers' precomputed references are cached: ``$POSTTRAIN_REFERENCE_CACHE``, else
+    ``$POSTTRAIN_CACHE/reference``."""
     from posttrain.builtin import cache_dir
 
-    return cache_dir() / "reference"
+    own = os.environ.get("POSTTRAIN_REFERENCE_CACHE")
+    return Path(own).expanduser() if own else cache_dir() / "reference"
 
 
 def precomputed_reference(reference, policy, rows: Sequence[dict], *, accelerator, engine, template: str | None,
@@ -171,7 +173,7 @@ def precomputed_reference(reference, policy, rows: Sequence[dict], *, accelerato
     """A trainer's precomputed reference (``ReferencePlan.precomputed``, the recipe's
     ``method.precompute_ref_log_probs``): :func:`precompute_reference_logps` of ``rows`` under ``reference`` (a
     :class:`posttrain.reference.Reference`: the frozen model, or ``policy`` with its adapter disabled), on every
-    process of ``accelerator``, cached in ``$POSTTRAIN_CACHE/reference`` (``cache_dir`` overrides) so that a rerun on
+    process of ``accelerator``, cached in :func:`reference_cache_dir` (``cache_dir`` overrides) so that a rerun on
     the same model, data and chat template reads the file instead."""
     with reference.network(policy) as network:
         logps, _ = precompute_reference_logps(
