@@ -129,7 +129,8 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
 
     def __init__(self, forget: list, retain: list | None, seed: int = 0):
         self.forget, self.retain, self.seed, self.epoch = forget, retain, seed, 0
-        self.forget_ref_logps: list[torch.Tensor] | None = None  # per forget row: the precomputed reference's
+        # per forget row, the precomputed reference's log-prob of each answer token (None: a live reference)
+        self.forget_ref_logps: list[torch.Tensor] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
