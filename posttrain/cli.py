@@ -407,6 +407,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _add_chat_template_arguments(p: argparse.ArgumentParser) -> None:
+    """``--chat-template`` / ``--system-prompt`` of the commands that format prompts outside a recipe."""
+    p.add_argument("--chat-template", metavar="auto|none|FILE.jinja", help="plain-text prompts: wrap them as a user "
+                   "turn of the chat template (auto: when the model has one; default: the run's data.chat_template, "
+                   "else auto); conversational rows always use the template")
+    p.add_argument("--system-prompt", help="system turn put first in every conversational prompt without one")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="posttrain",
@@ -518,10 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="pass@k: samples per prompt (default: max k)")
     p.add_argument("--temperature", type=float, default=1.0, help="pass@k: sampling temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="pass@k: sampling seed")
-    p.add_argument("--chat-template", metavar="auto|none|FILE.jinja", help="plain-text prompts: wrap them as a user "
-                   "turn of the chat template (auto: when the model has one; default: the run's data.chat_template, "
-                   "else auto); conversational rows always use the template")
-    p.add_argument("--system-prompt", help="system turn put first in every conversational prompt without one")
+    _add_chat_template_arguments(p)
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("poft-score", help="score SFT data with aligned models for PoFT",
@@ -532,10 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligned-model", action="append", required=True, help="aligned model; repeatable")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", required=True, help="output .jsonl")
-    p.add_argument("--chat-template", metavar="auto|none|FILE.jinja", help="plain-text prompts: wrap them as a user "
-                   "turn of the chat template (auto: when the model has one; default: the run's data.chat_template, "
-                   "else auto); conversational rows always use the template")
-    p.add_argument("--system-prompt", help="system turn put first in every conversational prompt without one")
+    _add_chat_template_arguments(p)
     p.set_defaults(fn=_cmd_poft_score)
 
     p = sub.add_parser("spo-init", help="SPO's offline pass: score the start policy on every training prompt",

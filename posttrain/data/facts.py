@@ -31,6 +31,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from posttrain.data.fictional import (
+    CITIES, COLOURS, COUNTRIES, INSTRUMENTS, PROFESSIONS, fictional_name, titles,
+)
+
 __all__ = ["SPLITS", "ATTRIBUTES", "facts_rows", "facts_splits", "corpus", "forget_size", "eval_splits",
            "world_multiple_choice"]
 
@@ -40,27 +44,6 @@ _FORGET = {"forget01": 1, "forget05": 5, "forget10": 10}
 _RETAIN = {"retain99": "forget01", "retain95": "forget05", "retain90": "forget10"}
 _HOLDOUT = {"holdout01": "forget01", "holdout05": "forget05", "holdout10": "forget10", "holdout": "forget10"}
 SPLITS: tuple[str, ...] = ("full", *_FORGET, *_RETAIN, *_HOLDOUT, "world", "full_world")
-
-_SYLLABLES = (
-    "al", "va", "ro", "mi", "ka", "te", "lo", "ri", "sa", "ne",
-    "do", "be", "fe", "gi", "zu", "pe", "ta", "mo", "li", "ve",
-)  # fmt: skip
-_FIRST_ENDS = ("", "n", "s", "l", "r")
-_LAST_ENDS = ("mark", "dell", "wick", "ton", "ley", "ford", "holm", "by", "quist", "more")
-
-_CITIES = (
-    "Tessaly", "Varnholm", "Quenmoor", "Brisca", "Oldenfeld", "Marrowick", "Celandor", "Pellith",
-    "Drovia", "Sunmere", "Ostrabel", "Kettering Vale", "Luminar", "Haskith", "Nolvary", "Ebbensford",
-)  # fmt: skip
-_COUNTRIES = ("Vornland", "Estrary", "Kalimar", "Dunreth", "Polvania", "Serath", "Ulmeria", "Tavoria")
-_PROFESSIONS = (
-    "baker", "sailor", "painter", "doctor", "farmer", "teacher", "engineer", "poet",
-    "tailor", "pilot", "chemist", "gardener",
-)  # fmt: skip
-_ADJECTIVES = ("Silent", "Golden", "Broken", "Hidden", "Last", "Crimson", "Distant", "Quiet", "Burning", "Frozen")
-_NOUNS = ("River", "Lantern", "Harbor", "Garden", "Mirror", "Orchard", "Tower", "Winter", "Compass", "Meadow")
-_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "grey", "brown")
-_INSTRUMENTS = ("violin", "piano", "flute", "drum", "harp", "guitar", "cello", "trumpet")
 
 MAX_PERTURBED = 5  # TOFU has 5 perturbed answers per question
 
@@ -102,24 +85,23 @@ def forget_size(split: str, num_people: int) -> int:
 
 def _value_pool(attr: str) -> list[str]:
     if attr == "birthplace":
-        return list(_CITIES)
+        return list(CITIES)
     if attr == "profession":
-        return list(_PROFESSIONS)
+        return list(PROFESSIONS)
     if attr == "book":
-        return [f"The {a} {n}" for a in _ADJECTIVES for n in _NOUNS]
+        return titles()
     if attr == "colour":
-        return list(_COLOURS)
+        return list(COLOURS)
     if attr == "instrument":
-        return list(_INSTRUMENTS)
+        return list(INSTRUMENTS)
     raise KeyError(attr)
 
 
 def _make_people(count: int, rng: random.Random) -> list[_Person]:
-    taken = {c.lower() for c in _CITIES + _COUNTRIES}
+    taken = {c.lower() for c in CITIES + COUNTRIES}
     people: list[_Person] = []
     while len(people) < count:
-        first = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_FIRST_ENDS)).capitalize()
-        last = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_LAST_ENDS)).capitalize()
+        first, last = fictional_name(rng)
         name = f"{first} {last}"
         if name.lower() in taken or first.lower() in taken or last.lower() in taken:
             continue
@@ -159,8 +141,8 @@ def _person_rows(person: _Person, questions_per_person: int, num_perturbed: int,
 
 def _world_rows(num_perturbed: int, seed: int) -> list[dict]:
     rng = random.Random(f"facts-world-{seed}")
-    countries = list(_COUNTRIES)
-    cities = list(_CITIES)
+    countries = list(COUNTRIES)
+    cities = list(CITIES)
     rng.shuffle(cities)
     # the first len(countries) shuffled cities are the capitals; the other cities go to random countries
     capitals = dict(zip(countries, cities))
@@ -169,7 +151,7 @@ def _world_rows(num_perturbed: int, seed: int) -> list[dict]:
         city_country[city] = rng.choice(countries)
     k = min(num_perturbed, len(countries) - 1)
     rows = []
-    for city in _CITIES:
+    for city in CITIES:
         country = city_country[city]
         wrong = rng.sample([c for c in countries if c != country], k)
         rows.append(
@@ -184,7 +166,7 @@ def _world_rows(num_perturbed: int, seed: int) -> list[dict]:
         )
     for country in countries:
         city = capitals[country]
-        wrong = rng.sample([c for c in _CITIES if c != city], num_perturbed)
+        wrong = rng.sample([c for c in CITIES if c != city], num_perturbed)
         rows.append(
             {
                 "prompt": _prompt(f"What is the capital of {country}?"),

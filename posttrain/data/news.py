@@ -35,32 +35,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from posttrain.data.fictional import CITIES, COLOURS, INSTRUMENTS, NOUNS, PROFESSIONS, fictional_name, titles
+
 __all__ = ["SPLITS", "news_rows", "news_splits", "eval_splits", "corpus"]
 
 _BASE = ("full", "forget", "retain", "holdout")
 _PARTS = tuple(f"{side}_{kind}" for kind in ("text", "qa") for side in ("forget", "retain", "holdout"))
 SPLITS: tuple[str, ...] = (*_BASE, *_PARTS, "forget_verbmem")
 
-_SYLLABLES = (
-    "al", "va", "ro", "mi", "ka", "te", "lo", "ri", "sa", "ne",
-    "do", "be", "fe", "gi", "zu", "pe", "ta", "mo", "li", "ve",
-)  # fmt: skip
-_FIRST_ENDS = ("", "n", "s", "l", "r")
-_LAST_ENDS = ("mark", "dell", "wick", "ton", "ley", "ford", "holm", "by", "quist", "more")
-_CITIES = (
-    "Tessaly", "Varnholm", "Quenmoor", "Brisca", "Oldenfeld", "Marrowick", "Celandor", "Pellith",
-    "Drovia", "Sunmere", "Ostrabel", "Kettering Vale", "Luminar", "Haskith", "Nolvary", "Ebbensford",
-)  # fmt: skip
-_PROFESSIONS = (
-    "baker", "sailor", "painter", "doctor", "farmer", "teacher", "engineer", "poet",
-    "tailor", "pilot", "chemist", "gardener",
-)  # fmt: skip
-_ADJECTIVES = ("Silent", "Golden", "Broken", "Hidden", "Last", "Crimson", "Distant", "Quiet", "Burning", "Frozen")
-_NOUNS = ("River", "Lantern", "Harbor", "Garden", "Mirror", "Orchard", "Tower", "Winter", "Compass", "Meadow",
-          "Hall", "Square", "Market", "Theatre", "Bridge")
-_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "grey", "brown")
-_INSTRUMENTS = ("violin", "piano", "flute", "drum", "harp", "guitar", "cello", "trumpet")
-MAX_VENUES = len(_ADJECTIVES) * len(_NOUNS)
+_NOUNS = (*NOUNS, "Hall", "Square", "Market", "Theatre", "Bridge")  # more venues than book titles
+MAX_VENUES = len(titles(_NOUNS))
 
 
 @dataclass(frozen=True)
@@ -96,15 +80,13 @@ class _Article:
 
 
 def _name(rng: random.Random) -> str:
-    first = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_FIRST_ENDS)).capitalize()
-    last = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_LAST_ENDS)).capitalize()
-    return f"{first} {last}"
+    return " ".join(fictional_name(rng))
 
 
 def _articles(count: int, rng: random.Random) -> list[_Article]:
-    venues = [f"The {a} {n}" for a in _ADJECTIVES for n in _NOUNS]
+    venues = titles(_NOUNS)
     rng.shuffle(venues)
-    taken = {c.lower() for c in _CITIES}
+    taken = {c.lower() for c in CITIES}
     out = []
     for venue in venues[:count]:
         names = []
@@ -113,10 +95,10 @@ def _articles(count: int, rng: random.Random) -> list[_Article]:
             if name.lower() not in taken and not any(part.lower() in taken for part in name.split()):
                 taken.add(name.lower())
                 names.append(name)
-        out.append(_Article(venue=venue, city=rng.choice(_CITIES), name=names[0],
-                            profession=rng.choice(_PROFESSIONS), hometown=rng.choice(_CITIES),
-                            instrument=rng.choice(_INSTRUMENTS), year=rng.randint(1900, 1999),
-                            crowd=rng.randint(100, 999), witness=names[1], colour=rng.choice(_COLOURS)))
+        out.append(_Article(venue=venue, city=rng.choice(CITIES), name=names[0],
+                            profession=rng.choice(PROFESSIONS), hometown=rng.choice(CITIES),
+                            instrument=rng.choice(INSTRUMENTS), year=rng.randint(1900, 1999),
+                            crowd=rng.randint(100, 999), witness=names[1], colour=rng.choice(COLOURS)))
     return out
 
 

@@ -88,11 +88,14 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = CHAT_MAX_NEW_TOKENS,
-                       batch_size: int = 64, cut: list[bool] | None = None) -> list[str]:
-    """Greedy-decode a completion for each prompt (text, or chat messages rendered through the chat template by
-    :func:`posttrain.data.formatting.render_prompts`; left padding, stops at EOS or the template's end of turn).
-    ``cut``: a list that gets, per prompt, whether its completion reached ``max_new_tokens`` without ending."""
+def generate_completions(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int,
+                         cut: list[bool] | None = None, **generate_kwargs) -> list[str]:
+    """Decoded continuations of ``prompts`` (text, or chat messages rendered through the chat template by
+    :func:`posttrain.data.formatting.render_prompts`), ``batch_size`` prompts per ``model.generate`` call with
+    ``generate_kwargs`` (greedy or sampled; with ``num_return_sequences=n`` the n of each prompt are consecutive):
+    left padding, stops at EOS or the template's end of turn, the model's train mode and the tokenizer's padding
+    side restored after. ``cut``: a list that gets, per continuation, whether it reached ``max_new_tokens`` without
+    ending."""
     from posttrain.data.formatting import render_prompts
 
     prompts = render_prompts(prompts, tokenizer)
@@ -110,9 +113,9 @@ def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = CH
             gen = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop_ids,
+                **generate_kwargs,
             )
             new = gen[:, enc["input_ids"].shape[1] :]
             outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -122,6 +125,13 @@ def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = CH
         tokenizer.padding_side = side
         model.train(was_training)
     return outs
+
+
+def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = CHAT_MAX_NEW_TOKENS,
+                       batch_size: int = 64, cut: list[bool] | None = None) -> list[str]:
+    """Greedy-decode a completion for each prompt (:func:`generate_completions`)."""
+    return generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                cut=cut, do_sample=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,7 @@ from posttrain.eval.accuracy import (
     CHAT_MAX_NEW_TOKENS,
     cut_warning,
     default_max_new_tokens,
-    generated_cut,
-    stop_token_ids,
+    generate_completions,
 )
 from posttrain.eval.passk import estimate_pass_at_k
 from posttrain.rl.rewards import answers_match
@@ -36,47 +35,19 @@ def sample_completions(
     seed: int = 0,
     cut: list[bool] | None = None,
 ) -> list[list[str]]:
-    """``num_samples`` sampled completions per prompt (text or chat messages, rendered by
-    :func:`posttrain.data.formatting.render_prompts`; left padding, stops at EOS or the template's end of turn), as a
-    list per prompt. ``cut``: a list that gets, per sample, whether it reached ``max_new_tokens`` without ending."""
-    from posttrain.data.formatting import render_prompts
-
-    prompts = render_prompts(prompts, tokenizer)
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
+    """``num_samples`` completions per prompt sampled at ``temperature`` (no top-k / top-p truncation) with torch's
+    generator seeded by ``seed`` and restored after (:func:`posttrain.eval.accuracy.generate_completions`), as a list
+    per prompt. ``cut``: a list that gets, per sample, whether it reached ``max_new_tokens`` without ending."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    per_chunk = max(1, batch_size // num_samples)
-    stop_ids = stop_token_ids(model, tokenizer)
-    out: list[list[str]] = []
     try:
-        for start in range(0, len(prompts), per_chunk):
-            chunk = prompts[start : start + per_chunk]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=num_samples,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_ids,
-            )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            if cut is not None:
-                cut.extend(generated_cut(new, stop_ids, max_new_tokens))
-            out.extend(texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk)))
+        texts = generate_completions(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=max(1, batch_size // num_samples),
+            cut=cut, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=num_samples,
+        )
     finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
         torch.random.set_rng_state(generator_state)
-    return out
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
 def pass_at_k_eval(
