@@ -404,7 +404,7 @@ def test_every_family_config_takes_the_one_logprob_head_literal():
         fields = {f.name: f for f in dataclasses.fields(config_class(name))}
         if "logprob_head" in fields:
             with_head[name] = typing.get_type_hints(config_class(name))["logprob_head"]
-    assert set(with_head) >= {"preference", "sft", "rl"}
+    assert set(with_head) >= {"preference", "sft", "rl", "unpaired", "unlearning"}
     assert all(hint == LogprobHead for hint in with_head.values()), with_head
 
 
