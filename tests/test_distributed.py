@@ -108,7 +108,7 @@ CASES.update({
 # reference (the shared plan of posttrain.logprobs.reference, every process scoring the forget set)
 CASES.update({
     "asft_anchored": ("recipes/asft_anchored.yaml", ["data.train.options.num_samples=256"], 4),
-    "npo_kl": ("recipes/unlearn_npo_kl.yaml", [], 2),
+    "npo_kl": ("recipes/unlearn_npo_kl.yaml", ["training.warmup_steps=0"], 2),  # the KL away from 0 by step 2
     "npo_rt_precomputed": ("recipes/unlearn_npo_rt.yaml", ["method.precompute_ref_log_probs=true"], 2),
 })
 # GRPO (beta > 0) with its recipe's AdamW for the offload backends: there accelerate hands DeepSpeed's CPU Adam every

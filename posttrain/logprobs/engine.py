@@ -36,7 +36,7 @@ import torch
 
 from posttrain.logprobs import heads as H
 from posttrain.logprobs.layout import additive_mask, block_mask, shared_layout
-from posttrain.distributed import full_weight
+from posttrain.distributed import full_weight, wants_fsdp
 
 logger = logging.getLogger("posttrain")
 _LOGGED: set[str] = set()
@@ -194,7 +194,12 @@ class _Call:
             out["full_vocab"] = H.full_vocab_logps(rows[self.full_vocab_rows], weight, bias, transform=transform,
                                                    temperature=self.temperature)
         if self.needs.rows:
-            out["rows"] = HeadRows(rows, head.weight, getattr(head, "bias", None), scale)
+            head_bias = getattr(head, "bias", None)
+            if wants_fsdp():  # FSDP2 frees the gathered head after the forward: keep a copy for the later KL
+                out["rows"] = HeadRows(rows, weight.detach().clone(), None if bias is None else bias.detach().clone(),
+                                       scale)
+            else:
+                out["rows"] = HeadRows(rows, head.weight, head_bias, scale)
         if self.hidden_index is not None:
             keep = self.hidden_index >= 0
             out["hidden"] = flat[self.hidden_index.clamp(min=0)] * keep[..., None].to(flat.dtype)
