@@ -36,7 +36,7 @@ import torch
 
 from posttrain.logprobs import heads as H
 from posttrain.logprobs.layout import additive_mask, block_mask, shared_layout
-from posttrain.distributed import full_weight, wants_fsdp
+from posttrain.distributed import full_weight, gathered, wants_fsdp, zero3_enabled
 
 logger = logging.getLogger("posttrain")
 _LOGGED: set[str] = set()
@@ -195,9 +195,12 @@ class _Call:
                                                    temperature=self.temperature)
         if self.needs.rows:
             head_bias = getattr(head, "bias", None)
-            if wants_fsdp():  # FSDP2 frees the gathered head after the forward: keep a copy for the later KL
-                out["rows"] = HeadRows(rows, weight.detach().clone(), None if bias is None else bias.detach().clone(),
-                                       scale)
+            if wants_fsdp() or zero3_enabled():
+                # a sharded head is freed after the forward (FSDP2), or not gathered again for another model's call
+                # (ZeRO-3, a reference's inference engine): keep a whole copy for the later KL (no gradient)
+                with gathered(weight, bias):
+                    out["rows"] = HeadRows(rows, weight.detach().clone(),
+                                           None if bias is None else bias.detach().clone(), scale)
             else:
                 out["rows"] = HeadRows(rows, head.weight, head_bias, scale)
         if self.hidden_index is not None:
