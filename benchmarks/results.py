@@ -755,7 +755,8 @@ def environment() -> dict:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     device = (f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available()
               else f"CPU only: {os.cpu_count()} x {cpu}, fp32")
-    return {"versions": versions, "device": device, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+    return {"versions": versions, "device": device, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "torch_threads": torch.get_num_threads()}
 
 
 def markdown(family: str, results: list[dict], meta: dict, img_prefix: str = "") -> str:
@@ -765,9 +766,10 @@ def markdown(family: str, results: list[dict], meta: dict, img_prefix: str = "")
              f"Question: {spec.question}", "",
              f"Command: `{meta['command']}` ({meta['date']}; {'quick settings' if meta['quick'] else 'full settings'}, "
              f"seeds {', '.join(map(str, meta['seeds']))}). Device: {meta['env']['device']}; "
-             f"OMP_NUM_THREADS={meta['env']['omp_num_threads']}; load average (1 min) {meta['load_before']:.1f} "
+             + (f"torch threads {meta['env']['torch_threads']}, " if "torch_threads" in meta["env"] else "")
+             + f"OMP_NUM_THREADS={meta['env']['omp_num_threads']}; load average (1 min) {meta['load_before']:.1f} "
              f"before, {meta['load_after']:.1f} after; {meta['wall_s'] / 60:.1f} min for the family"
-             + (f", {meta['cpu_s'] / 60:.1f} min of CPU time (about its wall time on an idle core at one thread)"
+             + (f", {meta['cpu_s'] / 60:.1f} min of CPU time (user + system)"
                 if meta.get("cpu_s") else "")
              + (f" ({meta['reused']} runs reused from `{meta['family']}.partial.jsonl`, an earlier invocation of the "
                 "same runs, not in this time)"

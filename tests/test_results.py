@@ -198,3 +198,62 @@ def test_all_recipes_progress_tables_the_done_recipes_and_names_those_left(tmp_p
     assert "| `recipes/dft.yaml` | 0 | 100 | 80 | 28.7 | 0.1100 | 51.0% | 47.0% |" in printed
     assert printed[-1] == "2 of 3 left: dpo, grpo"
     assert not out.exists()
+
+
+def test_all_recipes_lr_probe_scales_each_recipes_lr_and_reuses_per_factor(tmp_path, monkeypatch, capsys):
+    """benchmarks/all_recipes.py --lr-scales: one run per recipe and factor, at factor × the recipe's own lr (plus the
+    --set overrides), scored by the family's metric; a rerun reuses the finished (recipe, factor) runs."""
+    import all_recipes
+
+    calls = []
+
+    def fake_run(name, sets):
+        calls.append((name, list(sets)))
+        return {"recipe": f"recipes/{name}.yaml", "exit_code": 0, "wall_s": 1.0, "cpu_s": 1.0, "steps": 60,
+                "train_loss": 0.5, "accuracy_before": 0.51, "accuracy_after": 0.4, "test_pref_accuracy": 0.6,
+                "test_logp_margin": 0.25, "train_reward_margin": 0.1}
+
+    monkeypatch.setattr(all_recipes, "probe_recipe", fake_run)
+    monkeypatch.setattr(all_recipes, "start_metrics", lambda names: {n: {"test_pref_accuracy": 0.5} for n in names})
+    out = tmp_path / "probe.json"
+    argv = ["--recipes", "dpo", "--lr-scales", "1", "0.3", "--set", "method.beta=0.3", "--out", str(out)]
+    assert all_recipes.main(argv) == 0
+    lr = all_recipes.recipe_lr("dpo")
+    assert calls == [("dpo", [f"training.learning_rate={lr}", "method.beta=0.3"]),
+                     ("dpo", [f"training.learning_rate={float(f'{0.3 * lr:.3g}')}", "method.beta=0.3"])]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["lr_scale"] for r in rows] == [1.0, 0.3] and rows[1]["learning_rate"] == float(f"{0.3 * lr:.3g}")
+    printed = capsys.readouterr().out
+    row = f"| `recipes/dpo.yaml` | {0.3 * lr:.3g} (0.3×) | 60 | 1.0 | 40.0% | 0.600 | 0.25 | 0.100 |  | 0.5000 |"
+    assert row in printed
+    assert f"| `dpo` ({lr:.3g}) | 40% · 0.600 | 40% · 0.600 |" in printed  # the pivot: a column per factor
+    # an interrupted probe: the finished factor is reused, the other one runs
+    Path(f"{out}.partial.jsonl").write_text(json.dumps({**rows[0], "sets": ["method.beta=0.3"]}) + "\n")
+    calls.clear()
+    assert all_recipes.main(argv) == 0
+    assert [c[1][0] for c in calls] == [f"training.learning_rate={float(f'{0.3 * lr:.3g}')}"]
+
+
+def test_all_recipes_lr_probe_metrics_are_the_families_own():
+    """The probe scores a preference recipe by the preference table's test-split accuracy (same pairs, same scorer)
+    and an RL recipe by the expected exact-match reward on its own test problems; a multi-stage recipe by its last
+    stage's method."""
+    import all_recipes
+    from preference_accuracy import build_sets, preference_accuracy
+
+    from posttrain.data.sources import load_source
+    from posttrain.eval.expected_reward import expected_exact_match
+    from posttrain.loading import load_model_or_run
+    from posttrain.models import load_tokenizer
+    from posttrain.recipe import load_recipe
+
+    assert [all_recipes.recipe_family(n) for n in ("dpo", "kto", "pre_dpo_simpo", "grpo_spo", "dft")] == [
+        "preference", "unpaired", "preference", "rl", "sft"]
+    model, tok = load_model_or_run("builtin:tiny-qwen2-arith").eval(), load_tokenizer("builtin:tiny-qwen2-arith")
+    pref = all_recipes.model_metrics("preference", "dpo", model, tok)
+    assert pref["test_pref_accuracy"] == preference_accuracy(model, tok, build_sets(256, 30)[2])
+    rows = list(load_source(load_recipe(ROOT / "recipes" / "grpo.yaml").data.test, "data.test", "rl"))
+    assert len(rows) == 100
+    assert all_recipes.model_metrics("rl", "grpo", model, tok) == {
+        "expected_reward": expected_exact_match(model, tok, rows, temperature=1.0)}
+    assert all_recipes.model_metrics("sft", "dft", model, tok) == {}
