@@ -212,6 +212,12 @@ class AdapterVariantEntry(Entry):
     variant: Any = None
 
 
+# The values of ``training.logprob_head`` (every family's config field): ``auto`` and the names registered in
+# ``posttrain.logprobs.heads.LOGPROB_HEADS`` (tests/logprobs checks the two agree). Here, not beside the heads, so
+# that a family's config and recipe checking read it without importing torch.
+LogprobHead = Literal["auto", "chunked", "fused", "liger"]
+
+
 @dataclass(frozen=True)
 class LogprobHeadEntry(Entry):
     """``training.logprob_head``: ``unavailable(device, transform, with_entropy)`` gives the reason the head cannot

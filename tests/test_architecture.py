@@ -368,6 +368,51 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_no_family_imports_another_familys_config():
+    """A family's config is its own: what several families' configs share (the ``training.logprob_head`` literal)
+    lives below the families (posttrain.registry), not in one family imported by the others."""
+    graph = _import_graph()
+    family_of = {m: m.split(".")[2] for m in graph if m.startswith("posttrain.families.") and m.count(".") >= 2}
+    offenders = sorted(f"{m} imports {t}" for m, targets in graph.items() if m in family_of for t in targets
+                       if t.endswith(".config") and t in family_of and family_of[t] != family_of[m]
+                       and FAMILY_BUILT_ON.get(family_of[m]) != family_of[t])
+    assert offenders == [], offenders
+
+
+# A family built on another's trainer and config, by design (never for a shared literal or helper).
+FAMILY_BUILT_ON = {"online": "rl"}  # online DPO subclasses the GRPO trainer and its RLConfig (docs/logprob_engine.md)
+
+
+def test_family_config_check_catches_a_planted_offender(monkeypatch):
+    import pytest
+
+    planted = {**_import_graph()}
+    planted["posttrain.families.sft.config"] = planted["posttrain.families.sft.config"] | {
+        "posttrain.families.preference.config"}
+    monkeypatch.setattr(sys.modules[__name__], "_import_graph", lambda: planted)
+    with pytest.raises(AssertionError, match="sft.config imports posttrain.families.preference.config"):
+        test_no_family_imports_another_familys_config()
+
+
+def test_every_family_config_takes_the_one_logprob_head_literal():
+    import dataclasses
+    import typing
+
+    from posttrain.families.base import FAMILIES
+    from posttrain.logprobs.heads import head_choices
+    from posttrain.recipe.training_args import config_class
+    from posttrain.registry import LogprobHead
+
+    assert typing.get_args(LogprobHead) == head_choices()
+    with_head = {}
+    for name in FAMILIES:
+        fields = {f.name: f for f in dataclasses.fields(config_class(name))}
+        if "logprob_head" in fields:
+            with_head[name] = typing.get_type_hints(config_class(name))["logprob_head"]
+    assert set(with_head) >= {"preference", "sft", "rl", "unpaired", "unlearning"}
+    assert all(hint == LogprobHead for hint in with_head.values()), with_head
+
+
 def test_no_import_cycles():
     graph = _import_graph()
     assert "posttrain.trainers.common" in graph["posttrain.run.pipeline"]  # the walk sees imports

@@ -103,6 +103,14 @@ CASES.update({
     "kto_precomputed": ("recipes/kto.yaml", ["data.eval=null", "data.train.options.num_samples=256",
                                              "method.precompute_ref_log_probs=true", *_SGD], 4),
 })
+# the token-level KL terms on the engine's tiled KL (inside the causal LM's forward, where the sharded head is
+# gathered): ASFT-anchored's KL to its frozen anchor, NPO+KL's retain KL; and the unlearning family's precomputed
+# reference (the shared plan of posttrain.logprobs.reference, every process scoring the forget set)
+CASES.update({
+    "asft_anchored": ("recipes/asft_anchored.yaml", ["data.train.options.num_samples=256"], 4),
+    "npo_kl": ("recipes/unlearn_npo_kl.yaml", ["training.warmup_steps=0"], 2),  # the KL away from 0 by step 2
+    "npo_rt_precomputed": ("recipes/unlearn_npo_rt.yaml", ["method.precompute_ref_log_probs=true"], 2),
+})
 # GRPO (beta > 0) with its recipe's AdamW for the offload backends: there accelerate hands DeepSpeed's CPU Adam every
 # optimizer (plain SGD would train as Adam; posttrain refuses it, docs/distributed.md)
 CASES["grpo_adamw"] = ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_generations=4",
@@ -112,6 +120,7 @@ CASES["grpo_adamw"] = ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_g
 # 4e-5; ddp: 1.9e-5), ZeRO-3's reordered gradient reductions amplified by AdamW (the matrix's GRPO case uses SGD,
 # which the offload backends cannot: CPU Adam replaces it); its losses and logged values still pass at 1e-4
 MODEL_TOLERANCE = {"grpo_adamw": 2e-4}
+SHARED_PLAN_CASES = {"kto_precomputed", "npo_rt_precomputed"}  # precomputed through posttrain.logprobs.reference
 FINAL_STAGE = {"dpo_ref_stage": "main"}  # a multi-stage case: the stage whose logs and model are compared
 # metrics of the families that compute them from all processes' rows (TRL's pattern: gathered scores, log-probs and
 # rewards; sums over gathered tokens), which must be among the logged values compared with one process's
@@ -173,10 +182,16 @@ def _check_against_one_process(case: str, backend: str, tmp_path, tmp_path_facto
     recipe, overrides, b = CASES[case]
     single = _single(case, tmp_path_factory)
     out = tmp_path / backend
+    # a reference precomputed through the shared plan: computed here on the backend, not read from the one-process run's
+    # cache file
+    env = {"POSTTRAIN_REFERENCE_CACHE": str(tmp_path / "reference-cache")} if case in SHARED_PLAN_CASES else None
     proc = train(recipe, out, [*COMMON, *overrides, f"training.per_device_train_batch_size={b}"], processes=2,
-                 backend=backend)
+                 backend=backend, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"distributed: {backend} over 2 processes" in proc.stderr  # the backend really ran (not DDP instead)
+    if case in SHARED_PLAN_CASES:
+        assert "computed once and cached in" in proc.stderr and len(list((tmp_path / "reference-cache").iterdir())) \
+            == 1, proc.stderr[-3000:]
     out = out / FINAL_STAGE.get(case, "")
     one, two = logged(single), logged(out)
     difference = max_relative_difference(two, one)
@@ -255,6 +270,16 @@ def test_reference_kinds_sharded_match_one(case, backend, tmp_path, tmp_path_fac
     """DPO with its reference given by path, as an earlier stage's model, and precomputed (KTO's precomputation too),
     under the two sharded backends against one process (the frozen copy and the disabled adapter are in the matrix
     above)."""
+    _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", backends("zero3", "fsdp2"))
+@pytest.mark.parametrize("case", ["asft_anchored", "npo_kl", "npo_rt_precomputed"])
+def test_token_kl_and_unlearning_reference_sharded_match_one(case, backend, tmp_path, tmp_path_factory):
+    """ASFT-anchored (KL to the frozen anchor) and NPO+KL (retain KL) with their KL tiled inside the forward, and NPO+RT
+    with its reference precomputed through the shared plan, under the two sharded backends against one process
+    (~1-2 min each)."""
     _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
 
 
@@ -358,8 +383,8 @@ def test_a_failing_process_ends_the_launch_with_its_own_error(tmp_path):
 
 
 @pytest.mark.parametrize(("recipe", "overrides", "backend", "message"), [
-    ("asft_anchored.yaml", [], "zero3", r"^method\.name: asft_anchored projects the policy's hidden states through its "
-                                        r"output head .* --distributed zero3 shards that head"),
+    ("sparsepo.yaml", [], "zero3", r"^method\.name: sparsepo projects the policy's hidden states through its output "
+                                   r"head after the model's forward .* --distributed zero3 shards that head"),
     ("sparsepo.yaml", [], "fsdp2", r"^method\.name: sparsepo projects .* --distributed fsdp2 shards that head"),
     ("sparsepo.yaml", ["method.mask=learned"], "zero2", r"^method\.mask: learned trains a mask network beside the "
                                                          r"model, which --distributed zero2 neither shards"),

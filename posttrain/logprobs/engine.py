@@ -36,7 +36,7 @@ import torch
 
 from posttrain.logprobs import heads as H
 from posttrain.logprobs.layout import additive_mask, block_mask, shared_layout
-from posttrain.distributed import full_weight
+from posttrain.distributed import full_weight, gathered, wants_fsdp, zero3_enabled
 
 logger = logging.getLogger("posttrain")
 _LOGGED: set[str] = set()
@@ -194,7 +194,15 @@ class _Call:
             out["full_vocab"] = H.full_vocab_logps(rows[self.full_vocab_rows], weight, bias, transform=transform,
                                                    temperature=self.temperature)
         if self.needs.rows:
-            out["rows"] = HeadRows(rows, head.weight, getattr(head, "bias", None), scale)
+            head_bias = getattr(head, "bias", None)
+            if wants_fsdp() or zero3_enabled():
+                # a sharded head is freed after the forward (FSDP2), or not gathered again for another model's call
+                # (ZeRO-3, a reference's inference engine): keep a whole copy for the later KL (no gradient)
+                with gathered(weight, bias):
+                    out["rows"] = HeadRows(rows, weight.detach().clone(),
+                                           None if bias is None else bias.detach().clone(), scale)
+            else:
+                out["rows"] = HeadRows(rows, head.weight, head_bias, scale)
         if self.hidden_index is not None:
             keep = self.hidden_index >= 0
             out["hidden"] = flat[self.hidden_index.clamp(min=0)] * keep[..., None].to(flat.dtype)

@@ -59,7 +59,7 @@ TRAINING_DEFAULTS = [
     ("assistant_only_loss", "true for `messages` rows (SFT family), else false",
      "loss on the assistant turns only, for any chat template (`data.assistant_turns`); false: on every token"),
     ("model_init_kwargs", "refused", "posttrain loads the model: use the `model:` keys"),
-    ("logprob_head", "auto (preference, SFT, RL and online families)", "auto \\| chunked \\| fused \\| liger: the LM head "
+    ("logprob_head", "auto (preference, SFT, RL, online, KTO and unlearning families)", "auto \\| chunked \\| fused \\| liger: the LM head "
      "of the log-prob engine (docs/logprob_engine.md); auto: chunked on CPU, TRL's fused Triton kernel on CUDA; logged "
      "once"),
     ("share_prompts", "true (preference, RL and online families)", "each pair's prompt computed once for chosen and "

@@ -4,11 +4,10 @@ log-prob engine's two keys (docs/logprob_engine.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from trl import DPOConfig
 
-LogprobHead = Literal["auto", "chunked", "fused", "liger"]  # posttrain.logprobs.heads.head_choices()
+from posttrain.registry import LogprobHead
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from posttrain.families.preference.config import LogprobHead
+from posttrain.registry import LogprobHead
 
 
 @dataclass

@@ -53,7 +53,6 @@ import posttrain.families.unlearning.methods  # noqa: F401  (registers every obj
 from posttrain.families.unlearning.objective import (
     FORGET_ACTIVATIONS,
     FORGET_REF_LOGPS,
-    REFERENCE_NEEDS,
     RETAIN_KL,
     RETAIN_LOGPS,
     RETAIN_NEEDS,
@@ -67,6 +66,7 @@ from posttrain.logprobs import LogProbEngine, Needs, ensure_fused_head
 from posttrain.logprobs.engine import log_once
 from posttrain.losses.unlearning import rmu_control_vector
 from posttrain.reference import Reference
+from posttrain.registry import LogprobHead
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -76,11 +76,15 @@ SIDES = ("forget", "retain")
 
 @dataclasses.dataclass
 class UnlearningConfig(TrainingArguments):
-    """``TrainingArguments`` plus the sequence cap of the unlearning data."""
+    """``TrainingArguments`` plus the sequence cap of the unlearning data and the log-prob engine's head."""
 
     max_length: int = dataclasses.field(
         default=512, metadata={"help": "Truncate prompt + answer + EOS to this many tokens."}
     )
+    logprob_head: LogprobHead = dataclasses.field(
+        default="auto",
+        metadata={"help": "The LM head that turns answer rows into log-probs: auto (chunked on CPU, TRL's fused "
+                          "Triton kernel on CUDA), chunked, fused or liger (CUDA, pip install liger-kernel)."})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -125,6 +129,8 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
 
     def __init__(self, forget: list, retain: list | None, seed: int = 0):
         self.forget, self.retain, self.seed, self.epoch = forget, retain, seed, 0
+        # per forget row, the precomputed reference's log-prob of each answer token (None: a live reference)
+        self.forget_ref_logps: list[torch.Tensor] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -139,6 +145,8 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         item = {"forget": self.forget[i]}
         if self.retain:
             item["retain"] = self.retain[self.retain_index(i)]
+        if self.forget_ref_logps is not None:
+            item["forget_ref_logps"] = self.forget_ref_logps[i]
         return item
 
 
@@ -160,6 +168,12 @@ class ForgetRetainCollator:
         for side in SIDES:
             if side in items[0]:
                 batch.update({f"{side}_{k}": v for k, v in self._pad([it[side] for it in items]).items()})
+        if "forget_ref_logps" in items[0]:  # each scored token's precomputed log-prob at its own position
+            scored = _scored(batch["forget_labels"])
+            ref = torch.zeros(scored.shape, dtype=torch.float32)
+            for b, item in enumerate(items):
+                ref[b, scored[b]] = item["forget_ref_logps"]
+            batch["forget_ref_logps"] = ref
         return batch
 
 
@@ -248,7 +262,8 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         if unknown:
             raise ValueError(f"unlearning objective {method!r} needs {sorted(unknown)}; the trainer computes "
                              f"{sorted(UNLEARNING_NEEDS)}")
-        self.engine = LogProbEngine("auto", share_prompts=False)  # forget and retain rows share no prompt
+        # forget and retain rows share no prompt
+        self.engine = LogProbEngine(getattr(kwargs.get("args"), "logprob_head", "auto"), share_prompts=False)
         self.use_engine = True  # False: TRL's fused head / full logits on whole rows (the path before the engine)
         wrapped = _peft_model(model)
         ensure_fused_head(model if wrapped is None else wrapped.get_base_model())  # no-op when already patched
@@ -267,12 +282,39 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             self.ref_model = prepare_frozen(ref_model, self.accelerator)
         if isinstance(self.train_dataset, ForgetRetainDataset):
             self.add_callback(_EpochCallback(self.train_dataset))
+            if FORGET_REF_LOGPS in self.needs and getattr(params, "precompute_ref_log_probs", False):
+                self._precompute_forget_reference(self.train_dataset)
         self.control_vector = self._steering_setup() if FORGET_ACTIVATIONS in self.needs else None
         self.weight_mask = None
         if mask_rows is not None:
             from posttrain.families.unlearning.wagle import WagleMask
 
             self.weight_mask = WagleMask(self, *mask_rows, collator_cls=ForgetRetainCollator)
+
+    def _precompute_forget_reference(self, dataset: ForgetRetainDataset) -> None:
+        """The reference's log-probs of every forget answer token, once before training, through the shared plan
+        (:func:`posttrain.logprobs.reference.precomputed_reference`: cached on disk, a rerun reads them). The live
+        reference is then dropped unless the retain KL still reads its distributions (npo_kl)."""
+        from posttrain.logprobs.reference import precomputed_reference
+
+        rows = []
+        for ids, labels in dataset.forget:
+            scored = _scored(torch.tensor([labels]))[0]
+            rows.append({"input_ids": ids, "completion_mask": scored.long().tolist()})
+        tok = self.processing_class
+        pad = 0 if tok is None or tok.pad_token_id is None else tok.pad_token_id
+        policy = self.model
+        if self.ref_model is None and self.is_deepspeed_enabled:  # the adapter-disabled policy, placed as TRL does
+            from trl.models import prepare_deepspeed
+
+            policy = prepare_deepspeed(self.model, self.accelerator)
+        reference = precomputed_reference(
+            self._reference_of(), policy, rows, accelerator=self.accelerator, engine=self.engine,
+            template=getattr(tok, "chat_template", None), batch_size=self.args.per_device_train_batch_size,
+            pad_token_id=pad)
+        dataset.forget_ref_logps = reference.token_logps
+        if RETAIN_KL not in self.needs:
+            self.ref_model = None  # the precomputed log-probs replace the reference: do not keep it in memory
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -344,10 +386,6 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
         return bool(self.needs & RETAIN_NEEDS)
 
     @property
-    def uses_reference(self) -> bool:
-        return bool(self.needs & REFERENCE_NEEDS)
-
-    @property
     def _uses_engine(self) -> bool:
         """The log-prob engine computes the needs (``use_engine``), except for a retain KL over every position
         (``retain_kl_mask: none``: prompt and padding positions, which the engine does not score)."""
@@ -393,7 +431,9 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             out["retain_logps"], out["retain_mask"] = res.logps[b:, 1:wr], res.mask[b:, 1:wr]
         else:
             out["forget_logps"], out["forget_mask"] = self._logps(model, f_ids, f_attn, f_lab)
-        if FORGET_REF_LOGPS in needs:
+        if "forget_ref_logps" in inputs:  # precomputed before training
+            out["forget_ref_logps"] = inputs["forget_ref_logps"][:, 1:]
+        elif FORGET_REF_LOGPS in needs:
             ref = self.engine.reference_forward(self._reference_of(), model, f_ids, f_attn, _scored(f_lab))
             out["forget_ref_logps"] = ref.logps[:, 1:]
         if RETAIN_KL in needs:
@@ -433,9 +473,12 @@ class PosttrainUnlearningTrainer(AtomicCheckpointMixin, Trainer):
             r_ids, r_attn, r_lab = self._side(inputs, "retain")
             out["retain_logits"] = model(input_ids=r_ids, attention_mask=r_attn, use_cache=False).logits
             out["retain_labels"] = r_lab
-        if self.uses_reference:
+        precomputed = "forget_ref_logps" in inputs
+        if precomputed:
+            out["forget_ref_logps"] = inputs["forget_ref_logps"][:, 1:]
+        if kl or (FORGET_REF_LOGPS in self.needs and not precomputed):
             with torch.no_grad(), self._reference(model) as ref:
-                if FORGET_REF_LOGPS in self.needs:
+                if FORGET_REF_LOGPS in self.needs and not precomputed:
                     ref_res = ref(input_ids=f_ids, attention_mask=f_attn, labels=f_lab, fused_lm_head=True,
                                   use_cache=False)
                     out["forget_ref_logps"] = ref_res.log_probs
@@ -526,7 +569,9 @@ def _needs_retain(recipe, name: str) -> bool:
 
 
 def unlearning_config(recipe, info) -> UnlearningConfig:
-    """The :class:`UnlearningConfig` of an unlearning recipe, after the data-key checks (before any model loads)."""
+    """The :class:`UnlearningConfig` of an unlearning recipe, after the data-key checks (before any model loads); a
+    ``training.logprob_head`` that cannot run on this machine is refused here."""
+    from posttrain.logprobs.heads import check_head_here
     from posttrain.trainers.common import training_config
 
     name, data = info.name, recipe.data
@@ -566,7 +611,9 @@ def unlearning_config(recipe, info) -> UnlearningConfig:
             f"data.retain: method '{name}' needs a retain set (e.g. data.retain: {{source: builtin:facts, "
             "split: retain95}}), or set method.alpha: 0"
         )
-    return training_config(UnlearningConfig, recipe, {"remove_unused_columns": False})
+    config = training_config(UnlearningConfig, recipe, {"remove_unused_columns": False})
+    check_head_here(config)
+    return config
 
 
 def build_unlearning_trainer(ctx):

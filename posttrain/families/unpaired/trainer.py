@@ -37,7 +37,7 @@ from posttrain.errors import UserError
 from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
 from posttrain.losses.preference import kto_loss, kto_reference_point, rotate_within_batches, sequence_logps
 from posttrain.reference import Reference, peft_model_of
-from posttrain.trainers.common import AtomicCheckpointMixin, OneReferenceCacheMixin, _NoMaxLength, log_length_effects
+from posttrain.trainers.common import AtomicCheckpointMixin, _NoMaxLength, log_length_effects
 
 logger = logging.getLogger("posttrain")
 
@@ -101,7 +101,7 @@ def unpair(dataset, seed: int):
     return unpair_preference_dataset(dataset.shuffle(seed=seed).flatten_indices(), batch_size=1)
 
 
-class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrainer):
+class PosttrainKTOTrainer(AtomicCheckpointMixin, KTOTrainer):
     """KTO (docs/methods/kto.md) on top of ``trl.KTOTrainer``.
 
     Args:
@@ -113,7 +113,8 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
     def __init__(self, *args, params, assistant_turns: str = "all", **kwargs):
         self.params = params
         self.assistant_turns = assistant_turns
-        self.engine = LogProbEngine("auto", share_prompts=False)  # a KTO row's KL sequence has another prompt
+        # a KTO row's KL sequence has another prompt: nothing to share
+        self.engine = LogProbEngine(getattr(kwargs.get("args"), "logprob_head", "auto"), share_prompts=False)
         self.use_engine = True  # False: TRL's fused head on whole rows (the path before the engine)
         with _collator_class(TurnMaskedUnpairedCollator):
             super().__init__(*args, **kwargs)
@@ -254,14 +255,42 @@ class PosttrainKTOTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, KTOTrai
                                                           batch["completion_mask"])
             return sequence_logps(per_token, mask), kl
 
-    def compute_ref_log_probs(self, model, inputs):
-        """TRL's one-off reference pass of ``precompute_ref_log_probs`` through the same forward as the live
-        reference. ``model``: the reference (``ref_model``), or the policy (adapter disabled with PEFT)."""
-        if not self._uses_engine:
-            return super().compute_ref_log_probs(model, inputs)
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's one-off reference pass of ``precompute_ref_log_probs`` (its ``ref_logps`` / ``ref_KL_logps``
+        columns) through the shared plan (:func:`posttrain.logprobs.reference.precomputed_reference`: the engine's
+        reference forward over the collated rows, cached in ``$POSTTRAIN_CACHE/reference`` keyed by model + rows +
+        chat template, so that a rerun reads it). The reference: ``ref_model``, or the policy with its adapter
+        disabled."""
+        from posttrain.logprobs.reference import precomputed_reference
+
+        prefixes = ("", "KL_") if self.calculate_KL else ("",)
+        rows: dict[str, list[dict]] = {prefix: [] for prefix in prefixes}
+        for start in range(0, len(dataset), batch_size):
+            batch = self.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            for prefix in prefixes:
+                ids, attention, completion = self._rows(batch, prefix)
+                for b in range(ids.shape[0]):
+                    keep = attention[b].bool()
+                    rows[prefix].append({"input_ids": ids[b][keep].tolist(),
+                                         "completion_mask": completion[b][keep].tolist()})
+        model = self.ref_model or self.model
+        if self.ref_model is None and self.is_deepspeed_enabled:  # the adapter-disabled policy, placed as TRL does
+            from trl.models import prepare_deepspeed
+
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
         reference = Reference(None if self.ref_model is None and peft_model_of(model) is not None else model)
-        with self.accelerator.autocast():
-            return self._reference_logps(reference, inputs)
+        every_row = [row for prefix in prefixes for row in rows[prefix]]
+        logps = precomputed_reference(
+            reference, model, every_row, accelerator=self.accelerator, engine=self.engine,
+            template=getattr(self._tokenizer, "chat_template", None), batch_size=batch_size,
+            pad_token_id=self._tokenizer.pad_token_id).sums()
+        n = len(dataset)
+        dataset = dataset.add_column("ref_logps", logps[:n].tolist())
+        if self.calculate_KL:
+            dataset = dataset.add_column("ref_KL_logps", logps[n:].tolist())
+        return dataset
 
     def _policy_pass(self, model, batch, model_kwargs):
         """The policy's per-token log-probs ``[B, T-1]`` with grad, their mask, the per-token entropy and mean logit
@@ -353,9 +382,10 @@ _METHOD_OWNED = {
 
 
 def kto_config(recipe, info):
-    """The ``KTOConfig`` of a ``kto`` recipe (built before any model loads)."""
-    from trl import KTOConfig
-
+    """The :class:`UnpairedConfig` (``KTOConfig`` + ``logprob_head``) of a ``kto`` recipe, built before any model
+    loads; a ``training.logprob_head`` that cannot run on this machine is refused here."""
+    from posttrain.families.unpaired.config import UnpairedConfig
+    from posttrain.logprobs.heads import check_head_here
     from posttrain.trainers.common import training_config
 
     p = recipe.params
@@ -376,7 +406,8 @@ def kto_config(recipe, info):
                  "precompute_ref_log_probs": p.precompute_ref_log_probs, "loss_type": "kto", "max_length": 512}
     if recipe.data.eval is not None:
         overrides.update(eval_strategy="steps", eval_steps=recipe.training.get("logging_steps", 10))
-    config = training_config(KTOConfig, recipe, overrides)
+    config = training_config(UnpairedConfig, recipe, overrides)
+    check_head_here(config)
     if config.sync_ref_model and p.precompute_ref_log_probs:
         raise UserError("training.sync_ref_model: needs a live reference model (precompute_ref_log_probs keeps none)")
     return config

@@ -2,7 +2,8 @@
 reference under ``no_grad``) against the path before it (TRL's fused LM head, full logits for the KL;
 ``trainer.use_engine = False``), on the same batch: every objective's loss, metrics and gradients, with WAGLE, LoRA
 (the adapter-disabled reference), gradient accumulation, plain and conversational rows; and the forwards the trainer
-runs are the ones the objective's ``needs`` declare."""
+runs are the ones the objective's ``needs`` declare; ``training.logprob_head`` (chunked and fused heads give the same
+step; a head that cannot run here is refused before the model loads)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ FORGET = {"source": "builtin:facts", "split": "forget05"}
 RETAIN = {"source": "builtin:facts", "split": "retain95", "max_samples": 16}
 
 
-def _trainer(method, tmp_path, *, objective=None, peft=None, accumulation=1, **params):
+def _trainer(method, tmp_path, *, objective=None, peft=None, accumulation=1, training=None, **params):
     """An unlearning trainer of ``method`` on the tiny model, the policy moved away from the reference (so that the
     NPO ratio and the retain KL and their gradients are not 0). ``objective``: run another objective with
     ``method``'s params (``ga_kl``, not a recipe method)."""
@@ -31,7 +32,8 @@ def _trainer(method, tmp_path, *, objective=None, peft=None, accumulation=1, **p
         "data": {"forget": FORGET} if no_retain else {"forget": FORGET, "retain": RETAIN},
         "method": {"name": method, **params},
         "training": {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
-                     "gradient_accumulation_steps": accumulation, "save_strategy": "no", "disable_tqdm": True},
+                     "gradient_accumulation_steps": accumulation, "save_strategy": "no", "disable_tqdm": True,
+                     **(training or {})},
         "output_dir": str(tmp_path / "run"),
         "seed": 0,
         **({"peft": peft} if peft else {}),
@@ -195,3 +197,86 @@ def test_conversational_rows(method, tmp_path, tiny_model_dir):
     batch = _conversational_batch(trainer)
     assert bool((batch["forget_labels"][:, 0] == -100).all()) and bool((batch["forget_labels"] != -100).any())
     _assert_same(_run(trainer, [batch], engine=True), _run(trainer, [batch], engine=False))
+
+
+# the methods whose loss scores answer tokens (RMU's loss reads hidden states; its log-probs are logged only)
+SCORING = ["ga", "grad_diff", "npo", "npo_rt", "npo_kl", "simnpo"]
+
+
+@pytest.mark.parametrize("method", SCORING)
+def test_chunked_and_fused_heads_give_the_same_step(method, tmp_path, tiny_model_dir):
+    chunked = _trainer(method, tmp_path / "chunked", training={"logprob_head": "chunked"}, **CASES[method][0])
+    fused = _trainer(method, tmp_path / "fused", training={"logprob_head": "fused"}, **CASES[method][0])
+    assert (chunked.engine.head, fused.engine.head) == ("chunked", "fused")
+    batch = _batch(chunked)
+    got = _run(fused, [batch], engine=True)
+    _assert_same(got, _run(chunked, [batch], engine=True))
+    assert got[3] == CASES[method][1]
+
+
+def test_an_unavailable_head_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from posttrain.cli import main
+    from posttrain.run import pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_models", no_load)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "builtin:tiny-qwen2", "method": {"name": "npo"}, "output_dir": str(tmp_path / "out"),
+        "data": {"forget": FORGET}, "training": {"max_steps": 1, "logprob_head": "liger"}}))
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and [line for line in err if line.startswith("error:")] == [
+        "error: training.logprob_head: liger cannot run here: liger-kernel runs on CUDA only (this model is on cpu)"], err
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.fixture
+def reference_cache(tmp_path, monkeypatch):
+    """The precomputed references of the test cached in its own folder; the number of passes that computed one."""
+    from posttrain.logprobs import reference as R
+
+    passes = []
+    compute = R._compute
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(R, "reference_cache_dir", lambda: tmp_path / "reference-cache")
+    monkeypatch.setattr(R, "_compute", counted)
+    return passes
+
+
+@pytest.mark.parametrize("method", ["npo", "npo_rt", "npo_kl"])
+def test_precomputed_reference_equals_the_live_one_and_is_read_on_a_rerun(method, tmp_path, tiny_model_dir,
+                                                                          reference_cache):
+    live = _trainer(method, tmp_path / "live")
+    pre = _trainer(method, tmp_path / "pre", precompute_ref_log_probs=True)
+    assert reference_cache == [1]
+    assert (pre.ref_model is None) == (method != "npo_kl")  # npo_kl keeps its reference for the retain KL
+    batch, pre_batch = _batch(live), _batch(pre)
+    assert "forget_ref_logps" in pre_batch and torch.equal(pre_batch["forget_input_ids"], batch["forget_input_ids"])
+    got = _run(pre, [pre_batch], engine=True)
+    _assert_same(got, _run(live, [batch], engine=True))
+    # no reference call for the forget rows; npo_kl's retain KL still calls its reference
+    assert got[3] == (["forward", "reference", "forward+kl"] if method == "npo_kl" else ["forward"])
+    _assert_same(_run(pre, [pre_batch], engine=False), _run(live, [batch], engine=False))
+    again = _trainer(method, tmp_path / "again", precompute_ref_log_probs=True)
+    assert reference_cache == [1]  # the rerun read the cached file
+    assert torch.equal(_batch(again)["forget_ref_logps"], pre_batch["forget_ref_logps"])
+
+
+def test_precomputed_reference_with_lora_is_the_adapter_disabled_policy(tmp_path, tiny_model_dir, reference_cache):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    live = _trainer("npo_rt", tmp_path / "live", peft=lora)
+    pre = _trainer("npo_rt", tmp_path / "pre", peft=lora, precompute_ref_log_probs=True)
+    assert reference_cache == [1] and live.ref_model is None and pre.ref_model is None
+    batch, pre_batch = _batch(live), _batch(pre)
+    got = _run(pre, [pre_batch], engine=True)
+    _assert_same(got, _run(live, [batch], engine=True))
+    assert got[3] == ["forward"]

@@ -1,7 +1,8 @@
 """The KTO trainer on the log-prob engine (completion rows only, for the target rows, the mismatched KL rows and the
 reference) against the path before it (TRL's fused LM head on whole rows, ``trainer.use_engine = False``), on the same
 batch: loss, TRL's metrics and gradients, with LoRA (the adapter-disabled reference), gradient accumulation,
-conversational rows and the reference precomputed through the engine. (test_kto.py compares the engine path with
+conversational rows and the reference precomputed through the engine; ``training.logprob_head`` (chunked and fused
+heads give the same step; a head that cannot run here is refused before the model loads). (test_kto.py compares the engine path with
 stock TRL's KTOTrainer.)"""
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ def _trainer(policy_dir, ref_dir, tmp_path, *, peft=False, conversational=False,
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import KTOConfig
 
+    from posttrain.families.unpaired.config import UnpairedConfig
     from posttrain.families.unpaired.trainer import PosttrainKTOTrainer
     from posttrain.methods import KTOParams
 
     p = KTOParams(beta=0.2, desirable_weight=1.2)
-    args = KTOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=64, seed=0,
+    args = UnpairedConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=64, seed=0,
                      per_device_train_batch_size=BATCH, beta=p.beta, desirable_weight=p.desirable_weight,
                      gradient_checkpointing=False, **config)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
@@ -118,9 +119,27 @@ def test_conversational_rows(arith_model_dir, tiny_model_dir, tmp_path):
     _assert_same(_run(trainer, [batch], engine=True), _run(trainer, [batch], engine=False))
 
 
-def test_reference_precomputed_through_the_engine(arith_model_dir, tiny_model_dir, tmp_path):
+@pytest.fixture
+def reference_cache(tmp_path, monkeypatch):
+    """The precomputed references of the test cached in its own folder; the number of passes that computed one."""
+    from posttrain.logprobs import reference as R
+
+    passes = []
+    compute = R._compute
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(R, "reference_cache_dir", lambda: tmp_path / "reference-cache")
+    monkeypatch.setattr(R, "_compute", counted)
+    return passes
+
+
+def test_reference_precomputed_through_the_shared_plan(arith_model_dir, tiny_model_dir, tmp_path, reference_cache):
     live = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live")
     pre = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "pre", precompute_ref_log_probs=True)
+    assert reference_cache == [1] and len(list((tmp_path / "reference-cache").iterdir())) == 1
     assert pre.ref_model is None and "ref_logps" in pre.train_dataset.column_names
     batch = next(iter(live.get_train_dataloader()))
     pre_batch = next(iter(pre.get_train_dataloader()))
@@ -128,3 +147,49 @@ def test_reference_precomputed_through_the_engine(arith_model_dir, tiny_model_di
     got = _run(pre, [pre_batch], engine=True)
     _assert_same(got, _run(live, [batch], engine=True))
     assert len(got[3]) == 2  # the policy's two calls; the reference was computed once before training
+    again = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "again", precompute_ref_log_probs=True)
+    assert reference_cache == [1]  # the rerun read the cached file
+    assert again.train_dataset["ref_logps"] == pre.train_dataset["ref_logps"]
+    assert again.train_dataset["ref_KL_logps"] == pre.train_dataset["ref_KL_logps"]
+
+
+def test_precomputed_reference_with_lora_is_the_adapter_disabled_policy(arith_model_dir, tiny_model_dir, tmp_path,
+                                                                        reference_cache):
+    live = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live", peft=True)
+    pre = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "pre", peft=True, precompute_ref_log_probs=True)
+    batch, pre_batch = (next(iter(t.get_train_dataloader())) for t in (live, pre))
+    got = _run(pre, [pre_batch], engine=True)
+    _assert_same(got, _run(live, [batch], engine=True))
+    assert len(got[3]) == 2 and reference_cache == [1]
+
+
+def test_chunked_and_fused_heads_give_the_same_step(arith_model_dir, tiny_model_dir, tmp_path):
+    chunked = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "chunked", logprob_head="chunked")
+    fused = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "fused", logprob_head="fused")
+    assert (chunked.engine.head, fused.engine.head) == ("chunked", "fused")
+    batch = next(iter(chunked.get_train_dataloader()))
+    assert torch.equal(next(iter(fused.get_train_dataloader()))["input_ids"], batch["input_ids"])
+    _assert_same(_run(fused, [batch], engine=True), _run(chunked, [batch], engine=True))
+    assert fused.engine.resolve_head(fused.model) == "fused"
+
+
+def test_an_unavailable_head_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from posttrain.cli import main
+    from posttrain.run import pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_models", no_load)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "builtin:tiny-qwen2", "method": {"name": "kto"}, "output_dir": str(tmp_path / "out"),
+        "data": {"train": {"source": "builtin:arithmetic-pref"}},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 2, "logprob_head": "liger"}}))
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and [line for line in err if line.startswith("error:")] == [
+        "error: training.logprob_head: liger cannot run here: liger-kernel runs on CUDA only (this model is on cpu)"], err
+    assert not any("Traceback" in line for line in err)

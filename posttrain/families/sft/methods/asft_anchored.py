@@ -23,10 +23,6 @@ class ASFTAnchoredParams(SFTParams):
         "base_to_policy", description="KL(pi_base||pi_theta) as the reference code computes, or the paper's reverse."
     )
 
-    @property
-    def head_outside_forward(self) -> bool:  # the anchor KL projects the policy's hidden states, with gradients
-        return True
-
 
 register(
     MethodInfo(

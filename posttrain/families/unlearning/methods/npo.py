@@ -27,6 +27,9 @@ class NPOParams(UnlearningParams):
     """NPO: (2/beta) softplus(beta * (s_theta - s_ref)) per forget sequence, against a frozen reference."""
 
     beta: float = Field(0.1, gt=0.0, description="NPO inverse temperature; beta -> 0 recovers GA.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference's forget log-probs once before training, cached on disk (a rerun "
+        "reads them); npo / npo_rt keep no reference in memory, npo_kl keeps it for the retain KL.")
 
     def objective_weights(self):
         return replace(super().objective_weights(), beta=float(self.beta))
