@@ -218,6 +218,13 @@ class AdapterVariantEntry(Entry):
 LogprobHead = Literal["auto", "chunked", "fused", "liger"]
 
 
+def logprob_head_field() -> Any:
+    """The ``logprob_head`` field of a family's training config (a dataclass ``field``, default ``auto``)."""
+    return field(default="auto", metadata={
+        "help": "The LM head that turns completion rows into log-probs: auto (chunked on CPU, TRL's fused Triton kernel "
+                "on CUDA), chunked, fused or liger (CUDA, pip install liger-kernel)."})
+
+
 @dataclass(frozen=True)
 class LogprobHeadEntry(Entry):
     """``training.logprob_head``: ``unavailable(device, transform, with_entropy)`` gives the reason the head cannot

@@ -7,17 +7,14 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from posttrain.registry import LogprobHead
+from posttrain.registry import LogprobHead, logprob_head_field
 
 
 @dataclass
 class PreferenceConfig(DPOConfig):
     """``DPOConfig`` plus ``logprob_head`` and ``share_prompts``."""
 
-    logprob_head: LogprobHead = field(
-        default="auto",
-        metadata={"help": "The LM head that turns completion rows into log-probs: auto (chunked on CPU, TRL's fused "
-                          "Triton kernel on CUDA), chunked, fused or liger (CUDA, pip install liger-kernel)."})
+    logprob_head: LogprobHead = logprob_head_field()
     share_prompts: bool = field(
         default=True,
         metadata={"help": "Compute each pair's prompt once for chosen and rejected (policy and reference), under a "

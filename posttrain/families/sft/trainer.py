@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
 import posttrain.families.sft.methods  # noqa: F401  (registers every method's objective)
-from posttrain.distributed import TokenMean, reduce_metrics
+from posttrain.distributed import SHARDED, TokenMean, backend_name, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.families.sft.forward import ALIGNED_SCORES, ANCHOR_KL, SFT_LOSSES, SFT_NEEDS, SFTForward
 from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
@@ -155,15 +155,27 @@ class PosttrainSFTTrainer(AtomicCheckpointMixin, CountedSFTTruncationMixin, SFTT
         if not self.use_engine:
             return False
         if self.aux_loss_enabled:
+            self._refuse_head_outside_forward("the model's router aux loss needs the full causal-LM forward")
             log_once("log-prob engine off: the model's router aux loss needs the full causal-LM forward; TRL's fused "
                      "head scores every position (same losses, no saving)")
             return False
         other = sorted(set(inputs) - ENGINE_KEYS)
         if other:
+            self._refuse_head_outside_forward(f"the batch carries {', '.join(other)}")
             log_once(f"log-prob engine off: the batch carries {', '.join(other)}; TRL's fused head scores every "
                      "position (same losses, no saving)")
             return False
         return True
+
+    def _refuse_head_outside_forward(self, why: str) -> None:
+        """Off the engine, the ``ANCHOR_KL`` need projects the policy's hidden states through its head after the
+        forward, which ZeRO-3 / FSDP2 shard and gather only inside it (docs/distributed.md): refuse there."""
+        backend = backend_name(self.accelerator)
+        if ANCHOR_KL in self.needs and backend in SHARDED:
+            raise UserError(
+                f"method: the anchor KL cannot run with --distributed {backend} here: {why}, so the log-prob engine "
+                "is off and the KL would project the policy's hidden states through its output head after the "
+                "forward, where that backend keeps the head sharded; use --distributed ddp or zero2")
 
     def _engine_pass(self, model, inputs) -> _PolicyPass:
         """The policy through the log-prob engine: the label positions only, entropy and top-1 hit from the head's

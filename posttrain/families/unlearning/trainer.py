@@ -66,7 +66,7 @@ from posttrain.logprobs import LogProbEngine, Needs, ensure_fused_head
 from posttrain.logprobs.engine import log_once
 from posttrain.losses.unlearning import rmu_control_vector
 from posttrain.reference import Reference
-from posttrain.registry import LogprobHead
+from posttrain.registry import LogprobHead, logprob_head_field
 from posttrain.trainers.common import AtomicCheckpointMixin
 
 logger = logging.getLogger("posttrain")
@@ -81,10 +81,7 @@ class UnlearningConfig(TrainingArguments):
     max_length: int = dataclasses.field(
         default=512, metadata={"help": "Truncate prompt + answer + EOS to this many tokens."}
     )
-    logprob_head: LogprobHead = dataclasses.field(
-        default="auto",
-        metadata={"help": "The LM head that turns answer rows into log-probs: auto (chunked on CPU, TRL's fused "
-                          "Triton kernel on CUDA), chunked, fused or liger (CUDA, pip install liger-kernel)."})
+    logprob_head: LogprobHead = logprob_head_field()
 
 
 # --------------------------------------------------------------------------------------------------------------------

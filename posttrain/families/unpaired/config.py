@@ -3,18 +3,15 @@ engine's head (docs/logprob_engine.md)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import KTOConfig
 
-from posttrain.registry import LogprobHead
+from posttrain.registry import LogprobHead, logprob_head_field
 
 
 @dataclass
 class UnpairedConfig(KTOConfig):
     """``KTOConfig`` plus ``logprob_head``."""
 
-    logprob_head: LogprobHead = field(
-        default="auto",
-        metadata={"help": "The LM head that turns completion rows into log-probs: auto (chunked on CPU, TRL's fused "
-                          "Triton kernel on CUDA), chunked, fused or liger (CUDA, pip install liger-kernel)."})
+    logprob_head: LogprobHead = logprob_head_field()

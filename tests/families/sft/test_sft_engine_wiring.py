@@ -290,6 +290,28 @@ def test_fallback_to_the_trl_head_is_logged_once(arith_model_dir, tmp_path, capl
     assert not trainer._uses_engine(batch)
 
 
+def test_anchor_kl_off_the_engine_is_refused_on_sharded_backends(arith_model_dir, tmp_path, monkeypatch):
+    """Off the engine (router aux loss, extra model inputs) the anchor KL projects the head after the forward: refused
+    under ZeRO-3 / FSDP2 with one line, kept under ddp and for methods without the KL."""
+    from posttrain.errors import UserError
+    from posttrain.families.sft import trainer as T
+
+    trainer, batch = _trainer(arith_model_dir, tmp_path, "asft_anchored", anchor_dir=arith_model_dir)
+    extra = {**batch, "pixel_values": torch.zeros(1)}
+    for backend in ("zero3", "fsdp2"):
+        monkeypatch.setattr(T, "backend_name", lambda accelerator, b=backend: b)
+        with pytest.raises(UserError, match=rf"^method: the anchor KL cannot run with --distributed {backend} here: "
+                                            "the batch carries pixel_values"):
+            trainer._uses_engine(extra)
+        assert trainer._uses_engine(batch)  # on the engine the KL runs inside the forward: no refusal
+    monkeypatch.setattr(T, "backend_name", lambda accelerator: "ddp")
+    assert not trainer._uses_engine(extra)
+    dft, _ = _trainer(arith_model_dir, tmp_path / "dft", "dft")
+    monkeypatch.setattr(T, "backend_name", lambda accelerator: "zero3")
+    dft.aux_loss_enabled = True
+    assert not dft._uses_engine(batch)
+
+
 def test_packed_rows(arith_model_dir, tmp_path):
     """``training.packing`` (best-fit decreasing into rows of ``max_length``, padding-free): engine = TRL head."""
     trainer, batch = _trainer(arith_model_dir, tmp_path, "dft", packing=True, packing_strategy="bfd", max_length=48)
