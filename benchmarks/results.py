@@ -176,10 +176,10 @@ def _yaml(path: str) -> dict:
 def family_recipes(*families: str) -> list[str]:
     """Every shipped single-stage, full-fine-tuning recipe of the ``families`` (``MethodInfo.family``) whose method is
     registered (``posttrain.methods.METHODS``), on the built-in data, with the default optimizer: each method's own
-    recipe first, then the other recipes of the families (loss variants such as ``ipo.yaml``)."""
+    recipe first (by name), then the other recipes of the families (loss variants such as ``ipo.yaml``)."""
     from posttrain.methods import METHODS
 
-    names = [info.recipe for info in METHODS.values() if info.family in families]
+    names = sorted(info.recipe for info in METHODS.values() if info.family in families)  # not registration order
     names += sorted(f"recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml"))
     out = []
     for name in dict.fromkeys(names):
@@ -904,6 +904,46 @@ def write_family(family: str, results: list[dict], meta: dict, out: Path) -> Non
             print(f"updated {PAGES[family]}", file=sys.stderr)
 
 
+def compare_cells(old_runs: list[dict], new_runs: list[dict]) -> list[dict]:
+    """Per (setting, method, final metric) of two lists of runs (step times left out: they follow the machine's
+    load), a cell present in one only (``only_in``) or, in both: the mean and sample standard deviation over seeds of each, and ``distance``, the gap between the
+    means in units of the larger standard deviation (at least 1 % of the metric's scale, so that cells identical over
+    seeds do not divide by zero)."""
+
+    def cells(runs: list[dict]) -> dict[tuple, list[float]]:
+        acc: dict[tuple, list[float]] = {}
+        for r in runs:
+            for metric, value in (r.get("final") or {}).items():
+                if isinstance(value, (int, float)) and metric not in ("step_s", "trainable_params"):
+                    acc.setdefault((r["panel"], r["label"], metric), []).append(float(value))
+        return acc
+
+    def spread(xs: list[float]) -> float:
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    before, after = cells(old_runs), cells(new_runs)
+    out = [{"only_in": "old" if key in before else "new", "setting": key[0], "method": key[1], "metric": key[2]}
+           for key in sorted(before.keys() ^ after.keys())]
+    for key in sorted(before.keys() & after.keys()):
+        a, b = before[key], after[key]
+        scale = max(spread(a), spread(b), 0.01 * max(1.0, abs(statistics.mean(a))))
+        out.append({"setting": key[0], "method": key[1], "metric": key[2], "old": statistics.mean(a),
+                    "old_sd": spread(a), "new": statistics.mean(b), "new_sd": spread(b),
+                    "distance": abs(statistics.mean(b) - statistics.mean(a)) / scale})
+    return out
+
+
+def compare_report(family: str, cells: list[dict]) -> str:
+    """How many cells lie within one and two standard deviations, and every cell beyond one."""
+    both = [c for c in cells if "only_in" not in c]
+    within = {k: sum(c["distance"] <= k for c in both) for k in (1, 2)}
+    lines = [f"{family}: {len(both)} cells in both, {within[1]} within 1 sd, {within[2]} within 2 sd; "
+             f"{len(cells) - len(both)} in one file only (a setting or method added, removed or renamed)"]
+    lines += [f"  {c['setting']} | {c['method']} | {c['metric']}: {c['old']:.4g} ± {c['old_sd']:.2g} -> "
+              f"{c['new']:.4g} ± {c['new_sd']:.2g} ({c['distance']:.1f} sd)" for c in both if c["distance"] > 1]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("family", choices=[*FAMILIES, "all"])
@@ -912,10 +952,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the tables, plots and JSON")
     parser.add_argument("--render", action="store_true",
                         help="no training: rewrite the tables and plots (and the docs pages) from <out>/<family>.json")
+    parser.add_argument("--compare", type=Path, metavar="OLD_DIR",
+                        help="no training: compare <out>/<family>.json with OLD_DIR/<family>.json, metric by metric")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out or (DOCS_OUT / "quick" if args.quick else DOCS_OUT)
     families = list(FAMILIES) if args.family == "all" else [args.family]
+    if args.compare:
+        for family in families:
+            old, new = (json.loads((d / f"{family}.json").read_text())["runs"] for d in (args.compare, out))
+            print(compare_report(family, compare_cells(old, new)))
+        return 0
     env = environment()
     for family in families:
         if args.render:

@@ -173,6 +173,32 @@ def test_unlearning_npo_rt_lowers_forget_probability(tmp_path):
     assert _final(results, "npo_rt", "forget_prob") < _final(results, "npo_rt", "forget_prob_before") - 0.05
 
 
+def test_compare_measures_each_metric_in_standard_deviations_over_seeds(tmp_path, capsys):
+    def run(panel, label, seed, **final):
+        return {"panel": panel, "label": label, "seed": seed, "final": {**final, "step_s": seed}}
+
+    old = [run("a", "dpo", 0, acc=0.5, margin=1.0), run("a", "dpo", 1, acc=0.7, margin=1.0),
+           run("a", "ipo", 0, acc=0.5)]
+    new = [run("a", "dpo", 0, acc=0.9, margin=1.0), run("a", "dpo", 1, acc=0.7, margin=1.005),
+           run("b", "dpo", 0, acc=0.5)]
+    cells = {(c["setting"], c["method"], c["metric"]): c for c in R.compare_cells(old, new)}
+    acc = cells[("a", "dpo", "acc")]  # means 0.6 -> 0.8; sample sd 0.1414 (old) and 0.1414 (new): 1.41 sd apart
+    assert acc["old"] == pytest.approx(0.6) and acc["new"] == pytest.approx(0.8)
+    assert acc["distance"] == pytest.approx(0.2 / statistics.stdev([0.5, 0.7]))
+    # identical seeds: the gap is measured against 1 % of the metric's scale, not a zero sd
+    assert cells[("a", "dpo", "margin")]["distance"] == pytest.approx(0.0025 / 0.01)
+    assert ("a", "dpo", "step_s") not in cells  # step times follow the machine's load
+    assert cells[("a", "ipo", "acc")]["only_in"] == "old" and cells[("b", "dpo", "acc")]["only_in"] == "new"
+    report = R.compare_report("preference", list(cells.values()))
+    assert report.splitlines()[0] == ("preference: 2 cells in both, 1 within 1 sd, 2 within 2 sd; 2 in one file only "
+                                      "(a setting or method added, removed or renamed)")
+    for folder, runs in (("old", old), ("new", new)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "preference.json").write_text(json.dumps({"meta": {}, "runs": runs}))
+    assert R.main(["preference", "--out", str(tmp_path / "new"), "--compare", str(tmp_path / "old")]) == 0
+    assert "  a | dpo | acc: 0.6 ± 0.14 -> 0.8 ± 0.14 (1.4 sd)" in capsys.readouterr().out
+
+
 def test_run_family_reuses_the_runs_of_an_interrupted_invocation(tmp_path):
     """Every finished run goes to the checkpoint file; a rerun with the same file reuses it instead of training."""
     runs = _runs("stable_spam", ["adamw"], "training.max_steps=2", "data.test=null", panel="0.01")
