@@ -145,11 +145,13 @@ class StableSPAM(torch.optim.Optimizer):
                     p.mul_(1 - lr * wd)
                 # 2. AdaClip (fp32 statistics)
                 grad = p.grad.to(_stat_dtype(p))  # never modified in place: p.grad keeps the raw gradient (default)
-                gmax = grad.abs().max()
+                magnitude = grad.abs()
+                gmax = magnitude.max()
                 state["max_ema"].mul_(theta).add_((1 - theta) * gmax)
                 thresh = state["max_ema"] / (1 - theta**bc_t)
-                over = grad.abs() > thresh
-                clipped = clipped + over.sum()
+                over = magnitude > thresh
+                del magnitude
+                clipped = clipped + torch.count_nonzero(over)  # (a bool .sum() would copy the mask to int64 first)
                 total += grad.numel()
                 grad = torch.where(over, grad * (thresh / gmax), grad)
                 # 3. AdaGN
@@ -162,7 +164,7 @@ class StableSPAM(torch.optim.Optimizer):
                 scale = torch.where(norm > 0, c / torch.where(norm > 0, norm, torch.ones_like(norm)),
                                     torch.ones_like(norm))
                 scales.append(scale)
-                grad = grad * scale
+                grad.mul_(scale)  # grad is torch.where's new tensor here: p.grad is untouched
                 if quirks:
                     p.grad.copy_(grad)  # (d): the reference conditions p.grad in place
                 grad = grad.to(p.dtype)
