@@ -84,3 +84,24 @@ def test_verdict_from_the_paired_ratios_and_the_declared_needs(cpu, growth, decl
     assert row["verdict"] == verdict
     assert row["cpu_ratio"]["median"] == pytest.approx(cpu) and row["growth_ratio"]["median"] == pytest.approx(growth / 100)
     assert "| v | dpo |" in V.markdown([row])
+
+
+def test_optimizer_step_script_builds_every_registered_optimizer(capsys):
+    """benchmarks/optimizer_step.py: every ``training.optim`` entry is constructed at its recipe defaults and timed
+    against AdamW (a smoke run on a tiny model: the timings are the script's, not asserted)."""
+    import optimizer_step as O
+    import torch
+
+    from posttrain.optim import OPTIMIZERS
+
+    for name in ("adamw", *OPTIMIZERS):
+        param = torch.nn.Parameter(torch.ones(3))
+        param.grad = torch.ones(3)
+        optimizer = O.make_optimizer(name, [param], lr=0.1)
+        optimizer.step()
+        assert isinstance(optimizer, torch.optim.Optimizer) and not torch.equal(param.detach(), torch.ones(3))
+    assert O.main(["--vocab", "128", "--hidden", "32", "--layers", "1", "--steps", "1", "--warmup", "0",
+                   "--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[1:]] == sorted(OPTIMIZERS)
+    assert all(" ratio " in line for line in lines[1:])
