@@ -235,23 +235,6 @@ def test_an_unavailable_head_is_refused_before_the_model_loads(tmp_path, capsys,
     assert not any("Traceback" in line for line in err)
 
 
-@pytest.fixture
-def reference_cache(tmp_path, monkeypatch):
-    """The precomputed references of the test cached in its own folder; the number of passes that computed one."""
-    from posttrain.logprobs import reference as R
-
-    passes = []
-    compute = R._compute
-
-    def counted(*args, **kwargs):
-        passes.append(1)
-        return compute(*args, **kwargs)
-
-    monkeypatch.setattr(R, "reference_cache_dir", lambda: tmp_path / "reference-cache")
-    monkeypatch.setattr(R, "_compute", counted)
-    return passes
-
-
 @pytest.mark.parametrize("method", ["npo", "npo_rt", "npo_kl"])
 def test_precomputed_reference_equals_the_live_one_and_is_read_on_a_rerun(method, tmp_path, tiny_model_dir,
                                                                           reference_cache):

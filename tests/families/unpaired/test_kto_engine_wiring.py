@@ -119,23 +119,6 @@ def test_conversational_rows(arith_model_dir, tiny_model_dir, tmp_path):
     _assert_same(_run(trainer, [batch], engine=True), _run(trainer, [batch], engine=False))
 
 
-@pytest.fixture
-def reference_cache(tmp_path, monkeypatch):
-    """The precomputed references of the test cached in its own folder; the number of passes that computed one."""
-    from posttrain.logprobs import reference as R
-
-    passes = []
-    compute = R._compute
-
-    def counted(*args, **kwargs):
-        passes.append(1)
-        return compute(*args, **kwargs)
-
-    monkeypatch.setattr(R, "reference_cache_dir", lambda: tmp_path / "reference-cache")
-    monkeypatch.setattr(R, "_compute", counted)
-    return passes
-
-
 def test_reference_precomputed_through_the_shared_plan(arith_model_dir, tiny_model_dir, tmp_path, reference_cache):
     live = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live")
     pre = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "pre", precompute_ref_log_probs=True)
