@@ -194,7 +194,6 @@ class _Call:
             out["full_vocab"] = H.full_vocab_logps(rows[self.full_vocab_rows], weight, bias, transform=transform,
                                                    temperature=self.temperature)
         if self.needs.rows:
-            head_bias = getattr(head, "bias", None)
             if wants_fsdp() or zero3_enabled():
                 # a sharded head is freed after the forward (FSDP2), or not gathered again for another model's call
                 # (ZeRO-3, a reference's inference engine): keep a whole copy for the later KL (no gradient)
@@ -202,7 +201,7 @@ class _Call:
                     out["rows"] = HeadRows(rows, weight.detach().clone(),
                                            None if bias is None else bias.detach().clone(), scale)
             else:
-                out["rows"] = HeadRows(rows, head.weight, head_bias, scale)
+                out["rows"] = HeadRows(rows, head.weight, getattr(head, "bias", None), scale)
         if self.hidden_index is not None:
             keep = self.hidden_index >= 0
             out["hidden"] = flat[self.hidden_index.clamp(min=0)] * keep[..., None].to(flat.dtype)
