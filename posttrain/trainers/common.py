@@ -104,17 +104,6 @@ def _rotate_checkpoints(run_dir: Path, limit: int | None, best: str | None) -> N
             remaining -= 1
 
 
-class OneReferenceCacheMixin:
-    """TRL's ``precompute_ref_log_probs`` with one cache file for all processes
-    (:func:`posttrain.distributed.one_cache_file`; TRL's own crashes with ``FileNotFoundError`` on N > 1)."""
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        from posttrain.distributed import one_cache_file
-
-        with one_cache_file(dataset, self.accelerator):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-
-
 class AtomicCheckpointMixin:
     """Checkpoints that a killed or diverged run cannot corrupt, and the non-finite guard.
 

@@ -1,9 +1,10 @@
 """The preference-family trainer: a thin subclass of TRL's ``DPOTrainer``.
 
 TRL does the data handling (prompt extraction, EOS, tokenisation, the ``[chosen rows; rejected rows]`` collation with
-a completion mask), the reference-model handling (a given frozen model, or the adapter-disabled base with PEFT) and
-the optional one-off precomputation of reference log-probs. This trainer replaces ``_compute_loss`` (and the
-reference pass of that precomputation): one policy forward through the log-prob engine (:mod:`posttrain.logprobs`:
+a completion mask) and the reference-model handling (a given frozen model, or the adapter-disabled base with PEFT).
+This trainer replaces ``_compute_loss`` and TRL's one-off precomputation of reference log-probs
+(``precompute_ref_log_probs``: through the shared plan of :mod:`posttrain.logprobs.reference`, cached on disk): one
+policy forward through the log-prob engine (:mod:`posttrain.logprobs`:
 completion rows only, each pair's prompt computed once for chosen and rejected, the head of
 ``training.logprob_head``) gives per-token log-probs, the trainer computes what the method's entry declares
 it ``needs`` (the reference's summed log-probs, live or precomputed; WPO's weight alignment; SparsePO's token KL and
@@ -55,7 +56,7 @@ from posttrain.losses.preference import (
 from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
 from posttrain.reference import Reference, peft_model_of, trl_reference_factory
 from posttrain.registry import METHODS
-from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin, OneReferenceCacheMixin
+from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin
 
 logger = logging.getLogger("posttrain")
 
@@ -169,8 +170,8 @@ class ConversationalPairsMixin:
         return dataset
 
 
-class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, CountedDPOTruncationMixin,
-                                 ConversationalPairsMixin, DPOTrainer):
+class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixin, ConversationalPairsMixin,
+                                 DPOTrainer):
     """The preference family (every ``PREFERENCE_LOSSES`` entry) on top of ``trl.DPOTrainer``.
 
     Args:
@@ -304,7 +305,7 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
 
     def _ref_sequence_logps(self, inputs, batch: "_Batch", device):
         """The ``ref_logps`` need: summed reference log-probs of the chosen and of the rejected rows, precomputed
-        (TRL's ``precompute_ref_log_probs`` columns) or from a live reference forward."""
+        (the ``precompute_ref_log_probs`` columns, :meth:`_precompute_ref_logps`) or from a live reference forward."""
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -325,13 +326,49 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, OneReferenceCacheMixin, 
             out = net(**ref_kwargs, labels=labels, fused_lm_head=True)
         return sequence_logps(out.log_probs[:, -batch.mask.size(1):], batch.mask).chunk(2, dim=0)
 
-    def compute_ref_log_probs(self, model, inputs):
-        """TRL's one-off reference pass of ``precompute_ref_log_probs`` through the same forward as the live
-        reference. ``model``: the reference (``ref_model``), or the policy (adapter disabled with PEFT)."""
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's one-off reference pass of ``precompute_ref_log_probs`` (its ``ref_chosen_logps`` /
+        ``ref_rejected_logps`` columns, which the collator puts in each batch, so shuffling, accumulation and sharding
+        read each pair's own values) through the shared plan
+        (:func:`posttrain.logprobs.reference.precomputed_reference`): the collated pairs, scored as the live reference
+        scores them (the engine's reference forward, each pair's prompt shared by its two rows), on every process,
+        cached in ``$POSTTRAIN_REFERENCE_CACHE`` (else ``$POSTTRAIN_CACHE/reference``) keyed by model + rows + chat
+        template, so that a rerun reads the file. The reference: ``ref_model``, or the policy (adapter disabled with
+        PEFT; before training it is the reference). A method that reads no summed reference log-probs (reference-free)
+        has nothing to precompute: the dataset is returned as it is."""
+        from datasets import Dataset
+
+        from posttrain.logprobs.reference import precomputed_reference
+
+        if REF_LOGPS not in self.objective.needs(self.params):
+            return dataset
+        if not isinstance(dataset, Dataset):  # TRL refuses an IterableDataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        sides: tuple[list[dict], list[dict]] = ([], [])
+        for columns in dataset.iter(batch_size):  # a slice of columns at a time: reading row by row is slow
+            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+            batch = _Batch.of(self.data_collator(rows), self.params, aux_loss=False)
+            pairs = batch.input_ids.shape[0] // 2
+            for row in range(2 * pairs):
+                keep = batch.attention_mask[row].bool()
+                sides[row // pairs].append({"input_ids": batch.input_ids[row][keep].tolist(),
+                                            "completion_mask": batch.ref_mask[row][keep].tolist()})
+        model = self.ref_model or self.model
+        if self.ref_model is None and self.is_deepspeed_enabled:  # the policy, placed as TRL does
+            from trl.models import prepare_deepspeed
+
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
         reference = Reference(None if self.ref_model is None and peft_model_of(model) is not None else model)
-        batch = _Batch.of(inputs, self.params, self.aux_loss_enabled)
-        with self.accelerator.autocast():
-            return self._reference_pass(model, reference, batch)
+        n = len(dataset)
+        with self.accelerator.autocast(), self._ref_forward_context():
+            logps = precomputed_reference(
+                reference, model, [*sides[0], *sides[1]], accelerator=self.accelerator, engine=self.engine,
+                template=getattr(self._tokenizer, "chat_template", None), groups=list(range(n)) * 2,
+                batch_size=2 * batch_size, pad_token_id=self._tokenizer.pad_token_id).sums()
+        return dataset.add_column("ref_chosen_logps", logps[:n].tolist()).add_column(
+            "ref_rejected_logps", logps[n:].tolist())
 
     def _policy_pass(self, model, batch: "_Batch", needs) -> "_PolicyPass":
         """The policy's per-token log-probs ``[2B, T-1]`` with grad and the per-token statistics TRL's metrics log

@@ -1,7 +1,8 @@
 """The preference trainer on the log-prob engine (completion rows only, each pair's prompt once) against the path before
 it (TRL's fused LM head on whole rows, ``trainer.use_engine = False``), on the same batch: every method's loss,
 metrics and gradients, with right and left padding, prompt sharing on and off, LoRA, gradient accumulation; the
-reference precomputed through the engine; the recipe keys ``training.logprob_head`` / ``training.share_prompts``.
+reference precomputed through the shared plan (cached on disk); the recipe keys ``training.logprob_head`` /
+``training.share_prompts``.
 (tests/families/preference/test_preference_trainer.py compares the engine path with stock TRL's trainers.)"""
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ def _dataset(n=16):
                        "preference")
 
 
-def _trainer(policy_dir, ref_dir, tmp_path, method, params, peft=False, **config):
+def _conversational(dataset):
+    """The same pairs as chat messages (a user prompt, assistant chosen / rejected turns)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               **{side: [{"role": "assistant", "content": r[side]}] for side in ("chosen", "rejected")}}
+                              for r in dataset])
+
+
+def _trainer(policy_dir, ref_dir, tmp_path, method, params, peft=False, data=None, chat_template=None, **config):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,13 +47,15 @@ def _trainer(policy_dir, ref_dir, tmp_path, method, params, peft=False, **config
                             per_device_train_batch_size=BATCH, max_length=64, seed=0, beta=p.beta,
                             use_weighting=p.fused_weighting, **config)
     tok = AutoTokenizer.from_pretrained(policy_dir)
+    if chat_template is not None:
+        tok.chat_template = chat_template
     uses_reference = METHODS[method].reference == "required"
     ref = AutoModelForCausalLM.from_pretrained(ref_dir) if uses_reference and not peft else None
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                       init_lora_weights=False) if peft else None
     trainer = PosttrainPreferenceTrainer(model=AutoModelForCausalLM.from_pretrained(policy_dir), ref_model=ref,
-                                         train_dataset=_dataset(), processing_class=tok, args=args, peft_config=lora,
-                                         method=method, params=p)
+                                         train_dataset=_dataset() if data is None else data, processing_class=tok,
+                                         args=args, peft_config=lora, method=method, params=p)
     trainer.model.train()
     return trainer, next(iter(trainer.get_train_dataloader()))
 
@@ -163,13 +175,108 @@ def test_gradient_accumulation_two_micro_batches_equal_one(arith_model_dir, tiny
     assert diff <= REL * norm
 
 
-def test_reference_precomputed_through_the_engine_equals_the_live_one(arith_model_dir, tiny_model_dir, tmp_path):
-    live, batch = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live", "dpo", dict(beta=0.1))
-    pre, pre_batch = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "pre", "dpo",
-                              dict(beta=0.1, precompute_ref_log_probs=True), precompute_ref_log_probs=True)
-    assert pre.ref_model is None and "ref_chosen_logps" in pre_batch
+# ----------------------------------------------------------------------------------------------------------------------
+# The reference precomputed through the shared plan (posttrain.logprobs.reference), cached on disk
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _precomputed(policy_dir, ref_dir, tmp_path, method, params, **kwargs):
+    return _trainer(policy_dir, ref_dir, tmp_path, method, {**params, "precompute_ref_log_probs": True},
+                    precompute_ref_log_probs=True, **kwargs)
+
+
+@pytest.fixture
+def no_trl_reference_pass(monkeypatch):
+    """TRL's own precomputation pass must not run (the shared plan replaces it)."""
+    from trl import DPOTrainer
+
+    def refused(*args, **kwargs):
+        raise AssertionError("TRL's compute_ref_log_probs ran")
+
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", refused)
+
+
+@pytest.mark.parametrize("method,params", [("dpo", dict(beta=0.1)), ("dpo", dict(loss="ipo", beta=0.5)),
+                                           ("wpo", dict(beta=0.1))], ids=["dpo", "ipo", "wpo"])
+def test_precomputed_reference_equals_the_live_one_with_a_chat_template(arith_model_dir, tiny_model_dir, tmp_path,
+                                                                        method, params, reference_cache,
+                                                                        no_trl_reference_pass):
+    data = _conversational(_dataset())
+    live, batch = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live", method, params, data=data)
+    pre, pre_batch = _precomputed(arith_model_dir, tiny_model_dir, tmp_path / "pre", method, params, data=data)
+    assert reference_cache == [1] and len(list((tmp_path / "reference-cache").iterdir())) == 1
+    assert pre.ref_model is None and "ref_chosen_logps" in pre_batch  # no reference kept in memory
+    assert "<|im_start|>" in pre.processing_class.decode(pre_batch["input_ids"][0])  # the chat template's rows
     torch.testing.assert_close(pre_batch["input_ids"], batch["input_ids"])
-    _assert_same(_run(pre, pre_batch, engine=True), _run(live, batch, engine=False))
+    got = _run(pre, pre_batch, engine=True)
+    assert len(got[3]) == 1  # the policy's forward only (the live trainer also runs the reference's)
+    _assert_same(got, _run(live, batch, engine=True))
+
+
+def test_precomputed_columns_follow_their_pairs_through_the_shuffled_dataloader(arith_model_dir, tiny_model_dir,
+                                                                                 tmp_path, reference_cache):
+    """Each pair's values ride in its row: every batch of the shuffled sampler carries its own pairs' reference (so
+    gradient accumulation and the per-process shards of a distributed sampler read the right values)."""
+    from posttrain.families.preference.trainer import _Batch
+
+    live, _ = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live", "dpo", dict(beta=0.1))
+    pre, _ = _precomputed(arith_model_dir, tiny_model_dir, tmp_path / "pre", "dpo", dict(beta=0.1))
+    order = []
+    for batch in pre.get_train_dataloader():
+        expected = live._reference_pass(live.model, live._reference(), _Batch.of(batch, live.params, False))
+        for got, want in zip((batch["ref_chosen_logps"], batch["ref_rejected_logps"]), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=REL, atol=REL)
+        order += [pre.train_dataset["ref_chosen_logps"].index(v) for v in batch["ref_chosen_logps"].tolist()]
+    assert sorted(order) == list(range(16)) and order != list(range(16))  # every pair once, shuffled
+
+
+def test_a_rerun_reads_the_cache_and_model_data_or_template_changes_recompute(arith_model_dir, tiny_model_dir,
+                                                                              tmp_path, reference_cache):
+    dpo = ("dpo", dict(beta=0.1))
+    first, _ = _precomputed(arith_model_dir, tiny_model_dir, tmp_path / "first", *dpo)
+    again, _ = _precomputed(arith_model_dir, tiny_model_dir, tmp_path / "again", *dpo)
+    assert reference_cache == [1]  # the rerun read the file: no reference forward
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert again.train_dataset[column] == first.train_dataset[column]
+    _precomputed(arith_model_dir, arith_model_dir, tmp_path / "model", *dpo)  # another reference model
+    assert reference_cache == [1, 1]
+    _precomputed(arith_model_dir, tiny_model_dir, tmp_path / "data", *dpo, data=_dataset(15))  # other rows
+    assert reference_cache == [1, 1, 1]
+    template = first.processing_class.chat_template.replace("<|im_end|>'", "<|im_end|>\\n'")
+    assert template != first.processing_class.chat_template
+    _precomputed(arith_model_dir, tiny_model_dir, tmp_path / "template", *dpo, chat_template=template)
+    assert reference_cache == [1, 1, 1, 1]
+    assert len(list((tmp_path / "reference-cache").iterdir())) == 4
+
+
+def test_precomputed_reference_with_lora_is_the_adapter_disabled_policy(arith_model_dir, tmp_path, reference_cache,
+                                                                        no_trl_reference_pass):
+    live, batch = _trainer(arith_model_dir, None, tmp_path / "live", "dpo", dict(beta=0.1), peft=True)
+    pre, pre_batch = _precomputed(arith_model_dir, None, tmp_path / "pre", "dpo", dict(beta=0.1), peft=True)
+    got = _run(pre, pre_batch, engine=True)
+    assert reference_cache == [1] and len(got[3]) == 1
+    _assert_same(got, _run(live, batch, engine=True))
+
+
+def test_precomputed_reference_on_the_fused_head_equals_the_path_before_the_engine(arith_model_dir, tiny_model_dir,
+                                                                                  tmp_path, reference_cache):
+    """``training.logprob_head: fused`` scores the precomputation with TRL's fused head (inside the engine); the live
+    reference of the path before the engine (TRL's fused head on whole rows) gives the same step."""
+    live, batch = _trainer(arith_model_dir, tiny_model_dir, tmp_path / "live", "dpo", dict(beta=0.1))
+    pre, pre_batch = _precomputed(arith_model_dir, tiny_model_dir, tmp_path / "pre", "dpo", dict(beta=0.1),
+                                  logprob_head="fused")
+    assert reference_cache == [1]
+    _assert_same(_run(pre, pre_batch, engine=False), _run(live, batch, engine=False))
+
+
+def test_a_reference_free_method_precomputes_nothing(arith_model_dir, tmp_path, reference_cache):
+    """``precompute_ref_log_probs`` on a method without a reference (a recipe cannot set it: test_preference_trainer) is
+    ignored by the trainer: no pass, no columns, the same step."""
+    plain, batch = _trainer(arith_model_dir, None, tmp_path / "plain", "simpo", dict(sft_coef=0.5))
+    asked, asked_batch = _trainer(arith_model_dir, None, tmp_path / "asked", "simpo", dict(sft_coef=0.5),
+                                  precompute_ref_log_probs=True)
+    assert reference_cache == [] and "ref_chosen_logps" not in asked.train_dataset.column_names
+    _assert_same(_run(asked, asked_batch, engine=True), _run(plain, batch, engine=True))
 
 
 def test_recipe_keys_are_checked():
