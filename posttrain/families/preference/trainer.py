@@ -16,8 +16,8 @@ Per-token tensors are ``[2B, T-1]`` (row ``b`` scores token ``t+1`` of sequence 
 chosen rows come first. SparsePO also needs the token KL against the reference and reference activations: its
 reference runs first, through the engine on the unshared rows (the MaPO mask reads per-row activations), and the KL
 is tiled inside the policy's forward against the reference's rows, as every head projection with gradients is (so it
-runs under ZeRO-3 and FSDP2). A Mixture-of-Experts model whose router aux loss is on runs TRL's fused head on the whole causal LM
-instead of the engine (same losses, no saving; said once in the log).
+runs under ZeRO-3 and FSDP2). A Mixture-of-Experts model whose router aux loss is on runs TRL's fused head on the
+whole causal LM instead of the engine (same losses, no saving; said once in the log).
 """
 
 from __future__ import annotations
