@@ -95,11 +95,6 @@ def check_backend(recipe, info, backend: str, variant) -> None:
 
     flag = f"--distributed {backend}"
     params = recipe.params
-    if backend in SHARDED and params.head_outside_forward:
-        raise UserError(
-            f"method.name: {info.name} projects the policy's hidden states through its output head after the model's "
-            f"forward (a token-level KL over the vocabulary, with gradients, outside the log-prob engine), and {flag} "
-            "shards that head and gathers it only inside the forward; use --distributed ddp or zero2")
     if backend in (*DEEPSPEED, "fsdp2") and params.learned_mask:
         raise UserError(
             f"method.mask: learned trains a mask network beside the model, which {flag} neither shards nor reduces; "

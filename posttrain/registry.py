@@ -268,13 +268,6 @@ class MethodParams(BaseModel):
         return False
 
     @property
-    def head_outside_forward(self) -> bool:
-        """The loss projects hidden states through the policy's output head itself, with gradients, after the model's
-        forward (token-level KL over the vocabulary). DeepSpeed ZeRO-3 and FSDP2 shard that head and gather it only
-        inside the forward, so such a method runs under ddp or zero2 (posttrain.distributed.check_backend)."""
-        return False
-
-    @property
     def scores_prompt_tokens(self) -> bool:
         """The policy forward also scores the prompt tokens (ORPO's SFT term on prompt + response; preference family)."""
         return False

@@ -61,7 +61,9 @@ class Needs:
     call's ``full_vocab_mask`` gives (default: every completion token). ``rows``: the hidden rows that predict the
     completion tokens, with the head, for another model's tiled KL against them (:class:`HeadRows`).
     ``statistics``: per-token :data:`~posttrain.logprobs.heads.ROW_STATISTICS` (mean logit, whether the target is the
-    argmax, log sum_v p_v^2), never differentiated, from the head's own chunks of logits.
+    argmax, log sum_v p_v^2), never differentiated, from the head's own chunks of logits. ``layer_states``: the
+    body's hidden states after the embeddings and after every layer (``output_hidden_states``), each ``[B, T, H]`` in
+    the caller's layout (SparsePO's masks read them from the reference).
     """
 
     entropy: bool = False
@@ -69,6 +71,7 @@ class Needs:
     full_vocab: bool = False
     rows: bool = False
     statistics: tuple[str, ...] = ()
+    layer_states: bool = False
 
 
 @dataclass
@@ -94,6 +97,7 @@ class LogProbs:
     full_vocab: torch.Tensor | None = None  # [n, V] fp32 rows, in full_vocab_mask.nonzero() order
     rows: HeadRows | None = None
     statistics: dict[str, torch.Tensor] | None = None  # name -> [B, T] (Needs.statistics)
+    layer_states: tuple[torch.Tensor, ...] | None = None  # each [B, T, H] (Needs.layer_states)
     shared: bool = False  # whether the body ran on shared-prompt packed rows
     body_tokens: int = 0  # real tokens the body computed
 
@@ -163,6 +167,7 @@ class _Call:
     chunk_rows: int | None
     needs: Needs
     hidden_index: torch.Tensor | None  # [B, T] flat positions of the caller's tokens (-1: padding), for needs.hidden
+    # and needs.layer_states
     full_vocab_rows: torch.Tensor | None  # [n] indices into the N rows
     kl_with: HeadRows | None
     kl_direction: str
@@ -170,7 +175,9 @@ class _Call:
     def run(self, lm, **kwargs):
         # wrappers pass their own keywords along (PEFT: labels=None, return_dict=None, ...): the body gets its inputs
         body = {k: kwargs[k] for k in ("input_ids", "attention_mask", "position_ids") if kwargs.get(k) is not None}
-        hidden = lm.base_model(**body, use_cache=False).last_hidden_state
+        states = lm.base_model(**body, use_cache=False, **(
+            {"output_hidden_states": True} if self.needs.layer_states else {}))
+        hidden = states.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         head = lm.get_output_embeddings()
         weight = full_weight(head.weight)
@@ -204,7 +211,15 @@ class _Call:
                 out["rows"] = HeadRows(rows, head.weight, getattr(head, "bias", None), scale)
         if self.hidden_index is not None:
             keep = self.hidden_index >= 0
-            out["hidden"] = flat[self.hidden_index.clamp(min=0)] * keep[..., None].to(flat.dtype)
+
+            def caller_layout(states):
+                states = states.reshape(-1, states.shape[-1])
+                return states[self.hidden_index.clamp(min=0)] * keep[..., None].to(states.dtype)
+
+            if self.needs.hidden:
+                out["hidden"] = caller_layout(hidden)
+            if self.needs.layer_states:
+                out["layer_states"] = tuple(caller_layout(h) for h in states.hidden_states)
         return out
 
 
@@ -310,7 +325,8 @@ class LogProbEngine:
         if kl_with is not None and kl_with.hidden.shape[0] != predictors.shape[0]:
             raise ValueError(f"kl_with has {kl_with.hidden.shape[0]} rows for {predictors.shape[0]} completion tokens")
         call = _Call(predictors, input_ids[rows_b, rows_t], self.resolve_head(model, needs), self.temperature,
-                     self.chunk_rows, needs, index if needs.hidden else None, full_rows, kl_with, kl_direction)
+                     self.chunk_rows, needs, index if needs.hidden or needs.layer_states else None, full_rows, kl_with,
+                     kl_direction)
         out = model(**body, posttrain_logprobs=call)
 
         def spread(flat):
@@ -319,7 +335,8 @@ class LogProbEngine:
         statistics = {name: spread(value) for name, value in out["statistics"].items()} if needs.statistics else None
         return LogProbs(logps=spread(out["logps"]), mask=mask, entropy=spread(out["entropy"]), kl=spread(out.get("kl")),
                         hidden=out.get("hidden"), full_vocab=out.get("full_vocab"), rows=out.get("rows"),
-                        statistics=statistics, shared=shared, body_tokens=body_tokens)
+                        statistics=statistics, layer_states=out.get("layer_states"), shared=shared,
+                        body_tokens=body_tokens)
 
     def reference_forward(self, reference, policy, input_ids, attention_mask, completion_mask, *, groups=None,
                           needs: Needs = Needs(), share_until: torch.Tensor | None = None,

@@ -346,7 +346,7 @@ def test_needs_entropy_hidden_full_vocab_and_rows_shared_equal_unshared():
     model = _model("builtin:tiny-qwen2-arith")
     (ids, am, cm), groups = _groups("left", num_generations=3)
     engine = LogProbEngine()
-    needs = Needs(entropy=True, hidden=True, full_vocab=True, rows=True)
+    needs = Needs(entropy=True, hidden=True, full_vocab=True, rows=True, layer_states=True)
     pick = cm.bool() & (torch.arange(ids.shape[1]) % 2 == 0)  # full-vocab rows at some completion positions
     unshared = engine.forward(model, ids, am, cm, needs=needs, full_vocab_mask=pick)
     shared = engine.forward(model, ids, am, cm, groups=groups, needs=needs, full_vocab_mask=pick)
@@ -361,6 +361,10 @@ def test_needs_entropy_hidden_full_vocab_and_rows_shared_equal_unshared():
     hidden = out.hidden_states[-1] * am[..., None]
     assert_rel_close(unshared.hidden, hidden, msg="hidden vs model")
     assert_rel_close(shared.hidden, unshared.hidden, msg="hidden")
+    assert len(unshared.layer_states) == len(out.hidden_states) == model.config.num_hidden_layers + 1
+    for k, (got, state) in enumerate(zip(unshared.layer_states, out.hidden_states, strict=True)):
+        assert_rel_close(got, state * am[..., None], msg=f"layer state {k} vs model")
+        assert_rel_close(shared.layer_states[k], got, msg=f"layer state {k}")
     rows_full = torch.cat([torch.zeros_like(logp_full[:, :1]), logp_full], 1)[pick]
     assert_rel_close(unshared.full_vocab, rows_full, msg="full-vocab rows vs model")
     assert_rel_close(shared.full_vocab, unshared.full_vocab, msg="full-vocab rows")

@@ -174,7 +174,12 @@ _METHOD_OWNED = {
 }
 _NOT_USED = ("loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "importance_sampling_level",
              "use_bias_correction_kl", "top_entropy_quantile", "off_policy_mask_threshold", "use_adaptive_entropy",
-             "multi_objective_aggregation", "mask_truncated_completions")
+             "multi_objective_aggregation", "mask_truncated_completions", "vllm_importance_sampling_mode",
+             "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap")
+# GRPO's correction of vLLM's sampling probabilities (on by default in GRPOConfig): its ratios weight GRPO's policy
+# gradient, and TRL computes them from an extra forward of the policy over every rollout (the "old" log-probs); the
+# DPO loss reads neither, so online DPO turns it off
+IS_CORRECTION = "vllm_importance_sampling_correction"
 
 
 def check_online_recipe(recipe) -> None:
@@ -233,12 +238,16 @@ def online_config(recipe, info):
         if key in t:
             raise UserError(f"training.{key}: a GRPO loss option; method '{info.name}' trains with the DPO loss "
                             "(method.loss, method.beta)")
+    if t.get(IS_CORRECTION):
+        raise UserError(f"training.{IS_CORRECTION}: a GRPO loss option (it weights GRPO's policy gradient by the "
+                        f"policy / vLLM probability ratio); method '{info.name}' trains with the DPO loss (method.loss, "
+                        "method.beta), which takes no such weight; posttrain turns it off (no extra forward per step)")
     size = t.get("per_device_train_batch_size", 8)
     if size % 2:
         raise UserError(f"training.per_device_train_batch_size: online DPO trains on pairs (2 completions of a prompt "
                         f"in the same micro-batch); use an even number, got {size}")
     overrides: dict[str, Any] = {"num_generations": 2, "beta": p.beta, "scale_rewards": "none",
-                                 "reward_weights": [spec.weight for spec in p.rewards]}
+                                 "reward_weights": [spec.weight for spec in p.rewards], IS_CORRECTION: False}
     config = training_config(RLConfig, recipe, overrides)
     check_head_here(config)
     return config

@@ -14,10 +14,11 @@ the losses of :mod:`posttrain.losses.preference`, into the loss of ``dpo`` (sigm
 (ORPO's SFT term may also score the prompt tokens: ``params.scores_prompt_tokens``).
 
 Per-token tensors are ``[2B, T-1]`` (row ``b`` scores token ``t+1`` of sequence ``b``) with the shifted completion mask;
-chosen rows come first. SparsePO also needs full-vocab distributions (token KL) and reference activations; those are
-computed on completion positions only, in tiles (its reference runs the unshared rows: the MaPO mask reads per-row
-activations). A Mixture-of-Experts model whose router aux loss is on runs TRL's fused head on the whole causal LM
-instead of the engine (same losses, no saving; said once in the log).
+chosen rows come first. SparsePO also needs the token KL against the reference and reference activations: its
+reference runs first, through the engine on the unshared rows (the MaPO mask reads per-row activations), and the KL
+is tiled inside the policy's forward against the reference's rows, as every head projection with gradients is (so it
+runs under ZeRO-3 and FSDP2). A Mixture-of-Experts model whose router aux loss is on runs TRL's fused head on the
+whole causal LM instead of the engine (same losses, no saving; said once in the log).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from trl import DPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo
 from trl.models.utils import disable_gradient_checkpointing
 
-from posttrain.distributed import full_weight, gathered, process_share, reduce_metrics
+from posttrain.distributed import SHARDED, backend_name, full_weight, gathered, process_share, reduce_metrics
 from posttrain.errors import UserError
 from posttrain.families.preference.forward import (
     LOG_ALIGNMENT,
@@ -53,7 +54,7 @@ from posttrain.losses.preference import (
     sparsepo_token_kl,
     wpo_log_alignment,
 )
-from posttrain.logprobs.engine import LogProbEngine, Needs, log_once
+from posttrain.logprobs.engine import HeadRows, LogProbEngine, Needs, log_once
 from posttrain.reference import Reference, peft_model_of, trl_reference_factory
 from posttrain.registry import METHODS
 from posttrain.trainers.common import AtomicCheckpointMixin, CountedDPOTruncationMixin
@@ -82,6 +83,28 @@ def _decoder_layers(backbone):
             f"self_attn.q/k/v/o_proj); {type(backbone).__name__} has none. Use mask: learned."
         )
     return layers
+
+
+def _mapo_hooks(backbone, streams: dict[str, list[torch.Tensor]]) -> list:
+    """Forward hooks on the decoder layers of ``backbone`` that append the MaPO activation streams (the MLP's
+    down-projection input, the attention's q/k/v outputs and o-projection input, each averaged over its last
+    dimension) to ``streams`` (docs/methods/sparsepo.md#reference-mask-mapo); the caller removes them."""
+
+    def save(stream, which):
+        def fn(module, args, out=None):
+            t = args[0] if which == "in" else out
+            streams[stream].append(t.detach().float().mean(-1))
+
+        return fn
+
+    hooks = []
+    for layer in _decoder_layers(backbone):
+        attn, mlp = layer.self_attn, layer.mlp
+        hooks.append(mlp.down_proj.register_forward_pre_hook(save("mlp", "in")))
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            hooks.append(getattr(attn, proj).register_forward_hook(save("attn", "out")))
+        hooks.append(attn.o_proj.register_forward_pre_hook(save("attn", "in")))
+    return hooks
 
 
 TURN_MASK_COLUMNS = ("chosen_mask", "rejected_mask")
@@ -373,22 +396,31 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
     def _policy_pass(self, model, batch: "_Batch", needs) -> "_PolicyPass":
         """The policy's per-token log-probs ``[2B, T-1]`` with grad and the per-token statistics TRL's metrics log
         (entropy, mean logit, top-1 hit; ``log sum p^2`` for WPO's sampled alignment), plus the hidden rows that
-        predict the scored tokens when a need projects them again (WPO greedy, SparsePO)."""
+        predict the scored tokens when a need projects them again (WPO greedy; SparsePO off the engine). On the
+        engine, SparsePO's token KL is tiled inside the policy's forward against the reference's rows (where ZeRO-3 /
+        FSDP2 have the policy's head gathered), the reference run first (:meth:`_sparsepo_reference`)."""
         p = self.params
-        want_rows = TOKEN_KL in needs or (LOG_ALIGNMENT in needs and p.wpo_alignment == "greedy")
+        greedy = LOG_ALIGNMENT in needs and p.wpo_alignment == "greedy"
         sum_sq = LOG_ALIGNMENT in needs and p.wpo_alignment == "sampled"
         if self._uses_engine:
+            sparsepo = self._sparsepo_reference(model, batch) if TOKEN_KL in needs else None
             statistics = ("entropy", "mean_logits", "is_top1", *(("log_sum_sq_probs",) if sum_sq else ()))
             out = self.engine.forward(model, batch.input_ids, batch.attention_mask, batch.scored, groups=batch.groups,
-                                      needs=Needs(rows=want_rows, statistics=statistics),
-                                      share_until=batch.share_until)
+                                      needs=Needs(rows=greedy, statistics=statistics), share_until=batch.share_until,
+                                      kl_with=None if sparsepo is None else sparsepo.rows,
+                                      kl_direction="base_to_policy")  # KL(pi_ref || pi_theta)
             stats = out.statistics
+            token_kl = None
+            if sparsepo is not None:
+                token_kl = (torch.where(batch.mask.bool(), out.kl[:, 1:], 0.0), sparsepo.ref_token_logps,
+                            sparsepo.masks)
             return _PolicyPass(
                 logps=out.logps[:, 1:], entropy=stats["entropy"][:, 1:], mean_logits=stats["mean_logits"][:, 1:],
                 is_top1=stats["is_top1"][:, 1:],
                 log_sum_sq=stats["log_sum_sq_probs"][:, 1:] if sum_sq else None,
-                rows=out.rows.hidden if want_rows else None,
-                head=(out.rows.weight, out.rows.bias) if want_rows else None)
+                rows=out.rows.hidden if greedy else None,
+                head=(out.rows.weight, out.rows.bias) if greedy else None, token_kl=token_kl)
+        want_rows = TOKEN_KL in needs or greedy
         hidden: dict[str, torch.Tensor] = {}
         hook = None
         if want_rows:
@@ -430,8 +462,8 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
         if LOG_ALIGNMENT in needs:
             computed["log_alignment"] = self._wpo_log_alignment(policy, mask)
         if TOKEN_KL in needs:
-            computed["token_kl"], computed["ref_token_logps"], computed["token_masks"] = self._sparsepo_forward(
-                model, batch, policy.rows)
+            computed["token_kl"], computed["ref_token_logps"], computed["token_masks"] = (
+                policy.token_kl if policy.token_kl is not None else self._sparsepo_forward(model, batch, policy.rows))
         fwd = PreferenceForward(
             logps=per_token_logps, mask=mask, completion_mask=batch.completion_mask,
             scored_mask=batch.scored[:, 1:].bool(), chosen_logps=chosen_logps,
@@ -478,34 +510,61 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
 
     # SparsePO ----------------------------------------------------------------------------------------------------
 
+    def _sparsepo_reference(self, model, batch: "_Batch") -> "_SparsePOReference":
+        """SparsePO's reference side on the engine: one forward of the reference under ``no_grad`` over the caller's
+        rows (unshared: the MaPO mask reads per-row activations) for its per-token log-probs ``[2B, T-1]``, its rows
+        and head for the token KL (a gathered copy of the head under ZeRO-3 / FSDP2) and the token masks
+        (:meth:`_sparsepo_masks`)."""
+        streams: dict[str, list[torch.Tensor]] = {"mlp": [], "attn": [], "resid": [], "logits": []}
+        reference = self._reference()
+        net, _ = reference.resolve(model)
+        hooks = [] if self.params.learned_mask else _mapo_hooks(_unwrap(net).base_model, streams)
+        try:
+            with self._ref_forward_context():
+                ref = self.engine.reference_forward(reference, model, batch.input_ids, batch.attention_mask,
+                                                    batch.scored, needs=Needs(rows=True, hidden=True,
+                                                                              layer_states=True))
+        finally:
+            for h in hooks:
+                h.remove()
+        mask = batch.mask.bool()
+        masks = self._sparsepo_masks(streams, ref.layer_states, ref.hidden, ref.rows.weight, ref.rows.bias, mask)
+        return _SparsePOReference(ref.rows, torch.where(mask, ref.logps[:, 1:], 0.0), masks)
+
+    def _sparsepo_masks(self, streams, layer_states, last_hidden, head_weight, head_bias, mask):
+        """SparsePO's token masks from the reference's forward: the MaPO mask (``{"common"}``) from the hooked
+        ``streams``, the layer states and the last hidden state through the head's mean row, or the learned mask
+        network (``{"common"}`` or ``{"reward", "kl"}``) on the layer states."""
+        if self.params.learned_mask:
+            self.mask_net.train(self.model.training)
+            layer_states = [h[:, :-1] for h in layer_states[1:]]
+            return {name: m(layer_states) for name, m in self.mask_net.items()}
+        streams["resid"] = [h.detach().float().mean(-1) for h in layer_states]
+        w_mean = head_weight.float().mean(0)
+        b_mean = head_bias.float().mean() if head_bias is not None else 0.0
+        streams["logits"] = [last_hidden.float() @ w_mean + b_mean]
+        aligned = {k: [t[:, :-1] for t in v] for k, v in streams.items()}
+        return {"common": mapo_mask(aligned, mask)}
+
     def _sparsepo_forward(self, model, batch: "_Batch", h_pol):
-        """The ``token_kl``, ``ref_token_logps`` and ``token_masks`` needs of SparsePO: the token KL(pi_ref || pi_theta)
-        (with grad through the policy's hidden states) and the reference log-probs on completion positions, in tiles,
-        and the token masks from the reference's activations (MaPO, ``{"common"}``) or the learned mask network
-        (``{"common"}`` or ``{"reward", "kl"}``)."""
-        p = self.params
+        """SparsePO off the log-prob engine (the path before it): the ``token_kl``, ``ref_token_logps`` and
+        ``token_masks`` needs from the reference's backbone, the token KL(pi_ref || pi_theta) projected through the
+        policy's head after its forward (with grad through the policy's hidden states), in tiles. ZeRO-3 / FSDP2
+        keep that head sharded there: refused."""
+        backend = backend_name(self.accelerator)
+        if backend in SHARDED:
+            raise UserError(
+                f"method.name: {self.method} cannot run with --distributed {backend} here: the log-prob engine is off "
+                "(the model's router aux loss needs the full causal-LM forward), so the token KL would project the "
+                "policy's hidden states through its output head after the forward, where that backend keeps the head "
+                "sharded; use --distributed ddp or zero2")
         mask = batch.mask
         sel = mask.bool()
         net, ctx = self._reference().resolve(self.model)
         ref = _unwrap(net)
         backbone = ref.base_model
         streams: dict[str, list[torch.Tensor]] = {"mlp": [], "attn": [], "resid": [], "logits": []}
-        hooks = []
-        if not p.learned_mask:  # MaPO: masks from the reference activations
-
-            def save(stream, which):
-                def fn(module, args, out=None):
-                    t = args[0] if which == "in" else out
-                    streams[stream].append(t.detach().float().mean(-1))
-
-                return fn
-
-            for layer in _decoder_layers(backbone):
-                attn, mlp = layer.self_attn, layer.mlp
-                hooks.append(mlp.down_proj.register_forward_pre_hook(save("mlp", "in")))
-                for proj in ("q_proj", "k_proj", "v_proj"):
-                    hooks.append(getattr(attn, proj).register_forward_hook(save("attn", "out")))
-                hooks.append(attn.o_proj.register_forward_pre_hook(save("attn", "in")))
+        hooks = [] if self.params.learned_mask else _mapo_hooks(backbone, streams)
         ref_kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         try:
             with (
@@ -542,19 +601,8 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
         zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         token_kl = zeros.masked_scatter(sel, torch.cat(kls)) if kls else zeros
         ref_per_token = zeros.masked_scatter(sel, torch.cat(ref_lps)) if ref_lps else zeros
-        # masks
-        masks: dict[str, torch.Tensor] = {}
-        if not p.learned_mask:
-            streams["resid"] = [h.detach().float().mean(-1) for h in ref_out.hidden_states]
-            w_mean = ref_head.weight.float().mean(0)
-            b_mean = ref_head.bias.float().mean() if ref_head.bias is not None else 0.0
-            streams["logits"] = [ref_out.last_hidden_state.float() @ w_mean + b_mean]
-            aligned = {k: [t[:, :-1] for t in v] for k, v in streams.items()}
-            masks["common"] = mapo_mask(aligned, mask)
-        else:
-            self.mask_net.train(self.model.training)
-            layer_states = [h[:, :-1] for h in ref_out.hidden_states[1:]]
-            masks = {name: m(layer_states) for name, m in self.mask_net.items()}
+        masks = self._sparsepo_masks(streams, ref_out.hidden_states, ref_out.last_hidden_state, ref_head.weight,
+                                     ref_head.bias, mask)
         return token_kl, ref_per_token, masks
 
     # Shared TRL metrics ------------------------------------------------------------------------------------------
@@ -629,6 +677,17 @@ class _PolicyPass:
     rows: torch.Tensor | None = None
     head: tuple | None = None
     aux_loss: torch.Tensor | None = None
+    token_kl: tuple | None = None  # SparsePO on the engine: (token KL, reference log-probs, token masks)
+
+
+@dataclass
+class _SparsePOReference:
+    """SparsePO's reference side (:meth:`PosttrainPreferenceTrainer._sparsepo_reference`): the reference's rows and
+    head for the token KL, its per-token log-probs ``[2B, T-1]`` and the token masks."""
+
+    rows: HeadRows
+    ref_token_logps: torch.Tensor
+    masks: dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

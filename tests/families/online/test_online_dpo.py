@@ -227,6 +227,32 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert line.startswith("error: method.rollout_func"), line
 
 
+def test_vllm_importance_sampling_correction_is_off(tmp_path, capsys):
+    """The DPO loss reads no old-policy log-probs, so GRPO's vLLM importance-sampling correction (on by default in
+    TRL's GRPOConfig, an extra policy forward over every rollout) is off in the built config; a recipe that turns it
+    on, or sets how it would be computed, is refused with one line; one that turns it off is accepted."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from posttrain.families.online.trainer import online_config
+    from posttrain.methods import METHODS
+    from posttrain.recipe import load_recipe
+
+    default = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}["vllm_importance_sampling_correction"]
+    assert default is True  # TRL's
+    for training in ({}, {"vllm_importance_sampling_correction": False}):
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump({**_recipe(**training), "output_dir": str(tmp_path / "out")}))
+        assert online_config(load_recipe(path), METHODS["online_dpo"]).vllm_importance_sampling_correction is False
+    line = _cli(tmp_path, capsys, _recipe(vllm_importance_sampling_correction=True))
+    assert line.startswith("error: training.vllm_importance_sampling_correction: a GRPO loss option (it weights "
+                           "GRPO's policy gradient by the policy / vLLM probability ratio); method 'online_dpo' trains "
+                           "with the DPO loss"), line
+    line = _cli(tmp_path, capsys, _recipe(vllm_importance_sampling_mode="token_mask"))
+    assert "training.vllm_importance_sampling_mode: a GRPO loss option" in line, line
+
+
 @pytest.mark.slow
 def test_online_dpo_raises_the_expected_reward(tmp_path):
     """recipes/online_dpo.yaml as shipped, on a fixed pool of 64 problems for 60 steps at a constant learning rate

@@ -136,23 +136,43 @@ def test_engine_equals_the_trl_head_path_for_every_method(arith_model_dir, tiny_
     before = _run(trainer, batch, engine=False)
     assert before[3] == []  # the TRL-head path never calls the engine
     shared = _run(trainer, batch, engine=True)
-    # the policy (and a live reference except SparsePO's, whose MaPO / learned masks read per-row activations) ran
-    # shared
-    assert shared[3] and all(shared[3]), shared[3]
+    # the policy and a live reference ran shared, except SparsePO's reference (run first, with the token KL tiled
+    # inside the policy's forward against its rows): its MaPO / learned masks read per-row activations
+    calls = shared[3][1:] if method == "sparsepo" else shared[3]
+    assert calls and all(calls) and (method != "sparsepo" or shared[3] == [False, True]), shared[3]
     _assert_same(shared, before)
     unshared = _run(trainer, batch, engine=True, share=False)
     assert unshared[3] and not any(unshared[3])
     _assert_same(unshared, before)
-    if method != "sparsepo":  # its reference body runs the caller's rows (position ids from 0 at the padding)
-        _assert_same(_run(trainer, _left_padded(batch), engine=True), before)
+    _assert_same(_run(trainer, _left_padded(batch), engine=True), before)
 
 
-def test_lora_with_the_adapter_disabled_reference(arith_model_dir, tmp_path):
-    trainer, batch = _trainer(arith_model_dir, None, tmp_path, "dpo", dict(beta=0.1), peft=True)
+@pytest.mark.parametrize("method,params", [("dpo", dict(beta=0.1)), ("sparsepo", dict(mask="reference"))],
+                         ids=["dpo", "sparsepo-mapo"])
+def test_lora_with_the_adapter_disabled_reference(arith_model_dir, tmp_path, method, params):
+    trainer, batch = _trainer(arith_model_dir, None, tmp_path, method, params, peft=True)
     before = _run(trainer, batch, engine=False)
     assert before[1] and all("lora" in n for n in before[1])
     _assert_same(_run(trainer, batch, engine=True), before)
     _assert_same(_run(trainer, _left_padded(batch), engine=True), before)
+
+
+def test_sparsepo_off_the_engine_is_refused_on_sharded_backends(arith_model_dir, tiny_model_dir, tmp_path,
+                                                                monkeypatch):
+    """Off the engine (a MoE router aux loss) SparsePO's token KL projects the policy's head after the forward: refused
+    under ZeRO-3 / FSDP2 with one line; on the engine (the KL inside the forward) and under ddp it runs."""
+    from posttrain.errors import UserError
+    from posttrain.families.preference import trainer as T
+
+    trainer, batch = _trainer(arith_model_dir, tiny_model_dir, tmp_path, "sparsepo", dict(mask="reference"))
+    for backend in ("zero3", "zero3_offload", "fsdp2"):
+        monkeypatch.setattr(T, "backend_name", lambda accelerator, b=backend: b)
+        with pytest.raises(UserError, match=rf"^method.name: sparsepo cannot run with --distributed {backend} here: "
+                                            r"the log-prob engine is off \(the model's router aux loss"):
+            _run(trainer, batch, engine=False)
+        assert _run(trainer, batch, engine=True)[0].isfinite()
+    monkeypatch.setattr(T, "backend_name", lambda accelerator: "ddp")
+    assert _run(trainer, batch, engine=False)[0].isfinite()
 
 
 def test_gradient_accumulation_two_micro_batches_equal_one(arith_model_dir, tiny_model_dir, tmp_path):

@@ -34,10 +34,6 @@ class SparsePOParams(MethodParams):
         return True
 
     @property
-    def head_outside_forward(self) -> bool:  # the token KL projects the policy's hidden states, with gradients
-        return True
-
-    @property
     def learned_mask(self) -> bool:
         return self.mask == "learned"
 
