@@ -148,3 +148,16 @@ def test_optimizer_step_script_builds_every_registered_optimizer(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines[1:]] == sorted(OPTIMIZERS)
     assert all(" ratio " in line for line in lines[1:])
+
+
+def test_rl_parts_script_runs_every_measurable_rl_cell(capsys):
+    """benchmarks/rl_parts.py: the advantage and policy loss of every RL arm run forward and backward without the
+    model (a smoke run: the timings are the script's, not asserted)."""
+    import rl_parts as P
+
+    call = P.make_call(V.RL_BASE, ("method.aggregation=delta_l",), rows=16, tokens=4)
+    call()
+    assert P.main(["--calls", "1", "--rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    for c in V.rl_cells():
+        assert (f"| {c.variant} | {c.baseline} |" in printed) != bool(c.not_measured), c.variant
