@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/variant_costs.py --out benchmarks/results/variant_costs_cpu.json
     OMP_NUM_THREADS=1 python benchmarks/variant_costs.py --families lora optimizer --repeats 5
+    python benchmarks/variant_costs.py --from-json all.json rl.json    # one table: rl.json's rows replace all.json's
     python benchmarks/variant_costs.py --quick           # smoke run: one variant per family, one process, ~1 minute
     python benchmarks/variant_costs.py --list            # the cells only (variant, baseline, recipe, overrides)
 
@@ -30,12 +31,16 @@ the common overrides (``--steps`` steps, ``--batch`` rows per step, no evaluatio
 ``--model random`` (default) replaces each recipe's model with a seeded random-init Qwen2 of ``--vocab/--hidden/
 --layers`` (the issue-25 shape by default) that keeps the recipe model's tokenizer, ``--model recipe`` keeps the
 built-in model. A callback measures the CPU seconds of the process per optimizer step after ``--warmup`` steps and the
-peak RSS growth over ``train()`` (high-water mark reset at ``on_train_begin``). Repeats alternate the order of all arms
-(A B C ..., then ... C B A); a baseline arm shared by several variants runs once per repeat. Reported per variant: its
-and its baseline's CPU s/step (median [min..max]), the median [min..max] over repeats of the per-repeat ratios
-variant / baseline of CPU time and of peak growth, and a verdict: within 5 %, or over with what the variant declares
-it computes beyond the baseline (its registry entry's needs, a reference model, an adapter's trainer hooks, an
-optimizer's state) or "nothing declared" (waste to look for).
+peak RSS growth over ``train()`` (at ``on_train_begin``: the allocator's free pages handed back, then the high-water
+mark reset; so the growth is what the training touches: gradients, optimizer state, activations, the step's
+temporaries). Repeats alternate the order of all arms (A B C ..., then ... C B A); a baseline arm shared by several
+variants runs once per repeat. Reported per variant: its and its baseline's CPU s/step (median [min..max]), the median
+[min..max] over repeats of the per-repeat ratios variant / baseline of CPU time and of peak growth, and a verdict read
+from the range, not the median: within 5 % (every repeat at most 1.05x), over (every repeat above 1.05x) or not
+resolved (the range contains 1.05), with what the variant declares it computes beyond the baseline (its registry
+entry's needs, a reference model, an adapter's trainer hooks, an optimizer's state) or "nothing declared" (waste to
+look for). ``--from-json a.json b.json`` rebuilds the table from earlier runs, a row from the last file that ran both
+of its arms (the whole table, then a newer run of one family).
 """
 
 from __future__ import annotations
@@ -281,6 +286,19 @@ def declared(recipe) -> set[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def release_free_heap() -> None:
+    """Hand the C allocator's free pages back to the system (glibc ``malloc_trim(0)``; nothing where there is no
+    glibc), so that the peak RSS growth measured next counts the pages the arm touches, not how much freed memory an
+    earlier phase left for reuse (the model's loading, or in ``--in-process`` the previous arm, whose freed heap made the
+    next arm's growth smaller by up to its own size)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _meter():
     from transformers import TrainerCallback
 
@@ -291,6 +309,7 @@ def _meter():
 
         def on_train_begin(self, args, state, control, **kwargs):
             gc.collect()
+            release_free_heap()
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
             self.base = _common._rss_kib("VmRSS") * 1024
             self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
@@ -406,10 +425,36 @@ def _fmt(s: dict, digits: int = 3) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}..{s['max']:.{digits}f}]"
 
 
+def reading(ratios: list[float]) -> str:
+    """How a variant / baseline ratio over the repeats reads against the 5 % line: ``within`` (every repeat at most
+    1.05x), ``over`` (every repeat above) or ``not resolved`` (the range [min..max] contains 1.05: the spread of the
+    measurement is larger than the effect it would show)."""
+    if max(ratios) <= TOLERANCE:
+        return "within"
+    return "over" if min(ratios) > TOLERANCE else "not resolved"
+
+
+def verdict(speed: list[float], memory: list[float], extra: list[str]) -> str:
+    """``within 5 %``; else ``over (...)`` for the measures resolved over 1.05 and ``not resolved (...)`` for those
+    whose range straddles it, with what the variant declares it computes beyond the baseline (``nothing declared``:
+    waste to look for, once resolved)."""
+    readings = {what: reading(r) for what, r in (("time", speed), ("memory", memory))}
+    over = [what for what, r in readings.items() if r == "over"]
+    unresolved = [what for what, r in readings.items() if r == "not resolved"]
+    if not over and not unresolved:
+        return "within 5 %"
+    parts = ([f"over ({', '.join(over)})"] if over else []) + \
+        ([f"not resolved ({', '.join(unresolved)})"] if unresolved else [])
+    return "; ".join(parts) + ": " + ("declares " + ", ".join(extra) if extra else "nothing declared")
+
+
 def summarise(cell_list: list[Cell], runs: list[dict]) -> list[dict]:
-    by: dict[tuple, dict[int, dict]] = {}
+    """One row per cell: the paired per-repeat ratios of the variant's arm to its baseline's. Runs carry ``source``
+    (the index of the JSON they came from, :func:`merge_runs`; 0 when absent); a cell pairs the repeats of the last
+    source holding both of its arms, so a newer run of some families replaces those rows of an older file."""
+    by: dict[tuple, dict[tuple[int, int], dict]] = {}
     for r in runs:
-        by.setdefault((r["recipe"], tuple(r["sets"])), {})[r["repeat"]] = r
+        by.setdefault((r["recipe"], tuple(r["sets"])), {})[(r.get("source", 0), r["repeat"])] = r
     rows = []
     for c in cell_list:
         row = {**asdict(c)}
@@ -417,26 +462,34 @@ def summarise(cell_list: list[Cell], runs: list[dict]) -> list[dict]:
             rows.append({**row, "verdict": f"not measured: {c.not_measured}"})
             continue
         var, base = by.get(c.arm, {}), by.get(c.base_arm, {})
-        repeats = sorted(set(var) & set(base))
-        if not repeats:
+        common = set(var) & set(base)
+        if not common:
             rows.append({**row, "verdict": "not measured: no run"})
             continue
+        source = max(s for s, _ in common)
+        repeats = sorted(k for k in common if k[0] == source)
         speed = [var[r]["cpu_s_per_step"] / base[r]["cpu_s_per_step"] for r in repeats]
         memory = [var[r]["peak_growth_mib"] / max(base[r]["peak_growth_mib"], 1e-9) for r in repeats]
         extra = sorted(set(var[repeats[0]]["declared"]) - set(base[repeats[0]]["declared"]))
-        row.update(cpu=_spread([var[r]["cpu_s_per_step"] for r in repeats]),
+        row.update(source=source, repeats=len(repeats),
+                   cpu=_spread([var[r]["cpu_s_per_step"] for r in repeats]),
                    base_cpu=_spread([base[r]["cpu_s_per_step"] for r in repeats]),
                    growth=_spread([var[r]["peak_growth_mib"] for r in repeats]),
                    base_growth=_spread([base[r]["peak_growth_mib"] for r in repeats]),
-                   cpu_ratio=_spread(speed), growth_ratio=_spread(memory), extra=extra)
-        over = [what for what, s in (("time", speed), ("memory", memory)) if statistics.median(s) > TOLERANCE]
-        if not over:
-            row["verdict"] = "within 5 %"
-        else:
-            row["verdict"] = f"over ({', '.join(over)}): " + ("declares " + ", ".join(extra) if extra
-                                                             else "nothing declared")
+                   cpu_ratio=_spread(speed), growth_ratio=_spread(memory), extra=extra,
+                   verdict=verdict(speed, memory, extra))
         rows.append(row)
     return rows
+
+
+def merge_runs(documents: list[dict]) -> tuple[list[dict], list[str]]:
+    """The runs of several ``--out`` files, each tagged with its file's index (``source``: later files take
+    precedence, :func:`summarise`), and each file's setting line."""
+    runs, settings = [], []
+    for i, doc in enumerate(documents):
+        runs += [{**r, "source": i} for r in doc["runs"]]
+        settings.append(doc.get("setting", "(interrupted run: no setting line)"))
+    return runs, settings
 
 
 def markdown(rows: list[dict]) -> str:
@@ -472,10 +525,12 @@ def main(argv: list[str] | None = None) -> int:
                              "3 steps, 1 repeat, in this process")
     parser.add_argument("--in-process", action="store_true",
                         help="every arm in this process (no import per arm: CPU times as in a fresh process; the "
-                             "peak growth is then a lower bound, the allocator reusing an earlier arm's memory)")
+                             "peak growth is less trustworthy: an earlier arm's caches and heap fragmentation stay)")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
-    parser.add_argument("--from-json", help="no runs: the table from the runs of an earlier (possibly interrupted) "
-                                            "--out file")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="no runs: the table from the runs of earlier (possibly interrupted) --out files; with "
+                             "several, a row comes from the last file that ran both of its arms (e.g. the whole "
+                             "table, then a newer run of one family)")
     parser.add_argument("--out", help="write runs, rows and the markdown table as JSON here")
     parser.add_argument("--_arm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -501,11 +556,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'  NOT MEASURED: ' + c.not_measured if c.not_measured else ''}")
         return 0
     if args.from_json:
-        earlier = json.loads(Path(args.from_json).read_text())
-        rows = summarise(cell_list, earlier["runs"])
-        print(earlier.get("setting", "") + "\n\n" + markdown(rows))
+        documents = [json.loads(Path(path).read_text()) for path in args.from_json]
+        runs, settings = merge_runs(documents)
+        rows = summarise(cell_list, runs)
+        head = settings[0] if len(settings) == 1 else "\n".join(
+            f"[{i}] {path}: {setting}" for i, (path, setting) in enumerate(zip(args.from_json, settings)))
+        print(head + "\n\n" + markdown(rows))
         if args.out:
-            Path(args.out).write_text(json.dumps({**earlier, "rows": rows, "markdown": markdown(rows)}, indent=1))
+            Path(args.out).write_text(json.dumps({"from_json": args.from_json, "setting": head, "runs": runs,
+                                                  "rows": rows, "markdown": markdown(rows)}, indent=1))
         return 0
     arms = list(dict.fromkeys(a for c in cell_list if not c.not_measured for a in (c.base_arm, c.arm)))
     load_before = _common.load_average()

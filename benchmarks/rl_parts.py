@@ -1,0 +1,131 @@
+"""CPU cost of the RL family's own math per variant: the advantage estimator, then the policy loss (clipping,
+aggregation, the surrogate's terms and metrics) forward and backward, without the model.
+
+    OMP_NUM_THREADS=1 python benchmarks/rl_parts.py                       # the variant-cost table's shape: 16 x 8
+    OMP_NUM_THREADS=1 python benchmarks/rl_parts.py --rows 64 --tokens 1024 --out benchmarks/results/rl_parts_cpu.json
+
+The arms are :func:`variant_costs.rl_cells` (every ``ADVANTAGES`` / ``AGGREGATIONS`` / ``CLIPPINGS`` /
+``POLICY_LOSSES`` entry against ``recipes/grpo.yaml``, one axis changed at a time), so a part registered later joins
+without an edit. Each arm's recipe is parsed as ``posttrain train`` would (its params, the parts' defaults), then one
+call is what the trainer does per generation batch and micro-batch on its ``[B]`` rewards and ``[B, T]`` completion
+log-probs: ``ADVANTAGES[advantage].fn`` (with the strata, lengths and ΔL row weights the entries declare) and
+``POLICY_LOSSES[loss].fn`` on an :class:`~posttrain.families.rl.forward.RLForward`, then ``backward()`` to the
+log-probs. Rewards are 0/1 at random (so the advantages are not all 0), the old log-probs the new ones plus noise (the
+clip rules' masks are mixed). A forward need that the model computes (the entropy with gradient, the reference's
+log-probs) is handed in as a tensor: its cost is the log-prob engine's, not a part's, and is listed as declared.
+
+Reported: microseconds per call, median [min..max] over ``--rounds`` interleaved rounds of ``--calls`` calls each, and
+the ratio to the baseline arm's. Compare with the step's CPU seconds in benchmarks/variant_costs.py's table to see
+what share of a training step a part can explain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import variant_costs as V  # noqa: E402
+
+
+def make_call(recipe: str, sets: tuple[str, ...], rows: int, tokens: int, seed: int = 0):
+    """``call()``: one generation batch's advantages and one micro-batch's policy loss and backward for the arm."""
+    import torch
+
+    from posttrain.families.rl.aggregations.delta_l import delta_l_weights
+    from posttrain.families.rl.common import Groups, Normalizer, RowTargets
+    from posttrain.families.rl.forward import CORRECT, ENTROPY, REF_LOGPS, ROWS, RLForward
+    from posttrain.families.rl.parts import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+
+    p = V.load_arm(recipe, [*V.COMMON_SETS, *sets]).params
+    size = V._yaml(recipe)["training"]["num_generations"]
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.randint(0, 2, (rows,), generator=gen).float()
+    mask = (torch.arange(tokens).expand(rows, tokens) < torch.randint(1, tokens + 1, (rows, 1), generator=gen)).float()
+    logps0 = -torch.rand(rows, tokens, generator=gen) * 3
+    old = logps0 + 0.3 * torch.randn(rows, tokens, generator=gen)
+    estimator, loss = ADVANTAGES[p.advantage], POLICY_LOSSES[p.loss]
+    needs = loss.needs(p)
+    measured = {}
+    if estimator.needs_strata:
+        measured["strata"] = torch.randint(0, 2, (rows,), generator=gen)
+    if estimator.needs_lengths:
+        measured["lengths"] = mask.sum(-1)
+    extra = {}
+    if REF_LOGPS in needs:
+        extra["ref_logps"] = logps0 + 0.1 * torch.randn(rows, tokens, generator=gen)
+    if ENTROPY in needs:
+        extra["entropy"] = torch.rand(rows, tokens, generator=gen).requires_grad_()
+    if CORRECT in needs:
+        extra["correct"] = rewards
+        extra["num_correct_tokens"] = (mask * rewards[:, None]).sum()
+    if ROWS in needs:
+        extra["rows"] = RowTargets(rewards, torch.arange(rows) // size)
+    row_weights = AGGREGATIONS[p.aggregation].row_weights
+
+    def call():
+        out = estimator.fn(rewards, Groups(size, **measured), p)
+        kept = mask * out.keep[:, None].to(mask.dtype)
+        weights = delta_l_weights(kept.sum(-1), p.delta_l_alpha, p.delta_l_scope, size) if row_weights else None
+        normalizer = Normalizer(num_items_in_batch=kept.sum(), num_rows=out.keep.sum().float(),
+                                max_completion_length=tokens, row_weights=weights)
+        logps = logps0.clone().requires_grad_()
+        fwd = RLForward(logps=logps, old_logps=old, mask=kept, advantages=out.advantages.float(),
+                        normalizer=normalizer, accumulation_steps=1, gather=lambda t: t, **extra)
+        value, _ = loss.fn(fwd, p)
+        value.backward()
+
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=16, help="rows of the generation batch (prompts x num_generations)")
+    parser.add_argument("--tokens", type=int, default=8, help="completion tokens per row (max_completion_length)")
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    import torch
+
+    cells = [c for c in V.rl_cells() if not c.not_measured]
+    arms = list(dict.fromkeys(a for c in cells for a in (c.base_arm, c.arm)))
+    calls = {arm: make_call(*arm, args.rows, args.tokens) for arm in arms}
+    times: dict[tuple, list[float]] = {arm: [] for arm in arms}
+    for arm in arms:  # warm-up
+        calls[arm]()
+    for rnd in range(args.rounds):
+        for arm in arms if rnd % 2 == 0 else arms[::-1]:
+            start = time.process_time()
+            for _ in range(args.calls):
+                calls[arm]()
+            times[arm].append((time.process_time() - start) / args.calls * 1e6)
+    rows = []
+    print(f"RL parts, {args.rows} rows x {args.tokens} tokens, CPU microseconds per call (advantages + policy loss "
+          f"forward and backward), median [min..max] over {args.rounds} rounds of {args.calls} calls; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; load average {V._common.load_average()}\n")
+    print("| variant | baseline | us / call variant | us / call baseline | ratio |\n|---|---|---|---|---|")
+    for c in cells:
+        var, base = times[c.arm], times[c.base_arm]
+        ratio = [v / b for v, b in zip(var, base, strict=True)]
+        rows.append({"variant": c.variant, "baseline": c.baseline, "us": V._spread(var), "base_us": V._spread(base),
+                     "ratio": V._spread(ratio)})
+        print(f"| {c.variant} | {c.baseline} | {V._fmt(rows[-1]['us'], 0)} | {V._fmt(rows[-1]['base_us'], 0)} | "
+              f"{V._fmt(rows[-1]['ratio'], 2)} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"argv": sys.argv, "rows_x_tokens": [args.rows, args.tokens],
+                                              "median_us": {" ".join(a[1]) or a[0]: statistics.median(t)
+                                                            for a, t in times.items()}, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
