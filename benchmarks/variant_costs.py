@@ -266,8 +266,7 @@ def declared(recipe) -> set[str]:
         out |= {"gradient through clipped tokens"} if CLIPPINGS[p.clipping].gradient_preserved else set()
     if recipe.reference.used:
         out.add("reference model" + (" (precomputed)" if recipe.reference.precomputed else ""))
-    for flag in ("needs_hidden_states", "fused_weighting", "learned_mask", "scores_prompt_tokens",
-                 "head_outside_forward"):
+    for flag in ("needs_hidden_states", "fused_weighting", "learned_mask", "scores_prompt_tokens"):
         if getattr(p, flag, False):
             out.add(flag)
     if recipe.peft is not None:

@@ -23,10 +23,6 @@ weight access under sharding, and the reduction of logged metrics over processes
 * :class:`TokenMean` / :func:`reduce_metrics`: a metric that is a mean over tokens is logged as
   ``sum over processes / count over processes`` (what one process logs on the same global batch), not as the mean of
   each process's own mean; plain values are averaged over processes.
-* :func:`one_cache_file`: TRL's precomputed reference log-probs are written to one cache file by the main process and
-  read by every process; for a dataset held in memory (no cache files: every built-in and most loaded data)
-  ``datasets`` names that file at random in a temporary folder of each process's own, so the other processes looked
-  for a file that does not exist. Around the precomputation every process takes the main process's path.
 * :func:`process_share`: the denominator that makes a per-process token mean the global one once DDP (or ZeRO / FSDP)
   averages the gradients: the token count of all processes divided by their number.
 """
@@ -264,30 +260,6 @@ def gathered(*params) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(list(todo.values())):
         yield
-
-
-@contextlib.contextmanager
-def one_cache_file(dataset, accelerator) -> Iterator[None]:
-    """For the block, ``dataset._get_cache_file_path`` (what TRL 1.16's ``DPOTrainer`` / ``KTOTrainer
-    ._precompute_ref_logps`` asks for the file it writes on the main process and reads on all) returns the main
-    process's answer on every process (one machine: the main process's temporary folder is readable by the others)."""
-    if accelerator.num_processes == 1:
-        yield
-        return
-    from accelerate.utils import broadcast_object_list
-
-    own = dataset._get_cache_file_path
-
-    def main_process_path(fingerprint):
-        path = [own(fingerprint)]
-        broadcast_object_list(path, from_process=0)
-        return path[0]
-
-    dataset._get_cache_file_path = main_process_path
-    try:
-        yield
-    finally:
-        del dataset._get_cache_file_path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

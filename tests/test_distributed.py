@@ -134,7 +134,7 @@ CASES["grpo_adamw"] = ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_g
 # 4e-5; ddp: 1.9e-5), ZeRO-3's reordered gradient reductions amplified by AdamW (the matrix's GRPO case uses SGD,
 # which the offload backends cannot: CPU Adam replaces it); its losses and logged values still pass at 1e-4
 MODEL_TOLERANCE = {"grpo_adamw": 2e-4}
-SHARED_PLAN_CASES = {"kto_precomputed", "npo_rt_precomputed"}  # precomputed through posttrain.logprobs.reference
+SHARED_PLAN_CASES = {"dpo_precomputed", "kto_precomputed", "npo_rt_precomputed"}  # precomputed through posttrain.logprobs.reference
 FINAL_STAGE = {"dpo_ref_stage": "main"}  # a multi-stage case: the stage whose logs and model are compared
 # metrics of the families that compute them from all processes' rows (TRL's pattern: gathered scores, log-probs and
 # rewards; sums over gathered tokens), which must be among the logged values compared with one process's
