@@ -44,10 +44,35 @@ class _StepHyper(NamedTuple):
     reset: bool
 
 
-def _scratch(like: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Uninitialised tensors shaped as ``like``, views of one buffer (one allocation for a bucket's tensors)."""
-    flat = torch.empty(sum(t.numel() for t in like), dtype=dtype, device=device)
-    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in like]), like)]
+_CHUNK_NUMEL = 1 << 24  # elements of the tensors stepped together (more when one tensor is larger)
+
+
+def _chunks(tensors: list[torch.Tensor], cap: int) -> list[list[int]]:
+    """Indices of ``tensors`` in consecutive runs of at most ``cap`` elements (a larger tensor alone)."""
+    runs: list[list[int]] = [[]]
+    size = 0
+    for i, t in enumerate(tensors):
+        if runs[-1] and size + t.numel() > cap:
+            runs.append([])
+            size = 0
+        runs[-1].append(i)
+        size += t.numel()
+    return runs
+
+
+class _Scratch:
+    """Uninitialised buffers of ``cap`` elements, one per role, allocated on first use and reused by every chunk of a
+    bucket: a step touches one chunk-sized buffer per role instead of a new tensor per pass and tensor."""
+
+    def __init__(self, cap: int, device: torch.device):
+        self.cap, self.device, self.flat = cap, device, {}
+
+    def views(self, role: str, like: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        if role not in self.flat:
+            self.flat[role] = torch.empty(self.cap, dtype=dtype, device=self.device)
+        sizes = [t.numel() for t in like]
+        parts = self.flat[role][:sum(sizes)].split(sizes)
+        return [part.view_as(t) for part, t in zip(parts, like)]
 
 
 def _foreach_scalar_(op: str, tensors: list[torch.Tensor], scalar: float) -> None:
@@ -251,94 +276,105 @@ class StableSPAM(torch.optim.Optimizer):
     def _group_foreach(self, group, params, hp: _StepHyper) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One param group, its tensors together: the same operations as :meth:`_group_loop` in the same order on
         every element, so the same bits on CPU (on CUDA, torch's multi-tensor kernels may round the norms and the
-        scalar divisions differently by an ulp). Per (device, dtype) bucket: the per-tensor scalars (gradient max,
-        threshold, norm, EMAs, scale) are one vector each; the conditioned gradient and Adam's denominator share one
-        scratch buffer, so a step allocates one gradient-sized fp32 buffer instead of a new tensor per pass."""
+        scalar divisions differently by an ulp). Per (device, dtype) bucket, in chunks of about ``_CHUNK_NUMEL``
+        elements: the per-tensor scalars (gradient max, threshold, norm, EMAs, scale) are one vector each; the
+        conditioned gradient and Adam's denominator share one chunk-sized scratch buffer, reused by every chunk, so a
+        step allocates one buffer instead of a new tensor per pass and tensor."""
+        counts: list[torch.Tensor | None] = [None] * len(params)
+        scales: list[torch.Tensor | None] = [None] * len(params)
+        buckets = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
+        for (device, dtype), ((bucket,), bucket_indices) in buckets.items():
+            cap = max(_CHUNK_NUMEL, max(p.numel() for p in bucket))
+            scratch = _Scratch(cap, device)
+            for run in _chunks(bucket, cap):
+                ps, indices = [bucket[i] for i in run], [bucket_indices[i] for i in run]
+                self._chunk_foreach(group, hp, ps, indices, dtype, scratch, counts, scales)
+        return counts, scales
+
+    def _chunk_foreach(self, group, hp: _StepHyper, ps: list[torch.Tensor], indices: list[int], dtype: torch.dtype,
+                       scratch: _Scratch, counts: list, scales: list) -> None:
+        """Steps ``ps`` (one device and dtype; at most a chunk of elements) together; ``counts`` / ``scales`` get
+        their clipped-entry counts and AdaGN scales at ``indices``."""
         quirks = self.reference_quirks
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         beta2 = group["betas"][1]
         theta, gamma2 = group["theta"], group["gamma2"]
         g1, b1 = hp.g1, hp.b1
-        counts: list[torch.Tensor | None] = [None] * len(params)
-        scales: list[torch.Tensor | None] = [None] * len(params)
-        buckets = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
-        for (device, dtype), ((ps,), indices) in buckets.items():
-            states = [self.state[p] for p in ps]
-            stat = _stat_dtype(ps[0])
-            # 1. decoupled weight decay
-            if wd != 0:
-                _foreach_scalar_("mul", ps, 1 - lr * wd)
-            grads = [p.grad for p in ps]
-            if stat != dtype:  # bf16/fp16: the fp32 gradient, as p.grad.to(fp32)
-                grads = _scratch(ps, stat, device)
-                torch._foreach_copy_(grads, [p.grad for p in ps])
-            work = _scratch(ps, stat, device)
-            # 2. AdaClip: work = |G|; then the clipped gradient
-            for g, w in zip(grads, work):
-                torch.abs(g, out=w)
-            gmax = torch.stack(torch._foreach_max(work))
-            bc = [self._bias_t(p, hp.t) for p in ps]
-            max_ema = _stacked(states, "max_ema")
-            max_ema.mul_(theta).add_((1 - theta) * gmax)
-            thresh = max_ema / _one_minus_pow(theta, bc, max_ema)
-            ratio = thresh / gmax
-            for i, g, w, th, r in zip(indices, grads, work, thresh.unbind(), ratio.unbind()):
-                over = w > th
-                counts[i] = torch.count_nonzero(over)
-                torch.mul(g, r, out=w)
-                torch.where(over, w, g, out=w)
-            # 3. AdaGN
-            norm = torch.stack(torch._foreach_norm(work))
-            norm_ema, sqnorm_ema = _stacked(states, "norm_ema"), _stacked(states, "sqnorm_ema")
-            norm_ema.mul_(g1).add_((1 - g1) * norm)
-            sqnorm_ema.mul_(gamma2).add_((1 - gamma2) * norm * norm)
-            mu_hat = norm_ema / _one_minus_pow(g1, bc, norm_ema)
-            nu_hat = sqnorm_ema / _one_minus_pow(gamma2, bc, sqnorm_ema)
-            c = mu_hat / (nu_hat.sqrt() + eps)
-            scale = torch.where(norm > 0, c / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                                torch.ones_like(norm))
-            torch._foreach_copy_([st[key] for st in states for key in _FP32_STATE],
-                                 [v for row in zip(max_ema, norm_ema, sqnorm_ema) for v in row])
-            scale_list = scale.unbind()
-            for i, sc in zip(indices, scale_list):
-                scales[i] = sc
-            torch._foreach_mul_(work, scale_list)
-            if quirks:
-                torch._foreach_copy_([p.grad for p in ps], work)  # (d): the reference conditions p.grad in place
-            update = work
-            if stat != dtype:  # as grad.to(p.dtype)
-                update = _scratch(ps, dtype, device)
-                torch._foreach_copy_(update, work)
-            exp_avgs = [st["exp_avg"] for st in states]
-            exp_avg_sqs = [st["exp_avg_sq"] for st in states]
-            # 4. MoRet
-            if hp.reset:
-                if quirks:  # (b): new tensors are bound, this step still uses the old ones with k = 1
-                    for st, p in zip(states, ps):
-                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        st["step"] = 1
-                else:
-                    torch._foreach_zero_(exp_avgs)
-                    torch._foreach_zero_(exp_avg_sqs)
-                    for st in states:
-                        st["step"] = 0
-            # 5. Adam
-            if not quirks:
+        states = [self.state[p] for p in ps]
+        stat = _stat_dtype(ps[0])
+        # 1. decoupled weight decay
+        if wd != 0:
+            _foreach_scalar_("mul", ps, 1 - lr * wd)
+        grads = [p.grad for p in ps]
+        if stat != dtype:  # bf16/fp16: the fp32 gradient, as p.grad.to(fp32)
+            grads = scratch.views("grad", ps, stat)
+            torch._foreach_copy_(grads, [p.grad for p in ps])
+        work = scratch.views("work", ps, stat)
+        # 2. AdaClip: work = |G|; then the clipped gradient
+        for g, w in zip(grads, work):
+            torch.abs(g, out=w)
+        gmax = torch.stack(torch._foreach_max(work))
+        bc = [self._bias_t(p, hp.t) for p in ps]
+        max_ema = _stacked(states, "max_ema")
+        max_ema.mul_(theta).add_((1 - theta) * gmax)
+        thresh = max_ema / _one_minus_pow(theta, bc, max_ema)
+        ratio = thresh / gmax
+        for i, g, w, th, r in zip(indices, grads, work, thresh.unbind(), ratio.unbind()):
+            over = w > th
+            counts[i] = torch.count_nonzero(over)
+            torch.mul(g, r, out=w)
+            torch.where(over, w, g, out=w)
+        # 3. AdaGN
+        norm = torch.stack(torch._foreach_norm(work))
+        norm_ema, sqnorm_ema = _stacked(states, "norm_ema"), _stacked(states, "sqnorm_ema")
+        norm_ema.mul_(g1).add_((1 - g1) * norm)
+        sqnorm_ema.mul_(gamma2).add_((1 - gamma2) * norm * norm)
+        mu_hat = norm_ema / _one_minus_pow(g1, bc, norm_ema)
+        nu_hat = sqnorm_ema / _one_minus_pow(gamma2, bc, sqnorm_ema)
+        c = mu_hat / (nu_hat.sqrt() + eps)
+        scale = torch.where(norm > 0, c / torch.where(norm > 0, norm, torch.ones_like(norm)),
+                            torch.ones_like(norm))
+        torch._foreach_copy_([st[key] for st in states for key in _FP32_STATE],
+                             [v for row in zip(max_ema, norm_ema, sqnorm_ema) for v in row])
+        scale_list = scale.unbind()
+        for i, sc in zip(indices, scale_list):
+            scales[i] = sc
+        torch._foreach_mul_(work, scale_list)
+        if quirks:
+            torch._foreach_copy_([p.grad for p in ps], work)  # (d): the reference conditions p.grad in place
+        update = work
+        if stat != dtype:  # as grad.to(p.dtype)
+            update = scratch.views("update", ps, dtype)
+            torch._foreach_copy_(update, work)
+        exp_avgs = [st["exp_avg"] for st in states]
+        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        # 4. MoRet
+        if hp.reset:
+            if quirks:  # (b): new tensors are bound, this step still uses the old ones with k = 1
+                for st, p in zip(states, ps):
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["step"] = 1
+            else:
+                torch._foreach_zero_(exp_avgs)
+                torch._foreach_zero_(exp_avg_sqs)
                 for st in states:
-                    st["step"] += 1
-            ks = [st["step"] for st in states]
-            _foreach_scalar_("mul", exp_avgs, b1)
-            torch._foreach_add_(exp_avgs, update, alpha=1 - b1)
-            _foreach_scalar_("mul", exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, update, update, value=1 - beta2)
-            denom = update  # the update is in the moments now: its buffer takes the denominator
-            for e, d in zip(exp_avg_sqs, denom):
-                torch.sqrt(e, out=d)
-            torch._foreach_div_(denom, [math.sqrt(1 - beta2**k) for k in ks])
-            _foreach_scalar_("add", denom, eps)
-            torch._foreach_addcdiv_(ps, exp_avgs, denom, [-lr / (1 - b1**k) for k in ks])
-        return counts, scales
+                    st["step"] = 0
+        # 5. Adam
+        if not quirks:
+            for st in states:
+                st["step"] += 1
+        ks = [st["step"] for st in states]
+        _foreach_scalar_("mul", exp_avgs, b1)
+        torch._foreach_add_(exp_avgs, update, alpha=1 - b1)
+        _foreach_scalar_("mul", exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, update, update, value=1 - beta2)
+        denom = update  # the update is in the moments now: its buffer takes the denominator
+        for e, d in zip(exp_avg_sqs, denom):
+            torch.sqrt(e, out=d)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**k) for k in ks])
+        _foreach_scalar_("add", denom, eps)
+        torch._foreach_addcdiv_(ps, exp_avgs, denom, [-lr / (1 - b1**k) for k in ks])
 
     @property
     def last_metrics(self) -> dict[str, float]:

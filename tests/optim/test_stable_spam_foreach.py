@@ -10,7 +10,8 @@ import copy
 import pytest
 import torch
 
-from posttrain.optim.stable_spam import StableSPAM
+from posttrain.optim import stable_spam
+from posttrain.optim.stable_spam import StableSPAM, _chunks
 
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (16, 9)]
 
@@ -60,7 +61,12 @@ def _assert_same_states(a: StableSPAM, b: StableSPAM, pa, pb):
 @pytest.mark.parametrize("quirks", [False, True], ids=["default", "reference_quirks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("skip_some", [False, True], ids=["all_grads", "missing_grads"])
-def test_foreach_step_is_bit_identical_to_the_loop(quirks, dtype, skip_some):
+@pytest.mark.parametrize("chunk", [None, 40], ids=["one_chunk", "chunks_of_40"])
+def test_foreach_step_is_bit_identical_to_the_loop(quirks, dtype, skip_some, chunk, monkeypatch):
+    """``chunk=40``: the tensors (35, 5, 24, 1 and 144 elements) are stepped in runs of at most 40 elements (the
+    144-element one alone), the scratch buffers reused from run to run."""
+    if chunk is not None:
+        monkeypatch.setattr(stable_spam, "_CHUNK_NUMEL", chunk)
     pa, oa, ta = _run(False, dtype, reference_quirks=quirks, skip_some=skip_some)
     pb, ob, tb = _run(True, dtype, reference_quirks=quirks, skip_some=skip_some)
     clipped = resets = 0
@@ -121,3 +127,9 @@ def test_state_dict_moves_between_foreach_and_loop(quirks):
         second.step()
     for a, b in zip(full, params):
         assert torch.equal(a, b)
+
+
+def test_chunks_are_consecutive_runs_within_the_cap():
+    tensors = [torch.empty(n) for n in (35, 5, 24, 1, 144, 3)]
+    assert _chunks(tensors, 40) == [[0, 1], [2, 3], [4], [5]]
+    assert _chunks(tensors, 1000) == [[0, 1, 2, 3, 4, 5]]
