@@ -61,7 +61,7 @@ def _chunks(tensors: list[torch.Tensor], cap: int) -> list[list[int]]:
 
 
 class _Scratch:
-    """Uninitialised buffers of ``cap`` elements, one per role, allocated on first use and reused by every chunk of a
+    """Uninitialised buffers of ``cap`` elements (the largest chunk), one per role, allocated on first use and reused by every chunk of a
     bucket: a step touches one chunk-sized buffer per role instead of a new tensor per pass and tensor."""
 
     def __init__(self, cap: int, device: torch.device):
@@ -285,7 +285,7 @@ class StableSPAM(torch.optim.Optimizer):
         buckets = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
         for (device, dtype), ((bucket,), bucket_indices) in buckets.items():
             cap = max(_CHUNK_NUMEL, max(p.numel() for p in bucket))
-            scratch = _Scratch(cap, device)
+            scratch = _Scratch(min(cap, sum(p.numel() for p in bucket)), device)
             for run in _chunks(bucket, cap):
                 ps, indices = [bucket[i] for i in run], [bucket_indices[i] for i in run]
                 self._chunk_foreach(group, hp, ps, indices, dtype, scratch, counts, scales)
