@@ -103,6 +103,10 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+_METRIC_ORDER = ["ggpo/noise_std_mean", "ggpo/grad_term_frac", "ggpo/w_row_norm_mean", "ggpo/copy_bytes",
+                 "ggpo/g_row_norm_mean"]
+
+
 def _active(layer: LoraLayer) -> list[str]:
     return [a for a in layer.active_adapters if a in layer.lora_A]
 
@@ -156,7 +160,7 @@ class GGPOPerturbation:
         self.extra_flops = 0.0
         self.extra_seconds = 0.0
         self.num_perturbed_steps = 0
-        self.last_metrics: dict[str, float] = {}
+        self._metrics: dict[str, Any] = {}  # last_metrics, with the per-layer tensors not yet reduced
 
     # -- noise ---------------------------------------------------------------------------------------------------
     def _generator(self, step: int, layer_index: int, device) -> torch.Generator:
@@ -168,13 +172,14 @@ class GGPOPerturbation:
     def row_std(self, layer: LoraLayer, name: str, sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(std, ||W'_i||², β||G_i||²) of one layer, all fp32 (out,)."""
         W = layer.get_base_layer().weight
-        Wp = W.detach().float()  # W' = W + sum of the adapters' deltas, in a new tensor (W itself is only read)
-        for k, ad in enumerate(_active(layer)):
+        Wp = None  # W' = W + the adapters' deltas, in the first delta's buffer (W itself is only read)
+        for ad in _active(layer):
             delta = layer.get_delta_weight(ad).detach().float()
-            Wp = Wp + delta if k == 0 else Wp.add_(delta)
+            Wp = delta.add_(W.detach()) if Wp is None else Wp.add_(delta)  # W + delta, in delta's buffer
+        Wp = W.detach().float() if Wp is None else Wp
         Wp = _out_in_view(layer, Wp)
         m, n = Wp.shape
-        w2 = (Wp * Wp).sum(dim=1)
+        w2 = (Wp.mul_(Wp) if Wp.data_ptr() != W.data_ptr() else Wp * Wp).sum(dim=1)
         g2 = self.gnorm2.get(name)
         g2 = torch.zeros_like(w2) if g2 is None else g2.to(w2.device)
         r = sum(layer.r[a] for a in _active(layer))
@@ -192,10 +197,11 @@ class GGPOPerturbation:
         return out
 
     def _noise(self, layer: LoraLayer, idx: int, step: int, std: torch.Tensor) -> torch.Tensor:
+        """ε of one layer (a new fp32 tensor, which :meth:`apply` turns into ``W + ε`` in place)."""
         W = layer.get_base_layer().weight
         m, n = _out_in_view(layer, W).shape
         g = self._generator(step, idx, W.device)
-        eps = torch.randn((m, n), generator=g, device=W.device, dtype=torch.float32) * std[:, None]
+        eps = torch.randn((m, n), generator=g, device=W.device, dtype=torch.float32).mul_(std[:, None])
         self.extra_flops += 2.0 * m * n
         return _out_in_view(layer, eps)
 
@@ -212,16 +218,19 @@ class GGPOPerturbation:
         self._regen.clear()
         sigma = sigma_at(self.sigma, self.sigma_schedule, self.step, self.total_steps)
         if sigma == 0.0 or self.step % self.every_n_steps != 0:
-            self.last_metrics = {"ggpo/noise_std_mean": 0.0}
+            self._metrics = {"ggpo/noise_std_mean": 0.0}
             return False
-        stds, fracs, wn, copy_bytes = [], [], [], 0
+        rows, copy_bytes = [], 0
         for idx, name, layer in ggpo_layers(model):
             W = layer.get_base_layer().weight
             if not W.dtype.is_floating_point:
                 raise UserError("ggpo: quantized base weights cannot be perturbed in place")
             std, w2, bg2 = self.row_std(layer, name, sigma)
             eps = self._noise(layer, idx, self.step, std)
-            perturbed = (W.data.float() + eps).to(W.dtype)
+            if eps.stride() == W.stride():  # W + ε in ε's buffer (one pass, no new tensor for fp32 weights)
+                perturbed = eps.add_(W.data).to(W.dtype)
+            else:  # a transposed (fan_in_fan_out) ε: the sum in W's layout
+                perturbed = (W.data.float() + eps).to(W.dtype)
             if self.restore == "copy":  # the original storage is set aside by reference: no clone, restored bitwise
                 self._saved[name] = W.data
                 copy_bytes += W.numel() * W.element_size()
@@ -230,18 +239,11 @@ class GGPOPerturbation:
                 self._regen[name] = (idx, std)
                 W.data.copy_(perturbed)
             self.extra_flops += float(W.numel())
-            stds.append(std.mean())
-            fracs.append((bg2 / (w2 + bg2).clamp_min(1e-30)).mean())
-            wn.append(w2.sqrt().mean())
+            rows.append((std, w2, bg2))
         self.num_perturbed_steps += 1
         self.extra_seconds += time.perf_counter() - t0
-        if stds:
-            self.last_metrics = {
-                "ggpo/noise_std_mean": float(torch.stack(stds).mean()),
-                "ggpo/grad_term_frac": float(torch.stack(fracs).mean()),
-                "ggpo/w_row_norm_mean": float(torch.stack(wn).mean()),
-                "ggpo/copy_bytes": float(copy_bytes),
-            }
+        if rows:  # reduced to floats when read (last_metrics): no device sync in the step
+            self._metrics = {"rows": rows, "ggpo/copy_bytes": float(copy_bytes)}
         return True
 
     @torch.no_grad()
@@ -266,10 +268,27 @@ class GGPOPerturbation:
         self.step += 1
         self.extra_seconds += time.perf_counter() - t0
 
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """``ggpo/*`` of the last step: the noise std, the gradient term's share of the variance and ``||W'_i||``
+        (means over rows, then layers), the set-aside bytes, the LoRA-equivalent gradient's row norm."""
+        m = self._metrics
+        if "rows" in m:
+            rows = m.pop("rows")
+            m = self._metrics = {**m, **{
+                "ggpo/noise_std_mean": float(torch.stack([std.mean() for std, _, _ in rows]).mean()),
+                "ggpo/grad_term_frac": float(torch.stack(
+                    [(bg2 / (w2 + bg2).clamp_min(1e-30)).mean() for _, w2, bg2 in rows]).mean()),
+                "ggpo/w_row_norm_mean": float(torch.stack([w2.sqrt().mean() for _, w2, _ in rows]).mean()),
+            }}
+        if "g_rows" in m:
+            m["ggpo/g_row_norm_mean"] = float(torch.stack([g2.sqrt().mean() for g2 in m.pop("g_rows")]).mean())
+        return {k: m[k] for k in sorted(m, key=_METRIC_ORDER.index)}
+
     @torch.no_grad()
     def update_grad_norms(self, model: nn.Module, grad_scale: float | None = None) -> None:
         """gnorm2 <- ||G_i||² (Gram formula) from the accumulated ∇A, ∇B (divided by ``grad_scale`` if given)."""
-        gmeans = []
+        g_rows = []
         for _, name, layer in ggpo_layers(model):
             total = None
             for ad in _active(layer):
@@ -285,9 +304,9 @@ class GGPOPerturbation:
                 total = g2 if total is None else total + g2  # several adapters: sum (cross terms ignored)
             if total is not None:
                 self.gnorm2[name] = total.detach()
-                gmeans.append(total.sqrt().mean())
-        if gmeans:
-            self.last_metrics["ggpo/g_row_norm_mean"] = float(torch.stack(gmeans).mean())
+                g_rows.append(self.gnorm2[name])
+        if g_rows:
+            self._metrics["g_rows"] = g_rows
 
     @contextlib.contextmanager
     def perturbed(self, model: nn.Module, step: int | None = None, grad_scale: float | None = None):

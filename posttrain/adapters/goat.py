@@ -271,22 +271,34 @@ class GoatLinear(nn.Module, LoraLayer):
         raise UserError("GOAT adapters cannot be merged: the expert mixture is routed per token")
 
     def goat_delta(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """The adapter's additive output: ``Σ_i w_i s B_i A_i drop_i(x) − R x`` (fp32)."""
+        """The adapter's additive output: ``Σ_i w_i s B_i A_i drop_i(x) − R x`` (fp32).
+
+        One product for the experts and the frozen residual (docs/methods/goat.md#architecture): the residual's factors
+        are an extra expert of weight 1, ``h = x [A_1; ..; A_E; res_A]ᵀ`` (T x 2r), ``y = (h ⊙ [w, 1]) [s B_1 .. s B_E,
+        −res_B]ᵀ``: two matmuls forward (four with the residual apart), ``s`` applied to B (m x r) rather than to y
+        (T x m). The same sum as the separate terms up to fp32 rounding (tests/adapters/test_adapters_goat.py)."""
         g = self.goat
         A = self.lora_expert_A[adapter]
         B = self.lora_expert_B[adapter]
         s = self.scaling[adapter]
-        n = A.shape[-1]
+        E, d, n = A.shape
         xt = x.reshape(-1, n).to(A.dtype)
         p, w, selected = topk_route(self.lora_router[adapter](xt), g.top_k)
+        weights = w.repeat_interleave(d, dim=1)  # (T, r): expert i's weight on its d columns
+        right = (B * s).permute(1, 0, 2).reshape(B.shape[1], E * d)  # (m, r) = [s B_1 .. s B_E]
         drops = self.lora_dropout[adapter]
+        residual = not g.fold_residual
         if all(isinstance(dm, nn.Identity) for dm in drops):
-            h = torch.einsum("tn,edn->ted", xt, A)
+            left = A.reshape(E * d, n)
+            h = xt @ (torch.cat([left, self.lora_res_A[adapter]]) if residual else left).T
         else:
-            h = torch.stack([drops[i](xt) @ A[i].T for i in range(A.shape[0])], dim=1)
-        y = torch.einsum("ted,emd->tm", h * w.unsqueeze(-1), B) * s
-        if not g.fold_residual:
-            y = y - (xt @ self.lora_res_A[adapter].T) @ self.lora_res_B[adapter].T
+            h = torch.cat([drops[i](xt) @ A[i].T for i in range(E)], dim=1)
+            if residual:
+                h = torch.cat([h, xt @ self.lora_res_A[adapter].T], dim=1)
+        if residual:
+            weights = torch.cat([weights, weights.new_ones(weights.shape[0], h.shape[1] - E * d)], dim=1)
+            right = torch.cat([right, -self.lora_res_B[adapter]], dim=1)
+        y = (h * weights) @ right.T
         if self.training:
             self._record(p, selected)
         return y.reshape(*x.shape[:-1], y.shape[-1])

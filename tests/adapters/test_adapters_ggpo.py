@@ -336,3 +336,47 @@ def test_restore_copy_sets_the_original_storage_aside_without_cloning_it():
     assert len(draws) == len(originals)  # one draw per layer and step
     for _, n, l in ggpo_layers(m):
         assert l.get_base_layer().weight.data_ptr() == pointers[n]
+
+
+# the noise draw against its formula, bit for bit ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("restore", ["copy", "regenerate"])
+def test_perturbed_weights_and_metrics_equal_the_formula_bitwise(dtype, restore):
+    """``apply`` builds W' and W + ε in the buffers it already owns and reduces its metrics only when they are read;
+    the perturbed weights (second step: β||G_i||² from the first step's gradients) and every metric are the plain
+    formula's bits: ``W' = W + s·B·A``, ``std = σ·sqrt((||W'_i||² + β||G_i||²)/n)``, ``ε = randn(layer's own
+    generator)·std``, ``(W + ε)`` rounded to the weight's dtype."""
+    from posttrain.adapters.ggpo import _seed
+
+    m = tiny_peft().to(dtype)
+    pert = GGPOPerturbation(sigma=0.05, beta=0.5, seed=7, restore=restore)
+    ids = _batches(1)[0]
+    with pert.perturbed(m, step=0):
+        m(input_ids=ids, labels=ids).loss.backward()
+    g_row_norm_mean = pert.metrics()["ggpo/g_row_norm_mean"]  # of the gradients just accumulated
+    expected, stds, fracs, wnorms, gnorms = {}, [], [], [], []
+    for idx, name, layer in ggpo_layers(m):
+        W = layer.get_base_layer().weight.detach()
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        delta = (B.detach().float() @ A.detach().float()) * layer.scaling["default"]  # peft's, in the LoRA dtype
+        Wp = W.float() + delta.to(dtype).float()
+        w2 = (Wp * Wp).sum(dim=1)
+        g2 = lora_grad_row_norm2(A.detach().float(), B.detach().float(), A.grad.float(), B.grad.float(),
+                                 layer.scaling["default"])
+        std = ggpo_row_std(w2, g2, 0.05, 0.5, W.shape[1])
+        gen = torch.Generator().manual_seed(_seed(7, 1, 0, idx))
+        eps = torch.randn(W.shape, generator=gen, dtype=torch.float32) * std[:, None]
+        expected[name] = (W.float() + eps).to(dtype)
+        stds.append(std.mean())
+        fracs.append((0.5 * g2 / (w2 + 0.5 * g2).clamp_min(1e-30)).mean())
+        wnorms.append(w2.sqrt().mean())
+        gnorms.append(g2.sqrt().mean())
+    pert.apply(m, step=1)
+    for _, name, layer in ggpo_layers(m):
+        assert torch.equal(layer.get_base_layer().weight, expected[name]), name
+    assert g_row_norm_mean == float(torch.stack(gnorms).mean())
+    got = pert.metrics()
+    assert got["ggpo/noise_std_mean"] == float(torch.stack(stds).mean())
+    assert got["ggpo/grad_term_frac"] == float(torch.stack(fracs).mean())
+    assert got["ggpo/w_row_norm_mean"] == float(torch.stack(wnorms).mean())
+    pert.remove(m, update_norms=False)

@@ -342,3 +342,57 @@ def test_goat_metrics_are_computed_in_the_steps_that_log_only(logging_steps, fir
     got = [logs_at_step_end(SimpleNamespace(args=args, state=SimpleNamespace(global_step=g, logging_steps=None)))
            for g in range(6)]
     assert got == expected
+
+
+# the experts and the residual in one product ------------------------------------------------------------------------
+def _separate_terms(layer, x: torch.Tensor) -> torch.Tensor:
+    """``Σ_i w_i s B_i A_i x − res_B res_A x`` term by term in fp64 (the formula the fused product must equal)."""
+    A = layer.lora_expert_A["default"].double()
+    B = layer.lora_expert_B["default"].double()
+    s = layer.scaling["default"]
+    _, w, _ = topk_route(layer.lora_router["default"](x.float()).double(), layer.goat.top_k)
+    y = sum(w[:, i:i + 1] * s * (x.double() @ A[i].T @ B[i].T) for i in range(A.shape[0]))
+    if not layer.goat.fold_residual:
+        y = y - x.double() @ layer.lora_res_A["default"].double().T @ layer.lora_res_B["default"].double().T
+    return y
+
+
+def test_fused_delta_hand_checked_case():
+    """E = 2, d = 1 on a 2 x 2 layer: A_0 = [1, 0], A_1 = [0, 1], B_0 = [1; 0], B_1 = [0; 1], s = 2, residual factors
+    res_A = [[1, 0], [0, 1]], res_B = [[0.5, 0], [0, 0.5]] (R = I/2); a router that gives w = (0.75, 0.25) on
+    x = [2, 4]: y = 0.75·2·2·[1, 0] + 0.25·2·4·[0, 1] − [1, 2] = [3 − 1, 2 − 2] = [2, 0]."""
+    pm = apply_goat(nn.Sequential(nn.Linear(2, 2)), ["0"], rank=2, num_experts=2, top_k=2, lora_dropout=0.0)
+    layer = goat_layers(pm)[0]
+    with torch.no_grad():
+        layer.lora_expert_A["default"].copy_(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))
+        layer.lora_expert_B["default"].copy_(torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]]]))
+        layer.lora_res_A["default"].copy_(torch.eye(2))
+        layer.lora_res_B["default"].copy_(0.5 * torch.eye(2))
+        layer.lora_router["default"].weight.copy_(torch.tensor([[math.log(3.0) / 2, 0.0], [0.0, 0.0]]))
+        layer.scaling["default"] = 2.0
+        y = layer.goat_delta(torch.tensor([[2.0, 4.0]]), "default")
+    torch.testing.assert_close(y, torch.tensor([[2.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fold_residual", [False, True], ids=["residual", "folded"])
+def test_fused_delta_equals_the_separate_terms_within_fp32_rounding(fold_residual):
+    """On random weights and routers, the fused product equals the term-by-term formula (fp64) to fp32 rounding, for
+    the output and for the gradients of x, the experts and the router."""
+    torch.manual_seed(0)
+    pm = apply_goat(nn.Sequential(nn.Linear(48, 40)), ["0"], rank=8, num_experts=4, top_k=2, lora_dropout=0.0,
+                    fold_residual=fold_residual)
+    layer = goat_layers(pm)[0]
+    with torch.no_grad():
+        layer.lora_expert_B["default"].add_(0.1 * torch.randn_like(layer.lora_expert_B["default"]))
+        layer.lora_expert_A["default"].add_(0.1 * torch.randn_like(layer.lora_expert_A["default"]))
+    x = torch.randn(64, 48, requires_grad=True)
+    params = [x, layer.lora_expert_A["default"], layer.lora_expert_B["default"], layer.lora_router["default"].weight]
+    fused = layer.goat_delta(x, "default")
+    grads = torch.autograd.grad(fused.square().sum(), params)
+    x64 = x.detach().double().requires_grad_()
+    reference = _separate_terms(layer, x64)
+    ref_grads = torch.autograd.grad(reference.square().sum(), [x64, *params[1:]])
+    scale = reference.abs().max()
+    assert (fused.double() - reference).abs().max() <= 1e-5 * scale
+    for got, want in zip(grads, ref_grads):
+        assert (got.double() - want.double()).abs().max() <= 1e-4 * want.abs().max()
