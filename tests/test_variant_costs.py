@@ -153,7 +153,12 @@ def test_optimizer_step_script_builds_every_registered_optimizer(capsys):
 def test_rl_parts_script_runs_every_measurable_rl_cell(capsys):
     """benchmarks/rl_parts.py: the advantage and policy loss of every RL arm run forward and backward without the
     model (a smoke run: the timings are the script's, not asserted)."""
-    import rl_parts as P
+    import importlib.util
+
+    # by path: tests/families/rl/ has a helper module of the same name, which a full run may have imported first
+    spec = importlib.util.spec_from_file_location("benchmark_rl_parts", ROOT / "benchmarks" / "rl_parts.py")
+    P = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(P)
 
     call = P.make_call(V.RL_BASE, ("method.aggregation=delta_l",), rows=16, tokens=4)
     call()
