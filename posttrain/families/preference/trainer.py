@@ -376,7 +376,7 @@ class PosttrainPreferenceTrainer(AtomicCheckpointMixin, CountedDPOTruncationMixi
                 keep = batch.attention_mask[row].bool()
                 sides[row // pairs].append({"input_ids": batch.input_ids[row][keep].tolist(),
                                             "completion_mask": batch.ref_mask[row][keep].tolist()})
-        model = self.ref_model or self.model
+        model = self.model if self.ref_model is None else self.ref_model
         if self.ref_model is None and self.is_deepspeed_enabled:  # the policy, placed as TRL does
             from trl.models import prepare_deepspeed
 
