@@ -178,9 +178,14 @@ def rl_cells() -> list[Cell]:
     return cells
 
 
-def lora_cells() -> list[Cell]:
-    """Every adapter variant on its own recipe (``recipes/sft_<variant>.yaml``) against plain LoRA there."""
-    from posttrain.adapters.spec import ADAPTER_VARIANTS
+def lora_cells(window: int | None = None) -> list[Cell]:
+    """Every adapter variant on its own recipe (``recipes/sft_<variant>.yaml``) against plain LoRA there.
+
+    A variant that acts every ``stage_steps`` steps (PLoRA's unload) runs with ``stage_steps`` = ``window``, the
+    number of measured steps, so that exactly one of its periodic updates falls inside the measured window: its
+    per-step cost is then the unload amortised over a stage of ``window`` steps (with the recipe's own period, a short
+    window may hold none and the row would measure nothing of the method)."""
+    from posttrain.adapters.spec import ADAPTER_VARIANTS, VARIANT_SPECS
 
     cells = []
     for entry in ADAPTER_VARIANTS:
@@ -191,7 +196,9 @@ def lora_cells() -> list[Cell]:
             cells.append(Cell("lora", entry.name, "lora", recipe, not_measured=f"no shipped {recipe}"))
             continue
         options = [f"peft.{entry.name}=null"] if entry.variant.options else []
-        cells.append(Cell("lora", entry.name, "lora", recipe, [], ["peft.type=lora", *options]))
+        periodic = window is not None and "stage_steps" in getattr(VARIANT_SPECS.get(entry.name), "model_fields", {})
+        sets = [f"peft.{entry.name}.stage_steps={window}"] if periodic else []
+        cells.append(Cell("lora", entry.name, "lora", recipe, sets, ["peft.type=lora", *options]))
     return cells
 
 
@@ -212,7 +219,9 @@ def optimizer_cells() -> list[Cell]:
     return cells
 
 
-def cells(families: tuple[str, ...] = FAMILIES) -> list[Cell]:
+def cells(families: tuple[str, ...] = FAMILIES, window: int | None = None) -> list[Cell]:
+    """The cells of ``families``; ``window``: the measured steps per arm (a periodic adapter's period, see
+    :func:`lora_cells`)."""
     out = []
     for family in families:
         if family == "sft":
@@ -226,7 +235,7 @@ def cells(families: tuple[str, ...] = FAMILIES) -> list[Cell]:
         elif family == "rl":
             out += rl_cells()
         elif family == "lora":
-            out += lora_cells()
+            out += lora_cells(window)
         elif family == "optimizer":
             out += optimizer_cells()
     return out
@@ -540,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.model, args.steps, args.warmup, args.repeats = "recipe", 3, 1, 1
-    cell_list = cells(tuple(args.families))
+    cell_list = cells(tuple(args.families), window=args.steps - args.warmup)
     if args.only:
         cell_list = [c for c in cell_list if c.variant in args.only]
     if args.quick:

@@ -47,6 +47,17 @@ def test_a_part_registered_later_joins_the_rl_cells():
         AGGREGATIONS.remove("toy_mean")
 
 
+def test_a_periodic_adapter_runs_one_period_in_the_measured_window():
+    """PLoRA unloads every ``stage_steps`` steps: its arm runs with the period = the measured steps, so one unload is
+    in every measurement (the recipe's period of 10 with 6 measured steps would put none in it)."""
+    plora = next(c for c in V.lora_cells(window=6) if c.variant == "plora")
+    assert plora.sets == ["peft.plora.stage_steps=6"] and "peft.plora=null" in plora.base_sets
+    assert next(c for c in V.lora_cells(window=6) if c.variant == "goat").sets == []
+    args = argparse.Namespace(batch=2, rl_prompts=1, steps=8)
+    recipe = V.load_arm(plora.recipe, V.arm_sets(args, plora.recipe, plora.sets, {}))
+    assert recipe.peft.plora.stage_steps == 6
+
+
 def test_every_arm_is_a_valid_recipe_and_declares_its_extra_work():
     args = argparse.Namespace(batch=2, rl_prompts=1, steps=3)
     extra = {}
