@@ -123,8 +123,12 @@ CASES.update({
     "sft_untied": ("recipes/sft.yaml", ["data.eval=null", "peft=null", "data.train.max_samples=256",
                                         "training.learning_rate=2e-4"], 4),
     "dpo_untied": ("recipes/dpo.yaml", ["data.eval=null", "data.train.options.num_samples=256"], 4),
+    # the RL trainer's engine forward (each group's prompt packed once) and online DPO's, with the head gathered by the
+    # engine: GRPO's and online DPO's cases as they are (seeded rollouts and SGD, for the reasons given there)
+    "grpo_untied": ("recipes/grpo.yaml", CASES["grpo"][1], 4),
+    "online_dpo_untied": ("recipes/online_dpo.yaml", CASES["online_dpo"][1], 4),
 })
-UNTIED_CASES = {"sft_untied", "dpo_untied"}
+UNTIED_CASES = {"sft_untied", "dpo_untied", "grpo_untied", "online_dpo_untied"}
 # GRPO (beta > 0) with its recipe's AdamW for the offload backends: there accelerate hands DeepSpeed's CPU Adam every
 # optimizer (plain SGD would train as Adam; posttrain refuses it, docs/distributed.md)
 CASES["grpo_adamw"] = ("recipes/grpo.yaml", ["method.beta=0.05", "training.num_generations=4",
@@ -145,6 +149,7 @@ FAMILY_METRICS = {
     "online_dpo": ("entropy", "policy_loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
                    "objective/scores_margin", "online_dpo/kept_pairs_frac", "online_dpo/tied_pairs_frac"),
 }
+FAMILY_METRICS["online_dpo_untied"] = FAMILY_METRICS["online_dpo"]
 # logged values that are not training results (throughput, wall time)
 NOT_COMPARED = {"step", "epoch", "learning_rate", "train_samples_per_second", "train_steps_per_second", "total_flos"}
 
@@ -299,11 +304,11 @@ def test_last_families_match_one(case, backend, tmp_path, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", backends("zero2_offload", "zero3_offload"))
-@pytest.mark.parametrize("case", ["sft_lora", "dpo", "grpo_adamw", "npo_rt"])
+@pytest.mark.parametrize("case", ["sft_lora", "dpo", "grpo_adamw", "npo_rt", "sparsepo"])
 def test_cpu_offload_matches_one(case, backend, tmp_path, tmp_path_factory):
     """ZeRO-2 and ZeRO-3 with the optimizer (ZeRO-3: and the weights) in CPU memory: DeepSpeed's CPU Adam (a C++
     extension compiled on first use) against one process's torch AdamW; SFT with LoRA, DPO, GRPO with a frozen-copy
-    reference (beta > 0) and NPO + RT."""
+    reference (beta > 0), NPO + RT and SparsePO (MaPO mask: its token KL tiled inside the policy's forward)."""
     _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
 
 
@@ -338,10 +343,11 @@ def test_sparsepo_sharded_matches_one(backend, tmp_path, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", backends("zero3", "fsdp2"))
-@pytest.mark.parametrize("case", ["sft_untied", "dpo_untied"])
+@pytest.mark.parametrize("case", ["sft_untied", "dpo_untied", "grpo_untied", "online_dpo_untied"])
 def test_untied_head_sharded_matches_one(case, backend, tmp_path, tmp_path_factory):
-    """SFT (full fine-tuning) and DPO (frozen-copy reference) on a model whose output head is not its embedding, under
-    the two sharded backends against one process; the saved model keeps its own head."""
+    """SFT (full fine-tuning), DPO (frozen-copy reference), GRPO (``beta: 0.05``: the RL trainer's engine forward, each
+    group's prompt packed once, and its frozen-copy reference) and online DPO on a model whose output head is not its
+    embedding, under the two sharded backends against one process; the saved model keeps its own head."""
     out = _check_against_one_process(case, backend, tmp_path, tmp_path_factory)
     model = _load(out)
     head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
