@@ -223,3 +223,55 @@ def test_grpo_vllm_colocate_generation_follows_the_weights_after_each_sync(tmp_p
     assert max(gap) < 0.03, gap
     assert drift[0] < 0.03, drift  # step 1 samples from the initial weights in both runs
     assert min(drift[1:]) > 3 * max(gap), (gap, drift)
+
+
+def _pacs_vllm_rows(tmp_path, name, *sets):
+    """``posttrain train recipes/grpo_pacs.yaml`` (``method.loss: pacs``) for one step with ``use_vllm: true``, in
+    its own process: the logged rows."""
+    import subprocess
+    import sys
+
+    out = tmp_path / name
+    sets = ["data.test=null", "training.max_steps=1", "training.logging_steps=1", "training.save_strategy='no'",
+            "training.per_device_train_batch_size=16", "data.train.options.num_samples=48", "training.use_vllm=true",
+            "training.vllm_gpu_memory_utilization=0.1", "training.vllm_max_model_length=128", f"output_dir={out}",
+            *sets]
+    argv = ["train", str(ROOT / "recipes" / "grpo_pacs.yaml"), *[a for s in sets for a in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_pacs_under_vllm_weights_each_row_by_its_sequence_ratio(tmp_path, capsys):
+    """One PACS step sampled by vLLM (colocate, CPU; docs/methods/pacs.md#vllm-importance-sampling): with TRL's default
+    correction (``sequence_mask``) the loss's row weights (``pacs/is_weight_mean``, over the rows of the one
+    micro-batch) are TRL's sequence ratios of the generation batch (``sampling/importance_sampling_ratio/mean``, the
+    same rows) and differ from 1 (vLLM samples in bfloat16); ``sequence_truncate`` too; with the correction off no
+    weight is logged. A token mode is one error line naming the key, exit 2."""
+    from posttrain.cli import main
+
+    rows = {name: _pacs_vllm_rows(tmp_path, name, *sets) for name, sets in {
+        "sequence_mask": (),
+        "sequence_truncate": ("training.vllm_importance_sampling_mode=sequence_truncate",),
+        "off": ("training.vllm_importance_sampling_correction=false",),
+    }.items()}
+    print({name: [(r.get("pacs/is_weight_mean"), r.get("sampling/importance_sampling_ratio/mean"), r["loss"])
+                  for r in logged] for name, logged in rows.items()})
+    for name in ("sequence_mask", "sequence_truncate"):
+        (row,) = rows[name]
+        assert row["pacs/is_weight_mean"] == pytest.approx(row["sampling/importance_sampling_ratio/mean"], rel=1e-5)
+        assert abs(row["pacs/is_weight_mean"] - 1.0) > 1e-6
+    (off,) = rows["off"]
+    assert "pacs/is_weight_mean" not in off and not any(key.startswith("sampling/") for key in off)
+
+    rc = main(["train", str(ROOT / "recipes" / "grpo_pacs.yaml"), "--set", "training.use_vllm=true",
+               "--set", "training.vllm_importance_sampling_mode=token_truncate", "--set", f"output_dir={tmp_path}/t"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: training.vllm_importance_sampling_mode: method.loss: pacs weights "
+                                          "each row by its sequence-level ratio"), err

@@ -49,7 +49,8 @@ def test_a_masked_row_adds_nothing_but_stays_in_the_baseline():
     assert out.loss.item() == pytest.approx((W[0] * BCE[0] + W[2] * BCE[2] + W[3] * BCE[3]) / 4, abs=1e-12)
     assert out.loss.item() == pytest.approx(0.488075, abs=1e-6)
     _close(out.psi, [0.316667, -0.083333, 0.116667, -0.35])  # psi unchanged: row 1's rhat is still in the baseline
-    # dL/dpsi_i = rho_i w_i (sigmoid(psi_i) - R_i) / 4 (0 for row 1); dL/drhat_i = dL/dpsi_i - sum_{k != i} dL/dpsi_k / 3
+    # dL/dpsi_i = rho_i w_i (sigmoid(psi_i) - R_i) / 4 (0 for row 1);
+    # dL/drhat_i = dL/dpsi_i - sum_{k != i} dL/dpsi_k / 3
     _close(g, [-0.263106, 0.017886, 0.135471, 0.109749])
     assert g[1].item() != 0.0  # row 1 moves only through the other rows' baselines
 
