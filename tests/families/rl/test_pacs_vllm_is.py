@@ -189,3 +189,22 @@ def test_token_modes_are_refused_before_the_model_loads(training, refused, tmp_p
             preflight(recipe, load_data=False)
     else:
         preflight(recipe, load_data=False)
+
+
+def test_token_mode_is_one_error_line_exit_2_nothing_loaded(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from posttrain.cli import main
+    from posttrain.rl import vllm_sync
+
+    monkeypatch.setattr(vllm_sync, "vllm_installed", lambda: True)  # the recipe check only; nothing is loaded
+    loaded = []
+    monkeypatch.setattr("posttrain.train.load_models", lambda *a, **k: loaded.append(True))
+    recipe = Path(__file__).resolve().parents[3] / "recipes" / "grpo_pacs.yaml"
+    rc = main(["train", str(recipe), "--set", "training.use_vllm=true", "--set",
+               "training.vllm_importance_sampling_mode=token_mask", "--set", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not loaded
+    assert err[-1].startswith("error: training.vllm_importance_sampling_mode: method.loss: pacs weights each row by "
+                              "its sequence-level ratio (sequence_mask or sequence_truncate); a per-token ratio has "
+                              "no per-row meaning, got token_mask"), err
