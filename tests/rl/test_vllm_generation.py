@@ -249,26 +249,36 @@ def _pacs_vllm_rows(tmp_path, name, *sets):
 @pytest.mark.slow
 @needs_vllm
 def test_pacs_under_vllm_weights_each_row_by_its_sequence_ratio(tmp_path, capsys):
-    """One PACS step sampled by vLLM (colocate, CPU; docs/methods/pacs.md#vllm-importance-sampling): with TRL's default
-    correction (``sequence_mask``) the loss's row weights (``pacs/is_weight_mean``, over the rows of the one
-    micro-batch) are TRL's sequence ratios of the generation batch (``sampling/importance_sampling_ratio/mean``, the
-    same rows) and differ from 1 (vLLM samples in bfloat16); ``sequence_truncate`` too; with the correction off no
-    weight is logged. A token mode is one error line naming the key, exit 2."""
+    """One PACS step sampled by vLLM (colocate, CPU; docs/methods/pacs.md#vllm-importance-sampling), with
+    ``vllm_importance_sampling_clip_max: 1`` so that both bounds bite: the loss's row weights (``pacs/is_weight_mean``,
+    over the rows of the one micro-batch) are TRL's bounded sequence ratios of the same rows
+    (``sampling/importance_sampling_ratio/mean``): ``sequence_truncate`` caps them at 1, ``sequence_mask`` zeroes the
+    rows above 1. The first step is on-policy (psi = 0), so without the correction the loss is log 2 (the class weights
+    average to 1) and with it log 2 times the mean weighted class weight, not log 2. A token mode is one error line
+    naming the key, exit 2."""
+    import math
+
     from posttrain.cli import main
 
+    bound = "training.vllm_importance_sampling_clip_max=1.0"
     rows = {name: _pacs_vllm_rows(tmp_path, name, *sets) for name, sets in {
-        "sequence_mask": (),
-        "sequence_truncate": ("training.vllm_importance_sampling_mode=sequence_truncate",),
+        "sequence_mask": (bound,),
+        "sequence_truncate": ("training.vllm_importance_sampling_mode=sequence_truncate", bound),
         "off": ("training.vllm_importance_sampling_correction=false",),
     }.items()}
-    print({name: [(r.get("pacs/is_weight_mean"), r.get("sampling/importance_sampling_ratio/mean"), r["loss"])
-                  for r in logged] for name, logged in rows.items()})
-    for name in ("sequence_mask", "sequence_truncate"):
-        (row,) = rows[name]
+    keys = ("loss", "pacs/is_weight_mean", "sampling/importance_sampling_ratio/mean",
+            "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/max")
+    (mask,), (truncate,), (off,) = rows["sequence_mask"], rows["sequence_truncate"], rows["off"]
+    with capsys.disabled():
+        print({name: {k: r.get(k) for k in keys} for name, (r,) in rows.items()})
+    for row in (mask, truncate):
         assert row["pacs/is_weight_mean"] == pytest.approx(row["sampling/importance_sampling_ratio/mean"], rel=1e-5)
-        assert abs(row["pacs/is_weight_mean"] - 1.0) > 1e-6
-    (off,) = rows["off"]
+        assert abs(row["loss"] - math.log(2)) > 1e-4
+    assert truncate["sampling/importance_sampling_ratio/max"] == 1.0
+    assert truncate["sampling/importance_sampling_ratio/min"] < 1.0
+    assert mask["sampling/importance_sampling_ratio/min"] == 0.0 and mask["pacs/is_weight_mean"] < 1.0
     assert "pacs/is_weight_mean" not in off and not any(key.startswith("sampling/") for key in off)
+    assert off["loss"] == pytest.approx(math.log(2), rel=1e-5)
 
     rc = main(["train", str(ROOT / "recipes" / "grpo_pacs.yaml"), "--set", "training.use_vllm=true",
                "--set", "training.vllm_importance_sampling_mode=token_truncate", "--set", f"output_dir={tmp_path}/t"])
