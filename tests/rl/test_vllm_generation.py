@@ -223,3 +223,65 @@ def test_grpo_vllm_colocate_generation_follows_the_weights_after_each_sync(tmp_p
     assert max(gap) < 0.03, gap
     assert drift[0] < 0.03, drift  # step 1 samples from the initial weights in both runs
     assert min(drift[1:]) > 3 * max(gap), (gap, drift)
+
+
+def _pacs_vllm_rows(tmp_path, name, *sets):
+    """``posttrain train recipes/grpo_pacs.yaml`` (``method.loss: pacs``) for one step with ``use_vllm: true``, in
+    its own process: the logged rows."""
+    import subprocess
+    import sys
+
+    out = tmp_path / name
+    sets = ["data.test=null", "training.max_steps=1", "training.logging_steps=1", "training.save_strategy='no'",
+            "training.per_device_train_batch_size=16", "data.train.options.num_samples=48", "training.use_vllm=true",
+            "training.vllm_gpu_memory_utilization=0.1", "training.vllm_max_model_length=128", f"output_dir={out}",
+            *sets]
+    argv = ["train", str(ROOT / "recipes" / "grpo_pacs.yaml"), *[a for s in sets for a in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_pacs_under_vllm_weights_each_row_by_its_sequence_ratio(tmp_path, capsys):
+    """One PACS step sampled by vLLM (colocate, CPU; docs/methods/pacs.md#vllm-importance-sampling), with
+    ``vllm_importance_sampling_clip_max: 1`` so that both bounds bite: the loss's row weights (``pacs/is_weight_mean``,
+    over the rows of the one micro-batch) are TRL's bounded sequence ratios of the same rows
+    (``sampling/importance_sampling_ratio/mean``): ``sequence_truncate`` caps them at 1, ``sequence_mask`` zeroes the
+    rows above 1. The first step is on-policy (psi = 0), so without the correction the loss is log 2 (the class weights
+    average to 1) and with it log 2 times the mean weighted class weight, not log 2. A token mode is one error line
+    naming the key, exit 2."""
+    import math
+
+    from posttrain.cli import main
+
+    bound = "training.vllm_importance_sampling_clip_max=1.0"
+    rows = {name: _pacs_vllm_rows(tmp_path, name, *sets) for name, sets in {
+        "sequence_mask": (bound,),
+        "sequence_truncate": ("training.vllm_importance_sampling_mode=sequence_truncate", bound),
+        "off": ("training.vllm_importance_sampling_correction=false",),
+    }.items()}
+    keys = ("loss", "pacs/is_weight_mean", "sampling/importance_sampling_ratio/mean",
+            "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/max")
+    (mask,), (truncate,), (off,) = rows["sequence_mask"], rows["sequence_truncate"], rows["off"]
+    with capsys.disabled():
+        print({name: {k: r.get(k) for k in keys} for name, (r,) in rows.items()})
+    for row in (mask, truncate):
+        assert row["pacs/is_weight_mean"] == pytest.approx(row["sampling/importance_sampling_ratio/mean"], rel=1e-5)
+        assert abs(row["loss"] - math.log(2)) > 1e-4
+    assert truncate["sampling/importance_sampling_ratio/max"] == 1.0
+    assert truncate["sampling/importance_sampling_ratio/min"] < 1.0
+    assert mask["sampling/importance_sampling_ratio/min"] == 0.0 and mask["pacs/is_weight_mean"] < 1.0
+    assert "pacs/is_weight_mean" not in off and not any(key.startswith("sampling/") for key in off)
+    assert off["loss"] == pytest.approx(math.log(2), rel=1e-5)
+
+    rc = main(["train", str(ROOT / "recipes" / "grpo_pacs.yaml"), "--set", "training.use_vllm=true",
+               "--set", "training.vllm_importance_sampling_mode=token_truncate", "--set", f"output_dir={tmp_path}/t"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: training.vllm_importance_sampling_mode: method.loss: pacs weights "
+                                          "each row by its sequence-level ratio"), err

@@ -7,7 +7,8 @@ the start model, or the adapter-disabled base with PEFT) and the reference log-p
 replaced:
 
 * ``_calculate_rewards``: TRL's, with the gathered per-function rewards kept for the ranking;
-* ``_generate_and_score_completions``: TRL's, then each prompt's two completions are ranked
+* ``_generate_and_score_completions``: TRL's (without its old-policy forward: :meth:`_without_old_policy_logps`), then
+  each prompt's two completions are ranked
   (:func:`posttrain.losses.preference.rank_pairs`; ``missing_eos_penalty`` first) and the batch is regrouped by pair
   (``[P, 2, ...]`` tensors), so that TRL's shuffling and splitting into micro-batches keep the two rows of a pair
   together;
@@ -25,6 +26,7 @@ sampling. Method page: docs/methods/online_dpo.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -61,6 +63,10 @@ class PosttrainOnlineDPOTrainer(PosttrainGRPOTrainer):
         ref_model: as for :class:`PosttrainGRPOTrainer`.
     """
 
+    # False: TRL's no-grad forward of the policy over every rollout (its "old" log-probs, which the DPO loss never
+    # reads) runs as in stock TRL when generation and optimizer steps are out of step (tests compare both)
+    skip_old_policy_logps = True
+
     def __init__(self, *args, params, ref_model=None, **kwargs):
         super().__init__(*args, params=params, ref_model=ref_model, **kwargs)
         if self.num_generations != 2:
@@ -78,8 +84,30 @@ class PosttrainOnlineDPOTrainer(PosttrainGRPOTrainer):
         self._rl_stash = {"rewards_per_func": rewards_per_func}
         return rewards_per_func
 
+    @contextlib.contextmanager
+    def _without_old_policy_logps(self):
+        """TRL 1.16's ``_generate_and_score_completions`` scores every rollout with the policy once more under
+        ``no_grad`` (the "old" log-probs of GRPO's ratio) when ``gradient_accumulation_steps % (steps_per_generation *
+        num_iterations) != 0`` (``num_iterations: 2``, or a generation batch spanning several optimizer steps) or for
+        vLLM's correction (off for online DPO: :func:`online_config`). The DPO loss never reads them
+        (docs/methods/online_dpo.md#generation-and-the-old-policy), so while TRL generates, both factors read 1 and TRL
+        takes generation as aligned with the optimizer step: no forward, no ``old_per_token_logps``. They are restored
+        right after; TRL reads them nowhere else during generation (``tests/families/online/test_online_old_policy.py``
+        fails if that changes). The reference's log-probs (also a forward of the policy, adapter disabled, with
+        PEFT) are untouched."""
+        if not self.skip_old_policy_logps:
+            yield
+            return
+        saved = self.num_iterations, self.args.steps_per_generation
+        self.num_iterations = self.args.steps_per_generation = 1
+        try:
+            yield
+        finally:
+            self.num_iterations, self.args.steps_per_generation = saved
+
     def _generate_and_score_completions(self, inputs):
-        output = GRPOTrainer._generate_and_score_completions(self, inputs)
+        with self._without_old_policy_logps():
+            output = GRPOTrainer._generate_and_score_completions(self, inputs)
         stash, self._rl_stash = self._rl_stash, None
         if stash is None:  # pragma: no cover - TRL stopped calling _calculate_rewards
             raise RuntimeError("GRPOTrainer no longer calls _calculate_rewards; posttrain's online DPO needs updating")

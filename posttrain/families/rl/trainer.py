@@ -670,6 +670,12 @@ def rl_config(recipe, info):
             if t.get(key, 1) not in (1, None):
                 raise UserError(f"training.{key}: method.loss: pacs needs 1 (each micro-batch must hold whole groups; "
                                 "TRL shuffles the rows of a generation batch across micro-batches)")
+        mode = t.get("vllm_importance_sampling_mode", "sequence_mask")  # TRL's default
+        corrected = t.get("use_vllm") and t.get("vllm_importance_sampling_correction", True)
+        if corrected and mode in ("token_mask", "token_truncate"):
+            raise UserError(f"training.vllm_importance_sampling_mode: method.loss: pacs weights each row by its "
+                            f"sequence-level ratio (sequence_mask or sequence_truncate); a per-token ratio has no "
+                            f"per-row meaning, got {mode} (docs/methods/pacs.md#vllm-importance-sampling)")
         n, size = t.get("num_generations", 8), t.get("per_device_train_batch_size", 8)
         if size % n:
             raise UserError(f"training.per_device_train_batch_size: method.loss: pacs needs a multiple of "

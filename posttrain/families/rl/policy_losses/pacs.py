@@ -6,12 +6,14 @@ method page is docs/methods/pacs.md. Per row i of a group g (the completions of 
     r_i   = beta * sum_t mask[i,t] * (logp[i,t] - old_logp[i,t])            (reward_method "ratio")
           = beta * sum_t mask[i,t] * logp[i,t] / N_i                          (reward_method "avg_logp")
     psi_i = r_i - mean_{j in g, j != i} r_j                                    (score "rloo"; "grpo", "naive" below)
-    L     = (1/B) * sum_i w_i * [softplus(psi_i) - R_i * psi_i]                (BCE with logit psi and label R)
+    L     = (1/B) * sum_i rho_i * w_i * [softplus(psi_i) - R_i * psi_i]        (BCE with logit psi and label R)
 
 The outcome R in [0, 1] is the label and psi the logit: the gradient is a policy gradient with per-row weight
 (R - sigmoid(psi)), so the policy is its own critic. Only ``old_logp`` is detached: the gradient flows through psi into
 every row of the group. On-policy (psi = 0) with unit weights it is REINFORCE with a leave-one-out baseline on
-sequence-summed log-probs. Weights ("question") are sklearn's "balanced" class weights within each group.
+sequence-summed log-probs. Weights ("question") are sklearn's "balanced" class weights within each group. ``rho_i``
+is 1 unless vLLM samples the rows: then it is the row's sequence-level importance-sampling weight pi_old / pi_vLLM
+(TRL's ``sequence_mask`` / ``sequence_truncate``), a constant (docs/methods/pacs.md#vllm-importance-sampling).
 
 Selected by ``method.loss: pacs``; it replaces the surrogate's parts (its own score, no clipping, no KL, a row mean),
 and it needs each row's label and group (``RLForward.rows``, a ``RowTargets``).
@@ -126,9 +128,27 @@ def pacs_weights(rewards: torch.Tensor, groups: torch.Tensor, valid: torch.Tenso
     return w * valid.to(r.dtype)
 
 
+def row_sampling_weights(sampling_weights: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """vLLM's importance-sampling correction as one weight per row (docs/methods/pacs.md#vllm-importance-sampling):
+    TRL's sequence modes give ``[B, 1]``, the row's ratio pi_old / pi_vLLM already truncated (``sequence_truncate``)
+    or set to 0 outside its bounds (``sequence_mask``); returned as ``[B]``, detached. ``None`` (no correction): None.
+    A per-token ratio ``[B, T]`` (``token_*`` modes) has no per-row meaning for a row loss: ValueError (the recipe
+    check refuses those modes with ``method.loss: pacs``)."""
+    if sampling_weights is None:
+        return None
+    w = sampling_weights.detach()
+    if w.dim() == 2 and w.size(1) == 1:
+        w = w.squeeze(1)
+    if w.dim() != 1 or w.size(0) != rows:
+        raise ValueError(f"pacs weights each row by a sequence-level importance-sampling ratio ([B] or [B, 1] with "
+                         f"B = {rows}); got shape {tuple(sampling_weights.shape)} (a token-level "
+                         "vllm_importance_sampling_mode? use sequence_mask or sequence_truncate)")
+    return w
+
+
 def pacs_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.Tensor, rewards: torch.Tensor,
               groups: torch.Tensor, *, beta: float = 1.0, reward_method: str = "ratio", score: str = "rloo",
-              weight: str = "question") -> PACSOutput:
+              weight: str = "question", row_weights: torch.Tensor | None = None) -> PACSOutput:
     """The PACS loss of a batch of whole groups.
 
     Args:
@@ -136,8 +156,11 @@ def pacs_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.T
             completion mask.
         rewards: [B] outcome labels in [0, 1]; NaN rows are dropped from their group before psi is computed.
         groups: [B] integer group ids (rows need not be contiguous).
-    The loss is ``sum_i w_i * BCE(psi_i, R_i) / B`` with B = all rows (torch ``BCEWithLogitsLoss(weight=w)``, a mean
-    over rows, not normalised by sum w); a group left with fewer than 2 scored rows adds 0.
+        row_weights: [B] importance-sampling weight of each row (vLLM's sequence-level correction,
+            :func:`row_sampling_weights`), a constant factor of the row's BCE term; None: 1. A weight-0 row adds
+            nothing itself but its ``rhat`` stays in its group's baseline, and B still counts it.
+    The loss is ``sum_i rho_i * w_i * BCE(psi_i, R_i) / B`` with B = all rows (torch ``BCEWithLogitsLoss(weight=w)``,
+    a mean over rows, not normalised by sum w); a group left with fewer than 2 scored rows adds 0.
     """
     import torch
     import torch.nn.functional as F
@@ -153,6 +176,8 @@ def pacs_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.T
     labels = torch.nan_to_num(rewards.to(psi.dtype), nan=0.0)
     w = w.to(psi.dtype)
     bce = F.binary_cross_entropy_with_logits(psi, labels, reduction="none")
+    if row_weights is not None:
+        bce = bce * row_weights.detach().to(psi.dtype)
     loss = (w * bce).sum() / max(rewards.numel(), 1)
     return PACSOutput(loss, psi, rhat, w, valid)
 
@@ -178,12 +203,16 @@ def pacs(fwd: RLForward, opts) -> tuple[torch.Tensor, dict]:
     (``fwd.rows``: each row's label and group; ``pacs_beta``, ``pacs_reward_method``, ``pacs_score``,
     ``pacs_weight``) and its metrics, row means over the valid rows (pooled over processes by
     :func:`posttrain.distributed.reduce_metrics`): ``pacs/loss``, ``pacs/psi_mean``, ``pacs/pred_acc`` (share of rows
-    whose sign of psi predicts the label), ``pacs/rhat_abs_mean``, ``pacs/weight_mean``, and ``policy_loss``."""
+    whose sign of psi predicts the label), ``pacs/rhat_abs_mean``, ``pacs/weight_mean``, and ``policy_loss``. With
+    vLLM's importance-sampling correction (``fwd.sampling_weights``, sequence modes) each row's term is weighted by
+    its ratio (:func:`row_sampling_weights`) and ``pacs/is_weight_mean`` logs the mean weight over the valid rows."""
     from posttrain.distributed import TokenMean
 
     labels = fwd.rows.labels
+    rho = row_sampling_weights(fwd.sampling_weights, labels.numel())
     out = pacs_loss(fwd.logps, fwd.old_logps, fwd.mask, labels, fwd.rows.groups, beta=opts.pacs_beta,
-                    reward_method=opts.pacs_reward_method, score=opts.pacs_score, weight=opts.pacs_weight)
+                    reward_method=opts.pacs_reward_method, score=opts.pacs_score, weight=opts.pacs_weight,
+                    row_weights=rho)
     valid = out.valid
     predicted = ((out.psi.detach() > 0).float() == (labels > 0.5).float()).float()
     metrics = {
@@ -194,4 +223,6 @@ def pacs(fwd: RLForward, opts) -> tuple[torch.Tensor, dict]:
         "pacs/weight_mean": TokenMean.of(out.weights, valid),
         "policy_loss": out.loss.detach(),
     }
+    if rho is not None:
+        metrics["pacs/is_weight_mean"] = TokenMean.of(rho, valid)
     return out.loss, metrics
