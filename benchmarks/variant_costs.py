@@ -513,6 +513,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _window(parser: argparse.ArgumentParser, doc: dict) -> int | None:
+    """The measured steps per arm (``--steps`` - ``--warmup``) of an ``--out`` file, from its recorded argv."""
+    argv = doc.get("argv")
+    if argv is None:
+        return None
+    known, _ = parser.parse_known_args(argv)
+    return known.steps - known.warmup
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
@@ -566,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         documents = [json.loads(Path(path).read_text()) for path in args.from_json]
         runs, settings = merge_runs(documents)
+        # a periodic adapter's arm carries its run's window (lora_cells): the last file's --steps / --warmup
+        windows = [w for w in (_window(parser, doc) for doc in documents) if w is not None]
+        if windows:
+            cell_list = [c for c in cells(tuple(args.families), window=windows[-1])
+                         if not args.only or c.variant in args.only]
         rows = summarise(cell_list, runs)
         head = settings[0] if len(settings) == 1 else "\n".join(
             f"[{i}] {path}: {setting}" for i, (path, setting) in enumerate(zip(args.from_json, settings)))

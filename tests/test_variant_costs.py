@@ -140,6 +140,21 @@ def test_from_json_merges_files_into_one_table(tmp_path, capsys):
     assert row["verdict"] == "within 5 %" and row["source"] == 1
 
 
+def test_from_json_pairs_a_periodic_adapter_with_its_runs_window(tmp_path, capsys):
+    """The PLoRA arm's ``stage_steps`` is its run's window: ``--from-json`` reads it from the file's recorded argv
+    (``--steps 12 --warmup 2``: 10), so the row finds its runs."""
+    cell = next(c for c in V.lora_cells(window=10) if c.variant == "plora")
+    doc = {"argv": ["variant_costs.py", "--families", "lora", "--steps", "12", "--warmup", "2"], "setting": "s",
+           "runs": [_run(cell.recipe, sets, rep, cpu, 100) for rep in range(2)
+                    for sets, cpu in ((cell.sets, 1.02), (cell.base_sets, 1.0))]}
+    path = tmp_path / "lora.json"
+    path.write_text(json.dumps(doc))
+    out = tmp_path / "merged.json"
+    assert V.main(["--families", "lora", "--only", "plora", "--from-json", str(path), "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["verdict"] == "within 5 %" and row["repeats"] == 2
+
+
 def test_optimizer_step_script_builds_every_registered_optimizer(capsys):
     """benchmarks/optimizer_step.py: every ``training.optim`` entry is constructed at its recipe defaults and timed
     against AdamW (a smoke run on a tiny model: the timings are the script's, not asserted)."""
