@@ -34,7 +34,8 @@ built-in model. A callback measures the CPU seconds of the process per optimizer
 peak RSS growth over ``train()`` (at ``on_train_begin``: the allocator's free pages handed back, then the high-water
 mark reset; so the growth is what the training touches: gradients, optimizer state, activations, the step's
 temporaries). Repeats alternate the order of all arms (A B C ..., then ... C B A); a baseline arm shared by several
-variants runs once per repeat. Reported per variant: its and its baseline's CPU s/step (median [min..max]), the median
+variants runs once per repeat; with ``--paired`` each cell runs its baseline and its variant back to back (a shared
+baseline once per cell), so the ratio compares neighbouring runs and a drift of the machine's speed cancels. Reported per variant: its and its baseline's CPU s/step (median [min..max]), the median
 [min..max] over repeats of the per-repeat ratios variant / baseline of CPU time and of peak growth, and a verdict read
 from the range, not the median: within 5 % (every repeat at most 1.05x), over (every repeat above 1.05x) or not
 resolved (the range contains 1.05), with what the variant declares it computes beyond the baseline (its registry
@@ -461,15 +462,16 @@ def summarise(cell_list: list[Cell], runs: list[dict]) -> list[dict]:
     (the index of the JSON they came from, :func:`merge_runs`; 0 when absent); a cell pairs the repeats of the last
     source holding both of its arms, so a newer run of some families replaces those rows of an older file."""
     by: dict[tuple, dict[tuple[int, int], dict]] = {}
-    for r in runs:
-        by.setdefault((r["recipe"], tuple(r["sets"])), {})[(r.get("source", 0), r["repeat"])] = r
+    for r in runs:  # a run of ``--paired`` belongs to one cell (``cell``): a shared baseline runs once per cell
+        by.setdefault((r["recipe"], tuple(r["sets"]), r.get("cell")), {})[(r.get("source", 0), r["repeat"])] = r
     rows = []
     for c in cell_list:
         row = {**asdict(c)}
         if c.not_measured:
             rows.append({**row, "verdict": f"not measured: {c.not_measured}"})
             continue
-        var, base = by.get(c.arm, {}), by.get(c.base_arm, {})
+        var = {**by.get((*c.arm, None), {}), **by.get((*c.arm, c.variant), {})}
+        base = {**by.get((*c.base_arm, None), {}), **by.get((*c.base_arm, c.variant), {})}
         common = set(var) & set(base)
         if not common:
             rows.append({**row, "verdict": "not measured: no run"})
@@ -526,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--only", nargs="+", default=None, help="variant labels to run (default: all)")
+    parser.add_argument("--paired", action="store_true",
+                        help="run each cell's baseline and variant back to back (the order alternating by repeat), a "
+                             "shared baseline once per cell: the ratio of two neighbouring runs, so a slow drift of "
+                             "the machine's speed over the run cancels (costs a baseline run per cell)")
     parser.add_argument("--model", choices=("random", "recipe"), default="random",
                         help="random: a random-init Qwen2 of --vocab/--hidden/--layers with each recipe's tokenizer; "
                              "recipe: each recipe's own model")
@@ -588,13 +594,19 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps({"from_json": args.from_json, "setting": head, "runs": runs,
                                                   "rows": rows, "markdown": markdown(rows)}, indent=1))
         return 0
-    arms = list(dict.fromkeys(a for c in cell_list if not c.not_measured for a in (c.base_arm, c.arm)))
+    measured = [c for c in cell_list if not c.not_measured]
+    arms = list(dict.fromkeys(a for c in measured for a in (c.base_arm, c.arm)))
     load_before = _common.load_average()
     runs = []
     with tempfile.TemporaryDirectory(prefix="variant-cost-models-") as tmp:
         model_dirs = write_random_models(args, {r for r, _ in arms}, Path(tmp)) if args.model == "random" else {}
         for rep in range(args.repeats):
-            for recipe, sets in (arms if rep % 2 == 0 else arms[::-1]):
+            if args.paired:  # each cell's two arms back to back (baseline first on even repeats), cells reversed
+                order = [(a, c.variant) for c in (measured if rep % 2 == 0 else measured[::-1])
+                         for a in ((c.base_arm, c.arm) if rep % 2 == 0 else (c.arm, c.base_arm))]
+            else:
+                order = [(a, None) for a in (arms if rep % 2 == 0 else arms[::-1])]
+            for (recipe, sets), cell in order:
                 full = arm_sets(args, recipe, sets, model_dirs)
                 if args.quick or args.in_process:
                     res = run_arm(recipe, full, args.steps, args.warmup)
@@ -605,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                         sys.stderr.write(out.stderr[-4000:])
                         raise SystemExit(f"run failed: {recipe} {list(sets)}")
                     res = json.loads(out.stdout.strip().splitlines()[-1])
-                runs.append({"recipe": recipe, "sets": list(sets), "repeat": rep, **res})
+                runs.append({"recipe": recipe, "sets": list(sets), "repeat": rep, **res,
+                             **({"cell": cell} if cell else {})})
                 if args.out:  # what is done so far survives an interruption
                     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                     Path(args.out).write_text(json.dumps({"argv": sys.argv, "partial": True, "load_before": load_before,
@@ -620,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
 
     head = (f"{model}; batch {args.batch} (RL: {args.rl_prompts} prompts x num_generations), {args.steps} steps "
             f"({args.warmup} warm-up), {args.repeats} interleaved repeats"
+            f"{' (paired: each cell its own baseline run, back to back)' if args.paired else ''}"
             f"{', in one process' if args.quick or args.in_process else ', a fresh process per arm'}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
             f"load average before {load_before}, after {_common.load_average()}")

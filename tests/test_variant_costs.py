@@ -155,6 +155,37 @@ def test_from_json_pairs_a_periodic_adapter_with_its_runs_window(tmp_path, capsy
     assert row["verdict"] == "within 5 %" and row["repeats"] == 2
 
 
+def test_paired_runs_each_cells_arms_back_to_back(tmp_path, monkeypatch):
+    """``--paired``: every cell runs its own baseline next to its variant (the shared baseline once per cell), the
+    pair's order and the cells' order alternating by repeat; each row pairs its own runs. A machine slowing by 3 % per
+    run: the neighbouring runs' ratio stays within 5 %, while the interleaved order reads drift as cost."""
+    calls = []
+
+    def fake_run_arm(recipe, sets, steps, warmup):
+        calls.append((recipe, tuple(s for s in sets if s.startswith("method.advantage"))))
+        return {"cpu_s_per_step": 1.03 ** len(calls), "wall_s_per_step": 1.0, "peak_growth_mib": 100.0,
+                "base_mib": 0.0, "train_loss": 0.0, "declared": []}
+
+    monkeypatch.setattr(V, "run_arm", fake_run_arm)
+    only = ["advantage=rloo", "advantage=reinforce_pp", "advantage=stratified"]
+    argv = ["--families", "rl", "--only", *only, "--model", "recipe", "--in-process", "--repeats", "2", "--steps", "2",
+            "--warmup", "1"]
+    out = tmp_path / "paired.json"
+    assert V.main([*argv, "--paired", "--out", str(out)]) == 0
+    base, rloo, pp, strat = (), ("method.advantage=rloo",), ("method.advantage=reinforce_pp",), \
+        ("method.advantage=stratified",)
+    assert [c[1] for c in calls] == [base, strat, base, rloo, base, pp, pp, base, rloo, base, strat, base]  # registry order
+    doc = json.loads(out.read_text())
+    assert {r["cell"] for r in doc["runs"]} == set(only)
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert all(rows[v]["repeats"] == 2 and rows[v]["verdict"].startswith("within 5 %") for v in only)
+    calls.clear()
+    assert V.main([*argv, "--out", str(tmp_path / "interleaved.json")]) == 0
+    assert len(calls) == 8  # the shared baseline once per repeat
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "interleaved.json").read_text())["rows"]}
+    assert rows["advantage=reinforce_pp"]["verdict"].startswith("not resolved")  # 3 runs from its baseline: drift
+
+
 def test_optimizer_step_script_builds_every_registered_optimizer(capsys):
     """benchmarks/optimizer_step.py: every ``training.optim`` entry is constructed at its recipe defaults and timed
     against AdamW (a smoke run on a tiny model: the timings are the script's, not asserted)."""
