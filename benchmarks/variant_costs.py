@@ -36,9 +36,9 @@ mark reset; so the growth is what the training touches: gradients, optimizer sta
 temporaries). Repeats alternate the order of all arms (A B C ..., then ... C B A); a baseline arm shared by several
 variants runs once per repeat; with ``--paired`` each cell runs its baseline and its variant back to back (a shared
 baseline once per cell), so the ratio compares neighbouring runs and a drift of the machine's speed cancels. Reported per variant: its and its baseline's CPU s/step (median [min..max]), the median
-[min..max] over repeats of the per-repeat ratios variant / baseline of CPU time and of peak growth, and a verdict read
-from the range, not the median: within 5 % (every repeat at most 1.05x), over (every repeat above 1.05x) or not
-resolved (the range contains 1.05), with what the variant declares it computes beyond the baseline (its registry
+[min..max] over repeats of the per-repeat ratios variant / baseline of CPU time and of peak growth, their geometric
+mean with its 90 % confidence interval (Student's t on the log-ratios), and a verdict read from that interval: within
+5 % (its top at most 1.05x), over (its bottom above 1.05x) or not resolved (it contains 1.05), with what the variant declares it computes beyond the baseline (its registry
 entry's needs, a reference model, an adapter's trainer hooks, an optimizer's state) or "nothing declared" (waste to
 look for). ``--from-json a.json b.json`` rebuilds the table from earlier runs, a row from the last file that ran both
 of its arms (the whole table, then a newer run of one family).
@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -397,7 +398,8 @@ def run_arm(recipe: str, sets: list[str], steps: int, warmup: int) -> dict:
     wall = meter.wall[-1] - (meter.wall[warmup - 1] if warmup else meter.wall0)
     return {"cpu_s_per_step": cpu / (steps - warmup), "wall_s_per_step": wall / (steps - warmup),
             "peak_growth_mib": (meter.peak - meter.base) / 2**20, "base_mib": meter.base / 2**20,
-            "train_loss": summary.get("train_loss"), "declared": sorted(declared(rec))}
+            "train_loss": summary.get("train_loss"), "declared": sorted(declared(rec)),
+            "cpu_s_each_step": [b - a for a, b in zip([meter.cpu0, *meter.cpu[:-1]], meter.cpu)][warmup:]}
 
 
 def write_random_models(args, recipes: set[str], root: Path) -> dict[str, str]:
@@ -430,17 +432,48 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _ratio_spread(ratios: list[float]) -> dict:
+    mean, low, high = ratio_interval(ratios)
+    return {**_spread(ratios), "geomean": mean, "ci90": [low, high]}
+
+
+def _fmt_ratio(s: dict) -> str:
+    ci = f"; {s['geomean']:.2f} ({s['ci90'][0]:.2f}..{s['ci90'][1]:.2f})" if "ci90" in s else ""
+    return _fmt(s, 2) + ci
+
+
 def _fmt(s: dict, digits: int = 3) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}..{s['max']:.{digits}f}]"
 
 
+# one-sided 95 % quantiles of Student's t (the two-sided 90 % interval) by degrees of freedom; the normal's beyond
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+       12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697}
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """The geometric mean of per-repeat ratios and its two-sided 90 % confidence interval (Student's t on the
+    logarithms: a ratio's noise is multiplicative, and 1/x reads as x): ``(mean, low, high)``; one repeat: the value
+    three times (no interval)."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return (math.exp(mean),) * 3
+    df = len(logs) - 1
+    t = T95.get(df) or T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.645
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def reading(ratios: list[float]) -> str:
-    """How a variant / baseline ratio over the repeats reads against the 5 % line: ``within`` (every repeat at most
-    1.05x), ``over`` (every repeat above) or ``not resolved`` (the range [min..max] contains 1.05: the spread of the
-    measurement is larger than the effect it would show)."""
-    if max(ratios) <= TOLERANCE:
+    """How a variant / baseline ratio over the repeats reads against the 5 % line, from the 90 % confidence interval
+    of its geometric mean (:func:`ratio_interval`): ``within`` (the interval's top at most 1.05x), ``over`` (its bottom
+    above 1.05x) or ``not resolved`` (the interval contains 1.05: the measurement's spread is larger than the effect
+    it would show). Each side is a one-sided 95 % statement."""
+    _, low, high = ratio_interval(ratios)
+    if high <= TOLERANCE:
         return "within"
-    return "over" if min(ratios) > TOLERANCE else "not resolved"
+    return "over" if low > TOLERANCE else "not resolved"
 
 
 def verdict(speed: list[float], memory: list[float], extra: list[str]) -> str:
@@ -486,7 +519,7 @@ def summarise(cell_list: list[Cell], runs: list[dict]) -> list[dict]:
                    base_cpu=_spread([base[r]["cpu_s_per_step"] for r in repeats]),
                    growth=_spread([var[r]["peak_growth_mib"] for r in repeats]),
                    base_growth=_spread([base[r]["peak_growth_mib"] for r in repeats]),
-                   cpu_ratio=_spread(speed), growth_ratio=_spread(memory), extra=extra,
+                   cpu_ratio=_ratio_spread(speed), growth_ratio=_ratio_spread(memory), extra=extra,
                    verdict=verdict(speed, memory, extra))
         rows.append(row)
     return rows
@@ -503,15 +536,16 @@ def merge_runs(documents: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| family | variant | baseline | CPU s/step variant | CPU s/step baseline | time ratio | peak growth MiB "
-             "variant / baseline | memory ratio | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| family | variant | baseline | CPU s/step variant | CPU s/step baseline | time ratio: median [min..max]; "
+             "geometric mean (90 % CI) | peak growth MiB variant / baseline | memory ratio, the same | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "cpu" not in r:
             lines.append(f"| {r['family']} | {r['variant']} | {r['baseline']} | | | | | | {r['verdict']} |")
             continue
         lines.append(f"| {r['family']} | {r['variant']} | {r['baseline']} | {_fmt(r['cpu'])} | {_fmt(r['base_cpu'])} "
-                     f"| {_fmt(r['cpu_ratio'], 2)} | {r['growth']['median']:.0f} / {r['base_growth']['median']:.0f} "
-                     f"| {_fmt(r['growth_ratio'], 2)} | {r['verdict']} |")
+                     f"| {_fmt_ratio(r['cpu_ratio'])} | {r['growth']['median']:.0f} / {r['base_growth']['median']:.0f} "
+                     f"| {_fmt_ratio(r['growth_ratio'])} | {r['verdict']} |")
     return "\n".join(lines)
 
 

@@ -83,24 +83,42 @@ def _run(recipe, sets, repeat, cpu, growth, declared=()):
             "declared": list(declared)}
 
 
+def test_ratio_interval_is_students_t_on_the_log_ratios():
+    """Hand-computed: logs of [1.5, 1.0] = [0.405465, 0], mean 0.202733, sd 0.286708, t(0.95, 1) = 6.314, half-width
+    6.314 * 0.286708 / sqrt 2 = 1.28003: (exp 0.202733, exp -1.077297, exp 1.482763); the five ratios around 1: logs
+    of mean -0.000100 and sd 0.0158134, half-width 2.132 * 0.0158134 / sqrt 5 = 0.0150774; one repeat: no interval."""
+    assert V.ratio_interval([1.5, 1.0]) == pytest.approx((1.224745, 0.340531, 4.405157), rel=2e-4)
+    assert V.ratio_interval([1.00, 1.02, 0.98, 1.01, 0.99]) == pytest.approx((0.999900, 0.984937, 1.015090), rel=1e-5)
+    assert V.ratio_interval([0.97]) == pytest.approx((0.97, 0.97, 0.97))
+
+
+FIVE = 5
+
+
 @pytest.mark.parametrize("cpu, growth, declared, verdict", [
-    ([1.03, 1.00, 1.05], [100, 104, 98], ["x"], "within 5 %"),
-    ([1.20, 1.10, 1.30], [100, 100, 100], ["token_kl"], "over (time): declares token_kl"),
-    ([1.00, 1.00, 1.00], [130, 120, 140], [], "over (memory): nothing declared"),
-    # a median over 1.05 whose range reaches below it is not resolved, and so is a median under it with a repeat above
-    ([1.07, 0.90, 1.24], [100, 100, 100], [], "not resolved (time): nothing declared"),
-    ([1.00, 1.00, 1.00], [102, 101, 190], ["entropy"], "not resolved (memory): declares entropy"),
-    ([1.20, 1.10, 1.30], [100, 90, 110], ["token_kl"], "over (time); not resolved (memory): declares token_kl"),
+    ([1.00, 1.02, 0.98, 1.01, 0.99], [100, 104, 98, 100, 101], ["x"], "within 5 %"),
+    ([1.20, 1.10, 1.30, 1.25, 1.15], [100, 100, 100, 100, 100], ["token_kl"], "over (time): declares token_kl"),
+    ([1.00, 1.00, 1.00, 1.00, 1.00], [130, 120, 140, 125, 135], [], "over (memory): nothing declared"),
+    # centred on 1 but spread +-10 %: the interval (0.93..1.08) contains 1.05; so does a median at 1.05
+    ([0.90, 1.10, 1.00, 0.95, 1.06], [100, 100, 100, 100, 100], [], "not resolved (time): nothing declared"),
+    ([1.04, 1.06, 1.05, 1.07, 1.03], [100, 100, 100, 100, 100], [], "not resolved (time): nothing declared"),
+    # a range reaching over 1.05 whose interval does not: within (the range rule of the earlier tables said not
+    # resolved)
+    ([1.00, 1.00, 1.06, 0.99, 0.98], [100, 100, 100, 100, 100], ["entropy"], "within 5 %"),
+    ([1.20, 1.10, 1.30, 1.25, 1.15], [100, 90, 110, 100, 100], ["token_kl"],
+     "over (time); not resolved (memory): declares token_kl"),
 ])
-def test_verdict_reads_the_range_of_the_paired_ratios_and_the_declared_needs(cpu, growth, declared, verdict):
+def test_verdict_reads_the_interval_of_the_paired_ratios_and_the_declared_needs(cpu, growth, declared, verdict):
     cell = V.Cell("preference", "v", "dpo", "recipes/v.yaml", ["method.a=1"], [])
-    runs = [r for rep in range(3) for r in (_run(cell.recipe, [], rep, 1.0, 100, ["x"]),
-                                           _run(cell.recipe, cell.sets, rep, cpu[rep], growth[rep], ["x", *declared]))]
+    runs = [r for rep in range(FIVE) for r in (_run(cell.recipe, [], rep, 1.0, 100, ["x"]),
+                                              _run(cell.recipe, cell.sets, rep, cpu[rep], growth[rep],
+                                                   ["x", *declared]))]
     (row,) = V.summarise([cell], runs)
     assert row["verdict"] == verdict
-    assert row["cpu_ratio"] == {"median": pytest.approx(sorted(cpu)[1]), "min": pytest.approx(min(cpu)),
-                                "max": pytest.approx(max(cpu))}
-    assert row["growth_ratio"]["median"] == pytest.approx(sorted(growth)[1] / 100)
+    assert {k: row["cpu_ratio"][k] for k in ("median", "min", "max")} == {
+        "median": pytest.approx(sorted(cpu)[2]), "min": pytest.approx(min(cpu)), "max": pytest.approx(max(cpu))}
+    assert row["cpu_ratio"]["ci90"] == pytest.approx(list(V.ratio_interval(cpu)[1:]))
+    assert row["growth_ratio"]["median"] == pytest.approx(sorted(growth)[2] / 100)
     assert "| v | dpo |" in V.markdown([row])
 
 
@@ -168,20 +186,20 @@ def test_paired_runs_each_cells_arms_back_to_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(V, "run_arm", fake_run_arm)
     only = ["advantage=rloo", "advantage=reinforce_pp", "advantage=stratified"]
-    argv = ["--families", "rl", "--only", *only, "--model", "recipe", "--in-process", "--repeats", "2", "--steps", "2",
+    argv = ["--families", "rl", "--only", *only, "--model", "recipe", "--in-process", "--repeats", "4", "--steps", "2",
             "--warmup", "1"]
     out = tmp_path / "paired.json"
     assert V.main([*argv, "--paired", "--out", str(out)]) == 0
     base, rloo, pp, strat = (), ("method.advantage=rloo",), ("method.advantage=reinforce_pp",), \
         ("method.advantage=stratified",)
-    assert [c[1] for c in calls] == [base, strat, base, rloo, base, pp, pp, base, rloo, base, strat, base]  # registry order
+    assert [c[1] for c in calls][:12] == [base, strat, base, rloo, base, pp, pp, base, rloo, base, strat, base]
     doc = json.loads(out.read_text())
     assert {r["cell"] for r in doc["runs"]} == set(only)
     rows = {r["variant"]: r for r in doc["rows"]}
-    assert all(rows[v]["repeats"] == 2 and rows[v]["verdict"].startswith("within 5 %") for v in only)
+    assert all(rows[v]["repeats"] == 4 and rows[v]["verdict"].startswith("within 5 %") for v in only)
     calls.clear()
     assert V.main([*argv, "--out", str(tmp_path / "interleaved.json")]) == 0
-    assert len(calls) == 8  # the shared baseline once per repeat
+    assert len(calls) == 16  # the shared baseline once per repeat
     rows = {r["variant"]: r for r in json.loads((tmp_path / "interleaved.json").read_text())["rows"]}
     assert rows["advantage=reinforce_pp"]["verdict"].startswith("not resolved")  # 3 runs from its baseline: drift
 
