@@ -241,3 +241,20 @@ def test_rl_parts_script_runs_every_measurable_rl_cell(capsys):
     printed = capsys.readouterr().out
     for c in V.rl_cells():
         assert (f"| {c.variant} | {c.baseline} |" in printed) != bool(c.not_measured), c.variant
+    # --model: the model's training forward and backward in the call; an entropy-declaring loss gets the entropy
+    # with gradient from the engine (the gradient reaches the model's weights)
+    assert P.main(["--model", "--vocab", "256", "--hidden", "32", "--layers", "1", "--prompt", "4", "--calls", "1",
+                   "--rounds", "1", "--only", "advantage=psr", "clipping=gspo (2 iterations)"]) == 0
+    printed = capsys.readouterr().out
+    assert "| advantage=psr |" in printed and "| clipping=gspo (2 iterations) |" in printed
+    step = P.ModelStep(argparse.Namespace(vocab=256, hidden=32, layers=1, prompt=4), rows=4, tokens=3, group=2)
+    logps, entropy = step(torch_ones(4, 3), entropy=True)
+    (logps.sum() + entropy.sum()).backward()
+    assert logps.shape == entropy.shape == (4, 3)
+    assert all(p.grad is not None for p in step.model.parameters() if p.requires_grad)
+
+
+def torch_ones(*shape):
+    import torch
+
+    return torch.ones(*shape)
