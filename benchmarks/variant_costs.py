@@ -37,7 +37,9 @@ temporaries). Repeats alternate the order of all arms (A B C ..., then ... C B A
 variants runs once per repeat; with ``--paired`` each cell runs its baseline and its variant back to back (a shared
 baseline once per cell), so the ratio compares neighbouring runs and a drift of the machine's speed cancels. Reported per variant: its and its baseline's CPU s/step (median [min..max]), the median
 [min..max] over repeats of the per-repeat ratios variant / baseline of CPU time and of peak growth, their geometric
-mean with its 90 % confidence interval (Student's t on the log-ratios), and a verdict read from that interval: within
+mean with its 90 % confidence interval (Student's t on the log-ratios), the ratio of the two arms' fastest measured
+steps over all repeats (``timeit``'s reading: on a shared machine interference only adds time; it reads a constant
+per-step difference, not a periodic one such as PLoRA's unload), and a verdict read from the interval: within
 5 % (its top at most 1.05x), over (its bottom above 1.05x) or not resolved (it contains 1.05), with what the variant declares it computes beyond the baseline (its registry
 entry's needs, a reference model, an adapter's trainer hooks, an optimizer's state) or "nothing declared" (waste to
 look for). ``--from-json a.json b.json`` rebuilds the table from earlier runs, a row from the last file that ran both
@@ -514,6 +516,9 @@ def summarise(cell_list: list[Cell], runs: list[dict]) -> list[dict]:
         speed = [var[r]["cpu_s_per_step"] / base[r]["cpu_s_per_step"] for r in repeats]
         memory = [var[r]["peak_growth_mib"] / max(base[r]["peak_growth_mib"], 1e-9) for r in repeats]
         extra = sorted(set(var[repeats[0]]["declared"]) - set(base[repeats[0]]["declared"]))
+        steps = [min(min(arm[r].get("cpu_s_each_step") or [math.inf]) for r in repeats) for arm in (var, base)]
+        if all(math.isfinite(v) for v in steps):  # the fastest measured step of each arm over every repeat
+            row.update(fastest_step=steps[0], base_fastest_step=steps[1], fastest_ratio=steps[0] / steps[1])
         row.update(source=source, repeats=len(repeats),
                    cpu=_spread([var[r]["cpu_s_per_step"] for r in repeats]),
                    base_cpu=_spread([base[r]["cpu_s_per_step"] for r in repeats]),
@@ -537,15 +542,16 @@ def merge_runs(documents: list[dict]) -> tuple[list[dict], list[str]]:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| family | variant | baseline | CPU s/step variant | CPU s/step baseline | time ratio: median [min..max]; "
-             "geometric mean (90 % CI) | peak growth MiB variant / baseline | memory ratio, the same | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "geometric mean (90 % CI) | fastest step ratio | peak growth MiB variant / baseline | memory ratio, the "
+             "same | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "cpu" not in r:
-            lines.append(f"| {r['family']} | {r['variant']} | {r['baseline']} | | | | | | {r['verdict']} |")
+            lines.append(f"| {r['family']} | {r['variant']} | {r['baseline']} | | | | | | | {r['verdict']} |")
             continue
+        fastest = f"{r['fastest_ratio']:.2f}" if "fastest_ratio" in r else ""
         lines.append(f"| {r['family']} | {r['variant']} | {r['baseline']} | {_fmt(r['cpu'])} | {_fmt(r['base_cpu'])} "
-                     f"| {_fmt_ratio(r['cpu_ratio'])} | {r['growth']['median']:.0f} / {r['base_growth']['median']:.0f} "
-                     f"| {_fmt_ratio(r['growth_ratio'])} | {r['verdict']} |")
+                     f"| {_fmt_ratio(r['cpu_ratio'])} | {fastest} | {r['growth']['median']:.0f} / "
+                     f"{r['base_growth']['median']:.0f} | {_fmt_ratio(r['growth_ratio'])} | {r['verdict']} |")
     return "\n".join(lines)
 
 

@@ -78,9 +78,22 @@ def test_every_arm_is_a_valid_recipe_and_declares_its_extra_work():
     assert extra["stable_spam"] == {"optimizer stable_spam"}
 
 
-def _run(recipe, sets, repeat, cpu, growth, declared=()):
-    return {"recipe": recipe, "sets": list(sets), "repeat": repeat, "cpu_s_per_step": cpu, "peak_growth_mib": growth,
-            "declared": list(declared)}
+def _run(recipe, sets, repeat, cpu, growth, declared=(), steps=None):
+    run = {"recipe": recipe, "sets": list(sets), "repeat": repeat, "cpu_s_per_step": cpu, "peak_growth_mib": growth,
+           "declared": list(declared)}
+    return {**run, "cpu_s_each_step": steps} if steps is not None else run
+
+
+def test_fastest_step_ratio_reads_each_arms_fastest_step_over_every_repeat():
+    cell = V.Cell("sft", "v", "sft", "recipes/v.yaml", ["method.a=1"], [])
+    runs = [_run(cell.recipe, [], 0, 1.0, 100, steps=[0.30, 0.20, 0.25]),
+            _run(cell.recipe, cell.sets, 0, 1.0, 100, steps=[0.40, 0.22]),
+            _run(cell.recipe, [], 1, 1.0, 100, steps=[0.21]), _run(cell.recipe, cell.sets, 1, 1.0, 100, steps=[0.21])]
+    (row,) = V.summarise([cell], runs)
+    assert (row["fastest_step"], row["base_fastest_step"]) == (0.21, 0.20)
+    assert row["fastest_ratio"] == pytest.approx(1.05) and "| 1.05 |" in V.markdown([row])
+    (row,) = V.summarise([cell], [{k: v for k, v in r.items() if k != "cpu_s_each_step"} for r in runs])
+    assert "fastest_ratio" not in row  # runs of an older file: no per-step times
 
 
 def test_ratio_interval_is_students_t_on_the_log_ratios():
