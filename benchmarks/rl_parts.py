@@ -1,5 +1,6 @@
 """CPU cost of the RL family's own math per variant: the advantage estimator, then the policy loss (clipping,
-aggregation, the surrogate's terms and metrics) forward and backward, without the model.
+aggregation, the surrogate's terms and metrics) forward and backward, without the model (``--model``: with the model's
+training forward and backward, the trainer's step without the optimizer).
 
     OMP_NUM_THREADS=1 python benchmarks/rl_parts.py                       # the variant-cost table's shape: 16 x 8
     OMP_NUM_THREADS=1 python benchmarks/rl_parts.py --rows 64 --tokens 1024 --out benchmarks/results/rl_parts_cpu.json
@@ -18,8 +19,11 @@ Reported: microseconds per call, median [min..max] over ``--rounds`` interleaved
 ratio to the baseline arm's (median [min..max] over the rounds, geometric mean and its 90 % confidence interval), and
 the ratio of the two arms' fastest single calls (as ``timeit`` reads a timing: on a shared machine interference only
 adds time, so the fastest of many calls is the least disturbed estimate of a constant per-call cost; it is the reading
-for same work plus a small constant difference, which is what an RL part swap is). Compare with the step's CPU seconds in benchmarks/variant_costs.py's table to see
-what share of a training step a part can explain.
+for same work plus a small constant difference, which is what an RL part swap is). Compare with the step's CPU seconds
+in benchmarks/variant_costs.py's table to see what share of a training step a part can explain.
+
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/rl_parts.py --model --calls 5 --rounds 10 \\
+        --out benchmarks/results/rl_parts_model_cpu.json
 """
 
 from __future__ import annotations

@@ -35,15 +35,16 @@ peak RSS growth over ``train()`` (at ``on_train_begin``: the allocator's free pa
 mark reset; so the growth is what the training touches: gradients, optimizer state, activations, the step's
 temporaries). Repeats alternate the order of all arms (A B C ..., then ... C B A); a baseline arm shared by several
 variants runs once per repeat; with ``--paired`` each cell runs its baseline and its variant back to back (a shared
-baseline once per cell), so the ratio compares neighbouring runs and a drift of the machine's speed cancels. Reported per variant: its and its baseline's CPU s/step (median [min..max]), the median
-[min..max] over repeats of the per-repeat ratios variant / baseline of CPU time and of peak growth, their geometric
-mean with its 90 % confidence interval (Student's t on the log-ratios), the ratio of the two arms' fastest measured
-steps over all repeats (``timeit``'s reading: on a shared machine interference only adds time; it reads a constant
-per-step difference, not a periodic one such as PLoRA's unload), and a verdict read from the interval: within
-5 % (its top at most 1.05x), over (its bottom above 1.05x) or not resolved (it contains 1.05), with what the variant declares it computes beyond the baseline (its registry
-entry's needs, a reference model, an adapter's trainer hooks, an optimizer's state) or "nothing declared" (waste to
-look for). ``--from-json a.json b.json`` rebuilds the table from earlier runs, a row from the last file that ran both
-of its arms (the whole table, then a newer run of one family).
+baseline once per cell), so the ratio compares neighbouring runs and a drift of the machine's speed cancels. Reported
+per variant: its and its baseline's CPU s/step (median [min..max]), the median [min..max] over repeats of the per-repeat
+ratios variant / baseline of CPU time and of peak growth, their geometric mean with its 90 % confidence interval
+(Student's t on the log-ratios), the ratio of the two arms' fastest measured steps over all repeats (``timeit``'s
+reading: on a shared machine interference only adds time; it reads a constant per-step difference, not a periodic one
+such as PLoRA's unload), and a verdict read from the interval: within 5 % (its top at most 1.05x), over (its bottom
+above 1.05x) or not resolved (it contains 1.05), with what the variant declares it computes beyond the baseline (its
+registry entry's needs, a reference model, an adapter's trainer hooks, an optimizer's state) or "nothing declared"
+(waste to look for). ``--from-json a.json b.json`` rebuilds the table from earlier runs, a row from the last file that
+ran both of its arms (the whole table, then a newer run of one family).
 """
 
 from __future__ import annotations
@@ -462,7 +463,7 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
     if len(logs) < 2:
         return (math.exp(mean),) * 3
     df = len(logs) - 1
-    t = T95.get(df) or T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.645
+    t = T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.645  # a df between entries: the smaller one's t
     half = t * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
@@ -541,8 +542,8 @@ def merge_runs(documents: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| family | variant | baseline | CPU s/step variant | CPU s/step baseline | time ratio: median [min..max]; "
-             "geometric mean (90 % CI) | fastest step ratio | peak growth MiB variant / baseline | memory ratio, the "
+    lines = ["| family | variant | baseline | CPU s/step variant | CPU s/step baseline | time ratio: median "
+             "[min..max]; geometric mean (90 % CI) | fastest step ratio | peak growth MiB variant / baseline | memory ratio, the "
              "same | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "cpu" not in r:
@@ -604,7 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.model, args.steps, args.warmup, args.repeats = "recipe", 3, 1, 1
-    cell_list = cells(tuple(args.families), window=args.steps - args.warmup)
+    documents = [json.loads(Path(path).read_text()) for path in args.from_json or []]
+    # a periodic adapter's arm carries its run's window (lora_cells): with --from-json, the last file's
+    windows = [w for w in (_window(parser, doc) for doc in documents) if w is not None]
+    cell_list = cells(tuple(args.families), window=windows[-1] if windows else args.steps - args.warmup)
     if args.only:
         cell_list = [c for c in cell_list if c.variant in args.only]
     if args.quick:
@@ -619,13 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'  NOT MEASURED: ' + c.not_measured if c.not_measured else ''}")
         return 0
     if args.from_json:
-        documents = [json.loads(Path(path).read_text()) for path in args.from_json]
         runs, settings = merge_runs(documents)
-        # a periodic adapter's arm carries its run's window (lora_cells): the last file's --steps / --warmup
-        windows = [w for w in (_window(parser, doc) for doc in documents) if w is not None]
-        if windows:
-            cell_list = [c for c in cells(tuple(args.families), window=windows[-1])
-                         if not args.only or c.variant in args.only]
         rows = summarise(cell_list, runs)
         head = settings[0] if len(settings) == 1 else "\n".join(
             f"[{i}] {path}: {setting}" for i, (path, setting) in enumerate(zip(args.from_json, settings)))

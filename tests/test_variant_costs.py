@@ -260,14 +260,10 @@ def test_rl_parts_script_runs_every_measurable_rl_cell(capsys):
                    "--rounds", "1", "--only", "advantage=psr", "clipping=gspo (2 iterations)"]) == 0
     printed = capsys.readouterr().out
     assert "| advantage=psr |" in printed and "| clipping=gspo (2 iterations) |" in printed
+    import torch
+
     step = P.ModelStep(argparse.Namespace(vocab=256, hidden=32, layers=1, prompt=4), rows=4, tokens=3, group=2)
-    logps, entropy = step(torch_ones(4, 3), entropy=True)
+    logps, entropy = step(torch.ones(4, 3), entropy=True)
     (logps.sum() + entropy.sum()).backward()
     assert logps.shape == entropy.shape == (4, 3)
     assert all(p.grad is not None for p in step.model.parameters() if p.requires_grad)
-
-
-def torch_ones(*shape):
-    import torch
-
-    return torch.ones(*shape)

@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
-from posttrain.families.rl.policy_losses.pacs import pacs_loss, pacs_score, pacs_weights
+from posttrain.families.rl.policy_losses.pacs import pacs_loss, pacs_score, pacs_weights, row_sampling_weights
 
 R4 = torch.tensor([1.0, 0.0, 0.0, 0.0])
 G4 = torch.zeros(4, dtype=torch.long)
 
 
-def _run(delta, beta=1.0, weight="question", rewards=R4, score="rloo"):
+def _run(delta, beta=1.0, weight="question", rewards=R4, score="rloo", row_weights=None):
     """One token per row: logp - old = delta, so dL/d(logp) = dL/dDelta."""
     d = torch.tensor(delta, dtype=torch.float64, requires_grad=True)
+    rho = None if row_weights is None else torch.tensor(row_weights, dtype=torch.float64)
     out = pacs_loss(d.unsqueeze(1), torch.zeros(len(delta), 1, dtype=torch.float64), torch.ones(len(delta), 1),
-                    rewards.double(), G4[: len(delta)], beta=beta, weight=weight, score=score)
+                    rewards.double(), G4[: len(delta)], beta=beta, weight=weight, score=score, row_weights=rho)
     out.loss.backward()
     return out, d.grad
 
@@ -169,6 +170,53 @@ def test_nan_rewards_are_dropped_and_small_groups_add_nothing():
     lone = pacs_loss(logps[:2], logps[:2].detach(), torch.ones(2, 1), torch.tensor([1.0, float("nan")],
                      dtype=torch.float64), torch.tensor([0, 0]))
     assert lone.loss.item() == 0.0
+
+
+# vLLM's importance-sampling correction (docs/methods/pacs.md#vllm-importance-sampling): each row's BCE term times its
+# sequence-level ratio pi_old / pi_vLLM (TRL's sequence_mask / sequence_truncate), on the off-policy worked example
+DELTA = [0.2, -0.1, 0.05, -0.3]  # logp - old_logp, one token per row
+# beta 1, rloo, question weights w = [2, 2/3, 2/3, 2/3]:
+# psi = [0.316667, -0.083333, 0.116667, -0.35], BCE = softplus(psi) - R psi = [0.547297, 0.652348, 0.753181, 0.533382]
+BCE = [0.5472965438424602, 0.6523483183915745, 0.7531809387487785, 0.533382155418777]
+W = [2.0, 2 / 3, 2 / 3, 2 / 3]
+
+
+def test_unit_weights_change_nothing():
+    base, g0 = _run(DELTA)
+    ones, g1 = _run(DELTA, row_weights=[1.0, 1.0, 1.0, 1.0])
+    assert base.loss.item() == pytest.approx(0.596800, abs=1e-6) == ones.loss.item()
+    assert torch.equal(g0, g1)
+
+
+def test_a_masked_row_adds_nothing_but_stays_in_the_baseline():
+    # sequence_mask: row 1's ratio left [clip_min, clip_max], TRL set it to 0
+    out, g = _run(DELTA, row_weights=[1.0, 0.0, 1.0, 1.0])
+    assert out.loss.item() == pytest.approx((W[0] * BCE[0] + W[2] * BCE[2] + W[3] * BCE[3]) / 4, abs=1e-12)
+    assert out.loss.item() == pytest.approx(0.488075, abs=1e-6)
+    _close(out.psi, [0.316667, -0.083333, 0.116667, -0.35])  # psi unchanged: row 1's rhat is still in the baseline
+    # dL/dpsi_i = rho_i w_i (sigmoid(psi_i) - R_i) / 4 (0 for row 1);
+    # dL/drhat_i = dL/dpsi_i - sum_{k != i} dL/dpsi_k / 3
+    _close(g, [-0.263106, 0.017886, 0.135471, 0.109749])
+    assert g[1].item() != 0.0  # row 1 moves only through the other rows' baselines
+
+
+def test_truncated_weights_scale_each_row():
+    # sequence_truncate (clip_max 3): row 0's ratio e^1.5 = 4.48 clamped to 3.0; row 1's 0.5 kept
+    out, g = _run(DELTA, row_weights=[3.0, 0.5, 1.0, 1.0])
+    assert out.loss.item() == pytest.approx((3 * W[0] * BCE[0] + 0.5 * W[1] * BCE[1] + W[2] * BCE[2] + W[3] * BCE[3])
+                                            / 4, abs=1e-12)
+    assert out.loss.item() == pytest.approx(1.089734, abs=1e-6)
+    _close(g, [-0.697905, 0.198314, 0.262657, 0.236934])
+
+
+def test_row_sampling_weights_shapes():
+    assert row_sampling_weights(None, 4) is None
+    ratio = torch.tensor([[0.5], [1.0], [0.0], [3.0]], requires_grad=True)
+    w = row_sampling_weights(ratio, 4)
+    assert w.tolist() == [0.5, 1.0, 0.0, 3.0] and w.shape == (4,) and not w.requires_grad
+    with pytest.raises(ValueError, match=r"sequence-level .* got shape \(4, 3\) .* use sequence_mask or "
+                                         r"sequence_truncate"):
+        row_sampling_weights(torch.ones(4, 3), 4)  # a token mode's [B, T] ratio
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
-"""PACS under vLLM's importance-sampling correction (docs/methods/pacs.md#vllm-importance-sampling): each row's BCE term
-times its sequence-level ratio pi_old / pi_vLLM (TRL's ``sequence_mask`` / ``sequence_truncate``), hand-computed on the
-worked example of tests/families/rl/test_pacs.py; the GRPO trainer's ``_compute_loss`` with an
-``importance_sampling_ratio`` in its inputs; the token modes refused before the model loads."""
+"""PACS under vLLM's importance-sampling correction (docs/methods/pacs.md#vllm-importance-sampling), wired: the GRPO
+trainer's ``_compute_loss`` with an ``importance_sampling_ratio`` in its inputs weights each row's BCE term by it; the
+token modes refused before the model loads. (The weighted loss itself, hand-computed: tests/families/rl/test_pacs.py.)"""
 
 from __future__ import annotations
 
@@ -11,68 +10,7 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
-from posttrain.families.rl.policy_losses.pacs import pacs_loss, row_sampling_weights
-
-R4 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-G4 = torch.zeros(4, dtype=torch.long)
-DELTA = [0.2, -0.1, 0.05, -0.3]  # logp - old_logp, one token per row
-# the worked example (beta 1, rloo, question weights w = [2, 2/3, 2/3, 2/3]):
-# psi = [0.316667, -0.083333, 0.116667, -0.35], BCE = softplus(psi) - R psi = [0.547297, 0.652348, 0.753181, 0.533382]
-BCE = [0.5472965438424602, 0.6523483183915745, 0.7531809387487785, 0.533382155418777]
-W = [2.0, 2 / 3, 2 / 3, 2 / 3]
-
-
-def _run(rho):
-    d = torch.tensor(DELTA, dtype=torch.float64, requires_grad=True)
-    weights = None if rho is None else torch.tensor(rho, dtype=torch.float64)
-    out = pacs_loss(d.unsqueeze(1), torch.zeros(4, 1, dtype=torch.float64), torch.ones(4, 1), R4, G4,
-                    row_weights=weights)
-    out.loss.backward()
-    return out, d.grad
-
-
-def _close(actual, expected, tol=1e-6):
-    expected = torch.as_tensor(expected, dtype=torch.float64)
-    assert torch.allclose(actual.detach().double(), expected, rtol=0, atol=tol), (actual, expected)
-
-
-def test_unit_weights_change_nothing():
-    base, g0 = _run(None)
-    ones, g1 = _run([1.0, 1.0, 1.0, 1.0])
-    assert base.loss.item() == pytest.approx(0.596800, abs=1e-6) == ones.loss.item()
-    assert torch.equal(g0, g1)
-
-
-def test_a_masked_row_adds_nothing_but_stays_in_the_baseline():
-    # sequence_mask: row 1's ratio left [clip_min, clip_max], TRL set it to 0
-    out, g = _run([1.0, 0.0, 1.0, 1.0])
-    assert out.loss.item() == pytest.approx((W[0] * BCE[0] + W[2] * BCE[2] + W[3] * BCE[3]) / 4, abs=1e-12)
-    assert out.loss.item() == pytest.approx(0.488075, abs=1e-6)
-    _close(out.psi, [0.316667, -0.083333, 0.116667, -0.35])  # psi unchanged: row 1's rhat is still in the baseline
-    # dL/dpsi_i = rho_i w_i (sigmoid(psi_i) - R_i) / 4 (0 for row 1);
-    # dL/drhat_i = dL/dpsi_i - sum_{k != i} dL/dpsi_k / 3
-    _close(g, [-0.263106, 0.017886, 0.135471, 0.109749])
-    assert g[1].item() != 0.0  # row 1 moves only through the other rows' baselines
-
-
-def test_truncated_weights_scale_each_row():
-    # sequence_truncate (clip_max 3): row 0's ratio e^1.5 = 4.48 clamped to 3.0; row 1's 0.5 kept
-    out, g = _run([3.0, 0.5, 1.0, 1.0])
-    assert out.loss.item() == pytest.approx((3 * W[0] * BCE[0] + 0.5 * W[1] * BCE[1] + W[2] * BCE[2] + W[3] * BCE[3])
-                                            / 4, abs=1e-12)
-    assert out.loss.item() == pytest.approx(1.089734, abs=1e-6)
-    _close(g, [-0.697905, 0.198314, 0.262657, 0.236934])
-
-
-def test_row_sampling_weights_shapes():
-    assert row_sampling_weights(None, 4) is None
-    ratio = torch.tensor([[0.5], [1.0], [0.0], [3.0]], requires_grad=True)
-    w = row_sampling_weights(ratio, 4)
-    assert w.tolist() == [0.5, 1.0, 0.0, 3.0] and w.shape == (4,) and not w.requires_grad
-    with pytest.raises(ValueError, match=r"sequence-level .* got shape \(4, 3\) .* use sequence_mask or "
-                                         r"sequence_truncate"):
-        row_sampling_weights(torch.ones(4, 3), 4)  # a token mode's [B, T] ratio
-
+from posttrain.families.rl.policy_losses.pacs import pacs_loss
 
 # --------------------------------------------------------------------------------------------------------------------
 # the GRPO trainer: the ratio TRL puts in the generation batch weights each row
